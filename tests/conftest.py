@@ -1,0 +1,81 @@
+"""Shared fixtures: tiny random Llama models with a shared byte-level tokenizer, saved to disk.
+
+Built once per test session under a temporary directory; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from llm_neo.tiny import build_llama, build_tokenizer, save_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The shared tokenizer (320 ids, chat template included)."""
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def teacher_dir(models_dir, tokenizer) -> Path:
+    """A 4-layer, hidden-64 teacher."""
+    return save_model(build_llama(len(tokenizer), hidden_size=64, num_layers=4, seed=1), tokenizer,
+                      models_dir / "teacher")
+
+
+@pytest.fixture(scope="session")
+def student_dir(models_dir, tokenizer) -> Path:
+    """A 2-layer, hidden-32 student sharing the teacher's tokenizer."""
+    return save_model(build_llama(len(tokenizer), hidden_size=32, num_layers=2, seed=2), tokenizer,
+                      models_dir / "student")
+
+
+@pytest.fixture(scope="session")
+def padded_student_dir(models_dir, tokenizer) -> Path:
+    """Same tokenizer, but an embedding table padded to 352 rows (as Qwen2.5 pads to 64)."""
+    return save_model(build_llama(352, hidden_size=32, num_layers=2, seed=3), tokenizer,
+                      models_dir / "padded_student")
+
+
+@pytest.fixture(scope="session")
+def foreign_dir(models_dir) -> Path:
+    """A model whose tokenizer was trained on other text: ids map to different tokens."""
+    tok = build_tokenizer(["completely different corpus zzz yyy xxx www", "qqq ppp ooo"], vocab_size=300)
+    return save_model(build_llama(len(tok), hidden_size=32, num_layers=1, seed=4), tok,
+                      models_dir / "foreign")
+
+
+ALPACA = [
+    {"instruction": "Add the numbers.", "input": "2 + 3", "output": "5"},
+    {"instruction": "Reverse the string.", "input": "abc", "output": "cba"},
+    {"instruction": "What is the capital of France?", "input": "", "output": "Paris"},
+    {"instruction": "Sort the digits.", "input": "3 1 2", "output": "1 2 3"},
+    {"instruction": "Count the letters.", "input": "fox", "output": "3"},
+    {"instruction": "Say hello.", "input": "", "output": "hello there, friend!"},
+    {"instruction": "Add the numbers.", "input": "10 + 7", "output": "17"},
+    {"instruction": "Reverse the string.", "input": "dog", "output": "god"},
+]
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture()
+def alpaca_jsonl(tmp_path) -> Path:
+    """Sixteen Alpaca records (the list above twice) as JSONL."""
+    return write_jsonl(tmp_path / "train.jsonl", ALPACA * 2)
