@@ -1,0 +1,415 @@
+"""The distillation recipe, top to bottom: build → attach LoRA → loop → checkpoint → merge → verify → export.
+
+One function, ``distill(config)``, runs every arm of the comparison:
+
+    method  trainable weights         loss
+    neo     LoRA branches             (1 − kd_ratio)·CE + kd_ratio·D(teacher ‖ student)
+    kd      the whole student         (1 − kd_ratio)·CE + kd_ratio·D(teacher ‖ student)
+    lora    LoRA branches             CE
+    sft     the whole student         CE
+
+so SFT, LoRA, KD and Neo differ only where the table says and are comparable on data, seed and budget.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import resource
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, PreTrainedModel, get_scheduler
+from transformers import set_seed as hf_set_seed
+
+from llm_neo import __version__
+from llm_neo.atomic import atomic_directory, atomic_write_json, atomic_write_text
+from llm_neo.checkpoint import Progress, list_checkpoints, load_checkpoint, save_checkpoint
+from llm_neo.config import DistillConfig, dump_yaml, load_yaml, to_dict, validate_distill
+from llm_neo.data import Example, check_chat_templates, collate, load_records, split_heldout, tokenize_records
+from llm_neo.evaluate import heldout_metrics
+from llm_neo.lora import attach_lora, merge_lora, save_adapter, trainable_parameters
+from llm_neo.losses import LossParts, distill_loss, next_token_targets
+from llm_neo.models import (
+    autocast,
+    check_same_vocabulary,
+    freeze,
+    kd_vocab_size,
+    load_model,
+    load_tokenizer,
+    resolve_device,
+    resolve_dtype,
+)
+
+log = logging.getLogger("llm_neo")
+
+# Options that may differ between a run and its resumption without changing its result.
+RESUMABLE_CHANGES = {"resume", "overwrite", "save_every", "log_every", "eval_batch_size", "device"}
+
+
+class TrainingError(RuntimeError):
+    """Training stopped (non-finite loss, failed merge check); the last good checkpoint is kept."""
+
+
+StepCallback = Callable[[int, dict[str, float]], None]
+
+
+def distill(config: DistillConfig, *, on_step: StepCallback | None = None) -> dict[str, Any]:
+    """Run one arm end to end and return the summary (also written to ``output_dir/summary.json``).
+
+    ``on_step(step, metrics)`` is called after every optimizer step (used by tests and the demo).
+    """
+    validate_distill(config)
+    config = config.resolved()
+    out = Path(str(config.output_dir))
+    started = time.perf_counter()
+
+    # --- 1. Devices, tokenizers, data: every cheap check before anything heavy loads or is written.
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    tokenizer = load_tokenizer(config.student, role="student", trust_remote_code=config.trust_remote_code)
+    teacher_tokenizer = None
+    if config.teacher:
+        teacher_tokenizer = load_tokenizer(config.teacher, role="teacher",
+                                           trust_remote_code=config.trust_remote_code)
+        check_same_vocabulary(tokenizer, teacher_tokenizer)
+
+    records = load_records(config.data)
+    if teacher_tokenizer is not None:
+        check_chat_templates(records, tokenizer, teacher_tokenizer, source=config.data)
+    examples, dropped = tokenize_records(records, tokenizer, max_length=config.max_length,
+                                         train_on_prompt=config.train_on_prompt, source=config.data,
+                                         progress=True)
+    train, heldout = split_heldout(examples, config.eval_fraction, config.seed)
+    log.info("data: %d records -> %d train / %d held-out samples (%d dropped: no trainable token "
+             "within --max-length %d)", len(records), len(train), len(heldout), dropped, config.max_length)
+
+    progress = Progress()
+    checkpoints = out / "checkpoints"
+    resume_from = _prepare_output_dir(config, out, checkpoints)
+
+    # --- 2. Models. The teacher is frozen in the compute dtype; only the KD arms need it while training.
+    hf_set_seed(config.seed)
+    teacher = None
+    if config.uses_kd:
+        assert config.teacher
+        teacher = freeze(load_model(config.teacher, role="teacher", dtype=dtype, device=device,
+                                    trust_remote_code=config.trust_remote_code,
+                                    allow_pickle_weights=config.allow_pickle_weights))
+    # Full-parameter arms keep fp32 master weights (autocast computes in `dtype`); LoRA arms keep the
+    # frozen base in the compute dtype, the memory saving the method is about, and fp32 adapters.
+    student = load_model(config.student, role="student",
+                         dtype=dtype if config.uses_lora else torch.float32, device=device,
+                         trust_remote_code=config.trust_remote_code,
+                         allow_pickle_weights=config.allow_pickle_weights)
+    export_dtype = _checkpoint_dtype(student)
+    base_parameters = sum(p.numel() for p in student.parameters())
+    vocab = kd_vocab_size(tokenizer, student, teacher) if teacher is not None else None
+    student.config.use_cache = False
+
+    # --- 3. LoRA branches (neo, lora), or the whole student (kd, sft), are what trains.
+    if config.uses_lora:
+        student = attach_lora(student, r=config.lora.r, lora_alpha=config.lora.lora_alpha,
+                              lora_dropout=config.lora.lora_dropout,
+                              target_modules=config.lora.target_modules, variant=config.lora.variant,
+                              seed=config.seed)
+    if config.gradient_checkpointing:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    trainable = trainable_parameters(student)
+    n_trainable = sum(p.numel() for p in trainable.values())
+    log.info("student: %s parameters, %s trainable (%.2f%%), method %s", f"{base_parameters:,}",
+             f"{n_trainable:,}", 100 * n_trainable / base_parameters, config.method)
+
+    # --- 4. Optimiser and schedule.
+    per_epoch = math.ceil(len(train) / config.batch_size)
+    total_steps = config.max_steps or max(1, math.ceil(config.epochs * per_epoch / config.grad_accum))
+    optimizer = torch.optim.AdamW(list(trainable.values()), lr=config.lr or 0.0,
+                                  weight_decay=config.weight_decay)
+    scheduler = get_scheduler(
+        "constant_with_warmup" if config.scheduler == "constant" else config.scheduler, optimizer,
+        num_warmup_steps=round(config.warmup_ratio * total_steps), num_training_steps=total_steps,
+    )
+    if resume_from is not None:
+        progress = load_checkpoint(resume_from, trainable=trainable, optimizer=optimizer, scheduler=scheduler)
+        log.info("resumed from %s (step %d of %d)", resume_from, progress.step, total_steps)
+    _truncate_metrics(out / "metrics.jsonl", progress.step)
+
+    # --- 5. The loop.
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    batches = _micro_batches(train, config.batch_size, config.seed, start=progress.micro_batches)
+    kd_ratio = config.kd_ratio if config.uses_kd else 0.0
+    last: dict[str, float] = {}
+    loop_start = time.perf_counter()
+    student.train()
+    bar = tqdm(total=total_steps, initial=progress.step, desc=f"{config.method}", unit="step",
+               dynamic_ncols=True, disable=None)
+    while progress.step < total_steps:
+        step_start = time.perf_counter()
+        micro = [collate(next(batches), tokenizer.pad_token_id) for _ in range(config.grad_accum)]
+        # The loss is a mean over the step's trained tokens, not a mean of micro-batch means.
+        num_tokens = sum(int((next_token_targets(b["labels"]) != -100).sum()) for b in micro)
+        ce_sum = kd_sum = 0.0
+        for batch in micro:
+            parts = _micro_batch_loss(student, teacher, batch, device=device, dtype=dtype,
+                                      num_tokens=num_tokens, kd_ratio=kd_ratio, config=config,
+                                      kd_vocab=vocab)
+            if not torch.isfinite(parts.loss):
+                raise TrainingError(_nonfinite_message(progress.step + 1, parts, checkpoints))
+            parts.loss.backward()
+            ce_sum += float(parts.ce_sum)
+            kd_sum += float(parts.kd_sum)
+        grad_norm = (torch.nn.utils.clip_grad_norm_(list(trainable.values()), config.max_grad_norm)
+                     if config.max_grad_norm > 0 else _grad_norm(trainable))
+        if not torch.isfinite(grad_norm):
+            raise TrainingError(f"non-finite gradient norm at step {progress.step + 1}; "
+                                f"{_last_good(checkpoints)}. Lower --lr or check the data.")
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        progress.step += 1
+        progress.micro_batches += config.grad_accum
+        progress.tokens += num_tokens
+
+        ce, kd = ce_sum / num_tokens, kd_sum / num_tokens
+        last = {"step": progress.step, "loss": (1 - kd_ratio) * ce + kd_ratio * kd, "ce_loss": ce,
+                "kd_loss": kd, "lr": lr, "grad_norm": float(grad_norm), "tokens": progress.tokens,
+                "tokens_per_s": num_tokens / (time.perf_counter() - step_start),
+                "peak_memory_gb": peak_memory_gb(device)}
+        if progress.step % config.log_every == 0 or progress.step == total_steps:
+            with (out / "metrics.jsonl").open("a") as handle:
+                handle.write(json.dumps(last) + "\n")
+        bar.set_postfix(loss=f"{last['loss']:.4f}", ce=f"{ce:.4f}", kd=f"{kd:.4f}",
+                        tok_s=f"{last['tokens_per_s']:.0f}", refresh=False)
+        bar.update(1)
+        if config.save_every and (progress.step % config.save_every == 0 or progress.step == total_steps):
+            progress.elapsed_s += time.perf_counter() - loop_start
+            loop_start = time.perf_counter()
+            save_checkpoint(checkpoints, trainable=trainable, optimizer=optimizer, scheduler=scheduler,
+                            progress=progress)
+        if on_step is not None:
+            on_step(progress.step, last)
+    bar.close()
+    train_seconds = progress.elapsed_s + time.perf_counter() - loop_start
+    train_peak = peak_memory_gb(device)
+
+    # --- 6. Merge (LoRA arms) and verify on held-out data that the merged weights compute the same logits.
+    verify_batch = collate((heldout or train)[: config.eval_batch_size], tokenizer.pad_token_id)
+    student.eval()
+    student.float()  # merge and verify in fp32: the check must measure the merge, not rounding
+    if config.uses_lora:
+        with atomic_directory(out / "adapter") as tmp:
+            save_adapter(student, tmp)
+    reference = _logits(student, verify_batch, device)
+    merged = merge_lora(student) if config.uses_lora else student
+    merge_diff = float((_logits(merged, verify_batch, device) - reference)
+                       [verify_batch["attention_mask"].bool()].abs().max())
+    if merge_diff > config.merge_tolerance:
+        raise TrainingError(f"merge check failed: merged and adapter logits differ by up to {merge_diff:.3g} "
+                            f"(--merge-tolerance {config.merge_tolerance:g}); adapter kept in {out / 'adapter'}")
+    merged_parameters = sum(p.numel() for p in merged.parameters())
+    if merged_parameters != base_parameters:
+        raise TrainingError(f"merged model has {merged_parameters:,} parameters, the student {base_parameters:,}")
+    _export(merged, tokenizer, out / "merged", export_dtype)
+
+    # --- 7. Held-out metrics of the deployed (merged) student, against the teacher where there is one.
+    metrics: dict[str, float] = {}
+    if heldout:
+        if teacher is None and config.teacher:
+            teacher = freeze(load_model(config.teacher, role="teacher", dtype=dtype, device=device,
+                                        trust_remote_code=config.trust_remote_code,
+                                        allow_pickle_weights=config.allow_pickle_weights))
+        metrics = heldout_metrics(merged, heldout, teacher=teacher, pad_token_id=tokenizer.pad_token_id,
+                                  batch_size=config.eval_batch_size, device=device, dtype=dtype,
+                                  kd_vocab_size=kd_vocab_size(tokenizer, merged, teacher) if teacher else None)
+        log.info("held-out: %s", ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+
+    summary = {
+        "llm_neo_version": __version__,
+        "method": config.method,
+        "config": to_dict(config),
+        "steps": progress.step,
+        "tokens_trained": progress.tokens,
+        "samples": {"train": len(train), "heldout": len(heldout), "dropped": dropped},
+        "final": {k: last[k] for k in ("loss", "ce_loss", "kd_loss")} if last else {},
+        "heldout": metrics,
+        "train_time_s": train_seconds,
+        "wall_time_s": time.perf_counter() - started,
+        "peak_memory_gb": train_peak,
+        "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "process_max_rss",
+        "trainable_parameters": n_trainable,
+        "student_parameters": base_parameters,
+        "merged_parameters": merged_parameters,
+        "merge_check": {"max_abs_logit_diff": merge_diff, "tolerance": config.merge_tolerance,
+                        "passed": True},
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "export_dtype": str(export_dtype).removeprefix("torch."),
+    }
+    atomic_write_json(out / "summary.json", summary)
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------------
+# The pieces the recipe calls, in the order it calls them.
+
+
+def _prepare_output_dir(config: DistillConfig, out: Path, checkpoints: Path) -> Path | None:
+    """Refuse to clobber an earlier run; on --resume, check the run is the same and find its checkpoint."""
+    saved = out / "config.yaml"
+    if config.resume:
+        found = list_checkpoints(checkpoints)
+        if not found:
+            raise TrainingError(f"--resume: no checkpoint in {checkpoints}; start the run without --resume "
+                                "(and with --save-every N to make checkpoints)")
+        if saved.is_file():
+            before, now = load_yaml(saved), to_dict(config)
+            changed = sorted(_diff_keys(before, now) - RESUMABLE_CHANGES)
+            if changed:
+                raise TrainingError(f"--resume: options differ from the run in {out}: {', '.join(changed)}. "
+                                    "Resume with the same options, or start a new --output-dir.")
+        return found[-1]
+    if out.exists() and any(out.iterdir()):
+        if not config.overwrite:
+            raise TrainingError(f"--output-dir {out} already holds files; pass --resume to continue that run, "
+                                "--overwrite to replace it, or choose another --output-dir")
+        for name in ("merged", "adapter", "checkpoints", "metrics.jsonl", "summary.json", "config.yaml"):
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    dump_yaml(dataclasses.replace(config, resume=False, overwrite=False), saved)
+    return None
+
+
+def _diff_keys(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> set[str]:
+    keys: set[str] = set()
+    for key in set(a) | set(b):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            keys |= _diff_keys(x, y, f"{prefix}{key}.")
+        elif x != y:
+            keys.add(f"{prefix}{key}")
+    return keys
+
+
+def _checkpoint_dtype(model: PreTrainedModel) -> torch.dtype:
+    """The dtype the student was published in, so the export is a drop-in replacement for it."""
+    dtype = getattr(model.config, "dtype", None) or getattr(model.config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume, forget records past the checkpoint so the file ends as an uninterrupted run's would."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    atomic_write_text(path, "".join(f"{line}\n" for line in kept))
+
+
+def _micro_batches(examples: list[Example], batch_size: int, seed: int, start: int) -> Iterator[list[Example]]:
+    """Micro-batches forever, reshuffled each epoch with ``seed + epoch``; starts at micro-batch ``start``.
+
+    The order is a pure function of (seed, position), which is what lets a resumed run see exactly
+    the batches the uninterrupted run would have seen.
+    """
+    per_epoch = math.ceil(len(examples) / batch_size)
+
+    @functools.lru_cache(maxsize=2)
+    def order(epoch: int) -> list[int]:
+        return torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+
+    k = start
+    while True:
+        epoch, j = divmod(k, per_epoch)
+        yield [examples[i] for i in order(epoch)[j * batch_size:(j + 1) * batch_size]]
+        k += 1
+
+
+def _micro_batch_loss(
+    student: torch.nn.Module,
+    teacher: torch.nn.Module | None,
+    batch: dict[str, torch.Tensor],
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    num_tokens: int,
+    kd_ratio: float,
+    config: DistillConfig,
+    kd_vocab: int | None,
+) -> LossParts:
+    """CE and KD of one micro-batch, both on exactly the trained next-token positions."""
+    input_ids = batch["input_ids"].to(device)
+    attention_mask = batch["attention_mask"].to(device)
+    targets = next_token_targets(batch["labels"]).to(device)  # [B, T]: the token each position predicts
+    trained = targets != -100  # [B, T]
+    with autocast(device, dtype):
+        student_logits = student(input_ids=input_ids, attention_mask=attention_mask).logits  # [B, T, V_s]
+    teacher_logits = None
+    if teacher is not None and kd_ratio > 0:
+        with torch.inference_mode(), autocast(device, dtype):
+            teacher_full = teacher(input_ids=input_ids, attention_mask=attention_mask).logits  # [B, T, V_t]
+        teacher_logits = teacher_full[trained]  # [N, V_t]; indexing outside inference mode gives a normal tensor
+    return distill_loss(student_logits[trained], targets[trained], teacher_logits, kd_ratio=kd_ratio,
+                        num_tokens=num_tokens, divergence=config.divergence, temperature=config.temperature,
+                        beta=config.jsd_beta, skew_alpha=config.skew_alpha, kd_vocab_size=kd_vocab)
+
+
+def _nonfinite_message(step: int, parts: LossParts, checkpoints: Path) -> str:
+    return (f"non-finite loss at step {step} (ce sum {float(parts.ce_sum):.4g}, kd sum "
+            f"{float(parts.kd_sum):.4g}); {_last_good(checkpoints)}. Lower --lr, check the data, or use "
+            "--dtype float32.")
+
+
+def _last_good(checkpoints: Path) -> str:
+    found = list_checkpoints(checkpoints)
+    return f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written yet"
+
+
+def _grad_norm(trainable: dict[str, torch.nn.Parameter]) -> torch.Tensor:
+    grads = [p.grad for p in trainable.values() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads \
+        else torch.tensor(0.0)
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """CUDA: max allocated by tensors; CPU: the process's peak resident set (Linux reports KiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**30
+
+
+@torch.no_grad()
+def _logits(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+    return model(input_ids=batch["input_ids"].to(device),
+                 attention_mask=batch["attention_mask"].to(device)).logits.float().cpu()
+
+
+def _export(model: PreTrainedModel, tokenizer: Any, path: Path, dtype: torch.dtype) -> None:
+    """Write a standard HF model dir (safetensors + tokenizer) atomically, and prove it reloads bit-exact."""
+    model.config.use_cache = True
+    with atomic_directory(path) as tmp:
+        model.to(dtype).save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype, use_safetensors=True)
+        saved = reloaded.state_dict()
+        for name, tensor in model.state_dict().items():
+            if name in saved and not torch.equal(saved[name].cpu(), tensor.cpu()):
+                raise TrainingError(f"exported weights differ from the merged model at {name}")
+        del reloaded
+    model.float()

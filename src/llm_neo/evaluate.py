@@ -1,0 +1,87 @@
+"""Held-out metrics that say how much of the teacher a student inherited.
+
+    ce              mean next-token cross-entropy on trained (response) tokens, nats
+    perplexity      exp(ce)
+    kl_to_teacher   mean forward KL(p_teacher ‖ p_student) per trained token, nats
+    top1_agreement  fraction of trained positions where student and teacher argmax agree
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from llm_neo.data import Example, collate
+from llm_neo.losses import forward_kl, next_token_targets
+from llm_neo.models import autocast
+
+
+@torch.no_grad()
+def heldout_metrics(
+    model: torch.nn.Module,
+    examples: list[Example],
+    *,
+    pad_token_id: int,
+    batch_size: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    teacher: torch.nn.Module | None = None,
+    kd_vocab_size: int | None = None,
+    progress: bool = False,
+) -> dict[str, float]:
+    """Token-weighted metrics over ``examples`` (sums over all tokens, divided once at the end)."""
+    was_training = model.training
+    model.eval()
+    ce_sum = kl_sum = agree = 0.0
+    tokens = 0
+    starts = range(0, len(examples), batch_size)
+    for start in tqdm(starts, desc="eval", unit="batch", disable=not progress, leave=False):
+        batch = collate(examples[start:start + batch_size], pad_token_id)
+        input_ids = batch["input_ids"].to(device)
+        attention_mask = batch["attention_mask"].to(device)
+        targets = next_token_targets(batch["labels"]).to(device)
+        trained = targets != -100
+        with autocast(device, dtype):
+            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[trained].float()
+        ce_sum += float(F.cross_entropy(logits, targets[trained], reduction="sum"))
+        tokens += int(trained.sum())
+        if teacher is not None:
+            with autocast(device, dtype):
+                teacher_logits = teacher(input_ids=input_ids, attention_mask=attention_mask).logits[trained]
+            width = kd_vocab_size or logits.shape[-1]
+            s, t = logits[:, :width], teacher_logits[:, :width].float()
+            kl_sum += float(forward_kl(s, t).sum())
+            agree += float((s.argmax(-1) == t.argmax(-1)).sum())
+    model.train(was_training)
+    if tokens == 0:
+        raise ValueError("no trained tokens to evaluate")
+    metrics = {"ce": ce_sum / tokens, "perplexity": math.exp(min(ce_sum / tokens, 700.0))}
+    if teacher is not None:
+        metrics |= {"kl_to_teacher": kl_sum / tokens, "top1_agreement": agree / tokens}
+    metrics["tokens"] = tokens
+    return metrics
+
+
+def format_table(rows: dict[str, dict[str, Any]], columns: list[str]) -> str:
+    """A Markdown table: one row per named result, one column per metric (missing cells blank)."""
+    header = "| | " + " | ".join(columns) + " |"
+    rule = "|---|" + "---|" * len(columns)
+    lines = [header, rule]
+    for name, values in rows.items():
+        cells = [_cell(values.get(c)) for c in columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
