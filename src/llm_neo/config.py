@@ -329,8 +329,6 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, prefix: 
             add_dataclass_arguments(parser, tp, prefix=f"{prefix}{f.name}.")  # type: ignore[arg-type]
             continue
         flags = [_flag(prefix, f.name)]
-        if "_" in f.name:
-            flags.append(f"--{prefix}{f.name}")  # accept the YAML spelling too
         dest = f"{prefix}{f.name}"
         default = f.default if f.default is not dataclasses.MISSING else None
         help_text = f.metadata.get("help", "")
@@ -343,9 +341,9 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, prefix: 
             group.add_argument(*flags, choices=list(get_args(tp)), metavar="{" + ",".join(get_args(tp)) + "}",
                                **kwargs)
         elif get_origin(tp) is list:
-            group.add_argument(*flags, nargs="+", metavar="NAME", **kwargs)
+            group.add_argument(*flags, nargs="+", metavar=f.name.upper().removesuffix("S"), **kwargs)
         else:
-            group.add_argument(*flags, type=tp, metavar=tp.__name__.upper(), **kwargs)
+            group.add_argument(*flags, type=tp, metavar=f.name.upper(), **kwargs)
 
 
 def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:

@@ -85,3 +85,40 @@ def _cell(value: Any) -> str:
     if isinstance(value, int):
         return f"{value:,}"
     return str(value)
+
+
+def run_eval(config: Any) -> dict[str, float]:
+    """`llm-neo eval`: load model (and teacher), read the data as `distill` does, compute the metrics."""
+    from llm_neo.config import validate_eval
+    from llm_neo.data import check_chat_templates, load_records, tokenize_records
+    from llm_neo.models import (
+        check_same_vocabulary,
+        freeze,
+        kd_vocab_size,
+        load_model,
+        load_tokenizer,
+        resolve_device,
+        resolve_dtype,
+    )
+
+    validate_eval(config)
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    tokenizer = load_tokenizer(config.model, role="model", trust_remote_code=config.trust_remote_code)
+    records = load_records(config.data)
+    teacher = None
+    if config.teacher:
+        teacher_tokenizer = load_tokenizer(config.teacher, role="teacher",
+                                           trust_remote_code=config.trust_remote_code)
+        check_same_vocabulary(tokenizer, teacher_tokenizer)
+        check_chat_templates(records, tokenizer, teacher_tokenizer, source=config.data)
+    examples, _ = tokenize_records(records, tokenizer, max_length=config.max_length,
+                                   train_on_prompt=config.train_on_prompt, source=config.data)
+    load = {"dtype": dtype, "device": device, "trust_remote_code": config.trust_remote_code,
+            "allow_pickle_weights": config.allow_pickle_weights}
+    model = freeze(load_model(config.model, role="model", **load))
+    if config.teacher:
+        teacher = freeze(load_model(config.teacher, role="teacher", **load))
+    return heldout_metrics(model, examples, pad_token_id=tokenizer.pad_token_id, batch_size=config.batch_size,
+                           device=device, dtype=dtype, teacher=teacher, progress=True,
+                           kd_vocab_size=kd_vocab_size(tokenizer, model, teacher) if teacher else None)
