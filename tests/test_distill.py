@@ -1,0 +1,244 @@
+"""The recipe end to end on tiny models: the four arms, merge/verify/export, resume, failure modes."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import llm_neo.distill as recipe
+from llm_neo.config import ConfigError, DistillConfig, LoraOptions, build_config, load_yaml
+from llm_neo.distill import TrainingError, distill
+from llm_neo.models import ModelError
+
+
+@pytest.fixture()
+def make_config(tmp_path, student_dir, teacher_dir, alpaca_jsonl):
+    def make(method: str = "neo", name: str | None = None, **overrides) -> DistillConfig:
+        base = dict(
+            student=str(student_dir), teacher=str(teacher_dir), data=str(alpaca_jsonl), method=method,
+            output_dir=str(tmp_path / (name or method)), max_steps=3, batch_size=2, grad_accum=2,
+            eval_fraction=0.25, seed=0, lora=LoraOptions(r=4),
+        )
+        base.update(overrides)
+        return DistillConfig(**base)
+
+    return make
+
+
+def logits_of(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+IDS = torch.tensor([[1, 40, 41, 42, 43, 44, 45, 46], [1, 50, 60, 70, 80, 90, 100, 110]])
+
+
+@pytest.mark.parametrize("method", ["neo", "kd", "lora", "sft"])
+def test_each_arm_exports_a_plain_student(make_config, student_dir, method):
+    summary = distill(make_config(method))
+    out = Path(summary["config"]["output_dir"])
+    student = AutoModelForCausalLM.from_pretrained(student_dir)
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged")
+    # The deployed student has the student's architecture and exact parameter count.
+    assert type(merged) is type(student)
+    assert sum(p.numel() for p in merged.parameters()) == sum(p.numel() for p in student.parameters())
+    assert set(load_file(out / "merged" / "model.safetensors")) == set(load_file(student_dir / "model.safetensors"))
+    assert (out / "merged" / "tokenizer.json").is_file()
+    assert (out / "adapter").is_dir() == (method in ("neo", "lora"))
+    # Training changed the student.
+    assert not torch.allclose(logits_of(merged, IDS), logits_of(student, IDS))
+
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    for r in records:
+        assert {"step", "loss", "ce_loss", "kd_loss", "lr", "tokens_per_s", "peak_memory_gb"} <= set(r)
+        kd_ratio = 0.5 if method in ("neo", "kd") else 0.0
+        assert r["loss"] == pytest.approx((1 - kd_ratio) * r["ce_loss"] + kd_ratio * r["kd_loss"])
+        assert (r["kd_loss"] > 0) == (method in ("neo", "kd"))
+
+    assert summary["steps"] == 3 and summary["merge_check"]["passed"]
+    assert summary["merge_check"]["max_abs_logit_diff"] <= 1e-3
+    assert summary["merged_parameters"] == summary["student_parameters"]
+    assert {"ce", "perplexity", "kl_to_teacher", "top1_agreement"} <= set(summary["heldout"])
+    assert summary["samples"] == {"train": 12, "heldout": 4, "dropped": 0}
+    assert summary["config"]["lr"] == (2e-4 if method in ("neo", "lora") else 2e-5)
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk["heldout"] == summary["heldout"]
+
+    # config.yaml reproduces the run through --config.
+    import argparse
+
+    again = build_config(DistillConfig, argparse.Namespace(), str(out / "config.yaml"))
+    assert again == dataclasses.replace(make_config(method).resolved(), resume=False, overwrite=False)
+
+
+def test_neo_trains_only_lora_branches(make_config, student_dir):
+    summary = distill(make_config("neo"))
+    out = Path(summary["config"]["output_dir"])
+    before = load_file(student_dir / "model.safetensors")
+    after = load_file(out / "merged" / "model.safetensors")
+    adapted = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    for name, tensor in before.items():
+        if name.endswith(tuple(f"{m}.weight" for m in adapted)):
+            assert not torch.equal(after[name], tensor), f"{name} should carry the merged LoRA update"
+        else:  # embeddings, norms, lm_head: untouched, bit for bit
+            assert torch.equal(after[name], tensor), f"{name} changed but is not a LoRA target"
+    adapter = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert adapter and all("lora_" in k for k in adapter)
+    assert summary["trainable_parameters"] == sum(t.numel() for t in adapter.values())
+
+
+def test_teacher_is_frozen_and_unchanged(make_config, teacher_dir, monkeypatch):
+    loaded = {}
+    real = recipe.load_model
+
+    def spy(path, *, role, **kw):
+        model = real(path, role=role, **kw)
+        loaded[role] = model
+        return model
+
+    monkeypatch.setattr(recipe, "load_model", spy)
+    distill(make_config("neo"))
+    teacher = loaded["teacher"]
+    assert not teacher.training
+    assert all(not p.requires_grad and p.grad is None for p in teacher.parameters())
+    original = load_file(teacher_dir / "model.safetensors")
+    for name, tensor in teacher.state_dict().items():
+        assert torch.equal(tensor, original[name])
+
+
+def test_merged_equals_adapter_model(make_config, student_dir):
+    out = Path(distill(make_config("neo", lora=LoraOptions(r=4, variant="moslora")))["config"]["output_dir"])
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged")
+    adapter_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(student_dir), out / "adapter")
+    torch.testing.assert_close(logits_of(merged, IDS), logits_of(adapter_model, IDS), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["neo", "kd"])
+def test_resume_ends_where_an_uninterrupted_run_ends(make_config, method):
+    whole = distill(make_config(method, name="whole", max_steps=6, save_every=2))
+
+    def crash(step, metrics):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    killed = make_config(method, name="killed", max_steps=6, save_every=2)
+    with pytest.raises(KeyboardInterrupt):
+        distill(killed, on_step=crash)
+    out = Path(str(killed.output_dir))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002"]
+    assert not (out / "merged").exists()
+    resumed = distill(dataclasses.replace(killed, resume=True))
+
+    a = load_file(Path(whole["config"]["output_dir"]) / "merged" / "model.safetensors")
+    b = load_file(out / "merged" / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0)
+
+    def losses(summary):
+        path = Path(summary["config"]["output_dir"]) / "metrics.jsonl"
+        return [(r["step"], r["loss"], r["lr"]) for r in map(json.loads, path.read_text().splitlines())]
+
+    assert losses(resumed) == pytest.approx(losses(whole))
+    assert resumed["heldout"] == pytest.approx(whole["heldout"])
+
+
+def test_loss_is_a_token_mean_under_gradient_accumulation(make_config):
+    # One micro-batch of 4 and two of 2 see the same samples per step; with the global token count as
+    # normaliser the updates, and so the trained students, must agree.
+    one = distill(make_config("kd", name="one", batch_size=4, grad_accum=1, max_steps=2))
+    two = distill(make_config("kd", name="two", batch_size=2, grad_accum=2, max_steps=2))
+    a = load_file(Path(one["config"]["output_dir"]) / "merged" / "model.safetensors")
+    b = load_file(Path(two["config"]["output_dir"]) / "merged" / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=2e-6, rtol=1e-5)
+
+
+def test_nonfinite_loss_stops_and_keeps_last_checkpoint(make_config, monkeypatch):
+    real = recipe.distill_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        parts = real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] > 4:  # step 3's first micro-batch (2 per step)
+            return parts._replace(loss=parts.loss * float("nan"))
+        return parts
+
+    monkeypatch.setattr(recipe, "distill_loss", poisoned)
+    config = make_config("neo", max_steps=4, save_every=1)
+    with pytest.raises(TrainingError, match="non-finite loss at step 3.*step-000002"):
+        distill(config)
+    out = Path(str(config.output_dir))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000001", "step-000002"]
+    assert not (out / "merged").exists() and not (out / "summary.json").exists()
+
+
+def test_padded_student_vocabulary_is_aligned(make_config, padded_student_dir):
+    summary = distill(make_config("neo", student=str(padded_student_dir)))
+    assert summary["heldout"]["kl_to_teacher"] > 0
+    merged = AutoModelForCausalLM.from_pretrained(Path(summary["config"]["output_dir"]) / "merged")
+    assert merged.config.vocab_size == 352
+
+
+def test_different_tokenizers_are_refused(make_config, foreign_dir):
+    with pytest.raises(ModelError, match=r"teacher has \d+ tokens, the student 320; id \d+ is"):
+        distill(make_config("neo", teacher=str(foreign_dir)))
+
+
+def test_existing_output_dir_is_not_clobbered(make_config):
+    config = make_config("lora", max_steps=1)
+    distill(config)
+    with pytest.raises(TrainingError, match="already holds files"):
+        distill(config)
+    assert distill(dataclasses.replace(config, overwrite=True))["steps"] == 1
+
+
+def test_resume_with_changed_options_is_refused(make_config):
+    config = make_config("lora", max_steps=2, save_every=1)
+    distill(config)
+    with pytest.raises(TrainingError, match="options differ.*lr"):
+        distill(dataclasses.replace(config, resume=True, lr=1e-3))
+    with pytest.raises(TrainingError, match="no checkpoint"):
+        distill(make_config("lora", name="fresh", resume=True))
+
+
+def test_config_problems_are_reported_together(make_config, tmp_path):
+    bad = make_config("neo", teacher=None, data=str(tmp_path / "missing.jsonl"), kd_ratio=1.5,
+                      student=str(tmp_path / "nope"), lora=LoraOptions(r=0))
+    with pytest.raises(ConfigError) as info:
+        distill(bad)
+    text = str(info.value)
+    for expected in ("--teacher is required", "missing.jsonl", "--kd-ratio", "--student", "--lora.r"):
+        assert expected in text
+    assert len(info.value.problems) == 5
+    assert not (tmp_path / "neo").exists()  # nothing half-written
+
+
+def test_pickle_weights_need_opt_in(make_config, tmp_path, tokenizer):
+    from llm_neo.tiny import build_llama
+
+    path = tmp_path / "pickled"
+    build_llama(len(tokenizer), hidden_size=32, num_layers=1).save_pretrained(path, safe_serialization=False)
+    tokenizer.save_pretrained(path)
+    with pytest.raises(ModelError, match="allow-pickle-weights"):
+        distill(make_config("sft", student=str(path), max_steps=1))
+    assert distill(make_config("sft", name="ok", student=str(path), max_steps=1,
+                               allow_pickle_weights=True))["steps"] == 1
+
+
+def test_yaml_config_round_trip(tmp_path):
+    text = "method: kd\nlr: 2e-4\nlora:\n  r: 8\n"
+    (tmp_path / "c.yaml").write_text(text)
+    import argparse
+
+    config = build_config(DistillConfig, argparse.Namespace(**{"lora.r": 16}), str(tmp_path / "c.yaml"))
+    assert config.lr == 2e-4 and config.lora.r == 16 and config.method == "kd"
+    assert load_yaml(tmp_path / "c.yaml")["lora"] == {"r": 8}
