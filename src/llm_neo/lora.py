@@ -1,0 +1,349 @@
+"""LoRA branches for the student: attach, train, save, merge.
+
+LLM-Neo trains only a low-rank update ``ΔW = (α/r)·B·A`` on every linear layer of every block of the
+student, on CE + KD, and then folds ΔW into the base weights so that the deployed student has its
+original architecture and parameter count. Everything PEFT can do is done by PEFT (and keeps PEFT's
+vocabulary: ``r``, ``lora_alpha``, ``lora_dropout``, ``target_modules``); this module adds
+
+* the variant switch (``LORA_VARIANTS``) and boundary validation with actionable messages;
+* MoSLoRA (arXiv 2406.11909), which PEFT lacks: a learnable r×r mixer ``M`` between A and B,
+  ``ΔW = (α/r)·B·M·A``, implemented as a drop-in replacement of PEFT's ``lora_A`` module;
+* adapter saving that never touches the live training model and always yields a standard PEFT
+  adapter that applies to the *original* student weights (MoSLoRA folded, PiSSA converted).
+
+Only one adapter (PEFT's ``"default"``) is ever used.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import save_file
+from torch import nn
+from transformers import PreTrainedModel
+
+LORA_VARIANTS = ("lora", "dora", "rslora", "pissa", "moslora")
+
+ADAPTER_NAME = "default"  # PEFT's default adapter name; llm-neo uses exactly one adapter.
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"  # what PeftModel.from_pretrained looks for
+
+# Attribute on the PeftModel holding PiSSA's initial (A0, B0) adapter tensors, keyed like
+# get_peft_model_state_dict. PiSSA rewrites the base weights at init (W_res = W - (α/r)·B0·A0), so an
+# adapter that should apply to the original W must carry -B0·A0 too; see save_adapter.
+_PISSA_INIT_ATTR = "_llm_neo_pissa_init"
+
+__all__ = [
+    "LORA_VARIANTS",
+    "MixedLoraA",
+    "attach_lora",
+    "default_target_modules",
+    "merge_lora",
+    "save_adapter",
+    "trainable_parameters",
+]
+
+
+class MixedLoraA(nn.Linear):
+    """MoSLoRA's ``lora_A``: ``x ↦ M·(A·x)`` with A = ``weight`` [r, in] and the mixer M = ``mixer`` [r, r].
+
+    A subclass of ``nn.Linear`` so that PEFT's ``lora.Linear.forward``, which computes
+    ``lora_B(lora_A(dropout(x))) * scaling`` and reads ``lora_A.weight.dtype``, works unchanged. PEFT's own
+    ``get_delta_weight`` (used by ``merge_adapter`` / ``merge_and_unload``) reads ``lora_A.weight`` only and
+    would ignore M, so call :func:`merge_lora`, which folds the mixer first, never PEFT's merge directly.
+    """
+
+    def __init__(self, weight: nn.Parameter, mixer: nn.Parameter) -> None:
+        r, in_features = weight.shape
+        if tuple(mixer.shape) != (r, r):
+            raise ValueError(f"mixer must be [{r}, {r}] for lora_A of shape {tuple(weight.shape)}")
+        # Build on the meta device: the real A is the existing PEFT parameter, reused as is (same object,
+        # so its init, dtype, device and any optimizer state stay valid).
+        super().__init__(in_features, r, bias=False, device="meta")
+        self.weight = weight
+        self.mixer = mixer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # [..., in] -> [..., r] -> [..., r]
+        return F.linear(F.linear(x, self.weight), self.mixer)
+
+    def folded_weight(self) -> torch.Tensor:
+        """``M·A`` [r, in] (detached): the plain-LoRA A that gives the same ΔW with the same B."""
+        with torch.no_grad():
+            return (self.mixer @ self.weight).detach()
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, mixer={tuple(self.mixer.shape)}"
+
+
+def _linear_modules(model: nn.Module) -> Iterator[tuple[str, nn.Linear]]:
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and name:
+            yield name, module
+
+
+def default_target_modules(model: nn.Module) -> list[str]:
+    """Leaf names of every ``nn.Linear`` inside the transformer blocks (sorted, unique).
+
+    "Inside a block" means the module path has a numeric component (``model.layers.3.mlp.up_proj``): blocks
+    live in a ``ModuleList``. The output embeddings (``model.get_output_embeddings()``, i.e. lm_head) are
+    excluded by identity and by name, as are embeddings (not linear anyway). This is LLM-Neo's default:
+    LoRA on q, k, v, o, gate, up, down for a Llama. Raises ValueError if the model has no such layer.
+    """
+    output_embeddings = _output_embeddings(model)
+    output_names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if m is output_embeddings}
+    leaves: set[str] = set()
+    for name, module in _linear_modules(model):
+        if module is output_embeddings:
+            continue
+        parts = name.split(".")
+        if any(part.isdigit() for part in parts[:-1]):
+            leaves.add(parts[-1])
+    # A leaf name shared with the output layer would make PEFT (suffix matching) wrap lm_head too.
+    leaves -= output_names
+    if not leaves:
+        raise ValueError(
+            f"{type(model).__name__} has no nn.Linear inside numbered blocks; pass target_modules explicitly "
+            f"(linear layers found: {_available_linear_leaves(model)})"
+        )
+    return sorted(leaves)
+
+
+def _output_embeddings(model: nn.Module) -> nn.Module | None:
+    get = getattr(model, "get_output_embeddings", None)
+    if get is None:
+        return None
+    out = get()
+    return out if isinstance(out, nn.Module) else None
+
+
+def _available_linear_leaves(model: nn.Module) -> list[str]:
+    return sorted({name.rsplit(".", 1)[-1] for name, _ in _linear_modules(model)})
+
+
+def _lora_config(variant: str, *, r: int, lora_alpha: float, lora_dropout: float,
+                 target_modules: list[str]) -> LoraConfig:
+    return LoraConfig(
+        r=r,
+        lora_alpha=lora_alpha,  # type: ignore[arg-type]  # annotated int in PEFT; any real α works
+        lora_dropout=lora_dropout,
+        target_modules=list(target_modules),  # a copy: never hand the caller's list to PEFT
+        bias="none",
+        task_type="CAUSAL_LM",
+        use_dora=variant == "dora",
+        use_rslora=variant == "rslora",
+        init_lora_weights="pissa" if variant == "pissa" else True,
+    )
+
+
+def attach_lora(
+    model: PreTrainedModel,
+    *,
+    r: int,
+    lora_alpha: float | None = None,
+    lora_dropout: float = 0.0,
+    target_modules: list[str] | None = None,
+    variant: str = "lora",
+    seed: int = 0,
+) -> PeftModel:
+    """Wrap ``model`` with trainable LoRA branches; everything else is frozen.
+
+    Args:
+        model: the student. PEFT wraps it **in place** (its linear layers are replaced by LoRA layers and,
+            for ``"pissa"``, its targeted base weights are overwritten with the residual W - (α/r)·B0·A0);
+            keep a separate copy if the original is still needed. Nothing else passed in is mutated.
+        r: rank, >= 1.
+        lora_alpha: α; defaults to 2·r (LLM-Neo). Scaling is α/r, or α/√r for ``"rslora"``.
+        lora_dropout: dropout on the LoRA branch input, in [0, 1).
+        target_modules: leaf names of the linear layers to adapt; defaults to
+            :func:`default_target_modules` (every linear in every block).
+        variant: one of ``LORA_VARIANTS``: ``"lora"`` plain; ``"dora"`` (PEFT use_dora, adds a trainable
+            magnitude vector per layer); ``"rslora"`` (PEFT use_rslora); ``"pissa"`` (PEFT
+            init_lora_weights="pissa", principal-SVD init, base weights become residuals); ``"moslora"``
+            (plain LoRA plus a trainable r×r mixer between A and B, orthogonally initialised).
+        seed: seeds the random adapter init (A's Kaiming init, MoSLoRA mixers) without touching the global
+            RNG state, so the same call gives the same adapter.
+
+    Returns:
+        The PeftModel. Its trainable parameters are exactly the LoRA parameters (lora_A/lora_B, DoRA
+        magnitudes, MoSLoRA mixers), all in fp32 even when the base is bf16/fp16 (PEFT's
+        autocast_adapter_dtype); at init ΔW = 0 for every variant except that PiSSA's ΔW is relative to
+        the residual base, so the wrapped model's outputs equal the original ones up to rounding.
+
+    Raises:
+        ValueError: listing every problem at once: unknown variant, r < 1, dropout out of range, target
+            names absent from the model, or a model that is already a PeftModel.
+    """
+    problems: list[str] = []
+    if isinstance(model, PeftModel):
+        problems.append("model is already a PeftModel; attach_lora expects the plain student")
+    if variant not in LORA_VARIANTS:
+        problems.append(f"unknown variant {variant!r}; choose one of {', '.join(LORA_VARIANTS)}")
+    if not isinstance(r, int) or r < 1:
+        problems.append(f"r must be an integer >= 1, got {r!r}")
+    if not 0.0 <= lora_dropout < 1.0:
+        problems.append(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
+    if lora_alpha is not None and lora_alpha <= 0:
+        problems.append(f"lora_alpha must be > 0, got {lora_alpha!r}")
+    if target_modules is not None:
+        linear_names = [name for name, _ in _linear_modules(model)]
+        missing = [t for t in target_modules
+                   if not any(n == t or n.endswith("." + t) for n in linear_names)]
+        if not target_modules:
+            problems.append("target_modules is empty; pass None for every linear layer in the blocks")
+        if missing:
+            problems.append(
+                f"target_modules {missing} match no nn.Linear in {type(model).__name__}; "
+                f"available linear layers: {_available_linear_leaves(model)}"
+            )
+    if problems:
+        raise ValueError("attach_lora: " + "; ".join(problems))
+
+    targets = list(target_modules) if target_modules is not None else default_target_modules(model)
+    alpha = float(lora_alpha) if lora_alpha is not None else 2.0 * r
+    config = _lora_config(variant, r=r, lora_alpha=alpha, lora_dropout=lora_dropout, target_modules=targets)
+
+    # Seed only the adapter init; fork the RNGs of every device the model lives on so the caller's RNG
+    # stream is left exactly where it was.
+    cuda_devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=cuda_devices):
+        torch.manual_seed(seed)
+        peft_model = get_peft_model(model, config, adapter_name=ADAPTER_NAME)
+    assert isinstance(peft_model, PeftModel)
+
+    if variant == "moslora":
+        _add_mixers(peft_model, seed)
+    if variant == "pissa":
+        # The initial adapter, copied off the live tensors (on CPU: it is only read when saving).
+        init = get_peft_model_state_dict(peft_model, adapter_name=ADAPTER_NAME, save_embedding_layers=False)
+        setattr(peft_model, _PISSA_INIT_ATTR, {k: v.detach().to("cpu", copy=True) for k, v in init.items()})
+
+    # PEFT already froze the base; re-assert it so the contract holds whatever PEFT's defaults become.
+    for name, param in peft_model.named_parameters():
+        param.requires_grad_(_is_adapter_parameter(name))
+    return peft_model
+
+
+def _is_adapter_parameter(name: str) -> bool:
+    return ".lora_" in name  # lora_A/lora_B (incl. MoSLoRA mixers under lora_A), lora_magnitude_vector
+
+
+def _lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and ADAPTER_NAME in module.lora_A:
+            yield name, module
+
+
+def _add_mixers(model: PeftModel, seed: int) -> None:
+    # A CPU generator makes the mixers identical whatever device the model is on.
+    generator = torch.Generator().manual_seed(seed)
+    for _, layer in _lora_layers(model):
+        lora_a = layer.lora_A[ADAPTER_NAME]
+        weight = getattr(lora_a, "weight", None)
+        if not isinstance(lora_a, nn.Linear) or not isinstance(weight, nn.Parameter):
+            raise TypeError(f"MoSLoRA needs nn.Linear lora_A modules, got {type(lora_a).__name__}")
+        r = weight.shape[0]
+        mixer = torch.empty(r, r, dtype=torch.float32)
+        # Orthogonal M keeps A's row space and scale (M·A has the same singular values as A); B = 0 still
+        # gives ΔW = 0 at init.
+        nn.init.orthogonal_(mixer, generator=generator)
+        mixer_param = nn.Parameter(mixer.to(device=weight.device, dtype=weight.dtype), requires_grad=True)
+        layer.lora_A[ADAPTER_NAME] = MixedLoraA(weight, mixer_param)
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """``name -> parameter`` for every parameter with ``requires_grad``, in ``named_parameters`` order.
+
+    For a model from :func:`attach_lora` these are exactly the LoRA parameters; the dict is what the
+    optimizer gets and what checkpoints store.
+    """
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _fold_mixers(model: PeftModel) -> None:
+    # Replace every MixedLoraA by a plain nn.Linear holding A' = M·A: exact, and afterwards PEFT sees a
+    # standard LoRA model, so its merge is exact too.
+    for _, layer in _lora_layers(model):
+        lora_a = layer.lora_A[ADAPTER_NAME]
+        if isinstance(lora_a, MixedLoraA):
+            folded = lora_a.folded_weight()
+            plain = nn.Linear(lora_a.in_features, lora_a.out_features, bias=False, device="meta")
+            plain.weight = nn.Parameter(folded, requires_grad=lora_a.weight.requires_grad)
+            layer.lora_A[ADAPTER_NAME] = plain
+
+
+def merge_lora(model: PeftModel) -> PreTrainedModel:
+    """Fold ΔW into the base weights and return the plain student (PEFT ``merge_and_unload``).
+
+    The result has the student's original class, module tree, state-dict keys and parameter count: no
+    lora_* or mixer parameters, no PEFT wrappers. Works for every variant: MoSLoRA mixers are folded first
+    (A' = M·A); DoRA and PiSSA are merged by PEFT (PiSSA: W_res + (α/r)·B·A = W + ΔW).
+
+    **Consumes** ``model``: the merge happens in place on its layers, so the PeftModel must not be used
+    afterwards; compute any adapter-model outputs to compare with before calling this. The returned
+    parameters keep ``requires_grad=False``.
+    """
+    _fold_mixers(model)
+    # safe_merge checks the merged weights for NaN/inf before committing them.
+    merged = model.merge_and_unload(safe_merge=True)
+    if not isinstance(merged, PreTrainedModel):
+        raise TypeError(f"merge_and_unload returned {type(merged).__name__}, expected a PreTrainedModel")
+    return merged
+
+
+def _adapter_state_dict(model: PeftModel) -> tuple[dict[str, torch.Tensor], LoraConfig]:
+    """The adapter to save, as (PEFT checkpoint state dict, config), computed from copies only.
+
+    MoSLoRA: ``lora_A`` := M·A and the mixers dropped. PiSSA: converted to a LoRA on the original weights
+    exactly as PEFT's ``LoraModel.subtract_mutated_init`` does it: ΔW = s·(B·A - B0·A0) =
+    s·[B | -B0]·[A ; A0], i.e. rank 2r with α doubled so that the scaling s = α/r is unchanged.
+    """
+    config = copy.deepcopy(model.peft_config[ADAPTER_NAME])
+    assert isinstance(config, LoraConfig)
+    state = get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME, save_embedding_layers=False)
+    out = {k: v.detach() for k, v in state.items()}
+
+    mixers = {k.removesuffix(".mixer"): v for k, v in out.items() if k.endswith(".lora_A.mixer")}
+    for prefix, mixer in mixers.items():
+        key = f"{prefix}.weight"
+        out[key] = (mixer.float() @ out[key].float()).to(out[key].dtype)
+        del out[f"{prefix}.mixer"]
+
+    pissa_init: dict[str, torch.Tensor] | None = getattr(model, _PISSA_INIT_ATTR, None)
+    if pissa_init is not None:
+        for key in list(out):
+            init = pissa_init[key].to(out[key].device)
+            if ".lora_A." in key:
+                out[key] = torch.cat([out[key], init], dim=0)  # [2r, in]
+            elif ".lora_B." in key:
+                out[key] = torch.cat([out[key], -init], dim=1)  # [out, 2r]
+        config.init_lora_weights = True  # the converted adapter applies to the original, unmodified W
+        config.r *= 2
+        # rsLoRA scales by α/√r, so √2·α keeps the scaling at rank 2r; plain LoRA needs 2·α.
+        config.lora_alpha = config.lora_alpha * (math.sqrt(2) if config.use_rslora else 2)  # type: ignore[assignment]
+
+    config.inference_mode = True
+    return {k: v.to("cpu").contiguous() for k, v in out.items()}, config
+
+
+def save_adapter(model: PeftModel, path: str | Path) -> None:
+    """Write a standard PEFT adapter dir (``adapter_config.json`` + ``adapter_model.safetensors``).
+
+    ``PeftModel.from_pretrained(original_student, path)`` reproduces ``model``'s outputs, where
+    ``original_student`` is the student as it was before :func:`attach_lora` (never the PiSSA residual).
+    MoSLoRA is saved folded (a plain LoRA with A' = M·A, same rank); PiSSA is saved converted (rank 2r,
+    α doubled, see :func:`_adapter_state_dict`); the other variants as PEFT saves them. The live ``model``
+    is only read, never modified, so this is safe mid-training.
+    """
+    state, config = _adapter_state_dict(model)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(path))
+    save_file(state, str(path / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
