@@ -226,7 +226,9 @@ def test_pickle_weights_need_opt_in(make_config, tmp_path, tokenizer):
     from llm_neo.tiny import build_llama
 
     path = tmp_path / "pickled"
-    build_llama(len(tokenizer), hidden_size=32, num_layers=1).save_pretrained(path, safe_serialization=False)
+    model = build_llama(len(tokenizer), hidden_size=32, num_layers=1)
+    model.config.save_pretrained(path)
+    torch.save(model.state_dict(), path / "pytorch_model.bin")  # a pickle checkpoint, as old hub repos have
     tokenizer.save_pretrained(path)
     with pytest.raises(ModelError, match="allow-pickle-weights"):
         distill(make_config("sft", student=str(path), max_steps=1))

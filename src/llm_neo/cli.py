@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -31,7 +32,8 @@ def _distill(args: argparse.Namespace) -> int:
 
     config = build_config(DistillConfig, args, args.config)
     summary = distill(config)
-    row = {**summary["final"], **summary["heldout"], "train_s": summary["train_time_s"],
+    heldout = {k: v for k, v in summary["heldout"].items() if k != "tokens"}
+    row = {**summary["final"], **heldout, "train_s": summary["train_time_s"],
            "peak_gb": summary["peak_memory_gb"], "trainable": summary["trainable_parameters"],
            "merge_diff": summary["merge_check"]["max_abs_logit_diff"]}
     print(format_table({summary["method"]: row}, list(row)))
@@ -69,11 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
         "into a model of the student's original architecture.",
     )
     parser.add_argument("--version", action="version", version=f"llm-neo {__version__}")
-    parser.add_argument("-q", "--quiet", action="store_true", help="Only warnings and errors on stderr.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-q", "--quiet", action="store_true", help="Only warnings and errors on stderr.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (cls, func, help_text) in COMMANDS.items():
         cmd = sub.add_parser(name, help=help_text, description=help_text, epilog=EXAMPLES.get(name),
-                             formatter_class=argparse.RawDescriptionHelpFormatter)
+                             formatter_class=argparse.RawDescriptionHelpFormatter, parents=[common])
         cmd.add_argument("--config", metavar="YAML", default=None,
                          help="YAML file of options (same names as the flags); flags given here win.")
         add_dataclass_arguments(cmd, cls)
@@ -83,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # PEFT asks transformers 5 a deprecated question on every attach; it is noise to our users.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     parser = build_parser()
     args = parser.parse_args(argv)
     quiet = args.__dict__.pop("quiet")

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, PreTrainedModel, get_scheduler
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, get_scheduler
 from transformers import set_seed as hf_set_seed
 
 from llm_neo import __version__
@@ -105,13 +105,13 @@ def distill(config: DistillConfig, *, on_step: StepCallback | None = None) -> di
         teacher = freeze(load_model(config.teacher, role="teacher", dtype=dtype, device=device,
                                     trust_remote_code=config.trust_remote_code,
                                     allow_pickle_weights=config.allow_pickle_weights))
+    export_dtype = _published_dtype(config.student, config.trust_remote_code)
     # Full-parameter arms keep fp32 master weights (autocast computes in `dtype`); LoRA arms keep the
     # frozen base in the compute dtype, the memory saving the method is about, and fp32 adapters.
     student = load_model(config.student, role="student",
                          dtype=dtype if config.uses_lora else torch.float32, device=device,
                          trust_remote_code=config.trust_remote_code,
                          allow_pickle_weights=config.allow_pickle_weights)
-    export_dtype = _checkpoint_dtype(student)
     base_parameters = sum(p.numel() for p in student.parameters())
     vocab = kd_vocab_size(tokenizer, student, teacher) if teacher is not None else None
     student.config.use_cache = False
@@ -305,9 +305,10 @@ def _diff_keys(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> set[st
     return keys
 
 
-def _checkpoint_dtype(model: PreTrainedModel) -> torch.dtype:
+def _published_dtype(path: str, trust_remote_code: bool) -> torch.dtype:
     """The dtype the student was published in, so the export is a drop-in replacement for it."""
-    dtype = getattr(model.config, "dtype", None) or getattr(model.config, "torch_dtype", None)
+    hf_config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None)
     return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
