@@ -15,7 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from llm_neo.tiny import build_llama, build_tokenizer, save_model  # noqa: E402
+from llm_neo.tiny import build_llama, build_tokenizer, save_model
 
 
 @pytest.fixture(scope="session")
@@ -32,30 +32,34 @@ def models_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def teacher_dir(models_dir, tokenizer) -> Path:
     """A 4-layer, hidden-64 teacher."""
-    return save_model(build_llama(len(tokenizer), hidden_size=64, num_layers=4, seed=1), tokenizer,
-                      models_dir / "teacher")
+    return save_model(
+        build_llama(len(tokenizer), hidden_size=64, num_layers=4, seed=1), tokenizer, models_dir / "teacher"
+    )
 
 
 @pytest.fixture(scope="session")
 def student_dir(models_dir, tokenizer) -> Path:
     """A 2-layer, hidden-32 student sharing the teacher's tokenizer."""
-    return save_model(build_llama(len(tokenizer), hidden_size=32, num_layers=2, seed=2), tokenizer,
-                      models_dir / "student")
+    return save_model(
+        build_llama(len(tokenizer), hidden_size=32, num_layers=2, seed=2), tokenizer, models_dir / "student"
+    )
 
 
 @pytest.fixture(scope="session")
 def padded_student_dir(models_dir, tokenizer) -> Path:
     """Same tokenizer, but an embedding table padded to 352 rows (as Qwen2.5 pads to 64)."""
-    return save_model(build_llama(352, hidden_size=32, num_layers=2, seed=3), tokenizer,
-                      models_dir / "padded_student")
+    return save_model(
+        build_llama(352, hidden_size=32, num_layers=2, seed=3), tokenizer, models_dir / "padded_student"
+    )
 
 
 @pytest.fixture(scope="session")
 def foreign_dir(models_dir) -> Path:
     """A model whose tokenizer was trained on other text: ids map to different tokens."""
     tok = build_tokenizer(["completely different corpus zzz yyy xxx www", "qqq ppp ooo"], vocab_size=300)
-    return save_model(build_llama(len(tok), hidden_size=32, num_layers=1, seed=4), tok,
-                      models_dir / "foreign")
+    return save_model(
+        build_llama(len(tok), hidden_size=32, num_layers=1, seed=4), tok, models_dir / "foreign"
+    )
 
 
 ALPACA = [

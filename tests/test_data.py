@@ -92,7 +92,13 @@ def test_every_kind_loads_the_same_examples(tmp_path, tokenizer):
     reference, dropped = tokenize(load_records(paths["jsonl"]), tokenizer)
     assert dropped == 0 and len(reference) == len(MIXED)
     assert [detect_format(r, where="x") for r in load_records(paths["jsonl"])] == [
-        "alpaca", "alpaca", "alpaca", "chat", "prompt_completion", "text"]
+        "alpaca",
+        "alpaca",
+        "alpaca",
+        "chat",
+        "prompt_completion",
+        "text",
+    ]
     for kind, path in paths.items():
         records = load_records(path)
         assert len(records) == len(MIXED), kind
@@ -320,8 +326,10 @@ def make_examples(n: int) -> list[Example]:
     return [Example(input_ids=[i, i + 1], labels=[-100, i + 1]) for i in range(n)]
 
 
-@pytest.mark.parametrize(("n", "fraction", "expected"),
-                         [(100, 0.1, 10), (10, 0.01, 1), (2, 0.9, 1), (1, 0.5, 0), (10, 0.0, 0), (5, 0.5, 2)])
+@pytest.mark.parametrize(
+    ("n", "fraction", "expected"),
+    [(100, 0.1, 10), (10, 0.01, 1), (2, 0.9, 1), (1, 0.5, 0), (10, 0.0, 0), (5, 0.5, 2)],
+)
 def test_split_heldout_sizes(n, fraction, expected):
     examples = make_examples(n)
     train, heldout = split_heldout(examples, fraction, seed=0)
@@ -363,8 +371,11 @@ def test_check_chat_templates_passes_for_the_same_template(tokenizer):
 
 def test_check_chat_templates_fails_for_a_different_template(tokenizer):
     teacher = build_tokenizer(chat_template=CHAT_TEMPLATE.replace("'<|end|>'", "'<|end|>\\n'"))
-    with pytest.raises(DataError, match=r"train\.jsonl record 1: teacher and student chat templates render "
-                                        r"different tokens.*first difference at token \d+") as info:
+    with pytest.raises(
+        DataError,
+        match=r"train\.jsonl record 1: teacher and student chat templates render "
+        r"different tokens.*first difference at token \d+",
+    ) as info:
         check_chat_templates(ALPACA, tokenizer, teacher, source="train.jsonl")
     assert "must render the same tokens" in str(info.value)
 

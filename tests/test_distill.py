@@ -22,9 +22,17 @@ from llm_neo.models import ModelError
 def make_config(tmp_path, student_dir, teacher_dir, alpaca_jsonl):
     def make(method: str = "neo", name: str | None = None, **overrides) -> DistillConfig:
         base = dict(
-            student=str(student_dir), teacher=str(teacher_dir), data=str(alpaca_jsonl), method=method,
-            output_dir=str(tmp_path / (name or method)), max_steps=3, batch_size=2, grad_accum=2,
-            eval_fraction=0.25, seed=0, lora=LoraOptions(r=4),
+            student=str(student_dir),
+            teacher=str(teacher_dir),
+            data=str(alpaca_jsonl),
+            method=method,
+            output_dir=str(tmp_path / (name or method)),
+            max_steps=3,
+            batch_size=2,
+            grad_accum=2,
+            eval_fraction=0.25,
+            seed=0,
+            lora=LoraOptions(r=4),
         )
         base.update(overrides)
         return DistillConfig(**base)
@@ -49,7 +57,9 @@ def test_each_arm_exports_a_plain_student(make_config, student_dir, method):
     # The deployed student has the student's architecture and exact parameter count.
     assert type(merged) is type(student)
     assert sum(p.numel() for p in merged.parameters()) == sum(p.numel() for p in student.parameters())
-    assert set(load_file(out / "merged" / "model.safetensors")) == set(load_file(student_dir / "model.safetensors"))
+    assert set(load_file(out / "merged" / "model.safetensors")) == set(
+        load_file(student_dir / "model.safetensors")
+    )
     assert (out / "merged" / "tokenizer.json").is_file()
     assert (out / "adapter").is_dir() == (method in ("neo", "lora"))
     # Training changed the student.
@@ -117,7 +127,9 @@ def test_teacher_is_frozen_and_unchanged(make_config, teacher_dir, monkeypatch):
 def test_merged_equals_adapter_model(make_config, student_dir):
     out = Path(distill(make_config("neo", lora=LoraOptions(r=4, variant="moslora")))["config"]["output_dir"])
     merged = AutoModelForCausalLM.from_pretrained(out / "merged")
-    adapter_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(student_dir), out / "adapter")
+    adapter_model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(student_dir), out / "adapter"
+    )
     torch.testing.assert_close(logits_of(merged, IDS), logits_of(adapter_model, IDS), atol=1e-4, rtol=1e-4)
 
 
@@ -174,7 +186,7 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(make_config, monkeypatch
 
     monkeypatch.setattr(recipe, "distill_loss", poisoned)
     config = make_config("neo", max_steps=4, save_every=1)
-    with pytest.raises(TrainingError, match="non-finite loss at step 3.*step-000002"):
+    with pytest.raises(TrainingError, match=r"non-finite loss at step 3.*step-000002"):
         distill(config)
     out = Path(str(config.output_dir))
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000001", "step-000002"]
@@ -204,15 +216,21 @@ def test_existing_output_dir_is_not_clobbered(make_config):
 def test_resume_with_changed_options_is_refused(make_config):
     config = make_config("lora", max_steps=2, save_every=1)
     distill(config)
-    with pytest.raises(TrainingError, match="options differ.*lr"):
+    with pytest.raises(TrainingError, match=r"options differ.*lr"):
         distill(dataclasses.replace(config, resume=True, lr=1e-3))
     with pytest.raises(TrainingError, match="no checkpoint"):
         distill(make_config("lora", name="fresh", resume=True))
 
 
 def test_config_problems_are_reported_together(make_config, tmp_path):
-    bad = make_config("neo", teacher=None, data=str(tmp_path / "missing.jsonl"), kd_ratio=1.5,
-                      student=str(tmp_path / "nope"), lora=LoraOptions(r=0))
+    bad = make_config(
+        "neo",
+        teacher=None,
+        data=str(tmp_path / "missing.jsonl"),
+        kd_ratio=1.5,
+        student=str(tmp_path / "nope"),
+        lora=LoraOptions(r=0),
+    )
     with pytest.raises(ConfigError) as info:
         distill(bad)
     text = str(info.value)
@@ -232,8 +250,12 @@ def test_pickle_weights_need_opt_in(make_config, tmp_path, tokenizer):
     tokenizer.save_pretrained(path)
     with pytest.raises(ModelError, match="allow-pickle-weights"):
         distill(make_config("sft", student=str(path), max_steps=1))
-    assert distill(make_config("sft", name="ok", student=str(path), max_steps=1,
-                               allow_pickle_weights=True))["steps"] == 1
+    assert (
+        distill(make_config("sft", name="ok", student=str(path), max_steps=1, allow_pickle_weights=True))[
+            "steps"
+        ]
+        == 1
+    )
 
 
 def test_yaml_config_round_trip(tmp_path):

@@ -138,8 +138,9 @@ def test_seeded_and_rng_neutral(student_dir):
 def test_adapter_is_fp32_on_bf16_base():
     base = build_llama(100, hidden_size=16, num_heads=2).to(torch.bfloat16)
     for variant in ("lora", "moslora"):
-        model = attach_lora(build_llama(100, hidden_size=16, num_heads=2).to(torch.bfloat16), r=R,
-                            variant=variant)
+        model = attach_lora(
+            build_llama(100, hidden_size=16, num_heads=2).to(torch.bfloat16), r=R, variant=variant
+        )
         assert all(p.dtype == torch.float32 for p in trainable_parameters(model).values())
         assert all(p.dtype == torch.bfloat16 for n, p in model.named_parameters() if not p.requires_grad)
         model(input_ids=batch(100))  # the mixed-dtype forward runs

@@ -33,11 +33,18 @@ def _distill(args: argparse.Namespace) -> int:
     config = build_config(DistillConfig, args, args.config)
     summary = distill(config)
     heldout = {k: v for k, v in summary["heldout"].items() if k != "tokens"}
-    row = {**summary["final"], **heldout, "train_s": summary["train_time_s"],
-           "peak_gb": summary["peak_memory_gb"], "trainable": summary["trainable_parameters"],
-           "merge_diff": summary["merge_check"]["max_abs_logit_diff"]}
+    row = {
+        **summary["final"],
+        **heldout,
+        "train_s": summary["train_time_s"],
+        "peak_gb": summary["peak_memory_gb"],
+        "trainable": summary["trainable_parameters"],
+        "merge_diff": summary["merge_check"]["max_abs_logit_diff"],
+    }
     print(format_table({summary["method"]: row}, list(row)))
-    print(f"\nmerged model: {summary['config']['output_dir']}/merged  (summary.json, metrics.jsonl beside it)")
+    print(
+        f"\nmerged model: {summary['config']['output_dir']}/merged  (summary.json, metrics.jsonl beside it)"
+    )
     return 0
 
 
@@ -75,10 +82,20 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("-q", "--quiet", action="store_true", help="Only warnings and errors on stderr.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (cls, func, help_text) in COMMANDS.items():
-        cmd = sub.add_parser(name, help=help_text, description=help_text, epilog=EXAMPLES.get(name),
-                             formatter_class=argparse.RawDescriptionHelpFormatter, parents=[common])
-        cmd.add_argument("--config", metavar="YAML", default=None,
-                         help="YAML file of options (same names as the flags); flags given here win.")
+        cmd = sub.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            epilog=EXAMPLES.get(name),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            parents=[common],
+        )
+        cmd.add_argument(
+            "--config",
+            metavar="YAML",
+            default=None,
+            help="YAML file of options (same names as the flags); flags given here win.",
+        )
         add_dataclass_arguments(cmd, cls)
         cmd.set_defaults(func=func)
     return parser
@@ -91,8 +108,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     quiet = args.__dict__.pop("quiet")
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="[llm-neo] %(message)s",
-                        stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.WARNING if quiet else logging.INFO, format="[llm-neo] %(message)s", stream=sys.stderr
+    )
     func: Any = args.__dict__.pop("func")
     try:
         return int(func(args))
@@ -100,8 +118,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"llm-neo {args.command}: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"llm-neo {args.command}: interrupted; completed checkpoints are kept (resume with --resume)",
-              file=sys.stderr)
+        print(
+            f"llm-neo {args.command}: interrupted; completed checkpoints are kept (resume with --resume)",
+            file=sys.stderr,
+        )
         return 130
     except (ValueError, RuntimeError, OSError) as err:
         # DataError, ModelError, TrainingError and friends: the message already says what to fix.

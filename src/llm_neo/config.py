@@ -51,7 +51,8 @@ class LoraOptions:
 
     r: int = field(default=64, metadata=_help("LoRA rank r (paper: 64; its released 1B model used 128)."))
     lora_alpha: float | None = field(
-        default=None, metadata=_help("LoRA scaling numerator alpha; the update is (alpha/r)·B·A. Default 2·r.")
+        default=None,
+        metadata=_help("LoRA scaling numerator alpha; the update is (alpha/r)·B·A. Default 2·r."),
     )
     lora_dropout: float = field(default=0.0, metadata=_help("Dropout on the LoRA input, in [0, 1)."))
     target_modules: list[str] | None = field(
@@ -122,7 +123,9 @@ class DistillConfig:
     )
     weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay."))
     max_grad_norm: float = field(default=1.0, metadata=_help("Gradient clipping norm; 0 disables."))
-    seed: int = field(default=42, metadata=_help("Seed for initialisation, data order and the held-out split."))
+    seed: int = field(
+        default=42, metadata=_help("Seed for initialisation, data order and the held-out split.")
+    )
     gradient_checkpointing: bool = field(
         default=False, metadata=_help("Recompute student activations in backward to save memory.")
     )
@@ -182,7 +185,8 @@ class DistillConfig:
     def resolved(self) -> DistillConfig:
         """A copy with every derived default filled in (learning rate, alpha, output dir)."""
         lora = dataclasses.replace(
-            self.lora, lora_alpha=self.lora.lora_alpha if self.lora.lora_alpha is not None else 2 * self.lora.r
+            self.lora,
+            lora_alpha=self.lora.lora_alpha if self.lora.lora_alpha is not None else 2 * self.lora.r,
         )
         return dataclasses.replace(
             self,
@@ -324,7 +328,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, prefix: 
     hints = _field_types(cls)
     group = parser.add_argument_group(f"{prefix.rstrip('.')} options") if prefix else parser
     for f in dataclasses.fields(cls):
-        tp, optional = _unwrap_optional(hints[f.name])
+        tp, _ = _unwrap_optional(hints[f.name])
         if dataclasses.is_dataclass(tp):
             add_dataclass_arguments(parser, tp, prefix=f"{prefix}{f.name}.")  # type: ignore[arg-type]
             continue
@@ -338,8 +342,9 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, prefix: 
         if tp is bool:
             group.add_argument(*flags, action=argparse.BooleanOptionalAction, **kwargs)
         elif get_origin(tp) is Literal:
-            group.add_argument(*flags, choices=list(get_args(tp)), metavar="{" + ",".join(get_args(tp)) + "}",
-                               **kwargs)
+            group.add_argument(
+                *flags, choices=list(get_args(tp)), metavar="{" + ",".join(get_args(tp)) + "}", **kwargs
+            )
         elif get_origin(tp) is list:
             group.add_argument(*flags, nargs="+", metavar=f.name.upper().removesuffix("S"), **kwargs)
         else:
@@ -402,8 +407,13 @@ def from_dict(cls: type, data: dict[str, Any], *, source: str, problems: list[st
             if not isinstance(value, dict):
                 problems.append(f"{where}: expected a mapping of {key_norm} options")
                 continue
-            kwargs[key_norm] = from_dict(tp, value, source=source, problems=problems,  # type: ignore[arg-type]
-                                         prefix=f"{prefix}{key_norm}.")
+            kwargs[key_norm] = from_dict(
+                tp,  # type: ignore[arg-type]
+                value,
+                source=source,
+                problems=problems,
+                prefix=f"{prefix}{key_norm}.",
+            )
         else:
             kwargs[key_norm] = _coerce(value, hints[key_norm], where, problems)
     return cls(**kwargs)
@@ -423,7 +433,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError([f"{path}{where}: invalid YAML ({err.__class__.__name__}); fix the syntax"]) from err
+        raise ConfigError(
+            [f"{path}{where}: invalid YAML ({err.__class__.__name__}); fix the syntax"]
+        ) from err
     if not isinstance(data, dict):
         raise ConfigError([f"{path}: the top level must be a mapping of option: value"])
     return data
@@ -434,7 +446,7 @@ def build_config(cls: type, args: argparse.Namespace, config_file: str | None = 
     problems: list[str] = []
     data: dict[str, Any] = load_yaml(config_file) if config_file else {}
     for dest, value in vars(args).items():
-        if dest in ("command", "config", "func"):
+        if dest in ("command", "config", "func", "quiet"):
             continue
         node = data
         *parents, leaf = dest.split(".")

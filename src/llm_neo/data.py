@@ -50,8 +50,10 @@ _FORMAT_HELP = (
 _JSONL_SUFFIXES = (".jsonl", ".ndjson")
 _JSON_SUFFIXES = (".json",)
 _PARQUET_SUFFIXES = (".parquet", ".pq")
-_SUPPORTED_KINDS = (".jsonl (one JSON object per line), .json (an array of objects), .parquet, "
-                    "or a directory written by datasets' save_to_disk")
+_SUPPORTED_KINDS = (
+    ".jsonl (one JSON object per line), .json (an array of objects), .parquet, "
+    "or a directory written by datasets' save_to_disk"
+)
 
 # The classic Alpaca prompts (Taori et al., 2023), used when the tokenizer has no chat template.
 _ALPACA_PROMPT_WITH_INPUT = (
@@ -85,8 +87,9 @@ class Example:
 
     def __post_init__(self) -> None:
         if len(self.input_ids) != len(self.labels):
-            raise ValueError(f"input_ids ({len(self.input_ids)}) and labels ({len(self.labels)}) "
-                             "must have the same length")
+            raise ValueError(
+                f"input_ids ({len(self.input_ids)}) and labels ({len(self.labels)}) must have the same length"
+            )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -118,8 +121,9 @@ def load_records(path: str | Path) -> list[dict[str, Any]]:
     elif suffix in _PARQUET_SUFFIXES:
         records = _load_parquet(path)
     else:
-        raise DataError(f"{path}: unsupported data file kind {suffix or '(no suffix)'!r}. "
-                        f"Supported: {_SUPPORTED_KINDS}.")
+        raise DataError(
+            f"{path}: unsupported data file kind {suffix or '(no suffix)'!r}. Supported: {_SUPPORTED_KINDS}."
+        )
     if not records:
         raise DataError(f"{path} contains no records. Add at least one record ({_FORMAT_HELP}).")
     return records
@@ -144,8 +148,10 @@ def _load_jsonl(path: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError as e:
             raise DataError(f"{path.name} line {lineno}: invalid JSON ({e}). Fix or remove that line.") from e
         if not isinstance(obj, dict):
-            raise DataError(f"{path.name} line {lineno}: expected a JSON object, got "
-                            f"{_json_kind(obj)}. Each line must be one record object ({_FORMAT_HELP}).")
+            raise DataError(
+                f"{path.name} line {lineno}: expected a JSON object, got "
+                f"{_json_kind(obj)}. Each line must be one record object ({_FORMAT_HELP})."
+            )
         records.append(obj)
     return records
 
@@ -154,22 +160,28 @@ def _load_json(path: Path) -> list[dict[str, Any]]:
     try:
         data = json.loads(_read_text(path))
     except json.JSONDecodeError as e:
-        raise DataError(f"{path.name} line {e.lineno} column {e.colno}: invalid JSON ({e.msg}). "
-                        "Fix the file (or write one record per line as .jsonl).") from e
+        raise DataError(
+            f"{path.name} line {e.lineno} column {e.colno}: invalid JSON ({e.msg}). "
+            "Fix the file (or write one record per line as .jsonl)."
+        ) from e
     if isinstance(data, dict):
         # Many dumps wrap the records, e.g. {"data": [...]}; accept that only when unambiguous.
         lists = [key for key, value in data.items() if isinstance(value, list)]
         if len(lists) != 1:
-            raise DataError(f"{path.name}: expected a JSON array of records, or an object with exactly one "
-                            f"list field holding them; found an object with list fields {lists}. "
-                            "Write the records as a top-level array.")
+            raise DataError(
+                f"{path.name}: expected a JSON array of records, or an object with exactly one "
+                f"list field holding them; found an object with list fields {lists}. "
+                "Write the records as a top-level array."
+            )
         data = data[lists[0]]
     if not isinstance(data, list):
         raise DataError(f"{path.name}: expected a JSON array of records, got {_json_kind(data)}.")
     for i, obj in enumerate(data, start=1):
         if not isinstance(obj, dict):
-            raise DataError(f"{path.name} record {i}: expected a JSON object, got {_json_kind(obj)}. "
-                            f"Each record must be an object ({_FORMAT_HELP}).")
+            raise DataError(
+                f"{path.name} record {i}: expected a JSON object, got {_json_kind(obj)}. "
+                f"Each record must be an object ({_FORMAT_HELP})."
+            )
     return data
 
 
@@ -181,8 +193,9 @@ def _load_parquet(path: Path) -> list[dict[str, Any]]:
     try:
         table = pq.read_table(path)
     except (pa.ArrowException, OSError) as e:
-        raise DataError(f"{path.name}: cannot read as Parquet ({e}). Check the file is a valid "
-                        "Parquet file.") from e
+        raise DataError(
+            f"{path.name}: cannot read as Parquet ({e}). Check the file is a valid Parquet file."
+        ) from e
     return [_drop_nulls(r) for r in table.to_pylist()]
 
 
@@ -193,13 +206,17 @@ def _load_saved_dataset(path: Path) -> list[dict[str, Any]]:
         try:
             loaded = datasets.load_from_disk(str(path))
         except FileNotFoundError as e:
-            raise DataError(f"{path}: a directory, but not one written by datasets' save_to_disk ({e}). "
-                            f"Point at a data file instead: {_SUPPORTED_KINDS}.") from e
+            raise DataError(
+                f"{path}: a directory, but not one written by datasets' save_to_disk ({e}). "
+                f"Point at a data file instead: {_SUPPORTED_KINDS}."
+            ) from e
     if isinstance(loaded, datasets.DatasetDict):
         if "train" not in loaded:
-            raise DataError(f"{path}: saved DatasetDict has no 'train' split (splits: "
-                            f"{sorted(loaded)}). Save the training split as 'train', or save a single "
-                            "Dataset.")
+            raise DataError(
+                f"{path}: saved DatasetDict has no 'train' split (splits: "
+                f"{sorted(loaded)}). Save the training split as 'train', or save a single "
+                "Dataset."
+            )
         loaded = loaded["train"]
     return [_drop_nulls(r) for r in loaded.to_list()]
 
@@ -225,8 +242,15 @@ def _quiet_datasets() -> Iterator[None]:
 
 
 def _json_kind(value: object) -> str:
-    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
-            int: "a number", float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
+    return {
+        dict: "an object",
+        list: "an array",
+        str: "a string",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        type(None): "null",
+    }.get(type(value), type(value).__name__)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -242,16 +266,19 @@ def detect_format(record: dict[str, Any], *, where: str) -> str:
     and the accepted formats otherwise.
     """
     if not isinstance(record, dict):
-        raise DataError(f"{where}: expected a record object, got {_json_kind(record)}. "
-                        f"Accepted formats: {_FORMAT_HELP}.")
+        raise DataError(
+            f"{where}: expected a record object, got {_json_kind(record)}. Accepted formats: {_FORMAT_HELP}."
+        )
     if _present(record, "messages"):
         _check_messages(record["messages"], where=where)
         return "chat"
     if _present(record, "instruction"):
         _require_strings(record, ("instruction", "output"), fmt="alpaca", where=where)
         if _present(record, "input") and not isinstance(record["input"], str):
-            raise DataError(f"{where}: alpaca field 'input' must be a string (or omitted), got "
-                            f"{_json_kind(record['input'])}.")
+            raise DataError(
+                f"{where}: alpaca field 'input' must be a string (or omitted), got "
+                f"{_json_kind(record['input'])}."
+            )
         return "alpaca"
     if _present(record, "prompt"):
         _require_strings(record, ("prompt", "completion"), fmt="prompt_completion", where=where)
@@ -265,8 +292,10 @@ def detect_format(record: dict[str, Any], *, where: str) -> str:
         hint = " It has 'output' but no 'instruction' (alpaca needs both)."
     elif _present(record, "completion"):
         hint = " It has 'completion' but no 'prompt' (prompt_completion needs both)."
-    raise DataError(f"{where}: record matches no known format (its fields: {sorted(record)}).{hint} "
-                    f"Accepted formats: {_FORMAT_HELP}.")
+    raise DataError(
+        f"{where}: record matches no known format (its fields: {sorted(record)}).{hint} "
+        f"Accepted formats: {_FORMAT_HELP}."
+    )
 
 
 def _present(record: dict[str, Any], key: str) -> bool:
@@ -276,37 +305,48 @@ def _present(record: dict[str, Any], key: str) -> bool:
 def _require_strings(record: dict[str, Any], keys: Sequence[str], *, fmt: str, where: str) -> None:
     for key in keys:
         if not _present(record, key):
-            raise DataError(f"{where}: {fmt} record is missing field {key!r} (it needs "
-                            f"{', '.join(repr(k) for k in keys)}). Accepted formats: {_FORMAT_HELP}.")
+            raise DataError(
+                f"{where}: {fmt} record is missing field {key!r} (it needs "
+                f"{', '.join(repr(k) for k in keys)}). Accepted formats: {_FORMAT_HELP}."
+            )
         if not isinstance(record[key], str):
             raise DataError(f"{where}: {fmt} field {key!r} must be a string, got {_json_kind(record[key])}.")
 
 
 def _check_messages(messages: object, *, where: str) -> None:
     if not isinstance(messages, list) or not messages:
-        raise DataError(f"{where}: 'messages' must be a non-empty list of "
-                        '{"role": ..., "content": ...} objects.')
+        raise DataError(
+            f'{where}: \'messages\' must be a non-empty list of {{"role": ..., "content": ...}} objects.'
+        )
     for j, message in enumerate(messages, start=1):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise DataError(f"{where}: message {j} must be an object with 'role' and 'content' "
-                            f"(roles: {', '.join(CHAT_ROLES)}).")
+            raise DataError(
+                f"{where}: message {j} must be an object with 'role' and 'content' "
+                f"(roles: {', '.join(CHAT_ROLES)})."
+            )
         if message["role"] not in CHAT_ROLES:
-            raise DataError(f"{where}: message {j} has unknown role {message['role']!r}; allowed roles: "
-                            f"{', '.join(CHAT_ROLES)}.")
+            raise DataError(
+                f"{where}: message {j} has unknown role {message['role']!r}; allowed roles: "
+                f"{', '.join(CHAT_ROLES)}."
+            )
         if not isinstance(message["content"], str):
-            raise DataError(f"{where}: message {j} 'content' must be a string, got "
-                            f"{_json_kind(message['content'])}.")
+            raise DataError(
+                f"{where}: message {j} 'content' must be a string, got {_json_kind(message['content'])}."
+            )
     if not any(m["role"] == "assistant" for m in messages):
-        raise DataError(f"{where}: chat has no assistant turn, so there is nothing to train on. Add an "
-                        "assistant message or remove the record.")
+        raise DataError(
+            f"{where}: chat has no assistant turn, so there is nothing to train on. Add an "
+            "assistant message or remove the record."
+        )
 
 
 # --------------------------------------------------------------------------------------------------
 # Rendering
 
 
-def render_segments(record: dict[str, Any], tokenizer: PreTrainedTokenizerBase, *,
-                    where: str) -> list[tuple[str, bool]]:
+def render_segments(
+    record: dict[str, Any], tokenizer: PreTrainedTokenizerBase, *, where: str
+) -> list[tuple[str, bool]]:
     """Render ``record`` to the text the model sees, as ordered ``(text, trained)`` segments.
 
     The concatenation of the segment texts is the full rendered text, special tokens written out
@@ -340,12 +380,15 @@ def _has_chat_template(tokenizer: PreTrainedTokenizerBase) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def _render_chat(messages: list[dict[str, Any]], tokenizer: PreTrainedTokenizerBase, *,
-                 where: str) -> list[tuple[str, bool]]:
+def _render_chat(
+    messages: list[dict[str, Any]], tokenizer: PreTrainedTokenizerBase, *, where: str
+) -> list[tuple[str, bool]]:
     if not _has_chat_template(tokenizer):
-        raise DataError(f"{where}: chat records need a tokenizer with a chat template, and this tokenizer "
-                        "has none. Use an instruct model's tokenizer, set tokenizer.chat_template, or "
-                        "convert the data to prompt_completion records.")
+        raise DataError(
+            f"{where}: chat records need a tokenizer with a chat template, and this tokenizer "
+            "has none. Use an instruct model's tokenizer, set tokenizer.chat_template, or "
+            "convert the data to prompt_completion records."
+        )
     full = _apply_template(tokenizer, messages, add_generation_prompt=False, where=where)
     # The template is a black box; to find an assistant turn we render the conversation up to it
     # (with the generation prompt, i.e. the assistant header) and up to its end. Both must be
@@ -357,29 +400,42 @@ def _render_chat(messages: list[dict[str, Any]], tokenizer: PreTrainedTokenizerB
         if message["role"] != "assistant":
             continue
         prompt = _apply_template(tokenizer, messages[:i], add_generation_prompt=True, where=where)
-        turn = full if i + 1 == len(messages) else _apply_template(
-            tokenizer, messages[: i + 1], add_generation_prompt=False, where=where)
+        turn = (
+            full
+            if i + 1 == len(messages)
+            else _apply_template(tokenizer, messages[: i + 1], add_generation_prompt=False, where=where)
+        )
         start, end = len(prompt), len(turn)
         if not (full.startswith(prompt) and full.startswith(turn) and done <= start <= end):
-            raise DataError(f"{where}: the chat template is not prefix-stable: rendering the conversation "
-                            f"up to assistant message {i + 1} does not give a prefix of the whole "
-                            "rendering, so the assistant tokens cannot be located. Use a template whose "
-                            "renderings extend each other (no history rewriting), or split the "
-                            "conversation into single-turn records.")
+            raise DataError(
+                f"{where}: the chat template is not prefix-stable: rendering the conversation "
+                f"up to assistant message {i + 1} does not give a prefix of the whole "
+                "rendering, so the assistant tokens cannot be located. Use a template whose "
+                "renderings extend each other (no history rewriting), or split the "
+                "conversation into single-turn records."
+            )
         segments += [(full[done:start], False), (full[start:end], True)]
         done = end
     segments.append((full[done:], False))
     return _segments(segments)
 
 
-def _apply_template(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], *,
-                    add_generation_prompt: bool, where: str) -> str:
+def _apply_template(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[dict[str, Any]],
+    *,
+    add_generation_prompt: bool,
+    where: str,
+) -> str:
     try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False,
-                                             add_generation_prompt=add_generation_prompt)
+        text = tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
     except Exception as e:  # jinja raises TemplateError, and templates call raise_exception() freely
-        raise DataError(f"{where}: the chat template failed to render this conversation ({e}). Fix the "
-                        "messages (e.g. role order the template requires) or the template.") from e
+        raise DataError(
+            f"{where}: the chat template failed to render this conversation ({e}). Fix the "
+            "messages (e.g. role order the template requires) or the template."
+        ) from e
     if not isinstance(text, str):
         raise DataError(f"{where}: the chat template returned {type(text).__name__}, expected text.")
     return text
@@ -404,9 +460,15 @@ def _segments(parts: list[tuple[str, bool]]) -> list[tuple[str, bool]]:
 _TOKENIZE_CHUNK = 512  # records per batched tokenizer call: amortises the call, keeps progress live
 
 
-def tokenize_records(records: Sequence[dict[str, Any]], tokenizer: PreTrainedTokenizerBase, *,
-                     max_length: int, train_on_prompt: bool = False, source: str = "data",
-                     progress: bool = False) -> tuple[list[Example], int]:
+def tokenize_records(
+    records: Sequence[dict[str, Any]],
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    max_length: int,
+    train_on_prompt: bool = False,
+    source: str = "data",
+    progress: bool = False,
+) -> tuple[list[Example], int]:
     """Render and tokenize ``records``; return ``(examples, n_dropped)``.
 
     Each record's full text is tokenized once (``add_special_tokens=False``: the rendering already
@@ -422,8 +484,10 @@ def tokenize_records(records: Sequence[dict[str, Any]], tokenizer: PreTrainedTok
     if max_length < 1:
         raise ValueError(f"max_length must be >= 1, got {max_length}")
     if not getattr(tokenizer, "is_fast", False):
-        raise DataError(f"{source}: tokenizing needs a fast (Rust) tokenizer for character offsets; got "
-                        f"{type(tokenizer).__name__}. Load it with AutoTokenizer(..., use_fast=True).")
+        raise DataError(
+            f"{source}: tokenizing needs a fast (Rust) tokenizer for character offsets; got "
+            f"{type(tokenizer).__name__}. Load it with AutoTokenizer(..., use_fast=True)."
+        )
     if not records:
         raise DataError(f"{source} contains no records.")
 
@@ -435,7 +499,7 @@ def tokenize_records(records: Sequence[dict[str, Any]], tokenizer: PreTrainedTok
     dropped = 0
     with tqdm(total=len(records), desc="tokenizing", unit="rec", disable=not progress) as bar:
         for chunk_start in range(0, len(records), _TOKENIZE_CHUNK):
-            chunk = records[chunk_start: chunk_start + _TOKENIZE_CHUNK]
+            chunk = records[chunk_start : chunk_start + _TOKENIZE_CHUNK]
             rendered: list[list[tuple[str, bool]]] = []
             for k, record in enumerate(chunk, start=chunk_start + 1):
                 try:
@@ -449,10 +513,12 @@ def tokenize_records(records: Sequence[dict[str, Any]], tokenizer: PreTrainedTok
                 bar.update(len(chunk))
                 continue
             texts = ["".join(text for text, _ in segments) for segments in rendered]
-            encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True,
-                                return_attention_mask=False)
-            for segments, ids, offsets in zip(rendered, encoded["input_ids"], encoded["offset_mapping"],
-                                              strict=True):
+            encoded = tokenizer(
+                texts, add_special_tokens=False, return_offsets_mapping=True, return_attention_mask=False
+            )
+            for segments, ids, offsets in zip(
+                rendered, encoded["input_ids"], encoded["offset_mapping"], strict=True
+            ):
                 example = _label(segments, ids[:max_length], offsets[:max_length], train_on_prompt)
                 if example is None:
                     dropped += 1
@@ -463,14 +529,17 @@ def tokenize_records(records: Sequence[dict[str, Any]], tokenizer: PreTrainedTok
         more = f"\n... and {n_errors - len(errors)} more" if n_errors > len(errors) else ""
         raise DataError(f"{source}: {n_errors} bad record(s):\n" + "\n".join(errors) + more)
     if not examples:
-        raise DataError(f"{source}: no trainable tokens: all {len(records)} records were dropped because "
-                        f"no response token fits in the first {max_length} tokens. Raise --max-length "
-                        "or check the data.")
+        raise DataError(
+            f"{source}: no trainable tokens: all {len(records)} records were dropped because "
+            f"no response token fits in the first {max_length} tokens. Raise --max-length "
+            "or check the data."
+        )
     return examples, dropped
 
 
-def _label(segments: list[tuple[str, bool]], ids: list[int], offsets: list[tuple[int, int]],
-           train_on_prompt: bool) -> Example | None:
+def _label(
+    segments: list[tuple[str, bool]], ids: list[int], offsets: list[tuple[int, int]], train_on_prompt: bool
+) -> Example | None:
     """Build the Example for one tokenized record, or None if no token is trained."""
     if train_on_prompt:
         labels = list(ids)
@@ -483,8 +552,10 @@ def _label(segments: list[tuple[str, bool]], ids: list[int], offsets: list[tuple
             starts.append(pos)
             flags.append(trained)
             pos += len(text)
-        labels = [tok if flags[max(bisect.bisect_right(starts, begin) - 1, 0)] else IGNORE_INDEX
-                  for tok, (begin, _end) in zip(ids, offsets, strict=True)]
+        labels = [
+            tok if flags[max(bisect.bisect_right(starts, begin) - 1, 0)] else IGNORE_INDEX
+            for tok, (begin, _end) in zip(ids, offsets, strict=True)
+        ]
     if all(label == IGNORE_INDEX for label in labels):
         return None
     return Example(input_ids=list(ids), labels=labels)
@@ -494,8 +565,9 @@ def _label(segments: list[tuple[str, bool]], ids: list[int], offsets: list[tuple
 # Splitting and batching
 
 
-def split_heldout(examples: list[Example], eval_fraction: float,
-                  seed: int) -> tuple[list[Example], list[Example]]:
+def split_heldout(
+    examples: list[Example], eval_fraction: float, seed: int
+) -> tuple[list[Example], list[Example]]:
     """Split ``examples`` into ``(train, heldout)``.
 
     Membership is drawn by a ``random.Random(seed)`` shuffle of the indices (deterministic for a
@@ -541,9 +613,14 @@ def collate(examples: list[Example], pad_token_id: int) -> dict[str, torch.Tenso
 # Teacher / student agreement
 
 
-def check_chat_templates(records: Sequence[dict[str, Any]], student_tokenizer: PreTrainedTokenizerBase,
-                         teacher_tokenizer: PreTrainedTokenizerBase, *, source: str = "data",
-                         limit: int = 8) -> None:
+def check_chat_templates(
+    records: Sequence[dict[str, Any]],
+    student_tokenizer: PreTrainedTokenizerBase,
+    teacher_tokenizer: PreTrainedTokenizerBase,
+    *,
+    source: str = "data",
+    limit: int = 8,
+) -> None:
     """Check teacher and student render the first ``limit`` chat-rendered records to the same tokens.
 
     The KD loss compares the two models position by position on the student's token sequence, which
@@ -564,23 +641,29 @@ def check_chat_templates(records: Sequence[dict[str, Any]], student_tokenizer: P
             continue
         checked += 1
         if not _has_chat_template(teacher_tokenizer):
-            raise DataError(f"{where}: the teacher tokenizer has no chat template, but this {fmt} record is "
-                            "rendered with the student's. Teacher and student templates must render the "
-                            "same tokens: give the teacher the student's chat_template (in its "
-                            "tokenizer_config.json) or use an instruct teacher.")
+            raise DataError(
+                f"{where}: the teacher tokenizer has no chat template, but this {fmt} record is "
+                "rendered with the student's. Teacher and student templates must render the "
+                "same tokens: give the teacher the student's chat_template (in its "
+                "tokenizer_config.json) or use an instruct teacher."
+            )
         student_ids = _render_ids(record, student_tokenizer, where=where)
         teacher_ids = _render_ids(record, teacher_tokenizer, where=where)
         if student_ids == teacher_ids:
             continue
-        pos = next((i for i, (s, t) in enumerate(zip(student_ids, teacher_ids, strict=False)) if s != t),
-                   min(len(student_ids), len(teacher_ids)))
+        pos = next(
+            (i for i, (s, t) in enumerate(zip(student_ids, teacher_ids, strict=False)) if s != t),
+            min(len(student_ids), len(teacher_ids)),
+        )
         student_tok = _token_at(student_tokenizer, student_ids, pos)
         teacher_tok = _token_at(teacher_tokenizer, teacher_ids, pos)
-        raise DataError(f"{where}: teacher and student chat templates render different tokens (lengths "
-                        f"{len(teacher_ids)} vs {len(student_ids)}; first difference at token {pos}: teacher "
-                        f"{teacher_tok}, student {student_tok}). Teacher and student templates must render "
-                        "the same tokens, or KD compares predictions for different text: use models of "
-                        "the same family or give both the same chat_template.")
+        raise DataError(
+            f"{where}: teacher and student chat templates render different tokens (lengths "
+            f"{len(teacher_ids)} vs {len(student_ids)}; first difference at token {pos}: teacher "
+            f"{teacher_tok}, student {student_tok}). Teacher and student templates must render "
+            "the same tokens, or KD compares predictions for different text: use models of "
+            "the same family or give both the same chat_template."
+        )
 
 
 def _render_ids(record: dict[str, Any], tokenizer: PreTrainedTokenizerBase, *, where: str) -> list[int]:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft import PeftModel
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, get_scheduler
 from transformers import set_seed as hf_set_seed
@@ -79,19 +80,32 @@ def distill(config: DistillConfig, *, on_step: StepCallback | None = None) -> di
     tokenizer = load_tokenizer(config.student, role="student", trust_remote_code=config.trust_remote_code)
     teacher_tokenizer = None
     if config.teacher:
-        teacher_tokenizer = load_tokenizer(config.teacher, role="teacher",
-                                           trust_remote_code=config.trust_remote_code)
+        teacher_tokenizer = load_tokenizer(
+            config.teacher, role="teacher", trust_remote_code=config.trust_remote_code
+        )
         check_same_vocabulary(tokenizer, teacher_tokenizer)
 
     records = load_records(config.data)
     if teacher_tokenizer is not None:
         check_chat_templates(records, tokenizer, teacher_tokenizer, source=config.data)
-    examples, dropped = tokenize_records(records, tokenizer, max_length=config.max_length,
-                                         train_on_prompt=config.train_on_prompt, source=config.data,
-                                         progress=True)
+    examples, dropped = tokenize_records(
+        records,
+        tokenizer,
+        max_length=config.max_length,
+        train_on_prompt=config.train_on_prompt,
+        source=config.data,
+        progress=True,
+    )
     train, heldout = split_heldout(examples, config.eval_fraction, config.seed)
-    log.info("data: %d records -> %d train / %d held-out samples (%d dropped: no trainable token "
-             "within --max-length %d)", len(records), len(train), len(heldout), dropped, config.max_length)
+    log.info(
+        "data: %d records -> %d train / %d held-out samples (%d dropped: no trainable token "
+        "within --max-length %d)",
+        len(records),
+        len(train),
+        len(heldout),
+        dropped,
+        config.max_length,
+    )
 
     progress = Progress()
     checkpoints = out / "checkpoints"
@@ -102,41 +116,66 @@ def distill(config: DistillConfig, *, on_step: StepCallback | None = None) -> di
     teacher = None
     if config.uses_kd:
         assert config.teacher
-        teacher = freeze(load_model(config.teacher, role="teacher", dtype=dtype, device=device,
-                                    trust_remote_code=config.trust_remote_code,
-                                    allow_pickle_weights=config.allow_pickle_weights))
+        teacher = freeze(
+            load_model(
+                config.teacher,
+                role="teacher",
+                dtype=dtype,
+                device=device,
+                trust_remote_code=config.trust_remote_code,
+                allow_pickle_weights=config.allow_pickle_weights,
+            )
+        )
     export_dtype = _published_dtype(config.student, config.trust_remote_code)
     # Full-parameter arms keep fp32 master weights (autocast computes in `dtype`); LoRA arms keep the
     # frozen base in the compute dtype, the memory saving the method is about, and fp32 adapters.
-    student = load_model(config.student, role="student",
-                         dtype=dtype if config.uses_lora else torch.float32, device=device,
-                         trust_remote_code=config.trust_remote_code,
-                         allow_pickle_weights=config.allow_pickle_weights)
-    base_parameters = sum(p.numel() for p in student.parameters())
-    vocab = kd_vocab_size(tokenizer, student, teacher) if teacher is not None else None
-    student.config.use_cache = False
+    base = load_model(
+        config.student,
+        role="student",
+        dtype=dtype if config.uses_lora else torch.float32,
+        device=device,
+        trust_remote_code=config.trust_remote_code,
+        allow_pickle_weights=config.allow_pickle_weights,
+    )
+    base_parameters = sum(p.numel() for p in base.parameters())
+    vocab = kd_vocab_size(tokenizer, base, teacher) if teacher is not None else None
+    base.config.use_cache = False
 
     # --- 3. LoRA branches (neo, lora), or the whole student (kd, sft), are what trains.
+    student: PreTrainedModel | PeftModel = base
     if config.uses_lora:
-        student = attach_lora(student, r=config.lora.r, lora_alpha=config.lora.lora_alpha,
-                              lora_dropout=config.lora.lora_dropout,
-                              target_modules=config.lora.target_modules, variant=config.lora.variant,
-                              seed=config.seed)
+        student = attach_lora(
+            base,
+            r=config.lora.r,
+            lora_alpha=config.lora.lora_alpha,
+            lora_dropout=config.lora.lora_dropout,
+            target_modules=config.lora.target_modules,
+            variant=config.lora.variant,
+            seed=config.seed,
+        )
     if config.gradient_checkpointing:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trainable = trainable_parameters(student)
     n_trainable = sum(p.numel() for p in trainable.values())
-    log.info("student: %s parameters, %s trainable (%.2f%%), method %s", f"{base_parameters:,}",
-             f"{n_trainable:,}", 100 * n_trainable / base_parameters, config.method)
+    log.info(
+        "student: %s parameters, %s trainable (%.2f%%), method %s",
+        f"{base_parameters:,}",
+        f"{n_trainable:,}",
+        100 * n_trainable / base_parameters,
+        config.method,
+    )
 
     # --- 4. Optimiser and schedule.
     per_epoch = math.ceil(len(train) / config.batch_size)
     total_steps = config.max_steps or max(1, math.ceil(config.epochs * per_epoch / config.grad_accum))
-    optimizer = torch.optim.AdamW(list(trainable.values()), lr=config.lr or 0.0,
-                                  weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(
+        list(trainable.values()), lr=config.lr or 0.0, weight_decay=config.weight_decay
+    )
     scheduler = get_scheduler(
-        "constant_with_warmup" if config.scheduler == "constant" else config.scheduler, optimizer,
-        num_warmup_steps=round(config.warmup_ratio * total_steps), num_training_steps=total_steps,
+        "constant_with_warmup" if config.scheduler == "constant" else config.scheduler,
+        optimizer,
+        num_warmup_steps=round(config.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
     )
     if resume_from is not None:
         progress = load_checkpoint(resume_from, trainable=trainable, optimizer=optimizer, scheduler=scheduler)
@@ -151,8 +190,14 @@ def distill(config: DistillConfig, *, on_step: StepCallback | None = None) -> di
     last: dict[str, float] = {}
     loop_start = time.perf_counter()
     student.train()
-    bar = tqdm(total=total_steps, initial=progress.step, desc=f"{config.method}", unit="step",
-               dynamic_ncols=True, disable=None)
+    bar = tqdm(
+        total=total_steps,
+        initial=progress.step,
+        desc=f"{config.method}",
+        unit="step",
+        dynamic_ncols=True,
+        disable=None,
+    )
     while progress.step < total_steps:
         step_start = time.perf_counter()
         micro = [collate(next(batches), tokenizer.pad_token_id) for _ in range(config.grad_accum)]
@@ -160,19 +205,32 @@ def distill(config: DistillConfig, *, on_step: StepCallback | None = None) -> di
         num_tokens = sum(int((next_token_targets(b["labels"]) != -100).sum()) for b in micro)
         ce_sum = kd_sum = 0.0
         for batch in micro:
-            parts = _micro_batch_loss(student, teacher, batch, device=device, dtype=dtype,
-                                      num_tokens=num_tokens, kd_ratio=kd_ratio, config=config,
-                                      kd_vocab=vocab)
+            parts = _micro_batch_loss(
+                student,
+                teacher,
+                batch,
+                device=device,
+                dtype=dtype,
+                num_tokens=num_tokens,
+                kd_ratio=kd_ratio,
+                config=config,
+                kd_vocab=vocab,
+            )
             if not torch.isfinite(parts.loss):
                 raise TrainingError(_nonfinite_message(progress.step + 1, parts, checkpoints))
             parts.loss.backward()
             ce_sum += float(parts.ce_sum)
             kd_sum += float(parts.kd_sum)
-        grad_norm = (torch.nn.utils.clip_grad_norm_(list(trainable.values()), config.max_grad_norm)
-                     if config.max_grad_norm > 0 else _grad_norm(trainable))
+        grad_norm = (
+            torch.nn.utils.clip_grad_norm_(list(trainable.values()), config.max_grad_norm)
+            if config.max_grad_norm > 0
+            else _grad_norm(trainable)
+        )
         if not torch.isfinite(grad_norm):
-            raise TrainingError(f"non-finite gradient norm at step {progress.step + 1}; "
-                                f"{_last_good(checkpoints)}. Lower --lr or check the data.")
+            raise TrainingError(
+                f"non-finite gradient norm at step {progress.step + 1}; "
+                f"{_last_good(checkpoints)}. Lower --lr or check the data."
+            )
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
@@ -182,21 +240,34 @@ def distill(config: DistillConfig, *, on_step: StepCallback | None = None) -> di
         progress.tokens += num_tokens
 
         ce, kd = ce_sum / num_tokens, kd_sum / num_tokens
-        last = {"step": progress.step, "loss": (1 - kd_ratio) * ce + kd_ratio * kd, "ce_loss": ce,
-                "kd_loss": kd, "lr": lr, "grad_norm": float(grad_norm), "tokens": progress.tokens,
-                "tokens_per_s": num_tokens / (time.perf_counter() - step_start),
-                "peak_memory_gb": peak_memory_gb(device)}
+        last = {
+            "step": progress.step,
+            "loss": (1 - kd_ratio) * ce + kd_ratio * kd,
+            "ce_loss": ce,
+            "kd_loss": kd,
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+            "tokens": progress.tokens,
+            "tokens_per_s": num_tokens / (time.perf_counter() - step_start),
+            "peak_memory_gb": peak_memory_gb(device),
+        }
         if progress.step % config.log_every == 0 or progress.step == total_steps:
             with (out / "metrics.jsonl").open("a") as handle:
                 handle.write(json.dumps(last) + "\n")
-        bar.set_postfix(loss=f"{last['loss']:.4f}", ce=f"{ce:.4f}", kd=f"{kd:.4f}",
-                        tok_s=f"{last['tokens_per_s']:.0f}", refresh=False)
+        bar.set_postfix(
+            loss=f"{last['loss']:.4f}",
+            ce=f"{ce:.4f}",
+            kd=f"{kd:.4f}",
+            tok_s=f"{last['tokens_per_s']:.0f}",
+            refresh=False,
+        )
         bar.update(1)
         if config.save_every and (progress.step % config.save_every == 0 or progress.step == total_steps):
             progress.elapsed_s += time.perf_counter() - loop_start
             loop_start = time.perf_counter()
-            save_checkpoint(checkpoints, trainable=trainable, optimizer=optimizer, scheduler=scheduler,
-                            progress=progress)
+            save_checkpoint(
+                checkpoints, trainable=trainable, optimizer=optimizer, scheduler=scheduler, progress=progress
+            )
         if on_step is not None:
             on_step(progress.step, last)
     bar.close()
@@ -207,31 +278,50 @@ def distill(config: DistillConfig, *, on_step: StepCallback | None = None) -> di
     verify_batch = collate((heldout or train)[: config.eval_batch_size], tokenizer.pad_token_id)
     student.eval()
     student.float()  # merge and verify in fp32: the check must measure the merge, not rounding
-    if config.uses_lora:
+    if isinstance(student, PeftModel):
         with atomic_directory(out / "adapter") as tmp:
             save_adapter(student, tmp)
     reference = _logits(student, verify_batch, device)
-    merged = merge_lora(student) if config.uses_lora else student
-    merge_diff = float((_logits(merged, verify_batch, device) - reference)
-                       [verify_batch["attention_mask"].bool()].abs().max())
+    merged = merge_lora(student) if isinstance(student, PeftModel) else student
+    merge_diff = float(
+        (_logits(merged, verify_batch, device) - reference)[verify_batch["attention_mask"].bool()].abs().max()
+    )
     if merge_diff > config.merge_tolerance:
-        raise TrainingError(f"merge check failed: merged and adapter logits differ by up to {merge_diff:.3g} "
-                            f"(--merge-tolerance {config.merge_tolerance:g}); adapter kept in {out / 'adapter'}")
+        raise TrainingError(
+            f"merge check failed: merged and adapter logits differ by up to {merge_diff:.3g} "
+            f"(--merge-tolerance {config.merge_tolerance:g}); adapter kept in {out / 'adapter'}"
+        )
     merged_parameters = sum(p.numel() for p in merged.parameters())
     if merged_parameters != base_parameters:
-        raise TrainingError(f"merged model has {merged_parameters:,} parameters, the student {base_parameters:,}")
+        raise TrainingError(
+            f"merged model has {merged_parameters:,} parameters, the student {base_parameters:,}"
+        )
     _export(merged, tokenizer, out / "merged", export_dtype)
 
     # --- 7. Held-out metrics of the deployed (merged) student, against the teacher where there is one.
     metrics: dict[str, float] = {}
     if heldout:
         if teacher is None and config.teacher:
-            teacher = freeze(load_model(config.teacher, role="teacher", dtype=dtype, device=device,
-                                        trust_remote_code=config.trust_remote_code,
-                                        allow_pickle_weights=config.allow_pickle_weights))
-        metrics = heldout_metrics(merged, heldout, teacher=teacher, pad_token_id=tokenizer.pad_token_id,
-                                  batch_size=config.eval_batch_size, device=device, dtype=dtype,
-                                  kd_vocab_size=kd_vocab_size(tokenizer, merged, teacher) if teacher else None)
+            teacher = freeze(
+                load_model(
+                    config.teacher,
+                    role="teacher",
+                    dtype=dtype,
+                    device=device,
+                    trust_remote_code=config.trust_remote_code,
+                    allow_pickle_weights=config.allow_pickle_weights,
+                )
+            )
+        metrics = heldout_metrics(
+            merged,
+            heldout,
+            teacher=teacher,
+            pad_token_id=tokenizer.pad_token_id,
+            batch_size=config.eval_batch_size,
+            device=device,
+            dtype=dtype,
+            kd_vocab_size=kd_vocab_size(tokenizer, merged, teacher) if teacher else None,
+        )
         log.info("held-out: %s", ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
     summary = {
@@ -250,8 +340,11 @@ def distill(config: DistillConfig, *, on_step: StepCallback | None = None) -> di
         "trainable_parameters": n_trainable,
         "student_parameters": base_parameters,
         "merged_parameters": merged_parameters,
-        "merge_check": {"max_abs_logit_diff": merge_diff, "tolerance": config.merge_tolerance,
-                        "passed": True},
+        "merge_check": {
+            "max_abs_logit_diff": merge_diff,
+            "tolerance": config.merge_tolerance,
+            "passed": True,
+        },
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
         "export_dtype": str(export_dtype).removeprefix("torch."),
@@ -270,19 +363,25 @@ def _prepare_output_dir(config: DistillConfig, out: Path, checkpoints: Path) -> 
     if config.resume:
         found = list_checkpoints(checkpoints)
         if not found:
-            raise TrainingError(f"--resume: no checkpoint in {checkpoints}; start the run without --resume "
-                                "(and with --save-every N to make checkpoints)")
+            raise TrainingError(
+                f"--resume: no checkpoint in {checkpoints}; start the run without --resume "
+                "(and with --save-every N to make checkpoints)"
+            )
         if saved.is_file():
             before, now = load_yaml(saved), to_dict(config)
             changed = sorted(_diff_keys(before, now) - RESUMABLE_CHANGES)
             if changed:
-                raise TrainingError(f"--resume: options differ from the run in {out}: {', '.join(changed)}. "
-                                    "Resume with the same options, or start a new --output-dir.")
+                raise TrainingError(
+                    f"--resume: options differ from the run in {out}: {', '.join(changed)}. "
+                    "Resume with the same options, or start a new --output-dir."
+                )
         return found[-1]
     if out.exists() and any(out.iterdir()):
         if not config.overwrite:
-            raise TrainingError(f"--output-dir {out} already holds files; pass --resume to continue that run, "
-                                "--overwrite to replace it, or choose another --output-dir")
+            raise TrainingError(
+                f"--output-dir {out} already holds files; pass --resume to continue that run, "
+                "--overwrite to replace it, or choose another --output-dir"
+            )
         for name in ("merged", "adapter", "checkpoints", "metrics.jsonl", "summary.json", "config.yaml"):
             target = out / name
             if target.is_dir():
@@ -322,7 +421,9 @@ def _truncate_metrics(path: Path, step: int) -> None:
     atomic_write_text(path, "".join(f"{line}\n" for line in kept))
 
 
-def _micro_batches(examples: list[Example], batch_size: int, seed: int, start: int) -> Iterator[list[Example]]:
+def _micro_batches(
+    examples: list[Example], batch_size: int, seed: int, start: int
+) -> Iterator[list[Example]]:
     """Micro-batches forever, reshuffled each epoch with ``seed + epoch``; starts at micro-batch ``start``.
 
     The order is a pure function of (seed, position), which is what lets a resumed run see exactly
@@ -337,7 +438,7 @@ def _micro_batches(examples: list[Example], batch_size: int, seed: int, start: i
     k = start
     while True:
         epoch, j = divmod(k, per_epoch)
-        yield [examples[i] for i in order(epoch)[j * batch_size:(j + 1) * batch_size]]
+        yield [examples[i] for i in order(epoch)[j * batch_size : (j + 1) * batch_size]]
         k += 1
 
 
@@ -364,16 +465,29 @@ def _micro_batch_loss(
     if teacher is not None and kd_ratio > 0:
         with torch.inference_mode(), autocast(device, dtype):
             teacher_full = teacher(input_ids=input_ids, attention_mask=attention_mask).logits  # [B, T, V_t]
-        teacher_logits = teacher_full[trained]  # [N, V_t]; indexing outside inference mode gives a normal tensor
-    return distill_loss(student_logits[trained], targets[trained], teacher_logits, kd_ratio=kd_ratio,
-                        num_tokens=num_tokens, divergence=config.divergence, temperature=config.temperature,
-                        beta=config.jsd_beta, skew_alpha=config.skew_alpha, kd_vocab_size=kd_vocab)
+        teacher_logits = teacher_full[
+            trained
+        ]  # [N, V_t]; indexing outside inference mode gives a normal tensor
+    return distill_loss(
+        student_logits[trained],
+        targets[trained],
+        teacher_logits,
+        kd_ratio=kd_ratio,
+        num_tokens=num_tokens,
+        divergence=config.divergence,
+        temperature=config.temperature,
+        beta=config.jsd_beta,
+        skew_alpha=config.skew_alpha,
+        kd_vocab_size=kd_vocab,
+    )
 
 
 def _nonfinite_message(step: int, parts: LossParts, checkpoints: Path) -> str:
-    return (f"non-finite loss at step {step} (ce sum {float(parts.ce_sum):.4g}, kd sum "
-            f"{float(parts.kd_sum):.4g}); {_last_good(checkpoints)}. Lower --lr, check the data, or use "
-            "--dtype float32.")
+    return (
+        f"non-finite loss at step {step} (ce sum {float(parts.ce_sum):.4g}, kd sum "
+        f"{float(parts.kd_sum):.4g}); {_last_good(checkpoints)}. Lower --lr, check the data, or use "
+        "--dtype float32."
+    )
 
 
 def _last_good(checkpoints: Path) -> str:
@@ -383,8 +497,11 @@ def _last_good(checkpoints: Path) -> str:
 
 def _grad_norm(trainable: dict[str, torch.nn.Parameter]) -> torch.Tensor:
     grads = [p.grad for p in trainable.values() if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads \
+    return (
+        torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        if grads
         else torch.tensor(0.0)
+    )
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -397,15 +514,19 @@ def peak_memory_gb(device: torch.device) -> float:
 
 @torch.no_grad()
 def _logits(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
-    return model(input_ids=batch["input_ids"].to(device),
-                 attention_mask=batch["attention_mask"].to(device)).logits.float().cpu()
+    return (
+        model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+        .logits.float()
+        .cpu()
+    )
 
 
 def _export(model: PreTrainedModel, tokenizer: Any, path: Path, dtype: torch.dtype) -> None:
     """Write a standard HF model dir (safetensors + tokenizer) atomically, and prove it reloads bit-exact."""
     model.config.use_cache = True
     with atomic_directory(path) as tmp:
-        model.to(dtype).save_pretrained(tmp, safe_serialization=True)
+        torch.nn.Module.to(model, dtype)  # the plain cast; HF's typed wrapper of .to confuses mypy
+        model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype, use_safetensors=True)
         saved = reloaded.state_dict()

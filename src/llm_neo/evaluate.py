@@ -1,9 +1,9 @@
 """Held-out metrics that say how much of the teacher a student inherited.
 
-    ce              mean next-token cross-entropy on trained (response) tokens, nats
-    perplexity      exp(ce)
-    kl_to_teacher   mean forward KL(p_teacher ‖ p_student) per trained token, nats
-    top1_agreement  fraction of trained positions where student and teacher argmax agree
+ce              mean next-token cross-entropy on trained (response) tokens, nats
+perplexity      exp(ce)
+kl_to_teacher   mean forward KL(p_teacher ‖ p_student) per trained token, nats
+top1_agreement  fraction of trained positions where student and teacher argmax agree
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def heldout_metrics(
     tokens = 0
     starts = range(0, len(examples), batch_size)
     for start in tqdm(starts, desc="eval", unit="batch", disable=not progress, leave=False):
-        batch = collate(examples[start:start + batch_size], pad_token_id)
+        batch = collate(examples[start : start + batch_size], pad_token_id)
         input_ids = batch["input_ids"].to(device)
         attention_mask = batch["attention_mask"].to(device)
         targets = next_token_targets(batch["labels"]).to(device)
@@ -108,17 +108,35 @@ def run_eval(config: Any) -> dict[str, float]:
     records = load_records(config.data)
     teacher = None
     if config.teacher:
-        teacher_tokenizer = load_tokenizer(config.teacher, role="teacher",
-                                           trust_remote_code=config.trust_remote_code)
+        teacher_tokenizer = load_tokenizer(
+            config.teacher, role="teacher", trust_remote_code=config.trust_remote_code
+        )
         check_same_vocabulary(tokenizer, teacher_tokenizer)
         check_chat_templates(records, tokenizer, teacher_tokenizer, source=config.data)
-    examples, _ = tokenize_records(records, tokenizer, max_length=config.max_length,
-                                   train_on_prompt=config.train_on_prompt, source=config.data)
-    load = {"dtype": dtype, "device": device, "trust_remote_code": config.trust_remote_code,
-            "allow_pickle_weights": config.allow_pickle_weights}
+    examples, _ = tokenize_records(
+        records,
+        tokenizer,
+        max_length=config.max_length,
+        train_on_prompt=config.train_on_prompt,
+        source=config.data,
+    )
+    load = {
+        "dtype": dtype,
+        "device": device,
+        "trust_remote_code": config.trust_remote_code,
+        "allow_pickle_weights": config.allow_pickle_weights,
+    }
     model = freeze(load_model(config.model, role="model", **load))
     if config.teacher:
         teacher = freeze(load_model(config.teacher, role="teacher", **load))
-    return heldout_metrics(model, examples, pad_token_id=tokenizer.pad_token_id, batch_size=config.batch_size,
-                           device=device, dtype=dtype, teacher=teacher, progress=True,
-                           kd_vocab_size=kd_vocab_size(tokenizer, model, teacher) if teacher else None)
+    return heldout_metrics(
+        model,
+        examples,
+        pad_token_id=tokenizer.pad_token_id,
+        batch_size=config.batch_size,
+        device=device,
+        dtype=dtype,
+        teacher=teacher,
+        progress=True,
+        kd_vocab_size=kd_vocab_size(tokenizer, model, teacher) if teacher else None,
+    )

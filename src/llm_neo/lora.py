@@ -128,8 +128,9 @@ def _available_linear_leaves(model: nn.Module) -> list[str]:
     return sorted({name.rsplit(".", 1)[-1] for name, _ in _linear_modules(model)})
 
 
-def _lora_config(variant: str, *, r: int, lora_alpha: float, lora_dropout: float,
-                 target_modules: list[str]) -> LoraConfig:
+def _lora_config(
+    variant: str, *, r: int, lora_alpha: float, lora_dropout: float, target_modules: list[str]
+) -> LoraConfig:
     return LoraConfig(
         r=r,
         lora_alpha=lora_alpha,  # type: ignore[arg-type]  # annotated int in PEFT; any real α works
@@ -194,8 +195,7 @@ def attach_lora(
         problems.append(f"lora_alpha must be > 0, got {lora_alpha!r}")
     if target_modules is not None:
         linear_names = [name for name, _ in _linear_modules(model)]
-        missing = [t for t in target_modules
-                   if not any(n == t or n.endswith("." + t) for n in linear_names)]
+        missing = [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in linear_names)]
         if not target_modules:
             problems.append("target_modules is empty; pass None for every linear layer in the blocks")
         if missing:

@@ -73,8 +73,10 @@ def load_model(
         hint = ""
         local = Path(path)
         if local.is_dir() and not any(local.glob("*.safetensors")) and not allow_pickle_weights:
-            hint = (" (no .safetensors weights there: convert the checkpoint to safetensors, or pass "
-                    "--allow-pickle-weights if you trust its source)")
+            hint = (
+                " (no .safetensors weights there: convert the checkpoint to safetensors, or pass "
+                "--allow-pickle-weights if you trust its source)"
+            )
         raise ModelError(f"could not load the {role} model from {path!r}: {err}{hint}") from err
     return model.to(device)  # type: ignore[arg-type]
 
@@ -113,7 +115,9 @@ def check_same_vocabulary(student: PreTrainedTokenizerBase, teacher: PreTrainedT
     )
 
 
-def kd_vocab_size(tokenizer: PreTrainedTokenizerBase, student: PreTrainedModel, teacher: PreTrainedModel) -> int:
+def kd_vocab_size(
+    tokenizer: PreTrainedTokenizerBase, student: PreTrainedModel, teacher: PreTrainedModel
+) -> int:
     """Columns compared by the divergence: the tokenizer's length.
 
     Logit columns past it are embedding-table padding that no text can produce; dropping them from

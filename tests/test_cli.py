@@ -1,0 +1,258 @@
+"""The command line as a user meets it: flags, YAML, data formats, exit codes, a hard kill and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import ALPACA, write_jsonl
+from safetensors.torch import load_file
+
+from llm_neo.cli import build_parser, main
+
+REQUIRED_FLAGS = [
+    "--max-steps",
+    "--epochs",
+    "--batch-size",
+    "--grad-accum",
+    "--max-length",
+    "--lr",
+    "--seed",
+    "--kd-ratio",
+    "--divergence",
+    "--temperature",
+    "--save-every",
+    "--resume",
+    "--eval-fraction",
+    "--method",
+    "--teacher",
+    "--student",
+    "--data",
+    "--output-dir",
+    "--lora.r",
+    "--lora.lora-alpha",
+    "--lora.variant",
+    "--train-on-prompt",
+    "--trust-remote-code",
+]
+
+
+def test_help_documents_every_option(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["distill", "--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in REQUIRED_FLAGS:
+        assert flag in text, flag
+    assert "forward_kl" in text and "moslora" in text and "examples:" in text
+
+
+def test_flags_override_yaml(tmp_path):
+    (tmp_path / "c.yaml").write_text("method: kd\nkd_ratio: 0.9\nlora:\n  r: 8\n")
+    args = build_parser().parse_args(
+        ["distill", "--config", str(tmp_path / "c.yaml"), "--lora.r", "128", "--kd-ratio", "0.2"]
+    )
+    from llm_neo.config import DistillConfig, build_config
+
+    config = build_config(DistillConfig, args, args.config)
+    assert (config.method, config.kd_ratio, config.lora.r) == ("kd", 0.2, 128)
+
+
+def test_yaml_problems_are_listed_with_the_file(tmp_path, capsys):
+    (tmp_path / "c.yaml").write_text("methd: neo\nkd_ratio: high\nlora:\n  rank: 8\n")
+    assert main(["distill", "--config", str(tmp_path / "c.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "3 configuration problem(s)" in err
+    assert "did you mean method" in err and "kd_ratio" in err and "lora.rank" in err
+
+
+def test_unknown_method_is_refused(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["distill", "--method", "distil"])
+    assert info.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_malformed_json_line_names_file_and_line(tmp_path, student_dir, teacher_dir, capsys):
+    data = tmp_path / "bad.jsonl"
+    data.write_text(json.dumps(ALPACA[0]) + "\n{oops\n")
+    code = main(
+        [
+            "distill",
+            "--student",
+            str(student_dir),
+            "--teacher",
+            str(teacher_dir),
+            "--data",
+            str(data),
+            "--output-dir",
+            str(tmp_path / "out"),
+        ]
+    )
+    assert code == 1
+    assert "bad.jsonl line 2" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def _write_format(tmp_path: Path, kind: str) -> Path:
+    if kind == "chat":
+        records = [
+            {
+                "messages": [
+                    {"role": "user", "content": r["instruction"] + " " + r["input"]},
+                    {"role": "assistant", "content": r["output"]},
+                ]
+            }
+            for r in ALPACA
+        ]
+        return write_jsonl(tmp_path / "chat.jsonl", records * 2)
+    if kind == "prompt_completion":
+        records = [{"prompt": r["instruction"] + " " + r["input"], "completion": r["output"]} for r in ALPACA]
+        path = tmp_path / "pc.parquet"
+        pq.write_table(pa.Table.from_pylist(records * 2), path)
+        return path
+    if kind == "text":
+        path = tmp_path / "text.json"
+        path.write_text(json.dumps([{"text": r["instruction"] + " " + r["output"]} for r in ALPACA * 2]))
+        return path
+    return write_jsonl(tmp_path / "alpaca.jsonl", ALPACA * 2)
+
+
+@pytest.mark.parametrize("kind", ["alpaca", "chat", "prompt_completion", "text"])
+def test_distill_then_eval_on_each_data_format(tmp_path, student_dir, teacher_dir, kind, capsys):
+    data = _write_format(tmp_path, kind)
+    out = tmp_path / "run"
+    code = main(
+        [
+            "distill",
+            "--student",
+            str(student_dir),
+            "--teacher",
+            str(teacher_dir),
+            "--data",
+            str(data),
+            "--output-dir",
+            str(out),
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--grad-accum",
+            "2",
+            "--lora.r",
+            "4",
+            "--eval-fraction",
+            "0.25",
+            "--divergence",
+            "jsd",
+            "--temperature",
+            "2",
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    assert "merged model:" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["divergence"] == "jsd" and summary["steps"] == 2
+
+    code = main(
+        [
+            "eval",
+            "--model",
+            str(out / "merged"),
+            "--teacher",
+            str(teacher_dir),
+            "--data",
+            str(data),
+            "--json",
+            str(tmp_path / "eval.json"),
+        ]
+    )
+    assert code == 0
+    metrics = json.loads((tmp_path / "eval.json").read_text())
+    assert {"ce", "perplexity", "kl_to_teacher", "top1_agreement"} <= set(metrics)
+    assert metrics["kl_to_teacher"] >= 0 and 0 <= metrics["top1_agreement"] <= 1
+    assert metrics["perplexity"] == pytest.approx(2.718281828 ** metrics["ce"], rel=1e-6)
+
+
+def test_eval_of_the_teacher_against_itself(teacher_dir, alpaca_jsonl, tmp_path):
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(teacher_dir),
+                "--teacher",
+                str(teacher_dir),
+                "--data",
+                str(alpaca_jsonl),
+                "--json",
+                str(tmp_path / "m.json"),
+            ]
+        )
+        == 0
+    )
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["kl_to_teacher"] == pytest.approx(0, abs=1e-6)
+    assert metrics["top1_agreement"] == 1.0
+
+
+def test_hard_kill_then_resume_matches_uninterrupted(tmp_path, student_dir, teacher_dir):
+    data = write_jsonl(tmp_path / "train.jsonl", ALPACA * 4)
+    common = [
+        "distill",
+        "--student",
+        str(student_dir),
+        "--teacher",
+        str(teacher_dir),
+        "--data",
+        str(data),
+        "--max-steps",
+        "40",
+        "--batch-size",
+        "2",
+        "--grad-accum",
+        "4",
+        "--lora.r",
+        "4",
+        "--save-every",
+        "5",
+        "--eval-fraction",
+        "0.1",
+        "-q",
+    ]
+    assert main([*common, "--output-dir", str(tmp_path / "whole")]) == 0
+
+    killed = tmp_path / "killed"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llm_neo", *common, "--output-dir", str(killed)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    while not (killed / "checkpoints" / "step-000010").exists() and time.time() < deadline:
+        if proc.poll() is not None:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (killed / "summary.json").exists()
+
+    assert main([*common, "--output-dir", str(killed), "--resume"]) == 0
+    a = load_file(tmp_path / "whole" / "merged" / "model.safetensors")
+    b = load_file(killed / "merged" / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0)
+    steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 41))
