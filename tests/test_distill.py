@@ -156,7 +156,9 @@ def test_resume_ends_where_an_uninterrupted_run_ends(make_config, method):
 
     def losses(summary):
         path = Path(summary["config"]["output_dir"]) / "metrics.jsonl"
-        return [(r["step"], r["loss"], r["lr"]) for r in map(json.loads, path.read_text().splitlines())]
+        return [
+            v for r in map(json.loads, path.read_text().splitlines()) for v in (r["step"], r["loss"], r["lr"])
+        ]
 
     assert losses(resumed) == pytest.approx(losses(whole))
     assert resumed["heldout"] == pytest.approx(whole["heldout"])
