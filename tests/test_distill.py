@@ -176,7 +176,7 @@ def test_loss_is_a_token_mean_under_gradient_accumulation(make_config):
 
 
 def test_nonfinite_loss_stops_and_keeps_last_checkpoint(make_config, monkeypatch):
-    real = recipe.distill_loss
+    real = recipe.micro_batch_loss
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -186,9 +186,9 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(make_config, monkeypatch
             return parts._replace(loss=parts.loss * float("nan"))
         return parts
 
-    monkeypatch.setattr(recipe, "distill_loss", poisoned)
+    monkeypatch.setattr(recipe, "micro_batch_loss", poisoned)
     config = make_config("neo", max_steps=4, save_every=1)
-    with pytest.raises(TrainingError, match=r"non-finite loss at step 3.*step-000002"):
+    with pytest.raises(TrainingError, match=r"step 3: non-finite loss.*step-000002"):
         distill(config)
     out = Path(str(config.output_dir))
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000001", "step-000002"]
@@ -268,3 +268,15 @@ def test_yaml_config_round_trip(tmp_path):
     config = build_config(DistillConfig, argparse.Namespace(**{"lora.r": 16}), str(tmp_path / "c.yaml"))
     assert config.lr == 2e-4 and config.lora.r == 16 and config.method == "kd"
     assert load_yaml(tmp_path / "c.yaml")["lora"] == {"r": 8}
+
+
+@pytest.mark.parametrize("method", ["neo", "kd"])
+def test_chunked_and_plain_loss_train_the_same_student(make_config, method):
+    # The chunked path is the default; the plain path (full logits) is its reference.
+    chunked = distill(make_config(method, name="chunked", loss_chunk_size=3))
+    plain = distill(make_config(method, name="plain", loss_impl="plain"))
+    a = load_file(Path(chunked["config"]["output_dir"]) / "merged" / "model.safetensors")
+    b = load_file(Path(plain["config"]["output_dir"]) / "merged" / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-5)
+    assert chunked["final"] == pytest.approx(plain["final"], rel=1e-5)

@@ -140,6 +140,14 @@ class DistillConfig:
     temperature: float = field(
         default=1.0, metadata=_help("Softmax temperature T of the KD term (scaled by T²).")
     )
+    loss_impl: Literal["chunked", "plain"] = field(
+        default="chunked",
+        metadata=_help(
+            "chunked: lm_heads and the loss computed chunk by chunk of tokens, never holding "
+            "[tokens × vocab] logits; plain: full logits (the reference and benchmark baseline)."
+        ),
+    )
+    loss_chunk_size: int = field(default=1024, metadata=_help("Tokens per chunk of the chunked loss."))
     jsd_beta: float = field(default=0.5, metadata=_help("β of the generalized JSD, in (0, 1)."))
     skew_alpha: float = field(default=0.1, metadata=_help("α of the skew KL divergences, in [0, 1)."))
     # --- run --------------------------------------------------------------------------------------
@@ -268,6 +276,7 @@ def validate_distill(config: DistillConfig) -> None:
         ("eval-fraction", c.eval_fraction, 0 <= c.eval_fraction < 1, "in [0, 1)"),
         ("save-every", c.save_every, c.save_every >= 0, ">= 0"),
         ("log-every", c.log_every, c.log_every >= 1, ">= 1"),
+        ("loss-chunk-size", c.loss_chunk_size, c.loss_chunk_size >= 1, ">= 1"),
         ("eval-batch-size", c.eval_batch_size, c.eval_batch_size >= 1, ">= 1"),
         ("merge-tolerance", c.merge_tolerance, c.merge_tolerance > 0, "> 0"),
         ("lora.r", c.lora.r, c.lora.r >= 1, ">= 1"),

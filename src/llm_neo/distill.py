@@ -23,6 +23,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +38,9 @@ from llm_neo.atomic import atomic_directory, atomic_write_json, atomic_write_tex
 from llm_neo.checkpoint import Progress, list_checkpoints, load_checkpoint, save_checkpoint
 from llm_neo.config import DistillConfig, dump_yaml, load_yaml, to_dict, validate_distill
 from llm_neo.data import Example, check_chat_templates, collate, load_records, split_heldout, tokenize_records
-from llm_neo.evaluate import heldout_metrics
+from llm_neo.evaluate import final_hidden_states, heldout_metrics
 from llm_neo.lora import attach_lora, merge_lora, save_adapter, trainable_parameters
-from llm_neo.losses import LossParts, distill_loss, next_token_targets
+from llm_neo.losses import LossParts, chunked_distill_loss, distill_loss, next_token_targets
 from llm_neo.models import (
     autocast,
     check_same_vocabulary,
@@ -186,7 +187,7 @@ def distill(config: DistillConfig, *, on_step: StepCallback | None = None) -> di
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     batches = _micro_batches(train, config.batch_size, config.seed, start=progress.micro_batches)
-    kd_ratio = config.kd_ratio if config.uses_kd else 0.0
+    settings = loss_settings(config, vocab)
     last: dict[str, float] = {}
     loop_start = time.perf_counter()
     student.train()
@@ -201,52 +202,37 @@ def distill(config: DistillConfig, *, on_step: StepCallback | None = None) -> di
     while progress.step < total_steps:
         step_start = time.perf_counter()
         micro = [collate(next(batches), tokenizer.pad_token_id) for _ in range(config.grad_accum)]
-        # The loss is a mean over the step's trained tokens, not a mean of micro-batch means.
-        num_tokens = sum(int((next_token_targets(b["labels"]) != -100).sum()) for b in micro)
-        ce_sum = kd_sum = 0.0
-        for batch in micro:
-            parts = _micro_batch_loss(
+        try:
+            result = train_step(
                 student,
                 teacher,
-                batch,
+                micro,
+                trainable=trainable,
+                optimizer=optimizer,
+                scheduler=scheduler,
                 device=device,
                 dtype=dtype,
-                num_tokens=num_tokens,
-                kd_ratio=kd_ratio,
-                config=config,
-                kd_vocab=vocab,
+                loss=settings,
+                max_grad_norm=config.max_grad_norm,
             )
-            if not torch.isfinite(parts.loss):
-                raise TrainingError(_nonfinite_message(progress.step + 1, parts, checkpoints))
-            parts.loss.backward()
-            ce_sum += float(parts.ce_sum)
-            kd_sum += float(parts.kd_sum)
-        grad_norm = (
-            torch.nn.utils.clip_grad_norm_(list(trainable.values()), config.max_grad_norm)
-            if config.max_grad_norm > 0
-            else _grad_norm(trainable)
-        )
-        if not torch.isfinite(grad_norm):
+        except NonFiniteError as err:
             raise TrainingError(
-                f"non-finite gradient norm at step {progress.step + 1}; "
-                f"{_last_good(checkpoints)}. Lower --lr or check the data."
-            )
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+                f"step {progress.step + 1}: {err}; {_last_good(checkpoints)}. Lower --lr, "
+                "check the data, or use --dtype float32."
+            ) from err
+        num_tokens = result["num_tokens"]
         progress.step += 1
         progress.micro_batches += config.grad_accum
         progress.tokens += num_tokens
 
-        ce, kd = ce_sum / num_tokens, kd_sum / num_tokens
+        ce, kd = result["ce_loss"], result["kd_loss"]
         last = {
             "step": progress.step,
-            "loss": (1 - kd_ratio) * ce + kd_ratio * kd,
+            "loss": result["loss"],
             "ce_loss": ce,
             "kd_loss": kd,
-            "lr": lr,
-            "grad_norm": float(grad_norm),
+            "lr": result["lr"],
+            "grad_norm": result["grad_norm"],
             "tokens": progress.tokens,
             "tokens_per_s": num_tokens / (time.perf_counter() - step_start),
             "peak_memory_gb": peak_memory_gb(device),
@@ -442,7 +428,92 @@ def _micro_batches(
         k += 1
 
 
-def _micro_batch_loss(
+@dataclass(frozen=True)
+class LossSettings:
+    """What the loss of one arm needs, resolved from the config (kd_ratio is 0 for sft and lora)."""
+
+    kd_ratio: float
+    divergence: str = "forward_kl"
+    temperature: float = 1.0
+    beta: float = 0.5
+    skew_alpha: float = 0.1
+    kd_vocab_size: int | None = None
+    impl: str = "chunked"
+    chunk_size: int = 1024
+
+
+def loss_settings(config: DistillConfig, kd_vocab: int | None) -> LossSettings:
+    return LossSettings(
+        kd_ratio=config.kd_ratio if config.uses_kd else 0.0,
+        divergence=config.divergence,
+        temperature=config.temperature,
+        beta=config.jsd_beta,
+        skew_alpha=config.skew_alpha,
+        kd_vocab_size=kd_vocab,
+        impl=config.loss_impl,
+        chunk_size=config.loss_chunk_size,
+    )
+
+
+class NonFiniteError(RuntimeError):
+    """A NaN or infinite loss or gradient norm; raised before the optimizer touches the weights."""
+
+
+def train_step(
+    student: torch.nn.Module,
+    teacher: torch.nn.Module | None,
+    micro: list[dict[str, torch.Tensor]],
+    *,
+    trainable: dict[str, torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    device: torch.device,
+    dtype: torch.dtype,
+    loss: LossSettings,
+    max_grad_norm: float,
+) -> dict[str, float]:
+    """One optimizer step over the micro-batches ``micro`` (gradient accumulation); returns its metrics.
+
+    The loss is a mean over the step's trained tokens, not a mean of micro-batch means, so splitting a
+    batch into micro-batches does not change the update.
+    """
+    num_tokens = sum(int((next_token_targets(b["labels"]) != -100).sum()) for b in micro)
+    ce_sum = kd_sum = 0.0
+    for batch in micro:
+        parts = micro_batch_loss(
+            student, teacher, batch, device=device, dtype=dtype, num_tokens=num_tokens, loss=loss
+        )
+        if not torch.isfinite(parts.loss):
+            raise NonFiniteError(
+                f"non-finite loss (ce sum {float(parts.ce_sum):.4g}, kd sum {float(parts.kd_sum):.4g})"
+            )
+        parts.loss.backward()
+        ce_sum += float(parts.ce_sum)
+        kd_sum += float(parts.kd_sum)
+    params = list(trainable.values())
+    if max_grad_norm > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    else:
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    if not torch.isfinite(grad_norm):
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteError("non-finite gradient norm")
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    ce, kd = ce_sum / max(num_tokens, 1), kd_sum / max(num_tokens, 1)
+    return {
+        "loss": (1 - loss.kd_ratio) * ce + loss.kd_ratio * kd,
+        "ce_loss": ce,
+        "kd_loss": kd,
+        "num_tokens": num_tokens,
+        "grad_norm": float(grad_norm),
+        "lr": lr,
+    }
+
+
+def micro_batch_loss(
     student: torch.nn.Module,
     teacher: torch.nn.Module | None,
     batch: dict[str, torch.Tensor],
@@ -450,58 +521,81 @@ def _micro_batch_loss(
     device: torch.device,
     dtype: torch.dtype,
     num_tokens: int,
-    kd_ratio: float,
-    config: DistillConfig,
-    kd_vocab: int | None,
+    loss: LossSettings,
 ) -> LossParts:
-    """CE and KD of one micro-batch, both on exactly the trained next-token positions."""
+    """CE and KD of one micro-batch, both on exactly the trained next-token positions.
+
+    ``chunked`` (default) runs the decoders to their final hidden states and applies the lm_heads chunk
+    by chunk inside the loss, so no [tokens × vocab] logits exist for the batch; ``plain`` is the
+    straightforward reference: full logits from both models.
+    """
     input_ids = batch["input_ids"].to(device)
     attention_mask = batch["attention_mask"].to(device)
     targets = next_token_targets(batch["labels"]).to(device)  # [B, T]: the token each position predicts
     trained = targets != -100  # [B, T]
-    with autocast(device, dtype):
-        student_logits = student(input_ids=input_ids, attention_mask=attention_mask).logits  # [B, T, V_s]
-    teacher_logits = None
-    if teacher is not None and kd_ratio > 0:
-        with torch.inference_mode(), autocast(device, dtype):
-            teacher_full = teacher(input_ids=input_ids, attention_mask=attention_mask).logits  # [B, T, V_t]
-        teacher_logits = teacher_full[
-            trained
-        ]  # [N, V_t]; indexing outside inference mode gives a normal tensor
-    return distill_loss(
-        student_logits[trained],
-        targets[trained],
-        teacher_logits,
-        kd_ratio=kd_ratio,
+    use_teacher = teacher is not None and loss.kd_ratio > 0
+    common = dict(
+        kd_ratio=loss.kd_ratio,
         num_tokens=num_tokens,
-        divergence=config.divergence,
-        temperature=config.temperature,
-        beta=config.jsd_beta,
-        skew_alpha=config.skew_alpha,
-        kd_vocab_size=kd_vocab,
+        divergence=loss.divergence,
+        temperature=loss.temperature,
+        beta=loss.beta,
+        skew_alpha=loss.skew_alpha,
+        kd_vocab_size=loss.kd_vocab_size,
+    )
+    if loss.impl == "plain":
+        with autocast(device, dtype):
+            student_logits = student(input_ids=input_ids, attention_mask=attention_mask).logits  # [B, T, V_s]
+        teacher_logits = None
+        if use_teacher:
+            assert teacher is not None
+            with torch.inference_mode(), autocast(device, dtype):
+                teacher_full = teacher(
+                    input_ids=input_ids, attention_mask=attention_mask
+                ).logits  # [B, T, V_t]
+            teacher_logits = teacher_full[
+                trained
+            ]  # [N, V_t]; indexing outside inference mode: a normal tensor
+        return distill_loss(student_logits[trained], targets[trained], teacher_logits, **common)  # type: ignore[arg-type]
+
+    with autocast(device, dtype):
+        hidden = final_hidden_states(student, input_ids, attention_mask)[trained]  # [N, H_s]
+    teacher_hidden = teacher_head = teacher_bias = None
+    if use_teacher:
+        assert teacher is not None
+        with torch.inference_mode(), autocast(device, dtype):
+            teacher_hidden = final_hidden_states(teacher, input_ids, attention_mask)[trained]  # [N, H_t]
+        teacher_head, teacher_bias = _head(teacher)
+    student_head, student_bias = _head(student)
+    return chunked_distill_loss(
+        hidden,
+        student_head,
+        targets[trained],
+        teacher_hidden,
+        teacher_head,
+        **common,  # type: ignore[arg-type]
+        chunk_size=loss.chunk_size,
+        student_bias=student_bias,
+        teacher_bias=teacher_bias,
+        student_softcap=_softcap(student),
+        teacher_softcap=_softcap(teacher) if use_teacher else None,
     )
 
 
-def _nonfinite_message(step: int, parts: LossParts, checkpoints: Path) -> str:
-    return (
-        f"non-finite loss at step {step} (ce sum {float(parts.ce_sum):.4g}, kd sum "
-        f"{float(parts.kd_sum):.4g}); {_last_good(checkpoints)}. Lower --lr, check the data, or use "
-        "--dtype float32."
-    )
+def _head(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    head = model.get_output_embeddings()  # type: ignore[operator]
+    return head.weight, getattr(head, "bias", None)
+
+
+def _softcap(model: torch.nn.Module | None) -> float | None:
+    """Gemma-style final logit soft-capping, which the chunked path must apply as the model's forward does."""
+    config = getattr(model, "config", None)
+    return getattr(config, "final_logit_softcapping", None) if config is not None else None
 
 
 def _last_good(checkpoints: Path) -> str:
     found = list_checkpoints(checkpoints)
     return f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written yet"
-
-
-def _grad_norm(trainable: dict[str, torch.nn.Parameter]) -> torch.Tensor:
-    grads = [p.grad for p in trainable.values() if p.grad is not None]
-    return (
-        torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-        if grads
-        else torch.tensor(0.0)
-    )
 
 
 def peak_memory_gb(device: torch.device) -> float:

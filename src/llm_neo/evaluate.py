@@ -20,6 +20,21 @@ from llm_neo.losses import forward_kl, next_token_targets
 from llm_neo.models import autocast
 
 
+def final_hidden_states(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """[B, T, H] hidden states after the final norm: the lm_head's input (works through PEFT wrappers)."""
+    decoder = model.get_decoder()  # type: ignore[operator]
+    return decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+
+def model_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The model's lm_head on ``hidden`` [n, H] -> [n, V], with Gemma-style soft-capping where configured."""
+    logits = model.get_output_embeddings()(hidden)  # type: ignore[operator]
+    cap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+    return cap * torch.tanh(logits / cap) if cap else logits
+
+
 @torch.no_grad()
 def heldout_metrics(
     model: torch.nn.Module,
@@ -32,6 +47,7 @@ def heldout_metrics(
     teacher: torch.nn.Module | None = None,
     kd_vocab_size: int | None = None,
     progress: bool = False,
+    chunk_size: int = 1024,
 ) -> dict[str, float]:
     """Token-weighted metrics over ``examples`` (sums over all tokens, divided once at the end)."""
     was_training = model.training
@@ -46,16 +62,26 @@ def heldout_metrics(
         targets = next_token_targets(batch["labels"]).to(device)
         trained = targets != -100
         with autocast(device, dtype):
-            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[trained].float()
-        ce_sum += float(F.cross_entropy(logits, targets[trained], reduction="sum"))
-        tokens += int(trained.sum())
-        if teacher is not None:
+            hidden = final_hidden_states(model, input_ids, attention_mask)[trained]  # [N, H]
+            teacher_hidden = (
+                final_hidden_states(teacher, input_ids, attention_mask)[trained]
+                if teacher is not None
+                else None
+            )
+        # Logits chunk by chunk of tokens: a [N, vocab] tensor for a whole batch is what we avoid in
+        # training too (8 × 2048 tokens × 128k vocab in fp32 is 8 GiB).
+        for c in range(0, hidden.shape[0], chunk_size):
             with autocast(device, dtype):
-                teacher_logits = teacher(input_ids=input_ids, attention_mask=attention_mask).logits[trained]
-            width = kd_vocab_size or logits.shape[-1]
-            s, t = logits[:, :width], teacher_logits[:, :width].float()
-            kl_sum += float(forward_kl(s, t).sum())
-            agree += float((s.argmax(-1) == t.argmax(-1)).sum())
+                logits = model_logits(model, hidden[c : c + chunk_size]).float()  # [n, V]
+            ce_sum += float(F.cross_entropy(logits, targets[trained][c : c + chunk_size], reduction="sum"))
+            if teacher is not None and teacher_hidden is not None:
+                with autocast(device, dtype):
+                    teacher_logits = model_logits(teacher, teacher_hidden[c : c + chunk_size]).float()
+                width = kd_vocab_size or logits.shape[-1]
+                s, t = logits[:, :width], teacher_logits[:, :width]
+                kl_sum += float(forward_kl(s, t).sum())
+                agree += float((s.argmax(-1) == t.argmax(-1)).sum())
+        tokens += int(trained.sum())
     model.train(was_training)
     if tokens == 0:
         raise ValueError("no trained tokens to evaluate")
