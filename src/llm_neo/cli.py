@@ -1,36 +1,72 @@
-"""The `llm-neo` command line. Every option comes from the config dataclasses (see config.py)."""
+"""The `llm-neo` command line. Every option comes from a config dataclass (see config.py).
+
+Each command is a (config dataclass, run function) pair named by import path, imported only when that
+command runs, so `llm-neo --help` answers without loading torch.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from llm_neo import __version__
 from llm_neo.config import ConfigError, DistillConfig, EvalConfig, add_dataclass_arguments, build_config
 
-EXAMPLES = {
-    "distill": """examples:
+
+@dataclass(frozen=True)
+class Command:
+    config: str  # "module:DataclassName"
+    run: str  # "module:function", called with the built config; an int result is the exit code
+    help: str
+    examples: str = ""
+
+
+COMMANDS: dict[str, Command] = {
+    "distill": Command(
+        "llm_neo.config:DistillConfig",
+        "llm_neo.cli:run_distill",
+        "Distill a teacher into a student (neo, kd, lora or sft).",
+        """examples:
   llm-neo distill --teacher T_DIR --student S_DIR --data train.jsonl --method neo --output-dir runs/neo
   llm-neo distill --config configs/llama3.1-8b-to-3.2-1b.yaml --lora.r 128
   llm-neo distill --config runs/neo/config.yaml --resume     # continue a killed run
 
 outputs in --output-dir: merged/ (standard HF model), adapter/ (LoRA arms), metrics.jsonl,
 summary.json, config.yaml (reproduces the run through --config), checkpoints/ (with --save-every)""",
-    "eval": """examples:
+    ),
+    "eval": Command(
+        "llm_neo.config:EvalConfig",
+        "llm_neo.cli:run_evaluation",
+        "Held-out CE, perplexity, KL to the teacher and top-1 agreement of a model.",
+        """examples:
   llm-neo eval --model runs/neo/merged --teacher T_DIR --data heldout.jsonl --json eval.json""",
+    ),
+    "prune": Command(
+        "llm_neo.prune:PruneConfig",
+        "llm_neo.prune:run_prune",
+        "Depth-prune a model: drop the decoder blocks that change their hidden states least.",
+        """examples:
+  llm-neo prune --model T_DIR --data calib.jsonl --keep-layers 16 --output pruned/
+
+Block importance is 1 - cos(block input, block output), averaged over the calibration tokens (ShortGPT's
+Block Influence); the --keep-layers most important blocks are kept in order. The output is a standard HF
+model dir with its tokenizer and pruning.json (scores, kept and dropped blocks).""",
+    ),
 }
 
 
-def _distill(args: argparse.Namespace) -> int:
+def run_distill(config: DistillConfig) -> int:
     from llm_neo.distill import distill
     from llm_neo.evaluate import format_table
 
-    config = build_config(DistillConfig, args, args.config)
     summary = distill(config)
     heldout = {k: v for k, v in summary["heldout"].items() if k != "tokens"}
     row = {
@@ -42,36 +78,30 @@ def _distill(args: argparse.Namespace) -> int:
         "merge_diff": summary["merge_check"]["max_abs_logit_diff"],
     }
     print(format_table({summary["method"]: row}, list(row)))
-    print(
-        f"\nmerged model: {summary['config']['output_dir']}/merged  (summary.json, metrics.jsonl beside it)"
-    )
+    out = summary["config"]["output_dir"]
+    print(f"\nmerged model: {out}/merged  (summary.json, metrics.jsonl beside it)")
     return 0
 
 
-def _eval(args: argparse.Namespace) -> int:
-    import json
-    from pathlib import Path
-
+def run_evaluation(config: EvalConfig) -> int:
     from llm_neo.atomic import atomic_write_json
     from llm_neo.evaluate import format_table, run_eval
 
-    config = build_config(EvalConfig, args, args.config)
     metrics = run_eval(config)
     print(format_table({config.model: metrics}, list(metrics)))
     if config.json:
         atomic_write_json(Path(config.json), metrics)
         print(f"\nmetrics written to {config.json}")
-    del json
     return 0
 
 
-COMMANDS: dict[str, tuple[type, Callable[[argparse.Namespace], int], str]] = {
-    "distill": (DistillConfig, _distill, "Distill a teacher into a student (neo, kd, lora or sft)."),
-    "eval": (EvalConfig, _eval, "Held-out CE, perplexity, KL to the teacher and top-1 agreement."),
-}
+def _resolve(path: str) -> Any:
+    module, name = path.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only ``command``'s options are built in full (all of them when it is None)."""
     parser = argparse.ArgumentParser(
         prog="llm-neo",
         description="LLM-Neo distillation: a frozen teacher, a LoRA student trained on CE + KD, merged "
@@ -81,23 +111,23 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-q", "--quiet", action="store_true", help="Only warnings and errors on stderr.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, (cls, func, help_text) in COMMANDS.items():
+    for name, spec in COMMANDS.items():
         cmd = sub.add_parser(
             name,
-            help=help_text,
-            description=help_text,
-            epilog=EXAMPLES.get(name),
+            help=spec.help,
+            description=spec.help,
+            epilog=spec.examples or None,
             formatter_class=argparse.RawDescriptionHelpFormatter,
             parents=[common],
         )
-        cmd.add_argument(
-            "--config",
-            metavar="YAML",
-            default=None,
-            help="YAML file of options (same names as the flags); flags given here win.",
-        )
-        add_dataclass_arguments(cmd, cls)
-        cmd.set_defaults(func=func)
+        if command in (None, name):
+            cmd.add_argument(
+                "--config",
+                metavar="YAML",
+                default=None,
+                help="YAML file of options (same names as the flags); flags given here win.",
+            )
+            add_dataclass_arguments(cmd, _resolve(spec.config))
     return parser
 
 
@@ -105,15 +135,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # PEFT asks transformers 5 a deprecated question on every attach; it is noise to our users.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if a in COMMANDS), None)
+    args = build_parser(command).parse_args(argv)
     quiet = args.__dict__.pop("quiet")
     logging.basicConfig(
         level=logging.WARNING if quiet else logging.INFO, format="[llm-neo] %(message)s", stream=sys.stderr
     )
-    func: Any = args.__dict__.pop("func")
+    spec = COMMANDS[args.command]
     try:
-        return int(func(args))
+        config = build_config(_resolve(spec.config), args, args.config)
+        result = _resolve(spec.run)(config)
+        return result if isinstance(result, int) else 0
     except ConfigError as err:
         print(f"llm-neo {args.command}: {err}", file=sys.stderr)
         return 2
