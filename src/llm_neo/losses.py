@@ -49,16 +49,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import NamedTuple
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 __all__ = [
     "DIVERGENCES",
     "IGNORE_INDEX",
     "LossParts",
+    "chunked_distill_loss",
     "distill_loss",
     "divergence",
     "forward_kl",
@@ -463,3 +467,395 @@ def _check_kd_widths(student_logits: Tensor, teacher_logits: Tensor, kd_vocab_si
         raise ValueError(
             f"kd_vocab_size={kd_vocab_size} must be in [1, min(student width {v_s}, teacher width {v_t})]"
         )
+
+
+# --------------------------------------------------------------------------------------------------
+# Chunked (fused linear + loss) path: never holds [N, V] logits
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class _ChunkPlan:
+    """Everything the chunk loop needs besides the three differentiable student inputs.
+
+    The teacher tensors and the targets travel inside this object rather than as arguments of
+    ``_ChunkedDistill.apply`` so that autograd never records them as inputs: the teacher hidden states
+    may be inference-mode tensors, which autograd refuses to track.
+    """
+
+    targets: Tensor  # [N] int64
+    teacher_hidden: Tensor | None  # [N, H_t]; None when the KD term is skipped
+    teacher_head: Tensor | None  # [V_kd, H_t], already sliced to kd_vocab_size and cast to teacher_dtype
+    teacher_bias: Tensor | None  # [V_kd]
+    teacher_dtype: torch.dtype  # matmul dtype of the teacher head
+    student_dtype: torch.dtype  # matmul dtype of the student head
+    kd_ratio: float
+    num_tokens: int | Tensor
+    divergence: str
+    temperature: float
+    beta: float
+    skew_alpha: float
+    kd_vocab_size: int | None
+    chunk_size: int
+    student_softcap: float | None
+    teacher_softcap: float | None
+
+    @property
+    def kd_active(self) -> bool:
+        return self.teacher_hidden is not None and self.kd_ratio > 0
+
+
+def _softcap(logits: Tensor, cap: float | None) -> Tensor:
+    # Gemma-style final logit soft-capping, applied in the loss dtype before CE and the divergence.
+    return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
+def _matmul_dtype(hidden: Tensor) -> torch.dtype:
+    """The dtype a plain ``lm_head(hidden)`` would compute in: the autocast dtype inside an autocast
+    region (autocast leaves float64 alone), else the hidden states' own dtype."""
+    device = hidden.device.type
+    if (
+        hidden.dtype != torch.float64
+        and torch.amp.is_autocast_available(device)
+        and torch.is_autocast_enabled(device)
+    ):
+        return torch.get_autocast_dtype(device)
+    return hidden.dtype
+
+
+def _autocast_off(device: torch.device) -> AbstractContextManager[object]:
+    # Inside the loop every cast is explicit, so an ambient autocast region must not re-cast anything.
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return nullcontext()
+
+
+def _chunk_loop(
+    plan: _ChunkPlan,
+    student_hidden: Tensor,
+    student_head: Tensor,
+    student_bias: Tensor | None,
+    needs: tuple[bool, bool, bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """(loss, ce_sum, kd_sum, grad_hidden, grad_head, grad_bias): values, and the gradients of ``loss``
+    w.r.t. the inputs flagged in ``needs`` (None for the others), one chunk of tokens at a time."""
+    need_hidden, need_head, need_bias = needs
+    n = student_hidden.shape[0]
+    device = student_hidden.device
+    loss_dtype = torch.float64 if plan.student_dtype == torch.float64 else torch.float32
+    # Cast the head once (not per chunk: that would copy [V, H] every chunk); an alias if no cast is due.
+    head = student_head.detach().to(plan.student_dtype).requires_grad_(need_head)  # [V_s, H_s]
+    bias = None if student_bias is None else student_bias.detach().requires_grad_(need_bias)  # [V_s]
+    leaves: list[Tensor] = [t for t, need in ((head, need_head), (bias, need_bias)) if need and t is not None]
+
+    grad_hidden = torch.zeros_like(student_hidden) if need_hidden else None  # [N, H_s]
+    # Weight/bias gradients are sums over every token: accumulate them in fp32 (fp64 stays fp64).
+    acc_dtype = torch.float64 if student_head.dtype == torch.float64 else torch.float32
+    grad_head = torch.zeros(student_head.shape, dtype=acc_dtype, device=device) if need_head else None
+    grad_bias = None
+    if need_bias and student_bias is not None:
+        grad_bias = torch.zeros(student_bias.shape, dtype=acc_dtype, device=device)
+
+    num_tokens = plan.num_tokens.detach() if isinstance(plan.num_tokens, Tensor) else plan.num_tokens
+    ce_total = torch.zeros((), dtype=loss_dtype, device=device)
+    kd_total = torch.zeros((), dtype=loss_dtype, device=device)
+    kd_ratio, kvs = plan.kd_ratio, plan.kd_vocab_size
+    any_need = need_hidden or bool(leaves)
+
+    with _autocast_off(device):
+        for start in range(0, n, plan.chunk_size):
+            stop = min(start + plan.chunk_size, n)
+            h = student_hidden[start:stop].detach().requires_grad_(need_hidden)  # [C, H_s]
+            with torch.set_grad_enabled(any_need):
+                logits = F.linear(h.to(plan.student_dtype), head).to(loss_dtype)  # [C, V_s]
+                if bias is not None:
+                    logits = logits + bias.to(loss_dtype)
+                logits = _softcap(logits, plan.student_softcap)
+                # CE exactly as distill_loss: full student width, no temperature, fp32 (fp64 for fp64).
+                # With kd_ratio == 1 it is only logged, so keep it out of the graph.
+                ce_logits = logits.detach() if kd_ratio == 1.0 else logits
+                ce = F.cross_entropy(ce_logits, plan.targets[start:stop], reduction="sum")
+                if plan.kd_active:
+                    teacher_logits = _teacher_chunk_logits(plan, start, stop, loss_dtype)  # [C, V_kd]
+                    student_kd = logits if kvs is None else logits[:, :kvs]  # a view, as in distill_loss
+                    kd = _divergence_by_name(
+                        plan.divergence,
+                        student_kd,
+                        teacher_logits,
+                        temperature=plan.temperature,
+                        beta=plan.beta,
+                        skew_alpha=plan.skew_alpha,
+                    ).sum()
+                    objective = ((1.0 - kd_ratio) * ce + kd_ratio * kd) / num_tokens
+                    del teacher_logits, student_kd
+                else:
+                    kd = ce.new_zeros(())
+                    objective = (1.0 - kd_ratio) * ce / num_tokens
+            del logits, ce_logits  # the chunk's [C, V] tensors die here (the graph holds them until grad)
+            if any_need and objective.requires_grad:
+                inputs = ([h] if need_hidden else []) + leaves
+                grads = list(torch.autograd.grad(objective, inputs))
+                if need_hidden:
+                    assert grad_hidden is not None
+                    grad_hidden[start:stop] = grads.pop(0)
+                if grad_head is not None:
+                    grad_head += grads.pop(0)
+                if grad_bias is not None:
+                    grad_bias += grads.pop(0)
+            ce_total += ce.detach()
+            kd_total += kd.detach()
+            del objective, ce, kd, h
+
+    if plan.kd_active:
+        loss = ((1.0 - kd_ratio) * ce_total + kd_ratio * kd_total) / num_tokens
+    else:
+        loss = (1.0 - kd_ratio) * ce_total / num_tokens
+    grad_head_out = None if grad_head is None else grad_head.to(student_head.dtype)
+    grad_bias_out = None if grad_bias is None or student_bias is None else grad_bias.to(student_bias.dtype)
+    return loss, ce_total, kd_total, grad_hidden, grad_head_out, grad_bias_out
+
+
+def _teacher_chunk_logits(plan: _ChunkPlan, start: int, stop: int, loss_dtype: torch.dtype) -> Tensor:
+    """The teacher's logits for tokens [start, stop), [C, V_kd] in the loss dtype; never in a graph."""
+    assert plan.teacher_hidden is not None and plan.teacher_head is not None
+    with torch.no_grad():
+        # Slicing/reading an inference-mode tensor is allowed here; the result is a normal tensor.
+        th = plan.teacher_hidden[start:stop].to(plan.teacher_dtype)  # [C, H_t]
+        logits = F.linear(th, plan.teacher_head).to(loss_dtype)  # [C, V_kd]
+        if plan.teacher_bias is not None:
+            logits = logits + plan.teacher_bias.to(loss_dtype)
+        return _softcap(logits, plan.teacher_softcap)
+
+
+class _ChunkedDistill(torch.autograd.Function):
+    """Liger-style fused linear + loss: the gradients are computed chunk by chunk during the forward
+    (while each chunk's logits exist anyway) and stored; backward only scales them by grad_output."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        student_hidden: Tensor,
+        student_head: Tensor,
+        student_bias: Tensor | None,
+        plan: _ChunkPlan,
+        needs: tuple[bool, bool, bool],
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        loss, ce_sum, kd_sum, g_hidden, g_head, g_bias = _chunk_loop(
+            plan, student_hidden, student_head, student_bias, needs
+        )
+        ctx.save_for_backward(g_hidden, g_head, g_bias)
+        ctx.mark_non_differentiable(ce_sum, kd_sum)
+        return loss, ce_sum, kd_sum
+
+    @staticmethod
+    @once_differentiable
+    def backward(
+        ctx: Any, grad_loss: Tensor, _grad_ce: Tensor | None, _grad_kd: Tensor | None
+    ) -> tuple[Tensor | None, ...]:
+        # Out of place (not ``mul_``) so that a second backward through a retained graph stays right.
+        scaled = tuple(None if g is None else g * grad_loss.to(g.dtype) for g in ctx.saved_tensors)
+        return (*scaled, None, None)
+
+
+def chunked_distill_loss(
+    student_hidden: Tensor,
+    student_head: Tensor,
+    targets: Tensor,
+    teacher_hidden: Tensor | None = None,
+    teacher_head: Tensor | None = None,
+    *,
+    kd_ratio: float,
+    num_tokens: int | Tensor,
+    divergence: str = "forward_kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    skew_alpha: float = 0.1,
+    kd_vocab_size: int | None = None,
+    chunk_size: int = 1024,
+    student_bias: Tensor | None = None,
+    teacher_bias: Tensor | None = None,
+    student_softcap: float | None = None,
+    teacher_softcap: float | None = None,
+) -> LossParts:
+    """``distill_loss`` fused with both lm_heads, computed in token chunks: no [N, V] logits ever exist.
+
+    Why: at a Llama-3 vocabulary (V = 128,256) the ``[tokens, V]`` logits of the student and the teacher,
+    in fp32 plus their softmax/gradient temporaries, are most of a distillation step's memory, more
+    than the LoRA student itself. Here the peak logits memory is ``chunk_size x V`` per model (times
+    the few fp32 temporaries of one chunk's loss) instead of ``N x V``, whatever N is.
+
+    Shapes:
+        student_hidden  [N, H_s]  final hidden states (after the final norm) at the trained positions
+        student_head    [V_s, H_s] the student's lm_head weight (trainable or frozen)
+        targets         [N]       int64 next-token ids; every position is trained (no selection here)
+        teacher_hidden  [N, H_t]  teacher final hidden states (no grad; an inference tensor is fine)
+        teacher_head    [V_t, H_t] the teacher's lm_head weight (never receives a gradient)
+        student_bias    [V_s], teacher_bias [V_t]: optional lm_head biases
+
+    Contract: returns the same ``LossParts`` as
+    ``distill_loss(softcap(student_hidden @ student_head.T + student_bias), targets,
+    softcap(teacher_hidden @ teacher_head.T + teacher_bias), ...)`` with the same keyword options
+    (``kd_ratio``, the GLOBAL ``num_tokens``, ``divergence``, ``temperature``, ``beta``, ``skew_alpha``,
+    ``kd_vocab_size``), and the same gradients w.r.t. ``student_hidden``, ``student_head`` and
+    ``student_bias`` (each only if it requires grad). ``softcap(x) = cap * tanh(x / cap)`` is Gemma's
+    final-logit soft-capping (``student_softcap`` / ``teacher_softcap``; None = off), applied before CE
+    and the divergence. Each chunk of ``chunk_size`` tokens is projected, its CE and divergence are
+    computed with the same per-token functions as ``distill_loss`` (sliced to ``kd_vocab_size`` the
+    same way; the teacher head is sliced before its matmul, which skips the padding columns' work),
+    and its logits are freed before the next chunk. Sums over chunks equal sums over the batch up to
+    float rounding.
+
+    Dtypes: the matmul runs in the hidden states' dtype (the head is cast once if it differs), or in the
+    autocast dtype when called inside an autocast region (as a plain ``lm_head`` would); the losses in
+    float32 (float64 when the matmul is float64, CE included, where ``distill_loss`` computes CE in
+    float32). Gradients come back in each input's own dtype; the head/bias gradients are accumulated in
+    float32 across chunks. ``ce_sum``/``kd_sum`` are detached (loss dtype).
+
+    Gradients are computed during the forward (while each chunk's logits exist), which is why no
+    logits are kept for the backward; the backward only scales them by the incoming gradient. So call
+    it under ``torch.no_grad()`` when no backward will follow (evaluation): then nothing extra is
+    computed. The backward is not differentiable again (no double backward). With ``kd_ratio == 0`` or
+    no teacher the teacher is never run (``kd_sum = 0``); errors are those of ``distill_loss`` (plus
+    ``chunk_size >= 1``, matching shapes, and positive soft-caps).
+    """
+    teacher_given = teacher_hidden is not None or teacher_head is not None
+    _check_chunked_args(
+        student_hidden,
+        student_head,
+        targets,
+        teacher_hidden,
+        teacher_head,
+        kd_ratio=kd_ratio,
+        num_tokens=num_tokens,
+        divergence=divergence,
+        kd_vocab_size=kd_vocab_size,
+        chunk_size=chunk_size,
+        student_bias=student_bias,
+        teacher_bias=teacher_bias,
+        softcaps=(student_softcap, teacher_softcap),
+    )
+    kd_active = teacher_given and kd_ratio > 0
+    if kd_active:
+        # distill_loss checks these inside the divergence; here an N == 0 batch never reaches it.
+        _check_temperature(temperature)
+        if divergence == "jsd":
+            _check_beta(beta)
+        if divergence.startswith("skew_"):
+            _check_skew_alpha(skew_alpha)
+
+    t_dtype = student_hidden.dtype
+    t_head = t_bias = None
+    if kd_active:
+        assert teacher_hidden is not None and teacher_head is not None
+        t_dtype = _matmul_dtype(teacher_hidden)
+        kd_rows = slice(None) if kd_vocab_size is None else slice(0, kd_vocab_size)
+        with torch.no_grad():
+            t_head = teacher_head.detach()[kd_rows].to(t_dtype)  # [V_kd, H_t], cast once
+            t_bias = None if teacher_bias is None else teacher_bias.detach()[kd_rows]
+    plan = _ChunkPlan(
+        targets=targets,
+        teacher_hidden=teacher_hidden if kd_active else None,
+        teacher_head=t_head,
+        teacher_bias=t_bias,
+        teacher_dtype=t_dtype,
+        student_dtype=_matmul_dtype(student_hidden),
+        kd_ratio=float(kd_ratio),
+        num_tokens=num_tokens,
+        divergence=divergence,
+        temperature=temperature,
+        beta=beta,
+        skew_alpha=skew_alpha,
+        kd_vocab_size=kd_vocab_size,
+        chunk_size=chunk_size,
+        student_softcap=student_softcap,
+        teacher_softcap=teacher_softcap,
+    )
+
+    grad_on = torch.is_grad_enabled()
+    needs = (
+        grad_on and student_hidden.requires_grad,
+        grad_on and student_head.requires_grad,
+        grad_on and student_bias is not None and student_bias.requires_grad,
+    )
+    n_local = student_hidden.shape[0]
+    if not any(needs):
+        # Nothing to differentiate (evaluation, or all inputs frozen): values only, no gradient work.
+        loss, ce_sum, kd_sum, *_ = _chunk_loop(plan, student_hidden, student_head, student_bias, needs)
+        return LossParts(loss=loss, ce_sum=ce_sum, kd_sum=kd_sum, num_tokens=n_local)
+    loss, ce_sum, kd_sum = _ChunkedDistill.apply(student_hidden, student_head, student_bias, plan, needs)
+    return LossParts(loss=loss, ce_sum=ce_sum, kd_sum=kd_sum, num_tokens=n_local)
+
+
+def _check_chunked_args(
+    student_hidden: Tensor,
+    student_head: Tensor,
+    targets: Tensor,
+    teacher_hidden: Tensor | None,
+    teacher_head: Tensor | None,
+    *,
+    kd_ratio: float,
+    num_tokens: int | Tensor,
+    divergence: str,
+    kd_vocab_size: int | None,
+    chunk_size: int,
+    student_bias: Tensor | None,
+    teacher_bias: Tensor | None,
+    softcaps: tuple[float | None, float | None],
+) -> None:
+    """The checks of ``distill_loss`` (same messages), translated from logits to hidden states + heads."""
+    if not 0.0 <= kd_ratio <= 1.0:
+        raise ValueError(f"kd_ratio must be in [0, 1] (0 = pure CE, 1 = pure KD), got {kd_ratio}")
+    if (teacher_hidden is None) != (teacher_head is None):
+        raise ValueError("pass both teacher_hidden and teacher_head (the teacher), or neither")
+    if teacher_hidden is None and kd_ratio > 0:
+        raise ValueError(
+            f"kd_ratio={kd_ratio} > 0 needs the teacher (teacher_hidden and teacher_head); pass them, or "
+            "set kd_ratio=0 for plain SFT"
+        )
+    _check_name(divergence)
+    if isinstance(num_tokens, int) and num_tokens <= 0:
+        raise ValueError(f"num_tokens (global count of trained tokens) must be > 0, got {num_tokens}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size (tokens per chunk) must be an int >= 1, got {chunk_size!r}")
+    for name, cap in zip(("student_softcap", "teacher_softcap"), softcaps, strict=True):
+        if cap is not None and not (math.isfinite(cap) and cap > 0):
+            raise ValueError(f"{name} must be None (off) or a finite number > 0, got {cap}")
+
+    _check_head_pair("student", student_hidden, student_head, student_bias)
+    if student_hidden.dim() != 2 or targets.shape != student_hidden.shape[:1]:
+        raise ValueError(
+            f"expected student_hidden [N, H] and targets [N], got {tuple(student_hidden.shape)} "
+            f"and {tuple(targets.shape)}"
+        )
+    if teacher_hidden is None or teacher_head is None:
+        return
+    _check_head_pair("teacher", teacher_hidden, teacher_head, teacher_bias)
+    if teacher_hidden.shape[0] != student_hidden.shape[0]:
+        raise ValueError(
+            f"teacher_hidden {tuple(teacher_hidden.shape)} must be [N, H_t] with the student's N = "
+            f"{student_hidden.shape[0]}"
+        )
+    v_s, v_t = student_head.shape[0], teacher_head.shape[0]
+    if kd_vocab_size is None:
+        if v_s != v_t:
+            raise ValueError(
+                f"student logit width {v_s} != teacher logit width {v_t}; if the models share a "
+                "tokenizer and one embedding table is padded, pass kd_vocab_size=len(tokenizer)"
+            )
+    elif not 0 < kd_vocab_size <= min(v_s, v_t):
+        raise ValueError(
+            f"kd_vocab_size={kd_vocab_size} must be in [1, min(student width {v_s}, teacher width {v_t})]"
+        )
+
+
+def _check_head_pair(who: str, hidden: Tensor, head: Tensor, bias: Tensor | None) -> None:
+    if hidden.dim() != 2 or head.dim() != 2 or hidden.shape[1] != head.shape[1]:
+        raise ValueError(
+            f"{who}_hidden {tuple(hidden.shape)} and {who}_head {tuple(head.shape)} must be [N, H] and "
+            "[V, H] with the same hidden size H (the head is the lm_head weight, [out, in])"
+        )
+    if bias is not None and bias.shape != head.shape[:1]:
+        raise ValueError(f"{who}_bias {tuple(bias.shape)} must be [V] = {tuple(head.shape[:1])}")
+    for name, t in ((f"{who}_hidden", hidden), (f"{who}_head", head), (f"{who}_bias", bias)):
+        if t is not None and not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
