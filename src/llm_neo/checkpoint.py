@@ -6,7 +6,8 @@ A checkpoint is a directory ``checkpoints/step-000123/`` holding
   state.pt                scheduler state and RNG states (torch CPU, CUDA)
   state.json              step, micro-batches consumed, tokens seen, elapsed time
 It is written under a temporary name and renamed into place, so a kill at any moment leaves the
-previous complete checkpoint; only the newest ``keep`` are kept.
+previous complete checkpoint; only the newest ``keep`` are kept. Sharded weights and optimizer states
+are gathered whole (rank 0 writes), so the files are the same for any number of processes.
 """
 
 from __future__ import annotations
@@ -22,6 +23,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from llm_neo.atomic import atomic_directory
+from llm_neo.distributed import (
+    World,
+    barrier,
+    gather_optimizer,
+    gather_state,
+    load_optimizer,
+    load_whole_into,
+)
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -56,19 +65,30 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     progress: Progress,
+    world: World | None = None,
     keep: int = 2,
 ) -> Path:
-    """Write ``root/step-N`` atomically, then delete all but the newest ``keep`` checkpoints."""
+    """Write ``root/step-N`` atomically, then delete all but the newest ``keep`` checkpoints.
+
+    Every rank must call it (gathering sharded tensors is a collective); rank 0 writes.
+    """
+    world = world or World()
     path = root / f"step-{progress.step:06d}"
-    with atomic_directory(path) as tmp:
-        # Contiguous CPU copies: safetensors refuses shared or non-contiguous storage.
-        weights = {name: p.detach().to("cpu").contiguous().clone() for name, p in trainable.items()}
-        save_file(weights, str(tmp / "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save({"scheduler": scheduler.state_dict(), "rng": rng_state()}, tmp / "state.pt")
-        (tmp / "state.json").write_text(json.dumps(asdict(progress), indent=2))
-    for old in list_checkpoints(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    weights = gather_state(dict(trainable))  # contiguous whole CPU copies: what safetensors wants
+    optim = gather_optimizer(optimizer)
+    rngs: list[Any] = [rng_state()]
+    if world.enabled:
+        rngs = [None] * world.size
+        torch.distributed.all_gather_object(rngs, rng_state())
+    if world.is_main:
+        with atomic_directory(path) as tmp:
+            save_file(weights, str(tmp / "trainable.safetensors"))
+            torch.save(optim, tmp / "optimizer.pt")
+            torch.save({"scheduler": scheduler.state_dict(), "rng": rngs}, tmp / "state.pt")
+            (tmp / "state.json").write_text(json.dumps(asdict(progress), indent=2))
+        for old in list_checkpoints(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier(world)
     return path
 
 
@@ -86,8 +106,14 @@ def load_checkpoint(
     trainable: dict[str, torch.nn.Parameter],
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
+    world: World | None = None,
 ) -> Progress:
-    """Restore weights, optimizer, scheduler and RNG from ``path`` in place; return the progress."""
+    """Restore weights, optimizer, scheduler and RNG from ``path`` in place; return the progress.
+
+    Each rank keeps its own shard of the whole tensors on disk and its own RNG state (when the number
+    of processes is unchanged; otherwise rank 0's).
+    """
+    world = world or World()
     weights = load_file(str(path / "trainable.safetensors"))
     missing = sorted(set(trainable) - set(weights))
     unexpected = sorted(set(weights) - set(trainable))
@@ -96,11 +122,11 @@ def load_checkpoint(
             f"checkpoint {path} does not match this run's trainable weights (missing {missing[:3]}, "
             f"unexpected {unexpected[:3]}): it was written by a different method or LoRA setting"
         )
-    with torch.no_grad():
-        for name, param in trainable.items():
-            param.copy_(weights[name].to(param.device, param.dtype))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
+    for name, param in trainable.items():
+        load_whole_into(param, weights[name])
+    load_optimizer(optimizer, torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
     state = torch.load(path / "state.pt", weights_only=True, map_location="cpu")
     scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"])
+    rngs = state["rng"]
+    set_rng_state(rngs[world.rank] if len(rngs) == world.size else rngs[0])
     return Progress(**json.loads((path / "state.json").read_text()))

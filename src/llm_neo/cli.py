@@ -68,6 +68,8 @@ def run_distill(config: DistillConfig) -> int:
     from llm_neo.evaluate import format_table
 
     summary = distill(config)
+    if not summary:  # a rank other than 0 of a distributed run: rank 0 reports
+        return 0
     heldout = {k: v for k, v in summary["heldout"].items() if k != "tokens"}
     row = {
         **summary["final"],

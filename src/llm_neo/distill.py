@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 import logging
 import math
@@ -38,6 +39,20 @@ from llm_neo.atomic import atomic_directory, atomic_write_json, atomic_write_tex
 from llm_neo.checkpoint import Progress, list_checkpoints, load_checkpoint, save_checkpoint
 from llm_neo.config import DistillConfig, dump_yaml, load_yaml, to_dict, validate_distill
 from llm_neo.data import Example, check_chat_templates, collate, load_records, split_heldout, tokenize_records
+from llm_neo.distributed import (
+    World,
+    all_reduce_sum,
+    barrier,
+    clip_grad_norm,
+    close,
+    gather_state,
+    init_world,
+    is_sharded,
+    load_whole_into,
+    rank_device,
+    shard,
+    sync_whole_grads,
+)
 from llm_neo.evaluate import final_hidden_states, heldout_metrics
 from llm_neo.lora import attach_lora, merge_lora, save_adapter, trainable_parameters
 from llm_neo.losses import LossParts, chunked_distill_loss, distill_loss, next_token_targets
@@ -76,7 +91,10 @@ def distill(config: DistillConfig, *, on_step: StepCallback | None = None) -> di
     started = time.perf_counter()
 
     # --- 1. Devices, tokenizers, data: every cheap check before anything heavy loads or is written.
-    device = resolve_device(config.device)
+    world = init_world(config.device)  # one process, or one of many launched by torchrun/accelerate
+    if not world.is_main:
+        log.setLevel(logging.WARNING)  # logs and progress bars come from rank 0 only
+    device = rank_device(world, resolve_device(config.device))
     dtype = resolve_dtype(config.dtype, device)
     tokenizer = load_tokenizer(config.student, role="student", trust_remote_code=config.trust_remote_code)
     teacher_tokenizer = None
@@ -95,7 +113,7 @@ def distill(config: DistillConfig, *, on_step: StepCallback | None = None) -> di
         max_length=config.max_length,
         train_on_prompt=config.train_on_prompt,
         source=config.data,
-        progress=True,
+        progress=world.is_main,
     )
     train, heldout = split_heldout(examples, config.eval_fraction, config.seed)
     log.info(
@@ -110,7 +128,7 @@ def distill(config: DistillConfig, *, on_step: StepCallback | None = None) -> di
 
     progress = Progress()
     checkpoints = out / "checkpoints"
-    resume_from = _prepare_output_dir(config, out, checkpoints)
+    resume_from = _prepare_output_dir(config, out, checkpoints, world)
 
     # --- 2. Models. The teacher is frozen in the compute dtype; only the KD arms need it while training.
     hf_set_seed(config.seed)
@@ -128,36 +146,18 @@ def distill(config: DistillConfig, *, on_step: StepCallback | None = None) -> di
             )
         )
     export_dtype = _published_dtype(config.student, config.trust_remote_code)
-    # Full-parameter arms keep fp32 master weights (autocast computes in `dtype`); LoRA arms keep the
-    # frozen base in the compute dtype, the memory saving the method is about, and fp32 adapters.
-    base = load_model(
-        config.student,
-        role="student",
-        dtype=dtype if config.uses_lora else torch.float32,
-        device=device,
-        trust_remote_code=config.trust_remote_code,
-        allow_pickle_weights=config.allow_pickle_weights,
-    )
-    base_parameters = sum(p.numel() for p in base.parameters())
-    vocab = kd_vocab_size(tokenizer, base, teacher) if teacher is not None else None
-    base.config.use_cache = False
+    student, base_parameters = _build_student(config, dtype, device)
+    vocab = kd_vocab_size(tokenizer, student, teacher) if teacher is not None else None
 
-    # --- 3. LoRA branches (neo, lora), or the whole student (kd, sft), are what trains.
-    student: PreTrainedModel | PeftModel = base
-    if config.uses_lora:
-        student = attach_lora(
-            base,
-            r=config.lora.r,
-            lora_alpha=config.lora.lora_alpha,
-            lora_dropout=config.lora.lora_dropout,
-            target_modules=config.lora.target_modules,
-            variant=config.lora.variant,
-            seed=config.seed,
-        )
     if config.gradient_checkpointing:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if world.enabled:  # FSDP2: each rank keeps 1/world of both models (see distributed.py)
+        shard(student, param_dtype=dtype if dtype != torch.float32 else None)
+        if teacher is not None:
+            shard(teacher)
+    teacher_local = _local_numel(teacher)
     trainable = trainable_parameters(student)
-    n_trainable = sum(p.numel() for p in trainable.values())
+    n_trainable = sum(p.numel() for p in trainable.values())  # a sharded DTensor reports its whole size
     log.info(
         "student: %s parameters, %s trainable (%.2f%%), method %s",
         f"{base_parameters:,}",
@@ -168,9 +168,13 @@ def distill(config: DistillConfig, *, on_step: StepCallback | None = None) -> di
 
     # --- 4. Optimiser and schedule.
     per_epoch = math.ceil(len(train) / config.batch_size)
-    total_steps = config.max_steps or max(1, math.ceil(config.epochs * per_epoch / config.grad_accum))
+    per_step = config.grad_accum * world.size  # micro-batches of one optimizer step, all ranks together
+    total_steps = config.max_steps or max(1, math.ceil(config.epochs * per_epoch / per_step))
     optimizer = torch.optim.AdamW(
-        list(trainable.values()), lr=config.lr or 0.0, weight_decay=config.weight_decay
+        list(trainable.values()),
+        lr=config.lr or 0.0,
+        weight_decay=config.weight_decay,
+        foreach=False if world.enabled else None,  # foreach kernels refuse a mix of sharded and whole params
     )
     scheduler = get_scheduler(
         "constant_with_warmup" if config.scheduler == "constant" else config.scheduler,
@@ -179,9 +183,12 @@ def distill(config: DistillConfig, *, on_step: StepCallback | None = None) -> di
         num_training_steps=total_steps,
     )
     if resume_from is not None:
-        progress = load_checkpoint(resume_from, trainable=trainable, optimizer=optimizer, scheduler=scheduler)
+        progress = load_checkpoint(
+            resume_from, trainable=trainable, optimizer=optimizer, scheduler=scheduler, world=world
+        )
         log.info("resumed from %s (step %d of %d)", resume_from, progress.step, total_steps)
-    _truncate_metrics(out / "metrics.jsonl", progress.step)
+    if world.is_main:
+        _truncate_metrics(out / "metrics.jsonl", progress.step)
 
     # --- 5. The loop.
     if device.type == "cuda":
@@ -197,11 +204,16 @@ def distill(config: DistillConfig, *, on_step: StepCallback | None = None) -> di
         desc=f"{config.method}",
         unit="step",
         dynamic_ncols=True,
-        disable=None,
+        disable=None if world.is_main else True,
     )
     while progress.step < total_steps:
         step_start = time.perf_counter()
-        micro = [collate(next(batches), tokenizer.pad_token_id) for _ in range(config.grad_accum)]
+        # Every rank walks the same global sequence of micro-batches and trains on its own share of it.
+        micro = [
+            collate(batch, tokenizer.pad_token_id)
+            for i, batch in enumerate(itertools.islice(batches, per_step))
+            if i % world.size == world.rank
+        ]
         try:
             result = train_step(
                 student,
@@ -214,6 +226,7 @@ def distill(config: DistillConfig, *, on_step: StepCallback | None = None) -> di
                 dtype=dtype,
                 loss=settings,
                 max_grad_norm=config.max_grad_norm,
+                world=world,
             )
         except NonFiniteError as err:
             raise TrainingError(
@@ -222,8 +235,8 @@ def distill(config: DistillConfig, *, on_step: StepCallback | None = None) -> di
             ) from err
         num_tokens = result["num_tokens"]
         progress.step += 1
-        progress.micro_batches += config.grad_accum
-        progress.tokens += num_tokens
+        progress.micro_batches += per_step
+        progress.tokens += int(num_tokens)
 
         ce, kd = result["ce_loss"], result["kd_loss"]
         last = {
@@ -237,7 +250,7 @@ def distill(config: DistillConfig, *, on_step: StepCallback | None = None) -> di
             "tokens_per_s": num_tokens / (time.perf_counter() - step_start),
             "peak_memory_gb": peak_memory_gb(device),
         }
-        if progress.step % config.log_every == 0 or progress.step == total_steps:
+        if world.is_main and (progress.step % config.log_every == 0 or progress.step == total_steps):
             with (out / "metrics.jsonl").open("a") as handle:
                 handle.write(json.dumps(last) + "\n")
         bar.set_postfix(
@@ -252,13 +265,32 @@ def distill(config: DistillConfig, *, on_step: StepCallback | None = None) -> di
             progress.elapsed_s += time.perf_counter() - loop_start
             loop_start = time.perf_counter()
             save_checkpoint(
-                checkpoints, trainable=trainable, optimizer=optimizer, scheduler=scheduler, progress=progress
+                checkpoints,
+                trainable=trainable,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                progress=progress,
+                world=world,
             )
         if on_step is not None:
             on_step(progress.step, last)
     bar.close()
     train_seconds = progress.elapsed_s + time.perf_counter() - loop_start
-    train_peak = peak_memory_gb(device)
+    peaks = all_gather(peak_memory_gb(device), world)
+    teacher_shards = all_gather(teacher_local, world)
+    if world.enabled:
+        # Merge, verify and export need whole weights: gather the trained ones into rank 0, which
+        # rebuilds a plain student and goes on alone.
+        whole = gather_state(dict(trainable))
+        del optimizer, trainable, student, teacher
+        barrier(world)
+        close(world)
+        if not world.is_main:
+            return {}
+        student, _ = _build_student(config, dtype, device)
+        for name, param in trainable_parameters(student).items():
+            load_whole_into(param, whole[name])
+        teacher = None
 
     # --- 6. Merge (LoRA arms) and verify on held-out data that the merged weights compute the same logits.
     verify_batch = collate((heldout or train)[: config.eval_batch_size], tokenizer.pad_token_id)
@@ -308,7 +340,7 @@ def distill(config: DistillConfig, *, on_step: StepCallback | None = None) -> di
             dtype=dtype,
             kd_vocab_size=kd_vocab_size(tokenizer, merged, teacher) if teacher else None,
         )
-        log.info("held-out: %s", ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        log.info("held-out: %s", ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
 
     summary = {
         "llm_neo_version": __version__,
@@ -321,7 +353,10 @@ def distill(config: DistillConfig, *, on_step: StepCallback | None = None) -> di
         "heldout": metrics,
         "train_time_s": train_seconds,
         "wall_time_s": time.perf_counter() - started,
-        "peak_memory_gb": train_peak,
+        "peak_memory_gb": max(peaks),
+        "peak_memory_gb_per_rank": peaks,
+        "world_size": world.size,
+        "teacher_parameters_per_rank": teacher_shards if config.uses_kd else [],
         "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "process_max_rss",
         "trainable_parameters": n_trainable,
         "student_parameters": base_parameters,
@@ -343,8 +378,59 @@ def distill(config: DistillConfig, *, on_step: StepCallback | None = None) -> di
 # The pieces the recipe calls, in the order it calls them.
 
 
-def _prepare_output_dir(config: DistillConfig, out: Path, checkpoints: Path) -> Path | None:
-    """Refuse to clobber an earlier run; on --resume, check the run is the same and find its checkpoint."""
+def _build_student(
+    config: DistillConfig, dtype: torch.dtype, device: torch.device
+) -> tuple[PreTrainedModel | PeftModel, int]:
+    """The student to train, and its parameter count before LoRA.
+
+    Full-parameter arms keep fp32 master weights (autocast computes in ``dtype``); LoRA arms keep the
+    frozen base in the compute dtype, the memory saving the method is about, and fp32 adapters.
+    """
+    base = load_model(
+        config.student,
+        role="student",
+        dtype=dtype if config.uses_lora else torch.float32,
+        device=device,
+        trust_remote_code=config.trust_remote_code,
+        allow_pickle_weights=config.allow_pickle_weights,
+    )
+    base.config.use_cache = False
+    parameters = sum(p.numel() for p in base.parameters())
+    if not config.uses_lora:
+        return base, parameters
+    student = attach_lora(
+        base,
+        r=config.lora.r,
+        lora_alpha=config.lora.lora_alpha,
+        lora_dropout=config.lora.lora_dropout,
+        target_modules=config.lora.target_modules,
+        variant=config.lora.variant,
+        seed=config.seed,
+    )
+    return student, parameters
+
+
+def _local_numel(model: torch.nn.Module | None) -> int:
+    """Parameters this process holds (its shards, plus whatever is kept whole)."""
+    if model is None:
+        return 0
+    local = [p.to_local() if is_sharded(p) else p for p in model.parameters()]  # type: ignore[attr-defined]
+    return sum(int(p.numel()) for p in local)
+
+
+def all_gather(value: float, world: World) -> list[float]:
+    if not world.enabled:
+        return [value]
+    values: list[Any] = [None] * world.size
+    torch.distributed.all_gather_object(values, value)
+    return values
+
+
+def _prepare_output_dir(config: DistillConfig, out: Path, checkpoints: Path, world: World) -> Path | None:
+    """Refuse to clobber an earlier run; on --resume, check the run is the same and find its checkpoint.
+
+    Every rank checks (so every rank raises the same error); rank 0 alone writes.
+    """
     saved = out / "config.yaml"
     if config.resume:
         found = list_checkpoints(checkpoints)
@@ -362,12 +448,20 @@ def _prepare_output_dir(config: DistillConfig, out: Path, checkpoints: Path) -> 
                     "Resume with the same options, or start a new --output-dir."
                 )
         return found[-1]
-    if out.exists() and any(out.iterdir()):
-        if not config.overwrite:
-            raise TrainingError(
-                f"--output-dir {out} already holds files; pass --resume to continue that run, "
-                "--overwrite to replace it, or choose another --output-dir"
-            )
+    if out.exists() and any(out.iterdir()) and not config.overwrite:
+        raise TrainingError(
+            f"--output-dir {out} already holds files; pass --resume to continue that run, "
+            "--overwrite to replace it, or choose another --output-dir"
+        )
+    barrier(world)  # nobody writes before everybody has checked
+    if world.is_main:
+        _start_output_dir(config, out)
+    barrier(world)
+    return None
+
+
+def _start_output_dir(config: DistillConfig, out: Path) -> None:
+    if out.exists():
         for name in ("merged", "adapter", "checkpoints", "metrics.jsonl", "summary.json", "config.yaml"):
             target = out / name
             if target.is_dir():
@@ -375,8 +469,7 @@ def _prepare_output_dir(config: DistillConfig, out: Path, checkpoints: Path) -> 
             elif target.exists():
                 target.unlink()
     out.mkdir(parents=True, exist_ok=True)
-    dump_yaml(dataclasses.replace(config, resume=False, overwrite=False), saved)
-    return None
+    dump_yaml(dataclasses.replace(config, resume=False, overwrite=False), out / "config.yaml")
 
 
 def _diff_keys(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> set[str]:
@@ -471,30 +564,34 @@ def train_step(
     dtype: torch.dtype,
     loss: LossSettings,
     max_grad_norm: float,
+    world: World | None = None,
 ) -> dict[str, float]:
     """One optimizer step over the micro-batches ``micro`` (gradient accumulation); returns its metrics.
 
-    The loss is a mean over the step's trained tokens, not a mean of micro-batch means, so splitting a
-    batch into micro-batches does not change the update.
+    The loss is a mean over the step's trained tokens (over all ranks), not a mean of micro-batch means,
+    so splitting a batch into micro-batches or over processes does not change the update.
     """
-    num_tokens = sum(int((next_token_targets(b["labels"]) != -100).sum()) for b in micro)
+    world = world or World()
+    local_tokens = sum(int((next_token_targets(b["labels"]) != -100).sum()) for b in micro)
+    num_tokens = int(all_reduce_sum(local_tokens, world, device))
     ce_sum = kd_sum = 0.0
+    finite = True
     for batch in micro:
         parts = micro_batch_loss(
             student, teacher, batch, device=device, dtype=dtype, num_tokens=num_tokens, loss=loss
         )
-        if not torch.isfinite(parts.loss):
-            raise NonFiniteError(
-                f"non-finite loss (ce sum {float(parts.ce_sum):.4g}, kd sum {float(parts.kd_sum):.4g})"
-            )
+        finite &= bool(torch.isfinite(parts.loss))
+        # Backward even when not finite: under FSDP every rank must take part in every reduce-scatter.
         parts.loss.backward()
         ce_sum += float(parts.ce_sum)
         kd_sum += float(parts.kd_sum)
+    ce_sum, kd_sum = all_reduce_sum(ce_sum, world, device), all_reduce_sum(kd_sum, world, device)
     params = list(trainable.values())
-    if max_grad_norm > 0:
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-    else:
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    sync_whole_grads(params, world)
+    grad_norm = clip_grad_norm(params, max_grad_norm, world)
+    if all_reduce_sum(float(not finite), world, device) > 0:
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteError(f"non-finite loss (ce sum {ce_sum:.4g}, kd sum {kd_sum:.4g})")
     if not torch.isfinite(grad_norm):
         optimizer.zero_grad(set_to_none=True)
         raise NonFiniteError("non-finite gradient norm")
@@ -509,7 +606,7 @@ def train_step(
         "kd_loss": kd,
         "num_tokens": num_tokens,
         "grad_norm": float(grad_norm),
-        "lr": lr,
+        "lr": float(lr),
     }
 
 

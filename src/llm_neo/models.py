@@ -88,11 +88,12 @@ def freeze(model: PreTrainedModel) -> PreTrainedModel:
     return model
 
 
-def logit_width(model: PreTrainedModel) -> int:
-    head = model.get_output_embeddings()
+def logit_width(model: torch.nn.Module) -> int:
+    head = model.get_output_embeddings()  # type: ignore[operator]
     if head is not None and hasattr(head, "weight"):
         return int(head.weight.shape[0])
-    return int(model.config.vocab_size)
+    config: Any = model.config
+    return int(config.vocab_size)
 
 
 def check_same_vocabulary(student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase) -> None:
@@ -116,7 +117,7 @@ def check_same_vocabulary(student: PreTrainedTokenizerBase, teacher: PreTrainedT
 
 
 def kd_vocab_size(
-    tokenizer: PreTrainedTokenizerBase, student: PreTrainedModel, teacher: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase, student: torch.nn.Module, teacher: torch.nn.Module
 ) -> int:
     """Columns compared by the divergence: the tokenizer's length.
 

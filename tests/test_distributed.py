@@ -1,0 +1,126 @@
+"""Real 2-process distillation on CPU (gloo + FSDP2), compared with one process on the same global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ALPACA, write_jsonl
+from safetensors.torch import load_file
+
+from llm_neo.cli import main
+
+pytestmark = pytest.mark.skipif(
+    not hasattr(torch.distributed, "is_available") or not torch.distributed.is_available(),
+    reason="torch.distributed is not available",
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _torchrun(args: list[str], nproc: int = 2) -> subprocess.Popen:
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={nproc}",
+        f"--master-port={_free_port()}",
+        "-m",
+        "llm_neo",
+        *args,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+
+
+def _args(student_dir, teacher_dir, data, out, method, grad_accum, *extra) -> list[str]:
+    return [
+        "distill",
+        "--student",
+        str(student_dir),
+        "--teacher",
+        str(teacher_dir),
+        "--data",
+        str(data),
+        "--method",
+        method,
+        "--output-dir",
+        str(out),
+        "--batch-size",
+        "2",
+        "--grad-accum",
+        str(grad_accum),
+        "--lora.r",
+        "4",
+        "--eval-fraction",
+        "0.125",
+        "--seed",
+        "3",
+        "-q",
+        *extra,
+    ]
+
+
+def _weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(out / "merged" / "model.safetensors")
+
+
+@pytest.mark.parametrize("method", ["neo", "kd"])
+def test_two_processes_follow_one(tmp_path, student_dir, teacher_dir, method):
+    data = write_jsonl(tmp_path / "train.jsonl", ALPACA * 4)
+    # Global batch 8 samples a step either way: 1 process × 4 micro-batches, or 2 × 2.
+    proc = _torchrun(_args(student_dir, teacher_dir, data, tmp_path / "two", method, 2, "--max-steps", "3"))
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, output
+    assert main(_args(student_dir, teacher_dir, data, tmp_path / "one", method, 4, "--max-steps", "3")) == 0
+
+    one, two = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], atol=1e-5, rtol=1e-4)
+    s1 = json.loads((tmp_path / "one" / "summary.json").read_text())
+    s2 = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert s2["world_size"] == 2 and s1["world_size"] == 1
+    assert s2["final"] == pytest.approx(s1["final"], rel=1e-4)
+    # Each rank holds about half of the teacher: its blocks are sharded, only the lm_head is whole.
+    total = s1["teacher_parameters_per_rank"][0]
+    for held in s2["teacher_parameters_per_rank"]:
+        assert 0.45 < held / total < 0.65
+    assert s2["merge_check"]["passed"]
+
+
+def test_killed_two_process_run_resumes(tmp_path, student_dir, teacher_dir):
+    data = write_jsonl(tmp_path / "train.jsonl", ALPACA * 4)
+    common = ["--max-steps", "12", "--save-every", "2"]
+    killed = tmp_path / "killed"
+    proc = _torchrun(_args(student_dir, teacher_dir, data, killed, "neo", 2, *common))
+    deadline = time.time() + 300
+    while not (killed / "checkpoints" / "step-000004").exists() and time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()[0]
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, mid-run
+    proc.wait()
+    assert not (killed / "summary.json").exists()
+
+    proc = _torchrun(_args(student_dir, teacher_dir, data, killed, "neo", 2, *common, "--resume"))
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, output
+    assert main(_args(student_dir, teacher_dir, data, tmp_path / "one", "neo", 4, *common)) == 0
+    one, resumed = _weights(tmp_path / "one"), _weights(killed)
+    for name in one:
+        torch.testing.assert_close(resumed[name], one[name], atol=1e-5, rtol=1e-4)
+    steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 13))
