@@ -664,19 +664,20 @@ def micro_batch_loss(
             teacher_hidden = final_hidden_states(teacher, input_ids, attention_mask)[trained]  # [N, H_t]
         teacher_head, teacher_bias = _head(teacher)
     student_head, student_bias = _head(student)
-    return chunked_distill_loss(
-        hidden,
-        student_head,
-        targets[trained],
-        teacher_hidden,
-        teacher_head,
-        **common,  # type: ignore[arg-type]
-        chunk_size=loss.chunk_size,
-        student_bias=student_bias,
-        teacher_bias=teacher_bias,
-        student_softcap=_softcap(student),
-        teacher_softcap=_softcap(teacher) if use_teacher else None,
-    )
+    with autocast(device, dtype):  # the lm_head matmuls run in the compute dtype, as the plain path's do
+        return chunked_distill_loss(
+            hidden,
+            student_head,
+            targets[trained],
+            teacher_hidden,
+            teacher_head,
+            **common,  # type: ignore[arg-type]
+            chunk_size=loss.chunk_size,
+            student_bias=student_bias,
+            teacher_bias=teacher_bias,
+            student_softcap=_softcap(student),
+            teacher_softcap=_softcap(teacher) if use_teacher else None,
+        )
 
 
 def _head(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
