@@ -80,6 +80,13 @@ class DistillConfig:
     teacher: str | None = field(
         default=None, metadata=_help("Teacher model (local dir or hub id). Required for neo and kd.")
     )
+    teacher_cache: str | None = field(
+        default=None,
+        metadata=_help(
+            "A teacher cache written by `llm-neo cache-teacher`: neo/kd train on its top-k targets "
+            "without loading the teacher (which, if also given, only scores the held-out split)."
+        ),
+    )
     method: Literal["neo", "kd", "lora", "sft"] = field(
         default="neo",
         metadata=_help(
@@ -248,9 +255,17 @@ def validate_distill(config: DistillConfig) -> None:
     if not c.student:
         p.append("--student is required (a model directory or hub id)")
     _check_model_path(p, "student", c.student)
-    if c.method in KD_METHODS and not c.teacher:
-        p.append(f"--teacher is required for --method {c.method} (or use --method lora/sft)")
+    if c.method in KD_METHODS and not c.teacher and not c.teacher_cache:
+        p.append(
+            f"--teacher is required for --method {c.method} (or --teacher-cache CACHE from llm-neo "
+            "cache-teacher; or use --method lora/sft)"
+        )
     _check_model_path(p, "teacher", c.teacher)
+    if c.teacher_cache and not (Path(c.teacher_cache).expanduser() / "manifest.json").is_file():
+        p.append(
+            f"--teacher-cache: {c.teacher_cache!r} is not a complete teacher cache (no manifest.json); "
+            "write it with llm-neo cache-teacher --output DIR, or rerun that command to finish it"
+        )
     if not c.data:
         p.append("--data is required (a .jsonl/.json/.parquet file or a datasets directory)")
     elif not Path(c.data).expanduser().exists():

@@ -55,16 +55,34 @@ from llm_neo.distributed import (
 )
 from llm_neo.evaluate import final_hidden_states, heldout_metrics
 from llm_neo.lora import attach_lora, merge_lora, save_adapter, trainable_parameters
-from llm_neo.losses import LossParts, chunked_distill_loss, distill_loss, next_token_targets
+from llm_neo.losses import (
+    LossParts,
+    cached_distill_loss,
+    chunked_cached_distill_loss,
+    chunked_distill_loss,
+    distill_loss,
+    next_token_targets,
+)
 from llm_neo.models import (
+    ModelError,
     autocast,
     check_same_vocabulary,
     freeze,
     kd_vocab_size,
     load_model,
     load_tokenizer,
+    logit_width,
     resolve_device,
     resolve_dtype,
+)
+from llm_neo.teacher_cache import (
+    TeacherCache,
+    batch_targets,
+    cached_heldout_metrics,
+    check_key,
+    open_cache,
+    run_key,
+    unpack_targets,
 )
 
 log = logging.getLogger("llm_neo")
@@ -125,6 +143,10 @@ def distill(config: DistillConfig, *, on_step: StepCallback | None = None) -> di
         dropped,
         config.max_length,
     )
+    # A teacher cache stands in for the teacher while training. Its rows follow the tokenized order,
+    # and split_heldout keeps the example objects, so each example finds its row by identity.
+    cache = _open_teacher_cache(config, tokenizer, examples)
+    row_of = {id(ex): i for i, ex in enumerate(examples)} if cache is not None else {}
 
     progress = Progress()
     checkpoints = out / "checkpoints"
@@ -133,7 +155,7 @@ def distill(config: DistillConfig, *, on_step: StepCallback | None = None) -> di
     # --- 2. Models. The teacher is frozen in the compute dtype; only the KD arms need it while training.
     hf_set_seed(config.seed)
     teacher = None
-    if config.uses_kd:
+    if config.uses_kd and cache is None:
         assert config.teacher
         teacher = freeze(
             load_model(
@@ -148,6 +170,8 @@ def distill(config: DistillConfig, *, on_step: StepCallback | None = None) -> di
     export_dtype = _published_dtype(config.student, config.trust_remote_code)
     student, base_parameters = _build_student(config, dtype, device)
     vocab = kd_vocab_size(tokenizer, student, teacher) if teacher is not None else None
+    if cache is not None and config.uses_kd:
+        vocab = _cache_vocab_size(cache, student)
 
     if config.gradient_checkpointing:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -210,7 +234,7 @@ def distill(config: DistillConfig, *, on_step: StepCallback | None = None) -> di
         step_start = time.perf_counter()
         # Every rank walks the same global sequence of micro-batches and trains on its own share of it.
         micro = [
-            collate(batch, tokenizer.pad_token_id)
+            _collate(batch, tokenizer.pad_token_id, cache if settings.kd_ratio > 0 else None, row_of)
             for i, batch in enumerate(itertools.islice(batches, per_step))
             if i % world.size == world.rank
         ]
@@ -330,16 +354,28 @@ def distill(config: DistillConfig, *, on_step: StepCallback | None = None) -> di
                     allow_pickle_weights=config.allow_pickle_weights,
                 )
             )
-        metrics = heldout_metrics(
-            merged,
-            heldout,
-            teacher=teacher,
-            pad_token_id=tokenizer.pad_token_id,
-            batch_size=config.eval_batch_size,
-            device=device,
-            dtype=dtype,
-            kd_vocab_size=kd_vocab_size(tokenizer, merged, teacher) if teacher else None,
-        )
+        if teacher is None and cache is not None:  # no --teacher: score against the cached teacher
+            metrics = cached_heldout_metrics(
+                merged,
+                heldout,
+                [row_of[id(ex)] for ex in heldout],
+                cache,
+                pad_token_id=tokenizer.pad_token_id,
+                batch_size=config.eval_batch_size,
+                device=device,
+                dtype=dtype,
+            )
+        else:
+            metrics = heldout_metrics(
+                merged,
+                heldout,
+                teacher=teacher,
+                pad_token_id=tokenizer.pad_token_id,
+                batch_size=config.eval_batch_size,
+                device=device,
+                dtype=dtype,
+                kd_vocab_size=kd_vocab_size(tokenizer, merged, teacher) if teacher else None,
+            )
         log.info("held-out: %s", ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
 
     summary = {
@@ -351,6 +387,17 @@ def distill(config: DistillConfig, *, on_step: StepCallback | None = None) -> di
         "samples": {"train": len(train), "heldout": len(heldout), "dropped": dropped},
         "final": {k: last[k] for k in ("loss", "ce_loss", "kd_loss")} if last else {},
         "heldout": metrics,
+        # What kl_to_teacher / top1_agreement were measured against: the teacher model, or the cache's
+        # top-k + tail buckets (a lower bound of the dense KL; see llm_neo.teacher_cache).
+        "heldout_reference": "teacher" if teacher is not None else "teacher_cache" if cache else None,
+        "teacher_cache": None
+        if cache is None
+        else {
+            "path": str(cache.path),
+            "key_digest": cache.manifest["key_digest"],
+            "top_k": cache.top_k,
+            "temperature": cache.temperature,
+        },
         "train_time_s": train_seconds,
         "wall_time_s": time.perf_counter() - started,
         "peak_memory_gb": max(peaks),
@@ -408,6 +455,57 @@ def _build_student(
         seed=config.seed,
     )
     return student, parameters
+
+
+def _open_teacher_cache(
+    config: DistillConfig, tokenizer: Any, examples: list[Example]
+) -> TeacherCache | None:
+    """Open ``--teacher-cache`` and refuse it unless its key matches this run (every part it can check:
+    the teacher's weights and config only when ``--teacher`` is given too)."""
+    if not config.teacher_cache:
+        return None
+    cache = open_cache(config.teacher_cache)
+    key = run_key(
+        tokenizer=tokenizer,
+        data=config.data,
+        examples=examples,
+        max_length=config.max_length,
+        train_on_prompt=config.train_on_prompt,
+        temperature=config.temperature,
+        teacher=config.teacher,
+        allow_pickle_weights=config.allow_pickle_weights,
+    )
+    if not config.uses_kd:
+        del key["temperature"]  # no KD term: the cache only scores the held-out split, at its own T
+    check_key(cache, key)
+    log.info(
+        "teacher cache %s: %d examples, top-%d, T = %g (the teacher is not loaded for training)",
+        cache.path,
+        cache.num_examples,
+        cache.top_k,
+        cache.temperature,
+    )
+    return cache
+
+
+def _cache_vocab_size(cache: TeacherCache, student: torch.nn.Module) -> int:
+    """Columns the cached divergence compares: the cache's vocabulary (the tokenizer length)."""
+    if logit_width(student) < cache.vocab_size:
+        raise ModelError(
+            f"the student has {logit_width(student)} logit columns but the teacher cache {cache.path} "
+            f"covers {cache.vocab_size} tokens: its embedding table is too small for the tokenizer"
+        )
+    return cache.vocab_size
+
+
+def _collate(
+    batch: list[Example], pad_token_id: int, cache: TeacherCache | None, row_of: dict[int, int]
+) -> dict[str, torch.Tensor]:
+    """``collate``, plus the batch's cached teacher targets (rows in ``targets[trained]`` order)."""
+    out = collate(batch, pad_token_id)
+    if cache is not None:
+        out |= batch_targets(cache, [row_of[id(ex)] for ex in batch])
+    return out
 
 
 def _local_numel(model: torch.nn.Module | None) -> int:
@@ -631,6 +729,7 @@ def micro_batch_loss(
     targets = next_token_targets(batch["labels"]).to(device)  # [B, T]: the token each position predicts
     trained = targets != -100  # [B, T]
     use_teacher = teacher is not None and loss.kd_ratio > 0
+    cached = unpack_targets(batch, device) if loss.kd_ratio > 0 else None  # [N, k] ids/log-probs, [N] tails
     common = dict(
         kd_ratio=loss.kd_ratio,
         num_tokens=num_tokens,
@@ -640,6 +739,24 @@ def micro_batch_loss(
         skew_alpha=loss.skew_alpha,
         kd_vocab_size=loss.kd_vocab_size,
     )
+    if cached is not None:  # a teacher cache stands in for the teacher: no teacher forward at all
+        if loss.impl == "plain":
+            with autocast(device, dtype):
+                logits = student(input_ids=input_ids, attention_mask=attention_mask).logits  # [B, T, V_s]
+            return cached_distill_loss(logits[trained], targets[trained], cached, **common)  # type: ignore[arg-type]
+        with autocast(device, dtype):
+            hidden = final_hidden_states(student, input_ids, attention_mask)[trained]  # [N, H_s]
+            head, bias = _head(student)
+            return chunked_cached_distill_loss(
+                hidden,
+                head,
+                targets[trained],
+                cached,
+                **common,  # type: ignore[arg-type]
+                chunk_size=loss.chunk_size,
+                student_bias=bias,
+                student_softcap=_softcap(student),
+            )
     if loss.impl == "plain":
         with autocast(device, dtype):
             student_logits = student(input_ids=input_ids, attention_mask=attention_mask).logits  # [B, T, V_s]

@@ -62,6 +62,9 @@ __all__ = [
     "DIVERGENCES",
     "IGNORE_INDEX",
     "LossParts",
+    "TopKTargets",
+    "cached_distill_loss",
+    "chunked_cached_distill_loss",
     "chunked_distill_loss",
     "distill_loss",
     "divergence",
@@ -69,9 +72,12 @@ __all__ = [
     "jsd",
     "next_token_targets",
     "reference_divergence",
+    "reference_topk_divergence",
     "reverse_kl",
     "skew_forward_kl",
     "skew_reverse_kl",
+    "topk_bucket_log_probs",
+    "topk_divergence",
     "tvd",
 ]
 
@@ -499,10 +505,13 @@ class _ChunkPlan:
     chunk_size: int
     student_softcap: float | None
     teacher_softcap: float | None
+    # Cached teacher targets (top-k + tail) in place of teacher_hidden/teacher_head: the KD term is then
+    # the (k+1)-bucket divergence (``topk_divergence``) and no teacher matmul runs.
+    cached_teacher: TopKTargets | None = None
 
     @property
     def kd_active(self) -> bool:
-        return self.teacher_hidden is not None and self.kd_ratio > 0
+        return (self.teacher_hidden is not None or self.cached_teacher is not None) and self.kd_ratio > 0
 
 
 def _softcap(logits: Tensor, cap: float | None) -> Tensor:
@@ -575,7 +584,19 @@ def _chunk_loop(
                 # With kd_ratio == 1 it is only logged, so keep it out of the graph.
                 ce_logits = logits.detach() if kd_ratio == 1.0 else logits
                 ce = F.cross_entropy(ce_logits, plan.targets[start:stop], reduction="sum")
-                if plan.kd_active:
+                if plan.kd_active and plan.cached_teacher is not None:
+                    student_kd = logits if kvs is None else logits[:, :kvs]  # a view, as in distill_loss
+                    kd = topk_divergence(
+                        plan.divergence,
+                        student_kd,
+                        plan.cached_teacher.slice(start, stop),
+                        temperature=plan.temperature,
+                        beta=plan.beta,
+                        skew_alpha=plan.skew_alpha,
+                    ).sum()
+                    objective = ((1.0 - kd_ratio) * ce + kd_ratio * kd) / num_tokens
+                    del student_kd
+                elif plan.kd_active:
                     teacher_logits = _teacher_chunk_logits(plan, start, stop, loss_dtype)  # [C, V_kd]
                     student_kd = logits if kvs is None else logits[:, :kvs]  # a view, as in distill_loss
                     kd = _divergence_by_name(
@@ -859,3 +880,328 @@ def _check_head_pair(who: str, hidden: Tensor, head: Tensor, bias: Tensor | None
     for name, t in ((f"{who}_hidden", hidden), (f"{who}_head", head), (f"{who}_bias", bias)):
         if t is not None and not t.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Cached teacher: divergences on the teacher's top-k support plus one tail bucket
+# --------------------------------------------------------------------------------------------------
+#
+# A teacher cache (llm_neo.teacher_cache) keeps, per trained position, the teacher's k most probable
+# tokens with their log-probabilities at the cache's temperature T, and the log of the probability mass
+# outside them. Both distributions are then compared on k + 1 buckets:
+#
+#     p~ = (p_1, ..., p_k, p_tail)        the teacher's top-k ids i_1..i_k, p_tail = 1 - sum_j p_j
+#     q~ = (q_i1, ..., q_ik, q_tail)      the student at the same ids, q_tail = 1 - sum_j q_ij
+#
+# and every divergence of ``DIVERGENCES`` is its usual formula applied to p~ and q~. Merging the
+# columns outside the top-k into one bucket is a coarse-graining, so by the data-processing inequality
+# each f-divergence (forward/reverse/skew KL, JSD, TVD) of the buckets is <= the dense one, and it is
+# exactly the dense one when k == V (the tail buckets are empty, -inf in log space, and contribute
+# 0 log 0 = 0). Where the teacher concentrates its mass (the usual case: at k = 64 the tail of an LLM is
+# typically under 1e-2), the bucket divergence is close to the dense one; its gradient moves the
+# student's top-k tokens exactly as the dense forward KL would and the rest only through their sum.
+
+
+class TopKTargets(NamedTuple):
+    """A cached teacher's targets at N trained positions (the rows of ``targets[trained]``).
+
+    ids        [N, k] integer token ids of the teacher's k most probable tokens (any integer dtype;
+               distinct within a row, each < the compared vocabulary width V)
+    log_probs  [N, k] float: log p_teacher(id) at the cache's temperature (fp16/bf16/fp32 storage)
+    tail       [N] float: log of the teacher mass outside the top-k; -inf when k == V
+    """
+
+    ids: Tensor
+    log_probs: Tensor
+    tail: Tensor
+
+    @property
+    def k(self) -> int:
+        return int(self.ids.shape[-1])
+
+    def slice(self, start: int, stop: int) -> TopKTargets:
+        """Rows [start, stop): views, no copy."""
+        return TopKTargets(self.ids[start:stop], self.log_probs[start:stop], self.tail[start:stop])
+
+    def to(self, device: torch.device | str) -> TopKTargets:
+        return TopKTargets(self.ids.to(device), self.log_probs.to(device), self.tail.to(device))
+
+
+def _check_topk(student_logits: Tensor, teacher: TopKTargets) -> None:
+    ids, log_probs, tail = teacher
+    n_lead = student_logits.shape[:-1]
+    if student_logits.dim() < 1 or not student_logits.is_floating_point():
+        raise ValueError("student_logits must be a floating-point tensor [N, V]")
+    if ids.shape[:-1] != n_lead or log_probs.shape != ids.shape or tail.shape != n_lead:
+        raise ValueError(
+            f"cached teacher targets ids {tuple(ids.shape)}, log_probs {tuple(log_probs.shape)} and tail "
+            f"{tuple(tail.shape)} must be [N, k], [N, k] and [N] with the student's N = {tuple(n_lead)}"
+        )
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise TypeError(f"teacher ids must be an integer tensor, got {ids.dtype}")
+    if not (log_probs.is_floating_point() and tail.is_floating_point()):
+        raise TypeError("teacher log_probs and tail must be floating-point tensors")
+    if ids.shape[-1] > student_logits.shape[-1]:
+        raise ValueError(
+            f"k = {ids.shape[-1]} cached teacher tokens but only V = {student_logits.shape[-1]} student "
+            "logit columns: the cache was made for a wider vocabulary"
+        )
+
+
+def topk_bucket_log_probs(
+    student_logits: Tensor, teacher: TopKTargets, *, temperature: float = 1.0
+) -> tuple[Tensor, Tensor]:
+    """(log q~, log p~), each [N, k + 1]: the (k+1)-bucket distributions of student and teacher.
+
+    ``student_logits [N, V]`` are raw logits (divided by ``temperature`` here, as the dense divergences
+    do); the teacher's log-probs are already at the cache's temperature. Column j < k is the teacher's
+    j-th token, column k the tail. Computed in float32 (float64 if the logits are float64).
+
+    Student: ``log_softmax`` over all V columns, gathered at the teacher's ids; its tail is the
+    ``logsumexp`` of the columns *not* in the top-k (a scatter of -inf, then a logsumexp), never
+    ``log(1 - sum q)``, which cancels catastrophically when the top-k holds almost all the mass. An
+    empty tail (k == V, or only zero-probability columns left) is exactly -inf with a zero gradient.
+
+    Teacher: the stored values, renormalised over the k + 1 buckets (a log-space shift by their
+    logsumexp), so that rounding in an fp16 cache can neither make a divergence negative nor leave
+    the buckets summing to 1 +- 1e-3. For exact (fp32/fp64) values the shift is at rounding level.
+    """
+    _check_topk(student_logits, teacher)
+    _check_temperature(temperature)
+    dtype = _compute_dtype(student_logits)
+    ids = teacher.ids.long()  # [N, k]
+    log_q = torch.log_softmax(student_logits.to(dtype) / temperature, dim=-1)  # [N, V]
+    q_top = log_q.gather(-1, ids)  # [N, k]
+    rest = log_q.scatter(-1, ids, _NEG_INF)  # [N, V]: the columns outside the teacher's top-k
+    empty = (rest == _NEG_INF).all(dim=-1, keepdim=True)  # [N, 1]
+    # logsumexp of an all -inf row is -inf in value but NaN in gradient: feed it zeros there instead.
+    q_tail = torch.where(empty, _NEG_INF, torch.logsumexp(torch.where(empty, 0.0, rest), -1, keepdim=True))
+    log_q_buckets = torch.cat([q_top, q_tail], dim=-1)  # [N, k + 1]
+
+    p = torch.cat([teacher.log_probs.to(dtype), teacher.tail.to(dtype).unsqueeze(-1)], dim=-1)  # [N, k+1]
+    log_p_buckets = p - torch.logsumexp(p, dim=-1, keepdim=True)
+    return log_q_buckets, log_p_buckets.detach()
+
+
+def _divergence_of_log_probs(
+    name: str, log_q: Tensor, log_p: Tensor, beta: float, skew_alpha: float
+) -> Tensor:
+    """The divergence ``name`` of two distributions given as log-probs: [N, K], [N, K] -> [N] (no T²)."""
+    if name == "forward_kl":
+        return _kl_from_log_probs(log_p, log_q)
+    if name == "reverse_kl":
+        return _kl_from_log_probs(log_q, log_p)
+    if name == "jsd":
+        _check_beta(beta)
+        log_m = _log_mixture(log_p, log_q, beta)
+        return beta * _kl_from_log_probs(log_p, log_m) + (1.0 - beta) * _kl_from_log_probs(log_q, log_m)
+    if name == "skew_forward_kl":
+        _check_skew_alpha(skew_alpha)
+        return _kl_from_log_probs(log_p, _log_mixture(log_p, log_q, skew_alpha))
+    if name == "skew_reverse_kl":
+        _check_skew_alpha(skew_alpha)
+        return _kl_from_log_probs(log_q, _log_mixture(log_q, log_p, skew_alpha))
+    return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(dim=-1)  # tvd
+
+
+def topk_divergence(
+    name: str,
+    student_logits: Tensor,
+    teacher: TopKTargets,
+    *,
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    skew_alpha: float = 0.1,
+) -> Tensor:
+    """The divergence ``name`` (one of ``DIVERGENCES``) on the (k+1)-bucket distributions: [N, V] -> [N].
+
+    Same contract as ``divergence`` (nats, times T², student logits divided by T, argument order
+    student then teacher), with the teacher given as cached top-k targets (see ``TopKTargets`` and
+    ``topk_bucket_log_probs``). Equal to the dense divergence when k == V (up to float rounding: the
+    sums run in another order); never negative and <= the dense divergence for k < V. Gradients flow
+    into ``student_logits`` only.
+    """
+    _check_name(name)
+    log_q, log_p = topk_bucket_log_probs(student_logits, teacher, temperature=temperature)
+    return _divergence_of_log_probs(name, log_q, log_p, beta, skew_alpha) * temperature**2
+
+
+def reference_topk_divergence(
+    name: str,
+    student_logits: Tensor,
+    teacher: TopKTargets,
+    *,
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    skew_alpha: float = 0.1,
+) -> Tensor:
+    """Ground truth for ``topk_divergence`` in float64: probabilities, summed tails, textbook formulas.
+
+    The student's tail is the sum of its probabilities outside the top-k (zero when k == V; ``1 - sum``
+    would leave rounding noise there, which reverse KL turns into +inf). The teacher buckets are
+    normalised by their sum (``topk_divergence`` does it in log space).
+    """
+    _check_name(name)
+    _check_topk(student_logits, teacher)
+    q = torch.softmax(student_logits.double() / temperature, dim=-1)
+    ids = teacher.ids.long()
+    q_b = torch.cat([q.gather(-1, ids), q.scatter(-1, ids, 0.0).sum(-1, keepdim=True)], dim=-1)
+    p_b = torch.cat([teacher.log_probs.double().exp(), teacher.tail.double().exp().unsqueeze(-1)], dim=-1)
+    p_b = p_b / p_b.sum(-1, keepdim=True)
+    if name == "forward_kl":
+        value = _ref_kl(p_b, q_b)
+    elif name == "reverse_kl":
+        value = _ref_kl(q_b, p_b)
+    elif name == "jsd":
+        m = beta * p_b + (1.0 - beta) * q_b
+        value = beta * _ref_kl(p_b, m) + (1.0 - beta) * _ref_kl(q_b, m)
+    elif name == "skew_forward_kl":
+        value = _ref_kl(p_b, skew_alpha * p_b + (1.0 - skew_alpha) * q_b)
+    elif name == "skew_reverse_kl":
+        value = _ref_kl(q_b, (1.0 - skew_alpha) * p_b + skew_alpha * q_b)
+    else:
+        value = 0.5 * (p_b - q_b).abs().sum(dim=-1)
+    return value * temperature**2
+
+
+def cached_distill_loss(
+    student_logits: Tensor,
+    targets: Tensor,
+    teacher: TopKTargets | None = None,
+    *,
+    kd_ratio: float,
+    num_tokens: int | Tensor,
+    divergence: str = "forward_kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    skew_alpha: float = 0.1,
+    kd_vocab_size: int | None = None,
+) -> LossParts:
+    """``distill_loss`` with a cached teacher: ``((1 - kd_ratio) CE + kd_ratio D~) / num_tokens``.
+
+    Shapes: ``student_logits [N, V_s]``, ``targets [N]``, ``teacher`` rows aligned with them. CE as in
+    ``distill_loss`` (full student width, fp32, no temperature); D~ is ``topk_divergence`` on the
+    student logits sliced to ``kd_vocab_size`` (the cache's vocabulary, the tokenizer length).
+    """
+    if not 0.0 <= kd_ratio <= 1.0:
+        raise ValueError(f"kd_ratio must be in [0, 1] (0 = pure CE, 1 = pure KD), got {kd_ratio}")
+    if teacher is None and kd_ratio > 0:
+        raise ValueError(
+            f"kd_ratio={kd_ratio} > 0 needs the cached teacher targets (teacher=TopKTargets(...)); pass "
+            "them, or set kd_ratio=0 for plain SFT"
+        )
+    _check_name(divergence)
+    if isinstance(num_tokens, int) and num_tokens <= 0:
+        raise ValueError(f"num_tokens (global count of trained tokens) must be > 0, got {num_tokens}")
+    if student_logits.dim() != 2 or targets.shape != student_logits.shape[:1]:
+        raise ValueError(
+            f"expected student_logits [N, V] and targets [N], got {tuple(student_logits.shape)} "
+            f"and {tuple(targets.shape)}"
+        )
+    if kd_vocab_size is not None and not 0 < kd_vocab_size <= student_logits.shape[1]:
+        raise ValueError(f"kd_vocab_size={kd_vocab_size} must be in [1, {student_logits.shape[1]}]")
+    ce_sum = F.cross_entropy(student_logits.float(), targets, reduction="sum")
+    if teacher is not None and kd_ratio > 0:
+        student_kd = student_logits if kd_vocab_size is None else student_logits[:, :kd_vocab_size]
+        kd_sum = topk_divergence(
+            divergence, student_kd, teacher, temperature=temperature, beta=beta, skew_alpha=skew_alpha
+        ).sum()
+        loss = ((1.0 - kd_ratio) * ce_sum + kd_ratio * kd_sum) / num_tokens
+    else:
+        kd_sum = ce_sum.new_zeros(())
+        loss = (1.0 - kd_ratio) * ce_sum / num_tokens
+    n = student_logits.shape[0]
+    return LossParts(loss=loss, ce_sum=ce_sum.detach(), kd_sum=kd_sum.detach(), num_tokens=n)
+
+
+def chunked_cached_distill_loss(
+    student_hidden: Tensor,
+    student_head: Tensor,
+    targets: Tensor,
+    teacher: TopKTargets | None = None,
+    *,
+    kd_ratio: float,
+    num_tokens: int | Tensor,
+    divergence: str = "forward_kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    skew_alpha: float = 0.1,
+    kd_vocab_size: int | None = None,
+    chunk_size: int = 1024,
+    student_bias: Tensor | None = None,
+    student_softcap: float | None = None,
+) -> LossParts:
+    """``cached_distill_loss`` fused with the student's lm_head, chunk by chunk: no [N, V] logits exist.
+
+    Shapes: ``student_hidden [N, H]``, ``student_head [V_s, H]``, ``targets [N]``, ``teacher`` rows
+    [N, k] / [N]. The same chunk loop as ``chunked_distill_loss`` (gradients computed during the
+    forward, per chunk), with the teacher's matmul replaced by a slice of the cached targets, so the
+    contract, dtypes and memory bound are those of ``chunked_distill_loss``.
+    """
+    if not 0.0 <= kd_ratio <= 1.0:
+        raise ValueError(f"kd_ratio must be in [0, 1] (0 = pure CE, 1 = pure KD), got {kd_ratio}")
+    if teacher is None and kd_ratio > 0:
+        raise ValueError(
+            f"kd_ratio={kd_ratio} > 0 needs the cached teacher targets (teacher=TopKTargets(...)); pass "
+            "them, or set kd_ratio=0 for plain SFT"
+        )
+    # The generic checks (head/hidden shapes, chunk size, soft-cap, num_tokens); the teacher's own below.
+    _check_chunked_args(
+        student_hidden,
+        student_head,
+        targets,
+        None,
+        None,
+        kd_ratio=0.0,
+        num_tokens=num_tokens,
+        divergence=divergence,
+        kd_vocab_size=None,
+        chunk_size=chunk_size,
+        student_bias=student_bias,
+        teacher_bias=None,
+        softcaps=(student_softcap, None),
+    )
+    kd_active = teacher is not None and kd_ratio > 0
+    if kd_active:
+        assert teacher is not None
+        width = student_head.shape[0] if kd_vocab_size is None else kd_vocab_size
+        if not 0 < width <= student_head.shape[0]:
+            raise ValueError(f"kd_vocab_size={kd_vocab_size} must be in [1, {student_head.shape[0]}]")
+        _check_topk(student_hidden.new_empty((student_hidden.shape[0], width)), teacher)
+        _check_temperature(temperature)
+        if divergence == "jsd":
+            _check_beta(beta)
+        if divergence.startswith("skew_"):
+            _check_skew_alpha(skew_alpha)
+    student_dtype = _matmul_dtype(student_hidden)
+    plan = _ChunkPlan(
+        targets=targets,
+        teacher_hidden=None,
+        teacher_head=None,
+        teacher_bias=None,
+        teacher_dtype=student_dtype,
+        student_dtype=student_dtype,
+        kd_ratio=float(kd_ratio),
+        num_tokens=num_tokens,
+        divergence=divergence,
+        temperature=temperature,
+        beta=beta,
+        skew_alpha=skew_alpha,
+        kd_vocab_size=kd_vocab_size,
+        chunk_size=chunk_size,
+        student_softcap=student_softcap,
+        teacher_softcap=None,
+        cached_teacher=teacher if kd_active else None,
+    )
+    grad_on = torch.is_grad_enabled()
+    needs = (
+        grad_on and student_hidden.requires_grad,
+        grad_on and student_head.requires_grad,
+        grad_on and student_bias is not None and student_bias.requires_grad,
+    )
+    n_local = student_hidden.shape[0]
+    if not any(needs):
+        loss, ce_sum, kd_sum, *_ = _chunk_loop(plan, student_hidden, student_head, student_bias, needs)
+        return LossParts(loss=loss, ce_sum=ce_sum, kd_sum=kd_sum, num_tokens=n_local)
+    loss, ce_sum, kd_sum = _ChunkedDistill.apply(student_hidden, student_head, student_bias, plan, needs)
+    return LossParts(loss=loss, ce_sum=ce_sum, kd_sum=kd_sum, num_tokens=n_local)
