@@ -1,0 +1,739 @@
+"""Hyperparameter sweeps: many ordinary `distill` runs over a search space, sharing one teacher cache.
+
+    llm-neo sweep --base base.yaml --space space.yaml --output sweeps/r-lr
+
+``--base`` is a `distill` config (any YAML `--config` reads, e.g. a run's ``config.yaml``); ``--space``
+says which options vary, by dotted name (``lora.r``, ``lr``, ``kd_ratio``, ``temperature``,
+``divergence``, ...):
+
+    grid:                         # every combination, in this order
+      lora.r: [16, 64]
+      lr: [1e-4, 2e-4]
+
+    random:                       # `trials` independent draws (seeded by --seed)
+      lr: {log_uniform: [5e-5, 5e-4]}
+      lora.r: [32, 64, 128]       # a list is a uniform choice
+      kd_ratio: {uniform: [0.3, 0.9]}
+      lora.lora_dropout: {choice: [0.0, 0.05]}
+      warmup_ratio: {int_uniform: [0, 3]}   # integers, both ends included
+    trials: 8
+
+Without ``--space`` the paper's guidelines are swept around the base's method: LoRA arms lr 1e-4 / 2e-4 /
+4e-4 (the 10× rule around 2e-4) and rank 64 / 128; full-parameter arms lr 1e-5 / 2e-5 / 4e-5; KD arms
+``kd_ratio`` 0.5 (the paper) / 0.9 (its released model).
+
+Each trial is a normal run in ``OUTPUT/trials/<id>/`` (all of `distill`'s outputs). Trials run one after
+another. KD trials whose base names a ``teacher`` but no ``teacher_cache`` share a cache the sweep builds
+once (``OUTPUT/caches/``, one per temperature / length / data combination, top-k ``--cache-top-k``), so
+the teacher's forward pass runs once for the whole sweep. ``sweep.json`` records every trial's options,
+status and metrics and is rewritten atomically after each change: a killed sweep continues with the same
+command plus ``--resume``: finished trials are kept, an interrupted one resumes from its checkpoints
+(``save_every`` in the base) or restarts. A trial that fails (a diverging learning rate) is recorded as
+failed and the sweep goes on.
+
+Outputs, refreshed after every trial: ``leaderboard.md`` and ``leaderboard.csv`` ranked by ``--metric``,
+``plots/<option>.png`` (the metric against each swept option), and ``best.yaml``: the best trial's
+resolved config, ready for ``llm-neo distill --config best.yaml``.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import hashlib
+import io
+import itertools
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from llm_neo.atomic import atomic_write_json, atomic_write_text
+from llm_neo.config import (
+    KD_METHODS,
+    LORA_METHODS,
+    ConfigError,
+    DistillConfig,
+    _coerce,
+    _field_types,
+    _help,
+    _unwrap_optional,
+    from_dict,
+    load_yaml,
+    validate_distill,
+)
+
+log = logging.getLogger("llm_neo")
+
+STATE = "sweep.json"
+STATE_VERSION = 1
+DISTRIBUTIONS = ("choice", "uniform", "log_uniform", "int_uniform")
+# Set by the sweep for each trial; sweeping them would make trials overwrite each other.
+NOT_SWEEPABLE = ("output_dir", "resume", "overwrite")
+# Metrics a trial reports (dotted paths into its summary.json), and which way is better.
+METRICS = {
+    "heldout.kl_to_teacher": "min",
+    "heldout.ce": "min",
+    "heldout.perplexity": "min",
+    "heldout.top1_agreement": "max",
+    "final.loss": "min",
+    "final.ce_loss": "min",
+    "final.kd_loss": "min",
+    "train_time_s": "min",
+    "peak_memory_gb": "min",
+}
+REPORTED = ("heldout.kl_to_teacher", "heldout.ce", "heldout.top1_agreement", "final.loss", "train_time_s")
+
+
+@dataclass
+class SweepConfig:
+    """`llm-neo sweep`: grid or random search over distill options, one normal run per trial."""
+
+    base: str = field(
+        default="",
+        metadata=_help("Base distill config (YAML, as for distill --config); every trial starts from it."),
+    )
+    space: str | None = field(
+        default=None,
+        metadata=_help(
+            "Search space YAML: `grid: {lora.r: [16, 64], lr: [1e-4, 2e-4]}`, or `random: {lr: "
+            "{log_uniform: [5e-5, 5e-4]}, ...}` with `trials: N`. Default: the paper's guidelines "
+            "(lr around the 10x rule, ranks 64/128, kd_ratio 0.5/0.9) for the base's method."
+        ),
+    )
+    output: str = field(
+        default="", metadata=_help("Sweep directory: trials/, leaderboard, plots, best.yaml.")
+    )
+    metric: str = field(
+        default="heldout.kl_to_teacher",
+        metadata=_help(f"Ranking metric, from each trial's summary.json: {', '.join(METRICS)}."),
+    )
+    mode: Literal["auto", "min", "max"] = field(
+        default="auto",
+        metadata=_help("Whether lower or higher --metric is better. auto: max for agreement, min otherwise."),
+    )
+    trials: int | None = field(
+        default=None, metadata=_help("Random search: number of trials (overrides the space file's).")
+    )
+    seed: int = field(default=0, metadata=_help("Seed of the random search's draws (not of the runs)."))
+    cache_teacher: bool = field(
+        default=True,
+        metadata=_help(
+            "Build one shared teacher cache for KD trials whose base has a teacher but no teacher_cache "
+            "(off: every KD trial runs the teacher)."
+        ),
+    )
+    cache_top_k: int = field(default=64, metadata=_help("Top-k of a teacher cache the sweep builds."))
+    resume: bool = field(default=False, metadata=_help("Continue the sweep in --output where it stopped."))
+    overwrite: bool = field(default=False, metadata=_help("Discard a sweep in --output and start again."))
+
+
+class SweepError(RuntimeError):
+    """The sweep cannot go on (another sweep in --output, nothing finished, ...); the message says why."""
+
+
+# ------------------------------------------------------------------------------------------------
+# The search space
+
+
+@dataclass(frozen=True)
+class Dimension:
+    """One swept option: its dotted name, how it is drawn, and its values (or bounds)."""
+
+    option: str  # dotted DistillConfig path, e.g. "lora.r"
+    kind: str  # "grid" (grid search) or one of DISTRIBUTIONS (random search)
+    values: tuple[Any, ...]  # the values; (low, high) for uniform, log_uniform, int_uniform
+
+
+@dataclass(frozen=True)
+class Space:
+    strategy: Literal["grid", "random"]
+    dimensions: tuple[Dimension, ...]
+    trials: int  # random search: draws; grid: the number of combinations
+
+
+def default_space(method: str) -> dict[str, Any]:
+    """The paper's guidelines around the base's method, as a space mapping (see the module docstring)."""
+    grid: dict[str, list[Any]] = {}
+    if method in LORA_METHODS:
+        grid["lr"] = [1e-4, 2e-4, 4e-4]  # LoRA lr = 10x the full-parameter lr (2e-5 -> 2e-4)
+        grid["lora.r"] = [64, 128]  # the paper's 64 and its released model's 128
+    else:
+        grid["lr"] = [1e-5, 2e-5, 4e-5]
+    if method in KD_METHODS:
+        grid["kd_ratio"] = [0.5, 0.9]  # the paper's default and its released model's
+    return {"grid": grid}
+
+
+def _option_type(option: str) -> Any:
+    """The declared type of a dotted DistillConfig option, or None when there is no such option."""
+    cls: Any = DistillConfig
+    *parents, leaf = option.split(".")
+    for part in parents:
+        hints = _field_types(cls)
+        if part not in hints:
+            return None
+        cls, _ = _unwrap_optional(hints[part])
+        if not dataclasses.is_dataclass(cls):
+            return None
+    hints = _field_types(cls)
+    tp = hints.get(leaf)
+    if tp is None or dataclasses.is_dataclass(_unwrap_optional(tp)[0]):
+        return None
+    return tp
+
+
+def _all_options(cls: Any = DistillConfig, prefix: str = "") -> list[str]:
+    out = []
+    for f in dataclasses.fields(cls):
+        tp, _ = _unwrap_optional(_field_types(cls)[f.name])
+        if dataclasses.is_dataclass(tp):
+            out += _all_options(tp, f"{prefix}{f.name}.")
+        else:
+            out.append(f"{prefix}{f.name}")
+    return out
+
+
+def parse_space(data: dict[str, Any], *, source: str, trials: int | None = None) -> Space:
+    """Check and parse a space mapping; ConfigError listing every problem (named by ``source``)."""
+    import difflib
+
+    problems: list[str] = []
+    strategies = [s for s in ("grid", "random") if s in data]
+    unknown = sorted(set(data) - {"grid", "random", "trials"})
+    if unknown:
+        problems.append(f"{source}: unknown top-level key(s) {', '.join(unknown)}; use grid: or random:")
+    if len(strategies) != 1:
+        raise ConfigError(
+            [*problems, f"{source}: give exactly one of grid: or random: (a mapping of option: values)"]
+        )
+    strategy = strategies[0]
+    body = data[strategy]
+    if not isinstance(body, dict) or not body:
+        raise ConfigError([*problems, f"{source}: {strategy}: must map option names to values"])
+    options = _all_options()
+    dims: list[Dimension] = []
+    for raw_option, spec in body.items():
+        option = str(raw_option).replace("-", "_")
+        where = f"{source}: {strategy}.{raw_option}"
+        tp = _option_type(option)
+        if tp is None:
+            close = difflib.get_close_matches(option, options, n=1)
+            problems.append(f"{where}: unknown option" + (f" (did you mean {close[0]}?)" if close else ""))
+            continue
+        if option in NOT_SWEEPABLE:
+            problems.append(f"{where}: set by the sweep for each trial; it cannot be swept")
+            continue
+        if strategy == "grid" or isinstance(spec, list):
+            values = spec if isinstance(spec, list) else None
+            if not values:
+                problems.append(f"{where}: give a non-empty list of values")
+                continue
+            coerced = tuple(_coerce(v, tp, where, problems) for v in values)
+            dims.append(Dimension(option, "grid" if strategy == "grid" else "choice", coerced))
+            continue
+        if not (isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in DISTRIBUTIONS):
+            problems.append(
+                f"{where}: expected a list of values or {{{'|'.join(DISTRIBUTIONS)}: ...}}, got {spec!r}"
+            )
+            continue
+        kind, values = next(iter(spec.items()))
+        if kind == "choice":
+            if not isinstance(values, list) or not values:
+                problems.append(f"{where}: choice needs a non-empty list")
+                continue
+            dims.append(Dimension(option, kind, tuple(_coerce(v, tp, where, problems) for v in values)))
+            continue
+        bounds = _bounds(values, kind, where, problems)
+        if bounds is None:
+            continue
+        base_tp, _ = _unwrap_optional(tp)
+        if kind == "int_uniform" and base_tp is not int:
+            problems.append(f"{where}: int_uniform needs an integer option")
+        elif kind != "int_uniform" and base_tp is not float:
+            problems.append(f"{where}: {kind} needs a float option (use choice or int_uniform)")
+        else:
+            dims.append(Dimension(option, kind, bounds))
+    count = trials if trials is not None else data.get("trials")
+    if strategy == "random":
+        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+            problems.append(f"{source}: random search needs trials: N (N >= 1), or --trials N")
+    elif "trials" in data or trials is not None:
+        problems.append(f"{source}: trials: applies to random search only (a grid runs every combination)")
+    if problems:
+        raise ConfigError(problems)
+    size = math.prod(len(d.values) for d in dims) if strategy == "grid" else int(count or 0)
+    return Space(strategy="grid" if strategy == "grid" else "random", dimensions=tuple(dims), trials=size)
+
+
+def _bounds(values: Any, kind: str, where: str, problems: list[str]) -> tuple[Any, Any] | None:
+    ok = isinstance(values, list) and len(values) == 2
+    if ok:
+        try:
+            low, high = (int(v) if kind == "int_uniform" else float(v) for v in values)
+        except (TypeError, ValueError):
+            ok = False
+    if not ok or not low <= high or (kind == "log_uniform" and low <= 0):
+        rule = "0 < low <= high" if kind == "log_uniform" else "low <= high"
+        problems.append(f"{where}: {kind} needs [low, high] with {rule}, got {values!r}")
+        return None
+    return low, high
+
+
+def expand_trials(space: Space, seed: int) -> list[dict[str, Any]]:
+    """The trials' overrides ({option: value}), in run order: a pure function of (space, seed)."""
+    if space.strategy == "grid":
+        names = [d.option for d in space.dimensions]
+        return [
+            dict(zip(names, combo, strict=True))
+            for combo in itertools.product(*(d.values for d in space.dimensions))
+        ]
+    rng = random.Random(f"llm-neo-sweep:{seed}")
+    trials = []
+    for _ in range(space.trials):
+        trials.append({d.option: _draw(d, rng) for d in space.dimensions})
+    return trials
+
+
+def _draw(d: Dimension, rng: random.Random) -> Any:
+    if d.kind == "choice":
+        return d.values[rng.randrange(len(d.values))]
+    low, high = d.values
+    if d.kind == "int_uniform":
+        return rng.randint(low, high)
+    if d.kind == "log_uniform":
+        return float(f"{math.exp(rng.uniform(math.log(low), math.log(high))):.4g}")
+    return float(f"{rng.uniform(low, high):.4g}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Trials
+
+
+def _set(data: dict[str, Any], option: str, value: Any) -> None:
+    *parents, leaf = option.split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = value
+
+
+def trial_config(
+    base: dict[str, Any], overrides: dict[str, Any], output_dir: Path, *, source: str
+) -> DistillConfig:
+    """The DistillConfig of one trial: ``base`` with ``overrides`` applied, in ``output_dir``."""
+    data = copy.deepcopy(base)
+    for option, value in overrides.items():
+        _set(data, option, value)
+    data["output_dir"] = str(output_dir)
+    data["resume"] = data["overwrite"] = False
+    problems: list[str] = []
+    config = from_dict(DistillConfig, data, source=source, problems=problems)
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def _trial_id(index: int) -> str:
+    return f"t{index:03d}"
+
+
+def _metric_value(summary: dict[str, Any], metric: str) -> float | None:
+    node: Any = summary
+    for part in metric.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return float(node) if isinstance(node, (int, float)) and not isinstance(node, bool) else None
+
+
+def _trial_metrics(summary: dict[str, Any]) -> dict[str, float]:
+    return {m: v for m in METRICS if (v := _metric_value(summary, m)) is not None}
+
+
+def resolved_mode(config: SweepConfig) -> str:
+    return METRICS.get(config.metric, "min") if config.mode == "auto" else config.mode
+
+
+def validate_sweep(config: SweepConfig) -> None:
+    p: list[str] = []
+    if not config.base:
+        p.append("--base is required (a distill config YAML, e.g. a run's config.yaml)")
+    elif not Path(config.base).expanduser().is_file():
+        p.append(f"--base: {config.base!r} does not exist")
+    if config.space and not Path(config.space).expanduser().is_file():
+        p.append(f"--space: {config.space!r} does not exist")
+    if not config.output:
+        p.append("--output is required (the sweep directory)")
+    if config.metric not in METRICS:
+        p.append(f"--metric: {config.metric!r} is not one of {', '.join(METRICS)}")
+    if config.trials is not None and config.trials < 1:
+        p.append(f"--trials: {config.trials} is out of range; it must be >= 1")
+    if config.cache_top_k < 1:
+        p.append(f"--cache-top-k: {config.cache_top_k} is out of range; it must be >= 1")
+    if config.resume and config.overwrite:
+        p.append("--resume and --overwrite contradict each other; give one")
+    if p:
+        raise ConfigError(p)
+
+
+def _check_trials(configs: dict[str, DistillConfig], metric: str) -> None:
+    """Every trial config valid, and able to report the metric; all problems of all trials at once."""
+    problems: list[str] = []
+    for trial, config in configs.items():
+        try:
+            validate_distill(config)
+        except ConfigError as err:
+            problems += [f"trial {trial}: {p}" for p in err.problems]
+        if metric.startswith("heldout.") and config.eval_fraction == 0:
+            problems.append(f"trial {trial}: --metric {metric} needs a held-out split (eval_fraction > 0)")
+        if metric in ("heldout.kl_to_teacher", "heldout.top1_agreement") and not (
+            config.teacher or config.teacher_cache
+        ):
+            problems.append(f"trial {trial}: --metric {metric} needs a teacher or teacher_cache in the base")
+    if problems:
+        raise ConfigError(sorted(set(problems), key=problems.index))
+
+
+# ------------------------------------------------------------------------------------------------
+# The shared teacher cache
+
+
+def _cache_group(config: DistillConfig) -> dict[str, Any]:
+    """What a trial's teacher cache depends on (trials that agree on all of it share one cache)."""
+    return {
+        "teacher": config.teacher,
+        "student": config.student,
+        "data": config.data,
+        "max_length": config.max_length,
+        "train_on_prompt": config.train_on_prompt,
+        "temperature": config.temperature,
+    }
+
+
+def _with_shared_cache(
+    config: DistillConfig, out: Path, sweep: SweepConfig, built: dict[str, str]
+) -> DistillConfig:
+    """``config`` with ``teacher_cache`` pointing at the sweep's shared cache (built on first use)."""
+    if not (sweep.cache_teacher and config.uses_kd and config.teacher and not config.teacher_cache):
+        return config
+    from llm_neo.teacher_cache import CacheTeacherConfig, cache_teacher
+
+    group = _cache_group(config)
+    name = hashlib.sha256(json.dumps(group, sort_keys=True).encode()).hexdigest()[:10]
+    path = out / "caches" / name
+    if name not in built:
+        log.info(
+            "sweep: teacher cache %s (T = %g, max length %d)", path, config.temperature, config.max_length
+        )
+        cache_teacher(
+            CacheTeacherConfig(
+                teacher=str(config.teacher),
+                data=config.data,
+                output=str(path),
+                tokenizer=config.student,  # the student tokenizes in distill: the cache must match it
+                top_k=sweep.cache_top_k,
+                temperature=config.temperature,
+                max_length=config.max_length,
+                train_on_prompt=config.train_on_prompt,
+                batch_size=config.eval_batch_size,
+                device=config.device,
+                dtype=config.dtype,
+                trust_remote_code=config.trust_remote_code,
+                allow_pickle_weights=config.allow_pickle_weights,
+            )
+        )
+        built[name] = str(path)
+    return dataclasses.replace(config, teacher_cache=built[name])
+
+
+# ------------------------------------------------------------------------------------------------
+# The sweep
+
+
+def _load_space(config: SweepConfig, base: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    if config.space:
+        return load_yaml(config.space), str(config.space)
+    method = str(base.get("method", DistillConfig.method))
+    return default_space(method), f"default space for --method {method}"
+
+
+def _prepare(config: SweepConfig, out: Path, state_doc: dict[str, Any]) -> dict[str, Any]:
+    """The state to continue from: a fresh one, or (with --resume) the stored one if it is the same sweep."""
+    state_file = out / STATE
+    if config.resume:
+        if not state_file.is_file():
+            raise SweepError(f"--resume: no sweep in {out} ({STATE} is missing); start it without --resume")
+        stored = json.loads(state_file.read_text())
+        changed = [k for k in ("base", "space", "seed") if stored.get(k) != state_doc[k]]
+        if not changed and [t["overrides"] for t in stored["trials"]] != [
+            t["overrides"] for t in state_doc["trials"]
+        ]:
+            changed = ["trials"]
+        if changed:
+            raise SweepError(
+                f"--resume: the {', '.join(changed)} differ from the sweep in {out}. Resume with the same "
+                "--base/--space/--seed, or start a new --output."
+            )
+        return stored
+    if out.exists() and any(out.iterdir()):
+        if not config.overwrite:
+            raise SweepError(
+                f"--output {out} already holds files; pass --resume to continue that sweep, --overwrite to "
+                "start again, or choose another --output"
+            )
+        for name in ("trials", "plots", "caches", STATE, "leaderboard.md", "leaderboard.csv", "best.yaml"):
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(state_file, state_doc)
+    return state_doc
+
+
+StepCallback = Callable[[int, dict[str, float]], None]
+
+
+def sweep(
+    config: SweepConfig,
+    *,
+    on_step: StepCallback | None = None,
+    on_trial: Callable[[str, dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Run (or continue) the sweep; return its state (also in ``OUTPUT/sweep.json``).
+
+    ``on_step`` is passed to every trial's ``distill``; ``on_trial(id, record)`` runs after each trial.
+    """
+    from llm_neo.checkpoint import list_checkpoints
+    from llm_neo.distill import TrainingError, distill
+
+    validate_sweep(config)
+    out = Path(config.output).expanduser()
+    base = load_yaml(config.base)
+    space_data, space_source = _load_space(config, base)
+    space = parse_space(space_data, source=space_source, trials=config.trials)
+    overrides = expand_trials(space, config.seed)
+    if any(d.option == "lora.r" for d in space.dimensions) and (base.get("lora") or {}).get("lora_alpha"):
+        log.warning(
+            "sweep: lora.r is swept but the base fixes lora.lora_alpha = %s, so alpha/r changes with r; "
+            "remove lora_alpha from the base for the paper's alpha = 2r",
+            base["lora"]["lora_alpha"],
+        )
+    configs = {
+        _trial_id(i): trial_config(base, o, out / "trials" / _trial_id(i), source=f"trial {_trial_id(i)}")
+        for i, o in enumerate(overrides)
+    }
+    _check_trials(configs, config.metric)  # every trial valid before the first one runs
+
+    state_doc = {
+        "version": STATE_VERSION,
+        "base": base,
+        "space": {"source": space_source, **space_data},
+        "seed": config.seed,
+        "trials": [
+            {"id": trial, "overrides": o, "status": "pending", "metrics": {}, "error": None}
+            for trial, o in zip(configs, overrides, strict=True)
+        ],
+    }
+    state = _prepare(config, out, state_doc)
+    state["metric"], state["mode"] = config.metric, resolved_mode(config)
+    log.info("sweep: %d trials (%s search) in %s", len(configs), space.strategy, out)
+
+    built: dict[str, str] = {}
+    for record in state["trials"]:
+        trial = record["id"]
+        if record["status"] in ("done", "failed"):
+            continue
+        trial_dir = out / "trials" / trial
+        resumable = bool(list_checkpoints(trial_dir / "checkpoints"))
+        trial_cfg = dataclasses.replace(configs[trial], resume=resumable, overwrite=not resumable)
+        trial_cfg = _with_shared_cache(trial_cfg, out, config, built)
+        record["status"] = "running"
+        atomic_write_json(out / STATE, state)
+        log.info(
+            "sweep: trial %s %s%s", trial, _describe(record["overrides"]), " (resumed)" if resumable else ""
+        )
+        try:
+            summary = distill(trial_cfg, on_step=on_step)
+        except (TrainingError, ValueError) as err:
+            # One diverging trial (a too-high lr) must not end the search; the error is on record.
+            record |= {"status": "failed", "error": str(err)}
+            log.warning("sweep: trial %s failed: %s", trial, err)
+        else:
+            record |= {"status": "done", "metrics": _trial_metrics(summary), "error": None}
+        atomic_write_json(out / STATE, state)
+        write_reports(state, out, space)
+        if on_trial is not None:
+            on_trial(trial, record)
+    write_reports(state, out, space)
+    return state
+
+
+def _describe(overrides: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in overrides.items())
+
+
+# ------------------------------------------------------------------------------------------------
+# Reports
+
+
+def ranked(state: dict[str, Any]) -> list[dict[str, Any]]:
+    """Trials best first: finished ones by the metric, then those without it (failed, pending)."""
+    metric, sign = state["metric"], (1 if state["mode"] == "min" else -1)
+    scored = [t for t in state["trials"] if t["status"] == "done" and metric in t["metrics"]]
+    rest = [t for t in state["trials"] if t not in scored]
+    return sorted(scored, key=lambda t: sign * t["metrics"][metric]) + rest
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def leaderboard_rows(state: dict[str, Any], options: list[str]) -> list[dict[str, Any]]:
+    metric = state["metric"]
+    columns = [metric, *[m for m in REPORTED if m != metric]]
+    rows = []
+    for rank, t in enumerate(ranked(state), start=1):
+        rows.append(
+            {
+                "rank": rank if t["status"] == "done" else None,
+                "trial": t["id"],
+                **{o: t["overrides"].get(o) for o in options},
+                **{c: t["metrics"].get(c) for c in columns},
+                "status": t["status"],
+            }
+        )
+    return rows
+
+
+def write_reports(state: dict[str, Any], out: Path, space: Space) -> None:
+    """leaderboard.md, leaderboard.csv, plots/<option>.png and best.yaml, each written atomically."""
+    options = [d.option for d in space.dimensions]
+    rows = leaderboard_rows(state, options)
+    if not rows:
+        return
+    header = list(rows[0])
+    arrow = "lower is better" if state["mode"] == "min" else "higher is better"
+    lines = [
+        f"# Sweep leaderboard: {state['metric']} ({arrow})",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    lines += ["| " + " | ".join(_fmt(r[h]) for h in header) + " |" for r in rows]
+    failed = [t for t in state["trials"] if t["status"] == "failed"]
+    if failed:
+        lines += ["", "Failed trials:", ""] + [f"- {t['id']}: {t['error']}" for t in failed]
+    atomic_write_text(out / "leaderboard.md", "\n".join(lines) + "\n")
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=header, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in rows)
+    atomic_write_text(out / "leaderboard.csv", buffer.getvalue())
+    _write_best(state, out)
+    _write_plots(state, out, space)
+
+
+def _write_best(state: dict[str, Any], out: Path) -> None:
+    best = ranked(state)[0]
+    if best["status"] != "done":
+        return
+    config = load_yaml(out / "trials" / best["id"] / "config.yaml")  # the trial's resolved options
+    config["output_dir"] = str(out / "best")
+    value = best["metrics"][state["metric"]]
+    head = (
+        f"# Best of the sweep in {out}: trial {best['id']} ({_describe(best['overrides'])}),\n"
+        f"# {state['metric']} = {value:.6g}. Reproduce: llm-neo distill --config {out / 'best.yaml'}\n"
+    )
+    atomic_write_text(out / "best.yaml", head + yaml.safe_dump(config, sort_keys=False))
+
+
+def _write_plots(state: dict[str, Any], out: Path, space: Space) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = state["metric"]
+    done = [t for t in state["trials"] if t["status"] == "done" and metric in t["metrics"]]
+    if not done:
+        return
+    best = ranked(state)[0]
+    for d in space.dimensions:
+        xs = [t["overrides"][d.option] for t in done]
+        ys = [t["metrics"][metric] for t in done]
+        numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs)
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        if numeric:
+            positions = [float(x) for x in xs]
+            if d.kind == "log_uniform" or (min(positions) > 0 and max(positions) / min(positions) >= 10):
+                ax.set_xscale("log")
+        else:
+            labels = sorted({str(x) for x in xs})
+            positions = [float(labels.index(str(x))) for x in xs]
+            ax.set_xticks(range(len(labels)), labels)
+        ax.scatter(positions, ys, color="#1f77b4", zorder=2)
+        if best in done:
+            i = done.index(best)
+            ax.scatter(
+                [positions[i]],
+                [ys[i]],
+                color="#d62728",
+                s=90,
+                marker="*",
+                zorder=3,
+                label=f"best ({best['id']})",
+            )
+            ax.legend(loc="best", fontsize=8)
+        ax.set_xlabel(d.option)
+        ax.set_ylabel(metric)
+        ax.set_title(f"{metric} vs {d.option}")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=100)
+        plt.close(fig)
+        _write_bytes(out / "plots" / f"{d.option}.png", buffer.getvalue())
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    """Atomically, as llm_neo.atomic writes text: a temporary sibling, fsynced, renamed over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def run_sweep(config: SweepConfig) -> int:
+    """`llm-neo sweep`: run it, print the leaderboard; exit 1 when no trial finished."""
+    state = sweep(config)
+    out = Path(config.output)
+    print((out / "leaderboard.md").read_text() if (out / "leaderboard.md").is_file() else "no trials")
+    if not any(t["status"] == "done" for t in state["trials"]):
+        print("no trial finished; see the errors above and in sweep.json")
+        return 1
+    print(f"best config: {out / 'best.yaml'}  (llm-neo distill --config {out / 'best.yaml'})")
+    return 0
