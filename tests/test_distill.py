@@ -280,3 +280,11 @@ def test_chunked_and_plain_loss_train_the_same_student(make_config, method):
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-5)
     assert chunked["final"] == pytest.approx(plain["final"], rel=1e-5)
+
+
+def test_a_run_that_cannot_start_writes_nothing(make_config, tmp_path):
+    config = make_config("neo", lora=LoraOptions(r=4, target_modules=["no_such_proj"]))
+    with pytest.raises(ValueError, match="no_such_proj"):
+        distill(config)
+    assert not Path(str(config.output_dir)).exists()
+    assert distill(dataclasses.replace(config, lora=LoraOptions(r=4)))["steps"] == 3  # no --overwrite needed

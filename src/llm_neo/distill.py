@@ -150,7 +150,7 @@ def distill(config: DistillConfig, *, on_step: StepCallback | None = None) -> di
 
     progress = Progress()
     checkpoints = out / "checkpoints"
-    resume_from = _prepare_output_dir(config, out, checkpoints, world)
+    resume_from = _check_output_dir(config, out, checkpoints)
 
     # --- 2. Models. The teacher is frozen in the compute dtype; only the KD arms need it while training.
     hf_set_seed(config.seed)
@@ -189,6 +189,10 @@ def distill(config: DistillConfig, *, on_step: StepCallback | None = None) -> di
         100 * n_trainable / base_parameters,
         config.method,
     )
+
+    if resume_from is None and world.is_main:
+        _start_output_dir(config, out)  # only now: a run that fails to start leaves nothing behind
+    barrier(world)
 
     # --- 4. Optimiser and schedule.
     per_epoch = math.ceil(len(train) / config.batch_size)
@@ -524,10 +528,10 @@ def all_gather(value: float, world: World) -> list[float]:
     return values
 
 
-def _prepare_output_dir(config: DistillConfig, out: Path, checkpoints: Path, world: World) -> Path | None:
+def _check_output_dir(config: DistillConfig, out: Path, checkpoints: Path) -> Path | None:
     """Refuse to clobber an earlier run; on --resume, check the run is the same and find its checkpoint.
 
-    Every rank checks (so every rank raises the same error); rank 0 alone writes.
+    Read-only, and run by every rank, so every rank raises the same error.
     """
     saved = out / "config.yaml"
     if config.resume:
@@ -551,10 +555,6 @@ def _prepare_output_dir(config: DistillConfig, out: Path, checkpoints: Path, wor
             f"--output-dir {out} already holds files; pass --resume to continue that run, "
             "--overwrite to replace it, or choose another --output-dir"
         )
-    barrier(world)  # nobody writes before everybody has checked
-    if world.is_main:
-        _start_output_dir(config, out)
-    barrier(world)
     return None
 
 
