@@ -434,6 +434,10 @@ def test_cache_key_refuses_a_run_it_was_not_made_for(
     text = refused("chat_template", student=str(other_template))
     assert "tokenizer (" not in text  # same vocabulary: only the template differs
 
+    # The data's bytes are the key, not its name: a renamed copy is the same data.
+    renamed = shutil.copy(data_file, tmp_path / "renamed.jsonl")
+    assert distill(run_config("renamed", teacher_cache=str(cache_dir), data=str(renamed), max_steps=1))
+
 
 def test_cache_key_checks_the_teacher_when_one_is_given(run_config, cache_dir, models_dir, tokenizer):
     from llm_neo.tiny import build_llama, save_model
