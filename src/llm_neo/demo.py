@@ -1,0 +1,804 @@
+"""`llm-neo demo`: the paper's comparison end to end on a laptop CPU, with a report.
+
+Top to bottom, every stage through the same code a user's run takes:
+
+    1. task      the built-in task's train.jsonl / heldout.jsonl (llm_neo.task), ordinary Alpaca JSONL
+    2. teacher   a small Llama with its own character-level tokenizer, trained from a random init on the
+                 task (``distill(method="sft")``), cached under a key of everything that shapes it
+    3. student   the teacher depth-pruned by measured block importance (``llm_neo.prune.run_prune``):
+                 the paper's pruned-student setting
+    4. arms      sft, lora, kd and neo on the same data, seed and step budget (``distill(method=m)``),
+                 each in its own process so that its peak memory is its own
+    5. eval      on the held-out split: exact match of greedy generations (overall and per skill), CE,
+                 KL to the teacher and top-1 agreement with it
+    6. report    report.md with a results table and PNG plots, results.json (llm_neo.report)
+
+The settings are the paper's where they apply (kd_ratio 0.5, forward KL, LoRA on every linear layer of
+every block with alpha = 2r, cosine schedule with 10% warm-up, LoRA lr = 10x the full-parameter lr) and
+sized so that the whole demo fits in 10 minutes on 2 CPU cores; ``DEFAULT`` and ``QUICK`` below say why
+each number is what it is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import multiprocessing
+import os
+import shutil
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llm_neo import __version__
+from llm_neo.atomic import atomic_directory, atomic_write_json
+from llm_neo.config import ConfigError, DistillConfig, LoraOptions, _help
+
+log = logging.getLogger("llm_neo")
+
+ARMS = ("sft", "lora", "kd", "neo")
+# Per-run results that the report aggregates over seeds (mean, std, min, max).
+NUMERIC = (
+    "accuracy",
+    "ce",
+    "kl_to_teacher",
+    "top1_agreement",
+    "peak_memory_gb",
+    "train_time_s",
+    "wall_time_s",
+    "training_state_mb",
+)
+
+
+@dataclass
+class DemoConfig:
+    """`llm-neo demo`: teacher, pruned student and the four arms on a built-in task, with a report."""
+
+    output_dir: str = field(
+        default="runs/demo", metadata=_help("Where the data, the arms' runs and the report are written.")
+    )
+    seeds: int | None = field(
+        default=None,
+        metadata=_help(
+            "Repeat the four arms over this many seeds and report mean ± std. Default 3 (quick: 1)."
+        ),
+    )
+    quick: bool = field(
+        default=False,
+        metadata=_help("A reduced demo in about a minute: tiny models, a few steps, one seed (for tests)."),
+    )
+    steps: int | None = field(
+        default=None, metadata=_help("Optimizer steps of each arm (the same for all four). Default 200.")
+    )
+    teacher_steps: int | None = field(
+        default=None, metadata=_help("Optimizer steps of the teacher's training. Default 2500.")
+    )
+    seed: int = field(
+        default=0,
+        metadata=_help(
+            "Seed of the task data and the teacher; the arms run with seeds seed, seed+1, ... "
+            "(a new seed trains a new teacher)."
+        ),
+    )
+    cache_dir: str | None = field(
+        default=None,
+        metadata=_help(
+            "Where trained teachers are cached (keyed by task version, seed, shape and training "
+            "settings). Default $XDG_CACHE_HOME/llm-neo/demo, i.e. ~/.cache/llm-neo/demo."
+        ),
+    )
+    overwrite: bool = field(
+        default=False, metadata=_help("Replace the outputs of an earlier demo in --output-dir.")
+    )
+    device: str = field(default="cpu", metadata=_help("cpu (the demo's target), auto, cuda or cuda:N."))
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """Everything that sizes the demo. Not options: the presets below, with ``steps``/seeds overrides."""
+
+    # task
+    train_per_skill: int  # the teacher's training split
+    distill_samples: int  # the arms' data: this many records of the training split (one epoch of the arms)
+    heldout_per_skill: int
+    # teacher: a Llama trained from scratch
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    teacher_steps: int
+    teacher_lr: float
+    # student and arms
+    keep_layers: int
+    arm_steps: int
+    full_lr: float  # sft, kd; LoRA arms use 10x (the paper's rule)
+    lora_r: int
+    batch_size: int
+    max_length: int
+    seeds: int
+    prune_samples: int
+
+    @property
+    def lora_lr(self) -> float:
+        return 10 * self.full_lr
+
+
+# Sized for 2 CPU cores: about 3 minutes of teacher training, 12 arms of about 15 s each.
+# - The teacher is big enough to learn all five skills (>= 90% exact match) from scratch in that time;
+#   from-scratch training needs a far higher lr than fine-tuning (3e-3 vs the paper's 2e-5).
+# - The student keeps half the blocks: the paper's depth-pruned setting, and enough lost skill to recover.
+# - full_lr is the teacher's lr / 10 (fine-tuning a trained network takes a smaller step than training it
+#   from scratch); the LoRA arms use 10x that, the paper's rule, i.e. the teacher's own lr.
+# - r = 16 on hidden 128 is the paper's r/hidden ratio (64 on 2048, ~1/32) raised for KD through a LoRA
+#   branch, as one of the authors advises; alpha = 2r as in the paper.
+DEFAULT = DemoSettings(
+    train_per_skill=6000,
+    distill_samples=6400,
+    heldout_per_skill=40,
+    hidden_size=128,
+    num_layers=4,
+    num_heads=4,
+    intermediate_size=256,
+    teacher_steps=2500,
+    teacher_lr=3e-3,
+    keep_layers=2,
+    arm_steps=200,
+    full_lr=3e-4,
+    lora_r=16,
+    batch_size=32,
+    max_length=64,
+    seeds=3,
+    prune_samples=256,
+)
+
+# A smoke test of every stage (the test suite runs it): tiny models, a few steps. Its teacher is not
+# competent and its numbers mean nothing; the report says so.
+QUICK = DemoSettings(
+    train_per_skill=40,
+    distill_samples=100,
+    heldout_per_skill=4,
+    hidden_size=32,
+    num_layers=2,
+    num_heads=2,
+    intermediate_size=64,
+    teacher_steps=10,
+    teacher_lr=3e-3,
+    keep_layers=1,
+    arm_steps=3,
+    full_lr=3e-4,
+    lora_r=4,
+    batch_size=8,
+    max_length=64,
+    seeds=1,
+    prune_samples=16,
+)
+
+
+class DemoError(RuntimeError):
+    """A stage of the demo failed; the message names the stage and where its outputs are."""
+
+
+def resolve_settings(config: DemoConfig) -> DemoSettings:
+    base = QUICK if config.quick else DEFAULT
+    return dataclasses.replace(
+        base,
+        arm_steps=config.steps if config.steps is not None else base.arm_steps,
+        teacher_steps=config.teacher_steps if config.teacher_steps is not None else base.teacher_steps,
+        seeds=config.seeds if config.seeds is not None else base.seeds,
+    )
+
+
+def validate_demo(config: DemoConfig) -> None:
+    p: list[str] = []
+    if not config.output_dir:
+        p.append("--output-dir is required")
+    out = Path(config.output_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        p.append(f"--output-dir: {config.output_dir!r} is a file; give a directory")
+    elif out.is_dir() and any(out.iterdir()) and not config.overwrite:
+        p.append(
+            f"--output-dir: {config.output_dir!r} already holds files; pass --overwrite to replace "
+            "the earlier demo, or choose another --output-dir"
+        )
+    for name, value in (
+        ("seeds", config.seeds),
+        ("steps", config.steps),
+        ("teacher-steps", config.teacher_steps),
+    ):
+        if value is not None and value < 1:
+            p.append(f"--{name}: {value} is out of range; it must be >= 1")
+    if p:
+        raise ConfigError(p)
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(root) / "llm-neo" / "demo"
+
+
+# ------------------------------------------------------------------------------------------------
+# The demo, top to bottom.
+
+
+def run_demo(config: DemoConfig) -> int:
+    """Run every stage, write the report, print the table and a summary line; return the exit code."""
+    from llm_neo.report import format_results_table, write_report
+    from llm_neo.task import TASK_VERSION, generate_task, write_jsonl
+
+    validate_demo(config)
+    settings = resolve_settings(config)
+    started = time.perf_counter()
+    out = Path(config.output_dir).expanduser()
+    _clear_output_dir(out)
+    cache = Path(config.cache_dir).expanduser() if config.cache_dir else default_cache_dir()
+    device = config.device
+    timing: dict[str, float] = {}
+    seeds = [config.seed + k for k in range(settings.seeds)]
+    _say(
+        f"llm-neo demo{' --quick' if config.quick else ''}: teacher -> pruned student -> "
+        f"{', '.join(ARMS)} x {len(seeds)} seed(s), {settings.arm_steps} steps each; output {out}"
+    )
+
+    # --- 1. The task, as ordinary JSONL files: the teacher's training split, the arms' share of it, and
+    # the held-out split everything is evaluated on.
+    train, heldout = generate_task(
+        config.seed, train_per_skill=settings.train_per_skill, heldout_per_skill=settings.heldout_per_skill
+    )
+    train_path = write_jsonl(out / "data" / "train.jsonl", train)
+    distill_path = write_jsonl(out / "data" / "distill.jsonl", train[: settings.distill_samples])
+    heldout_path = write_jsonl(out / "data" / "heldout.jsonl", heldout)
+
+    # --- 2. The teacher: trained once per key, then reused from the cache.
+    t0 = time.perf_counter()
+    teacher = ensure_teacher(settings, seed=config.seed, data=train_path, cache=cache, device=device)
+    timing["teacher_s"] = time.perf_counter() - t0
+
+    # --- 3. The student: the teacher, depth-pruned by measured block importance.
+    t0 = time.perf_counter()
+    student = prune_teacher(
+        settings, teacher["path"], data=distill_path, output=out / "student", device=device
+    )
+    timing["prune_s"] = time.perf_counter() - t0
+
+    # --- 4. The four arms over the seeds, each in its own process.
+    t0 = time.perf_counter()
+    runs: list[dict[str, Any]] = []
+    total = len(seeds) * len(ARMS)
+    for seed in seeds:
+        for method in ARMS:
+            _say(f"[arm {len(runs) + 1}/{total}] {method}, seed {seed}")
+            arm = arm_config(
+                settings,
+                method,
+                seed=seed,
+                teacher=teacher["path"],
+                student=student["path"],
+                data=distill_path,
+                output_dir=out / "arms" / f"{method}-seed{seed}",
+                device=device,
+            )
+            runs.append({"method": method, "seed": seed, "summary": run_arm(arm)})
+    timing["arms_s"] = time.perf_counter() - t0
+
+    # --- 5. Held-out evaluation of every model on the same split.
+    t0 = time.perf_counter()
+    models = {"teacher": teacher["path"], "pruned student": student["path"]}
+    models |= {
+        f"{r['method']}-seed{r['seed']}": str(Path(r["summary"]["config"]["output_dir"]) / "merged")
+        for r in runs
+    }
+    evaluations = evaluate_models(
+        models, teacher=teacher["path"], heldout=heldout_path, device=device, settings=settings
+    )
+    timing["eval_s"] = time.perf_counter() - t0
+
+    # --- 6. The report.
+    data = {
+        "task_version": TASK_VERSION,
+        "train": str(train_path),
+        "distill": str(distill_path),
+        "heldout": str(heldout_path),
+    }
+    results = collect_results(
+        config,
+        settings,
+        teacher=teacher,
+        student=student,
+        runs=runs,
+        evaluations=evaluations,
+        seeds=seeds,
+        data=data,
+    )
+    timing["total_s"] = time.perf_counter() - started
+    results["timing"] = timing
+    report_path = write_report(results, out)
+    print()
+    print(format_results_table(results))
+    print(
+        f"\nllm-neo demo: teacher ({'reused from cache' if teacher['cached'] else 'trained'}) -> pruned "
+        f"student -> {', '.join(ARMS)} x {len(seeds)} seed(s) in {timing['total_s'] / 60:.1f} min; "
+        f"report: {report_path}"
+    )
+    return 0
+
+
+def _say(message: str) -> None:
+    print(message, flush=True)
+
+
+def _clear_output_dir(out: Path) -> None:
+    """With --overwrite, remove what an earlier demo wrote (only that); then make the directory."""
+    for name in ("data", "student", "arms", "plots", "report.md", "results.json"):
+        target = out / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. The teacher
+
+
+def teacher_key(settings: DemoSettings, seed: int) -> str:
+    """Hash of everything that determines the teacher's weights; part of its cache directory name."""
+    from llm_neo.task import TASK_VERSION
+
+    shaping = {
+        "task_version": TASK_VERSION,
+        "seed": seed,
+        "train_per_skill": settings.train_per_skill,
+        "heldout_per_skill": settings.heldout_per_skill,
+        "hidden_size": settings.hidden_size,
+        "num_layers": settings.num_layers,
+        "num_heads": settings.num_heads,
+        "intermediate_size": settings.intermediate_size,
+        "teacher_steps": settings.teacher_steps,
+        "teacher_lr": settings.teacher_lr,
+        "batch_size": settings.batch_size,
+        "max_length": settings.max_length,
+        "tokenizer": "char-v1",
+    }
+    return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def ensure_teacher(
+    settings: DemoSettings, *, seed: int, data: Path, cache: Path, device: str
+) -> dict[str, Any]:
+    """The cached teacher for these settings, training (and caching) it first if there is none.
+
+    Returns ``{"path", "key", "cached", "parameters", "train_time_s", "steps", "curve"}``. The cache
+    entry is a standard HF model dir plus ``teacher.json``; it is written atomically, so a killed
+    first run leaves no half-written teacher for the next one to trust.
+    """
+    from llm_neo.distill import distill
+    from llm_neo.task import task_corpus
+    from llm_neo.tiny import SPECIAL_TOKENS, build_llama, build_tokenizer, save_model
+
+    key = teacher_key(settings, seed)
+    path = cache / f"teacher-{key}"
+    meta_path = path / "teacher.json"
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        trained = f"{meta['steps']} steps, trained in {meta['train_time_s']:.0f} s"
+        _say(f"teacher: reused from cache {path} ({trained})")
+        return {**meta, "path": str(path), "cached": True}
+
+    _say(
+        f"teacher: training a {settings.num_layers}-block Llama (hidden {settings.hidden_size}) from scratch "
+        f"for {settings.teacher_steps} steps; cached as {path}"
+    )
+    work = cache / f".teacher-{key}.work"
+    shutil.rmtree(work, ignore_errors=True)
+    # Character-level: a byte-level BPE with no merges (its size is the 256 byte symbols plus the special
+    # tokens), so digits and letters are single tokens and reversing, sorting and adding are learnable.
+    tokenizer = build_tokenizer(task_corpus(), vocab_size=256 + len(SPECIAL_TOKENS))
+    init = save_model(
+        build_llama(
+            len(tokenizer),
+            hidden_size=settings.hidden_size,
+            num_layers=settings.num_layers,
+            num_heads=settings.num_heads,
+            intermediate_size=settings.intermediate_size,
+            max_position_embeddings=max(128, settings.max_length),
+            seed=seed,
+        ),
+        tokenizer,
+        work / "init",
+    )
+    summary = distill(
+        DistillConfig(
+            student=str(init),
+            data=str(data),
+            method="sft",
+            output_dir=str(work / "run"),
+            max_steps=settings.teacher_steps,
+            batch_size=settings.batch_size,
+            grad_accum=1,
+            lr=settings.teacher_lr,
+            eval_fraction=0.0,  # the demo evaluates on its own held-out file
+            max_length=settings.max_length,
+            seed=seed,
+            log_every=max(1, settings.teacher_steps // 100),
+            device=device,
+        )
+    )
+    curve = _loss_curve(work / "run" / "metrics.jsonl")
+    meta = {
+        "key": key,
+        "settings": dataclasses.asdict(settings),
+        "seed": seed,
+        "parameters": summary["student_parameters"],
+        "num_layers": settings.num_layers,
+        "train_time_s": summary["train_time_s"],
+        "steps": summary["steps"],
+        "final": summary["final"],
+        "curve": curve,
+        "llm_neo_version": __version__,
+    }
+    with atomic_directory(path) as tmp:
+        for item in (work / "run" / "merged").iterdir():
+            shutil.copy2(item, tmp / item.name)
+        atomic_write_json(tmp / "teacher.json", meta)
+    shutil.rmtree(work, ignore_errors=True)
+    return {**meta, "path": str(path), "cached": False}
+
+
+def _loss_curve(metrics: Path) -> list[dict[str, float]]:
+    keys = ("step", "loss", "ce_loss", "kd_loss")
+    return [
+        {k: json.loads(line)[k] for k in keys} for line in metrics.read_text().splitlines() if line.strip()
+    ]
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. The student
+
+
+def prune_teacher(
+    settings: DemoSettings, teacher: str, *, data: Path, output: Path, device: str
+) -> dict[str, Any]:
+    """Depth-prune the teacher to ``keep_layers`` blocks with ``llm-neo prune``'s code."""
+    from llm_neo.prune import PruneConfig, run_prune
+
+    _say(f"student: pruning the teacher to {settings.keep_layers} of {settings.num_layers} blocks")
+    report = run_prune(
+        PruneConfig(
+            model=teacher,
+            data=str(data),
+            output=str(output),
+            keep_layers=settings.keep_layers,
+            num_samples=settings.prune_samples,
+            max_length=settings.max_length,
+            batch_size=32,
+            device=device,
+            overwrite=True,
+        )
+    )
+    return {
+        "path": str(output),
+        "kept_layers": report["kept_layers"],
+        "dropped_layers": report["dropped_layers"],
+        "scores": report["scores"],
+        "parameters": report["parameters_after"],
+        "metric": report["metric"],
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. The arms
+
+
+def arm_config(
+    settings: DemoSettings,
+    method: str,
+    *,
+    seed: int,
+    teacher: str,
+    student: str,
+    data: Path,
+    output_dir: Path,
+    device: str,
+) -> DistillConfig:
+    """One arm: the same data, seed, steps and batch for all four; only what the method changes differs."""
+    lora = method in ("neo", "lora")
+    return DistillConfig(
+        student=student,
+        teacher=teacher,
+        data=str(data),
+        method=method,  # type: ignore[arg-type]
+        output_dir=str(output_dir),
+        max_steps=settings.arm_steps,
+        batch_size=settings.batch_size,
+        grad_accum=1,
+        lr=settings.lora_lr if lora else settings.full_lr,
+        eval_fraction=0.0,  # all arms are evaluated on the task's held-out file
+        max_length=settings.max_length,
+        seed=seed,
+        kd_ratio=0.5,
+        divergence="forward_kl",
+        warmup_ratio=0.1,
+        scheduler="cosine",
+        lora=LoraOptions(r=settings.lora_r, lora_alpha=2 * settings.lora_r),
+        device=device,
+        overwrite=True,
+    )
+
+
+def run_arm(config: DistillConfig) -> dict[str, Any]:
+    """Run ``distill(config)`` in a child process and return its summary.
+
+    A process of its own because the CPU peak memory is the process's peak resident set, a high-water
+    mark that never goes down: measured in one process, each arm would inherit the previous arms' peak.
+    The children fork from a server that has already imported torch and transformers (forkserver), so
+    each starts in well under a second instead of paying the ~5 s import again.
+    """
+    ctx = _context()
+    receive, send = ctx.Pipe(duplex=False)
+    process = ctx.Process(target=_arm_process, args=(config, send), name=f"llm-neo-{config.method}")
+    process.start()
+    send.close()
+    try:
+        process.join()
+    except BaseException:
+        process.terminate()
+        process.join()
+        raise
+    error = None
+    if receive.poll():
+        try:
+            error = receive.recv()
+        except EOFError:  # the child closed its end without a message: it succeeded, or died hard
+            error = None
+    out = Path(str(config.output_dir))
+    if process.exitcode != 0 or error:
+        raise DemoError(
+            f"arm {config.method} (seed {config.seed}) failed: {error or f'exit code {process.exitcode}'}. "
+            f"Its outputs are in {out}; rerun it alone with: llm-neo distill --config {out / 'config.yaml'} "
+            "--overwrite"
+        )
+    summary: dict[str, Any] = json.loads((out / "summary.json").read_text())
+    return summary
+
+
+_CONTEXT: Any = None
+
+
+def _context() -> Any:
+    global _CONTEXT
+    if _CONTEXT is None:
+        if "forkserver" in multiprocessing.get_all_start_methods():
+            _CONTEXT = multiprocessing.get_context("forkserver")
+            _CONTEXT.set_forkserver_preload(["llm_neo.distill", "llm_neo.demo"])
+        else:  # Windows: spawn (each arm pays the import)
+            _CONTEXT = multiprocessing.get_context("spawn")
+    return _CONTEXT
+
+
+def _arm_process(config: DistillConfig, send: Any) -> None:
+    # The child of run_arm: what `llm-neo distill -q` does, minus argument parsing.
+    from llm_neo.distill import distill
+
+    logging.basicConfig(level=logging.WARNING, format="[llm-neo] %(message)s", stream=sys.stderr)
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    try:
+        distill(config)
+    except Exception as err:
+        send.send(f"{type(err).__name__}: {err}")
+        raise SystemExit(1) from err
+    finally:
+        send.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. Evaluation
+
+
+def evaluate_models(
+    models: dict[str, str], *, teacher: str, heldout: Path, device: str, settings: DemoSettings
+) -> dict[str, dict[str, Any]]:
+    """Exact match per skill and CE / KL to the teacher / top-1 agreement, for every model, same split."""
+    from tqdm.auto import tqdm
+
+    from llm_neo.data import load_records, tokenize_records
+    from llm_neo.evaluate import heldout_metrics
+    from llm_neo.models import (
+        freeze,
+        kd_vocab_size,
+        load_model,
+        load_tokenizer,
+        resolve_device,
+        resolve_dtype,
+    )
+    from llm_neo.task import exact_match, greedy_answers
+
+    dev = resolve_device(device)
+    dtype = resolve_dtype("auto", dev)
+    tokenizer = load_tokenizer(teacher, role="teacher")
+    records = load_records(heldout)
+    examples, _ = tokenize_records(records, tokenizer, max_length=settings.max_length, source=str(heldout))
+    teacher_model = freeze(load_model(teacher, role="teacher", dtype=dtype, device=dev))
+    results: dict[str, dict[str, Any]] = {}
+    bar = tqdm(models.items(), desc="evaluating", unit="model", disable=None)
+    for name, path in bar:
+        bar.set_postfix_str(name, refresh=True)
+        model = (
+            teacher_model
+            if name == "teacher"
+            else freeze(load_model(path, role=name, dtype=dtype, device=dev))
+        )
+        answers = greedy_answers(model, tokenizer, records, device=dev, progress=False)
+        metrics = heldout_metrics(
+            model,
+            examples,
+            pad_token_id=tokenizer.pad_token_id,
+            batch_size=64,
+            device=dev,
+            dtype=dtype,
+            teacher=teacher_model,
+            kd_vocab_size=kd_vocab_size(tokenizer, model, teacher_model),
+        )
+        results[name] = {
+            **exact_match(records, answers),
+            "ce": metrics["ce"],
+            "kl_to_teacher": metrics["kl_to_teacher"],
+            "top1_agreement": metrics["top1_agreement"],
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "examples": [
+                {"instruction": r["instruction"], "expected": r["output"], "answer": a}
+                for r, a in list(zip(records, answers, strict=True))[:5]
+            ],
+        }
+    bar.close()
+    return results
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. Results
+
+
+def training_state_mb(
+    method: str,
+    *,
+    student_parameters: int,
+    trainable_parameters: int,
+    teacher_parameters: int,
+    compute_bytes: int,
+) -> float:
+    """Memory of the training state, accounted analytically (activations excluded), in MiB.
+
+    Full-parameter arms keep fp32 weights, fp32 gradients and AdamW's two fp32 moments of every student
+    weight (16 bytes each); LoRA arms keep the frozen base in the compute dtype and 16 bytes per adapter
+    weight; KD arms also hold the frozen teacher in the compute dtype (no gradients, no optimizer state).
+    This is what distill allocates for weights and optimizer; on CPU the process's peak RSS adds the
+    torch runtime (~0.4 GB) and activations on top.
+    """
+    lora = method in ("neo", "lora")
+    total = (
+        student_parameters * compute_bytes + 16 * trainable_parameters if lora else 16 * student_parameters
+    )
+    if method in ("neo", "kd"):
+        total += teacher_parameters * compute_bytes
+    return total / 2**20
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return {"mean": mean, "std": std, "min": min(values), "max": max(values), "n": len(values)}
+
+
+def collect_results(
+    config: DemoConfig,
+    settings: DemoSettings,
+    *,
+    teacher: dict[str, Any],
+    student: dict[str, Any],
+    runs: list[dict[str, Any]],
+    evaluations: dict[str, dict[str, Any]],
+    seeds: list[int],
+    data: dict[str, Any],
+) -> dict[str, Any]:
+    """Everything the report shows, as one JSON-able dict (results.json)."""
+    from llm_neo.models import resolve_device, resolve_dtype
+
+    dev = resolve_device(config.device)
+    compute_bytes = torch.finfo(resolve_dtype("auto", dev)).bits // 8
+    arms: dict[str, Any] = {}
+    for method in ARMS:
+        per_seed = []
+        for run in (r for r in runs if r["method"] == method):
+            s = run["summary"]
+            ev = evaluations[f"{method}-seed{run['seed']}"]
+            per_seed.append(
+                {
+                    "seed": run["seed"],
+                    "accuracy": ev["accuracy"],
+                    "per_skill": ev["per_skill"],
+                    "ce": ev["ce"],
+                    "kl_to_teacher": ev["kl_to_teacher"],
+                    "top1_agreement": ev["top1_agreement"],
+                    "peak_memory_gb": s["peak_memory_gb"],
+                    "peak_memory_kind": s.get("peak_memory_kind"),
+                    "train_time_s": s["train_time_s"],
+                    "wall_time_s": s["wall_time_s"],
+                    "trainable_parameters": s["trainable_parameters"],
+                    "student_parameters": s["student_parameters"],
+                    "training_state_mb": training_state_mb(
+                        method,
+                        student_parameters=s["student_parameters"],
+                        trainable_parameters=s["trainable_parameters"],
+                        teacher_parameters=teacher["parameters"],
+                        compute_bytes=compute_bytes,
+                    ),
+                    "final_train": s["final"],
+                    "curve": _loss_curve(Path(s["config"]["output_dir"]) / "metrics.jsonl"),
+                    "output_dir": s["config"]["output_dir"],
+                    "examples": ev["examples"],
+                }
+            )
+        summary: dict[str, Any] = {k: _stats([r[k] for r in per_seed]) for k in NUMERIC}
+        skills = per_seed[0]["per_skill"]
+        summary["per_skill"] = {sk: _stats([r["per_skill"][sk] for r in per_seed]) for sk in skills}
+        arms[method] = {
+            "runs": per_seed,
+            "summary": summary,
+            "trainable_parameters": per_seed[0]["trainable_parameters"],
+            "lr": settings.lora_lr if method in ("neo", "lora") else settings.full_lr,
+        }
+
+    def model_row(name: str) -> dict[str, Any]:
+        ev = evaluations[name]
+        return {
+            k: ev[k]
+            for k in (
+                "accuracy",
+                "per_skill",
+                "ce",
+                "kl_to_teacher",
+                "top1_agreement",
+                "parameters",
+                "examples",
+            )
+        }
+
+    return {
+        "llm_neo_version": __version__,
+        "quick": config.quick,
+        "config": dataclasses.asdict(config),
+        "settings": {**dataclasses.asdict(settings), "lora_lr": settings.lora_lr},
+        "seeds": seeds,
+        "data": data,
+        "device": str(dev),
+        "threads": torch.get_num_threads(),
+        "compute_dtype_bytes": compute_bytes,
+        "teacher": {
+            **model_row("teacher"),
+            "path": teacher["path"],
+            "key": teacher["key"],
+            "cached": teacher["cached"],
+            "num_layers": settings.num_layers,
+            "train_time_s": teacher["train_time_s"],
+            "steps": teacher["steps"],
+            "curve": teacher["curve"],
+        },
+        "student": {
+            **model_row("pruned student"),
+            **{k: student[k] for k in ("path", "kept_layers", "dropped_layers", "scores", "metric")},
+        },
+        "arms": arms,
+    }
+
+
+def _finite(value: float) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)

@@ -1,0 +1,356 @@
+"""The demo's built-in task: instruction/response records over several skills, and how to score them.
+
+A deterministic generator writes ordinary Alpaca JSONL files (``instruction``, ``input``, ``output``, plus
+a ``skill`` field the pipeline ignores), which ``llm-neo distill`` reads like any user's data. The skills
+are small enough for a few-million-parameter model to learn on a laptop CPU, and varied enough that
+removing half of a model's blocks visibly costs it some of them:
+
+    skill     instruction                            output
+    add       Add 47 and 85.                 132       multi-digit arithmetic with carries
+    reverse   Reverse: kqzt                  tzqk      copying by position
+    sort      Sort: dbca                     abcd      comparison
+    count     Count the a's: abcaab          3         counting
+    capital   What is France's capital?      Paris     a small fact table (closed book)
+
+Instructions are short on purpose: on a CPU the cost of a step is proportional to its tokens, and a
+character-level model pays one token per character of the prompt.
+
+Held-out records are disjoint from training records (no held-out instruction occurs in the training
+file). For ``capital`` the facts are shared, the phrasing is not: each held-out question asks a country's
+capital in a wording that country never appears with in training, so it tests recall of the fact, not of
+the string.
+
+Scoring is exact match: a greedy generation, cut at the end-of-turn token and stripped, must equal the
+expected output, reported overall and per skill.
+
+Changing what the generator emits for a given seed changes ``TASK_VERSION``, which is part of the
+demo's teacher cache key, so a stale cached teacher is never reused on a different task.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from llm_neo.atomic import atomic_write_text
+from llm_neo.data import render_segments
+
+TASK_VERSION = 1
+
+SKILLS = ("add", "reverse", "sort", "count", "capital")
+
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+COUNT_ALPHABET = "abc"  # few symbols, so the counted letter (always a) occurs several times
+
+# Capitals whose names are plain ASCII, so byte-level and character-level tokenizers agree on them.
+CAPITALS: dict[str, str] = {
+    "France": "Paris",
+    "Germany": "Berlin",
+    "Italy": "Rome",
+    "Spain": "Madrid",
+    "Portugal": "Lisbon",
+    "Austria": "Vienna",
+    "Poland": "Warsaw",
+    "Greece": "Athens",
+    "Norway": "Oslo",
+    "Sweden": "Stockholm",
+    "Finland": "Helsinki",
+    "Denmark": "Copenhagen",
+    "Ireland": "Dublin",
+    "Hungary": "Budapest",
+    "Egypt": "Cairo",
+    "Kenya": "Nairobi",
+    "Ghana": "Accra",
+    "Peru": "Lima",
+    "Chile": "Santiago",
+    "Cuba": "Havana",
+    "Japan": "Tokyo",
+    "China": "Beijing",
+    "India": "New Delhi",
+    "Iran": "Tehran",
+    "Iraq": "Baghdad",
+    "Russia": "Moscow",
+    "Canada": "Ottawa",
+    "Mexico": "Mexico City",
+    "Brazil": "Brasilia",
+    "Argentina": "Buenos Aires",
+    "Australia": "Canberra",
+    "Thailand": "Bangkok",
+    "Vietnam": "Hanoi",
+    "Nepal": "Kathmandu",
+    "Mongolia": "Ulaanbaatar",
+    "Latvia": "Riga",
+    "Estonia": "Tallinn",
+    "Belgium": "Brussels",
+    "Czechia": "Prague",
+    "Romania": "Bucharest",
+}
+
+CAPITAL_TEMPLATES = (
+    "Capital of {country}?",
+    "What is {country}'s capital?",
+    "Name the capital of {country}.",
+    "{country}'s capital city?",
+    "Which city is {country}'s capital?",
+)
+
+
+# ------------------------------------------------------------------------------------------------
+# The skills: each draws one (instruction, output) pair from an RNG.
+
+
+def _add(rng: random.Random) -> tuple[str, str]:
+    a, b = rng.randint(10, 99), rng.randint(10, 99)
+    return f"Add {a} and {b}.", str(a + b)
+
+
+def _word(rng: random.Random, alphabet: str, low: int, high: int) -> str:
+    return "".join(rng.choice(alphabet) for _ in range(rng.randint(low, high)))
+
+
+def _reverse(rng: random.Random) -> tuple[str, str]:
+    word = _word(rng, LETTERS, 3, 6)
+    return f"Reverse: {word}", word[::-1]
+
+
+def _sort(rng: random.Random) -> tuple[str, str]:
+    word = _word(rng, LETTERS, 3, 6)
+    return f"Sort: {word}", "".join(sorted(word))
+
+
+def _count(rng: random.Random) -> tuple[str, str]:
+    word = _word(rng, COUNT_ALPHABET, 4, 9)
+    return f"Count the a's: {word}", str(word.count("a"))
+
+
+GENERATED_SKILLS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
+    "add": _add,
+    "reverse": _reverse,
+    "sort": _sort,
+    "count": _count,
+}
+
+
+def _record(skill: str, instruction: str, output: str) -> dict[str, str]:
+    return {"instruction": instruction, "input": "", "output": output, "skill": skill}
+
+
+def _rng(seed: int, skill: str) -> random.Random:
+    # A string seed is hashed with SHA-512 by `random`, so this is stable across runs and platforms,
+    # and each skill has its own stream: changing one skill's size does not reshuffle the others.
+    return random.Random(f"llm-neo-task-v{TASK_VERSION}:{seed}:{skill}")
+
+
+def generate_task(
+    seed: int, *, train_per_skill: int, heldout_per_skill: int
+) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """The task's ``(train, heldout)`` records: a pure function of the arguments (and TASK_VERSION).
+
+    Every skill has ``train_per_skill`` training and ``heldout_per_skill`` held-out records; no held-out
+    instruction occurs in training. ``capital`` has at most one held-out question per country
+    (``len(CAPITALS)``), and its training questions (every other country/wording pair) are repeated as
+    needed to give it the same share of training as the other skills. Records are shuffled.
+    """
+    if train_per_skill < 1 or heldout_per_skill < 1:
+        raise ValueError("train_per_skill and heldout_per_skill must be >= 1")
+    if heldout_per_skill > len(CAPITALS):
+        raise ValueError(
+            f"heldout_per_skill {heldout_per_skill} exceeds the {len(CAPITALS)} countries of the "
+            "capital skill; ask for fewer held-out records per skill"
+        )
+    train: list[dict[str, str]] = []
+    heldout: list[dict[str, str]] = []
+    for skill, draw in GENERATED_SKILLS.items():
+        rng = _rng(seed, skill)
+        seen: set[str] = set()
+        drawn: list[dict[str, str]] = []
+        for _ in range(1000 * (train_per_skill + heldout_per_skill)):
+            if len(drawn) == train_per_skill + heldout_per_skill:
+                break
+            instruction, output = draw(rng)
+            if instruction not in seen:  # unique, so held-out and train cannot share an instruction
+                seen.add(instruction)
+                drawn.append(_record(skill, instruction, output))
+        else:
+            raise ValueError(f"skill {skill}: could not draw {train_per_skill + heldout_per_skill} records")
+        heldout += drawn[:heldout_per_skill]
+        train += drawn[heldout_per_skill:]
+
+    rng = _rng(seed, "capital")
+    countries = sorted(CAPITALS)
+    rng.shuffle(countries)
+    held_pairs = {(c, rng.randrange(len(CAPITAL_TEMPLATES))) for c in countries[:heldout_per_skill]}
+    heldout += [
+        _record("capital", CAPITAL_TEMPLATES[t].format(country=c), CAPITALS[c]) for c, t in sorted(held_pairs)
+    ]
+    pool = [
+        _record("capital", template.format(country=c), CAPITALS[c])
+        for c in sorted(CAPITALS)
+        for t, template in enumerate(CAPITAL_TEMPLATES)
+        if (c, t) not in held_pairs
+    ]
+    rng.shuffle(pool)
+    train += [pool[i % len(pool)] for i in range(train_per_skill)]
+
+    shuffle = random.Random(f"llm-neo-task-v{TASK_VERSION}:{seed}:order")
+    shuffle.shuffle(train)
+    shuffle.shuffle(heldout)
+    return train, heldout
+
+
+def expected_output(instruction: str) -> str:
+    """The correct response to one of the task's instructions, computed from its text alone.
+
+    An independent re-derivation of the generator's answers (the tests compare the two).
+    """
+    if instruction.startswith("Add "):
+        a, b = instruction.removeprefix("Add ").removesuffix(".").split(" and ")
+        return str(int(a) + int(b))
+    if instruction.startswith("Reverse: "):
+        return instruction.removeprefix("Reverse: ")[::-1]
+    if instruction.startswith("Sort: "):
+        return "".join(sorted(instruction.removeprefix("Sort: ")))
+    if instruction.startswith("Count the a's: "):
+        return str(instruction.removeprefix("Count the a's: ").count("a"))
+    for template in CAPITAL_TEMPLATES:
+        head, tail = template.split("{country}")
+        if instruction.startswith(head) and instruction.endswith(tail):
+            return CAPITALS[instruction[len(head) : len(instruction) - len(tail)]]
+    raise ValueError(f"not an instruction of the built-in task: {instruction!r}")
+
+
+def write_jsonl(path: Path, records: Sequence[dict[str, Any]]) -> Path:
+    """Write records one JSON object per line, atomically."""
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def write_task(
+    directory: Path, seed: int, *, train_per_skill: int, heldout_per_skill: int
+) -> tuple[Path, Path]:
+    """Write ``train.jsonl`` and ``heldout.jsonl`` under ``directory``; return their paths."""
+    train, heldout = generate_task(seed, train_per_skill=train_per_skill, heldout_per_skill=heldout_per_skill)
+    return write_jsonl(directory / "train.jsonl", train), write_jsonl(directory / "heldout.jsonl", heldout)
+
+
+def task_corpus() -> list[str]:
+    """Text that covers every character the task can produce (for training a tokenizer on it)."""
+    return [
+        LETTERS + LETTERS.upper() + "0123456789 .,:?",
+        *(t.format(country=c) + " " + CAPITALS[c] for c in CAPITALS for t in CAPITAL_TEMPLATES),
+        "Add 47 and 85. Reverse: Sort: Count the a's:",
+    ]
+
+
+# ------------------------------------------------------------------------------------------------
+# Scoring: greedy generation on the prompt exactly as training renders it, exact match per skill.
+
+
+def prompt_and_stop(record: dict[str, Any], tokenizer: Any) -> tuple[str, str]:
+    """The prompt text the model sees before the response, and the text that ends the response.
+
+    Both come from ``llm_neo.data.render_segments``, the function training uses, so a model is asked
+    in exactly the format it was trained in (the chat template, for a tokenizer that has one).
+    """
+    segments = render_segments(record, tokenizer, where="task record")
+    # Alpaca/chat renderings are [prompt (untrained), response (trained), rest (untrained)?].
+    if len(segments) < 2 or segments[0][1] or not segments[1][1]:
+        raise ValueError("expected a rendering of the form prompt, response; is this an alpaca record?")
+    response = segments[1][0]
+    if not response.startswith(record["output"]):
+        raise ValueError("the rendered response does not start with the record's output")
+    return segments[0][0], response[len(record["output"]) :]
+
+
+@torch.no_grad()
+def greedy_answers(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    records: Sequence[dict[str, Any]],
+    *,
+    device: torch.device,
+    batch_size: int = 64,
+    max_new_tokens: int | None = None,
+    desc: str = "generate",
+    progress: bool = True,
+) -> list[str]:
+    """Greedy responses of ``model`` to ``records``, cut at the end-of-turn token and stripped.
+
+    Prompts are batched with left padding (sorted by length, so batches pad little) and generation stops
+    at the token that starts the template's end of turn (``<|end|>`` for the demo's template) or at eos.
+    ``max_new_tokens`` defaults to the longest expected response plus its end-of-turn tokens.
+    """
+    if not records:
+        return []
+    rendered = [prompt_and_stop(r, tokenizer) for r in records]
+    prompts = [tokenizer(p, add_special_tokens=False)["input_ids"] for p, _ in rendered]
+    stop_ids = {int(tokenizer.eos_token_id)}
+    for _, stop in rendered:
+        ids = tokenizer(stop, add_special_tokens=False)["input_ids"]
+        if ids:
+            stop_ids.add(int(ids[0]))
+    if max_new_tokens is None:
+        max_new_tokens = 2 + max(
+            len(tokenizer(r["output"], add_special_tokens=False)["input_ids"]) for r in records
+        )
+    pad = int(tokenizer.pad_token_id)
+
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(records)), key=lambda i: len(prompts[i]))
+    answers: list[str] = [""] * len(records)
+    starts = range(0, len(order), batch_size)
+    for start in tqdm(starts, desc=desc, unit="batch", disable=not progress, leave=False):
+        rows = order[start : start + batch_size]
+        width = max(len(prompts[i]) for i in rows)
+        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)  # [B, T], left-padded
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)  # [B, T]
+        for j, i in enumerate(rows):
+            input_ids[j, width - len(prompts[i]) :] = torch.tensor(prompts[i])
+            attention_mask[j, width - len(prompts[i]) :] = 1
+        out = model.generate(  # type: ignore[operator]
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=sorted(stop_ids),
+            pad_token_id=pad,
+        )
+        for j, i in enumerate(rows):
+            new = out[j, width:].tolist()
+            cut = next((k for k, t in enumerate(new) if t in stop_ids), len(new))
+            answers[i] = tokenizer.decode(new[:cut], skip_special_tokens=True).strip()
+    model.train(was_training)
+    return answers
+
+
+def exact_match(records: Sequence[dict[str, Any]], answers: Sequence[str]) -> dict[str, Any]:
+    """Exact-match accuracy of ``answers`` against the records' outputs (both stripped), per skill.
+
+    Returns ``{"accuracy": float, "correct": int, "total": int, "per_skill": {skill: float}}``; records
+    without a ``skill`` field count under ``"other"``.
+    """
+    if len(records) != len(answers):
+        raise ValueError(f"{len(records)} records but {len(answers)} answers")
+    if not records:
+        raise ValueError("no records to score")
+    totals: dict[str, list[int]] = {}
+    for record, answer in zip(records, answers, strict=True):
+        hit = int(answer.strip() == str(record["output"]).strip())
+        counts = totals.setdefault(str(record.get("skill", "other")), [0, 0])
+        counts[0] += hit
+        counts[1] += 1
+    correct = sum(c for c, _ in totals.values())
+    order = [s for s in SKILLS if s in totals] + sorted(set(totals) - set(SKILLS))
+    return {
+        "accuracy": correct / len(records),
+        "correct": correct,
+        "total": len(records),
+        "per_skill": {s: totals[s][0] / totals[s][1] for s in order},
+    }

@@ -1,0 +1,170 @@
+"""The built-in task: a deterministic generator, disjoint splits, correct answers, exact-match scoring."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from llm_neo.data import load_records, tokenize_records
+from llm_neo.task import (
+    CAPITALS,
+    SKILLS,
+    TASK_VERSION,
+    exact_match,
+    expected_output,
+    generate_task,
+    greedy_answers,
+    prompt_and_stop,
+    task_corpus,
+    write_task,
+)
+from llm_neo.tiny import SPECIAL_TOKENS, build_llama, build_tokenizer
+
+
+@pytest.fixture(scope="module")
+def char_tokenizer():
+    return build_tokenizer(task_corpus(), vocab_size=256 + len(SPECIAL_TOKENS))
+
+
+def test_same_seed_same_records_other_seed_other_records():
+    a = generate_task(0, train_per_skill=50, heldout_per_skill=10)
+    b = generate_task(0, train_per_skill=50, heldout_per_skill=10)
+    c = generate_task(1, train_per_skill=50, heldout_per_skill=10)
+    assert a == b
+    assert a[0] != c[0] and a[1] != c[1]
+    assert isinstance(TASK_VERSION, int)
+
+
+def test_splits_are_disjoint_balanced_and_cover_every_skill():
+    train, heldout = generate_task(3, train_per_skill=200, heldout_per_skill=30)
+    assert len(train) == 200 * len(SKILLS) and len(heldout) == 30 * len(SKILLS)
+    for split in (train, heldout):
+        counts = {s: sum(r["skill"] == s for r in split) for s in SKILLS}
+        assert set(counts.values()) == {len(split) // len(SKILLS)}
+    assert not {r["instruction"] for r in train} & {r["instruction"] for r in heldout}
+    # Held-out questions are unique; only the small fact table repeats in training.
+    assert len({r["instruction"] for r in heldout}) == len(heldout)
+    non_fact = [r["instruction"] for r in train if r["skill"] != "capital"]
+    assert len(set(non_fact)) == len(non_fact)
+    # Every held-out capital is a fact the training data teaches, in another wording.
+    trained_countries = {r["output"] for r in train if r["skill"] == "capital"}
+    assert {r["output"] for r in heldout if r["skill"] == "capital"} <= trained_countries
+
+
+def _independent_answer(instruction: str) -> str:
+    """The answer recomputed with regular expressions, independently of task.py's parsing."""
+    if m := re.fullmatch(r"Add (\d+) and (\d+)\.", instruction):
+        return str(int(m[1]) + int(m[2]))
+    if m := re.fullmatch(r"Reverse: ([a-z]+)", instruction):
+        return "".join(reversed(m[1]))
+    if m := re.fullmatch(r"Sort: ([a-z]+)", instruction):
+        return "".join(sorted(m[1], key=ord))
+    if m := re.fullmatch(r"Count the a's: ([a-z]+)", instruction):
+        return str(sum(ch == "a" for ch in m[1]))
+    countries = [c for c in CAPITALS if re.search(rf"\b{re.escape(c)}\b", instruction)]
+    assert len(countries) == 1, instruction
+    return CAPITALS[countries[0]]
+
+
+def test_expected_answers_are_correct():
+    train, heldout = generate_task(7, train_per_skill=300, heldout_per_skill=40)
+    for record in train + heldout:
+        assert record["output"] == _independent_answer(record["instruction"]), record
+        assert record["output"] == expected_output(record["instruction"]), record
+        assert record["input"] == ""
+    adds = [r for r in train if r["skill"] == "add"]
+    assert all(len(r["instruction"].split()[1]) == 2 for r in adds)  # multi-digit operands
+    assert any(int(r["output"]) >= 100 for r in adds)  # with carries into a third digit
+
+
+def test_written_files_are_ordinary_data(tmp_path, char_tokenizer):
+    train_path, heldout_path = write_task(tmp_path, 0, train_per_skill=20, heldout_per_skill=5)
+    train, heldout = generate_task(0, train_per_skill=20, heldout_per_skill=5)
+    assert load_records(train_path) == train and load_records(heldout_path) == heldout
+    assert all(json.loads(line) for line in heldout_path.read_text().splitlines())
+    examples, dropped = tokenize_records(train, char_tokenizer, max_length=64, source="train")
+    assert dropped == 0 and len(examples) == len(train)
+
+
+def test_tokenizer_is_character_level(char_tokenizer):
+    for text in ("Add 47 and 85.", "Reverse: kqzt", "Buenos Aires"):
+        assert len(char_tokenizer(text, add_special_tokens=False)["input_ids"]) == len(text)
+
+
+def test_prompt_is_the_training_rendering_up_to_the_response(char_tokenizer):
+    record = {"instruction": "Add 1 and 2.", "input": "", "output": "3", "skill": "add"}
+    prompt, stop = prompt_and_stop(record, char_tokenizer)
+    assert prompt == char_tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Add 1 and 2."}], tokenize=False, add_generation_prompt=True
+    )
+    assert stop == "<|end|>"
+
+
+def test_exact_match_per_skill():
+    records = [
+        {"output": "132", "skill": "add"},
+        {"output": "77", "skill": "add"},
+        {"output": "tzqk", "skill": "reverse"},
+        {"output": "Paris", "skill": "capital"},
+    ]
+    result = exact_match(records, ["132", " 77 ", "tzq", "paris"])
+    assert result["correct"] == 2 and result["total"] == 4 and result["accuracy"] == 0.5
+    assert result["per_skill"] == {"add": 1.0, "reverse": 0.0, "capital": 0.0}
+    with pytest.raises(ValueError):
+        exact_match(records, ["1"])
+
+
+class _Scripted(torch.nn.Module):
+    """A fake causal LM whose greedy continuation of every prompt is a fixed script of token ids."""
+
+    def __init__(self, tokenizer, replies: dict[str, str]):
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.replies = {
+            tuple(tokenizer(prompt, add_special_tokens=False)["input_ids"]): tokenizer(
+                reply, add_special_tokens=False
+            )["input_ids"]
+            for prompt, reply in replies.items()
+        }
+        self.training = False
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id, **_):
+        rows = []
+        for ids, mask in zip(input_ids.tolist(), attention_mask.tolist(), strict=True):
+            prompt = tuple(t for t, m in zip(ids, mask, strict=True) if m)
+            reply = self.replies[prompt][:max_new_tokens]
+            rows.append(ids + reply + [pad_token_id] * (max_new_tokens - len(reply)))
+        return torch.tensor(rows)
+
+
+def test_greedy_answers_cut_at_end_of_turn_and_score(char_tokenizer):
+    records = [
+        {"instruction": "Add 47 and 85.", "input": "", "output": "132", "skill": "add"},
+        {"instruction": "Reverse: abc", "input": "", "output": "cba", "skill": "reverse"},
+        {"instruction": "Capital of Peru?", "input": "", "output": "Lima", "skill": "capital"},
+    ]
+    prompts = [prompt_and_stop(r, char_tokenizer)[0] for r in records]
+    # Right, wrong, and right but followed by junk after the end-of-turn token (which must be cut).
+    fake = _Scripted(
+        char_tokenizer, dict(zip(prompts, ["132<|end|>", "cab<|end|>", "Lima<|end|>xyz"], strict=True))
+    )
+    answers = greedy_answers(
+        fake, char_tokenizer, records, device=torch.device("cpu"), batch_size=2, progress=False
+    )
+    assert answers == ["132", "cab", "Lima"]
+    assert exact_match(records, answers)["per_skill"] == {"add": 1.0, "reverse": 0.0, "capital": 1.0}
+
+
+def test_greedy_answers_of_a_real_model_are_batch_independent(char_tokenizer):
+    # Left padding must not change a greedy generation: batched answers equal one-at-a-time answers.
+    _, heldout = generate_task(0, train_per_skill=5, heldout_per_skill=3)
+    model = build_llama(len(char_tokenizer), hidden_size=32, num_layers=2, seed=0)
+    cpu = torch.device("cpu")
+    batched = greedy_answers(
+        model, char_tokenizer, heldout, device=cpu, batch_size=len(heldout), progress=False
+    )
+    single = greedy_answers(model, char_tokenizer, heldout, device=cpu, batch_size=1, progress=False)
+    assert batched == single
