@@ -30,6 +30,18 @@ class Command:
 
 
 COMMANDS: dict[str, Command] = {
+    "demo": Command(
+        "llm_neo.demo:DemoConfig",
+        "llm_neo.demo:run_demo",
+        "The LLM-Neo story on a laptop CPU: teacher, pruned student, SFT/LoRA/KD/Neo, and a report.",
+        """examples:
+  llm-neo demo                     # the whole comparison, report in runs/demo/report.md
+  llm-neo demo --quick             # a reduced version in about a minute
+  llm-neo demo --seeds 1           # one seed instead of three
+
+Nothing is downloaded: the task, the tokenizer and the teacher are built and trained here; the teacher
+is cached (keyed by seed and task version) so a second run reuses it.""",
+    ),
     "distill": Command(
         "llm_neo.config:DistillConfig",
         "llm_neo.cli:run_distill",
@@ -49,6 +61,28 @@ summary.json, config.yaml (reproduces the run through --config), checkpoints/ (w
         """examples:
   llm-neo eval --model runs/neo/merged --teacher T_DIR --data heldout.jsonl --json eval.json""",
     ),
+    "cache-teacher": Command(
+        "llm_neo.teacher_cache:CacheTeacherConfig",
+        "llm_neo.teacher_cache:run_cache_teacher",
+        "Run the teacher once over the data and store its top-k log-probabilities for later students.",
+        """examples:
+  llm-neo cache-teacher --teacher T_DIR --data train.jsonl --output cache/ --top-k 64
+  llm-neo distill --teacher-cache cache/ --student S_DIR --data train.jsonl --method neo
+
+The cache is keyed by the teacher's weights and config, the tokenizer, the chat template, the data, the
+max length, k and the temperature; a run whose key differs is refused, naming the part that differs.""",
+    ),
+    "sweep": Command(
+        "llm_neo.sweep:SweepConfig",
+        "llm_neo.sweep:run_sweep",
+        "Grid or random search over distill options; a leaderboard, plots and the best config.",
+        """examples:
+  llm-neo sweep --base base.yaml --space space.yaml --output runs/sweep
+  llm-neo sweep --base base.yaml --space space.yaml --output runs/sweep --resume   # continue a killed sweep
+
+base.yaml is a distill config (as for distill --config); space.yaml is `grid: {lora.r: [64, 128], lr: [...]}`
+or `random: {...}` with `trials: N`. Without --space the paper's guidelines give the default space.""",
+    ),
     "prune": Command(
         "llm_neo.prune:PruneConfig",
         "llm_neo.prune:run_prune",
@@ -59,6 +93,22 @@ summary.json, config.yaml (reproduces the run through --config), checkpoints/ (w
 Block importance is 1 - cos(block input, block output), averaged over the calibration tokens (ShortGPT's
 Block Influence); the --keep-layers most important blocks are kept in order. The output is a standard HF
 model dir with its tokenizer and pruning.json (scores, kept and dropped blocks).""",
+    ),
+    "plan": Command(
+        "llm_neo.plan:PlanConfig",
+        "llm_neo.plan:run_plan",
+        "Estimate each arm's peak memory from the model configs and batch shape, before loading weights.",
+        """examples:
+  llm-neo plan --shape llama3-8b-to-1b --batch-size 8 --seq-len 2048 --gradient-checkpointing
+  llm-neo plan --teacher T_DIR --student S_DIR --batch-size 2 --seq-len 2048""",
+    ),
+    "bench": Command(
+        "llm_neo.bench:BenchConfig",
+        "llm_neo.bench:run_bench",
+        "Measure peak memory and tokens/s of each arm and loss implementation on a named shape.",
+        """examples:
+  llm-neo bench --shape cpu-wide                      # CPU: peak RSS per run in its own process
+  llm-neo bench --shape llama3-8b-to-1b --gradient-checkpointing --output benchmarks/results""",
     ),
 }
 
