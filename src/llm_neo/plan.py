@@ -1,0 +1,570 @@
+"""`llm-neo plan`: each arm's peak memory, estimated from the model configs before any weight loads.
+
+The estimate is a sum of components, each a product of a count the configs give exactly (parameters,
+tokens, vocabulary, hidden sizes) and a byte coefficient that says how many bytes the training step holds
+per unit of that count. The coefficients were measured on llm-neo's own training step
+(``llm_neo.distill.train_step``) by counting live tensor bytes, and checked against H200 measurements of
+the real Llama shapes (see ``docs/memory.md``, which derives each one):
+
+    component          what it is                                                  bytes
+    teacher weights    the frozen teacher in the compute dtype                     c · P_t
+    student weights    full arms: fp32 master weights; LoRA arms: the frozen base  4 · P_s  |  c · P_s
+                       in the compute dtype
+    trainable states   LoRA arms: fp32 LoRA weights; AdamW's two fp32 states;       (4 +) 8 · P_train
+                       fp32 gradients where alive at the peak                      (+ 4 · P_train)
+    weight copies      autocast's low-precision copies of the weights it casts     c · P_cast
+                       (full arms: every linear weight; LoRA arms: the adapters)
+    activations        what autograd saves, per token per layer (SDPA attention:   L · B·T · a(H, H_kv, I, r)
+                       no T² term); with gradient checkpointing only each block's
+                       input, plus one block recomputed in the backward
+    logits             plain: [B, T, V] logits of both models, fp32 log-softmaxes  k · B·T·V
+                       and their gradients; chunked: the same per chunk of tokens   k · min(C, N)·V + …
+    process baseline   CPU only: Python, torch, transformers (measured here)       RSS after imports
+
+c is the compute dtype's size (2 for bf16 autocast on GPUs, 4 for fp32 on CPUs). The peak is the largest
+of three phases of a step: the loss (activations and logits alive), the backward of a checkpointed model
+(one block recomputed, gradients accumulating) and the optimizer step (gradients, states and AdamW's
+temporary). Coefficients are for Llama-style decoders (RMSNorm, RoPE, SDPA, SwiGLU MLP) and the forward-KL
+divergence; other architectures and divergences get the same formula as an approximation.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+__all__ = [
+    "ArmEstimate",
+    "ModelDims",
+    "PlanConfig",
+    "estimate_arm",
+    "model_dims",
+    "plan_rows",
+    "process_baseline_bytes",
+    "run_plan",
+]
+
+GiB = 2**30
+LORA_ARMS = ("neo", "lora")
+KD_ARMS = ("neo", "kd")
+ARMS = ("kd", "neo", "sft", "lora")
+IMPLS = ("plain", "chunked")
+
+# --- Byte coefficients (measured on llm-neo's train_step; derivation in docs/memory.md) --------------
+# Logits, per element of [B, T, V] (plain) or of one [chunk, V] block (chunked). KD: forward KL + CE.
+PLAIN_KD_BASE = 25  # fp32 log-softmaxes, KL terms and gradients, [N, V] indexed copies: + 4·c more below
+PLAIN_KD_PER_C = 4  # four [B, T, V] / [N, V] logits tensors (both models, full and indexed) in dtype c
+PLAIN_CE = 12  # CE only (sft, lora): fp32 copy, log-softmax and its gradient
+CHUNK_KD = 33  # per element of a [chunk, V] block: ~8 fp32 tensors of the chunk loop
+CHUNK_CE = 12
+# Activations per token per layer (bytes), as a_H·H + a_kv·H_kv + a_I·I + a_r·r·(adapted linears) + heads.
+ACT_KV_PER_C = 2  # k and v projections (saved for the rotary/attention backward)
+ACT_I_PER_C = 4  # gate, act(gate), up, act·up of the SwiGLU MLP
+ACT_HEADS = 1  # attention log-sum-exp statistics
+OUTSIDE_LAYERS_FULL = 8  # per token·H outside the blocks, full arms (final norm and lm_head input)
+ADAMW_TEMP = 4  # foreach AdamW's sqrt(v) temporary, per trainable parameter
+
+
+def process_baseline_bytes() -> int:
+    """Resident memory of this process now: Python + torch + transformers + peft, the CPU floor of a run."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        import resource
+
+        return pages * resource.getpagesize()
+    except (OSError, ValueError, IndexError):  # not Linux: fall back to the peak so far
+        import resource
+
+        scale = 1 if sys.platform == "darwin" else 1024
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """What the estimate needs to know about one model, all exact counts from its config."""
+
+    parameters: int
+    linear_weights: int  # numel of every nn.Linear weight (incl. lm_head): what autocast casts
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    kv_dim: int  # num_key_value_heads · head_dim
+    vocab_size: int  # logit width
+    lora_parameters: int  # for the LoRA rank/targets given to model_dims (0 if none)
+    lora_linears_per_layer: int
+
+
+def model_dims(
+    config: Any, *, lora_r: int | None = None, lora_target_modules: Sequence[str] | None = None
+) -> ModelDims:
+    """Count a model's parameters from its config, instantiating it on the meta device (no memory)."""
+    from transformers import AutoModelForCausalLM
+
+    from llm_neo.lora import default_target_modules
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    parameters = sum(p.numel() for p in model.parameters())
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    linear_weights = sum(m.weight.numel() for _, m in linears)
+    lora_parameters = lora_per_layer = 0
+    if lora_r:
+        targets = set(lora_target_modules or default_target_modules(model))
+        head = model.get_output_embeddings()
+        adapted = [
+            (n, m)
+            for n, m in linears
+            if m is not head and n.rsplit(".", 1)[-1] in targets and any(p.isdigit() for p in n.split("."))
+        ]
+        lora_parameters = sum(lora_r * (m.in_features + m.out_features) for _, m in adapted)
+        layers = {next(p for p in n.split(".") if p.isdigit()) for n, _ in adapted}
+        lora_per_layer = round(len(adapted) / max(len(layers), 1))
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = int(text.hidden_size)
+    heads = int(text.num_attention_heads)
+    head_dim = int(getattr(text, "head_dim", None) or hidden // heads)
+    kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
+    head_module = model.get_output_embeddings()
+    vocab = int(head_module.weight.shape[0]) if head_module is not None else int(text.vocab_size)
+    return ModelDims(
+        parameters=parameters,
+        linear_weights=linear_weights,
+        hidden_size=hidden,
+        intermediate_size=int(getattr(text, "intermediate_size", None) or 4 * hidden),
+        num_layers=int(text.num_hidden_layers),
+        num_heads=heads,
+        kv_dim=kv_heads * head_dim,
+        vocab_size=vocab,
+        lora_parameters=lora_parameters,
+        lora_linears_per_layer=lora_per_layer,
+    )
+
+
+def activation_bytes_per_token_layer(dims: ModelDims, *, lora: bool, c: int, lora_r: int) -> int:
+    """Bytes autograd saves per token per decoder block (no checkpointing).
+
+    Full arms keep fp32 master weights, so their residual stream and norms are fp32 and the norm weights'
+    gradients need the normalised inputs: 28 + c bytes per hidden unit. LoRA arms freeze the norms:
+    24. Projections and the MLP's four [tokens, I] tensors are saved in the compute dtype.
+    """
+    a_h = 24 if lora else 28 + c
+    per = a_h * dims.hidden_size + ACT_KV_PER_C * c * dims.kv_dim + ACT_I_PER_C * c * dims.intermediate_size
+    per += ACT_HEADS * dims.num_heads
+    if lora:
+        per += c * lora_r * dims.lora_linears_per_layer  # each adapter's [tokens, r] intermediate
+    return per
+
+
+@dataclass
+class ArmEstimate:
+    """One arm's estimated peak: components in bytes, and which phase of the step the peak is in."""
+
+    method: str
+    impl: str
+    components: dict[str, int]
+    phase: str
+    total: int
+    floor: int  # the weights floor: what no implementation can go below (weights + trainable states)
+
+    def gib(self) -> dict[str, float]:
+        return {k: v / GiB for k, v in self.components.items()} | {"total": self.total / GiB}
+
+
+def estimate_arm(
+    method: str,
+    impl: str,
+    *,
+    student: ModelDims,
+    teacher: ModelDims | None,
+    batch_size: int,
+    seq_len: int,
+    compute_bytes: int,
+    lora_r: int,
+    gradient_checkpointing: bool = False,
+    chunk_size: int = 1024,
+    device_type: str = "cuda",
+    baseline: int = 0,
+) -> ArmEstimate:
+    """The peak of one training step of ``method`` (kd, neo, sft, lora) with loss ``impl``.
+
+    ``compute_bytes`` is c: 2 for bf16/fp16 autocast, 4 for fp32. ``baseline`` (CPU: the process floor)
+    is added as is. Tokens: every position of the B×T batch runs through both models; N = B·(T-1)
+    positions are trained (all but each sequence's last, whose next token is not in the batch).
+    """
+    if method not in ARMS or impl not in IMPLS:
+        raise ValueError(f"unknown arm {method}:{impl}; methods {ARMS}, impls {IMPLS}")
+    c = compute_bytes
+    lora = method in LORA_ARMS
+    kd = method in KD_ARMS
+    tokens = batch_size * seq_len
+    trained = batch_size * max(seq_len - 1, 1)
+    vocab = student.vocab_size
+    h = student.hidden_size
+
+    teacher_w = c * teacher.parameters if (kd and teacher is not None) else 0
+    trainable = student.lora_parameters if lora else student.parameters
+    student_w = (c if lora else 4) * student.parameters
+    lora_w = 4 * student.lora_parameters if lora else 0
+    adam = 8 * trainable
+    grads = 4 * trainable
+    # foreach AdamW (the default on GPUs) holds a sqrt(v) temporary for every parameter at once
+    adam_temp = ADAMW_TEMP * trainable if device_type == "cuda" else 0
+    # Autocast casts each weight it multiplies once per forward; the copies live until the backward.
+    autocast = c < 4
+    copies = 0
+    if autocast:
+        copies = c * (student.lora_parameters if lora else student.linear_weights)
+
+    per_layer = activation_bytes_per_token_layer(student, lora=lora, c=c, lora_r=lora_r)
+    outside = 0 if lora else OUTSIDE_LAYERS_FULL * h * tokens
+    if gradient_checkpointing:
+        residual = c if lora else 4  # bytes of the residual stream each block receives
+        saved_inputs = student.num_layers * tokens * residual * h
+        loss_acts = saved_inputs + outside
+    else:
+        saved_inputs = 0
+        loss_acts = student.num_layers * tokens * per_layer + outside
+
+    if impl == "plain":
+        k = (PLAIN_KD_BASE + PLAIN_KD_PER_C * c) if kd else PLAIN_CE
+        logits = k * tokens * vocab
+    else:
+        k = CHUNK_KD if kd else CHUNK_CE
+        logits = k * min(chunk_size, trained) * vocab
+        # final hidden states, their [N, H] selection and its gradient; the teacher's in the compute dtype
+        logits += trained * (2 * c * h + (c * teacher.hidden_size if kd and teacher is not None else 0))
+        if not lora:
+            logits += 4 * vocab * h  # the lm_head gradient, accumulated over chunks in fp32
+
+    common = {
+        "teacher weights": teacher_w,
+        "student weights": student_w,
+    }
+    phases: dict[str, dict[str, int]] = {
+        "loss": common
+        | {
+            "trainable states": lora_w + adam,
+            "weight copies": copies,
+            "activations": loss_acts,
+            "logits": logits,
+        },
+        "optimizer": common
+        | {
+            "trainable states": lora_w + adam + grads + adam_temp,
+            "weight copies": 0,
+            "activations": 0,
+            "logits": 0,
+        },
+    }
+    if gradient_checkpointing:
+        # One block recomputed (and its gradients, ~a quarter of its activations) while all gradients
+        # accumulate: the backward's peak.
+        recompute = tokens * per_layer * 5 // 4
+        phases["backward"] = common | {
+            "trainable states": lora_w + adam + grads,
+            "weight copies": copies,
+            "activations": saved_inputs + recompute + outside,
+            "logits": 0,
+        }
+    if device_type == "cpu":
+        for parts in phases.values():
+            parts["process baseline"] = baseline
+    phase, parts = max(phases.items(), key=lambda kv: sum(kv[1].values()))
+    floor = teacher_w + student_w + (16 * student.lora_parameters if lora else 16 * student.parameters)
+    return ArmEstimate(
+        method=method, impl=impl, components=dict(parts), phase=phase, total=sum(parts.values()), floor=floor
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# The command
+
+
+def _help(text: str) -> dict[str, Any]:
+    return {"help": text}
+
+
+@dataclass
+class PlanConfig:
+    """`llm-neo plan`: estimate each arm's peak memory from the configs alone (no weights are loaded)."""
+
+    shape: str | None = field(
+        default=None,
+        metadata=_help(
+            "A named shape (llama3-8b-to-1b, llama2-7b-to-1.1b, cpu-wide, tiny); or give --teacher and "
+            "--student."
+        ),
+    )
+    teacher: str | None = field(
+        default=None, metadata=_help("Teacher model dir or hub id; only its config.json is read.")
+    )
+    student: str | None = field(
+        default=None, metadata=_help("Student model dir or hub id; only its config.json is read.")
+    )
+    batch_size: int | None = field(
+        default=None, metadata=_help("Sequences per micro-batch. Default: the shape's, else 1.")
+    )
+    seq_len: int | None = field(
+        default=None, metadata=_help("Tokens per sequence. Default: the shape's, else 2048.")
+    )
+    methods: list[str] = field(
+        default_factory=lambda: ["kd", "neo"], metadata=_help("Arms to estimate: kd, neo, sft, lora.")
+    )
+    loss_impls: list[str] = field(
+        default_factory=lambda: ["plain", "chunked"], metadata=_help("Loss implementations: plain, chunked.")
+    )
+    loss_chunk_size: int = field(default=1024, metadata=_help("Tokens per chunk of the chunked loss."))
+    lora_r: int | None = field(default=None, metadata=_help("LoRA rank. Default: the shape's, else 64."))
+    lora_target_modules: list[str] | None = field(
+        default=None, metadata=_help("LoRA target linear layers. Default: every linear of every block.")
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata=_help("Estimate with gradient checkpointing of the student.")
+    )
+    device: str = field(default="auto", metadata=_help("auto, cpu, cuda or cuda:N: whose memory to check."))
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
+        default="auto", metadata=_help("Compute dtype. auto: bfloat16 on GPUs, float32 on CPU.")
+    )
+    device_memory_gb: float | None = field(
+        default=None,
+        metadata=_help(
+            "Memory to fit in, GiB. Default: the GPU's total memory (CUDA), the available RAM (CPU)."
+        ),
+    )
+    strict: bool = field(
+        default=False, metadata=_help("Exit with status 3 when an arm is not expected to fit.")
+    )
+    json: str | None = field(default=None, metadata=_help("Also write the estimates to this JSON file."))
+    trust_remote_code: bool = field(default=False, metadata=_help("Allow config code from the model dir."))
+
+
+def _device_type(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name).type
+
+
+def _compute_bytes(dtype: str, device_type: str) -> int:
+    if dtype == "auto":
+        return 2 if device_type == "cuda" else 4
+    return 4 if dtype == "float32" else 2
+
+
+def device_memory_bytes(device: str) -> int | None:
+    """Total GPU memory (CUDA) or available RAM (CPU); None if unknown."""
+    device_type = _device_type(device)
+    if device_type == "cuda":
+        if not torch.cuda.is_available():
+            return None
+        index = torch.device(device).index if device not in ("auto", "cuda") else None
+        return int(torch.cuda.mem_get_info(index)[1])
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _validate(config: PlanConfig) -> None:
+    from llm_neo.config import ConfigError
+    from llm_neo.shapes import SHAPES
+
+    p: list[str] = []
+    if config.shape is None and not config.student:
+        p.append("give --shape NAME, or --student (and --teacher for kd/neo) to read their configs")
+    if config.shape is not None and config.shape not in SHAPES:
+        p.append(f"--shape: {config.shape!r} is not one of {', '.join(SHAPES)}")
+    if config.shape is not None and (config.student or config.teacher):
+        p.append("--shape and --student/--teacher exclude each other; give one or the other")
+    for m in config.methods:
+        if m not in ARMS:
+            p.append(f"--methods: {m!r} is not one of {', '.join(ARMS)}")
+    for i in config.loss_impls:
+        if i not in IMPLS:
+            p.append(f"--loss-impls: {i!r} is not one of {', '.join(IMPLS)}")
+    if config.shape is None and any(m in KD_ARMS for m in config.methods) and not config.teacher:
+        p.append("--teacher is required to estimate kd/neo (or use --methods sft lora)")
+    for name, value in (
+        ("batch-size", config.batch_size),
+        ("seq-len", config.seq_len),
+        ("lora-r", config.lora_r),
+        ("loss-chunk-size", config.loss_chunk_size),
+    ):
+        if value is not None and value < 1:
+            p.append(f"--{name}: {value} is out of range; it must be >= 1")
+    if config.seq_len is not None and config.seq_len < 2:
+        p.append(f"--seq-len: {config.seq_len} is out of range; it must be >= 2")
+    if config.device_memory_gb is not None and config.device_memory_gb <= 0:
+        p.append(f"--device-memory-gb: {config.device_memory_gb} must be > 0")
+    if p:
+        raise ConfigError(p)
+
+
+def plan_rows(config: PlanConfig, *, baseline: int | None = None) -> tuple[list[ArmEstimate], dict[str, Any]]:
+    """The estimates for every (method, impl) of ``config``, and the resolved settings they assume."""
+    from llm_neo.shapes import get_shape
+
+    _validate(config)
+    t_config: Any
+    s_config: Any
+    if config.shape is not None:
+        shape = get_shape(config.shape)
+        t_config, s_config = shape.teacher, shape.student
+        batch = config.batch_size or shape.batch_size
+        seq = config.seq_len or shape.seq_len
+        r = config.lora_r or shape.lora_r
+    else:
+        from transformers import AutoConfig
+
+        assert config.student is not None  # _validate
+        s_config = AutoConfig.from_pretrained(config.student, trust_remote_code=config.trust_remote_code)
+        t_config = (
+            AutoConfig.from_pretrained(config.teacher, trust_remote_code=config.trust_remote_code)
+            if config.teacher
+            else None
+        )
+        batch, seq, r = config.batch_size or 1, config.seq_len or 2048, config.lora_r or 64
+    device_type = _device_type(config.device)
+    c = _compute_bytes(config.dtype, device_type)
+    student = model_dims(s_config, lora_r=r, lora_target_modules=config.lora_target_modules)
+    teacher = model_dims(t_config) if t_config is not None else None
+    base = (process_baseline_bytes() if baseline is None else baseline) if device_type == "cpu" else 0
+    rows = [
+        estimate_arm(
+            method,
+            impl,
+            student=student,
+            teacher=teacher,
+            batch_size=batch,
+            seq_len=seq,
+            compute_bytes=c,
+            lora_r=r,
+            gradient_checkpointing=config.gradient_checkpointing,
+            chunk_size=config.loss_chunk_size,
+            device_type=device_type,
+            baseline=base,
+        )
+        for method in config.methods
+        for impl in config.loss_impls
+    ]
+    settings = {
+        "shape": config.shape,
+        "teacher": config.teacher,
+        "student": config.student,
+        "batch_size": batch,
+        "seq_len": seq,
+        "lora_r": r,
+        "device_type": device_type,
+        "compute_dtype_bytes": c,
+        "gradient_checkpointing": config.gradient_checkpointing,
+        "loss_chunk_size": config.loss_chunk_size,
+        "teacher_parameters": teacher.parameters if teacher else None,
+        "student_parameters": student.parameters,
+        "lora_parameters": student.lora_parameters,
+    }
+    return rows, settings
+
+
+COLUMNS = [
+    "teacher weights",
+    "student weights",
+    "trainable states",
+    "weight copies",
+    "activations",
+    "logits",
+    "process baseline",
+    "total",
+    "phase",
+]
+
+
+def format_plan(rows: list[ArmEstimate], capacity: int | None) -> str:
+    """The plan as a Markdown table (GiB), one row per arm."""
+    from llm_neo.evaluate import format_table
+
+    columns = [c for c in COLUMNS if c != "process baseline" or any(c in r.components for r in rows)]
+    table: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        cells: dict[str, Any] = {k: f"{v:.2f}" for k, v in row.gib().items()}
+        cells["phase"] = row.phase
+        if capacity:
+            cells["fits"] = "yes" if row.total <= capacity else "NO"
+        table[f"{row.method} {row.impl}"] = cells
+    if capacity:
+        columns.append("fits")
+    return format_table(table, columns)
+
+
+def run_plan(config: PlanConfig) -> int:
+    """Print the estimates (and a warning per arm that will not fit); 0, or 3 with --strict and a misfit."""
+    rows, settings = plan_rows(config)
+    capacity = (
+        int(config.device_memory_gb * GiB)
+        if config.device_memory_gb is not None
+        else device_memory_bytes(config.device)
+    )
+    where = f"{settings['shape']}" if settings["shape"] else f"{settings['teacher']} -> {settings['student']}"
+    dtype = {2: "bf16", 4: "fp32"}[settings["compute_dtype_bytes"]]
+    print(
+        f"memory plan: {where}, batch {settings['batch_size']} × {settings['seq_len']}, {dtype}, "
+        f"LoRA r={settings['lora_r']}, gradient checkpointing "
+        f"{'on' if settings['gradient_checkpointing'] else 'off'}, chunk {settings['loss_chunk_size']}, "
+        f"device {settings['device_type']}" + (f" ({capacity / GiB:.1f} GiB)" if capacity else "")
+    )
+    print()
+    print(format_plan(rows, capacity))
+    misfits = [r for r in rows if capacity and r.total > capacity]
+    for r in misfits:
+        assert capacity is not None
+        remedies = ["a smaller batch or sequence length"]
+        if r.impl == "plain":
+            remedies.insert(0, "the chunked loss (--loss-impl chunked)")
+        if not settings["gradient_checkpointing"]:
+            remedies.insert(-1, "--gradient-checkpointing")
+        print(
+            f"warning: {r.method} {r.impl} needs about {r.total / GiB:.1f} GiB, more than the "
+            f"{capacity / GiB:.1f} GiB available; try {', '.join(remedies)}",
+            file=sys.stderr,
+        )
+    if config.json:
+        from llm_neo.atomic import atomic_write_json
+
+        payload = {
+            "settings": settings,
+            "device_memory_gib": capacity / GiB if capacity else None,
+            "arms": [asdict(r) | {"total_gib": r.total / GiB} for r in rows],
+        }
+        atomic_write_json(Path(config.json), payload)
+    return 3 if (config.strict and misfits) else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m llm_neo.plan` (the lead wires `llm-neo plan` to run_plan)."""
+    import argparse
+
+    from llm_neo.config import ConfigError, add_dataclass_arguments, build_config
+
+    parser = argparse.ArgumentParser(prog="llm-neo plan", description=PlanConfig.__doc__)
+    parser.add_argument("--config", default=None, metavar="YAML")
+    add_dataclass_arguments(parser, PlanConfig)
+    args = parser.parse_args(argv)
+    try:
+        return run_plan(build_config(PlanConfig, args, args.config))
+    except ConfigError as err:
+        print(f"llm-neo plan: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
