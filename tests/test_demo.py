@@ -10,14 +10,17 @@ from pathlib import Path
 import pytest
 from transformers import AutoConfig
 
-from llm_neo.config import ConfigError
+from llm_neo.config import ConfigError, DistillConfig
 from llm_neo.demo import (
     ARMS,
     DEFAULT,
     NUMERIC,
     DemoConfig,
+    DemoError,
+    Job,
     resolve_settings,
     run_demo,
+    run_jobs,
     teacher_key,
     training_state_mb,
 )
@@ -142,3 +145,19 @@ def test_training_state_accounting():
     assert neo * 2**20 == 4 * 1000 + 16 * 100 + 4 * 3000
     assert sft * 2**20 == 16 * 1000
     assert neo < kd
+
+
+def test_a_failing_job_names_its_log_and_how_to_rerun(tmp_path):
+    bad = DistillConfig(
+        student=str(tmp_path / "missing-student"),
+        data=str(tmp_path / "missing.jsonl"),
+        method="sft",
+        output_dir=str(tmp_path / "arm"),
+    )
+    log = tmp_path / "arm.log"
+    with pytest.raises(DemoError) as failure:
+        run_jobs([Job("sft/0", "distill", bad, 3, log)], parallel=1, threads=1, desc="arms")
+    message = str(failure.value)
+    assert "sft/0 failed" in message and str(log) in message and "configuration problem" in message
+    assert "llm-neo distill --config" in message
+    assert log.is_file()

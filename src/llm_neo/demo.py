@@ -25,17 +25,20 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import multiprocessing
 import os
+import queue
+import resource
 import shutil
 import statistics
 import sys
 import time
+import traceback
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -56,6 +59,7 @@ NUMERIC = (
     "train_time_s",
     "wall_time_s",
     "training_state_mb",
+    "planned_peak_mb",
 )
 
 
@@ -80,7 +84,7 @@ class DemoConfig:
         default=None, metadata=_help("Optimizer steps of each arm (the same for all four). Default 200.")
     )
     teacher_steps: int | None = field(
-        default=None, metadata=_help("Optimizer steps of the teacher's training. Default 2500.")
+        default=None, metadata=_help("Optimizer steps of the teacher's training. Default 3000.")
     )
     seed: int = field(
         default=0,
@@ -98,6 +102,13 @@ class DemoConfig:
     )
     overwrite: bool = field(
         default=False, metadata=_help("Replace the outputs of an earlier demo in --output-dir.")
+    )
+    jobs: int | None = field(
+        default=None,
+        metadata=_help(
+            "Arms trained (and models evaluated) at once, each in its own process with cores/jobs "
+            "threads. Default 2 (1 on a single core)."
+        ),
     )
     device: str = field(default="cpu", metadata=_help("cpu (the demo's target), auto, cuda or cuda:N."))
 
@@ -148,7 +159,7 @@ DEFAULT = DemoSettings(
     num_layers=4,
     num_heads=4,
     intermediate_size=256,
-    teacher_steps=2500,
+    teacher_steps=3000,
     teacher_lr=3e-3,
     keep_layers=2,
     arm_steps=200,
@@ -231,17 +242,22 @@ def default_cache_dir() -> Path:
 
 def run_demo(config: DemoConfig) -> int:
     """Run every stage, write the report, print the table and a summary line; return the exit code."""
+    from transformers.utils import logging as hf_logging
+
     from llm_neo.report import format_results_table, write_report
     from llm_neo.task import TASK_VERSION, generate_task, write_jsonl
 
     validate_demo(config)
     settings = resolve_settings(config)
+    hf_logging.disable_progress_bar()  # "Writing model shards" bars for kilobyte-sized models are noise
     started = time.perf_counter()
     out = Path(config.output_dir).expanduser()
     _clear_output_dir(out)
     cache = Path(config.cache_dir).expanduser() if config.cache_dir else default_cache_dir()
     device = config.device
+    parallel, threads = _resources(config)
     timing: dict[str, float] = {}
+    cpu_s: dict[str, float] = {}  # CPU seconds of the worker processes, per stage
     seeds = [config.seed + k for k in range(settings.seeds)]
     _say(
         f"llm-neo demo{' --quick' if config.quick else ''}: teacher -> pruned student -> "
@@ -259,7 +275,9 @@ def run_demo(config: DemoConfig) -> int:
 
     # --- 2. The teacher: trained once per key, then reused from the cache.
     t0 = time.perf_counter()
-    teacher = ensure_teacher(settings, seed=config.seed, data=train_path, cache=cache, device=device)
+    teacher = ensure_teacher(
+        settings, seed=config.seed, data=train_path, cache=cache, device=device, threads=parallel * threads
+    )
     timing["teacher_s"] = time.perf_counter() - t0
 
     # --- 3. The student: the teacher, depth-pruned by measured block importance.
@@ -269,13 +287,12 @@ def run_demo(config: DemoConfig) -> int:
     )
     timing["prune_s"] = time.perf_counter() - t0
 
-    # --- 4. The four arms over the seeds, each in its own process.
+    # --- 4. The four arms over the seeds, each in its own process, `parallel` at a time.
     t0 = time.perf_counter()
-    runs: list[dict[str, Any]] = []
-    total = len(seeds) * len(ARMS)
+    _say(f"arms: {len(seeds) * len(ARMS)} runs, {parallel} at a time, logs in {out / 'arms'}")
+    jobs = []
     for seed in seeds:
         for method in ARMS:
-            _say(f"[arm {len(runs) + 1}/{total}] {method}, seed {seed}")
             arm = arm_config(
                 settings,
                 method,
@@ -286,19 +303,55 @@ def run_demo(config: DemoConfig) -> int:
                 output_dir=out / "arms" / f"{method}-seed{seed}",
                 device=device,
             )
-            runs.append({"method": method, "seed": seed, "summary": run_arm(arm)})
+            jobs.append(
+                Job(
+                    f"{method}/{seed}",
+                    "distill",
+                    arm,
+                    settings.arm_steps,
+                    out / "arms" / f"{method}-seed{seed}.log",
+                )
+            )
+    summaries, cpu_s["arms"] = run_jobs(jobs, parallel=parallel, threads=threads, desc="arms")
+    runs = [
+        {"method": job.payload.method, "seed": job.payload.seed, "summary": summary}
+        for job, summary in zip(jobs, summaries, strict=True)
+    ]
     timing["arms_s"] = time.perf_counter() - t0
 
-    # --- 5. Held-out evaluation of every model on the same split.
+    # --- 5. Held-out evaluation of every model on the same split, shared among `parallel` processes.
     t0 = time.perf_counter()
     models = {"teacher": teacher["path"], "pruned student": student["path"]}
     models |= {
         f"{r['method']}-seed{r['seed']}": str(Path(r["summary"]["config"]["output_dir"]) / "merged")
         for r in runs
     }
-    evaluations = evaluate_models(
-        models, teacher=teacher["path"], heldout=heldout_path, device=device, settings=settings
+    names = list(models)
+    shares = [names[k::parallel] for k in range(parallel) if names[k::parallel]]
+    evaluations: dict[str, dict[str, Any]] = {}
+    parts, cpu_s["eval"] = run_jobs(
+        [
+            Job(
+                f"eval{k}",
+                "eval",
+                {
+                    "models": {n: models[n] for n in share},
+                    "teacher": teacher["path"],
+                    "heldout": str(heldout_path),
+                    "max_length": settings.max_length,
+                    "device": device,
+                },
+                len(share),
+                out / "arms" / f"eval{k}.log",
+            )
+            for k, share in enumerate(shares)
+        ],
+        parallel=parallel,
+        threads=threads,
+        desc="evaluating",
     )
+    for part in parts:
+        evaluations |= part
     timing["eval_s"] = time.perf_counter() - t0
 
     # --- 6. The report.
@@ -319,7 +372,11 @@ def run_demo(config: DemoConfig) -> int:
         data=data,
     )
     timing["total_s"] = time.perf_counter() - started
+    if not teacher["cached"]:
+        cpu_s["teacher"] = teacher["train_cpu_s"]
     results["timing"] = timing
+    results["cpu_s"] = cpu_s
+    results["resources"] = {"cores": _cores(), "parallel": parallel, "threads_per_job": threads}
     report_path = write_report(results, out)
     print()
     print(format_results_table(results))
@@ -373,7 +430,7 @@ def teacher_key(settings: DemoSettings, seed: int) -> str:
 
 
 def ensure_teacher(
-    settings: DemoSettings, *, seed: int, data: Path, cache: Path, device: str
+    settings: DemoSettings, *, seed: int, data: Path, cache: Path, device: str, threads: int
 ) -> dict[str, Any]:
     """The cached teacher for these settings, training (and caching) it first if there is none.
 
@@ -381,7 +438,6 @@ def ensure_teacher(
     entry is a standard HF model dir plus ``teacher.json``; it is written atomically, so a killed
     first run leaves no half-written teacher for the next one to trust.
     """
-    from llm_neo.distill import distill
     from llm_neo.task import task_corpus
     from llm_neo.tiny import SPECIAL_TOKENS, build_llama, build_tokenizer, save_model
 
@@ -416,22 +472,26 @@ def ensure_teacher(
         tokenizer,
         work / "init",
     )
-    summary = distill(
-        DistillConfig(
-            student=str(init),
-            data=str(data),
-            method="sft",
-            output_dir=str(work / "run"),
-            max_steps=settings.teacher_steps,
-            batch_size=settings.batch_size,
-            grad_accum=1,
-            lr=settings.teacher_lr,
-            eval_fraction=0.0,  # the demo evaluates on its own held-out file
-            max_length=settings.max_length,
-            seed=seed,
-            log_every=max(1, settings.teacher_steps // 100),
-            device=device,
-        )
+    train = DistillConfig(
+        student=str(init),
+        data=str(data),
+        method="sft",
+        output_dir=str(work / "run"),
+        max_steps=settings.teacher_steps,
+        batch_size=settings.batch_size,
+        grad_accum=1,
+        lr=settings.teacher_lr,
+        eval_fraction=0.0,  # the demo evaluates on its own held-out file
+        max_length=settings.max_length,
+        seed=seed,
+        log_every=max(1, settings.teacher_steps // 200),
+        device=device,
+    )
+    (summary,), cpu = run_jobs(
+        [Job("teacher", "distill", train, settings.teacher_steps, work / "teacher.log")],
+        parallel=1,
+        threads=threads,
+        desc="teacher",
     )
     curve = _loss_curve(work / "run" / "metrics.jsonl")
     meta = {
@@ -441,6 +501,8 @@ def ensure_teacher(
         "parameters": summary["student_parameters"],
         "num_layers": settings.num_layers,
         "train_time_s": summary["train_time_s"],
+        "train_cpu_s": cpu,
+        "threads": threads,
         "steps": summary["steps"],
         "final": summary["final"],
         "curve": curve,
@@ -535,40 +597,102 @@ def arm_config(
     )
 
 
-def run_arm(config: DistillConfig) -> dict[str, Any]:
-    """Run ``distill(config)`` in a child process and return its summary.
+# ------------------------------------------------------------------------------------------------
+# Worker processes: the teacher's training, the arms and the evaluation run in children of a forkserver.
 
-    A process of its own because the CPU peak memory is the process's peak resident set, a high-water
-    mark that never goes down: measured in one process, each arm would inherit the previous arms' peak.
-    The children fork from a server that has already imported torch and transformers (forkserver), so
-    each starts in well under a second instead of paying the ~5 s import again.
+
+@dataclass
+class Job:
+    """One unit of work for a worker process: a distill run or the evaluation of some models."""
+
+    name: str
+    kind: Literal["distill", "eval"]
+    payload: Any
+    units: int  # progress units it reports (optimizer steps, or models evaluated)
+    log: Path  # the child's stdout and stderr
+
+
+def run_jobs(jobs: list[Job], *, parallel: int, threads: int, desc: str) -> tuple[list[Any], float]:
+    """Run ``jobs``, ``parallel`` at a time, each in its own process with ``threads`` torch threads.
+
+    Why processes: on CPU a run's peak memory is its process's peak resident set, a high-water mark
+    that never goes down, so each arm needs a process of its own for its number to be its own. Why two
+    at a time on two cores, one thread each: the models are small, so one thread keeps a core busy, and
+    two single-threaded runs use both cores fully without the synchronisation a two-thread run pays at
+    every small operation (which, on a machine with any other load, makes it several times slower).
+    Children fork from a server that has already imported torch and transformers, so each starts in a
+    fraction of a second rather than paying the ~5 s import again.
+
+    One progress bar counts every job's units; a failing job stops the others and raises DemoError
+    naming its log. Returns the jobs' results in order, and the CPU seconds the jobs used together.
     """
+    from tqdm.auto import tqdm
+
     ctx = _context()
-    receive, send = ctx.Pipe(duplex=False)
-    process = ctx.Process(target=_arm_process, args=(config, send), name=f"llm-neo-{config.method}")
-    process.start()
-    send.close()
+    messages = ctx.Queue()
+    results: list[Any] = [None] * len(jobs)
+    cpu_seconds = 0.0
+    reported = [0] * len(jobs)
+    status: dict[int, str] = {}
+    running: dict[int, Any] = {}
+    pending = list(range(len(jobs)))
+    bar = tqdm(total=sum(j.units for j in jobs), desc=desc, unit="step", dynamic_ncols=True, disable=None)
+
+    def advance(i: int, units: int) -> None:
+        bar.update(units - reported[i])
+        reported[i] = units
+
     try:
-        process.join()
-    except BaseException:
-        process.terminate()
-        process.join()
-        raise
-    error = None
-    if receive.poll():
-        try:
-            error = receive.recv()
-        except EOFError:  # the child closed its end without a message: it succeeded, or died hard
-            error = None
-    out = Path(str(config.output_dir))
-    if process.exitcode != 0 or error:
-        raise DemoError(
-            f"arm {config.method} (seed {config.seed}) failed: {error or f'exit code {process.exitcode}'}. "
-            f"Its outputs are in {out}; rerun it alone with: llm-neo distill --config {out / 'config.yaml'} "
-            "--overwrite"
-        )
-    summary: dict[str, Any] = json.loads((out / "summary.json").read_text())
-    return summary
+        while pending or running:
+            while pending and len(running) < parallel:
+                i = pending.pop(0)
+                jobs[i].log.parent.mkdir(parents=True, exist_ok=True)
+                process = ctx.Process(
+                    target=_worker,
+                    args=(i, jobs[i].kind, jobs[i].payload, threads, str(jobs[i].log), messages),
+                    name=f"llm-neo-{jobs[i].name}",
+                    daemon=True,
+                )
+                process.start()
+                running[i] = process
+                status[i] = jobs[i].name
+            try:
+                kind, i, *rest = messages.get(timeout=1.0)
+            except queue.Empty:
+                for i, process in running.items():
+                    if not process.is_alive():  # died without a word: killed, out of memory, crashed
+                        raise DemoError(_failure(jobs[i], f"exit code {process.exitcode}")) from None
+                continue
+            if kind == "step":
+                units, loss = rest
+                advance(i, units)
+                status[i] = f"{jobs[i].name} {loss:.3f}" if loss is not None else jobs[i].name
+                bar.set_postfix_str(" | ".join(status.values()), refresh=False)
+            elif kind == "done":
+                results[i], cpu = rest
+                cpu_seconds += cpu
+                advance(i, jobs[i].units)
+                running.pop(i).join()
+                status.pop(i, None)
+            else:
+                raise DemoError(_failure(jobs[i], rest[0]))
+    finally:
+        for process in running.values():
+            process.terminate()
+            process.join()
+        bar.close()
+    return results, cpu_seconds
+
+
+def _failure(job: Job, error: str) -> str:
+    tail = job.log.read_text(errors="replace").strip().splitlines()[-15:] if job.log.is_file() else []
+    rerun = ""
+    if job.kind == "distill":
+        out = Path(str(job.payload.output_dir))
+        rerun = f"; rerun it alone with: llm-neo distill --config {out / 'config.yaml'} --overwrite"
+    return f"{job.name} failed: {error}. Its log is {job.log}{rerun}" + (
+        "\n  " + "\n  ".join(tail) if tail else ""
+    )
 
 
 _CONTEXT: Any = None
@@ -578,26 +702,64 @@ def _context() -> Any:
     global _CONTEXT
     if _CONTEXT is None:
         if "forkserver" in multiprocessing.get_all_start_methods():
+            from multiprocessing import forkserver
+
             _CONTEXT = multiprocessing.get_context("forkserver")
-            _CONTEXT.set_forkserver_preload(["llm_neo.distill", "llm_neo.demo"])
-        else:  # Windows: spawn (each arm pays the import)
+            _CONTEXT.set_forkserver_preload(["llm_neo.distill", "llm_neo.demo", "llm_neo.task"])
+            # OpenMP threads that wait for work sleep instead of spinning: a spinning thread steals the
+            # core another process (the other arm, or anything else on a 2-core laptop) needs, which
+            # makes multi-threaded small-model training several times slower on a busy machine. Read
+            # once, when the server loads torch; the caller's own environment is left as it was.
+            saved = os.environ.get("OMP_WAIT_POLICY")
+            os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+            try:
+                forkserver.ensure_running()
+            finally:
+                if saved is None:
+                    del os.environ["OMP_WAIT_POLICY"]
+        else:  # Windows: spawn (each job pays the import)
             _CONTEXT = multiprocessing.get_context("spawn")
     return _CONTEXT
 
 
-def _arm_process(config: DistillConfig, send: Any) -> None:
-    # The child of run_arm: what `llm-neo distill -q` does, minus argument parsing.
-    from llm_neo.distill import distill
-
-    logging.basicConfig(level=logging.WARNING, format="[llm-neo] %(message)s", stream=sys.stderr)
+def _worker(index: int, kind: str, payload: Any, threads: int, log_path: str, messages: Any) -> None:
+    """The child: its output goes to its log (the parent draws the progress), its results to the queue."""
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.INFO, format="[llm-neo] %(message)s", stream=sys.stderr, force=True)
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     try:
-        distill(config)
-    except Exception as err:
-        send.send(f"{type(err).__name__}: {err}")
+        if kind == "distill":
+            from llm_neo.distill import distill
+
+            def on_step(step: int, metrics: dict[str, float]) -> None:
+                messages.put(("step", index, step, metrics["loss"]))
+
+            result: Any = distill(payload, on_step=on_step)
+        else:
+            result = evaluate_models(payload, on_model=lambda n: messages.put(("step", index, n, None)))
+        usage = resource.getrusage(resource.RUSAGE_SELF)  # a forked child's counters start at zero
+        messages.put(("done", index, result, usage.ru_utime + usage.ru_stime))
+    except BaseException as err:
+        traceback.print_exc()
+        messages.put(("error", index, f"{type(err).__name__}: {err}"))
+        messages.close()
+        messages.join_thread()  # the message must leave before the process does
         raise SystemExit(1) from err
-    finally:
-        send.close()
+
+
+def _cores() -> int:
+    """CPU cores this process may run on (its affinity mask, where the platform has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _resources(config: DemoConfig) -> tuple[int, int]:
+    """``(parallel, threads)`` for the arms and the evaluation: see run_jobs."""
+    cores = _cores()
+    parallel = max(1, min(config.jobs or 2, cores))
+    return parallel, max(1, cores // parallel)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -605,11 +767,13 @@ def _arm_process(config: DistillConfig, send: Any) -> None:
 
 
 def evaluate_models(
-    models: dict[str, str], *, teacher: str, heldout: Path, device: str, settings: DemoSettings
+    payload: dict[str, Any], *, on_model: Callable[[int], None] | None = None
 ) -> dict[str, dict[str, Any]]:
-    """Exact match per skill and CE / KL to the teacher / top-1 agreement, for every model, same split."""
-    from tqdm.auto import tqdm
+    """Exact match per skill and CE / KL to the teacher / top-1 agreement, for every model, same split.
 
+    ``payload``: ``{"models": {name: path}, "teacher": path, "heldout": path, "max_length": int,
+    "device": str}``. Greedy generation renders each prompt exactly as training does (llm_neo.task).
+    """
     from llm_neo.data import load_records, tokenize_records
     from llm_neo.evaluate import heldout_metrics
     from llm_neo.models import (
@@ -622,28 +786,29 @@ def evaluate_models(
     )
     from llm_neo.task import exact_match, greedy_answers
 
-    dev = resolve_device(device)
-    dtype = resolve_dtype("auto", dev)
+    device = resolve_device(payload["device"])
+    dtype = resolve_dtype("auto", device)
+    teacher = payload["teacher"]
     tokenizer = load_tokenizer(teacher, role="teacher")
-    records = load_records(heldout)
-    examples, _ = tokenize_records(records, tokenizer, max_length=settings.max_length, source=str(heldout))
-    teacher_model = freeze(load_model(teacher, role="teacher", dtype=dtype, device=dev))
+    records = load_records(payload["heldout"])
+    examples, _ = tokenize_records(
+        records, tokenizer, max_length=payload["max_length"], source=payload["heldout"]
+    )
+    teacher_model = freeze(load_model(teacher, role="teacher", dtype=dtype, device=device))
     results: dict[str, dict[str, Any]] = {}
-    bar = tqdm(models.items(), desc="evaluating", unit="model", disable=None)
-    for name, path in bar:
-        bar.set_postfix_str(name, refresh=True)
+    for n, (name, path) in enumerate(payload["models"].items(), start=1):
         model = (
             teacher_model
-            if name == "teacher"
-            else freeze(load_model(path, role=name, dtype=dtype, device=dev))
+            if path == teacher
+            else freeze(load_model(path, role=name, dtype=dtype, device=device))
         )
-        answers = greedy_answers(model, tokenizer, records, device=dev, progress=False)
+        answers = greedy_answers(model, tokenizer, records, device=device, progress=False)
         metrics = heldout_metrics(
             model,
             examples,
             pad_token_id=tokenizer.pad_token_id,
             batch_size=64,
-            device=dev,
+            device=device,
             dtype=dtype,
             teacher=teacher_model,
             kd_vocab_size=kd_vocab_size(tokenizer, model, teacher_model),
@@ -659,7 +824,8 @@ def evaluate_models(
                 for r, a in list(zip(records, answers, strict=True))[:5]
             ],
         }
-    bar.close()
+        if on_model is not None:
+            on_model(n)
     return results
 
 
@@ -692,6 +858,46 @@ def training_state_mb(
     return total / 2**20
 
 
+def planned_peak_mb(
+    method: str,
+    *,
+    student: str,
+    teacher: str,
+    lora_r: int,
+    batch_size: int,
+    seq_len: int,
+    compute_bytes: int,
+    impl: str,
+) -> float | None:
+    """The arm's step peak as ``llm-neo plan`` estimates it, in MiB: tensor bytes of weights, trainable
+    states, activations and logits (the CPU counterpart of CUDA's max allocated; no runtime baseline).
+
+    ``seq_len`` is the longest sample, so the estimate is for the step with the largest batch. None
+    when the planner cannot estimate this model (the report then leaves the cell empty).
+    """
+    from transformers import AutoConfig
+
+    from llm_neo.plan import estimate_arm, model_dims
+
+    lora = method in ("neo", "lora")
+    try:
+        estimate = estimate_arm(
+            method,
+            impl,
+            student=model_dims(AutoConfig.from_pretrained(student), lora_r=lora_r if lora else None),
+            teacher=model_dims(AutoConfig.from_pretrained(teacher)),
+            batch_size=batch_size,
+            seq_len=seq_len,
+            compute_bytes=compute_bytes,
+            lora_r=lora_r,
+            device_type="cpu",
+        )
+    except (ValueError, OSError) as err:
+        log.warning("no memory estimate for %s: %s", method, err)
+        return None
+    return estimate.total / 2**20
+
+
 def _stats(values: list[float]) -> dict[str, float]:
     mean = statistics.fmean(values)
     std = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -710,10 +916,17 @@ def collect_results(
     data: dict[str, Any],
 ) -> dict[str, Any]:
     """Everything the report shows, as one JSON-able dict (results.json)."""
-    from llm_neo.models import resolve_device, resolve_dtype
+    from llm_neo.data import load_records, tokenize_records
+    from llm_neo.models import load_tokenizer, resolve_device, resolve_dtype
 
     dev = resolve_device(config.device)
     compute_bytes = torch.finfo(resolve_dtype("auto", dev)).bits // 8
+    examples, _ = tokenize_records(
+        load_records(data["distill"]),
+        load_tokenizer(student["path"], role="student"),
+        max_length=settings.max_length,
+    )
+    longest = max(len(ex.input_ids) for ex in examples)
     arms: dict[str, Any] = {}
     for method in ARMS:
         per_seed = []
@@ -741,13 +954,25 @@ def collect_results(
                         teacher_parameters=teacher["parameters"],
                         compute_bytes=compute_bytes,
                     ),
+                    "planned_peak_mb": planned_peak_mb(
+                        method,
+                        student=student["path"],
+                        teacher=teacher["path"],
+                        lora_r=settings.lora_r,
+                        batch_size=settings.batch_size,
+                        seq_len=longest,
+                        compute_bytes=compute_bytes,
+                        impl=s["config"].get("loss_impl", "chunked"),
+                    ),
                     "final_train": s["final"],
                     "curve": _loss_curve(Path(s["config"]["output_dir"]) / "metrics.jsonl"),
                     "output_dir": s["config"]["output_dir"],
                     "examples": ev["examples"],
                 }
             )
-        summary: dict[str, Any] = {k: _stats([r[k] for r in per_seed]) for k in NUMERIC}
+        summary: dict[str, Any] = {
+            k: _stats([r[k] for r in per_seed]) for k in NUMERIC if all(r[k] is not None for r in per_seed)
+        }
         skills = per_seed[0]["per_skill"]
         summary["per_skill"] = {sk: _stats([r["per_skill"][sk] for r in per_seed]) for sk in skills}
         arms[method] = {
@@ -763,6 +988,8 @@ def collect_results(
             k: ev[k]
             for k in (
                 "accuracy",
+                "correct",
+                "total",
                 "per_skill",
                 "ce",
                 "kl_to_teacher",
@@ -778,9 +1005,8 @@ def collect_results(
         "config": dataclasses.asdict(config),
         "settings": {**dataclasses.asdict(settings), "lora_lr": settings.lora_lr},
         "seeds": seeds,
-        "data": data,
+        "data": {**data, "longest_sample_tokens": longest},
         "device": str(dev),
-        "threads": torch.get_num_threads(),
         "compute_dtype_bytes": compute_bytes,
         "teacher": {
             **model_row("teacher"),
@@ -798,7 +1024,3 @@ def collect_results(
         },
         "arms": arms,
     }
-
-
-def _finite(value: float) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from llm_neo.atomic import atomic_write_text
 from llm_neo.data import render_segments
 
-TASK_VERSION = 1
+TASK_VERSION = 2  # 2: shorter instructions, count of a, eight capital wordings
 
 SKILLS = ("add", "reverse", "sort", "count", "capital")
 
@@ -92,12 +92,17 @@ CAPITALS: dict[str, str] = {
     "Romania": "Bucharest",
 }
 
+# Eight wordings: each country is trained in seven and asked in the eighth, so recalling a capital in a
+# new wording needs the fact, not the string.
 CAPITAL_TEMPLATES = (
     "Capital of {country}?",
     "What is {country}'s capital?",
     "Name the capital of {country}.",
     "{country}'s capital city?",
     "Which city is {country}'s capital?",
+    "The capital of {country} is?",
+    "Tell me the capital of {country}.",
+    "{country}: capital?",
 )
 
 
