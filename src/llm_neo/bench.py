@@ -573,7 +573,7 @@ def format_report(report: dict[str, Any]) -> str:
         f"- device: {report['device']}",
         f"- torch {report['versions']['torch']}, transformers {report['versions']['transformers']}, "
         f"peft {report['versions']['peft']}, llm-neo {report['versions']['llm_neo']}"
-        + (f" (commit {report['git_commit'][:10]})" if report.get("git_commit") else ""),
+        + (f" (commit {_short(report['git_commit'])})" if report.get("git_commit") else ""),
         f"- date: {report['date']}",
         f"- shape: {s['shape']}: {s['description']}",
         f"- batch {s['batch_size']} × {s['seq_len']} tokens (every token but each sequence's first is a "
@@ -590,6 +590,14 @@ def format_report(report: dict[str, Any]) -> str:
             else ""
         ),
         f"- peak memory: {kind}; plan: `llm-neo plan`'s estimate for the same settings",
+    ]
+    load = report.get("load_average") or {}
+    if s["device_type"] == "cpu" and load.get("start") is not None:
+        lines.append(
+            f"- machine load (1-minute average) at start / end: {load['start']} / {load['end']} on "
+            f"{load['cpus']} CPUs (other processes slow CPU timings down; memory is unaffected)"
+        )
+    lines += [
         "",
         "| run | peak GiB | plan GiB | plan error | tokens/s | step s | memory vs KD | speed vs KD "
         "| status |",
@@ -615,6 +623,15 @@ def format_report(report: dict[str, Any]) -> str:
             )
             + " |"
         )
+    rss = s["device_type"] == "cpu" and report.get("peak_kind") == "process_max_rss"
+    if rss and not s.get("malloc_mmap_threshold"):
+        lines += [
+            "",
+            "On a CPU, glibc keeps freed blocks below its adaptive mmap threshold (up to 32 MiB) mapped, so "
+            "a run whose large tensors are under 32 MiB (e.g. chunks of 256 tokens × 32,000 fp32 = 31 MiB) "
+            "shows more RSS than the tensors it holds; `--malloc-mmap-threshold 1048576` measures without "
+            "that effect (docs/memory.md).",
+        ]
     lines += ["", "## Targets", ""]
     for t in report["targets"]:
         where = t["set_for"]
@@ -627,6 +644,11 @@ def format_report(report: dict[str, Any]) -> str:
         value = "" if t["value"] is None else f"{t['value']:.3f}"
         lines.append(f"- {t['result']}: {t['target']}: measured {value}{note}")
     return "\n".join(lines) + "\n"
+
+
+def _short(commit: str) -> str:
+    head, _, rest = commit.partition("+")
+    return head[:10] + (f"+{rest}" if rest else "")
 
 
 def _versions() -> dict[str, str]:
@@ -647,11 +669,33 @@ def _versions() -> dict[str, str]:
 def _git_commit() -> str | None:
     try:
         root = Path(__file__).resolve().parents[2]
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=False
+
+        def git(*args: str) -> str:
+            run = subprocess.run(
+                ["git", *args], cwd=root, capture_output=True, text=True, timeout=10, check=False
+            )
+            return run.stdout.strip()
+
+        commit = git("rev-parse", "HEAD")
+        # "+modified": a module the runs execute differs from that commit, which then does not describe them
+        import llm_neo.distill  # noqa: F401  (the runs' code: train_step and everything it imports)
+
+        files = sorted(
+            str(Path(file).resolve())
+            for name, m in list(sys.modules.items())
+            if name.startswith("llm_neo") and (file := getattr(m, "__file__", None))
         )
-        return out.stdout.strip() or None
+        dirty = git("status", "--porcelain", "--", *files)
+        return (commit + ("+modified" if dirty else "")) or None
     except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _load_average() -> float | None:
+    """The 1-minute load average: how busy the machine was (CPU timings depend on it)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
         return None
 
 
@@ -691,6 +735,7 @@ def bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
         )
         for method, impl, chunk in runs
     ]
+    load_start = _load_average()
     date = dt.date.today().isoformat()
     label = config.label or f"{config.shape}-{date}"
     partial = Path(config.output) / f"{label}.runs.jsonl" if config.output else None
@@ -746,6 +791,7 @@ def bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
         "versions": _versions(),
         "git_commit": _git_commit(),
         "settings": settings,
+        "load_average": {"start": load_start, "end": _load_average(), "cpus": os.cpu_count()},
         "peak_kind": next((x["peak_kind"] for x in results if x.get("peak_kind")), None),
         "results": results,
         "targets": check_targets(results, settings),
