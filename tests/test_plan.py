@@ -197,3 +197,37 @@ def test_validation_lists_every_problem():
         assert fragment in text
     with pytest.raises(ConfigError, match="--teacher is required"):
         plan_rows(PlanConfig(student="x"))
+
+
+def test_plan_per_rank_under_fsdp():
+    # Sharding over W ranks divides everything but the whole lm_head; per-rank micro-batch memory stays.
+    (one,) = plan_rows(
+        PlanConfig(
+            shape="llama3-8b-to-1b",
+            methods=["neo"],
+            loss_impls=["chunked"],
+            device="cuda",
+            gradient_checkpointing=True,
+        )
+    )[0]
+    (eight,) = plan_rows(
+        PlanConfig(
+            shape="llama3-8b-to-1b",
+            methods=["neo"],
+            loss_impls=["chunked"],
+            device="cuda",
+            gradient_checkpointing=True,
+            world_size=8,
+        )
+    )[0]
+    teacher = get_shape("llama3-8b-to-1b").teacher
+    head = teacher.vocab_size * teacher.hidden_size
+    expected = (one.components["teacher weights"] // 2 - head) // 8 * 2 + 2 * head
+    assert eight.components["teacher weights"] == pytest.approx(expected, rel=1e-6)
+    assert eight.components["trainable states"] == pytest.approx(
+        one.components["trainable states"] / 8, rel=1e-3
+    )
+    assert eight.components["logits"] == one.components["logits"]
+    assert eight.total < one.total / 2
+    with pytest.raises(ConfigError, match="world-size"):
+        plan_rows(PlanConfig(shape="tiny", world_size=0))

@@ -193,12 +193,16 @@ def estimate_arm(
     chunk_size: int = 1024,
     device_type: str = "cuda",
     baseline: int = 0,
+    world_size: int = 1,
 ) -> ArmEstimate:
     """The peak of one training step of ``method`` (kd, neo, sft, lora) with loss ``impl``.
 
     ``compute_bytes`` is c: 2 for bf16/fp16 autocast, 4 for fp32. ``baseline`` (CPU: the process floor)
-    is added as is. Tokens: every position of the B×T batch runs through both models; N = B·(T-1)
-    positions are trained (all but each sequence's last, whose next token is not in the batch).
+    is added as is. ``world_size`` W: the per-rank peak under llm-neo's FSDP2 sharding
+    (docs/distributed.md): weights except the whole lm_head, trainable states and autocast copies divided
+    by W; activations and logits are per rank's own micro-batch, unchanged. Tokens: every position of the
+    B×T batch runs through both models; N = B·(T-1) positions are trained (all but each sequence's last,
+    whose next token is not in the batch).
     """
     if method not in ARMS or impl not in IMPLS:
         raise ValueError(f"unknown arm {method}:{impl}; methods {ARMS}, impls {IMPLS}")
@@ -210,19 +214,30 @@ def estimate_arm(
     vocab = student.vocab_size
     h = student.hidden_size
 
-    teacher_w = c * teacher.parameters if (kd and teacher is not None) else 0
-    trainable = student.lora_parameters if lora else student.parameters
-    student_w = (c if lora else 4) * student.parameters
-    lora_w = 4 * student.lora_parameters if lora else 0
+    w = max(world_size, 1)
+
+    def sharded(count: int, head: int) -> int:
+        # FSDP2 shards everything but the lm_head (a tied head: the embeddings), which stays whole
+        return count if w == 1 else (count - head) // w + head
+
+    teacher_w = (
+        c * sharded(teacher.parameters, teacher.vocab_size * teacher.hidden_size)
+        if (kd and teacher is not None)
+        else 0
+    )
+    head = vocab * h
+    trainable = student.lora_parameters // w if lora else sharded(student.parameters, head)
+    student_w = (c if lora else 4) * sharded(student.parameters, head)
+    lora_w = 4 * trainable if lora else 0
     adam = 8 * trainable
     grads = 4 * trainable
     # foreach AdamW (the default on GPUs) holds a sqrt(v) temporary for every parameter at once
-    adam_temp = ADAMW_TEMP * trainable if device_type == "cuda" else 0
+    adam_temp = ADAMW_TEMP * trainable if (device_type == "cuda" and w == 1) else 0
     # Autocast casts each weight it multiplies once per forward; the copies live until the backward.
     autocast = c < 4
     copies = 0
     if autocast:
-        copies = c * (student.lora_parameters if lora else student.linear_weights)
+        copies = c * (student.lora_parameters if lora else student.linear_weights) // w
 
     per_layer = activation_bytes_per_token_layer(student, lora=lora, c=c, lora_r=lora_r)
     outside = 0 if lora else OUTSIDE_LAYERS_FULL * h * tokens
@@ -279,7 +294,7 @@ def estimate_arm(
         for parts in phases.values():
             parts["process baseline"] = baseline
     phase, parts = max(phases.items(), key=lambda kv: sum(kv[1].values()))
-    floor = teacher_w + student_w + (16 * student.lora_parameters if lora else 16 * student.parameters)
+    floor = teacher_w + student_w + 16 * trainable
     return ArmEstimate(
         method=method, impl=impl, components=dict(parts), phase=phase, total=sum(parts.values()), floor=floor
     )
@@ -343,6 +358,10 @@ class PlanConfig:
     strict: bool = field(
         default=False, metadata=_help("Exit with status 3 when an arm is not expected to fit.")
     )
+    world_size: int = field(
+        default=1,
+        metadata=_help("Processes the run is sharded over (FSDP2); the estimate is per rank."),
+    )
     json: str | None = field(default=None, metadata=_help("Also write the estimates to this JSON file."))
     trust_remote_code: bool = field(default=False, metadata=_help("Allow config code from the model dir."))
 
@@ -400,6 +419,7 @@ def _validate(config: PlanConfig) -> None:
         ("seq-len", config.seq_len),
         ("lora-r", config.lora_r),
         ("loss-chunk-size", config.loss_chunk_size),
+        ("world-size", config.world_size),
     ):
         if value is not None and value < 1:
             p.append(f"--{name}: {value} is out of range; it must be >= 1")
@@ -454,6 +474,7 @@ def plan_rows(config: PlanConfig, *, baseline: int | None = None) -> tuple[list[
             chunk_size=config.loss_chunk_size,
             device_type=device_type,
             baseline=base,
+            world_size=config.world_size,
         )
         for method in config.methods
         for impl in config.loss_impls
@@ -468,6 +489,7 @@ def plan_rows(config: PlanConfig, *, baseline: int | None = None) -> tuple[list[
         "device_type": device_type,
         "compute_dtype_bytes": c,
         "gradient_checkpointing": config.gradient_checkpointing,
+        "world_size": config.world_size,
         "loss_chunk_size": config.loss_chunk_size,
         "teacher_parameters": teacher.parameters if teacher else None,
         "student_parameters": student.parameters,
