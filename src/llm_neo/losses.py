@@ -462,7 +462,11 @@ def _check_kd_widths(student_logits: Tensor, teacher_logits: Tensor, kd_vocab_si
             f"teacher_logits {tuple(teacher_logits.shape)} must be [N, V_t] with the student's N = "
             f"{student_logits.shape[0]}"
         )
-    v_s, v_t = student_logits.shape[1], teacher_logits.shape[1]
+    _check_vocab_widths(student_logits.shape[1], teacher_logits.shape[1], kd_vocab_size)
+
+
+def _check_vocab_widths(v_s: int, v_t: int, kd_vocab_size: int | None) -> None:
+    """Logit widths must agree, or ``kd_vocab_size`` must say which leading columns to compare."""
     if kd_vocab_size is None:
         if v_s != v_t:
             raise ValueError(
@@ -856,17 +860,7 @@ def _check_chunked_args(
             f"teacher_hidden {tuple(teacher_hidden.shape)} must be [N, H_t] with the student's N = "
             f"{student_hidden.shape[0]}"
         )
-    v_s, v_t = student_head.shape[0], teacher_head.shape[0]
-    if kd_vocab_size is None:
-        if v_s != v_t:
-            raise ValueError(
-                f"student logit width {v_s} != teacher logit width {v_t}; if the models share a "
-                "tokenizer and one embedding table is padded, pass kd_vocab_size=len(tokenizer)"
-            )
-    elif not 0 < kd_vocab_size <= min(v_s, v_t):
-        raise ValueError(
-            f"kd_vocab_size={kd_vocab_size} must be in [1, min(student width {v_s}, teacher width {v_t})]"
-        )
+    _check_vocab_widths(student_head.shape[0], teacher_head.shape[0], kd_vocab_size)
 
 
 def _check_head_pair(who: str, hidden: Tensor, head: Tensor, bias: Tensor | None) -> None:
