@@ -467,3 +467,33 @@ def test_lora_arm_with_a_cache_ignores_its_temperature(run_config, cache_dir):
     )
     assert summary["final"]["kd_loss"] == 0 and summary["heldout_reference"] == "teacher_cache"
     assert dataclasses.asdict(DistillConfig()).keys() >= {"teacher_cache"}
+
+
+def test_command_line_cache_then_distill_as_a_new_user(tmp_path, teacher_dir, student_dir, data_file, capsys):
+    from llm_neo.cli import main
+
+    cache = tmp_path / "cache"
+    assert (
+        main(
+            [
+                "cache-teacher",
+                "--teacher",
+                str(teacher_dir),
+                "--data",
+                str(data_file),
+                "--output",
+                str(cache),
+                "-q",
+            ]
+        )
+        == 0
+    )
+    assert "bytes/token" in capsys.readouterr().out
+    common = ["distill", "--teacher-cache", str(cache), "--student", str(student_dir), "--max-steps", "1"]
+    common += ["--lora.r", "4", "--eval-fraction", "0.25", "-q"]
+    assert main([*common, "--data", str(data_file), "--output-dir", str(tmp_path / "neo")]) == 0
+    assert json.loads((tmp_path / "neo" / "summary.json").read_text())["teacher_cache"]["top_k"] == 64
+    changed = write_jsonl(tmp_path / "other.jsonl", ALPACA[:4])
+    assert main([*common, "--data", str(changed), "--output-dir", str(tmp_path / "other")]) == 1
+    err = capsys.readouterr().err
+    assert "does not match this run" in err and "data (the data file) differs" in err
