@@ -18,11 +18,13 @@ from llm_neo.demo import (
     DemoConfig,
     DemoError,
     Job,
+    _clear_output_dir,
     resolve_settings,
     run_demo,
     run_jobs,
     teacher_key,
     training_state_mb,
+    validate_demo,
 )
 from llm_neo.task import SKILLS
 
@@ -121,10 +123,16 @@ def test_teacher_key_covers_what_shapes_the_teacher():
     assert teacher_key(resolve_settings(DemoConfig(steps=7, seeds=5)), 0) == base
 
 
-def test_refuses_to_overwrite_an_earlier_demo(tmp_path):
-    (tmp_path / "report.md").write_text("earlier")
-    with pytest.raises(ConfigError, match="--overwrite"):
+def test_replaces_an_earlier_demo_but_not_other_files(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match=r"notes\.txt"):
         run_demo(DemoConfig(output_dir=str(tmp_path), quick=True, cache_dir=str(tmp_path / "c")))
+    earlier = tmp_path / "earlier"
+    (earlier / "arms" / "old-seed9").mkdir(parents=True)
+    (earlier / "report.md").write_text("earlier")
+    validate_demo(DemoConfig(output_dir=str(earlier)))  # an earlier demo's outputs: replaced, no error
+    _clear_output_dir(earlier)
+    assert list(earlier.iterdir()) == []
     with pytest.raises(ConfigError, match="--seeds"):
         run_demo(DemoConfig(output_dir=str(tmp_path / "new"), seeds=0))
 

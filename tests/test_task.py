@@ -15,6 +15,7 @@ from llm_neo.task import (
     TASK_VERSION,
     exact_match,
     expected_output,
+    generate_splits,
     generate_task,
     greedy_answers,
     prompt_and_stop,
@@ -52,6 +53,17 @@ def test_splits_are_disjoint_balanced_and_cover_every_skill():
     # Every held-out capital is a fact the training data teaches, in another wording.
     trained_countries = {r["output"] for r in train if r["skill"] == "capital"}
     assert {r["output"] for r in heldout if r["skill"] == "capital"} <= trained_countries
+
+
+def test_distill_split_is_fresh_and_leaves_the_others_unchanged():
+    train, heldout = generate_task(5, train_per_skill=100, heldout_per_skill=20)
+    splits = generate_splits(5, train_per_skill=100, heldout_per_skill=20, distill_per_skill=30)
+    assert splits["train"] == train and splits["heldout"] == heldout
+    assert len(splits["distill"]) == 30 * len(SKILLS)
+    seen = {r["instruction"] for r in train + heldout}
+    # Only the capital fact table repeats between the training sets; never with a held-out question.
+    assert {r["skill"] for r in splits["distill"] if r["instruction"] in seen} <= {"capital"}
+    assert not {r["instruction"] for r in splits["distill"]} & {r["instruction"] for r in heldout}
 
 
 def _independent_answer(instruction: str) -> str:

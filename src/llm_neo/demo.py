@@ -49,6 +49,10 @@ from llm_neo.config import ConfigError, DistillConfig, LoraOptions, _help
 log = logging.getLogger("llm_neo")
 
 ARMS = ("sft", "lora", "kd", "neo")
+# --exact-memory: glibc serves blocks from 64 KB up with mmap (see _set_mmap_threshold).
+EXACT_MEMORY_MMAP_THRESHOLD = 64 * 1024
+# What a demo writes in its output directory (and replaces on the next run).
+OUTPUTS = ("data", "student", "arms", "plots", "report.md", "results.json")
 # Per-run results that the report aggregates over seeds (mean, std, min, max).
 NUMERIC = (
     "accuracy",
@@ -101,7 +105,18 @@ class DemoConfig:
         ),
     )
     overwrite: bool = field(
-        default=False, metadata=_help("Replace the outputs of an earlier demo in --output-dir.")
+        default=False,
+        metadata=_help(
+            "Write into an --output-dir that holds other files too (an earlier demo's outputs are "
+            "always replaced; other files are left alone)."
+        ),
+    )
+    exact_memory: bool = field(
+        default=False,
+        metadata=_help(
+            "Measure the arms' peak memory without allocator slack: glibc returns every freed block of 64 KB "
+            "or more to the system at once, so the peak RSS tracks live memory. About 2x slower arms."
+        ),
     )
     jobs: int | None = field(
         default=None,
@@ -119,7 +134,7 @@ class DemoSettings:
 
     # task
     train_per_skill: int  # the teacher's training split
-    distill_samples: int  # the arms' data: this many records of the training split (one epoch of the arms)
+    distill_per_skill: int  # the arms' data: fresh records, disjoint from the teacher's (see run_demo)
     heldout_per_skill: int
     # teacher: a Llama trained from scratch
     hidden_size: int
@@ -143,17 +158,20 @@ class DemoSettings:
         return 10 * self.full_lr
 
 
-# Sized for 2 CPU cores: about 3 minutes of teacher training, 12 arms of about 15 s each.
-# - The teacher is big enough to learn all five skills (>= 90% exact match) from scratch in that time;
-#   from-scratch training needs a far higher lr than fine-tuning (3e-3 vs the paper's 2e-5).
+# Sized for 2 CPU cores: about 3 minutes of teacher training, then 12 arms of 200 steps, two at a time.
+# - The teacher (4 blocks, hidden 128, 0.7 M parameters) is the smallest Llama found to learn all five
+#   skills to >= 90% held-out exact match from scratch in 3000 steps of 32 (about 3 epochs of the 30 k
+#   training records: fewer, larger epochs memorise instead of generalising). From-scratch training needs
+#   a far higher lr than fine-tuning: 3e-3 here, against the paper's 2e-5 for fine-tuning.
 # - The student keeps half the blocks: the paper's depth-pruned setting, and enough lost skill to recover.
 # - full_lr is the teacher's lr / 10 (fine-tuning a trained network takes a smaller step than training it
 #   from scratch); the LoRA arms use 10x that, the paper's rule, i.e. the teacher's own lr.
-# - r = 16 on hidden 128 is the paper's r/hidden ratio (64 on 2048, ~1/32) raised for KD through a LoRA
-#   branch, as one of the authors advises; alpha = 2r as in the paper.
+# - r = 16 on hidden 128 is above the paper's r/hidden ratio (64 on 2048), as one of its authors advises
+#   when KD has to pass through a LoRA branch; alpha = 2r as in the paper.
+# - The arms' data is one epoch of their budget (200 steps x 32) of task records the teacher never saw.
 DEFAULT = DemoSettings(
     train_per_skill=6000,
-    distill_samples=6400,
+    distill_per_skill=1280,  # x 5 skills = 6400 = 200 steps x 32: one epoch of the arms
     heldout_per_skill=40,
     hidden_size=128,
     num_layers=4,
@@ -175,7 +193,7 @@ DEFAULT = DemoSettings(
 # competent and its numbers mean nothing; the report says so.
 QUICK = DemoSettings(
     train_per_skill=40,
-    distill_samples=100,
+    distill_per_skill=20,
     heldout_per_skill=4,
     hidden_size=32,
     num_layers=2,
@@ -215,11 +233,16 @@ def validate_demo(config: DemoConfig) -> None:
     out = Path(config.output_dir).expanduser()
     if out.exists() and not out.is_dir():
         p.append(f"--output-dir: {config.output_dir!r} is a file; give a directory")
-    elif out.is_dir() and any(out.iterdir()) and not config.overwrite:
-        p.append(
-            f"--output-dir: {config.output_dir!r} already holds files; pass --overwrite to replace "
-            "the earlier demo, or choose another --output-dir"
-        )
+    elif out.is_dir() and not config.overwrite:
+        # An earlier demo's outputs are replaced (running `llm-neo demo` again is the point of the cached
+        # teacher); anything else in the directory is someone else's, and the demo will not mix with it.
+        foreign = sorted(entry.name for entry in out.iterdir() if entry.name not in OUTPUTS)
+        if foreign:
+            p.append(
+                f"--output-dir: {config.output_dir!r} holds files that are not an earlier demo's "
+                f"({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}); choose another "
+                "--output-dir, or pass --overwrite to write the demo's outputs beside them"
+            )
     for name, value in (
         ("seeds", config.seeds),
         ("steps", config.steps),
@@ -245,7 +268,7 @@ def run_demo(config: DemoConfig) -> int:
     from transformers.utils import logging as hf_logging
 
     from llm_neo.report import format_results_table, write_report
-    from llm_neo.task import TASK_VERSION, generate_task, write_jsonl
+    from llm_neo.task import TASK_VERSION, generate_splits, write_jsonl
 
     validate_demo(config)
     settings = resolve_settings(config)
@@ -256,6 +279,7 @@ def run_demo(config: DemoConfig) -> int:
     cache = Path(config.cache_dir).expanduser() if config.cache_dir else default_cache_dir()
     device = config.device
     parallel, threads = _resources(config)
+    loads = [_load_average()]  # sampled at each stage
     timing: dict[str, float] = {}
     cpu_s: dict[str, float] = {}  # CPU seconds of the worker processes, per stage
     seeds = [config.seed + k for k in range(settings.seeds)]
@@ -264,14 +288,21 @@ def run_demo(config: DemoConfig) -> int:
         f"{', '.join(ARMS)} x {len(seeds)} seed(s), {settings.arm_steps} steps each; output {out}"
     )
 
-    # --- 1. The task, as ordinary JSONL files: the teacher's training split, the arms' share of it, and
-    # the held-out split everything is evaluated on.
-    train, heldout = generate_task(
-        config.seed, train_per_skill=settings.train_per_skill, heldout_per_skill=settings.heldout_per_skill
+    # --- 1. The task, as ordinary JSONL files: the teacher's training split, the arms' data and the
+    # held-out split everything is evaluated on. The arms' data is fresh, not a part of the teacher's
+    # training split: a teacher trained to near-zero loss on its own training records gives them almost
+    # one-hot distributions, so KD on them would be CE under another name. On records it has not seen,
+    # its distribution is its own prediction, the thing KD is meant to transfer (and the paper's teacher
+    # was not trained on its distillation data either).
+    splits = generate_splits(
+        config.seed,
+        train_per_skill=settings.train_per_skill,
+        heldout_per_skill=settings.heldout_per_skill,
+        distill_per_skill=settings.distill_per_skill,
     )
-    train_path = write_jsonl(out / "data" / "train.jsonl", train)
-    distill_path = write_jsonl(out / "data" / "distill.jsonl", train[: settings.distill_samples])
-    heldout_path = write_jsonl(out / "data" / "heldout.jsonl", heldout)
+    train_path = write_jsonl(out / "data" / "train.jsonl", splits["train"])
+    distill_path = write_jsonl(out / "data" / "distill.jsonl", splits["distill"])
+    heldout_path = write_jsonl(out / "data" / "heldout.jsonl", splits["heldout"])
 
     # --- 2. The teacher: trained once per key, then reused from the cache.
     t0 = time.perf_counter()
@@ -279,6 +310,7 @@ def run_demo(config: DemoConfig) -> int:
         settings, seed=config.seed, data=train_path, cache=cache, device=device, threads=parallel * threads
     )
     timing["teacher_s"] = time.perf_counter() - t0
+    loads.append(_load_average())
 
     # --- 3. The student: the teacher, depth-pruned by measured block importance.
     t0 = time.perf_counter()
@@ -312,12 +344,19 @@ def run_demo(config: DemoConfig) -> int:
                     out / "arms" / f"{method}-seed{seed}.log",
                 )
             )
-    summaries, cpu_s["arms"] = run_jobs(jobs, parallel=parallel, threads=threads, desc="arms")
+    summaries, cpu_s["arms"] = run_jobs(
+        jobs,
+        parallel=parallel,
+        threads=threads,
+        desc="arms",
+        mmap_threshold=EXACT_MEMORY_MMAP_THRESHOLD if config.exact_memory else 0,
+    )
     runs = [
         {"method": job.payload.method, "seed": job.payload.seed, "summary": summary}
         for job, summary in zip(jobs, summaries, strict=True)
     ]
     timing["arms_s"] = time.perf_counter() - t0
+    loads.append(_load_average())
 
     # --- 5. Held-out evaluation of every model on the same split, shared among `parallel` processes.
     t0 = time.perf_counter()
@@ -376,7 +415,13 @@ def run_demo(config: DemoConfig) -> int:
         cpu_s["teacher"] = teacher["train_cpu_s"]
     results["timing"] = timing
     results["cpu_s"] = cpu_s
-    results["resources"] = {"cores": _cores(), "parallel": parallel, "threads_per_job": threads}
+    results["resources"] = {
+        "cores": _cores(),
+        "parallel": parallel,
+        "threads_per_job": threads,
+        # Other processes' load stretches every time above; the report says so when it was high.
+        "load_average_1min": [x for x in [*loads, _load_average()] if x is not None],
+    }
     report_path = write_report(results, out)
     print()
     print(format_results_table(results))
@@ -393,8 +438,8 @@ def _say(message: str) -> None:
 
 
 def _clear_output_dir(out: Path) -> None:
-    """With --overwrite, remove what an earlier demo wrote (only that); then make the directory."""
-    for name in ("data", "student", "arms", "plots", "report.md", "results.json"):
+    """Remove what an earlier demo wrote (only that); then make the directory."""
+    for name in OUTPUTS:
         target = out / name
         if target.is_dir():
             shutil.rmtree(target)
@@ -612,7 +657,9 @@ class Job:
     log: Path  # the child's stdout and stderr
 
 
-def run_jobs(jobs: list[Job], *, parallel: int, threads: int, desc: str) -> tuple[list[Any], float]:
+def run_jobs(
+    jobs: list[Job], *, parallel: int, threads: int, desc: str, mmap_threshold: int = 0
+) -> tuple[list[Any], float]:
     """Run ``jobs``, ``parallel`` at a time, each in its own process with ``threads`` torch threads.
 
     Why processes: on CPU a run's peak memory is its process's peak resident set, a high-water mark
@@ -623,6 +670,7 @@ def run_jobs(jobs: list[Job], *, parallel: int, threads: int, desc: str) -> tupl
     Children fork from a server that has already imported torch and transformers, so each starts in a
     fraction of a second rather than paying the ~5 s import again.
 
+    ``mmap_threshold`` > 0 sets glibc's M_MMAP_THRESHOLD in the children (see ``DemoConfig.exact_memory``).
     One progress bar counts every job's units; a failing job stops the others and raises DemoError
     naming its log. Returns the jobs' results in order, and the CPU seconds the jobs used together.
     """
@@ -649,7 +697,15 @@ def run_jobs(jobs: list[Job], *, parallel: int, threads: int, desc: str) -> tupl
                 jobs[i].log.parent.mkdir(parents=True, exist_ok=True)
                 process = ctx.Process(
                     target=_worker,
-                    args=(i, jobs[i].kind, jobs[i].payload, threads, str(jobs[i].log), messages),
+                    args=(
+                        i,
+                        jobs[i].kind,
+                        jobs[i].payload,
+                        threads,
+                        mmap_threshold,
+                        str(jobs[i].log),
+                        messages,
+                    ),
                     name=f"llm-neo-{jobs[i].name}",
                     daemon=True,
                 )
@@ -722,12 +778,16 @@ def _context() -> Any:
     return _CONTEXT
 
 
-def _worker(index: int, kind: str, payload: Any, threads: int, log_path: str, messages: Any) -> None:
+def _worker(
+    index: int, kind: str, payload: Any, threads: int, mmap_threshold: int, log_path: str, messages: Any
+) -> None:
     """The child: its output goes to its log (the parent draws the progress), its results to the queue."""
     log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(log_fd, 1)
     os.dup2(log_fd, 2)
     torch.set_num_threads(threads)
+    if mmap_threshold:
+        _set_mmap_threshold(mmap_threshold)
     logging.basicConfig(level=logging.INFO, format="[llm-neo] %(message)s", stream=sys.stderr, force=True)
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     try:
@@ -748,6 +808,34 @@ def _worker(index: int, kind: str, payload: Any, threads: int, log_path: str, me
         messages.close()
         messages.join_thread()  # the message must leave before the process does
         raise SystemExit(1) from err
+
+
+def _set_mmap_threshold(nbytes: int) -> None:
+    """glibc: serve blocks of ``nbytes`` or more with mmap, so that freeing them returns the memory.
+
+    By default glibc keeps freed blocks in the heap for reuse, and a process that allocates many
+    differently sized tensors (the LoRA arms' small adapter products among them) fragments it: its peak
+    resident set then exceeds its peak live memory by tens of MB, more than the methods differ by at
+    the demo's scale. Every such allocation then costs a system call and fresh page faults, hence slower.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name or "libc.so.6")
+        ok = libc.mallopt(-3, nbytes)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc (macOS, musl): keep the default allocator
+        ok = 0
+    if not ok:
+        logging.getLogger("llm_neo").warning("--exact-memory: not a glibc system, peak RSS is as measured")
+
+
+def _load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):  # not available on this platform
+        return None
 
 
 def _cores() -> int:

@@ -155,43 +155,56 @@ def _rng(seed: int, skill: str) -> random.Random:
 def generate_task(
     seed: int, *, train_per_skill: int, heldout_per_skill: int
 ) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
-    """The task's ``(train, heldout)`` records: a pure function of the arguments (and TASK_VERSION).
+    """The task's ``(train, heldout)`` records; see ``generate_splits``."""
+    splits = generate_splits(seed, train_per_skill=train_per_skill, heldout_per_skill=heldout_per_skill)
+    return splits["train"], splits["heldout"]
 
-    Every skill has ``train_per_skill`` training and ``heldout_per_skill`` held-out records; no held-out
-    instruction occurs in training. ``capital`` has at most one held-out question per country
-    (``len(CAPITALS)``), and its training questions (every other country/wording pair) are repeated as
-    needed to give it the same share of training as the other skills. Records are shuffled.
+
+def generate_splits(
+    seed: int, *, train_per_skill: int, heldout_per_skill: int, distill_per_skill: int = 0
+) -> dict[str, list[dict[str, str]]]:
+    """The task's ``train``, ``heldout`` and ``distill`` records: a pure function of the arguments.
+
+    Every skill has the given number of records in each split. The splits share no instruction, except
+    that ``capital``'s small fact table repeats: it has at most one held-out question per country
+    (``len(CAPITALS)``), asked in a wording that country never has in training, and its ``train`` and
+    ``distill`` questions cycle through every other country/wording pair, as needed to give it the same
+    share as the other skills. ``train`` and ``heldout`` do not depend on ``distill_per_skill`` (it is
+    drawn after them), so adding a ``distill`` split changes neither. Records are shuffled.
     """
-    if train_per_skill < 1 or heldout_per_skill < 1:
-        raise ValueError("train_per_skill and heldout_per_skill must be >= 1")
+    if train_per_skill < 1 or heldout_per_skill < 1 or distill_per_skill < 0:
+        raise ValueError("train_per_skill and heldout_per_skill must be >= 1, distill_per_skill >= 0")
     if heldout_per_skill > len(CAPITALS):
         raise ValueError(
             f"heldout_per_skill {heldout_per_skill} exceeds the {len(CAPITALS)} countries of the "
             "capital skill; ask for fewer held-out records per skill"
         )
-    train: list[dict[str, str]] = []
-    heldout: list[dict[str, str]] = []
+    sizes = {"heldout": heldout_per_skill, "train": train_per_skill, "distill": distill_per_skill}
+    total = sum(sizes.values())
+    splits: dict[str, list[dict[str, str]]] = {name: [] for name in sizes}
     for skill, draw in GENERATED_SKILLS.items():
         rng = _rng(seed, skill)
         seen: set[str] = set()
         drawn: list[dict[str, str]] = []
-        for _ in range(1000 * (train_per_skill + heldout_per_skill)):
-            if len(drawn) == train_per_skill + heldout_per_skill:
+        for _ in range(1000 * total):
+            if len(drawn) == total:
                 break
             instruction, output = draw(rng)
-            if instruction not in seen:  # unique, so held-out and train cannot share an instruction
+            if instruction not in seen:  # unique, so no two splits can share an instruction
                 seen.add(instruction)
                 drawn.append(_record(skill, instruction, output))
         else:
-            raise ValueError(f"skill {skill}: could not draw {train_per_skill + heldout_per_skill} records")
-        heldout += drawn[:heldout_per_skill]
-        train += drawn[heldout_per_skill:]
+            raise ValueError(f"skill {skill}: could not draw {total} distinct records")
+        start = 0
+        for name, size in sizes.items():
+            splits[name] += drawn[start : start + size]
+            start += size
 
     rng = _rng(seed, "capital")
     countries = sorted(CAPITALS)
     rng.shuffle(countries)
     held_pairs = {(c, rng.randrange(len(CAPITAL_TEMPLATES))) for c in countries[:heldout_per_skill]}
-    heldout += [
+    splits["heldout"] += [
         _record("capital", CAPITAL_TEMPLATES[t].format(country=c), CAPITALS[c]) for c, t in sorted(held_pairs)
     ]
     pool = [
@@ -201,12 +214,15 @@ def generate_task(
         if (c, t) not in held_pairs
     ]
     rng.shuffle(pool)
-    train += [pool[i % len(pool)] for i in range(train_per_skill)]
+    splits["train"] += [pool[i % len(pool)] for i in range(train_per_skill)]
+    splits["distill"] += [
+        pool[i % len(pool)] for i in range(train_per_skill, train_per_skill + distill_per_skill)
+    ]
 
     shuffle = random.Random(f"llm-neo-task-v{TASK_VERSION}:{seed}:order")
-    shuffle.shuffle(train)
-    shuffle.shuffle(heldout)
-    return train, heldout
+    for name in ("train", "heldout", "distill"):  # this order keeps train and heldout independent of distill
+        shuffle.shuffle(splits[name])
+    return splits
 
 
 def expected_output(instruction: str) -> str:
