@@ -311,8 +311,8 @@ def render_report(results: dict[str, Any]) -> str:
         f"A teacher, its depth-pruned student, and the student trained four ways (SFT, LoRA, KD, LLM-Neo) "
         f"for {s['arm_steps']} steps each on the same data, over {n} seed{'s' if n > 1 else ''} "
         f"({', '.join(map(str, seeds))}); every model is scored on the same {teacher['total']} held-out "
-        f"questions. {results['device']}, {res['cores']} cores ({res['parallel']} runs at a time, "
-        f"{res['threads_per_job']} thread{'s' if res['threads_per_job'] > 1 else ''} each)"
+        f"questions. {results['device'].replace('cpu', 'CPU')}, {res['cores']} cores ({res['parallel']} "
+        f"runs at a time, {res['threads_per_job']} thread{'s' if res['threads_per_job'] > 1 else ''} each)"
         + (f"; {timing['total_s'] / 60:.1f} min in all" if "total_s" in timing else "")
         + f", teacher {'reused from the cache' if teacher['cached'] else 'trained in this run'}.",
         "",
@@ -449,10 +449,32 @@ def closing_note(results: dict[str, Any]) -> list[str]:
     else:
         notes.append("Every target held.")
     if n > 1:
+        spread = max(std.values())
+        margins = ", ".join(f"{ARM_LABELS[m]} {acc['neo'] - acc[m]:+.1f}" for m in ("kd", "lora", "sft"))
         notes.append(
-            f"The seed-to-seed standard deviation of an arm's accuracy is up to {max(std.values()):.1f} "
-            "points (each seed changes the data order and the LoRA initialisation); differences between "
-            "arms smaller than that are not evidence either way."
+            f"How sure: Neo's margins are {margins} points; the seed-to-seed standard deviation of an arm's "
+            f"accuracy is up to {spread:.1f} points (a seed changes the data order and the LoRA "
+            "initialisation). A margin below that spread is not evidence either way; the ordering is "
+            "measured on small models and a small task, and should be read as such."
+        )
+    skills = list(results["teacher"]["per_skill"])
+    t_skill = {k: 100 * results["teacher"]["per_skill"][k] for k in skills}
+    s_skill = {k: 100 * results["student"]["per_skill"][k] for k in skills}
+    best = {k: max(100 * arms[m]["summary"]["per_skill"][k]["mean"] for m in arms) for k in skills}
+    lost = [k for k in skills if t_skill[k] - s_skill[k] >= 20]
+    if lost:
+        stuck = [k for k in lost if t_skill[k] - best[k] >= 30]
+        notes.append(
+            "Pruning cost most in "
+            + ", ".join(f"{k} ({t_skill[k]:.0f}% -> {s_skill[k]:.0f}%)" for k in lost)
+            + (
+                f"; within {settings['arm_steps']} steps no arm recovers "
+                + ", ".join(f"{k} (best arm {best[k]:.0f}%)" for k in stuck)
+                + ", a skill the dropped blocks carried and a short run does not rebuild"
+                if stuck
+                else ""
+            )
+            + "."
         )
     if not held["teacher clearly competent (>= 90% exact match)"]:
         notes.append(
