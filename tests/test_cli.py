@@ -239,7 +239,7 @@ def test_hard_kill_then_resume_matches_uninterrupted(tmp_path, student_dir, teac
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.time() + 120
+    deadline = time.time() + 600  # generous: a loaded CI machine is slow
     while not (killed / "checkpoints" / "step-000010").exists() and time.time() < deadline:
         if proc.poll() is not None:
             break
