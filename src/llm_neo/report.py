@@ -383,6 +383,12 @@ def render_report(results: dict[str, Any]) -> str:
         "whole vocabulary, no temperature (the paper's defaults). LoRA branches are merged into the weights "
         "and the merge is verified, so every arm ends as a plain student of the same shape.",
     ]
+    if results["config"].get("exact_memory"):
+        lines.append(
+            "- **--exact-memory**: the arms ran with glibc returning every freed block of 64 KB or more to "
+            "the system at once, so their peak RSS tracks live memory; their times are about twice the "
+            "default's."
+        )
     if timing:
         loads = res.get("load_average_1min") or []
         if loads and max(loads) > res["cores"] + 0.5:
