@@ -796,19 +796,7 @@ def chunked_distill_loss(
         teacher_softcap=teacher_softcap,
     )
 
-    grad_on = torch.is_grad_enabled()
-    needs = (
-        grad_on and student_hidden.requires_grad,
-        grad_on and student_head.requires_grad,
-        grad_on and student_bias is not None and student_bias.requires_grad,
-    )
-    n_local = student_hidden.shape[0]
-    if not any(needs):
-        # Nothing to differentiate (evaluation, or all inputs frozen): values only, no gradient work.
-        loss, ce_sum, kd_sum, *_ = _chunk_loop(plan, student_hidden, student_head, student_bias, needs)
-        return LossParts(loss=loss, ce_sum=ce_sum, kd_sum=kd_sum, num_tokens=n_local)
-    loss, ce_sum, kd_sum = _ChunkedDistill.apply(student_hidden, student_head, student_bias, plan, needs)
-    return LossParts(loss=loss, ce_sum=ce_sum, kd_sum=kd_sum, num_tokens=n_local)
+    return _run_chunks(plan, student_hidden, student_head, student_bias)
 
 
 def _check_chunked_args(
@@ -1187,6 +1175,13 @@ def chunked_cached_distill_loss(
         teacher_softcap=None,
         cached_teacher=teacher if kd_active else None,
     )
+    return _run_chunks(plan, student_hidden, student_head, student_bias)
+
+
+def _run_chunks(
+    plan: Any, student_hidden: Tensor, student_head: Tensor, student_bias: Tensor | None
+) -> LossParts:
+    """Run the chunk loop, through the autograd Function only when some student input needs a gradient."""
     grad_on = torch.is_grad_enabled()
     needs = (
         grad_on and student_hidden.requires_grad,
@@ -1195,6 +1190,7 @@ def chunked_cached_distill_loss(
     )
     n_local = student_hidden.shape[0]
     if not any(needs):
+        # Nothing to differentiate (evaluation, or all inputs frozen): values only, no gradient work.
         loss, ce_sum, kd_sum, *_ = _chunk_loop(plan, student_hidden, student_head, student_bias, needs)
         return LossParts(loss=loss, ce_sum=ce_sum, kd_sum=kd_sum, num_tokens=n_local)
     loss, ce_sum, kd_sum = _ChunkedDistill.apply(student_hidden, student_head, student_bias, plan, needs)
