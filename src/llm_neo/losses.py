@@ -575,9 +575,37 @@ def _chunk_loop(
     kd_ratio, kvs = plan.kd_ratio, plan.kd_vocab_size
     any_need = need_hidden or bool(leaves)
 
+    # CE + forward KL (LLM-Neo's default) and plain CE take the analytic-gradient path; the other
+    # divergences, soft-capped students and cached teachers go through autograd per chunk.
+    analytic = (
+        plan.cached_teacher is None
+        and plan.student_softcap is None
+        and (not plan.kd_active or plan.divergence == "forward_kl")
+    )
+
     with _autocast_off(device):
         for start in range(0, n, plan.chunk_size):
             stop = min(start + plan.chunk_size, n)
+            if analytic:
+                with torch.no_grad():
+                    h = student_hidden[start:stop].detach()  # [C, H_s]
+                    ce, kd, g = _analytic_chunk(plan, h, head, bias, start, stop, loss_dtype, any_need)
+                    if g is not None:  # [C, V_s], d loss / d logits of the chunk, loss dtype
+                        if grad_bias is not None:
+                            grad_bias += g.sum(dim=0)
+                        # The same casts as autograd through ``F.linear(h.to(dtype), head)`` would make.
+                        g_mm = g.to(plan.student_dtype)
+                        del g
+                        if grad_hidden is not None:
+                            grad_hidden[start:stop] = g_mm @ head
+                        if grad_head is not None and grad_head.dtype == g_mm.dtype:
+                            grad_head.addmm_(g_mm.T, h.to(plan.student_dtype))  # no [V, H] temporary
+                        elif grad_head is not None:
+                            grad_head += g_mm.T @ h.to(plan.student_dtype)
+                        del g_mm
+                ce_total += ce
+                kd_total += kd
+                continue
             h = student_hidden[start:stop].detach().requires_grad_(need_hidden)  # [C, H_s]
             with torch.set_grad_enabled(any_need):
                 logits = F.linear(h.to(plan.student_dtype), head).to(loss_dtype)  # [C, V_s]
@@ -638,6 +666,81 @@ def _chunk_loop(
     grad_head_out = None if grad_head is None else grad_head.to(student_head.dtype)
     grad_bias_out = None if grad_bias is None or student_bias is None else grad_bias.to(student_bias.dtype)
     return loss, ce_total, kd_total, grad_hidden, grad_head_out, grad_bias_out
+
+
+def _analytic_chunk(
+    plan: _ChunkPlan,
+    h: Tensor,
+    head: Tensor,
+    bias: Tensor | None,
+    start: int,
+    stop: int,
+    loss_dtype: torch.dtype,
+    want_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(ce_sum, kd_sum, grad_logits) of one chunk for CE + forward KL (or CE alone), with the gradient
+    w.r.t. the chunk's student logits written out instead of taken by autograd. Call under no_grad.
+
+    Why: autograd through log_softmax / exp / where keeps about eight fp32 [C, V] tensors alive at
+    once (33 bytes per logit measured); this keeps at most three (the student logits, which become the
+    gradient in place, the teacher log-ratio and the teacher probabilities), so the chunk's memory is
+    about 12 bytes per logit and a step's peak is set by the models rather than by the loss.
+
+    With s the student logits [C, V_s], p = softmax(t / T) the teacher over the first V_kd columns,
+    q = softmax(s[:, :V_kd] / T), r = kd_ratio and N = num_tokens:
+
+        loss       = ((1 - r) sum CE + r T^2 sum KL(p || q)) / N
+        d loss/ds  = ((1 - r)(softmax(s) - onehot(target)) + r T (q - p) on the first V_kd columns) / N
+
+    ``h`` [C, H_s] is the chunk's hidden states, ``head`` [V_s, H_s] already in the matmul dtype.
+    Returns the sums detached, and ``grad_logits`` [C, V_s] in the loss dtype (None unless want_grad).
+    """
+    r, temp, kvs = plan.kd_ratio, plan.temperature, plan.kd_vocab_size
+    targets = plan.targets[start:stop]  # [C]
+    s = F.linear(h.to(plan.student_dtype), head).to(loss_dtype)  # [C, V_s], a fresh tensor: edited in place
+    if bias is not None:
+        s += bias.to(loss_dtype)
+    lse_s = torch.logsumexp(s, dim=-1)  # [C]
+    ce = (lse_s - s.gather(1, targets[:, None]).squeeze(1)).sum()
+    kd = ce.new_zeros(())
+    p = None
+    s_kd = s if kvs is None else s[:, :kvs]  # [C, V_kd] view
+    lse_q = lse_s
+    if plan.kd_active:
+        if temp != 1.0 or kvs is not None:
+            lse_q = torch.logsumexp(s_kd / temp, dim=-1)  # [C]
+        log_ratio = _teacher_chunk_logits(plan, start, stop, loss_dtype)  # [C, V_kd], fresh
+        if temp != 1.0:
+            log_ratio /= temp
+        log_ratio -= torch.logsumexp(log_ratio, dim=-1, keepdim=True)  # log p
+        p = log_ratio.exp()
+        # log p - log q in place. A -inf log p (p = 0) is clamped first so that its term is 0 * finite.
+        log_ratio.clamp_(min=torch.finfo(loss_dtype).min)
+        log_ratio.sub_(s_kd, alpha=1.0 / temp).add_(lse_q[:, None])
+        # Row-wise dot products through bmm: (p * log_ratio).sum(-1) would allocate another [C, V_kd].
+        kd = torch.bmm(p[:, None, :], log_ratio[:, :, None]).sum() * temp**2
+        del log_ratio
+    if not want_grad:
+        return ce, kd, None
+
+    q = None
+    if p is not None and (temp != 1.0 or kvs is not None):
+        q = (s_kd / temp).sub_(lse_q[:, None]).exp_()  # [C, V_kd], before s is overwritten
+    g = s.sub_(lse_s[:, None]).exp_()  # softmax(s), in place of the logits
+    if p is not None and q is None:
+        g.add_(p, alpha=-r)  # T = 1 over the full width: (1 - r) softmax + r (softmax - p) = softmax - r p
+    else:
+        if r != 0.0:
+            g.mul_(1.0 - r)
+        if p is not None and q is not None:
+            g_kd = g if kvs is None else g[:, :kvs]
+            g_kd.add_(q, alpha=r * temp).add_(p, alpha=-r * temp)
+    del p, q
+    rows = torch.arange(g.shape[0], device=g.device)
+    g[rows, targets] -= 1.0 - r
+    num_tokens = plan.num_tokens.detach() if isinstance(plan.num_tokens, Tensor) else plan.num_tokens
+    g /= num_tokens
+    return ce, kd, g
 
 
 def _teacher_chunk_logits(plan: _ChunkPlan, start: int, stop: int, loss_dtype: torch.dtype) -> Tensor:

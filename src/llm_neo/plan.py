@@ -61,8 +61,10 @@ IMPLS = ("plain", "chunked")
 PLAIN_KD_BASE = 25  # fp32 log-softmaxes, KL terms and gradients, [N, V] indexed copies: + 4·c more below
 PLAIN_KD_PER_C = 4  # four [B, T, V] / [N, V] logits tensors (both models, full and indexed) in dtype c
 PLAIN_CE = 12  # CE only (sft, lora): fp32 copy, log-softmax and its gradient
-CHUNK_KD = 33  # per element of a [chunk, V] block: ~8 fp32 tensors of the chunk loop
-CHUNK_CE = 12
+# The chunk loop's analytic CE + forward-KL gradient holds three fp32 [chunk, V] tensors at its peak
+# (student logits turned gradient, teacher log-ratio, teacher probabilities); CE alone holds one.
+CHUNK_KD = 12
+CHUNK_CE = 4
 # Activations per token per layer (bytes), as a_H·H + a_kv·H_kv + a_I·I + a_r·r·(adapted linears) + heads.
 ACT_KV_PER_C = 2  # k and v projections (saved for the rotary/attention backward)
 ACT_I_PER_C = 4  # gate, act(gate), up, act·up of the SwiGLU MLP
