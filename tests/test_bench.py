@@ -10,7 +10,6 @@ import torch
 
 from llm_neo.bench import (
     BenchConfig,
-    LiveTensorBytes,
     RunSpec,
     bench,
     check_targets,
@@ -19,6 +18,7 @@ from llm_neo.bench import (
     run_one,
 )
 from llm_neo.config import ConfigError, DistillConfig, add_dataclass_arguments, build_config
+from llm_neo.memory import LiveTensorBytes
 
 RUNS = ["kd:plain", "kd:chunked", "neo:plain", "neo:chunked", "neo:chunked:16", "sft:plain", "lora:chunked"]
 
@@ -79,12 +79,14 @@ def test_run_bench_writes_markdown_and_json(tmp_path, capsys):
         output=str(tmp_path),
         label="t",
     )
+    bench(config, progress=False)  # what a killed bench leaves: each finished run, a line each
+    assert len((tmp_path / "t.runs.jsonl").read_text().splitlines()) == 2
     assert run_bench(config) == 0
     assert "| kd plain |" in capsys.readouterr().out  # the baseline is always run
     report = json.loads((tmp_path / "t.json").read_text())
     assert [r["name"] for r in report["results"]] == ["kd plain", "neo chunked"]
     assert (tmp_path / "t.md").read_text().startswith("# llm-neo bench: tiny")
-    assert len((tmp_path / "t.runs.jsonl").read_text().splitlines()) == 2
+    assert not (tmp_path / "t.runs.jsonl").exists()  # a finished bench: the JSON holds every run
 
 
 def test_isolated_runs_measure_their_own_process():

@@ -49,7 +49,7 @@ IDS = torch.tensor([[1, 40, 41, 42, 43, 44, 45, 46], [1, 50, 60, 70, 80, 90, 100
 
 
 @pytest.mark.parametrize("method", ["neo", "kd", "lora", "sft"])
-def test_each_arm_exports_a_plain_student(make_config, student_dir, method):
+def test_each_arm_exports_a_plain_student(make_config, student_dir, teacher_dir, method):
     summary = distill(make_config(method))
     out = Path(summary["config"]["output_dir"])
     student = AutoModelForCausalLM.from_pretrained(student_dir)
@@ -79,6 +79,16 @@ def test_each_arm_exports_a_plain_student(make_config, student_dir, method):
     assert {"ce", "perplexity", "kl_to_teacher", "top1_agreement"} <= set(summary["heldout"])
     assert summary["samples"] == {"train": 12, "heldout": 4, "dropped": 0}
     assert summary["config"]["lr"] == (2e-4 if method in ("neo", "lora") else 2e-5)
+    # The CPU's tensor peak: at least what lives through the optimizer step (fp32 weights of both
+    # models, trainable weights' gradients and two AdamW moments), at most the whole process.
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir)
+    n_student = sum(p.numel() for p in student.parameters())
+    n_teacher = sum(p.numel() for p in teacher.parameters()) if method in ("neo", "kd") else 0
+    n_trainable = summary["trainable_parameters"]
+    n_lora = n_trainable if method in ("neo", "lora") else 0
+    floor = 4 * (n_student + n_teacher + n_lora + 3 * n_trainable)
+    assert summary["peak_tensor_memory_steps"] == 3
+    assert floor < summary["peak_tensor_memory_gb"] * 2**30 < summary["peak_memory_gb"] * 2**30
     on_disk = json.loads((out / "summary.json").read_text())
     assert on_disk["heldout"] == summary["heldout"]
 

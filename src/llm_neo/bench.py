@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime as dt
-import functools
 import gc
 import json
 import os
@@ -31,20 +30,17 @@ import subprocess
 import sys
 import time
 import warnings
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
-from torch.utils.weak import WeakIdKeyDictionary
+
+from llm_neo.memory import LiveTensorBytes, peak_rss_bytes, rss_bytes
 
 __all__ = [
     "BenchConfig",
-    "LiveTensorBytes",
     "RunSpec",
     "check_targets",
     "format_report",
@@ -150,52 +146,6 @@ class RunSpec:
 # Measuring one run
 
 
-class LiveTensorBytes(TorchDispatchMode):
-    """Counts the bytes of live tensor storages, op by op, and their peak: ``max_memory_allocated`` for
-    the CPU, without allocator rounding. Tensors that exist before entering are counted if passed in."""
-
-    def __init__(self, *existing: torch.Tensor) -> None:
-        super().__init__()
-        self._known: WeakIdKeyDictionary = WeakIdKeyDictionary()
-        self.current = self.peak = 0
-        for t in existing:
-            self._track(t)
-
-    def _release_ref(self, nbytes: int, _ref: object) -> None:
-        self.current -= nbytes
-
-    def _track(self, t: Any) -> None:
-        if not isinstance(t, torch.Tensor) or t.device.type == "meta":
-            return
-        storage = t.untyped_storage()
-        if storage in self._known:
-            return
-        nbytes = storage.nbytes()
-        # The weakref's callback runs when the storage is freed (by whatever held it last).
-        self._known[storage] = weakref.ref(storage, functools.partial(self._release_ref, nbytes))
-        self.current += nbytes
-        self.peak = max(self.peak, self.current)
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            self._track(t)
-        return out
-
-
-def _rss_now() -> int:
-    from llm_neo.plan import process_baseline_bytes
-
-    return process_baseline_bytes()
-
-
-def _peak_rss() -> int:
-    import resource
-
-    scale = 1 if sys.platform == "darwin" else 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
-
-
 def device_name(device: torch.device) -> str:
     """The GPU's name, or the CPU model (from /proc/cpuinfo) and its core count."""
     if device.type == "cuda":
@@ -232,7 +182,7 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
     from llm_neo.models import freeze, resolve_device, resolve_dtype
     from llm_neo.shapes import get_shape
 
-    baseline_rss = _rss_now()
+    baseline_rss = rss_bytes()
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)
     shape = get_shape(spec.shape)
@@ -324,7 +274,7 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
         assert tracker is not None
         result.update(peak_bytes=tracker.peak, peak_kind="live_tensor_bytes")
     else:
-        result.update(peak_bytes=_peak_rss(), peak_kind="process_max_rss")
+        result.update(peak_bytes=peak_rss_bytes(), peak_kind="process_max_rss")
     result["device"] = device_name(device)
     return result
 
@@ -815,6 +765,8 @@ def run_bench(config: BenchConfig) -> int:
         label = report["label"]
         atomic_write_text(out / f"{label}.md", text)
         atomic_write_json(out / f"{label}.json", report)
+        # The per-run progress file only matters when a bench is killed; the JSON now holds every run.
+        (out / f"{label}.runs.jsonl").unlink(missing_ok=True)
         print(f"written: {out / label}.md, {out / label}.json")
     return 0 if all(r.get("status") == "ok" for r in report["results"]) else 1
 

@@ -19,9 +19,7 @@ import itertools
 import json
 import logging
 import math
-import resource
 import shutil
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -63,6 +61,7 @@ from llm_neo.losses import (
     distill_loss,
     next_token_targets,
 )
+from llm_neo.memory import LiveTensorBytes, peak_memory_gb
 from llm_neo.models import (
     ModelError,
     autocast,
@@ -88,6 +87,8 @@ from llm_neo.teacher_cache import (
 log = logging.getLogger("llm_neo")
 
 # Options that may differ between a run and its resumption without changing its result.
+# Optimizer steps over which a CPU run counts its live tensor bytes (``peak_tensor_memory_gb``).
+TRACKED_STEPS = 10
 RESUMABLE_CHANGES = {"resume", "overwrite", "save_every", "log_every", "eval_batch_size", "device"}
 
 
@@ -234,74 +235,94 @@ def distill(config: DistillConfig, *, on_step: StepCallback | None = None) -> di
         dynamic_ncols=True,
         disable=None if world.is_main else True,
     )
-    while progress.step < total_steps:
-        step_start = time.perf_counter()
-        # Every rank walks the same global sequence of micro-batches and trains on its own share of it.
-        micro = [
-            _collate(batch, tokenizer.pad_token_id, cache if settings.kd_ratio > 0 else None, row_of)
-            for i, batch in enumerate(itertools.islice(batches, per_step))
-            if i % world.size == world.rank
+    # CPU, one process: count live tensor bytes over the first steps, the CPU's counterpart of CUDA's
+    # max_memory_allocated. The process's peak RSS also holds the ~0.4 GB runtime and whatever the C
+    # allocator keeps mapped, which differs between arms by more than the tensors they hold. Only the
+    # first steps, as the count costs a Python call per op; under FSDP (DTensors) not at all.
+    tracker = None
+    if device.type == "cpu" and not world.enabled:
+        models = [m for m in (student, teacher) if m is not None]
+        states = [
+            t for state in optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor)
         ]
-        try:
-            result = train_step(
-                student,
-                teacher,
-                micro,
-                trainable=trainable,
-                optimizer=optimizer,
-                scheduler=scheduler,
-                device=device,
-                dtype=dtype,
-                loss=settings,
-                max_grad_norm=config.max_grad_norm,
-                world=world,
-            )
-        except NonFiniteError as err:
-            raise TrainingError(
-                f"step {progress.step + 1}: {err}; {_last_good(checkpoints)}. Lower --lr, "
-                "check the data, or use --dtype float32."
-            ) from err
-        num_tokens = result["num_tokens"]
-        progress.step += 1
-        progress.micro_batches += per_step
-        progress.tokens += int(num_tokens)
+        tracker = LiveTensorBytes(*(t for m in models for t in [*m.parameters(), *m.buffers()]), *states)
+        tracker.__enter__()
+    tracked_from = progress.step
+    tracked_until = tracked_from + TRACKED_STEPS
+    try:
+        while progress.step < total_steps:
+            step_start = time.perf_counter()
+            # Every rank walks the same global sequence of micro-batches and trains on its own share of it.
+            micro = [
+                _collate(batch, tokenizer.pad_token_id, cache if settings.kd_ratio > 0 else None, row_of)
+                for i, batch in enumerate(itertools.islice(batches, per_step))
+                if i % world.size == world.rank
+            ]
+            try:
+                result = train_step(
+                    student,
+                    teacher,
+                    micro,
+                    trainable=trainable,
+                    optimizer=optimizer,
+                    scheduler=scheduler,
+                    device=device,
+                    dtype=dtype,
+                    loss=settings,
+                    max_grad_norm=config.max_grad_norm,
+                    world=world,
+                )
+            except NonFiniteError as err:
+                raise TrainingError(
+                    f"step {progress.step + 1}: {err}; {_last_good(checkpoints)}. Lower --lr, "
+                    "check the data, or use --dtype float32."
+                ) from err
+            num_tokens = result["num_tokens"]
+            progress.step += 1
+            progress.micro_batches += per_step
+            progress.tokens += int(num_tokens)
 
-        ce, kd = result["ce_loss"], result["kd_loss"]
-        last = {
-            "step": progress.step,
-            "loss": result["loss"],
-            "ce_loss": ce,
-            "kd_loss": kd,
-            "lr": result["lr"],
-            "grad_norm": result["grad_norm"],
-            "tokens": progress.tokens,
-            "tokens_per_s": num_tokens / (time.perf_counter() - step_start),
-            "peak_memory_gb": peak_memory_gb(device),
-        }
-        if world.is_main and (progress.step % config.log_every == 0 or progress.step == total_steps):
-            with (out / "metrics.jsonl").open("a") as handle:
-                handle.write(json.dumps(last) + "\n")
-        bar.set_postfix(
-            loss=f"{last['loss']:.4f}",
-            ce=f"{ce:.4f}",
-            kd=f"{kd:.4f}",
-            tok_s=f"{last['tokens_per_s']:.0f}",
-            refresh=False,
-        )
-        bar.update(1)
-        if config.save_every and (progress.step % config.save_every == 0 or progress.step == total_steps):
-            progress.elapsed_s += time.perf_counter() - loop_start
-            loop_start = time.perf_counter()
-            save_checkpoint(
-                checkpoints,
-                trainable=trainable,
-                optimizer=optimizer,
-                scheduler=scheduler,
-                progress=progress,
-                world=world,
+            ce, kd = result["ce_loss"], result["kd_loss"]
+            last = {
+                "step": progress.step,
+                "loss": result["loss"],
+                "ce_loss": ce,
+                "kd_loss": kd,
+                "lr": result["lr"],
+                "grad_norm": result["grad_norm"],
+                "tokens": progress.tokens,
+                "tokens_per_s": num_tokens / (time.perf_counter() - step_start),
+                "peak_memory_gb": peak_memory_gb(device),
+            }
+            if world.is_main and (progress.step % config.log_every == 0 or progress.step == total_steps):
+                with (out / "metrics.jsonl").open("a") as handle:
+                    handle.write(json.dumps(last) + "\n")
+            bar.set_postfix(
+                loss=f"{last['loss']:.4f}",
+                ce=f"{ce:.4f}",
+                kd=f"{kd:.4f}",
+                tok_s=f"{last['tokens_per_s']:.0f}",
+                refresh=False,
             )
-        if on_step is not None:
-            on_step(progress.step, last)
+            bar.update(1)
+            if tracker is not None and progress.step == tracked_until:
+                tracker.__exit__(None, None, None)
+            if config.save_every and (progress.step % config.save_every == 0 or progress.step == total_steps):
+                progress.elapsed_s += time.perf_counter() - loop_start
+                loop_start = time.perf_counter()
+                save_checkpoint(
+                    checkpoints,
+                    trainable=trainable,
+                    optimizer=optimizer,
+                    scheduler=scheduler,
+                    progress=progress,
+                    world=world,
+                )
+            if on_step is not None:
+                on_step(progress.step, last)
+    finally:
+        if tracker is not None and progress.step < tracked_until:
+            tracker.__exit__(None, None, None)
     bar.close()
     train_seconds = progress.elapsed_s + time.perf_counter() - loop_start
     peaks = all_gather(peak_memory_gb(device), world)
@@ -409,6 +430,13 @@ def distill(config: DistillConfig, *, on_step: StepCallback | None = None) -> di
         "world_size": world.size,
         "teacher_parameters_per_rank": teacher_shards if config.uses_kd else [],
         "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "process_max_rss",
+        # Peak bytes of live tensors: CUDA's max allocated; on a CPU counted over the first steps.
+        "peak_tensor_memory_gb": max(peaks)
+        if device.type == "cuda"
+        else (None if tracker is None else tracker.peak / 2**30),
+        "peak_tensor_memory_steps": None
+        if tracker is None
+        else min(TRACKED_STEPS, progress.step - tracked_from),
         "trainable_parameters": n_trainable,
         "student_parameters": base_parameters,
         "merged_parameters": merged_parameters,
@@ -811,14 +839,6 @@ def _softcap(model: torch.nn.Module | None) -> float | None:
 def _last_good(checkpoints: Path) -> str:
     found = list_checkpoints(checkpoints)
     return f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written yet"
-
-
-def peak_memory_gb(device: torch.device) -> float:
-    """CUDA: max allocated by tensors; CPU: the process's peak resident set (Linux reports KiB)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    scale = 1 if sys.platform == "darwin" else 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**30
 
 
 @torch.no_grad()

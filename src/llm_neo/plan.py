@@ -39,6 +39,8 @@ from typing import Any, Literal
 
 import torch
 
+from llm_neo.memory import rss_bytes
+
 __all__ = [
     "ArmEstimate",
     "ModelDims",
@@ -46,7 +48,6 @@ __all__ = [
     "estimate_arm",
     "model_dims",
     "plan_rows",
-    "process_baseline_bytes",
     "run_plan",
 ]
 
@@ -71,20 +72,6 @@ ACT_I_PER_C = 4  # gate, act(gate), up, act·up of the SwiGLU MLP
 ACT_HEADS = 1  # attention log-sum-exp statistics
 OUTSIDE_LAYERS_FULL = 8  # per token·H outside the blocks, full arms (final norm and lm_head input)
 ADAMW_TEMP = 4  # foreach AdamW's sqrt(v) temporary, per trainable parameter
-
-
-def process_baseline_bytes() -> int:
-    """Resident memory of this process now: Python + torch + transformers + peft, the CPU floor of a run."""
-    try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-        import resource
-
-        return pages * resource.getpagesize()
-    except (OSError, ValueError, IndexError):  # not Linux: fall back to the peak so far
-        import resource
-
-        scale = 1 if sys.platform == "darwin" else 1024
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
 @dataclass(frozen=True)
@@ -461,7 +448,7 @@ def plan_rows(config: PlanConfig, *, baseline: int | None = None) -> tuple[list[
     c = _compute_bytes(config.dtype, device_type)
     student = model_dims(s_config, lora_r=r, lora_target_modules=config.lora_target_modules)
     teacher = model_dims(t_config) if t_config is not None else None
-    base = (process_baseline_bytes() if baseline is None else baseline) if device_type == "cpu" else 0
+    base = (rss_bytes() if baseline is None else baseline) if device_type == "cpu" else 0
     rows = [
         estimate_arm(
             method,

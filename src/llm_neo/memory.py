@@ -1,0 +1,79 @@
+"""Measuring memory: peak live tensor bytes on any device, and the process's resident set on a CPU.
+
+On a GPU, ``torch.cuda.max_memory_allocated`` is the peak of live tensor bytes. A CPU has no such
+counter, and its peak resident set (RSS) also holds the ~0.4 GB Python/torch runtime and whatever
+the C allocator keeps mapped after tensors are freed, which can differ between two runs by more than
+the tensors they hold. ``LiveTensorBytes`` is the CPU's ``max_memory_allocated``: it sees every tensor
+an aten op returns and counts its storage until the storage is freed.
+"""
+
+from __future__ import annotations
+
+import functools
+import resource
+import sys
+import weakref
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.weak import WeakIdKeyDictionary
+
+__all__ = ["LiveTensorBytes", "peak_memory_gb", "peak_rss_bytes", "rss_bytes"]
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Counts the bytes of live tensor storages, op by op, and their peak: ``max_memory_allocated`` for
+    the CPU, without allocator rounding. Tensors that exist before entering are counted if passed in."""
+
+    def __init__(self, *existing: torch.Tensor) -> None:
+        super().__init__()
+        self._known: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self.current = self.peak = 0
+        for t in existing:
+            self._track(t)
+
+    def _release_ref(self, nbytes: int, _ref: object) -> None:
+        self.current -= nbytes
+
+    def _track(self, t: Any) -> None:
+        if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+            return
+        storage = t.untyped_storage()
+        if storage in self._known:
+            return
+        nbytes = storage.nbytes()
+        # The weakref's callback runs when the storage is freed (by whatever held it last).
+        self._known[storage] = weakref.ref(storage, functools.partial(self._release_ref, nbytes))
+        self.current += nbytes
+        self.peak = max(self.peak, self.current)
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            self._track(t)
+        return out
+
+
+def rss_bytes() -> int:
+    """Resident memory of this process now (Linux: /proc/self/statm); elsewhere the peak so far."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        return peak_rss_bytes()
+    return pages * resource.getpagesize()
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident set so far (Linux reports ru_maxrss in KiB, macOS in bytes)."""
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """CUDA: max allocated by tensors; CPU: the process's peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return peak_rss_bytes() / 2**30
