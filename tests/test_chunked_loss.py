@@ -168,9 +168,11 @@ def test_matches_plain_distill_loss(name, case_id, kd_ratio, temperature):
 
 
 @pytest.mark.parametrize("name", DIVERGENCES)
-def test_float64_matches_float64_reference_tightly(name):
+@pytest.mark.parametrize("case_id", [1, 2])  # 1: forward_kl takes the closed-form gradient; 2: soft-capped
+def test_float64_matches_float64_reference_tightly(name, case_id):
     # Everything in float64, CE included; the KD part against the independent naive reference.
-    case = CASES[2]
+    case = CASES[case_id]
+    kvs = case["kvs"]
     p = _problem(case, seed=11, dtype=torch.float64)
     caps = case["caps"]
     kw = {"temperature": 1.5, "beta": 0.3, "skew_alpha": 0.2}
@@ -180,12 +182,14 @@ def test_float64_matches_float64_reference_tightly(name):
     logits = _softcap(F.linear(hidden, head, bias), caps[0])
     t_logits = _softcap(F.linear(p["t_hidden"], p["t_head"], p["t_bias"]), caps[1])
     ce = F.cross_entropy(logits, p["targets"], reduction="sum")
-    kd = reference_divergence(name, logits, t_logits, **kw).sum()
+    kd = reference_divergence(name, logits[:, :kvs], t_logits[:, :kvs], **kw).sum()
     ref_loss = (0.4 * ce + 0.6 * kd) / 40
     ref_grads = _grads(ref_loss, ref_leaves)
 
     leaves = _leaves(p)
-    out = _chunked(p, leaves, caps, kd_ratio=0.6, num_tokens=40, divergence=name, chunk_size=5, **kw)
+    out = _chunked(
+        p, leaves, caps, kd_ratio=0.6, num_tokens=40, divergence=name, chunk_size=5, kd_vocab_size=kvs, **kw
+    )
     assert out.loss.dtype == torch.float64
     torch.testing.assert_close(out.loss, ref_loss.detach(), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(out.ce_sum, ce.detach(), rtol=1e-10, atol=1e-12)

@@ -527,7 +527,7 @@ def closing_note(results: dict[str, Any]) -> list[str]:
     if "neo" in tensors and "kd" in tensors:
         memory += (
             f"; measured over the first training steps, the peak of live tensors is {tensors['neo']:.1f} MB "
-            f"vs {tensors['kd']:.1f} MB ({100 * (1 - tensors['neo'] / tensors['kd']):.0f}% less)"
+            f"vs {tensors['kd']:.1f} MB, {100 * (1 - tensors['neo'] / tensors['kd']):.0f}% less"
         )
     if "neo" in planned and "kd" in planned:
         memory += f" (estimated before the run: {planned['neo']:.1f} vs {planned['kd']:.1f} MB)"
