@@ -29,7 +29,6 @@ import logging
 import multiprocessing
 import os
 import platform
-import resource
 import statistics
 import sys
 import tempfile
@@ -199,17 +198,10 @@ def _memory_child(mode: str, paths: dict[str, str], shapes: Shapes, send: Any) -
         batches = torch.load(paths["cached"], weights_only=True)
     for batch in batches:
         _step(trainer, teacher, batch)
-    send.send(_peak_rss_gb())
+    from llm_neo.memory import peak_rss_bytes  # VmHWM: this process's own peak, not its parent's
+
+    send.send(peak_rss_bytes() / 2**30)
     send.close()
-
-
-def _peak_rss_gb() -> float:
-    """This process's peak resident set since its exec (VmHWM). Not ru_maxrss: Linux carries that over
-    from the parent across fork and exec, so a child of a big parent would report the parent's peak."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024 / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30  # not Linux
 
 
 def peak_memory(shapes: Shapes, work: Path) -> dict[str, Any]:

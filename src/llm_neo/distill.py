@@ -497,16 +497,7 @@ def _open_teacher_cache(
     if not config.teacher_cache:
         return None
     cache = open_cache(config.teacher_cache)
-    key = run_key(
-        tokenizer=tokenizer,
-        data=config.data,
-        examples=examples,
-        max_length=config.max_length,
-        train_on_prompt=config.train_on_prompt,
-        temperature=config.temperature,
-        teacher=config.teacher,
-        allow_pickle_weights=config.allow_pickle_weights,
-    )
+    key = run_key(config, tokenizer=tokenizer, examples=examples)
     if not config.uses_kd:
         del key["temperature"]  # no KD term: the cache only scores the held-out split, at its own T
     check_key(cache, key)

@@ -67,8 +67,19 @@ def rss_bytes() -> int:
 
 
 def peak_rss_bytes() -> int:
-    """The process's peak resident set so far (Linux reports ru_maxrss in KiB, macOS in bytes)."""
-    scale = 1 if sys.platform == "darwin" else 1024
+    """The process's peak resident set: Linux's VmHWM of its own address space, else ru_maxrss.
+
+    Why not ru_maxrss on Linux: across fork + exec the kernel keeps the larger of the old and new address
+    spaces' peaks, so a child started from a big process (a test runner, a notebook) reports at least
+    its parent's size at the fork. VmHWM belongs to the current address space and starts again at exec.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    scale = 1 if sys.platform == "darwin" else 1024  # macOS reports bytes, Linux KiB
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 

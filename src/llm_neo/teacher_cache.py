@@ -328,29 +328,23 @@ def hash_examples(examples: Sequence[Example]) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-def run_key(
-    *,
-    tokenizer: Any,
-    data: str,
-    examples: Sequence[Example],
-    max_length: int,
-    train_on_prompt: bool,
-    temperature: float,
-    teacher: str | None = None,
-    allow_pickle_weights: bool = False,
-) -> dict[str, Any]:
-    """The key parts of a run (or a cache); the teacher's parts only when ``teacher`` is given."""
+def run_key(config: Any, *, tokenizer: Any, examples: Sequence[Example]) -> dict[str, Any]:
+    """The key parts of a run (or a cache) from its config: ``llm-neo distill``'s and ``cache-teacher``'s
+    configs share the fields read here (data, max_length, train_on_prompt, temperature, teacher,
+    allow_pickle_weights). The teacher's parts only when the config names a teacher."""
+    teacher = config.teacher
     key: dict[str, Any] = {}
     if teacher:
-        key["teacher_weights"] = hash_teacher_weights(teacher, allow_pickle_weights=allow_pickle_weights)
+        pickle_ok = config.allow_pickle_weights
+        key["teacher_weights"] = hash_teacher_weights(teacher, allow_pickle_weights=pickle_ok)
         key["teacher_config"] = hash_model_config(teacher)
     key |= {
         "tokenizer": hash_tokenizer(tokenizer),
         "chat_template": hash_chat_template(tokenizer),
-        "data": hash_data(data),
-        "max_length": int(max_length),
-        "train_on_prompt": bool(train_on_prompt),
-        "temperature": float(temperature),
+        "data": hash_data(config.data),
+        "max_length": int(config.max_length),
+        "train_on_prompt": bool(config.train_on_prompt),
+        "temperature": float(config.temperature),
         "tokens": hash_examples(examples),
     }
     return key
@@ -696,16 +690,7 @@ def cache_teacher(config: CacheTeacherConfig, *, on_shard: ShardCallback | None 
         source=config.data,
         progress=True,
     )
-    key = run_key(
-        tokenizer=tokenizer,
-        data=config.data,
-        examples=examples,
-        max_length=config.max_length,
-        train_on_prompt=config.train_on_prompt,
-        temperature=config.temperature,
-        teacher=config.teacher,
-        allow_pickle_weights=config.allow_pickle_weights,
-    )
+    key = run_key(config, tokenizer=tokenizer, examples=examples)
     # The layout is part of what a resumed cache must share with its first half (distill needs any k).
     key |= {"top_k": config.top_k, "logprob_dtype": config.logprob_dtype, "shard_size": config.shard_size}
     digest = key_digest(key)
