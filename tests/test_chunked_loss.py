@@ -440,6 +440,49 @@ def test_live_chunk_buffers(name, temperature, kvs, kd_ratio, most):
 
 
 # --------------------------------------------------------------------------------------------------
+# The optional Liger-Kernel backend (--loss-impl liger), checked against ours
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize(("kd_ratio", "temperature"), [(0.5, 1.0), (0.5, 2.0), (1.0, 0.5)])
+def test_liger_matches_chunked(name, kd_ratio, temperature):
+    pytest.importorskip("liger_kernel.chunked_loss")
+    from llm_neo.losses import liger_distill_loss
+
+    case = CASES[1]  # biases, and a teacher head padded wider than the student's (kd_vocab_size 90 ...)
+    case = {**case, "v_s": 90}  # ... which Liger needs the student's to equal
+    p = _problem(case, seed=31)
+    kw = {"kd_ratio": kd_ratio, "num_tokens": 11, "divergence": name, "temperature": temperature, "beta": 0.3}
+    leaves = _leaves(p)
+    ours = _chunked(p, leaves, (None, None), kd_vocab_size=90, chunk_size=3, **kw)
+    want = _grads(ours.loss, leaves)
+    leaves = _leaves(p)
+    with torch.inference_mode():  # the teacher's hidden states come from inference mode in training
+        t_hidden = p["t_hidden"].clone()
+    hidden, head, bias = leaves
+    got = liger_distill_loss(
+        hidden, head, p["targets"], t_hidden, p["t_head"], kd_vocab_size=90, chunk_size=3,
+        student_bias=bias, teacher_bias=p["t_bias"], compiled=False, **kw,
+    )  # fmt: skip
+    _assert_parts_close(got, ours, rtol=1e-5, atol=1e-5)
+    for g, w in zip(_grads(got.loss, leaves), want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_liger_refuses_what_it_cannot_compute():
+    pytest.importorskip("liger_kernel.chunked_loss")
+    from llm_neo.losses import liger_distill_loss
+
+    p = _problem(CASES[1], seed=32)  # student head 97 rows, KD vocabulary 90: a padded student
+    args = (p["hidden"], p["head"], p["targets"], p["t_hidden"], p["t_head"])
+    with pytest.raises(ValueError, match="tvd"):
+        liger_distill_loss(*args, kd_ratio=0.5, num_tokens=7, divergence="tvd", kd_vocab_size=90)
+    with pytest.raises(ValueError, match=r"97 rows.*\(90\)"):
+        liger_distill_loss(*args, kd_ratio=0.5, num_tokens=7, kd_vocab_size=90)
+
+
+# --------------------------------------------------------------------------------------------------
 # Validation
 # --------------------------------------------------------------------------------------------------
 

@@ -298,3 +298,41 @@ def test_a_run_that_cannot_start_writes_nothing(make_config, tmp_path):
         distill(config)
     assert not Path(str(config.output_dir)).exists()
     assert distill(dataclasses.replace(config, lora=LoraOptions(r=4)))["steps"] == 3  # no --overwrite needed
+
+
+@pytest.mark.parametrize("method", ["neo", "kd"])
+def test_liger_loss_trains_the_same_student(make_config, method, monkeypatch):
+    # Liger-Kernel's fused JSD loss (an optional extra) against llm-neo's own chunked loss.
+    pytest.importorskip("liger_kernel.chunked_loss")
+    ours = distill(make_config(method, name="chunked", loss_chunk_size=3))
+    calls = []
+    real = recipe.liger_distill_loss
+    monkeypatch.setattr(recipe, "liger_distill_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
+    liger = distill(make_config(method, name="liger", loss_impl="liger", loss_chunk_size=3))
+    assert len(calls) == 3 * 2  # every micro-batch of the 3 steps (grad_accum 2) went through Liger
+    a = load_file(Path(ours["config"]["output_dir"]) / "merged" / "model.safetensors")
+    b = load_file(Path(liger["config"]["output_dir"]) / "merged" / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-5)
+    assert liger["final"] == pytest.approx(ours["final"], rel=1e-5)
+
+
+def test_liger_loss_is_refused_where_it_cannot_run(make_config, tmp_path, monkeypatch):
+    import llm_neo.config as config_module
+
+    real_find_spec = config_module.importlib.util.find_spec
+    monkeypatch.setattr(
+        config_module.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "liger_kernel" else real_find_spec(name, *a),
+    )
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "manifest.json").write_text("{}")
+    config = make_config("neo", loss_impl="liger", divergence="tvd", teacher_cache=str(cache))
+    with pytest.raises(ConfigError) as err:
+        distill(config)
+    text = str(err.value)
+    assert "pip install 'llm-neo[liger]'" in text
+    assert "--teacher-cache" in text and "--divergence tvd" in text
+    assert not Path(config.output_dir).exists()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import importlib.util
 import math
 import types
 from dataclasses import dataclass, field
@@ -26,6 +27,9 @@ LORA_METHODS = ("neo", "lora")  # arms whose only trainable weights are LoRA bra
 KD_METHODS = ("neo", "kd")  # arms trained on CE + the divergence to the teacher
 DIVERGENCE_NAMES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
 LORA_VARIANT_NAMES = ("lora", "dora", "rslora", "pissa", "moslora")
+LOSS_IMPLS = ("chunked", "plain", "liger")
+# Liger-Kernel's fused distillation loss is a generalized JSD: beta 0 and 1 are forward and reverse KL.
+LIGER_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 
 # The paper's learning-rate guideline: LoRA arms use 10x the full-parameter rate.
 FULL_PARAMETER_LR = 2e-5
@@ -147,11 +151,13 @@ class DistillConfig:
     temperature: float = field(
         default=1.0, metadata=_help("Softmax temperature T of the KD term (scaled by T²).")
     )
-    loss_impl: Literal["chunked", "plain"] = field(
+    loss_impl: Literal["chunked", "plain", "liger"] = field(
         default="chunked",
         metadata=_help(
             "chunked: lm_heads and the loss computed chunk by chunk of tokens, never holding "
-            "[tokens × vocab] logits; plain: full logits (the reference and benchmark baseline)."
+            "[tokens × vocab] logits; plain: full logits (the reference and benchmark baseline); liger: "
+            "Liger-Kernel's fused linear JSD loss for the KD term (an extra: pip install "
+            "'llm-neo[liger]'; forward_kl, reverse_kl or jsd; meant for CUDA)."
         ),
     )
     loss_chunk_size: int = field(default=1024, metadata=_help("Tokens per chunk of the chunked loss."))
@@ -272,6 +278,24 @@ def validate_distill(config: DistillConfig) -> None:
         p.append(f"--data: {c.data!r} does not exist")
     if c.divergence not in DIVERGENCE_NAMES:
         p.append(f"--divergence: {c.divergence!r} is not one of {', '.join(DIVERGENCE_NAMES)}")
+    if c.loss_impl not in LOSS_IMPLS:
+        p.append(f"--loss-impl: {c.loss_impl!r} is not one of {', '.join(LOSS_IMPLS)}")
+    if c.loss_impl == "liger":
+        if importlib.util.find_spec("liger_kernel") is None:
+            p.append(
+                "--loss-impl liger: Liger-Kernel is not installed; pip install 'llm-neo[liger]' (it needs "
+                "Triton), or use --loss-impl chunked, llm-neo's own fused loss"
+            )
+        if c.teacher_cache:
+            p.append(
+                "--loss-impl liger runs the teacher's lm_head and cannot read a --teacher-cache; use "
+                "--loss-impl chunked with a cache"
+            )
+        if c.divergence not in LIGER_DIVERGENCES:
+            p.append(
+                f"--loss-impl liger computes {', '.join(LIGER_DIVERGENCES)} (Liger's generalized JSD), "
+                f"not --divergence {c.divergence}; use --loss-impl chunked for it"
+            )
     if c.lora.variant not in LORA_VARIANT_NAMES:
         p.append(f"--lora.variant: {c.lora.variant!r} is not one of {', '.join(LORA_VARIANT_NAMES)}")
     for name, value, ok, rule in [

@@ -59,6 +59,7 @@ from llm_neo.losses import (
     chunked_cached_distill_loss,
     chunked_distill_loss,
     distill_loss,
+    liger_distill_loss,
     next_token_targets,
 )
 from llm_neo.memory import LiveTensorBytes, peak_memory_gb
@@ -741,7 +742,8 @@ def micro_batch_loss(
 
     ``chunked`` (default) runs the decoders to their final hidden states and applies the lm_heads chunk
     by chunk inside the loss, so no [tokens × vocab] logits exist for the batch; ``plain`` is the
-    straightforward reference: full logits from both models.
+    straightforward reference: full logits from both models; ``liger`` hands the same hidden states to
+    Liger-Kernel's fused loss (only where a teacher runs: CE alone and cached teachers stay chunked).
     """
     input_ids = batch["input_ids"].to(device)
     attention_mask = batch["attention_mask"].to(device)
@@ -800,6 +802,30 @@ def micro_batch_loss(
             teacher_hidden = final_hidden_states(teacher, input_ids, attention_mask)[trained]  # [N, H_t]
         teacher_head, teacher_bias = _head(teacher)
     student_head, student_bias = _head(student)
+    if loss.impl == "liger" and use_teacher:
+        if _softcap(student) is not None or _softcap(teacher) is not None:
+            raise ValueError(
+                "--loss-impl liger: these models soft-cap their final logits, which Liger's fused loss "
+                "does not; use --loss-impl chunked"
+            )
+        assert teacher_hidden is not None and teacher_head is not None
+        with autocast(device, dtype):
+            return liger_distill_loss(
+                hidden,
+                student_head,
+                targets[trained],
+                teacher_hidden,
+                teacher_head,
+                kd_ratio=loss.kd_ratio,
+                num_tokens=num_tokens,
+                divergence=loss.divergence,
+                temperature=loss.temperature,
+                beta=loss.beta,
+                kd_vocab_size=loss.kd_vocab_size,
+                chunk_size=loss.chunk_size,
+                student_bias=student_bias,
+                teacher_bias=teacher_bias,
+            )
     with autocast(device, dtype):  # the lm_head matmuls run in the compute dtype, as the plain path's do
         return chunked_distill_loss(
             hidden,

@@ -70,6 +70,7 @@ __all__ = [
     "divergence",
     "forward_kl",
     "jsd",
+    "liger_distill_loss",
     "next_token_targets",
     "reference_divergence",
     "reference_topk_divergence",
@@ -900,6 +901,104 @@ def chunked_distill_loss(
     )
 
     return _run_chunks(plan, student_hidden, student_head, student_bias)
+
+
+# Our divergence names as Liger-Kernel's generalized-JSD beta (beta = 0: forward KL, 1: reverse KL).
+_LIGER_BETA = {"forward_kl": 0.0, "reverse_kl": 1.0}
+
+
+def liger_distill_loss(
+    student_hidden: Tensor,
+    student_head: Tensor,
+    targets: Tensor,
+    teacher_hidden: Tensor,
+    teacher_head: Tensor,
+    *,
+    kd_ratio: float,
+    num_tokens: int | Tensor,
+    divergence: str = "forward_kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    kd_vocab_size: int | None = None,
+    chunk_size: int = 1024,
+    student_bias: Tensor | None = None,
+    teacher_bias: Tensor | None = None,
+    compiled: bool | None = None,
+) -> LossParts:
+    """``chunked_distill_loss`` through Liger-Kernel's fused linear JSD loss (``--loss-impl liger``).
+
+    Same shapes and contract as ``chunked_distill_loss`` (the same LossParts, the same gradients up to
+    float rounding) for ``forward_kl``, ``reverse_kl`` and ``jsd``, which Liger computes as its
+    generalized JSD with beta 0, 1 and ``beta``. Translated here: Liger averages over this call's
+    tokens and does not scale by T², so the KD weight is ``kd_ratio * T**2`` and the loss is rescaled
+    from the local token count to the global ``num_tokens``. Liger pads a narrower student with zero
+    logits where llm-neo slices both to ``kd_vocab_size``, so a student whose lm_head is wider than
+    the KD vocabulary is refused, as are soft-capped models (the caller checks those). ``compiled``:
+    torch.compile Liger's chunk step (default: on CUDA only). Checked against ``chunked_distill_loss``
+    in fp32 on a CPU (tests); under bf16 autocast the two round differently.
+    """
+    from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss  # the optional extra
+
+    if divergence not in (*_LIGER_BETA, "jsd"):
+        raise ValueError(
+            f"Liger's fused loss computes forward_kl, reverse_kl or jsd, not {divergence!r}; use the chunked "
+            "loss (--loss-impl chunked)"
+        )
+    _check_chunked_args(
+        student_hidden,
+        student_head,
+        targets,
+        teacher_hidden,
+        teacher_head,
+        kd_ratio=kd_ratio,
+        num_tokens=num_tokens,
+        divergence=divergence,
+        kd_vocab_size=kd_vocab_size,
+        chunk_size=chunk_size,
+        student_bias=student_bias,
+        teacher_bias=teacher_bias,
+        softcaps=(None, None),
+    )
+    _check_temperature(temperature)
+    kd_width = kd_vocab_size or teacher_head.shape[0]
+    if student_head.shape[0] != kd_width:
+        raise ValueError(
+            f"Liger's fused loss needs the student's lm_head ({student_head.shape[0]} rows) as wide as the "
+            f"KD vocabulary ({kd_width}); use --loss-impl chunked for a padded student vocabulary"
+        )
+    n_local = student_hidden.shape[0]
+    if n_local == 0 or kd_ratio == 0:  # Liger cannot chunk an empty batch, and would compute an unused KD
+        return chunked_distill_loss(
+            student_hidden, student_head, targets, teacher_hidden, teacher_head,
+            kd_ratio=kd_ratio, num_tokens=num_tokens, divergence=divergence, temperature=temperature,
+            beta=beta, kd_vocab_size=kd_vocab_size, chunk_size=chunk_size, student_bias=student_bias,
+            teacher_bias=teacher_bias,
+        )  # fmt: skip
+    rows = slice(0, kd_width)
+    with torch.no_grad():
+        t_hidden = teacher_hidden.detach()
+        t_head = teacher_head.detach()[rows]
+        t_bias = None if teacher_bias is None else teacher_bias.detach()[rows]
+    loss_fn = LigerFusedLinearJSDLoss(
+        weight_hard_loss=1.0 - kd_ratio,
+        weight_soft_loss=kd_ratio * temperature**2,
+        beta=_LIGER_BETA.get(divergence, beta),
+        ignore_index=IGNORE_INDEX,
+        temperature=temperature,
+        compiled=student_hidden.is_cuda if compiled is None else compiled,
+        chunk_size=chunk_size,
+        return_soft_hard_loss=True,
+    )
+    loss, soft, hard = loss_fn(
+        student_hidden, student_head, t_hidden, t_head, targets, student_bias, t_bias
+    )  # means over the n_local tokens
+    scale = n_local / num_tokens  # Liger's mean over this call -> llm-neo's sum / global token count
+    return LossParts(
+        loss=loss * scale,
+        ce_sum=(hard * n_local).detach(),
+        kd_sum=(soft * n_local * temperature**2).detach(),
+        num_tokens=n_local,
+    )
 
 
 def _check_chunked_args(
