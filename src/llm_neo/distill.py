@@ -816,12 +816,7 @@ def micro_batch_loss(
                 targets[trained],
                 teacher_hidden,
                 teacher_head,
-                kd_ratio=loss.kd_ratio,
-                num_tokens=num_tokens,
-                divergence=loss.divergence,
-                temperature=loss.temperature,
-                beta=loss.beta,
-                kd_vocab_size=loss.kd_vocab_size,
+                **common,  # type: ignore[arg-type]
                 chunk_size=loss.chunk_size,
                 student_bias=student_bias,
                 teacher_bias=teacher_bias,

@@ -919,6 +919,7 @@ def liger_distill_loss(
     divergence: str = "forward_kl",
     temperature: float = 1.0,
     beta: float = 0.5,
+    skew_alpha: float = 0.1,  # unused: the skew divergences are refused; here so one set of options fits both
     kd_vocab_size: int | None = None,
     chunk_size: int = 1024,
     student_bias: Tensor | None = None,
