@@ -772,25 +772,16 @@ def run_bench(config: BenchConfig) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m llm_neo.bench [flags]`, what `llm-neo bench` runs; ``--_child SPEC``: one isolated run."""
+    """`python -m llm_neo.bench [flags]`: `llm-neo bench` without the console script (benchmarks/gpu.sh
+    runs from a checkout); ``--_child SPEC``: one isolated run, printed as a tagged JSON line."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--_child"]:
         result = run_one(RunSpec(**json.loads(argv[1])))
         print(RESULT_TAG + json.dumps(result), flush=True)
         return 0
-    import argparse
+    from llm_neo.cli import main as cli_main
 
-    from llm_neo.config import ConfigError, add_dataclass_arguments, build_config
-
-    parser = argparse.ArgumentParser(prog="llm-neo bench", description=BenchConfig.__doc__)
-    parser.add_argument("--config", default=None, metavar="YAML")
-    add_dataclass_arguments(parser, BenchConfig)
-    args = parser.parse_args(argv)
-    try:
-        return run_bench(build_config(BenchConfig, args, args.config))
-    except ConfigError as err:
-        print(f"llm-neo bench: {err}", file=sys.stderr)
-        return 2
+    return cli_main(["bench", *argv])
 
 
 if __name__ == "__main__":

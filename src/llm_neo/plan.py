@@ -561,20 +561,10 @@ def run_plan(config: PlanConfig) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m llm_neo.plan` (the lead wires `llm-neo plan` to run_plan)."""
-    import argparse
+    """`python -m llm_neo.plan [flags]`: `llm-neo plan` without the console script."""
+    from llm_neo.cli import main as cli_main
 
-    from llm_neo.config import ConfigError, add_dataclass_arguments, build_config
-
-    parser = argparse.ArgumentParser(prog="llm-neo plan", description=PlanConfig.__doc__)
-    parser.add_argument("--config", default=None, metavar="YAML")
-    add_dataclass_arguments(parser, PlanConfig)
-    args = parser.parse_args(argv)
-    try:
-        return run_plan(build_config(PlanConfig, args, args.config))
-    except ConfigError as err:
-        print(f"llm-neo plan: {err}", file=sys.stderr)
-        return 2
+    return cli_main(["plan", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
