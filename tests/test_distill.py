@@ -336,3 +336,28 @@ def test_liger_loss_is_refused_where_it_cannot_run(make_config, tmp_path, monkey
     assert "pip install 'llm-neo[liger]'" in text
     assert "--teacher-cache" in text and "--divergence tvd" in text
     assert not Path(config.output_dir).exists()
+
+
+@pytest.mark.parametrize("method", ["neo", "kd"])
+def test_mlp_chunks_train_the_same_student(make_config, method, monkeypatch):
+    # Checkpointing each block's MLP in chunks of the sequence changes memory, not the gradients.
+    whole = distill(make_config(method, name="whole", gradient_checkpointing=True))
+    split = []
+    real = recipe.enable_checkpointing
+    monkeypatch.setattr(
+        recipe, "enable_checkpointing", lambda model, **kw: split.append(real(model, **kw)) or split[-1]
+    )
+    chunked = distill(make_config(method, name="mlp3", gradient_checkpointing=True, mlp_chunks=3))
+    assert split == [2]  # both blocks of the tiny student had their MLP split
+    a = load_file(Path(whole["config"]["output_dir"]) / "merged" / "model.safetensors")
+    b = load_file(Path(chunked["config"]["output_dir"]) / "merged" / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-5)
+    assert chunked["final"] == pytest.approx(whole["final"], rel=1e-5)
+
+
+def test_mlp_chunks_need_gradient_checkpointing(make_config):
+    config = make_config("neo", mlp_chunks=4)
+    with pytest.raises(ConfigError, match=r"--mlp-chunks 4 .*--gradient-checkpointing"):
+        distill(config)
+    assert not Path(config.output_dir).exists()

@@ -81,6 +81,14 @@ class BenchConfig:
     gradient_checkpointing: bool = field(
         default=False, metadata=_help("Recompute the student's activations in the backward.")
     )
+    mlp_chunks: int = field(
+        default=1,
+        metadata=_help(
+            "With --gradient-checkpointing: checkpoint each block's MLP again in this many chunks of the "
+            "sequence, so the backward's recomputed block holds one chunk of the MLP's activations "
+            "(a third MLP forward per step). 1: off."
+        ),
+    )
     loss_chunk_size: int = field(
         default=1024, metadata=_help("Tokens per chunk of the chunked loss (llm-neo distill's default).")
     )
@@ -136,6 +144,7 @@ class RunSpec:
     seed: int
     memory: str  # "cuda" | "rss" | "tracked"
     num_threads: int = 0
+    mlp_chunks: int = 1
 
     @property
     def name(self) -> str:
@@ -179,7 +188,7 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
     """
     from llm_neo.distill import LossSettings, train_step
     from llm_neo.lora import attach_lora, trainable_parameters
-    from llm_neo.models import freeze, resolve_device, resolve_dtype
+    from llm_neo.models import enable_checkpointing, freeze, resolve_device, resolve_dtype
     from llm_neo.shapes import get_shape
 
     baseline_rss = rss_bytes()
@@ -203,9 +212,7 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
         if lora:
             student = attach_lora(student, r=spec.lora_r, seed=spec.seed)
         if spec.gradient_checkpointing:
-            with warnings.catch_warnings():  # transformers 5 renames it; distill.py uses this name too
-                warnings.simplefilter("ignore", FutureWarning)
-                student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(student, mlp_chunks=spec.mlp_chunks)
         student.train()
         trainable = trainable_parameters(student)
         optimizer = torch.optim.AdamW(list(trainable.values()), lr=2e-4 if lora else 2e-5, weight_decay=0.0)
@@ -362,9 +369,12 @@ def _validate(config: BenchConfig) -> list[tuple[str, str, int]]:
         ("loss-chunk-size", config.loss_chunk_size, config.loss_chunk_size >= 1),
         ("kd-ratio", config.kd_ratio, 0 <= config.kd_ratio <= 1),
         ("run-timeout-s", config.run_timeout_s, config.run_timeout_s > 0),
+        ("mlp-chunks", config.mlp_chunks, config.mlp_chunks >= 1),
     ):
         if not ok:
             p.append(f"--{name}: {value} is out of range")
+    if config.mlp_chunks > 1 and not config.gradient_checkpointing:
+        p.append(f"--mlp-chunks {config.mlp_chunks} needs --gradient-checkpointing")
     if p:
         raise ConfigError(p)
     return runs
@@ -404,6 +414,7 @@ def _add_plan(results: list[dict[str, Any]], config: BenchConfig, settings: dict
             compute_bytes=settings["compute_dtype_bytes"],
             lora_r=spec["lora_r"],
             gradient_checkpointing=spec["gradient_checkpointing"],
+            mlp_chunks=spec.get("mlp_chunks", 1),
             chunk_size=spec["chunk_size"],
             device_type=device_type,
             baseline=baseline,
@@ -528,8 +539,9 @@ def format_report(report: dict[str, Any]) -> str:
         f"- shape: {s['shape']}: {s['description']}",
         f"- batch {s['batch_size']} × {s['seq_len']} tokens (every token but each sequence's first is a "
         f"target), compute dtype {s['dtype']}, gradient checkpointing "
-        f"{'on' if s['gradient_checkpointing'] else 'off'}, "
-        f"LoRA r={s['lora_r']} on every linear of every block, loss {1 - s['kd_ratio']:g}·CE + "
+        f"{'on' if s['gradient_checkpointing'] else 'off'}"
+        + (f" (MLP in {s['mlp_chunks']} chunks)" if s.get("mlp_chunks", 1) > 1 else "")
+        + f", LoRA r={s['lora_r']} on every linear of every block, loss {1 - s['kd_ratio']:g}·CE + "
         f"{s['kd_ratio']:g}·forward KL, chunk {s['loss_chunk_size']} tokens",
         f"- steps per run: {s['warmup_steps']} warm-up + {s['steps']} timed (AdamW); "
         f"{s['num_threads']} CPU thread(s); "
@@ -677,6 +689,7 @@ def bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
             warmup_steps=config.warmup_steps,
             steps=config.steps,
             gradient_checkpointing=config.gradient_checkpointing,
+            mlp_chunks=config.mlp_chunks,
             device=config.device,
             dtype=config.dtype,
             seed=config.seed,
@@ -718,6 +731,7 @@ def bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
         "compute_dtype_bytes": 4 if dtype == torch.float32 else 2,
         "device_type": device.type,
         "gradient_checkpointing": config.gradient_checkpointing,
+        "mlp_chunks": config.mlp_chunks,
         "loss_chunk_size": config.loss_chunk_size,
         "warmup_steps": config.warmup_steps,
         "steps": config.steps,

@@ -140,6 +140,14 @@ class DistillConfig:
     gradient_checkpointing: bool = field(
         default=False, metadata=_help("Recompute student activations in backward to save memory.")
     )
+    mlp_chunks: int = field(
+        default=1,
+        metadata=_help(
+            "With --gradient-checkpointing: checkpoint each block's MLP again in this many chunks of the "
+            "sequence, so the backward's recomputed block holds one chunk of the MLP's activations "
+            "(a third MLP forward per step). 1: off."
+        ),
+    )
     # --- loss -------------------------------------------------------------------------------------
     kd_ratio: float = field(
         default=0.5,
@@ -316,6 +324,7 @@ def validate_distill(config: DistillConfig) -> None:
         ("save-every", c.save_every, c.save_every >= 0, ">= 0"),
         ("log-every", c.log_every, c.log_every >= 1, ">= 1"),
         ("loss-chunk-size", c.loss_chunk_size, c.loss_chunk_size >= 1, ">= 1"),
+        ("mlp-chunks", c.mlp_chunks, c.mlp_chunks >= 1, ">= 1"),
         ("eval-batch-size", c.eval_batch_size, c.eval_batch_size >= 1, ">= 1"),
         ("merge-tolerance", c.merge_tolerance, c.merge_tolerance > 0, "> 0"),
         ("lora.r", c.lora.r, c.lora.r >= 1, ">= 1"),
@@ -324,6 +333,11 @@ def validate_distill(config: DistillConfig) -> None:
     ]:
         if not ok or (isinstance(value, float) and not math.isfinite(value)):
             p.append(f"--{name}: {value} is out of range; it must be {rule}")
+    if c.mlp_chunks > 1 and not c.gradient_checkpointing:
+        p.append(
+            f"--mlp-chunks {c.mlp_chunks} splits the MLP inside checkpointed blocks: add "
+            "--gradient-checkpointing, or use --mlp-chunks 1"
+        )
     if c.lora.target_modules is not None and not c.lora.target_modules:
         p.append("--lora.target-modules: give at least one module name, or omit it for the default")
     if p:

@@ -67,6 +67,7 @@ from llm_neo.models import (
     ModelError,
     autocast,
     check_same_vocabulary,
+    enable_checkpointing,
     freeze,
     kd_vocab_size,
     load_model,
@@ -176,7 +177,7 @@ def distill(config: DistillConfig, *, on_step: StepCallback | None = None) -> di
         vocab = _cache_vocab_size(cache, student)
 
     if config.gradient_checkpointing:
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(student, mlp_chunks=config.mlp_chunks)
     if world.enabled:  # FSDP2: each rank keeps 1/world of both models (see distributed.py)
         shard(student, param_dtype=dtype if dtype != torch.float32 else None)
         if teacher is not None:

@@ -70,6 +70,7 @@ CHUNK_CE = 4
 ACT_KV_PER_C = 2  # k and v projections (saved for the rotary/attention backward)
 ACT_I_PER_C = 4  # gate, act(gate), up, act·up of the SwiGLU MLP
 ACT_HEADS = 1  # attention log-sum-exp statistics
+MLP_LINEARS = 3  # gate, up and down projections: the adapted linears inside the MLP
 OUTSIDE_LAYERS_FULL = 8  # per token·H outside the blocks, full arms (final norm and lm_head input)
 ADAMW_TEMP = 4  # foreach AdamW's sqrt(v) temporary, per trainable parameter
 
@@ -179,6 +180,7 @@ def estimate_arm(
     compute_bytes: int,
     lora_r: int,
     gradient_checkpointing: bool = False,
+    mlp_chunks: int = 1,
     chunk_size: int = 1024,
     device_type: str = "cuda",
     baseline: int = 0,
@@ -270,9 +272,12 @@ def estimate_arm(
         },
     }
     if gradient_checkpointing:
-        # One block recomputed (and its gradients, ~a quarter of its activations) while all gradients
-        # accumulate: the backward's peak.
-        recompute = tokens * per_layer * 5 // 4
+        # One block recomputed while all gradients accumulate: the backward's peak. Its activations and
+        # their gradients: x 5/4 for attention and norms, x 3/2 for the MLP, whose [tokens, I] tensors
+        # get gradients of their own size (measured by live bytes on MLP-heavy blocks). With the MLP
+        # checkpointed in K chunks inside the block, one chunk of those exists at a time.
+        mlp = ACT_I_PER_C * c * student.intermediate_size + (c * lora_r * MLP_LINEARS if lora else 0)
+        recompute = tokens * ((per_layer - mlp) * 5 // 4 + mlp * 3 // (2 * max(mlp_chunks, 1)))
         phases["backward"] = common | {
             "trainable states": lora_w + adam + grads,
             "weight copies": copies,
@@ -333,6 +338,10 @@ class PlanConfig:
     )
     gradient_checkpointing: bool = field(
         default=False, metadata=_help("Estimate with gradient checkpointing of the student.")
+    )
+    mlp_chunks: int = field(
+        default=1,
+        metadata=_help("With --gradient-checkpointing: the MLP checkpointed in this many chunks."),
     )
     device: str = field(default="auto", metadata=_help("auto, cpu, cuda or cuda:N: whose memory to check."))
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
@@ -409,6 +418,7 @@ def _validate(config: PlanConfig) -> None:
         ("lora-r", config.lora_r),
         ("loss-chunk-size", config.loss_chunk_size),
         ("world-size", config.world_size),
+        ("mlp-chunks", config.mlp_chunks),
     ):
         if value is not None and value < 1:
             p.append(f"--{name}: {value} is out of range; it must be >= 1")
@@ -460,6 +470,7 @@ def plan_rows(config: PlanConfig, *, baseline: int | None = None) -> tuple[list[
             compute_bytes=c,
             lora_r=r,
             gradient_checkpointing=config.gradient_checkpointing,
+            mlp_chunks=config.mlp_chunks if config.gradient_checkpointing else 1,
             chunk_size=config.loss_chunk_size,
             device_type=device_type,
             baseline=base,
@@ -478,6 +489,7 @@ def plan_rows(config: PlanConfig, *, baseline: int | None = None) -> tuple[list[
         "device_type": device_type,
         "compute_dtype_bytes": c,
         "gradient_checkpointing": config.gradient_checkpointing,
+        "mlp_chunks": config.mlp_chunks,
         "world_size": config.world_size,
         "loss_chunk_size": config.loss_chunk_size,
         "teacher_parameters": teacher.parameters if teacher else None,
