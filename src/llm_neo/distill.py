@@ -88,10 +88,12 @@ from llm_neo.teacher_cache import (
 
 log = logging.getLogger("llm_neo")
 
-# Options that may differ between a run and its resumption without changing its result.
 # Optimizer steps over which a CPU run counts its live tensor bytes (``peak_tensor_memory_gb``).
 TRACKED_STEPS = 10
-RESUMABLE_CHANGES = {"resume", "overwrite", "save_every", "log_every", "eval_batch_size", "device"}
+# Options that may differ between a run and its resumption without changing its result.
+RESUMABLE_CHANGES = {
+    "resume", "overwrite", "save_every", "log_every", "eval_batch_size", "device", "mlp_chunks",
+}  # fmt: skip
 
 
 class TrainingError(RuntimeError):
