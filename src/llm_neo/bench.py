@@ -37,6 +37,7 @@ from typing import Any, Literal
 
 import torch
 
+from llm_neo.config import MLP_CHUNKS_HELP
 from llm_neo.memory import LiveTensorBytes, peak_rss_bytes, rss_bytes
 
 __all__ = [
@@ -81,14 +82,7 @@ class BenchConfig:
     gradient_checkpointing: bool = field(
         default=False, metadata=_help("Recompute the student's activations in the backward.")
     )
-    mlp_chunks: int = field(
-        default=1,
-        metadata=_help(
-            "With --gradient-checkpointing: checkpoint each block's MLP again in this many chunks of the "
-            "sequence, so the backward's recomputed block holds one chunk of the MLP's activations "
-            "(a third MLP forward per step). 1: off."
-        ),
-    )
+    mlp_chunks: int = field(default=1, metadata=_help(MLP_CHUNKS_HELP))
     loss_chunk_size: int = field(
         default=1024, metadata=_help("Tokens per chunk of the chunked loss (llm-neo distill's default).")
     )

@@ -28,6 +28,11 @@ KD_METHODS = ("neo", "kd")  # arms trained on CE + the divergence to the teacher
 DIVERGENCE_NAMES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
 LORA_VARIANT_NAMES = ("lora", "dora", "rslora", "pissa", "moslora")
 LOSS_IMPLS = ("chunked", "plain", "liger")
+MLP_CHUNKS_HELP = (
+    "With --gradient-checkpointing: checkpoint each block's MLP again in this many chunks of the "
+    "sequence, so the backward's recomputed block holds one chunk of the MLP's activations (a third "
+    "MLP forward per step). 1: off."
+)
 # Liger-Kernel's fused distillation loss is a generalized JSD: beta 0 and 1 are forward and reverse KL.
 LIGER_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 
@@ -140,14 +145,7 @@ class DistillConfig:
     gradient_checkpointing: bool = field(
         default=False, metadata=_help("Recompute student activations in backward to save memory.")
     )
-    mlp_chunks: int = field(
-        default=1,
-        metadata=_help(
-            "With --gradient-checkpointing: checkpoint each block's MLP again in this many chunks of the "
-            "sequence, so the backward's recomputed block holds one chunk of the MLP's activations "
-            "(a third MLP forward per step). 1: off."
-        ),
-    )
+    mlp_chunks: int = field(default=1, metadata=_help(MLP_CHUNKS_HELP))
     # --- loss -------------------------------------------------------------------------------------
     kd_ratio: float = field(
         default=0.5,

@@ -805,36 +805,23 @@ def micro_batch_loss(
             teacher_hidden = final_hidden_states(teacher, input_ids, attention_mask)[trained]  # [N, H_t]
         teacher_head, teacher_bias = _head(teacher)
     student_head, student_bias = _head(student)
+    if loss.impl == "liger" and use_teacher and (_softcap(student) or _softcap(teacher)):
+        raise ValueError(
+            "--loss-impl liger: these models soft-cap their final logits, which Liger's fused loss does "
+            "not; use --loss-impl chunked"
+        )
+    # The same inputs and options for either fused loss (teacher_* are None without a teacher).
+    inputs: tuple[Any, ...] = (hidden, student_head, targets[trained], teacher_hidden, teacher_head)
+    options: dict[str, Any] = common | {
+        "chunk_size": loss.chunk_size, "student_bias": student_bias, "teacher_bias": teacher_bias,
+    }  # fmt: skip
     if loss.impl == "liger" and use_teacher:
-        if _softcap(student) is not None or _softcap(teacher) is not None:
-            raise ValueError(
-                "--loss-impl liger: these models soft-cap their final logits, which Liger's fused loss "
-                "does not; use --loss-impl chunked"
-            )
-        assert teacher_hidden is not None and teacher_head is not None
         with autocast(device, dtype):
-            return liger_distill_loss(
-                hidden,
-                student_head,
-                targets[trained],
-                teacher_hidden,
-                teacher_head,
-                **common,  # type: ignore[arg-type]
-                chunk_size=loss.chunk_size,
-                student_bias=student_bias,
-                teacher_bias=teacher_bias,
-            )
+            return liger_distill_loss(*inputs, **options)
     with autocast(device, dtype):  # the lm_head matmuls run in the compute dtype, as the plain path's do
         return chunked_distill_loss(
-            hidden,
-            student_head,
-            targets[trained],
-            teacher_hidden,
-            teacher_head,
-            **common,  # type: ignore[arg-type]
-            chunk_size=loss.chunk_size,
-            student_bias=student_bias,
-            teacher_bias=teacher_bias,
+            *inputs,
+            **options,
             student_softcap=_softcap(student),
             teacher_softcap=_softcap(teacher) if use_teacher else None,
         )
