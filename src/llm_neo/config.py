@@ -258,6 +258,13 @@ def _check_model_path(problems: list[str], option: str, value: str | None) -> No
         problems.append(f"--{option}: {value!r} does not exist (give a model directory or a hub id org/name)")
 
 
+def _check_data_path(problems: list[str], value: str | None) -> None:
+    if not value:
+        problems.append("--data is required (a .jsonl/.json/.parquet file or a datasets directory)")
+    elif not Path(value).expanduser().exists():
+        problems.append(f"--data: {value!r} does not exist")
+
+
 def validate_distill(config: DistillConfig) -> None:
     """Raise ConfigError listing every problem of ``config`` (a resolved or unresolved config)."""
     c = config
@@ -278,10 +285,7 @@ def validate_distill(config: DistillConfig) -> None:
             f"--teacher-cache: {c.teacher_cache!r} is not a complete teacher cache (no manifest.json); "
             "write it with llm-neo cache-teacher --output DIR, or rerun that command to finish it"
         )
-    if not c.data:
-        p.append("--data is required (a .jsonl/.json/.parquet file or a datasets directory)")
-    elif not Path(c.data).expanduser().exists():
-        p.append(f"--data: {c.data!r} does not exist")
+    _check_data_path(p, c.data)
     if c.divergence not in DIVERGENCE_NAMES:
         p.append(f"--divergence: {c.divergence!r} is not one of {', '.join(DIVERGENCE_NAMES)}")
     if c.loss_impl not in LOSS_IMPLS:
@@ -348,10 +352,7 @@ def validate_eval(config: EvalConfig) -> None:
         p.append("--model is required")
     _check_model_path(p, "model", config.model)
     _check_model_path(p, "teacher", config.teacher)
-    if not config.data:
-        p.append("--data is required")
-    elif not Path(config.data).expanduser().exists():
-        p.append(f"--data: {config.data!r} does not exist")
+    _check_data_path(p, config.data)
     if config.max_length < 2:
         p.append(f"--max-length: {config.max_length} is out of range; it must be >= 2")
     if config.batch_size < 1:

@@ -43,7 +43,7 @@ from typing import Any, Literal
 import torch
 
 from llm_neo import __version__
-from llm_neo.atomic import atomic_directory, atomic_write_json
+from llm_neo.atomic import atomic_directory, atomic_write_json, remove_outputs
 from llm_neo.config import ConfigError, DistillConfig, LoraOptions, _help
 
 log = logging.getLogger("llm_neo")
@@ -440,13 +440,7 @@ def _say(message: str) -> None:
 
 def _clear_output_dir(out: Path) -> None:
     """Remove what an earlier demo wrote (only that); then make the directory."""
-    for name in OUTPUTS:
-        target = out / name
-        if target.is_dir():
-            shutil.rmtree(target)
-        elif target.exists():
-            target.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+    remove_outputs(out, OUTPUTS)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -19,7 +19,6 @@ import itertools
 import json
 import logging
 import math
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, get_
 from transformers import set_seed as hf_set_seed
 
 from llm_neo import __version__
-from llm_neo.atomic import atomic_directory, atomic_write_json, atomic_write_text
+from llm_neo.atomic import atomic_directory, atomic_write_json, atomic_write_text, remove_outputs
 from llm_neo.checkpoint import Progress, list_checkpoints, load_checkpoint, save_checkpoint
 from llm_neo.config import DistillConfig, dump_yaml, load_yaml, to_dict, validate_distill
 from llm_neo.data import Example, check_chat_templates, collate, load_records, split_heldout, tokenize_records
@@ -582,14 +581,7 @@ def _check_output_dir(config: DistillConfig, out: Path, checkpoints: Path) -> Pa
 
 
 def _start_output_dir(config: DistillConfig, out: Path) -> None:
-    if out.exists():
-        for name in ("merged", "adapter", "checkpoints", "metrics.jsonl", "summary.json", "config.yaml"):
-            target = out / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+    remove_outputs(out, ("merged", "adapter", "checkpoints", "metrics.jsonl", "summary.json", "config.yaml"))
     dump_yaml(dataclasses.replace(config, resume=False, overwrite=False), out / "config.yaml")
 
 

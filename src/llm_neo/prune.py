@@ -35,7 +35,7 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from llm_neo import __version__
 from llm_neo.atomic import atomic_directory, atomic_write_json
-from llm_neo.config import ConfigError, _check_model_path, _help
+from llm_neo.config import ConfigError, _check_data_path, _check_model_path, _help
 from llm_neo.data import collate, load_records, tokenize_records
 from llm_neo.evaluate import format_table
 from llm_neo.models import ModelError, autocast, load_model, load_tokenizer, resolve_device, resolve_dtype
@@ -113,10 +113,7 @@ def validate_prune(config: PruneConfig) -> PretrainedConfig | None:
     if not c.model:
         p.append("--model is required (a model directory or hub id)")
     _check_model_path(p, "model", c.model)
-    if not c.data:
-        p.append("--data is required (a .jsonl/.json/.parquet file or a datasets directory)")
-    elif not Path(c.data).expanduser().exists():
-        p.append(f"--data: {c.data!r} does not exist")
+    _check_data_path(p, c.data)
     if not c.output:
         p.append("--output is required (the directory the pruned model is written to)")
     else:

@@ -47,10 +47,7 @@ import itertools
 import json
 import logging
 import math
-import os
 import random
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,7 +55,7 @@ from typing import Any, Literal
 
 import yaml
 
-from llm_neo.atomic import atomic_write_json, atomic_write_text
+from llm_neo.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text, remove_outputs
 from llm_neo.config import (
     KD_METHODS,
     LORA_METHODS,
@@ -492,12 +489,9 @@ def _prepare(config: SweepConfig, out: Path, state_doc: dict[str, Any]) -> dict[
                 f"--output {out} already holds files; pass --resume to continue that sweep, --overwrite to "
                 "start again, or choose another --output"
             )
-        for name in ("trials", "plots", "caches", STATE, "leaderboard.md", "leaderboard.csv", "best.yaml"):
-            target = out / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
+        remove_outputs(
+            out, ("trials", "plots", "caches", STATE, "leaderboard.md", "leaderboard.csv", "best.yaml")
+        )
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(state_file, state_doc)
     return state_doc
@@ -709,22 +703,7 @@ def _write_plots(state: dict[str, Any], out: Path, space: Space) -> None:
         buffer = io.BytesIO()
         fig.savefig(buffer, format="png", dpi=100)
         plt.close(fig)
-        _write_bytes(out / "plots" / f"{d.option}.png", buffer.getvalue())
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    """Atomically, as llm_neo.atomic writes text: a temporary sibling, fsynced, renamed over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        atomic_write_bytes(out / "plots" / f"{d.option}.png", buffer.getvalue())
 
 
 def run_sweep(config: SweepConfig) -> int:

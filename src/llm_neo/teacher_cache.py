@@ -64,7 +64,7 @@ from tqdm.auto import tqdm
 
 from llm_neo import __version__
 from llm_neo.atomic import atomic_write_json
-from llm_neo.config import ConfigError, _check_model_path, _help
+from llm_neo.config import ConfigError, _check_data_path, _check_model_path, _help
 from llm_neo.data import Example, collate
 from llm_neo.losses import IGNORE_INDEX, TopKTargets, next_token_targets, topk_divergence
 
@@ -205,10 +205,7 @@ def validate_cache_teacher(config: CacheTeacherConfig) -> None:
         p.append("--teacher is required (a model directory or hub id)")
     _check_model_path(p, "teacher", c.teacher)
     _check_model_path(p, "tokenizer", c.tokenizer)
-    if not c.data:
-        p.append("--data is required (a .jsonl/.json/.parquet file or a datasets directory)")
-    elif not Path(c.data).expanduser().exists():
-        p.append(f"--data: {c.data!r} does not exist")
+    _check_data_path(p, c.data)
     if not c.output:
         p.append("--output is required (the cache directory to write)")
     for name, value, ok, rule in [
