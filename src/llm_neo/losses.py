@@ -143,6 +143,40 @@ def _check_name(name: str) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
+def _check_loss_options(kd_ratio: float, divergence: str, num_tokens: int | Tensor) -> None:
+    """What every loss entry point checks first: the mixing ratio, the divergence name (a misspelt name
+    is a config error even when KD is off) and the global token count."""
+    if not 0.0 <= kd_ratio <= 1.0:
+        raise ValueError(f"kd_ratio must be in [0, 1] (0 = pure CE, 1 = pure KD), got {kd_ratio}")
+    _check_name(divergence)
+    if isinstance(num_tokens, int) and num_tokens <= 0:
+        raise ValueError(f"num_tokens (global count of trained tokens) must be > 0, got {num_tokens}")
+
+
+def _check_divergence_options(divergence: str, temperature: float, beta: float, skew_alpha: float) -> None:
+    """The divergence's own options, checked up front by the chunked paths (an N == 0 batch never calls
+    the divergence, which checks them itself)."""
+    _check_temperature(temperature)
+    if divergence == "jsd":
+        _check_beta(beta)
+    if divergence.startswith("skew_"):
+        _check_skew_alpha(skew_alpha)
+
+
+def _check_student_logits(student_logits: Tensor, targets: Tensor) -> None:
+    if student_logits.dim() != 2 or targets.shape != student_logits.shape[:1]:
+        raise ValueError(
+            f"expected student_logits [N, V] and targets [N], got {tuple(student_logits.shape)} "
+            f"and {tuple(targets.shape)}"
+        )
+
+
+def _objective(ce: Tensor, kd: Tensor, kd_ratio: float, num_tokens: int | Tensor) -> Tensor:
+    """The LLM-Neo loss from CE and KD sums: ``((1 - kd_ratio) CE + kd_ratio KD) / num_tokens``
+    (``kd`` is 0 when the KD term is off: adding 0 changes neither the value nor the gradient)."""
+    return ((1.0 - kd_ratio) * ce + kd_ratio * kd) / num_tokens
+
+
 def _compute_dtype(*tensors: Tensor) -> torch.dtype:
     # float32 at least (bf16/fp16 logits lose the small differences a divergence is made of);
     # float64 is kept so the fast paths can be gradchecked and compared exactly in tests.
@@ -412,20 +446,12 @@ def distill_loss(
     With ``kd_ratio == 0`` or no teacher the KD term is skipped (``kd_sum = 0``); a missing teacher
     with ``kd_ratio > 0`` is an error. ``kd_ratio`` must be in [0, 1].
     """
-    if not 0.0 <= kd_ratio <= 1.0:
-        raise ValueError(f"kd_ratio must be in [0, 1] (0 = pure CE, 1 = pure KD), got {kd_ratio}")
+    _check_loss_options(kd_ratio, divergence, num_tokens)
     if teacher_logits is None and kd_ratio > 0:
         raise ValueError(
             f"kd_ratio={kd_ratio} > 0 needs teacher_logits; pass them, or set kd_ratio=0 for plain SFT"
         )
-    _check_name(divergence)  # a misspelt name is a config error even when KD is off
-    if isinstance(num_tokens, int) and num_tokens <= 0:
-        raise ValueError(f"num_tokens (global count of trained tokens) must be > 0, got {num_tokens}")
-    if student_logits.dim() != 2 or targets.shape != student_logits.shape[:1]:
-        raise ValueError(
-            f"expected student_logits [N, V] and targets [N], got {tuple(student_logits.shape)} "
-            f"and {tuple(targets.shape)}"
-        )
+    _check_student_logits(student_logits, targets)
     if teacher_logits is not None:
         _check_kd_widths(student_logits, teacher_logits, kd_vocab_size)
 
@@ -446,10 +472,9 @@ def distill_loss(
             skew_alpha=skew_alpha,
         )  # [N]
         kd_sum = per_token.sum()
-        loss = ((1.0 - kd_ratio) * ce_sum + kd_ratio * kd_sum) / num_tokens
     else:
         kd_sum = ce_sum.new_zeros(())
-        loss = (1.0 - kd_ratio) * ce_sum / num_tokens
+    loss = _objective(ce_sum, kd_sum, kd_ratio, num_tokens)
     return LossParts(loss=loss, ce_sum=ce_sum.detach(), kd_sum=kd_sum.detach(), num_tokens=n_local)
 
 
@@ -627,7 +652,7 @@ def _chunk_loop(
                         beta=plan.beta,
                         skew_alpha=plan.skew_alpha,
                     ).sum()
-                    objective = ((1.0 - kd_ratio) * ce + kd_ratio * kd) / num_tokens
+                    objective = _objective(ce, kd, kd_ratio, num_tokens)
                     del student_kd
                 elif plan.kd_active:
                     teacher_logits = _teacher_chunk_logits(plan, start, stop, loss_dtype)  # [C, V_kd]
@@ -640,11 +665,11 @@ def _chunk_loop(
                         beta=plan.beta,
                         skew_alpha=plan.skew_alpha,
                     ).sum()
-                    objective = ((1.0 - kd_ratio) * ce + kd_ratio * kd) / num_tokens
+                    objective = _objective(ce, kd, kd_ratio, num_tokens)
                     del teacher_logits, student_kd
                 else:
                     kd = ce.new_zeros(())
-                    objective = (1.0 - kd_ratio) * ce / num_tokens
+                    objective = _objective(ce, kd, kd_ratio, num_tokens)
             del logits, ce_logits  # the chunk's [C, V] tensors die here (the graph holds them until grad)
             if any_need and objective.requires_grad:
                 inputs = ([h] if need_hidden else []) + leaves
@@ -660,10 +685,7 @@ def _chunk_loop(
             kd_total += kd.detach()
             del objective, ce, kd, h
 
-    if plan.kd_active:
-        loss = ((1.0 - kd_ratio) * ce_total + kd_ratio * kd_total) / num_tokens
-    else:
-        loss = (1.0 - kd_ratio) * ce_total / num_tokens
+    loss = _objective(ce_total, kd_total, kd_ratio, num_tokens)
     grad_head_out = None if grad_head is None else grad_head.to(student_head.dtype)
     grad_bias_out = None if grad_bias is None or student_bias is None else grad_bias.to(student_bias.dtype)
     return loss, ce_total, kd_total, grad_hidden, grad_head_out, grad_bias_out
@@ -865,12 +887,7 @@ def chunked_distill_loss(
     )
     kd_active = teacher_given and kd_ratio > 0
     if kd_active:
-        # distill_loss checks these inside the divergence; here an N == 0 batch never reaches it.
-        _check_temperature(temperature)
-        if divergence == "jsd":
-            _check_beta(beta)
-        if divergence.startswith("skew_"):
-            _check_skew_alpha(skew_alpha)
+        _check_divergence_options(divergence, temperature, beta, skew_alpha)
 
     t_dtype = student_hidden.dtype
     t_head = t_bias = None
@@ -960,7 +977,7 @@ def liger_distill_loss(
         teacher_bias=teacher_bias,
         softcaps=(None, None),
     )
-    _check_temperature(temperature)
+    _check_divergence_options(divergence, temperature, beta, skew_alpha)
     kd_width = kd_vocab_size or teacher_head.shape[0]
     if student_head.shape[0] != kd_width:
         raise ValueError(
@@ -1019,8 +1036,7 @@ def _check_chunked_args(
     softcaps: tuple[float | None, float | None],
 ) -> None:
     """The checks of ``distill_loss`` (same messages), translated from logits to hidden states + heads."""
-    if not 0.0 <= kd_ratio <= 1.0:
-        raise ValueError(f"kd_ratio must be in [0, 1] (0 = pure CE, 1 = pure KD), got {kd_ratio}")
+    _check_loss_options(kd_ratio, divergence, num_tokens)
     if (teacher_hidden is None) != (teacher_head is None):
         raise ValueError("pass both teacher_hidden and teacher_head (the teacher), or neither")
     if teacher_hidden is None and kd_ratio > 0:
@@ -1028,9 +1044,6 @@ def _check_chunked_args(
             f"kd_ratio={kd_ratio} > 0 needs the teacher (teacher_hidden and teacher_head); pass them, or "
             "set kd_ratio=0 for plain SFT"
         )
-    _check_name(divergence)
-    if isinstance(num_tokens, int) and num_tokens <= 0:
-        raise ValueError(f"num_tokens (global count of trained tokens) must be > 0, got {num_tokens}")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size (tokens per chunk) must be an int >= 1, got {chunk_size!r}")
     for name, cap in zip(("student_softcap", "teacher_softcap"), softcaps, strict=True):
@@ -1268,21 +1281,13 @@ def cached_distill_loss(
     ``distill_loss`` (full student width, fp32, no temperature); D~ is ``topk_divergence`` on the
     student logits sliced to ``kd_vocab_size`` (the cache's vocabulary, the tokenizer length).
     """
-    if not 0.0 <= kd_ratio <= 1.0:
-        raise ValueError(f"kd_ratio must be in [0, 1] (0 = pure CE, 1 = pure KD), got {kd_ratio}")
+    _check_loss_options(kd_ratio, divergence, num_tokens)
     if teacher is None and kd_ratio > 0:
         raise ValueError(
             f"kd_ratio={kd_ratio} > 0 needs the cached teacher targets (teacher=TopKTargets(...)); pass "
             "them, or set kd_ratio=0 for plain SFT"
         )
-    _check_name(divergence)
-    if isinstance(num_tokens, int) and num_tokens <= 0:
-        raise ValueError(f"num_tokens (global count of trained tokens) must be > 0, got {num_tokens}")
-    if student_logits.dim() != 2 or targets.shape != student_logits.shape[:1]:
-        raise ValueError(
-            f"expected student_logits [N, V] and targets [N], got {tuple(student_logits.shape)} "
-            f"and {tuple(targets.shape)}"
-        )
+    _check_student_logits(student_logits, targets)
     if kd_vocab_size is not None and not 0 < kd_vocab_size <= student_logits.shape[1]:
         raise ValueError(f"kd_vocab_size={kd_vocab_size} must be in [1, {student_logits.shape[1]}]")
     ce_sum = F.cross_entropy(student_logits.float(), targets, reduction="sum")
@@ -1291,10 +1296,9 @@ def cached_distill_loss(
         kd_sum = topk_divergence(
             divergence, student_kd, teacher, temperature=temperature, beta=beta, skew_alpha=skew_alpha
         ).sum()
-        loss = ((1.0 - kd_ratio) * ce_sum + kd_ratio * kd_sum) / num_tokens
     else:
         kd_sum = ce_sum.new_zeros(())
-        loss = (1.0 - kd_ratio) * ce_sum / num_tokens
+    loss = _objective(ce_sum, kd_sum, kd_ratio, num_tokens)
     n = student_logits.shape[0]
     return LossParts(loss=loss, ce_sum=ce_sum.detach(), kd_sum=kd_sum.detach(), num_tokens=n)
 
@@ -1323,8 +1327,7 @@ def chunked_cached_distill_loss(
     forward, per chunk), with the teacher's matmul replaced by a slice of the cached targets, so the
     contract, dtypes and memory bound are those of ``chunked_distill_loss``.
     """
-    if not 0.0 <= kd_ratio <= 1.0:
-        raise ValueError(f"kd_ratio must be in [0, 1] (0 = pure CE, 1 = pure KD), got {kd_ratio}")
+    _check_loss_options(kd_ratio, divergence, num_tokens)
     if teacher is None and kd_ratio > 0:
         raise ValueError(
             f"kd_ratio={kd_ratio} > 0 needs the cached teacher targets (teacher=TopKTargets(...)); pass "
@@ -1353,11 +1356,7 @@ def chunked_cached_distill_loss(
         if not 0 < width <= student_head.shape[0]:
             raise ValueError(f"kd_vocab_size={kd_vocab_size} must be in [1, {student_head.shape[0]}]")
         _check_topk(student_hidden.new_empty((student_hidden.shape[0], width)), teacher)
-        _check_temperature(temperature)
-        if divergence == "jsd":
-            _check_beta(beta)
-        if divergence.startswith("skew_"):
-            _check_skew_alpha(skew_alpha)
+        _check_divergence_options(divergence, temperature, beta, skew_alpha)
     student_dtype = _matmul_dtype(student_hidden)
     plan = _ChunkPlan(
         targets=targets,
