@@ -255,7 +255,6 @@ def _demo_setup(quick: bool, work: Path, teacher_dir: str | None = None) -> dict
 
     try:
         from llm_neo import demo
-        from llm_neo.task import generate_splits, write_jsonl
     except ImportError as err:
         raise SystemExit(
             f"the held-out KL comparison needs the demo task (llm_neo.task, llm_neo.demo): {err}"
@@ -263,15 +262,7 @@ def _demo_setup(quick: bool, work: Path, teacher_dir: str | None = None) -> dict
     settings = demo.QUICK if quick else demo.DEFAULT
     # The demo's own splits: the arms distil on records the teacher never saw, where its distribution is
     # its own prediction rather than a memorised one-hot answer.
-    splits = generate_splits(
-        0,
-        train_per_skill=settings.train_per_skill,
-        heldout_per_skill=settings.heldout_per_skill,
-        distill_per_skill=settings.distill_per_skill,
-    )
-    train_path = write_jsonl(work / "data" / "train.jsonl", splits["train"])
-    distill_path = write_jsonl(work / "data" / "distill.jsonl", splits["distill"])
-    heldout_path = write_jsonl(work / "data" / "heldout.jsonl", splits["heldout"])
+    train_path, distill_path, heldout_path = demo.write_task_data(work / "data", settings, seed=0)
     if teacher_dir:  # a teacher already trained on the task (e.g. the demo's, from its cache directory)
         teacher = {"path": teacher_dir}
     else:

@@ -269,7 +269,7 @@ def run_demo(config: DemoConfig) -> int:
     from transformers.utils import logging as hf_logging
 
     from llm_neo.report import format_results_table, write_report
-    from llm_neo.task import TASK_VERSION, generate_splits, write_jsonl
+    from llm_neo.task import TASK_VERSION
 
     validate_demo(config)
     settings = resolve_settings(config)
@@ -295,15 +295,7 @@ def run_demo(config: DemoConfig) -> int:
     # one-hot distributions, so KD on them would be CE under another name. On records it has not seen,
     # its distribution is its own prediction, the thing KD is meant to transfer (and the paper's teacher
     # was not trained on its distillation data either).
-    splits = generate_splits(
-        config.seed,
-        train_per_skill=settings.train_per_skill,
-        heldout_per_skill=settings.heldout_per_skill,
-        distill_per_skill=settings.distill_per_skill,
-    )
-    train_path = write_jsonl(out / "data" / "train.jsonl", splits["train"])
-    distill_path = write_jsonl(out / "data" / "distill.jsonl", splits["distill"])
-    heldout_path = write_jsonl(out / "data" / "heldout.jsonl", splits["heldout"])
+    train_path, distill_path, heldout_path = write_task_data(out / "data", settings, config.seed)
 
     # --- 2. The teacher: trained once per key, then reused from the cache.
     t0 = time.perf_counter()
@@ -436,6 +428,21 @@ def run_demo(config: DemoConfig) -> int:
 
 def _say(message: str) -> None:
     print(message, flush=True)
+
+
+def write_task_data(data_dir: Path, settings: DemoSettings, seed: int) -> tuple[Path, Path, Path]:
+    """The task's three splits for ``settings`` as JSONL files in ``data_dir``: (train, distill, heldout)."""
+    from llm_neo.task import generate_splits, write_jsonl
+
+    splits = generate_splits(
+        seed,
+        train_per_skill=settings.train_per_skill,
+        heldout_per_skill=settings.heldout_per_skill,
+        distill_per_skill=settings.distill_per_skill,
+    )
+    names = ("train", "distill", "heldout")
+    train, distill, heldout = (write_jsonl(data_dir / f"{name}.jsonl", splits[name]) for name in names)
+    return train, distill, heldout
 
 
 def _clear_output_dir(out: Path) -> None:
