@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -83,3 +84,13 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
 def alpaca_jsonl(tmp_path) -> Path:
     """Sixteen Alpaca records (the list above twice) as JSONL."""
     return write_jsonl(tmp_path / "train.jsonl", ALPACA * 2)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of many tiny-tensor tests: extra threads only add spin-wait
+    overhead (10x on a busy 2-core machine). Restored afterwards so other modules are unaffected."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -32,14 +32,7 @@ CASES: list[dict[str, Any]] = [
 CHUNKS = [1, 4, 1000]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Hundreds of tiny ops per test: intra-op threads only add spin-wait overhead (10x on a busy
-    # 2-core machine). Restored afterwards so other test modules are unaffected.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _softcap(x: Tensor, cap: float | None) -> Tensor:

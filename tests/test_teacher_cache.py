@@ -43,12 +43,7 @@ Tensor = torch.Tensor
 VOCAB = 320  # the conftest tokenizer's length
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _targets_from_logits(teacher_logits: Tensor, k: int, temperature: float = 1.0) -> TopKTargets:
