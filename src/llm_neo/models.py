@@ -7,6 +7,7 @@ common case of embedding tables padded past the tokenizer (Qwen2.5: 151,936 vs 1
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -91,8 +92,6 @@ def enable_checkpointing(model: torch.nn.Module, *, mlp_chunks: int = 1) -> int:
     keeps one chunk's worth of them alive, at the cost of a third forward of the MLP. Gradients are
     unchanged: every chunk sees the same weights, and an MLP mixes no positions.
     """
-    import warnings
-
     with warnings.catch_warnings():  # transformers 5 renames it (activation_checkpointing_enable)
         warnings.simplefilter("ignore", FutureWarning)
         model.gradient_checkpointing_enable(  # type: ignore[operator]
