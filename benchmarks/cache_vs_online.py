@@ -14,7 +14,7 @@ Writes ``benchmarks/results/cache_vs_online.{json,md}`` with PASS/FAIL against t
    holds the teacher's weights.
 3. cache size: bytes per trained token of a k = 64 fp16 cache (``llm-neo cache-teacher``) on the demo
    task. Target: <= 400.
-4. held-out KL: on the demo task (``llm_neo.task``/``llm_neo.demo``: a teacher trained on it, the
+4. held-out KL: on the demo task (``llm_neo.demo.task``/``llm_neo.demo.run``: a teacher trained on it, the
    depth-pruned student, the demo's Neo arm settings), the Neo arm trained online and from a k = 64
    cache, each for the same seeds; both merged students scored against the real teacher (dense KL) on
    the task's held-out split. Target: cached within 5% of online. The demo's teacher is trained once
@@ -66,7 +66,7 @@ QUICK = Shapes(1024, 64, 4, 32, 2, 2, 32, 4, 64, 2)
 
 
 def _llama(vocab: int, hidden: int, layers: int, seed: int) -> Any:
-    from llm_neo.tiny import build_llama
+    from llm_neo.models.tiny import build_llama
 
     return build_llama(
         vocab,
@@ -113,7 +113,7 @@ def _trainer(student: Any, shapes: Shapes) -> dict[str, Any]:
     from transformers import get_scheduler
 
     from llm_neo.distill import LossSettings
-    from llm_neo.lora import attach_lora, trainable_parameters
+    from llm_neo.models.lora import attach_lora, trainable_parameters
 
     student.config.use_cache = False
     student = attach_lora(student, r=shapes.lora_r, seed=0)
@@ -185,7 +185,7 @@ def step_times(shapes: Shapes) -> dict[str, Any]:
 
 def _memory_child(mode: str, paths: dict[str, str], shapes: Shapes, send: Any) -> None:
     """One mode in a fresh process: load what it needs, run 3 steps, report the peak resident set."""
-    from llm_neo.models import freeze, load_model
+    from llm_neo.models.loading import freeze, load_model
 
     cpu = torch.device("cpu")
     student = load_model(paths["student"], role="student", dtype=torch.float32, device=cpu)
@@ -198,7 +198,7 @@ def _memory_child(mode: str, paths: dict[str, str], shapes: Shapes, send: Any) -
         batches = torch.load(paths["cached"], weights_only=True)
     for batch in batches:
         _step(trainer, teacher, batch)
-    from llm_neo.memory import peak_rss_bytes  # VmHWM: this process's own peak, not its parent's
+    from llm_neo.runtime.memory import peak_rss_bytes  # VmHWM: this process's own peak, not its parent's
 
     send.send(peak_rss_bytes() / 2**30)
     send.close()
@@ -254,10 +254,10 @@ def _demo_setup(quick: bool, work: Path, teacher_dir: str | None = None) -> dict
     import inspect
 
     try:
-        from llm_neo import demo
+        from llm_neo.demo import run as demo
     except ImportError as err:
         raise SystemExit(
-            f"the held-out KL comparison needs the demo task (llm_neo.task, llm_neo.demo): {err}"
+            f"the held-out KL comparison needs the demo task (llm_neo.demo.task, llm_neo.demo.run): {err}"
         ) from err
     settings = demo.QUICK if quick else demo.DEFAULT
     # The demo's own splits: the arms distil on records the teacher never saw, where its distribution is
@@ -275,7 +275,7 @@ def _demo_setup(quick: bool, work: Path, teacher_dir: str | None = None) -> dict
         settings, teacher["path"], data=distill_path, output=work / "student", device="cpu"
     )
     return {
-        "task": "llm_neo.task (the demo's task and teacher)",
+        "task": "llm_neo.demo.task (the demo's task and teacher)",
         "teacher": teacher["path"],
         "student": student["path"],
         "distill": distill_path,
@@ -287,7 +287,7 @@ def _demo_setup(quick: bool, work: Path, teacher_dir: str | None = None) -> dict
 def _arm(setup: dict[str, Any], seed: int, out: Path, cache: Path | None) -> Any:
     import dataclasses
 
-    from llm_neo.demo import arm_config
+    from llm_neo.demo.run import arm_config
 
     config = arm_config(
         setup["settings"],
@@ -308,8 +308,8 @@ def _arm(setup: dict[str, Any], seed: int, out: Path, cache: Path | None) -> Any
 def _score(models: dict[str, str], setup: dict[str, Any]) -> dict[str, dict[str, float]]:
     """Dense held-out metrics of each model against the real teacher, on the task's held-out split."""
     from llm_neo.data import load_records, tokenize_records
-    from llm_neo.evaluate import heldout_metrics
-    from llm_neo.models import freeze, kd_vocab_size, load_model, load_tokenizer
+    from llm_neo.eval.metrics import heldout_metrics
+    from llm_neo.models.loading import freeze, kd_vocab_size, load_model, load_tokenizer
 
     cpu = torch.device("cpu")
     tokenizer = load_tokenizer(setup["teacher"], role="teacher")

@@ -42,7 +42,7 @@ bench() {  # bench LIMIT_S LABEL [flags...]
   local limit=$1 label=$2
   shift 2
   echo "== $(date -Is) $label" | tee -a "$LOG"
-  timeout --kill-after=20 "$limit" "$PY" -m llm_neo.bench --shape "$SHAPE" --device "$DEVICE" \
+  timeout --kill-after=20 "$limit" "$PY" -m llm_neo.commands.bench --shape "$SHAPE" --device "$DEVICE" \
     --warmup-steps 1 --steps 3 --run-timeout-s 150 --output "$OUT_DIR" --label "$label" "$@" 2>&1 \
     | tee -a "$LOG"
   local rc=${PIPESTATUS[0]}

@@ -16,7 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from llm_neo.tiny import build_llama, build_tokenizer, save_model
+from llm_neo.models.tiny import build_llama, build_tokenizer, save_model
 
 
 @pytest.fixture(scope="session")

@@ -24,7 +24,7 @@ from llm_neo.data import (
     split_heldout,
     tokenize_records,
 )
-from llm_neo.tiny import CHAT_TEMPLATE, build_tokenizer
+from llm_neo.models.tiny import CHAT_TEMPLATE, build_tokenizer
 
 CHAT = {
     "messages": [

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 import llm_neo.distill as recipe
 from llm_neo.config import ConfigError, DistillConfig, LoraOptions, build_config, load_yaml
 from llm_neo.distill import TrainingError, distill
-from llm_neo.models import ModelError
+from llm_neo.models.loading import ModelError
 
 
 @pytest.fixture()
@@ -253,7 +253,7 @@ def test_config_problems_are_reported_together(make_config, tmp_path):
 
 
 def test_pickle_weights_need_opt_in(make_config, tmp_path, tokenizer):
-    from llm_neo.tiny import build_llama
+    from llm_neo.models.tiny import build_llama
 
     path = tmp_path / "pickled"
     model = build_llama(len(tokenizer), hidden_size=32, num_layers=1)

@@ -31,8 +31,8 @@ class Command:
 
 COMMANDS: dict[str, Command] = {
     "demo": Command(
-        "llm_neo.demo:DemoConfig",
-        "llm_neo.demo:run_demo",
+        "llm_neo.demo.run:DemoConfig",
+        "llm_neo.demo.run:run_demo",
         "The LLM-Neo story on a laptop CPU: teacher, pruned student, SFT/LoRA/KD/Neo, and a report.",
         """examples:
   llm-neo demo                     # the whole comparison, report in runs/demo/report.md
@@ -73,8 +73,8 @@ The cache is keyed by the teacher's weights and config, the tokenizer, the chat 
 max length, k and the temperature; a run whose key differs is refused, naming the part that differs.""",
     ),
     "sweep": Command(
-        "llm_neo.sweep:SweepConfig",
-        "llm_neo.sweep:run_sweep",
+        "llm_neo.commands.sweep:SweepConfig",
+        "llm_neo.commands.sweep:run_sweep",
         "Grid or random search over distill options; a leaderboard, plots and the best config.",
         """examples:
   llm-neo sweep --base base.yaml --space space.yaml --output runs/sweep
@@ -84,8 +84,8 @@ base.yaml is a distill config (as for distill --config); space.yaml is `grid: {l
 or `random: {...}` with `trials: N`. Without --space the paper's guidelines give the default space.""",
     ),
     "prune": Command(
-        "llm_neo.prune:PruneConfig",
-        "llm_neo.prune:run_prune",
+        "llm_neo.models.prune:PruneConfig",
+        "llm_neo.models.prune:run_prune",
         "Depth-prune a model: drop the decoder blocks that change their hidden states least.",
         """examples:
   llm-neo prune --model T_DIR --data calib.jsonl --keep-layers 16 --output pruned/
@@ -95,16 +95,16 @@ Block Influence); the --keep-layers most important blocks are kept in order. The
 model dir with its tokenizer and pruning.json (scores, kept and dropped blocks).""",
     ),
     "plan": Command(
-        "llm_neo.plan:PlanConfig",
-        "llm_neo.plan:run_plan",
+        "llm_neo.commands.plan:PlanConfig",
+        "llm_neo.commands.plan:run_plan",
         "Estimate each arm's peak memory from the model configs and batch shape, before loading weights.",
         """examples:
   llm-neo plan --shape llama3-8b-to-1b --batch-size 8 --seq-len 2048 --gradient-checkpointing
   llm-neo plan --teacher T_DIR --student S_DIR --batch-size 2 --seq-len 2048""",
     ),
     "bench": Command(
-        "llm_neo.bench:BenchConfig",
-        "llm_neo.bench:run_bench",
+        "llm_neo.commands.bench:BenchConfig",
+        "llm_neo.commands.bench:run_bench",
         "Measure peak memory and tokens/s of each arm and loss implementation on a named shape.",
         """examples:
   llm-neo bench --shape cpu-wide                      # CPU: peak RSS per run in its own process
@@ -115,7 +115,7 @@ model dir with its tokenizer and pruning.json (scores, kept and dropped blocks).
 
 def run_distill(config: DistillConfig) -> int:
     from llm_neo.distill import distill
-    from llm_neo.evaluate import format_table
+    from llm_neo.eval.metrics import format_table
 
     summary = distill(config)
     if not summary:  # a rank other than 0 of a distributed run: rank 0 reports
@@ -136,8 +136,8 @@ def run_distill(config: DistillConfig) -> int:
 
 
 def run_evaluation(config: EvalConfig) -> int:
-    from llm_neo.atomic import atomic_write_json
-    from llm_neo.evaluate import format_table, run_eval
+    from llm_neo.eval.metrics import format_table, run_eval
+    from llm_neo.runtime.atomic import atomic_write_json
 
     metrics = run_eval(config)
     print(format_table({config.model: metrics}, list(metrics)))

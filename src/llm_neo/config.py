@@ -525,6 +525,6 @@ def build_config(cls: type, args: argparse.Namespace, config_file: str | None = 
 
 def dump_yaml(config: Any, path: str | Path) -> None:
     """Write ``config`` as YAML that ``--config`` reads back to an equal config."""
-    from llm_neo.atomic import atomic_write_text
+    from llm_neo.runtime.atomic import atomic_write_text
 
     atomic_write_text(Path(path), yaml.safe_dump(to_dict(config), sort_keys=False))

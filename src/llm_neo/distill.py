@@ -32,11 +32,35 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, get_
 from transformers import set_seed as hf_set_seed
 
 from llm_neo import __version__
-from llm_neo.atomic import atomic_directory, atomic_write_json, atomic_write_text, remove_outputs
-from llm_neo.checkpoint import Progress, list_checkpoints, load_checkpoint, save_checkpoint
 from llm_neo.config import DistillConfig, dump_yaml, load_yaml, to_dict, validate_distill
 from llm_neo.data import Example, check_chat_templates, collate, load_records, split_heldout, tokenize_records
-from llm_neo.distributed import (
+from llm_neo.eval.metrics import final_hidden_states, heldout_metrics
+from llm_neo.losses import (
+    LossParts,
+    cached_distill_loss,
+    chunked_cached_distill_loss,
+    chunked_distill_loss,
+    distill_loss,
+    liger_distill_loss,
+    next_token_targets,
+)
+from llm_neo.models.loading import (
+    ModelError,
+    autocast,
+    check_same_vocabulary,
+    enable_checkpointing,
+    freeze,
+    kd_vocab_size,
+    load_model,
+    load_tokenizer,
+    logit_width,
+    resolve_device,
+    resolve_dtype,
+)
+from llm_neo.models.lora import attach_lora, merge_lora, save_adapter, trainable_parameters
+from llm_neo.runtime.atomic import atomic_directory, atomic_write_json, atomic_write_text, remove_outputs
+from llm_neo.runtime.checkpoint import Progress, list_checkpoints, load_checkpoint, save_checkpoint
+from llm_neo.runtime.distributed import (
     World,
     all_reduce_sum,
     barrier,
@@ -50,31 +74,7 @@ from llm_neo.distributed import (
     shard,
     sync_whole_grads,
 )
-from llm_neo.evaluate import final_hidden_states, heldout_metrics
-from llm_neo.lora import attach_lora, merge_lora, save_adapter, trainable_parameters
-from llm_neo.losses import (
-    LossParts,
-    cached_distill_loss,
-    chunked_cached_distill_loss,
-    chunked_distill_loss,
-    distill_loss,
-    liger_distill_loss,
-    next_token_targets,
-)
-from llm_neo.memory import LiveTensorBytes, peak_memory_gb
-from llm_neo.models import (
-    ModelError,
-    autocast,
-    check_same_vocabulary,
-    enable_checkpointing,
-    freeze,
-    kd_vocab_size,
-    load_model,
-    load_tokenizer,
-    logit_width,
-    resolve_device,
-    resolve_dtype,
-)
+from llm_neo.runtime.memory import LiveTensorBytes, peak_memory_gb
 from llm_neo.teacher_cache import (
     TeacherCache,
     batch_targets,

@@ -17,7 +17,7 @@ from llm_neo.losses import (
     distill_loss,
     reference_divergence,
 )
-from llm_neo.memory import LiveTensorBytes
+from llm_neo.runtime.memory import LiveTensorBytes
 
 Tensor = torch.Tensor
 

@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from llm_neo.memory import LiveTensorBytes, peak_rss_bytes
+from llm_neo.runtime.memory import LiveTensorBytes, peak_rss_bytes
 
 MiB = 2**20
 
@@ -19,7 +19,7 @@ def test_child_peak_rss_is_not_the_parents():
     for i in range(0, len(parent), 4096):  # touch every page: resident, not just reserved
         parent[i] = 1
     assert peak_rss_bytes() > 800 * MiB
-    code = "from llm_neo.memory import peak_rss_bytes; print(peak_rss_bytes())"
+    code = "from llm_neo.runtime.memory import peak_rss_bytes; print(peak_rss_bytes())"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     child = int(run.stdout)
     # The child imports torch (a few hundred MB) and allocates nothing else.

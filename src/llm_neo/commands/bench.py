@@ -1,6 +1,6 @@
 """`llm-neo bench`: peak memory and throughput of each arm and loss implementation, on named shapes.
 
-For a shape (``llm_neo.shapes``: real Llama shapes or small CPU ones), random-initialised teacher and
+For a shape (``llm_neo.commands.shapes``: real Llama shapes or small CPU ones), random-initialised teacher and
 student are built directly on the device (nothing is downloaded), and each run (an arm × a loss
 implementation) trains a few warm-up and timed steps through ``llm_neo.distill.train_step``, the function
 ``llm-neo distill`` runs, on random tokens. Every token of the B×T batch except each sequence's first is a
@@ -13,8 +13,8 @@ weights) and the process's peak resident set on a CPU (so it includes the ~0.4 G
 transformers); without isolation on a CPU it is the peak of live tensor bytes, counted op by op.
 
 The report (Markdown and JSON, printed and written to ``--output``) gives each run's peak, tokens/s and the
-ratios to plain full-parameter KD, the planner's estimate (``llm_neo.plan``) next to each measurement, and
-the issue's targets with PASS/FAIL.
+ratios to plain full-parameter KD, the planner's estimate (``llm_neo.commands.plan``) next to each
+measurement, and the issue's targets with PASS/FAIL.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from typing import Any, Literal
 import torch
 
 from llm_neo.config import MLP_CHUNKS_HELP
-from llm_neo.memory import LiveTensorBytes, peak_rss_bytes, rss_bytes
+from llm_neo.runtime.memory import LiveTensorBytes, peak_rss_bytes, rss_bytes
 
 __all__ = [
     "BenchConfig",
@@ -180,10 +180,10 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
 
     An out-of-memory error is caught and reported (``status: "oom"``), not raised.
     """
+    from llm_neo.commands.shapes import get_shape
     from llm_neo.distill import LossSettings, train_step
-    from llm_neo.lora import attach_lora, trainable_parameters
-    from llm_neo.models import enable_checkpointing, freeze, resolve_device, resolve_dtype
-    from llm_neo.shapes import get_shape
+    from llm_neo.models.loading import enable_checkpointing, freeze, resolve_device, resolve_dtype
+    from llm_neo.models.lora import attach_lora, trainable_parameters
 
     baseline_rss = rss_bytes()
     device = resolve_device(spec.device)
@@ -292,7 +292,8 @@ def _run_isolated(spec: RunSpec, timeout: float, malloc_mmap_threshold: int = 0)
     env.setdefault("HF_HUB_OFFLINE", "1")
     if malloc_mmap_threshold > 0:
         env["MALLOC_MMAP_THRESHOLD_"] = str(malloc_mmap_threshold)
-    command = [sys.executable, "-m", "llm_neo.bench", "--_child", json.dumps(dataclasses.asdict(spec))]
+    child = json.dumps(dataclasses.asdict(spec))
+    command = [sys.executable, "-m", "llm_neo.commands.bench", "--_child", child]
     base: dict[str, Any] = {"run": spec.name, "spec": dataclasses.asdict(spec)}
     try:
         proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, check=False)
@@ -332,9 +333,9 @@ def _parse_run(text: str, default_chunk: int) -> tuple[str, str, int]:
 
 
 def _validate(config: BenchConfig) -> list[tuple[str, str, int]]:
+    from llm_neo.commands.plan import ARMS, IMPLS
+    from llm_neo.commands.shapes import SHAPES
     from llm_neo.config import ConfigError
-    from llm_neo.plan import ARMS, IMPLS
-    from llm_neo.shapes import SHAPES
 
     p: list[str] = []
     if config.shape not in SHAPES:
@@ -385,8 +386,8 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 def _add_plan(results: list[dict[str, Any]], config: BenchConfig, settings: dict[str, Any]) -> None:
     """The planner's estimate next to each measurement (on CPU with this run's measured process baseline)."""
-    from llm_neo.plan import estimate_arm, model_dims
-    from llm_neo.shapes import get_shape
+    from llm_neo.commands.plan import estimate_arm, model_dims
+    from llm_neo.commands.shapes import get_shape
 
     shape = get_shape(config.shape)
     student = model_dims(shape.student, lora_r=settings["lora_r"])
@@ -659,8 +660,8 @@ def bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
     """Run every run of ``config`` and return the report (a JSON-able dict)."""
     from tqdm.auto import tqdm
 
-    from llm_neo.models import resolve_device, resolve_dtype
-    from llm_neo.shapes import get_shape
+    from llm_neo.commands.shapes import get_shape
+    from llm_neo.models.loading import resolve_device, resolve_dtype
 
     runs = _validate(config)
     shape = get_shape(config.shape)
@@ -766,7 +767,7 @@ def run_bench(config: BenchConfig) -> int:
     text = format_report(report)
     print(text)
     if config.output:
-        from llm_neo.atomic import atomic_write_json, atomic_write_text
+        from llm_neo.runtime.atomic import atomic_write_json, atomic_write_text
 
         out = Path(config.output)
         out.mkdir(parents=True, exist_ok=True)
@@ -780,8 +781,9 @@ def run_bench(config: BenchConfig) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m llm_neo.bench [flags]`: `llm-neo bench` without the console script (benchmarks/gpu.sh
-    runs from a checkout); ``--_child SPEC``: one isolated run, printed as a tagged JSON line."""
+    """`python -m llm_neo.commands.bench [flags]`: `llm-neo bench` without the console script
+    (benchmarks/gpu.sh runs from a checkout); ``--_child SPEC``: one isolated run, printed as a tagged
+    JSON line."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--_child"]:
         result = run_one(RunSpec(**json.loads(argv[1])))

@@ -13,11 +13,11 @@ import dataclasses
 import pytest
 import torch
 
-from llm_neo.bench import BenchConfig, RunSpec, bench, run_one
+from llm_neo.commands.bench import BenchConfig, RunSpec, bench, run_one
+from llm_neo.commands.plan import GiB, PlanConfig, estimate_arm, model_dims, plan_rows, run_plan
+from llm_neo.commands.shapes import SHAPES, get_shape
 from llm_neo.config import ConfigError
-from llm_neo.lora import attach_lora, trainable_parameters
-from llm_neo.plan import GiB, PlanConfig, estimate_arm, model_dims, plan_rows, run_plan
-from llm_neo.shapes import SHAPES, get_shape
+from llm_neo.models.lora import attach_lora, trainable_parameters
 
 # REFERENCE.md §3: (shape, batch, seq_len, gradient checkpointing, method, impl) -> peak GiB on an H200.
 H200 = [
@@ -244,7 +244,7 @@ def test_plan_per_rank_under_fsdp():
 def test_mlp_chunks_shrink_the_checkpointed_backward_as_planned(method, monkeypatch):
     """A model whose MLP is most of its activations (hidden 64, intermediate 2048) with checkpointing:
     the checkpointed backward is the peak, and --mlp-chunks 4 cuts it as the plan says (live bytes)."""
-    import llm_neo.shapes as shapes
+    import llm_neo.commands.shapes as shapes
 
     mlp_heavy = shapes.Shape(
         name="mlp-heavy",

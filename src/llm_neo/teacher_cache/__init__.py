@@ -63,10 +63,10 @@ from safetensors.torch import save as save_safetensors
 from tqdm.auto import tqdm
 
 from llm_neo import __version__
-from llm_neo.atomic import atomic_write_json
 from llm_neo.config import ConfigError, _check_data_path, _check_model_path, _help
 from llm_neo.data import Example, collate
 from llm_neo.losses import IGNORE_INDEX, TopKTargets, next_token_targets, topk_divergence
+from llm_neo.runtime.atomic import atomic_write_json
 
 log = logging.getLogger("llm_neo")
 
@@ -508,8 +508,8 @@ def teacher_topk(
 
     The lm_head runs chunk by chunk of tokens, so no [tokens, V] logits exist for the batch.
     """
-    from llm_neo.evaluate import final_hidden_states, model_logits
-    from llm_neo.models import autocast
+    from llm_neo.eval.metrics import final_hidden_states, model_logits
+    from llm_neo.models.loading import autocast
 
     input_ids = batch["input_ids"].to(device)
     attention_mask = batch["attention_mask"].to(device)
@@ -655,7 +655,7 @@ ShardCallback = Callable[[int, dict[str, Any]], None]
 def cache_teacher(config: CacheTeacherConfig, *, on_shard: ShardCallback | None = None) -> dict[str, Any]:
     """Write (or finish) the cache; return its manifest. ``on_shard(index, record)`` after each new shard."""
     from llm_neo.data import check_chat_templates, load_records, tokenize_records
-    from llm_neo.models import (
+    from llm_neo.models.loading import (
         check_same_vocabulary,
         freeze,
         load_model,
@@ -818,7 +818,7 @@ def cache_teacher(config: CacheTeacherConfig, *, on_shard: ShardCallback | None 
 
 def run_cache_teacher(config: CacheTeacherConfig) -> int:
     """`llm-neo cache-teacher`: write the cache and print what it holds."""
-    from llm_neo.evaluate import format_table
+    from llm_neo.eval.metrics import format_table
 
     manifest = cache_teacher(config)
     row = {
@@ -862,8 +862,8 @@ def cached_heldout_metrics(
     otherwise (coarse-graining). ``top1_agreement`` compares with the teacher's argmax, exact (the
     cache's first id). ``rows[i]`` is the cache row of ``examples[i]``.
     """
-    from llm_neo.evaluate import final_hidden_states, model_logits
-    from llm_neo.models import autocast
+    from llm_neo.eval.metrics import final_hidden_states, model_logits
+    from llm_neo.models.loading import autocast
 
     was_training = model.training
     model.eval()

@@ -2,16 +2,16 @@
 
 Top to bottom, every stage through the same code a user's run takes:
 
-    1. task      the built-in task's train.jsonl / heldout.jsonl (llm_neo.task), ordinary Alpaca JSONL
+    1. task      the built-in task's train.jsonl / heldout.jsonl (llm_neo.demo.task), ordinary Alpaca JSONL
     2. teacher   a small Llama with its own character-level tokenizer, trained from a random init on the
                  task (``distill(method="sft")``), cached under a key of everything that shapes it
-    3. student   the teacher depth-pruned by measured block importance (``llm_neo.prune.run_prune``):
+    3. student   the teacher depth-pruned by measured block importance (``llm_neo.models.prune.run_prune``):
                  the paper's pruned-student setting
     4. arms      sft, lora, kd and neo on the same data, seed and step budget (``distill(method=m)``),
                  each in its own process so that its peak memory is its own
     5. eval      on the held-out split: exact match of greedy generations (overall and per skill), CE,
                  KL to the teacher and top-1 agreement with it
-    6. report    report.md with a results table and PNG plots, results.json (llm_neo.report)
+    6. report    report.md with a results table and PNG plots, results.json (llm_neo.demo.report)
 
 The settings are the paper's where they apply (kd_ratio 0.5, forward KL, LoRA on every linear layer of
 every block with alpha = 2r, cosine schedule with 10% warm-up, LoRA lr = 10x the full-parameter lr) and
@@ -43,8 +43,8 @@ from typing import Any, Literal
 import torch
 
 from llm_neo import __version__
-from llm_neo.atomic import atomic_directory, atomic_write_json, remove_outputs
 from llm_neo.config import ConfigError, DistillConfig, LoraOptions, _help
+from llm_neo.runtime.atomic import atomic_directory, atomic_write_json, remove_outputs
 
 log = logging.getLogger("llm_neo")
 
@@ -268,8 +268,8 @@ def run_demo(config: DemoConfig) -> int:
     """Run every stage, write the report, print the table and a summary line; return the exit code."""
     from transformers.utils import logging as hf_logging
 
-    from llm_neo.report import format_results_table, write_report
-    from llm_neo.task import TASK_VERSION
+    from llm_neo.demo.report import format_results_table, write_report
+    from llm_neo.demo.task import TASK_VERSION
 
     validate_demo(config)
     settings = resolve_settings(config)
@@ -432,7 +432,7 @@ def _say(message: str) -> None:
 
 def write_task_data(data_dir: Path, settings: DemoSettings, seed: int) -> tuple[Path, Path, Path]:
     """The task's three splits for ``settings`` as JSONL files in ``data_dir``: (train, distill, heldout)."""
-    from llm_neo.task import generate_splits, write_jsonl
+    from llm_neo.demo.task import generate_splits, write_jsonl
 
     splits = generate_splits(
         seed,
@@ -456,7 +456,7 @@ def _clear_output_dir(out: Path) -> None:
 
 def teacher_key(settings: DemoSettings, seed: int) -> str:
     """Hash of everything that determines the teacher's weights; part of its cache directory name."""
-    from llm_neo.task import TASK_VERSION
+    from llm_neo.demo.task import TASK_VERSION
 
     shaping = {
         "task_version": TASK_VERSION,
@@ -485,8 +485,8 @@ def ensure_teacher(
     entry is a standard HF model dir plus ``teacher.json``; it is written atomically, so a killed
     first run leaves no half-written teacher for the next one to trust.
     """
-    from llm_neo.task import task_corpus
-    from llm_neo.tiny import SPECIAL_TOKENS, build_llama, build_tokenizer, save_model
+    from llm_neo.demo.task import task_corpus
+    from llm_neo.models.tiny import SPECIAL_TOKENS, build_llama, build_tokenizer, save_model
 
     key = teacher_key(settings, seed)
     path = cache / f"teacher-{key}"
@@ -578,7 +578,7 @@ def prune_teacher(
     settings: DemoSettings, teacher: str, *, data: Path, output: Path, device: str
 ) -> dict[str, Any]:
     """Depth-prune the teacher to ``keep_layers`` blocks with ``llm-neo prune``'s code."""
-    from llm_neo.prune import PruneConfig, run_prune
+    from llm_neo.models.prune import PruneConfig, run_prune
 
     _say(f"student: pruning the teacher to {settings.keep_layers} of {settings.num_layers} blocks")
     report = run_prune(
@@ -763,7 +763,7 @@ def _context() -> Any:
             from multiprocessing import forkserver
 
             _CONTEXT = multiprocessing.get_context("forkserver")
-            _CONTEXT.set_forkserver_preload(["llm_neo.distill", "llm_neo.demo", "llm_neo.task"])
+            _CONTEXT.set_forkserver_preload(["llm_neo.distill", "llm_neo.demo.run", "llm_neo.demo.task"])
             # OpenMP threads that wait for work sleep instead of spinning: a spinning thread steals the
             # core another process (the other arm, or anything else on a 2-core laptop) needs, which
             # makes multi-threaded small-model training several times slower on a busy machine. Read
@@ -862,11 +862,12 @@ def evaluate_models(
     """Exact match per skill and CE / KL to the teacher / top-1 agreement, for every model, same split.
 
     ``payload``: ``{"models": {name: path}, "teacher": path, "heldout": path, "max_length": int,
-    "device": str}``. Greedy generation renders each prompt exactly as training does (llm_neo.task).
+    "device": str}``. Greedy generation renders each prompt exactly as training does (llm_neo.demo.task).
     """
     from llm_neo.data import load_records, tokenize_records
-    from llm_neo.evaluate import heldout_metrics
-    from llm_neo.models import (
+    from llm_neo.demo.task import exact_match, greedy_answers
+    from llm_neo.eval.metrics import heldout_metrics
+    from llm_neo.models.loading import (
         freeze,
         kd_vocab_size,
         load_model,
@@ -874,7 +875,6 @@ def evaluate_models(
         resolve_device,
         resolve_dtype,
     )
-    from llm_neo.task import exact_match, greedy_answers
 
     device = resolve_device(payload["device"])
     dtype = resolve_dtype("auto", device)
@@ -967,7 +967,7 @@ def planned_peak_mb(
     """
     from transformers import AutoConfig
 
-    from llm_neo.plan import estimate_arm, model_dims
+    from llm_neo.commands.plan import estimate_arm, model_dims
 
     lora = method in ("neo", "lora")
     try:
@@ -1007,7 +1007,7 @@ def collect_results(
 ) -> dict[str, Any]:
     """Everything the report shows, as one JSON-able dict (results.json)."""
     from llm_neo.data import load_records, tokenize_records
-    from llm_neo.models import load_tokenizer, resolve_device, resolve_dtype
+    from llm_neo.models.loading import load_tokenizer, resolve_device, resolve_dtype
 
     dev = resolve_device(config.device)
     compute_bytes = torch.finfo(resolve_dtype("auto", dev)).bits // 8

@@ -12,9 +12,7 @@ import pytest
 import yaml
 
 import llm_neo.distill as recipe
-from llm_neo.config import ConfigError, DistillConfig, build_config
-from llm_neo.distill import TrainingError
-from llm_neo.sweep import (
+from llm_neo.commands.sweep import (
     SweepConfig,
     SweepError,
     default_space,
@@ -22,6 +20,8 @@ from llm_neo.sweep import (
     parse_space,
     sweep,
 )
+from llm_neo.config import ConfigError, DistillConfig, build_config
+from llm_neo.distill import TrainingError
 
 
 @pytest.fixture()

@@ -11,9 +11,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config, Qwen3
 
 from llm_neo.config import ConfigError
 from llm_neo.data import collate, load_records, tokenize_records
-from llm_neo.models import ModelError
-from llm_neo.prune import PruneConfig, block_importance, choose_layers, prune_layers, run_prune
-from llm_neo.tiny import build_llama, save_model
+from llm_neo.models.loading import ModelError
+from llm_neo.models.prune import PruneConfig, block_importance, choose_layers, prune_layers, run_prune
+from llm_neo.models.tiny import build_llama, save_model
 
 CPU = torch.device("cpu")
 

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from llm_neo.atomic import atomic_directory
-from llm_neo.distributed import (
+from llm_neo.runtime.atomic import atomic_directory
+from llm_neo.runtime.distributed import (
     World,
     barrier,
     gather_optimizer,

@@ -55,7 +55,6 @@ from typing import Any, Literal
 
 import yaml
 
-from llm_neo.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text, remove_outputs
 from llm_neo.config import (
     KD_METHODS,
     LORA_METHODS,
@@ -69,6 +68,7 @@ from llm_neo.config import (
     load_yaml,
     validate_distill,
 )
+from llm_neo.runtime.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text, remove_outputs
 
 log = logging.getLogger("llm_neo")
 
@@ -510,8 +510,8 @@ def sweep(
 
     ``on_step`` is passed to every trial's ``distill``; ``on_trial(id, record)`` runs after each trial.
     """
-    from llm_neo.checkpoint import list_checkpoints
     from llm_neo.distill import TrainingError, distill
+    from llm_neo.runtime.checkpoint import list_checkpoints
 
     validate_sweep(config)
     out = Path(config.output).expanduser()

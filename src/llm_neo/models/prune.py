@@ -34,11 +34,18 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from llm_neo import __version__
-from llm_neo.atomic import atomic_directory, atomic_write_json
 from llm_neo.config import ConfigError, _check_data_path, _check_model_path, _help
 from llm_neo.data import collate, load_records, tokenize_records
-from llm_neo.evaluate import format_table
-from llm_neo.models import ModelError, autocast, load_model, load_tokenizer, resolve_device, resolve_dtype
+from llm_neo.eval.metrics import format_table
+from llm_neo.models.loading import (
+    ModelError,
+    autocast,
+    load_model,
+    load_tokenizer,
+    resolve_device,
+    resolve_dtype,
+)
+from llm_neo.runtime.atomic import atomic_directory, atomic_write_json
 
 log = logging.getLogger("llm_neo")
 

@@ -11,7 +11,8 @@ import pytest
 from transformers import AutoConfig
 
 from llm_neo.config import ConfigError, DistillConfig
-from llm_neo.demo import (
+from llm_neo.demo.report import TENSOR_TARGET
+from llm_neo.demo.run import (
     ARMS,
     DEFAULT,
     NUMERIC,
@@ -26,8 +27,7 @@ from llm_neo.demo import (
     training_state_mb,
     validate_demo,
 )
-from llm_neo.report import TENSOR_TARGET
-from llm_neo.task import SKILLS
+from llm_neo.demo.task import SKILLS
 
 
 @pytest.fixture(scope="module")

@@ -39,7 +39,7 @@ from typing import Any, Literal
 
 import torch
 
-from llm_neo.memory import rss_bytes
+from llm_neo.runtime.memory import rss_bytes
 
 __all__ = [
     "ArmEstimate",
@@ -97,7 +97,7 @@ def model_dims(
     """Count a model's parameters from its config, instantiating it on the meta device (no memory)."""
     from transformers import AutoModelForCausalLM
 
-    from llm_neo.lora import default_target_modules
+    from llm_neo.models.lora import default_target_modules
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -394,8 +394,8 @@ def device_memory_bytes(device: str) -> int | None:
 
 
 def _validate(config: PlanConfig) -> None:
+    from llm_neo.commands.shapes import SHAPES
     from llm_neo.config import ConfigError
-    from llm_neo.shapes import SHAPES
 
     p: list[str] = []
     if config.shape is None and not config.student:
@@ -432,7 +432,7 @@ def _validate(config: PlanConfig) -> None:
 
 def plan_rows(config: PlanConfig, *, baseline: int | None = None) -> tuple[list[ArmEstimate], dict[str, Any]]:
     """The estimates for every (method, impl) of ``config``, and the resolved settings they assume."""
-    from llm_neo.shapes import get_shape
+    from llm_neo.commands.shapes import get_shape
 
     _validate(config)
     t_config: Any
@@ -514,7 +514,7 @@ COLUMNS = [
 
 def format_plan(rows: list[ArmEstimate], capacity: int | None) -> str:
     """The plan as a Markdown table (GiB), one row per arm."""
-    from llm_neo.evaluate import format_table
+    from llm_neo.eval.metrics import format_table
 
     columns = [c for c in COLUMNS if c != "process baseline" or any(c in r.components for r in rows)]
     table: dict[str, dict[str, Any]] = {}
@@ -561,7 +561,7 @@ def run_plan(config: PlanConfig) -> int:
             file=sys.stderr,
         )
     if config.json:
-        from llm_neo.atomic import atomic_write_json
+        from llm_neo.runtime.atomic import atomic_write_json
 
         payload = {
             "settings": settings,
@@ -573,7 +573,7 @@ def run_plan(config: PlanConfig) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m llm_neo.plan [flags]`: `llm-neo plan` without the console script."""
+    """`python -m llm_neo.commands.plan [flags]`: `llm-neo plan` without the console script."""
     from llm_neo.cli import main as cli_main
 
     return cli_main(["plan", *(sys.argv[1:] if argv is None else argv)])

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from llm_neo.data import load_records, tokenize_records
-from llm_neo.task import (
+from llm_neo.demo.task import (
     CAPITALS,
     SKILLS,
     TASK_VERSION,
@@ -22,7 +22,7 @@ from llm_neo.task import (
     task_corpus,
     write_task,
 )
-from llm_neo.tiny import SPECIAL_TOKENS, build_llama, build_tokenizer
+from llm_neo.models.tiny import SPECIAL_TOKENS, build_llama, build_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from llm_neo.bench import (
+from llm_neo.commands.bench import (
     BenchConfig,
     RunSpec,
     bench,
@@ -18,7 +18,7 @@ from llm_neo.bench import (
     run_one,
 )
 from llm_neo.config import ConfigError, DistillConfig, add_dataclass_arguments, build_config
-from llm_neo.memory import LiveTensorBytes
+from llm_neo.runtime.memory import LiveTensorBytes
 
 RUNS = ["kd:plain", "kd:chunked", "neo:plain", "neo:chunked", "neo:chunked:16", "sft:plain", "lora:chunked"]
 

@@ -38,8 +38,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from llm_neo.atomic import atomic_write_text
 from llm_neo.data import render_segments
+from llm_neo.runtime.atomic import atomic_write_text
 
 TASK_VERSION = 2  # 2: shorter instructions, count of a, eight capital wordings
 

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from llm_neo.data import Example, collate
 from llm_neo.losses import forward_kl, next_token_targets
-from llm_neo.models import autocast
+from llm_neo.models.loading import autocast
 
 
 def final_hidden_states(
@@ -117,7 +117,7 @@ def run_eval(config: Any) -> dict[str, float]:
     """`llm-neo eval`: load model (and teacher), read the data as `distill` does, compute the metrics."""
     from llm_neo.config import validate_eval
     from llm_neo.data import check_chat_templates, load_records, tokenize_records
-    from llm_neo.models import (
+    from llm_neo.models.loading import (
         check_same_vocabulary,
         freeze,
         kd_vocab_size,

@@ -1,4 +1,5 @@
-"""Invariants of llm_neo.lora: only LoRA trains, merge == adapter model, saved adapters reload exactly."""
+"""Invariants of llm_neo.models.lora: only LoRA trains, merge == adapter model, saved adapters reload
+exactly."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-from llm_neo.lora import (
+from llm_neo.models.lora import (
     LORA_VARIANTS,
     MixedLoraA,
     attach_lora,
@@ -20,7 +21,7 @@ from llm_neo.lora import (
     save_adapter,
     trainable_parameters,
 )
-from llm_neo.tiny import build_llama
+from llm_neo.models.tiny import build_llama
 
 LLAMA_PROJECTIONS = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
 R = 4

@@ -18,7 +18,7 @@ import llm_neo.distill as recipe
 from llm_neo.config import ConfigError, DistillConfig, LoraOptions
 from llm_neo.data import load_records, tokenize_records
 from llm_neo.distill import distill
-from llm_neo.evaluate import heldout_metrics
+from llm_neo.eval.metrics import heldout_metrics
 from llm_neo.losses import (
     DIVERGENCES,
     TopKTargets,
@@ -30,7 +30,7 @@ from llm_neo.losses import (
     reference_topk_divergence,
     topk_divergence,
 )
-from llm_neo.models import freeze, load_model, load_tokenizer
+from llm_neo.models.loading import freeze, load_model, load_tokenizer
 from llm_neo.teacher_cache import (
     CacheError,
     CacheTeacherConfig,
@@ -435,7 +435,7 @@ def test_cache_key_refuses_a_run_it_was_not_made_for(
 
 
 def test_cache_key_checks_the_teacher_when_one_is_given(run_config, cache_dir, models_dir, tokenizer):
-    from llm_neo.tiny import build_llama, save_model
+    from llm_neo.models.tiny import build_llama, save_model
 
     other = save_model(
         build_llama(len(tokenizer), hidden_size=64, num_layers=4, seed=11),
