@@ -91,7 +91,7 @@ def _batches(shapes: Shapes, count: int, seed: int) -> list[dict[str, torch.Tens
 
 def _cached(teacher: Any, batch: dict[str, torch.Tensor], shapes: Shapes) -> dict[str, torch.Tensor]:
     """``batch`` plus what the cache would hold for it (the cache writer's own function, fp16 storage)."""
-    from llm_neo.teacher_cache import teacher_topk
+    from llm_neo.teacher_cache.writer import teacher_topk
 
     t = teacher_topk(
         teacher,
@@ -334,8 +334,9 @@ def _score(models: dict[str, str], setup: dict[str, Any]) -> dict[str, dict[str,
 
 
 def demo_kl(quick: bool, work: Path, teacher_dir: str | None = None) -> dict[str, Any]:
+    from llm_neo.config import CacheTeacherConfig
     from llm_neo.distill import distill
-    from llm_neo.teacher_cache import CacheTeacherConfig, cache_teacher
+    from llm_neo.teacher_cache.writer import cache_teacher
 
     setup = _demo_setup(quick, work, teacher_dir)
     settings = setup["settings"]

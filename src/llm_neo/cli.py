@@ -14,11 +14,10 @@ import sys
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from llm_neo import __version__
-from llm_neo.config import ConfigError, DistillConfig, EvalConfig, add_dataclass_arguments, build_config
+from llm_neo.config import ConfigError, DistillConfig, add_dataclass_arguments, build_config
 
 
 @dataclass(frozen=True)
@@ -56,14 +55,14 @@ summary.json, config.yaml (reproduces the run through --config), checkpoints/ (w
     ),
     "eval": Command(
         "llm_neo.config:EvalConfig",
-        "llm_neo.cli:run_evaluation",
+        "llm_neo.commands.evaluate:run_evaluation",
         "Held-out CE, perplexity, KL to the teacher and top-1 agreement of a model.",
         """examples:
   llm-neo eval --model runs/neo/merged --teacher T_DIR --data heldout.jsonl --json eval.json""",
     ),
     "cache-teacher": Command(
-        "llm_neo.teacher_cache:CacheTeacherConfig",
-        "llm_neo.teacher_cache:run_cache_teacher",
+        "llm_neo.config:CacheTeacherConfig",
+        "llm_neo.commands.cache_teacher:run_cache_teacher",
         "Run the teacher once over the data and store its top-k log-probabilities for later students.",
         """examples:
   llm-neo cache-teacher --teacher T_DIR --data train.jsonl --output cache/ --top-k 64
@@ -84,8 +83,8 @@ base.yaml is a distill config (as for distill --config); space.yaml is `grid: {l
 or `random: {...}` with `trials: N`. Without --space the paper's guidelines give the default space.""",
     ),
     "prune": Command(
-        "llm_neo.models.prune:PruneConfig",
-        "llm_neo.models.prune:run_prune",
+        "llm_neo.commands.prune:PruneConfig",
+        "llm_neo.commands.prune:run_prune",
         "Depth-prune a model: drop the decoder blocks that change their hidden states least.",
         """examples:
   llm-neo prune --model T_DIR --data calib.jsonl --keep-layers 16 --output pruned/
@@ -115,7 +114,7 @@ model dir with its tokenizer and pruning.json (scores, kept and dropped blocks).
 
 def run_distill(config: DistillConfig) -> int:
     from llm_neo.distill import distill
-    from llm_neo.eval.metrics import format_table
+    from llm_neo.report.tables import format_table
 
     summary = distill(config)
     if not summary:  # a rank other than 0 of a distributed run: rank 0 reports
@@ -132,18 +131,6 @@ def run_distill(config: DistillConfig) -> int:
     print(format_table({summary["method"]: row}, list(row)))
     out = summary["config"]["output_dir"]
     print(f"\nmerged model: {out}/merged  (summary.json, metrics.jsonl beside it)")
-    return 0
-
-
-def run_evaluation(config: EvalConfig) -> int:
-    from llm_neo.eval.metrics import format_table, run_eval
-    from llm_neo.runtime.atomic import atomic_write_json
-
-    metrics = run_eval(config)
-    print(format_table({config.model: metrics}, list(metrics)))
-    if config.json:
-        atomic_write_json(Path(config.json), metrics)
-        print(f"\nmetrics written to {config.json}")
     return 0
 
 

@@ -35,6 +35,8 @@ MLP_CHUNKS_HELP = (
 )
 # Liger-Kernel's fused distillation loss is a generalized JSD: beta 0 and 1 are forward and reverse KL.
 LIGER_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+# Storage dtypes of a teacher cache's log-probs.
+LOGPROB_DTYPE_NAMES = ("float16", "bfloat16", "float32")
 
 # The paper's learning-rate guideline: LoRA arms use 10x the full-parameter rate.
 FULL_PARAMETER_LR = 2e-5
@@ -528,3 +530,86 @@ def dump_yaml(config: Any, path: str | Path) -> None:
     from llm_neo.runtime.atomic import atomic_write_text
 
     atomic_write_text(Path(path), yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+@dataclass
+class CacheTeacherConfig:
+    """`llm-neo cache-teacher`: run the teacher once over the data and store its top-k log-probs."""
+
+    teacher: str = field(default="", metadata=_help("Teacher model: a local HF model dir or a hub id."))
+    data: str = field(
+        default="",
+        metadata=_help("Data to cache, in any format `distill` reads (the file you will distill on)."),
+    )
+    output: str = field(default="", metadata=_help("Cache directory to write (or to resume)."))
+    tokenizer: str | None = field(
+        default=None,
+        metadata=_help(
+            "Model dir whose tokenizer and chat template tokenize the data, as the student's do in "
+            "distill. Default: the teacher's. Give the student here if its tokenizer or template "
+            "files differ from the teacher's (the cache key records them)."
+        ),
+    )
+    top_k: int = field(
+        default=64,
+        metadata=_help("Teacher tokens kept per position (the rest is one tail bucket); ~6·k+2 bytes/token."),
+    )
+    temperature: float = field(
+        default=1.0,
+        metadata=_help("Temperature T of the stored log-probs; distill must use the same --temperature."),
+    )
+    max_length: int = field(default=2048, metadata=_help("Truncate each sample to this many tokens."))
+    train_on_prompt: bool = field(
+        default=False, metadata=_help("Cache prompt positions too (for distill --train-on-prompt).")
+    )
+    batch_size: int = field(default=8, metadata=_help("Samples per teacher forward pass."))
+    shard_size: int = field(default=1024, metadata=_help("Examples per shard file (the unit of resumption)."))
+    logprob_dtype: Literal["float16", "bfloat16", "float32"] = field(
+        default="float16",
+        metadata=_help("Storage dtype of the log-probs and the tail (computed in float32 either way)."),
+    )
+    chunk_size: int = field(
+        default=1024, metadata=_help("Tokens per chunk of the teacher's lm_head (bounds logits memory).")
+    )
+    device: str = field(default="auto", metadata=_help("auto, cpu, cuda or cuda:N."))
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
+        default="auto",
+        metadata=_help("Compute dtype of the teacher. auto: bfloat16 on GPUs that support it, else float32."),
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata=_help("Allow model/tokenizer code from the model dir (off: never run it).")
+    )
+    allow_pickle_weights: bool = field(
+        default=False,
+        metadata=_help("Allow loading .bin/.pt (pickle) weights; by default only safetensors are loaded."),
+    )
+    overwrite: bool = field(
+        default=False,
+        metadata=_help("Replace a cache in --output made for other inputs (same inputs: it is resumed)."),
+    )
+
+
+def validate_cache_teacher(config: CacheTeacherConfig) -> None:
+    c = config
+    p: list[str] = []
+    if not c.teacher:
+        p.append("--teacher is required (a model directory or hub id)")
+    _check_model_path(p, "teacher", c.teacher)
+    _check_model_path(p, "tokenizer", c.tokenizer)
+    _check_data_path(p, c.data)
+    if not c.output:
+        p.append("--output is required (the cache directory to write)")
+    for name, value, ok, rule in [
+        ("top-k", c.top_k, c.top_k >= 1, ">= 1"),
+        ("temperature", c.temperature, c.temperature > 0 and math.isfinite(c.temperature), "> 0"),
+        ("max-length", c.max_length, c.max_length >= 2, ">= 2"),
+        ("batch-size", c.batch_size, c.batch_size >= 1, ">= 1"),
+        ("shard-size", c.shard_size, c.shard_size >= 1, ">= 1"),
+        ("chunk-size", c.chunk_size, c.chunk_size >= 1, ">= 1"),
+    ]:
+        if not ok:
+            p.append(f"--{name}: {value} is out of range; it must be {rule}")
+    if c.logprob_dtype not in LOGPROB_DTYPE_NAMES:
+        p.append(f"--logprob-dtype: {c.logprob_dtype!r} is not one of {', '.join(LOGPROB_DTYPE_NAMES)}")
+    if p:
+        raise ConfigError(p)

@@ -34,7 +34,7 @@ from transformers import set_seed as hf_set_seed
 from llm_neo import __version__
 from llm_neo.config import DistillConfig, dump_yaml, load_yaml, to_dict, validate_distill
 from llm_neo.data import Example, check_chat_templates, collate, load_records, split_heldout, tokenize_records
-from llm_neo.eval.metrics import final_hidden_states, heldout_metrics
+from llm_neo.eval.metrics import cached_heldout_metrics, heldout_metrics
 from llm_neo.losses import (
     LossParts,
     cached_distill_loss,
@@ -49,11 +49,15 @@ from llm_neo.models.loading import (
     autocast,
     check_same_vocabulary,
     enable_checkpointing,
+    final_hidden_states,
     freeze,
     kd_vocab_size,
+    lm_head,
     load_model,
     load_tokenizer,
+    logit_softcap,
     logit_width,
+    published_dtype,
     resolve_device,
     resolve_dtype,
 )
@@ -75,15 +79,8 @@ from llm_neo.runtime.distributed import (
     sync_whole_grads,
 )
 from llm_neo.runtime.memory import LiveTensorBytes, peak_memory_gb
-from llm_neo.teacher_cache import (
-    TeacherCache,
-    batch_targets,
-    cached_heldout_metrics,
-    check_key,
-    open_cache,
-    run_key,
-    unpack_targets,
-)
+from llm_neo.teacher_cache.key import check_key, run_key
+from llm_neo.teacher_cache.store import TeacherCache, batch_targets, open_cache, unpack_targets
 
 log = logging.getLogger("llm_neo")
 
@@ -171,7 +168,9 @@ def distill(config: DistillConfig, *, on_step: StepCallback | None = None) -> di
                 allow_pickle_weights=config.allow_pickle_weights,
             )
         )
-    export_dtype = _published_dtype(config.student, config.trust_remote_code)
+    export_dtype = published_dtype(
+        AutoConfig.from_pretrained(config.student, trust_remote_code=config.trust_remote_code)
+    )
     student, base_parameters = _build_student(config, dtype, device)
     vocab = kd_vocab_size(tokenizer, student, teacher) if teacher is not None else None
     if cache is not None and config.uses_kd:
@@ -596,15 +595,6 @@ def _diff_keys(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> set[st
     return keys
 
 
-def _published_dtype(path: str, trust_remote_code: bool) -> torch.dtype:
-    """The dtype the student was published in, so the export is a drop-in replacement for it."""
-    hf_config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype, None)
-    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
-
-
 def _truncate_metrics(path: Path, step: int) -> None:
     """On resume, forget records past the checkpoint so the file ends as an uninterrupted run's would."""
     if not path.exists():
@@ -762,7 +752,7 @@ def micro_batch_loss(
             return cached_distill_loss(logits[trained], targets[trained], cached, **common)  # type: ignore[arg-type]
         with autocast(device, dtype):
             hidden = final_hidden_states(student, input_ids, attention_mask)[trained]  # [N, H_s]
-            head, bias = _head(student)
+            head, bias = lm_head(student)
             return chunked_cached_distill_loss(
                 hidden,
                 head,
@@ -771,7 +761,7 @@ def micro_batch_loss(
                 **common,  # type: ignore[arg-type]
                 chunk_size=loss.chunk_size,
                 student_bias=bias,
-                student_softcap=_softcap(student),
+                student_softcap=logit_softcap(student),
             )
     if loss.impl == "plain":
         with autocast(device, dtype):
@@ -795,9 +785,9 @@ def micro_batch_loss(
         assert teacher is not None
         with torch.inference_mode(), autocast(device, dtype):
             teacher_hidden = final_hidden_states(teacher, input_ids, attention_mask)[trained]  # [N, H_t]
-        teacher_head, teacher_bias = _head(teacher)
-    student_head, student_bias = _head(student)
-    if loss.impl == "liger" and use_teacher and (_softcap(student) or _softcap(teacher)):
+        teacher_head, teacher_bias = lm_head(teacher)
+    student_head, student_bias = lm_head(student)
+    if loss.impl == "liger" and use_teacher and (logit_softcap(student) or logit_softcap(teacher)):
         raise ValueError(
             "--loss-impl liger: these models soft-cap their final logits, which Liger's fused loss does "
             "not; use --loss-impl chunked"
@@ -814,20 +804,9 @@ def micro_batch_loss(
         return chunked_distill_loss(
             *inputs,
             **options,
-            student_softcap=_softcap(student),
-            teacher_softcap=_softcap(teacher) if use_teacher else None,
+            student_softcap=logit_softcap(student),
+            teacher_softcap=logit_softcap(teacher) if use_teacher else None,
         )
-
-
-def _head(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    head = model.get_output_embeddings()  # type: ignore[operator]
-    return head.weight, getattr(head, "bias", None)
-
-
-def _softcap(model: torch.nn.Module | None) -> float | None:
-    """Gemma-style final logit soft-capping, which the chunked path must apply as the model's forward does."""
-    config = getattr(model, "config", None)
-    return getattr(config, "final_logit_softcapping", None) if config is not None else None
 
 
 def _last_good(checkpoints: Path) -> str:

@@ -17,17 +17,17 @@ from llm_neo.demo.run import (
     DEFAULT,
     NUMERIC,
     DemoConfig,
-    DemoError,
-    Job,
     _clear_output_dir,
+    distill_job,
+    rerun_command,
     resolve_settings,
     run_demo,
-    run_jobs,
     teacher_key,
     training_state_mb,
     validate_demo,
 )
 from llm_neo.demo.task import SKILLS
+from llm_neo.runtime.workers import Job, WorkerError, run_jobs
 
 
 @pytest.fixture(scope="module")
@@ -165,8 +165,10 @@ def test_a_failing_job_names_its_log_and_how_to_rerun(tmp_path):
         output_dir=str(tmp_path / "arm"),
     )
     log = tmp_path / "arm.log"
-    with pytest.raises(DemoError) as failure:
-        run_jobs([Job("sft/0", "distill", bad, 3, log)], parallel=1, threads=1, desc="arms")
+    with pytest.raises(WorkerError) as failure:
+        run_jobs(
+            [Job("sft/0", distill_job, bad, 3, log, rerun_command(bad))], parallel=1, threads=1, desc="arms"
+        )
     message = str(failure.value)
     assert "sft/0 failed" in message and str(log) in message and "configuration problem" in message
     assert "llm-neo distill --config" in message

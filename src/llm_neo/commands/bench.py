@@ -39,6 +39,7 @@ import torch
 
 from llm_neo.config import MLP_CHUNKS_HELP
 from llm_neo.runtime.memory import LiveTensorBytes, peak_rss_bytes, rss_bytes
+from llm_neo.runtime.workers import load_average
 
 __all__ = [
     "BenchConfig",
@@ -648,14 +649,6 @@ def _git_commit() -> str | None:
         return None
 
 
-def _load_average() -> float | None:
-    """The 1-minute load average: how busy the machine was (CPU timings depend on it)."""
-    try:
-        return round(os.getloadavg()[0], 2)
-    except OSError:
-        return None
-
-
 def bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
     """Run every run of ``config`` and return the report (a JSON-able dict)."""
     from tqdm.auto import tqdm
@@ -693,7 +686,7 @@ def bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
         )
         for method, impl, chunk in runs
     ]
-    load_start = _load_average()
+    load_start = load_average()
     date = dt.date.today().isoformat()
     label = config.label or f"{config.shape}-{date}"
     partial = Path(config.output) / f"{label}.runs.jsonl" if config.output else None
@@ -750,7 +743,7 @@ def bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
         "versions": _versions(),
         "git_commit": _git_commit(),
         "settings": settings,
-        "load_average": {"start": load_start, "end": _load_average(), "cpus": os.cpu_count()},
+        "load_average": {"start": load_start, "end": load_average(), "cpus": os.cpu_count()},
         "peak_kind": next((x["peak_kind"] for x in results if x.get("peak_kind")), None),
         "results": results,
         "targets": check_targets(results, settings),

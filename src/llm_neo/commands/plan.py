@@ -514,7 +514,7 @@ COLUMNS = [
 
 def format_plan(rows: list[ArmEstimate], capacity: int | None) -> str:
     """The plan as a Markdown table (GiB), one row per arm."""
-    from llm_neo.eval.metrics import format_table
+    from llm_neo.report.tables import format_table
 
     columns = [c for c in COLUMNS if c != "process baseline" or any(c in r.components for r in rows)]
     table: dict[str, dict[str, Any]] = {}

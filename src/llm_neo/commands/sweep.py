@@ -424,7 +424,8 @@ def _with_shared_cache(
     """``config`` with ``teacher_cache`` pointing at the sweep's shared cache (built on first use)."""
     if not (sweep.cache_teacher and config.uses_kd and config.teacher and not config.teacher_cache):
         return config
-    from llm_neo.teacher_cache import CacheTeacherConfig, cache_teacher
+    from llm_neo.config import CacheTeacherConfig
+    from llm_neo.teacher_cache.writer import cache_teacher
 
     group = _cache_group(config)
     name = hashlib.sha256(json.dumps(group, sort_keys=True).encode()).hexdigest()[:10]

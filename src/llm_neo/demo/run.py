@@ -5,7 +5,7 @@ Top to bottom, every stage through the same code a user's run takes:
     1. task      the built-in task's train.jsonl / heldout.jsonl (llm_neo.demo.task), ordinary Alpaca JSONL
     2. teacher   a small Llama with its own character-level tokenizer, trained from a random init on the
                  task (``distill(method="sft")``), cached under a key of everything that shapes it
-    3. student   the teacher depth-pruned by measured block importance (``llm_neo.models.prune.run_prune``):
+    3. student   the teacher depth-pruned by measured block importance (``llm_neo.commands.prune.run_prune``):
                  the paper's pruned-student setting
     4. arms      sft, lora, kd and neo on the same data, seed and step budget (``distill(method=m)``),
                  each in its own process so that its peak memory is its own
@@ -25,32 +25,29 @@ import dataclasses
 import hashlib
 import json
 import logging
-import multiprocessing
 import os
-import queue
-import resource
 import shutil
 import statistics
-import sys
 import time
-import traceback
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from llm_neo import __version__
 from llm_neo.config import ConfigError, DistillConfig, LoraOptions, _help
 from llm_neo.runtime.atomic import atomic_directory, atomic_write_json, remove_outputs
+from llm_neo.runtime.workers import Job, Report, available_cores, load_average, run_jobs
 
 log = logging.getLogger("llm_neo")
 
 ARMS = ("sft", "lora", "kd", "neo")
-# --exact-memory: glibc serves blocks from 64 KB up with mmap (see _set_mmap_threshold).
+# --exact-memory: glibc serves blocks from 64 KB up with mmap (see llm_neo.runtime.memory.set_mmap_threshold).
 EXACT_MEMORY_MMAP_THRESHOLD = 64 * 1024
+# What the worker processes import once, before the first job.
+PRELOAD = ("llm_neo.distill", "llm_neo.demo.run", "llm_neo.demo.task")
 # What a demo writes in its output directory (and replaces on the next run).
 OUTPUTS = ("data", "student", "arms", "plots", "report.md", "results.json")
 # Per-run results that the report aggregates over seeds (mean, std, min, max).
@@ -280,7 +277,7 @@ def run_demo(config: DemoConfig) -> int:
     cache = Path(config.cache_dir).expanduser() if config.cache_dir else default_cache_dir()
     device = config.device
     parallel, threads = _resources(config)
-    loads = [_load_average()]  # sampled at each stage
+    loads = [load_average()]  # sampled at each stage
     timing: dict[str, float] = {}
     cpu_s: dict[str, float] = {}  # CPU seconds of the worker processes, per stage
     seeds = [config.seed + k for k in range(settings.seeds)]
@@ -303,7 +300,7 @@ def run_demo(config: DemoConfig) -> int:
         settings, seed=config.seed, data=train_path, cache=cache, device=device, threads=parallel * threads
     )
     timing["teacher_s"] = time.perf_counter() - t0
-    loads.append(_load_average())
+    loads.append(load_average())
 
     # --- 3. The student: the teacher, depth-pruned by measured block importance.
     t0 = time.perf_counter()
@@ -328,18 +325,14 @@ def run_demo(config: DemoConfig) -> int:
                 output_dir=out / "arms" / f"{method}-seed{seed}",
                 device=device,
             )
+            log_file = out / "arms" / f"{method}-seed{seed}.log"
             jobs.append(
-                Job(
-                    f"{method}/{seed}",
-                    "distill",
-                    arm,
-                    settings.arm_steps,
-                    out / "arms" / f"{method}-seed{seed}.log",
-                )
+                Job(f"{method}/{seed}", distill_job, arm, settings.arm_steps, log_file, rerun_command(arm))
             )
     summaries, cpu_s["arms"] = run_jobs(
         jobs,
         parallel=parallel,
+        preload=PRELOAD,
         threads=threads,
         desc="arms",
         mmap_threshold=EXACT_MEMORY_MMAP_THRESHOLD if config.exact_memory else 0,
@@ -349,7 +342,7 @@ def run_demo(config: DemoConfig) -> int:
         for job, summary in zip(jobs, summaries, strict=True)
     ]
     timing["arms_s"] = time.perf_counter() - t0
-    loads.append(_load_average())
+    loads.append(load_average())
 
     # --- 5. Held-out evaluation of every model on the same split, shared among `parallel` processes.
     t0 = time.perf_counter()
@@ -365,7 +358,7 @@ def run_demo(config: DemoConfig) -> int:
         [
             Job(
                 f"eval{k}",
-                "eval",
+                eval_job,
                 {
                     "models": {n: models[n] for n in share},
                     "teacher": teacher["path"],
@@ -379,6 +372,7 @@ def run_demo(config: DemoConfig) -> int:
             for k, share in enumerate(shares)
         ],
         parallel=parallel,
+        preload=PRELOAD,
         threads=threads,
         desc="evaluating",
     )
@@ -409,11 +403,11 @@ def run_demo(config: DemoConfig) -> int:
     results["timing"] = timing
     results["cpu_s"] = cpu_s
     results["resources"] = {
-        "cores": _cores(),
+        "cores": available_cores(),
         "parallel": parallel,
         "threads_per_job": threads,
         # Other processes' load stretches every time above; the report says so when it was high.
-        "load_average_1min": [x for x in [*loads, _load_average()] if x is not None],
+        "load_average_1min": [x for x in [*loads, load_average()] if x is not None],
     }
     report_path = write_report(results, out)
     print()
@@ -534,9 +528,13 @@ def ensure_teacher(
         log_every=max(1, settings.teacher_steps // 200),
         device=device,
     )
+    job = Job(
+        "teacher", distill_job, train, settings.teacher_steps, work / "teacher.log", rerun_command(train)
+    )
     (summary,), cpu = run_jobs(
-        [Job("teacher", "distill", train, settings.teacher_steps, work / "teacher.log")],
+        [job],
         parallel=1,
+        preload=PRELOAD,
         threads=threads,
         desc="teacher",
     )
@@ -578,7 +576,7 @@ def prune_teacher(
     settings: DemoSettings, teacher: str, *, data: Path, output: Path, device: str
 ) -> dict[str, Any]:
     """Depth-prune the teacher to ``keep_layers`` blocks with ``llm-neo prune``'s code."""
-    from llm_neo.models.prune import PruneConfig, run_prune
+    from llm_neo.commands.prune import PruneConfig, run_prune
 
     _say(f"student: pruning the teacher to {settings.keep_layers} of {settings.num_layers} blocks")
     report = run_prune(
@@ -644,210 +642,26 @@ def arm_config(
     )
 
 
-# ------------------------------------------------------------------------------------------------
-# Worker processes: the teacher's training, the arms and the evaluation run in children of a forkserver.
+def distill_job(config: DistillConfig, report: Report) -> Any:
+    """A worker's distill run, reporting each optimizer step and its loss."""
+    from llm_neo.distill import distill
+
+    return distill(config, on_step=lambda step, metrics: report(step, metrics["loss"]))
 
 
-@dataclass
-class Job:
-    """One unit of work for a worker process: a distill run or the evaluation of some models."""
-
-    name: str
-    kind: Literal["distill", "eval"]
-    payload: Any
-    units: int  # progress units it reports (optimizer steps, or models evaluated)
-    log: Path  # the child's stdout and stderr
+def eval_job(payload: dict[str, Any], report: Report) -> Any:
+    """A worker's evaluation of some models, reporting each model done."""
+    return evaluate_models(payload, on_model=lambda n: report(n, None))
 
 
-def run_jobs(
-    jobs: list[Job], *, parallel: int, threads: int, desc: str, mmap_threshold: int = 0
-) -> tuple[list[Any], float]:
-    """Run ``jobs``, ``parallel`` at a time, each in its own process with ``threads`` torch threads.
-
-    Why processes: on CPU a run's peak memory is its process's peak resident set, a high-water mark
-    that never goes down, so each arm needs a process of its own for its number to be its own. Why two
-    at a time on two cores, one thread each: the models are small, so one thread keeps a core busy, and
-    two single-threaded runs use both cores fully without the synchronisation a two-thread run pays at
-    every small operation (which, on a machine with any other load, makes it several times slower).
-    Children fork from a server that has already imported torch and transformers, so each starts in a
-    fraction of a second rather than paying the ~5 s import again.
-
-    ``mmap_threshold`` > 0 sets glibc's M_MMAP_THRESHOLD in the children (see ``DemoConfig.exact_memory``).
-    One progress bar counts every job's units; a failing job stops the others and raises DemoError
-    naming its log. Returns the jobs' results in order, and the CPU seconds the jobs used together.
-    """
-    from tqdm.auto import tqdm
-
-    ctx = _context()
-    messages = ctx.Queue()
-    results: list[Any] = [None] * len(jobs)
-    cpu_seconds = 0.0
-    reported = [0] * len(jobs)
-    status: dict[int, str] = {}
-    running: dict[int, Any] = {}
-    pending = list(range(len(jobs)))
-    bar = tqdm(total=sum(j.units for j in jobs), desc=desc, unit="step", dynamic_ncols=True, disable=None)
-
-    def advance(i: int, units: int) -> None:
-        bar.update(units - reported[i])
-        reported[i] = units
-
-    try:
-        while pending or running:
-            while pending and len(running) < parallel:
-                i = pending.pop(0)
-                jobs[i].log.parent.mkdir(parents=True, exist_ok=True)
-                process = ctx.Process(
-                    target=_worker,
-                    args=(
-                        i,
-                        jobs[i].kind,
-                        jobs[i].payload,
-                        threads,
-                        mmap_threshold,
-                        str(jobs[i].log),
-                        messages,
-                    ),
-                    name=f"llm-neo-{jobs[i].name}",
-                    daemon=True,
-                )
-                process.start()
-                running[i] = process
-                status[i] = jobs[i].name
-            try:
-                kind, i, *rest = messages.get(timeout=1.0)
-            except queue.Empty:
-                for i, process in running.items():
-                    if not process.is_alive():  # died without a word: killed, out of memory, crashed
-                        raise DemoError(_failure(jobs[i], f"exit code {process.exitcode}")) from None
-                continue
-            if kind == "step":
-                units, loss = rest
-                advance(i, units)
-                status[i] = f"{jobs[i].name} {loss:.3f}" if loss is not None else jobs[i].name
-                bar.set_postfix_str(" | ".join(status.values()), refresh=False)
-            elif kind == "done":
-                results[i], cpu = rest
-                cpu_seconds += cpu
-                advance(i, jobs[i].units)
-                running.pop(i).join()
-                status.pop(i, None)
-            else:
-                raise DemoError(_failure(jobs[i], rest[0]))
-    finally:
-        for process in running.values():
-            process.terminate()
-            process.join()
-        bar.close()
-    return results, cpu_seconds
-
-
-def _failure(job: Job, error: str) -> str:
-    tail = job.log.read_text(errors="replace").strip().splitlines()[-15:] if job.log.is_file() else []
-    rerun = ""
-    if job.kind == "distill":
-        out = Path(str(job.payload.output_dir))
-        rerun = f"; rerun it alone with: llm-neo distill --config {out / 'config.yaml'} --overwrite"
-    return f"{job.name} failed: {error}. Its log is {job.log}{rerun}" + (
-        "\n  " + "\n  ".join(tail) if tail else ""
-    )
-
-
-_CONTEXT: Any = None
-
-
-def _context() -> Any:
-    global _CONTEXT
-    if _CONTEXT is None:
-        if "forkserver" in multiprocessing.get_all_start_methods():
-            from multiprocessing import forkserver
-
-            _CONTEXT = multiprocessing.get_context("forkserver")
-            _CONTEXT.set_forkserver_preload(["llm_neo.distill", "llm_neo.demo.run", "llm_neo.demo.task"])
-            # OpenMP threads that wait for work sleep instead of spinning: a spinning thread steals the
-            # core another process (the other arm, or anything else on a 2-core laptop) needs, which
-            # makes multi-threaded small-model training several times slower on a busy machine. Read
-            # once, when the server loads torch; the caller's own environment is left as it was.
-            saved = os.environ.get("OMP_WAIT_POLICY")
-            os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-            try:
-                forkserver.ensure_running()
-            finally:
-                if saved is None:
-                    del os.environ["OMP_WAIT_POLICY"]
-        else:  # Windows: spawn (each job pays the import)
-            _CONTEXT = multiprocessing.get_context("spawn")
-    return _CONTEXT
-
-
-def _worker(
-    index: int, kind: str, payload: Any, threads: int, mmap_threshold: int, log_path: str, messages: Any
-) -> None:
-    """The child: its output goes to its log (the parent draws the progress), its results to the queue."""
-    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    os.dup2(log_fd, 1)
-    os.dup2(log_fd, 2)
-    torch.set_num_threads(threads)
-    if mmap_threshold:
-        _set_mmap_threshold(mmap_threshold)
-    logging.basicConfig(level=logging.INFO, format="[llm-neo] %(message)s", stream=sys.stderr, force=True)
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-    try:
-        if kind == "distill":
-            from llm_neo.distill import distill
-
-            def on_step(step: int, metrics: dict[str, float]) -> None:
-                messages.put(("step", index, step, metrics["loss"]))
-
-            result: Any = distill(payload, on_step=on_step)
-        else:
-            result = evaluate_models(payload, on_model=lambda n: messages.put(("step", index, n, None)))
-        usage = resource.getrusage(resource.RUSAGE_SELF)  # a forked child's counters start at zero
-        messages.put(("done", index, result, usage.ru_utime + usage.ru_stime))
-    except BaseException as err:
-        traceback.print_exc()
-        messages.put(("error", index, f"{type(err).__name__}: {err}"))
-        messages.close()
-        messages.join_thread()  # the message must leave before the process does
-        raise SystemExit(1) from err
-
-
-def _set_mmap_threshold(nbytes: int) -> None:
-    """glibc: serve blocks of ``nbytes`` or more with mmap, so that freeing them returns the memory.
-
-    By default glibc keeps freed blocks in the heap for reuse, and a process that allocates many
-    differently sized tensors (the LoRA arms' small adapter products among them) fragments it: its peak
-    resident set then exceeds its peak live memory by tens of MB, more than the methods differ by at
-    the demo's scale. Every such allocation then costs a system call and fresh page faults, hence slower.
-    """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name or "libc.so.6")
-        ok = libc.mallopt(-3, nbytes)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):  # not glibc (macOS, musl): keep the default allocator
-        ok = 0
-    if not ok:
-        logging.getLogger("llm_neo").warning("--exact-memory: not a glibc system, peak RSS is as measured")
-
-
-def _load_average() -> float | None:
-    try:
-        return os.getloadavg()[0]
-    except (AttributeError, OSError):  # not available on this platform
-        return None
-
-
-def _cores() -> int:
-    """CPU cores this process may run on (its affinity mask, where the platform has one)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+def rerun_command(config: DistillConfig) -> str:
+    """How to rerun a failed arm alone, from its own config.yaml."""
+    return f"llm-neo distill --config {Path(str(config.output_dir)) / 'config.yaml'} --overwrite"
 
 
 def _resources(config: DemoConfig) -> tuple[int, int]:
     """``(parallel, threads)`` for the arms and the evaluation: see run_jobs."""
-    cores = _cores()
+    cores = available_cores()
     parallel = max(1, min(config.jobs or 2, cores))
     return parallel, max(1, cores // parallel)
 
@@ -865,7 +679,8 @@ def evaluate_models(
     "device": str}``. Greedy generation renders each prompt exactly as training does (llm_neo.demo.task).
     """
     from llm_neo.data import load_records, tokenize_records
-    from llm_neo.demo.task import exact_match, greedy_answers
+    from llm_neo.demo.task import exact_match
+    from llm_neo.eval.generate import greedy_answers
     from llm_neo.eval.metrics import heldout_metrics
     from llm_neo.models.loading import (
         freeze,

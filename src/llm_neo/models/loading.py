@@ -12,7 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 from transformers.utils import logging as hf_logging
 
 
@@ -177,3 +183,39 @@ def kd_vocab_size(
                 "embedding table is too small for this tokenizer (resize it or use the matching tokenizer)"
             )
     return size
+
+
+def final_hidden_states(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """[B, T, H] hidden states after the final norm: the lm_head's input (works through PEFT wrappers)."""
+    decoder = model.get_decoder()  # type: ignore[operator]
+    return decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+
+def model_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The model's lm_head on ``hidden`` [n, H] -> [n, V], with Gemma-style soft-capping where configured."""
+    logits = model.get_output_embeddings()(hidden)  # type: ignore[operator]
+    cap = logit_softcap(model)
+    return cap * torch.tanh(logits / cap) if cap else logits
+
+
+def lm_head(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The lm_head's weight [V, H] and bias [V] (None without one): what the chunked loss multiplies."""
+    head = model.get_output_embeddings()  # type: ignore[operator]
+    return head.weight, getattr(head, "bias", None)
+
+
+def logit_softcap(model: torch.nn.Module | None) -> float | None:
+    """Gemma-style final logit soft-capping, which the chunked path must apply as the model's forward does."""
+    config = getattr(model, "config", None)
+    return getattr(config, "final_logit_softcapping", None) if config is not None else None
+
+
+def published_dtype(hf_config: PretrainedConfig) -> torch.dtype:
+    """The dtype the weights were published in (fp32 when the config does not say): what a saved student
+    is cast back to, so it is a drop-in replacement for the original."""
+    dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32

@@ -1,0 +1,27 @@
+"""`llm-neo cache-teacher`: write (or finish) a teacher cache and print what it holds."""
+
+from __future__ import annotations
+
+from llm_neo.config import CacheTeacherConfig
+from llm_neo.report.tables import format_table
+from llm_neo.teacher_cache.writer import cache_teacher
+
+
+def run_cache_teacher(config: CacheTeacherConfig) -> int:
+    """`llm-neo cache-teacher`: write the cache and print what it holds."""
+    manifest = cache_teacher(config)
+    row = {
+        "examples": manifest["num_examples"],
+        "tokens": manifest["num_positions"],
+        "shards": len(manifest["shards"]),
+        "top_k": manifest["top_k"],
+        "MB": manifest["bytes"] / 1e6,
+        "bytes/token": manifest["bytes_per_token"],
+        "tokens/s": manifest["stats"]["tokens_per_s"],
+    }
+    print(format_table({str(config.output): row}, list(row)))
+    print(
+        f"\ntrain from it: llm-neo distill --teacher-cache {config.output} --temperature "
+        f"{config.temperature:g} --max-length {config.max_length} --data {config.data} ..."
+    )
+    return 0

@@ -1,0 +1,1 @@
+"""What people read: tables, and (for the comparison and the demo) reports. Import from the submodules."""

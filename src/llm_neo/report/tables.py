@@ -1,0 +1,26 @@
+"""Markdown tables, the format every command prints its results in."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def format_table(rows: dict[str, dict[str, Any]], columns: list[str]) -> str:
+    """A Markdown table: one row per named result, one column per metric (missing cells blank)."""
+    header = "| | " + " | ".join(columns) + " |"
+    rule = "|---|" + "---|" * len(columns)
+    lines = [header, rule]
+    for name, values in rows.items():
+        cells = [_cell(values.get(c)) for c in columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)

@@ -1,0 +1,351 @@
+"""Writing a cache: the teacher's top-k targets, shard by shard, atomically and resumably."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as save_safetensors
+from tqdm.auto import tqdm
+
+from llm_neo import __version__
+from llm_neo.config import CacheTeacherConfig, ConfigError, validate_cache_teacher
+from llm_neo.data import Example, collate
+from llm_neo.losses import IGNORE_INDEX, TopKTargets, next_token_targets
+from llm_neo.runtime.atomic import atomic_write_json
+from llm_neo.teacher_cache.key import key_differences, key_digest, run_key
+from llm_neo.teacher_cache.store import FORMAT, KEY_FILE, LOGPROB_DTYPES, MANIFEST, VERSION, CacheError
+
+log = logging.getLogger("llm_neo")
+
+
+def teacher_topk(
+    teacher: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    *,
+    vocab_size: int,
+    top_k: int,
+    temperature: float,
+    device: torch.device,
+    dtype: torch.dtype,
+    chunk_size: int = 1024,
+) -> TopKTargets:
+    """The teacher's top-k targets at the trained positions of a collated batch (row-major), in fp32.
+
+    The lm_head runs chunk by chunk of tokens, so no [tokens, V] logits exist for the batch.
+    """
+    from llm_neo.models.loading import autocast, final_hidden_states, model_logits
+
+    input_ids = batch["input_ids"].to(device)
+    attention_mask = batch["attention_mask"].to(device)
+    trained = next_token_targets(batch["labels"]).to(device) != IGNORE_INDEX  # [B, T]
+    ids, log_probs, tails = [], [], []
+    with torch.inference_mode():
+        with autocast(device, dtype):
+            hidden = final_hidden_states(teacher, input_ids, attention_mask)[trained]  # [N, H]
+        for start in range(0, hidden.shape[0], chunk_size):
+            with autocast(device, dtype):
+                logits = model_logits(teacher, hidden[start : start + chunk_size])  # [C, V_t]
+            log_p = torch.log_softmax(logits.float()[:, :vocab_size] / temperature, dim=-1)  # [C, V]
+            top_values, top_ids = log_p.topk(top_k, dim=-1)  # [C, k], most probable first
+            rest = log_p.scatter(-1, top_ids, float("-inf"))  # [C, V]: the columns outside the top-k
+            ids.append(top_ids.to(torch.int32))
+            log_probs.append(top_values)
+            tails.append(torch.logsumexp(rest, dim=-1))  # [C]; -inf when k == V
+    if not ids:
+        return TopKTargets(torch.zeros(0, top_k, dtype=torch.int32), torch.zeros(0, top_k), torch.zeros(0))
+    return TopKTargets(torch.cat(ids).cpu(), torch.cat(log_probs).cpu(), torch.cat(tails).cpu())
+
+
+def _shard_tensors(
+    teacher: torch.nn.Module,
+    examples: Sequence[Example],
+    *,
+    config: CacheTeacherConfig,
+    pad_token_id: int,
+    vocab_size: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    on_tokens: Callable[[int], None],
+) -> dict[str, torch.Tensor]:
+    """The tensors of one shard: the examples' targets, concatenated in example order."""
+    # Longest first, so a batch pads little; the results go back to example order.
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
+    per_example: dict[int, TopKTargets] = {}
+    for start in range(0, len(order), config.batch_size):
+        chosen = order[start : start + config.batch_size]
+        batch = collate([examples[i] for i in chosen], pad_token_id)
+        targets = teacher_topk(
+            teacher,
+            batch,
+            vocab_size=vocab_size,
+            top_k=config.top_k,
+            temperature=config.temperature,
+            device=device,
+            dtype=dtype,
+            chunk_size=config.chunk_size,
+        )
+        counts = (next_token_targets(batch["labels"]) != IGNORE_INDEX).sum(dim=1).tolist()
+        row = 0
+        for i, count in zip(chosen, counts, strict=True):
+            per_example[i] = targets.slice(row, row + count)
+            row += count
+        on_tokens(row)
+    parts = [per_example[i] for i in range(len(examples))]
+    lengths = [p.ids.shape[0] for p in parts]
+    offsets = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int64)
+    store = LOGPROB_DTYPES[config.logprob_dtype]
+    return {
+        "offsets": offsets,
+        "ids": torch.cat([p.ids for p in parts]).contiguous(),
+        "log_probs": torch.cat([p.log_probs for p in parts]).to(store).contiguous(),
+        "tail": torch.cat([p.tail for p in parts]).to(store).contiguous(),
+    }
+
+
+def _trained_positions(example: Example) -> int:
+    """Positions trained in ``example``: those whose next-token target (the label to the right) is kept."""
+    return sum(1 for label in example.labels[1:] if label != IGNORE_INDEX)
+
+
+def _write_bytes_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _shard_metadata(digest: str, first_example: int) -> dict[str, str]:
+    # One entry: safetensors writes a metadata map in hash order, so two entries would make the bytes
+    # of identical shards differ from run to run.
+    return {"llm_neo": json.dumps({"key": digest, "first_example": first_example}, sort_keys=True)}
+
+
+def _shard_name(index: int) -> str:
+    return f"shard-{index:05d}.safetensors"
+
+
+def _complete_shard(path: Path, digest: str, first_example: int) -> dict[str, Any] | None:
+    """The record of a complete shard written for key ``digest`` from ``first_example`` on, or None
+    (then it is recomputed)."""
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata() or {}
+            positions = int(handle.get_slice("ids").get_shape()[0])
+    except Exception:  # a damaged file is simply recomputed
+        return None
+    if meta != _shard_metadata(digest, first_example):
+        return None
+    data = path.read_bytes()
+    return {
+        "file": path.name,
+        "num_positions": positions,
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
+
+
+def _prepare_output(out: Path, key: dict[str, Any], overwrite: bool) -> None:
+    """Make ``out`` hold this key: resume a cache of the same key, refuse (or replace) another."""
+    key_file = out / KEY_FILE
+    if key_file.is_file():
+        old = json.loads(key_file.read_text())
+        if old == key:
+            return
+        if not overwrite:
+            lines = "\n".join(f"  - {line}" for line in key_differences(old, key))
+            raise CacheError(
+                f"--output {out} holds a cache made for other inputs:\n{lines}\n"
+                "Choose another --output, or pass --overwrite to replace it."
+            )
+    elif out.exists() and any(out.iterdir()) and not overwrite:
+        raise CacheError(
+            f"--output {out} already holds files that are not a teacher cache; choose another --output "
+            "or pass --overwrite"
+        )
+    if out.exists():
+        for stale in [*out.glob("shard-*.safetensors"), out / MANIFEST, key_file]:
+            stale.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(key_file, key)
+
+
+ShardCallback = Callable[[int, dict[str, Any]], None]
+
+
+def cache_teacher(config: CacheTeacherConfig, *, on_shard: ShardCallback | None = None) -> dict[str, Any]:
+    """Write (or finish) the cache; return its manifest. ``on_shard(index, record)`` after each new shard."""
+    from llm_neo.data import check_chat_templates, load_records, tokenize_records
+    from llm_neo.models.loading import (
+        check_same_vocabulary,
+        freeze,
+        load_model,
+        load_tokenizer,
+        logit_width,
+        resolve_device,
+        resolve_dtype,
+    )
+
+    validate_cache_teacher(config)
+    started = time.perf_counter()
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    trust = config.trust_remote_code
+    tokenizer = load_tokenizer(config.tokenizer or config.teacher, role="tokenizer", trust_remote_code=trust)
+    records = load_records(config.data)
+    if config.tokenizer:
+        teacher_tokenizer = load_tokenizer(config.teacher, role="teacher", trust_remote_code=trust)
+        check_same_vocabulary(tokenizer, teacher_tokenizer)
+        check_chat_templates(records, tokenizer, teacher_tokenizer, source=config.data)
+    vocab_size = len(tokenizer)
+    if config.top_k > vocab_size:
+        raise ConfigError([f"--top-k: {config.top_k} is larger than the vocabulary ({vocab_size} tokens)"])
+    examples, dropped = tokenize_records(
+        records,
+        tokenizer,
+        max_length=config.max_length,
+        train_on_prompt=config.train_on_prompt,
+        source=config.data,
+        progress=True,
+    )
+    key = run_key(config, tokenizer=tokenizer, examples=examples)
+    # The layout is part of what a resumed cache must share with its first half (distill needs any k).
+    key |= {"top_k": config.top_k, "logprob_dtype": config.logprob_dtype, "shard_size": config.shard_size}
+    digest = key_digest(key)
+    out = Path(config.output).expanduser()
+    manifest_file = out / MANIFEST
+    _prepare_output(out, key, config.overwrite)
+    if manifest_file.is_file():
+        manifest = json.loads(manifest_file.read_text())
+        if manifest.get("key") == key:
+            log.info("teacher cache %s is complete and matches; nothing to do", out)
+            return dict(manifest)
+
+    num_shards = math.ceil(len(examples) / config.shard_size)
+    shard_examples = [
+        examples[s * config.shard_size : (s + 1) * config.shard_size] for s in range(num_shards)
+    ]
+    records_by_shard: dict[int, dict[str, Any]] = {}
+    for s in range(num_shards):
+        found = _complete_shard(out / _shard_name(s), digest, s * config.shard_size)
+        if found is not None:
+            records_by_shard[s] = found
+    total_positions = sum(_trained_positions(ex) for ex in examples)
+    done_positions = sum(r["num_positions"] for r in records_by_shard.values())
+    if records_by_shard:
+        log.info("resuming: %d of %d shards are complete", len(records_by_shard), num_shards)
+
+    teacher = freeze(
+        load_model(
+            config.teacher,
+            role="teacher",
+            dtype=dtype,
+            device=device,
+            trust_remote_code=trust,
+            allow_pickle_weights=config.allow_pickle_weights,
+        )
+    )
+    if logit_width(teacher) < vocab_size:
+        raise CacheError(
+            f"the teacher has {logit_width(teacher)} logit columns but the tokenizer {vocab_size} tokens"
+        )
+    written_bytes = sum(r["bytes"] for r in records_by_shard.values())
+    new_positions = 0
+    loop_start = time.perf_counter()
+    bar = tqdm(
+        total=total_positions, initial=done_positions, desc="cache-teacher", unit="tok", unit_scale=True
+    )
+
+    def on_tokens(n: int) -> None:
+        nonlocal new_positions
+        new_positions += n
+        bar.update(n)
+
+    for s in range(num_shards):
+        if s in records_by_shard:
+            continue
+        tensors = _shard_tensors(
+            teacher,
+            shard_examples[s],
+            config=config,
+            pad_token_id=tokenizer.pad_token_id,
+            vocab_size=vocab_size,
+            device=device,
+            dtype=dtype,
+            on_tokens=on_tokens,
+        )
+        data = save_safetensors(tensors, metadata=_shard_metadata(digest, s * config.shard_size))
+        _write_bytes_atomic(out / _shard_name(s), data)
+        record = {
+            "file": _shard_name(s),
+            "num_positions": int(tensors["ids"].shape[0]),
+            "bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
+        }
+        records_by_shard[s] = record
+        written_bytes += len(data)
+        elapsed = time.perf_counter() - loop_start
+        bar.set_postfix(
+            tok_s=f"{new_positions / max(elapsed, 1e-9):.0f}",
+            B_tok=f"{written_bytes / max(bar.n, 1):.0f}",
+            refresh=False,
+        )
+        if on_shard is not None:
+            on_shard(s, record)
+    bar.close()
+    compute_s = time.perf_counter() - loop_start
+
+    shards = [
+        {
+            **records_by_shard[s],
+            "first_example": s * config.shard_size,
+            "num_examples": len(shard_examples[s]),
+        }
+        for s in range(num_shards)
+    ]
+    total_bytes = sum(s["bytes"] for s in shards)
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "key": key,
+        "key_digest": digest,
+        "top_k": config.top_k,
+        "vocab_size": vocab_size,
+        "logprob_dtype": config.logprob_dtype,
+        "shard_size": config.shard_size,
+        "num_examples": len(examples),
+        "num_positions": total_positions,
+        "dropped_examples": dropped,
+        "bytes": total_bytes,
+        "bytes_per_token": total_bytes / max(total_positions, 1),
+        "shards": shards,
+        "sources": {
+            "teacher": config.teacher,
+            "tokenizer": config.tokenizer or config.teacher,
+            "data": config.data,
+        },
+        "teacher_dtype": str(dtype).removeprefix("torch."),
+        "llm_neo_version": __version__,
+        "stats": {
+            "tokens_per_s": new_positions / max(compute_s, 1e-9),
+            "compute_s": compute_s,
+            "wall_s": time.perf_counter() - started,
+            "positions_computed_now": new_positions,
+        },
+    }
+    atomic_write_json(manifest_file, manifest)  # last: its presence means the cache is complete
+    return manifest

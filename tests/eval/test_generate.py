@@ -1,0 +1,78 @@
+"""Greedy generation: the prompt is the training rendering, answers stop at the end of turn, batching
+does not change them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llm_neo.demo.task import exact_match, generate_task, task_corpus
+from llm_neo.eval.generate import greedy_answers, prompt_and_stop
+from llm_neo.models.tiny import SPECIAL_TOKENS, build_llama, build_tokenizer
+
+
+@pytest.fixture(scope="module")
+def char_tokenizer():
+    return build_tokenizer(task_corpus(), vocab_size=256 + len(SPECIAL_TOKENS))
+
+
+def test_prompt_is_the_training_rendering_up_to_the_response(char_tokenizer):
+    record = {"instruction": "Add 1 and 2.", "input": "", "output": "3", "skill": "add"}
+    prompt, stop = prompt_and_stop(record, char_tokenizer)
+    assert prompt == char_tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Add 1 and 2."}], tokenize=False, add_generation_prompt=True
+    )
+    assert stop == "<|end|>"
+
+
+class _Scripted(torch.nn.Module):
+    """A fake causal LM whose greedy continuation of every prompt is a fixed script of token ids."""
+
+    def __init__(self, tokenizer, replies: dict[str, str]):
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.replies = {
+            tuple(tokenizer(prompt, add_special_tokens=False)["input_ids"]): tokenizer(
+                reply, add_special_tokens=False
+            )["input_ids"]
+            for prompt, reply in replies.items()
+        }
+        self.training = False
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id, **_):
+        rows = []
+        for ids, mask in zip(input_ids.tolist(), attention_mask.tolist(), strict=True):
+            prompt = tuple(t for t, m in zip(ids, mask, strict=True) if m)
+            reply = self.replies[prompt][:max_new_tokens]
+            rows.append(ids + reply + [pad_token_id] * (max_new_tokens - len(reply)))
+        return torch.tensor(rows)
+
+
+def test_greedy_answers_cut_at_end_of_turn_and_score(char_tokenizer):
+    records = [
+        {"instruction": "Add 47 and 85.", "input": "", "output": "132", "skill": "add"},
+        {"instruction": "Reverse: abc", "input": "", "output": "cba", "skill": "reverse"},
+        {"instruction": "Capital of Peru?", "input": "", "output": "Lima", "skill": "capital"},
+    ]
+    prompts = [prompt_and_stop(r, char_tokenizer)[0] for r in records]
+    # Right, wrong, and right but followed by junk after the end-of-turn token (which must be cut).
+    fake = _Scripted(
+        char_tokenizer, dict(zip(prompts, ["132<|end|>", "cab<|end|>", "Lima<|end|>xyz"], strict=True))
+    )
+    answers = greedy_answers(
+        fake, char_tokenizer, records, device=torch.device("cpu"), batch_size=2, progress=False
+    )
+    assert answers == ["132", "cab", "Lima"]
+    assert exact_match(records, answers)["per_skill"] == {"add": 1.0, "reverse": 0.0, "capital": 1.0}
+
+
+def test_greedy_answers_of_a_real_model_are_batch_independent(char_tokenizer):
+    # Left padding must not change a greedy generation: batched answers equal one-at-a-time answers.
+    _, heldout = generate_task(0, train_per_skill=5, heldout_per_skill=3)
+    model = build_llama(len(char_tokenizer), hidden_size=32, num_layers=2, seed=0)
+    cpu = torch.device("cpu")
+    batched = greedy_answers(
+        model, char_tokenizer, heldout, device=cpu, batch_size=len(heldout), progress=False
+    )
+    single = greedy_answers(model, char_tokenizer, heldout, device=cpu, batch_size=1, progress=False)
+    assert batched == single
