@@ -14,7 +14,6 @@ from conftest import ALPACA, write_jsonl
 
 from llm_neo.data import (
     FORMATS,
-    DataError,
     Example,
     check_chat_templates,
     collate,
@@ -24,6 +23,7 @@ from llm_neo.data import (
     split_heldout,
     tokenize_records,
 )
+from llm_neo.errors import DataError
 from llm_neo.models.tiny import CHAT_TEMPLATE, build_tokenizer
 
 CHAT = {

@@ -13,9 +13,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import llm_neo.distill as recipe
-from llm_neo.config import ConfigError, DistillConfig, LoraOptions, build_config, load_yaml
-from llm_neo.distill import TrainingError, distill
-from llm_neo.models.loading import ModelError
+from llm_neo.config import DistillConfig, LoraOptions, build_config, load_yaml
+from llm_neo.distill import distill
+from llm_neo.errors import ConfigError, ModelError, TrainingError
 
 
 @pytest.fixture()

@@ -11,13 +11,15 @@ import importlib
 import logging
 import os
 import sys
+import traceback
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from llm_neo import __version__
-from llm_neo.config import ConfigError, DistillConfig, add_dataclass_arguments, build_config
+from llm_neo.config import DistillConfig, add_dataclass_arguments, build_config
+from llm_neo.errors import ConfigError, LlmNeoError
 
 
 @dataclass(frozen=True)
@@ -149,6 +151,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"llm-neo {__version__}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-q", "--quiet", action="store_true", help="Only warnings and errors on stderr.")
+    common.add_argument(
+        "--debug",
+        action="store_true",
+        help="Also show the traceback of expected errors (a bug always shows it).",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, spec in COMMANDS.items():
         cmd = sub.add_parser(
@@ -178,6 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = next((a for a in argv if a in COMMANDS), None)
     args = build_parser(command).parse_args(argv)
     quiet = args.__dict__.pop("quiet")
+    debug = args.__dict__.pop("debug")
     logging.basicConfig(
         level=logging.WARNING if quiet else logging.INFO, format="[llm-neo] %(message)s", stream=sys.stderr
     )
@@ -186,19 +194,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = build_config(_resolve(spec.config), args, args.config)
         result = _resolve(spec.run)(config)
         return result if isinstance(result, int) else 0
-    except ConfigError as err:
-        print(f"llm-neo {args.command}: {err}", file=sys.stderr)
-        return 2
+    except LlmNeoError as err:
+        # An expected failure: its message says what to fix. Anything else is a bug and shows its traceback.
+        if debug:
+            traceback.print_exc()
+        kind = "" if isinstance(err, ConfigError) else "error: "
+        print(f"llm-neo {args.command}: {kind}{err}", file=sys.stderr)
+        return err.exit_code
     except KeyboardInterrupt:
         print(
             f"llm-neo {args.command}: interrupted; completed checkpoints are kept (resume with --resume)",
             file=sys.stderr,
         )
         return 130
-    except (ValueError, RuntimeError, OSError) as err:
-        # DataError, ModelError, TrainingError and friends: the message already says what to fix.
-        print(f"llm-neo {args.command}: error: {err}", file=sys.stderr)
-        return 1
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from llm_neo.errors import ConfigError
+
 METHODS = ("neo", "kd", "lora", "sft")
 LORA_METHODS = ("neo", "lora")  # arms whose only trainable weights are LoRA branches
 KD_METHODS = ("neo", "kd")  # arms trained on CE + the divergence to the teacher
@@ -41,15 +43,6 @@ LOGPROB_DTYPE_NAMES = ("float16", "bfloat16", "float32")
 # The paper's learning-rate guideline: LoRA arms use 10x the full-parameter rate.
 FULL_PARAMETER_LR = 2e-5
 LORA_LR = 2e-4
-
-
-class ConfigError(ValueError):
-    """One or more configuration problems; the message lists all of them, each with its fix."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = problems
-        lines = "\n".join(f"  - {p}" for p in problems)
-        super().__init__(f"{len(problems)} configuration problem(s):\n{lines}")
 
 
 def _help(text: str, **extra: Any) -> dict[str, Any]:
@@ -509,7 +502,7 @@ def build_config(cls: type, args: argparse.Namespace, config_file: str | None = 
     problems: list[str] = []
     data: dict[str, Any] = load_yaml(config_file) if config_file else {}
     for dest, value in vars(args).items():
-        if dest in ("command", "config", "func", "quiet"):
+        if dest in ("command", "config", "func", "quiet", "debug"):
             continue
         node = data
         *parents, leaf = dest.split(".")

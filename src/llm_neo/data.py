@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from llm_neo.errors import DataError
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
@@ -68,10 +70,6 @@ _ALPACA_PROMPT_NO_INPUT = (
 
 # How many bad records one DataError lists: enough to see a pattern, short enough to read.
 _MAX_REPORTED_ERRORS = 10
-
-
-class DataError(ValueError):
-    """Bad training data. The message names the file (and line or record) and says how to fix it."""
 
 
 @dataclass(frozen=True)

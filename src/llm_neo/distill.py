@@ -34,6 +34,7 @@ from transformers import set_seed as hf_set_seed
 from llm_neo import __version__
 from llm_neo.config import DistillConfig, dump_yaml, load_yaml, to_dict, validate_distill
 from llm_neo.data import Example, check_chat_templates, collate, load_records, split_heldout, tokenize_records
+from llm_neo.errors import ModelError, NonFiniteError, TrainingError
 from llm_neo.eval.metrics import cached_heldout_metrics, heldout_metrics
 from llm_neo.losses import (
     LossParts,
@@ -45,7 +46,6 @@ from llm_neo.losses import (
     next_token_targets,
 )
 from llm_neo.models.loading import (
-    ModelError,
     autocast,
     check_same_vocabulary,
     enable_checkpointing,
@@ -90,10 +90,6 @@ TRACKED_STEPS = 10
 RESUMABLE_CHANGES = {
     "resume", "overwrite", "save_every", "log_every", "eval_batch_size", "device", "mlp_chunks",
 }  # fmt: skip
-
-
-class TrainingError(RuntimeError):
-    """Training stopped (non-finite loss, failed merge check); the last good checkpoint is kept."""
 
 
 StepCallback = Callable[[int, dict[str, float]], None]
@@ -649,10 +645,6 @@ def loss_settings(config: DistillConfig, kd_vocab: int | None) -> LossSettings:
         impl=config.loss_impl,
         chunk_size=config.loss_chunk_size,
     )
-
-
-class NonFiniteError(RuntimeError):
-    """A NaN or infinite loss or gradient norm; raised before the optimizer touches the weights."""
 
 
 def train_step(

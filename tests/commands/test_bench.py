@@ -17,7 +17,8 @@ from llm_neo.commands.bench import (
     run_bench,
     run_one,
 )
-from llm_neo.config import ConfigError, DistillConfig, add_dataclass_arguments, build_config
+from llm_neo.config import DistillConfig, add_dataclass_arguments, build_config
+from llm_neo.errors import ConfigError
 from llm_neo.runtime.memory import LiveTensorBytes
 
 RUNS = ["kd:plain", "kd:chunked", "neo:plain", "neo:chunked", "neo:chunked:16", "sft:plain", "lora:chunked"]

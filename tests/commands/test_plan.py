@@ -16,7 +16,7 @@ import torch
 from llm_neo.commands.bench import BenchConfig, RunSpec, bench, run_one
 from llm_neo.commands.plan import GiB, PlanConfig, estimate_arm, model_dims, plan_rows, run_plan
 from llm_neo.commands.shapes import SHAPES, get_shape
-from llm_neo.config import ConfigError
+from llm_neo.errors import ConfigError
 from llm_neo.models.lora import attach_lora, trainable_parameters
 
 # REFERENCE.md §3: (shape, batch, seq_len, gradient checkpointing, method, impl) -> peak GiB on an H200.

@@ -14,14 +14,13 @@ import yaml
 import llm_neo.distill as recipe
 from llm_neo.commands.sweep import (
     SweepConfig,
-    SweepError,
     default_space,
     expand_trials,
     parse_space,
     sweep,
 )
-from llm_neo.config import ConfigError, DistillConfig, build_config
-from llm_neo.distill import TrainingError
+from llm_neo.config import DistillConfig, build_config
+from llm_neo.errors import ConfigError, SweepError, TrainingError
 
 
 @pytest.fixture()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoConfig
 
-from llm_neo.config import ConfigError, DistillConfig
+from llm_neo.config import DistillConfig
 from llm_neo.demo.report import TENSOR_TARGET
 from llm_neo.demo.run import (
     ARMS,
@@ -27,7 +27,8 @@ from llm_neo.demo.run import (
     validate_demo,
 )
 from llm_neo.demo.task import SKILLS
-from llm_neo.runtime.workers import Job, WorkerError, run_jobs
+from llm_neo.errors import ConfigError, WorkerError
+from llm_neo.runtime.workers import Job, run_jobs
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
 from llm_neo.commands.prune import PruneConfig, run_prune
-from llm_neo.config import ConfigError
 from llm_neo.data import collate, load_records, tokenize_records
-from llm_neo.models.loading import ModelError
+from llm_neo.errors import ConfigError, ModelError
 from llm_neo.models.prune import block_importance, choose_layers, prune_layers
 from llm_neo.models.tiny import build_llama, save_model
 

@@ -15,9 +15,10 @@ from conftest import ALPACA, write_jsonl
 from safetensors.torch import load_file
 
 import llm_neo.distill as recipe
-from llm_neo.config import CacheTeacherConfig, ConfigError, DistillConfig, LoraOptions
+from llm_neo.config import CacheTeacherConfig, DistillConfig, LoraOptions
 from llm_neo.data import load_records, tokenize_records
 from llm_neo.distill import distill
+from llm_neo.errors import CacheError, ConfigError
 from llm_neo.eval.metrics import cached_heldout_metrics, heldout_metrics
 from llm_neo.losses import (
     DIVERGENCES,
@@ -31,7 +32,7 @@ from llm_neo.losses import (
     topk_divergence,
 )
 from llm_neo.models.loading import freeze, load_model, load_tokenizer
-from llm_neo.teacher_cache.store import CacheError, open_cache
+from llm_neo.teacher_cache.store import open_cache
 from llm_neo.teacher_cache.writer import cache_teacher
 
 Tensor = torch.Tensor

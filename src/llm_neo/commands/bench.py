@@ -336,7 +336,7 @@ def _parse_run(text: str, default_chunk: int) -> tuple[str, str, int]:
 def _validate(config: BenchConfig) -> list[tuple[str, str, int]]:
     from llm_neo.commands.plan import ARMS, IMPLS
     from llm_neo.commands.shapes import SHAPES
-    from llm_neo.config import ConfigError
+    from llm_neo.errors import ConfigError
 
     p: list[str] = []
     if config.shape not in SHAPES:

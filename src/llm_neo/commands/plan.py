@@ -395,7 +395,7 @@ def device_memory_bytes(device: str) -> int | None:
 
 def _validate(config: PlanConfig) -> None:
     from llm_neo.commands.shapes import SHAPES
-    from llm_neo.config import ConfigError
+    from llm_neo.errors import ConfigError
 
     p: list[str] = []
     if config.shape is None and not config.student:

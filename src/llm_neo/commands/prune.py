@@ -13,8 +13,9 @@ import torch
 from transformers import AutoConfig, PretrainedConfig
 
 from llm_neo import __version__
-from llm_neo.config import ConfigError, _check_data_path, _check_model_path, _help
+from llm_neo.config import _check_data_path, _check_model_path, _help
 from llm_neo.data import collate, load_records, tokenize_records
+from llm_neo.errors import ConfigError
 from llm_neo.models.loading import load_model, load_tokenizer, published_dtype, resolve_device, resolve_dtype
 from llm_neo.models.prune import (
     METRICS,

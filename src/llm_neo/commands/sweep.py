@@ -58,7 +58,6 @@ import yaml
 from llm_neo.config import (
     KD_METHODS,
     LORA_METHODS,
-    ConfigError,
     DistillConfig,
     _coerce,
     _field_types,
@@ -68,6 +67,7 @@ from llm_neo.config import (
     load_yaml,
     validate_distill,
 )
+from llm_neo.errors import ConfigError, SweepError
 from llm_neo.runtime.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text, remove_outputs
 
 log = logging.getLogger("llm_neo")
@@ -133,10 +133,6 @@ class SweepConfig:
     cache_top_k: int = field(default=64, metadata=_help("Top-k of a teacher cache the sweep builds."))
     resume: bool = field(default=False, metadata=_help("Continue the sweep in --output where it stopped."))
     overwrite: bool = field(default=False, metadata=_help("Discard a sweep in --output and start again."))
-
-
-class SweepError(RuntimeError):
-    """The sweep cannot go on (another sweep in --output, nothing finished, ...); the message says why."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -511,7 +507,8 @@ def sweep(
 
     ``on_step`` is passed to every trial's ``distill``; ``on_trial(id, record)`` runs after each trial.
     """
-    from llm_neo.distill import TrainingError, distill
+    from llm_neo.distill import distill
+    from llm_neo.errors import TrainingError
     from llm_neo.runtime.checkpoint import list_checkpoints
 
     validate_sweep(config)

@@ -37,7 +37,8 @@ from typing import Any
 import torch
 
 from llm_neo import __version__
-from llm_neo.config import ConfigError, DistillConfig, LoraOptions, _help
+from llm_neo.config import DistillConfig, LoraOptions, _help
+from llm_neo.errors import ConfigError
 from llm_neo.runtime.atomic import atomic_directory, atomic_write_json, remove_outputs
 from llm_neo.runtime.workers import Job, Report, available_cores, load_average, run_jobs
 
@@ -208,10 +209,6 @@ QUICK = DemoSettings(
     seeds=1,
     prune_samples=16,
 )
-
-
-class DemoError(RuntimeError):
-    """A stage of the demo failed; the message names the stage and where its outputs are."""
 
 
 def resolve_settings(config: DemoConfig) -> DemoSettings:

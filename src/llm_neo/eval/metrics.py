@@ -16,9 +16,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from llm_neo.data import Example, collate
+from llm_neo.errors import CacheError, DataError
 from llm_neo.losses import IGNORE_INDEX, forward_kl, next_token_targets, topk_divergence
 from llm_neo.models.loading import autocast, final_hidden_states, model_logits
-from llm_neo.teacher_cache.store import CacheError, TeacherCache
+from llm_neo.teacher_cache.store import TeacherCache
 
 
 @torch.no_grad()
@@ -70,7 +71,7 @@ def heldout_metrics(
         tokens += int(trained.sum())
     model.train(was_training)
     if tokens == 0:
-        raise ValueError("no trained tokens to evaluate")
+        raise DataError("no trained tokens to evaluate: every held-out example was dropped or empty")
     metrics = {"ce": ce_sum / tokens, "perplexity": math.exp(min(ce_sum / tokens, 700.0))}
     if teacher is not None:
         metrics |= {"kl_to_teacher": kl_sum / tokens, "top1_agreement": agree / tokens}
@@ -130,7 +131,7 @@ def cached_heldout_metrics(
         tokens += int(trained.sum())
     model.train(was_training)
     if tokens == 0:
-        raise ValueError("no trained tokens to evaluate")
+        raise DataError("no trained tokens to evaluate: every held-out example was dropped or empty")
     return {
         "ce": ce_sum / tokens,
         "perplexity": math.exp(min(ce_sum / tokens, 700.0)),

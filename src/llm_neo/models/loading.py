@@ -21,9 +21,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-
-class ModelError(ValueError):
-    """A model or tokenizer could not be loaded, or teacher and student are incompatible."""
+from llm_neo.errors import ModelError
 
 
 def resolve_device(name: str) -> torch.device:
@@ -111,7 +109,7 @@ def enable_checkpointing(model: torch.nn.Module, *, mlp_chunks: int = 1) -> int:
             module.forward = _chunked_mlp_forward(module.forward, mlp_chunks)
             split += 1
     if split == 0:
-        raise ValueError(
+        raise ModelError(
             "--mlp-chunks: found no decoder-block MLP (a module named 'mlp' inside 'layers') in "
             f"{type(model).__name__}; use --mlp-chunks 1 for this architecture"
         )

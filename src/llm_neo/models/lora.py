@@ -30,6 +30,8 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedModel
 
+from llm_neo.errors import ModelError
+
 LORA_VARIANTS = ("lora", "dora", "rslora", "pissa", "moslora")
 
 ADAPTER_NAME = "default"  # PEFT's default adapter name; llm-neo uses exactly one adapter.
@@ -109,7 +111,7 @@ def default_target_modules(model: nn.Module) -> list[str]:
     # A leaf name shared with the output layer would make PEFT (suffix matching) wrap lm_head too.
     leaves -= output_names
     if not leaves:
-        raise ValueError(
+        raise ModelError(
             f"{type(model).__name__} has no nn.Linear inside numbered blocks; pass target_modules explicitly "
             f"(linear layers found: {_available_linear_leaves(model)})"
         )
@@ -204,7 +206,7 @@ def attach_lora(
                 f"available linear layers: {_available_linear_leaves(model)}"
             )
     if problems:
-        raise ValueError("attach_lora: " + "; ".join(problems))
+        raise ModelError("attach_lora: " + "; ".join(problems))
 
     targets = list(target_modules) if target_modules is not None else default_target_modules(model)
     alpha = float(lora_alpha) if lora_alpha is not None else 2.0 * r

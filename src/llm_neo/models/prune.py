@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PretrainedConfig, PreTrainedModel
 
+from llm_neo.errors import ModelError
 from llm_neo.models.loading import (
-    ModelError,
     autocast,
 )
 

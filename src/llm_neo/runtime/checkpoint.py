@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from llm_neo.errors import TrainingError
 from llm_neo.runtime.atomic import atomic_directory
 from llm_neo.runtime.distributed import (
     World,
@@ -118,7 +119,7 @@ def load_checkpoint(
     missing = sorted(set(trainable) - set(weights))
     unexpected = sorted(set(weights) - set(trainable))
     if missing or unexpected:
-        raise ValueError(
+        raise TrainingError(
             f"checkpoint {path} does not match this run's trainable weights (missing {missing[:3]}, "
             f"unexpected {unexpected[:3]}): it was written by a different method or LoRA setting"
         )

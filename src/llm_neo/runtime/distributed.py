@@ -27,6 +27,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from llm_neo.errors import ModelError
+
 
 @dataclass(frozen=True)
 class World:
@@ -73,13 +75,13 @@ def shard(model: torch.nn.Module, *, param_dtype: torch.dtype | None = None) -> 
     try:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     except ImportError as err:  # fully_shard became public (with ignored_params) in torch 2.7
-        raise RuntimeError("multi-process distillation needs torch >= 2.7 (FSDP2 fully_shard)") from err
+        raise ModelError(
+            "multi-process distillation needs torch >= 2.7 (FSDP2 fully_shard): upgrade torch"
+        ) from err
     decoder = model.get_decoder()  # type: ignore[operator]
     layers = getattr(decoder, "layers", None)
     if layers is None:
-        raise RuntimeError(
-            f"{type(model).__name__}: cannot find the decoder blocks to shard (decoder.layers)"
-        )
+        raise ModelError(f"{type(model).__name__}: cannot find the decoder blocks to shard (decoder.layers)")
     head = model.get_output_embeddings()  # type: ignore[operator]
     keep_whole = {p for p in head.parameters()} & set(decoder.parameters())  # a tied head
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)

@@ -29,13 +29,10 @@ from typing import Any
 
 import torch
 
+from llm_neo.errors import WorkerError
 from llm_neo.runtime.memory import set_mmap_threshold
 
 Report = Callable[[int, "float | None"], None]
-
-
-class WorkerError(RuntimeError):
-    """A job failed or its process died; the message names the job, its log and how to rerun it."""
 
 
 @dataclass

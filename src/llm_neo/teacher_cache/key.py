@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llm_neo.data import Example
-from llm_neo.teacher_cache.store import CacheError
+from llm_neo.errors import CacheError
 
 if TYPE_CHECKING:
     from llm_neo.teacher_cache.store import TeacherCache

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from llm_neo.errors import CacheError
 from llm_neo.losses import TopKTargets
 
 FORMAT = "llm-neo-teacher-cache"
@@ -21,10 +22,6 @@ LOGPROB_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32
 
 # The key parts, in the order a mismatch is reported (causes before their consequences), each with
 # what it is and how to fix a mismatch. ``{cache}`` and ``{run}`` are the two values.
-
-
-class CacheError(ValueError):
-    """A teacher cache that is missing, incomplete, damaged, or made for another run."""
 
 
 @dataclass

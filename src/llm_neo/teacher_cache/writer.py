@@ -19,12 +19,13 @@ from safetensors.torch import save as save_safetensors
 from tqdm.auto import tqdm
 
 from llm_neo import __version__
-from llm_neo.config import CacheTeacherConfig, ConfigError, validate_cache_teacher
+from llm_neo.config import CacheTeacherConfig, validate_cache_teacher
 from llm_neo.data import Example, collate
+from llm_neo.errors import CacheError, ConfigError
 from llm_neo.losses import IGNORE_INDEX, TopKTargets, next_token_targets
 from llm_neo.runtime.atomic import atomic_write_json
 from llm_neo.teacher_cache.key import key_differences, key_digest, run_key
-from llm_neo.teacher_cache.store import FORMAT, KEY_FILE, LOGPROB_DTYPES, MANIFEST, VERSION, CacheError
+from llm_neo.teacher_cache.store import FORMAT, KEY_FILE, LOGPROB_DTYPES, MANIFEST, VERSION
 
 log = logging.getLogger("llm_neo")
 
