@@ -1,8 +1,11 @@
-"""Typed run configuration, and the CLI flags and YAML files derived from it.
+"""Typed configuration, and the CLI flags and YAML files derived from it.
 
-Each option is declared once, as a dataclass field whose metadata carries its help text. The
-argparse parser, the YAML loader and the validator all walk the same fields, so a new option is a
-one-line change and `--help`, `--config` and `config.yaml` can never disagree.
+Each option is declared once, as a dataclass field whose metadata carries its help text, its choices
+and its group in ``--help``. The argparse parser, the YAML loader and the validator all walk the same
+fields, so a new option is a one-line change and `--help`, `--config` and `config.yaml` can never
+disagree. Options that several commands share (where models run and how they load; how records are
+tokenized) are defined once, in small base dataclasses the commands' configs derive from: data-only
+mixins, so a command's config is still one flat set of flags and YAML keys.
 
 Spelling: a top-level field ``kd_ratio`` is the flag ``--kd-ratio`` and the YAML key ``kd_ratio``;
 a nested field ``lora.r`` is the flag ``--lora.r`` and the YAML key ``r`` under ``lora:``.
@@ -14,39 +17,100 @@ import argparse
 import dataclasses
 import difflib
 import importlib.util
+import inspect
 import math
 import types
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from llm_neo.choices import (
+    DIVERGENCES,
+    DTYPES,
+    FULL_PARAMETER_LR,
+    LIGER_DIVERGENCES,
+    LOGPROB_DTYPES,
+    LORA_LR,
+    LORA_VARIANTS,
+    LOSS_IMPLS,
+    METHOD_NAMES,
+    METHODS,
+)
 from llm_neo.errors import ConfigError
 
-METHODS = ("neo", "kd", "lora", "sft")
-LORA_METHODS = ("neo", "lora")  # arms whose only trainable weights are LoRA branches
-KD_METHODS = ("neo", "kd")  # arms trained on CE + the divergence to the teacher
-DIVERGENCE_NAMES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
-LORA_VARIANT_NAMES = ("lora", "dora", "rslora", "pissa", "moslora")
-LOSS_IMPLS = ("chunked", "plain", "liger")
 MLP_CHUNKS_HELP = (
     "With --gradient-checkpointing: checkpoint each block's MLP again in this many chunks of the "
     "sequence, so the backward's recomputed block holds one chunk of the MLP's activations (a third "
     "MLP forward per step). 1: off."
 )
-# Liger-Kernel's fused distillation loss is a generalized JSD: beta 0 and 1 are forward and reverse KL.
-LIGER_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
-# Storage dtypes of a teacher cache's log-probs.
-LOGPROB_DTYPE_NAMES = ("float16", "bfloat16", "float32")
 
-# The paper's learning-rate guideline: LoRA arms use 10x the full-parameter rate.
-FULL_PARAMETER_LR = 2e-5
-LORA_LR = 2e-4
+# The groups of --help, in the order a run needs them.
+MODELS, DATA, OPTIMISATION, LOSS, RUN, LOADING = (
+    "models",
+    "data",
+    "optimisation",
+    "loss",
+    "run",
+    "model loading",
+)
 
 
 def _help(text: str, **extra: Any) -> dict[str, Any]:
+    """Field metadata: the help text, and optionally ``choices`` (a tuple) and ``group`` (a --help group)."""
     return {"help": text, **extra}
+
+
+# ------------------------------------------------------------------------------------------------
+# Shared option groups
+
+
+@dataclass
+class DeviceOptions:
+    """Where models run."""
+
+    device: str = field(default="auto", metadata=_help("auto, cpu, cuda or cuda:N.", group=LOADING))
+    dtype: str = field(
+        default="auto",
+        metadata=_help(
+            "Compute dtype (autocast). auto: bfloat16 on GPUs that support it, else float32.",
+            choices=DTYPES,
+            group=LOADING,
+        ),
+    )
+
+
+@dataclass
+class LoadOptions(DeviceOptions):
+    """Where models run and how their files are trusted: every command that loads weights has these."""
+
+    trust_remote_code: bool = field(
+        default=False,
+        metadata=_help("Allow model/tokenizer code from the model dir (off: never run it).", group=LOADING),
+    )
+    allow_pickle_weights: bool = field(
+        default=False,
+        metadata=_help(
+            "Allow loading .bin/.pt (pickle) weights; by default only safetensors are loaded.", group=LOADING
+        ),
+    )
+
+
+@dataclass
+class TokenizeOptions:
+    """How records become token examples; the commands that read data as distill does share them."""
+
+    max_length: int = field(
+        default=2048, metadata=_help("Truncate each sample to this many tokens.", group=DATA)
+    )
+    train_on_prompt: bool = field(
+        default=False,
+        metadata=_help(
+            "Also train on (score, cache) prompt tokens; default: response tokens only.", group=DATA
+        ),
+    )
 
 
 @dataclass
@@ -66,36 +130,42 @@ class LoraOptions:
             "transformer blocks (not embeddings or lm_head), as in the paper."
         ),
     )
-    variant: Literal["lora", "dora", "rslora", "pissa", "moslora"] = field(
+    variant: str = field(
         default="lora",
         metadata=_help(
             "lora: plain; dora: weight-decomposed; rslora: alpha/sqrt(r) scaling; pissa: principal-"
-            "singular-vector init; moslora: learnable r×r mixer between A and B (merged exactly)."
+            "singular-vector init; moslora: learnable r×r mixer between A and B (merged exactly).",
+            choices=LORA_VARIANTS,
         ),
     )
 
 
 @dataclass
-class DistillConfig:
+class DistillConfig(TokenizeOptions, LoadOptions):
     """Everything one `llm-neo distill` run needs."""
 
     # --- models -----------------------------------------------------------------------------------
-    student: str = field(default="", metadata=_help("Student model: a local HF model dir or a hub id."))
+    student: str = field(
+        default="", metadata=_help("Student model: a local HF model dir or a hub id.", group=MODELS)
+    )
     teacher: str | None = field(
-        default=None, metadata=_help("Teacher model (local dir or hub id). Required for neo and kd.")
+        default=None,
+        metadata=_help("Teacher model (local dir or hub id). Required for neo and kd.", group=MODELS),
     )
     teacher_cache: str | None = field(
         default=None,
         metadata=_help(
             "A teacher cache written by `llm-neo cache-teacher`: neo/kd train on its top-k targets "
-            "without loading the teacher (which, if also given, only scores the held-out split)."
+            "without loading the teacher (which, if also given, only scores the held-out split).",
+            group=MODELS,
         ),
     )
-    method: Literal["neo", "kd", "lora", "sft"] = field(
+    method: str = field(
         default="neo",
         metadata=_help(
-            "neo: LoRA branches on CE + KD (LLM-Neo); kd: full student on CE + KD; lora: LoRA on CE "
-            "only; sft: full student on CE only."
+            "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()) + ".",
+            choices=METHOD_NAMES,
+            group=MODELS,
         ),
     )
     # --- data -------------------------------------------------------------------------------------
@@ -103,106 +173,121 @@ class DistillConfig:
         default="",
         metadata=_help(
             "Training data: .jsonl, .json or .parquet file, or a datasets save_to_disk dir. Records: "
-            "Alpaca (instruction/input/output), chat (messages), prompt/completion, or text."
+            "Alpaca (instruction/input/output), chat (messages), prompt/completion, or text.",
+            group=DATA,
         ),
-    )
-    max_length: int = field(default=2048, metadata=_help("Truncate each sample to this many tokens."))
-    train_on_prompt: bool = field(
-        default=False, metadata=_help("Also train on prompt tokens (default: response tokens only).")
     )
     eval_fraction: float = field(
         default=0.05,
-        metadata=_help("Fraction of the data held out for evaluation and the merge check, in [0, 1)."),
+        metadata=_help(
+            "Fraction of the data held out for evaluation and the merge check, in [0, 1).", group=DATA
+        ),
     )
     # --- optimisation -----------------------------------------------------------------------------
     max_steps: int | None = field(
-        default=None, metadata=_help("Optimizer steps to run; overrides --epochs when set.")
+        default=None,
+        metadata=_help("Optimizer steps to run; overrides --epochs when set.", group=OPTIMISATION),
     )
-    epochs: float = field(default=1.0, metadata=_help("Passes over the training split (fractions allowed)."))
-    batch_size: int = field(default=1, metadata=_help("Samples per micro-batch."))
-    grad_accum: int = field(default=8, metadata=_help("Micro-batches per optimizer step."))
+    epochs: float = field(
+        default=1.0, metadata=_help("Passes over the training split (fractions allowed).", group=OPTIMISATION)
+    )
+    batch_size: int = field(default=1, metadata=_help("Samples per micro-batch.", group=OPTIMISATION))
+    grad_accum: int = field(
+        default=8, metadata=_help("Micro-batches per optimizer step.", group=OPTIMISATION)
+    )
     lr: float | None = field(
         default=None,
         metadata=_help(
             f"Peak learning rate. Default (paper's rule): {FULL_PARAMETER_LR:g} for sft/kd, "
-            f"{LORA_LR:g} (10x) for neo/lora."
+            f"{LORA_LR:g} (10x) for neo/lora.",
+            group=OPTIMISATION,
         ),
     )
-    warmup_ratio: float = field(default=0.1, metadata=_help("Fraction of steps of linear warm-up."))
-    scheduler: Literal["cosine", "linear", "constant"] = field(
-        default="cosine", metadata=_help("Learning-rate schedule after warm-up.")
+    warmup_ratio: float = field(
+        default=0.1, metadata=_help("Fraction of steps of linear warm-up.", group=OPTIMISATION)
     )
-    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay."))
-    max_grad_norm: float = field(default=1.0, metadata=_help("Gradient clipping norm; 0 disables."))
+    scheduler: Literal["cosine", "linear", "constant"] = field(
+        default="cosine", metadata=_help("Learning-rate schedule after warm-up.", group=OPTIMISATION)
+    )
+    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay.", group=OPTIMISATION))
+    max_grad_norm: float = field(
+        default=1.0, metadata=_help("Gradient clipping norm; 0 disables.", group=OPTIMISATION)
+    )
     seed: int = field(
-        default=42, metadata=_help("Seed for initialisation, data order and the held-out split.")
+        default=42,
+        metadata=_help("Seed for initialisation, data order and the held-out split.", group=OPTIMISATION),
     )
     gradient_checkpointing: bool = field(
-        default=False, metadata=_help("Recompute student activations in backward to save memory.")
+        default=False,
+        metadata=_help("Recompute student activations in backward to save memory.", group=OPTIMISATION),
     )
-    mlp_chunks: int = field(default=1, metadata=_help(MLP_CHUNKS_HELP))
+    mlp_chunks: int = field(default=1, metadata=_help(MLP_CHUNKS_HELP, group=OPTIMISATION))
     # --- loss -------------------------------------------------------------------------------------
     kd_ratio: float = field(
         default=0.5,
-        metadata=_help("Weight of the KD term: loss = (1-kd_ratio)·CE + kd_ratio·D(teacher||student)."),
+        metadata=_help(
+            "Weight of the KD term: loss = (1-kd_ratio)·CE + kd_ratio·D(teacher||student).", group=LOSS
+        ),
     )
-    divergence: Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"] = (
-        field(default="forward_kl", metadata=_help("Divergence D between teacher and student."))
+    divergence: str = field(
+        default="forward_kl",
+        metadata=_help("Divergence D between teacher and student.", choices=DIVERGENCES, group=LOSS),
     )
     temperature: float = field(
-        default=1.0, metadata=_help("Softmax temperature T of the KD term (scaled by T²).")
+        default=1.0, metadata=_help("Softmax temperature T of the KD term (scaled by T²).", group=LOSS)
     )
-    loss_impl: Literal["chunked", "plain", "liger"] = field(
+    loss_impl: str = field(
         default="chunked",
         metadata=_help(
             "chunked: lm_heads and the loss computed chunk by chunk of tokens, never holding "
             "[tokens × vocab] logits; plain: full logits (the reference and benchmark baseline); liger: "
             "Liger-Kernel's fused linear JSD loss for the KD term (an extra: pip install "
-            "'llm-neo[liger]'; forward_kl, reverse_kl or jsd; meant for CUDA)."
+            "'llm-neo[liger]'; forward_kl, reverse_kl or jsd; meant for CUDA).",
+            choices=LOSS_IMPLS,
+            group=LOSS,
         ),
     )
-    loss_chunk_size: int = field(default=1024, metadata=_help("Tokens per chunk of the chunked loss."))
-    jsd_beta: float = field(default=0.5, metadata=_help("β of the generalized JSD, in (0, 1)."))
-    skew_alpha: float = field(default=0.1, metadata=_help("α of the skew KL divergences, in [0, 1)."))
+    loss_chunk_size: int = field(
+        default=1024, metadata=_help("Tokens per chunk of the chunked loss.", group=LOSS)
+    )
+    jsd_beta: float = field(default=0.5, metadata=_help("β of the generalized JSD, in (0, 1).", group=LOSS))
+    skew_alpha: float = field(
+        default=0.1, metadata=_help("α of the skew KL divergences, in [0, 1).", group=LOSS)
+    )
     # --- run --------------------------------------------------------------------------------------
-    output_dir: str | None = field(default=None, metadata=_help("Where outputs go. Default runs/<method>."))
+    output_dir: str | None = field(
+        default=None, metadata=_help("Where outputs go. Default runs/<method>.", group=RUN)
+    )
     save_every: int = field(
-        default=0, metadata=_help("Checkpoint every N optimizer steps (0: only the final state).")
+        default=0,
+        metadata=_help("Checkpoint every N optimizer steps (0: only the final state).", group=RUN),
     )
     resume: bool = field(
-        default=False, metadata=_help("Continue from the latest checkpoint in --output-dir.")
+        default=False, metadata=_help("Continue from the latest checkpoint in --output-dir.", group=RUN)
     )
     overwrite: bool = field(
-        default=False, metadata=_help("Replace an earlier run's outputs in --output-dir.")
+        default=False, metadata=_help("Replace an earlier run's outputs in --output-dir.", group=RUN)
     )
-    log_every: int = field(default=1, metadata=_help("Write a metrics.jsonl record every N steps."))
-    eval_batch_size: int = field(default=8, metadata=_help("Batch size of held-out evaluation."))
+    log_every: int = field(
+        default=1, metadata=_help("Write a metrics.jsonl record every N steps.", group=RUN)
+    )
+    eval_batch_size: int = field(default=8, metadata=_help("Batch size of held-out evaluation.", group=RUN))
     merge_tolerance: float = field(
         default=1e-3,
-        metadata=_help("Max |merged − adapter| logit difference (fp32) accepted by the merge check."),
-    )
-    device: str = field(default="auto", metadata=_help("auto, cpu, cuda or cuda:N."))
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
-        default="auto",
-        metadata=_help("Compute dtype (autocast). auto: bfloat16 on GPUs that support it, else float32."),
-    )
-    trust_remote_code: bool = field(
-        default=False, metadata=_help("Allow model/tokenizer code from the model dir (off: never run it).")
-    )
-    allow_pickle_weights: bool = field(
-        default=False,
-        metadata=_help("Allow loading .bin/.pt (pickle) weights; by default only safetensors are loaded."),
+        metadata=_help(
+            "Max |merged − adapter| logit difference (fp32) accepted by the merge check.", group=RUN
+        ),
     )
     lora: LoraOptions = field(default_factory=LoraOptions)
 
     # ---------------------------------------------------------------------------------------------
     @property
     def uses_lora(self) -> bool:
-        return self.method in LORA_METHODS
+        return self.method in METHODS and METHODS[self.method].lora
 
     @property
     def uses_kd(self) -> bool:
-        return self.method in KD_METHODS and self.kd_ratio > 0
+        return self.method in METHODS and METHODS[self.method].kd and self.kd_ratio > 0
 
     def resolved(self) -> DistillConfig:
         """A copy with every derived default filled in (learning rate, alpha, output dir)."""
@@ -212,31 +297,85 @@ class DistillConfig:
         )
         return dataclasses.replace(
             self,
-            lr=self.lr if self.lr is not None else (LORA_LR if self.uses_lora else FULL_PARAMETER_LR),
+            lr=self.lr if self.lr is not None else METHODS[self.method].default_lr,
             output_dir=self.output_dir or f"runs/{self.method}",
             lora=lora,
         )
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(TokenizeOptions, LoadOptions):
     """`llm-neo eval`: KD-aware held-out metrics of a model against a teacher."""
 
-    model: str = field(default="", metadata=_help("Model to evaluate (e.g. runs/neo/merged)."))
-    data: str = field(default="", metadata=_help("Held-out data, in any format `distill` reads."))
+    model: str = field(default="", metadata=_help("Model to evaluate (e.g. runs/neo/merged).", group=MODELS))
+    data: str = field(default="", metadata=_help("Held-out data, in any format `distill` reads.", group=DATA))
     teacher: str | None = field(
-        default=None, metadata=_help("Teacher for kl_to_teacher and top1_agreement (optional).")
+        default=None,
+        metadata=_help("Teacher for kl_to_teacher and top1_agreement (optional).", group=MODELS),
     )
-    max_length: int = field(default=2048, metadata=_help("Truncate each sample to this many tokens."))
-    train_on_prompt: bool = field(default=False, metadata=_help("Score prompt tokens too."))
-    batch_size: int = field(default=8, metadata=_help("Evaluation batch size."))
-    json: str | None = field(default=None, metadata=_help("Also write the metrics to this JSON file."))
-    device: str = field(default="auto", metadata=_help("auto, cpu, cuda or cuda:N."))
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
-        default="auto", metadata=_help("Compute dtype. auto: bfloat16 on capable GPUs, else float32.")
+    batch_size: int = field(default=8, metadata=_help("Evaluation batch size.", group=RUN))
+    json: str | None = field(
+        default=None, metadata=_help("Also write the metrics to this JSON file.", group=RUN)
     )
-    trust_remote_code: bool = field(default=False, metadata=_help("Allow code from the model dir."))
-    allow_pickle_weights: bool = field(default=False, metadata=_help("Allow non-safetensors weights."))
+
+
+@dataclass
+class CacheTeacherConfig(TokenizeOptions, LoadOptions):
+    """`llm-neo cache-teacher`: run the teacher once over the data and store its top-k log-probs."""
+
+    teacher: str = field(
+        default="", metadata=_help("Teacher model: a local HF model dir or a hub id.", group=MODELS)
+    )
+    data: str = field(
+        default="",
+        metadata=_help(
+            "Data to cache, in any format `distill` reads (the file you will distill on).", group=DATA
+        ),
+    )
+    output: str = field(default="", metadata=_help("Cache directory to write (or to resume).", group=RUN))
+    tokenizer: str | None = field(
+        default=None,
+        metadata=_help(
+            "Model dir whose tokenizer and chat template tokenize the data, as the student's do in "
+            "distill. Default: the teacher's. Give the student here if its tokenizer or template "
+            "files differ from the teacher's (the cache key records them).",
+            group=MODELS,
+        ),
+    )
+    top_k: int = field(
+        default=64,
+        metadata=_help(
+            "Teacher tokens kept per position (the rest is one tail bucket); ~6·k+2 bytes/token.", group=RUN
+        ),
+    )
+    temperature: float = field(
+        default=1.0,
+        metadata=_help(
+            "Temperature T of the stored log-probs; distill must use the same --temperature.", group=RUN
+        ),
+    )
+    batch_size: int = field(default=8, metadata=_help("Samples per teacher forward pass.", group=RUN))
+    shard_size: int = field(
+        default=1024, metadata=_help("Examples per shard file (the unit of resumption).", group=RUN)
+    )
+    logprob_dtype: str = field(
+        default="float16",
+        metadata=_help(
+            "Storage dtype of the log-probs and the tail (computed in float32 either way).",
+            choices=LOGPROB_DTYPES,
+            group=RUN,
+        ),
+    )
+    chunk_size: int = field(
+        default=1024,
+        metadata=_help("Tokens per chunk of the teacher's lm_head (bounds logits memory).", group=RUN),
+    )
+    overwrite: bool = field(
+        default=False,
+        metadata=_help(
+            "Replace a cache in --output made for other inputs (same inputs: it is resumed).", group=RUN
+        ),
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -248,88 +387,94 @@ def _looks_like_hub_id(value: str) -> bool:
     return value.count("/") == 1 and not value.startswith((".", "/", "~")) and not Path(value).exists()
 
 
-def _check_model_path(problems: list[str], option: str, value: str | None) -> None:
+def check_model_path(problems: list[str], option: str, value: str | None) -> None:
     if value and not Path(value).expanduser().exists() and not _looks_like_hub_id(value):
         problems.append(f"--{option}: {value!r} does not exist (give a model directory or a hub id org/name)")
 
 
-def _check_data_path(problems: list[str], value: str | None) -> None:
+def check_data_path(problems: list[str], value: str | None) -> None:
     if not value:
         problems.append("--data is required (a .jsonl/.json/.parquet file or a datasets directory)")
     elif not Path(value).expanduser().exists():
         problems.append(f"--data: {value!r} does not exist")
 
 
+Range = tuple[str, Any, bool, str]  # (flag name, value, whether it is in range, the rule)
+
+
+def check_ranges(problems: list[str], ranges: list[Range]) -> None:
+    """Append one problem per value out of its range (or not finite), naming the flag and the rule."""
+    for name, value, ok, rule in ranges:
+        if not ok or (isinstance(value, float) and not math.isfinite(value)):
+            problems.append(f"--{name}: {value} is out of range; it must be {rule}")
+
+
+def check_choices(problems: list[str], config: Any, prefix: str = "") -> None:
+    """Append one problem per field whose value is not among its declared ``choices`` (also for configs
+    built in code, which the CLI and YAML parsers never saw)."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            check_choices(problems, value, prefix=f"{prefix}{f.name}.")
+        choices = f.metadata.get("choices")
+        if choices is not None and value not in choices:
+            problems.append(f"{_flag(prefix, f.name)}: {value!r} is not one of {', '.join(choices)}")
+
+
+def _check_tokenize(problems: list[str], config: TokenizeOptions) -> None:
+    check_ranges(problems, [("max-length", config.max_length, config.max_length >= 2, ">= 2")])
+
+
 def validate_distill(config: DistillConfig) -> None:
     """Raise ConfigError listing every problem of ``config`` (a resolved or unresolved config)."""
     c = config
     p: list[str] = []
-    if c.method not in METHODS:
-        p.append(f"--method: {c.method!r} is not one of {', '.join(METHODS)}")
+    check_choices(p, c)
     if not c.student:
         p.append("--student is required (a model directory or hub id)")
-    _check_model_path(p, "student", c.student)
-    if c.method in KD_METHODS and not c.teacher and not c.teacher_cache:
+    check_model_path(p, "student", c.student)
+    if c.method in METHODS and METHODS[c.method].kd and not c.teacher and not c.teacher_cache:
         p.append(
             f"--teacher is required for --method {c.method} (or --teacher-cache CACHE from llm-neo "
             "cache-teacher; or use --method lora/sft)"
         )
-    _check_model_path(p, "teacher", c.teacher)
+    check_model_path(p, "teacher", c.teacher)
     if c.teacher_cache and not (Path(c.teacher_cache).expanduser() / "manifest.json").is_file():
         p.append(
             f"--teacher-cache: {c.teacher_cache!r} is not a complete teacher cache (no manifest.json); "
             "write it with llm-neo cache-teacher --output DIR, or rerun that command to finish it"
         )
-    _check_data_path(p, c.data)
-    if c.divergence not in DIVERGENCE_NAMES:
-        p.append(f"--divergence: {c.divergence!r} is not one of {', '.join(DIVERGENCE_NAMES)}")
-    if c.loss_impl not in LOSS_IMPLS:
-        p.append(f"--loss-impl: {c.loss_impl!r} is not one of {', '.join(LOSS_IMPLS)}")
+    check_data_path(p, c.data)
     if c.loss_impl == "liger":
-        if importlib.util.find_spec("liger_kernel") is None:
-            p.append(
-                "--loss-impl liger: Liger-Kernel is not installed; pip install 'llm-neo[liger]' (it needs "
-                "Triton), or use --loss-impl chunked, llm-neo's own fused loss"
-            )
-        if c.teacher_cache:
-            p.append(
-                "--loss-impl liger runs the teacher's lm_head and cannot read a --teacher-cache; use "
-                "--loss-impl chunked with a cache"
-            )
-        if c.divergence not in LIGER_DIVERGENCES:
-            p.append(
-                f"--loss-impl liger computes {', '.join(LIGER_DIVERGENCES)} (Liger's generalized JSD), "
-                f"not --divergence {c.divergence}; use --loss-impl chunked for it"
-            )
-    if c.lora.variant not in LORA_VARIANT_NAMES:
-        p.append(f"--lora.variant: {c.lora.variant!r} is not one of {', '.join(LORA_VARIANT_NAMES)}")
-    for name, value, ok, rule in [
-        ("kd-ratio", c.kd_ratio, 0 <= c.kd_ratio <= 1, "in [0, 1]"),
-        ("temperature", c.temperature, c.temperature > 0, "> 0"),
-        ("jsd-beta", c.jsd_beta, 0 < c.jsd_beta < 1, "in (0, 1)"),
-        ("skew-alpha", c.skew_alpha, 0 <= c.skew_alpha < 1, "in [0, 1)"),
-        ("epochs", c.epochs, c.epochs > 0, "> 0"),
-        ("max-steps", c.max_steps, c.max_steps is None or c.max_steps >= 1, ">= 1"),
-        ("batch-size", c.batch_size, c.batch_size >= 1, ">= 1"),
-        ("grad-accum", c.grad_accum, c.grad_accum >= 1, ">= 1"),
-        ("max-length", c.max_length, c.max_length >= 2, ">= 2"),
-        ("lr", c.lr, c.lr is None or c.lr > 0, "> 0"),
-        ("warmup-ratio", c.warmup_ratio, 0 <= c.warmup_ratio <= 1, "in [0, 1]"),
-        ("weight-decay", c.weight_decay, c.weight_decay >= 0, ">= 0"),
-        ("max-grad-norm", c.max_grad_norm, c.max_grad_norm >= 0, ">= 0"),
-        ("eval-fraction", c.eval_fraction, 0 <= c.eval_fraction < 1, "in [0, 1)"),
-        ("save-every", c.save_every, c.save_every >= 0, ">= 0"),
-        ("log-every", c.log_every, c.log_every >= 1, ">= 1"),
-        ("loss-chunk-size", c.loss_chunk_size, c.loss_chunk_size >= 1, ">= 1"),
-        ("mlp-chunks", c.mlp_chunks, c.mlp_chunks >= 1, ">= 1"),
-        ("eval-batch-size", c.eval_batch_size, c.eval_batch_size >= 1, ">= 1"),
-        ("merge-tolerance", c.merge_tolerance, c.merge_tolerance > 0, "> 0"),
-        ("lora.r", c.lora.r, c.lora.r >= 1, ">= 1"),
-        ("lora.lora-alpha", c.lora.lora_alpha, c.lora.lora_alpha is None or c.lora.lora_alpha > 0, "> 0"),
-        ("lora.lora-dropout", c.lora.lora_dropout, 0 <= c.lora.lora_dropout < 1, "in [0, 1)"),
-    ]:
-        if not ok or (isinstance(value, float) and not math.isfinite(value)):
-            p.append(f"--{name}: {value} is out of range; it must be {rule}")
+        _check_liger(p, c)
+    _check_tokenize(p, c)
+    check_ranges(
+        p,
+        [
+            ("kd-ratio", c.kd_ratio, 0 <= c.kd_ratio <= 1, "in [0, 1]"),
+            ("temperature", c.temperature, c.temperature > 0, "> 0"),
+            ("jsd-beta", c.jsd_beta, 0 < c.jsd_beta < 1, "in (0, 1)"),
+            ("skew-alpha", c.skew_alpha, 0 <= c.skew_alpha < 1, "in [0, 1)"),
+            ("epochs", c.epochs, c.epochs > 0, "> 0"),
+            ("max-steps", c.max_steps, c.max_steps is None or c.max_steps >= 1, ">= 1"),
+            ("batch-size", c.batch_size, c.batch_size >= 1, ">= 1"),
+            ("grad-accum", c.grad_accum, c.grad_accum >= 1, ">= 1"),
+            ("lr", c.lr, c.lr is None or c.lr > 0, "> 0"),
+            ("warmup-ratio", c.warmup_ratio, 0 <= c.warmup_ratio <= 1, "in [0, 1]"),
+            ("weight-decay", c.weight_decay, c.weight_decay >= 0, ">= 0"),
+            ("max-grad-norm", c.max_grad_norm, c.max_grad_norm >= 0, ">= 0"),
+            ("eval-fraction", c.eval_fraction, 0 <= c.eval_fraction < 1, "in [0, 1)"),
+            ("save-every", c.save_every, c.save_every >= 0, ">= 0"),
+            ("log-every", c.log_every, c.log_every >= 1, ">= 1"),
+            ("loss-chunk-size", c.loss_chunk_size, c.loss_chunk_size >= 1, ">= 1"),
+            ("mlp-chunks", c.mlp_chunks, c.mlp_chunks >= 1, ">= 1"),
+            ("eval-batch-size", c.eval_batch_size, c.eval_batch_size >= 1, ">= 1"),
+            ("merge-tolerance", c.merge_tolerance, c.merge_tolerance > 0, "> 0"),
+            ("lora.r", c.lora.r, c.lora.r >= 1, ">= 1"),
+            ("lora.lora-alpha", c.lora.lora_alpha, c.lora.lora_alpha is None or c.lora.lora_alpha > 0, "> 0"),
+            ("lora.lora-dropout", c.lora.lora_dropout, 0 <= c.lora.lora_dropout < 1, "in [0, 1)"),
+        ],
+    )
     if c.mlp_chunks > 1 and not c.gradient_checkpointing:
         p.append(
             f"--mlp-chunks {c.mlp_chunks} splits the MLP inside checkpointed blocks: add "
@@ -341,17 +486,60 @@ def validate_distill(config: DistillConfig) -> None:
         raise ConfigError(p)
 
 
+def _check_liger(p: list[str], c: DistillConfig) -> None:
+    if importlib.util.find_spec("liger_kernel") is None:
+        p.append(
+            "--loss-impl liger: Liger-Kernel is not installed; pip install 'llm-neo[liger]' (it needs "
+            "Triton), or use --loss-impl chunked, llm-neo's own fused loss"
+        )
+    if c.teacher_cache:
+        p.append(
+            "--loss-impl liger runs the teacher's lm_head and cannot read a --teacher-cache; use "
+            "--loss-impl chunked with a cache"
+        )
+    if c.divergence not in LIGER_DIVERGENCES:
+        p.append(
+            f"--loss-impl liger computes {', '.join(LIGER_DIVERGENCES)} (Liger's generalized JSD), "
+            f"not --divergence {c.divergence}; use --loss-impl chunked for it"
+        )
+
+
 def validate_eval(config: EvalConfig) -> None:
     p: list[str] = []
+    check_choices(p, config)
     if not config.model:
         p.append("--model is required")
-    _check_model_path(p, "model", config.model)
-    _check_model_path(p, "teacher", config.teacher)
-    _check_data_path(p, config.data)
-    if config.max_length < 2:
-        p.append(f"--max-length: {config.max_length} is out of range; it must be >= 2")
-    if config.batch_size < 1:
-        p.append(f"--batch-size: {config.batch_size} is out of range; it must be >= 1")
+    check_model_path(p, "model", config.model)
+    check_model_path(p, "teacher", config.teacher)
+    check_data_path(p, config.data)
+    _check_tokenize(p, config)
+    check_ranges(p, [("batch-size", config.batch_size, config.batch_size >= 1, ">= 1")])
+    if p:
+        raise ConfigError(p)
+
+
+def validate_cache_teacher(config: CacheTeacherConfig) -> None:
+    c = config
+    p: list[str] = []
+    check_choices(p, c)
+    if not c.teacher:
+        p.append("--teacher is required (a model directory or hub id)")
+    check_model_path(p, "teacher", c.teacher)
+    check_model_path(p, "tokenizer", c.tokenizer)
+    check_data_path(p, c.data)
+    if not c.output:
+        p.append("--output is required (the cache directory to write)")
+    _check_tokenize(p, c)
+    check_ranges(
+        p,
+        [
+            ("top-k", c.top_k, c.top_k >= 1, ">= 1"),
+            ("temperature", c.temperature, c.temperature > 0, "> 0"),
+            ("batch-size", c.batch_size, c.batch_size >= 1, ">= 1"),
+            ("shard-size", c.shard_size, c.shard_size >= 1, ">= 1"),
+            ("chunk-size", c.chunk_size, c.chunk_size >= 1, ">= 1"),
+        ],
+    )
     if p:
         raise ConfigError(p)
 
@@ -368,50 +556,78 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
-def _field_types(cls: type) -> dict[str, Any]:
-    return get_type_hints(cls)
-
-
 def _flag(prefix: str, name: str) -> str:
     return f"--{prefix}{name.replace('_', '-')}"
 
 
+def ordered_fields(cls: Any) -> Iterator[dataclasses.Field[Any]]:
+    """The fields of a config class, its own first and then those of its shared option groups: the
+    order of --help, config.yaml and summary.json (dataclasses put inherited fields first)."""
+    by_name = {f.name: f for f in dataclasses.fields(cls)}
+    seen: set[str] = set()
+    for klass in type(cls).__mro__ if not isinstance(cls, type) else cls.__mro__:
+        for name in inspect.get_annotations(klass):
+            if name in by_name and name not in seen:
+                seen.add(name)
+                yield by_name[name]
+
+
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, prefix: str = "") -> None:
-    """Add one flag per field of ``cls`` (recursing into nested dataclasses as ``--section.name``).
+    """Add one flag per field of ``cls`` (recursing into nested dataclasses as ``--section.name``), in the
+    argparse group its metadata names.
 
     Defaults are suppressed so that only flags the user typed override the YAML file.
     """
-    hints = _field_types(cls)
-    group = parser.add_argument_group(f"{prefix.rstrip('.')} options") if prefix else parser
-    for f in dataclasses.fields(cls):
+    hints = get_type_hints(cls)
+    groups: dict[str, Any] = {}
+    nested_group = parser.add_argument_group(f"{prefix.rstrip('.')} options") if prefix else None
+    for f in ordered_fields(cls):
         tp, _ = _unwrap_optional(hints[f.name])
         if dataclasses.is_dataclass(tp):
             add_dataclass_arguments(parser, tp, prefix=f"{prefix}{f.name}.")  # type: ignore[arg-type]
             continue
-        flags = [_flag(prefix, f.name)]
-        dest = f"{prefix}{f.name}"
+        title = f.metadata.get("group")
+        group = nested_group or (
+            groups.setdefault(title, parser.add_argument_group(f"{title} options")) if title else parser
+        )
         default = f.default if f.default is not dataclasses.MISSING else None
         help_text = f.metadata.get("help", "")
         if default not in (None, "", False):
             help_text += f" [default: {default}]"
-        kwargs: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS, "help": help_text}
+        flags = [_flag(prefix, f.name)]
+        kwargs: dict[str, Any] = {
+            "dest": f"{prefix}{f.name}",
+            "default": argparse.SUPPRESS,
+            "help": help_text,
+        }
+        choices = _choices(f, tp)
         if tp is bool:
             group.add_argument(*flags, action=argparse.BooleanOptionalAction, **kwargs)
-        elif get_origin(tp) is Literal:
-            group.add_argument(
-                *flags, choices=list(get_args(tp)), metavar="{" + ",".join(get_args(tp)) + "}", **kwargs
-            )
+        elif choices is not None:
+            group.add_argument(*flags, choices=list(choices), metavar="{" + ",".join(choices) + "}", **kwargs)
         elif get_origin(tp) is list:
             group.add_argument(*flags, nargs="+", metavar=f.name.upper().removesuffix("S"), **kwargs)
         else:
             group.add_argument(*flags, type=tp, metavar=f.name.upper(), **kwargs)
 
 
-def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
+def _choices(f: dataclasses.Field[Any], tp: Any) -> tuple[str, ...] | None:
+    """A field's choices: declared in its metadata, or the values of a ``Literal`` type."""
+    if "choices" in f.metadata:
+        return tuple(f.metadata["choices"])
+    return tuple(get_args(tp)) if get_origin(tp) is Literal else None
+
+
+def _coerce(value: Any, tp: Any, choices: tuple[str, ...] | None, where: str, problems: list[str]) -> Any:
     tp, optional = _unwrap_optional(tp)
     if value is None:
         if not optional:
             problems.append(f"{where}: null is not allowed here")
+        return value
+    if choices is not None:
+        if value in choices:
+            return value
+        problems.append(f"{where}: {value!r} is not one of {', '.join(map(str, choices))}")
         return value
     if tp is bool:
         if isinstance(value, bool):
@@ -431,11 +647,6 @@ def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
     elif tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
-    elif get_origin(tp) is Literal:
-        if value in get_args(tp):
-            return value
-        problems.append(f"{where}: {value!r} is not one of {', '.join(map(str, get_args(tp)))}")
-        return value
     elif get_origin(tp) is list:
         if isinstance(value, str):
             value = [value]
@@ -447,7 +658,7 @@ def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
 
 def from_dict(cls: type, data: dict[str, Any], *, source: str, problems: list[str], prefix: str = "") -> Any:
     """Build ``cls`` from a (YAML) mapping; unknown keys and wrong types are appended to ``problems``."""
-    hints = _field_types(cls)
+    hints = get_type_hints(cls)
     names = {f.name: f for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
@@ -471,13 +682,52 @@ def from_dict(cls: type, data: dict[str, Any], *, source: str, problems: list[st
                 prefix=f"{prefix}{key_norm}.",
             )
         else:
-            kwargs[key_norm] = _coerce(value, hints[key_norm], where, problems)
+            kwargs[key_norm] = coerce_option(value, (names[key_norm], hints[key_norm]), where, problems)
     return cls(**kwargs)
 
 
+Option = tuple[dataclasses.Field[Any], Any]  # a field and its declared type
+
+
+def find_option(cls: Any, option: str) -> Option | None:
+    """The field and declared type of a dotted option of ``cls`` (``lora.r``), or None if it has none."""
+    *parents, leaf = option.split(".")
+    for part in parents:
+        found = find_option(cls, part)
+        if found is None or not dataclasses.is_dataclass(inner := _unwrap_optional(found[1])[0]):
+            return None
+        cls = inner
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if leaf not in fields:
+        return None
+    return fields[leaf], get_type_hints(cls)[leaf]
+
+
+def option_names(cls: Any, prefix: str = "") -> list[str]:
+    """Every leaf option of ``cls`` as a dotted name (``kd_ratio``, ``lora.r``)."""
+    names = []
+    hints = get_type_hints(cls)
+    for f in ordered_fields(cls):
+        tp, _ = _unwrap_optional(hints[f.name])
+        names += (
+            option_names(tp, f"{prefix}{f.name}.") if dataclasses.is_dataclass(tp) else [f"{prefix}{f.name}"]
+        )
+    return names
+
+
+def coerce_option(value: Any, option: Option, where: str, problems: list[str]) -> Any:
+    """``value`` as the option's type (a problem appended, naming ``where``, when it is not one)."""
+    f, tp = option
+    return _coerce(value, tp, _choices(f, _unwrap_optional(tp)[0]), where, problems)
+
+
 def to_dict(config: Any) -> dict[str, Any]:
-    """Plain nested dict of a config dataclass (what config.yaml and summary.json hold)."""
-    return dataclasses.asdict(config)
+    """Plain nested dict of a config dataclass (what config.yaml and summary.json hold), in the order of
+    ``ordered_fields``."""
+    return {
+        f.name: to_dict(value) if dataclasses.is_dataclass(value := getattr(config, f.name)) else value
+        for f in ordered_fields(config)
+    }
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -523,86 +773,3 @@ def dump_yaml(config: Any, path: str | Path) -> None:
     from llm_neo.runtime.atomic import atomic_write_text
 
     atomic_write_text(Path(path), yaml.safe_dump(to_dict(config), sort_keys=False))
-
-
-@dataclass
-class CacheTeacherConfig:
-    """`llm-neo cache-teacher`: run the teacher once over the data and store its top-k log-probs."""
-
-    teacher: str = field(default="", metadata=_help("Teacher model: a local HF model dir or a hub id."))
-    data: str = field(
-        default="",
-        metadata=_help("Data to cache, in any format `distill` reads (the file you will distill on)."),
-    )
-    output: str = field(default="", metadata=_help("Cache directory to write (or to resume)."))
-    tokenizer: str | None = field(
-        default=None,
-        metadata=_help(
-            "Model dir whose tokenizer and chat template tokenize the data, as the student's do in "
-            "distill. Default: the teacher's. Give the student here if its tokenizer or template "
-            "files differ from the teacher's (the cache key records them)."
-        ),
-    )
-    top_k: int = field(
-        default=64,
-        metadata=_help("Teacher tokens kept per position (the rest is one tail bucket); ~6·k+2 bytes/token."),
-    )
-    temperature: float = field(
-        default=1.0,
-        metadata=_help("Temperature T of the stored log-probs; distill must use the same --temperature."),
-    )
-    max_length: int = field(default=2048, metadata=_help("Truncate each sample to this many tokens."))
-    train_on_prompt: bool = field(
-        default=False, metadata=_help("Cache prompt positions too (for distill --train-on-prompt).")
-    )
-    batch_size: int = field(default=8, metadata=_help("Samples per teacher forward pass."))
-    shard_size: int = field(default=1024, metadata=_help("Examples per shard file (the unit of resumption)."))
-    logprob_dtype: Literal["float16", "bfloat16", "float32"] = field(
-        default="float16",
-        metadata=_help("Storage dtype of the log-probs and the tail (computed in float32 either way)."),
-    )
-    chunk_size: int = field(
-        default=1024, metadata=_help("Tokens per chunk of the teacher's lm_head (bounds logits memory).")
-    )
-    device: str = field(default="auto", metadata=_help("auto, cpu, cuda or cuda:N."))
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
-        default="auto",
-        metadata=_help("Compute dtype of the teacher. auto: bfloat16 on GPUs that support it, else float32."),
-    )
-    trust_remote_code: bool = field(
-        default=False, metadata=_help("Allow model/tokenizer code from the model dir (off: never run it).")
-    )
-    allow_pickle_weights: bool = field(
-        default=False,
-        metadata=_help("Allow loading .bin/.pt (pickle) weights; by default only safetensors are loaded."),
-    )
-    overwrite: bool = field(
-        default=False,
-        metadata=_help("Replace a cache in --output made for other inputs (same inputs: it is resumed)."),
-    )
-
-
-def validate_cache_teacher(config: CacheTeacherConfig) -> None:
-    c = config
-    p: list[str] = []
-    if not c.teacher:
-        p.append("--teacher is required (a model directory or hub id)")
-    _check_model_path(p, "teacher", c.teacher)
-    _check_model_path(p, "tokenizer", c.tokenizer)
-    _check_data_path(p, c.data)
-    if not c.output:
-        p.append("--output is required (the cache directory to write)")
-    for name, value, ok, rule in [
-        ("top-k", c.top_k, c.top_k >= 1, ">= 1"),
-        ("temperature", c.temperature, c.temperature > 0 and math.isfinite(c.temperature), "> 0"),
-        ("max-length", c.max_length, c.max_length >= 2, ">= 2"),
-        ("batch-size", c.batch_size, c.batch_size >= 1, ">= 1"),
-        ("shard-size", c.shard_size, c.shard_size >= 1, ">= 1"),
-        ("chunk-size", c.chunk_size, c.chunk_size >= 1, ">= 1"),
-    ]:
-        if not ok:
-            p.append(f"--{name}: {value} is out of range; it must be {rule}")
-    if c.logprob_dtype not in LOGPROB_DTYPE_NAMES:
-        p.append(f"--logprob-dtype: {c.logprob_dtype!r} is not one of {', '.join(LOGPROB_DTYPE_NAMES)}")
-    if p:
-        raise ConfigError(p)

@@ -33,11 +33,11 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-from llm_neo.config import MLP_CHUNKS_HELP
+from llm_neo.config import MLP_CHUNKS_HELP, DeviceOptions, _help
 from llm_neo.runtime.memory import LiveTensorBytes, peak_rss_bytes, rss_bytes
 from llm_neo.runtime.workers import load_average
 
@@ -51,16 +51,11 @@ __all__ = [
 ]
 
 GiB = 2**30
-BASELINE = "kd:plain"  # every ratio is to plain full-parameter KD
 RESULT_TAG = "LLM_NEO_BENCH_RESULT "
 
 
-def _help(text: str) -> dict[str, Any]:
-    return {"help": text}
-
-
 @dataclass
-class BenchConfig:
+class BenchConfig(DeviceOptions):
     """`llm-neo bench`: memory and speed of each arm × loss implementation on a named shape."""
 
     shape: str = field(
@@ -89,10 +84,6 @@ class BenchConfig:
     )
     lora_r: int | None = field(default=None, metadata=_help("LoRA rank of neo/lora. Default: the shape's."))
     kd_ratio: float = field(default=0.5, metadata=_help("Weight of the KD term (forward KL) for kd/neo."))
-    device: str = field(default="auto", metadata=_help("auto, cpu, cuda or cuda:N."))
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
-        default="auto", metadata=_help("Compute dtype. auto: bfloat16 on capable GPUs, else float32.")
-    )
     isolate: bool = field(
         default=True,
         metadata=_help(

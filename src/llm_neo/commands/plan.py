@@ -35,10 +35,11 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
+from llm_neo.config import DeviceOptions, _help
 from llm_neo.runtime.memory import rss_bytes
 
 __all__ = [
@@ -298,12 +299,8 @@ def estimate_arm(
 # The command
 
 
-def _help(text: str) -> dict[str, Any]:
-    return {"help": text}
-
-
 @dataclass
-class PlanConfig:
+class PlanConfig(DeviceOptions):
     """`llm-neo plan`: estimate each arm's peak memory from the configs alone (no weights are loaded)."""
 
     shape: str | None = field(
@@ -342,10 +339,6 @@ class PlanConfig:
     mlp_chunks: int = field(
         default=1,
         metadata=_help("With --gradient-checkpointing: the MLP checkpointed in this many chunks."),
-    )
-    device: str = field(default="auto", metadata=_help("auto, cpu, cuda or cuda:N: whose memory to check."))
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
-        default="auto", metadata=_help("Compute dtype. auto: bfloat16 on GPUs, float32 on CPU.")
     )
     device_memory_gb: float | None = field(
         default=None,

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoConfig, PretrainedConfig
 
 from llm_neo import __version__
-from llm_neo.config import _check_data_path, _check_model_path, _help
+from llm_neo.config import LoadOptions, _help, check_data_path, check_model_path
 from llm_neo.data import collate, load_records, tokenize_records
 from llm_neo.errors import ConfigError
 from llm_neo.models.loading import load_model, load_tokenizer, published_dtype, resolve_device, resolve_dtype
@@ -33,7 +33,7 @@ log = logging.getLogger("llm_neo")
 
 
 @dataclass
-class PruneConfig:
+class PruneConfig(LoadOptions):
     """`llm-neo prune`: depth-prune a causal LM by measured block importance."""
 
     model: str = field(default="", metadata=_help("Model to prune: a local HF model dir or a hub id."))
@@ -61,21 +61,6 @@ class PruneConfig:
         default=256, metadata=_help("Truncate each calibration sample to this many tokens.")
     )
     batch_size: int = field(default=8, metadata=_help("Calibration batch size."))
-    device: str = field(default="auto", metadata=_help("auto, cpu, cuda or cuda:N."))
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
-        default="auto",
-        metadata=_help(
-            "Compute dtype of the scoring pass. auto: bfloat16 on capable GPUs, else float32. The "
-            "saved weights keep the model's published dtype either way."
-        ),
-    )
-    trust_remote_code: bool = field(
-        default=False, metadata=_help("Allow model/tokenizer code from the model dir (off: never run it).")
-    )
-    allow_pickle_weights: bool = field(
-        default=False,
-        metadata=_help("Allow loading .bin/.pt (pickle) weights; by default only safetensors are loaded."),
-    )
     overwrite: bool = field(default=False, metadata=_help("Replace an existing, non-empty --output dir."))
 
 
@@ -93,8 +78,8 @@ def validate_prune(config: PruneConfig) -> PretrainedConfig | None:
     p: list[str] = []
     if not c.model:
         p.append("--model is required (a model directory or hub id)")
-    _check_model_path(p, "model", c.model)
-    _check_data_path(p, c.data)
+    check_model_path(p, "model", c.model)
+    check_data_path(p, c.data)
     if not c.output:
         p.append("--output is required (the directory the pruned model is written to)")
     else:

@@ -55,16 +55,16 @@ from typing import Any, Literal
 
 import yaml
 
+from llm_neo.choices import METHODS
 from llm_neo.config import (
-    KD_METHODS,
-    LORA_METHODS,
     DistillConfig,
-    _coerce,
-    _field_types,
     _help,
     _unwrap_optional,
+    coerce_option,
+    find_option,
     from_dict,
     load_yaml,
+    option_names,
     validate_distill,
 )
 from llm_neo.errors import ConfigError, SweepError
@@ -158,43 +158,14 @@ class Space:
 def default_space(method: str) -> dict[str, Any]:
     """The paper's guidelines around the base's method, as a space mapping (see the module docstring)."""
     grid: dict[str, list[Any]] = {}
-    if method in LORA_METHODS:
+    if METHODS[method].lora:
         grid["lr"] = [1e-4, 2e-4, 4e-4]  # LoRA lr = 10x the full-parameter lr (2e-5 -> 2e-4)
         grid["lora.r"] = [64, 128]  # the paper's 64 and its released model's 128
     else:
         grid["lr"] = [1e-5, 2e-5, 4e-5]
-    if method in KD_METHODS:
+    if METHODS[method].kd:
         grid["kd_ratio"] = [0.5, 0.9]  # the paper's default and its released model's
     return {"grid": grid}
-
-
-def _option_type(option: str) -> Any:
-    """The declared type of a dotted DistillConfig option, or None when there is no such option."""
-    cls: Any = DistillConfig
-    *parents, leaf = option.split(".")
-    for part in parents:
-        hints = _field_types(cls)
-        if part not in hints:
-            return None
-        cls, _ = _unwrap_optional(hints[part])
-        if not dataclasses.is_dataclass(cls):
-            return None
-    hints = _field_types(cls)
-    tp = hints.get(leaf)
-    if tp is None or dataclasses.is_dataclass(_unwrap_optional(tp)[0]):
-        return None
-    return tp
-
-
-def _all_options(cls: Any = DistillConfig, prefix: str = "") -> list[str]:
-    out = []
-    for f in dataclasses.fields(cls):
-        tp, _ = _unwrap_optional(_field_types(cls)[f.name])
-        if dataclasses.is_dataclass(tp):
-            out += _all_options(tp, f"{prefix}{f.name}.")
-        else:
-            out.append(f"{prefix}{f.name}")
-    return out
 
 
 def parse_space(data: dict[str, Any], *, source: str, trials: int | None = None) -> Space:
@@ -214,13 +185,13 @@ def parse_space(data: dict[str, Any], *, source: str, trials: int | None = None)
     body = data[strategy]
     if not isinstance(body, dict) or not body:
         raise ConfigError([*problems, f"{source}: {strategy}: must map option names to values"])
-    options = _all_options()
+    options = option_names(DistillConfig)
     dims: list[Dimension] = []
     for raw_option, spec in body.items():
         option = str(raw_option).replace("-", "_")
         where = f"{source}: {strategy}.{raw_option}"
-        tp = _option_type(option)
-        if tp is None:
+        found = find_option(DistillConfig, option)
+        if found is None or dataclasses.is_dataclass(_unwrap_optional(found[1])[0]):
             close = difflib.get_close_matches(option, options, n=1)
             problems.append(f"{where}: unknown option" + (f" (did you mean {close[0]}?)" if close else ""))
             continue
@@ -232,7 +203,7 @@ def parse_space(data: dict[str, Any], *, source: str, trials: int | None = None)
             if not values:
                 problems.append(f"{where}: give a non-empty list of values")
                 continue
-            coerced = tuple(_coerce(v, tp, where, problems) for v in values)
+            coerced = tuple(coerce_option(v, found, where, problems) for v in values)
             dims.append(Dimension(option, "grid" if strategy == "grid" else "choice", coerced))
             continue
         if not (isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in DISTRIBUTIONS):
@@ -245,12 +216,14 @@ def parse_space(data: dict[str, Any], *, source: str, trials: int | None = None)
             if not isinstance(values, list) or not values:
                 problems.append(f"{where}: choice needs a non-empty list")
                 continue
-            dims.append(Dimension(option, kind, tuple(_coerce(v, tp, where, problems) for v in values)))
+            dims.append(
+                Dimension(option, kind, tuple(coerce_option(v, found, where, problems) for v in values))
+            )
             continue
         bounds = _bounds(values, kind, where, problems)
         if bounds is None:
             continue
-        base_tp, _ = _unwrap_optional(tp)
+        base_tp, _ = _unwrap_optional(found[1])
         if kind == "int_uniform" and base_tp is not int:
             problems.append(f"{where}: int_uniform needs an integer option")
         elif kind != "int_uniform" and base_tp is not float:

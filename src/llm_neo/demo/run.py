@@ -620,7 +620,7 @@ def arm_config(
         student=student,
         teacher=teacher,
         data=str(data),
-        method=method,  # type: ignore[arg-type]
+        method=method,
         output_dir=str(output_dir),
         max_steps=settings.arm_steps,
         batch_size=settings.batch_size,

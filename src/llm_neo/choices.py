@@ -1,0 +1,57 @@
+"""The choice lists of llm-neo, each defined once: the methods and what they train, the divergences, the
+LoRA variants, the loss implementations and the compute dtypes. Configs, losses, models, commands and
+the demo import them from here; nothing spells them out again."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# The paper's learning-rate guideline: LoRA arms use 10x the full-parameter rate.
+FULL_PARAMETER_LR = 2e-5
+LORA_LR = 2e-4
+
+
+@dataclass(frozen=True)
+class Method:
+    """One arm of the comparison: which weights it trains and what its loss holds."""
+
+    name: str
+    lora: bool  # only LoRA branches train (the base stays frozen); else the whole student
+    kd: bool  # CE + the divergence to the teacher; else CE alone
+    summary: str
+
+    @property
+    def default_lr(self) -> float:
+        return LORA_LR if self.lora else FULL_PARAMETER_LR
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("neo", lora=True, kd=True, summary="LoRA branches on CE + KD (LLM-Neo)"),
+        Method("kd", lora=False, kd=True, summary="full student on CE + KD"),
+        Method("lora", lora=True, kd=False, summary="LoRA on CE only"),
+        Method("sft", lora=False, kd=False, summary="full student on CE only"),
+    )
+}
+METHOD_NAMES = tuple(METHODS)
+LORA_METHODS = tuple(name for name, m in METHODS.items() if m.lora)
+KD_METHODS = tuple(name for name, m in METHODS.items() if m.kd)
+# The order reports and the demo show the arms in: the baselines first, Neo last.
+COMPARISON_ORDER = ("sft", "lora", "kd", "neo")
+
+# D(teacher || student); see llm_neo.losses.divergences for the formulas.
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
+# Liger-Kernel's fused distillation loss is a generalized JSD: beta 0 and 1 are forward and reverse KL.
+LIGER_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+
+# PEFT's variants plus MoSLoRA (llm_neo.models.lora).
+LORA_VARIANTS = ("lora", "dora", "rslora", "pissa", "moslora")
+
+# How the loss is computed: chunk by chunk (default), on full logits (the reference), or by Liger.
+LOSS_IMPLS = ("chunked", "plain", "liger")
+
+# Compute dtypes a user can ask for; "auto" is bfloat16 on GPUs that support it, else float32.
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+# Storage dtypes of a teacher cache's log-probs.
+LOGPROB_DTYPES = ("float16", "bfloat16", "float32")
