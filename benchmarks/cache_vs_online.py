@@ -112,7 +112,8 @@ def _cached(teacher: Any, batch: dict[str, torch.Tensor], shapes: Shapes) -> dic
 def _trainer(student: Any, shapes: Shapes) -> dict[str, Any]:
     from transformers import get_scheduler
 
-    from llm_neo.distill import LossSettings
+    from llm_neo.distill import StepSettings
+    from llm_neo.losses import LossOptions
     from llm_neo.models.lora import attach_lora, trainable_parameters
 
     student.config.use_cache = False
@@ -124,7 +125,9 @@ def _trainer(student: Any, shapes: Shapes) -> dict[str, Any]:
         "trainable": trainable,
         "optimizer": optimizer,
         "scheduler": get_scheduler("constant", optimizer),
-        "loss": LossSettings(kd_ratio=0.5, kd_vocab_size=shapes.vocab),
+        "settings": StepSettings(
+            torch.device("cpu"), torch.float32, LossOptions(kd_ratio=0.5, kd_vocab_size=shapes.vocab)
+        ),
     }
 
 
@@ -139,10 +142,7 @@ def _step(trainer: dict[str, Any], teacher: Any, batch: dict[str, torch.Tensor])
         trainable=trainer["trainable"],
         optimizer=trainer["optimizer"],
         scheduler=trainer["scheduler"],
-        device=torch.device("cpu"),
-        dtype=torch.float32,
-        loss=trainer["loss"],
-        max_grad_norm=1.0,
+        settings=trainer["settings"],
     )
     return time.perf_counter() - started
 
@@ -374,7 +374,8 @@ def demo_kl(quick: bool, work: Path, teacher_dir: str | None = None) -> dict[str
             print(f"  arm {name} ...", file=sys.stderr)
             summary = distill(_arm(setup, seed, work / "arms" / name, cache))
             models[name] = str(work / "arms" / name / "merged")
-            arms[name] = {"train_time_s": summary["train_time_s"], "final": summary["final"]}
+            assert summary is not None
+            arms[name] = {"train_time_s": summary.train_time_s, "final": summary.final}
     scores = _score(models, setup)
     kl = {
         mode: statistics.mean(scores[f"{mode}-seed{s}"]["kl_to_teacher"] for s in seeds) for mode, _ in modes

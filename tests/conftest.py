@@ -94,3 +94,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def loss_kwargs(kw: dict) -> dict:
+    """The tests spell loss options as keywords (kd_ratio=0.5, divergence="jsd", ...); the losses take
+    them as one LossOptions: build it from them and pass the rest (num_tokens) through."""
+    import dataclasses
+
+    from llm_neo.losses import LossOptions
+
+    names = {f.name for f in dataclasses.fields(LossOptions)}
+    rest = {k: v for k, v in kw.items() if k not in names}
+    return {"options": LossOptions(**{k: v for k, v in kw.items() if k in names}), **rest}

@@ -51,7 +51,7 @@ IDS = torch.tensor([[1, 40, 41, 42, 43, 44, 45, 46], [1, 50, 60, 70, 80, 90, 100
 @pytest.mark.parametrize("method", ["neo", "kd", "lora", "sft"])
 def test_each_arm_exports_a_plain_student(make_config, student_dir, teacher_dir, method):
     summary = distill(make_config(method))
-    out = Path(summary["config"]["output_dir"])
+    out = Path(summary.config["output_dir"])
     student = AutoModelForCausalLM.from_pretrained(student_dir)
     merged = AutoModelForCausalLM.from_pretrained(out / "merged")
     # The deployed student has the student's architecture and exact parameter count.
@@ -73,24 +73,24 @@ def test_each_arm_exports_a_plain_student(make_config, student_dir, teacher_dir,
         assert r["loss"] == pytest.approx((1 - kd_ratio) * r["ce_loss"] + kd_ratio * r["kd_loss"])
         assert (r["kd_loss"] > 0) == (method in ("neo", "kd"))
 
-    assert summary["steps"] == 3 and summary["merge_check"]["passed"]
-    assert summary["merge_check"]["max_abs_logit_diff"] <= 1e-3
-    assert summary["merged_parameters"] == summary["student_parameters"]
-    assert {"ce", "perplexity", "kl_to_teacher", "top1_agreement"} <= set(summary["heldout"])
-    assert summary["samples"] == {"train": 12, "heldout": 4, "dropped": 0}
-    assert summary["config"]["lr"] == (2e-4 if method in ("neo", "lora") else 2e-5)
+    assert summary.steps == 3 and summary.merge_check["passed"]
+    assert summary.merge_check["max_abs_logit_diff"] <= 1e-3
+    assert summary.merged_parameters == summary.student_parameters
+    assert {"ce", "perplexity", "kl_to_teacher", "top1_agreement"} <= set(summary.heldout)
+    assert summary.samples == {"train": 12, "heldout": 4, "dropped": 0}
+    assert summary.config["lr"] == (2e-4 if method in ("neo", "lora") else 2e-5)
     # The CPU's tensor peak: at least what lives through the optimizer step (fp32 weights of both
     # models, trainable weights' gradients and two AdamW moments), at most the whole process.
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir)
     n_student = sum(p.numel() for p in student.parameters())
     n_teacher = sum(p.numel() for p in teacher.parameters()) if method in ("neo", "kd") else 0
-    n_trainable = summary["trainable_parameters"]
+    n_trainable = summary.trainable_parameters
     n_lora = n_trainable if method in ("neo", "lora") else 0
     floor = 4 * (n_student + n_teacher + n_lora + 3 * n_trainable)
-    assert summary["peak_tensor_memory_steps"] == 3
-    assert floor < summary["peak_tensor_memory_gb"] * 2**30 < summary["peak_memory_gb"] * 2**30
+    assert summary.peak_tensor_memory_steps == 3
+    assert floor < summary.peak_tensor_memory_gb * 2**30 < summary.peak_memory_gb * 2**30
     on_disk = json.loads((out / "summary.json").read_text())
-    assert on_disk["heldout"] == summary["heldout"]
+    assert on_disk["heldout"] == summary.heldout
 
     # config.yaml reproduces the run through --config.
     import argparse
@@ -101,7 +101,7 @@ def test_each_arm_exports_a_plain_student(make_config, student_dir, teacher_dir,
 
 def test_neo_trains_only_lora_branches(make_config, student_dir):
     summary = distill(make_config("neo"))
-    out = Path(summary["config"]["output_dir"])
+    out = Path(summary.config["output_dir"])
     before = load_file(student_dir / "model.safetensors")
     after = load_file(out / "merged" / "model.safetensors")
     adapted = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -112,7 +112,7 @@ def test_neo_trains_only_lora_branches(make_config, student_dir):
             assert torch.equal(after[name], tensor), f"{name} changed but is not a LoRA target"
     adapter = load_file(out / "adapter" / "adapter_model.safetensors")
     assert adapter and all("lora_" in k for k in adapter)
-    assert summary["trainable_parameters"] == sum(t.numel() for t in adapter.values())
+    assert summary.trainable_parameters == sum(t.numel() for t in adapter.values())
 
 
 def test_teacher_is_frozen_and_unchanged(make_config, teacher_dir, monkeypatch):
@@ -135,7 +135,7 @@ def test_teacher_is_frozen_and_unchanged(make_config, teacher_dir, monkeypatch):
 
 
 def test_merged_equals_adapter_model(make_config, student_dir):
-    out = Path(distill(make_config("neo", lora=LoraOptions(r=4, variant="moslora")))["config"]["output_dir"])
+    out = Path(distill(make_config("neo", lora=LoraOptions(r=4, variant="moslora"))).config["output_dir"])
     merged = AutoModelForCausalLM.from_pretrained(out / "merged")
     adapter_model = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(student_dir), out / "adapter"
@@ -159,19 +159,19 @@ def test_resume_ends_where_an_uninterrupted_run_ends(make_config, method):
     assert not (out / "merged").exists()
     resumed = distill(dataclasses.replace(killed, resume=True))
 
-    a = load_file(Path(whole["config"]["output_dir"]) / "merged" / "model.safetensors")
+    a = load_file(Path(whole.config["output_dir"]) / "merged" / "model.safetensors")
     b = load_file(out / "merged" / "model.safetensors")
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0)
 
     def losses(summary):
-        path = Path(summary["config"]["output_dir"]) / "metrics.jsonl"
+        path = Path(summary.config["output_dir"]) / "metrics.jsonl"
         return [
             v for r in map(json.loads, path.read_text().splitlines()) for v in (r["step"], r["loss"], r["lr"])
         ]
 
     assert losses(resumed) == pytest.approx(losses(whole))
-    assert resumed["heldout"] == pytest.approx(whole["heldout"])
+    assert resumed.heldout == pytest.approx(whole.heldout)
 
 
 def test_loss_is_a_token_mean_under_gradient_accumulation(make_config):
@@ -179,8 +179,8 @@ def test_loss_is_a_token_mean_under_gradient_accumulation(make_config):
     # normaliser the updates, and so the trained students, must agree.
     one = distill(make_config("kd", name="one", batch_size=4, grad_accum=1, max_steps=2))
     two = distill(make_config("kd", name="two", batch_size=2, grad_accum=2, max_steps=2))
-    a = load_file(Path(one["config"]["output_dir"]) / "merged" / "model.safetensors")
-    b = load_file(Path(two["config"]["output_dir"]) / "merged" / "model.safetensors")
+    a = load_file(Path(one.config["output_dir"]) / "merged" / "model.safetensors")
+    b = load_file(Path(two.config["output_dir"]) / "merged" / "model.safetensors")
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=2e-6, rtol=1e-5)
 
@@ -207,8 +207,8 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(make_config, monkeypatch
 
 def test_padded_student_vocabulary_is_aligned(make_config, padded_student_dir):
     summary = distill(make_config("neo", student=str(padded_student_dir)))
-    assert summary["heldout"]["kl_to_teacher"] > 0
-    merged = AutoModelForCausalLM.from_pretrained(Path(summary["config"]["output_dir"]) / "merged")
+    assert summary.heldout["kl_to_teacher"] > 0
+    merged = AutoModelForCausalLM.from_pretrained(Path(summary.config["output_dir"]) / "merged")
     assert merged.config.vocab_size == 352
 
 
@@ -220,17 +220,17 @@ def test_different_tokenizers_are_refused(make_config, foreign_dir):
 def test_existing_output_dir_is_not_clobbered(make_config):
     config = make_config("lora", max_steps=1)
     distill(config)
-    with pytest.raises(TrainingError, match="already holds files"):
+    with pytest.raises(ConfigError, match="already holds files"):
         distill(config)
-    assert distill(dataclasses.replace(config, overwrite=True))["steps"] == 1
+    assert distill(dataclasses.replace(config, overwrite=True)).steps == 1
 
 
 def test_resume_with_changed_options_is_refused(make_config):
     config = make_config("lora", max_steps=2, save_every=1)
     distill(config)
-    with pytest.raises(TrainingError, match=r"options differ.*lr"):
+    with pytest.raises(ConfigError, match=r"options differ.*lr"):
         distill(dataclasses.replace(config, resume=True, lr=1e-3))
-    with pytest.raises(TrainingError, match="no checkpoint"):
+    with pytest.raises(ConfigError, match="no checkpoint"):
         distill(make_config("lora", name="fresh", resume=True))
 
 
@@ -262,12 +262,8 @@ def test_pickle_weights_need_opt_in(make_config, tmp_path, tokenizer):
     tokenizer.save_pretrained(path)
     with pytest.raises(ModelError, match="allow-pickle-weights"):
         distill(make_config("sft", student=str(path), max_steps=1))
-    assert (
-        distill(make_config("sft", name="ok", student=str(path), max_steps=1, allow_pickle_weights=True))[
-            "steps"
-        ]
-        == 1
-    )
+    pickled = make_config("sft", name="ok", student=str(path), max_steps=1, allow_pickle_weights=True)
+    assert distill(pickled).steps == 1
 
 
 def test_yaml_config_round_trip(tmp_path):
@@ -285,11 +281,11 @@ def test_chunked_and_plain_loss_train_the_same_student(make_config, method):
     # The chunked path is the default; the plain path (full logits) is its reference.
     chunked = distill(make_config(method, name="chunked", loss_chunk_size=3))
     plain = distill(make_config(method, name="plain", loss_impl="plain"))
-    a = load_file(Path(chunked["config"]["output_dir"]) / "merged" / "model.safetensors")
-    b = load_file(Path(plain["config"]["output_dir"]) / "merged" / "model.safetensors")
+    a = load_file(Path(chunked.config["output_dir"]) / "merged" / "model.safetensors")
+    b = load_file(Path(plain.config["output_dir"]) / "merged" / "model.safetensors")
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-5)
-    assert chunked["final"] == pytest.approx(plain["final"], rel=1e-5)
+    assert chunked.final == pytest.approx(plain.final, rel=1e-5)
 
 
 def test_a_run_that_cannot_start_writes_nothing(make_config, tmp_path):
@@ -297,7 +293,7 @@ def test_a_run_that_cannot_start_writes_nothing(make_config, tmp_path):
     with pytest.raises(ValueError, match="no_such_proj"):
         distill(config)
     assert not Path(str(config.output_dir)).exists()
-    assert distill(dataclasses.replace(config, lora=LoraOptions(r=4)))["steps"] == 3  # no --overwrite needed
+    assert distill(dataclasses.replace(config, lora=LoraOptions(r=4))).steps == 3  # no --overwrite needed
 
 
 @pytest.mark.parametrize("method", ["neo", "kd"])
@@ -310,11 +306,11 @@ def test_liger_loss_trains_the_same_student(make_config, method, monkeypatch):
     monkeypatch.setattr(recipe, "liger_distill_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
     liger = distill(make_config(method, name="liger", loss_impl="liger", loss_chunk_size=3))
     assert len(calls) == 3 * 2  # every micro-batch of the 3 steps (grad_accum 2) went through Liger
-    a = load_file(Path(ours["config"]["output_dir"]) / "merged" / "model.safetensors")
-    b = load_file(Path(liger["config"]["output_dir"]) / "merged" / "model.safetensors")
+    a = load_file(Path(ours.config["output_dir"]) / "merged" / "model.safetensors")
+    b = load_file(Path(liger.config["output_dir"]) / "merged" / "model.safetensors")
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-5)
-    assert liger["final"] == pytest.approx(ours["final"], rel=1e-5)
+    assert liger.final == pytest.approx(ours.final, rel=1e-5)
 
 
 def test_liger_loss_is_refused_where_it_cannot_run(make_config, tmp_path, monkeypatch):
@@ -349,11 +345,11 @@ def test_mlp_chunks_train_the_same_student(make_config, method, monkeypatch):
     )
     chunked = distill(make_config(method, name="mlp3", gradient_checkpointing=True, mlp_chunks=3))
     assert split == [2]  # both blocks of the tiny student had their MLP split
-    a = load_file(Path(whole["config"]["output_dir"]) / "merged" / "model.safetensors")
-    b = load_file(Path(chunked["config"]["output_dir"]) / "merged" / "model.safetensors")
+    a = load_file(Path(whole.config["output_dir"]) / "merged" / "model.safetensors")
+    b = load_file(Path(chunked.config["output_dir"]) / "merged" / "model.safetensors")
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-5)
-    assert chunked["final"] == pytest.approx(whole["final"], rel=1e-5)
+    assert chunked.final == pytest.approx(whole.final, rel=1e-5)
 
 
 def test_mlp_chunks_need_gradient_checkpointing(make_config):

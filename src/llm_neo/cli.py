@@ -119,20 +119,19 @@ def run_distill(config: DistillConfig) -> int:
     from llm_neo.report.tables import format_table
 
     summary = distill(config)
-    if not summary:  # a rank other than 0 of a distributed run: rank 0 reports
+    if summary is None:  # a rank other than 0 of a distributed run: rank 0 reports
         return 0
-    heldout = {k: v for k, v in summary["heldout"].items() if k != "tokens"}
+    heldout = {k: v for k, v in summary.heldout.items() if k != "tokens"}
     row = {
-        **summary["final"],
+        **summary.final,
         **heldout,
-        "train_s": summary["train_time_s"],
-        "peak_gb": summary["peak_memory_gb"],
-        "trainable": summary["trainable_parameters"],
-        "merge_diff": summary["merge_check"]["max_abs_logit_diff"],
+        "train_s": summary.train_time_s,
+        "peak_gb": summary.peak_memory_gb,
+        "trainable": summary.trainable_parameters,
+        "merge_diff": summary.merge_check["max_abs_logit_diff"],
     }
-    print(format_table({summary["method"]: row}, list(row)))
-    out = summary["config"]["output_dir"]
-    print(f"\nmerged model: {out}/merged  (summary.json, metrics.jsonl beside it)")
+    print(format_table({summary.method: row}, list(row)))
+    print(f"\nmerged model: {summary.output_dir}/merged  (summary.json, metrics.jsonl beside it)")
     return 0
 
 

@@ -32,13 +32,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from llm_neo.errors import DataError
+from llm_neo.losses.objective import IGNORE_INDEX
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 FORMATS = ("chat", "alpaca", "prompt_completion", "text")
 
-IGNORE_INDEX = -100  # the label value that cross-entropy (and our KD mask) skips
 CHAT_ROLES = ("system", "user", "assistant")
 
 # One line per format, reused in every "what is accepted" message so they never drift apart.
@@ -82,6 +82,9 @@ class Example:
 
     input_ids: list[int]
     labels: list[int]
+    # Its position among the tokenized examples of its data (records that tokenize to no trained token
+    # are dropped and get none): the row of a teacher cache made from the same data.
+    index: int = -1
 
     def __post_init__(self) -> None:
         if len(self.input_ids) != len(self.labels):
@@ -517,7 +520,9 @@ def tokenize_records(
             for segments, ids, offsets in zip(
                 rendered, encoded["input_ids"], encoded["offset_mapping"], strict=True
             ):
-                example = _label(segments, ids[:max_length], offsets[:max_length], train_on_prompt)
+                example = _label(
+                    segments, ids[:max_length], offsets[:max_length], train_on_prompt, len(examples)
+                )
                 if example is None:
                     dropped += 1
                 else:
@@ -536,7 +541,11 @@ def tokenize_records(
 
 
 def _label(
-    segments: list[tuple[str, bool]], ids: list[int], offsets: list[tuple[int, int]], train_on_prompt: bool
+    segments: list[tuple[str, bool]],
+    ids: list[int],
+    offsets: list[tuple[int, int]],
+    train_on_prompt: bool,
+    index: int,
 ) -> Example | None:
     """Build the Example for one tokenized record, or None if no token is trained."""
     if train_on_prompt:
@@ -556,7 +565,7 @@ def _label(
         ]
     if all(label == IGNORE_INDEX for label in labels):
         return None
-    return Example(input_ids=list(ids), labels=labels)
+    return Example(input_ids=list(ids), labels=labels, index=index)
 
 
 # --------------------------------------------------------------------------------------------------

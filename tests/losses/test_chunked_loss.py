@@ -8,10 +8,12 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import loss_kwargs
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from llm_neo.losses import (
     DIVERGENCES,
+    HeadInput,
     LossParts,
     chunked_distill_loss,
     distill_loss,
@@ -74,11 +76,7 @@ def _plain(
     logits = F.linear(hidden, head, bias)
     t_logits = F.linear(p["t_hidden"], p["t_head"], p["t_bias"])
     return distill_loss(
-        _softcap(logits, caps[0]),
-        p["targets"],
-        _softcap(t_logits, caps[1]),
-        num_tokens=kw.pop("num_tokens"),
-        **kw,
+        _softcap(logits, caps[0]), p["targets"], _softcap(t_logits, caps[1]), **loss_kwargs(kw)
     )
 
 
@@ -86,7 +84,7 @@ def _chunked(
     p: dict[str, Any], leaves: tuple[Tensor, Tensor, Tensor | None], caps: Any, **kw: Any
 ) -> LossParts:
     hidden, head, bias = leaves
-    return chunked_distill_loss(
+    return _call_chunked(
         hidden,
         head,
         p["targets"],
@@ -98,6 +96,27 @@ def _chunked(
         teacher_softcap=caps[1],
         **kw,
     )
+
+
+def _call_chunked(
+    student_hidden: Tensor,
+    student_head: Tensor,
+    targets: Tensor,
+    teacher_hidden: Tensor | None = None,
+    teacher_head: Tensor | None = None,
+    *,
+    student_bias: Tensor | None = None,
+    teacher_bias: Tensor | None = None,
+    student_softcap: float | None = None,
+    teacher_softcap: float | None = None,
+    **kw: Any,
+) -> LossParts:
+    """``chunked_distill_loss`` with the heads' parts and the loss options as keywords."""
+    teacher = None
+    if teacher_hidden is not None or teacher_head is not None:
+        teacher = HeadInput(teacher_hidden, teacher_head, teacher_bias, teacher_softcap)  # type: ignore[arg-type]
+    student = HeadInput(student_hidden, student_head, student_bias, student_softcap)
+    return chunked_distill_loss(student, targets, teacher, **loss_kwargs(kw))
 
 
 def _grads(loss: Tensor, leaves: tuple[Tensor, Tensor, Tensor | None]) -> list[Tensor | None]:
@@ -290,7 +309,10 @@ def test_autocast_computes_the_head_in_the_autocast_dtype():
     assert logits.dtype == torch.bfloat16
     caps = case["caps"]
     want = distill_loss(
-        _softcap(logits.float(), caps[0]), p["targets"], _softcap(t_logits.float(), caps[1]), **kw
+        _softcap(logits.float(), caps[0]),
+        p["targets"],
+        _softcap(t_logits.float(), caps[1]),
+        **loss_kwargs(kw),
     )
 
     leaves2 = _leaves(p)
@@ -328,7 +350,7 @@ def test_ce_only_without_teacher():
     p = _problem(case, seed=9)
     leaves = _leaves(p)
     hidden, head, bias = leaves
-    out = chunked_distill_loss(
+    out = _call_chunked(
         hidden, head, p["targets"], kd_ratio=0.0, num_tokens=33, chunk_size=5, student_bias=bias
     )
     logits = F.linear(p["hidden"], p["head"], p["bias"])
@@ -455,8 +477,8 @@ def test_liger_matches_chunked(name, kd_ratio, temperature):
         t_hidden = p["t_hidden"].clone()
     hidden, head, bias = leaves
     got = liger_distill_loss(
-        hidden, head, p["targets"], t_hidden, p["t_head"], kd_vocab_size=90, chunk_size=3,
-        student_bias=bias, teacher_bias=p["t_bias"], compiled=False, **kw,
+        HeadInput(hidden, head, bias), p["targets"], HeadInput(t_hidden, p["t_head"], p["t_bias"]),
+        **loss_kwargs({**kw, "kd_vocab_size": 90, "chunk_size": 3}), compiled=False,
     )  # fmt: skip
     _assert_parts_close(got, ours, rtol=1e-5, atol=1e-5)
     for g, w in zip(_grads(got.loss, leaves), want, strict=True):
@@ -468,11 +490,13 @@ def test_liger_refuses_what_it_cannot_compute():
     from llm_neo.losses import liger_distill_loss
 
     p = _problem(CASES[1], seed=32)  # student head 97 rows, KD vocabulary 90: a padded student
-    args = (p["hidden"], p["head"], p["targets"], p["t_hidden"], p["t_head"])
+    args = (HeadInput(p["hidden"], p["head"]), p["targets"], HeadInput(p["t_hidden"], p["t_head"]))
     with pytest.raises(ValueError, match="tvd"):
-        liger_distill_loss(*args, kd_ratio=0.5, num_tokens=7, divergence="tvd", kd_vocab_size=90)
+        liger_distill_loss(
+            *args, **loss_kwargs({"kd_ratio": 0.5, "num_tokens": 7, "divergence": "tvd", "kd_vocab_size": 90})
+        )
     with pytest.raises(ValueError, match=r"97 rows.*\(90\)"):
-        liger_distill_loss(*args, kd_ratio=0.5, num_tokens=7, kd_vocab_size=90)
+        liger_distill_loss(*args, **loss_kwargs({"kd_ratio": 0.5, "num_tokens": 7, "kd_vocab_size": 90}))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -493,7 +517,7 @@ def _call(**overrides: Any) -> LossParts:
         "kd_vocab_size": 90,
     }
     args.update(overrides)
-    return chunked_distill_loss(**args)
+    return _call_chunked(**args)
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import loss_kwargs
 
 from llm_neo.losses import (
     DIVERGENCES,
@@ -26,6 +27,11 @@ NEG_INF = float("-inf")
 SHAPES = [(1, 2), (7, 33), (16, 257)]
 # (temperature, beta, skew_alpha) combinations; beta only matters for jsd, alpha for the skews.
 OPTIONS = [(0.5, 0.1, 0.0), (1.0, 0.5, 0.1), (2.0, 0.9, 0.5)]
+
+
+def _loss(student_logits, targets, teacher, **kw):
+    """``distill_loss`` with the loss options as keywords."""
+    return distill_loss(student_logits, targets, teacher, **loss_kwargs(kw))
 
 
 def _logits(shape: tuple[int, ...], seed: int, scale: float = 3.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -330,7 +336,7 @@ def test_inputs_are_not_mutated():
     s0, t0 = s.clone(), t.clone()
     for name in DIVERGENCES:
         divergence(name, s, t, temperature=2.0)
-    distill_loss(s, torch.tensor([1, 2, 3, 4]), t, kd_ratio=0.5, num_tokens=4)
+    _loss(s, torch.tensor([1, 2, 3, 4]), t, kd_ratio=0.5, num_tokens=4)
     assert torch.equal(s, s0) and torch.equal(t, t0)
 
 
@@ -365,7 +371,7 @@ def _batch(n: int, v: int, seed: int, v_teacher: int | None = None):
 def test_kd_ratio_zero_is_ce_mean():
     s, t, y = _batch(12, 30, 0)
     for teacher in (None, t):
-        parts = distill_loss(s, y, teacher, kd_ratio=0.0, num_tokens=12)
+        parts = _loss(s, y, teacher, kd_ratio=0.0, num_tokens=12)
         torch.testing.assert_close(parts.loss, F.cross_entropy(s, y))
         assert parts.kd_sum.item() == 0.0 and parts.num_tokens == 12
         torch.testing.assert_close(parts.ce_sum, F.cross_entropy(s, y, reduction="sum"))
@@ -375,7 +381,7 @@ def test_kd_ratio_zero_is_ce_mean():
 def test_loss_combines_ce_and_kd_sums(name):
     s, t, y = _batch(10, 25, 1)
     s = s.requires_grad_()
-    parts = distill_loss(s, y, t, kd_ratio=0.3, num_tokens=40, divergence=name, temperature=2.0)
+    parts = _loss(s, y, t, kd_ratio=0.3, num_tokens=40, divergence=name, temperature=2.0)
     kd = divergence(name, s, t, temperature=2.0).sum()
     ce = F.cross_entropy(s, y, reduction="sum")
     torch.testing.assert_close(parts.loss, (0.7 * ce + 0.3 * kd) / 40)
@@ -387,7 +393,7 @@ def test_loss_combines_ce_and_kd_sums(name):
 def test_kd_ratio_one_is_pure_kd_and_teacher_gets_no_grad():
     s, t, y = _batch(6, 20, 2)
     s, t = s.requires_grad_(), t.requires_grad_()
-    parts = distill_loss(s, y, t, kd_ratio=1.0, num_tokens=6)
+    parts = _loss(s, y, t, kd_ratio=1.0, num_tokens=6)
     torch.testing.assert_close(parts.loss, forward_kl(s, t.detach()).mean())
     assert parts.ce_sum > 0  # still reported for logging
     parts.loss.backward()
@@ -402,11 +408,11 @@ def test_gradient_accumulation_invariance(name):
     kw = {"kd_ratio": 0.6, "divergence": name, "temperature": 1.5}
 
     s_full = s.clone().requires_grad_()
-    full = distill_loss(s_full, y, t, num_tokens=12, **kw)
+    full = _loss(s_full, y, t, num_tokens=12, **kw)
     full.loss.backward()
 
     s_acc = s.clone().requires_grad_()
-    parts = [distill_loss(s_acc[a:b], y[a:b], t[a:b], num_tokens=12, **kw) for a, b in ((0, 3), (3, 12))]
+    parts = [_loss(s_acc[a:b], y[a:b], t[a:b], num_tokens=12, **kw) for a, b in ((0, 3), (3, 12))]
     total = sum(p.loss for p in parts)
     assert isinstance(total, torch.Tensor)
     total.backward()
@@ -417,16 +423,15 @@ def test_gradient_accumulation_invariance(name):
     torch.testing.assert_close(sum(p.kd_sum for p in parts), full.kd_sum)
     assert [p.num_tokens for p in parts] == [3, 9]
     mean_of_means = (
-        sum(distill_loss(s[a:b], y[a:b], t[a:b], num_tokens=b - a, **kw).loss for a, b in ((0, 3), (3, 12)))
-        / 2
+        sum(_loss(s[a:b], y[a:b], t[a:b], num_tokens=b - a, **kw).loss for a, b in ((0, 3), (3, 12))) / 2
     )
     assert not torch.allclose(mean_of_means, full.loss)
 
 
 def test_num_tokens_may_be_a_tensor():
     s, t, y = _batch(5, 10, 4)
-    a = distill_loss(s, y, t, kd_ratio=0.5, num_tokens=20)
-    b = distill_loss(s, y, t, kd_ratio=0.5, num_tokens=torch.tensor(20))
+    a = _loss(s, y, t, kd_ratio=0.5, num_tokens=20)
+    b = _loss(s, y, t, kd_ratio=0.5, num_tokens=torch.tensor(20))
     torch.testing.assert_close(a.loss, b.loss)
 
 
@@ -435,7 +440,7 @@ def test_kd_vocab_size_equals_presliced_and_inf_padding(name):
     # Student padded to 48 columns, teacher to 40, tokenizer has 32 ids.
     s, t, y = _batch(8, 48, 5, v_teacher=40)
     y = y % 32
-    parts = distill_loss(s, y, t, kd_ratio=0.5, num_tokens=8, divergence=name, kd_vocab_size=32)
+    parts = _loss(s, y, t, kd_ratio=0.5, num_tokens=8, divergence=name, kd_vocab_size=32)
     kd = divergence(name, s[:, :32], t[:, :32]).sum()
     torch.testing.assert_close(parts.kd_sum, kd)
     # CE is on the full student width.
@@ -451,33 +456,33 @@ def test_kd_vocab_size_equals_presliced_and_inf_padding(name):
 def test_mismatched_widths_need_kd_vocab_size():
     s, t, y = _batch(4, 48, 6, v_teacher=40)
     with pytest.raises(ValueError, match=r"48.*40.*kd_vocab_size"):
-        distill_loss(s, y % 40, t, kd_ratio=0.5, num_tokens=4)
+        _loss(s, y % 40, t, kd_ratio=0.5, num_tokens=4)
     with pytest.raises(ValueError, match="kd_vocab_size"):
-        distill_loss(s, y % 40, t, kd_ratio=0.5, num_tokens=4, kd_vocab_size=41)
+        _loss(s, y % 40, t, kd_ratio=0.5, num_tokens=4, kd_vocab_size=41)
 
 
 @pytest.mark.parametrize("kd_ratio", [-0.1, 1.1, float("nan")])
 def test_bad_kd_ratio(kd_ratio):
     s, t, y = _batch(4, 10, 7)
     with pytest.raises(ValueError, match="kd_ratio"):
-        distill_loss(s, y, t, kd_ratio=kd_ratio, num_tokens=4)
+        _loss(s, y, t, kd_ratio=kd_ratio, num_tokens=4)
 
 
 def test_missing_teacher_with_kd():
     s, _, y = _batch(4, 10, 8)
     with pytest.raises(ValueError, match=r"kd_ratio.*teacher_logits"):
-        distill_loss(s, y, None, kd_ratio=0.5, num_tokens=4)
+        _loss(s, y, None, kd_ratio=0.5, num_tokens=4)
 
 
 def test_distill_loss_validates_options():
     s, t, y = _batch(4, 10, 9)
     with pytest.raises(ValueError, match="unknown divergence"):
-        distill_loss(s, y, t, kd_ratio=0.0, num_tokens=4, divergence="kl")
+        _loss(s, y, t, kd_ratio=0.0, num_tokens=4, divergence="kl")
     with pytest.raises(ValueError, match="beta"):
-        distill_loss(s, y, t, kd_ratio=0.5, num_tokens=4, divergence="jsd", beta=1.0)
+        _loss(s, y, t, kd_ratio=0.5, num_tokens=4, divergence="jsd", beta=1.0)
     with pytest.raises(ValueError, match="skew_alpha"):
-        distill_loss(s, y, t, kd_ratio=0.5, num_tokens=4, divergence="skew_forward_kl", skew_alpha=1.0)
+        _loss(s, y, t, kd_ratio=0.5, num_tokens=4, divergence="skew_forward_kl", skew_alpha=1.0)
     with pytest.raises(ValueError, match="num_tokens"):
-        distill_loss(s, y, t, kd_ratio=0.5, num_tokens=0)
+        _loss(s, y, t, kd_ratio=0.5, num_tokens=0)
     with pytest.raises(ValueError, match="targets"):
-        distill_loss(s, y[:3], t, kd_ratio=0.5, num_tokens=4)
+        _loss(s, y[:3], t, kd_ratio=0.5, num_tokens=4)

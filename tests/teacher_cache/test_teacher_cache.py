@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ALPACA, write_jsonl
+from conftest import ALPACA, loss_kwargs, write_jsonl
 from safetensors.torch import load_file
 
 import llm_neo.distill as recipe
@@ -22,9 +22,10 @@ from llm_neo.errors import CacheError, ConfigError
 from llm_neo.eval.metrics import cached_heldout_metrics, heldout_metrics
 from llm_neo.losses import (
     DIVERGENCES,
+    HeadInput,
+    LossOptions,
     TopKTargets,
-    cached_distill_loss,
-    chunked_cached_distill_loss,
+    chunked_distill_loss,
     distill_loss,
     divergence,
     reference_divergence,
@@ -140,16 +141,20 @@ def test_cached_losses_equal_online_losses_at_full_k(kd_ratio):
         return [t.grad for t in leaves], parts
 
     g_online, online = grads(
-        lambda x, w, b: distill_loss(F.linear(x, w, b), y, F.pad(teacher, (0, 5), value=-1e30), **options)
+        lambda x, w, b: distill_loss(
+            F.linear(x, w, b), y, F.pad(teacher, (0, 5), value=-1e30), **loss_kwargs(options)
+        )
     )
-    g_plain, plain = grads(lambda x, w, b: cached_distill_loss(F.linear(x, w, b), y, targets, **options))
+    g_plain, plain = grads(
+        lambda x, w, b: distill_loss(F.linear(x, w, b), y, targets, **loss_kwargs(options))
+    )
     # distill_loss computes CE in float32 even for float64 logits, the chunked path in float64: where
     # CE enters (kd_ratio < 1) they agree to float32 precision, the KD term to float64 precision.
     tol = dict(atol=1e-12, rtol=1e-10) if kd_ratio == 1.0 else dict(atol=1e-7, rtol=1e-5)
     for chunk in (1, 4, 1000):
         g_chunk, chunked = grads(
-            lambda x, w, b, c=chunk: chunked_cached_distill_loss(
-                x, w, y, targets, **options, chunk_size=c, student_bias=b
+            lambda x, w, b, c=chunk: chunked_distill_loss(
+                HeadInput(x, w, b), y, targets, **loss_kwargs({**options, "chunk_size": c})
             )
         )
         for parts, grad in ((plain, g_plain), (chunked, g_chunk)):
@@ -163,11 +168,11 @@ def test_cached_losses_equal_online_losses_at_full_k(kd_ratio):
 def test_cached_loss_errors_name_the_problem():
     logits = _logits(4, 10, 0)
     y = torch.zeros(4, dtype=torch.long)
-    with pytest.raises(ValueError, match="needs the cached teacher targets"):
-        cached_distill_loss(logits, y, None, kd_ratio=0.5, num_tokens=4)
+    with pytest.raises(ValueError, match=r"needs the teacher.*cached teacher targets"):
+        distill_loss(logits, y, None, options=LossOptions(kd_ratio=0.5), num_tokens=4)
     bad = _targets_from_logits(_logits(3, 10, 1), k=2)
     with pytest.raises(ValueError, match="must be \\[N, k\\], \\[N, k\\] and \\[N\\]"):
-        cached_distill_loss(logits, y, bad, kd_ratio=0.5, num_tokens=4)
+        distill_loss(logits, y, bad, options=LossOptions(kd_ratio=0.5), num_tokens=4)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -336,11 +341,11 @@ def test_distill_from_cache_never_loads_the_teacher(run_config, cache_dir, monke
     monkeypatch.setattr(recipe, "load_model", spy)
     summary = distill(run_config(method, method=method, teacher_cache=str(cache_dir)))
     assert "teacher" not in roles
-    assert summary["steps"] == 3 and summary["final"]["kd_loss"] > 0
-    assert summary["heldout_reference"] == "teacher_cache"
-    assert {"ce", "kl_to_teacher", "top1_agreement"} <= set(summary["heldout"])
-    assert summary["teacher_cache"]["top_k"] == 64
-    out = Path(summary["config"]["output_dir"])
+    assert summary.steps == 3 and summary.final["kd_loss"] > 0
+    assert summary.heldout_reference == "teacher_cache"
+    assert {"ce", "kl_to_teacher", "top1_agreement"} <= set(summary.heldout)
+    assert summary.teacher_cache["top_k"] == 64
+    out = Path(summary.config["output_dir"])
     assert (out / "merged" / "model.safetensors").is_file()
 
 
@@ -354,18 +359,18 @@ def test_full_vocabulary_cache_trains_exactly_like_the_online_teacher(
     cached = distill(
         run_config("cached", teacher_cache=str(full_cache_dir), teacher=str(teacher_dir), **common)
     )
-    assert cached["heldout_reference"] == "teacher"
+    assert cached.heldout_reference == "teacher"
 
     def curve(summary: dict) -> list[float]:
-        lines = (Path(summary["config"]["output_dir"]) / "metrics.jsonl").read_text().splitlines()
+        lines = (Path(summary.config["output_dir"]) / "metrics.jsonl").read_text().splitlines()
         return [r[k] for r in map(json.loads, lines) for k in ("loss", "ce_loss", "kd_loss", "grad_norm")]
 
     assert curve(cached) == pytest.approx(curve(online), rel=1e-5, abs=1e-7)
-    a = load_file(Path(online["config"]["output_dir"]) / "merged" / "model.safetensors")
-    b = load_file(Path(cached["config"]["output_dir"]) / "merged" / "model.safetensors")
+    a = load_file(Path(online.config["output_dir"]) / "merged" / "model.safetensors")
+    b = load_file(Path(cached.config["output_dir"]) / "merged" / "model.safetensors")
     for name in a:
         torch.testing.assert_close(b[name], a[name], atol=1e-6, rtol=1e-5)
-    assert cached["heldout"] == pytest.approx(online["heldout"], rel=1e-5)
+    assert cached.heldout == pytest.approx(online.heldout, rel=1e-5)
 
 
 def test_heldout_metrics_from_a_full_cache_equal_the_teachers(
@@ -456,7 +461,7 @@ def test_lora_arm_with_a_cache_ignores_its_temperature(run_config, cache_dir):
     summary = distill(
         run_config("lora", method="lora", teacher_cache=str(cache_dir), temperature=3.0, max_steps=1)
     )
-    assert summary["final"]["kd_loss"] == 0 and summary["heldout_reference"] == "teacher_cache"
+    assert summary.final["kd_loss"] == 0 and summary.heldout_reference == "teacher_cache"
     assert dataclasses.asdict(DistillConfig()).keys() >= {"teacher_cache"}
 
 

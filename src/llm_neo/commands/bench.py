@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from llm_neo.choices import METHODS
 from llm_neo.config import MLP_CHUNKS_HELP, DeviceOptions, _help
 from llm_neo.runtime.memory import LiveTensorBytes, peak_rss_bytes, rss_bytes
 from llm_neo.runtime.workers import load_average
@@ -173,16 +174,18 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
     An out-of-memory error is caught and reported (``status: "oom"``), not raised.
     """
     from llm_neo.commands.shapes import get_shape
-    from llm_neo.distill import LossSettings, train_step
-    from llm_neo.models.loading import enable_checkpointing, freeze, resolve_device, resolve_dtype
+    from llm_neo.distill import StepSettings, train_step
+    from llm_neo.losses import LossOptions
+    from llm_neo.models.checkpointing import enable_checkpointing
+    from llm_neo.models.loading import freeze, resolve_device, resolve_dtype
     from llm_neo.models.lora import attach_lora, trainable_parameters
 
     baseline_rss = rss_bytes()
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)
     shape = get_shape(spec.shape)
-    lora = spec.method in ("neo", "lora")
-    kd = spec.method in ("neo", "kd") and spec.kd_ratio > 0
+    lora = METHODS[spec.method].lora
+    kd = METHODS[spec.method].kd and spec.kd_ratio > 0
     result: dict[str, Any] = {"run": spec.name, "spec": dataclasses.asdict(spec), "status": "ok"}
     result["baseline_rss_bytes"] = baseline_rss
     tracker: LiveTensorBytes | None = None
@@ -201,15 +204,15 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
             enable_checkpointing(student, mlp_chunks=spec.mlp_chunks)
         student.train()
         trainable = trainable_parameters(student)
-        optimizer = torch.optim.AdamW(list(trainable.values()), lr=2e-4 if lora else 2e-5, weight_decay=0.0)
+        lr = METHODS[spec.method].default_lr
+        optimizer = torch.optim.AdamW(list(trainable.values()), lr=lr, weight_decay=0.0)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
         generator = torch.Generator().manual_seed(spec.seed)
         ids = torch.randint(0, shape.student.vocab_size, (spec.batch_size, spec.seq_len), generator=generator)
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
         batch = {k: v.to(device) for k, v in batch.items()}
-        settings = LossSettings(
-            kd_ratio=spec.kd_ratio if kd else 0.0, impl=spec.impl, chunk_size=spec.chunk_size
-        )
+        options = LossOptions(kd_ratio=spec.kd_ratio if kd else 0.0, chunk_size=spec.chunk_size)
+        settings = StepSettings(device, dtype, options, impl=spec.impl)
         result["trainable_parameters"] = sum(p.numel() for p in trainable.values())
 
         def step() -> dict[str, float]:
@@ -220,10 +223,7 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
                 trainable=trainable,
                 optimizer=optimizer,
                 scheduler=scheduler,
-                device=device,
-                dtype=dtype,
-                loss=settings,
-                max_grad_norm=1.0,
+                settings=settings,
             )
 
         if device.type == "cuda":

@@ -67,8 +67,9 @@ from llm_neo.config import (
     option_names,
     validate_distill,
 )
-from llm_neo.errors import ConfigError, SweepError
+from llm_neo.errors import ConfigError, LlmNeoError, SweepError
 from llm_neo.runtime.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text, remove_outputs
+from llm_neo.summary import RunSummary
 
 log = logging.getLogger("llm_neo")
 
@@ -323,8 +324,9 @@ def _metric_value(summary: dict[str, Any], metric: str) -> float | None:
     return float(node) if isinstance(node, (int, float)) and not isinstance(node, bool) else None
 
 
-def _trial_metrics(summary: dict[str, Any]) -> dict[str, float]:
-    return {m: v for m in METRICS if (v := _metric_value(summary, m)) is not None}
+def _trial_metrics(summary: RunSummary) -> dict[str, float]:
+    data = summary.to_json()
+    return {m: v for m in METRICS if (v := _metric_value(data, m)) is not None}
 
 
 def resolved_mode(config: SweepConfig) -> str:
@@ -481,7 +483,6 @@ def sweep(
     ``on_step`` is passed to every trial's ``distill``; ``on_trial(id, record)`` runs after each trial.
     """
     from llm_neo.distill import distill
-    from llm_neo.errors import TrainingError
     from llm_neo.runtime.checkpoint import list_checkpoints
 
     validate_sweep(config)
@@ -532,7 +533,8 @@ def sweep(
         )
         try:
             summary = distill(trial_cfg, on_step=on_step)
-        except (TrainingError, ValueError) as err:
+            assert summary is not None  # trials run in one process
+        except LlmNeoError as err:
             # One diverging trial (a too-high lr) must not end the search; the error is on record.
             record |= {"status": "failed", "error": str(err)}
             log.warning("sweep: trial %s failed: %s", trial, err)

@@ -41,6 +41,7 @@ from llm_neo.config import DistillConfig, LoraOptions, _help
 from llm_neo.errors import ConfigError
 from llm_neo.runtime.atomic import atomic_directory, atomic_write_json, remove_outputs
 from llm_neo.runtime.workers import Job, Report, available_cores, load_average, run_jobs
+from llm_neo.summary import RunSummary
 
 log = logging.getLogger("llm_neo")
 
@@ -344,10 +345,7 @@ def run_demo(config: DemoConfig) -> int:
     # --- 5. Held-out evaluation of every model on the same split, shared among `parallel` processes.
     t0 = time.perf_counter()
     models = {"teacher": teacher["path"], "pruned student": student["path"]}
-    models |= {
-        f"{r['method']}-seed{r['seed']}": str(Path(r["summary"]["config"]["output_dir"]) / "merged")
-        for r in runs
-    }
+    models |= {f"{r['method']}-seed{r['seed']}": str(r["summary"].output_dir / "merged") for r in runs}
     names = list(models)
     shares = [names[k::parallel] for k in range(parallel) if names[k::parallel]]
     evaluations: dict[str, dict[str, Any]] = {}
@@ -540,13 +538,13 @@ def ensure_teacher(
         "key": key,
         "settings": dataclasses.asdict(settings),
         "seed": seed,
-        "parameters": summary["student_parameters"],
+        "parameters": summary.student_parameters,
         "num_layers": settings.num_layers,
-        "train_time_s": summary["train_time_s"],
+        "train_time_s": summary.train_time_s,
         "train_cpu_s": cpu,
         "threads": threads,
-        "steps": summary["steps"],
-        "final": summary["final"],
+        "steps": summary.steps,
+        "final": summary.final,
         "curve": curve,
         "llm_neo_version": __version__,
     }
@@ -639,11 +637,13 @@ def arm_config(
     )
 
 
-def distill_job(config: DistillConfig, report: Report) -> Any:
+def distill_job(config: DistillConfig, report: Report) -> RunSummary:
     """A worker's distill run, reporting each optimizer step and its loss."""
     from llm_neo.distill import distill
 
-    return distill(config, on_step=lambda step, metrics: report(step, metrics["loss"]))
+    summary = distill(config, on_step=lambda step, metrics: report(step, metrics["loss"]))
+    assert summary is not None  # a worker runs one process, not a torchrun rank
+    return summary
 
 
 def eval_job(payload: dict[str, Any], report: Report) -> Any:
@@ -843,17 +843,17 @@ def collect_results(
                     "ce": ev["ce"],
                     "kl_to_teacher": ev["kl_to_teacher"],
                     "top1_agreement": ev["top1_agreement"],
-                    "peak_memory_gb": s["peak_memory_gb"],
-                    "peak_memory_kind": s.get("peak_memory_kind"),
-                    "peak_tensor_memory_gb": s.get("peak_tensor_memory_gb"),
-                    "train_time_s": s["train_time_s"],
-                    "wall_time_s": s["wall_time_s"],
-                    "trainable_parameters": s["trainable_parameters"],
-                    "student_parameters": s["student_parameters"],
+                    "peak_memory_gb": s.peak_memory_gb,
+                    "peak_memory_kind": s.peak_memory_kind,
+                    "peak_tensor_memory_gb": s.peak_tensor_memory_gb,
+                    "train_time_s": s.train_time_s,
+                    "wall_time_s": s.wall_time_s,
+                    "trainable_parameters": s.trainable_parameters,
+                    "student_parameters": s.student_parameters,
                     "training_state_mb": training_state_mb(
                         method,
-                        student_parameters=s["student_parameters"],
-                        trainable_parameters=s["trainable_parameters"],
+                        student_parameters=s.student_parameters,
+                        trainable_parameters=s.trainable_parameters,
                         teacher_parameters=teacher["parameters"],
                         compute_bytes=compute_bytes,
                     ),
@@ -865,11 +865,11 @@ def collect_results(
                         batch_size=settings.batch_size,
                         seq_len=longest,
                         compute_bytes=compute_bytes,
-                        impl=s["config"].get("loss_impl", "chunked"),
+                        impl=s.config["loss_impl"],
                     ),
-                    "final_train": s["final"],
-                    "curve": _loss_curve(Path(s["config"]["output_dir"]) / "metrics.jsonl"),
-                    "output_dir": s["config"]["output_dir"],
+                    "final_train": s.final,
+                    "curve": _loss_curve(s.output_dir / "metrics.jsonl"),
+                    "output_dir": str(s.output_dir),
                     "examples": ev["examples"],
                 }
             )

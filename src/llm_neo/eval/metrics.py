@@ -47,7 +47,7 @@ def heldout_metrics(
         input_ids = batch["input_ids"].to(device)
         attention_mask = batch["attention_mask"].to(device)
         targets = next_token_targets(batch["labels"]).to(device)
-        trained = targets != -100
+        trained = targets != IGNORE_INDEX
         with autocast(device, dtype):
             hidden = final_hidden_states(model, input_ids, attention_mask)[trained]  # [N, H]
             teacher_hidden = (

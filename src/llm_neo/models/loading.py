@@ -7,12 +7,12 @@ common case of embedding tables padded past the tokenizer (Qwen2.5: 151,936 vs 1
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     PretrainedConfig,
@@ -22,6 +22,8 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from llm_neo.errors import ModelError
+from llm_neo.losses.objective import softcap
+from llm_neo.runtime.atomic import atomic_directory
 
 
 def resolve_device(name: str) -> torch.device:
@@ -45,6 +47,14 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 def autocast(device: torch.device, dtype: torch.dtype) -> torch.autocast:
     """Mixed precision for ``dtype`` below fp32; a disabled (no-op) context for fp32."""
     return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def load_config(path: str, *, role: str, trust_remote_code: bool = False) -> PretrainedConfig:
+    """A model's config.json (no weights): what every check before loading reads."""
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as err:  # OSError, ValueError, JSON errors: all mean "not a readable model"
+        raise ModelError(f"could not read the {role} model's config from {path!r}: {err}") from err
 
 
 def load_tokenizer(path: str, *, role: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
@@ -84,48 +94,6 @@ def load_model(
             )
         raise ModelError(f"could not load the {role} model from {path!r}: {err}{hint}") from err
     return model.to(device)  # type: ignore[arg-type]
-
-
-def enable_checkpointing(model: torch.nn.Module, *, mlp_chunks: int = 1) -> int:
-    """Gradient checkpointing of every decoder block (non-reentrant), and with ``mlp_chunks`` > 1 of each
-    block's MLP in that many chunks of tokens inside it. Returns how many MLPs were split.
-
-    Why the MLP: with block checkpointing the backward's peak is one recomputed block, and most of that
-    is the MLP's four [tokens, intermediate] tensors (gate, act(gate), up, their product; at Llama-3.2-1B
-    and 8 x 2048 tokens about 1 GiB in bf16). Checkpointing the MLP again, chunk by chunk of the sequence,
-    keeps one chunk's worth of them alive, at the cost of a third forward of the MLP. Gradients are
-    unchanged: every chunk sees the same weights, and an MLP mixes no positions.
-    """
-    with warnings.catch_warnings():  # transformers 5 renames it (activation_checkpointing_enable)
-        warnings.simplefilter("ignore", FutureWarning)
-        model.gradient_checkpointing_enable(  # type: ignore[operator]
-            gradient_checkpointing_kwargs={"use_reentrant": False}
-        )
-    if mlp_chunks <= 1:
-        return 0
-    split = 0
-    for name, module in model.named_modules():
-        if name.rsplit(".", 1)[-1] == "mlp" and ".layers." in f".{name}":
-            module.forward = _chunked_mlp_forward(module.forward, mlp_chunks)
-            split += 1
-    if split == 0:
-        raise ModelError(
-            "--mlp-chunks: found no decoder-block MLP (a module named 'mlp' inside 'layers') in "
-            f"{type(model).__name__}; use --mlp-chunks 1 for this architecture"
-        )
-    return split
-
-
-def _chunked_mlp_forward(forward: Any, chunks: int) -> Any:
-    from torch.utils.checkpoint import checkpoint
-
-    def chunked(hidden: torch.Tensor) -> torch.Tensor:  # [B, T, H] -> [B, T, H]
-        if not torch.is_grad_enabled() or hidden.dim() != 3 or hidden.shape[1] < 2:
-            return forward(hidden)  # evaluation, or nothing to split
-        pieces = hidden.chunk(chunks, dim=1)
-        return torch.cat([checkpoint(forward, piece, use_reentrant=False) for piece in pieces], dim=1)
-
-    return chunked
 
 
 def freeze(model: PreTrainedModel) -> PreTrainedModel:
@@ -193,9 +161,7 @@ def final_hidden_states(
 
 def model_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """The model's lm_head on ``hidden`` [n, H] -> [n, V], with Gemma-style soft-capping where configured."""
-    logits = model.get_output_embeddings()(hidden)  # type: ignore[operator]
-    cap = logit_softcap(model)
-    return cap * torch.tanh(logits / cap) if cap else logits
+    return softcap(model.get_output_embeddings()(hidden), logit_softcap(model))  # type: ignore[operator]
 
 
 def lm_head(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -217,3 +183,20 @@ def published_dtype(hf_config: PretrainedConfig) -> torch.dtype:
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None)
     return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+
+
+def save_model_dir(model: PreTrainedModel, tokenizer: Any, path: Path, dtype: torch.dtype) -> None:
+    """Write a standard HF model dir (safetensors + tokenizer) in ``dtype``, atomically, and prove it
+    reloads bit-exact. ``model`` is cast to ``dtype`` and back to fp32 afterwards."""
+    model.config.use_cache = True
+    with atomic_directory(path) as tmp:
+        torch.nn.Module.to(model, dtype)  # the plain cast; HF's typed wrapper of .to confuses mypy
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype, use_safetensors=True)
+        saved = reloaded.state_dict()
+        for name, tensor in model.state_dict().items():
+            if name in saved and not torch.equal(saved[name].cpu(), tensor.cpu()):
+                raise ModelError(f"the weights saved in {path} differ from the model at {name}")
+        del reloaded
+    model.float()

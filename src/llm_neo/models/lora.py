@@ -31,6 +31,8 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from llm_neo.errors import ModelError
+from llm_neo.losses.objective import softcap
+from llm_neo.models.loading import final_hidden_states, logit_softcap
 
 LORA_VARIANTS = ("lora", "dora", "rslora", "pissa", "moslora")
 
@@ -48,6 +50,7 @@ __all__ = [
     "attach_lora",
     "default_target_modules",
     "merge_lora",
+    "merge_verified",
     "save_adapter",
     "trainable_parameters",
 ]
@@ -298,6 +301,38 @@ def merge_lora(model: PeftModel) -> PreTrainedModel:
     if not isinstance(merged, PreTrainedModel):
         raise TypeError(f"merge_and_unload returned {type(merged).__name__}, expected a PreTrainedModel")
     return merged
+
+
+@torch.no_grad()
+def merge_verified(
+    model: PeftModel, batch: dict[str, torch.Tensor], device: torch.device, *, chunk_size: int = 1024
+) -> tuple[PreTrainedModel, float]:
+    """``merge_lora``, and the largest |merged - adapter| logit difference over the real (non-padding)
+    positions of ``batch`` [B, T], in the models' dtype (call it on fp32 models to measure the merge,
+    not rounding).
+
+    The logits are compared chunk by chunk of tokens from the two models' final hidden states, so no
+    [B, T, V] tensor exists: at Llama-3's vocabulary and 8 x 2048 tokens that would be 8 GiB each.
+    **Consumes** ``model`` as ``merge_lora`` does.
+    """
+    input_ids = batch["input_ids"].to(device)
+    attention_mask = batch["attention_mask"].to(device)
+    real = attention_mask.bool()  # [B, T]
+    adapter_hidden = final_hidden_states(model, input_ids, attention_mask)[real]  # [N, H]
+    head = model.get_output_embeddings()
+    # A LoRA-wrapped lm_head changes in the merge: keep a copy of the adapter model's one to compare with.
+    adapter_head = copy.deepcopy(head) if isinstance(head, LoraLayer) else head
+    cap = logit_softcap(model)
+    merged = merge_lora(model)
+    merged_hidden = final_hidden_states(merged, input_ids, attention_mask)[real]  # [N, H]
+    merged_head = merged.get_output_embeddings()
+    diff = 0.0
+    for start in range(0, adapter_hidden.shape[0], chunk_size):
+        rows = slice(start, start + chunk_size)
+        before = softcap(adapter_head(adapter_hidden[rows]), cap)  # type: ignore[operator]  # [C, V]
+        after = softcap(merged_head(merged_hidden[rows]), cap)
+        diff = max(diff, float((after - before).abs().max()))
+    return merged, diff
 
 
 def _adapter_state_dict(model: PeftModel) -> tuple[dict[str, torch.Tensor], LoraConfig]:

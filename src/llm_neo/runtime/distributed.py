@@ -211,3 +211,20 @@ def barrier(world: World) -> None:
 def close(world: World) -> None:
     if world.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def all_gather(value: Any, world: World) -> list[Any]:
+    """``value`` of every rank, in rank order (``[value]`` in one process)."""
+    if not world.enabled:
+        return [value]
+    values: list[Any] = [None] * world.size
+    dist.all_gather_object(values, value)
+    return values
+
+
+def local_numel(model: torch.nn.Module | None) -> int:
+    """Parameters this process holds of ``model`` (its shards, plus whatever is kept whole)."""
+    if model is None:
+        return 0
+    local = [p.to_local() if is_sharded(p) else p for p in model.parameters()]  # type: ignore[attr-defined]
+    return sum(int(p.numel()) for p in local)

@@ -1,0 +1,73 @@
+"""What one distill run reports: ``RunSummary``, written as the run's ``summary.json``.
+
+Every reader of a run (the CLI's table, the demo, the sweep, the comparison report) reads this one
+typed record, in memory or from the JSON file, instead of indexing a dict by hand.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SUMMARY_FILE = "summary.json"
+
+
+@dataclass
+class RunSummary:
+    """The outcome of one ``llm-neo distill`` run (the fields of summary.json, in its order)."""
+
+    llm_neo_version: str
+    method: str
+    config: dict[str, Any]  # the resolved options, as config.yaml holds them
+    steps: int  # optimizer steps done
+    tokens_trained: int
+    samples: dict[str, int]  # train, heldout, dropped
+    final: dict[str, float]  # the last step's loss, ce_loss, kd_loss
+    heldout: dict[str, float]  # ce, perplexity, kl_to_teacher, top1_agreement, tokens (empty: no split)
+    # What kl_to_teacher / top1_agreement were measured against: "teacher", "teacher_cache" (the cache's
+    # top-k + tail buckets, a lower bound of the dense KL) or None.
+    heldout_reference: str | None
+    teacher_cache: dict[str, Any] | None  # path, key_digest, top_k, temperature
+    train_time_s: float
+    wall_time_s: float
+    peak_memory_gb: float  # the largest rank's; CUDA max allocated, or the CPU process's peak RSS
+    peak_memory_gb_per_rank: list[float]
+    world_size: int
+    teacher_parameters_per_rank: list[int]
+    peak_memory_kind: str  # "cuda_max_allocated" | "process_max_rss"
+    # Peak bytes of live tensors: CUDA's max allocated; on a CPU counted op by op over the first steps.
+    peak_tensor_memory_gb: float | None
+    peak_tensor_memory_steps: int | None
+    trainable_parameters: int
+    student_parameters: int
+    merged_parameters: int
+    merge_check: dict[str, Any]  # max_abs_logit_diff, tolerance, passed
+    device: str
+    dtype: str
+    export_dtype: str
+    extra: dict[str, Any] = field(default_factory=dict)  # fields a newer llm-neo wrote, kept on re-save
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(str(self.config["output_dir"]))
+
+    def to_json(self) -> dict[str, Any]:
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        return {**data, **self.extra}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RunSummary:
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        known = {k: v for k, v in data.items() if k in names}
+        return cls(**known, extra={k: v for k, v in data.items() if k not in names})
+
+    @classmethod
+    def load(cls, path: str | Path) -> RunSummary:
+        """The summary of the run in ``path`` (its output dir) or in the summary file ``path``."""
+        file = Path(path)
+        if file.is_dir():
+            file = file / SUMMARY_FILE
+        return cls.from_json(json.loads(file.read_text()))
