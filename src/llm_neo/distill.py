@@ -43,7 +43,7 @@ from llm_neo import __version__
 from llm_neo.config import DistillConfig, dump_yaml, load_yaml, to_dict, validate_distill
 from llm_neo.data import Example, check_chat_templates, collate, load_records, split_heldout, tokenize_records
 from llm_neo.errors import ConfigError, ModelError, NonFiniteError, TrainingError
-from llm_neo.eval.metrics import cached_heldout_metrics, heldout_metrics
+from llm_neo.eval.metrics import heldout_metrics
 from llm_neo.losses import (
     IGNORE_INDEX,
     HeadInput,
@@ -896,13 +896,11 @@ def _heldout(run: Run, merged: PreTrainedModel) -> tuple[dict[str, float], str |
         "dtype": dtype,
     }
     if teacher is None and run.cache is not None:  # no --teacher: score against the cached teacher
-        metrics = cached_heldout_metrics(
-            merged, run.heldout, [ex.index for ex in run.heldout], run.cache, **common
-        )
+        metrics = heldout_metrics(merged, run.heldout, run.cache, **common)
         reference: str | None = "teacher_cache"
     else:
         kd_vocab = kd_vocab_size(run.tokenizer, merged, teacher) if teacher is not None else None
-        metrics = heldout_metrics(merged, run.heldout, teacher=teacher, kd_vocab_size=kd_vocab, **common)
+        metrics = heldout_metrics(merged, run.heldout, teacher, kd_vocab_size=kd_vocab, **common)
         reference = "teacher" if teacher is not None else None
     log.info("held-out: %s", ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
     return metrics, reference

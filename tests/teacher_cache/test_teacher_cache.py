@@ -19,7 +19,7 @@ from llm_neo.config import CacheTeacherConfig, DistillConfig, LoraOptions
 from llm_neo.data import load_records, tokenize_records
 from llm_neo.distill import distill
 from llm_neo.errors import CacheError, ConfigError
-from llm_neo.eval.metrics import cached_heldout_metrics, heldout_metrics
+from llm_neo.eval.metrics import heldout_metrics
 from llm_neo.losses import (
     DIVERGENCES,
     HeadInput,
@@ -386,7 +386,7 @@ def test_heldout_metrics_from_a_full_cache_equal_the_teachers(
         pad_token_id=tokenizer.pad_token_id, batch_size=2, device=cpu, dtype=torch.float32
     )
     dense = heldout_metrics(student, subset, teacher=teacher, kd_vocab_size=VOCAB, **options)
-    from_cache = cached_heldout_metrics(student, subset, rows, open_cache(full_cache_dir), **options)
+    from_cache = heldout_metrics(student, subset, open_cache(full_cache_dir), **options)
     assert from_cache == pytest.approx(dense, rel=1e-5)
 
 

@@ -68,6 +68,5 @@ def run_eval(config: EvalConfig) -> dict[str, float]:
         device=device,
         dtype=dtype,
         teacher=teacher,
-        progress=True,
         kd_vocab_size=kd_vocab_size(tokenizer, model, teacher) if teacher else None,
     )

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from llm_neo.data import Example, collate
 from llm_neo.errors import CacheError, DataError
-from llm_neo.losses import IGNORE_INDEX, forward_kl, next_token_targets, topk_divergence
+from llm_neo.losses import IGNORE_INDEX, TopKTargets, forward_kl, next_token_targets, topk_divergence
 from llm_neo.models.loading import autocast, final_hidden_states, model_logits
 from llm_neo.teacher_cache.store import TeacherCache
 
@@ -25,45 +25,60 @@ from llm_neo.teacher_cache.store import TeacherCache
 @torch.no_grad()
 def heldout_metrics(
     model: torch.nn.Module,
-    examples: list[Example],
+    examples: Sequence[Example],
+    teacher: torch.nn.Module | TeacherCache | None = None,
     *,
     pad_token_id: int,
     batch_size: int,
     device: torch.device,
     dtype: torch.dtype,
-    teacher: torch.nn.Module | None = None,
     kd_vocab_size: int | None = None,
-    progress: bool = False,
     chunk_size: int = 1024,
 ) -> dict[str, float]:
-    """Token-weighted metrics over ``examples`` (sums over all tokens, divided once at the end)."""
+    """Token-weighted metrics of ``model`` over ``examples`` (sums over all tokens, divided once at the
+    end), against a live teacher model or a teacher cache (each example's cache row is its index).
+
+    Against a cache, ``kl_to_teacher`` is the forward KL on the cache's k + 1 buckets at the cache's
+    temperature (without the T² factor): equal to the dense KL for k == V and T = 1, and a lower bound
+    of it otherwise (coarse-graining); ``top1_agreement`` compares with the teacher's argmax, exact (the
+    cache's first id). The logits are computed chunk by chunk of tokens: a [N, vocab] tensor for a whole
+    batch is what training avoids too (8 × 2048 tokens × 128k vocab in fp32 is 8 GiB).
+    """
     was_training = model.training
     model.eval()
     ce_sum = kl_sum = agree = 0.0
     tokens = 0
-    starts = range(0, len(examples), batch_size)
-    for start in tqdm(starts, desc="eval", unit="batch", disable=not progress, leave=False):
-        batch = collate(examples[start : start + batch_size], pad_token_id)
+    for start in tqdm(
+        range(0, len(examples), batch_size), desc="eval", unit="batch", disable=None, leave=False
+    ):
+        part = list(examples[start : start + batch_size])
+        batch = collate(part, pad_token_id)
         input_ids = batch["input_ids"].to(device)
         attention_mask = batch["attention_mask"].to(device)
         targets = next_token_targets(batch["labels"]).to(device)
-        trained = targets != IGNORE_INDEX
+        trained = targets != IGNORE_INDEX  # [B, T]
         with autocast(device, dtype):
             hidden = final_hidden_states(model, input_ids, attention_mask)[trained]  # [N, H]
-            teacher_hidden = (
-                final_hidden_states(teacher, input_ids, attention_mask)[trained]
-                if teacher is not None
-                else None
-            )
-        # Logits chunk by chunk of tokens: a [N, vocab] tensor for a whole batch is what we avoid in
-        # training too (8 × 2048 tokens × 128k vocab in fp32 is 8 GiB).
+        reference = _reference(teacher, part, input_ids, attention_mask, trained, device, dtype)
         for c in range(0, hidden.shape[0], chunk_size):
+            rows = slice(c, c + chunk_size)
             with autocast(device, dtype):
-                logits = model_logits(model, hidden[c : c + chunk_size]).float()  # [n, V]
-            ce_sum += float(F.cross_entropy(logits, targets[trained][c : c + chunk_size], reduction="sum"))
-            if teacher is not None and teacher_hidden is not None:
+                logits = model_logits(model, hidden[rows]).float()  # [n, V]
+            ce_sum += float(F.cross_entropy(logits, targets[trained][rows], reduction="sum"))
+            if isinstance(reference, TopKTargets):
+                assert isinstance(teacher, TeacherCache)
+                width, temperature, top = (
+                    teacher.vocab_size,
+                    teacher.temperature,
+                    reference.slice(c, c + chunk_size),
+                )
+                kl = topk_divergence("forward_kl", logits[:, :width], top, temperature=temperature)
+                kl_sum += float(kl.sum()) / temperature**2
+                agree += float((logits[:, :width].argmax(-1) == top.ids[:, 0].long()).sum())
+            elif reference is not None:
+                assert isinstance(teacher, torch.nn.Module)
                 with autocast(device, dtype):
-                    teacher_logits = model_logits(teacher, teacher_hidden[c : c + chunk_size]).float()
+                    teacher_logits = model_logits(teacher, reference[rows]).float()
                 width = kd_vocab_size or logits.shape[-1]
                 s, t = logits[:, :width], teacher_logits[:, :width]
                 kl_sum += float(forward_kl(s, t).sum())
@@ -79,63 +94,23 @@ def heldout_metrics(
     return metrics
 
 
-@torch.no_grad()
-def cached_heldout_metrics(
-    model: torch.nn.Module,
-    examples: Sequence[Example],
-    rows: Sequence[int],
-    cache: TeacherCache,
-    *,
-    pad_token_id: int,
-    batch_size: int,
+def _reference(
+    teacher: torch.nn.Module | TeacherCache | None,
+    examples: list[Example],
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    trained: torch.Tensor,
     device: torch.device,
     dtype: torch.dtype,
-    chunk_size: int = 1024,
-) -> dict[str, float]:
-    """``heldout_metrics`` with the cached teacher: ce, perplexity, kl_to_teacher, top1_agreement.
-
-    ``kl_to_teacher`` is the forward KL on the cache's k + 1 buckets at the cache's temperature
-    (without the T² factor): equal to the dense KL for k == V and T = 1, and a lower bound of it
-    otherwise (coarse-graining). ``top1_agreement`` compares with the teacher's argmax, exact (the
-    cache's first id). ``rows[i]`` is the cache row of ``examples[i]``.
-    """
-    was_training = model.training
-    model.eval()
-    ce_sum = kl_sum = agree = 0.0
-    tokens = 0
-    width = cache.vocab_size
-    temperature = cache.temperature
-    for start in range(0, len(examples), batch_size):
-        batch = collate(list(examples[start : start + batch_size]), pad_token_id)
-        teacher = cache.targets(rows[start : start + batch_size]).to(device)
-        targets = next_token_targets(batch["labels"]).to(device)
-        trained = targets != IGNORE_INDEX
-        with autocast(device, dtype):
-            hidden = final_hidden_states(
-                model, batch["input_ids"].to(device), batch["attention_mask"].to(device)
-            )[trained]  # [N, H]
-        if teacher.ids.shape[0] != hidden.shape[0]:
-            raise CacheError(f"{cache.path}: cached positions do not match the held-out examples")
-        for c in range(0, hidden.shape[0], chunk_size):
-            with autocast(device, dtype):
-                logits = model_logits(model, hidden[c : c + chunk_size]).float()  # [n, V_s]
-            ce_sum += float(
-                torch.nn.functional.cross_entropy(
-                    logits, targets[trained][c : c + chunk_size], reduction="sum"
-                )
-            )
-            part = teacher.slice(c, c + chunk_size)
-            kl = topk_divergence("forward_kl", logits[:, :width], part, temperature=temperature)
-            kl_sum += float(kl.sum()) / temperature**2
-            agree += float((logits[:, :width].argmax(-1) == part.ids[:, 0].long()).sum())
-        tokens += int(trained.sum())
-    model.train(was_training)
-    if tokens == 0:
-        raise DataError("no trained tokens to evaluate: every held-out example was dropped or empty")
-    return {
-        "ce": ce_sum / tokens,
-        "perplexity": math.exp(min(ce_sum / tokens, 700.0)),
-        "kl_to_teacher": kl_sum / tokens,
-        "top1_agreement": agree / tokens,
-        "tokens": tokens,
-    }
+) -> torch.Tensor | TopKTargets | None:
+    """What the student is compared with at the trained positions of a batch: the teacher's final hidden
+    states [N, H_t], or the cache's targets of the batch's examples [N, k]."""
+    if teacher is None:
+        return None
+    if isinstance(teacher, TeacherCache):
+        targets = teacher.targets([ex.index for ex in examples]).to(device)
+        if targets.ids.shape[0] != int(trained.sum()):
+            raise CacheError(f"{teacher.path}: cached positions do not match the held-out examples")
+        return targets
+    with autocast(device, dtype):
+        return final_hidden_states(teacher, input_ids, attention_mask)[trained]  # [N, H_t]

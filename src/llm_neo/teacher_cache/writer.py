@@ -6,10 +6,9 @@ import hashlib
 import itertools
 import json
 import logging
-import math
-import os
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +19,22 @@ from tqdm.auto import tqdm
 
 from llm_neo import __version__
 from llm_neo.config import CacheTeacherConfig, validate_cache_teacher
-from llm_neo.data import Example, collate
+from llm_neo.data import Example, check_chat_templates, collate, load_records, tokenize_records
 from llm_neo.errors import CacheError, ConfigError
 from llm_neo.losses import IGNORE_INDEX, TopKTargets, next_token_targets
-from llm_neo.runtime.atomic import atomic_write_json
+from llm_neo.models.loading import (
+    autocast,
+    check_same_vocabulary,
+    final_hidden_states,
+    freeze,
+    load_model,
+    load_tokenizer,
+    logit_width,
+    model_logits,
+    resolve_device,
+    resolve_dtype,
+)
+from llm_neo.runtime.atomic import atomic_write_bytes, atomic_write_json
 from llm_neo.teacher_cache.key import key_differences, key_digest, run_key
 from llm_neo.teacher_cache.store import FORMAT, KEY_FILE, LOGPROB_DTYPES, MANIFEST, VERSION
 
@@ -45,8 +56,6 @@ def teacher_topk(
 
     The lm_head runs chunk by chunk of tokens, so no [tokens, V] logits exist for the batch.
     """
-    from llm_neo.models.loading import autocast, final_hidden_states, model_logits
-
     input_ids = batch["input_ids"].to(device)
     attention_mask = batch["attention_mask"].to(device)
     trained = next_token_targets(batch["labels"]).to(device) != IGNORE_INDEX  # [B, T]
@@ -119,15 +128,6 @@ def _trained_positions(example: Example) -> int:
     return sum(1 for label in example.labels[1:] if label != IGNORE_INDEX)
 
 
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 def _shard_metadata(digest: str, first_example: int) -> dict[str, str]:
     # One entry: safetensors writes a metadata map in hash order, so two entries would make the bytes
     # of identical shards differ from run to run.
@@ -151,13 +151,13 @@ def _complete_shard(path: Path, digest: str, first_example: int) -> dict[str, An
         return None
     if meta != _shard_metadata(digest, first_example):
         return None
-    data = path.read_bytes()
-    return {
-        "file": path.name,
-        "num_positions": positions,
-        "bytes": len(data),
-        "sha256": hashlib.sha256(data).hexdigest(),
-    }
+    return _shard_record(path.name, positions, path.read_bytes())
+
+
+def _shard_record(name: str, positions: int, data: bytes) -> dict[str, Any]:
+    """What the manifest records of a shard: its file, positions, size and checksum."""
+    digest = hashlib.sha256(data).hexdigest()
+    return {"file": name, "num_positions": positions, "bytes": len(data), "sha256": digest}
 
 
 def _prepare_output(out: Path, key: dict[str, Any], overwrite: bool) -> None:
@@ -188,23 +188,67 @@ def _prepare_output(out: Path, key: dict[str, Any], overwrite: bool) -> None:
 ShardCallback = Callable[[int, dict[str, Any]], None]
 
 
+@dataclass
+class _Inputs:
+    """What the cache is made of: the tokenized data and its key."""
+
+    tokenizer: Any
+    examples: list[Example]
+    dropped: int
+    key: dict[str, Any]
+    digest: str
+
+
 def cache_teacher(config: CacheTeacherConfig, *, on_shard: ShardCallback | None = None) -> dict[str, Any]:
     """Write (or finish) the cache; return its manifest. ``on_shard(index, record)`` after each new shard."""
-    from llm_neo.data import check_chat_templates, load_records, tokenize_records
-    from llm_neo.models.loading import (
-        check_same_vocabulary,
-        freeze,
-        load_model,
-        load_tokenizer,
-        logit_width,
-        resolve_device,
-        resolve_dtype,
-    )
-
     validate_cache_teacher(config)
     started = time.perf_counter()
+    inputs = _inputs(config)
+    out = Path(config.output).expanduser()
+    _prepare_output(out, inputs.key, config.overwrite)
+    if (out / MANIFEST).is_file():
+        manifest = json.loads((out / MANIFEST).read_text())
+        if manifest.get("key") == inputs.key:
+            log.info("teacher cache %s is complete and matches; nothing to do", out)
+            return dict(manifest)
+
+    shard_size = config.shard_size
+    shards = [inputs.examples[i : i + shard_size] for i in range(0, len(inputs.examples), shard_size)]
+    records: dict[int, dict[str, Any]] = {}
+    for s in range(len(shards)):
+        found = _complete_shard(out / _shard_name(s), inputs.digest, s * shard_size)
+        if found is not None:
+            records[s] = found
+    if records:
+        log.info("resuming: %d of %d shards are complete", len(records), len(shards))
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
+    teacher = freeze(
+        load_model(
+            config.teacher,
+            role="teacher",
+            dtype=dtype,
+            device=device,
+            trust_remote_code=config.trust_remote_code,
+            allow_pickle_weights=config.allow_pickle_weights,
+        )
+    )
+    vocab_size = len(inputs.tokenizer)
+    if logit_width(teacher) < vocab_size:
+        raise CacheError(
+            f"the teacher has {logit_width(teacher)} logit columns but the tokenizer {vocab_size} tokens"
+        )
+    stats = _write_shards(
+        config, teacher, inputs, shards, records, out, device=device, dtype=dtype, on_shard=on_shard
+    )
+    manifest = _manifest(config, inputs, shards, records, teacher_dtype=dtype)
+    manifest["stats"] = {**stats, "wall_s": time.perf_counter() - started}
+    atomic_write_json(out / MANIFEST, manifest)  # last: its presence means the cache is complete
+    return manifest
+
+
+def _inputs(config: CacheTeacherConfig) -> _Inputs:
+    """The data tokenized as the student's distill run will tokenize it, and the cache's key."""
     trust = config.trust_remote_code
     tokenizer = load_tokenizer(config.tokenizer or config.teacher, role="tokenizer", trust_remote_code=trust)
     records = load_records(config.data)
@@ -212,9 +256,9 @@ def cache_teacher(config: CacheTeacherConfig, *, on_shard: ShardCallback | None 
         teacher_tokenizer = load_tokenizer(config.teacher, role="teacher", trust_remote_code=trust)
         check_same_vocabulary(tokenizer, teacher_tokenizer)
         check_chat_templates(records, tokenizer, teacher_tokenizer, source=config.data)
-    vocab_size = len(tokenizer)
-    if config.top_k > vocab_size:
-        raise ConfigError([f"--top-k: {config.top_k} is larger than the vocabulary ({vocab_size} tokens)"])
+    if config.top_k > len(tokenizer):
+        vocabulary = f"the vocabulary ({len(tokenizer)} tokens)"
+        raise ConfigError([f"--top-k: {config.top_k} is larger than {vocabulary}"])
     examples, dropped = tokenize_records(
         records,
         tokenizer,
@@ -226,78 +270,50 @@ def cache_teacher(config: CacheTeacherConfig, *, on_shard: ShardCallback | None 
     key = run_key(config, tokenizer=tokenizer, examples=examples)
     # The layout is part of what a resumed cache must share with its first half (distill needs any k).
     key |= {"top_k": config.top_k, "logprob_dtype": config.logprob_dtype, "shard_size": config.shard_size}
-    digest = key_digest(key)
-    out = Path(config.output).expanduser()
-    manifest_file = out / MANIFEST
-    _prepare_output(out, key, config.overwrite)
-    if manifest_file.is_file():
-        manifest = json.loads(manifest_file.read_text())
-        if manifest.get("key") == key:
-            log.info("teacher cache %s is complete and matches; nothing to do", out)
-            return dict(manifest)
+    return _Inputs(tokenizer, examples, dropped, key, key_digest(key))
 
-    num_shards = math.ceil(len(examples) / config.shard_size)
-    shard_examples = [
-        examples[s * config.shard_size : (s + 1) * config.shard_size] for s in range(num_shards)
-    ]
-    records_by_shard: dict[int, dict[str, Any]] = {}
-    for s in range(num_shards):
-        found = _complete_shard(out / _shard_name(s), digest, s * config.shard_size)
-        if found is not None:
-            records_by_shard[s] = found
-    total_positions = sum(_trained_positions(ex) for ex in examples)
-    done_positions = sum(r["num_positions"] for r in records_by_shard.values())
-    if records_by_shard:
-        log.info("resuming: %d of %d shards are complete", len(records_by_shard), num_shards)
 
-    teacher = freeze(
-        load_model(
-            config.teacher,
-            role="teacher",
-            dtype=dtype,
-            device=device,
-            trust_remote_code=trust,
-            allow_pickle_weights=config.allow_pickle_weights,
-        )
-    )
-    if logit_width(teacher) < vocab_size:
-        raise CacheError(
-            f"the teacher has {logit_width(teacher)} logit columns but the tokenizer {vocab_size} tokens"
-        )
-    written_bytes = sum(r["bytes"] for r in records_by_shard.values())
+def _write_shards(
+    config: CacheTeacherConfig,
+    teacher: torch.nn.Module,
+    inputs: _Inputs,
+    shards: list[list[Example]],
+    records: dict[int, dict[str, Any]],
+    out: Path,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    on_shard: ShardCallback | None,
+) -> dict[str, Any]:
+    """Compute and write every shard not in ``records`` (adding it there); returns the throughput."""
+    total = sum(_trained_positions(ex) for ex in inputs.examples)
+    done = sum(r["num_positions"] for r in records.values())
+    written_bytes = sum(r["bytes"] for r in records.values())
     new_positions = 0
     loop_start = time.perf_counter()
-    bar = tqdm(
-        total=total_positions, initial=done_positions, desc="cache-teacher", unit="tok", unit_scale=True
-    )
+    bar = tqdm(total=total, initial=done, desc="cache-teacher", unit="tok", unit_scale=True)
 
     def on_tokens(n: int) -> None:
         nonlocal new_positions
         new_positions += n
         bar.update(n)
 
-    for s in range(num_shards):
-        if s in records_by_shard:
+    for s, examples in enumerate(shards):
+        if s in records:
             continue
         tensors = _shard_tensors(
             teacher,
-            shard_examples[s],
+            examples,
             config=config,
-            pad_token_id=tokenizer.pad_token_id,
-            vocab_size=vocab_size,
+            pad_token_id=inputs.tokenizer.pad_token_id,
+            vocab_size=len(inputs.tokenizer),
             device=device,
             dtype=dtype,
             on_tokens=on_tokens,
         )
-        data = save_safetensors(tensors, metadata=_shard_metadata(digest, s * config.shard_size))
-        _write_bytes_atomic(out / _shard_name(s), data)
-        record = {
-            "file": _shard_name(s),
-            "num_positions": int(tensors["ids"].shape[0]),
-            "bytes": len(data),
-            "sha256": hashlib.sha256(data).hexdigest(),
-        }
-        records_by_shard[s] = record
+        data = save_safetensors(tensors, metadata=_shard_metadata(inputs.digest, s * config.shard_size))
+        atomic_write_bytes(out / _shard_name(s), data)
+        records[s] = _shard_record(_shard_name(s), int(tensors["ids"].shape[0]), data)
         written_bytes += len(data)
         elapsed = time.perf_counter() - loop_start
         bar.set_postfix(
@@ -306,47 +322,50 @@ def cache_teacher(config: CacheTeacherConfig, *, on_shard: ShardCallback | None 
             refresh=False,
         )
         if on_shard is not None:
-            on_shard(s, record)
+            on_shard(s, records[s])
     bar.close()
     compute_s = time.perf_counter() - loop_start
+    return {
+        "tokens_per_s": new_positions / max(compute_s, 1e-9),
+        "compute_s": compute_s,
+        "positions_computed_now": new_positions,
+    }
 
-    shards = [
-        {
-            **records_by_shard[s],
-            "first_example": s * config.shard_size,
-            "num_examples": len(shard_examples[s]),
-        }
-        for s in range(num_shards)
+
+def _manifest(
+    config: CacheTeacherConfig,
+    inputs: _Inputs,
+    shards: list[list[Example]],
+    records: dict[int, dict[str, Any]],
+    *,
+    teacher_dtype: torch.dtype,
+) -> dict[str, Any]:
+    entries = [
+        {**records[s], "first_example": s * config.shard_size, "num_examples": len(examples)}
+        for s, examples in enumerate(shards)
     ]
-    total_bytes = sum(s["bytes"] for s in shards)
-    manifest = {
+    total_bytes = sum(e["bytes"] for e in entries)
+    positions = sum(_trained_positions(ex) for ex in inputs.examples)
+    return {
         "format": FORMAT,
         "version": VERSION,
-        "key": key,
-        "key_digest": digest,
+        "key": inputs.key,
+        "key_digest": inputs.digest,
         "top_k": config.top_k,
-        "vocab_size": vocab_size,
+        "vocab_size": len(inputs.tokenizer),
         "logprob_dtype": config.logprob_dtype,
         "shard_size": config.shard_size,
-        "num_examples": len(examples),
-        "num_positions": total_positions,
-        "dropped_examples": dropped,
+        "num_examples": len(inputs.examples),
+        "num_positions": positions,
+        "dropped_examples": inputs.dropped,
         "bytes": total_bytes,
-        "bytes_per_token": total_bytes / max(total_positions, 1),
-        "shards": shards,
+        "bytes_per_token": total_bytes / max(positions, 1),
+        "shards": entries,
         "sources": {
             "teacher": config.teacher,
             "tokenizer": config.tokenizer or config.teacher,
             "data": config.data,
         },
-        "teacher_dtype": str(dtype).removeprefix("torch."),
+        "teacher_dtype": str(teacher_dtype).removeprefix("torch."),
         "llm_neo_version": __version__,
-        "stats": {
-            "tokens_per_s": new_positions / max(compute_s, 1e-9),
-            "compute_s": compute_s,
-            "wall_s": time.perf_counter() - started,
-            "positions_computed_now": new_positions,
-        },
     }
-    atomic_write_json(manifest_file, manifest)  # last: its presence means the cache is complete
-    return manifest
