@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import llm_neo.distill as recipe
+import llm_neo.models.loading as loading
 from llm_neo.config import DistillConfig, LoraOptions, build_config, load_yaml
 from llm_neo.distill import distill
 from llm_neo.errors import ConfigError, ModelError, TrainingError
@@ -117,14 +118,14 @@ def test_neo_trains_only_lora_branches(make_config, student_dir):
 
 def test_teacher_is_frozen_and_unchanged(make_config, teacher_dir, monkeypatch):
     loaded = {}
-    real = recipe.load_model
+    real = loading.load_model
 
     def spy(path, *, role, **kw):
         model = real(path, role=role, **kw)
         loaded[role] = model
         return model
 
-    monkeypatch.setattr(recipe, "load_model", spy)
+    monkeypatch.setattr(loading, "load_model", spy)  # the teacher loads frozen, through models.loading
     distill(make_config("neo"))
     teacher = loaded["teacher"]
     assert not teacher.training

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from llm_neo.config import TokenizeOptions
 from llm_neo.errors import DataError
 from llm_neo.losses.objective import IGNORE_INDEX
 
@@ -682,3 +683,28 @@ def _token_at(tokenizer: PreTrainedTokenizerBase, ids: list[int], pos: int) -> s
     if pos >= len(ids):
         return "(end of sequence)"
     return f"{ids[pos]} {tokenizer.convert_ids_to_tokens(ids[pos])!r}"
+
+
+def read_examples(
+    path: str,
+    tokenizer: PreTrainedTokenizerBase,
+    options: TokenizeOptions,
+    *,
+    teacher_tokenizer: PreTrainedTokenizerBase | None = None,
+    progress: bool = False,
+) -> tuple[list[dict[str, Any]], list[Example], int]:
+    """The records of ``path`` and their examples, tokenized as ``distill`` tokenizes them (with
+    ``options``' max length and prompt tokens), and how many records were dropped. With a teacher
+    tokenizer, its chat template is first checked to render the same tokens as the student's."""
+    records = load_records(path)
+    if teacher_tokenizer is not None:
+        check_chat_templates(records, tokenizer, teacher_tokenizer, source=path)
+    examples, dropped = tokenize_records(
+        records,
+        tokenizer,
+        max_length=options.max_length,
+        train_on_prompt=options.train_on_prompt,
+        source=path,
+        progress=progress,
+    )
+    return records, examples, dropped

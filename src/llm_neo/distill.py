@@ -41,7 +41,7 @@ from transformers import set_seed as hf_set_seed
 
 from llm_neo import __version__
 from llm_neo.config import DistillConfig, dump_yaml, load_yaml, to_dict, validate_distill
-from llm_neo.data import Example, check_chat_templates, collate, load_records, split_heldout, tokenize_records
+from llm_neo.data import Example, collate, read_examples, split_heldout
 from llm_neo.errors import ConfigError, ModelError, NonFiniteError, TrainingError
 from llm_neo.eval.metrics import heldout_metrics
 from llm_neo.losses import (
@@ -57,14 +57,13 @@ from llm_neo.losses import (
 from llm_neo.models.checkpointing import enable_checkpointing
 from llm_neo.models.loading import (
     autocast,
-    check_same_vocabulary,
     final_hidden_states,
-    freeze,
     kd_vocab_size,
     lm_head,
     load_config,
+    load_frozen,
     load_model,
-    load_tokenizer,
+    load_tokenizers,
     logit_softcap,
     logit_width,
     published_dtype,
@@ -292,21 +291,11 @@ def preflight(config: DistillConfig) -> torch.dtype:
 def _read_data(config: DistillConfig, world: World) -> tuple[Any, list[Example], dict[str, int]]:
     """The student's tokenizer (checked against the teacher's), and the data as token examples."""
     trust = config.trust_remote_code
-    tokenizer = load_tokenizer(config.student, role="student", trust_remote_code=trust)
-    teacher_tokenizer = None
-    if config.teacher:
-        teacher_tokenizer = load_tokenizer(config.teacher, role="teacher", trust_remote_code=trust)
-        check_same_vocabulary(tokenizer, teacher_tokenizer)
-    records = load_records(config.data)
-    if teacher_tokenizer is not None:
-        check_chat_templates(records, tokenizer, teacher_tokenizer, source=config.data)
-    examples, dropped = tokenize_records(
-        records,
-        tokenizer,
-        max_length=config.max_length,
-        train_on_prompt=config.train_on_prompt,
-        source=config.data,
-        progress=world.is_main,
+    tokenizer, teacher_tokenizer = load_tokenizers(
+        config.student, config.teacher, role="student", trust_remote_code=trust
+    )
+    records, examples, dropped = read_examples(
+        config.data, tokenizer, config, teacher_tokenizer=teacher_tokenizer, progress=world.is_main
     )
     return tokenizer, examples, {"records": len(records), "dropped": dropped}
 
@@ -314,16 +303,7 @@ def _read_data(config: DistillConfig, world: World) -> tuple[Any, list[Example],
 def _load_teacher(config: DistillConfig, dtype: torch.dtype, device: torch.device) -> PreTrainedModel:
     """The frozen teacher in the compute dtype (eval mode, no gradients, hence no optimizer state)."""
     assert config.teacher
-    return freeze(
-        load_model(
-            config.teacher,
-            role="teacher",
-            dtype=dtype,
-            device=device,
-            trust_remote_code=config.trust_remote_code,
-            allow_pickle_weights=config.allow_pickle_weights,
-        )
-    )
+    return load_frozen(config, config.teacher, role="teacher", dtype=dtype, device=device)
 
 
 def _build_student(

@@ -15,6 +15,7 @@ from conftest import ALPACA, loss_kwargs, write_jsonl
 from safetensors.torch import load_file
 
 import llm_neo.distill as recipe
+import llm_neo.models.loading as loading
 from llm_neo.config import CacheTeacherConfig, DistillConfig, LoraOptions
 from llm_neo.data import load_records, tokenize_records
 from llm_neo.distill import distill
@@ -29,8 +30,6 @@ from llm_neo.losses import (
     distill_loss,
     divergence,
     reference_divergence,
-    reference_topk_divergence,
-    topk_divergence,
 )
 from llm_neo.models.loading import freeze, load_model, load_tokenizer
 from llm_neo.teacher_cache.store import open_cache
@@ -69,7 +68,7 @@ def test_topk_divergence_equals_dense_when_k_is_the_vocabulary(name, temperature
 
     s1 = student.clone().requires_grad_()
     s2 = student.clone().requires_grad_()
-    sparse = topk_divergence(name, s1, targets, temperature=temperature, beta=0.3, skew_alpha=0.2)
+    sparse = divergence(name, s1, targets, temperature=temperature, beta=0.3, skew_alpha=0.2)
     dense = divergence(name, s2, teacher, temperature=temperature, beta=0.3, skew_alpha=0.2)
     torch.testing.assert_close(sparse, dense, atol=1e-12, rtol=1e-12)
     weights = torch.rand(6, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
@@ -88,22 +87,20 @@ def test_topk_divergence_equals_dense_when_k_is_the_vocabulary(name, temperature
 def test_topk_divergence_matches_fp64_reference_and_is_bounded_by_dense(name, k):
     student, teacher = _logits(8, 23, 3), _logits(8, 23, 4)
     targets = _targets_from_logits(teacher, k=k)
-    value = topk_divergence(name, student, targets)
-    torch.testing.assert_close(
-        value, reference_topk_divergence(name, student, targets), atol=1e-12, rtol=1e-9
-    )
+    value = divergence(name, student, targets)
+    torch.testing.assert_close(value, reference_divergence(name, student, targets), atol=1e-12, rtol=1e-9)
     assert (value >= 0).all()
     # Merging columns into one bucket never increases an f-divergence (data-processing inequality).
     assert (value <= divergence(name, student, teacher) + 1e-12).all()
     # The student that equals the teacher is at zero divergence, whatever k.
-    assert topk_divergence(name, teacher, targets).abs().max() < 1e-12
+    assert divergence(name, teacher, targets).abs().max() < 1e-12
 
 
 @pytest.mark.parametrize("name", DIVERGENCES)
 def test_topk_divergence_gradcheck(name):
     student = _logits(3, 9, 5).requires_grad_()
     targets = _targets_from_logits(_logits(3, 9, 6), k=4)
-    assert torch.autograd.gradcheck(lambda s: topk_divergence(name, s, targets, temperature=1.5), (student,))
+    assert torch.autograd.gradcheck(lambda s: divergence(name, s, targets, temperature=1.5), (student,))
 
 
 def test_fp16_cache_rounding_never_makes_a_divergence_negative():
@@ -111,7 +108,7 @@ def test_fp16_cache_rounding_never_makes_a_divergence_negative():
     exact = _targets_from_logits(teacher, k=8)
     rounded = TopKTargets(exact.ids.int(), exact.log_probs.half(), exact.tail.half())
     for name in DIVERGENCES:
-        value = topk_divergence(name, teacher, rounded)  # the student equals the teacher
+        value = divergence(name, teacher, rounded)  # the student equals the teacher
         assert value.min() > -1e-6 and value.max() < 1e-3, name  # zero up to fp16/fp32 rounding
     # Without the renormalisation the rounded buckets miss 1 by ~1e-4 and forward KL goes negative.
     log_q = torch.log_softmax(teacher, -1)
@@ -338,9 +335,11 @@ def test_distill_from_cache_never_loads_the_teacher(run_config, cache_dir, monke
         roles.append(role)
         return real(path, role=role, **kw)
 
+    # Every way a model loads: the recipe's own call (the student) and the frozen loads (a teacher).
     monkeypatch.setattr(recipe, "load_model", spy)
+    monkeypatch.setattr(loading, "load_model", spy)
     summary = distill(run_config(method, method=method, teacher_cache=str(cache_dir)))
-    assert "teacher" not in roles
+    assert "teacher" not in roles and "student" in roles
     assert summary.steps == 3 and summary.final["kd_loss"] > 0
     assert summary.heldout_reference == "teacher_cache"
     assert {"ce", "kl_to_teacher", "top1_agreement"} <= set(summary.heldout)

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from llm_neo.config import EvalConfig, validate_eval
-from llm_neo.data import check_chat_templates, load_records, tokenize_records
+from llm_neo.data import read_examples
 from llm_neo.eval.metrics import heldout_metrics
 from llm_neo.models.loading import (
-    check_same_vocabulary,
-    freeze,
     kd_vocab_size,
-    load_model,
-    load_tokenizer,
+    load_frozen,
+    load_tokenizers,
     resolve_device,
     resolve_dtype,
 )
@@ -35,31 +32,15 @@ def run_eval(config: EvalConfig) -> dict[str, float]:
     validate_eval(config)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
-    tokenizer = load_tokenizer(config.model, role="model", trust_remote_code=config.trust_remote_code)
-    records = load_records(config.data)
+    trust = config.trust_remote_code
+    tokenizer, teacher_tokenizer = load_tokenizers(
+        config.model, config.teacher, role="model", trust_remote_code=trust
+    )
+    _, examples, _ = read_examples(config.data, tokenizer, config, teacher_tokenizer=teacher_tokenizer)
+    model = load_frozen(config, config.model, role="model", dtype=dtype, device=device)
     teacher = None
     if config.teacher:
-        teacher_tokenizer = load_tokenizer(
-            config.teacher, role="teacher", trust_remote_code=config.trust_remote_code
-        )
-        check_same_vocabulary(tokenizer, teacher_tokenizer)
-        check_chat_templates(records, tokenizer, teacher_tokenizer, source=config.data)
-    examples, _ = tokenize_records(
-        records,
-        tokenizer,
-        max_length=config.max_length,
-        train_on_prompt=config.train_on_prompt,
-        source=config.data,
-    )
-    load: dict[str, Any] = {
-        "dtype": dtype,
-        "device": device,
-        "trust_remote_code": config.trust_remote_code,
-        "allow_pickle_weights": config.allow_pickle_weights,
-    }
-    model = freeze(load_model(config.model, role="model", **load))
-    if config.teacher:
-        teacher = freeze(load_model(config.teacher, role="teacher", **load))
+        teacher = load_frozen(config, config.teacher, role="teacher", dtype=dtype, device=device)
     return heldout_metrics(
         model,
         examples,

@@ -16,7 +16,7 @@ from llm_neo import __version__
 from llm_neo.config import LoadOptions, _help, check_data_path, check_model_path
 from llm_neo.data import collate, load_records, tokenize_records
 from llm_neo.errors import ConfigError
-from llm_neo.models.loading import load_model, load_tokenizer, published_dtype, resolve_device, resolve_dtype
+from llm_neo.models.loading import load_frozen, load_tokenizer, published_dtype, resolve_device, resolve_dtype
 from llm_neo.models.prune import (
     METRICS,
     _num_layers,
@@ -154,14 +154,7 @@ def run_prune(config: PruneConfig) -> dict[str, Any]:
     # half-precision weight round-trips through exactly, and scores under autocast.
     published = published_dtype(hf_config)
     load_dtype = dtype if dtype == published else torch.float32
-    model = load_model(
-        config.model,
-        role="model",
-        dtype=load_dtype,
-        device=device,
-        trust_remote_code=config.trust_remote_code,
-        allow_pickle_weights=config.allow_pickle_weights,
-    )
+    model = load_frozen(config, config.model, role="model", dtype=load_dtype, device=device)
     num_layers = len(decoder_layers(model)[1])
     parameters_before = count_parameters(model)
     log.info(

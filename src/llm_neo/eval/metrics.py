@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from llm_neo.data import Example, collate
 from llm_neo.errors import CacheError, DataError
-from llm_neo.losses import IGNORE_INDEX, TopKTargets, forward_kl, next_token_targets, topk_divergence
+from llm_neo.losses import IGNORE_INDEX, TopKTargets, divergence, forward_kl, next_token_targets
 from llm_neo.models.loading import autocast, final_hidden_states, model_logits
 from llm_neo.teacher_cache.store import TeacherCache
 
@@ -72,7 +72,7 @@ def heldout_metrics(
                     teacher.temperature,
                     reference.slice(c, c + chunk_size),
                 )
-                kl = topk_divergence("forward_kl", logits[:, :width], top, temperature=temperature)
+                kl = divergence("forward_kl", logits[:, :width], top, temperature=temperature)
                 kl_sum += float(kl.sum()) / temperature**2
                 agree += float((logits[:, :width].argmax(-1) == top.ids[:, 0].long()).sum())
             elif reference is not None:

@@ -8,8 +8,8 @@ where CE and D are *sums* over the trained token positions and ``num_tokens`` co
 positions of the whole step (every micro-batch, every rank). Every function here is pure; the options
 travel as one ``LossOptions``.
 
-    divergences  the six divergences, each one formula on log-probabilities (dense logits)
-    topk         the same formulas on a cached teacher's top-k + tail buckets
+    divergences  the six divergences, each one formula on log-probabilities, of dense teacher logits or
+                 of a cached teacher's top-k + tail buckets
     objective    LossOptions, the targets, CE + KD on full logits (``distill_loss``): the reference path
     chunked      CE + KD fused with the lm_heads chunk by chunk: no [tokens x vocab] logits
     liger        the same through Liger-Kernel's fused loss (an optional extra)
@@ -21,6 +21,7 @@ Argument order is always (student, teacher).
 from llm_neo.choices import DIVERGENCES
 from llm_neo.losses.chunked import HeadInput, chunked_distill_loss
 from llm_neo.losses.divergences import (
+    TopKTargets,
     divergence,
     forward_kl,
     jsd,
@@ -38,8 +39,7 @@ from llm_neo.losses.objective import (
     next_token_targets,
     softcap,
 )
-from llm_neo.losses.reference import reference_divergence, reference_topk_divergence
-from llm_neo.losses.topk import TopKTargets, topk_bucket_log_probs, topk_divergence
+from llm_neo.losses.reference import reference_divergence
 
 __all__ = [
     "DIVERGENCES",
@@ -56,12 +56,9 @@ __all__ = [
     "liger_distill_loss",
     "next_token_targets",
     "reference_divergence",
-    "reference_topk_divergence",
     "reverse_kl",
     "skew_forward_kl",
     "skew_reverse_kl",
     "softcap",
-    "topk_bucket_log_probs",
-    "topk_divergence",
     "tvd",
 ]

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from llm_neo.losses.divergences import TopKTargets, check_topk
 from llm_neo.losses.objective import (
     LossOptions,
     LossParts,
@@ -35,7 +36,6 @@ from llm_neo.losses.objective import (
     objective,
     softcap,
 )
-from llm_neo.losses.topk import TopKTargets, check_topk
 
 
 class HeadInput(NamedTuple):
@@ -240,6 +240,18 @@ class _Grads:
             self.bias += bias
 
 
+@dataclass
+class _Loop:
+    """What every chunk step of one loop reads, and the gradients it adds to."""
+
+    plan: _ChunkPlan
+    hidden: Tensor  # [N, H_s] the student's hidden states
+    head: Tensor  # [V_s, H_s] the student's head, in the matmul dtype
+    bias: Tensor | None  # [V_s]
+    loss_dtype: torch.dtype
+    grads: _Grads
+
+
 def _chunk_loop(
     plan: _ChunkPlan,
     student_hidden: Tensor,
@@ -273,10 +285,10 @@ def _chunk_loop(
         and (plan.teacher is None or plan.options.divergence == "forward_kl")
     )
     chunk = _analytic_chunk if analytic else _autograd_chunk
+    loop = _Loop(plan, student_hidden, head, bias, loss_dtype, grads)
     with _autocast_off(device):
         for start in range(0, student_hidden.shape[0], plan.options.chunk_size):
-            stop = min(start + plan.options.chunk_size, student_hidden.shape[0])
-            ce, kd = chunk(plan, student_hidden, head, bias, start, stop, loss_dtype, grads)
+            ce, kd = chunk(loop, start, min(start + plan.options.chunk_size, student_hidden.shape[0]))
             ce_total += ce
             kd_total += kd
 
@@ -292,21 +304,13 @@ def _detached(num_tokens: int | Tensor) -> int | Tensor:
     return num_tokens.detach() if isinstance(num_tokens, Tensor) else num_tokens
 
 
-def _autograd_chunk(
-    plan: _ChunkPlan,
-    student_hidden: Tensor,
-    head: Tensor,
-    bias: Tensor | None,
-    start: int,
-    stop: int,
-    loss_dtype: torch.dtype,
-    grads: _Grads,
-) -> tuple[Tensor, Tensor]:
-    """(ce_sum, kd_sum) of chunk [start, stop), detached, with its gradients added to ``grads`` by
+def _autograd_chunk(loop: _Loop, start: int, stop: int) -> tuple[Tensor, Tensor]:
+    """(ce_sum, kd_sum) of chunk [start, stop), detached, with its gradients added to ``loop.grads`` by
     autograd through this chunk's logits only."""
+    plan, head, bias, loss_dtype, grads = loop.plan, loop.head, loop.bias, loop.loss_dtype, loop.grads
     need_hidden = grads.hidden is not None
     leaves = [t for t, acc in ((head, grads.head), (bias, grads.bias)) if acc is not None and t is not None]
-    h = student_hidden[start:stop].detach().requires_grad_(need_hidden)  # [C, H_s]
+    h = loop.hidden[start:stop].detach().requires_grad_(need_hidden)  # [C, H_s]
     o = plan.options
     with torch.set_grad_enabled(need_hidden or bool(leaves)):
         logits = F.linear(h.to(plan.student_dtype), head).to(loss_dtype)  # [C, V_s]
@@ -339,16 +343,7 @@ def _autograd_chunk(
 
 
 @torch.no_grad()
-def _analytic_chunk(
-    plan: _ChunkPlan,
-    student_hidden: Tensor,
-    head: Tensor,
-    bias: Tensor | None,
-    start: int,
-    stop: int,
-    loss_dtype: torch.dtype,
-    grads: _Grads,
-) -> tuple[Tensor, Tensor]:
+def _analytic_chunk(loop: _Loop, start: int, stop: int) -> tuple[Tensor, Tensor]:
     """(ce_sum, kd_sum) of one chunk for CE + forward KL (or CE alone), with the gradient w.r.t. the
     chunk's student logits written out instead of taken by autograd.
 
@@ -363,9 +358,11 @@ def _analytic_chunk(
         loss       = ((1 - r) sum CE + r T^2 sum KL(p || q)) / N
         d loss/ds  = ((1 - r)(softmax(s) - onehot(target)) + r T (q - p) on the first V_kd columns) / N
 
-    ``head`` [V_s, H_s] is already in the matmul dtype.
+    The gradient w.r.t. the chunk's logits is then back-propagated through the lm_head into
+    ``loop.grads``.
     """
-    h = student_hidden[start:stop].detach()  # [C, H_s]
+    plan, head, bias, loss_dtype, grads = loop.plan, loop.head, loop.bias, loop.loss_dtype, loop.grads
+    h = loop.hidden[start:stop].detach()  # [C, H_s]
     want_grad = grads.hidden is not None or grads.head is not None or grads.bias is not None
     r, temp, kvs = plan.options.kd_ratio, plan.options.temperature, plan.options.kd_vocab_size
     targets = plan.targets[start:stop]  # [C]

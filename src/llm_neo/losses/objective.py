@@ -23,8 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from llm_neo.losses.divergences import check_divergence, divergence
-from llm_neo.losses.topk import TopKTargets, topk_divergence
+from llm_neo.losses.divergences import TopKTargets, check_divergence, divergence
 
 # Hugging Face's label value for "not trained" (also F.cross_entropy's default ignore_index).
 IGNORE_INDEX = -100
@@ -146,7 +145,7 @@ def distill_loss(
     Shapes: ``student_logits [N, V_s]``, ``targets [N]`` (int64 token ids; every position is trained,
     the caller has already selected ``targets != -100`` from ``next_token_targets``), and the teacher
     as its logits ``[N, V_t]`` or as a cache's ``TopKTargets`` (rows aligned with the student's; the
-    divergence is then ``topk_divergence`` on the student logits sliced to ``kd_vocab_size``, the
+    divergence is then that of the top-k buckets, on the student logits sliced to ``kd_vocab_size``, the
     cache's vocabulary).
 
     ``num_tokens`` is the GLOBAL normaliser: the number of trained tokens over every micro-batch of the
@@ -192,16 +191,9 @@ def kd_per_token(student_kd: Tensor, teacher: Tensor | TopKTargets, options: Los
     """The divergence per position [N] of student logits already sliced to the KD vocabulary, against
     teacher logits (sliced here the same way; never back-propagated into) or cached top-k targets."""
     o = options
-    if isinstance(teacher, TopKTargets):
-        return topk_divergence(
-            o.divergence, student_kd, teacher, temperature=o.temperature, beta=o.beta, skew_alpha=o.skew_alpha
-        )
-    teacher_kd = teacher if o.kd_vocab_size is None else teacher[:, : o.kd_vocab_size]
+    if isinstance(teacher, Tensor):
+        # The teacher is frozen: never backprop into its graph.
+        teacher = (teacher if o.kd_vocab_size is None else teacher[:, : o.kd_vocab_size]).detach()
     return divergence(
-        o.divergence,
-        student_kd,
-        teacher_kd.detach(),  # the teacher is frozen; never backprop into its graph
-        temperature=o.temperature,
-        beta=o.beta,
-        skew_alpha=o.skew_alpha,
+        o.divergence, student_kd, teacher, temperature=o.temperature, beta=o.beta, skew_alpha=o.skew_alpha
     )

@@ -14,8 +14,7 @@ import torch
 from torch import Tensor
 
 from llm_neo.choices import DIVERGENCES
-from llm_neo.losses.divergences import check_divergence, check_logits
-from llm_neo.losses.topk import TopKTargets, check_topk
+from llm_neo.losses.divergences import TopKTargets, check_divergence, check_logits, check_topk
 
 
 def _kl(a: Tensor, b: Tensor) -> Tensor:
@@ -40,40 +39,27 @@ assert tuple(_FORMULAS) == DIVERGENCES
 def reference_divergence(
     name: str,
     student_logits: Tensor,
-    teacher_logits: Tensor,
+    teacher: Tensor | TopKTargets,
     *,
     temperature: float = 1.0,
     beta: float = 0.5,
     skew_alpha: float = 0.1,
 ) -> Tensor:
-    """Ground truth for ``divergence``: same contract ([N, V], [N, V] -> [N], times T**2), in float64."""
-    check_divergence(name, temperature=temperature, beta=beta, skew_alpha=skew_alpha)
-    check_logits(student_logits, teacher_logits)
-    q = torch.softmax(student_logits.double() / temperature, dim=-1)
-    p = torch.softmax(teacher_logits.double() / temperature, dim=-1)
-    return _FORMULAS[name](q, p, beta, skew_alpha) * temperature**2
+    """Ground truth for ``divergence``: same contract ([N, V] -> [N], times T**2), in float64.
 
-
-def reference_topk_divergence(
-    name: str,
-    student_logits: Tensor,
-    teacher: TopKTargets,
-    *,
-    temperature: float = 1.0,
-    beta: float = 0.5,
-    skew_alpha: float = 0.1,
-) -> Tensor:
-    """Ground truth for ``topk_divergence`` in float64: probabilities, summed tails, textbook formulas.
-
-    The student's tail is the sum of its probabilities outside the top-k (zero when k == V; ``1 - sum``
-    would leave rounding noise there, which reverse KL turns into +inf). The teacher buckets are
-    normalised by their sum (``topk_divergence`` does it in log space).
+    For a cached teacher: the student's tail is the sum of its probabilities outside the top-k (zero
+    when k == V; ``1 - sum`` would leave rounding noise there, which reverse KL turns into +inf), and
+    the teacher buckets are normalised by their sum (``divergence`` does both in log space).
     """
     check_divergence(name, temperature=temperature, beta=beta, skew_alpha=skew_alpha)
-    check_topk(student_logits, teacher)
     q = torch.softmax(student_logits.double() / temperature, dim=-1)
-    ids = teacher.ids.long()
-    q_b = torch.cat([q.gather(-1, ids), q.scatter(-1, ids, 0.0).sum(-1, keepdim=True)], dim=-1)
-    p_b = torch.cat([teacher.log_probs.double().exp(), teacher.tail.double().exp().unsqueeze(-1)], dim=-1)
-    p_b = p_b / p_b.sum(-1, keepdim=True)
-    return _FORMULAS[name](q_b, p_b, beta, skew_alpha) * temperature**2
+    if isinstance(teacher, TopKTargets):
+        check_topk(student_logits, teacher)
+        ids = teacher.ids.long()
+        q = torch.cat([q.gather(-1, ids), q.scatter(-1, ids, 0.0).sum(-1, keepdim=True)], dim=-1)
+        p = torch.cat([teacher.log_probs.double().exp(), teacher.tail.double().exp().unsqueeze(-1)], dim=-1)
+        p = p / p.sum(-1, keepdim=True)
+    else:
+        check_logits(student_logits, teacher)
+        p = torch.softmax(teacher.double() / temperature, dim=-1)
+    return _FORMULAS[name](q, p, beta, skew_alpha) * temperature**2

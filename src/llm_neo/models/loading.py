@@ -21,6 +21,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from llm_neo.config import LoadOptions
 from llm_neo.errors import ModelError
 from llm_neo.losses.objective import softcap
 from llm_neo.runtime.atomic import atomic_directory
@@ -101,6 +102,35 @@ def freeze(model: PreTrainedModel) -> PreTrainedModel:
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def load_frozen(
+    options: LoadOptions, path: str, *, role: str, dtype: torch.dtype, device: torch.device
+) -> PreTrainedModel:
+    """``load_model`` under a command's loading options, frozen: a teacher, or a model to score."""
+    return freeze(
+        load_model(
+            path,
+            role=role,
+            dtype=dtype,
+            device=device,
+            trust_remote_code=options.trust_remote_code,
+            allow_pickle_weights=options.allow_pickle_weights,
+        )
+    )
+
+
+def load_tokenizers(
+    path: str, teacher: str | None, *, role: str, trust_remote_code: bool
+) -> tuple[PreTrainedTokenizerBase, PreTrainedTokenizerBase | None]:
+    """The tokenizer of ``path`` and, when a teacher is given, the teacher's, proven to map every id to
+    the same token (ModelError otherwise)."""
+    tokenizer = load_tokenizer(path, role=role, trust_remote_code=trust_remote_code)
+    if not teacher:
+        return tokenizer, None
+    teacher_tokenizer = load_tokenizer(teacher, role="teacher", trust_remote_code=trust_remote_code)
+    check_same_vocabulary(tokenizer, teacher_tokenizer)
+    return tokenizer, teacher_tokenizer
 
 
 def logit_width(model: torch.nn.Module) -> int:

@@ -19,16 +19,14 @@ from tqdm.auto import tqdm
 
 from llm_neo import __version__
 from llm_neo.config import CacheTeacherConfig, validate_cache_teacher
-from llm_neo.data import Example, check_chat_templates, collate, load_records, tokenize_records
+from llm_neo.data import Example, collate, read_examples
 from llm_neo.errors import CacheError, ConfigError
 from llm_neo.losses import IGNORE_INDEX, TopKTargets, next_token_targets
 from llm_neo.models.loading import (
     autocast,
-    check_same_vocabulary,
     final_hidden_states,
-    freeze,
-    load_model,
-    load_tokenizer,
+    load_frozen,
+    load_tokenizers,
     logit_width,
     model_logits,
     resolve_device,
@@ -223,16 +221,7 @@ def cache_teacher(config: CacheTeacherConfig, *, on_shard: ShardCallback | None 
         log.info("resuming: %d of %d shards are complete", len(records), len(shards))
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
-    teacher = freeze(
-        load_model(
-            config.teacher,
-            role="teacher",
-            dtype=dtype,
-            device=device,
-            trust_remote_code=config.trust_remote_code,
-            allow_pickle_weights=config.allow_pickle_weights,
-        )
-    )
+    teacher = load_frozen(config, config.teacher, role="teacher", dtype=dtype, device=device)
     vocab_size = len(inputs.tokenizer)
     if logit_width(teacher) < vocab_size:
         raise CacheError(
@@ -249,23 +238,18 @@ def cache_teacher(config: CacheTeacherConfig, *, on_shard: ShardCallback | None 
 
 def _inputs(config: CacheTeacherConfig) -> _Inputs:
     """The data tokenized as the student's distill run will tokenize it, and the cache's key."""
-    trust = config.trust_remote_code
-    tokenizer = load_tokenizer(config.tokenizer or config.teacher, role="tokenizer", trust_remote_code=trust)
-    records = load_records(config.data)
-    if config.tokenizer:
-        teacher_tokenizer = load_tokenizer(config.teacher, role="teacher", trust_remote_code=trust)
-        check_same_vocabulary(tokenizer, teacher_tokenizer)
-        check_chat_templates(records, tokenizer, teacher_tokenizer, source=config.data)
+    # Another tokenizer (the student's) is checked against the teacher's; the teacher's own needs no check.
+    tokenizer, teacher_tokenizer = load_tokenizers(
+        config.tokenizer or config.teacher,
+        config.teacher if config.tokenizer else None,
+        role="tokenizer",
+        trust_remote_code=config.trust_remote_code,
+    )
     if config.top_k > len(tokenizer):
         vocabulary = f"the vocabulary ({len(tokenizer)} tokens)"
         raise ConfigError([f"--top-k: {config.top_k} is larger than {vocabulary}"])
-    examples, dropped = tokenize_records(
-        records,
-        tokenizer,
-        max_length=config.max_length,
-        train_on_prompt=config.train_on_prompt,
-        source=config.data,
-        progress=True,
+    _, examples, dropped = read_examples(
+        config.data, tokenizer, config, teacher_tokenizer=teacher_tokenizer, progress=True
     )
     key = run_key(config, tokenizer=tokenizer, examples=examples)
     # The layout is part of what a resumed cache must share with its first half (distill needs any k).
