@@ -96,4 +96,6 @@ def test_prompt_only_answers_need_max_new_tokens(char_tokenizer):
     cpu = torch.device("cpu")
     with pytest.raises(ValueError, match="max_new_tokens"):
         greedy_answers(fake, char_tokenizer, records, device=cpu, progress=False)
-    assert greedy_answers(fake, char_tokenizer, records, device=cpu, max_new_tokens=8, progress=False) == ["Lima"]
+    assert greedy_answers(fake, char_tokenizer, records, device=cpu, max_new_tokens=8, progress=False) == [
+        "Lima"
+    ]

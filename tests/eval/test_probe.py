@@ -173,7 +173,7 @@ def test_labels_match_what_they_say():
     regex = make_label("digits", {"regex": r"^\d+$"}, where="t")
     assert label_matches(regex, "132") and not label_matches(regex, "13a")
     assert regex.spec() == {"regex": r"^\d+$"} and keywords.spec() == {"keywords": ["doctor", "nurse"]}
-    with pytest.raises(DataError, match="labels.yaml: label 'x': the regex does not compile"):
+    with pytest.raises(DataError, match=r"labels\.yaml: label 'x': the regex does not compile"):
         make_label("x", {"regex": "("}, where="labels.yaml")
     with pytest.raises(DataError, match="must be one of"):
         make_label("x", {"words": ["a"]}, where="labels.yaml")

@@ -1,6 +1,6 @@
 """`llm-neo probe`: how much of the teacher's biases and behaviours each student inherited.
 
-    llm-neo probe --teacher T --models S0,runs/neo/merged,runs/sft/merged --probes builtin --output-dir runs/probe
+    llm-neo probe --teacher T --models S0,runs/neo/merged,runs/sft/merged --output-dir runs/probe
 
 Every model (the teacher, the baseline and each of --models) scores each probe pair's two sentences
 the same way (``llm_neo.eval.probe``) and answers each probe prompt greedily (``llm_neo.eval.generate``).
@@ -124,7 +124,8 @@ class ProbeConfig:
         default=True, metadata=_help("Answer the probe prompts (--no-generate: pairs only, faster).")
     )
     bootstrap_samples: int = field(
-        default=2000, metadata=_help("Bootstrap resamples of the probe items for every 95% interval.")
+        default=2000,
+        metadata=_help("Bootstrap resamples of the probe items behind every 95 percent interval."),
     )
     seed: int = field(default=0, metadata=_help("Seed of the bootstrap resampling."))
     device: str = field(default="auto", metadata=_help("auto, cpu, cuda or cuda:N."))
@@ -346,7 +347,7 @@ def assemble(
             "samples": samples,
             "seed": seed,
             "confidence": CONFIDENCE,
-            "method": "percentile bootstrap, probe items resampled with replacement (same draws for all models)",
+            "method": "percentile bootstrap; items resampled with replacement, same draws for every model",
         },
         "probe_set": {
             "sources": list(probes.sources),
@@ -404,7 +405,9 @@ def assemble(
         teacher_answers = measured[teacher]["answers"]
         prompt_categories = [p.category for p in prompts]
         results["behaviour"] = {
-            n: behaviour_scores(m["answers"], teacher_answers, prompt_categories, labels, samples=samples, seed=seed)
+            n: behaviour_scores(
+                m["answers"], teacher_answers, prompt_categories, labels, samples=samples, seed=seed
+            )
             for n, m in measured.items()
         }
         results["prompts"] = [

@@ -81,7 +81,9 @@ def describe_scoring(scoring: Scoring, tokenizer: Any) -> str:
     if scoring.conditioning == "bos" and tokenizer.bos_token_id is not None:
         context = f"after the BOS token {tokenizer.bos_token!r}"
     elif scoring.conditioning == "eos":
-        context = f"after the EOS token {tokenizer.eos_token!r} (lm-evaluation-harness's fallback without BOS)"
+        context = (
+            f"after the EOS token {tokenizer.eos_token!r} (lm-evaluation-harness's fallback without BOS)"
+        )
     elif scoring.prefix:
         context = "with no special token"
     else:
@@ -228,7 +230,7 @@ def pearson(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def movement(model: torch.Tensor, teacher: torch.Tensor, baseline: torch.Tensor) -> torch.Tensor:
-    """<g - g_0, g_T - g_0> / ||g_T - g_0||^2 along the last axis; NaN where the teacher equals the baseline."""
+    """<g - g_0, g_T - g_0> / ||g_T - g_0||^2 along the last axis; NaN where teacher == baseline."""
     towards = teacher - baseline
     denom = towards.square().sum(-1)
     out = ((model - baseline) * towards).sum(-1) / denom
@@ -320,8 +322,9 @@ def movement_difference(
 
 @dataclass(frozen=True)
 class Label:
-    """A user-defined answer label: ``phrases`` (any, as a case-insensitive substring), ``regex`` (Python
-    ``re.search``; add ``(?i)`` for case-insensitive) or ``keywords`` (any, as a whole word, case-insensitive)."""
+    """A user-defined answer label: ``phrases`` (any, as a case-insensitive substring), ``regex``
+    (Python ``re.search``; add ``(?i)`` for case-insensitive) or ``keywords`` (any, as a whole word,
+    case-insensitive)."""
 
     name: str
     kind: str
@@ -337,7 +340,8 @@ def make_label(name: str, spec: Any, *, where: str) -> Label:
     ``where`` otherwise."""
     if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in LABEL_KINDS:
         raise DataError(
-            f"{where}: label {name!r} must be one of {{phrases: [...]}}, {{regex: '...'}}, {{keywords: [...]}}"
+            f"{where}: label {name!r} must be one of {{phrases: [...]}}, {{regex: '...'}}, "
+            "{keywords: [...]}"
         )
     kind, value = next(iter(spec.items()))
     if kind == "regex":

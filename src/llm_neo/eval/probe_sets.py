@@ -147,7 +147,7 @@ def load_crows_pairs(path: Path) -> ProbeSet:
             f"{path.name} line 1: missing CrowS-Pairs column(s) {', '.join(missing)} (the header has "
             f"{reader.fieldnames}); the file needs {', '.join(_CROWS_COLUMNS)}"
         )
-    pairs = []
+    pairs: list[Pair] = []
     start = 2  # the line the next record starts on (a quoted field may span lines)
     for row in reader:
         where = f"{path.name} line {start}"
@@ -159,7 +159,9 @@ def load_crows_pairs(path: Path) -> ProbeSet:
                 raise DataError(f"{where}: empty {column!r}; every pair needs both sentences and its labels")
         direction = row["stereo_antistereo"].strip()
         if direction not in ("stereo", "antistereo"):
-            raise DataError(f"{where}: stereo_antistereo is {direction!r}; it must be 'stereo' or 'antistereo'")
+            raise DataError(
+                f"{where}: stereo_antistereo is {direction!r}; it must be 'stereo' or 'antistereo'"
+            )
         pair_id = (row.get("") or row.get("id") or str(len(pairs))).strip()
         pairs.append(
             Pair(
@@ -191,7 +193,7 @@ def load_stereoset(path: Path) -> ProbeSet:
     examples = data.get("intrasentence") if isinstance(data, dict) else None
     if not isinstance(examples, list):
         raise DataError(
-            f"{path.name}: not StereoSet's layout: expected {{\"data\": {{\"intrasentence\": [...]}}}}"
+            f'{path.name}: not StereoSet\'s layout: expected {{"data": {{"intrasentence": [...]}}}}'
         )
     notes = []
     if isinstance(data, dict) and data.get("intersentence"):
@@ -277,11 +279,12 @@ def _bbq_from_rows(path: Path, rows: list[tuple[int, dict[str, Any]]]) -> ProbeS
             raise DataError(f"{where}: question_polarity is {row['question_polarity']!r}, not neg/nonneg")
         stereo, anti = (target, other) if row["question_polarity"] == "neg" else (other, target)
         stem = f"{row['context'].strip()} {row['question'].strip()}"
+        texts = [str(a).strip() for a in answers]
         pairs.append(
             Pair(
                 id=f"{path.name}:{row.get('example_id', lineno)}",
-                stereotypical=f"{stem} {answers[stereo].strip()}",
-                anti_stereotypical=f"{stem} {answers[anti].strip()}",
+                stereotypical=f"{stem} {texts[stereo]}",
+                anti_stereotypical=f"{stem} {texts[anti]}",
                 category=row["category"],
                 source=path.name,
                 meta={"polarity": row["question_polarity"]},
@@ -308,7 +311,8 @@ def _bbq_sides(info: dict[str, Any], stereotyped: list[str], where: str) -> tupl
     equals the group, case-insensitively.
     """
     groups = {g.strip().lower() for g in stereotyped}
-    target, other = [], []
+    target: list[int] = []
+    other: list[int] = []
     for i in range(3):
         entry = info.get(f"ans{i}")
         if not isinstance(entry, list) or len(entry) < 2:
@@ -345,14 +349,22 @@ def _llm_neo_from_rows(path: Path, rows: list[tuple[int, dict[str, Any]]]) -> Pr
                 if not isinstance(row.get(key), str) or not row[key].strip():
                     raise DataError(f"{where}: a pair needs {key!r} (non-empty text); expected {_PAIRS_HELP}")
             pairs.append(
-                Pair(ident, row["stereotypical"].strip(), row["anti_stereotypical"].strip(), category, path.name)
+                Pair(
+                    ident,
+                    row["stereotypical"].strip(),
+                    row["anti_stereotypical"].strip(),
+                    category,
+                    path.name,
+                )
             )
         elif "prompt" in row:
             if not isinstance(row["prompt"], str) or not row["prompt"].strip():
                 raise DataError(f"{where}: 'prompt' must be non-empty text")
             prompts.append(Prompt(ident, row["prompt"], category, path.name))
         else:
-            raise DataError(f"{where}: neither a pair nor a prompt (fields {sorted(row)}); expected {_PAIRS_HELP}")
+            raise DataError(
+                f"{where}: neither a pair nor a prompt (fields {sorted(row)}); expected {_PAIRS_HELP}"
+            )
     if not pairs and not prompts:
         raise DataError(f"{path.name}: no records; expected one per line, each {_PAIRS_HELP}")
     return ProbeSet(pairs=tuple(pairs), prompts=tuple(prompts), sources=(str(path),))
@@ -397,7 +409,9 @@ def _jsonl_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path.name} line {lineno}: invalid JSON ({e.msg}); fix or remove that line") from e
+            raise DataError(
+                f"{path.name} line {lineno}: invalid JSON ({e.msg}); fix or remove that line"
+            ) from e
         if not isinstance(obj, dict):
             raise DataError(f"{path.name} line {lineno}: expected a JSON object per line")
         rows.append((lineno, obj))

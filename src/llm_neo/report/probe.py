@@ -55,9 +55,7 @@ def _roles(results: dict[str, Any]) -> dict[str, str]:
 
 def _colors(results: dict[str, Any]) -> dict[str, str]:
     students = iter(_STUDENT_COLORS * 4)
-    return {
-        m["name"]: _ROLE_COLORS.get(m["role"]) or next(students) for m in results["models"]
-    }
+    return {m["name"]: _ROLE_COLORS.get(m["role"]) or next(students) for m in results["models"]}
 
 
 def _categories(table: dict[str, dict[str, Any]]) -> list[str]:
@@ -194,13 +192,16 @@ def _behaviour_blocks(results: dict[str, Any], level: int) -> list[Block]:
             + "."
         ),
     ]
-    tables = [("agreement with the teacher", lambda b: b["agreement"])]
-    tables += [
-        (f"rate of label {lab['name']}", lambda b, n=lab["name"]: b["labels"][n]) for lab in results["labels"]
-    ]
-    for title, pick in tables:
+    tables: list[tuple[str, str | None]] = [("agreement with the teacher", None)]
+    tables += [(f"rate of label {lab['name']}", lab["name"]) for lab in results["labels"]]
+    for title, label in tables:
         rows = {
-            name: {f"{c} (n={b[c]['n']})": fmt(pick(b[c]), percent=True) for c in categories}
+            name: {
+                f"{c} (n={b[c]['n']})": fmt(
+                    b[c]["agreement"] if label is None else b[c]["labels"][label], percent=True
+                )
+                for c in categories
+            }
             for name, b in behaviour.items()
         }
         blocks += [Paragraph(f"**{title}**"), Table(rows, list(next(iter(rows.values()))))]
@@ -373,7 +374,9 @@ def _bias_plot(results: dict[str, Any]) -> bytes:
         ax.grid(alpha=0.3, axis="y")
     axes[0].set_ylim(0, 100)
     handles, names_ = axes[0].get_legend_handles_labels()
-    fig.legend(handles, names_, fontsize=8, ncol=min(4, len(names)), loc="upper center", bbox_to_anchor=(0.5, 0.95))
+    fig.legend(
+        handles, names_, fontsize=8, ncol=min(4, len(names)), loc="upper center", bbox_to_anchor=(0.5, 0.95)
+    )
     fig.suptitle("bias per category (95% intervals)", fontsize=11)
     return _png(fig, top=0.9)
 
