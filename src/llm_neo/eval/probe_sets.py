@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llm_neo.data import read_jsonl, read_text
 from llm_neo.errors import DataError
 from llm_neo.eval.probe import Label, default_labels, make_label
 
@@ -123,7 +124,7 @@ def load_probe_set(spec: str) -> ProbeSet:
     if suffix == ".json":
         return load_stereoset(path)
     if suffix in (".jsonl", ".ndjson"):
-        rows = _jsonl_rows(path)
+        rows = read_jsonl(path, expected=_PAIRS_HELP)
         if rows and "context_condition" in rows[0][1] and "answer_info" in rows[0][1]:
             return _bbq_from_rows(path, rows)
         return _llm_neo_from_rows(path, rows)
@@ -139,7 +140,7 @@ def load_probe_set(spec: str) -> ProbeSet:
 
 def load_crows_pairs(path: Path) -> ProbeSet:
     """CrowS-Pairs CSV: one pair per row, stereotypical = ``sent_more``, category = ``bias_type``."""
-    text = _read(path)
+    text = read_text(path)
     reader = csv.DictReader(io.StringIO(text, newline=""))
     missing = [c for c in _CROWS_COLUMNS if c not in (reader.fieldnames or [])]
     if missing:
@@ -184,7 +185,7 @@ def load_crows_pairs(path: Path) -> ProbeSet:
 
 def load_stereoset(path: Path) -> ProbeSet:
     """StereoSet JSON (intrasentence): one pair per example, stereotype against anti-stereotype."""
-    text = _read(path)
+    text = read_text(path)
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as e:
@@ -250,7 +251,7 @@ def _stereoset_where(path: Path, text: str, index: int, example: Any) -> str:
 
 def load_bbq(path: Path) -> ProbeSet:
     """BBQ JSONL: ambiguous contexts as pairs of answers (see the module docstring for the mapping)."""
-    return _bbq_from_rows(path, _jsonl_rows(path))
+    return _bbq_from_rows(path, read_jsonl(path, expected="a BBQ row"))
 
 
 def _bbq_from_rows(path: Path, rows: list[tuple[int, dict[str, Any]]]) -> ProbeSet:
@@ -333,7 +334,7 @@ def _bbq_sides(info: dict[str, Any], stereotyped: list[str], where: str) -> tupl
 
 def load_llm_neo_probes(path: Path) -> ProbeSet:
     """llm-neo's JSONL of pairs and/or prompts."""
-    return _llm_neo_from_rows(path, _jsonl_rows(path))
+    return _llm_neo_from_rows(path, read_jsonl(path, expected=_PAIRS_HELP))
 
 
 def _llm_neo_from_rows(path: Path, rows: list[tuple[int, dict[str, Any]]]) -> ProbeSet:
@@ -383,7 +384,7 @@ def load_labels(path: str | Path) -> list[Label]:
     if not path.is_file():
         raise DataError(f"--labels {str(path)!r}: no such file")
     try:
-        doc = yaml.safe_load(_read(path))
+        doc = yaml.safe_load(read_text(path))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
@@ -392,30 +393,6 @@ def load_labels(path: str | Path) -> list[Label]:
         raise DataError(f"{path.name}: expected a mapping of label name -> {{phrases|regex|keywords: ...}}")
     labels = [make_label(str(name), spec, where=path.name) for name, spec in doc.items()]
     return [lab for lab in default_labels() if lab.name not in doc] + labels
-
-
-def _read(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not valid UTF-8 ({e}); re-save it as UTF-8") from e
-
-
-def _jsonl_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    rows = []
-    for lineno, line in enumerate(_read(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(
-                f"{path.name} line {lineno}: invalid JSON ({e.msg}); fix or remove that line"
-            ) from e
-        if not isinstance(obj, dict):
-            raise DataError(f"{path.name} line {lineno}: expected a JSON object per line")
-        rows.append((lineno, obj))
-    return rows
 
 
 # --------------------------------------------------------------------------------------------------
