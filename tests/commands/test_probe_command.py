@@ -29,7 +29,7 @@ from llm_neo.report.probe import fmt, probe_section
 
 
 @pytest.fixture(scope="module")
-def builtin_run(tmp_path_factory, teacher_dir, student_dir, models_dir, tokenizer):
+def builtin_run(tmp_path_factory, teacher_dir, student_dir, models_dir, tokenizer, one_thread):
     other = save_model(
         build_llama(len(tokenizer), hidden_size=32, num_layers=2, seed=7), tokenizer, models_dir / "other"
     )

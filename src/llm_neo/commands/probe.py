@@ -240,6 +240,8 @@ def probe(config: ProbeConfig) -> dict[str, Any]:
     dtype = resolve_dtype(config.dtype, device)
     scoring = Scoring(config.conditioning, config.normalisation, config.prefix)
     prompts = list(probes.prompts) if config.generate else []
+    if not probes.pairs and not prompts:
+        raise ConfigError(["--no-generate: the probe set has prompts only, so nothing is left to measure"])
     log.info(
         "probe: %d pairs, %d prompts, %d models (teacher %s, baseline %s)",
         len(probes.pairs), len(prompts), len(specs), specs[0].path, specs[1].path,

@@ -38,6 +38,7 @@ class Bullets:
 class Table:
     rows: dict[str, dict[str, Any]]
     columns: list[str]
+    wrap: bool = False  # HTML: let long cells wrap (text); by default a cell stays on one line (numbers)
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; line-heigh
 h1 { font-size: 1.5rem; } h2 { font-size: 1.25rem; margin-top: 2rem; } h3 { font-size: 1.05rem; }
 img { max-width: 100%; height: auto; display: block; margin: 0.5rem 0; }
 .table { overflow-x: auto; margin: 0.5rem 0; }
+.table td { white-space: nowrap; } .table.wrap td { white-space: normal; min-width: 10rem; }
 table { border-collapse: collapse; font-size: 0.88rem; }
 th, td { padding: 0.3rem 0.55rem; border-bottom: 1px solid #ddd; text-align: left; vertical-align: top; }
 thead th { border-bottom: 2px solid #999; }
@@ -89,7 +91,11 @@ def to_html(blocks: list[Block], *, title: str, images: dict[str, bytes]) -> str
         elif isinstance(block, Bullets):
             parts.append("<ul>" + "".join(f"<li>{_inline(item)}</li>" for item in block.items) + "</ul>")
         elif isinstance(block, Table):
-            parts.append(format_html_table(block.rows, block.columns))
+            parts.append(
+                format_html_table(
+                    block.rows, block.columns, css_class="table wrap" if block.wrap else "table"
+                )
+            )
         elif block.name in images:
             data = base64.b64encode(images[block.name]).decode("ascii")
             parts.append(f'<img alt="{escape(block.alt)}" src="data:image/png;base64,{data}">')

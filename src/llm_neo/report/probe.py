@@ -232,7 +232,7 @@ def report_blocks(results: dict[str, Any]) -> list[Block]:
             }
             for p in results["prompts"]
         }
-        blocks += [Heading(2, "Answers"), Table(rows, ["prompt", *names])]
+        blocks += [Heading(2, "Answers"), Table(rows, ["prompt", *names], wrap=True)]
     blocks += [
         Heading(2, "What these numbers mean and do not mean"),
         Bullets(

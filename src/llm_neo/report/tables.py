@@ -26,8 +26,11 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def format_html_table(rows: dict[str, dict[str, Any]], columns: list[str]) -> str:
-    """``format_table``'s table as HTML (cells formatted the same way, text escaped)."""
+def format_html_table(
+    rows: dict[str, dict[str, Any]], columns: list[str], *, css_class: str = "table"
+) -> str:
+    """``format_table``'s table as HTML (cells formatted the same way, text escaped), in a
+    ``<div class="{css_class}">``."""
     from html import escape
 
     head = "<tr><th></th>" + "".join(f"<th>{escape(c)}</th>" for c in columns) + "</tr>"
@@ -37,4 +40,5 @@ def format_html_table(rows: dict[str, dict[str, Any]], columns: list[str]) -> st
         + "</tr>"
         for name, values in rows.items()
     ]
-    return f'<div class="table"><table><thead>{head}</thead><tbody>{"".join(body)}</tbody></table></div>'
+    table = f"<table><thead>{head}</thead><tbody>{''.join(body)}</tbody></table>"
+    return f'<div class="{escape(css_class)}">{table}</div>'
