@@ -111,6 +111,22 @@ model dir with its tokenizer and pruning.json (scores, kept and dropped blocks).
   llm-neo bench --shape cpu-wide                      # CPU: peak RSS per run in its own process
   llm-neo bench --shape llama3-8b-to-1b --gradient-checkpointing --output benchmarks/results""",
     ),
+    "probe": Command(
+        "llm_neo.commands.probe:ProbeConfig",
+        "llm_neo.commands.probe:run_probe",
+        "Measure which of the teacher's biases and behaviours each student inherited.",
+        """examples:
+  llm-neo probe --teacher T_DIR --models S0=S_DIR,neo=runs/neo/merged,sft=runs/sft/merged
+  llm-neo probe --teacher T_DIR --models S_DIR runs/kd/merged --probes crows_pairs.csv prompts.jsonl
+
+The FIRST of --models is the untrained student: the baseline from which movement towards the teacher is
+measured (0 = the untrained student's own preferences, 1 = the teacher's), unless --baseline names
+another. Per pair of sentences (stereotypical / anti-stereotypical) every model's log-probability gap;
+per model and category the fraction preferring the stereotype and the mean gap; per model the
+correlation with the teacher's gaps and the movement, all with bootstrap 95% intervals; greedy answers
+to the probe prompts, agreement with the teacher and label rates (refusal, --labels). Outputs in
+--output-dir: probe.json, probe.md, probe.html (self-contained), plots/. See docs/probe.md.""",
+    ),
 }
 
 

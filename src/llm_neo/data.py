@@ -131,7 +131,8 @@ def load_records(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
-def _read_text(path: Path) -> str:
+def read_text(path: Path) -> str:
+    """The file's text as UTF-8 (a byte-order mark tolerated); DataError naming the file otherwise."""
     try:
         # utf-8-sig: tolerate the byte-order mark some editors write at the start of the file.
         return path.read_text(encoding="utf-8-sig")
@@ -139,10 +140,15 @@ def _read_text(path: Path) -> str:
         raise DataError(f"{path}: not valid UTF-8 ({e}). Re-save the file as UTF-8.") from e
 
 
-def _load_jsonl(path: Path) -> list[dict[str, Any]]:
+def read_jsonl(path: Path, *, expected: str = _FORMAT_HELP) -> list[tuple[int, dict[str, Any]]]:
+    """``(line number, object)`` for every non-blank line of a JSONL file.
+
+    Raises DataError naming the file and line of invalid JSON or of a line that is not an object
+    (``expected`` says what each line should be).
+    """
     # Parsed line by line (not with a library reader) so an error can name the exact line.
-    records: list[dict[str, Any]] = []
-    for lineno, line in enumerate(_read_text(path).splitlines(), start=1):
+    rows: list[tuple[int, dict[str, Any]]] = []
+    for lineno, line in enumerate(read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -152,15 +158,19 @@ def _load_jsonl(path: Path) -> list[dict[str, Any]]:
         if not isinstance(obj, dict):
             raise DataError(
                 f"{path.name} line {lineno}: expected a JSON object, got "
-                f"{_json_kind(obj)}. Each line must be one record object ({_FORMAT_HELP})."
+                f"{_json_kind(obj)}. Each line must be one record object ({expected})."
             )
-        records.append(obj)
-    return records
+        rows.append((lineno, obj))
+    return rows
+
+
+def _load_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [obj for _, obj in read_jsonl(path)]
 
 
 def _load_json(path: Path) -> list[dict[str, Any]]:
     try:
-        data = json.loads(_read_text(path))
+        data = json.loads(read_text(path))
     except json.JSONDecodeError as e:
         raise DataError(
             f"{path.name} line {e.lineno} column {e.colno}: invalid JSON ({e.msg}). "

@@ -76,3 +76,26 @@ def test_greedy_answers_of_a_real_model_are_batch_independent(char_tokenizer):
     )
     single = greedy_answers(model, char_tokenizer, heldout, device=cpu, batch_size=1, progress=False)
     assert batched == single
+
+
+def test_a_prompt_only_record_is_asked_as_the_users_instruction(char_tokenizer):
+    alpaca = {"instruction": "Capital of Peru?", "input": "", "output": "Lima"}
+    assert prompt_and_stop({"prompt": "Capital of Peru?"}, char_tokenizer) == prompt_and_stop(
+        alpaca, char_tokenizer
+    )
+    plain = build_tokenizer(task_corpus(), vocab_size=256 + len(SPECIAL_TOKENS), chat_template=None)
+    prompt, stop = prompt_and_stop({"prompt": "Capital of Peru?"}, plain)
+    assert prompt.startswith("<s>Below is an instruction") and prompt.endswith("### Response:\n")
+    assert stop == "</s>"  # without a chat template the response ends at eos
+
+
+def test_prompt_only_answers_need_max_new_tokens(char_tokenizer):
+    records = [{"prompt": "Capital of Peru?"}]
+    prompt = prompt_and_stop(records[0], char_tokenizer)[0]
+    fake = _Scripted(char_tokenizer, {prompt: "Lima<|end|>xyz"})
+    cpu = torch.device("cpu")
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        greedy_answers(fake, char_tokenizer, records, device=cpu, progress=False)
+    assert greedy_answers(fake, char_tokenizer, records, device=cpu, max_new_tokens=8, progress=False) == [
+        "Lima"
+    ]

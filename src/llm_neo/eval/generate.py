@@ -16,7 +16,12 @@ def prompt_and_stop(record: dict[str, Any], tokenizer: Any) -> tuple[str, str]:
 
     Both come from ``llm_neo.data.render_segments``, the function training uses, so a model is asked
     in exactly the format it was trained in (the chat template, for a tokenizer that has one).
+
+    ``record`` is an Alpaca record, or a prompt-only record ``{"prompt": ...}`` (no ``completion``):
+    that is asked as the user's instruction, rendered as an Alpaca record with that instruction would be.
     """
+    if "output" not in record and "completion" not in record and isinstance(record.get("prompt"), str):
+        record = {"instruction": record["prompt"], "output": ""}
     segments = render_segments(record, tokenizer, where="task record")
     # Alpaca/chat renderings are [prompt (untrained), response (trained), rest (untrained)?].
     if len(segments) < 2 or segments[0][1] or not segments[1][1]:
@@ -43,10 +48,13 @@ def greedy_answers(
 
     Prompts are batched with left padding (sorted by length, so batches pad little) and generation stops
     at the token that starts the template's end of turn (``<|end|>`` for the demo's template) or at eos.
-    ``max_new_tokens`` defaults to the longest expected response plus its end-of-turn tokens.
+    ``max_new_tokens`` defaults to the longest expected response (``output``) plus its end-of-turn
+    tokens; prompt-only records have none, so it must be given for them.
     """
     if not records:
         return []
+    if max_new_tokens is None and any("output" not in r for r in records):
+        raise ValueError("greedy_answers: records without an 'output' need an explicit max_new_tokens")
     rendered = [prompt_and_stop(r, tokenizer) for r in records]
     prompts = [tokenizer(p, add_special_tokens=False)["input_ids"] for p, _ in rendered]
     stop_ids = {int(tokenizer.eos_token_id)}

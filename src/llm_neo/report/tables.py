@@ -1,4 +1,4 @@
-"""Markdown tables, the format every command prints its results in."""
+"""Markdown tables, the format every command prints its results in (and their HTML twin for reports)."""
 
 from __future__ import annotations
 
@@ -24,3 +24,21 @@ def _cell(value: Any) -> str:
     if isinstance(value, int):
         return f"{value:,}"
     return str(value)
+
+
+def format_html_table(
+    rows: dict[str, dict[str, Any]], columns: list[str], *, css_class: str = "table"
+) -> str:
+    """``format_table``'s table as HTML (cells formatted the same way, text escaped), in a
+    ``<div class="{css_class}">``."""
+    from html import escape
+
+    head = "<tr><th></th>" + "".join(f"<th>{escape(c)}</th>" for c in columns) + "</tr>"
+    body = [
+        f"<tr><th>{escape(name)}</th>"
+        + "".join(f"<td>{escape(_cell(values.get(c)))}</td>" for c in columns)
+        + "</tr>"
+        for name, values in rows.items()
+    ]
+    table = f"<table><thead>{head}</thead><tbody>{''.join(body)}</tbody></table>"
+    return f'<div class="{escape(css_class)}">{table}</div>'
