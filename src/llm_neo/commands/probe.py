@@ -28,7 +28,7 @@ from typing import Any, Literal
 import torch
 
 from llm_neo import __version__
-from llm_neo.config import _check_model_path, _help, to_dict
+from llm_neo.config import LoadOptions, _help, check_model_path, to_dict
 from llm_neo.errors import ConfigError, DataError
 from llm_neo.eval.generate import greedy_answers
 from llm_neo.eval.probe import (
@@ -51,7 +51,7 @@ from llm_neo.eval.probe import (
     sentence_logprobs,
 )
 from llm_neo.eval.probe_sets import BUILTIN, ProbeSet, load_labels, load_probe_sets
-from llm_neo.models.loading import freeze, load_model, load_tokenizer, resolve_device, resolve_dtype
+from llm_neo.models.loading import load_frozen, load_tokenizer, resolve_device, resolve_dtype
 from llm_neo.report.probe import fmt, write_report
 from llm_neo.report.tables import format_table
 from llm_neo.runtime.atomic import atomic_write_json
@@ -63,7 +63,7 @@ RESULTS = "probe.json"
 
 
 @dataclass
-class ProbeConfig:
+class ProbeConfig(LoadOptions):
     """`llm-neo probe`: which of the teacher's biases and behaviours each student inherited."""
 
     teacher: str = field(default="", metadata=_help("The teacher model (local dir or hub id)."))
@@ -128,18 +128,6 @@ class ProbeConfig:
         metadata=_help("Bootstrap resamples of the probe items behind every 95 percent interval."),
     )
     seed: int = field(default=0, metadata=_help("Seed of the bootstrap resampling."))
-    device: str = field(default="auto", metadata=_help("auto, cpu, cuda or cuda:N."))
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
-        default="auto",
-        metadata=_help("Compute dtype. auto: bfloat16 on GPUs that support it, else float32."),
-    )
-    trust_remote_code: bool = field(
-        default=False, metadata=_help("Allow model/tokenizer code from the model dir (off: never run it).")
-    )
-    allow_pickle_weights: bool = field(
-        default=False,
-        metadata=_help("Allow loading .bin/.pt (pickle) weights; by default only safetensors are loaded."),
-    )
     overwrite: bool = field(
         default=False, metadata=_help("Replace an earlier probe's outputs in --output-dir.")
     )
@@ -189,14 +177,14 @@ def validate_probe(config: ProbeConfig) -> list[ModelSpec]:
     p: list[str] = []
     if not c.teacher:
         p.append("--teacher is required (a model directory or hub id)")
-    _check_model_path(p, "teacher", c.teacher)
+    check_model_path(p, "teacher", c.teacher)
     try:
         specs = model_specs(c)
     except ConfigError as err:
         p += err.problems
         specs = []
     for spec in specs[1:]:
-        _check_model_path(p, f"models ({spec.name})", spec.path)
+        check_model_path(p, f"models ({spec.name})", spec.path)
     if not c.probes:
         p.append("--probes: give at least one probe source ('builtin' or a file)")
     for source in c.probes:
@@ -283,16 +271,7 @@ def _probe_model(
                     f"{spec.name}'s tokenizer, over --max-length {config.max_length}; raise --max-length"
                 )
             examples.append(example)
-    model = freeze(
-        load_model(
-            spec.path,
-            role=spec.name,
-            dtype=dtype,
-            device=device,
-            trust_remote_code=config.trust_remote_code,
-            allow_pickle_weights=config.allow_pickle_weights,
-        )
-    )
+    model = load_frozen(config, spec.path, role=spec.name, dtype=dtype, device=device)
     totals, counts = sentence_logprobs(
         model,
         examples,
