@@ -563,14 +563,3 @@ def run_plan(config: PlanConfig) -> int:
         }
         atomic_write_json(Path(config.json), payload)
     return 3 if (config.strict and misfits) else 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m llm_neo.commands.plan [flags]`: `llm-neo plan` without the console script."""
-    from llm_neo.cli import main as cli_main
-
-    return cli_main(["plan", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())
