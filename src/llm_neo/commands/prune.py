@@ -10,20 +10,28 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from transformers import AutoConfig, PretrainedConfig
+from transformers import PretrainedConfig
 
 from llm_neo import __version__
 from llm_neo.config import _check_data_path, _check_model_path, _help
 from llm_neo.data import collate, load_records, tokenize_records
-from llm_neo.errors import ConfigError
-from llm_neo.models.loading import load_model, load_tokenizer, published_dtype, resolve_device, resolve_dtype
+from llm_neo.errors import ConfigError, ModelError
+from llm_neo.models.loading import (
+    decoder_blocks,
+    load_config,
+    load_model,
+    load_tokenizer,
+    published_dtype,
+    resolve_device,
+    resolve_dtype,
+)
 from llm_neo.models.prune import (
     METRICS,
     _num_layers,
     block_importance,
+    check_prunable,
     choose_layers,
     count_parameters,
-    decoder_layers,
     prune_layers,
 )
 from llm_neo.report.tables import format_table
@@ -36,7 +44,9 @@ log = logging.getLogger("llm_neo")
 class PruneConfig:
     """`llm-neo prune`: depth-prune a causal LM by measured block importance."""
 
-    model: str = field(default="", metadata=_help("Model to prune: a local HF model dir or a hub id."))
+    model: str = field(
+        default="", metadata=_help("Model to prune: a local HF model dir, a hub id or a .gguf file.")
+    )
     data: str = field(
         default="",
         metadata=_help(
@@ -120,9 +130,10 @@ def validate_prune(config: PruneConfig) -> PretrainedConfig | None:
     hf_config = None
     if c.model and not any(problem.startswith("--model") for problem in p):
         try:
-            hf_config = AutoConfig.from_pretrained(c.model, trust_remote_code=c.trust_remote_code)
-        except Exception as err:  # OSError, ValueError, JSON errors: all mean "not a readable model"
-            p.append(f"--model: could not read the model config from {c.model!r}: {err}")
+            hf_config = load_config(c.model, trust_remote_code=c.trust_remote_code)
+            check_prunable(hf_config, type(hf_config).__name__)
+        except ModelError as err:
+            p.append(f"--model: {err}")
     if hf_config is not None:
         n = _num_layers(hf_config)
         if n is None:
@@ -177,7 +188,7 @@ def run_prune(config: PruneConfig) -> dict[str, Any]:
         trust_remote_code=config.trust_remote_code,
         allow_pickle_weights=config.allow_pickle_weights,
     )
-    num_layers = len(decoder_layers(model)[1])
+    num_layers = len(decoder_blocks(model)[2])
     parameters_before = count_parameters(model)
     log.info(
         "scoring %d blocks of %s on %d samples (%d tokens), metric %s",

@@ -3,16 +3,32 @@
 KD compares two next-token distributions column by column, so column i must mean the same token in
 both models. ``check_same_vocabulary`` proves it from the tokenizers; ``kd_vocab_size`` handles the
 common case of embedding tables padded past the tokenizer (Qwen2.5: 151,936 vs 152,064 logits).
+
+A model is a Hugging Face model directory, a hub id, or a GGUF file (llama.cpp / Ollama; or a
+directory holding exactly one ``.gguf`` and no ``config.json``). GGUF weights are dequantized to the
+compute dtype by transformers' GGUF loader (the ``gguf`` package: ``pip install 'llm-neo[gguf]'``), and
+the tokenizer and chat template come from the file. ``llm-neo convert`` does it once, to safetensors.
+
+Where the families differ (blocks in ``model.layers``, ``transformer.h`` or ``gpt_neox.layers``; Conv1D
+or Linear projections; soft-capped logits), ``decoder_blocks``, ``final_hidden_states`` and ``lm_head``
+are the one place that knows; ``check_supported`` refuses what cannot work before any weight loads.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
+import importlib.util
+import logging
+import re
+import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     PretrainedConfig,
@@ -22,6 +38,93 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from llm_neo.errors import ModelError
+
+log = logging.getLogger("llm_neo")
+
+GGUF_SUFFIX = ".gguf"
+# llama.cpp's split files (NAME-00001-of-00003.gguf), which transformers' loader reads one at a time.
+_SPLIT_GGUF = re.compile(r"-\d{5}-of-\d{5}\.gguf$")
+
+
+# ------------------------------------------------------------------------------------------------
+# Where a model's files are: a model directory / hub id, or a GGUF file.
+
+
+def resolve_gguf(path: str) -> tuple[str, str | None]:
+    """``(directory or hub id, GGUF file name or None)`` for a ``--teacher/--student/--model`` value.
+
+    A ``.gguf`` file gives its directory and name; a directory with no ``config.json`` that holds
+    exactly one ``.gguf`` gives that file (several: ModelError naming them, so the user picks one).
+    Anything else is an ordinary model directory or hub id, returned as given.
+    """
+    local = Path(path).expanduser()
+    if local.is_file():
+        if local.suffix != GGUF_SUFFIX:
+            raise ModelError(
+                f"{path!r} is a file but not a .gguf: give a model directory (config.json + safetensors), "
+                "a hub id, or a .gguf file"
+            )
+        file = local
+    elif local.is_dir() and not (local / "config.json").is_file():
+        found = sorted(local.glob(f"*{GGUF_SUFFIX}"))
+        if not found:
+            return path, None  # not a model directory either; the loader's error says so
+        if len(found) > 1:
+            names = ", ".join(f.name for f in found)
+            raise ModelError(
+                f"{path!r} holds {len(found)} .gguf files ({names}) and no config.json: name one, e.g. "
+                f"{local / found[0].name}"
+            )
+        file = found[0]
+    else:
+        return path, None
+    if _SPLIT_GGUF.search(file.name):
+        raise ModelError(
+            f"{file} is one part of a split GGUF: merge the parts first "
+            "(llama.cpp: llama-gguf-split --merge FIRST-PART.gguf OUT.gguf), then pass the merged file"
+        )
+    return str(file.parent), file.name
+
+
+def is_gguf(path: str) -> bool:
+    """Whether ``path`` names a GGUF checkpoint (see ``resolve_gguf``)."""
+    return resolve_gguf(path)[1] is not None
+
+
+def _require_gguf(path: str) -> None:
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelError(
+            f"{path!r} is a GGUF file: reading it needs the gguf package; pip install 'llm-neo[gguf]' "
+            "(or pip install gguf)"
+        )
+
+
+def load_config(path: str, *, trust_remote_code: bool = False) -> PretrainedConfig:
+    """The model's config (config.json, or the GGUF file's metadata) without loading any weight.
+
+    A GGUF's metadata is parsed once per file (it takes seconds: the tokenizer is in it too) and
+    copied on every later call. The returned config never carries a ``quantization_config``.
+    """
+    directory, gguf_file = resolve_gguf(path)
+    try:
+        if gguf_file is None:
+            return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        _require_gguf(path)
+        file = Path(directory) / gguf_file
+        stat = file.stat()
+        return copy.deepcopy(_gguf_config(str(file), stat.st_size, stat.st_mtime_ns))
+    except ModelError:
+        raise
+    except Exception as err:  # OSError, ValueError, JSON errors: all mean "not a readable model"
+        raise ModelError(f"could not read the model config of {path!r}: {err}") from err
+
+
+@functools.lru_cache(maxsize=8)
+def _gguf_config(file: str, size: int, mtime_ns: int) -> PretrainedConfig:
+    path = Path(file)
+    config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    config.__dict__.pop("quantization_config", None)
+    return config
 
 
 def resolve_device(name: str) -> torch.device:
@@ -48,8 +151,16 @@ def autocast(device: torch.device, dtype: torch.dtype) -> torch.autocast:
 
 
 def load_tokenizer(path: str, *, role: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The tokenizer (and chat template) of a model directory, hub id or GGUF file."""
+    directory, gguf_file = resolve_gguf(path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        if gguf_file is None:
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        else:
+            _require_gguf(path)
+            tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
+    except ModelError:
+        raise
     except Exception as err:  # HF raises OSError, ValueError, JSON errors... all mean the same here
         raise ModelError(f"could not load the {role} tokenizer from {path!r}: {err}") from err
     if tokenizer.pad_token_id is None:
@@ -67,8 +178,11 @@ def load_model(
     trust_remote_code: bool = False,
     allow_pickle_weights: bool = False,
 ) -> PreTrainedModel:
-    """Load a causal LM from a local dir or hub id, weights from safetensors unless the user opts in."""
+    """Load a causal LM from a local dir or hub id, weights from safetensors unless the user opts in; or
+    from a GGUF file (see ``load_gguf_model``)."""
     hf_logging.disable_progress_bar()
+    if is_gguf(path):
+        return load_gguf_model(path, role=role, dtype=dtype).to(device)  # type: ignore[arg-type]
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     if not allow_pickle_weights:
         kwargs["use_safetensors"] = True
@@ -84,6 +198,48 @@ def load_model(
             )
         raise ModelError(f"could not load the {role} model from {path!r}: {err}{hint}") from err
     return model.to(device)  # type: ignore[arg-type]
+
+
+def load_gguf_model(path: str, *, role: str, dtype: torch.dtype) -> PreTrainedModel:
+    """A plain (dense, trainable, savable) model from a GGUF file, its weights dequantized to ``dtype``.
+
+    transformers' GGUF loader is asked to dequantize every tensor (it could keep them packed for its
+    inference kernels, which cannot train). Its model still carries the GGUF quantizer, which makes
+    ``save_pretrained`` refuse it ("quantized with gguf and is not serializable"), so the weights are
+    moved, not copied, into a model of the same class built from the config without its
+    ``quantization_config``. Tied embeddings stay tied (the class ties them from the config).
+    """
+    from transformers import GgufConfig
+
+    directory, gguf_file = resolve_gguf(path)
+    assert gguf_file is not None
+    config = load_config(path)
+    started = time.perf_counter()
+    try:
+        packed = AutoModelForCausalLM.from_pretrained(
+            directory,
+            gguf_file=gguf_file,
+            config=copy.deepcopy(config),
+            dtype=dtype,
+            quantization_config=GgufConfig(dequantize=True),
+        )
+        state = packed.state_dict()
+        model = type(packed).from_pretrained(None, config=config, state_dict=state, dtype=dtype)
+    except Exception as err:
+        raise ModelError(
+            f"could not load the {role} model from the GGUF file {path!r}: {err} (transformers reads GGUF "
+            "files of the architectures it lists in transformers.integrations.ggml; convert others to a "
+            "Hugging Face directory with llama.cpp's tools)"
+        ) from err
+    del packed, state
+    log.info(
+        "%s: dequantized %s to %s in %.1f s (llm-neo convert writes it as safetensors once)",
+        role,
+        gguf_file,
+        str(dtype).removeprefix("torch."),
+        time.perf_counter() - started,
+    )
+    return model
 
 
 def enable_checkpointing(model: torch.nn.Module, *, mlp_chunks: int = 1) -> int:
@@ -103,17 +259,17 @@ def enable_checkpointing(model: torch.nn.Module, *, mlp_chunks: int = 1) -> int:
         )
     if mlp_chunks <= 1:
         return 0
-    split = 0
-    for name, module in model.named_modules():
-        if name.rsplit(".", 1)[-1] == "mlp" and ".layers." in f".{name}":
-            module.forward = _chunked_mlp_forward(module.forward, mlp_chunks)
-            split += 1
-    if split == 0:
+    _, _, blocks = decoder_blocks(model)
+    mlps = [getattr(block, "mlp", None) for block in blocks]
+    if not mlps or any(not isinstance(mlp, torch.nn.Module) for mlp in mlps):
         raise ModelError(
-            "--mlp-chunks: found no decoder-block MLP (a module named 'mlp' inside 'layers') in "
-            f"{type(model).__name__}; use --mlp-chunks 1 for this architecture"
+            f"--mlp-chunks: the decoder blocks of {type(model).__name__} have no module named 'mlp'; "
+            "use --mlp-chunks 1 for this architecture"
         )
-    return split
+    for mlp in mlps:
+        assert mlp is not None
+        mlp.forward = _chunked_mlp_forward(mlp.forward, mlp_chunks)  # type: ignore[method-assign]
+    return len(mlps)
 
 
 def _chunked_mlp_forward(forward: Any, chunks: int) -> Any:
@@ -122,7 +278,9 @@ def _chunked_mlp_forward(forward: Any, chunks: int) -> Any:
     def chunked(hidden: torch.Tensor) -> torch.Tensor:  # [B, T, H] -> [B, T, H]
         if not torch.is_grad_enabled() or hidden.dim() != 3 or hidden.shape[1] < 2:
             return forward(hidden)  # evaluation, or nothing to split
-        pieces = hidden.chunk(chunks, dim=1)
+        # Contiguous pieces: a chunk of the sequence of a batch is a strided view, and MLPs that
+        # flatten tokens with .view (the mixture-of-experts blocks) refuse one.
+        pieces = [piece.contiguous() for piece in hidden.chunk(chunks, dim=1)]
         return torch.cat([checkpoint(forward, piece, use_reentrant=False) for piece in pieces], dim=1)
 
     return chunked
@@ -183,25 +341,77 @@ def kd_vocab_size(
     return size
 
 
+# Attribute names under which the families keep their list of decoder blocks: model.layers (Llama,
+# Qwen, Mistral, Gemma, Phi-3, OLMo), transformer.h (GPT-2, GPT-J, Falcon, BLOOM), gpt_neox.layers
+# (GPT-NeoX / Pythia), blocks (some remote-code models).
+BLOCK_LISTS = ("layers", "h", "blocks")
+
+
+def decoder(model: torch.nn.Module) -> torch.nn.Module:
+    """The base decoder (embeddings, blocks, final norm; no lm_head), through PEFT wrappers too."""
+    get = getattr(model, "get_decoder", None)
+    found = get() if callable(get) else None
+    # PreTrainedModel.get_decoder returns the model itself when it finds no base model.
+    if not isinstance(found, torch.nn.Module) or found is model:
+        raise ModelError(
+            f"{type(model).__name__}: cannot find its base decoder (get_decoder() gives "
+            f"{type(found).__name__}); llm-neo needs a causal LM made of a base model and an lm_head"
+        )
+    return found
+
+
+def decoder_blocks(model: torch.nn.Module) -> tuple[torch.nn.Module, str, torch.nn.ModuleList]:
+    """``(decoder, attribute, blocks)``: the base decoder, the name of its block list and the list.
+
+    Looks for the ``BLOCK_LISTS`` names first, then for the decoder's only non-empty ModuleList child.
+    Raises ModelError naming the decoder's children when there is no such list.
+    """
+    base = decoder(model)
+    for name in BLOCK_LISTS:
+        blocks = getattr(base, name, None)
+        if isinstance(blocks, torch.nn.ModuleList) and len(blocks) > 0:
+            return base, name, blocks
+    lists = [(n, m) for n, m in base.named_children() if isinstance(m, torch.nn.ModuleList) and len(m) > 0]
+    if len(lists) == 1:
+        return base, lists[0][0], lists[0][1]  # type: ignore[return-value]
+    children = ", ".join(n for n, _ in base.named_children())
+    raise ModelError(
+        f"{type(model).__name__}: cannot find its decoder blocks (a ModuleList named "
+        f"{' or '.join(BLOCK_LISTS)} in {type(base).__name__}, whose children are: {children})"
+    )
+
+
 def final_hidden_states(
     model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
 ) -> torch.Tensor:
     """[B, T, H] hidden states after the final norm: the lm_head's input (works through PEFT wrappers)."""
-    decoder = model.get_decoder()  # type: ignore[operator]
-    return decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    return decoder(model)(
+        input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+    ).last_hidden_state
+
+
+def _output_head(model: torch.nn.Module) -> torch.nn.Module:
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if not isinstance(head, torch.nn.Module) or not isinstance(getattr(head, "weight", None), torch.Tensor):
+        raise ModelError(
+            f"{type(model).__name__}: get_output_embeddings() gives no lm_head with a weight "
+            f"({type(head).__name__}); llm-neo computes the logits from it chunk by chunk"
+        )
+    return head
 
 
 def model_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """The model's lm_head on ``hidden`` [n, H] -> [n, V], with Gemma-style soft-capping where configured."""
-    logits = model.get_output_embeddings()(hidden)  # type: ignore[operator]
+    logits = _output_head(model)(hidden)
     cap = logit_softcap(model)
     return cap * torch.tanh(logits / cap) if cap else logits
 
 
 def lm_head(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The lm_head's weight [V, H] and bias [V] (None without one): what the chunked loss multiplies."""
-    head = model.get_output_embeddings()  # type: ignore[operator]
-    return head.weight, getattr(head, "bias", None)
+    head = _output_head(model)
+    return head.weight, getattr(head, "bias", None)  # type: ignore[return-value]
 
 
 def logit_softcap(model: torch.nn.Module | None) -> float | None:
