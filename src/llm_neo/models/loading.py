@@ -153,12 +153,14 @@ def autocast(device: torch.device, dtype: torch.dtype) -> torch.autocast:
 def load_tokenizer(path: str, *, role: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """The tokenizer (and chat template) of a model directory, hub id or GGUF file."""
     directory, gguf_file = resolve_gguf(path)
+    tokenizer: PreTrainedTokenizerBase
     try:
         if gguf_file is None:
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         else:
             _require_gguf(path)
             tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
+            tokenizer = _drop_tokens_past(tokenizer, int(load_config(path).vocab_size))
     except ModelError:
         raise
     except Exception as err:  # HF raises OSError, ValueError, JSON errors... all mean the same here
@@ -167,6 +169,39 @@ def load_tokenizer(path: str, *, role: str, trust_remote_code: bool = False) -> 
         # Padding positions are masked out of every loss, so any id will do; eos is the usual choice.
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def _drop_tokens_past(tokenizer: PreTrainedTokenizerBase, rows: int) -> PreTrainedTokenizerBase:
+    """The tokenizer without added tokens whose id is ``rows`` or more (past the embedding table).
+
+    transformers rebuilds a byte-level GGUF vocabulary with GPT2Tokenizer, which appends
+    ``<|endoftext|>`` when the file has none (Llama-3 files: theirs is ``<|end_of_text|>``): one id past
+    the model's rows, which would make the tokenizer longer than the model's logits. No text the
+    model was trained on contains it, so the tokenizer is rebuilt without it.
+    """
+    import json
+
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or len(tokenizer) <= rows:
+        return tokenizer
+    data = json.loads(backend.to_str())
+    dropped = {t["content"] for t in data.get("added_tokens", []) if t["id"] >= rows}
+    data["added_tokens"] = [t for t in data.get("added_tokens", []) if t["id"] < rows]
+    special = {
+        name: value
+        for name in ("bos_token", "eos_token", "unk_token", "pad_token")
+        if (value := getattr(tokenizer, name, None)) is not None and str(value) not in dropped
+    }
+    rebuilt = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(data)),
+        chat_template=tokenizer.chat_template,
+        **special,
+    )
+    log.info("tokenizer: dropped %s (ids past the model's %d rows)", ", ".join(sorted(dropped)), rows)
+    return rebuilt
 
 
 def load_model(
@@ -182,7 +217,11 @@ def load_model(
     from a GGUF file (see ``load_gguf_model``)."""
     hf_logging.disable_progress_bar()
     if is_gguf(path):
-        return load_gguf_model(path, role=role, dtype=dtype).to(device)  # type: ignore[arg-type]
+        model = load_gguf_model(path, role=role, dtype=dtype)
+        log.info(
+            "%s: to skip dequantizing on every run, convert it once: llm-neo convert --model %s", role, path
+        )
+        return model.to(device)  # type: ignore[arg-type]
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     if not allow_pickle_weights:
         kwargs["use_safetensors"] = True
@@ -214,6 +253,7 @@ def load_gguf_model(path: str, *, role: str, dtype: torch.dtype) -> PreTrainedMo
     directory, gguf_file = resolve_gguf(path)
     assert gguf_file is not None
     config = load_config(path)
+    hf_logging.disable_progress_bar()
     started = time.perf_counter()
     try:
         packed = AutoModelForCausalLM.from_pretrained(
@@ -233,13 +273,109 @@ def load_gguf_model(path: str, *, role: str, dtype: torch.dtype) -> PreTrainedMo
         ) from err
     del packed, state
     log.info(
-        "%s: dequantized %s to %s in %.1f s (llm-neo convert writes it as safetensors once)",
+        "%s: dequantized %s to %s in %.1f s",
         role,
         gguf_file,
         str(dtype).removeprefix("torch."),
         time.perf_counter() - started,
     )
     return model
+
+
+# model_type of every family the test matrix (tests/models/test_families.py) runs through every arm,
+# prune, cache-teacher and eval; others that transformers loads as a causal LM are tried, with a warning.
+TESTED_MODEL_TYPES = (
+    "llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text", "phi3", "olmo2", "gpt2", "gpt_neox",
+    "qwen3_moe",
+)  # fmt: skip
+
+
+# Families whose blocks PEFT refuses to put LoRA on in part (out_proj, conv1d of a Mamba mixer).
+STATE_SPACE_MODEL_TYPES = ("mamba", "mamba2", "falcon_mamba", "falcon_h1", "nemotron_h")
+
+
+def check_supported(
+    hf_config: PretrainedConfig,
+    *,
+    role: str,
+    method: str | None = None,
+    target_modules: list[str] | None = None,
+    trust_remote_code: bool = False,
+) -> None:
+    """Raise ModelError, naming every part that cannot work, unless llm-neo can run this model as ``role``
+    ("teacher", "student", "model") in ``method`` ("neo", "kd", "lora", "sft"; None: no training).
+
+    Reads the config only: the module tree is built on the meta device (no memory, no weights), so a
+    checkpoint that cannot work is refused before anything heavy loads. What it checks: a decoder-only
+    causal LM that transformers has a class for (or whose code is trusted), not a vision-language or
+    encoder-decoder checkpoint; a base decoder with a list of blocks and an lm_head with a weight
+    (the chunked loss, held-out metrics, pruning and FSDP need them); for LoRA methods, linear layers
+    to adapt (``target_modules``, or the default of every linear layer in the blocks).
+    """
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    from llm_neo.models.lora import LINEAR_TYPES, default_target_modules
+
+    name = f"the {role} ({getattr(hf_config, 'model_type', type(hf_config).__name__)})"
+    if getattr(hf_config, "is_encoder_decoder", False):
+        raise ModelError(
+            f"{name} is an encoder-decoder model; llm-neo distills decoder-only causal LMs (token-level KD "
+            "on the next-token distribution of one decoder)"
+        )
+    if getattr(hf_config, "vision_config", None) is not None or getattr(hf_config, "audio_config", None):
+        raise ModelError(
+            f"{name} is a multimodal checkpoint (it has a vision/audio tower); llm-neo distills text-only "
+            "causal LMs: use the text-only release of the family (e.g. Gemma 3 270M/1B, model_type "
+            "gemma3_text)"
+        )
+    known = type(hf_config) in MODEL_FOR_CAUSAL_LM_MAPPING
+    if not known and not (trust_remote_code and getattr(hf_config, "auto_map", None)):
+        raise ModelError(
+            f"{name}: transformers has no causal-LM class for {type(hf_config).__name__}; if the model "
+            "directory ships its own code and you trust it, pass --trust-remote-code"
+        )
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        skeleton = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust_remote_code)
+    problems: list[str] = []
+    for check in (decoder_blocks, _output_head):
+        try:
+            check(skeleton)
+        except ModelError as err:
+            problems.append(str(err))
+    if method in ("neo", "lora") and getattr(hf_config, "model_type", None) in STATE_SPACE_MODEL_TYPES:
+        refused = {"out_proj", "conv1d"} & set(target_modules or ["out_proj"])
+        if refused:
+            problems.append(
+                f"PEFT refuses LoRA on the {' and '.join(sorted(refused))} layers of state-space (Mamba) "
+                "blocks, which the default targets include: pass --lora.target-modules in_proj x_proj "
+                "dt_proj, or use --method kd or sft"
+            )
+    if method in ("neo", "lora"):
+        try:
+            if target_modules is None:
+                default_target_modules(skeleton)
+            else:
+                modules = dict(skeleton.named_modules())
+                for target in target_modules:
+                    hits = [m for n, m in modules.items() if n == target or n.endswith("." + target)]
+                    if hits and not any(isinstance(m, LINEAR_TYPES) for m in hits):
+                        problems.append(
+                            f"--lora.target-modules {target}: it is a {type(hits[0]).__name__}, not a linear "
+                            "layer; LoRA adapts nn.Linear / Conv1D layers (the routed experts of "
+                            "mixture-of-experts blocks are fused 3-D parameters: llm-neo adapts attention)"
+                        )
+        except ModelError as err:
+            problems.append(str(err))
+    if problems:
+        raise ModelError(f"{name} cannot be used: " + "; ".join(problems))
+    if getattr(hf_config, "model_type", None) not in TESTED_MODEL_TYPES:
+        log.warning(
+            "%s is not one of the families llm-neo tests (%s); it may work, check the merge check and "
+            "the held-out metrics",
+            name,
+            ", ".join(TESTED_MODEL_TYPES),
+        )
 
 
 def enable_checkpointing(model: torch.nn.Module, *, mlp_chunks: int = 1) -> int:
@@ -268,7 +404,7 @@ def enable_checkpointing(model: torch.nn.Module, *, mlp_chunks: int = 1) -> int:
         )
     for mlp in mlps:
         assert mlp is not None
-        mlp.forward = _chunked_mlp_forward(mlp.forward, mlp_chunks)  # type: ignore[method-assign]
+        mlp.forward = _chunked_mlp_forward(mlp.forward, mlp_chunks)
     return len(mlps)
 
 
@@ -373,7 +509,7 @@ def decoder_blocks(model: torch.nn.Module) -> tuple[torch.nn.Module, str, torch.
             return base, name, blocks
     lists = [(n, m) for n, m in base.named_children() if isinstance(m, torch.nn.ModuleList) and len(m) > 0]
     if len(lists) == 1:
-        return base, lists[0][0], lists[0][1]  # type: ignore[return-value]
+        return base, lists[0][0], lists[0][1]
     children = ", ".join(n for n, _ in base.named_children())
     raise ModelError(
         f"{type(model).__name__}: cannot find its decoder blocks (a ModuleList named "

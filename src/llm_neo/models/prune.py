@@ -45,7 +45,8 @@ PER_LAYER_FIELDS = ("layer_types", "no_rope_layers")
 # or would compute something else). Qwen-MoE's mlp_only_layers / decoder_sparse_step are remapped
 # (see _sparse_blocks); GPT-2's scale_attn_by_inverse_layer_idx scales attention by 1/(index + 1).
 INDEX_FIELDS = {
-    "first_k_dense_replace": "the first k blocks are dense, the rest mixtures of experts (DeepSeek, GLM-4-MoE)",
+    "first_k_dense_replace": "the first k blocks are dense, the rest mixtures of experts (DeepSeek, "
+    "GLM-4-MoE)",
     "scale_attn_by_inverse_layer_idx": "attention is scaled by 1/(block index + 1), so a renumbered block "
     "would compute something else",
 }

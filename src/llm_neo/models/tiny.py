@@ -175,7 +175,9 @@ FAMILIES: dict[str, Family] = {
     ),
     "gemma2": Family(
         "Gemma2Config",
-        lambda v, h, n, a: _gemma(v, h, n, a) | {"final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0},
+        lambda v, h, n, a: (
+            _gemma(v, h, n, a) | {"final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0}
+        ),
         "final-logit and attention soft-capping, scaled embeddings, tied, alternating sliding/full layers",
     ),
     "gemma3": Family(
@@ -219,8 +221,10 @@ FAMILIES: dict[str, Family] = {
     ),
     "qwen3-moe": Family(
         "Qwen3MoeConfig",
-        lambda v, h, n, a: _decoder(v, h, n, a)
-        | {"head_dim": h // a, "moe_intermediate_size": h, "num_experts": 4, "num_experts_per_tok": 2},
+        lambda v, h, n, a: (
+            _decoder(v, h, n, a)
+            | {"head_dim": h // a, "moe_intermediate_size": h, "num_experts": 4, "num_experts_per_tok": 2}
+        ),
         "mixture of experts: 4 routed experts per block (fused 3-D expert weights), top-2 routing",
     ),
 }
