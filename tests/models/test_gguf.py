@@ -24,7 +24,6 @@ from llm_neo.errors import ConfigError, ModelError
 from llm_neo.models.loading import load_config, load_model, load_tokenizer, resolve_gguf
 from llm_neo.models.tiny import build_llama, save_model
 
-pytest.importorskip("gguf")
 pytestmark = pytest.mark.usefixtures("one_thread")
 CPU = torch.device("cpu")
 
@@ -77,7 +76,7 @@ def test_resolve_gguf(tmp_path, gguf_dir):
         resolve_gguf(str(split))
     other = tmp_path / "weights.bin"
     other.write_bytes(b"")
-    with pytest.raises(ModelError, match="not a .gguf"):
+    with pytest.raises(ModelError, match=r"not a \.gguf"):
         resolve_gguf(str(other))
 
 
