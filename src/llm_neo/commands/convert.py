@@ -23,6 +23,7 @@ import torch
 from safetensors import safe_open
 
 from llm_neo import __version__
+from llm_neo.commands.prune import check_output_dir
 from llm_neo.config import _help
 from llm_neo.errors import ConfigError, ModelError
 from llm_neo.models.loading import (
@@ -83,11 +84,7 @@ def validate_convert(config: ConvertConfig) -> tuple[str, str]:
     if not c.output:
         p.append("--output is required (the model directory to write)")
     else:
-        out = Path(c.output).expanduser()
-        if out.exists() and not out.is_dir():
-            p.append(f"--output: {c.output!r} is a file; give a directory")
-        elif out.is_dir() and any(out.iterdir()) and not c.overwrite:
-            p.append(f"--output: {c.output!r} already holds files; pass --overwrite to replace it")
+        check_output_dir(p, c.output, overwrite=c.overwrite)
     if c.dtype not in DTYPES:
         p.append(f"--dtype: {c.dtype!r} is not one of {', '.join(DTYPES)}")
     if p:

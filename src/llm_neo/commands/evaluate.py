@@ -10,8 +10,10 @@ from llm_neo.data import check_chat_templates, load_records, tokenize_records
 from llm_neo.eval.metrics import heldout_metrics
 from llm_neo.models.loading import (
     check_same_vocabulary,
+    check_supported,
     freeze,
     kd_vocab_size,
+    load_config,
     load_model,
     load_tokenizer,
     resolve_device,
@@ -33,6 +35,10 @@ def run_evaluation(config: EvalConfig) -> int:
 def run_eval(config: EvalConfig) -> dict[str, float]:
     """`llm-neo eval`: load model (and teacher), read the data as `distill` does, compute the metrics."""
     validate_eval(config)
+    trust = config.trust_remote_code
+    for role, path in (("model", config.model), ("teacher", config.teacher)):
+        if path:  # refuse what cannot work before any weight loads
+            check_supported(load_config(path, trust_remote_code=trust), role=role, trust_remote_code=trust)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     tokenizer = load_tokenizer(config.model, role="model", trust_remote_code=config.trust_remote_code)

@@ -17,6 +17,7 @@ from llm_neo.config import _check_data_path, _check_model_path, _help
 from llm_neo.data import collate, load_records, tokenize_records
 from llm_neo.errors import ConfigError, ModelError
 from llm_neo.models.loading import (
+    check_supported,
     decoder_blocks,
     load_config,
     load_model,
@@ -107,14 +108,10 @@ def validate_prune(config: PruneConfig) -> PretrainedConfig | None:
     _check_data_path(p, c.data)
     if not c.output:
         p.append("--output is required (the directory the pruned model is written to)")
+    elif c.model and Path(c.output).expanduser().resolve() == Path(c.model).expanduser().resolve():
+        p.append("--output must differ from --model: pruning never replaces the original")
     else:
-        out = Path(c.output).expanduser()
-        if c.model and out.resolve() == Path(c.model).expanduser().resolve():
-            p.append("--output must differ from --model: pruning never replaces the original")
-        elif out.exists() and not out.is_dir():
-            p.append(f"--output: {c.output!r} is a file; give a directory")
-        elif out.is_dir() and any(out.iterdir()) and not c.overwrite:
-            p.append(f"--output: {c.output!r} already holds files; pass --overwrite to replace it")
+        check_output_dir(p, c.output, overwrite=c.overwrite)
     if c.metric not in METRICS:
         p.append(f"--metric: {c.metric!r} is not one of {', '.join(METRICS)}")
     for name, value, ok, rule in [
@@ -131,6 +128,7 @@ def validate_prune(config: PruneConfig) -> PretrainedConfig | None:
     if c.model and not any(problem.startswith("--model") for problem in p):
         try:
             hf_config = load_config(c.model, trust_remote_code=c.trust_remote_code)
+            check_supported(hf_config, role="model", trust_remote_code=c.trust_remote_code)
             check_prunable(hf_config, type(hf_config).__name__)
         except ModelError as err:
             p.append(f"--model: {err}")
@@ -146,6 +144,15 @@ def validate_prune(config: PruneConfig) -> PretrainedConfig | None:
     if p:
         raise ConfigError(p)
     return hf_config
+
+
+def check_output_dir(problems: list[str], output: str, *, overwrite: bool) -> None:
+    """Append a problem when ``--output`` is a file, or a directory holding files without --overwrite."""
+    out = Path(output).expanduser()
+    if out.exists() and not out.is_dir():
+        problems.append(f"--output: {output!r} is a file; give a directory")
+    elif out.is_dir() and any(out.iterdir()) and not overwrite:
+        problems.append(f"--output: {output!r} already holds files; pass --overwrite to replace it")
 
 
 def run_prune(config: PruneConfig) -> dict[str, Any]:

@@ -193,7 +193,9 @@ def cache_teacher(config: CacheTeacherConfig, *, on_shard: ShardCallback | None 
     from llm_neo.data import check_chat_templates, load_records, tokenize_records
     from llm_neo.models.loading import (
         check_same_vocabulary,
+        check_supported,
         freeze,
+        load_config,
         load_model,
         load_tokenizer,
         logit_width,
@@ -206,6 +208,8 @@ def cache_teacher(config: CacheTeacherConfig, *, on_shard: ShardCallback | None 
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     trust = config.trust_remote_code
+    teacher_config = load_config(config.teacher, trust_remote_code=trust)
+    check_supported(teacher_config, role="teacher", trust_remote_code=trust)  # before any weight loads
     tokenizer = load_tokenizer(config.tokenizer or config.teacher, role="tokenizer", trust_remote_code=trust)
     records = load_records(config.data)
     if config.tokenizer:
