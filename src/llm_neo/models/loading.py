@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import functools
 import importlib.util
+import json
 import logging
 import re
 import time
@@ -179,8 +180,6 @@ def _drop_tokens_past(tokenizer: PreTrainedTokenizerBase, rows: int) -> PreTrain
     the model's rows, which would make the tokenizer longer than the model's logits. No text the
     model was trained on contains it, so the tokenizer is rebuilt without it.
     """
-    import json
-
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
