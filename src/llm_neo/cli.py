@@ -95,6 +95,18 @@ Block importance is 1 - cos(block input, block output), averaged over the calibr
 Block Influence); the --keep-layers most important blocks are kept in order. The output is a standard HF
 model dir with its tokenizer and pruning.json (scores, kept and dropped blocks).""",
     ),
+    "convert": Command(
+        "llm_neo.commands.convert:ConvertConfig",
+        "llm_neo.commands.convert:run_convert",
+        "Convert a GGUF file (llama.cpp, Ollama) to a safetensors model directory, once.",
+        """examples:
+  llm-neo convert --model SmolLM2-135M-Instruct.Q4_1.gguf --output smollm2/
+  llm-neo convert --model teacher.Q8_0.gguf --output teacher/ --dtype bfloat16
+
+Every command also reads a .gguf directly (--teacher/--student/--model FILE.gguf), dequantizing it on
+every run; convert does that once. Needs the gguf package: pip install 'llm-neo[gguf]'. The tokenizer
+and chat template come from the file; tied embeddings stay tied.""",
+    ),
     "plan": Command(
         "llm_neo.commands.plan:PlanConfig",
         "llm_neo.commands.plan:run_plan",

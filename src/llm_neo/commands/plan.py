@@ -437,15 +437,12 @@ def plan_rows(config: PlanConfig, *, baseline: int | None = None) -> tuple[list[
         seq = config.seq_len or shape.seq_len
         r = config.lora_r or shape.lora_r
     else:
-        from transformers import AutoConfig
+        from llm_neo.models.loading import load_config  # a model dir, hub id or GGUF file
 
         assert config.student is not None  # _validate
-        s_config = AutoConfig.from_pretrained(config.student, trust_remote_code=config.trust_remote_code)
-        t_config = (
-            AutoConfig.from_pretrained(config.teacher, trust_remote_code=config.trust_remote_code)
-            if config.teacher
-            else None
-        )
+        trust = config.trust_remote_code
+        s_config = load_config(config.student, trust_remote_code=trust)
+        t_config = load_config(config.teacher, trust_remote_code=trust) if config.teacher else None
         batch, seq, r = config.batch_size or 1, config.seq_len or 2048, config.lora_r or 64
     device_type = _device_type(config.device)
     c = _compute_bytes(config.dtype, device_type)

@@ -4,7 +4,8 @@ A run is distributed when it is launched by `torchrun` or `accelerate launch` (t
 RANK, LOCAL_RANK, MASTER_ADDR/PORT); otherwise every function here is the identity of one process.
 
 What is sharded, and why this way:
-- Every decoder block and the decoder itself (embeddings, final norm) of both models are wrapped with
+- Every decoder block (``model.layers``, ``transformer.h``, ``gpt_neox.layers``: whatever
+  ``decoder_blocks`` finds) and the decoder itself (embeddings, final norm) of both models are wrapped with
   ``fully_shard``, so each rank holds 1/world of their weights, gradients and AdamW states; the teacher
   too (the official LLM-Neo code replicates it on every rank).
 - The lm_head stays whole on every rank. The chunked loss multiplies hidden states by the head weight
@@ -28,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from llm_neo.errors import ModelError
+from llm_neo.models.loading import decoder_blocks  # the one place that knows each family's block list
 
 
 @dataclass(frozen=True)
@@ -78,10 +80,7 @@ def shard(model: torch.nn.Module, *, param_dtype: torch.dtype | None = None) -> 
         raise ModelError(
             "multi-process distillation needs torch >= 2.7 (FSDP2 fully_shard): upgrade torch"
         ) from err
-    decoder = model.get_decoder()  # type: ignore[operator]
-    layers = getattr(decoder, "layers", None)
-    if layers is None:
-        raise ModelError(f"{type(model).__name__}: cannot find the decoder blocks to shard (decoder.layers)")
+    decoder, _, layers = decoder_blocks(model)
     head = model.get_output_embeddings()  # type: ignore[operator]
     keep_whole = {p for p in head.parameters()} & set(decoder.parameters())  # a tied head
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
