@@ -57,6 +57,7 @@ from llm_neo.losses import (
 from llm_neo.models.checkpointing import enable_checkpointing
 from llm_neo.models.loading import (
     autocast,
+    check_supported,
     final_hidden_states,
     kd_vocab_size,
     lm_head,
@@ -267,12 +268,23 @@ def setup(config: DistillConfig) -> Run:
 
 
 def preflight(config: DistillConfig) -> torch.dtype:
-    """Refusals the models' configs decide (read from config.json, no weights), before anything heavy
-    loads; returns the student's published dtype, the export's."""
+    """Refusals the models' configs decide (config.json or a GGUF's metadata, no weights: the module tree
+    is built on the meta device), before anything heavy loads; returns the student's published dtype,
+    the export's."""
     trust = config.trust_remote_code
     student_config = load_config(config.student, role="student", trust_remote_code=trust)
-    if config.loss_impl == "liger" and config.uses_kd and config.teacher:
+    check_supported(
+        student_config,
+        role="student",
+        method=config.method,
+        target_modules=config.lora.target_modules,
+        trust_remote_code=trust,
+    )
+    teacher_config = None
+    if config.teacher:
         teacher_config = load_config(config.teacher, role="teacher", trust_remote_code=trust)
+        check_supported(teacher_config, role="teacher", trust_remote_code=trust)
+    if config.loss_impl == "liger" and config.uses_kd and teacher_config is not None:
         capped = [
             role
             for role, hf_config in (("student", student_config), ("teacher", teacher_config))

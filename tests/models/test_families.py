@@ -34,6 +34,7 @@ from llm_neo.models.loading import (
 )
 from llm_neo.models.lora import default_target_modules
 from llm_neo.models.tiny import FAMILIES, build_family, family_config, save_model
+from llm_neo.summary import RunSummary
 from llm_neo.teacher_cache.writer import cache_teacher
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -87,7 +88,7 @@ def _config(pair: Pair, method: str, out: str, **overrides) -> DistillConfig:
     return DistillConfig(**base)
 
 
-def _first_step(config: DistillConfig) -> tuple[dict, dict]:
+def _first_step(config: DistillConfig) -> tuple[RunSummary, dict]:
     steps: list[dict] = []
     summary = distill(config, on_step=lambda step, metrics: steps.append(metrics))
     return summary, steps[0]
@@ -172,11 +173,11 @@ def test_hidden_states_and_head_give_the_forward_logits(pair):
 @pytest.mark.parametrize("method", ["sft", "lora", "kd", "neo"])
 def test_every_arm_merges_and_changes_only_what_it_trains(pair, method):
     summary = distill(_config(pair, method, method))
-    merged_dir = Path(summary["config"]["output_dir"]) / "merged"
-    assert summary["merge_check"]["passed"]
-    assert summary["merge_check"]["max_abs_logit_diff"] <= 1e-4
-    assert summary["merged_parameters"] == summary["student_parameters"]
-    assert summary["heldout"]["kl_to_teacher"] > 0
+    merged_dir = Path(summary.config["output_dir"]) / "merged"
+    assert summary.merge_check["passed"]
+    assert summary.merge_check["max_abs_logit_diff"] <= 1e-4
+    assert summary.merged_parameters == summary.student_parameters
+    assert summary.heldout["kl_to_teacher"] > 0
 
     before = load_file(pair.student / "model.safetensors")
     after = load_file(merged_dir / "model.safetensors")
@@ -205,8 +206,8 @@ def test_gradient_checkpointing_with_mlp_chunks_changes_nothing(pair):
     )
     assert chunked_step["loss"] == pytest.approx(plain_step["loss"], rel=1e-6)
     assert chunked_step["grad_norm"] == pytest.approx(plain_step["grad_norm"], rel=1e-4)
-    a = load_file(Path(plain["config"]["output_dir"]) / "merged" / "model.safetensors")
-    b = load_file(Path(chunked["config"]["output_dir"]) / "merged" / "model.safetensors")
+    a = load_file(plain.output_dir / "merged" / "model.safetensors")
+    b = load_file(chunked.output_dir / "merged" / "model.safetensors")
     for key in a:
         torch.testing.assert_close(b[key], a[key], atol=1e-6, rtol=1e-5)
 
@@ -264,8 +265,8 @@ def test_training_from_the_cache_matches_training_from_the_teacher(pair):
     )
     cached, cached_step = _first_step(_config(pair, "neo", "cached", teacher=None, teacher_cache=str(cache)))
     _, live_step = _first_step(_config(pair, "neo", "live"))
-    assert cached["heldout_reference"] == "teacher_cache"
-    assert cached["merge_check"]["passed"]
+    assert cached.heldout_reference == "teacher_cache"
+    assert cached.merge_check["passed"]
     assert cached_step["kd_loss"] == pytest.approx(live_step["kd_loss"], rel=1e-4)
     assert cached_step["ce_loss"] == pytest.approx(live_step["ce_loss"], rel=1e-6)
 

@@ -183,7 +183,7 @@ def test_smollm2_convert_prune_distill(tmp_path, record_property):
     before, after = heldout_kl(pruned), heldout_kl(run / "merged")
     finished = time.perf_counter()
 
-    assert summary["merge_check"]["passed"], summary["merge_check"]
+    assert summary.merge_check["passed"], summary.merge_check
     assert after["kl_to_teacher"] < before["kl_to_teacher"], (before, after)
 
     merged = AutoModelForCausalLM.from_pretrained(run / "merged", use_safetensors=True)
@@ -210,11 +210,11 @@ def test_smollm2_convert_prune_distill(tmp_path, record_property):
         "wall_s": finished - started,
         "fetch_s": fetched - started,
         "convert_prune_distill_s": trained - fetched,
-        "train_s": summary["train_time_s"],
-        "steps": summary["steps"],
-        "trained_tokens_per_s": summary["tokens_trained"] / summary["train_time_s"],
+        "train_s": summary.train_time_s,
+        "steps": summary.steps,
+        "trained_tokens_per_s": summary.tokens_trained / summary.train_time_s,
         # Tokens through both models (prompts too, padding not), from the mean sample length.
-        "input_tokens_per_s": summary["steps"] * 4 * mean_length / summary["train_time_s"],
+        "input_tokens_per_s": summary.steps * 4 * mean_length / summary.train_time_s,
         "mean_sample_tokens": mean_length,
         "kl_pruned": before["kl_to_teacher"],
         "kl_merged": after["kl_to_teacher"],
