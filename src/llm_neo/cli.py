@@ -55,6 +55,23 @@ is cached (keyed by seed and task version) so a second run reuses it.""",
 outputs in --output-dir: merged/ (standard HF model), adapter/ (LoRA arms), metrics.jsonl,
 summary.json, config.yaml (reproduces the run through --config), checkpoints/ (with --save-every)""",
     ),
+    "compare": Command(
+        "llm_neo.commands.compare:CompareConfig",
+        "llm_neo.commands.compare:run_compare",
+        "The proof of concept: SFT, LoRA, KD and Neo on your models and data, scored, costed and compared.",
+        """examples:
+  llm-neo compare --teacher T_DIR --student S_DIR --data train.jsonl --heldout heldout.jsonl \\
+      --max-steps 200 --seeds 3 --output-dir runs/compare
+  llm-neo compare --config base.yaml --methods lora,neo --lr.neo 3e-4 --score contains
+  llm-neo compare ... --train-records 200 800 3200            # a data-size axis
+  llm-neo compare ... --project-tokens 50M --gpu h100         # what the full run costs
+  llm-neo compare ... --lm-eval-tasks arc_easy --lm-eval-include tasks/   # pip install 'llm-neo[eval]'
+
+Every arm trains on the same data, seeds, step budget and batch through distill's code path; the
+teacher, the untrained student and every arm are scored on the same held-out records. Outputs in
+--output-dir: report.html (one self-contained file), report.md, results.json, arms/ (each arm's run,
+config.yaml reproduces it), eval/. Killed, the same command continues where it stopped.""",
+    ),
     "eval": Command(
         "llm_neo.config:EvalConfig",
         "llm_neo.commands.evaluate:run_evaluation",

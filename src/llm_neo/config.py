@@ -417,7 +417,7 @@ def check_choices(problems: list[str], config: Any, prefix: str = "") -> None:
         if dataclasses.is_dataclass(value):
             check_choices(problems, value, prefix=f"{prefix}{f.name}.")
         choices = f.metadata.get("choices")
-        if choices is not None and value not in choices:
+        if choices is not None and value is not None and value not in choices:
             problems.append(f"{_flag(prefix, f.name)}: {value!r} is not one of {', '.join(choices)}")
 
 

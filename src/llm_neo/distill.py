@@ -58,6 +58,7 @@ from llm_neo.models.checkpointing import enable_checkpointing
 from llm_neo.models.loading import (
     autocast,
     check_supported,
+    decoder_blocks,
     final_hidden_states,
     kd_vocab_size,
     lm_head,
@@ -216,9 +217,9 @@ def setup(config: DistillConfig) -> Run:
     if config.gradient_checkpointing:
         enable_checkpointing(student, mlp_chunks=config.mlp_chunks)
     if world.enabled:  # FSDP2: each rank keeps 1/world of both models (see runtime/distributed.py)
-        shard(student, param_dtype=dtype if dtype != torch.float32 else None)
+        shard(student, *_blocks(student), param_dtype=dtype if dtype != torch.float32 else None)
         if teacher is not None:
-            shard(teacher)
+            shard(teacher, *_blocks(teacher))
     trainable = trainable_parameters(student)
     n_trainable = sum(p.numel() for p in trainable.values())  # a sharded DTensor reports its whole size
     log.info(
@@ -298,6 +299,12 @@ def preflight(config: DistillConfig) -> torch.dtype:
                 ]
             )
     return published_dtype(student_config)
+
+
+def _blocks(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.ModuleList]:
+    """The base decoder and its list of blocks: what FSDP2 shards."""
+    decoder, _, layers = decoder_blocks(model)
+    return decoder, layers
 
 
 def _read_data(config: DistillConfig, world: World) -> tuple[Any, list[Example], dict[str, int]]:

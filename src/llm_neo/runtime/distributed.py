@@ -29,7 +29,6 @@ import torch
 import torch.distributed as dist
 
 from llm_neo.errors import ModelError
-from llm_neo.models.loading import decoder_blocks  # the one place that knows each family's block list
 
 
 @dataclass(frozen=True)
@@ -72,15 +71,21 @@ def rank_device(world: World, device: torch.device) -> torch.device:
     return device
 
 
-def shard(model: torch.nn.Module, *, param_dtype: torch.dtype | None = None) -> None:
-    """FSDP2-wrap ``model``'s decoder blocks and decoder in place (see the module docstring)."""
+def shard(
+    model: torch.nn.Module,
+    decoder: torch.nn.Module,
+    layers: torch.nn.ModuleList,
+    *,
+    param_dtype: torch.dtype | None = None,
+) -> None:
+    """FSDP2-wrap ``model``'s decoder blocks ``layers`` and its ``decoder`` in place (see the module
+    docstring; ``models.loading.decoder_blocks`` finds them for each family)."""
     try:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     except ImportError as err:  # fully_shard became public (with ignored_params) in torch 2.7
         raise ModelError(
             "multi-process distillation needs torch >= 2.7 (FSDP2 fully_shard): upgrade torch"
         ) from err
-    decoder, _, layers = decoder_blocks(model)
     head = model.get_output_embeddings()  # type: ignore[operator]
     keep_whole = {p for p in head.parameters()} & set(decoder.parameters())  # a tied head
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
