@@ -79,6 +79,7 @@ __all__ = [
     "merge_quantized",
     "quantize_teacher",
     "reference_hidden_states",
+    "require_package",
     "teacher_drift",
     "train_mode_without_dropout",
     "weight_bytes",
@@ -89,13 +90,14 @@ __all__ = [
 # Optional packages
 
 
-def _require(package: str) -> Any:
+def require_package(package: str) -> Any:
     """Import ``package`` (torchao or bitsandbytes) or raise ModelError saying how to install it."""
     import importlib
 
     # Both print import-time notes about optional kernels they could not load (CUDA builds, the
     # `kernels` package); nothing a user of the CPU or CUDA path here can act on.
-    quiet = [logging.getLogger(name) for name in ("torchao", "bitsandbytes", "bitsandbytes.backends.cpu.ops")]
+    names = ("torchao", "torchao.kernel.intmm", "bitsandbytes", "bitsandbytes.backends.cpu.ops")
+    quiet = [logging.getLogger(name) for name in names]
     levels = [q.level for q in quiet]
     for q in quiet:
         q.setLevel(logging.ERROR)
@@ -245,7 +247,7 @@ def quantize_teacher(
     if kind == "nf4":
         log.warning("teacher: %s", NF4_TEACHER_DRIFT)
     if backend == "torchao":
-        _require("torchao")
+        require_package("torchao")
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
         wanted = set(targets)
@@ -267,7 +269,7 @@ def quantize_teacher(
 
 
 def _replace_with_bnb(model: nn.Module, targets: list[str], kind: str, device: torch.device) -> None:
-    bnb = _require("bitsandbytes")
+    bnb = require_package("bitsandbytes")
     for name in targets:
         old = model.get_submodule(name)
         assert isinstance(old, nn.Linear)
@@ -421,7 +423,7 @@ def load_quantized_base(
         )
     quantization: Any
     if kind == "nf4":
-        _require("bitsandbytes")
+        require_package("bitsandbytes")
         quantization = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
@@ -429,7 +431,7 @@ def load_quantized_base(
             bnb_4bit_compute_dtype=dtype,
         )
     else:
-        _require("torchao")
+        require_package("torchao")
         from torchao.quantization import Int8WeightOnlyConfig
 
         quantization = TorchAoConfig(Int8WeightOnlyConfig())
@@ -502,12 +504,12 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
     """
     weight = module.weight
     if _is_bnb_module(module, "Linear4bit"):
-        bnb = _require("bitsandbytes")
+        bnb = require_package("bitsandbytes")
         if _repacked(module):
             raise ModelError(_REPACKED)
         return bnb.functional.dequantize_4bit(weight.data, weight.quant_state)  # type: ignore[union-attr]
     if _is_bnb_module(module, "Linear8bitLt"):
-        bnb = _require("bitsandbytes")
+        bnb = require_package("bitsandbytes")
         return bnb.functional.int8_vectorwise_dequant(weight.data, weight.SCB)  # type: ignore[union-attr]
     if _is_torchao_tensor(weight):
         return weight.dequantize()  # type: ignore[operator]
