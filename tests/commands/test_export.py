@@ -14,7 +14,19 @@ pytest.importorskip("gguf", reason="the gguf extra is not installed: pip install
 
 def test_export_gguf_from_the_command_line(teacher_dir, tmp_path, capsys):
     out = tmp_path / "gguf"
-    rc = main(["export", "--model", str(teacher_dir), "--format", "gguf", "--gguf-type", "q8_0", "--output", str(out)])
+    rc = main(
+        [
+            "export",
+            "--model",
+            str(teacher_dir),
+            "--format",
+            "gguf",
+            "--gguf-type",
+            "q8_0",
+            "--output",
+            str(out),
+        ]
+    )
     assert rc == 0
     record = json.loads((out / "export.json").read_text())
     assert record["format"] == "gguf" and record["gguf_type"] == "q8_0"
@@ -27,7 +39,12 @@ def test_export_gguf_from_the_command_line(teacher_dir, tmp_path, capsys):
     rc = main(["export", "--model", str(teacher_dir), "--gguf-type", "f32", "--output", str(out)])
     assert rc == 2
     assert "--overwrite" in capsys.readouterr().err
-    assert main(["export", "--model", str(teacher_dir), "--gguf-type", "f32", "--output", str(out), "--overwrite"]) == 0
+    assert (
+        main(
+            ["export", "--model", str(teacher_dir), "--gguf-type", "f32", "--output", str(out), "--overwrite"]
+        )
+        == 0
+    )
     assert json.loads((out / "export.json").read_text())["gguf_type"] == "f32"
     assert [p.name for p in out.glob("*.gguf")] == ["teacher-F32.gguf"]
 
@@ -67,7 +84,7 @@ def test_a_failed_verification_leaves_nothing(teacher_dir, tmp_path, monkeypatch
     monkeypatch.setattr(gguf_export, "verify_gguf", broken)
     from llm_neo.export import export_model
 
-    with pytest.raises(ModelError, match="failed its verification.*logits differ"):
+    with pytest.raises(ModelError, match=r"failed its verification.*logits differ"):
         export_model(teacher_dir, "gguf", "f32", tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no temporary left either

@@ -61,9 +61,13 @@ def families(tmp_path_factory, tokenizer) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("gguf_families")
     v = len(tokenizer)
     out = {
-        "llama": save_model(build_llama(v, hidden_size=64, num_layers=2, num_kv_heads=2, seed=1), tokenizer, root / "llama"),
+        "llama": save_model(
+            build_llama(v, hidden_size=64, num_layers=2, num_kv_heads=2, seed=1), tokenizer, root / "llama"
+        ),
         "llama_tied": save_model(
-            build_llama(v, hidden_size=64, num_layers=2, tie_word_embeddings=True, seed=2), tokenizer, root / "llama_tied"
+            build_llama(v, hidden_size=64, num_layers=2, tie_word_embeddings=True, seed=2),
+            tokenizer,
+            root / "llama_tied",
         ),
     }
     rope3 = {
@@ -77,7 +81,10 @@ def families(tmp_path_factory, tokenizer) -> dict[str, Path]:
     specs = {
         # Llama-3.1/3.2's frequency scaling (rope_freqs.weight), q/k/v/o biases and head_dim != H / heads
         "llama3_rope": (LlamaForCausalLM, LlamaConfig(vocab_size=v, rope_parameters=rope3, **COMMON)),
-        "llama_bias": (LlamaForCausalLM, LlamaConfig(vocab_size=v, attention_bias=True, head_dim=32, **COMMON)),
+        "llama_bias": (
+            LlamaForCausalLM,
+            LlamaConfig(vocab_size=v, attention_bias=True, head_dim=32, **COMMON),
+        ),
         "mistral": (MistralForCausalLM, MistralConfig(vocab_size=v, sliding_window=None, **COMMON)),
     }
     for name, (cls, config) in specs.items():
@@ -133,7 +140,10 @@ def test_permute_rope_rows_turns_half_split_rope_into_interleaved_rope():
     n_head, d, hidden, pos = 2, 8, 5, 7
     wq = torch.randn(n_head * d, hidden, generator=gen, dtype=torch.float64)
     wk = torch.randn(n_head * d, hidden, generator=gen, dtype=torch.float64)
-    x_q, x_k = torch.randn(hidden, generator=gen, dtype=torch.float64), torch.randn(hidden, generator=gen, dtype=torch.float64)
+    x_q, x_k = (
+        torch.randn(hidden, generator=gen, dtype=torch.float64),
+        torch.randn(hidden, generator=gen, dtype=torch.float64),
+    )
     freqs = 1.0 / (10000 ** (torch.arange(0, d, 2, dtype=torch.float64) / d))  # [d/2]
 
     def hf_rope(v, p):  # v [d]: pairs (i, i + d/2)
@@ -164,7 +174,7 @@ def test_lossy_types_within_their_bounds_and_really_lossy(families, tmp_path, gg
     result = verify_gguf(families["llama"], out, "m.gguf", gguf_type)
     assert result["passed"], result["problems"]
     assert result["bound"] == GGUF_BOUNDS[gguf_type]
-    assert 0 < result["logits"]["max_abs_logit_diff"]
+    assert result["logits"]["max_abs_logit_diff"] > 0
     assert result["logits"]["kl_per_token"] <= GGUF_BOUNDS[gguf_type]["kl_per_token"]
     assert result["token_ids_equal"]
     types = info["tensors"]
@@ -259,7 +269,13 @@ def test_pre_tokenizer_names(pre, name):
 
 
 def test_an_unknown_pre_tokenizer_asks_for_its_name():
-    pre = {"type": "Sequence", "pretokenizers": [{"type": "Split", "pattern": {"Regex": "x+"}}, {"type": "ByteLevel", "use_regex": False}]}
+    pre = {
+        "type": "Sequence",
+        "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": "x+"}},
+            {"type": "ByteLevel", "use_regex": False},
+        ],
+    }
     with pytest.raises(ModelError, match="--gguf-pre"):
         gguf_pre_tokenizer({"pre_tokenizer": pre})
 
@@ -268,6 +284,8 @@ def test_q8_0_blocks_round_trip_through_gguf_quants():
     """The Q8_0 bound's source: gguf.quants' own error on a weight is below half a step per block."""
     gen = np.random.default_rng(0)
     w = gen.standard_normal((8, 64)).astype(np.float32)
-    q = gguf.quants.dequantize(gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0)
+    q = gguf.quants.dequantize(
+        gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
+    )
     step = np.abs(w.reshape(8, 2, 32)).max(-1, keepdims=True) / 127
     assert (np.abs(q.reshape(8, 2, 32) - w.reshape(8, 2, 32)) <= step / 2 + 1e-6).all()

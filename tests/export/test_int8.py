@@ -10,11 +10,11 @@ import torch
 
 pytest.importorskip("torchao", reason="the quant extra is not installed: pip install 'llm-neo[quant]'")
 
-from transformers import AutoModelForCausalLM  # noqa: E402
+from transformers import AutoModelForCausalLM
 
-from llm_neo.export import EXPORT_FILE, export_model  # noqa: E402
-from llm_neo.export.int8 import _bit_exact, export_int8  # noqa: E402
-from llm_neo.models.quant import is_quantized_linear, weight_bytes  # noqa: E402
+from llm_neo.export import EXPORT_FILE, export_model
+from llm_neo.export.int8 import _bit_exact, export_int8
+from llm_neo.models.quant import is_quantized_linear, weight_bytes
 
 
 @pytest.fixture(autouse=True, scope="module")

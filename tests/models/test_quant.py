@@ -19,7 +19,7 @@ from llm_neo.models.lora import attach_lora, trainable_parameters
 pytest.importorskip("torchao", reason="the quant extra is not installed: pip install 'llm-neo[quant]'")
 pytest.importorskip("bitsandbytes", reason="the quant extra is not installed: pip install 'llm-neo[quant]'")
 
-from llm_neo.models.quant import (  # noqa: E402  (after the skips: it needs neither, but the tests do)
+from llm_neo.models.quant import (
     block_linears,
     check_qlora_variant,
     check_trainable_base,
@@ -130,9 +130,11 @@ def test_nf4_teacher_warns_with_the_measured_drift(teacher_dir, caplog):
     teacher = plain(teacher_dir)
     with caplog.at_level(logging.WARNING, logger="llm_neo"):
         _, info = quantize_teacher(teacher, "nf4")
-    assert "KL 0.3-0.6" in caplog.text and "different teacher" in caplog.text
+    assert "KL 0.3-0.7" in caplog.text and "different teacher" in caplog.text
     assert info["backend"] == "bitsandbytes"
-    assert all(type(teacher.get_submodule(n)).__name__ == "Linear4bit" for n in block_linears(plain(teacher_dir)))
+    assert all(
+        type(teacher.get_submodule(n)).__name__ == "Linear4bit" for n in block_linears(plain(teacher_dir))
+    )
     assert info["weight_bytes_after"] < 0.5 * info["weight_bytes_before"]
 
 
@@ -187,9 +189,13 @@ def test_qlora_trains_with_the_dequantized_weights_gradients(student_dir, kind):
     loss = model(**batch, labels=labels).loss
     loss.backward()
     twin(**batch, labels=labels).loss.backward()
-    first = trainable_parameters(model)["base_model.model.model.layers.0.self_attn.q_proj.lora_B.default.weight"]
+    first = trainable_parameters(model)[
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.default.weight"
+    ]
     assert first.grad is not None and first.grad.abs().sum() > 0
-    for (name, p), (_, q) in zip(trainable_parameters(model).items(), trainable_parameters(twin).items(), strict=True):
+    for (name, p), (_, q) in zip(
+        trainable_parameters(model).items(), trainable_parameters(twin).items(), strict=True
+    ):
         assert q.grad is not None and p.grad is not None, name
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
 
@@ -223,7 +229,9 @@ def test_merge_equals_adapter_on_quantized_base(student_dir, kind, variant):
     assert type(merged).__name__ == "LlamaForCausalLM"
     assert getattr(merged.config, "quantization_config", None) is None
     assert not any(is_quantized_linear(m) for m in merged.modules())
-    assert sum(p.numel() for p in merged.parameters()) == sum(p.numel() for p in plain(student_dir).parameters())
+    assert sum(p.numel() for p in merged.parameters()) == sum(
+        p.numel() for p in plain(student_dir).parameters()
+    )
     with torch.no_grad():
         logits = merged(**batch).logits
     mask = batch["attention_mask"].bool()
@@ -248,7 +256,9 @@ def wide_student_dir(models_dir, tokenizer):
     from llm_neo.models.tiny import build_llama, save_model
 
     return save_model(
-        build_llama(len(tokenizer), hidden_size=64, num_layers=2, seed=7), tokenizer, models_dir / "wide_student"
+        build_llama(len(tokenizer), hidden_size=64, num_layers=2, seed=7),
+        tokenizer,
+        models_dir / "wide_student",
     )
 
 
@@ -302,7 +312,9 @@ def test_merge_refuses_a_base_other_than_the_trained_one(student_dir, models_dir
     from llm_neo.models.tiny import build_llama, save_model
 
     other = save_model(
-        build_llama(len(tokenizer), hidden_size=32, num_layers=2, seed=99), tokenizer, models_dir / "other_student"
+        build_llama(len(tokenizer), hidden_size=32, num_layers=2, seed=99),
+        tokenizer,
+        models_dir / "other_student",
     )
     model = attach_lora(loader(student_dir, "int8")(), r=4)
     with pytest.raises(ModelError, match="other quantized weights"):
@@ -341,7 +353,9 @@ def test_an_activation_quantized_base_cuts_the_graph_and_is_refused(student_dir,
     model.train()
     batch = make_batch(model.config.vocab_size)
     model(**batch, labels=batch["input_ids"]).loss.backward()
-    first = trainable_parameters(model)["base_model.model.model.layers.0.self_attn.q_proj.lora_B.default.weight"]
+    first = trainable_parameters(model)[
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.default.weight"
+    ]
     assert first.grad is None or float(first.grad.abs().sum()) == 0.0
 
     with pytest.raises(ModelError, match="activations are quantized"):
@@ -357,5 +371,5 @@ def test_gradient_probe_catches_a_layer_that_cuts_the_graph(student_dir):
     layer = base.model.layers[1].mlp.down_proj
     forward = layer.forward
     layer.forward = lambda x: forward(x.detach())  # an unknown quantized type that drops the graph
-    with pytest.raises(ModelError, match="layers.1.mlp.down_proj: no gradient"):
+    with pytest.raises(ModelError, match=r"layers\.1\.mlp\.down_proj: no gradient"):
         check_trainable_base(base)

@@ -22,7 +22,9 @@ class ExportConfig:
 
     model: str = field(
         default="",
-        metadata=_help("The model to export: a local Hugging Face model dir (weights + tokenizer), e.g. runs/neo/merged."),
+        metadata=_help(
+            "The model to export: a local Hugging Face model dir (weights + tokenizer), e.g. runs/neo/merged."
+        ),
     )
     format: Literal["gguf", "int8"] = field(
         default="gguf",
@@ -107,5 +109,8 @@ def run_export(config: ExportConfig) -> dict[str, Any]:
     }
     name = f"{config.format}:{config.gguf_type}" if config.format == "gguf" else "int8"
     print(format_table({name: row}, list(row)))
-    print(f"\n{config.output}: {record.get('file') or 'model dir'}, export.json beside it; load with {record['load_with']}")
+    print(
+        f"\n{config.output}: {record.get('file') or 'model dir'}, export.json beside it; "
+        f"load with {record['load_with']}"
+    )
     return record

@@ -158,7 +158,11 @@ def gguf_pre_tokenizer(tokenizer_json: dict[str, Any]) -> str:
     kinds = [s.get("type") for s in steps]
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
         return "gpt-2"
-    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
+    if (
+        kinds == ["Digits", "ByteLevel"]
+        and steps[0].get("individual_digits")
+        and steps[1].get("use_regex", True)
+    ):
         return "smollm"
     if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
         pattern = (steps[0].get("pattern") or {}).get("Regex")
@@ -201,8 +205,16 @@ def _added_bos_eos(tokenizer: Any) -> tuple[bool, bool]:
     """Whether encoding text (special tokens on) adds BOS / EOS, as observed, not as configured."""
     with_special = tokenizer("a")["input_ids"]
     without = tokenizer("a", add_special_tokens=False)["input_ids"]
-    bos = tokenizer.bos_token_id is not None and len(with_special) > len(without) and with_special[0] == tokenizer.bos_token_id
-    eos = tokenizer.eos_token_id is not None and len(with_special) > len(without) and with_special[-1] == tokenizer.eos_token_id
+    bos = (
+        tokenizer.bos_token_id is not None
+        and len(with_special) > len(without)
+        and with_special[0] == tokenizer.bos_token_id
+    )
+    eos = (
+        tokenizer.eos_token_id is not None
+        and len(with_special) > len(without)
+        and with_special[-1] == tokenizer.eos_token_id
+    )
     return bool(bos), bool(eos)
 
 
@@ -281,8 +293,8 @@ def write_gguf(
     model_kind = tokenizer_json.get("model", {}).get("type")
     if model_kind != "BPE" or tokenizer_json["model"].get("byte_fallback"):
         raise ModelError(
-            f"GGUF export of {model_dir}: only byte-level BPE tokenizers (Llama-3, Qwen2, SmolLM, GPT-2 style) "
-            f"are written by llm-neo; this one is {model_kind}"
+            f"GGUF export of {model_dir}: only byte-level BPE tokenizers (Llama-3, Qwen2, SmolLM, GPT-2 "
+            f"style) are written by llm-neo; this one is {model_kind}"
             + (" with byte fallback (a converted sentencepiece model)" if model_kind == "BPE" else "")
             + ". Use llama.cpp's convert_hf_to_gguf.py for it"
         )
@@ -296,8 +308,9 @@ def write_gguf(
     head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // n_head)
     n_layers = int(text.num_hidden_layers)
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    embeddings = model.get_input_embeddings().weight
-    n_vocab = int(embeddings.shape[0])
+    embeddings = model.get_input_embeddings()
+    assert isinstance(embeddings, torch.nn.Embedding)
+    n_vocab = embeddings.num_embeddings
     theta, scaling = _rope(raw_config)
     if raw_config["model_type"] == "mistral" and raw_config.get("sliding_window"):
         window = raw_config["sliding_window"]
@@ -391,7 +404,9 @@ def write_gguf(
     }
 
 
-def _add_tensor(writer: Any, name: str, array: np.ndarray, gguf_type: str, gguf: Any, written: dict[str, str]) -> None:
+def _add_tensor(
+    writer: Any, name: str, array: np.ndarray, gguf_type: str, gguf: Any, written: dict[str, str]
+) -> None:
     qtype = _tensor_type(name, array, gguf_type, gguf)
     Q = gguf.GGMLQuantizationType
     if qtype == Q.F32:
@@ -399,7 +414,9 @@ def _add_tensor(writer: Any, name: str, array: np.ndarray, gguf_type: str, gguf:
     elif qtype == Q.F16:
         writer.add_tensor(name, np.ascontiguousarray(array, dtype=np.float16))
     else:
-        writer.add_tensor(name, gguf.quants.quantize(np.ascontiguousarray(array, dtype=np.float32), qtype), raw_dtype=qtype)
+        writer.add_tensor(
+            name, gguf.quants.quantize(np.ascontiguousarray(array, dtype=np.float32), qtype), raw_dtype=qtype
+        )
     written[name] = qtype.name
 
 
@@ -479,9 +496,11 @@ def verify_gguf(
     if template and chat_template_equal:
         chat_a = source_tok.apply_chat_template(list(SAMPLE_CHAT), tokenize=False)
         chat_b = gguf_tok.apply_chat_template(list(SAMPLE_CHAT), tokenize=False)
-        if chat_a != chat_b or source_tok(chat_a, add_special_tokens=False)["input_ids"] != gguf_tok(
-            chat_b, add_special_tokens=False
-        )["input_ids"]:
+        if (
+            chat_a != chat_b
+            or source_tok(chat_a, add_special_tokens=False)["input_ids"]
+            != gguf_tok(chat_b, add_special_tokens=False)["input_ids"]
+        ):
             problems.append("the chat rendered through the GGUF's tokenizer differs from the source's")
         rendered.append(str(chat_a))
 
@@ -501,7 +520,9 @@ def verify_gguf(
         rope_error = _rope_freqs_error(gguf_dir / gguf_file, source.config)
         if rope_error > 1e-6:
             problems.append(f"rope_freqs reproduce the source's frequencies only to {rope_error:.3g}")
-    reloaded = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32, **kwargs).eval()
+    reloaded = AutoModelForCausalLM.from_pretrained(
+        gguf_dir, gguf_file=gguf_file, dtype=torch.float32, **kwargs
+    ).eval()
     source.eval()
     ids = [source_tok(t)["input_ids"] for t in [*texts, *rendered]]
     width = max(len(i) for i in ids)
@@ -562,4 +583,3 @@ def gguf_metadata(path: str | Path) -> dict[str, Any]:
         "tensor_count": len(reader.tensors),
     }
     return out
-

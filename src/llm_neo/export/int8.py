@@ -25,13 +25,15 @@ def _components(tensor: torch.Tensor) -> list[torch.Tensor]:
     from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
     if is_traceable_wrapper_subclass(tensor):
-        names, _ = tensor.__tensor_flatten__()  # type: ignore[attr-defined]
+        names, _ = tensor.__tensor_flatten__()
         return [part for name in names for part in _components(getattr(tensor, name))]
     return [tensor]
 
 
 def _bit_exact(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if type(a) is not type(b) and not (isinstance(a, torch.nn.Parameter) or isinstance(b, torch.nn.Parameter)):
+    if type(a) is not type(b) and not (
+        isinstance(a, torch.nn.Parameter) or isinstance(b, torch.nn.Parameter)
+    ):
         return False
     pa, pb = _components(a), _components(b)
     return len(pa) == len(pb) and all(
@@ -39,7 +41,9 @@ def _bit_exact(a: torch.Tensor, b: torch.Tensor) -> bool:
     )
 
 
-def export_int8(model_dir: str | Path, output_dir: str | Path, *, texts: tuple[str, ...] | None = None) -> dict[str, Any]:
+def export_int8(
+    model_dir: str | Path, output_dir: str | Path, *, texts: tuple[str, ...] | None = None
+) -> dict[str, Any]:
     """Write ``model_dir`` quantized to torchao int8 weight-only into ``output_dir`` (which must be empty
     or absent: the caller makes it atomic) and verify it.
 
@@ -77,7 +81,9 @@ def export_int8(model_dir: str | Path, output_dir: str | Path, *, texts: tuple[s
     output_dir.mkdir(parents=True, exist_ok=True)
     quantized.save_pretrained(output_dir, safe_serialization=True)
     tokenizer.save_pretrained(output_dir)
-    reloaded = AutoModelForCausalLM.from_pretrained(output_dir, device_map={"": cpu}, use_safetensors=True).eval()
+    reloaded = AutoModelForCausalLM.from_pretrained(
+        output_dir, device_map={"": cpu}, use_safetensors=True
+    ).eval()
 
     problems: list[str] = []
     saved, loaded = quantized.state_dict(), reloaded.state_dict()
@@ -85,14 +91,18 @@ def export_int8(model_dir: str | Path, output_dir: str | Path, *, texts: tuple[s
         problems.append(f"reloaded tensor names differ: {sorted(set(saved) ^ set(loaded))[:5]}")
     mismatched = [k for k in saved if k in loaded and not _bit_exact(saved[k], loaded[k])]
     if mismatched:
-        problems.append(f"{len(mismatched)} reloaded tensors differ from the saved ones, e.g. {mismatched[:3]}")
+        problems.append(
+            f"{len(mismatched)} reloaded tensors differ from the saved ones, e.g. {mismatched[:3]}"
+        )
 
     ids = [tokenizer(t)["input_ids"] for t in (texts or SAMPLE_TEXTS)]
     width = max(len(i) for i in ids)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     input_ids = torch.tensor([i + [pad] * (width - len(i)) for i in ids])
     with torch.no_grad():
-        logits_equal = torch.equal(quantized(input_ids=input_ids).logits, reloaded(input_ids=input_ids).logits)
+        logits_equal = torch.equal(
+            quantized(input_ids=input_ids).logits, reloaded(input_ids=input_ids).logits
+        )
     if not logits_equal:
         problems.append("the reloaded checkpoint computes other logits than the model that was saved")
     source = load_model(str(model_dir), role="int8 export source", dtype=dtype, device=cpu).eval()
