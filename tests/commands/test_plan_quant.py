@@ -58,12 +58,12 @@ def test_nf4_bytes_within_two_percent(wide_dir, who):
 
 def _fresh_saved_bytes(model: torch.nn.Module, ids: torch.Tensor) -> int:
     """Bytes of the tensors autograd saves for the backward that the model does not already hold."""
-    from llm_neo.models.quant import _storages
+    from llm_neo.models.quant import storage_tensors
 
     held = {
         part.untyped_storage().data_ptr()
         for t in [*model.parameters(), *model.buffers()]
-        for part in _storages(t)
+        for part in storage_tensors(t)
     }
     seen: set[int] = set()
     total = 0

@@ -79,6 +79,7 @@ __all__ = [
     "gguf_metadata",
     "gguf_pre_tokenizer",
     "permute_rope_rows",
+    "sample_input_ids",
     "verify_gguf",
     "write_gguf",
 ]
@@ -435,6 +436,15 @@ SAMPLE_CHAT = (
 )
 
 
+def sample_input_ids(tokenizer: Any, texts: Sequence[str]) -> torch.Tensor:
+    """[B, T] ids of ``texts`` (special tokens as the tokenizer adds them), right-padded. Every position is
+    compared, padding included: to both models a pad token is an ordinary input."""
+    ids = [tokenizer(t)["input_ids"] for t in texts]
+    width = max(len(i) for i in ids)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return torch.tensor([i + [pad] * (width - len(i)) for i in ids])
+
+
 def compare_logits(
     source: Any, other: Any, input_ids: torch.Tensor, chunk_size: int = 512
 ) -> dict[str, float]:
@@ -524,11 +534,7 @@ def verify_gguf(
         gguf_dir, gguf_file=gguf_file, dtype=torch.float32, **kwargs
     ).eval()
     source.eval()
-    ids = [source_tok(t)["input_ids"] for t in [*texts, *rendered]]
-    width = max(len(i) for i in ids)
-    pad = source_tok.pad_token_id if source_tok.pad_token_id is not None else 0
-    # Right-padded rows; every position is compared (padding tokens are ordinary inputs to both models).
-    input_ids = torch.tensor([i + [pad] * (width - len(i)) for i in ids])
+    input_ids = sample_input_ids(source_tok, [*texts, *rendered])
     logits = compare_logits(source, reloaded, input_ids)
     bound = GGUF_BOUNDS[gguf_type]
     for key, limit in bound.items():

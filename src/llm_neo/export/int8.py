@@ -21,21 +21,14 @@ from llm_neo.errors import ModelError
 __all__ = ["export_int8"]
 
 
-def _components(tensor: torch.Tensor) -> list[torch.Tensor]:
-    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
-
-    if is_traceable_wrapper_subclass(tensor):
-        names, _ = tensor.__tensor_flatten__()
-        return [part for name in names for part in _components(getattr(tensor, name))]
-    return [tensor]
-
-
 def _bit_exact(a: torch.Tensor, b: torch.Tensor) -> bool:
     if type(a) is not type(b) and not (
         isinstance(a, torch.nn.Parameter) or isinstance(b, torch.nn.Parameter)
     ):
         return False
-    pa, pb = _components(a), _components(b)
+    from llm_neo.models.quant import storage_tensors
+
+    pa, pb = list(storage_tensors(a)), list(storage_tensors(b))
     return len(pa) == len(pb) and all(
         x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y) for x, y in zip(pa, pb, strict=True)
     )
@@ -53,7 +46,7 @@ def export_int8(
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, TorchAoConfig
 
-    from llm_neo.export.gguf import SAMPLE_TEXTS, compare_logits
+    from llm_neo.export.gguf import SAMPLE_TEXTS, compare_logits, sample_input_ids
     from llm_neo.models.loading import load_model, published_dtype
     from llm_neo.models.quant import is_quantized_linear, require_package, weight_bytes
 
@@ -95,10 +88,7 @@ def export_int8(
             f"{len(mismatched)} reloaded tensors differ from the saved ones, e.g. {mismatched[:3]}"
         )
 
-    ids = [tokenizer(t)["input_ids"] for t in (texts or SAMPLE_TEXTS)]
-    width = max(len(i) for i in ids)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    input_ids = torch.tensor([i + [pad] * (width - len(i)) for i in ids])
+    input_ids = sample_input_ids(tokenizer, texts or SAMPLE_TEXTS)  # [B, T]
     with torch.no_grad():
         logits_equal = torch.equal(
             quantized(input_ids=input_ids).logits, reloaded(input_ids=input_ids).logits

@@ -48,6 +48,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from llm_neo.errors import ModelError
 from llm_neo.losses import IGNORE_INDEX, forward_kl, next_token_targets
 from llm_neo.models.loading import final_hidden_states, model_logits
+from llm_neo.models.lora import _output_embeddings
 
 log = logging.getLogger("llm_neo")
 
@@ -81,6 +82,7 @@ __all__ = [
     "quantize_teacher",
     "reference_hidden_states",
     "require_package",
+    "storage_tensors",
     "teacher_drift",
     "train_mode_without_dropout",
     "weight_bytes",
@@ -133,7 +135,7 @@ def is_quantized_linear(module: nn.Module) -> bool:
 # Bytes
 
 
-def _storages(t: torch.Tensor) -> Iterator[torch.Tensor]:
+def storage_tensors(t: torch.Tensor) -> Iterator[torch.Tensor]:
     """The plain tensors that hold ``t``'s bytes: a torchao tensor's components, a bitsandbytes
     parameter's packed data and its quantization state (absmax, code, nested statistics, scales)."""
     from torch.utils._python_dispatch import is_traceable_wrapper_subclass
@@ -141,7 +143,7 @@ def _storages(t: torch.Tensor) -> Iterator[torch.Tensor]:
     if is_traceable_wrapper_subclass(t):
         names, _ = t.__tensor_flatten__()
         for name in names:
-            yield from _storages(getattr(t, name))
+            yield from storage_tensors(getattr(t, name))
         return
     yield t
     state = getattr(t, "quant_state", None)
@@ -161,7 +163,7 @@ def weight_bytes(model: nn.Module) -> int:
     seen: set[tuple[str, int]] = set()
     total = 0
     for tensor in [*model.parameters(), *model.buffers()]:
-        for part in _storages(tensor):
+        for part in storage_tensors(tensor):
             if part.device.type == "meta":
                 continue
             storage = part.untyped_storage()
@@ -175,12 +177,6 @@ def weight_bytes(model: nn.Module) -> int:
 
 # ----------------------------------------------------------------------------------------------------
 # The teacher
-
-
-def _output_embeddings(model: nn.Module) -> nn.Module | None:
-    get = getattr(model, "get_output_embeddings", None)
-    out = get() if get is not None else None
-    return out if isinstance(out, nn.Module) else None
 
 
 def block_linears(model: nn.Module) -> list[str]:
@@ -679,7 +675,7 @@ def _same_quantized_weights(trained: nn.Module, fresh: nn.Module) -> bool | None
         return None
     tw, fw = trained.weight, fresh.weight
     assert isinstance(tw, torch.Tensor) and isinstance(fw, torch.Tensor)
-    parts_t, parts_f = list(_storages(tw)), list(_storages(fw))
+    parts_t, parts_f = list(storage_tensors(tw)), list(storage_tensors(fw))
     return len(parts_t) == len(parts_f) and all(
         a.shape == b.shape and a.dtype == b.dtype and torch.equal(a.cpu(), b.cpu())
         for a, b in zip(parts_t, parts_f, strict=True)
