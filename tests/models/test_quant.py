@@ -24,6 +24,7 @@ from llm_neo.models.quant import (
     check_qlora_variant,
     check_trainable_base,
     dequantized_weight,
+    float32_compute,
     is_quantized_linear,
     load_quantized_base,
     merge_quantized,
@@ -240,6 +241,27 @@ def test_merge_equals_adapter_on_quantized_base(student_dir, kind, variant):
     with torch.no_grad():
         bare = dense_twin(student_dir, load())(**batch).logits
     assert float((bare - reference)[mask].abs().max()) > 1e-3
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_merge_of_a_bf16_base_measured_in_fp32_is_exact(student_dir, kind):
+    """A run in bf16 (a GPU's): the check casts the adapter model to fp32 compute and merges in fp32, so it
+    measures the merge, not bf16 rounding."""
+    load = functools.partial(load_quantized_base, str(student_dir), kind, dtype=torch.bfloat16, device=CPU)
+    model = attach_lora(load(), r=4, seed=1)
+    perturb(model)
+    batch = make_batch(model.config.vocab_size, seed=2)
+    with train_mode_without_dropout(model), torch.no_grad():
+        bf16 = model(**batch).logits.float()
+    float32_compute(model)
+    with train_mode_without_dropout(model), torch.no_grad():
+        reference = model(**batch).logits
+    merged = merge_quantized(model, load, dtype=F32)
+    with torch.no_grad():
+        logits = merged(**batch).logits
+    mask = batch["attention_mask"].bool()
+    assert float((logits - reference)[mask].abs().max()) <= 1e-5
+    assert float((bf16 - reference)[mask].abs().max()) > 1e-5  # what the fp32 compute takes out
 
 
 def test_merge_is_cast_to_the_requested_dtype(student_dir):

@@ -37,6 +37,7 @@ needs and says how to install it.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -76,6 +77,7 @@ __all__ = [
     "check_qlora_variant",
     "check_trainable_base",
     "dequantized_weight",
+    "float32_compute",
     "is_quantized_linear",
     "load_quantized_base",
     "merge_quantized",
@@ -493,9 +495,11 @@ def _repacked(module: nn.Module) -> bool:
 def dequantized_weight(module: nn.Module) -> torch.Tensor:
     """The weight [out, in] a quantized linear computes with in a training forward, dense.
 
-    bitsandbytes 4-bit: ``dequantize_4bit`` of the packed data (what ``matmul_4bit`` does when gradients
-    are needed). torchao: the tensor's ``dequantize()`` (int8 weight-only computes ``(x·q^T)·s``, equal
-    to ``x·(q·s)^T`` up to fp32 rounding). A plain linear: its weight.
+    Always fp32, the values an fp32 forward multiplies with (a bf16 forward's are their bf16 rounding).
+    bitsandbytes 4-bit: ``dequantize_4bit`` of the packed data, code·absmax in fp32 (equal to the 4-bit
+    gemm's output bit for bit in an fp32 forward, tested). torchao: ``dequantize(float32)``, i.e. q·s
+    (int8 weight-only computes ``(x·q^T)·s``, equal to ``x·(q·s)^T`` up to fp32 rounding). A plain
+    linear: its weight.
 
     Raises:
         ModelError: a bitsandbytes 4-bit weight that was repacked in place for the CPU kernel (it has
@@ -506,12 +510,18 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
         bnb = require_package("bitsandbytes")
         if _repacked(module):
             raise ModelError(_REPACKED)
-        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state)  # type: ignore[union-attr]
+        # In fp32: bitsandbytes' 4-bit gemm multiplies by code·absmax in the input's dtype, so fp32 values
+        # are what an fp32 forward computes with, and a bf16 forward's weight is their bf16 rounding.
+        # (dequantize_4bit in the quantized-from dtype would round first.)
+        state = copy.copy(weight.quant_state)  # type: ignore[union-attr]
+        state.dtype = torch.float32
+        return bnb.functional.dequantize_4bit(weight.data, state)
     if _is_bnb_module(module, "Linear8bitLt"):
         bnb = require_package("bitsandbytes")
         return bnb.functional.int8_vectorwise_dequant(weight.data, weight.SCB)  # type: ignore[union-attr]
     if _is_torchao_tensor(weight):
-        return weight.dequantize()  # type: ignore[operator]
+        # In fp32 whatever the tensor's nominal dtype: q·s, what (x·q^T)·s computes at fp32.
+        return weight.dequantize(torch.float32)  # type: ignore[call-arg]
     assert isinstance(weight, torch.Tensor)
     return weight
 
@@ -583,6 +593,18 @@ def _gradient_probe(name: str, module: nn.Module) -> str | None:
             f"(relative error {error:.3g})"
         )
     return None
+
+
+def float32_compute(model: nn.Module) -> nn.Module:
+    """Make a model on a quantized base compute in fp32 (in place), as the merge check wants: every
+    floating-point parameter and buffer to fp32 (``Module.float``), and each bitsandbytes 4-bit layer's
+    compute dtype to fp32 (its dequantized weight keeps its exact values). torchao int8 layers already
+    compute in their input's dtype. Returns ``model``."""
+    nn.Module.float(model)  # transformers' own .float() refuses quantized models
+    for module in model.modules():
+        if _is_bnb_module(module, "Linear4bit"):
+            setattr(module, "compute_dtype", torch.float32)  # noqa: B010  (bitsandbytes attribute)
+    return model
 
 
 @contextlib.contextmanager
