@@ -521,7 +521,7 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
         return bnb.functional.int8_vectorwise_dequant(weight.data, weight.SCB)  # type: ignore[union-attr]
     if _is_torchao_tensor(weight):
         # In fp32 whatever the tensor's nominal dtype: q·s, what (x·q^T)·s computes at fp32.
-        return weight.dequantize(torch.float32)  # type: ignore[call-arg]
+        return weight.dequantize(torch.float32)  # type: ignore[call-arg, operator]
     assert isinstance(weight, torch.Tensor)
     return weight
 
