@@ -28,6 +28,7 @@ from llm_neo.models.quant import (
     is_quantized_linear,
     load_quantized_base,
     merge_quantized,
+    parameter_count,
     quantize_teacher,
     reference_hidden_states,
     teacher_drift,
@@ -230,9 +231,9 @@ def test_merge_equals_adapter_on_quantized_base(student_dir, kind, variant):
     assert type(merged).__name__ == "LlamaForCausalLM"
     assert getattr(merged.config, "quantization_config", None) is None
     assert not any(is_quantized_linear(m) for m in merged.modules())
-    assert sum(p.numel() for p in merged.parameters()) == sum(
-        p.numel() for p in plain(student_dir).parameters()
-    )
+    dense_count = sum(p.numel() for p in plain(student_dir).parameters())
+    assert sum(p.numel() for p in merged.parameters()) == dense_count == parameter_count(load())
+    assert parameter_count(merged) == dense_count
     with torch.no_grad():
         logits = merged(**batch).logits
     mask = batch["attention_mask"].bool()

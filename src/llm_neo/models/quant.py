@@ -81,6 +81,7 @@ __all__ = [
     "is_quantized_linear",
     "load_quantized_base",
     "merge_quantized",
+    "parameter_count",
     "quantize_teacher",
     "reference_hidden_states",
     "require_package",
@@ -174,6 +175,17 @@ def weight_bytes(model: nn.Module) -> int:
                 continue
             seen.add(key)
             total += storage.nbytes()
+    return total
+
+
+def parameter_count(model: nn.Module) -> int:
+    """Parameters as the dense model counts them (tied ones once). A bitsandbytes 4-bit parameter's
+    ``numel`` is its packed byte count (half the weights); its quantization state holds the real shape."""
+    total = 0
+    for param in model.parameters():
+        state = getattr(param, "quant_state", None)
+        shape = getattr(state, "shape", None)
+        total += int(torch.Size(shape).numel()) if shape is not None else param.numel()
     return total
 
 
