@@ -132,6 +132,20 @@ and chat template come from the file; tied embeddings stay tied.""",
   llm-neo plan --shape llama3-8b-to-1b --batch-size 8 --seq-len 2048 --gradient-checkpointing
   llm-neo plan --teacher T_DIR --student S_DIR --batch-size 2 --seq-len 2048""",
     ),
+    "export": Command(
+        "llm_neo.commands.export:ExportConfig",
+        "llm_neo.commands.export:run_export",
+        "Write a model as a GGUF file (llama.cpp, Ollama) or int8 safetensors, verified by reloading it.",
+        """examples:
+  llm-neo export --model runs/neo/merged --format gguf --gguf-type q8_0 --output runs/neo/gguf
+  llm-neo export --model runs/neo/merged --format gguf --gguf-type f32 --output runs/neo/gguf-f32
+  llm-neo export --model runs/neo/merged --format int8 --output runs/neo/int8
+
+The export is reloaded (transformers' GGUF loader / from_pretrained) and compared with the source:
+token ids and chat template identical, logits exact for f32, within a stated bound for f16/q8_0/q4_0
+(docs/quantization.md); the numbers go to export.json in --output. Needs: pip install 'llm-neo[gguf]'
+(gguf) or 'llm-neo[quant]' (int8).""",
+    ),
     "bench": Command(
         "llm_neo.commands.bench:BenchConfig",
         "llm_neo.commands.bench:run_bench",
