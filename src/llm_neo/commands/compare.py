@@ -180,9 +180,7 @@ class CompareConfig(TrainOptions):
     )
     gpu: str | None = field(
         default=None,
-        metadata=_help(
-            f"The card the projection is for: {', '.join(GPUS)}.", choices=tuple(GPUS), group=RUN
-        ),
+        metadata=_help(f"The card the projection is for: {', '.join(GPUS)}.", choices=tuple(GPUS), group=RUN),
     )
     gpus: int = field(default=1, metadata=_help("Cards the projected run uses.", group=RUN))
     utilization: float = field(

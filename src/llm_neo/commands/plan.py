@@ -47,6 +47,7 @@ from typing import Any
 
 import torch
 
+from llm_neo.choices import STUDENT_QUANT, TEACHER_QUANT
 from llm_neo.config import DeviceOptions, _help
 from llm_neo.runtime.memory import rss_bytes
 
@@ -408,16 +409,20 @@ class PlanConfig(DeviceOptions):
         default=1,
         metadata=_help("Processes the run is sharded over (FSDP2); the estimate is per rank."),
     )
-    teacher_quant: Literal["none", "int8", "nf4"] = field(
+    teacher_quant: str = field(
         default="none",
         metadata=_help(
             "The teacher's block linears quantized (distill --teacher-quant): int8 (torchao weight-only, "
-            "~1 byte per weight) or nf4 (~0.52 byte). Embeddings and lm_head stay in the compute dtype."
+            "~1 byte per weight) or nf4 (~0.52 byte). Embeddings and lm_head stay in the compute dtype.",
+            choices=TEACHER_QUANT,
         ),
     )
-    student_quant: Literal["none", "nf4", "int8"] = field(
+    student_quant: str = field(
         default="none",
-        metadata=_help("The LoRA arms' frozen student base quantized (QLoRA, distill --student-quant)."),
+        metadata=_help(
+            "The LoRA arms' frozen student base quantized (QLoRA, distill --student-quant).",
+            choices=STUDENT_QUANT,
+        ),
     )
     json: str | None = field(default=None, metadata=_help("Also write the estimates to this JSON file."))
     trust_remote_code: bool = field(default=False, metadata=_help("Allow config code from the model dir."))

@@ -20,11 +20,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from llm_neo.choices import EXPORT_FORMATS
 from llm_neo.errors import ModelError
 
 log = logging.getLogger("llm_neo")
 
-EXPORT_FORMATS = ("gguf", "int8")
 EXPORT_FILE = "export.json"
 
 __all__ = ["EXPORT_FILE", "EXPORT_FORMATS", "export_model", "parse_export_spec"]

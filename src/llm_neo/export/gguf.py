@@ -35,11 +35,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from llm_neo.choices import GGUF_TYPES
 from llm_neo.errors import ModelError
 
 log = logging.getLogger("llm_neo")
 
-GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")
 
 # model_type (config.json) -> llama.cpp architecture name. Mistral is llama.cpp's `llama` (as
 # llama.cpp's own converter writes it); its sliding window is not representable there.

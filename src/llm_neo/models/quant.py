@@ -46,6 +46,8 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from llm_neo.choices import STUDENT_QUANT, TEACHER_QUANT
+from llm_neo.choices import TEACHER_QUANT_BACKENDS as TEACHER_BACKENDS
 from llm_neo.errors import ModelError
 from llm_neo.losses import IGNORE_INDEX, forward_kl, next_token_targets
 from llm_neo.models.loading import final_hidden_states, model_logits
@@ -53,9 +55,6 @@ from llm_neo.models.lora import _output_embeddings
 
 log = logging.getLogger("llm_neo")
 
-TEACHER_QUANT = ("none", "int8", "nf4")
-TEACHER_BACKENDS = ("auto", "torchao", "bitsandbytes")
-STUDENT_QUANT = ("none", "nf4", "int8")
 # LoRA variants whose merge onto a quantized base is exact. DoRA normalises by the norm of W + ΔW and
 # PiSSA rewrites the base weights at init (W - B0·A0, which a fresh quantized base does not hold).
 QLORA_VARIANTS = ("lora", "rslora", "moslora")
