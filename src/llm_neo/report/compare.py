@@ -427,10 +427,21 @@ def _examples(results: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], list[
     first = next(iter(models.values()))["examples"]
     rows = {}
     for i, ex in enumerate(first):
-        row = {"prompt": ex["prompt"][:80], "expected": ex["expected"][:40]}
-        row |= {name: m["examples"][i]["answer"][:40] for name, m in models.items() if i < len(m["examples"])}
+        row = {"prompt": _printable(ex["prompt"], 80), "expected": _printable(ex["expected"], 40)}
+        row |= {
+            name: _printable(m["examples"][i]["answer"], 40)
+            for name, m in models.items()
+            if i < len(m["examples"])
+        }
         rows[str(i + 1)] = row
     return rows, ["prompt", "expected", *models]
+
+
+def _printable(text: str, limit: int) -> str:
+    """A model's text for a table cell: control characters (an untrained model emits any byte) shown as
+    U+FFFD, cut to ``limit`` characters."""
+    shown = "".join(c if c.isprintable() else "\ufffd" for c in text)
+    return shown if len(shown) <= limit else shown[: limit - 1] + "…"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -541,9 +552,10 @@ def _loss_plot(results: dict[str, Any]) -> bytes:
     for ax in axes:
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("per response token, nats")
-        ax.set_yscale("log")
+        ax.ticklabel_format(axis="y", useOffset=False)  # plain numbers, not "1e-6 + 1.855e-2"
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     return _png(fig)
 
 
