@@ -229,5 +229,5 @@ def test_a_data_size_axis(tmp_path, teacher_dir, student_dir, data):
     )
     assert [(g["method"], g["records"]) for g in results["groups"]] == [("lora", 8), ("lora", 16)]
     small = Path(results["groups"][0]["runs"][0]["output_dir"])
-    assert len((small.parent.parent / "data" / "train-n8.jsonl").read_text().splitlines()) == 8
+    assert len((small.parent.parent / "splits" / "train-n8.jsonl").read_text().splitlines()) == 8
     assert "Score against training records" in (tmp_path / "out" / "report.md").read_text()

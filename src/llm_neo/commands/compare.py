@@ -9,7 +9,7 @@ cost (time, throughput, memory) and a projection of the real run.
 
     output_dir/
       compare.yaml        the options; a rerun whose result-changing options differ is refused
-      data/               the training and held-out splits compare made, and the --train-records subsets
+      splits/             the training and held-out splits compare made, and the --train-records subsets
       cache/              teacher caches (--cache-teacher K)
       arms/<arm>/         one distill run each; its config.yaml reproduces it
       eval/<model>.json   each model's held-out scores
@@ -79,7 +79,10 @@ RESULTS = "results.json"
 EVAL = "evaluation"  # the --help group of the scoring options
 # Options that change only the report or the scoring (scores are recomputed); any other change between a
 # comparison and its rerun would mix results of different settings, and is refused.
-REPORT_ONLY = {"project_tokens", "gpu", "gpus", "utilization", "jobs", "overwrite", "log_every", "device"}
+REPORT_ONLY = {
+    "project_tokens", "gpu", "gpus", "utilization", "jobs", "overwrite", "log_every", "device",
+    "exact_memory",
+}  # fmt: skip
 SCORING = {"score", "category_field", "max_new_tokens", "lm_eval_tasks", "lm_eval_include", "lm_eval_limit"}
 # Per-run numbers the report aggregates over seeds (mean, std, min, max).
 METRICS = (
@@ -93,6 +96,8 @@ METRICS = (
     "peak_memory_gb",
     "peak_tensor_memory_gb",
 )
+# --exact-memory: glibc serves blocks from 64 KB up with mmap (see runtime.memory.set_mmap_threshold).
+EXACT_MEMORY_MMAP_THRESHOLD = 64 * 1024
 # The worker processes import these once, before the first job.
 PRELOAD = ("llm_neo.distill", "llm_neo.commands.compare")
 
@@ -191,6 +196,14 @@ class CompareConfig(TrainOptions):
         default=None,
         metadata=_help(
             "Arms trained at once on a CPU, each in its own process. Default 2 (1 on a GPU).", group=RUN
+        ),
+    )
+    exact_memory: bool = field(
+        default=False,
+        metadata=_help(
+            "CPU: measure the arms' peak RSS without allocator slack (glibc returns every freed block of "
+            "64 KB or more at once, so the RSS tracks live memory). About 2x slower arms.",
+            group=RUN,
         ),
     )
     output_dir: str = field(default="runs/compare", metadata=_help("Where everything goes.", group=RUN))
@@ -330,7 +343,7 @@ def _check_output_dir(config: CompareConfig, out: Path) -> None:
     if changed:
         import shutil
 
-        for name in ("arms", "eval", "cache", "data", RESULTS):
+        for name in ("arms", "eval", "cache", "splits", RESULTS):
             target = out / name
             shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
 
@@ -339,7 +352,7 @@ def _plan(config: CompareConfig, out: Path) -> Plan:
     """The data files and the arms: every size x seed x method."""
     train, heldout = config.data, config.heldout
     if not heldout:
-        train, heldout = _split_data(config, out / "data")
+        train, heldout = _split_data(config, out / "splits")
     sizes: list[int | None] = list(config.train_records) if config.train_records else [None]
     plan = Plan(config=config, out=out, train=train, heldout=heldout, sizes=sizes)
     available = len(load_records(train))
@@ -352,7 +365,7 @@ def _plan(config: CompareConfig, out: Path) -> Plan:
             ]
         )
     for records in sizes:
-        data = train if records is None else _subset(train, records, config.seed, out / "data")
+        data = train if records in (None, available) else _subset(train, records, config.seed, out / "splits")
         for seed in range(config.seed, config.seed + config.seeds):
             for method in config.methods:
                 name = _arm_name(method, seed, records)
@@ -483,7 +496,14 @@ def _train_arms(plan: Plan, caches: dict[str, str]) -> dict[str, RunSummary]:
             plan.out / "arms",
         )
         parallel, threads = _resources(plan.config)
-        summaries, _ = run_jobs(todo, parallel=parallel, threads=threads, desc="arms", preload=PRELOAD)
+        summaries, _ = run_jobs(
+            todo,
+            parallel=parallel,
+            threads=threads,
+            desc="arms",
+            preload=PRELOAD,
+            mmap_threshold=EXACT_MEMORY_MMAP_THRESHOLD if plan.config.exact_memory else 0,
+        )
         done |= {job.name: summary for job, summary in zip(todo, summaries, strict=True)}
     return done
 

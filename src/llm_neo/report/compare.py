@@ -56,6 +56,12 @@ def interval(diff: dict[str, Any] | None, scale: float = 1.0, digits: int = 1) -
     return text
 
 
+def seconds(value: float | None) -> str:
+    if value is None:
+        return ""
+    return f"{value:.1f} s" if value < 10 else f"{value:.0f} s"
+
+
 def _size(records: int | None) -> str:
     return "all" if records is None else f"{records:,}"
 
@@ -112,7 +118,7 @@ def verdict(results: dict[str, Any]) -> list[str]:
     for g in groups:
         arm = cost.get(g["method"], {})
         memory = g["stats"].get(key, {}).get("mean")
-        costs.append(f"{label(g['method'])} {arm.get('train_time_s', 0):.0f} s, {gib(memory)} GiB")
+        costs.append(f"{label(g['method'])} {seconds(arm.get('train_time_s'))}, {gib(memory)} GiB")
     line = "Cost (training time, " + _memory_key(results)[1] + "): " + "; ".join(costs) + "."
     cheapest = min(groups, key=lambda g: cost.get(g["method"], {}).get("train_time_s", float("inf")))
     line += f" Fastest: {label(cheapest['method'])}."
@@ -345,6 +351,7 @@ def report_blocks(results: dict[str, Any]) -> list[Block]:
     blocks: list[Block] = [
         Heading(1, "llm-neo comparison"),
         Paragraph(_setting(results)),
+        *[Paragraph(line) for line in results.get("context", [])],
         Heading(2, "Verdict"),
         Bullets(tuple(verdict(results))),
         Heading(2, "Results"),
