@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import random
 import time
 from collections.abc import Callable
@@ -296,6 +297,8 @@ def compare(config: CompareConfig, *, extra: Extra | None = None) -> dict[str, A
     t0 = time.perf_counter()
     caches = _build_caches(plan)
     summaries = _train_arms(plan, caches)
+    if _launched_ranks() > 1 and int(os.environ.get("RANK", "0")) != 0:
+        return {}  # rank 0 scores and reports
     timing["arms_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     evaluations = _evaluate(plan, summaries)
@@ -374,6 +377,11 @@ def _plan(config: CompareConfig, out: Path) -> Plan:
                     {"name": name, "method": method, "seed": seed, "records": records, "config": arm}
                 )
     return plan
+
+
+def _launched_ranks() -> int:
+    """Processes of a torchrun / accelerate launch (1: not launched so)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def _arm_name(method: str, seed: int, records: int | None) -> str:
@@ -487,6 +495,16 @@ def _train_arms(plan: Plan, caches: dict[str, str]) -> dict[str, RunSummary]:
         todo.append(
             Job(arm["name"], distill_job, config, steps, out.parent / f"{arm['name']}.log", _rerun(config))
         )
+    if todo and _launched_ranks() > 1:
+        # Under torchrun every rank runs each arm in this process, sharded with FSDP2 as distill is;
+        # rank 0 keeps the summaries.
+        from llm_neo.distill import distill
+
+        for job in todo:
+            summary = distill(job.payload)
+            if summary is not None:
+                done[job.name] = summary
+        return done
     if todo:
         log.info(
             "compare: %d of %d arms to train (%d done); logs in %s",
@@ -875,6 +893,8 @@ def _device_name(device: str) -> str:
 def run_compare(config: CompareConfig) -> int:
     """`llm-neo compare`: run (or finish) the comparison, print the verdict and where the report is."""
     results = compare(config)
+    if not results:  # a rank other than 0 of a torchrun launch: rank 0 reports
+        return 0
     from llm_neo.report.compare import verdict
 
     out = Path(config.output_dir)
