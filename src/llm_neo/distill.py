@@ -740,10 +740,7 @@ def _stopped(run: Run, stop: StopRequest, checkpoint: Path | None) -> RunStopped
     how = f"by {stop.name}" if stop.requested else "by a signal to another rank"
     step = f"after step {run.progress.step} of {run.total_steps}"
     kept = f"checkpoint {checkpoint} written" if checkpoint is not None else "nothing new to keep"
-    command = resume_command(run)
-    return RunStopped(
-        f"stopped {how} {step}: {kept}. Resume with: {command}", signal_name=stop.name, resume=command
-    )
+    return RunStopped(f"stopped {how} {step}: {kept}", resume=resume_command(run), signal_name=stop.name)
 
 
 def is_out_of_memory(err: BaseException) -> bool:

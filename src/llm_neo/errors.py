@@ -1,8 +1,8 @@
 """Every error llm-neo expects, explains and exits on, under one base that carries the exit code.
 
 The CLI catches ``LlmNeoError`` only: its message already says what went wrong and how to fix it, so
-the user sees that message and the exit code (2 for configuration problems, 1 for everything else),
-and ``--debug`` adds the traceback. Any other exception is a bug and shows its traceback. Each class
+the user sees that message and the exit code (2 for configuration problems, 75 for a run stopped by a
+signal after saving its work, 1 for everything else), and ``--debug`` adds the traceback. Any other exception is a bug and shows its traceback. Each class
 also derives from the builtin a caller would expect (ValueError for bad input, RuntimeError for a
 run that could not finish), so library users can catch either.
 """
@@ -93,7 +93,8 @@ class RunStopped(LlmNeoError):
 
     exit_code = 75
 
-    def __init__(self, message: str, *, signal_name: str = "", resume: str = ""):
-        super().__init__(message)
+    def __init__(self, what: str, *, resume: str, signal_name: str = "", verb: str = "Resume with"):
+        super().__init__(f"{what}. {verb}: {resume}")
+        self.what = what  # what stopped, when, and what was kept
+        self.resume = resume  # the command that continues the run
         self.signal_name = signal_name
-        self.resume = resume  # the command that continues the run ("" when there is nothing to resume)

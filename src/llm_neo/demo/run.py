@@ -50,6 +50,8 @@ ARMS = ("sft", "lora", "kd", "neo")
 EXACT_MEMORY_MMAP_THRESHOLD = 64 * 1024
 # What the worker processes import once, before the first job.
 PRELOAD = ("llm_neo.distill", "llm_neo.demo.run", "llm_neo.demo.task")
+# After a stop (SIGTERM, Ctrl-C): the arms start over, the trained teacher is reused from its cache.
+AGAIN = "the same llm-neo demo command (it starts over; a trained teacher is reused from its cache)"
 # What a demo writes in its output directory (and replaces on the next run).
 OUTPUTS = ("data", "student", "arms", "plots", "report.md", "results.json")
 # Per-run results that the report aggregates over seeds (mean, std, min, max).
@@ -331,6 +333,7 @@ def run_demo(config: DemoConfig) -> int:
         jobs,
         parallel=parallel,
         preload=PRELOAD,
+        again=AGAIN,
         threads=threads,
         desc="arms",
         mmap_threshold=EXACT_MEMORY_MMAP_THRESHOLD if config.exact_memory else 0,
@@ -368,6 +371,7 @@ def run_demo(config: DemoConfig) -> int:
         ],
         parallel=parallel,
         preload=PRELOAD,
+        again=AGAIN,
         threads=threads,
         desc="evaluating",
     )
@@ -530,6 +534,7 @@ def ensure_teacher(
         [job],
         parallel=1,
         preload=PRELOAD,
+        again=AGAIN,
         threads=threads,
         desc="teacher",
     )
