@@ -2,9 +2,10 @@
 
 The CLI catches ``LlmNeoError`` only: its message already says what went wrong and how to fix it, so
 the user sees that message and the exit code (2 for configuration problems, 75 for a run stopped by a
-signal after saving its work, 1 for everything else), and ``--debug`` adds the traceback. Any other exception is a bug and shows its traceback. Each class
-also derives from the builtin a caller would expect (ValueError for bad input, RuntimeError for a
-run that could not finish), so library users can catch either.
+signal after saving its work, 1 for everything else), and ``--debug`` adds the traceback. Any other
+exception is a bug and shows its traceback. Each class also derives from the builtin a caller would
+expect (ValueError for bad input, RuntimeError for a run that could not finish, OSError for a failed
+write), so library users can catch either.
 """
 
 from __future__ import annotations

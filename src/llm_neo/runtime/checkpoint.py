@@ -4,8 +4,8 @@ A checkpoint is a directory ``checkpoints/step-000123/`` holding
   trainable.safetensors   the trainable weights (LoRA branches, or the whole student for sft/kd)
   optimizer.pt            AdamW state (loaded with ``weights_only=True``: no code runs on load)
   state.pt                scheduler state and RNG states (torch CPU, CUDA)
-  manifest.json           written last: step, micro-batches consumed, tokens seen, elapsed time, and
-                          the size and sha256 of each file above
+  manifest.json           written last: step, micro-batches consumed, tokens seen, elapsed time, the
+                          size and sha256 of each file above, and a checksum of itself
 It is written under a temporary name, fsynced and renamed into place, so a kill at any moment leaves
 the previous complete checkpoint; only the newest ``keep`` are kept. Sharded weights and optimizer
 states are gathered whole (rank 0 writes), so the files are the same for any number of processes.
@@ -39,7 +39,7 @@ from llm_neo.runtime.distributed import (
     load_optimizer,
     load_whole_into,
 )
-from llm_neo.runtime.integrity import check_files, file_record
+from llm_neo.runtime.integrity import check_files, file_record, with_checksum, without_checksum
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 FORMAT = "llm-neo-checkpoint"
@@ -111,7 +111,7 @@ def save_checkpoint(
                 "files": {name: file_record(tmp / name) for name in FILES},
             }
             with output_stream(tmp / MANIFEST) as sink:  # last: it vouches for the files above
-                sink.write(json.dumps(manifest, indent=2).encode())
+                sink.write(json.dumps(with_checksum(manifest), indent=2).encode())
         # Keep the newest ``keep`` intact ones up to this step. Past it: what is left of a stretch a
         # resume abandoned when it fell back from a damaged checkpoint.
         intact = set(list_checkpoints(root))
@@ -145,7 +145,10 @@ def read_manifest(path: Path) -> dict[str, Any] | None:
     try:
         if (path / MANIFEST).is_file():
             manifest = json.loads((path / MANIFEST).read_text())
-            return manifest if isinstance(manifest, dict) and "progress" in manifest else None
+            if not isinstance(manifest, dict):
+                return None
+            manifest = without_checksum(manifest)
+            return manifest if "progress" in manifest and "files" in manifest else None
         if (path / LEGACY_STATE).is_file():
             return {"format": FORMAT, "version": 1, "progress": json.loads((path / LEGACY_STATE).read_text())}
     except (OSError, ValueError):

@@ -85,6 +85,22 @@ def _digest(data: dict[str, Any]) -> str:
     return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
 
 
+def with_checksum(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` as a reader will parse it back from JSON, plus a ``checksum`` field over the rest."""
+    plain = json.loads(json.dumps(data, default=str))
+    return {**plain, CHECKSUM: _digest(plain)}
+
+
+def without_checksum(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` parsed from JSON, its checksum verified and removed; ValueError if it does not match. An
+    object without a checksum field (written before there were any) is returned as it is."""
+    data = dict(data)
+    stored = data.pop(CHECKSUM, None)
+    if stored is not None and stored != _digest(data):
+        raise ValueError("its checksum does not match its content (damaged after it was written)")
+    return data
+
+
 def backup_path(path: Path) -> Path:
     return path.with_name(path.name + ".bak")
 
@@ -98,10 +114,7 @@ def _parse(path: Path) -> dict[str, Any]:
         raise ValueError(f"not valid JSON (line {err.lineno} column {err.colno}: {err.msg})") from err
     if not isinstance(data, dict):
         raise ValueError("not a JSON object")
-    stored = data.pop(CHECKSUM, None)
-    if stored is not None and stored != _digest(data):
-        raise ValueError("its checksum does not match its content (damaged after it was written)")
-    return data
+    return without_checksum(data)
 
 
 def write_state(path: Path, data: dict[str, Any]) -> None:
@@ -114,8 +127,7 @@ def write_state(path: Path, data: dict[str, Any]) -> None:
         previous = b""  # none, or damaged: keep the backup as it is
     if previous:
         atomic_write_bytes(backup_path(path), previous)
-    plain = json.loads(json.dumps(data, default=str))  # what a reader will see, checksummed as such
-    atomic_write_text(path, json.dumps({**plain, CHECKSUM: _digest(plain)}, indent=2) + "\n")
+    atomic_write_text(path, json.dumps(with_checksum(data), indent=2) + "\n")
 
 
 def read_state(path: Path, *, what: str, fix: str) -> dict[str, Any]:
