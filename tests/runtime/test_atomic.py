@@ -72,9 +72,13 @@ def test_a_failed_directory_write_leaves_the_old_directory(tmp_path, monkeypatch
     with atomic_directory(target) as tmp:
         (tmp / "model.bin").write_bytes(b"v1")
     monkeypatch.setattr(atomic, "_write", no_space)
-    with pytest.raises(OutputError, match="no space left"), writing(target, "the model"):
-        with atomic_directory(target) as tmp, output_stream(tmp / "model.bin") as sink:
-            sink.write(b"v2")
+    with (
+        pytest.raises(OutputError, match="no space left"),
+        writing(target, "the model"),
+        atomic_directory(target) as tmp,
+        output_stream(tmp / "model.bin") as sink,
+    ):
+        sink.write(b"v2")
     assert (target / "model.bin").read_bytes() == b"v1"
     assert temporaries(tmp_path) == []
 
@@ -138,9 +142,12 @@ def test_a_really_full_filesystem_is_named_for_every_writer(tmpfs):
         atomic_write_bytes(tmp / "w.bin", b"\0" * 65536)
 
     for write in (with_safetensors, with_torch, with_bytes):
-        with pytest.raises(OutputError, match="no space left on the device") as info:
-            with writing(mount / "ckpt", "a checkpoint"), atomic_directory(mount / "ckpt") as tmp:
-                write(tmp)
+        with (
+            pytest.raises(OutputError, match="no space left on the device") as info,
+            writing(mount / "ckpt", "a checkpoint"),
+            atomic_directory(mount / "ckpt") as tmp,
+        ):
+            write(tmp)
         assert info.value.errno == errno.ENOSPC, write.__name__
         assert sorted(p.name for p in mount.iterdir()) == ["filler"], write.__name__
     filler.unlink()

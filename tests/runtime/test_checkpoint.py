@@ -95,7 +95,7 @@ def test_resume_falls_back_past_a_damaged_file_and_says_which(tmp_path, name, ho
     if how != "corrupt" or name == MANIFEST:  # a size or manifest fault: never even listed
         assert newest not in list_checkpoints(tmp_path)
     # What is loaded is exactly the state after step 2.
-    layer, trainable, optimizer, scheduler = training_state(seed=1)
+    _layer, trainable, optimizer, scheduler = training_state(seed=1)
     progress = load_checkpoint(found, trainable=trainable, optimizer=optimizer, scheduler=scheduler)
     assert progress.step == 2
     for k, v in trainable.items():
@@ -143,7 +143,9 @@ def test_a_save_after_falling_back_drops_the_abandoned_damaged_checkpoint(tmp_pa
     damage(tmp_path / "step-000002" / "state.pt", "truncate")
     _, trainable, optimizer, scheduler = training_state()
     progress = Progress(step=2, micro_batches=4, tokens=20)
-    save_checkpoint(tmp_path, trainable=trainable, optimizer=optimizer, scheduler=scheduler, progress=progress)
+    save_checkpoint(
+        tmp_path, trainable=trainable, optimizer=optimizer, scheduler=scheduler, progress=progress
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000001", "step-000002"]
     assert checkpoint_problems(tmp_path / "step-000002") == []
 
@@ -157,7 +159,7 @@ def test_a_failed_checkpoint_write_names_it_and_keeps_the_previous_one(tmp_path,
         raise OSError(code, os.strerror(code))
 
     monkeypatch.setattr(atomic, "_write", failing)  # every byte a checkpoint writes goes through it
-    layer, trainable, optimizer, scheduler = training_state()
+    _layer, trainable, optimizer, scheduler = training_state()
     with pytest.raises(OutputError) as info:
         save_checkpoint(
             tmp_path, trainable=trainable, optimizer=optimizer, scheduler=scheduler, progress=Progress(step=2)
@@ -174,7 +176,7 @@ def test_a_checkpoint_on_a_really_full_disk(tmpfs):
     mount = tmpfs("2m")
     save_steps(mount, 1)
     filler = fill_disk(mount)
-    layer, trainable, optimizer, scheduler = training_state()
+    _layer, trainable, optimizer, scheduler = training_state()
     with pytest.raises(OutputError, match="no space left on the device") as info:
         save_checkpoint(
             mount, trainable=trainable, optimizer=optimizer, scheduler=scheduler, progress=Progress(step=2)

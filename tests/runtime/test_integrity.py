@@ -37,7 +37,10 @@ def test_a_state_file_carries_its_checksum_and_keeps_its_previous_version(tmp_pa
     path = tmp_path / "sweep.json"
     write_state(path, {"trials": [{"id": "t000", "status": "pending"}], "lr": 2e-4})
     write_state(path, {"trials": [{"id": "t000", "status": "done"}], "lr": 2e-4})
-    assert read_state(path, what="state", fix="x") == {"trials": [{"id": "t000", "status": "done"}], "lr": 2e-4}
+    assert read_state(path, what="state", fix="x") == {
+        "trials": [{"id": "t000", "status": "done"}],
+        "lr": 2e-4,
+    }
     assert json.loads(backup_path(path).read_text())["trials"][0]["status"] == "pending"
     assert "checksum" in json.loads(path.read_text())
 

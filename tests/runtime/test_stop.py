@@ -90,7 +90,12 @@ def test_a_worker_pool_passes_the_stop_on_and_reports_what_was_kept(
     threading.Thread(target=stop_parent_once_training, daemon=True).start()
     log = tmp_path / "arm.log"
     with pytest.raises(RunStopped) as info:
-        run_jobs([Job("neo/0", distill_job, config, 5000, log, rerun_command(config))], parallel=1, threads=1, desc="arms")
+        run_jobs(
+            [Job("neo/0", distill_job, config, 5000, log, rerun_command(config))],
+            parallel=1,
+            threads=1,
+            desc="arms",
+        )
     message = str(info.value)
     (checkpoint,) = list_checkpoints(tmp_path / "arm" / "checkpoints")
     step = int(checkpoint.name.removeprefix("step-"))
