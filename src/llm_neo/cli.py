@@ -272,6 +272,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # An expected failure: its message says what to fix. Anything else is a bug and shows its traceback.
         if debug:
             traceback.print_exc()
+        if isinstance(err, RunStopped) and os.environ.get("RANK", "0") != "0":
+            return err.exit_code  # under torchrun every rank stops alike; rank 0 says so once
         kind = "" if isinstance(err, (ConfigError, RunStopped)) else "error: "
         print(f"llm-neo {args.command}: {kind}{err}", file=sys.stderr)
         return err.exit_code
