@@ -150,3 +150,18 @@ def fill_disk(directory: Path) -> Path:
     finally:
         os.close(fd)
     return filler
+
+
+def damage(path: Path, how: str) -> None:
+    """Damage a file as disks and copies do: ``truncate`` (its second half gone), ``corrupt`` (one byte
+    flipped: the same size, so only a checksum tells) or ``delete``."""
+    data = bytearray(path.read_bytes())
+    if how == "truncate":
+        path.write_bytes(bytes(data[: len(data) // 2]))
+    elif how == "corrupt":
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+    elif how == "delete":
+        path.unlink()
+    else:
+        raise ValueError(how)

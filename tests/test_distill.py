@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
-from conftest import ALPACA, fill_disk, write_jsonl
+from conftest import ALPACA, damage, fill_disk, write_jsonl
 from peft import PeftModel
 from safetensors import SafetensorError
 from safetensors.torch import load_file
@@ -442,15 +442,6 @@ def copy_run(faults, name: str) -> Path:
     saved = load_yaml(out / "config.yaml")
     (out / "config.yaml").write_text(yaml.safe_dump(saved | {"output_dir": str(out)}, sort_keys=False))
     return out
-
-
-def damage(path: Path, how: str) -> None:
-    data = bytearray(path.read_bytes())
-    if how == "truncate":
-        path.write_bytes(bytes(data[: len(data) // 2]))
-    else:  # one byte flipped: same size, only the checksum sees it
-        data[len(data) // 2] ^= 0xFF
-        path.write_bytes(bytes(data))
 
 
 @pytest.mark.parametrize("how", ["truncate", "corrupt"])

@@ -90,7 +90,10 @@ max length, k and the temperature; a run whose key differs is refused, naming th
   llm-neo sweep --base base.yaml --space space.yaml --output runs/sweep --resume   # continue a killed sweep
 
 base.yaml is a distill config (as for distill --config); space.yaml is `grid: {lora.r: [64, 128], lr: [...]}`
-or `random: {...}` with `trials: N`. Without --space the paper's guidelines give the default space.""",
+or `random: {...}` with `trials: N`. Without --space the paper's guidelines give the default space.
+
+SIGTERM, SIGINT or SIGUSR1 stop the running trial after its current step with a checkpoint and exit with
+status 75; the message is the command that continues the sweep.""",
     ),
     "prune": Command(
         "llm_neo.commands.prune:PruneConfig",

@@ -265,10 +265,10 @@ def setup(config: DistillConfig) -> Run:
         config.method,
     )
     if world.is_main:
-        if resume_from is None:
-            _start_output_dir(config, out)  # only now: a run that fails to start leaves nothing behind
         for directory in (out, out / "checkpoints"):  # what writes killed half-way left
             clean_temporaries(directory)
+        if resume_from is None:
+            _start_output_dir(config, out)  # only now: a run that fails to start leaves nothing behind
         _check_space(config, out, n_trainable, base_parameters, export_dtype)
     barrier(world)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import fill_disk
+from conftest import damage, fill_disk
 
 import llm_neo.runtime.atomic as atomic
 from llm_neo.errors import CheckpointError, OutputError
@@ -54,17 +54,6 @@ def save_steps(root: Path, steps: int, keep: int = 2):
         )
         after[s] = {k: v.detach().clone() for k, v in trainable.items()}
     return after
-
-
-def damage(path: Path, how: str) -> None:
-    data = bytearray(path.read_bytes())
-    if how == "truncate":
-        path.write_bytes(bytes(data[: len(data) // 2]))
-    elif how == "corrupt":  # same size, one byte flipped: only a checksum sees it
-        data[len(data) // 2] ^= 0xFF
-        path.write_bytes(bytes(data))
-    else:
-        path.unlink()
 
 
 def test_a_checkpoint_records_the_size_and_checksum_of_each_file(tmp_path):

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ALPACA, loss_kwargs, write_jsonl
+from conftest import ALPACA, damage, loss_kwargs, write_jsonl
 from safetensors.torch import load_file
 
 import llm_neo.distill as recipe
@@ -498,12 +498,6 @@ def test_command_line_cache_then_distill_as_a_new_user(tmp_path, teacher_dir, st
 # Damaged shards and full disks
 
 
-def _flip_a_byte(path: Path) -> None:
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0xFF  # same size: only the checksum tells
-    path.write_bytes(bytes(data))
-
-
 def test_a_truncated_shard_is_refused_before_training(
     run_config, cache_dir, teacher_dir, tmp_path, monkeypatch
 ):
@@ -523,7 +517,7 @@ def test_a_truncated_shard_is_refused_before_training(
 def test_a_corrupted_shard_is_refused_when_first_read(run_config, cache_dir, tmp_path):
     cache = tmp_path / "cache"
     shutil.copytree(cache_dir, cache)
-    _flip_a_byte(cache / "shard-00001.safetensors")
+    damage(cache / "shard-00001.safetensors", "corrupt")
     open_cache(cache)  # sizes match: opening is cheap and does not read the shards
     with pytest.raises(CacheError, match=r"shard shard-00001.safetensors is damaged \(its sha256 differs"):
         distill(run_config("neo", method="neo", teacher_cache=str(cache), max_steps=8))
@@ -534,7 +528,7 @@ def test_cache_teacher_rewrites_damaged_shards_to_the_same_bytes(
 ):
     out = tmp_path / "cache"
     shutil.copytree(cache_dir, out)
-    _flip_a_byte(out / "shard-00002.safetensors")
+    damage(out / "shard-00002.safetensors", "corrupt")
     (out / "shard-00001.safetensors").write_bytes((out / "shard-00001.safetensors").read_bytes()[:100])
     (out / ".shard-00003.safetensors.a1b2c3d4.tmp").write_bytes(b"half")  # a killed write's leftover
     computed: list[int] = []

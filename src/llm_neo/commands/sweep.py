@@ -479,9 +479,9 @@ def _prepare(config: SweepConfig, out: Path, state_doc: dict[str, Any]) -> dict[
                 f"--output {out} already holds files; pass --resume to continue that sweep, --overwrite to "
                 "start again, or choose another --output"
             )
+        clean_temporaries(out)
         reports = ("leaderboard.md", "leaderboard.csv", "best.yaml")
         remove_outputs(out, ("trials", "plots", "caches", STATE, backup_path(state_file).name, *reports))
-        clean_temporaries(out)
     out.mkdir(parents=True, exist_ok=True)
     _save_state(out, state_doc)
     return state_doc
