@@ -42,7 +42,7 @@ bench() {  # bench LIMIT_S LABEL [flags...]
   local limit=$1 label=$2
   shift 2
   echo "== $(date -Is) $label" | tee -a "$LOG"
-  timeout --kill-after=20 "$limit" "$PY" -m llm_neo.commands.bench --shape "$SHAPE" --device "$DEVICE" \
+  timeout --kill-after=20 "$limit" "$PY" -m llm_neo bench --shape "$SHAPE" --device "$DEVICE" \
     --warmup-steps 1 --steps 3 --run-timeout-s 150 --output "$OUT_DIR" --label "$label" "$@" 2>&1 \
     | tee -a "$LOG"
   local rc=${PIPESTATUS[0]}
@@ -57,7 +57,7 @@ bench 330 "$SHAPE-8x2048-ckpt-$DATE" --batch-size 8 --seq-len 2048 --gradient-ch
 # Neo under 1.15 x the weights floor only with it; what it costs in tokens/s is measured here.
 bench 200 "$SHAPE-8x2048-ckpt-mlp4-$DATE" --batch-size 8 --seq-len 2048 --gradient-checkpointing \
   --mlp-chunks 4 --runs kd:plain neo:chunked
-# REFERENCE.md §3's other anchor.
+# the other anchor of benchmarks/results/h200-anchors.md.
 bench 240 "$SHAPE-2x2048-$DATE" --batch-size 2 --seq-len 2048 \
   --runs kd:plain neo:plain neo:chunked
 

@@ -55,3 +55,11 @@ LOSS_IMPLS = ("chunked", "plain", "liger")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 # Storage dtypes of a teacher cache's log-probs.
 LOGPROB_DTYPES = ("float16", "bfloat16", "float32")
+
+# Quantization (llm_neo.models.quant): of the teacher's block linears, and of the LoRA arms' frozen base.
+TEACHER_QUANT = ("none", "int8", "nf4")
+TEACHER_QUANT_BACKENDS = ("auto", "torchao", "bitsandbytes")
+STUDENT_QUANT = ("none", "nf4", "int8")
+# Exports of a merged student (llm_neo.export): the formats, and the GGUF tensor types gguf-py writes.
+EXPORT_FORMATS = ("gguf", "int8")
+GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")

@@ -63,6 +63,23 @@ intact checkpoint. Under torchrun pass --signals-to-handle SIGTERM,SIGINT,SIGUSR
 exit status: 0 done, 1 error (the message says what and how to fix it), 2 configuration problem,
 75 stopped by a signal (resumable)""",
     ),
+    "compare": Command(
+        "llm_neo.commands.compare:CompareConfig",
+        "llm_neo.commands.compare:run_compare",
+        "The proof of concept: SFT, LoRA, KD and Neo on your models and data, scored, costed and compared.",
+        """examples:
+  llm-neo compare --teacher T_DIR --student S_DIR --data train.jsonl --heldout heldout.jsonl \\
+      --max-steps 200 --seeds 3 --output-dir runs/compare
+  llm-neo compare --config base.yaml --methods lora,neo --lr.neo 3e-4 --score contains
+  llm-neo compare ... --train-records 200 800 3200            # a data-size axis
+  llm-neo compare ... --project-tokens 50M --gpu h100         # what the full run costs
+  llm-neo compare ... --lm-eval-tasks arc_easy --lm-eval-include tasks/   # pip install 'llm-neo[eval]'
+
+Every arm trains on the same data, seeds, step budget and batch through distill's code path; the
+teacher, the untrained student and every arm are scored on the same held-out records. Outputs in
+--output-dir: report.html (one self-contained file), report.md, results.json, arms/ (each arm's run,
+config.yaml reproduces it), eval/. Killed, the same command continues where it stopped.""",
+    ),
     "eval": Command(
         "llm_neo.config:EvalConfig",
         "llm_neo.commands.evaluate:run_evaluation",
@@ -106,6 +123,18 @@ Block importance is 1 - cos(block input, block output), averaged over the calibr
 Block Influence); the --keep-layers most important blocks are kept in order. The output is a standard HF
 model dir with its tokenizer and pruning.json (scores, kept and dropped blocks).""",
     ),
+    "convert": Command(
+        "llm_neo.commands.convert:ConvertConfig",
+        "llm_neo.commands.convert:run_convert",
+        "Convert a GGUF file (llama.cpp, Ollama) to a safetensors model directory, once.",
+        """examples:
+  llm-neo convert --model SmolLM2-135M-Instruct.Q4_1.gguf --output smollm2/
+  llm-neo convert --model teacher.Q8_0.gguf --output teacher/ --dtype bfloat16
+
+Every command also reads a .gguf directly (--teacher/--student/--model FILE.gguf), dequantizing it on
+every run; convert does that once. Needs the gguf package: pip install 'llm-neo[gguf]'. The tokenizer
+and chat template come from the file; tied embeddings stay tied.""",
+    ),
     "plan": Command(
         "llm_neo.commands.plan:PlanConfig",
         "llm_neo.commands.plan:run_plan",
@@ -113,6 +142,20 @@ model dir with its tokenizer and pruning.json (scores, kept and dropped blocks).
         """examples:
   llm-neo plan --shape llama3-8b-to-1b --batch-size 8 --seq-len 2048 --gradient-checkpointing
   llm-neo plan --teacher T_DIR --student S_DIR --batch-size 2 --seq-len 2048""",
+    ),
+    "export": Command(
+        "llm_neo.commands.export:ExportConfig",
+        "llm_neo.commands.export:run_export",
+        "Write a model as a GGUF file (llama.cpp, Ollama) or int8 safetensors, verified by reloading it.",
+        """examples:
+  llm-neo export --model runs/neo/merged --format gguf --gguf-type q8_0 --output runs/neo/gguf
+  llm-neo export --model runs/neo/merged --format gguf --gguf-type f32 --output runs/neo/gguf-f32
+  llm-neo export --model runs/neo/merged --format int8 --output runs/neo/int8
+
+The export is reloaded (transformers' GGUF loader / from_pretrained) and compared with the source:
+token ids and chat template identical, logits exact for f32, within a stated bound for f16/q8_0/q4_0
+(docs/quantization.md); the numbers go to export.json in --output. Needs: pip install 'llm-neo[gguf]'
+(gguf) or 'llm-neo[quant]' (int8).""",
     ),
     "bench": Command(
         "llm_neo.commands.bench:BenchConfig",

@@ -17,10 +17,8 @@ import argparse
 import dataclasses
 import difflib
 import importlib.util
-import inspect
 import math
 import types
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
@@ -47,15 +45,10 @@ MLP_CHUNKS_HELP = (
     "MLP forward per step). 1: off."
 )
 
-# The groups of --help, in the order a run needs them.
-MODELS, DATA, OPTIMISATION, LOSS, RUN, LOADING = (
-    "models",
-    "data",
-    "optimisation",
-    "loss",
-    "run",
-    "model loading",
-)
+# The groups of --help, in the order a run needs them (and of config.yaml).
+MODELS, DATA, OPTIMISATION, LOSS, LORA, RUN = "models", "data", "optimisation", "loss", "LoRA", "run"
+LOADING = "model loading"
+GROUPS = (MODELS, DATA, OPTIMISATION, LOSS, LORA, RUN, LOADING)
 
 
 def _help(text: str, **extra: Any) -> dict[str, Any]:
@@ -141,8 +134,9 @@ class LoraOptions:
 
 
 @dataclass
-class DistillConfig(TokenizeOptions, LoadOptions):
-    """Everything one `llm-neo distill` run needs."""
+class TrainOptions(TokenizeOptions, LoadOptions):
+    """How a student is trained, whatever the arm: the options `llm-neo distill` and `llm-neo compare`
+    share (an arm adds its method, learning rate, seed and output directory)."""
 
     # --- models -----------------------------------------------------------------------------------
     student: str = field(
@@ -157,14 +151,6 @@ class DistillConfig(TokenizeOptions, LoadOptions):
         metadata=_help(
             "A teacher cache written by `llm-neo cache-teacher`: neo/kd train on its top-k targets "
             "without loading the teacher (which, if also given, only scores the held-out split).",
-            group=MODELS,
-        ),
-    )
-    method: str = field(
-        default="neo",
-        metadata=_help(
-            "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()) + ".",
-            choices=METHOD_NAMES,
             group=MODELS,
         ),
     )
@@ -195,14 +181,6 @@ class DistillConfig(TokenizeOptions, LoadOptions):
     grad_accum: int = field(
         default=8, metadata=_help("Micro-batches per optimizer step.", group=OPTIMISATION)
     )
-    lr: float | None = field(
-        default=None,
-        metadata=_help(
-            f"Peak learning rate. Default (paper's rule): {FULL_PARAMETER_LR:g} for sft/kd, "
-            f"{LORA_LR:g} (10x) for neo/lora.",
-            group=OPTIMISATION,
-        ),
-    )
     warmup_ratio: float = field(
         default=0.1, metadata=_help("Fraction of steps of linear warm-up.", group=OPTIMISATION)
     )
@@ -212,10 +190,6 @@ class DistillConfig(TokenizeOptions, LoadOptions):
     weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay.", group=OPTIMISATION))
     max_grad_norm: float = field(
         default=1.0, metadata=_help("Gradient clipping norm; 0 disables.", group=OPTIMISATION)
-    )
-    seed: int = field(
-        default=42,
-        metadata=_help("Seed for initialisation, data order and the held-out split.", group=OPTIMISATION),
     )
     gradient_checkpointing: bool = field(
         default=False,
@@ -255,9 +229,6 @@ class DistillConfig(TokenizeOptions, LoadOptions):
         default=0.1, metadata=_help("α of the skew KL divergences, in [0, 1).", group=LOSS)
     )
     # --- run --------------------------------------------------------------------------------------
-    output_dir: str | None = field(
-        default=None, metadata=_help("Where outputs go. Default runs/<method>.", group=RUN)
-    )
     save_every: int = field(
         default=0,
         metadata=_help(
@@ -265,6 +236,46 @@ class DistillConfig(TokenizeOptions, LoadOptions):
             "or SIGUSR1 always writes one).",
             group=RUN,
         ),
+    )
+    log_every: int = field(
+        default=1, metadata=_help("Write a metrics.jsonl record every N steps.", group=RUN)
+    )
+    eval_batch_size: int = field(default=8, metadata=_help("Batch size of held-out evaluation.", group=RUN))
+    merge_tolerance: float = field(
+        default=1e-3,
+        metadata=_help(
+            "Max |merged − adapter| logit difference (fp32) accepted by the merge check.", group=RUN
+        ),
+    )
+    lora: LoraOptions = field(default_factory=LoraOptions, metadata=_help("", group=LORA))
+
+
+@dataclass
+class DistillConfig(TrainOptions):
+    """Everything one `llm-neo distill` run needs: the training options and the arm."""
+
+    method: str = field(
+        default="neo",
+        metadata=_help(
+            "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()) + ".",
+            choices=METHOD_NAMES,
+            group=MODELS,
+        ),
+    )
+    lr: float | None = field(
+        default=None,
+        metadata=_help(
+            f"Peak learning rate. Default (paper's rule): {FULL_PARAMETER_LR:g} for sft/kd, "
+            f"{LORA_LR:g} (10x) for neo/lora.",
+            group=OPTIMISATION,
+        ),
+    )
+    seed: int = field(
+        default=42,
+        metadata=_help("Seed for initialisation, data order and the held-out split.", group=OPTIMISATION),
+    )
+    output_dir: str | None = field(
+        default=None, metadata=_help("Where outputs go. Default runs/<method>.", group=RUN)
     )
     resume: bool = field(
         default=False,
@@ -277,17 +288,6 @@ class DistillConfig(TokenizeOptions, LoadOptions):
     overwrite: bool = field(
         default=False, metadata=_help("Replace an earlier run's outputs in --output-dir.", group=RUN)
     )
-    log_every: int = field(
-        default=1, metadata=_help("Write a metrics.jsonl record every N steps.", group=RUN)
-    )
-    eval_batch_size: int = field(default=8, metadata=_help("Batch size of held-out evaluation.", group=RUN))
-    merge_tolerance: float = field(
-        default=1e-3,
-        metadata=_help(
-            "Max |merged − adapter| logit difference (fp32) accepted by the merge check.", group=RUN
-        ),
-    )
-    lora: LoraOptions = field(default_factory=LoraOptions)
 
     # ---------------------------------------------------------------------------------------------
     @property
@@ -426,7 +426,7 @@ def check_choices(problems: list[str], config: Any, prefix: str = "") -> None:
         if dataclasses.is_dataclass(value):
             check_choices(problems, value, prefix=f"{prefix}{f.name}.")
         choices = f.metadata.get("choices")
-        if choices is not None and value not in choices:
+        if choices is not None and value is not None and value not in choices:
             problems.append(f"{_flag(prefix, f.name)}: {value!r} is not one of {', '.join(choices)}")
 
 
@@ -569,16 +569,11 @@ def _flag(prefix: str, name: str) -> str:
     return f"--{prefix}{name.replace('_', '-')}"
 
 
-def ordered_fields(cls: Any) -> Iterator[dataclasses.Field[Any]]:
-    """The fields of a config class, its own first and then those of its shared option groups: the
-    order of --help, config.yaml and summary.json (dataclasses put inherited fields first)."""
-    by_name = {f.name: f for f in dataclasses.fields(cls)}
-    seen: set[str] = set()
-    for klass in type(cls).__mro__ if not isinstance(cls, type) else cls.__mro__:
-        for name in inspect.get_annotations(klass):
-            if name in by_name and name not in seen:
-                seen.add(name)
-                yield by_name[name]
+def ordered_fields(cls: Any) -> list[dataclasses.Field[Any]]:
+    """The fields of a config class in the order of --help, config.yaml and summary.json: by group
+    (``GROUPS``; fields without one last), in declaration order within a group."""
+    rank = {g: i for i, g in enumerate(GROUPS)}
+    return sorted(dataclasses.fields(cls), key=lambda f: rank.get(str(f.metadata.get("group")), len(GROUPS)))
 
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, prefix: str = "") -> None:

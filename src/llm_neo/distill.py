@@ -69,6 +69,8 @@ from llm_neo.losses import (
 from llm_neo.models.checkpointing import enable_checkpointing
 from llm_neo.models.loading import (
     autocast,
+    check_supported,
+    decoder_blocks,
     final_hidden_states,
     kd_vocab_size,
     lm_head,
@@ -252,9 +254,9 @@ def setup(config: DistillConfig) -> Run:
     if config.gradient_checkpointing:
         enable_checkpointing(student, mlp_chunks=config.mlp_chunks)
     if world.enabled:  # FSDP2: each rank keeps 1/world of both models (see runtime/distributed.py)
-        shard(student, param_dtype=dtype if dtype != torch.float32 else None)
+        shard(student, *_blocks(student), param_dtype=dtype if dtype != torch.float32 else None)
         if teacher is not None:
-            shard(teacher)
+            shard(teacher, *_blocks(teacher))
     trainable = trainable_parameters(student)
     n_trainable = sum(p.numel() for p in trainable.values())  # a sharded DTensor reports its whole size
     log.info(
@@ -308,12 +310,23 @@ def setup(config: DistillConfig) -> Run:
 
 
 def preflight(config: DistillConfig) -> torch.dtype:
-    """Refusals the models' configs decide (read from config.json, no weights), before anything heavy
-    loads; returns the student's published dtype, the export's."""
+    """Refusals the models' configs decide (config.json or a GGUF's metadata, no weights: the module tree
+    is built on the meta device), before anything heavy loads; returns the student's published dtype,
+    the export's."""
     trust = config.trust_remote_code
     student_config = load_config(config.student, role="student", trust_remote_code=trust)
-    if config.loss_impl == "liger" and config.uses_kd and config.teacher:
+    check_supported(
+        student_config,
+        role="student",
+        method=config.method,
+        target_modules=config.lora.target_modules,
+        trust_remote_code=trust,
+    )
+    teacher_config = None
+    if config.teacher:
         teacher_config = load_config(config.teacher, role="teacher", trust_remote_code=trust)
+        check_supported(teacher_config, role="teacher", trust_remote_code=trust)
+    if config.loss_impl == "liger" and config.uses_kd and teacher_config is not None:
         capped = [
             role
             for role, hf_config in (("student", student_config), ("teacher", teacher_config))
@@ -327,6 +340,12 @@ def preflight(config: DistillConfig) -> torch.dtype:
                 ]
             )
     return published_dtype(student_config)
+
+
+def _blocks(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.ModuleList]:
+    """The base decoder and its list of blocks: what FSDP2 shards."""
+    decoder, _, layers = decoder_blocks(model)
+    return decoder, layers
 
 
 def _read_data(config: DistillConfig, world: World) -> tuple[Any, list[Example], dict[str, int]]:

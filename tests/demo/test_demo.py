@@ -1,5 +1,5 @@
-"""`llm-neo demo --quick` end to end: every stage runs, the report holds what it promises, the teacher
-is cached and reused."""
+"""`llm-neo demo --quick` end to end: every stage runs, the comparison's report holds what it promises,
+the teacher is cached and reused."""
 
 from __future__ import annotations
 
@@ -10,25 +10,23 @@ from pathlib import Path
 import pytest
 from transformers import AutoConfig
 
+from llm_neo.choices import COMPARISON_ORDER
+from llm_neo.commands.compare import _rerun, distill_job
 from llm_neo.config import DistillConfig
-from llm_neo.demo.report import TENSOR_TARGET
 from llm_neo.demo.run import (
-    ARMS,
     DEFAULT,
-    NUMERIC,
+    OUTPUTS,
     DemoConfig,
-    _clear_output_dir,
-    distill_job,
-    rerun_command,
     resolve_settings,
     run_demo,
     teacher_key,
-    training_state_mb,
     validate_demo,
 )
 from llm_neo.demo.task import SKILLS
 from llm_neo.errors import ConfigError, WorkerError
 from llm_neo.runtime.workers import Job, run_jobs
+
+LABELS = {"sft": "SFT", "lora": "LoRA", "kd": "KD", "neo": "Neo"}
 
 
 @pytest.fixture(scope="module")
@@ -42,76 +40,88 @@ def quick_runs(tmp_path_factory):
     return root, cache
 
 
-def test_report_has_every_row_and_its_plots(quick_runs):
+def test_report_has_every_model_and_its_plots(quick_runs):
     root, _ = quick_runs
     out = root / "first"
     report = (out / "report.md").read_text()
-    table = [line for line in report.splitlines() if line.startswith("| ")]
-    names = [line.split("|")[1].strip() for line in table]
-    for row in ("teacher", "pruned student", *ARMS):
-        assert row in names, f"row {row!r} missing from the results table"
+    assert report.index("## Verdict") < report.index("## Results")
+    table = report[report.index("## Results") :].split("\n\n")[1]
+    names = [line.split("|")[1].strip() for line in table.splitlines()[2:]]
+    assert names == ["teacher", "untrained student", *(LABELS[m] for m in COMPARISON_ORDER)]
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
-    assert len(images) >= 3
+    assert len(images) >= 4
     for image in images:
         png = out / image
         assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", image
-    assert "Quick mode" in report and "Closing note" in report and "Targets" in report
+    assert "Quick mode" in report and "The teacher:" in report and "## Score per skill" in report
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == len(images)
 
 
 def test_results_json_structure(quick_runs):
     root, _ = quick_runs
     results = json.loads((root / "first" / "results.json").read_text())
-    assert results["quick"] is True and results["seeds"] == [0]
+    demo = results["demo"]
+    assert demo["quick"] is True and results["config"]["seeds"] == 1 and results["config"]["seed"] == 0
     for model in ("teacher", "student"):
-        entry = results[model]
+        entry = results["models"][model]
         assert 0 <= entry["accuracy"] <= 1
-        assert set(entry["per_skill"]) == set(SKILLS)
+        assert set(entry["per_category"]) == set(SKILLS)
         assert {"ce", "kl_to_teacher", "top1_agreement"} <= set(entry)
-    assert results["teacher"]["kl_to_teacher"] == pytest.approx(0.0, abs=1e-5)
-    assert results["teacher"]["top1_agreement"] == 1.0
-    assert len(results["student"]["kept_layers"]) == 1 and len(results["student"]["scores"]) == 2
-    assert set(results["arms"]) == set(ARMS)
-    for method, arm in results["arms"].items():
-        (run,) = arm["runs"]
-        assert set(NUMERIC) | {"trainable_parameters", "per_skill", "curve"} <= set(run), method
+    assert results["models"]["teacher"]["kl_to_teacher"] == pytest.approx(0.0, abs=1e-5)
+    assert results["models"]["teacher"]["top1_agreement"] == 1.0
+    assert len(demo["student"]["kept_layers"]) == 1 and len(demo["student"]["scores"]) == 2
+    assert [g["method"] for g in results["groups"]] == list(COMPARISON_ORDER)
+    for group in results["groups"]:
+        (run,) = group["runs"]
         assert run["peak_memory_gb"] > run["peak_tensor_memory_gb"] > 0 and run["train_time_s"] > 0
         assert [p["step"] for p in run["curve"]] == [1, 2, 3]
-        assert arm["summary"]["accuracy"]["n"] == 1
+        assert group["stats"]["accuracy"]["n"] == 1
         # Each arm's run is an ordinary distill run, reproducible from its config.yaml.
         assert (Path(run["output_dir"]) / "config.yaml").is_file()
         assert (Path(run["output_dir"]) / "merged" / "model.safetensors").is_file()
-    lora, full = results["arms"]["neo"]["trainable_parameters"], results["arms"]["kd"]["trainable_parameters"]
-    assert 0 < lora < full
-    targets = {t["target"] for t in results["targets"]}
-    assert targets >= {"Neo > LoRA", "Neo > SFT", "Neo >= KD - 1 point", TENSOR_TARGET}
-    assert {"teacher_s", "prune_s", "arms_s", "eval_s", "total_s"} <= set(results["timing"])
+    trainable = {g["method"]: g["runs"][0]["trainable_parameters"] for g in results["groups"]}
+    assert 0 < trainable["neo"] < trainable["kd"]
+    assert {"teacher_s", "prune_s", "total_s"} <= set(demo["timing"])
+    # The demo's arms use the task's own learning rates (LoRA arms 10x) and answer budget.
+    lrs = {g["method"]: g["runs"][0]["lr"] for g in results["groups"]}
+    assert lrs["neo"] == lrs["lora"] == pytest.approx(10 * lrs["sft"]) and lrs["kd"] == lrs["sft"]
+    assert results["config"]["score"] == "exact" and results["config"]["category_field"] == "skill"
 
 
 def test_student_is_the_pruned_teacher(quick_runs):
     root, _ = quick_runs
     results = json.loads((root / "first" / "results.json").read_text())
-    student = AutoConfig.from_pretrained(results["student"]["path"])
-    teacher = AutoConfig.from_pretrained(results["teacher"]["path"])
+    student = AutoConfig.from_pretrained(results["config"]["student"])
+    teacher = AutoConfig.from_pretrained(results["config"]["teacher"])
     assert student.num_hidden_layers == 1 and teacher.num_hidden_layers == 2
     assert student.hidden_size == teacher.hidden_size
-    assert (Path(results["student"]["path"]) / "pruning.json").is_file()
+    assert (Path(results["config"]["student"]) / "pruning.json").is_file()
 
 
 def test_second_run_reuses_the_cached_teacher(quick_runs):
     root, cache = quick_runs
     first = json.loads((root / "first" / "results.json").read_text())
     second = json.loads((root / "second" / "results.json").read_text())
-    assert first["teacher"]["cached"] is False and second["teacher"]["cached"] is True
-    assert first["teacher"]["path"] == second["teacher"]["path"]
-    assert Path(first["teacher"]["path"]).parent == cache
+    assert first["demo"]["teacher"]["cached"] is False and second["demo"]["teacher"]["cached"] is True
+    assert first["config"]["teacher"] == second["config"]["teacher"]
+    assert Path(first["config"]["teacher"]).parent == cache
     assert [p.name for p in cache.iterdir() if not p.name.startswith(".")] == [
-        Path(first["teacher"]["path"]).name
+        Path(first["config"]["teacher"]).name
     ]
     # Same teacher, same data, same seeds: the arms reproduce exactly.
-    for method in ARMS:
-        a, b = first["arms"][method]["runs"][0], second["arms"][method]["runs"][0]
-        assert a["curve"] == b["curve"]
-        assert a["accuracy"] == b["accuracy"]
+    for a, b in zip(first["groups"], second["groups"], strict=True):
+        assert a["runs"][0]["curve"] == b["runs"][0]["curve"]
+        assert a["runs"][0]["accuracy"] == b["runs"][0]["accuracy"]
+
+
+def test_a_rerun_in_place_keeps_the_finished_arms(quick_runs):
+    root, cache = quick_runs
+    out = root / "first"
+    summaries = sorted(out.glob("arms/*/summary.json"))
+    before = [p.stat().st_mtime_ns for p in summaries]
+    assert run_demo(DemoConfig(output_dir=str(out), quick=True, cache_dir=str(cache))) == 0
+    assert [p.stat().st_mtime_ns for p in summaries] == before
 
 
 def test_teacher_key_covers_what_shapes_the_teacher():
@@ -126,36 +136,17 @@ def test_teacher_key_covers_what_shapes_the_teacher():
     assert teacher_key(resolve_settings(DemoConfig(steps=7, seeds=5)), 0) == base
 
 
-def test_replaces_an_earlier_demo_but_not_other_files(tmp_path):
+def test_refuses_a_directory_that_holds_other_files(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(ConfigError, match=r"notes\.txt"):
         run_demo(DemoConfig(output_dir=str(tmp_path), quick=True, cache_dir=str(tmp_path / "c")))
     earlier = tmp_path / "earlier"
-    (earlier / "arms" / "old-seed9").mkdir(parents=True)
+    for name in OUTPUTS[:3]:
+        (earlier / name).mkdir(parents=True)
     (earlier / "report.md").write_text("earlier")
-    validate_demo(DemoConfig(output_dir=str(earlier)))  # an earlier demo's outputs: replaced, no error
-    _clear_output_dir(earlier)
-    assert list(earlier.iterdir()) == []
+    validate_demo(DemoConfig(output_dir=str(earlier)))  # an earlier demo's outputs: no error
     with pytest.raises(ConfigError, match="--seeds"):
         run_demo(DemoConfig(output_dir=str(tmp_path / "new"), seeds=0))
-
-
-def test_training_state_accounting():
-    # KD: fp32 weights + grads + two AdamW moments of the whole student, plus the frozen teacher.
-    def state(method: str, trainable: int) -> float:
-        return training_state_mb(
-            method,
-            student_parameters=1000,
-            trainable_parameters=trainable,
-            teacher_parameters=3000,
-            compute_bytes=4,
-        )
-
-    kd, neo, sft = state("kd", 1000), state("neo", 100), state("sft", 1000)
-    assert kd * 2**20 == 16 * 1000 + 4 * 3000
-    assert neo * 2**20 == 4 * 1000 + 16 * 100 + 4 * 3000
-    assert sft * 2**20 == 16 * 1000
-    assert neo < kd
 
 
 def test_a_failing_job_names_its_log_and_how_to_rerun(tmp_path):
@@ -167,9 +158,7 @@ def test_a_failing_job_names_its_log_and_how_to_rerun(tmp_path):
     )
     log = tmp_path / "arm.log"
     with pytest.raises(WorkerError) as failure:
-        run_jobs(
-            [Job("sft/0", distill_job, bad, 3, log, rerun_command(bad))], parallel=1, threads=1, desc="arms"
-        )
+        run_jobs([Job("sft/0", distill_job, bad, 3, log, _rerun(bad))], parallel=1, threads=1, desc="arms")
     message = str(failure.value)
     assert "sft/0 failed" in message and str(log) in message and "configuration problem" in message
     assert "llm-neo distill --config" in message

@@ -12,7 +12,6 @@ from llm_neo.demo.task import (
     CAPITALS,
     SKILLS,
     TASK_VERSION,
-    exact_match,
     expected_output,
     generate_splits,
     generate_task,
@@ -101,17 +100,3 @@ def test_written_files_are_ordinary_data(tmp_path, char_tokenizer):
 def test_tokenizer_is_character_level(char_tokenizer):
     for text in ("Add 47 and 85.", "Reverse: kqzt", "Buenos Aires"):
         assert len(char_tokenizer(text, add_special_tokens=False)["input_ids"]) == len(text)
-
-
-def test_exact_match_per_skill():
-    records = [
-        {"output": "132", "skill": "add"},
-        {"output": "77", "skill": "add"},
-        {"output": "tzqk", "skill": "reverse"},
-        {"output": "Paris", "skill": "capital"},
-    ]
-    result = exact_match(records, ["132", " 77 ", "tzq", "paris"])
-    assert result["correct"] == 2 and result["total"] == 4 and result["accuracy"] == 0.5
-    assert result["per_skill"] == {"add": 1.0, "reverse": 0.0, "capital": 0.0}
-    with pytest.raises(ValueError):
-        exact_match(records, ["1"])

@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llm_neo.demo.task import exact_match, generate_task, task_corpus
+from llm_neo.demo.task import SKILLS, generate_task, task_corpus
 from llm_neo.eval.generate import greedy_answers, prompt_and_stop
+from llm_neo.eval.scoring import parse_score, score_answers
 from llm_neo.models.tiny import SPECIAL_TOKENS, build_llama, build_tokenizer
 
 
@@ -63,7 +64,8 @@ def test_greedy_answers_cut_at_end_of_turn_and_score(char_tokenizer):
         fake, char_tokenizer, records, device=torch.device("cpu"), batch_size=2, progress=False
     )
     assert answers == ["132", "cab", "Lima"]
-    assert exact_match(records, answers)["per_skill"] == {"add": 1.0, "reverse": 0.0, "capital": 1.0}
+    scored = score_answers(records, answers, parse_score("exact"), category_field="skill", order=SKILLS)
+    assert scored["per_category"] == {"add": 1.0, "capital": 1.0, "reverse": 0.0}
 
 
 def test_greedy_answers_of_a_real_model_are_batch_independent(char_tokenizer):

@@ -13,7 +13,7 @@ from llm_neo.commands.prune import PruneConfig, run_prune
 from llm_neo.data import collate, load_records, tokenize_records
 from llm_neo.errors import ConfigError, ModelError
 from llm_neo.models.prune import block_importance, choose_layers, prune_layers
-from llm_neo.models.tiny import build_llama, save_model
+from llm_neo.models.tiny import build_family, build_llama, family_config, save_model
 
 CPU = torch.device("cpu")
 
@@ -236,8 +236,43 @@ def test_prune_layers_rejects_bad_input(tokenizer):
         with pytest.raises(ValueError, match=r"keep must be distinct block indices in \[0, 2\]"):
             prune_layers(model, keep)
     assert len(model.model.layers) == 3
-    with pytest.raises(ModelError, match="Linear: cannot find its decoder blocks"):
+    with pytest.raises(ModelError, match="Linear: cannot find its base decoder"):
         prune_layers(torch.nn.Linear(2, 2), [0])  # type: ignore[arg-type]
+
+
+def test_prune_layers_keeps_each_moe_block_sparse_or_dense(tmp_path, tokenizer):
+    """Qwen-MoE places its experts by block index (every decoder_sparse_step-th block, minus
+    mlp_only_layers); the pruned config must rebuild each kept block as it was."""
+    config = family_config("qwen3-moe", len(tokenizer), num_layers=5)
+    config.decoder_sparse_step = 2  # blocks 1 and 3 sparse
+    config.mlp_only_layers = [3]  # ... but block 3 dense: only block 1 has experts
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(10)
+        model = AutoModelForCausalLM.from_config(config).eval()
+    sparse = [hasattr(layer.mlp, "experts") for layer in model.model.layers]
+    assert sparse == [False, True, False, False, False]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    prune_layers(model, [0, 1, 3, 4])
+    assert model.config.decoder_sparse_step == 1 and model.config.mlp_only_layers == [0, 2, 3]
+    model.save_pretrained(tmp_path / "moe")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "moe")
+    assert [hasattr(layer.mlp, "experts") for layer in reloaded.model.layers] == [False, True, False, False]
+    _assert_same_weights(reloaded, state, [0, 1, 3, 4])
+    assert _greedy(reloaded, tokenizer, use_cache=True) == _greedy(reloaded, tokenizer, use_cache=False)
+
+
+def test_index_dependent_configs_are_refused_before_loading(tmp_path, tokenizer, alpaca_jsonl):
+    model = build_family("gpt2", len(tokenizer), num_layers=3)
+    model.config.scale_attn_by_inverse_layer_idx = True  # block i scales attention by 1/(i + 1)
+    save_model(model, tokenizer, tmp_path / "gpt2")
+    config = PruneConfig(
+        model=str(tmp_path / "gpt2"), data=str(alpaca_jsonl), output=str(tmp_path / "p"), keep_layers=2
+    )
+    with pytest.raises(ConfigError, match="scale_attn_by_inverse_layer_idx"):
+        run_prune(config)
+    with pytest.raises(ModelError, match="scale_attn_by_inverse_layer_idx"):
+        prune_layers(model, [0, 2])
+    assert len(model.transformer.h) == 3
 
 
 # ------------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from conftest import ALPACA, write_jsonl
 from safetensors.torch import load_file
 
 from llm_neo.cli import main
+from llm_neo.models.tiny import build_family, save_model
 
 pytestmark = pytest.mark.skipif(
     not hasattr(torch.distributed, "is_available") or not torch.distributed.is_available(),
@@ -100,6 +101,36 @@ def test_two_processes_follow_one(tmp_path, student_dir, teacher_dir, method):
     for held in s2["teacher_parameters_per_rank"]:
         assert 0.45 < held / total < 0.65
     assert s2["merge_check"]["passed"]
+
+
+@pytest.mark.slow
+def test_two_processes_follow_one_on_gpt2(tmp_path, tokenizer):
+    """FSDP2 on another layout: GPT-2's blocks in transformer.h, Conv1D projections, a tied lm_head
+    (kept whole, its embedding too) and learned position embeddings (sharded with the decoder)."""
+    teacher = save_model(
+        build_family("gpt2", len(tokenizer), hidden_size=32, num_layers=3, seed=1), tokenizer, tmp_path / "t"
+    )
+    student = save_model(
+        build_family("gpt2", len(tokenizer), hidden_size=16, num_layers=2, seed=2), tokenizer, tmp_path / "s"
+    )
+    data = write_jsonl(tmp_path / "train.jsonl", ALPACA * 4)
+    proc = _torchrun(_args(student, teacher, data, tmp_path / "two", "neo", 2, "--max-steps", "3"))
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, output
+    assert main(_args(student, teacher, data, tmp_path / "one", "neo", 4, "--max-steps", "3")) == 0
+
+    one, two = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    assert set(one) == set(two) and "lm_head.weight" not in one  # tied: stored once
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], atol=1e-5, rtol=1e-4)
+    s1 = json.loads((tmp_path / "one" / "summary.json").read_text())
+    s2 = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert s2["world_size"] == 2 and s2["final"] == pytest.approx(s1["final"], rel=1e-4)
+    assert s2["merge_check"]["passed"]
+    # Each rank holds its half of the teacher's blocks plus the whole tied embedding.
+    total = s1["teacher_parameters_per_rank"][0]
+    for held in s2["teacher_parameters_per_rank"]:
+        assert 0.5 < held / total < 0.9
 
 
 def test_killed_two_process_run_resumes(tmp_path, student_dir, teacher_dir):

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from conftest import ALPACA, write_jsonl
 
+from llm_neo.commands.compare import distill_job
 from llm_neo.config import DistillConfig, LoraOptions
-from llm_neo.demo.run import distill_job, rerun_command
 from llm_neo.errors import RunStopped
 from llm_neo.runtime.checkpoint import checkpoint_problems, list_checkpoints
 from llm_neo.runtime.stop import graceful_stop
@@ -91,7 +91,7 @@ def test_a_worker_pool_passes_the_stop_on_and_reports_what_was_kept(
     log = tmp_path / "arm.log"
     with pytest.raises(RunStopped) as info:
         run_jobs(
-            [Job("neo/0", distill_job, config, 5000, log, rerun_command(config))],
+            [Job("neo/0", distill_job, config, 5000, log, "llm-neo distill ...")],
             parallel=1,
             threads=1,
             desc="arms",

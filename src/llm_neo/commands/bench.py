@@ -765,17 +765,19 @@ def run_bench(config: BenchConfig) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m llm_neo.commands.bench [flags]`: `llm-neo bench` without the console script
-    (benchmarks/gpu.sh runs from a checkout); ``--_child SPEC``: one isolated run, printed as a tagged
-    JSON line."""
+    """``python -m llm_neo.commands.bench --_child SPEC``: one isolated run of ``llm-neo bench``, printed
+    as a tagged JSON line (the parent process reads it). The command itself is ``llm-neo bench`` (or
+    ``python -m llm_neo bench`` from a checkout)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["--_child"]:
-        result = run_one(RunSpec(**json.loads(argv[1])))
-        print(RESULT_TAG + json.dumps(result), flush=True)
-        return 0
-    from llm_neo.cli import main as cli_main
-
-    return cli_main(["bench", *argv])
+    if argv[:1] != ["--_child"] or len(argv) != 2:
+        print(
+            "usage: python -m llm_neo.commands.bench --_child SPEC (run llm-neo bench instead)",
+            file=sys.stderr,
+        )
+        return 2
+    result = run_one(RunSpec(**json.loads(argv[1])))
+    print(RESULT_TAG + json.dumps(result), flush=True)
+    return 0
 
 
 if __name__ == "__main__":

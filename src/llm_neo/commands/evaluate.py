@@ -8,7 +8,9 @@ from llm_neo.config import EvalConfig, validate_eval
 from llm_neo.data import read_examples
 from llm_neo.eval.metrics import heldout_metrics
 from llm_neo.models.loading import (
+    check_supported,
     kd_vocab_size,
+    load_config,
     load_frozen,
     load_tokenizers,
     resolve_device,
@@ -30,9 +32,12 @@ def run_evaluation(config: EvalConfig) -> int:
 def run_eval(config: EvalConfig) -> dict[str, float]:
     """`llm-neo eval`: load model (and teacher), read the data as `distill` does, compute the metrics."""
     validate_eval(config)
+    trust = config.trust_remote_code
+    for role, path in (("model", config.model), ("teacher", config.teacher)):
+        if path:  # refuse what cannot work before any weight loads
+            check_supported(load_config(path, trust_remote_code=trust), role=role, trust_remote_code=trust)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
-    trust = config.trust_remote_code
     tokenizer, teacher_tokenizer = load_tokenizers(
         config.model, config.teacher, role="model", trust_remote_code=trust
     )

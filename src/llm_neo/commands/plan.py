@@ -8,8 +8,9 @@ the real Llama shapes (see ``docs/memory.md``, which derives each one):
 
     component          what it is                                                  bytes
     teacher weights    the frozen teacher in the compute dtype                     c · P_t
+                       (--teacher-quant: block linears P_bl at q bytes each)       q·P_bl + c·(P_t − P_bl)
     student weights    full arms: fp32 master weights; LoRA arms: the frozen base  4 · P_s  |  c · P_s
-                       in the compute dtype
+                       in the compute dtype (--student-quant: block linears at q)
     trainable states   LoRA arms: fp32 LoRA weights; AdamW's two fp32 states;       (4 +) 8 · P_train
                        fp32 gradients where alive at the peak                      (+ 4 · P_train)
     weight copies      autocast's low-precision copies of the weights it casts     c · P_cast
@@ -21,7 +22,13 @@ the real Llama shapes (see ``docs/memory.md``, which derives each one):
                        and their gradients; chunked: the same per chunk of tokens   k · min(C, N)·V + …
     process baseline   CPU only: Python, torch, transformers (measured here)       RSS after imports
 
-c is the compute dtype's size (2 for bf16 autocast on GPUs, 4 for fp32 on CPUs). The peak is the largest
+c is the compute dtype's size (2 for bf16 autocast on GPUs, 4 for fp32 on CPUs). q, the bytes per quantized
+block-linear weight (``QUANT_BYTES``): int8 (torchao weight-only) 1 + 5/in (a fp32 scale and an int8 zero
+point per row); nf4 (bitsandbytes, double-quantized absmax) 0.5 + 1/64 + 4/16384. Embeddings, norms and the
+lm_head stay at c. A torchao int8 *student* base also holds, for the backward, a compute-dtype copy of each
+weight it multiplied (its linear is plain autograd over ``q.to(c)``): c · P_bl while every block's
+activations are saved, one block's worth with gradient checkpointing. bitsandbytes' 4-bit matmul saves only
+the packed weight. The peak is the largest
 of three phases of a step: the loss (activations and logits alive), the backward of a checkpointed model
 (one block recomputed, gradients accumulating) and the optimizer step (gradients, states and AdamW's
 temporary). Coefficients are for Llama-style decoders (RMSNorm, RoPE, SDPA, SwiGLU MLP) and the forward-KL
@@ -30,6 +37,7 @@ divergence; other architectures and divergences get the same formula as an appro
 
 from __future__ import annotations
 
+import math
 import sys
 import warnings
 from collections.abc import Sequence
@@ -39,6 +47,7 @@ from typing import Any
 
 import torch
 
+from llm_neo.choices import STUDENT_QUANT, TEACHER_QUANT
 from llm_neo.config import DeviceOptions, _help
 from llm_neo.runtime.memory import rss_bytes
 
@@ -90,6 +99,10 @@ class ModelDims:
     vocab_size: int  # logit width
     lora_parameters: int  # for the LoRA rank/targets given to model_dims (0 if none)
     lora_linears_per_layer: int
+    block_linear_weights: int = (
+        0  # numel of the nn.Linear weights inside the blocks: what quantization stores
+    )
+    block_linear_rows: int = 0  # their output rows (one scale each at int8)
 
 
 def model_dims(
@@ -126,6 +139,9 @@ def model_dims(
     kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
     head_module = model.get_output_embeddings()
     vocab = int(head_module.weight.shape[0]) if head_module is not None else int(text.vocab_size)
+    in_blocks = [
+        m for n, m in linears if m is not head_module and any(p.isdigit() for p in n.split(".")[:-1])
+    ]
     return ModelDims(
         parameters=parameters,
         linear_weights=linear_weights,
@@ -137,7 +153,28 @@ def model_dims(
         vocab_size=vocab,
         lora_parameters=lora_parameters,
         lora_linears_per_layer=lora_per_layer,
+        block_linear_weights=sum(m.weight.numel() for m in in_blocks),
+        block_linear_rows=sum(m.out_features for m in in_blocks),
     )
+
+
+QUANT_KINDS = ("none", "int8", "nf4")
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes, a uint8 absmax per 64, a fp32 one per 256 of those
+
+
+def weight_bytes_at(dims: ModelDims, kind: str, c: int) -> int:
+    """Bytes of a frozen model's weights with its block linears stored as ``kind`` (none, int8, nf4) and
+    everything else (embeddings, norms, lm_head) in the compute dtype (c bytes)."""
+    if kind == "none":
+        return c * dims.parameters
+    rest = c * (dims.parameters - dims.block_linear_weights)
+    if (
+        kind == "int8"
+    ):  # torchao Int8WeightOnlyConfig: int8 codes, a fp32 scale and an int8 zero point per row
+        return rest + dims.block_linear_weights + 5 * dims.block_linear_rows
+    if kind == "nf4":
+        return rest + math.ceil(NF4_BYTES * dims.block_linear_weights)
+    raise ValueError(f"unknown quantization {kind!r}; one of {QUANT_KINDS}")
 
 
 def activation_bytes_per_token_layer(dims: ModelDims, *, lora: bool, c: int, lora_r: int) -> int:
@@ -186,6 +223,8 @@ def estimate_arm(
     device_type: str = "cuda",
     baseline: int = 0,
     world_size: int = 1,
+    teacher_quant: str = "none",
+    student_quant: str = "none",
 ) -> ArmEstimate:
     """The peak of one training step of ``method`` (kd, neo, sft, lora) with loss ``impl``.
 
@@ -195,6 +234,10 @@ def estimate_arm(
     by W; activations and logits are per rank's own micro-batch, unchanged. Tokens: every position of the
     B×T batch runs through both models; N = B·(T-1) positions are trained (all but each sequence's last,
     whose next token is not in the batch).
+
+    ``teacher_quant`` / ``student_quant`` (none, int8, nf4): the teacher's and, for the LoRA arms, the
+    frozen student base's block linears stored quantized (``weight_bytes_at``); full arms train every
+    weight and ignore ``student_quant``.
     """
     if method not in ARMS or impl not in IMPLS:
         raise ValueError(f"unknown arm {method}:{impl}; methods {ARMS}, impls {IMPLS}")
@@ -212,14 +255,26 @@ def estimate_arm(
         # FSDP2 shards everything but the lm_head (a tied head: the embeddings), which stays whole
         return count if w == 1 else (count - head) // w + head
 
+    def sharded_bytes(total: int, head_bytes: int) -> int:
+        return total if w == 1 else (total - head_bytes) // w + head_bytes
+
     teacher_w = (
-        c * sharded(teacher.parameters, teacher.vocab_size * teacher.hidden_size)
+        sharded_bytes(
+            weight_bytes_at(teacher, teacher_quant, c), c * teacher.vocab_size * teacher.hidden_size
+        )
         if (kd and teacher is not None)
         else 0
     )
     head = vocab * h
     trainable = student.lora_parameters // w if lora else sharded(student.parameters, head)
-    student_w = (c if lora else 4) * sharded(student.parameters, head)
+    base_quant = student_quant if lora else "none"
+    student_w = (
+        sharded_bytes(weight_bytes_at(student, base_quant, c), c * head)
+        if lora
+        else 4 * sharded(student.parameters, head)
+    )
+    # A torchao int8 base's linear is autograd over q.to(c): the copy lives until the backward.
+    int8_copies = c * student.block_linear_weights // w if base_quant == "int8" else 0
     lora_w = 4 * trainable if lora else 0
     adam = 8 * trainable
     grads = 4 * trainable
@@ -230,6 +285,7 @@ def estimate_arm(
     copies = 0
     if autocast:
         copies = c * (student.lora_parameters if lora else student.linear_weights) // w
+    loss_copies = copies + (0 if gradient_checkpointing else int8_copies)
 
     per_layer = activation_bytes_per_token_layer(student, lora=lora, c=c, lora_r=lora_r)
     outside = 0 if lora else OUTSIDE_LAYERS_FULL * h * tokens
@@ -260,7 +316,7 @@ def estimate_arm(
         "loss": common
         | {
             "trainable states": lora_w + adam,
-            "weight copies": copies,
+            "weight copies": loss_copies,
             "activations": loss_acts,
             "logits": logits,
         },
@@ -281,7 +337,7 @@ def estimate_arm(
         recompute = tokens * ((per_layer - mlp) * 5 // 4 + mlp * 3 // (2 * max(mlp_chunks, 1)))
         phases["backward"] = common | {
             "trainable states": lora_w + adam + grads,
-            "weight copies": copies,
+            "weight copies": copies + int8_copies // max(student.num_layers, 1),
             "activations": saved_inputs + recompute + outside,
             "logits": 0,
         }
@@ -353,6 +409,21 @@ class PlanConfig(DeviceOptions):
         default=1,
         metadata=_help("Processes the run is sharded over (FSDP2); the estimate is per rank."),
     )
+    teacher_quant: str = field(
+        default="none",
+        metadata=_help(
+            "The teacher's block linears quantized (distill --teacher-quant): int8 (torchao weight-only, "
+            "~1 byte per weight) or nf4 (~0.52 byte). Embeddings and lm_head stay in the compute dtype.",
+            choices=TEACHER_QUANT,
+        ),
+    )
+    student_quant: str = field(
+        default="none",
+        metadata=_help(
+            "The LoRA arms' frozen student base quantized (QLoRA, distill --student-quant).",
+            choices=STUDENT_QUANT,
+        ),
+    )
     json: str | None = field(default=None, metadata=_help("Also write the estimates to this JSON file."))
     trust_remote_code: bool = field(default=False, metadata=_help("Allow config code from the model dir."))
 
@@ -417,6 +488,9 @@ def _validate(config: PlanConfig) -> None:
             p.append(f"--{name}: {value} is out of range; it must be >= 1")
     if config.seq_len is not None and config.seq_len < 2:
         p.append(f"--seq-len: {config.seq_len} is out of range; it must be >= 2")
+    for who, kind in (("teacher", config.teacher_quant), ("student", config.student_quant)):
+        if kind not in QUANT_KINDS:
+            p.append(f"--{who}-quant: {kind!r} is not one of {', '.join(QUANT_KINDS)}")
     if config.device_memory_gb is not None and config.device_memory_gb <= 0:
         p.append(f"--device-memory-gb: {config.device_memory_gb} must be > 0")
     if p:
@@ -437,15 +511,12 @@ def plan_rows(config: PlanConfig, *, baseline: int | None = None) -> tuple[list[
         seq = config.seq_len or shape.seq_len
         r = config.lora_r or shape.lora_r
     else:
-        from transformers import AutoConfig
+        from llm_neo.models.loading import load_config  # a model dir, hub id or GGUF file
 
         assert config.student is not None  # _validate
-        s_config = AutoConfig.from_pretrained(config.student, trust_remote_code=config.trust_remote_code)
-        t_config = (
-            AutoConfig.from_pretrained(config.teacher, trust_remote_code=config.trust_remote_code)
-            if config.teacher
-            else None
-        )
+        trust = config.trust_remote_code
+        s_config = load_config(config.student, trust_remote_code=trust)
+        t_config = load_config(config.teacher, trust_remote_code=trust) if config.teacher else None
         batch, seq, r = config.batch_size or 1, config.seq_len or 2048, config.lora_r or 64
     device_type = _device_type(config.device)
     c = _compute_bytes(config.dtype, device_type)
@@ -468,6 +539,8 @@ def plan_rows(config: PlanConfig, *, baseline: int | None = None) -> tuple[list[
             device_type=device_type,
             baseline=base,
             world_size=config.world_size,
+            teacher_quant=config.teacher_quant,
+            student_quant=config.student_quant,
         )
         for method in config.methods
         for impl in config.loss_impls
@@ -488,6 +561,8 @@ def plan_rows(config: PlanConfig, *, baseline: int | None = None) -> tuple[list[
         "teacher_parameters": teacher.parameters if teacher else None,
         "student_parameters": student.parameters,
         "lora_parameters": student.lora_parameters,
+        "teacher_quant": config.teacher_quant,
+        "student_quant": config.student_quant,
     }
     return rows, settings
 
@@ -536,7 +611,13 @@ def run_plan(config: PlanConfig) -> int:
         f"memory plan: {where}, batch {settings['batch_size']} × {settings['seq_len']}, {dtype}, "
         f"LoRA r={settings['lora_r']}, gradient checkpointing "
         f"{'on' if settings['gradient_checkpointing'] else 'off'}, chunk {settings['loss_chunk_size']}, "
-        f"device {settings['device_type']}" + (f" ({capacity / GiB:.1f} GiB)" if capacity else "")
+        f"device {settings['device_type']}"
+        + (f" ({capacity / GiB:.1f} GiB)" if capacity else "")
+        + "".join(
+            f", {who} {settings[f'{who}_quant']}"
+            for who in ("teacher", "student")
+            if settings[f"{who}_quant"] != "none"
+        )
     )
     print()
     print(format_plan(rows, capacity))
@@ -563,14 +644,3 @@ def run_plan(config: PlanConfig) -> int:
         }
         atomic_write_json(Path(config.json), payload)
     return 3 if (config.strict and misfits) else 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m llm_neo.commands.plan [flags]`: `llm-neo plan` without the console script."""
-    from llm_neo.cli import main as cli_main
-
-    return cli_main(["plan", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -10,20 +10,29 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from transformers import AutoConfig, PretrainedConfig
+from transformers import PretrainedConfig
 
 from llm_neo import __version__
 from llm_neo.config import LoadOptions, _help, check_data_path, check_model_path
 from llm_neo.data import collate, load_records, tokenize_records
-from llm_neo.errors import ConfigError
-from llm_neo.models.loading import load_frozen, load_tokenizer, published_dtype, resolve_device, resolve_dtype
+from llm_neo.errors import ConfigError, ModelError
+from llm_neo.models.loading import (
+    check_supported,
+    decoder_blocks,
+    load_config,
+    load_frozen,
+    load_tokenizer,
+    published_dtype,
+    resolve_device,
+    resolve_dtype,
+)
 from llm_neo.models.prune import (
     METRICS,
     _num_layers,
     block_importance,
+    check_prunable,
     choose_layers,
     count_parameters,
-    decoder_layers,
     prune_layers,
 )
 from llm_neo.report.tables import format_table
@@ -36,7 +45,9 @@ log = logging.getLogger("llm_neo")
 class PruneConfig(LoadOptions):
     """`llm-neo prune`: depth-prune a causal LM by measured block importance."""
 
-    model: str = field(default="", metadata=_help("Model to prune: a local HF model dir or a hub id."))
+    model: str = field(
+        default="", metadata=_help("Model to prune: a local HF model dir, a hub id or a .gguf file.")
+    )
     data: str = field(
         default="",
         metadata=_help(
@@ -82,14 +93,10 @@ def validate_prune(config: PruneConfig) -> PretrainedConfig | None:
     check_data_path(p, c.data)
     if not c.output:
         p.append("--output is required (the directory the pruned model is written to)")
+    elif c.model and Path(c.output).expanduser().resolve() == Path(c.model).expanduser().resolve():
+        p.append("--output must differ from --model: pruning never replaces the original")
     else:
-        out = Path(c.output).expanduser()
-        if c.model and out.resolve() == Path(c.model).expanduser().resolve():
-            p.append("--output must differ from --model: pruning never replaces the original")
-        elif out.exists() and not out.is_dir():
-            p.append(f"--output: {c.output!r} is a file; give a directory")
-        elif out.is_dir() and any(out.iterdir()) and not c.overwrite:
-            p.append(f"--output: {c.output!r} already holds files; pass --overwrite to replace it")
+        check_output_dir(p, c.output, overwrite=c.overwrite)
     if c.metric not in METRICS:
         p.append(f"--metric: {c.metric!r} is not one of {', '.join(METRICS)}")
     for name, value, ok, rule in [
@@ -105,9 +112,11 @@ def validate_prune(config: PruneConfig) -> PretrainedConfig | None:
     hf_config = None
     if c.model and not any(problem.startswith("--model") for problem in p):
         try:
-            hf_config = AutoConfig.from_pretrained(c.model, trust_remote_code=c.trust_remote_code)
-        except Exception as err:  # OSError, ValueError, JSON errors: all mean "not a readable model"
-            p.append(f"--model: could not read the model config from {c.model!r}: {err}")
+            hf_config = load_config(c.model, trust_remote_code=c.trust_remote_code)
+            check_supported(hf_config, role="model", trust_remote_code=c.trust_remote_code)
+            check_prunable(hf_config, type(hf_config).__name__)
+        except ModelError as err:
+            p.append(f"--model: {err}")
     if hf_config is not None:
         n = _num_layers(hf_config)
         if n is None:
@@ -120,6 +129,15 @@ def validate_prune(config: PruneConfig) -> PretrainedConfig | None:
     if p:
         raise ConfigError(p)
     return hf_config
+
+
+def check_output_dir(problems: list[str], output: str, *, overwrite: bool) -> None:
+    """Append a problem when ``--output`` is a file, or a directory holding files without --overwrite."""
+    out = Path(output).expanduser()
+    if out.exists() and not out.is_dir():
+        problems.append(f"--output: {output!r} is a file; give a directory")
+    elif out.is_dir() and any(out.iterdir()) and not overwrite:
+        problems.append(f"--output: {output!r} already holds files; pass --overwrite to replace it")
 
 
 def run_prune(config: PruneConfig) -> dict[str, Any]:
@@ -155,7 +173,7 @@ def run_prune(config: PruneConfig) -> dict[str, Any]:
     published = published_dtype(hf_config)
     load_dtype = dtype if dtype == published else torch.float32
     model = load_frozen(config, config.model, role="model", dtype=load_dtype, device=device)
-    num_layers = len(decoder_layers(model)[1])
+    num_layers = len(decoder_blocks(model)[2])
     parameters_before = count_parameters(model)
     log.info(
         "scoring %d blocks of %s on %d samples (%d tokens), metric %s",

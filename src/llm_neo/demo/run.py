@@ -2,16 +2,16 @@
 
 Top to bottom, every stage through the same code a user's run takes:
 
-    1. task      the built-in task's train.jsonl / heldout.jsonl (llm_neo.demo.task), ordinary Alpaca JSONL
+    1. task      the built-in task's train.jsonl / distill.jsonl / heldout.jsonl (llm_neo.demo.task),
+                 ordinary Alpaca JSONL
     2. teacher   a small Llama with its own character-level tokenizer, trained from a random init on the
                  task (``distill(method="sft")``), cached under a key of everything that shapes it
-    3. student   the teacher depth-pruned by measured block importance (``llm_neo.commands.prune.run_prune``):
-                 the paper's pruned-student setting
-    4. arms      sft, lora, kd and neo on the same data, seed and step budget (``distill(method=m)``),
-                 each in its own process so that its peak memory is its own
-    5. eval      on the held-out split: exact match of greedy generations (overall and per skill), CE,
-                 KL to the teacher and top-1 agreement with it
-    6. report    report.md with a results table and PNG plots, results.json (llm_neo.demo.report)
+    3. student   the teacher depth-pruned by measured block importance (``llm-neo prune``): the paper's
+                 pruned-student setting
+    4. compare   ``llm-neo compare`` on them: sft, lora, kd and neo on the same data, seeds and step
+                 budget, on all of the arms' records and on a few of them (the data-size axis), every
+                 model scored on the held-out split (exact match per skill, CE, KL to the teacher, top-1
+                 agreement), the paired statistics, the cost, and the comparison's report
 
 The settings are the paper's where they apply (kd_ratio 0.5, forward KL, LoRA on every linear layer of
 every block with alpha = 2r, cosine schedule with 10% warm-up, LoRA lr = 10x the full-parameter lr) and
@@ -27,46 +27,30 @@ import json
 import logging
 import os
 import shutil
-import statistics
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from llm_neo import __version__
+from llm_neo.choices import COMPARISON_ORDER
+from llm_neo.commands.compare import PRELOAD, CompareConfig, LearningRates, compare, distill_job
 from llm_neo.config import DistillConfig, LoraOptions, _help
+from llm_neo.demo.task import SKILLS, TASK_VERSION
 from llm_neo.errors import ConfigError
-from llm_neo.runtime.atomic import atomic_directory, atomic_write_json, remove_outputs
-from llm_neo.runtime.workers import Job, Report, available_cores, load_average, run_jobs
-from llm_neo.summary import RunSummary
+from llm_neo.report.compare import verdict
+from llm_neo.runtime.atomic import atomic_directory, atomic_write_json
+from llm_neo.runtime.workers import Job, available_cores, load_average, run_jobs
 
 log = logging.getLogger("llm_neo")
 
-ARMS = ("sft", "lora", "kd", "neo")
-# --exact-memory: glibc serves blocks from 64 KB up with mmap (see llm_neo.runtime.memory.set_mmap_threshold).
-EXACT_MEMORY_MMAP_THRESHOLD = 64 * 1024
-# What the worker processes import once, before the first job.
-PRELOAD = ("llm_neo.distill", "llm_neo.demo.run", "llm_neo.demo.task")
-# After a stop (SIGTERM, Ctrl-C): the arms start over, the trained teacher is reused from its cache.
-AGAIN = "the same llm-neo demo command (it starts over; a trained teacher is reused from its cache)"
-# What a demo writes in its output directory (and replaces on the next run).
-OUTPUTS = ("data", "student", "arms", "plots", "report.md", "results.json")
-# Per-run results that the report aggregates over seeds (mean, std, min, max).
-NUMERIC = (
-    "accuracy",
-    "ce",
-    "kl_to_teacher",
-    "top1_agreement",
-    "peak_memory_gb",
-    "peak_tensor_memory_gb",
-    "train_time_s",
-    "wall_time_s",
-    "training_state_mb",
-    "planned_peak_mb",
-)
+# What a demo writes in its output directory (an earlier demo's are replaced or continued).
+OUTPUTS = (
+    "data", "student", "arms", "eval", "splits", "plots", "report.md", "report.html", "results.json",
+    "compare.yaml",
+)  # fmt: skip
+# After a stop (SIGTERM, Ctrl-C) of the teacher's training: it starts over.
+AGAIN = "the same llm-neo demo command (the teacher's training starts over)"
 
 
 @dataclass
@@ -154,6 +138,9 @@ class DemoSettings:
     max_length: int
     seeds: int
     prune_samples: int
+    # The data-size axis: the arms also train on the first N of their records (fewer labelled records,
+    # where the teacher's signal can matter); () = only on all of them.
+    few_records: tuple[int, ...] = ()
 
     @property
     def lora_lr(self) -> float:
@@ -189,6 +176,7 @@ DEFAULT = DemoSettings(
     max_length=64,
     seeds=3,
     prune_samples=256,
+    few_records=(320,),  # 64 per skill: 20 epochs of the same 200-step budget
 )
 
 # A smoke test of every stage (the test suite runs it): tiny models, a few steps. Its teacher is not
@@ -262,32 +250,26 @@ def default_cache_dir() -> Path:
 
 
 def run_demo(config: DemoConfig) -> int:
-    """Run every stage, write the report, print the table and a summary line; return the exit code."""
+    """Run every stage, write the report, print the verdict and where the report is; the exit code."""
     from transformers.utils import logging as hf_logging
-
-    from llm_neo.demo.report import format_results_table, write_report
-    from llm_neo.demo.task import TASK_VERSION
 
     validate_demo(config)
     settings = resolve_settings(config)
     hf_logging.disable_progress_bar()  # "Writing model shards" bars for kilobyte-sized models are noise
     started = time.perf_counter()
     out = Path(config.output_dir).expanduser()
-    _clear_output_dir(out)
+    out.mkdir(parents=True, exist_ok=True)
     cache = Path(config.cache_dir).expanduser() if config.cache_dir else default_cache_dir()
-    device = config.device
     parallel, threads = _resources(config)
-    loads = [load_average()]  # sampled at each stage
-    timing: dict[str, float] = {}
-    cpu_s: dict[str, float] = {}  # CPU seconds of the worker processes, per stage
-    seeds = [config.seed + k for k in range(settings.seeds)]
     _say(
         f"llm-neo demo{' --quick' if config.quick else ''}: teacher -> pruned student -> "
-        f"{', '.join(ARMS)} x {len(seeds)} seed(s), {settings.arm_steps} steps each; output {out}"
+        f"{', '.join(COMPARISON_ORDER)} x {settings.seeds} seed(s), {settings.arm_steps} steps each; "
+        f"output {out}"
     )
+    timing: dict[str, float] = {}
 
     # --- 1. The task, as ordinary JSONL files: the teacher's training split, the arms' data and the
-    # held-out split everything is evaluated on. The arms' data is fresh, not a part of the teacher's
+    # held-out split everything is scored on. The arms' data is fresh, not a part of the teacher's
     # training split: a teacher trained to near-zero loss on its own training records gives them almost
     # one-hot distributions, so KD on them would be CE under another name. On records it has not seen,
     # its distribution is its own prediction, the thing KD is meant to transfer (and the paper's teacher
@@ -297,126 +279,140 @@ def run_demo(config: DemoConfig) -> int:
     # --- 2. The teacher: trained once per key, then reused from the cache.
     t0 = time.perf_counter()
     teacher = ensure_teacher(
-        settings, seed=config.seed, data=train_path, cache=cache, device=device, threads=parallel * threads
+        settings,
+        seed=config.seed,
+        data=train_path,
+        cache=cache,
+        device=config.device,
+        threads=parallel * threads,
     )
     timing["teacher_s"] = time.perf_counter() - t0
-    loads.append(load_average())
 
     # --- 3. The student: the teacher, depth-pruned by measured block importance.
     t0 = time.perf_counter()
     student = prune_teacher(
-        settings, teacher["path"], data=distill_path, output=out / "student", device=device
+        settings, teacher["path"], data=distill_path, output=out / "student", device=config.device
     )
     timing["prune_s"] = time.perf_counter() - t0
 
-    # --- 4. The four arms over the seeds, each in its own process, `parallel` at a time.
-    t0 = time.perf_counter()
-    _say(f"arms: {len(seeds) * len(ARMS)} runs, {parallel} at a time, logs in {out / 'arms'}")
-    jobs = []
-    for seed in seeds:
-        for method in ARMS:
-            arm = arm_config(
-                settings,
-                method,
-                seed=seed,
-                teacher=teacher["path"],
-                student=student["path"],
-                data=distill_path,
-                output_dir=out / "arms" / f"{method}-seed{seed}",
-                device=device,
-            )
-            log_file = out / "arms" / f"{method}-seed{seed}.log"
-            jobs.append(
-                Job(f"{method}/{seed}", distill_job, arm, settings.arm_steps, log_file, rerun_command(arm))
-            )
-    summaries, cpu_s["arms"] = run_jobs(
-        jobs,
-        parallel=parallel,
-        preload=PRELOAD,
-        again=AGAIN,
-        threads=threads,
-        desc="arms",
-        mmap_threshold=EXACT_MEMORY_MMAP_THRESHOLD if config.exact_memory else 0,
-    )
-    runs = [
-        {"method": job.payload.method, "seed": job.payload.seed, "summary": summary}
-        for job, summary in zip(jobs, summaries, strict=True)
-    ]
-    timing["arms_s"] = time.perf_counter() - t0
-    loads.append(load_average())
-
-    # --- 5. Held-out evaluation of every model on the same split, shared among `parallel` processes.
-    t0 = time.perf_counter()
-    models = {"teacher": teacher["path"], "pruned student": student["path"]}
-    models |= {f"{r['method']}-seed{r['seed']}": str(r["summary"].output_dir / "merged") for r in runs}
-    names = list(models)
-    shares = [names[k::parallel] for k in range(parallel) if names[k::parallel]]
-    evaluations: dict[str, dict[str, Any]] = {}
-    parts, cpu_s["eval"] = run_jobs(
-        [
-            Job(
-                f"eval{k}",
-                eval_job,
-                {
-                    "models": {n: models[n] for n in share},
-                    "teacher": teacher["path"],
-                    "heldout": str(heldout_path),
-                    "max_length": settings.max_length,
-                    "device": device,
-                },
-                len(share),
-                out / "arms" / f"eval{k}.log",
-            )
-            for k, share in enumerate(shares)
-        ],
-        parallel=parallel,
-        preload=PRELOAD,
-        again=AGAIN,
-        threads=threads,
-        desc="evaluating",
-    )
-    for part in parts:
-        evaluations |= part
-    timing["eval_s"] = time.perf_counter() - t0
-
-    # --- 6. The report.
-    data = {
-        "task_version": TASK_VERSION,
-        "train": str(train_path),
-        "distill": str(distill_path),
-        "heldout": str(heldout_path),
-    }
-    results = collect_results(
-        config,
-        settings,
-        teacher=teacher,
-        student=student,
-        runs=runs,
-        evaluations=evaluations,
-        seeds=seeds,
-        data=data,
-    )
-    timing["total_s"] = time.perf_counter() - started
-    if not teacher["cached"]:
-        cpu_s["teacher"] = teacher["train_cpu_s"]
-    results["timing"] = timing
-    results["cpu_s"] = cpu_s
-    results["resources"] = {
-        "cores": available_cores(),
-        "parallel": parallel,
-        "threads_per_job": threads,
-        # Other processes' load stretches every time above; the report says so when it was high.
-        "load_average_1min": [x for x in [*loads, load_average()] if x is not None],
-    }
-    report_path = write_report(results, out)
+    # --- 4. The comparison, on all of the arms' records and on the first few of them.
+    _say(f"compare: {len(COMPARISON_ORDER)} arms x {settings.seeds} seed(s); logs in {out / 'arms'}")
+    results = compare(
+        comparison(config, settings, teacher=teacher["path"], student=student["path"], data=distill_path,
+                   heldout=heldout_path),
+        extra=lambda r: _add_demo_facts(r, config, settings, teacher, student, timing, started),
+    )  # fmt: skip
     print()
-    print(format_results_table(results))
+    print("\n".join(verdict(results)))
     print(
         f"\nllm-neo demo: teacher ({'reused from cache' if teacher['cached'] else 'trained'}) -> pruned "
-        f"student -> {', '.join(ARMS)} x {len(seeds)} seed(s) in {timing['total_s'] / 60:.1f} min; "
-        f"report: {report_path}"
+        f"student -> compare in {(time.perf_counter() - started) / 60:.1f} min; report: "
+        f"{out / 'report.html'} "
+        "(and report.md)"
     )
     return 0
+
+
+def comparison(
+    config: DemoConfig, settings: DemoSettings, *, teacher: str, student: str, data: Path, heldout: Path
+) -> CompareConfig:
+    """The demo's comparison: the same data, seeds, steps and batch for all four arms; only what the method
+    changes differs. Exact match per skill, with the answer length the task needs."""
+    sizes = sorted({*settings.few_records, _records(data)}) if settings.few_records else None
+    return CompareConfig(
+        teacher=teacher,
+        student=student,
+        data=str(data),
+        heldout=str(heldout),
+        methods=list(COMPARISON_ORDER),
+        train_records=sizes,
+        seeds=settings.seeds,
+        seed=config.seed,
+        max_steps=settings.arm_steps,
+        batch_size=settings.batch_size,
+        grad_accum=1,
+        lr=LearningRates(
+            sft=settings.full_lr, kd=settings.full_lr, lora=settings.lora_lr, neo=settings.lora_lr
+        ),
+        max_length=settings.max_length,
+        kd_ratio=0.5,
+        divergence="forward_kl",
+        warmup_ratio=0.1,
+        scheduler="cosine",
+        lora=LoraOptions(r=settings.lora_r, lora_alpha=2 * settings.lora_r),
+        score="exact",
+        category_field="skill",
+        max_new_tokens=_answer_tokens(heldout),
+        eval_batch_size=64,
+        jobs=config.jobs,
+        exact_memory=config.exact_memory,
+        device=config.device,
+        output_dir=config.output_dir,
+        overwrite=True,  # a demo with other settings replaces the earlier demo's comparison
+    )
+
+
+def _records(path: Path) -> int:
+    return sum(1 for line in path.read_text().splitlines() if line.strip())
+
+
+def _answer_tokens(heldout: Path) -> int:
+    """The longest held-out answer plus its end-of-turn tokens: a character-level model pays a token per
+    character, and a longer budget only lets a wrong answer run on."""
+    answers = [json.loads(line)["output"] for line in heldout.read_text().splitlines() if line.strip()]
+    return 2 + max(len(a) for a in answers)
+
+
+def _add_demo_facts(
+    results: dict[str, Any],
+    config: DemoConfig,
+    settings: DemoSettings,
+    teacher: dict[str, Any],
+    student: dict[str, Any],
+    timing: dict[str, float],
+    started: float,
+) -> None:
+    """What the demo adds to the comparison's results: how the teacher and the student were made."""
+    results["demo"] = {
+        "quick": config.quick,
+        "task_version": TASK_VERSION,
+        "skills": list(SKILLS),
+        "settings": {**dataclasses.asdict(settings), "lora_lr": settings.lora_lr},
+        "teacher": {k: v for k, v in teacher.items() if k != "settings"},
+        "student": student,
+        "timing": {**timing, "total_s": time.perf_counter() - started},
+        "cores": available_cores(),
+        "load_average": load_average(),
+    }
+    teacher_score = results["models"]["teacher"]["accuracy"]
+    student_score = results["models"]["student"]["accuracy"]
+    source = (
+        "reused from the cache"
+        if teacher["cached"]
+        else f"trained in this run in {teacher['train_time_s']:.0f} s"
+    )
+    context = [
+        f"The teacher: a {settings.num_layers}-block Llama (hidden {settings.hidden_size}, "
+        f"{teacher['parameters']:,} parameters) trained from scratch on the task for {teacher['steps']} "
+        "steps "
+        f"({source}); it scores {100 * teacher_score:.1f}% on the held-out split.",
+        f"The student: the teacher depth-pruned to {len(student['kept_layers'])} of {settings.num_layers} "
+        f"blocks by measured block importance (kept {student['kept_layers']}, {student['parameters']:,} "
+        f"parameters); untrained it scores {100 * student_score:.1f}%, "
+        f"{100 * (teacher_score - student_score):.1f} points below its teacher.",
+    ]
+    if config.quick:
+        context.append(
+            "Quick mode: tiny models and a few steps, to exercise every stage; the numbers mean nothing."
+        )
+    results["context"] = context
+
+
+def _resources(config: DemoConfig) -> tuple[int, int]:
+    """``(parallel, threads)`` of the teacher's training: see runtime.workers."""
+    cores = available_cores()
+    parallel = max(1, min(config.jobs or 2, cores))
+    return parallel, max(1, cores // parallel)
 
 
 def _say(message: str) -> None:
@@ -436,11 +432,6 @@ def write_task_data(data_dir: Path, settings: DemoSettings, seed: int) -> tuple[
     names = ("train", "distill", "heldout")
     train, distill, heldout = (write_jsonl(data_dir / f"{name}.jsonl", splits[name]) for name in names)
     return train, distill, heldout
-
-
-def _clear_output_dir(out: Path) -> None:
-    """Remove what an earlier demo wrote (only that); then make the directory."""
-    remove_outputs(out, OUTPUTS)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -527,9 +518,9 @@ def ensure_teacher(
         log_every=max(1, settings.teacher_steps // 200),
         device=device,
     )
-    job = Job(
-        "teacher", distill_job, train, settings.teacher_steps, work / "teacher.log", rerun_command(train)
-    )
+    rerun = f"llm-neo distill --config {work / 'run' / 'config.yaml'} --overwrite"
+    job = Job("teacher", distill_job, train, settings.teacher_steps, work / "teacher.log", rerun)
+    _say(f"teacher: its training log is {work / 'teacher.log'}")
     (summary,), cpu = run_jobs(
         [job],
         parallel=1,
@@ -599,336 +590,4 @@ def prune_teacher(
         "scores": report["scores"],
         "parameters": report["parameters_after"],
         "metric": report["metric"],
-    }
-
-
-# ------------------------------------------------------------------------------------------------
-# 4. The arms
-
-
-def arm_config(
-    settings: DemoSettings,
-    method: str,
-    *,
-    seed: int,
-    teacher: str,
-    student: str,
-    data: Path,
-    output_dir: Path,
-    device: str,
-) -> DistillConfig:
-    """One arm: the same data, seed, steps and batch for all four; only what the method changes differs."""
-    lora = method in ("neo", "lora")
-    return DistillConfig(
-        student=student,
-        teacher=teacher,
-        data=str(data),
-        method=method,
-        output_dir=str(output_dir),
-        max_steps=settings.arm_steps,
-        batch_size=settings.batch_size,
-        grad_accum=1,
-        lr=settings.lora_lr if lora else settings.full_lr,
-        eval_fraction=0.0,  # all arms are evaluated on the task's held-out file
-        max_length=settings.max_length,
-        seed=seed,
-        kd_ratio=0.5,
-        divergence="forward_kl",
-        warmup_ratio=0.1,
-        scheduler="cosine",
-        lora=LoraOptions(r=settings.lora_r, lora_alpha=2 * settings.lora_r),
-        device=device,
-        overwrite=True,
-    )
-
-
-def distill_job(config: DistillConfig, report: Report) -> RunSummary:
-    """A worker's distill run, reporting each optimizer step and its loss."""
-    from llm_neo.distill import distill
-
-    summary = distill(config, on_step=lambda step, metrics: report(step, metrics["loss"]))
-    assert summary is not None  # a worker runs one process, not a torchrun rank
-    return summary
-
-
-def eval_job(payload: dict[str, Any], report: Report) -> Any:
-    """A worker's evaluation of some models, reporting each model done."""
-    return evaluate_models(payload, on_model=lambda n: report(n, None))
-
-
-def rerun_command(config: DistillConfig) -> str:
-    """How to rerun a failed arm alone, from its own config.yaml."""
-    return f"llm-neo distill --config {Path(str(config.output_dir)) / 'config.yaml'} --overwrite"
-
-
-def _resources(config: DemoConfig) -> tuple[int, int]:
-    """``(parallel, threads)`` for the arms and the evaluation: see run_jobs."""
-    cores = available_cores()
-    parallel = max(1, min(config.jobs or 2, cores))
-    return parallel, max(1, cores // parallel)
-
-
-# ------------------------------------------------------------------------------------------------
-# 5. Evaluation
-
-
-def evaluate_models(
-    payload: dict[str, Any], *, on_model: Callable[[int], None] | None = None
-) -> dict[str, dict[str, Any]]:
-    """Exact match per skill and CE / KL to the teacher / top-1 agreement, for every model, same split.
-
-    ``payload``: ``{"models": {name: path}, "teacher": path, "heldout": path, "max_length": int,
-    "device": str}``. Greedy generation renders each prompt exactly as training does (llm_neo.demo.task).
-    """
-    from llm_neo.data import load_records, tokenize_records
-    from llm_neo.demo.task import exact_match
-    from llm_neo.eval.generate import greedy_answers
-    from llm_neo.eval.metrics import heldout_metrics
-    from llm_neo.models.loading import (
-        freeze,
-        kd_vocab_size,
-        load_model,
-        load_tokenizer,
-        resolve_device,
-        resolve_dtype,
-    )
-
-    device = resolve_device(payload["device"])
-    dtype = resolve_dtype("auto", device)
-    teacher = payload["teacher"]
-    tokenizer = load_tokenizer(teacher, role="teacher")
-    records = load_records(payload["heldout"])
-    examples, _ = tokenize_records(
-        records, tokenizer, max_length=payload["max_length"], source=payload["heldout"]
-    )
-    teacher_model = freeze(load_model(teacher, role="teacher", dtype=dtype, device=device))
-    results: dict[str, dict[str, Any]] = {}
-    for n, (name, path) in enumerate(payload["models"].items(), start=1):
-        model = (
-            teacher_model
-            if path == teacher
-            else freeze(load_model(path, role=name, dtype=dtype, device=device))
-        )
-        answers = greedy_answers(model, tokenizer, records, device=device, progress=False)
-        metrics = heldout_metrics(
-            model,
-            examples,
-            pad_token_id=tokenizer.pad_token_id,
-            batch_size=64,
-            device=device,
-            dtype=dtype,
-            teacher=teacher_model,
-            kd_vocab_size=kd_vocab_size(tokenizer, model, teacher_model),
-        )
-        results[name] = {
-            **exact_match(records, answers),
-            "ce": metrics["ce"],
-            "kl_to_teacher": metrics["kl_to_teacher"],
-            "top1_agreement": metrics["top1_agreement"],
-            "parameters": sum(p.numel() for p in model.parameters()),
-            "examples": [
-                {"instruction": r["instruction"], "expected": r["output"], "answer": a}
-                for r, a in list(zip(records, answers, strict=True))[:5]
-            ],
-        }
-        if on_model is not None:
-            on_model(n)
-    return results
-
-
-# ------------------------------------------------------------------------------------------------
-# 6. Results
-
-
-def training_state_mb(
-    method: str,
-    *,
-    student_parameters: int,
-    trainable_parameters: int,
-    teacher_parameters: int,
-    compute_bytes: int,
-) -> float:
-    """Memory of the training state, accounted analytically (activations excluded), in MiB.
-
-    Full-parameter arms keep fp32 weights, fp32 gradients and AdamW's two fp32 moments of every student
-    weight (16 bytes each); LoRA arms keep the frozen base in the compute dtype and 16 bytes per adapter
-    weight; KD arms also hold the frozen teacher in the compute dtype (no gradients, no optimizer state).
-    This is what distill allocates for weights and optimizer; on CPU the process's peak RSS adds the
-    torch runtime (~0.4 GB) and activations on top.
-    """
-    lora = method in ("neo", "lora")
-    total = (
-        student_parameters * compute_bytes + 16 * trainable_parameters if lora else 16 * student_parameters
-    )
-    if method in ("neo", "kd"):
-        total += teacher_parameters * compute_bytes
-    return total / 2**20
-
-
-def planned_peak_mb(
-    method: str,
-    *,
-    student: str,
-    teacher: str,
-    lora_r: int,
-    batch_size: int,
-    seq_len: int,
-    compute_bytes: int,
-    impl: str,
-) -> float | None:
-    """The arm's step peak as ``llm-neo plan`` estimates it, in MiB: tensor bytes of weights, trainable
-    states, activations and logits (the CPU counterpart of CUDA's max allocated; no runtime baseline).
-
-    ``seq_len`` is the longest sample, so the estimate is for the step with the largest batch. None
-    when the planner cannot estimate this model (the report then leaves the cell empty).
-    """
-    from transformers import AutoConfig
-
-    from llm_neo.commands.plan import estimate_arm, model_dims
-
-    lora = method in ("neo", "lora")
-    try:
-        estimate = estimate_arm(
-            method,
-            impl,
-            student=model_dims(AutoConfig.from_pretrained(student), lora_r=lora_r if lora else None),
-            teacher=model_dims(AutoConfig.from_pretrained(teacher)),
-            batch_size=batch_size,
-            seq_len=seq_len,
-            compute_bytes=compute_bytes,
-            lora_r=lora_r,
-            device_type="cpu",
-        )
-    except (ValueError, OSError) as err:
-        log.warning("no memory estimate for %s: %s", method, err)
-        return None
-    return estimate.total / 2**20
-
-
-def _stats(values: list[float]) -> dict[str, float]:
-    mean = statistics.fmean(values)
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return {"mean": mean, "std": std, "min": min(values), "max": max(values), "n": len(values)}
-
-
-def collect_results(
-    config: DemoConfig,
-    settings: DemoSettings,
-    *,
-    teacher: dict[str, Any],
-    student: dict[str, Any],
-    runs: list[dict[str, Any]],
-    evaluations: dict[str, dict[str, Any]],
-    seeds: list[int],
-    data: dict[str, Any],
-) -> dict[str, Any]:
-    """Everything the report shows, as one JSON-able dict (results.json)."""
-    from llm_neo.data import load_records, tokenize_records
-    from llm_neo.models.loading import load_tokenizer, resolve_device, resolve_dtype
-
-    dev = resolve_device(config.device)
-    compute_bytes = torch.finfo(resolve_dtype("auto", dev)).bits // 8
-    examples, _ = tokenize_records(
-        load_records(data["distill"]),
-        load_tokenizer(student["path"], role="student"),
-        max_length=settings.max_length,
-    )
-    longest = max(len(ex.input_ids) for ex in examples)
-    arms: dict[str, Any] = {}
-    for method in ARMS:
-        per_seed = []
-        for run in (r for r in runs if r["method"] == method):
-            s = run["summary"]
-            ev = evaluations[f"{method}-seed{run['seed']}"]
-            per_seed.append(
-                {
-                    "seed": run["seed"],
-                    "accuracy": ev["accuracy"],
-                    "per_skill": ev["per_skill"],
-                    "ce": ev["ce"],
-                    "kl_to_teacher": ev["kl_to_teacher"],
-                    "top1_agreement": ev["top1_agreement"],
-                    "peak_memory_gb": s.peak_memory_gb,
-                    "peak_memory_kind": s.peak_memory_kind,
-                    "peak_tensor_memory_gb": s.peak_tensor_memory_gb,
-                    "train_time_s": s.train_time_s,
-                    "wall_time_s": s.wall_time_s,
-                    "trainable_parameters": s.trainable_parameters,
-                    "student_parameters": s.student_parameters,
-                    "training_state_mb": training_state_mb(
-                        method,
-                        student_parameters=s.student_parameters,
-                        trainable_parameters=s.trainable_parameters,
-                        teacher_parameters=teacher["parameters"],
-                        compute_bytes=compute_bytes,
-                    ),
-                    "planned_peak_mb": planned_peak_mb(
-                        method,
-                        student=student["path"],
-                        teacher=teacher["path"],
-                        lora_r=settings.lora_r,
-                        batch_size=settings.batch_size,
-                        seq_len=longest,
-                        compute_bytes=compute_bytes,
-                        impl=s.config["loss_impl"],
-                    ),
-                    "final_train": s.final,
-                    "curve": _loss_curve(s.output_dir / "metrics.jsonl"),
-                    "output_dir": str(s.output_dir),
-                    "examples": ev["examples"],
-                }
-            )
-        summary: dict[str, Any] = {
-            k: _stats([r[k] for r in per_seed]) for k in NUMERIC if all(r[k] is not None for r in per_seed)
-        }
-        skills = per_seed[0]["per_skill"]
-        summary["per_skill"] = {sk: _stats([r["per_skill"][sk] for r in per_seed]) for sk in skills}
-        arms[method] = {
-            "runs": per_seed,
-            "summary": summary,
-            "trainable_parameters": per_seed[0]["trainable_parameters"],
-            "lr": settings.lora_lr if method in ("neo", "lora") else settings.full_lr,
-        }
-
-    def model_row(name: str) -> dict[str, Any]:
-        ev = evaluations[name]
-        return {
-            k: ev[k]
-            for k in (
-                "accuracy",
-                "correct",
-                "total",
-                "per_skill",
-                "ce",
-                "kl_to_teacher",
-                "top1_agreement",
-                "parameters",
-                "examples",
-            )
-        }
-
-    return {
-        "llm_neo_version": __version__,
-        "quick": config.quick,
-        "config": dataclasses.asdict(config),
-        "settings": {**dataclasses.asdict(settings), "lora_lr": settings.lora_lr},
-        "seeds": seeds,
-        "data": {**data, "longest_sample_tokens": longest},
-        "device": str(dev),
-        "compute_dtype_bytes": compute_bytes,
-        "teacher": {
-            **model_row("teacher"),
-            "path": teacher["path"],
-            "key": teacher["key"],
-            "cached": teacher["cached"],
-            "num_layers": settings.num_layers,
-            "train_time_s": teacher["train_time_s"],
-            "steps": teacher["steps"],
-            "curve": teacher["curve"],
-        },
-        "student": {
-            **model_row("pruned student"),
-            **{k: student[k] for k in ("path", "kept_layers", "dropped_layers", "scores", "metric")},
-        },
-        "arms": arms,
     }

@@ -263,33 +263,3 @@ def task_corpus() -> list[str]:
         *(t.format(country=c) + " " + CAPITALS[c] for c in CAPITALS for t in CAPITAL_TEMPLATES),
         "Add 47 and 85. Reverse: Sort: Count the a's:",
     ]
-
-
-# ------------------------------------------------------------------------------------------------
-# Scoring: exact match per skill (the answers come from llm_neo.eval.generate.greedy_answers).
-
-
-def exact_match(records: Sequence[dict[str, Any]], answers: Sequence[str]) -> dict[str, Any]:
-    """Exact-match accuracy of ``answers`` against the records' outputs (both stripped), per skill.
-
-    Returns ``{"accuracy": float, "correct": int, "total": int, "per_skill": {skill: float}}``; records
-    without a ``skill`` field count under ``"other"``.
-    """
-    if len(records) != len(answers):
-        raise ValueError(f"{len(records)} records but {len(answers)} answers")
-    if not records:
-        raise ValueError("no records to score")
-    totals: dict[str, list[int]] = {}
-    for record, answer in zip(records, answers, strict=True):
-        hit = int(answer.strip() == str(record["output"]).strip())
-        counts = totals.setdefault(str(record.get("skill", "other")), [0, 0])
-        counts[0] += hit
-        counts[1] += 1
-    correct = sum(c for c, _ in totals.values())
-    order = [s for s in SKILLS if s in totals] + sorted(set(totals) - set(SKILLS))
-    return {
-        "accuracy": correct / len(records),
-        "correct": correct,
-        "total": len(records),
-        "per_skill": {s: totals[s][0] / totals[s][1] for s in order},
-    }

@@ -9,27 +9,44 @@ import torch
 from tqdm.auto import tqdm
 
 from llm_neo.data import render_segments
+from llm_neo.errors import DataError
+from llm_neo.eval.scoring import reference_response
 
 
 def prompt_and_stop(record: dict[str, Any], tokenizer: Any) -> tuple[str, str]:
     """The prompt text the model sees before the response, and the text that ends the response.
 
     Both come from ``llm_neo.data.render_segments``, the function training uses, so a model is asked
-    in exactly the format it was trained in (the chat template, for a tokenizer that has one).
+    in exactly the format it was trained in (the chat template, for a tokenizer that has one). The
+    response is the record's reference (``eval.scoring.reference_response``): an Alpaca ``output``, a
+    ``completion``, or a chat record's final assistant message, whose earlier turns are the prompt.
 
-    ``record`` is an Alpaca record, or a prompt-only record ``{"prompt": ...}`` (no ``completion``):
-    that is asked as the user's instruction, rendered as an Alpaca record with that instruction would be.
+    A prompt-only record ``{"prompt": ...}`` (no ``completion``) is asked as the user's instruction,
+    rendered as an Alpaca record with that instruction would be.
     """
+    record = _as_question(record)
+    reference = reference_response(record, where="generation record")
+    if reference is None:
+        raise DataError(
+            "a record to answer needs a response: an output, a completion or a final assistant turn"
+        )
+    segments = render_segments(record, tokenizer, where="generation record")
+    trained = [i for i, (_, is_trained) in enumerate(segments) if is_trained]
+    if not trained:
+        raise DataError("the record renders no response to generate")
+    last = trained[-1]
+    response = segments[last][0]
+    if not response.startswith(reference):
+        raise DataError("the rendered response does not start with the record's reference response")
+    prompt = "".join(text for text, _ in segments[:last])
+    return prompt, response[len(reference) :]
+
+
+def _as_question(record: dict[str, Any]) -> dict[str, Any]:
+    """A prompt-only record as the Alpaca record with that instruction and no response; others as they are."""
     if "output" not in record and "completion" not in record and isinstance(record.get("prompt"), str):
-        record = {"instruction": record["prompt"], "output": ""}
-    segments = render_segments(record, tokenizer, where="task record")
-    # Alpaca/chat renderings are [prompt (untrained), response (trained), rest (untrained)?].
-    if len(segments) < 2 or segments[0][1] or not segments[1][1]:
-        raise ValueError("expected a rendering of the form prompt, response; is this an alpaca record?")
-    response = segments[1][0]
-    if not response.startswith(record["output"]):
-        raise ValueError("the rendered response does not start with the record's output")
-    return segments[0][0], response[len(record["output"]) :]
+        return {"instruction": record["prompt"], "output": ""}
+    return record
 
 
 @torch.no_grad()
@@ -48,24 +65,24 @@ def greedy_answers(
 
     Prompts are batched with left padding (sorted by length, so batches pad little) and generation stops
     at the token that starts the template's end of turn (``<|end|>`` for the demo's template) or at eos.
-    ``max_new_tokens`` defaults to the longest expected response (``output``) plus its end-of-turn
-    tokens; prompt-only records have none, so it must be given for them.
+    ``max_new_tokens`` defaults to the longest reference response plus its end-of-turn tokens;
+    prompt-only records have none, so it must be given for them.
     """
     if not records:
         return []
-    if max_new_tokens is None and any("output" not in r for r in records):
-        raise ValueError("greedy_answers: records without an 'output' need an explicit max_new_tokens")
     rendered = [prompt_and_stop(r, tokenizer) for r in records]
+    if max_new_tokens is None:
+        refs = [reference_response(_as_question(r), where="generation record") or "" for r in records]
+        if not all(refs):
+            raise ValueError("greedy_answers: records without a reference response need max_new_tokens")
+        # The longest expected response and its end-of-turn tokens.
+        max_new_tokens = 2 + max(len(tokenizer(ref, add_special_tokens=False)["input_ids"]) for ref in refs)
     prompts = [tokenizer(p, add_special_tokens=False)["input_ids"] for p, _ in rendered]
     stop_ids = {int(tokenizer.eos_token_id)}
     for _, stop in rendered:
         ids = tokenizer(stop, add_special_tokens=False)["input_ids"]
         if ids:
             stop_ids.add(int(ids[0]))
-    if max_new_tokens is None:
-        max_new_tokens = 2 + max(
-            len(tokenizer(r["output"], add_special_tokens=False)["input_ids"]) for r in records
-        )
     pad = int(tokenizer.pad_token_id)
 
     was_training = model.training

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from llm_neo.errors import ModelError
+from llm_neo.models.loading import decoder_blocks
 
 
 def enable_checkpointing(model: torch.nn.Module, *, mlp_chunks: int = 1) -> int:
@@ -28,17 +29,17 @@ def enable_checkpointing(model: torch.nn.Module, *, mlp_chunks: int = 1) -> int:
         )
     if mlp_chunks <= 1:
         return 0
-    split = 0
-    for name, module in model.named_modules():
-        if name.rsplit(".", 1)[-1] == "mlp" and ".layers." in f".{name}":
-            module.forward = _chunked_mlp_forward(module.forward, mlp_chunks)
-            split += 1
-    if split == 0:
+    _, _, blocks = decoder_blocks(model)
+    mlps = [getattr(block, "mlp", None) for block in blocks]
+    if not mlps or any(not isinstance(mlp, torch.nn.Module) for mlp in mlps):
         raise ModelError(
-            "--mlp-chunks: found no decoder-block MLP (a module named 'mlp' inside 'layers') in "
-            f"{type(model).__name__}; use --mlp-chunks 1 for this architecture"
+            f"--mlp-chunks: the decoder blocks of {type(model).__name__} have no module named 'mlp'; "
+            "use --mlp-chunks 1 for this architecture"
         )
-    return split
+    for mlp in mlps:
+        assert mlp is not None
+        mlp.forward = _chunked_mlp_forward(mlp.forward, mlp_chunks)
+    return len(mlps)
 
 
 def _chunked_mlp_forward(forward: Any, chunks: int) -> Any:
@@ -47,7 +48,9 @@ def _chunked_mlp_forward(forward: Any, chunks: int) -> Any:
     def chunked(hidden: torch.Tensor) -> torch.Tensor:  # [B, T, H] -> [B, T, H]
         if not torch.is_grad_enabled() or hidden.dim() != 3 or hidden.shape[1] < 2:
             return forward(hidden)  # evaluation, or nothing to split
-        pieces = hidden.chunk(chunks, dim=1)
+        # Contiguous pieces: a chunk of the sequence of a batch is a strided view, and MLPs that
+        # flatten tokens with .view (the mixture-of-experts blocks) refuse one.
+        pieces = [piece.contiguous() for piece in hidden.chunk(chunks, dim=1)]
         return torch.cat([checkpoint(forward, piece, use_reentrant=False) for piece in pieces], dim=1)
 
     return chunked

@@ -3,10 +3,27 @@
 KD compares two next-token distributions column by column, so column i must mean the same token in
 both models. ``check_same_vocabulary`` proves it from the tokenizers; ``kd_vocab_size`` handles the
 common case of embedding tables padded past the tokenizer (Qwen2.5: 151,936 vs 152,064 logits).
+
+A model is a Hugging Face model directory, a hub id, or a GGUF file (llama.cpp / Ollama; or a
+directory holding exactly one ``.gguf`` and no ``config.json``). GGUF weights are dequantized to the
+compute dtype by transformers' GGUF loader (the ``gguf`` package: ``pip install 'llm-neo[gguf]'``), and
+the tokenizer and chat template come from the file. ``llm-neo convert`` does it once, to safetensors.
+
+Where the families differ (blocks in ``model.layers``, ``transformer.h`` or ``gpt_neox.layers``; Conv1D
+or Linear projections; soft-capped logits), ``decoder_blocks``, ``final_hidden_states`` and ``lm_head``
+are the one place that knows; ``check_supported`` refuses what cannot work before any weight loads.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
+import importlib.util
+import json
+import logging
+import re
+import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +42,94 @@ from llm_neo.config import LoadOptions
 from llm_neo.errors import ModelError
 from llm_neo.losses.objective import softcap
 from llm_neo.runtime.atomic import atomic_directory
+
+log = logging.getLogger("llm_neo")
+
+GGUF_SUFFIX = ".gguf"
+# llama.cpp's split files (NAME-00001-of-00003.gguf), which transformers' loader reads one at a time.
+_SPLIT_GGUF = re.compile(r"-\d{5}-of-\d{5}\.gguf$")
+
+
+# ------------------------------------------------------------------------------------------------
+# Where a model's files are: a model directory / hub id, or a GGUF file.
+
+
+def resolve_gguf(path: str) -> tuple[str, str | None]:
+    """``(directory or hub id, GGUF file name or None)`` for a ``--teacher/--student/--model`` value.
+
+    A ``.gguf`` file gives its directory and name; a directory with no ``config.json`` that holds
+    exactly one ``.gguf`` gives that file (several: ModelError naming them, so the user picks one).
+    Anything else is an ordinary model directory or hub id, returned as given.
+    """
+    local = Path(path).expanduser()
+    if local.is_file():
+        if local.suffix != GGUF_SUFFIX:
+            raise ModelError(
+                f"{path!r} is a file but not a .gguf: give a model directory (config.json + safetensors), "
+                "a hub id, or a .gguf file"
+            )
+        file = local
+    elif local.is_dir() and not (local / "config.json").is_file():
+        found = sorted(local.glob(f"*{GGUF_SUFFIX}"))
+        if not found:
+            return path, None  # not a model directory either; the loader's error says so
+        if len(found) > 1:
+            names = ", ".join(f.name for f in found)
+            raise ModelError(
+                f"{path!r} holds {len(found)} .gguf files ({names}) and no config.json: name one, e.g. "
+                f"{local / found[0].name}"
+            )
+        file = found[0]
+    else:
+        return path, None
+    if _SPLIT_GGUF.search(file.name):
+        raise ModelError(
+            f"{file} is one part of a split GGUF: merge the parts first "
+            "(llama.cpp: llama-gguf-split --merge FIRST-PART.gguf OUT.gguf), then pass the merged file"
+        )
+    return str(file.parent), file.name
+
+
+def is_gguf(path: str) -> bool:
+    """Whether ``path`` names a GGUF checkpoint (see ``resolve_gguf``)."""
+    return resolve_gguf(path)[1] is not None
+
+
+def _require_gguf(path: str) -> None:
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelError(
+            f"{path!r} is a GGUF file: reading it needs the gguf package; pip install 'llm-neo[gguf]' "
+            "(or pip install gguf)"
+        )
+
+
+def load_config(path: str, *, role: str = "model", trust_remote_code: bool = False) -> PretrainedConfig:
+    """The model's config (config.json, or the GGUF file's metadata) without loading any weight: what
+    every check before loading reads.
+
+    A GGUF's metadata is parsed once per file (it takes seconds: the tokenizer is in it too) and
+    copied on every later call. The returned config never carries a ``quantization_config``.
+    """
+    directory, gguf_file = resolve_gguf(path)
+    try:
+        if gguf_file is None:
+            return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        _require_gguf(path)
+        file = Path(directory) / gguf_file
+        stat = file.stat()
+        return copy.deepcopy(_gguf_config(str(file), stat.st_size, stat.st_mtime_ns))
+    except ModelError:
+        raise
+    except Exception as err:  # OSError, ValueError, JSON errors: all mean "not a readable model"
+        raise ModelError(f"could not read the {role} model's config from {path!r}: {err}") from err
+
+
+@functools.lru_cache(maxsize=8)
+def _gguf_config(file: str, size: int, mtime_ns: int) -> PretrainedConfig:
+    path = Path(file)
+    config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    config.__dict__.pop("quantization_config", None)
+    return config
 
 
 def resolve_device(name: str) -> torch.device:
@@ -50,23 +155,56 @@ def autocast(device: torch.device, dtype: torch.dtype) -> torch.autocast:
     return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
-def load_config(path: str, *, role: str, trust_remote_code: bool = False) -> PretrainedConfig:
-    """A model's config.json (no weights): what every check before loading reads."""
-    try:
-        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except Exception as err:  # OSError, ValueError, JSON errors: all mean "not a readable model"
-        raise ModelError(f"could not read the {role} model's config from {path!r}: {err}") from err
-
-
 def load_tokenizer(path: str, *, role: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The tokenizer (and chat template) of a model directory, hub id or GGUF file."""
+    directory, gguf_file = resolve_gguf(path)
+    tokenizer: PreTrainedTokenizerBase
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        if gguf_file is None:
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        else:
+            _require_gguf(path)
+            tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
+            tokenizer = _drop_tokens_past(tokenizer, int(load_config(path).vocab_size))
+    except ModelError:
+        raise
     except Exception as err:  # HF raises OSError, ValueError, JSON errors... all mean the same here
         raise ModelError(f"could not load the {role} tokenizer from {path!r}: {err}") from err
     if tokenizer.pad_token_id is None:
         # Padding positions are masked out of every loss, so any id will do; eos is the usual choice.
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def _drop_tokens_past(tokenizer: PreTrainedTokenizerBase, rows: int) -> PreTrainedTokenizerBase:
+    """The tokenizer without added tokens whose id is ``rows`` or more (past the embedding table).
+
+    transformers rebuilds a byte-level GGUF vocabulary with GPT2Tokenizer, which appends
+    ``<|endoftext|>`` when the file has none (Llama-3 files: theirs is ``<|end_of_text|>``): one id past
+    the model's rows, which would make the tokenizer longer than the model's logits. No text the
+    model was trained on contains it, so the tokenizer is rebuilt without it.
+    """
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or len(tokenizer) <= rows:
+        return tokenizer
+    data = json.loads(backend.to_str())
+    dropped = {t["content"] for t in data.get("added_tokens", []) if t["id"] >= rows}
+    data["added_tokens"] = [t for t in data.get("added_tokens", []) if t["id"] < rows]
+    special = {
+        name: value
+        for name in ("bos_token", "eos_token", "unk_token", "pad_token")
+        if (value := getattr(tokenizer, name, None)) is not None and str(value) not in dropped
+    }
+    rebuilt = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(data)),
+        chat_template=tokenizer.chat_template,
+        **special,
+    )
+    log.info("tokenizer: dropped %s (ids past the model's %d rows)", ", ".join(sorted(dropped)), rows)
+    return rebuilt
 
 
 def load_model(
@@ -78,8 +216,15 @@ def load_model(
     trust_remote_code: bool = False,
     allow_pickle_weights: bool = False,
 ) -> PreTrainedModel:
-    """Load a causal LM from a local dir or hub id, weights from safetensors unless the user opts in."""
+    """Load a causal LM from a local dir or hub id, weights from safetensors unless the user opts in; or
+    from a GGUF file (see ``load_gguf_model``)."""
     hf_logging.disable_progress_bar()
+    if is_gguf(path):
+        model = load_gguf_model(path, role=role, dtype=dtype)
+        log.info(
+            "%s: to skip dequantizing on every run, convert it once: llm-neo convert --model %s", role, path
+        )
+        return model.to(device)  # type: ignore[arg-type]
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     if not allow_pickle_weights:
         kwargs["use_safetensors"] = True
@@ -95,6 +240,145 @@ def load_model(
             )
         raise ModelError(f"could not load the {role} model from {path!r}: {err}{hint}") from err
     return model.to(device)  # type: ignore[arg-type]
+
+
+def load_gguf_model(path: str, *, role: str, dtype: torch.dtype) -> PreTrainedModel:
+    """A plain (dense, trainable, savable) model from a GGUF file, its weights dequantized to ``dtype``.
+
+    transformers' GGUF loader is asked to dequantize every tensor (it could keep them packed for its
+    inference kernels, which cannot train). Its model still carries the GGUF quantizer, which makes
+    ``save_pretrained`` refuse it ("quantized with gguf and is not serializable"), so the weights are
+    moved, not copied, into a model of the same class built from the config without its
+    ``quantization_config``. Tied embeddings stay tied (the class ties them from the config).
+    """
+    from transformers import GgufConfig
+
+    directory, gguf_file = resolve_gguf(path)
+    assert gguf_file is not None
+    config = load_config(path)
+    hf_logging.disable_progress_bar()
+    started = time.perf_counter()
+    try:
+        packed = AutoModelForCausalLM.from_pretrained(
+            directory,
+            gguf_file=gguf_file,
+            config=copy.deepcopy(config),
+            dtype=dtype,
+            quantization_config=GgufConfig(dequantize=True),
+        )
+        state = packed.state_dict()
+        model = type(packed).from_pretrained(None, config=config, state_dict=state, dtype=dtype)
+    except Exception as err:
+        raise ModelError(
+            f"could not load the {role} model from the GGUF file {path!r}: {err} (transformers reads GGUF "
+            "files of the architectures it lists in transformers.integrations.ggml; convert others to a "
+            "Hugging Face directory with llama.cpp's tools)"
+        ) from err
+    del packed, state
+    log.info(
+        "%s: dequantized %s to %s in %.1f s",
+        role,
+        gguf_file,
+        str(dtype).removeprefix("torch."),
+        time.perf_counter() - started,
+    )
+    return model
+
+
+# model_type of every family the test matrix (tests/models/test_families.py) runs through every arm,
+# prune, cache-teacher and eval; others that transformers loads as a causal LM are tried, with a warning.
+TESTED_MODEL_TYPES = (
+    "llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text", "phi3", "olmo2", "gpt2", "gpt_neox",
+    "qwen3_moe",
+)  # fmt: skip
+
+
+# Families whose blocks PEFT refuses to put LoRA on in part (out_proj, conv1d of a Mamba mixer).
+STATE_SPACE_MODEL_TYPES = ("mamba", "mamba2", "falcon_mamba", "falcon_h1", "nemotron_h")
+
+
+def check_supported(
+    hf_config: PretrainedConfig,
+    *,
+    role: str,
+    method: str | None = None,
+    target_modules: list[str] | None = None,
+    trust_remote_code: bool = False,
+) -> None:
+    """Raise ModelError, naming every part that cannot work, unless llm-neo can run this model as ``role``
+    ("teacher", "student", "model") in ``method`` ("neo", "kd", "lora", "sft"; None: no training).
+
+    Reads the config only: the module tree is built on the meta device (no memory, no weights), so a
+    checkpoint that cannot work is refused before anything heavy loads. What it checks: a decoder-only
+    causal LM that transformers has a class for (or whose code is trusted), not a vision-language or
+    encoder-decoder checkpoint; a base decoder with a list of blocks and an lm_head with a weight
+    (the chunked loss, held-out metrics, pruning and FSDP need them); for LoRA methods, linear layers
+    to adapt (``target_modules``, or the default of every linear layer in the blocks).
+    """
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    from llm_neo.models.lora import LINEAR_TYPES, default_target_modules
+
+    name = f"the {role} ({getattr(hf_config, 'model_type', type(hf_config).__name__)})"
+    if getattr(hf_config, "is_encoder_decoder", False):
+        raise ModelError(
+            f"{name} is an encoder-decoder model; llm-neo distills decoder-only causal LMs (token-level KD "
+            "on the next-token distribution of one decoder)"
+        )
+    if getattr(hf_config, "vision_config", None) is not None or getattr(hf_config, "audio_config", None):
+        raise ModelError(
+            f"{name} is a multimodal checkpoint (it has a vision/audio tower); llm-neo distills text-only "
+            "causal LMs: use the text-only release of the family (e.g. Gemma 3 270M/1B, model_type "
+            "gemma3_text)"
+        )
+    known = type(hf_config) in MODEL_FOR_CAUSAL_LM_MAPPING
+    if not known and not (trust_remote_code and getattr(hf_config, "auto_map", None)):
+        raise ModelError(
+            f"{name}: transformers has no causal-LM class for {type(hf_config).__name__}; if the model "
+            "directory ships its own code and you trust it, pass --trust-remote-code"
+        )
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        skeleton = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust_remote_code)
+    problems: list[str] = []
+    for check in (decoder_blocks, _output_head):
+        try:
+            check(skeleton)
+        except ModelError as err:
+            problems.append(str(err))
+    if method in ("neo", "lora") and getattr(hf_config, "model_type", None) in STATE_SPACE_MODEL_TYPES:
+        refused = {"out_proj", "conv1d"} & set(target_modules or ["out_proj"])
+        if refused:
+            problems.append(
+                f"PEFT refuses LoRA on the {' and '.join(sorted(refused))} layers of state-space (Mamba) "
+                "blocks, which the default targets include: pass --lora.target-modules in_proj x_proj "
+                "dt_proj, or use --method kd or sft"
+            )
+    if method in ("neo", "lora"):
+        try:
+            if target_modules is None:
+                default_target_modules(skeleton)
+            else:
+                modules = dict(skeleton.named_modules())
+                for target in target_modules:
+                    hits = [m for n, m in modules.items() if n == target or n.endswith("." + target)]
+                    if hits and not any(isinstance(m, LINEAR_TYPES) for m in hits):
+                        problems.append(
+                            f"--lora.target-modules {target}: it is a {type(hits[0]).__name__}, not a linear "
+                            "layer; LoRA adapts nn.Linear / Conv1D layers (the routed experts of "
+                            "mixture-of-experts blocks are fused 3-D parameters: llm-neo adapts attention)"
+                        )
+        except ModelError as err:
+            problems.append(str(err))
+    if problems:
+        raise ModelError(f"{name} cannot be used: " + "; ".join(problems))
+    if getattr(hf_config, "model_type", None) not in TESTED_MODEL_TYPES:
+        log.warning(
+            "%s is not one of the families llm-neo tests (%s); it may work, check the merge check and "
+            "the held-out metrics",
+            name,
+            ", ".join(TESTED_MODEL_TYPES),
+        )
 
 
 def freeze(model: PreTrainedModel) -> PreTrainedModel:
@@ -181,23 +465,75 @@ def kd_vocab_size(
     return size
 
 
+# Attribute names under which the families keep their list of decoder blocks: model.layers (Llama,
+# Qwen, Mistral, Gemma, Phi-3, OLMo), transformer.h (GPT-2, GPT-J, Falcon, BLOOM), gpt_neox.layers
+# (GPT-NeoX / Pythia), blocks (some remote-code models).
+BLOCK_LISTS = ("layers", "h", "blocks")
+
+
+def decoder(model: torch.nn.Module) -> torch.nn.Module:
+    """The base decoder (embeddings, blocks, final norm; no lm_head), through PEFT wrappers too."""
+    get = getattr(model, "get_decoder", None)
+    found = get() if callable(get) else None
+    # PreTrainedModel.get_decoder returns the model itself when it finds no base model.
+    if not isinstance(found, torch.nn.Module) or found is model:
+        raise ModelError(
+            f"{type(model).__name__}: cannot find its base decoder (get_decoder() gives "
+            f"{type(found).__name__}); llm-neo needs a causal LM made of a base model and an lm_head"
+        )
+    return found
+
+
+def decoder_blocks(model: torch.nn.Module) -> tuple[torch.nn.Module, str, torch.nn.ModuleList]:
+    """``(decoder, attribute, blocks)``: the base decoder, the name of its block list and the list.
+
+    Looks for the ``BLOCK_LISTS`` names first, then for the decoder's only non-empty ModuleList child.
+    Raises ModelError naming the decoder's children when there is no such list.
+    """
+    base = decoder(model)
+    for name in BLOCK_LISTS:
+        blocks = getattr(base, name, None)
+        if isinstance(blocks, torch.nn.ModuleList) and len(blocks) > 0:
+            return base, name, blocks
+    lists = [(n, m) for n, m in base.named_children() if isinstance(m, torch.nn.ModuleList) and len(m) > 0]
+    if len(lists) == 1:
+        return base, lists[0][0], lists[0][1]
+    children = ", ".join(n for n, _ in base.named_children())
+    raise ModelError(
+        f"{type(model).__name__}: cannot find its decoder blocks (a ModuleList named "
+        f"{' or '.join(BLOCK_LISTS)} in {type(base).__name__}, whose children are: {children})"
+    )
+
+
 def final_hidden_states(
     model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
 ) -> torch.Tensor:
     """[B, T, H] hidden states after the final norm: the lm_head's input (works through PEFT wrappers)."""
-    decoder = model.get_decoder()  # type: ignore[operator]
-    return decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    return decoder(model)(
+        input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+    ).last_hidden_state
+
+
+def _output_head(model: torch.nn.Module) -> torch.nn.Module:
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if not isinstance(head, torch.nn.Module) or not isinstance(getattr(head, "weight", None), torch.Tensor):
+        raise ModelError(
+            f"{type(model).__name__}: get_output_embeddings() gives no lm_head with a weight "
+            f"({type(head).__name__}); llm-neo computes the logits from it chunk by chunk"
+        )
+    return head
 
 
 def model_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """The model's lm_head on ``hidden`` [n, H] -> [n, V], with Gemma-style soft-capping where configured."""
-    return softcap(model.get_output_embeddings()(hidden), logit_softcap(model))  # type: ignore[operator]
+    return softcap(_output_head(model)(hidden), logit_softcap(model))
 
 
 def lm_head(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The lm_head's weight [V, H] and bias [V] (None without one): what the chunked loss multiplies."""
-    head = model.get_output_embeddings()  # type: ignore[operator]
-    return head.weight, getattr(head, "bias", None)
+    head = _output_head(model)
+    return head.weight, getattr(head, "bias", None)  # type: ignore[return-value]
 
 
 def logit_softcap(model: torch.nn.Module | None) -> float | None:

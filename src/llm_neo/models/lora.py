@@ -29,6 +29,7 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedModel
+from transformers.pytorch_utils import Conv1D
 
 from llm_neo.errors import ModelError
 from llm_neo.losses.objective import softcap
@@ -88,19 +89,29 @@ class MixedLoraA(nn.Linear):
         return f"{super().extra_repr()}, mixer={tuple(self.mixer.shape)}"
 
 
-def _linear_modules(model: nn.Module) -> Iterator[tuple[str, nn.Linear]]:
+# The layers LoRA adapts: nn.Linear, and transformers' Conv1D (GPT-2 and its descendants), a linear
+# layer whose weight is stored transposed ([in, out]); PEFT handles it with fan_in_fan_out=True.
+LINEAR_TYPES = (nn.Linear, Conv1D)
+
+
+def _linear_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and name:
+        if isinstance(module, LINEAR_TYPES) and name:
             yield name, module
 
 
 def default_target_modules(model: nn.Module) -> list[str]:
-    """Leaf names of every ``nn.Linear`` inside the transformer blocks (sorted, unique).
+    """Leaf names of every linear layer (``nn.Linear`` or ``Conv1D``) inside the transformer blocks (sorted,
+    unique).
 
     "Inside a block" means the module path has a numeric component (``model.layers.3.mlp.up_proj``): blocks
     live in a ``ModuleList``. The output embeddings (``model.get_output_embeddings()``, i.e. lm_head) are
     excluded by identity and by name, as are embeddings (not linear anyway). This is LLM-Neo's default:
-    LoRA on q, k, v, o, gate, up, down for a Llama. Raises ValueError if the model has no such layer.
+    LoRA on q, k, v, o, gate, up, down for a Llama; c_attn, c_proj, c_fc for GPT-2; query_key_value,
+    dense, dense_h_to_4h, dense_4h_to_h for GPT-NeoX. Mixture-of-experts blocks of transformers 5 keep
+    their routed experts as fused 3-D parameters, not linear layers, so the default adapts their
+    attention (and a shared expert's MLP where the family has one); the routed experts and the router
+    stay frozen. Raises ModelError if the model has no such layer.
     """
     output_embeddings = _output_embeddings(model)
     output_names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if m is output_embeddings}
@@ -115,7 +126,8 @@ def default_target_modules(model: nn.Module) -> list[str]:
     leaves -= output_names
     if not leaves:
         raise ModelError(
-            f"{type(model).__name__} has no nn.Linear inside numbered blocks; pass target_modules explicitly "
+            f"{type(model).__name__} has no nn.Linear or Conv1D inside numbered blocks; pass target_modules "
+            "explicitly "
             f"(linear layers found: {_available_linear_leaves(model)})"
         )
     return sorted(leaves)
@@ -133,8 +145,30 @@ def _available_linear_leaves(model: nn.Module) -> list[str]:
     return sorted({name.rsplit(".", 1)[-1] for name, _ in _linear_modules(model)})
 
 
+def _fan_in_fan_out(model: nn.Module, target_modules: list[str]) -> bool:
+    """True when the targeted layers are Conv1D (weights [in, out]); ModelError when Linear and Conv1D
+    are mixed, since PEFT's fan_in_fan_out is one flag for the whole adapter."""
+    kinds = {
+        type(module) is Conv1D
+        for name, module in _linear_modules(model)
+        if any(name == t or name.endswith("." + t) for t in target_modules)
+    }
+    if len(kinds) > 1:
+        raise ModelError(
+            f"attach_lora: target_modules {target_modules} mix nn.Linear and Conv1D layers in "
+            f"{type(model).__name__}; PEFT adapts one kind per adapter: target one kind only"
+        )
+    return kinds == {True}
+
+
 def _lora_config(
-    variant: str, *, r: int, lora_alpha: float, lora_dropout: float, target_modules: list[str]
+    variant: str,
+    *,
+    r: int,
+    lora_alpha: float,
+    lora_dropout: float,
+    target_modules: list[str],
+    fan_in_fan_out: bool = False,
 ) -> LoraConfig:
     return LoraConfig(
         r=r,
@@ -142,6 +176,7 @@ def _lora_config(
         lora_dropout=lora_dropout,
         target_modules=list(target_modules),  # a copy: never hand the caller's list to PEFT
         bias="none",
+        fan_in_fan_out=fan_in_fan_out,  # Conv1D stores W as [in, out]: B·A must be transposed to merge
         task_type="CAUSAL_LM",
         use_dora=variant == "dora",
         use_rslora=variant == "rslora",
@@ -205,7 +240,7 @@ def attach_lora(
             problems.append("target_modules is empty; pass None for every linear layer in the blocks")
         if missing:
             problems.append(
-                f"target_modules {missing} match no nn.Linear in {type(model).__name__}; "
+                f"target_modules {missing} match no nn.Linear or Conv1D in {type(model).__name__}; "
                 f"available linear layers: {_available_linear_leaves(model)}"
             )
     if problems:
@@ -213,7 +248,14 @@ def attach_lora(
 
     targets = list(target_modules) if target_modules is not None else default_target_modules(model)
     alpha = float(lora_alpha) if lora_alpha is not None else 2.0 * r
-    config = _lora_config(variant, r=r, lora_alpha=alpha, lora_dropout=lora_dropout, target_modules=targets)
+    config = _lora_config(
+        variant,
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=lora_dropout,
+        target_modules=targets,
+        fan_in_fan_out=_fan_in_fan_out(model, targets),
+    )
 
     # Seed only the adapter init; fork the RNGs of every device the model lives on so the caller's RNG
     # stream is left exactly where it was.

@@ -1,8 +1,9 @@
 """Depth pruning: drop the decoder blocks that change their input least, keep the rest as they are.
 
 The paper also distils into a depth-pruned student (Minitron-4B-Depth, a pruned Llama-3.1-8B). This
-module makes such a student from any decoder-only model whose blocks live in ``model.model.layers``
-(Llama, Qwen, Mistral, Gemma style):
+module makes such a student from any decoder-only model whose blocks ``decoder_blocks`` finds
+(``model.layers``: Llama, Qwen, Mistral, Gemma, Phi-3, OLMo; ``transformer.h``: GPT-2;
+``gpt_neox.layers``: Pythia):
 
     score   run calibration text through the model; for block i, with h_in its input hidden state
             and h_out its output, both taken from forward hooks on the block itself:
@@ -31,19 +32,24 @@ from tqdm.auto import tqdm
 from transformers import PretrainedConfig, PreTrainedModel
 
 from llm_neo.errors import ModelError
-from llm_neo.models.loading import (
-    autocast,
-)
+from llm_neo.models.loading import autocast, decoder_blocks
 
 log = logging.getLogger("llm_neo")
 
 METRICS = ("cosine", "angular")
 
-# Config fields that hold one entry per decoder block and must be cut down with the blocks. Fields
-# that hold block *indices* (e.g. Qwen-MoE's mlp_only_layers) would need remapping instead; models
-# that have them are refused by _per_layer_fields rather than silently mis-configured.
+# Config fields that hold one entry per decoder block and must be cut down with the blocks.
 PER_LAYER_FIELDS = ("layer_types", "no_rope_layers")
-INDEX_FIELDS = ("mlp_only_layers",)
+# Config fields that make a block's structure depend on its index in ways the surgery does not
+# remap; a model that sets them is refused rather than saved mis-configured (it would not reload,
+# or would compute something else). Qwen-MoE's mlp_only_layers / decoder_sparse_step are remapped
+# (see _sparse_blocks); GPT-2's scale_attn_by_inverse_layer_idx scales attention by 1/(index + 1).
+INDEX_FIELDS = {
+    "first_k_dense_replace": "the first k blocks are dense, the rest mixtures of experts (DeepSeek, "
+    "GLM-4-MoE)",
+    "scale_attn_by_inverse_layer_idx": "attention is scaled by 1/(block index + 1), so a renumbered block "
+    "would compute something else",
+}
 
 
 def _num_layers(hf_config: PretrainedConfig) -> int | None:
@@ -53,22 +59,6 @@ def _num_layers(hf_config: PretrainedConfig) -> int | None:
 
 # ------------------------------------------------------------------------------------------------
 # Finding, scoring and dropping blocks
-
-
-def decoder_layers(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.ModuleList]:
-    """``(decoder, layers)``: the base decoder (``model.model``) and its list of blocks.
-
-    The decoder is returned too because scoring runs it directly: it yields the last hidden state
-    without the lm_head, whose [tokens × vocab] logits would be most of the memory of the pass.
-    """
-    decoder = getattr(model, "model", None)
-    layers = getattr(decoder, "layers", None)
-    if decoder is None or not isinstance(layers, torch.nn.ModuleList) or len(layers) == 0:
-        raise ModelError(
-            f"{type(model).__name__}: cannot find its decoder blocks; depth pruning supports causal LMs "
-            "that keep them in model.model.layers (Llama, Qwen, Mistral, Gemma style)"
-        )
-    return decoder, layers
 
 
 @torch.inference_mode()
@@ -91,7 +81,9 @@ def block_importance(
     """
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
-    decoder, layers = decoder_layers(model)
+    # The decoder is run directly: it yields the last hidden state without the lm_head, whose
+    # [tokens × vocab] logits would be most of the memory of the pass.
+    decoder, _, layers = decoder_blocks(model)
     sums = torch.zeros(len(layers), dtype=torch.float64)  # per block: Σ over real tokens of the metric
     tokens = 0
     mask: torch.Tensor | None = None  # [B, T] bool of the batch in flight, read by the hooks
@@ -151,19 +143,21 @@ def prune_layers(model: PreTrainedModel, keep: list[int]) -> PreTrainedModel:
 
     Besides the block list this renumbers every ``layer_idx`` (attention modules address the KV
     cache by it, so a gap would index past the cache or share another block's slot), sets
-    ``num_hidden_layers`` (the cache is sized from it) and cuts per-block config lists such as
-    ``layer_types`` (sliding vs full attention) to the kept blocks.
+    ``num_hidden_layers`` (the cache is sized from it), cuts per-block config lists such as
+    ``layer_types`` (sliding vs full attention) to the kept blocks, and rewrites Qwen-MoE's
+    ``mlp_only_layers`` / ``decoder_sparse_step`` so each kept block is rebuilt dense or sparse as it is.
     """
-    decoder, layers = decoder_layers(model)
+    base, attribute, layers = decoder_blocks(model)
     n = len(layers)
     indices = sorted(set(keep))
     if not indices or len(indices) != len(keep) or indices[0] < 0 or indices[-1] >= n:
         raise ValueError(f"keep must be distinct block indices in [0, {n - 1}], got {keep}")
     text_config = model.config.get_text_config()
     per_layer = _per_layer_fields(text_config, n, type(model).__name__)
+    sparse = _sparse_blocks(text_config, n)
 
-    decoder.layers = torch.nn.ModuleList([layers[i] for i in indices])
-    for new_index, layer in enumerate(decoder.layers):
+    setattr(base, attribute, torch.nn.ModuleList([layers[i] for i in indices]))
+    for new_index, layer in enumerate(getattr(base, attribute)):
         for module in layer.modules():
             if isinstance(getattr(module, "layer_idx", None), int):
                 setattr(module, "layer_idx", new_index)  # noqa: B010 (mypy: Module attrs are Tensor/Module)
@@ -171,16 +165,37 @@ def prune_layers(model: PreTrainedModel, keep: list[int]) -> PreTrainedModel:
     for name in per_layer:
         values = getattr(text_config, name)
         setattr(text_config, name, [values[i] for i in indices])
+    if sparse is not None:
+        text_config.decoder_sparse_step = 1
+        text_config.mlp_only_layers = [j for j, i in enumerate(indices) if not sparse[i]]
     return model
 
 
-def _per_layer_fields(text_config: PretrainedConfig, n: int, model_name: str) -> list[str]:
-    for name in INDEX_FIELDS:
+def _sparse_blocks(text_config: PretrainedConfig, n: int) -> list[bool] | None:
+    """Which blocks are mixtures of experts, for configs that place them by index (Qwen2-MoE, Qwen3-MoE:
+    block i is sparse iff i not in mlp_only_layers and (i + 1) % decoder_sparse_step == 0); else None."""
+    step = getattr(text_config, "decoder_sparse_step", None)
+    if not isinstance(step, int):
+        return None
+    dense = set(getattr(text_config, "mlp_only_layers", None) or [])
+    experts = getattr(text_config, "num_experts", 0) or 0
+    return [i not in dense and experts > 0 and (i + 1) % step == 0 for i in range(n)]
+
+
+def check_prunable(hf_config: PretrainedConfig, model_name: str) -> None:
+    """Raise ModelError when the config makes blocks depend on their index in a way pruning cannot remap
+    (read from the config alone, so ``llm-neo prune`` refuses before loading any weight)."""
+    text_config = hf_config.get_text_config()
+    for name, why in INDEX_FIELDS.items():
         if getattr(text_config, name, None):
             raise ModelError(
-                f"{model_name}: its config field {name} lists block indices, which depth pruning does not "
-                "remap yet; prune a model without it"
+                f"{model_name}: its config sets {name} ({why}); depth pruning does not remap it, so it "
+                "cannot prune this model"
             )
+
+
+def _per_layer_fields(text_config: PretrainedConfig, n: int, model_name: str) -> list[str]:
+    check_prunable(text_config, model_name)
     fields = []
     for name in PER_LAYER_FIELDS:
         values = getattr(text_config, name, None)

@@ -4,7 +4,8 @@ A run is distributed when it is launched by `torchrun` or `accelerate launch` (t
 RANK, LOCAL_RANK, MASTER_ADDR/PORT); otherwise every function here is the identity of one process.
 
 What is sharded, and why this way:
-- Every decoder block and the decoder itself (embeddings, final norm) of both models are wrapped with
+- Every decoder block (``model.layers``, ``transformer.h``, ``gpt_neox.layers``: whatever
+  ``decoder_blocks`` finds) and the decoder itself (embeddings, final norm) of both models are wrapped with
   ``fully_shard``, so each rank holds 1/world of their weights, gradients and AdamW states; the teacher
   too (the official LLM-Neo code replicates it on every rank).
 - The lm_head stays whole on every rank. The chunked loss multiplies hidden states by the head weight
@@ -70,18 +71,21 @@ def rank_device(world: World, device: torch.device) -> torch.device:
     return device
 
 
-def shard(model: torch.nn.Module, *, param_dtype: torch.dtype | None = None) -> None:
-    """FSDP2-wrap ``model``'s decoder blocks and decoder in place (see the module docstring)."""
+def shard(
+    model: torch.nn.Module,
+    decoder: torch.nn.Module,
+    layers: torch.nn.ModuleList,
+    *,
+    param_dtype: torch.dtype | None = None,
+) -> None:
+    """FSDP2-wrap ``model``'s decoder blocks ``layers`` and its ``decoder`` in place (see the module
+    docstring; ``models.loading.decoder_blocks`` finds them for each family)."""
     try:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     except ImportError as err:  # fully_shard became public (with ignored_params) in torch 2.7
         raise ModelError(
             "multi-process distillation needs torch >= 2.7 (FSDP2 fully_shard): upgrade torch"
         ) from err
-    decoder = model.get_decoder()  # type: ignore[operator]
-    layers = getattr(decoder, "layers", None)
-    if layers is None:
-        raise ModelError(f"{type(model).__name__}: cannot find the decoder blocks to shard (decoder.layers)")
     head = model.get_output_embeddings()  # type: ignore[operator]
     keep_whole = {p for p in head.parameters()} & set(decoder.parameters())  # a tied head
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)

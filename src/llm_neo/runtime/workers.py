@@ -212,6 +212,7 @@ def _worker(
     messages: Any,
 ) -> None:
     """The child: its output goes to its log (the parent draws the progress), its results to the queue."""
+    _die_with_parent()
     if hasattr(os, "setpgid"):
         os.setpgid(0, 0)  # a group of its own: terminal signals reach the parent, which passes them on
     log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -237,6 +238,19 @@ def _worker(
         messages.close()
         messages.join_thread()  # the message must leave before the process does
         raise SystemExit(1) from err
+
+
+def _die_with_parent() -> None:
+    """Linux: the kernel kills this worker when the process that started it dies (kill -9 included), so
+    a killed run never leaves a worker behind that writes into the outputs its rerun is writing."""
+    if not sys.platform.startswith("linux"):
+        return
+    import contextlib
+    import ctypes
+    import signal
+
+    with contextlib.suppress(OSError):  # not glibc: the worker outlives a killed parent until its job ends
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def load_average() -> float | None:

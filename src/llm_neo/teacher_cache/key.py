@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from llm_neo.data import Example
 from llm_neo.errors import CacheError
+from llm_neo.models.loading import is_gguf, load_config, resolve_gguf
 from llm_neo.runtime.integrity import file_sha256
 
 if TYPE_CHECKING:
@@ -113,7 +114,12 @@ def model_dir(path: str) -> Path:
 
 
 def hash_teacher_weights(path: str, *, allow_pickle_weights: bool = False) -> str:
-    """sha256 over the teacher's weight files (safetensors; pickle files only when allowed and alone)."""
+    """sha256 over the teacher's weight files (safetensors; pickle files only when allowed and alone;
+    the .gguf file of a GGUF teacher)."""
+    directory, gguf_file = resolve_gguf(path)
+    if gguf_file is not None:
+        root = Path(directory)
+        return _sha256_files([root / gguf_file], root)
     root = model_dir(path)
     files = sorted(root.glob("*.safetensors"))
     if not files and allow_pickle_weights:
@@ -128,7 +134,13 @@ def hash_teacher_weights(path: str, *, allow_pickle_weights: bool = False) -> st
 
 
 def hash_model_config(path: str) -> str:
-    """sha256 of config.json as canonical JSON, without the fields a mere re-save changes."""
+    """sha256 of config.json as canonical JSON, without the fields a mere re-save changes (of the config
+    read from the metadata of a GGUF teacher)."""
+    if is_gguf(path):
+        data = load_config(path).to_dict()
+        return _sha256_text(
+            json.dumps({k: v for k, v in data.items() if k != "transformers_version"}, sort_keys=True)
+        )
     file = model_dir(path) / "config.json"
     if not file.is_file():
         raise CacheError(f"{file} does not exist: cannot identify the teacher")

@@ -24,7 +24,9 @@ from llm_neo.errors import CacheError, ConfigError
 from llm_neo.losses import IGNORE_INDEX, TopKTargets, next_token_targets
 from llm_neo.models.loading import (
     autocast,
+    check_supported,
     final_hidden_states,
+    load_config,
     load_frozen,
     load_tokenizers,
     logit_width,
@@ -220,6 +222,9 @@ def cache_teacher(config: CacheTeacherConfig, *, on_shard: ShardCallback | None 
     """Write (or finish) the cache; return its manifest. ``on_shard(index, record)`` after each new shard."""
     validate_cache_teacher(config)
     started = time.perf_counter()
+    trust = config.trust_remote_code
+    teacher_config = load_config(config.teacher, role="teacher", trust_remote_code=trust)
+    check_supported(teacher_config, role="teacher", trust_remote_code=trust)  # before any weight loads
     out = Path(config.output).expanduser()
     check_writable(out, "--output")
     inputs = _inputs(config)

@@ -1,0 +1,887 @@
+"""`llm-neo compare`: the proof of concept on your own teacher, student and data.
+
+Every arm (SFT, LoRA, KD and Neo by default) trains on the same data, seeds, step budget and batch, each
+through `llm-neo distill`'s code path; then the teacher, the untrained student and every arm are scored
+on the same held-out records: held-out CE, KL to the teacher and top-1 agreement, a task score from
+greedy answers to the held-out prompts, and optionally lm-evaluation-harness tasks. The report gives
+mean ± std over seeds, Neo's paired difference to every other arm with a 95% interval, what each arm
+cost (time, throughput, memory) and a projection of the real run.
+
+    output_dir/
+      compare.yaml        the options; a rerun whose result-changing options differ is refused
+      splits/             the training and held-out splits compare made, and the --train-records subsets
+      cache/              teacher caches (--cache-teacher K)
+      arms/<arm>/         one distill run each; its config.yaml reproduces it
+      eval/<model>.json   each model's held-out scores
+      results.json, report.md, report.html, plots/
+
+Resumable as a whole: run the same command again after a kill and the finished arms are kept, the
+running arm resumes from its checkpoint and only what is missing is computed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llm_neo import __version__
+from llm_neo.choices import COMPARISON_ORDER, METHOD_NAMES, METHODS
+from llm_neo.commands.cost import GPUS, flops_per_token, gpu, parse_tokens, project
+from llm_neo.config import (
+    DATA,
+    MODELS,
+    OPTIMISATION,
+    RUN,
+    CacheTeacherConfig,
+    DistillConfig,
+    TrainOptions,
+    _help,
+    check_choices,
+    check_data_path,
+    check_model_path,
+    check_ranges,
+    dump_yaml,
+    load_yaml,
+    to_dict,
+    validate_distill,
+)
+from llm_neo.data import load_records, read_examples
+from llm_neo.errors import ConfigError
+from llm_neo.eval.generate import greedy_answers
+from llm_neo.eval.metrics import heldout_metrics
+from llm_neo.eval.scoring import SCORES, parse_score, references, score_answers
+from llm_neo.models.loading import (
+    kd_vocab_size,
+    load_config,
+    load_frozen,
+    load_tokenizer,
+    resolve_device,
+    resolve_dtype,
+)
+from llm_neo.report.stats import paired_difference, summarize
+from llm_neo.runtime.atomic import atomic_write_json, atomic_write_text
+from llm_neo.runtime.checkpoint import list_checkpoints
+from llm_neo.runtime.workers import Job, Report, available_cores, load_average, run_jobs
+from llm_neo.summary import RunSummary
+
+log = logging.getLogger("llm_neo")
+
+SCHEMA_VERSION = 1
+RESULTS = "results.json"
+EVAL = "evaluation"  # the --help group of the scoring options
+# Options that change only the report or the scoring (scores are recomputed); any other change between a
+# comparison and its rerun would mix results of different settings, and is refused.
+REPORT_ONLY = {
+    "project_tokens", "gpu", "gpus", "utilization", "jobs", "overwrite", "log_every", "device",
+    "exact_memory",
+}  # fmt: skip
+SCORING = {"score", "category_field", "max_new_tokens", "lm_eval_tasks", "lm_eval_include", "lm_eval_limit"}
+# Per-run numbers the report aggregates over seeds (mean, std, min, max).
+METRICS = (
+    "accuracy",
+    "ce",
+    "kl_to_teacher",
+    "top1_agreement",
+    "train_time_s",
+    "wall_time_s",
+    "tokens_per_s",
+    "peak_memory_gb",
+    "peak_tensor_memory_gb",
+)
+# --exact-memory: glibc serves blocks from 64 KB up with mmap (see runtime.memory.set_mmap_threshold).
+EXACT_MEMORY_MMAP_THRESHOLD = 64 * 1024
+# The worker processes import these once, before the first job.
+PRELOAD = ("llm_neo.distill", "llm_neo.commands.compare")
+
+
+@dataclass
+class LearningRates:
+    """Peak learning rate of each arm (--lr.neo 3e-4); unset: the paper's rule (2e-5 for the
+    full-parameter arms, 10x for the LoRA arms)."""
+
+    sft: float | None = field(default=None, metadata=_help("Learning rate of the sft arm."))
+    lora: float | None = field(default=None, metadata=_help("Learning rate of the lora arm."))
+    kd: float | None = field(default=None, metadata=_help("Learning rate of the kd arm."))
+    neo: float | None = field(default=None, metadata=_help("Learning rate of the neo arm."))
+
+
+@dataclass
+class CompareConfig(TrainOptions):
+    """`llm-neo compare`: every arm on your teacher, student and data, scored and costed side by side."""
+
+    methods: list[str] = field(
+        default_factory=lambda: list(COMPARISON_ORDER),
+        metadata=_help("Arms to compare (space- or comma-separated): sft lora kd neo.", group=MODELS),
+    )
+    heldout: str | None = field(
+        default=None,
+        metadata=_help(
+            "Held-out records every model is scored on (Alpaca, prompt/completion, or chat records "
+            "ending with an assistant turn). Default: --eval-fraction of --data, split off once.",
+            group=DATA,
+        ),
+    )
+    train_records: list[int] | None = field(
+        default=None,
+        metadata=_help(
+            "A data-size axis: repeat the comparison on the first N training records for each N "
+            "(e.g. 200 800 3200), to see how much data is needed and where the teacher's signal pays.",
+            group=DATA,
+        ),
+    )
+    seeds: int = field(default=3, metadata=_help("Seeds per arm: --seed, --seed+1, ...", group=OPTIMISATION))
+    seed: int = field(default=42, metadata=_help("The first seed.", group=OPTIMISATION))
+    lr: LearningRates = field(default_factory=LearningRates, metadata=_help("", group=OPTIMISATION))
+    cache_teacher: int = field(
+        default=0,
+        metadata=_help(
+            "Build a teacher cache with this top-k first and train the KD arms from it (the teacher runs "
+            "once for all of them); 0: the teacher runs online in every KD arm.",
+            group=MODELS,
+        ),
+    )
+    score: str = field(
+        default="normalized",
+        metadata=_help(
+            "Task score of the greedy answers against the reference responses: " + ", ".join(SCORES) + ".",
+            group=EVAL,
+        ),
+    )
+    category_field: str = field(
+        default="category",
+        metadata=_help("Record field whose values the task score is also reported by.", group=EVAL),
+    )
+    max_new_tokens: int | None = field(
+        default=None,
+        metadata=_help("Longest greedy answer. Default: the longest reference + 8 tokens.", group=EVAL),
+    )
+    lm_eval_tasks: list[str] | None = field(
+        default=None,
+        metadata=_help(
+            "lm-evaluation-harness tasks every merged model is also scored on (pip install "
+            "'llm-neo[eval]'; the datasets must be on this machine).",
+            group=EVAL,
+        ),
+    )
+    lm_eval_include: str | None = field(
+        default=None, metadata=_help("A directory of local lm-eval task YAMLs.", group=EVAL)
+    )
+    lm_eval_limit: int | None = field(
+        default=None, metadata=_help("Score at most this many documents per lm-eval task.", group=EVAL)
+    )
+    project_tokens: str | None = field(
+        default=None,
+        metadata=_help(
+            "Project each arm's cost to a full run of this many tokens (e.g. 50M, 2B).", group=RUN
+        ),
+    )
+    gpu: str | None = field(
+        default=None,
+        metadata=_help(f"The card the projection is for: {', '.join(GPUS)}.", choices=tuple(GPUS), group=RUN),
+    )
+    gpus: int = field(default=1, metadata=_help("Cards the projected run uses.", group=RUN))
+    utilization: float = field(
+        default=0.4,
+        metadata=_help("Fraction of the card's bf16 peak a FLOPs-based projection assumes.", group=RUN),
+    )
+    jobs: int | None = field(
+        default=None,
+        metadata=_help(
+            "Arms trained at once on a CPU, each in its own process. Default 2 (1 on a GPU).", group=RUN
+        ),
+    )
+    exact_memory: bool = field(
+        default=False,
+        metadata=_help(
+            "CPU: measure the arms' peak RSS without allocator slack (glibc returns every freed block of "
+            "64 KB or more at once, so the RSS tracks live memory). About 2x slower arms.",
+            group=RUN,
+        ),
+    )
+    output_dir: str = field(default="runs/compare", metadata=_help("Where everything goes.", group=RUN))
+    overwrite: bool = field(
+        default=False,
+        metadata=_help(
+            "Discard a comparison in --output-dir made with other options and start again.", group=RUN
+        ),
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Checks, before anything trains
+
+
+def validate_compare(config: CompareConfig) -> None:
+    """Every problem of the options and of the held-out file at once (ConfigError / DataError)."""
+    c = config
+    p: list[str] = []
+    check_choices(p, c)
+    unknown = [m for m in c.methods if m not in METHOD_NAMES]
+    if unknown or not c.methods:
+        p.append(f"--methods: {', '.join(unknown) or 'none'}: give some of {', '.join(METHOD_NAMES)}")
+    if not c.student:
+        p.append("--student is required (a model directory or hub id)")
+    check_model_path(p, "student", c.student)
+    check_model_path(p, "teacher", c.teacher)
+    if any(m in METHODS and METHODS[m].kd for m in c.methods) and not c.teacher and not c.teacher_cache:
+        p.append("--teacher is required for the kd and neo arms (or --teacher-cache, or --methods sft lora)")
+    check_data_path(p, c.data)
+    if c.heldout and not Path(c.heldout).expanduser().exists():
+        p.append(f"--heldout: {c.heldout!r} does not exist")
+    check_ranges(
+        p,
+        [
+            ("seeds", c.seeds, c.seeds >= 1, ">= 1"),
+            ("gpus", c.gpus, c.gpus >= 1, ">= 1"),
+            ("utilization", c.utilization, 0 < c.utilization <= 1, "in (0, 1]"),
+            ("cache-teacher", c.cache_teacher, c.cache_teacher >= 0, ">= 0"),
+            ("max-new-tokens", c.max_new_tokens, c.max_new_tokens is None or c.max_new_tokens >= 1, ">= 1"),
+        ],
+    )
+    if c.train_records is not None and (not c.train_records or min(c.train_records) < 1):
+        p.append("--train-records: give record counts >= 1, e.g. 200 800 3200")
+    for check in (lambda: parse_score(c.score), lambda: c.project_tokens and parse_tokens(c.project_tokens)):
+        try:
+            check()
+        except ConfigError as err:
+            p += err.problems
+    if c.project_tokens and not c.gpu:
+        p.append("--project-tokens needs --gpu (the card to project to: " + ", ".join(GPUS) + ")")
+    for method in METHODS if not p else ():
+        # The arms' own checks (ranges, LoRA, loss) on the first arm's config: all share them.
+        validate_distill(_arm_config(c, method, c.seed, c.data, Path(c.output_dir) / "arms" / "check"))
+        break
+    if p:
+        raise ConfigError(p)
+
+
+# ------------------------------------------------------------------------------------------------
+# The comparison, top to bottom
+
+
+@dataclass
+class Plan:
+    """What a comparison trains and scores, resolved from the options and the data."""
+
+    config: CompareConfig
+    out: Path
+    train: str  # the training data file
+    heldout: str  # the held-out data file
+    sizes: list[int | None]  # --train-records (None: all the training records)
+    arms: list[dict[str, Any]] = field(default_factory=list)  # {name, method, seed, records, config}
+
+
+Extra = Callable[[dict[str, Any]], None]  # adds a caller's (the demo's) facts to the results
+
+
+def compare(config: CompareConfig, *, extra: Extra | None = None) -> dict[str, Any]:
+    """Run (or finish) the comparison; write and return its results (results.json)."""
+    started = time.perf_counter()
+    config = dataclasses.replace(config, methods=_split(config.methods))
+    validate_compare(config)
+    out = Path(config.output_dir).expanduser()
+    _check_output_dir(config, out)
+    plan = _plan(config, out)
+    _check_heldout(plan)
+    dump_yaml(config, out / "compare.yaml")
+    timing: dict[str, float] = {}
+    t0 = time.perf_counter()
+    caches = _build_caches(plan)
+    summaries = _train_arms(plan, caches)
+    timing["arms_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    evaluations = _evaluate(plan, summaries)
+    timing["eval_s"] = time.perf_counter() - t0
+    results = _results(plan, summaries, evaluations)
+    timing["total_s"] = time.perf_counter() - started
+    results["timing"] = timing
+    if extra is not None:
+        extra(results)
+    from llm_neo.report.compare import write_report
+
+    atomic_write_json(out / RESULTS, results)
+    write_report(results, out)
+    return results
+
+
+def _split(values: list[str]) -> list[str]:
+    """Space- or comma-separated values (``--methods sft,neo`` or ``--methods sft neo``)."""
+    return [v.strip() for item in values for v in item.split(",") if v.strip()]
+
+
+def _check_output_dir(config: CompareConfig, out: Path) -> None:
+    """A rerun continues the comparison in ``out`` only if every option that shapes its results is the
+    same; --overwrite starts again."""
+    saved = out / "compare.yaml"
+    if not saved.is_file():
+        if out.is_dir() and any(out.iterdir()) and not config.overwrite:
+            raise ConfigError(
+                [
+                    f"--output-dir {out} holds files but no comparison; choose another --output-dir or "
+                    "pass --overwrite"
+                ]
+            )
+        return
+    before, now = load_yaml(saved), to_dict(config)
+    changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+    changed = [k for k in changed if k not in REPORT_ONLY | SCORING]
+    if changed and not config.overwrite:
+        raise ConfigError(
+            [
+                f"--output-dir {out} holds a comparison made with other {', '.join(changed)}: rerun with the "
+                "same options to continue it, --overwrite to start again, or choose another --output-dir"
+            ]
+        )
+    if changed:
+        import shutil
+
+        for name in ("arms", "eval", "cache", "splits", RESULTS):
+            target = out / name
+            shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+
+
+def _plan(config: CompareConfig, out: Path) -> Plan:
+    """The data files and the arms: every size x seed x method."""
+    train, heldout = config.data, config.heldout
+    if not heldout:
+        train, heldout = _split_data(config, out / "splits")
+    sizes: list[int | None] = list(config.train_records) if config.train_records else [None]
+    plan = Plan(config=config, out=out, train=train, heldout=heldout, sizes=sizes)
+    available = len(load_records(train))
+    too_many = [n for n in sizes if n is not None and n > available]
+    if too_many:
+        raise ConfigError(
+            [
+                f"--train-records: {too_many} exceed the {available} training records in {train}; give "
+                "smaller counts"
+            ]
+        )
+    for records in sizes:
+        data = train if records in (None, available) else _subset(train, records, config.seed, out / "splits")
+        for seed in range(config.seed, config.seed + config.seeds):
+            for method in config.methods:
+                name = _arm_name(method, seed, records)
+                arm = _arm_config(config, method, seed, data, out / "arms" / name)
+                plan.arms.append(
+                    {"name": name, "method": method, "seed": seed, "records": records, "config": arm}
+                )
+    return plan
+
+
+def _arm_name(method: str, seed: int, records: int | None) -> str:
+    return f"{method}-seed{seed}" + ("" if records is None else f"-n{records}")
+
+
+def _arm_config(config: CompareConfig, method: str, seed: int, data: str, output_dir: Path) -> DistillConfig:
+    """One arm: the shared training options, with the arm's method, seed, learning rate and output."""
+    shared = {f.name: getattr(config, f.name) for f in dataclasses.fields(TrainOptions)}
+    steps = config.max_steps
+    return DistillConfig(
+        **shared
+        | {
+            "data": data,
+            "eval_fraction": 0.0,  # every model is scored on the comparison's held-out file instead
+            # Checkpoints let a killed comparison resume the running arm (about five per arm).
+            "save_every": config.save_every or (max(1, -(-steps // 5)) if steps else 50),
+        },
+        method=method,
+        lr=getattr(config.lr, method),
+        seed=seed,
+        output_dir=str(output_dir),
+    )
+
+
+def _split_data(config: CompareConfig, data_dir: Path) -> tuple[str, str]:
+    """Split --data into training and held-out files once (--eval-fraction of the records, by --seed)."""
+    train_file, heldout_file = data_dir / "train.jsonl", data_dir / "heldout.jsonl"
+    if train_file.is_file() and heldout_file.is_file():
+        return str(train_file), str(heldout_file)
+    records = load_records(config.data)
+    if len(records) < 2:
+        raise ConfigError(
+            [f"--data: {config.data} has {len(records)} record(s); give --heldout or more data"]
+        )
+    order = list(range(len(records)))
+    random.Random(config.seed).shuffle(order)
+    n_heldout = min(max(round(config.eval_fraction * len(records)), 1), len(records) - 1)
+    chosen = set(order[:n_heldout])
+    _write_jsonl(heldout_file, [r for i, r in enumerate(records) if i in chosen])
+    _write_jsonl(train_file, [r for i, r in enumerate(records) if i not in chosen])
+    return str(train_file), str(heldout_file)
+
+
+def _subset(train: str, records: int, seed: int, data_dir: Path) -> str:
+    """The first ``records`` training records of a fixed shuffle: each size's data holds the smaller's."""
+    path = data_dir / f"train-n{records}.jsonl"
+    if not path.is_file():
+        rows = load_records(train)
+        order = list(range(len(rows)))
+        random.Random(seed).shuffle(order)
+        _write_jsonl(path, [rows[i] for i in order[:records]])
+    return str(path)
+
+
+def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def _check_heldout(plan: Plan) -> None:
+    """The held-out file must give every record a reference response to score answers against."""
+    references(load_records(plan.heldout), source=plan.heldout)
+
+
+def _build_caches(plan: Plan) -> dict[str, str]:
+    """--cache-teacher K: one teacher cache per training data file; returns data file -> cache dir."""
+    config = plan.config
+    if not config.cache_teacher or not config.teacher or config.teacher_cache:
+        return {}
+    from llm_neo.teacher_cache.writer import cache_teacher
+
+    caches = {}
+    for data in sorted({str(arm["config"].data) for arm in plan.arms if METHODS[arm["method"]].kd}):
+        target = plan.out / "cache" / Path(data).stem
+        cache_teacher(
+            CacheTeacherConfig(
+                teacher=config.teacher,
+                data=data,
+                output=str(target),
+                tokenizer=config.student,
+                top_k=config.cache_teacher,
+                temperature=config.temperature,
+                max_length=config.max_length,
+                train_on_prompt=config.train_on_prompt,
+                device=config.device,
+                dtype=config.dtype,
+                trust_remote_code=config.trust_remote_code,
+                allow_pickle_weights=config.allow_pickle_weights,
+            )
+        )
+        caches[data] = str(target)
+    return caches
+
+
+def _train_arms(plan: Plan, caches: dict[str, str]) -> dict[str, RunSummary]:
+    """Train every arm not already done (resuming one that has a checkpoint); returns name -> summary."""
+    done: dict[str, RunSummary] = {}
+    todo: list[Job] = []
+    for arm in plan.arms:
+        config: DistillConfig = arm["config"]
+        if config.method in METHODS and METHODS[config.method].kd and str(config.data) in caches:
+            config = dataclasses.replace(config, teacher_cache=caches[str(config.data)])
+        finished = _finished(config)
+        if finished is not None:
+            done[arm["name"]] = finished
+            continue
+        out = Path(str(config.output_dir))
+        resumable = bool(
+            list_checkpoints(out / "checkpoints")
+        )  # complete ones, not a killed write's leftovers
+        config = dataclasses.replace(config, resume=resumable, overwrite=not resumable)
+        steps = config.max_steps or 0
+        todo.append(
+            Job(arm["name"], distill_job, config, steps, out.parent / f"{arm['name']}.log", _rerun(config))
+        )
+    if todo:
+        log.info(
+            "compare: %d of %d arms to train (%d done); logs in %s",
+            len(todo),
+            len(plan.arms),
+            len(done),
+            plan.out / "arms",
+        )
+        parallel, threads = _resources(plan.config)
+        summaries, _ = run_jobs(
+            todo,
+            parallel=parallel,
+            threads=threads,
+            desc="arms",
+            preload=PRELOAD,
+            mmap_threshold=EXACT_MEMORY_MMAP_THRESHOLD if plan.config.exact_memory else 0,
+            again="the same command (finished arms are kept, stopped ones resume from their checkpoints)",
+        )
+        done |= {job.name: summary for job, summary in zip(todo, summaries, strict=True)}
+    return done
+
+
+def _finished(config: DistillConfig) -> RunSummary | None:
+    """The summary of an arm that ran to the end with these options, or None."""
+    out = Path(str(config.output_dir))
+    if not (out / "summary.json").is_file() or not (out / "config.yaml").is_file():
+        return None
+    if load_yaml(out / "config.yaml") != to_dict(
+        dataclasses.replace(config.resolved(), resume=False, overwrite=False)
+    ):
+        return None
+    return RunSummary.load(out)
+
+
+def _rerun(config: DistillConfig) -> str:
+    return f"llm-neo distill --config {Path(str(config.output_dir)) / 'config.yaml'} --overwrite"
+
+
+def _resources(config: CompareConfig) -> tuple[int, int]:
+    """``(parallel, threads)`` of the worker processes: two arms at a time on a CPU (see runtime.workers),
+    one on a GPU."""
+    cores = available_cores()
+    if resolve_device(config.device).type != "cpu":
+        return 1, cores
+    parallel = max(1, min(config.jobs or 2, cores))
+    return parallel, max(1, cores // parallel)
+
+
+def distill_job(config: DistillConfig, report: Report) -> RunSummary:
+    """A worker's distill run, reporting each optimizer step and its loss."""
+    from llm_neo.distill import distill
+
+    summary = distill(config, on_step=lambda step, metrics: report(step, metrics["loss"]))
+    assert summary is not None  # a worker runs one process, not a torchrun rank
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------
+# Scoring every model on the held-out records
+
+
+def _evaluate(plan: Plan, summaries: dict[str, RunSummary]) -> dict[str, dict[str, Any]]:
+    """name -> scores, for the teacher, the untrained student and every arm; cached in eval/ (a score
+    computed with the same scoring options is not computed again)."""
+    config = plan.config
+    models = {"student": config.student}
+    if config.teacher:
+        models = {"teacher": config.teacher} | models
+    models |= {name: str(summary.output_dir / "merged") for name, summary in summaries.items()}
+    scoring = {k: getattr(config, k) for k in sorted(SCORING)} | {"heldout": plan.heldout}
+    results: dict[str, dict[str, Any]] = {}
+    todo = {}
+    for name, path in models.items():
+        cached = plan.out / "eval" / f"{name}.json"
+        if cached.is_file() and (found := json.loads(cached.read_text())).get("scoring") == scoring:
+            results[name] = found
+        else:
+            todo[name] = path
+    if todo:
+        parallel, threads = _resources(config)
+        names = list(todo)
+        shares = [names[k::parallel] for k in range(parallel) if names[k::parallel]]
+        payload = {"config": config, "heldout": plan.heldout, "scoring": scoring}
+        jobs = [
+            Job(
+                f"eval{k}",
+                eval_job,
+                payload | {"models": {n: todo[n] for n in share}},
+                len(share),
+                plan.out / "eval" / f"eval{k}.log",
+            )
+            for k, share in enumerate(shares)
+        ]
+        parts, _ = run_jobs(jobs, parallel=parallel, threads=threads, desc="scoring", preload=PRELOAD)
+        for part in parts:
+            for name, scores in part.items():
+                atomic_write_json(plan.out / "eval" / f"{name}.json", scores)
+                results[name] = scores
+    return results
+
+
+def eval_job(payload: dict[str, Any], report: Report) -> dict[str, dict[str, Any]]:
+    """A worker's scoring of some models: held-out metrics against the teacher, the task score of greedy
+    answers, lm-eval tasks."""
+    config: CompareConfig = payload["config"]
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    tokenizer = load_tokenizer(config.student, role="student", trust_remote_code=config.trust_remote_code)
+    records, examples, _ = read_examples(payload["heldout"], tokenizer, config)
+    scorer = parse_score(config.score)
+    teacher = None
+    if config.teacher:
+        teacher = load_frozen(config, config.teacher, role="teacher", dtype=dtype, device=device)
+    max_new = config.max_new_tokens or 8 + max(
+        len(tokenizer(ref, add_special_tokens=False)["input_ids"])
+        for ref in references(records, source="heldout")
+    )
+    results = {}
+    for n, (name, path) in enumerate(payload["models"].items(), start=1):
+        model = (
+            teacher if name == "teacher" else load_frozen(config, path, role=name, dtype=dtype, device=device)
+        )
+        assert model is not None
+        answers = greedy_answers(
+            model, tokenizer, records, device=device, max_new_tokens=max_new, progress=False
+        )
+        metrics = heldout_metrics(
+            model,
+            examples,
+            teacher,
+            pad_token_id=tokenizer.pad_token_id,
+            batch_size=config.eval_batch_size,
+            device=device,
+            dtype=dtype,
+            kd_vocab_size=kd_vocab_size(tokenizer, model, teacher) if teacher is not None else None,
+        )
+        task = score_answers(
+            records, answers, scorer, category_field=config.category_field, source=payload["heldout"]
+        )
+        results[name] = {
+            "scoring": payload["scoring"],
+            "path": path,
+            **task,
+            **{k: v for k, v in metrics.items() if k != "tokens"},
+            "heldout_tokens": metrics["tokens"],
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "examples": [
+                {"prompt": _prompt_text(r), "expected": ref, "answer": a}
+                for r, ref, a in list(
+                    zip(records, references(records, source="heldout"), answers, strict=True)
+                )[:5]
+            ],
+        }
+        if config.lm_eval_tasks:
+            from llm_neo.eval.harness import lm_eval_scores
+
+            results[name]["lm_eval"] = lm_eval_scores(
+                path,
+                config.lm_eval_tasks,
+                include=config.lm_eval_include,
+                limit=config.lm_eval_limit,
+                device=device,
+            )
+        if model is not teacher:
+            del model
+        report(n, None)
+    return results
+
+
+def _prompt_text(record: dict[str, Any]) -> str:
+    for key in ("instruction", "prompt"):
+        if key in record:
+            return str(record[key]) + (f"\n{record['input']}" if record.get("input") else "")
+    messages = record.get("messages") or []
+    users = [m["content"] for m in messages if m.get("role") == "user"]
+    return str(users[-1]) if users else ""
+
+
+# ------------------------------------------------------------------------------------------------
+# Results
+
+
+def _results(
+    plan: Plan, summaries: dict[str, RunSummary], evaluations: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
+    """Everything the report shows, JSON-able (results.json)."""
+    config = plan.config
+    groups = []
+    for records in plan.sizes:
+        for method in config.methods:
+            runs = [
+                _run_row(arm, summaries[arm["name"]], evaluations[arm["name"]])
+                for arm in plan.arms
+                if arm["method"] == method and arm["records"] == records
+            ]
+            stats: dict[str, Any] = {
+                m: summarize([r[m] for r in runs]) for m in METRICS if all(r.get(m) is not None for r in runs)
+            }
+            categories = runs[0]["per_category"]
+            stats["per_category"] = {c: summarize([r["per_category"][c] for r in runs]) for c in categories}
+            groups.append({"method": method, "records": records, "runs": runs, "stats": stats})
+    measured_on = _device_name(config.device)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "llm_neo_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "config": to_dict(config),
+        "data": {
+            "train": plan.train,
+            "heldout": plan.heldout,
+            "sizes": plan.sizes,
+            "train_records_available": len(load_records(plan.train)),
+        },
+        "device": measured_on,
+        "device_type": resolve_device(config.device).type,
+        "load_average": load_average(),
+        "models": {name: evaluations[name] for name in ("teacher", "student") if name in evaluations},
+        "groups": groups,
+        "paired": _paired(config, groups),
+        "cost": _cost(plan, groups, measured_on),
+    }
+
+
+def _run_row(arm: dict[str, Any], summary: RunSummary, scores: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "name": arm["name"],
+        "seed": arm["seed"],
+        "records": arm["records"],
+        "output_dir": str(summary.output_dir),
+        "accuracy": scores["accuracy"],
+        "per_category": scores["per_category"],
+        "ce": scores["ce"],
+        "kl_to_teacher": scores.get("kl_to_teacher"),
+        "top1_agreement": scores.get("top1_agreement"),
+        "lm_eval": scores.get("lm_eval"),
+        "train_time_s": summary.train_time_s,
+        "wall_time_s": summary.wall_time_s,
+        "tokens_per_s": summary.tokens_trained / summary.train_time_s if summary.train_time_s else None,
+        "tokens_trained": summary.tokens_trained,
+        "peak_memory_gb": summary.peak_memory_gb,
+        "peak_memory_kind": summary.peak_memory_kind,
+        "peak_tensor_memory_gb": summary.peak_tensor_memory_gb,
+        "trainable_parameters": summary.trainable_parameters,
+        "student_parameters": summary.student_parameters,
+        "lr": summary.config["lr"],
+        "final": summary.final,
+        "curve": _curve(summary.output_dir / "metrics.jsonl"),
+        "examples": scores["examples"],
+    }
+
+
+def _curve(metrics: Path) -> list[dict[str, float]]:
+    """The training curve of a run (step, loss, CE, KD) from its metrics.jsonl."""
+    keys = ("step", "loss", "ce_loss", "kd_loss")
+    lines = metrics.read_text().splitlines() if metrics.is_file() else []
+    return [{k: json.loads(line)[k] for k in keys} for line in lines if line.strip()]
+
+
+# (metric, higher is better) of the paired comparisons.
+PAIRED = (("accuracy", True), ("kl_to_teacher", False), ("ce", False), ("train_time_s", False))
+
+
+def _paired(config: CompareConfig, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Neo against every other arm, at every data size, paired by seed."""
+    rows: list[dict[str, Any]] = []
+    if "neo" not in config.methods:
+        return rows
+    for neo in (g for g in groups if g["method"] == "neo"):
+        for other in (g for g in groups if g["records"] == neo["records"] and g["method"] != "neo"):
+            by_seed = {r["seed"]: r for r in other["runs"]}
+            pairs = [(r, by_seed[r["seed"]]) for r in neo["runs"] if r["seed"] in by_seed]
+            row: dict[str, Any] = {"against": other["method"], "records": neo["records"]}
+            for metric, higher in PAIRED:
+                if all(a.get(metric) is not None and b.get(metric) is not None for a, b in pairs) and pairs:
+                    row[metric] = paired_difference(
+                        [a[metric] for a, _ in pairs], [b[metric] for _, b in pairs], higher_is_better=higher
+                    )
+            rows.append(row)
+    return rows
+
+
+def _cost(plan: Plan, groups: list[dict[str, Any]], measured_on: str) -> dict[str, Any]:
+    """Per arm: measured time, throughput and memory, and the projection to --project-tokens on --gpu."""
+    config = plan.config
+    full = [g for g in groups if g["records"] == plan.sizes[-1]]
+    dims = _model_parameters(config)
+    arms = {}
+    for g in full:
+        method = METHODS[g["method"]]
+        stats = g["stats"]
+        arm = {
+            "train_time_s": stats["train_time_s"]["mean"],
+            "tokens_per_s": stats.get("tokens_per_s", {}).get("mean"),
+            "peak_memory_gb": stats["peak_memory_gb"]["mean"],
+            "peak_tensor_memory_gb": stats.get("peak_tensor_memory_gb", {}).get("mean"),
+            "trainable_parameters": g["runs"][0]["trainable_parameters"],
+        }
+        if dims is not None:
+            arm["flops_per_token"] = flops_per_token(
+                student_parameters=dims["student"],
+                teacher_parameters=dims["teacher"],
+                lora=method.lora,
+                online_teacher=method.kd and not (config.cache_teacher or config.teacher_cache),
+                checkpointing=config.gradient_checkpointing,
+            )
+            arm["planned_peak_gib"] = _planned_peak(config, g["method"])
+        arms[g["method"]] = arm
+    projection = None
+    if config.project_tokens and config.gpu and dims is not None:
+        tokens, card = parse_tokens(config.project_tokens), gpu(config.gpu)
+        projection = {
+            "tokens": tokens,
+            "gpu": card.name,
+            "gpus": config.gpus,
+            "utilization": config.utilization,
+            "arms": {
+                m: project(
+                    a,
+                    tokens=tokens,
+                    card=card,
+                    gpus=config.gpus,
+                    utilization=config.utilization,
+                    measured_on=measured_on,
+                )
+                for m, a in arms.items()
+            },
+        }
+    return {"arms": arms, "projection": projection}
+
+
+def _model_parameters(config: CompareConfig) -> dict[str, int] | None:
+    """Parameter counts of student and teacher from their configs (meta device), or None."""
+    from llm_neo.commands.plan import model_dims
+
+    try:
+        student = model_dims(
+            load_config(config.student, role="student", trust_remote_code=config.trust_remote_code)
+        )
+        teacher = (
+            model_dims(
+                load_config(config.teacher, role="teacher", trust_remote_code=config.trust_remote_code)
+            )
+            if config.teacher
+            else None
+        )
+    except Exception as err:  # the planner cannot count this architecture: the report leaves it out
+        log.warning("compare: no parameter counts for the cost projection: %s", err)
+        return None
+    return {"student": student.parameters, "teacher": teacher.parameters if teacher else 0}
+
+
+def _planned_peak(config: CompareConfig, method: str) -> float | None:
+    """``llm-neo plan``'s estimate (GiB) of one step of the arm at --batch-size x --max-length on a GPU."""
+    from llm_neo.commands.plan import PlanConfig, plan_rows
+
+    try:
+        rows, _ = plan_rows(
+            PlanConfig(
+                teacher=config.teacher,
+                student=config.student,
+                batch_size=config.batch_size,
+                seq_len=config.max_length,
+                methods=[method],
+                loss_impls=["chunked" if config.loss_impl != "plain" else "plain"],
+                lora_r=config.lora.r,
+                gradient_checkpointing=config.gradient_checkpointing,
+                mlp_chunks=config.mlp_chunks,
+                device="cuda",
+                dtype="bfloat16",
+            )
+        )
+    except Exception as err:  # as above: an estimate the planner cannot make is left out, and said
+        log.warning("compare: no memory plan for %s: %s", method, err)
+        return None
+    return rows[0].total / 2**30
+
+
+def _device_name(device: str) -> str:
+    resolved = resolve_device(device)
+    if resolved.type == "cuda":
+        return torch.cuda.get_device_name(resolved)
+    import platform
+
+    return f"CPU ({platform.processor() or platform.machine()}, {available_cores()} cores)"
+
+
+def run_compare(config: CompareConfig) -> int:
+    """`llm-neo compare`: run (or finish) the comparison, print the verdict and where the report is."""
+    results = compare(config)
+    from llm_neo.report.compare import verdict
+
+    out = Path(config.output_dir)
+    print("\n".join(verdict(results)))
+    print(f"\nreport: {out / 'report.html'} (and report.md, results.json)")
+    return 0

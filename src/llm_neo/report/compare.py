@@ -1,0 +1,611 @@
+"""The comparison's report: ``report.md`` (with PNGs in plots/) and ``report.html`` (one self-contained
+file, plots inline), both rendered from the same blocks and from ``results.json`` alone.
+
+The verdict comes first, in three lines: what each arm scored, whether Neo's differences to the other
+arms are real at the number of seeds run, and what each arm cost beside Neo. Then the tables behind
+them, the paper's claims checked against the measurements (a claim the numbers do not support is said to
+be not held), the cost projection with its assumptions, and the plots.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+from llm_neo.report.document import Block, Bullets, Heading, Image, Paragraph, Table, to_html, to_markdown
+from llm_neo.runtime.atomic import atomic_write_bytes, atomic_write_text
+
+ARM_LABELS = {"sft": "SFT", "lora": "LoRA", "kd": "KD", "neo": "Neo"}
+ARM_COLORS = {"sft": "#7f7f7f", "lora": "#1f77b4", "kd": "#ff7f0e", "neo": "#2ca02c"}
+REFERENCE_COLORS = {"teacher": "black", "student": "#d62728"}
+
+
+def label(method: str) -> str:
+    return ARM_LABELS.get(method, method)
+
+
+# ------------------------------------------------------------------------------------------------
+# Numbers as text
+
+
+def pct(value: float | None) -> str:
+    return "" if value is None else f"{100 * value:.1f}"
+
+
+def mean_std(stats: dict[str, float] | None, scale: float = 1.0, digits: int = 1) -> str:
+    if not stats:
+        return ""
+    if stats["n"] > 1:
+        return f"{scale * stats['mean']:.{digits}f} ± {scale * stats['std']:.{digits}f}"
+    return f"{scale * stats['mean']:.{digits}f}"
+
+
+def gib(value: float | None) -> str:
+    """GiB with three significant digits (small CPU models are a few MiB)."""
+    return "" if value is None else f"{value:.3g}"
+
+
+def interval(diff: dict[str, Any] | None, scale: float = 1.0, digits: int = 1) -> str:
+    if not diff:
+        return ""
+    text = f"{scale * diff['mean']:+.{digits}f}"
+    if diff["ci"] is not None:
+        low, high = (scale * x for x in diff["ci"])
+        text += f" [{low:+.{digits}f}, {high:+.{digits}f}]"
+    return text
+
+
+def seconds(value: float | None) -> str:
+    if value is None:
+        return ""
+    return f"{value:.1f} s" if value < 10 else f"{value:.0f} s"
+
+
+def _size(records: int | None) -> str:
+    return "all" if records is None else f"{records:,}"
+
+
+def _main_groups(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The groups of the largest data size (all the training data when there is no size axis)."""
+    sizes = results["data"]["sizes"]
+    return [g for g in results["groups"] if g["records"] == sizes[-1]]
+
+
+def _memory_key(results: dict[str, Any]) -> tuple[str, str]:
+    """The peak that compares arms: live tensors (CUDA's max allocated; counted op by op on a CPU,
+    where the process RSS also holds the runtime and allocator slack), and its name."""
+    groups = _main_groups(results)
+    if all("peak_tensor_memory_gb" in g["stats"] for g in groups):
+        return "peak_tensor_memory_gb", "peak of live tensors"
+    return "peak_memory_gb", "peak memory"
+
+
+# ------------------------------------------------------------------------------------------------
+# The verdict and the conclusion, computed from the numbers
+
+
+def verdict(results: dict[str, Any]) -> list[str]:
+    """Three lines a manager can act on: scores, whether Neo's differences are real, what each cost."""
+    groups = _main_groups(results)
+    score = results["config"]["score"]
+    models = results["models"]
+    ranked = sorted(groups, key=lambda g: -g["stats"]["accuracy"]["mean"])
+    scores = ", ".join(f"{label(g['method'])} {mean_std(g['stats']['accuracy'], 100)}" for g in ranked)
+    refs = [
+        f"the {name if name == 'teacher' else 'untrained student'} {pct(models[name]['accuracy'])}"
+        for name in models
+    ]
+    seeds = results["config"]["seeds"]
+    lines = [
+        f"Task score ({score}, % of {models['student']['total']} held-out records, {seeds} seed(s)): {scores}"
+        + (f"; {' and '.join(refs)}." if refs else ".")
+    ]
+    paired = [
+        p for p in results["paired"] if p["records"] == results["data"]["sizes"][-1] and "accuracy" in p
+    ]
+    if paired:
+        parts = [
+            f"vs {label(p['against'])} {interval(p['accuracy'], 100)} points, {p['accuracy']['text']}"
+            for p in paired
+        ]
+        lines.append("Neo's paired difference: " + "; ".join(parts) + ".")
+    else:
+        lines.append("No paired differences: Neo was not among the arms.")
+    cost = results["cost"]["arms"]
+    key, _ = _memory_key(results)
+    costs = []
+    for g in groups:
+        arm = cost.get(g["method"], {})
+        memory = g["stats"].get(key, {}).get("mean")
+        costs.append(f"{label(g['method'])} {seconds(arm.get('train_time_s'))}, {gib(memory)} GiB")
+    line = "Cost (training time, " + _memory_key(results)[1] + "): " + "; ".join(costs) + "."
+    cheapest = min(groups, key=lambda g: cost.get(g["method"], {}).get("train_time_s", float("inf")))
+    line += f" Fastest: {label(cheapest['method'])}."
+    lines.append(line)
+    return lines
+
+
+def claims(results: dict[str, Any]) -> list[dict[str, str]]:
+    """The paper's claims checked against this comparison: held, not held, or not distinguishable."""
+    rows: list[dict[str, str]] = []
+    for p in results["paired"]:
+        if p["records"] != results["data"]["sizes"][-1] or "accuracy" not in p:
+            continue
+        diff = p["accuracy"]
+        status = {"a": "held", "b": "not held", "neither": "not distinguishable"}[diff["verdict"]]
+        rows.append(
+            {
+                "claim": f"Neo scores higher than {label(p['against'])}",
+                "measured": f"{interval(diff, 100)} points",
+                "status": status,
+            }
+        )
+    groups = {g["method"]: g for g in _main_groups(results)}
+    if "neo" in groups and "kd" in groups:
+        key, name = _memory_key(results)
+        for metric, what in ((key, name), ("train_time_s", "training time")):
+            neo, kd = groups["neo"]["stats"].get(metric), groups["kd"]["stats"].get(metric)
+            if neo and kd and kd["mean"]:
+                ratio = neo["mean"] / kd["mean"]
+                rows.append(
+                    {
+                        "claim": f"Neo needs about 25% less {what} than KD",
+                        "measured": f"{ratio:.2f}x KD's",
+                        "status": "held" if ratio <= 0.8 else "not held",
+                    }
+                )
+    return rows
+
+
+def conclusion(results: dict[str, Any]) -> list[str]:
+    """A short plain-language reading of the numbers (each sentence follows from a number above)."""
+    out = []
+    groups = {g["method"]: g for g in _main_groups(results)}
+    models = results["models"]
+    if "teacher" in models and "student" in models:
+        gap = models["teacher"]["accuracy"] - models["student"]["accuracy"]
+        out.append(
+            f"The teacher scores {pct(models['teacher']['accuracy'])}% and the untrained student "
+            f"{pct(models['student']['accuracy'])}%: {100 * gap:.1f} points for training to recover."
+        )
+    best = max(groups.values(), key=lambda g: g["stats"]["accuracy"]["mean"])
+    out.append(
+        f"{label(best['method'])} has the highest mean score ({mean_std(best['stats']['accuracy'], 100)})."
+    )
+    real = [
+        p for p in results["paired"] if p["records"] == results["data"]["sizes"][-1] and p.get("accuracy")
+    ]
+    undecided = [label(p["against"]) for p in real if p["accuracy"]["verdict"] == "neither"]
+    if undecided:
+        n = real[0]["accuracy"]["n"]
+        out.append(
+            f"Neo's difference to {', '.join(undecided)} is within the noise of {n} seed(s): more seeds, "
+            "more data or a task where the teacher's distribution carries more than the label would be "
+            "needed to tell them apart."
+        )
+    if len(results["data"]["sizes"]) > 1:
+        out.append(
+            "The data-size table shows how each arm's score moves with the number of training records."
+        )
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Tables
+
+
+def results_table(results: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """One row per model: the teacher, the untrained student, then each arm (mean ± std over seeds)."""
+    rows: dict[str, dict[str, Any]] = {}
+    for name, ev in results["models"].items():
+        rows["teacher" if name == "teacher" else "untrained student"] = {
+            "score %": pct(ev["accuracy"]),
+            "CE": f"{ev['ce']:.3f}",
+            "KL to teacher": f"{ev['kl_to_teacher']:.3f}" if ev.get("kl_to_teacher") is not None else "",
+            "top-1 agree %": pct(ev.get("top1_agreement")),
+        }
+    for g in _main_groups(results):
+        s = g["stats"]
+        rows[label(g["method"])] = {
+            "score %": mean_std(s["accuracy"], 100),
+            "CE": mean_std(s.get("ce"), digits=3),
+            "KL to teacher": mean_std(s.get("kl_to_teacher"), digits=3),
+            "top-1 agree %": mean_std(s.get("top1_agreement"), 100),
+            "train s": mean_std(s.get("train_time_s"), digits=0),
+            "tokens/s": mean_std(s.get("tokens_per_s"), digits=0),
+            "peak GiB": mean_std(s.get("peak_memory_gb"), digits=3),
+            "peak tensors GiB": mean_std(s.get("peak_tensor_memory_gb"), digits=3),
+            "trainable": f"{g['runs'][0]['trainable_parameters']:,}",
+        }
+    columns = [
+        "score %",
+        "CE",
+        "KL to teacher",
+        "top-1 agree %",
+        "train s",
+        "tokens/s",
+        "peak GiB",
+        "peak tensors GiB",
+        "trainable",
+    ]
+    return rows, columns
+
+
+def paired_table(results: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    rows = {}
+    for p in results["paired"]:
+        name = f"Neo − {label(p['against'])}" + (
+            "" if len(results["data"]["sizes"]) == 1 else f" ({_size(p['records'])} records)"
+        )
+        rows[name] = {
+            "Δ score, points [95% CI]": interval(p.get("accuracy"), 100),
+            "verdict": p["accuracy"]["text"] if p.get("accuracy") else "",
+            "Δ KL to teacher": interval(p.get("kl_to_teacher"), digits=3),
+            "Δ CE": interval(p.get("ce"), digits=3),
+            "Δ train s": interval(p.get("train_time_s"), digits=1),
+        }
+    return rows, ["Δ score, points [95% CI]", "verdict", "Δ KL to teacher", "Δ CE", "Δ train s"]
+
+
+def cost_table(results: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """Every arm's measured cost, and beside it the ratio to Neo's."""
+    arms = results["cost"]["arms"]
+    key, _ = _memory_key(results)
+    groups = {g["method"]: g for g in _main_groups(results)}
+    neo = arms.get("neo")
+    neo_memory = groups["neo"]["stats"].get(key, {}).get("mean") if "neo" in groups else None
+    rows = {}
+    for method, arm in arms.items():
+        memory = groups[method]["stats"].get(key, {}).get("mean")
+        rows[label(method)] = {
+            "train s": f"{arm['train_time_s']:.1f}",
+            "vs Neo time": f"{arm['train_time_s'] / neo['train_time_s']:.2f}x"
+            if neo and neo["train_time_s"]
+            else "",
+            "tokens/s": f"{arm['tokens_per_s']:.0f}" if arm.get("tokens_per_s") else "",
+            "memory GiB": gib(memory),
+            "vs Neo memory": f"{memory / neo_memory:.2f}x" if memory and neo_memory else "",
+            "trainable": f"{arm['trainable_parameters']:,}",
+        }
+    return rows, ["train s", "vs Neo time", "tokens/s", "memory GiB", "vs Neo memory", "trainable"]
+
+
+def projection_blocks(results: dict[str, Any], level: int) -> list[Block]:
+    projection = results["cost"].get("projection")
+    if not projection:
+        return [
+            Heading(level, "Projection"),
+            Paragraph("Give `--project-tokens 50M --gpu h100` for the GPU-hours of the full run."),
+        ]
+    rows = {}
+    for method, p in projection["arms"].items():
+        rows[label(method)] = {
+            "planned peak GiB": gib(p["planned_peak_gib"]),
+            "fits one card": "" if p["fits"] is None else ("yes" if p["fits"] else "no"),
+            "hours": f"{p['hours']:.1f}",
+            "GPU-hours": f"{p['gpu_hours']:.1f}",
+            "time from": p["basis"],
+        }
+    tokens = projection["tokens"]
+    return [
+        Heading(
+            level, f"Projection: {tokens:,} training tokens on {projection['gpus']} x {projection['gpu']}"
+        ),
+        Table(rows, ["planned peak GiB", "fits one card", "hours", "GPU-hours", "time from"], wrap=True),
+        Paragraph(
+            "Assumptions: memory is `llm-neo plan`'s estimate of one step at --batch-size x --max-length "
+            "(bf16, chunked loss as configured); time is the throughput measured here when it ran on "
+            f"that card, else training FLOPs at {projection['utilization']:.0%} of its dense bf16 peak "
+            "(6·N per token for a full student, 4·N for a LoRA one, +2·N with checkpointing, +2·N of the "
+            "teacher when it runs online). Estimates, not measurements."
+        ),
+    ]
+
+
+def categories_table(results: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], list[str]] | None:
+    models = results["models"]
+    first = next(iter(models.values()), None)
+    categories = list(first["per_category"]) if first else []
+    if len(categories) < 2:
+        return None
+    rows = {}
+    for name, ev in models.items():
+        rows["teacher" if name == "teacher" else "untrained student"] = {
+            c: pct(ev["per_category"].get(c)) for c in categories
+        }
+    for g in _main_groups(results):
+        rows[label(g["method"])] = {c: mean_std(g["stats"]["per_category"].get(c), 100) for c in categories}
+    return rows, categories
+
+
+def sizes_table(results: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], list[str]] | None:
+    sizes = results["data"]["sizes"]
+    if len(sizes) < 2:
+        return None
+    methods = list(dict.fromkeys(g["method"] for g in results["groups"]))
+    rows = {}
+    for records in sizes:
+        row = {}
+        for g in results["groups"]:
+            if g["records"] == records:
+                row[label(g["method"])] = mean_std(g["stats"]["accuracy"], 100)
+        rows[f"{_size(records)} records"] = row
+    return rows, [label(m) for m in methods]
+
+
+def reproduce(results: dict[str, Any]) -> list[str]:
+    """Commands that rerun one seed of each arm alone, with absolute paths (they work from anywhere)."""
+    lines = []
+    for g in _main_groups(results):
+        config = Path(g["runs"][0]["output_dir"]).resolve() / "config.yaml"
+        lines.append(f"{label(g['method'])}: `llm-neo distill --config {config} --overwrite`")
+    return lines
+
+
+# ------------------------------------------------------------------------------------------------
+# The document
+
+
+def report_blocks(results: dict[str, Any]) -> list[Block]:
+    blocks: list[Block] = [
+        Heading(1, "llm-neo comparison"),
+        Paragraph(_setting(results)),
+        *[Paragraph(line) for line in results.get("context", [])],
+        Heading(2, "Verdict"),
+        Bullets(tuple(verdict(results))),
+        Heading(2, "Results"),
+        Table(*results_table(results)),
+        Paragraph(
+            "Score: the task score of greedy answers to the held-out prompts against their reference "
+            f"responses (`{results['config']['score']}`). CE, KL to the teacher and top-1 agreement are "
+            "per held-out response token. Memory: "
+            + (
+                "CUDA's max allocated."
+                if "cuda" in results["device"].lower() or "H" in results["device"][:2]
+                else "the process's peak resident set (peak GiB) and the peak of live tensors, counted op by "
+                "op over the first steps (peak tensors GiB; the RSS also holds the runtime and "
+                "allocator slack)."
+            )
+        ),
+        Image("scores", "task score of every model"),
+    ]
+    if results["paired"]:
+        blocks += [
+            Heading(2, "Neo against each arm, paired by seed"),
+            Table(*paired_table(results), wrap=True),
+            Paragraph(
+                "Each difference is Neo's minus the other arm's at the same seed; the interval is the 95% "
+                "Student-t interval of the mean difference. An interval containing 0 is not a win."
+            ),
+        ]
+    if rows := claims(results):
+        blocks += [
+            Heading(2, "The paper's claims, checked"),
+            Table(
+                {f"claim {i}": r for i, r in enumerate(rows, start=1)},
+                ["claim", "measured", "status"],
+                wrap=True,
+            ),
+        ]
+    blocks += [Heading(2, "Cost"), Table(*cost_table(results)), *projection_blocks(results, 3)]
+    if sizes := sizes_table(results):
+        blocks += [
+            Heading(2, "Score against training records"),
+            Table(*sizes),
+            Image("sizes", "score against records"),
+        ]
+    if categories := categories_table(results):
+        blocks += [Heading(2, f"Score per {results['config']['category_field']}"), Table(*categories)]
+    blocks += [
+        Heading(2, "Quality against cost"),
+        Image("memory", "score against memory"),
+        Image("time", "score against training time"),
+        Heading(2, "Training curves"),
+        Paragraph(
+            "CE is the term every arm trains on; the KD term only the kd and neo arms do (separate panels)."
+        ),
+        Image("loss", "training curves"),
+        Heading(2, "Conclusion"),
+        *[Paragraph(line) for line in conclusion(results)],
+        Heading(2, "Reproduce an arm"),
+        Bullets(tuple(reproduce(results))),
+        Heading(2, "Answers (first held-out records)"),
+        Table(*_examples(results), wrap=True),
+    ]
+    return blocks
+
+
+def _setting(results: dict[str, Any]) -> str:
+    c = results["config"]
+    return (
+        f"Teacher `{c['teacher']}`, student `{c['student']}`; trained on `{results['data']['train']}`, "
+        "scored "
+        f"on `{results['data']['heldout']}`; arms {', '.join(label(m) for m in c['methods'])} x {c['seeds']} "
+        f"seed(s) from seed {c['seed']}, {c['max_steps'] or 'one epoch of'} steps of {c['batch_size']} x "
+        f"{c['grad_accum']}; {results['device']}; llm-neo {results['llm_neo_version']}, {results['created']}."
+    )
+
+
+def _examples(results: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    models = dict(results["models"])
+    for g in _main_groups(results):
+        models[label(g["method"])] = {"examples": g["runs"][0]["examples"]}
+    first = next(iter(models.values()))["examples"]
+    rows = {}
+    for i, ex in enumerate(first):
+        row = {"prompt": _printable(ex["prompt"], 80), "expected": _printable(ex["expected"], 40)}
+        row |= {
+            name: _printable(m["examples"][i]["answer"], 40)
+            for name, m in models.items()
+            if i < len(m["examples"])
+        }
+        rows[str(i + 1)] = row
+    return rows, ["prompt", "expected", *models]
+
+
+def _printable(text: str, limit: int) -> str:
+    """A model's text for a table cell: control characters (an untrained model emits any byte) shown as
+    U+FFFD, cut to ``limit`` characters."""
+    shown = "".join(c if c.isprintable() else "\ufffd" for c in text)
+    return shown if len(shown) <= limit else shown[: limit - 1] + "…"
+
+
+# ------------------------------------------------------------------------------------------------
+# Plots
+
+
+def plots(results: dict[str, Any]) -> dict[str, bytes]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    out = {
+        "scores": _scores_plot(results),
+        "memory": _cost_plot(results, "memory"),
+        "time": _cost_plot(results, "time"),
+        "loss": _loss_plot(results),
+    }
+    if len(results["data"]["sizes"]) > 1:
+        out["sizes"] = _sizes_plot(results)
+    return out
+
+
+def _png(fig: Any) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _reference_lines(ax: Any, results: dict[str, Any]) -> None:
+    for name, ev in results["models"].items():
+        ax.axhline(
+            100 * ev["accuracy"],
+            color=REFERENCE_COLORS[name],
+            ls="--" if name == "teacher" else ":",
+            lw=1,
+            label="teacher" if name == "teacher" else "untrained student",
+        )
+
+
+def _scores_plot(results: dict[str, Any]) -> bytes:
+    import matplotlib.pyplot as plt
+
+    groups = _main_groups(results)
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    for i, g in enumerate(groups):
+        s = g["stats"]["accuracy"]
+        ax.bar(i, 100 * s["mean"], yerr=100 * s["std"], capsize=4, color=ARM_COLORS.get(g["method"], "#555"))
+        ax.scatter(
+            [i] * len(g["runs"]), [100 * r["accuracy"] for r in g["runs"]], color="black", s=10, zorder=3
+        )
+    _reference_lines(ax, results)
+    ax.set_xticks(range(len(groups)), [label(g["method"]) for g in groups])
+    ax.set_ylabel(f"task score, % ({results['config']['score']})")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title("held-out task score: mean ± std over seeds, each seed a dot")
+    ax.grid(alpha=0.3, axis="y")
+    return _png(fig)
+
+
+def _cost_plot(results: dict[str, Any], kind: str) -> bytes:
+    import matplotlib.pyplot as plt
+
+    key, name = _memory_key(results) if kind == "memory" else ("train_time_s", "training time")
+    unit = "GiB" if kind == "memory" else "s"
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for g in _main_groups(results):
+        s = g["stats"]
+        if key not in s:
+            continue
+        ax.errorbar(
+            s[key]["mean"],
+            100 * s["accuracy"]["mean"],
+            xerr=s[key]["std"],
+            yerr=100 * s["accuracy"]["std"],
+            fmt="o",
+            ms=8,
+            capsize=3,
+            color=ARM_COLORS.get(g["method"], "#555"),
+            label=label(g["method"]),
+        )
+    _reference_lines(ax, results)
+    ax.set_xlabel(f"{name}, {unit}")
+    ax.set_ylabel("task score, %")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(f"score against {name}")
+    return _png(fig)
+
+
+def _loss_plot(results: dict[str, Any]) -> bytes:
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharex=True)
+    for g in _main_groups(results):
+        curve = g["runs"][0].get("curve") or []
+        steps = [p["step"] for p in curve]
+        color = ARM_COLORS.get(g["method"], "#555")
+        axes[0].plot(steps, [p["ce_loss"] for p in curve], color=color, label=label(g["method"]))
+        if any(p["kd_loss"] for p in curve):
+            axes[1].plot(steps, [p["kd_loss"] for p in curve], color=color, label=label(g["method"]))
+    axes[0].set_title("training CE (every arm), first seed")
+    axes[1].set_title("training KD divergence (kd, neo), first seed")
+    for ax in axes:
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("per response token, nats")
+        ax.ticklabel_format(axis="y", useOffset=False)  # plain numbers, not "1e-6 + 1.855e-2"
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def _sizes_plot(results: dict[str, Any]) -> bytes:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    available = results["data"]["train_records_available"]
+    for method in dict.fromkeys(g["method"] for g in results["groups"]):
+        points = [
+            (g["records"] or available or 0, g["stats"]["accuracy"])
+            for g in results["groups"]
+            if g["method"] == method
+        ]
+        points = [p for p in points if p[0]]
+        ax.errorbar(
+            [x for x, _ in points],
+            [100 * s["mean"] for _, s in points],
+            yerr=[100 * s["std"] for _, s in points],
+            marker="o",
+            capsize=3,
+            color=ARM_COLORS.get(method, "#555"),
+            label=label(method),
+        )
+    _reference_lines(ax, results)
+    ax.set_xscale("log")
+    ax.set_xlabel("training records")
+    ax.set_ylabel("task score, %")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("how much data: score against training records")
+    return _png(fig)
+
+
+def write_report(results: dict[str, Any], out: Path) -> dict[str, Path]:
+    """report.md (+ plots/*.png) and report.html under ``out``; returns their paths."""
+    images = plots(results)
+    for name, data in images.items():
+        atomic_write_bytes(out / "plots" / f"{name}.png", data)
+    blocks = report_blocks(results)
+    md = out / "report.md"
+    atomic_write_text(md, to_markdown(blocks, {name: f"plots/{name}.png" for name in images}))
+    html = out / "report.html"
+    atomic_write_text(html, to_html(blocks, title="llm-neo comparison", images=images))
+    return {"markdown": md, "html": html}

@@ -1,0 +1,233 @@
+"""`llm-neo compare` end to end on tiny models: the report's numbers are the arms' own, a killed comparison
+continues without retraining what finished, the statistics are the textbook ones, the HTML report shows
+every arm in a real browser, and bad input is refused before anything trains."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import write_jsonl
+
+from llm_neo.commands.compare import CompareConfig, compare
+from llm_neo.errors import ConfigError, DataError
+from llm_neo.report.stats import paired_difference, summarize, t975
+from llm_neo.summary import RunSummary
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _records(n: int, start: int = 0) -> list[dict]:
+    return [
+        {
+            "instruction": f"Add {i} and 1.",
+            "input": "",
+            "output": str(i + 1),
+            "category": "even" if i % 2 == 0 else "odd",
+        }
+        for i in range(start, start + n)
+    ]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("compare-data")
+    return write_jsonl(root / "train.jsonl", _records(24)), write_jsonl(
+        root / "heldout.jsonl", _records(6, 100)
+    )
+
+
+def _config(teacher_dir, student_dir, data, out: Path, **overrides) -> CompareConfig:
+    train, heldout = data
+    base = dict(
+        teacher=str(teacher_dir),
+        student=str(student_dir),
+        data=str(train),
+        heldout=str(heldout),
+        methods=["sft", "neo"],
+        seeds=2,
+        max_steps=2,
+        batch_size=4,
+        grad_accum=1,
+        lora=__import__("llm_neo.config", fromlist=["LoraOptions"]).LoraOptions(r=4),
+        max_length=64,
+        max_new_tokens=4,
+        jobs=1,
+        device="cpu",
+        output_dir=str(out),
+    )
+    base.update(overrides)
+    return CompareConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, teacher_dir, student_dir, data) -> tuple[dict, Path]:
+    out = tmp_path_factory.mktemp("compare") / "out"
+    return compare(_config(teacher_dir, student_dir, data, out)), out
+
+
+def test_the_report_holds_each_arms_own_numbers(finished):
+    results, out = finished
+    assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))
+    assert results["schema_version"] == 1
+    assert [(g["method"], len(g["runs"])) for g in results["groups"]] == [("sft", 2), ("neo", 2)]
+    for group in results["groups"]:
+        for run in group["runs"]:
+            summary = RunSummary.load(run["output_dir"])
+            assert summary.method == group["method"] and summary.config["seed"] == run["seed"]
+            assert run["train_time_s"] == summary.train_time_s
+            assert run["peak_memory_gb"] == summary.peak_memory_gb
+            assert run["tokens_per_s"] == pytest.approx(summary.tokens_trained / summary.train_time_s)
+            scores = json.loads((out / "eval" / f"{run['name']}.json").read_text())
+            assert run["accuracy"] == scores["accuracy"] and run["ce"] == scores["ce"]
+        accuracies = [r["accuracy"] for r in group["runs"]]
+        assert group["stats"]["accuracy"] == summarize(accuracies)
+    # The teacher and the untrained student are scored on the same records as the arms.
+    assert set(results["models"]) == {"teacher", "student"}
+    assert results["models"]["teacher"]["kl_to_teacher"] == pytest.approx(0.0, abs=1e-6)
+    assert {r["total"] for r in results["models"].values()} == {6}
+    # The same learning-rate rule as distill: LoRA arms 10x the full-parameter rate.
+    assert {g["method"]: g["runs"][0]["lr"] for g in results["groups"]} == {"sft": 2e-5, "neo": 2e-4}
+
+
+def test_the_paired_difference_is_neo_minus_the_arm_at_each_seed(finished):
+    results, _ = finished
+    (row,) = results["paired"]
+    assert row["against"] == "sft"
+    neo = {r["seed"]: r for r in next(g for g in results["groups"] if g["method"] == "neo")["runs"]}
+    sft = {r["seed"]: r for r in next(g for g in results["groups"] if g["method"] == "sft")["runs"]}
+    diffs = [neo[s]["ce"] - sft[s]["ce"] for s in sorted(neo)]
+    assert row["ce"]["mean"] == pytest.approx(sum(diffs) / 2)
+    assert row["ce"]["n"] == 2
+
+
+def test_paired_statistics_equal_a_hand_computation():
+    a, b = [0.70, 0.80, 0.60], [0.60, 0.75, 0.65]
+    got = paired_difference(a, b)
+    diffs = [0.10, 0.05, -0.05]
+    mean = sum(diffs) / 3
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 2)
+    half = 4.303 * sd / math.sqrt(3)  # t(0.975, 2) from the tables
+    assert got["mean"] == pytest.approx(mean)
+    assert got["ci"] == pytest.approx([mean - half, mean + half])
+    assert got["verdict"] == "neither" and got["text"] == "not distinguishable at 3 seeds"
+    clear = paired_difference([0.9, 0.91, 0.92], [0.5, 0.52, 0.49])
+    assert clear["verdict"] == "a" and clear["ci"][0] > 0 and clear["text"] == "better"
+    lower_is_better = paired_difference([0.9, 0.91, 0.92], [0.5, 0.52, 0.49], higher_is_better=False)
+    assert lower_is_better["verdict"] == "b"
+    single = paired_difference([0.9], [0.1])
+    assert single["ci"] is None and single["text"] == "not distinguishable at 1 seed"
+    assert t975(1) == 12.706 and t975(30) == 2.042 and t975(200) == 1.96
+
+
+def test_report_files(finished):
+    results, out = finished
+    md, html = (out / "report.md").read_text(), (out / "report.html").read_text()
+    assert md.index("## Verdict") < md.index("## Results")  # the verdict first
+    for text in (md, html):
+        assert "Neo − SFT" in text and "not distinguishable at 2 seeds" in text
+    assert html.count("data:image/png;base64,") >= 4 and "<script" not in html
+    assert all((out / "plots" / f"{name}.png").is_file() for name in ("scores", "memory", "time", "loss"))
+    neo = next(g for g in results["groups"] if g["method"] == "neo")["stats"]["accuracy"]
+    assert f"{100 * neo['mean']:.1f} ± {100 * neo['std']:.1f}" in md
+    # Each arm's rerun command points at its own config.yaml with an absolute path.
+    for group in results["groups"]:
+        assert str(Path(group["runs"][0]["output_dir"]).resolve() / "config.yaml") in md
+
+
+@pytest.mark.skipif(
+    shutil.which("chromium") is None, reason="no chromium: the browser check of report.html is skipped"
+)
+def test_the_html_report_in_a_real_browser(finished, tmp_path):
+    import matplotlib.image
+
+    _, out = finished
+    page = (out / "report.html").resolve().as_uri()
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--no-first-run",
+    ]
+    dom = subprocess.run(
+        ["chromium", *flags, "--dump-dom", page], capture_output=True, text=True, timeout=120
+    ).stdout
+    for name in ("SFT", "Neo", "teacher", "untrained student"):
+        assert f"<th>{name}</th>" in dom
+    shot = tmp_path / "report.png"
+    subprocess.run(["chromium", *flags, f"--screenshot={shot}", "--window-size=1200,6000", page],
+                   capture_output=True, timeout=120, check=True)  # fmt: skip
+    pixels = (matplotlib.image.imread(shot)[:, :, :3] * 255).round()
+    # The plots are drawn: the arms' colours (Neo's green, SFT's grey) are on the rendered page.
+    for colour in ((44, 160, 44), (127, 127, 127)):
+        assert (abs(pixels - colour).max(axis=-1) < 6).sum() > 200, colour
+
+
+def test_a_killed_comparison_continues_without_retraining(tmp_path, teacher_dir, student_dir, data):
+    out = tmp_path / "out"
+    config = _config(teacher_dir, student_dir, data, out, max_steps=6, save_every=2)
+    args = [
+        sys.executable, "-m", "llm_neo", "compare", "--teacher", config.teacher, "--student", config.student,
+        "--data", config.data, "--heldout", str(config.heldout), "--methods", "sft,neo", "--seeds", "1",
+        "--max-steps", "6", "--save-every", "2", "--batch-size", "4", "--grad-accum", "1", "--lora.r", "4",
+        "--max-length", "64", "--max-new-tokens", "4", "--jobs", "1", "--device", "cpu",
+        "--output-dir", str(out),
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    second = out / "arms" / "neo-seed42" / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (second.is_dir() and any(second.iterdir())):
+        assert proc.poll() is None, "the comparison ended before its second arm was killed"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the comparison and its worker, at once
+    proc.wait()
+    first = out / "arms" / "sft-seed42" / "summary.json"
+    assert first.is_file() and not (out / "results.json").exists()
+    before = first.stat().st_mtime_ns
+    assert subprocess.run(args, env=env, capture_output=True, timeout=600).returncode == 0
+    assert first.stat().st_mtime_ns == before  # the finished arm was kept, not trained again
+    results = json.loads((out / "results.json").read_text())
+    neo = next(g for g in results["groups"] if g["method"] == "neo")["runs"][0]
+    assert RunSummary.load(neo["output_dir"]).steps == 6  # the killed arm resumed and ran to the end
+    # A changed option that alters the results is refused, naming it.
+    changed = subprocess.run([*args[:-2], "--output-dir", str(out), "--kd-ratio", "0.9"], env=env,
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert changed.returncode == 2 and "kd_ratio" in changed.stderr
+
+
+def test_bad_input_is_refused_before_anything_trains(tmp_path, teacher_dir, student_dir, data):
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match="--methods: dpo"):
+        compare(_config(teacher_dir, student_dir, data, out, methods=["sft", "dpo"]))
+    with pytest.raises(ConfigError, match="does not compile"):
+        compare(_config(teacher_dir, student_dir, data, out, score="regex:(unclosed"))
+    with pytest.raises(ConfigError, match=r"--train-records: \[1000\] exceed the 24 training records"):
+        compare(_config(teacher_dir, student_dir, data, out, train_records=[8, 1000]))
+    texts = write_jsonl(tmp_path / "texts.jsonl", [{"text": "no reference here"}] * 3)
+    with pytest.raises(DataError, match=r"texts.jsonl: 3 of 3 records have no reference response"):
+        compare(_config(teacher_dir, student_dir, data, out, heldout=str(texts)))
+    assert not (out / "arms").exists()
+
+
+def test_a_data_size_axis(tmp_path, teacher_dir, student_dir, data):
+    results = compare(
+        _config(
+            teacher_dir, student_dir, data, tmp_path / "out", methods=["lora"], seeds=1, train_records=[8, 16]
+        )
+    )
+    assert [(g["method"], g["records"]) for g in results["groups"]] == [("lora", 8), ("lora", 16)]
+    small = Path(results["groups"][0]["runs"][0]["output_dir"])
+    assert len((small.parent.parent / "splits" / "train-n8.jsonl").read_text().splitlines()) == 8
+    assert "Score against training records" in (tmp_path / "out" / "report.md").read_text()
