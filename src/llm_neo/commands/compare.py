@@ -70,6 +70,7 @@ from llm_neo.models.loading import (
 from llm_neo.report.stats import paired_difference, summarize
 from llm_neo.runtime.atomic import atomic_write_json, atomic_write_text
 from llm_neo.runtime.checkpoint import list_checkpoints
+from llm_neo.runtime.integrity import read_checked, with_checksum
 from llm_neo.runtime.workers import Job, Report, available_cores, load_average, run_jobs
 from llm_neo.summary import RunSummary
 
@@ -564,7 +565,7 @@ def _evaluate(plan: Plan, summaries: dict[str, RunSummary]) -> dict[str, dict[st
     todo = {}
     for name, path in models.items():
         cached = plan.out / "eval" / f"{name}.json"
-        if cached.is_file() and (found := json.loads(cached.read_text())).get("scoring") == scoring:
+        if (found := _cached_scores(cached)) is not None and found.get("scoring") == scoring:
             results[name] = found
         else:
             todo[name] = path
@@ -586,9 +587,20 @@ def _evaluate(plan: Plan, summaries: dict[str, RunSummary]) -> dict[str, dict[st
         parts, _ = run_jobs(jobs, parallel=parallel, threads=threads, desc="scoring", preload=PRELOAD)
         for part in parts:
             for name, scores in part.items():
-                atomic_write_json(plan.out / "eval" / f"{name}.json", scores)
+                atomic_write_json(plan.out / "eval" / f"{name}.json", with_checksum(scores))
                 results[name] = scores
     return results
+
+
+def _cached_scores(path: Path) -> dict[str, Any] | None:
+    """Scores cached by an earlier run, or None: none yet, or damaged (then they are computed again)."""
+    if not path.is_file():
+        return None
+    try:
+        return read_checked(path)
+    except (OSError, ValueError) as err:
+        log.warning("compare: %s is damaged (%s); scoring that model again", path, err)
+        return None
 
 
 def eval_job(payload: dict[str, Any], report: Report) -> dict[str, dict[str, Any]]:

@@ -105,8 +105,9 @@ def backup_path(path: Path) -> Path:
     return path.with_name(path.name + ".bak")
 
 
-def _parse(path: Path) -> dict[str, Any]:
-    """The state in ``path`` without its checksum field; ValueError/OSError says what is wrong."""
+def read_checked(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path`` without its checksum field (written by ``write_state`` or as
+    ``with_checksum(data)``), verified; ValueError or OSError says what is wrong."""
     text = path.read_text(encoding="utf-8")
     try:
         data = json.loads(text)
@@ -122,7 +123,7 @@ def write_state(path: Path, data: dict[str, Any]) -> None:
     becomes ``NAME.bak`` first, so one good version survives any single damaged file."""
     try:
         previous = path.read_bytes()
-        _parse(path)
+        read_checked(path)
     except (OSError, ValueError):
         previous = b""  # none, or damaged: keep the backup as it is
     if previous:
@@ -134,12 +135,12 @@ def read_state(path: Path, *, what: str, fix: str) -> dict[str, Any]:
     """The state in ``path``, verified; its backup (with a warning) when ``path`` is damaged or missing;
     StateFileError naming both files and ``fix`` when neither is intact."""
     try:
-        return _parse(path)
+        return read_checked(path)
     except (OSError, ValueError) as err:
         problem = f"{err.strerror}" if isinstance(err, OSError) else str(err)
     backup = backup_path(path)
     try:
-        data = _parse(backup)
+        data = read_checked(backup)
     except (OSError, ValueError) as err:
         backup_problem = f"{err.strerror}" if isinstance(err, OSError) else str(err)
         raise StateFileError(
