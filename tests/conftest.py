@@ -5,8 +5,11 @@ Built once per test session under a temporary directory; nothing is downloaded.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -118,3 +121,59 @@ def loss_kwargs(kw: dict) -> dict:
     names = {f.name for f in dataclasses.fields(LossOptions)}
     rest = {k: v for k, v in kw.items() if k not in names}
     return {"options": LossOptions(**{k: v for k, v in kw.items() if k in names}), **rest}
+
+
+@pytest.fixture()
+def tmpfs(tmp_path):
+    """``mount(size, read_only=False)``: a fresh tmpfs of ``size`` ("4m") under tmp_path, unmounted
+    afterwards: a real full or read-only filesystem. Needs root (skips otherwise)."""
+    mounts: list[Path] = []
+
+    def mount(size: str = "4m", *, read_only: bool = False) -> Path:
+        if os.geteuid() != 0 or shutil.which("mount") is None:
+            pytest.skip("mounting a tmpfs needs root")
+        target = tmp_path / f"fs{len(mounts)}"
+        target.mkdir()
+        options = f"size={size}" + (",ro" if read_only else "")
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(target)], capture_output=True
+        )
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+        mounts.append(target)
+        return target
+
+    yield mount
+    for target in reversed(mounts):
+        subprocess.run(["umount", "-l", str(target)], check=False)
+
+
+def fill_disk(directory: Path) -> Path:
+    """Write a file in ``directory`` until its filesystem is full (the next write raises ENOSPC); delete
+    the returned file to free the space again."""
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    block = b"\0" * 65536
+    try:
+        while True:
+            os.write(fd, block)
+    except OSError as err:
+        assert err.errno == errno.ENOSPC, err
+    finally:
+        os.close(fd)
+    return filler
+
+
+def damage(path: Path, how: str) -> None:
+    """Damage a file as disks and copies do: ``truncate`` (its second half gone), ``corrupt`` (one byte
+    flipped: the same size, so only a checksum tells) or ``delete``."""
+    data = bytearray(path.read_bytes())
+    if how == "truncate":
+        path.write_bytes(bytes(data[: len(data) // 2]))
+    elif how == "corrupt":
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+    elif how == "delete":
+        path.unlink()
+    else:
+        raise ValueError(how)

@@ -3,20 +3,37 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
+import logging
+import os
+import random
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
+from conftest import ALPACA, damage, fill_disk, write_jsonl
 from peft import PeftModel
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import llm_neo.distill as recipe
 import llm_neo.models.loading as loading
-from llm_neo.config import DistillConfig, LoraOptions, build_config, load_yaml
+import llm_neo.runtime.atomic as atomic
+from llm_neo.cli import main
+from llm_neo.config import DistillConfig, LoraOptions, build_config, dump_yaml, load_yaml
 from llm_neo.distill import distill
-from llm_neo.errors import ConfigError, ModelError, TrainingError
+from llm_neo.errors import ConfigError, ModelError, OutputError, RunStopped, TrainingError
+from llm_neo.runtime.checkpoint import checkpoint_problems
 
 
 @pytest.fixture()
@@ -358,3 +375,309 @@ def test_mlp_chunks_need_gradient_checkpointing(make_config):
     with pytest.raises(ConfigError, match=r"--mlp-chunks 4 .*--gradient-checkpointing"):
         distill(config)
     assert not Path(config.output_dir).exists()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Faults: damaged checkpoints, signals, full or read-only disks, out of memory
+
+
+@pytest.fixture(scope="module")
+def faults(tmp_path_factory, student_dir, teacher_dir, one_thread):
+    """A 6-step neo run checkpointing every 2 steps, whole, and the same run killed after step 5 (its
+    checkpoints: step-2 and step-4); the fault tests damage copies of the killed one."""
+    root = tmp_path_factory.mktemp("faults")
+    data = write_jsonl(root / "train.jsonl", ALPACA * 2)
+
+    def config(out: Path, **overrides) -> DistillConfig:
+        base = dict(
+            student=str(student_dir),
+            teacher=str(teacher_dir),
+            data=str(data),
+            method="neo",
+            output_dir=str(out),
+            max_steps=6,
+            batch_size=2,
+            grad_accum=2,
+            eval_fraction=0.25,
+            seed=0,
+            save_every=2,
+            lora=LoraOptions(r=4),
+        )
+        return DistillConfig(**(base | overrides))
+
+    whole = distill(config(root / "whole"))
+
+    def crash(step, metrics):
+        if step == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        distill(config(root / "killed"), on_step=crash)
+    return SimpleNamespace(config=config, whole=whole, killed=root / "killed", root=root)
+
+
+def merged_weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(out / "merged" / "model.safetensors")
+
+
+def assert_same_run(out: Path, whole) -> None:
+    """``out`` ended where the uninterrupted run ``whole`` ended: weights, metrics, held-out scores."""
+    a, b = merged_weights(Path(whole.config["output_dir"])), merged_weights(out)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=1e-6, rtol=0)
+
+    def curve(path: Path) -> list[float]:
+        return [v for r in map(json.loads, path.read_text().splitlines()) for v in (r["step"], r["loss"])]
+
+    assert curve(out / "metrics.jsonl") == pytest.approx(
+        curve(Path(whole.config["output_dir"]) / "metrics.jsonl")
+    )
+    assert json.loads((out / "summary.json").read_text())["heldout"] == pytest.approx(whole.heldout)
+
+
+def copy_run(faults, name: str) -> Path:
+    """A copy of the killed run that --resume accepts (its config.yaml names the copy's directory)."""
+    out = faults.root / name
+    shutil.copytree(faults.killed, out)
+    saved = load_yaml(out / "config.yaml")
+    (out / "config.yaml").write_text(yaml.safe_dump(saved | {"output_dir": str(out)}, sort_keys=False))
+    return out
+
+
+@pytest.mark.parametrize("how", ["truncate", "corrupt"])
+@pytest.mark.parametrize("name", ["trainable.safetensors", "optimizer.pt", "state.pt", "manifest.json"])
+def test_resume_falls_back_past_a_damaged_checkpoint_and_ends_where_it_would(faults, name, how, caplog):
+    out = copy_run(faults, f"{name}-{how}")
+    damage(out / "checkpoints" / "step-000004" / name, how)
+    with caplog.at_level(logging.WARNING, logger="llm_neo"):
+        resumed = distill(faults.config(out, resume=True))
+    newest, older = out / "checkpoints" / "step-000004", out / "checkpoints" / "step-000002"
+    assert f"checkpoint {newest} is damaged: {name}: " in caplog.text
+    assert f"resuming from {older} instead of the damaged {newest}" in caplog.text
+    assert resumed.steps == 6
+    assert_same_run(out, faults.whole)
+
+
+def test_no_intact_checkpoint_stops_with_the_directory_named(faults, capsys):
+    out = copy_run(faults, "none-intact")
+    damage(out / "checkpoints" / "step-000004" / "optimizer.pt", "truncate")
+    damage(out / "checkpoints" / "step-000002" / "trainable.safetensors", "corrupt")
+    assert main(["distill", "--config", str(out / "config.yaml"), "--resume"]) == 1
+    err = capsys.readouterr().err
+    assert f"no intact checkpoint in {out / 'checkpoints'}" in err
+    assert "step-000004: optimizer.pt:" in err and "step-000002: trainable.safetensors:" in err
+
+
+@pytest.mark.parametrize(("signum", "seed"), [(signal.SIGTERM, 0), (signal.SIGINT, 1), (signal.SIGUSR1, 2)])
+def test_a_signal_at_a_random_step_checkpoints_it_and_the_resume_ends_where_it_would(faults, signum, seed):
+    at = random.Random(seed).randint(1, 5)
+    out = faults.root / f"signal-{signum}"
+
+    def signal_at(step, metrics):
+        if step == at:
+            os.kill(os.getpid(), signum)
+
+    config = faults.config(out, save_every=0)  # no periodic checkpoints: the stop writes one anyway
+    with pytest.raises(RunStopped) as info:
+        distill(config, on_step=signal_at)
+    name = signal.Signals(signum).name
+    command = f"llm-neo distill --config {out / 'config.yaml'} --resume"
+    assert str(info.value) == (
+        f"stopped by {name} after step {at} of 6: checkpoint {out / 'checkpoints' / f'step-{at:06d}'} "
+        f"written. Resume with: {command}"
+    )
+    assert info.value.exit_code == 75 and info.value.resume == command
+    assert [p.name for p in (out / "checkpoints").iterdir()] == [f"step-{at:06d}"]
+    assert not (out / "merged").exists()
+    assert signal.getsignal(signum) in (signal.SIG_DFL, signal.default_int_handler)  # handlers restored
+    assert main(shlex.split(command)[1:]) == 0  # the printed command, as printed
+    assert_same_run(out, faults.whole)
+
+
+def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(faults, monkeypatch, capsys):
+    out = faults.root / "enospc-checkpoint"
+    armed = {"on": False}
+    monkeypatch.setattr(
+        atomic, "_write", lambda fd, data: _write_all(fd, data, armed)
+    )  # a checkpoint's bytes
+
+    def fill_after_step_3(step, metrics):
+        armed["on"] = step == 3
+
+    with pytest.raises(OutputError) as info:
+        distill(faults.config(out), on_step=fill_after_step_3)
+    message = str(info.value)
+    ckpt = out / "checkpoints"
+    assert (
+        f"cannot write checkpoint step-000004 to {ckpt / 'step-000004'}: no space left on the device"
+        in message
+    )
+    assert f"Kept: the previous checkpoint {ckpt / 'step-000002'}." in message
+    assert f"Then resume with: llm-neo distill --config {out / 'config.yaml'} --resume" in message
+    assert sorted(p.name for p in ckpt.iterdir()) == ["step-000002"]  # intact, and no temporary left
+    assert checkpoint_problems(ckpt / "step-000002") == []
+    armed["on"] = False
+    distill(faults.config(out, resume=True))
+    assert_same_run(out, faults.whole)
+
+
+def _write_all(fd, data, armed):
+    if armed["on"]:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    view = memoryview(data).cast("B")
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def test_a_full_disk_during_the_export_keeps_the_adapter_and_checkpoint(faults, monkeypatch):
+    import transformers.modeling_utils
+
+    out = faults.root / "enospc-export"
+
+    def full(*args, **kwargs):  # safetensors' own words on a full disk
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full)
+    with pytest.raises(OutputError) as info:
+        distill(faults.config(out))
+    message = str(info.value)
+    assert f"cannot write the exported student to {out / 'merged'}: no space left on the device" in message
+    assert f"adapter/ in {out}" in message
+    assert f"checkpoint {out / 'checkpoints' / 'step-000006'} (after fixing it: llm-neo distill" in message
+    assert not (out / "merged").exists() and not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    monkeypatch.undo()
+    resumed = distill(faults.config(out, resume=True))  # no step left: only the merge and the export
+    assert resumed.steps == 6
+    assert_same_run(out, faults.whole)
+
+
+def test_a_really_full_disk_mid_run_and_at_the_export(faults, tmpfs):
+    mount = tmpfs("16m")
+    out = mount / "run"
+    fill = {"at": 3, "file": None}
+
+    def fill_disk_at(step, metrics):
+        if step == fill["at"]:
+            fill["file"] = fill_disk(mount)
+
+    with pytest.raises(OutputError, match="no space left on the device") as info:
+        distill(faults.config(out), on_step=fill_disk_at)
+    assert f"Kept: the previous checkpoint {out / 'checkpoints' / 'step-000002'}" in str(info.value)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002"]
+    fill["file"].unlink()
+    fill["at"] = 6  # after the last checkpoint: the export finds the disk full
+    with pytest.raises(OutputError, match="no space left on the device") as info:
+        distill(faults.config(out, resume=True), on_step=fill_disk_at)
+    assert "step-000006 (after fixing it" in str(info.value)
+    fill["file"].unlink()
+    distill(faults.config(out, resume=True))
+    assert_same_run(out, faults.whole)
+
+
+def test_the_output_directory_vanishing_mid_run_is_named(faults):
+    out = faults.root / "vanished"
+
+    def remove(step, metrics):
+        if step == 1:
+            shutil.rmtree(out)
+
+    with pytest.raises(OutputError, match=r"metrics of step 2 to .*: the directory vanished"):
+        distill(faults.config(out, save_every=0), on_step=remove)
+
+
+def test_an_unwritable_output_directory_is_refused_before_any_model_loads(faults, monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(recipe, "load_model", never)
+    monkeypatch.setattr(recipe, "load_frozen", never)
+    parent = faults.root / "readonly"
+    parent.mkdir()
+    # Root writes whatever the mode bits say (chmod 0555 does not stop it): fake the permission check.
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == parent else real(p, mode))
+    with pytest.raises(OutputError, match=r"is not writable \(permission denied\); nothing was written"):
+        distill(faults.config(parent / "run"))
+    assert list(parent.iterdir()) == []
+    a_file = faults.root / "a-file"
+    a_file.write_text("x")
+    with pytest.raises(OutputError, match="it is a file, not a directory"):
+        distill(faults.config(a_file))
+    with pytest.raises(OutputError, match="a-file is a file, not a directory"):
+        distill(faults.config(a_file / "run"))
+
+
+def test_a_read_only_filesystem_is_refused_before_any_model_loads(faults, monkeypatch, tmpfs):
+    read_only = tmpfs("1m", read_only=True)  # a real read-only mount (needs root; skips otherwise)
+    monkeypatch.setattr(recipe, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(OutputError, match=f"{read_only} is on a read-only filesystem; nothing was written"):
+        distill(faults.config(read_only / "run"))
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        MemoryError(),
+        RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8589934592 bytes"),
+    ],
+)
+def test_out_of_memory_names_the_step_and_settings_and_keeps_the_checkpoint(
+    faults, monkeypatch, capsys, error
+):
+    out = faults.root / f"oom-{type(error).__name__}"
+    real = recipe.train_step
+    calls = {"n": 0}
+
+    def runs_out(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise error
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(recipe, "train_step", runs_out)
+    config = faults.config(out, save_every=1)
+    dump_yaml(config, faults.root / f"{out.name}.yaml")
+    assert main(["distill", "--config", str(faults.root / f"{out.name}.yaml")]) == 1
+    message = capsys.readouterr().err
+    assert "step 3 ran out of host memory on cpu" in message
+    assert "--batch-size 2 x --grad-accum 2, sequences up to" in message
+    assert f"the last good checkpoint is {out / 'checkpoints' / 'step-000002'}" in message
+    for advice in ("--batch-size 1 --grad-accum 4", "--gradient-checkpointing", "--loss-chunk-size 512"):
+        assert advice in message
+    assert f"`llm-neo plan --student {faults.config(out).student}" in message
+    assert "llm-neo plan estimates the peak per process: these settings " in message  # the CLI's estimate
+    assert "--gradient-checkpointing " in message.split("llm-neo plan estimates")[1]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000001", "step-000002"]
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_command_saves_and_the_printed_command_resumes(faults, tmp_path):
+    out = tmp_path / "cli"
+    args = [
+        "distill", "--student", faults.config(out).student, "--teacher", str(faults.config(out).teacher),
+        "--data", faults.config(out).data, "--output-dir", str(out), "--max-steps", "6", "--batch-size", "2",
+        "--grad-accum", "2", "--eval-fraction", "0.25", "--seed", "0", "--lora.r", "4", "--save-every", "2",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llm_neo", *args], env=env, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.time() + 300
+    metrics = out / "metrics.jsonl"
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 3) and time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()[1]
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, err
+    (line,) = [line for line in err.splitlines() if line.startswith("llm-neo distill: stopped by SIGTERM")]
+    step = int(line.split("after step ")[1].split(" ")[0])
+    assert 3 <= step <= 6
+    command = line.split("Resume with: ")[1]
+    assert command == f"llm-neo distill --config {out / 'config.yaml'} --resume"
+    done = subprocess.run(
+        [sys.executable, "-m", "llm_neo", *shlex.split(command)[1:]], env=env, capture_output=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert_same_run(out, faults.whole)

@@ -19,7 +19,7 @@ from typing import Any
 
 from llm_neo import __version__
 from llm_neo.config import DistillConfig, add_dataclass_arguments, build_config
-from llm_neo.errors import ConfigError, LlmNeoError
+from llm_neo.errors import ConfigError, LlmNeoError, RunStopped
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,15 @@ is cached (keyed by seed and task version) so a second run reuses it.""",
   llm-neo distill --config runs/neo/config.yaml --resume     # continue a killed run
 
 outputs in --output-dir: merged/ (standard HF model), adapter/ (LoRA arms), metrics.jsonl,
-summary.json, config.yaml (reproduces the run through --config), checkpoints/ (with --save-every)""",
+summary.json, config.yaml (reproduces the run through --config), checkpoints/ (with --save-every)
+
+stopping: SIGTERM, SIGINT (Ctrl-C) or SIGUSR1 finish the current optimizer step, write a checkpoint
+(also with --save-every 0), print the command that resumes, and exit with status 75; a second signal
+exits at once. --resume checks every checkpoint file's size and sha256 and falls back to the newest
+intact checkpoint. Under torchrun pass --signals-to-handle SIGTERM,SIGINT,SIGUSR1 to forward SIGUSR1.
+
+exit status: 0 done, 1 error (the message says what and how to fix it), 2 configuration problem,
+75 stopped by a signal (resumable)""",
     ),
     "compare": Command(
         "llm_neo.commands.compare:CompareConfig",
@@ -99,7 +107,10 @@ max length, k and the temperature; a run whose key differs is refused, naming th
   llm-neo sweep --base base.yaml --space space.yaml --output runs/sweep --resume   # continue a killed sweep
 
 base.yaml is a distill config (as for distill --config); space.yaml is `grid: {lora.r: [64, 128], lr: [...]}`
-or `random: {...}` with `trials: N`. Without --space the paper's guidelines give the default space.""",
+or `random: {...}` with `trials: N`. Without --space the paper's guidelines give the default space.
+
+SIGTERM, SIGINT or SIGUSR1 stop the running trial after its current step with a checkpoint and exit with
+status 75; the message is the command that continues the sweep.""",
     ),
     "prune": Command(
         "llm_neo.commands.prune:PruneConfig",
@@ -175,9 +186,16 @@ to the probe prompts, agreement with the teacher and label rates (refusal, --lab
 
 def run_distill(config: DistillConfig) -> int:
     from llm_neo.distill import distill
+    from llm_neo.errors import OutOfMemory
     from llm_neo.report.tables import format_table
 
-    summary = distill(config)
+    try:
+        summary = distill(config)
+    except OutOfMemory as err:
+        estimate = _plan_estimate(config, err)
+        if not estimate:
+            raise
+        raise OutOfMemory(f"{err}\n{estimate}", step=err.step, settings=err.settings) from err
     if summary is None:  # a rank other than 0 of a distributed run: rank 0 reports
         return 0
     heldout = {k: v for k, v in summary.heldout.items() if k != "tokens"}
@@ -194,6 +212,48 @@ def run_distill(config: DistillConfig) -> int:
     return 0
 
 
+def _plan_estimate(config: DistillConfig, err: Any) -> str:
+    """What `llm-neo plan` estimates for the settings that ran out of memory and for the usual remedies
+    (empty when it cannot estimate them: a model whose config it does not read, say)."""
+    import dataclasses
+
+    from llm_neo.commands.plan import GiB, PlanConfig, plan_rows
+
+    s = err.settings
+    base = PlanConfig(
+        teacher=None if s["teacher_cache"] else config.teacher,
+        student=config.student,
+        batch_size=s["batch_size"],
+        seq_len=max(2, s["seq_len"]),
+        methods=[config.method],
+        loss_impls=[s["loss_impl"] if s["loss_impl"] in ("plain", "chunked") else "chunked"],
+        loss_chunk_size=s["loss_chunk_size"],
+        lora_r=s["lora_r"],
+        gradient_checkpointing=s["gradient_checkpointing"],
+        mlp_chunks=s["mlp_chunks"],
+        world_size=s["world_size"],
+        device=s["device"],
+        dtype=config.dtype,
+    )
+    variants = {"these settings": base}
+    if s["batch_size"] > 1:
+        variants[f"--batch-size {s['batch_size'] // 2}"] = dataclasses.replace(
+            base, batch_size=s["batch_size"] // 2
+        )
+    if not s["gradient_checkpointing"]:
+        variants["--gradient-checkpointing"] = dataclasses.replace(base, gradient_checkpointing=True)
+    elif s["mlp_chunks"] == 1:
+        variants["--mlp-chunks 4"] = dataclasses.replace(base, mlp_chunks=4)
+    try:
+        parts = []
+        for name, plan in variants.items():
+            (row,), _ = plan_rows(plan)
+            parts.append(f"{name} {row.total / GiB:.2f} GiB")
+    except Exception:  # the estimate is a courtesy; the error above stands without it
+        return ""
+    return "llm-neo plan estimates the peak per process: " + ", ".join(parts) + "."
+
+
 def _resolve(path: str) -> Any:
     module, name = path.split(":")
     return getattr(importlib.import_module(module), name)
@@ -205,6 +265,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         prog="llm-neo",
         description="LLM-Neo distillation: a frozen teacher, a LoRA student trained on CE + KD, merged "
         "into a model of the student's original architecture.",
+        epilog="exit status: 0 done, 1 error, 2 configuration problem, 75 stopped by SIGTERM/SIGINT/SIGUSR1 "
+        "after saving its work (resumable; the message says how), 128+N killed by signal N.",
     )
     parser.add_argument("--version", action="version", version=f"llm-neo {__version__}")
     common = argparse.ArgumentParser(add_help=False)
@@ -256,7 +318,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # An expected failure: its message says what to fix. Anything else is a bug and shows its traceback.
         if debug:
             traceback.print_exc()
-        kind = "" if isinstance(err, ConfigError) else "error: "
+        if isinstance(err, RunStopped) and os.environ.get("RANK", "0") != "0":
+            return err.exit_code  # under torchrun every rank stops alike; rank 0 says so once
+        kind = "" if isinstance(err, (ConfigError, RunStopped)) else "error: "
         print(f"llm-neo {args.command}: {kind}{err}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:

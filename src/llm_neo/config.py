@@ -231,7 +231,11 @@ class TrainOptions(TokenizeOptions, LoadOptions):
     # --- run --------------------------------------------------------------------------------------
     save_every: int = field(
         default=0,
-        metadata=_help("Checkpoint every N optimizer steps (0: only the final state).", group=RUN),
+        metadata=_help(
+            "Checkpoint every N optimizer steps and at the last (0: none, but a stop by SIGTERM, SIGINT "
+            "or SIGUSR1 always writes one).",
+            group=RUN,
+        ),
     )
     log_every: int = field(
         default=1, metadata=_help("Write a metrics.jsonl record every N steps.", group=RUN)
@@ -274,7 +278,12 @@ class DistillConfig(TrainOptions):
         default=None, metadata=_help("Where outputs go. Default runs/<method>.", group=RUN)
     )
     resume: bool = field(
-        default=False, metadata=_help("Continue from the latest checkpoint in --output-dir.", group=RUN)
+        default=False,
+        metadata=_help(
+            "Continue from the newest intact checkpoint in --output-dir (each file's size and sha256 "
+            "checked; a damaged one is skipped with a warning).",
+            group=RUN,
+        ),
     )
     overwrite: bool = field(
         default=False, metadata=_help("Replace an earlier run's outputs in --output-dir.", group=RUN)

@@ -21,11 +21,15 @@ so SFT, LoRA, KD and Neo differ only where the table says and are comparable on 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import itertools
 import json
 import logging
 import math
+import os
+import shlex
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -42,7 +46,15 @@ from transformers import set_seed as hf_set_seed
 from llm_neo import __version__
 from llm_neo.config import DistillConfig, dump_yaml, load_yaml, to_dict, validate_distill
 from llm_neo.data import Example, collate, read_examples, split_heldout
-from llm_neo.errors import ConfigError, ModelError, NonFiniteError, TrainingError
+from llm_neo.errors import (
+    ConfigError,
+    ModelError,
+    NonFiniteError,
+    OutOfMemory,
+    OutputError,
+    RunStopped,
+    TrainingError,
+)
 from llm_neo.eval.metrics import heldout_metrics
 from llm_neo.losses import (
     IGNORE_INDEX,
@@ -74,8 +86,23 @@ from llm_neo.models.loading import (
     save_model_dir,
 )
 from llm_neo.models.lora import attach_lora, merge_verified, save_adapter, trainable_parameters
-from llm_neo.runtime.atomic import atomic_directory, atomic_write_json, atomic_write_text, remove_outputs
-from llm_neo.runtime.checkpoint import Progress, list_checkpoints, load_checkpoint, save_checkpoint
+from llm_neo.runtime.atomic import (
+    atomic_directory,
+    atomic_write_json,
+    atomic_write_text,
+    check_writable,
+    clean_temporaries,
+    output_error,
+    remove_outputs,
+    writing,
+)
+from llm_neo.runtime.checkpoint import (
+    Progress,
+    list_checkpoints,
+    load_checkpoint,
+    resume_point,
+    save_checkpoint,
+)
 from llm_neo.runtime.distributed import (
     World,
     all_gather,
@@ -92,6 +119,7 @@ from llm_neo.runtime.distributed import (
     sync_whole_grads,
 )
 from llm_neo.runtime.memory import LiveTensorBytes, peak_memory_gb
+from llm_neo.runtime.stop import StopRequest, agreed, graceful_stop
 from llm_neo.summary import SUMMARY_FILE, RunSummary
 from llm_neo.teacher_cache.key import check_key, run_key
 from llm_neo.teacher_cache.store import TeacherCache, batch_targets, open_cache, unpack_targets
@@ -166,12 +194,20 @@ def distill(config: DistillConfig, *, on_step: StepCallback | None = None) -> Ru
     ``on_step(step, metrics)`` is called after every optimizer step (used by tests and the demo). Under
     torchrun every rank trains; rank 0 alone merges, evaluates and returns the summary (the others
     return None).
+
+    SIGTERM, SIGINT or SIGUSR1 during training end the run after the current optimizer step with a
+    checkpoint and RunStopped (exit code 75), whose message is the command that resumes; a second
+    signal exits at once. During the final merge, export and evaluation the first signal is noted and
+    the run finishes (a second one exits at once). Before training starts signals act as usual:
+    nothing is lost yet.
     """
     run = setup(config)
-    trained = train(run, on_step=on_step)
-    if not _gather_to_rank0(run):
-        return None
-    return finish(run, trained)
+    with graceful_stop() as stop:
+        trained = train(run, on_step=on_step)
+        if not _gather_to_rank0(run):
+            return None
+        stop.plan = "the run is trained; finishing its merge, export and held-out evaluation first"
+        return finish(run, trained)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -191,7 +227,8 @@ def setup(config: DistillConfig) -> Run:
     device = rank_device(world, resolve_device(config.device))
     dtype = resolve_dtype(config.dtype, device)
     out = Path(str(config.output_dir))
-    resume_from = _check_output_dir(config, out)
+    check_writable(out, "--output-dir")  # before anything loads: a read-only disk is not found at step 1000
+    resume_from = _check_output_dir(config, out, world)
     export_dtype = preflight(config)
 
     tokenizer, examples, samples = _read_data(config, world)
@@ -229,8 +266,12 @@ def setup(config: DistillConfig) -> Run:
         100 * n_trainable / base_parameters,
         config.method,
     )
-    if resume_from is None and world.is_main:
-        _start_output_dir(config, out)  # only now: a run that fails to start leaves nothing behind
+    if world.is_main:
+        for directory in (out, out / "checkpoints"):  # what writes killed half-way left
+            clean_temporaries(directory)
+        if resume_from is None:
+            _start_output_dir(config, out)  # only now: a run that fails to start leaves nothing behind
+        _check_space(config, out, n_trainable, base_parameters, export_dtype)
     barrier(world)
 
     total_steps = _total_steps(config, len(train_split), world)
@@ -389,15 +430,16 @@ def _cache_vocab_size(cache: TeacherCache, student: torch.nn.Module) -> int:
     return cache.vocab_size
 
 
-def _check_output_dir(config: DistillConfig, out: Path) -> Path | None:
-    """Refuse to clobber an earlier run; on --resume, check the run is the same and find its checkpoint.
+def _check_output_dir(config: DistillConfig, out: Path, world: World) -> Path | None:
+    """Refuse to clobber an earlier run; on --resume, check the run is the same and find its newest
+    intact checkpoint (every file's size and sha256 checked; a damaged newer one is skipped with a
+    warning naming both, CheckpointError when none is intact).
 
     Read-only, and run by every rank, so every rank raises the same error.
     """
     saved = out / "config.yaml"
     if config.resume:
-        found = list_checkpoints(out / "checkpoints")
-        if not found:
+        if not any(p.name.startswith("step-") for p in _entries(out / "checkpoints")):
             raise ConfigError(
                 [
                     f"--resume: no checkpoint in {out / 'checkpoints'}; start the run without --resume "
@@ -414,7 +456,16 @@ def _check_output_dir(config: DistillConfig, out: Path) -> Path | None:
                         "Resume with the same options, or start a new --output-dir."
                     ]
                 )
-        return found[-1]
+        found, skipped = resume_point(out / "checkpoints")
+        if skipped and world.is_main:
+            for path, problems in skipped:
+                log.warning("checkpoint %s is damaged: %s", path, "; ".join(problems))
+            log.warning(
+                "resuming from %s instead of the damaged %s (its steps are trained again)",
+                found,
+                skipped[0][0],
+            )
+        return found
     if out.exists() and any(out.iterdir()) and not config.overwrite:
         raise ConfigError(
             [
@@ -423,6 +474,33 @@ def _check_output_dir(config: DistillConfig, out: Path) -> Path | None:
             ]
         )
     return None
+
+
+def _entries(directory: Path) -> list[Path]:
+    return list(directory.iterdir()) if directory.is_dir() else []
+
+
+def _check_space(
+    config: DistillConfig, out: Path, n_trainable: int, base_parameters: int, export_dtype: torch.dtype
+) -> None:
+    """Warn when the output directory's filesystem has less free space than the run will write: up to
+    three checkpoints at once (two kept, one being written; 4 bytes per trainable weight and 8 of AdamW
+    state) and the exported student. An estimate: the write itself reports a full disk precisely."""
+    checkpoints = 3 * 12 * n_trainable if config.save_every else 12 * n_trainable  # a stop writes one
+    export = base_parameters * torch.empty((), dtype=export_dtype).element_size()
+    adapter = 4 * n_trainable if config.uses_lora else 0
+    needed = checkpoints + export + adapter
+    free = shutil.disk_usage(out).free
+    if free < needed:
+        log.warning(
+            "only %.2f GB free on the filesystem of %s; this run writes up to about %.2f GB there "
+            "(checkpoints %.2f GB, exported student %.2f GB)",
+            free / 1e9,
+            out,
+            needed / 1e9,
+            checkpoints / 1e9,
+            (export + adapter) / 1e9,
+        )
 
 
 def _start_output_dir(config: DistillConfig, out: Path) -> None:
@@ -469,8 +547,21 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """On resume, forget records past the checkpoint so the file ends as an uninterrupted run's would."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    kept = [
+        line
+        for line in path.read_text().splitlines()
+        if (record := _parse_record(line)) and record["step"] <= step
+    ]
     atomic_write_text(path, "".join(f"{line}\n" for line in kept))
+
+
+def _parse_record(line: str) -> dict[str, Any] | None:
+    """A metrics.jsonl record; None for an empty line or a torn one (a write cut short by a full disk)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and "step" in record else None
 
 
 def step_settings(
@@ -495,7 +586,9 @@ def step_settings(
 
 def train(run: Run, *, on_step: StepCallback | None = None) -> Trained:
     """Optimizer steps until ``total_steps``, with metrics, progress and checkpoints; a NaN or infinite
-    loss stops the run (TrainingError) and leaves the last good checkpoint."""
+    loss stops the run (TrainingError), so does running out of memory (OutOfMemory) or disk space
+    (OutputError), each leaving the last good checkpoint. SIGTERM, SIGINT or SIGUSR1 stop it after the
+    current step with a checkpoint (RunStopped, see ``distill``)."""
     device = run.step.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -514,11 +607,16 @@ def train(run: Run, *, on_step: StepCallback | None = None) -> Trained:
     clock = _Clock(time.perf_counter())
     last: dict[str, float] = {}
     run.student.train()
-    # The first steps under the live-tensor counter (CPU, one process), the rest without its overhead.
-    with tracker or nullcontext():
-        last = _steps(run, batches, bar, clock, until=tracked_from + TRACKED_STEPS, on_step=on_step) or last
-    last = _steps(run, batches, bar, clock, until=run.total_steps, on_step=on_step) or last
-    bar.close()
+    plan = "finishing the current optimizer step, then writing a checkpoint and stopping"
+    with graceful_stop(plan) as stop:
+        try:
+            # The first steps under the live-tensor counter (CPU, one process), the rest without its overhead.
+            with tracker or nullcontext():
+                until = tracked_from + TRACKED_STEPS
+                last = _steps(run, batches, bar, clock, stop, until=until, on_step=on_step) or last
+            last = _steps(run, batches, bar, clock, stop, until=run.total_steps, on_step=on_step) or last
+        finally:
+            bar.close()
     return Trained(
         last=last,
         train_seconds=run.progress.elapsed_s + time.perf_counter() - clock.start,
@@ -551,11 +649,14 @@ def _steps(
     batches: Iterator[list[Example]],
     bar: Any,
     clock: _Clock,
+    stop: StopRequest,
     *,
     until: int,
     on_step: StepCallback | None,
 ) -> dict[str, float]:
-    """Optimizer steps up to step ``until`` (at most ``total_steps``); returns the last one's metrics."""
+    """Optimizer steps up to step ``until`` (at most ``total_steps``); returns the last one's metrics.
+    After each step, if any rank was asked to stop: a checkpoint (unless this step just wrote one) and
+    RunStopped."""
     config, progress, world = run.config, run.progress, run.world
     per_step = config.grad_accum * world.size
     cache = run.cache if run.step.loss.kd_ratio > 0 else None
@@ -583,6 +684,13 @@ def _steps(
                 f"step {progress.step + 1}: {err}; {_last_good(run.out / 'checkpoints')}. Lower --lr, "
                 "check the data, or use --dtype float32."
             ) from err
+        except Exception as err:
+            if not is_out_of_memory(err):
+                raise
+            lengths = [int(b["input_ids"].shape[1]) for b in micro]
+            del micro
+            _release_memory(run)
+            raise out_of_memory(run, progress.step + 1, max(lengths, default=0), err) from err
         progress.step += 1
         progress.micro_batches += per_step
         progress.tokens += int(result["num_tokens"])
@@ -598,27 +706,147 @@ def _steps(
             "peak_memory_gb": peak_memory_gb(run.step.device),
         }
         _record(run, last, bar)
+        saved = None
         if config.save_every and (progress.step % config.save_every == 0 or progress.step == run.total_steps):
-            progress.elapsed_s += time.perf_counter() - clock.start
-            clock.start = time.perf_counter()
-            save_checkpoint(
-                run.out / "checkpoints",
-                trainable=run.trainable,
-                optimizer=run.optimizer,
-                scheduler=run.scheduler,
-                progress=progress,
-                world=world,
-            )
+            saved = _save(run, clock)
         if on_step is not None:
             on_step(progress.step, last)
+        if agreed(stop, world, run.step.device):  # every rank, every step: all stop after the same one
+            raise _stopped(run, stop, saved or _save(run, clock))
     return last
+
+
+def _save(run: Run, clock: _Clock) -> Path:
+    """A checkpoint of the current step (every rank calls it); a failed write names what was kept and
+    how to resume once it is fixed."""
+    progress = run.progress
+    progress.elapsed_s += time.perf_counter() - clock.start
+    clock.start = time.perf_counter()
+    what = f"checkpoint step-{progress.step:06d}"
+    if run.world.is_main and not run.out.is_dir():  # atomic writes would quietly create it again
+        gone = OSError(errno.ENOENT, os.strerror(errno.ENOENT), str(run.out))
+        raise output_error(run.out / "checkpoints", what, gone, "nothing: the output directory is gone")
+    try:
+        return save_checkpoint(
+            run.out / "checkpoints",
+            trainable=run.trainable,
+            optimizer=run.optimizer,
+            scheduler=run.scheduler,
+            progress=progress,
+            world=run.world,
+        )
+    except OutputError as err:
+        raise OutputError(
+            f"{err} Then resume with: {resume_command(run)}", path=err.path, errno=err.errno
+        ) from err
+
+
+def resume_command(run: Run) -> str:
+    """The command that continues this run from its newest checkpoint (its config.yaml reproduces the
+    options; under torchrun, with the same number of processes per node)."""
+    args = ["distill", "--config", str(run.out / "config.yaml"), "--resume"]
+    if not run.world.enabled:
+        return shlex.join(["llm-neo", *args])
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", run.world.size))
+    nodes = [f"--nnodes={run.world.size // local}"] if run.world.size > local else []
+    launcher = ["torchrun", *nodes, f"--nproc-per-node={local}", "-m", "llm_neo"]
+    note = " (with the rendezvous options you launched it with)" if nodes else ""
+    return shlex.join([*launcher, *args]) + note
+
+
+def _stopped(run: Run, stop: StopRequest, checkpoint: Path | None) -> RunStopped:
+    """What a stop on request reports: the signal, the step, the checkpoint, the resume command."""
+    how = f"by {stop.name}" if stop.requested else "by a signal to another rank"
+    step = f"after step {run.progress.step} of {run.total_steps}"
+    kept = f"checkpoint {checkpoint} written" if checkpoint is not None else "nothing new to keep"
+    return RunStopped(f"stopped {how} {step}: {kept}", resume=resume_command(run), signal_name=stop.name)
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """A CUDA out-of-memory error, Python's MemoryError, or torch's failed CPU allocation (a
+    RuntimeError from its allocator)."""
+    if isinstance(err, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(err, RuntimeError) and "can't allocate memory" in str(err)
+
+
+def _release_memory(run: Run) -> None:
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.step.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def out_of_memory(run: Run, step: int, length: int, err: BaseException) -> OutOfMemory:
+    """The OutOfMemory of step ``step`` (longest sequence ``length`` tokens): the settings that set a
+    step's memory, the last checkpoint, and which options lower the peak, those not in use first."""
+    c = run.config
+    device = run.step.device
+    where = "GPU" if device.type == "cuda" else "host"
+    settings: dict[str, Any] = {
+        "device": str(device),
+        "method": c.method,
+        "batch_size": c.batch_size,
+        "grad_accum": c.grad_accum,
+        "seq_len": length,
+        "max_length": c.max_length,
+        "loss_impl": c.loss_impl,
+        "loss_chunk_size": c.loss_chunk_size,
+        "gradient_checkpointing": c.gradient_checkpointing,
+        "mlp_chunks": c.mlp_chunks,
+        "lora_r": c.lora.r if c.uses_lora else None,
+        "teacher_cache": bool(c.teacher_cache),
+        "world_size": run.world.size,
+    }
+    advice = []
+    if c.batch_size > 1:
+        advice.append(
+            f"--batch-size {c.batch_size // 2} --grad-accum {c.grad_accum * 2} (the same samples per step)"
+        )
+    if not c.gradient_checkpointing:
+        advice.append("--gradient-checkpointing")
+    elif c.mlp_chunks == 1:
+        advice.append("--mlp-chunks 4 (with --gradient-checkpointing)")
+    if c.loss_impl == "plain":
+        advice.append("--loss-impl chunked (no [tokens x vocab] logits)")
+    elif c.loss_chunk_size > 128:
+        advice.append(f"--loss-chunk-size {c.loss_chunk_size // 2}")
+    if run.teacher is not None and not c.teacher_cache:
+        advice.append("a teacher cache (llm-neo cache-teacher, then --teacher-cache: no teacher in memory)")
+    if length > 256:
+        advice.append(f"a smaller --max-length (the longest sequence here: {length} tokens)")
+    plan = shlex.join(
+        ["llm-neo", "plan", "--student", str(c.student)]
+        + (["--teacher", str(c.teacher)] if c.teacher else [])
+        + ["--batch-size", str(c.batch_size), "--seq-len", str(max(length, 2)), "--methods", c.method]
+        + ["--loss-chunk-size", str(c.loss_chunk_size)]
+        + (["--lora-r", str(c.lora.r)] if c.uses_lora else [])
+        + (
+            ["--gradient-checkpointing", "--mlp-chunks", str(c.mlp_chunks)]
+            if c.gradient_checkpointing
+            else []
+        )
+        + (["--world-size", str(run.world.size)] if run.world.enabled else [])
+    )
+    message = (
+        f"step {step} ran out of {where} memory on {device} ({type(err).__name__}) with --batch-size "
+        f"{c.batch_size} x --grad-accum {c.grad_accum}, sequences up to {length} tokens (--max-length "
+        f"{c.max_length}), --loss-impl {c.loss_impl} (--loss-chunk-size {c.loss_chunk_size}), gradient "
+        f"checkpointing {'on' if c.gradient_checkpointing else 'off'}; "
+        f"{_last_good(run.out / 'checkpoints')}. "
+        f"To lower the peak: {'; '.join(advice) if advice else 'a device with more memory'}. "
+        f"`{plan}` estimates the memory of these settings (add the options above to compare)."
+    )
+    return OutOfMemory(message, step=step, settings=settings)
 
 
 def _record(run: Run, last: dict[str, float], bar: Any) -> None:
     """One step's metrics: a metrics.jsonl record every --log-every steps, and the progress bar."""
     step = int(last["step"])
     if run.world.is_main and (step % run.config.log_every == 0 or step == run.total_steps):
-        with (run.out / "metrics.jsonl").open("a") as handle:
+        path = run.out / "metrics.jsonl"
+        what = f"the metrics of step {step}"
+        # Appended: on resume a torn last line (a write cut short) is dropped.
+        with writing(path, what, kept=lambda: _last_good(run.out / "checkpoints")), path.open("a") as handle:
             handle.write(json.dumps(last) + "\n")
     bar.set_postfix(
         loss=f"{last['loss']:.4f}",
@@ -844,8 +1072,29 @@ def finish(run: Run, trained: Trained) -> RunSummary:
         dtype=str(run.step.dtype).removeprefix("torch."),
         export_dtype=str(run.export_dtype).removeprefix("torch."),
     )
-    atomic_write_json(run.out / SUMMARY_FILE, summary.to_json())
+    with writing(run.out / SUMMARY_FILE, "the run's summary", kept=lambda: _kept_outputs(run)):
+        atomic_write_json(run.out / SUMMARY_FILE, summary.to_json())
     return summary
+
+
+def _kept_outputs(run: Run) -> str:
+    """What a failed write at the end of a run leaves to use: the exported models, the adapter, the
+    newest checkpoint (from which --resume redoes only the merge and export)."""
+    kept = [f"{name}/ in {run.out}" for name in ("merged", "adapter") if (run.out / name).is_dir()]
+    found = list_checkpoints(run.out / "checkpoints")
+    if found and run.progress.step == _step_number(found[-1]):
+        kept.append(
+            f"checkpoint {found[-1]} (after fixing it: {resume_command(run)}, which only merges and exports)"
+        )
+    elif found:
+        kept.append(f"checkpoint {found[-1]} (an earlier step; resume: {resume_command(run)})")
+    else:
+        kept.append("no checkpoint of the trained weights (--save-every 0)")
+    return "; ".join(kept)
+
+
+def _step_number(checkpoint: Path) -> int:
+    return int(checkpoint.name.removeprefix("step-"))
 
 
 def _merge_and_export(run: Run) -> tuple[PreTrainedModel, float]:
@@ -858,7 +1107,10 @@ def _merge_and_export(run: Run) -> tuple[PreTrainedModel, float]:
     student.float()  # merge and verify in fp32: the check must measure the merge, not rounding
     merge_diff = 0.0
     if isinstance(student, PeftModel):
-        with atomic_directory(run.out / "adapter") as tmp:
+        with (
+            writing(run.out / "adapter", "the LoRA adapter", kept=lambda: _kept_outputs(run)),
+            atomic_directory(run.out / "adapter") as tmp,
+        ):
             save_adapter(student, tmp)
         merged, merge_diff = merge_verified(
             student, verify_batch, run.step.device, chunk_size=config.loss_chunk_size
@@ -875,7 +1127,8 @@ def _merge_and_export(run: Run) -> tuple[PreTrainedModel, float]:
         raise TrainingError(
             f"merged model has {merged_parameters:,} parameters, the student {run.base_parameters:,}"
         )
-    save_model_dir(merged, run.tokenizer, run.out / "merged", run.export_dtype)
+    with writing(run.out / "merged", "the exported student", kept=lambda: _kept_outputs(run)):
+        save_model_dir(merged, run.tokenizer, run.out / "merged", run.export_dtype)
     return merged, merge_diff
 
 

@@ -231,3 +231,44 @@ def test_a_data_size_axis(tmp_path, teacher_dir, student_dir, data):
     small = Path(results["groups"][0]["runs"][0]["output_dir"])
     assert len((small.parent.parent / "splits" / "train-n8.jsonl").read_text().splitlines()) == 8
     assert "Score against training records" in (tmp_path / "out" / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_signal_stops_the_comparison_and_a_rerun_continues(tmp_path, teacher_dir, student_dir, data):
+    out = tmp_path / "out"
+    config = _config(teacher_dir, student_dir, data, out)
+    args = [
+        sys.executable, "-m", "llm_neo", "compare", "--teacher", config.teacher, "--student", config.student,
+        "--data", config.data, "--heldout", str(config.heldout), "--methods", "sft,neo", "--seeds", "1",
+        "--max-steps", "40", "--batch-size", "4", "--grad-accum", "1", "--lora.r", "4",
+        "--max-length", "64", "--max-new-tokens", "4", "--jobs", "1", "--device", "cpu",
+        "--output-dir", str(out),
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(args, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    metrics = out / "arms" / "neo-seed42" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
+        assert proc.poll() is None, proc.communicate()[1]
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGTERM)  # the parent alone (docker stop): it passes the stop on
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, err
+    (checkpoint,) = (out / "arms" / "neo-seed42" / "checkpoints").iterdir()
+    step = int(checkpoint.name.removeprefix("step-"))
+    assert f"neo-seed42: stopped by SIGTERM after step {step} of 40: checkpoint {checkpoint} written" in err
+    assert "sft-seed42: finished" in err and "Start again with: the same command" in err
+    first = out / "arms" / "sft-seed42" / "summary.json"
+    before = first.stat().st_mtime_ns
+
+    assert subprocess.run(args, env=env, capture_output=True, timeout=600).returncode == 0
+    assert first.stat().st_mtime_ns == before  # kept
+    lines = metrics.read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == list(range(1, 41))  # resumed, not restarted
+    # A damaged score cache is scored again, with a warning, to the same numbers.
+    results = json.loads((out / "results.json").read_text())
+    cached = out / "eval" / "neo-seed42.json"
+    cached.write_text(cached.read_text().replace('"accuracy": ', '"accuracy": 1', 1))
+    again = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and f"{cached} is damaged (its checksum does not match" in again.stderr
+    assert json.loads((out / "results.json").read_text())["groups"] == results["groups"]

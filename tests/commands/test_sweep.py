@@ -6,6 +6,8 @@ import argparse
 import csv
 import dataclasses
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -20,7 +22,7 @@ from llm_neo.commands.sweep import (
     sweep,
 )
 from llm_neo.config import DistillConfig, build_config
-from llm_neo.errors import ConfigError, SweepError, TrainingError
+from llm_neo.errors import ConfigError, RunStopped, StateFileError, SweepError, TrainingError
 
 
 @pytest.fixture()
@@ -250,3 +252,62 @@ def test_sweep_config_problems(tmp_path):
     text = str(info.value)
     for expected in ("none.yaml", "--output is required", "--metric: 'accuracy'", "contradict"):
         assert expected in text, expected
+
+
+# ------------------------------------------------------------------------------------------------
+# Stops and damaged state
+
+
+def test_a_signal_stops_the_running_trial_and_the_sweep_resumes_it(tmp_path, base_yaml, one_thread):
+    out = tmp_path / "sweep"
+    config = SweepConfig(
+        base=str(base_yaml), space=_space(tmp_path, "grid:\n  lora.r: [2, 4]\n"), output=str(out)
+    )
+    steps = {"n": 0}
+
+    def sigterm_in_second_trial(step: int, metrics: dict) -> None:
+        steps["n"] += 1
+        if steps["n"] == 3:  # trial t001's first step
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(RunStopped) as info:
+        sweep(config, on_step=sigterm_in_second_trial)
+    checkpoint = out / "trials" / "t001" / "checkpoints" / "step-000001"
+    command = f"llm-neo sweep --base {base_yaml} --space {config.space} --output {out} --resume"
+    assert str(info.value) == (
+        f"sweep stopped during trial t001 (stopped by SIGTERM after step 1 of 2: checkpoint {checkpoint} "
+        f"written). Continue it with: {command}"
+    )
+    state = json.loads((out / "sweep.json").read_text())
+    assert [t["status"] for t in state["trials"]] == ["done", "running"]  # not a failed trial
+    state = sweep(dataclasses.replace(config, resume=True))
+    assert [t["status"] for t in state["trials"]] == ["done", "done"]
+    lines = (out / "trials" / "t001" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2]
+
+
+def test_a_damaged_sweep_state_falls_back_to_its_backup(tmp_path, base_yaml, caplog, one_thread):
+    out = tmp_path / "sweep"
+    config = SweepConfig(
+        base=str(base_yaml), space=_space(tmp_path, "grid:\n  lora.r: [2, 4]\n"), output=str(out)
+    )
+
+    def kill_in_second_trial(step: int, metrics: dict) -> None:
+        if step == 1 and (out / "trials" / "t001").exists():
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        sweep(config, on_step=kill_in_second_trial)
+    state_file = out / "sweep.json"
+    state_file.write_text(state_file.read_text()[:-40])  # a disk fault: truncated
+    with caplog.at_level("WARNING", logger="llm_neo"):
+        state = sweep(dataclasses.replace(config, resume=True))
+    assert "sweep.json is damaged or unreadable (not valid JSON" in caplog.text
+    assert [t["status"] for t in state["trials"]] == ["done", "done"]
+    # Both damaged: refused, both files named, and what to do.
+    state_file.write_text("{")
+    (out / "sweep.json.bak").write_text("[]")
+    with pytest.raises(
+        StateFileError, match=r"sweep.json is damaged .* backup .*sweep.json.bak \(not a JSON"
+    ):
+        sweep(dataclasses.replace(config, resume=True))

@@ -155,3 +155,41 @@ def test_killed_two_process_run_resumes(tmp_path, student_dir, teacher_dir):
         torch.testing.assert_close(resumed[name], one[name], atol=1e-5, rtol=1e-4)
     steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 13))
+
+
+@pytest.mark.slow
+def test_sigterm_under_torchrun_stops_every_rank_after_the_same_step(tmp_path, student_dir, teacher_dir):
+    data = write_jsonl(tmp_path / "train.jsonl", ALPACA * 4)
+    stopped = tmp_path / "stopped"
+    # No --save-every: the stop writes the only checkpoint.
+    proc = _torchrun(_args(student_dir, teacher_dir, data, stopped, "neo", 2, "--max-steps", "12"))
+    metrics = stopped / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 3) and time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()[0]
+        time.sleep(0.02)
+    # The launcher and both ranks at once (as Slurm's scancel or Ctrl-C): each rank gets it twice, once
+    # directly and once passed on by torchrun, and still stops after one step, the same on both.
+    os.killpg(proc.pid, signal.SIGTERM)
+    output, _ = proc.communicate(timeout=300)
+    (checkpoint,) = (stopped / "checkpoints").iterdir()
+    step = int(checkpoint.name.removeprefix("step-"))
+    assert 3 <= step < 12, output
+    assert json.loads((checkpoint / "manifest.json").read_text())["progress"]["step"] == step
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == list(range(1, step + 1))
+    command = f"torchrun --nproc-per-node=2 -m llm_neo distill --config {stopped / 'config.yaml'} --resume"
+    assert (
+        f"stopped by SIGTERM after step {step} of 12: checkpoint {checkpoint} written. Resume with: {command}"
+        in output
+    )
+    assert not (stopped / "summary.json").exists()
+
+    proc = _torchrun(["distill", "--config", str(stopped / "config.yaml"), "--resume", "-q"])
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, output
+    one = tmp_path / "one"
+    assert main(_args(student_dir, teacher_dir, data, one, "neo", 4, "--max-steps", "12")) == 0
+    for name, tensor in _weights(one).items():
+        torch.testing.assert_close(_weights(stopped)[name], tensor, atol=1e-5, rtol=1e-4)
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == list(range(1, 13))

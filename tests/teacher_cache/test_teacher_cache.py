@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ALPACA, loss_kwargs, write_jsonl
+from conftest import ALPACA, damage, loss_kwargs, write_jsonl
 from safetensors.torch import load_file
 
 import llm_neo.distill as recipe
@@ -19,7 +19,7 @@ import llm_neo.models.loading as loading
 from llm_neo.config import CacheTeacherConfig, DistillConfig, LoraOptions
 from llm_neo.data import load_records, tokenize_records
 from llm_neo.distill import distill
-from llm_neo.errors import CacheError, ConfigError
+from llm_neo.errors import CacheError, ConfigError, OutputError
 from llm_neo.eval.metrics import heldout_metrics
 from llm_neo.losses import (
     DIVERGENCES,
@@ -492,3 +492,96 @@ def test_command_line_cache_then_distill_as_a_new_user(tmp_path, teacher_dir, st
     assert main([*common, "--data", str(changed), "--output-dir", str(tmp_path / "other")]) == 1
     err = capsys.readouterr().err
     assert "does not match this run" in err and "data (the data file) differs" in err
+
+
+# ------------------------------------------------------------------------------------------------
+# Damaged shards and full disks
+
+
+def test_a_truncated_shard_is_refused_before_training(
+    run_config, cache_dir, teacher_dir, tmp_path, monkeypatch
+):
+    cache = tmp_path / "cache"
+    shutil.copytree(cache_dir, cache)
+    shard = cache / "shard-00002.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-10])
+    monkeypatch.setattr(recipe, "load_model", lambda *a, **k: pytest.fail("the student was loaded"))
+    with pytest.raises(CacheError) as info:
+        distill(run_config("neo", method="neo", teacher_cache=str(cache)))
+    message = str(info.value)
+    assert f"teacher cache {cache}: shard shard-00002.safetensors is damaged (" in message
+    assert "(truncated)" in message and f"llm-neo cache-teacher --teacher {teacher_dir}" in message
+    assert "rewrites the damaged ones" in message
+
+
+def test_a_corrupted_shard_is_refused_when_first_read(run_config, cache_dir, tmp_path):
+    cache = tmp_path / "cache"
+    shutil.copytree(cache_dir, cache)
+    damage(cache / "shard-00001.safetensors", "corrupt")
+    open_cache(cache)  # sizes match: opening is cheap and does not read the shards
+    with pytest.raises(CacheError, match=r"shard shard-00001.safetensors is damaged \(its sha256 differs"):
+        distill(run_config("neo", method="neo", teacher_cache=str(cache), max_steps=8))
+
+
+def test_cache_teacher_rewrites_damaged_shards_to_the_same_bytes(
+    tmp_path, teacher_dir, data_file, cache_dir, caplog
+):
+    out = tmp_path / "cache"
+    shutil.copytree(cache_dir, out)
+    damage(out / "shard-00002.safetensors", "corrupt")
+    (out / "shard-00001.safetensors").write_bytes((out / "shard-00001.safetensors").read_bytes()[:100])
+    (out / ".shard-00003.safetensors.a1b2c3d4.tmp").write_bytes(b"half")  # a killed write's leftover
+    computed: list[int] = []
+    with caplog.at_level("WARNING", logger="llm_neo"):
+        manifest = cache_teacher(
+            _cache_config(teacher_dir, data_file, out), on_shard=lambda i, record: computed.append(i)
+        )
+    assert computed == [1, 2]  # only the damaged shards were computed again
+    assert "shard shard-00001.safetensors is damaged" in caplog.text and "shard-00002" in caplog.text
+    for name in (f"shard-{i:05d}.safetensors" for i in range(4)):
+        assert (out / name).read_bytes() == (cache_dir / name).read_bytes(), name
+    assert manifest["shards"] == json.loads((cache_dir / "manifest.json").read_text())["shards"]
+    assert not list(out.glob(".*.tmp"))
+    computed.clear()
+    cache_teacher(_cache_config(teacher_dir, data_file, out), on_shard=lambda i, record: computed.append(i))
+    assert computed == []  # intact now: nothing to do
+
+
+def test_a_full_disk_while_caching_keeps_the_complete_shards(
+    tmp_path, teacher_dir, data_file, cache_dir, monkeypatch
+):
+    import errno
+    import os
+
+    import llm_neo.runtime.atomic as atomic
+
+    out = tmp_path / "cache"
+    full = {"on": False}
+    real = atomic._write
+
+    def write(fd, data):
+        if full["on"]:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(fd, data)
+
+    monkeypatch.setattr(atomic, "_write", write)
+
+    def fill_after_first(index: int, record: dict) -> None:
+        full["on"] = True
+
+    with pytest.raises(OutputError) as info:
+        cache_teacher(_cache_config(teacher_dir, data_file, out), on_shard=fill_after_first)
+    message = str(info.value)
+    assert (
+        f"cannot write teacher-cache shard shard-00001.safetensors to {out / 'shard-00001.safetensors'}"
+        in message
+    )
+    assert "no space left on the device" in message
+    assert "Kept: 1 complete shards of 4: the same command computes only the rest." in message
+    assert sorted(p.name for p in out.iterdir()) == ["key.json", "shard-00000.safetensors"]
+    full["on"] = False
+    computed: list[int] = []
+    cache_teacher(_cache_config(teacher_dir, data_file, out), on_shard=lambda i, record: computed.append(i))
+    assert computed == [1, 2, 3]
+    for name in (f"shard-{i:05d}.safetensors" for i in range(4)):
+        assert (out / name).read_bytes() == (cache_dir / name).read_bytes(), name

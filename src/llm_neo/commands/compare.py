@@ -70,6 +70,8 @@ from llm_neo.models.loading import (
 )
 from llm_neo.report.stats import paired_difference, summarize
 from llm_neo.runtime.atomic import atomic_write_json, atomic_write_text
+from llm_neo.runtime.checkpoint import list_checkpoints
+from llm_neo.runtime.integrity import read_checked, with_checksum
 from llm_neo.runtime.workers import Job, Report, available_cores, load_average, run_jobs
 from llm_neo.summary import RunSummary
 
@@ -489,7 +491,9 @@ def _train_arms(plan: Plan, caches: dict[str, str]) -> dict[str, RunSummary]:
             done[arm["name"]] = finished
             continue
         out = Path(str(config.output_dir))
-        resumable = (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir())
+        resumable = bool(
+            list_checkpoints(out / "checkpoints")
+        )  # complete ones, not a killed write's leftovers
         config = dataclasses.replace(config, resume=resumable, overwrite=not resumable)
         steps = config.max_steps or 0
         todo.append(
@@ -521,6 +525,7 @@ def _train_arms(plan: Plan, caches: dict[str, str]) -> dict[str, RunSummary]:
             desc="arms",
             preload=PRELOAD,
             mmap_threshold=EXACT_MEMORY_MMAP_THRESHOLD if plan.config.exact_memory else 0,
+            again="the same command (finished arms are kept, stopped ones resume from their checkpoints)",
         )
         done |= {job.name: summary for job, summary in zip(todo, summaries, strict=True)}
     return done
@@ -578,7 +583,7 @@ def _evaluate(plan: Plan, summaries: dict[str, RunSummary]) -> dict[str, dict[st
     todo = {}
     for name, path in models.items():
         cached = plan.out / "eval" / f"{name}.json"
-        if cached.is_file() and (found := json.loads(cached.read_text())).get("scoring") == scoring:
+        if (found := _cached_scores(cached)) is not None and found.get("scoring") == scoring:
             results[name] = found
         else:
             todo[name] = path
@@ -600,9 +605,20 @@ def _evaluate(plan: Plan, summaries: dict[str, RunSummary]) -> dict[str, dict[st
         parts, _ = run_jobs(jobs, parallel=parallel, threads=threads, desc="scoring", preload=PRELOAD)
         for part in parts:
             for name, scores in part.items():
-                atomic_write_json(plan.out / "eval" / f"{name}.json", scores)
+                atomic_write_json(plan.out / "eval" / f"{name}.json", with_checksum(scores))
                 results[name] = scores
     return results
+
+
+def _cached_scores(path: Path) -> dict[str, Any] | None:
+    """Scores cached by an earlier run, or None: none yet, or damaged (then they are computed again)."""
+    if not path.is_file():
+        return None
+    try:
+        return read_checked(path)
+    except (OSError, ValueError) as err:
+        log.warning("compare: %s is damaged (%s); scoring that model again", path, err)
+        return None
 
 
 def eval_job(payload: dict[str, Any], report: Report) -> dict[str, dict[str, Any]]:

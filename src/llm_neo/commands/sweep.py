@@ -26,10 +26,13 @@ Each trial is a normal run in ``OUTPUT/trials/<id>/`` (all of `distill`'s output
 another. KD trials whose base names a ``teacher`` but no ``teacher_cache`` share a cache the sweep builds
 once (``OUTPUT/caches/``, one per temperature / length / data combination, top-k ``--cache-top-k``), so
 the teacher's forward pass runs once for the whole sweep. ``sweep.json`` records every trial's options,
-status and metrics and is rewritten atomically after each change: a killed sweep continues with the same
-command plus ``--resume``: finished trials are kept, an interrupted one resumes from its checkpoints
-(``save_every`` in the base) or restarts. A trial that fails (a diverging learning rate) is recorded as
-failed and the sweep goes on.
+status and metrics and is rewritten atomically after each change, with a checksum and the previous
+version beside it (``sweep.json.bak``, used with a warning if ``sweep.json`` is damaged): a killed sweep
+continues with the same command plus ``--resume``: finished trials are kept, an interrupted one resumes
+from its checkpoints (``save_every`` in the base) or restarts. A trial that fails (a diverging learning
+rate) is recorded as failed and the sweep goes on. SIGTERM, SIGINT or SIGUSR1 stop the running trial
+after its current step with a checkpoint (see ``distill``) and the sweep with it (exit code 75); the
+message is the command that continues it.
 
 Outputs, refreshed after every trial: ``leaderboard.md`` and ``leaderboard.csv`` ranked by ``--metric``,
 ``plots/<option>.png`` (the metric against each swept option), and ``best.yaml``: the best trial's
@@ -48,6 +51,7 @@ import json
 import logging
 import math
 import random
+import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,8 +71,16 @@ from llm_neo.config import (
     option_names,
     validate_distill,
 )
-from llm_neo.errors import ConfigError, LlmNeoError, SweepError
-from llm_neo.runtime.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text, remove_outputs
+from llm_neo.errors import ConfigError, LlmNeoError, RunStopped, SweepError
+from llm_neo.runtime.atomic import (
+    atomic_write_bytes,
+    atomic_write_text,
+    clean_temporaries,
+    remove_outputs,
+    writing,
+)
+from llm_neo.runtime.integrity import backup_path, read_state, write_state
+from llm_neo.runtime.stop import graceful_stop
 from llm_neo.summary import RunSummary
 
 log = logging.getLogger("llm_neo")
@@ -441,9 +453,15 @@ def _prepare(config: SweepConfig, out: Path, state_doc: dict[str, Any]) -> dict[
     """The state to continue from: a fresh one, or (with --resume) the stored one if it is the same sweep."""
     state_file = out / STATE
     if config.resume:
-        if not state_file.is_file():
+        if not state_file.is_file() and not backup_path(state_file).is_file():
             raise SweepError(f"--resume: no sweep in {out} ({STATE} is missing); start it without --resume")
-        stored = json.loads(state_file.read_text())
+        stored = read_state(
+            state_file,
+            what="the sweep's state",
+            fix="the trials' outputs in trials/ are intact, but which ran is lost: start the sweep again "
+            "with --overwrite, or in another --output",
+        )
+        clean_temporaries(out)
         changed = [k for k in ("base", "space", "seed") if stored.get(k) != state_doc[k]]
         if not changed and [t["overrides"] for t in stored["trials"]] != [
             t["overrides"] for t in state_doc["trials"]
@@ -461,12 +479,32 @@ def _prepare(config: SweepConfig, out: Path, state_doc: dict[str, Any]) -> dict[
                 f"--output {out} already holds files; pass --resume to continue that sweep, --overwrite to "
                 "start again, or choose another --output"
             )
-        remove_outputs(
-            out, ("trials", "plots", "caches", STATE, "leaderboard.md", "leaderboard.csv", "best.yaml")
-        )
+        clean_temporaries(out)
+        reports = ("leaderboard.md", "leaderboard.csv", "best.yaml")
+        remove_outputs(out, ("trials", "plots", "caches", STATE, backup_path(state_file).name, *reports))
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(state_file, state_doc)
+    _save_state(out, state_doc)
     return state_doc
+
+
+def _save_state(out: Path, state: dict[str, Any]) -> None:
+    with writing(out / STATE, "the sweep's state", kept=f"the trials' outputs in {out / 'trials'}"):
+        write_state(out / STATE, state)
+
+
+def resume_command(config: SweepConfig) -> str:
+    """``llm-neo sweep`` with the options of ``config`` that differ from the defaults, plus --resume."""
+    args = ["llm-neo", "sweep"]
+    for f in dataclasses.fields(config):
+        value, default = getattr(config, f.name), f.default
+        if f.name in ("resume", "overwrite") or value == default:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            args.append(flag if value else "--no-" + flag[2:])
+        else:
+            args += [flag, str(value)]
+    return shlex.join([*args, "--resume"])
 
 
 StepCallback = Callable[[int, dict[str, float]], None]
@@ -518,32 +556,51 @@ def sweep(
     log.info("sweep: %d trials (%s search) in %s", len(configs), space.strategy, out)
 
     built: dict[str, str] = {}
-    for record in state["trials"]:
-        trial = record["id"]
-        if record["status"] in ("done", "failed"):
-            continue
-        trial_dir = out / "trials" / trial
-        resumable = bool(list_checkpoints(trial_dir / "checkpoints"))
-        trial_cfg = dataclasses.replace(configs[trial], resume=resumable, overwrite=not resumable)
-        trial_cfg = _with_shared_cache(trial_cfg, out, config, built)
-        record["status"] = "running"
-        atomic_write_json(out / STATE, state)
-        log.info(
-            "sweep: trial %s %s%s", trial, _describe(record["overrides"]), " (resumed)" if resumable else ""
-        )
-        try:
-            summary = distill(trial_cfg, on_step=on_step)
-            assert summary is not None  # trials run in one process
-        except LlmNeoError as err:
-            # One diverging trial (a too-high lr) must not end the search; the error is on record.
-            record |= {"status": "failed", "error": str(err)}
-            log.warning("sweep: trial %s failed: %s", trial, err)
-        else:
-            record |= {"status": "done", "metrics": _trial_metrics(summary), "error": None}
-        atomic_write_json(out / STATE, state)
-        write_reports(state, out, space)
-        if on_trial is not None:
-            on_trial(trial, record)
+    with graceful_stop("finishing the running trial's current step, then stopping the sweep") as stop:
+        for record in state["trials"]:
+            trial = record["id"]
+            if record["status"] in ("done", "failed"):
+                continue
+            if stop.requested:  # came during the previous trial's finish, which completed it
+                raise RunStopped(
+                    f"sweep stopped by {stop.name} before trial {trial}",
+                    resume=resume_command(config),
+                    signal_name=stop.name,
+                    verb="Continue it with",
+                )
+            trial_dir = out / "trials" / trial
+            resumable = bool(list_checkpoints(trial_dir / "checkpoints"))
+            trial_cfg = dataclasses.replace(configs[trial], resume=resumable, overwrite=not resumable)
+            trial_cfg = _with_shared_cache(trial_cfg, out, config, built)
+            record["status"] = "running"
+            _save_state(out, state)
+            log.info(
+                "sweep: trial %s %s%s",
+                trial,
+                _describe(record["overrides"]),
+                " (resumed)" if resumable else "",
+            )
+            try:
+                summary = distill(trial_cfg, on_step=on_step)
+                assert summary is not None  # trials run in one process
+            except RunStopped as err:  # not a failed trial: it continues from its checkpoint on --resume
+                write_reports(state, out, space)
+                raise RunStopped(
+                    f"sweep stopped during trial {trial} ({err.what})",
+                    resume=resume_command(config),
+                    signal_name=err.signal_name,
+                    verb="Continue it with",
+                ) from err
+            except LlmNeoError as err:
+                # One diverging trial (a too-high lr) must not end the search; the error is on record.
+                record |= {"status": "failed", "error": str(err)}
+                log.warning("sweep: trial %s failed: %s", trial, err)
+            else:
+                record |= {"status": "done", "metrics": _trial_metrics(summary), "error": None}
+            _save_state(out, state)
+            write_reports(state, out, space)
+            if on_trial is not None:
+                on_trial(trial, record)
     write_reports(state, out, space)
     return state
 

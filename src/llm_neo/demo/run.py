@@ -49,6 +49,8 @@ OUTPUTS = (
     "data", "student", "arms", "eval", "splits", "plots", "report.md", "report.html", "results.json",
     "compare.yaml",
 )  # fmt: skip
+# After a stop (SIGTERM, Ctrl-C) of the teacher's training: it starts over.
+AGAIN = "the same llm-neo demo command (the teacher's training starts over)"
 
 
 @dataclass
@@ -523,6 +525,7 @@ def ensure_teacher(
         [job],
         parallel=1,
         preload=PRELOAD,
+        again=AGAIN,
         threads=threads,
         desc="teacher",
     )

@@ -1,29 +1,113 @@
 """Atomic writes: a crash or kill leaves either the old file/directory or the new one, never half.
 
 Files are written next to their destination, flushed, fsynced and renamed over it (rename is atomic
-on POSIX within one filesystem). Directories are built under a temporary name and renamed into place.
+on POSIX within one filesystem). Directories are built under a temporary name, their files fsynced,
+and renamed into place. A write killed half-way leaves its temporary (``.NAME.XXXXXXXX.tmp``) behind;
+``clean_temporaries`` removes those at the next run, and no reader ever takes one for the real thing.
+
+Failed writes are reported, not just raised: ``writing(path, what, kept)`` turns an I/O failure of
+any library inside it (an OSError; safetensors' "os error 28"; torch.save's "unexpected pos", whose
+cause ``output_stream`` keeps) into an ``OutputError`` that names the path, what was being written,
+the reason (no space, read-only, a file where a directory must be, a vanished directory), what was
+kept and what to do. ``check_writable`` refuses an unwritable output path before any work starts.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+from llm_neo.errors import OutputError
+
+# mkstemp/mkdtemp names: a prefix, eight characters of [a-z0-9_], a suffix.
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.[A-Za-z0-9_]{8}\.tmp$")
+_OLD = re.compile(r"^\.(?P<name>.+)\.old$")
+
+REASONS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "the disk quota is exhausted",
+    errno.EROFS: "the filesystem is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.ENOTDIR: "a part of the path is a file, not a directory",
+    errno.EISDIR: "it is a directory",
+    errno.ENOENT: "the directory vanished (deleted or unmounted while the run was writing?)",
+    errno.EIO: "the device reported an I/O error",
+    errno.EFBIG: "the file is larger than the filesystem allows",
+}
+FIXES = {
+    errno.ENOSPC: "free space there (df -h {dir}) or choose another output directory",
+    errno.EDQUOT: "free space within your quota or choose another output directory",
+    errno.EROFS: "remount it read-write or choose another output directory",
+    errno.EACCES: "fix the directory's permissions or choose another output directory",
+    errno.EPERM: "fix the directory's permissions or choose another output directory",
+    errno.ENOTDIR: "remove or rename the file, or choose another output directory",
+    errno.ENOENT: "check the disk is mounted and choose an existing output directory",
+    errno.EIO: "check the device (dmesg) or choose another output directory",
+}
+
+
+def _write(fd: int, data: bytes | bytearray | memoryview) -> None:
+    """Write all of ``data`` to ``fd``: every byte llm-neo writes itself goes through here."""
+    view = memoryview(data).cast("B")
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+class Sink:
+    """A write-only binary file object over a descriptor. Remembers the OSError of a failed write, which
+    some libraries replace by their own error (torch.save reports ENOSPC as RuntimeError "unexpected
+    pos ..."): ``output_stream`` raises the OSError instead."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.error: OSError | None = None
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        try:
+            _write(self.fd, data)
+        except OSError as err:
+            self.error = err
+            raise
+        return memoryview(data).nbytes
+
+    def flush(self) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def output_stream(path: Path) -> Iterator[Sink]:
+    """A new binary file at ``path`` (not atomic by itself: write it inside ``atomic_directory``, or use
+    ``atomic_write_bytes``), fsynced when the block succeeds. An error raised because a write failed is
+    replaced by that write's OSError (chained to it)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    sink = Sink(fd)
+    try:
+        yield sink
+        os.fsync(fd)
+    except Exception as err:
+        if sink.error is not None and err is not sink.error:
+            raise sink.error from err
+        raise
+    finally:
+        os.close(fd)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
+        with output_stream(Path(tmp)) as sink:
+            sink.write(data)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -53,10 +137,12 @@ def remove_outputs(out: Path, names: Iterable[str]) -> None:
 
 @contextlib.contextmanager
 def atomic_directory(path: Path) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success it replaces ``path`` in one rename.
+    """Yield a temporary sibling directory; on success its files are fsynced and it replaces ``path``
+    in one rename.
 
-    An existing ``path`` is moved aside first and deleted only after the new one is in place, so at
-    every instant one complete version exists on disk.
+    An existing ``path`` is moved aside first (``.NAME.old``) and deleted only after the new one is in
+    place, so at every instant one complete version exists on disk (``clean_temporaries`` puts the old
+    one back if a kill lands between the two renames).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
@@ -66,6 +152,7 @@ def atomic_directory(path: Path) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~umask)
     try:
         yield tmp
+        _fsync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -75,5 +162,141 @@ def atomic_directory(path: Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
         os.replace(path, old)
     os.replace(tmp, path)
+    _fsync_dir(path.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file under ``root`` to the device, so the rename never publishes unwritten data."""
+    for directory, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(directory, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    _fsync_dir(root)
+
+
+def _fsync_dir(directory: Path) -> None:
+    with contextlib.suppress(OSError):  # not every platform or filesystem can fsync a directory
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def clean_temporaries(directory: Path) -> list[str]:
+    """Remove what interrupted atomic writes left in ``directory`` (not below it): temporary files and
+    directories ``.NAME.XXXXXXXX.tmp``, and ``.NAME.old`` (moved back to ``NAME`` if that is missing: a
+    kill between atomic_directory's two renames). Returns the names it removed or restored."""
+    if not directory.is_dir():
+        return []
+    done = []
+    for entry in sorted(directory.iterdir()):
+        if _TEMPORARY.match(entry.name):
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+            done.append(entry.name)
+        elif (m := _OLD.match(entry.name)) and entry.is_dir():
+            final = directory / m.group("name")
+            if final.exists():
+                shutil.rmtree(entry)
+            else:
+                os.replace(entry, final)
+            done.append(entry.name)
+    return done
+
+
+# ----------------------------------------------------------------------------------------------------
+# Failed writes, reported
+
+
+def io_error(err: BaseException) -> OSError | None:
+    """The OSError behind ``err``: itself, one in its cause/context chain, or one a library reported
+    only in its message (safetensors: "I/O error: No space left on device (os error 28)")."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno is not None:
+            return current
+        if m := re.search(r"os error (\d+)", str(current)):
+            code = int(m.group(1))
+            return OSError(code, os.strerror(code))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def output_error(path: Path, what: str, cause: OSError, kept: str = "") -> OutputError:
+    """The OutputError for ``cause`` while writing ``what`` to ``path``: names the path, the reason,
+    the file that failed (when another), what was kept and what to do."""
+    code = cause.errno
+    reason = REASONS.get(code, cause.strerror or str(cause)) if code is not None else str(cause)
+    detail = f" (writing {cause.filename})" if cause.filename and str(cause.filename) != str(path) else ""
+    if code == errno.ENOTDIR:
+        blocker = _nearest_existing(path)
+        if not blocker.is_dir():
+            detail = f" ({blocker} is a file)"
+    name = errno.errorcode.get(code, "") if code is not None else ""
+    message = f"cannot write {what} to {path}: {reason}{f' [{name}]' if name else ''}{detail}."
+    if kept:
+        message += f" Kept: {kept}."
+    fix = FIXES.get(code) if code is not None else None
+    if fix:
+        message += " To go on: " + fix.format(dir=_nearest_existing(path)) + "."
+    return OutputError(message, path=str(path), errno=code)
+
+
+@contextlib.contextmanager
+def writing(path: Path, what: str, kept: str | Callable[[], str] = "") -> Iterator[None]:
+    """Turn an I/O failure inside the block into an ``OutputError`` (see ``output_error``); ``kept``
+    says what is still intact (a callable is asked only on failure). Other errors pass unchanged, and
+    so does an OutputError raised inside (the innermost block knows best what it was writing)."""
+    try:
+        yield
+    except OutputError:
+        raise
+    except Exception as err:
+        cause = io_error(err)
+        if cause is None:
+            raise
+        raise output_error(path, what, cause, kept() if callable(kept) else kept) from err
+
+
+def _nearest_existing(path: Path) -> Path:
+    """``path`` or its nearest ancestor that exists (as a file or a directory)."""
+    path = Path(os.path.abspath(path))
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_writable(path: Path, what: str) -> None:
+    """Refuse, before any work starts, an output directory that cannot be written: a file where it or
+    one of its parents must be a directory, or a read-only, unwritable nearest existing directory.
+    Leaves nothing behind (a probe file is created and removed there)."""
+    existing = _nearest_existing(path)
+    if not existing.is_dir():
+        where = "it is a file" if existing == Path(os.path.abspath(path)) else f"{existing} is a file"
+        raise OutputError(
+            f"{what} {path}: {where}, not a directory. Remove or rename it, or choose another path.",
+            path=str(path),
+            errno=errno.ENOTDIR,
+        )
+    read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY) if hasattr(os, "statvfs") else False
+    if read_only or not os.access(existing, os.W_OK | os.X_OK):
+        reason = "is on a read-only filesystem" if read_only else "is not writable (permission denied)"
+        raise OutputError(
+            f"{what} {path}: {existing} {reason}; nothing was written. Choose a writable directory"
+            f"{' or remount it read-write' if read_only else ' or fix its permissions'}.",
+            path=str(path),
+            errno=errno.EROFS if read_only else errno.EACCES,
+        )
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".llm-neo-probe.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise output_error(path, what, err, "nothing was written") from err

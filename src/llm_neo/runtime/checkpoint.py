@@ -4,10 +4,17 @@ A checkpoint is a directory ``checkpoints/step-000123/`` holding
   trainable.safetensors   the trainable weights (LoRA branches, or the whole student for sft/kd)
   optimizer.pt            AdamW state (loaded with ``weights_only=True``: no code runs on load)
   state.pt                scheduler state and RNG states (torch CPU, CUDA)
-  state.json              step, micro-batches consumed, tokens seen, elapsed time
-It is written under a temporary name and renamed into place, so a kill at any moment leaves the
-previous complete checkpoint; only the newest ``keep`` are kept. Sharded weights and optimizer states
-are gathered whole (rank 0 writes), so the files are the same for any number of processes.
+  manifest.json           written last: step, micro-batches consumed, tokens seen, elapsed time, the
+                          size and sha256 of each file above, and a checksum of itself
+It is written under a temporary name, fsynced and renamed into place, so a kill at any moment leaves
+the previous complete checkpoint; only the newest ``keep`` are kept. Sharded weights and optimizer
+states are gathered whole (rank 0 writes), so the files are the same for any number of processes.
+
+Integrity. ``list_checkpoints`` offers only complete checkpoints whose files have the recorded sizes
+(a ``stat`` each); ``resume_point`` also checks every file's sha256 (one read of the checkpoint) and
+falls back from a damaged newest checkpoint to the newest intact one, saying which file is damaged and
+how. Checkpoints written before manifests existed (``state.json`` instead of ``manifest.json``) are
+still listed and loaded, unverified.
 """
 
 from __future__ import annotations
@@ -17,13 +24,13 @@ import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, cast
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from llm_neo.errors import TrainingError
-from llm_neo.runtime.atomic import atomic_directory
+from llm_neo.errors import CheckpointError, TrainingError
+from llm_neo.runtime.atomic import atomic_directory, output_stream, writing
 from llm_neo.runtime.distributed import (
     World,
     barrier,
@@ -32,13 +39,19 @@ from llm_neo.runtime.distributed import (
     load_optimizer,
     load_whole_into,
 )
+from llm_neo.runtime.integrity import check_files, file_record, with_checksum, without_checksum
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+FORMAT = "llm-neo-checkpoint"
+VERSION = 2
+MANIFEST = "manifest.json"
+LEGACY_STATE = "state.json"  # version 1: the progress alone, no sizes or checksums
+FILES = ("trainable.safetensors", "optimizer.pt", "state.pt")
 
 
 @dataclass
 class Progress:
-    """Where the loop stands; saved in state.json."""
+    """Where the loop stands; saved in the manifest."""
 
     step: int = 0  # optimizer steps done
     micro_batches: int = 0  # micro-batches consumed (the data position)
@@ -82,23 +95,104 @@ def save_checkpoint(
         rngs = [None] * world.size
         torch.distributed.all_gather_object(rngs, rng_state())
     if world.is_main:
-        with atomic_directory(path) as tmp:
+        with (
+            writing(path, f"checkpoint {path.name}", kept=lambda: _kept(root, path)),
+            atomic_directory(path) as tmp,
+        ):
             save_file(weights, str(tmp / "trainable.safetensors"))
-            torch.save(optim, tmp / "optimizer.pt")
-            torch.save({"scheduler": scheduler.state_dict(), "rng": rngs}, tmp / "state.pt")
-            (tmp / "state.json").write_text(json.dumps(asdict(progress), indent=2))
-        for old in list_checkpoints(root)[:-keep]:
+            with output_stream(tmp / "optimizer.pt") as sink:
+                torch.save(optim, cast(IO[bytes], sink))
+            with output_stream(tmp / "state.pt") as sink:
+                torch.save({"scheduler": scheduler.state_dict(), "rng": rngs}, cast(IO[bytes], sink))
+            manifest = {
+                "format": FORMAT,
+                "version": VERSION,
+                "progress": asdict(progress),
+                "files": {name: file_record(tmp / name) for name in FILES},
+            }
+            with output_stream(tmp / MANIFEST) as sink:  # last: it vouches for the files above
+                sink.write(json.dumps(with_checksum(manifest), indent=2).encode())
+        # Keep the newest ``keep`` intact ones up to this step. Past it: what is left of a stretch a
+        # resume abandoned when it fell back from a damaged checkpoint.
+        intact = set(list_checkpoints(root))
+        earlier = [p for s, p in _step_dirs(root) if s <= progress.step and p in intact]
+        doomed = [p for s, p in _step_dirs(root) if s > progress.step or (p not in intact and p != path)]
+        for old in [*earlier[:-keep], *doomed]:
             shutil.rmtree(old, ignore_errors=True)
     barrier(world)
     return path
 
 
-def list_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoints under ``root``, oldest first (temporary dirs are never listed)."""
+def _kept(root: Path, failed: Path) -> str:
+    intact = [p for p in list_checkpoints(root) if p != failed]
+    return (
+        f"the previous checkpoint {intact[-1]}" if intact else "no earlier checkpoint (none was written yet)"
+    )
+
+
+def _step_dirs(root: Path) -> list[tuple[int, Path]]:
+    """(step, directory) of every ``step-N`` directory under ``root``, intact or not, oldest first."""
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
-    return [p for _, p in sorted(found) if (p / "state.json").is_file()]
+    return sorted(
+        (int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()
+    )
+
+
+def read_manifest(path: Path) -> dict[str, Any] | None:
+    """The checkpoint's manifest (a legacy one built from state.json: no ``files``); None if there is
+    neither, or it cannot be parsed."""
+    try:
+        if (path / MANIFEST).is_file():
+            manifest = json.loads((path / MANIFEST).read_text())
+            if not isinstance(manifest, dict):
+                return None
+            manifest = without_checksum(manifest)
+            return manifest if "progress" in manifest and "files" in manifest else None
+        if (path / LEGACY_STATE).is_file():
+            return {"format": FORMAT, "version": 1, "progress": json.loads((path / LEGACY_STATE).read_text())}
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def checkpoint_problems(path: Path, *, checksum: bool = True) -> list[str]:
+    """What is wrong with the checkpoint ``path`` (empty: intact): an unreadable manifest, or a file that
+    is missing, has another size than written, or (``checksum``) other bytes."""
+    manifest = read_manifest(path)
+    if manifest is None:
+        what = "damaged" if (path / MANIFEST).exists() else "missing (an incomplete checkpoint)"
+        return [f"{MANIFEST}: {what}"]
+    if manifest.get("version", 0) > VERSION:
+        return [f"{MANIFEST}: written by a newer llm-neo (version {manifest['version']}); upgrade llm-neo"]
+    if "files" not in manifest:  # legacy: nothing to check but the files' presence
+        return [f"{name}: missing" for name in FILES if not (path / name).is_file()]
+    return check_files(path, manifest["files"], checksum=checksum)
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under ``root``, oldest first: a manifest and files of the recorded sizes
+    (temporary directories of a checkpoint being written are never listed)."""
+    return [p for _, p in _step_dirs(root) if not checkpoint_problems(p, checksum=False)]
+
+
+def resume_point(root: Path) -> tuple[Path, list[tuple[Path, list[str]]]]:
+    """The newest intact checkpoint under ``root`` (every file's size and sha256 checked), and the newer
+    ones skipped with what is wrong with each. CheckpointError naming ``root`` if none is intact."""
+    if not root.is_dir():
+        raise CheckpointError(f"--resume: {root} does not exist: no checkpoint was written")
+    skipped: list[tuple[Path, list[str]]] = []
+    for _, path in reversed(_step_dirs(root)):
+        problems = checkpoint_problems(path)
+        if not problems:
+            return path, skipped
+        skipped.append((path, problems))
+    listing = "; ".join(f"{p.name}: {', '.join(problems)}" for p, problems in skipped)
+    raise CheckpointError(
+        f"--resume: no intact checkpoint in {root}"
+        + (f" ({listing})" if listing else " (it holds none)")
+        + ". Start the run again without --resume (with --overwrite), or restore the checkpoints from a copy."
+    )
 
 
 def load_checkpoint(
@@ -115,7 +209,15 @@ def load_checkpoint(
     of processes is unchanged; otherwise rank 0's).
     """
     world = world or World()
-    weights = load_file(str(path / "trainable.safetensors"))
+    manifest = read_manifest(path)
+    if manifest is None:
+        raise CheckpointError(f"checkpoint {path}: {MANIFEST} is missing or damaged")
+    try:
+        weights = load_file(str(path / "trainable.safetensors"))
+        optim = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
+        state = torch.load(path / "state.pt", weights_only=True, map_location="cpu")
+    except Exception as err:  # an unverifiable legacy checkpoint, or a file damaged since it was checked
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err})") from err
     missing = sorted(set(trainable) - set(weights))
     unexpected = sorted(set(weights) - set(trainable))
     if missing or unexpected:
@@ -125,9 +227,8 @@ def load_checkpoint(
         )
     for name, param in trainable.items():
         load_whole_into(param, weights[name])
-    load_optimizer(optimizer, torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
-    state = torch.load(path / "state.pt", weights_only=True, map_location="cpu")
+    load_optimizer(optimizer, optim)
     scheduler.load_state_dict(state["scheduler"])
     rngs = state["rng"]
     set_rng_state(rngs[world.rank] if len(rngs) == world.size else rngs[0])
-    return Progress(**json.loads((path / "state.json").read_text()))
+    return Progress(**manifest["progress"])

@@ -10,27 +10,36 @@ a second rather than paying the ~5 s import again.
 
 A job is a module-level function ``run(payload, report) -> result`` (picklable by reference), where
 ``report(units_done, loss_or_None)`` moves the shared progress bar.
+
+Stopping: workers run in process groups of their own, so SIGTERM, SIGINT (Ctrl-C) or SIGUSR1 reach
+the parent alone, which passes SIGTERM on to each running worker once and starts no more jobs. A
+``distill`` job stops after its current step with a checkpoint (see ``runtime/stop.py``); the parent
+waits for them and raises RunStopped saying what each job kept. A second signal is passed on too (the
+workers exit at once) before the parent exits.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
 import queue
 import resource
+import signal
 import sys
 import traceback
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from llm_neo.errors import WorkerError
+from llm_neo.errors import RunStopped, WorkerError
 from llm_neo.runtime.memory import set_mmap_threshold
+from llm_neo.runtime.stop import graceful_stop
 
 Report = Callable[[int, "float | None"], None]
 
@@ -55,14 +64,16 @@ def run_jobs(
     desc: str,
     mmap_threshold: int = 0,
     preload: Sequence[str] = ("llm_neo.distill",),
+    again: str = "the same command",
 ) -> tuple[list[Any], float]:
     """Run ``jobs``, ``parallel`` at a time, each in its own process with ``threads`` torch threads.
 
     ``mmap_threshold`` > 0 sets glibc's M_MMAP_THRESHOLD in the children (peak RSS without allocator
     slack, see ``set_mmap_threshold``); ``preload`` are the modules the forkserver imports once (on its
     first use in this process). One progress bar counts every job's units; a failing job stops the
-    others and raises WorkerError naming its log. Returns the jobs' results in order, and the CPU
-    seconds the jobs used together.
+    others and raises WorkerError naming its log; a stop (a signal, see the module docstring) raises
+    RunStopped listing what each job kept, and ``again``, the command that starts it all again.
+    Returns the jobs' results in order, and the CPU seconds the jobs used together.
     """
     from tqdm.auto import tqdm
 
@@ -80,47 +91,80 @@ def run_jobs(
         bar.update(units - reported[i])
         reported[i] = units
 
-    try:
-        while pending or running:
-            while pending and len(running) < parallel:
-                i = pending.pop(0)
-                jobs[i].log.parent.mkdir(parents=True, exist_ok=True)
-                job = jobs[i]
-                process = ctx.Process(
-                    target=_worker,
-                    args=(i, job.run, job.payload, threads, mmap_threshold, str(job.log), messages),
-                    name=f"llm-neo-{jobs[i].name}",
-                    daemon=True,
-                )
-                process.start()
-                running[i] = process
-                status[i] = jobs[i].name
-            try:
-                kind, i, *rest = messages.get(timeout=1.0)
-            except queue.Empty:
-                for i, process in running.items():
-                    if not process.is_alive():  # died without a word: killed, out of memory, crashed
+    stopped: dict[int, str] = {}  # job → what it kept
+    finished: set[int] = set()
+    passed_on = False
+    with graceful_stop("stopping the workers after their current step (each keeps a checkpoint)") as stop:
+        stop.on_second.append(lambda signum: _signal(running.values(), signum))
+        try:
+            while pending or running:
+                if (stop.requested or stopped) and not passed_on:  # pass the stop on, once
+                    pending, passed_on = [], True
+                    _signal(running.values(), signal.SIGTERM)
+                while pending and len(running) < parallel:
+                    i = pending.pop(0)
+                    jobs[i].log.parent.mkdir(parents=True, exist_ok=True)
+                    job = jobs[i]
+                    process = ctx.Process(
+                        target=_worker,
+                        args=(i, job.run, job.payload, threads, mmap_threshold, str(job.log), messages),
+                        name=f"llm-neo-{jobs[i].name}",
+                        daemon=True,
+                    )
+                    process.start()
+                    running[i] = process
+                    status[i] = jobs[i].name
+                try:
+                    kind, i, *rest = messages.get(timeout=1.0)
+                except queue.Empty:
+                    for i, process in list(running.items()):
+                        if process.is_alive():
+                            continue
+                        if passed_on:  # a job that does not stop gracefully, ended by the signal
+                            stopped[i] = f"ended by the stop (exit code {process.exitcode})"
+                            running.pop(i).join()
+                            continue
+                        # Died without a word: killed, out of memory, crashed.
                         raise WorkerError(_failure(jobs[i], f"exit code {process.exitcode}")) from None
-                continue
-            if kind == "step":
-                units, loss = rest
-                advance(i, units)
-                status[i] = f"{jobs[i].name} {loss:.3f}" if loss is not None else jobs[i].name
-                bar.set_postfix_str(" | ".join(status.values()), refresh=False)
-            elif kind == "done":
-                results[i], cpu = rest
-                cpu_seconds += cpu
-                advance(i, jobs[i].units)
-                running.pop(i).join()
-                status.pop(i, None)
-            else:
-                raise WorkerError(_failure(jobs[i], rest[0]))
-    finally:
-        for process in running.values():
-            process.terminate()
-            process.join()
-        bar.close()
+                    continue
+                if kind == "step":
+                    units, loss = rest
+                    advance(i, units)
+                    status[i] = f"{jobs[i].name} {loss:.3f}" if loss is not None else jobs[i].name
+                    bar.set_postfix_str(" | ".join(status.values()), refresh=False)
+                elif kind == "done":
+                    results[i], cpu = rest
+                    cpu_seconds += cpu
+                    advance(i, jobs[i].units)
+                    running.pop(i).join()
+                    status.pop(i, None)
+                    finished.add(i)
+                elif kind == "stopped":
+                    stopped[i] = rest[0]
+                    running.pop(i).join()
+                    status.pop(i, None)
+                else:
+                    raise WorkerError(_failure(jobs[i], rest[0]))
+        finally:
+            for process in running.values():
+                process.terminate()
+                process.join()
+            bar.close()
+    if passed_on:
+        kept = [f"{job.name}: {stopped[i]}" for i, job in enumerate(jobs) if i in stopped]
+        kept += [f"{job.name}: finished" for i, job in enumerate(jobs) if i in finished]
+        how = f"by {stop.name}" if stop.requested else "(a worker was stopped)"
+        what = f"stopped {how}: {'; '.join(kept) or 'no job had started'}"
+        raise RunStopped(what, resume=again, verb="Start again with")
     return results, cpu_seconds
+
+
+def _signal(processes: Iterable[Any], signum: int) -> None:
+    """Send ``signum`` to each of ``processes`` that is still running."""
+    for process in list(processes):
+        if process.pid is not None and process.is_alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signum)
 
 
 def _failure(job: Job, error: str) -> str:
@@ -169,6 +213,8 @@ def _worker(
 ) -> None:
     """The child: its output goes to its log (the parent draws the progress), its results to the queue."""
     _die_with_parent()
+    if hasattr(os, "setpgid"):
+        os.setpgid(0, 0)  # a group of its own: terminal signals reach the parent, which passes them on
     log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(log_fd, 1)
     os.dup2(log_fd, 2)
@@ -181,6 +227,11 @@ def _worker(
         result = run(payload, lambda units, loss: messages.put(("step", index, units, loss)))
         usage = resource.getrusage(resource.RUSAGE_SELF)  # a forked child's counters start at zero
         messages.put(("done", index, result, usage.ru_utime + usage.ru_stime))
+    except RunStopped as err:
+        messages.put(("stopped", index, f"{err.what} (resume it alone with: {err.resume})"))
+        messages.close()
+        messages.join_thread()
+        raise SystemExit(err.exit_code) from err
     except BaseException as err:
         traceback.print_exc()
         messages.put(("error", index, f"{type(err).__name__}: {err}"))

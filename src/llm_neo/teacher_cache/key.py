@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from llm_neo.data import Example
 from llm_neo.errors import CacheError
 from llm_neo.models.loading import is_gguf, load_config, resolve_gguf
+from llm_neo.runtime.integrity import file_sha256
 
 if TYPE_CHECKING:
     from llm_neo.teacher_cache.store import TeacherCache
@@ -92,11 +93,7 @@ def _sha256_files(files: Iterable[Path], root: Path) -> str:
 @lru_cache(maxsize=256)
 def _file_digest(path: str, size: int, mtime_ns: int) -> str:
     # Memoised on (path, size, mtime): a sweep checks the same teacher's weights once, not per trial.
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(16 * 2**20):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_sha256(Path(path))
 
 
 def _sha256_text(text: str) -> str:

@@ -1,4 +1,12 @@
-"""Reading a complete cache: its manifest, its shards, and the targets of any examples by index."""
+"""Reading a complete cache: its manifest, its shards, and the targets of any examples by index.
+
+Integrity: the manifest records each shard's size and sha256. ``open_cache`` checks every shard's size
+(one ``stat`` each, so a truncated or missing shard is refused before training starts); each shard's
+sha256 is checked the first time a process reads from it. Checking every checksum up front would read
+the whole cache before the first step (a 1M-sample cache is hundreds of GB: minutes); checked on first
+use it costs about one extra sequential read of each shard, which an epoch reads anyway. A damaged
+shard is refused (CacheError naming it); ``llm-neo cache-teacher`` with the same options rewrites it.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +21,7 @@ from safetensors import safe_open
 
 from llm_neo.errors import CacheError
 from llm_neo.losses import TopKTargets
+from llm_neo.runtime.integrity import check_file
 
 FORMAT = "llm-neo-teacher-cache"
 VERSION = 1
@@ -32,6 +41,7 @@ class TeacherCache:
     manifest: dict[str, Any]
     _handles: dict[int, Any] = field(default_factory=dict, repr=False)
     _offsets: dict[int, list[int]] = field(default_factory=dict, repr=False)
+    _verified: set[int] = field(default_factory=set, repr=False)  # shards whose sha256 matched
 
     @property
     def top_k(self) -> int:
@@ -54,10 +64,20 @@ class TeacherCache:
             if len(self._handles) >= 32:  # bound the open files; shards are read roughly in bursts
                 oldest = next(iter(self._handles))
                 del self._handles[oldest], self._offsets[oldest]
-            file = self.path / self.manifest["shards"][index]["file"]
-            handle = safe_open(str(file), framework="pt")
+            record = self.manifest["shards"][index]
+            file = self.path / record["file"]
+            if index not in self._verified:
+                problem = check_file(file, record) if "sha256" in record else None
+                if problem:
+                    raise damaged_shard(self.path, self.manifest, record["file"], problem)
+                self._verified.add(index)
+            try:
+                handle = safe_open(str(file), framework="pt")
+                offsets = handle.get_tensor("offsets").tolist()
+            except Exception as err:  # changed since it was checked, or a cache without checksums
+                raise damaged_shard(self.path, self.manifest, record["file"], str(err)) from err
             self._handles[index] = handle
-            self._offsets[index] = handle.get_tensor("offsets").tolist()
+            self._offsets[index] = offsets
         return self._handles[index], self._offsets[index]
 
     def example_targets(self, row: int) -> TopKTargets:
@@ -103,10 +123,26 @@ def open_cache(path: str | Path) -> TeacherCache:
             f"{manifest_file}: format {manifest.get('format')!r} version {manifest.get('version')!r}, "
             f"expected {FORMAT!r} version {VERSION}: cache the teacher again with this llm-neo"
         )
-    missing = [s["file"] for s in manifest["shards"] if not (root / s["file"]).is_file()]
-    if missing:
-        raise CacheError(f"{root}: shard files missing ({', '.join(missing[:3])}): cache the teacher again")
+    for shard in manifest["shards"]:
+        problem = check_file(root / shard["file"], shard, checksum=False) if "bytes" in shard else None
+        if problem is None and not (root / shard["file"]).is_file():
+            problem = "missing"
+        if problem:
+            raise damaged_shard(root, manifest, shard["file"], problem)
     return TeacherCache(path=root, manifest=manifest)
+
+
+def damaged_shard(root: Path, manifest: dict[str, Any], name: str, problem: str) -> CacheError:
+    """The refusal of a damaged shard: which one, what is wrong, and the command that rewrites it."""
+    sources = manifest.get("sources") or {}
+    command = (
+        f"llm-neo cache-teacher --teacher {sources.get('teacher', 'T')} --data {sources.get('data', 'D')} "
+        f"--output {root} with the options it was made with"
+    )
+    return CacheError(
+        f"teacher cache {root}: shard {name} is damaged ({problem}). Rerun {command}: it checks every "
+        "shard and rewrites the damaged ones"
+    )
 
 
 def batch_targets(cache: TeacherCache, rows: Sequence[int]) -> dict[str, torch.Tensor]:

@@ -34,7 +34,14 @@ from llm_neo.models.loading import (
     resolve_device,
     resolve_dtype,
 )
-from llm_neo.runtime.atomic import atomic_write_bytes, atomic_write_json
+from llm_neo.runtime.atomic import (
+    atomic_write_bytes,
+    atomic_write_json,
+    check_writable,
+    clean_temporaries,
+    writing,
+)
+from llm_neo.runtime.integrity import check_file
 from llm_neo.teacher_cache.key import key_differences, key_digest, run_key
 from llm_neo.teacher_cache.store import FORMAT, KEY_FILE, LOGPROB_DTYPES, MANIFEST, VERSION
 
@@ -182,7 +189,19 @@ def _prepare_output(out: Path, key: dict[str, Any], overwrite: bool) -> None:
         for stale in [*out.glob("shard-*.safetensors"), out / MANIFEST, key_file]:
             stale.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(key_file, key)
+    with writing(key_file, "the cache's key", kept="nothing yet"):
+        atomic_write_json(key_file, key)
+
+
+def _damaged_shards(out: Path, manifest: dict[str, Any]) -> list[tuple[str, str]]:
+    """(file, what is wrong) of every shard of a complete cache that does not match its manifest
+    record (size and sha256: this reads the whole cache once)."""
+    damaged = []
+    for shard in manifest["shards"]:
+        problem = check_file(out / shard["file"], shard) if "sha256" in shard else None
+        if problem:
+            damaged.append((shard["file"], problem))
+    return damaged
 
 
 ShardCallback = Callable[[int, dict[str, Any]], None]
@@ -206,14 +225,27 @@ def cache_teacher(config: CacheTeacherConfig, *, on_shard: ShardCallback | None 
     trust = config.trust_remote_code
     teacher_config = load_config(config.teacher, role="teacher", trust_remote_code=trust)
     check_supported(teacher_config, role="teacher", trust_remote_code=trust)  # before any weight loads
-    inputs = _inputs(config)
     out = Path(config.output).expanduser()
+    check_writable(out, "--output")
+    inputs = _inputs(config)
     _prepare_output(out, inputs.key, config.overwrite)
+    clean_temporaries(out)  # what a killed run left half-written
     if (out / MANIFEST).is_file():
         manifest = json.loads((out / MANIFEST).read_text())
         if manifest.get("key") == inputs.key:
-            log.info("teacher cache %s is complete and matches; nothing to do", out)
-            return dict(manifest)
+            damaged = _damaged_shards(out, manifest)
+            if not damaged:
+                log.info(
+                    "teacher cache %s is complete, matches and every shard is intact; nothing to do", out
+                )
+                return dict(manifest)
+            for name, problem in damaged:
+                log.warning(
+                    "teacher cache %s: shard %s is damaged (%s); computing it again", out, name, problem
+                )
+            (out / MANIFEST).unlink()  # incomplete again until the damaged shards are rewritten
+            for name, _ in damaged:
+                (out / name).unlink(missing_ok=True)
 
     shard_size = config.shard_size
     shards = [inputs.examples[i : i + shard_size] for i in range(0, len(inputs.examples), shard_size)]
@@ -237,7 +269,10 @@ def cache_teacher(config: CacheTeacherConfig, *, on_shard: ShardCallback | None 
     )
     manifest = _manifest(config, inputs, shards, records, teacher_dtype=dtype)
     manifest["stats"] = {**stats, "wall_s": time.perf_counter() - started}
-    atomic_write_json(out / MANIFEST, manifest)  # last: its presence means the cache is complete
+    with writing(
+        out / MANIFEST, "the cache's manifest", kept=f"all {len(shards)} shards; run the command again"
+    ):
+        atomic_write_json(out / MANIFEST, manifest)  # last: its presence means the cache is complete
     return manifest
 
 
@@ -301,7 +336,9 @@ def _write_shards(
             on_tokens=on_tokens,
         )
         data = save_safetensors(tensors, metadata=_shard_metadata(inputs.digest, s * config.shard_size))
-        atomic_write_bytes(out / _shard_name(s), data)
+        kept = f"{len(records)} complete shards of {len(shards)}: the same command computes only the rest"
+        with writing(out / _shard_name(s), f"teacher-cache shard {_shard_name(s)}", kept=kept):
+            atomic_write_bytes(out / _shard_name(s), data)
         records[s] = _shard_record(_shard_name(s), int(tensors["ids"].shape[0]), data)
         written_bytes += len(data)
         elapsed = time.perf_counter() - loop_start
