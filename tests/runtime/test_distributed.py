@@ -193,3 +193,23 @@ def test_sigterm_under_torchrun_stops_every_rank_after_the_same_step(tmp_path, s
         torch.testing.assert_close(_weights(stopped)[name], tensor, atol=1e-5, rtol=1e-4)
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert steps == list(range(1, 13))
+
+
+@pytest.mark.slow
+def test_compare_under_torchrun_shards_every_arm(tmp_path, student_dir, teacher_dir):
+    """llm-neo compare launched by torchrun: every arm trains on both ranks, rank 0 scores and reports."""
+    data = write_jsonl(tmp_path / "train.jsonl", ALPACA * 2)
+    out = tmp_path / "compare"
+    proc = _torchrun(
+        ["compare", "--teacher", str(teacher_dir), "--student", str(student_dir), "--data", str(data),
+         "--methods", "sft,neo", "--seeds", "1", "--max-steps", "2", "--batch-size", "2", "--grad-accum", "1",
+         "--eval-fraction", "0.25", "--max-new-tokens", "4", "--device", "cpu", "--output-dir", str(out)]
+    )  # fmt: skip
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, output
+    results = json.loads((out / "results.json").read_text())
+    assert [g["method"] for g in results["groups"]] == ["sft", "neo"]
+    for group in results["groups"]:
+        summary = json.loads((Path(group["runs"][0]["output_dir"]) / "summary.json").read_text())
+        assert summary["world_size"] == 2 and summary["merge_check"]["passed"]
+    assert (out / "report.html").is_file()

@@ -71,6 +71,7 @@ from llm_neo.models.loading import (
 from llm_neo.report.stats import paired_difference, summarize
 from llm_neo.runtime.atomic import atomic_write_json, atomic_write_text
 from llm_neo.runtime.checkpoint import list_checkpoints
+from llm_neo.runtime.distributed import barrier, close, init_world
 from llm_neo.runtime.integrity import read_checked, with_checksum
 from llm_neo.runtime.workers import Job, Report, available_cores, load_average, run_jobs
 from llm_neo.summary import RunSummary
@@ -500,14 +501,18 @@ def _train_arms(plan: Plan, caches: dict[str, str]) -> dict[str, RunSummary]:
             Job(arm["name"], distill_job, config, steps, out.parent / f"{arm['name']}.log", _rerun(config))
         )
     if todo and _launched_ranks() > 1:
-        # Under torchrun every rank runs each arm in this process, sharded with FSDP2 as distill is;
-        # rank 0 keeps the summaries.
+        # Under torchrun every rank runs each arm in this process, sharded with FSDP2 as distill is, in
+        # one process group kept across the arms; rank 0 finishes each arm alone (merge, export, held-out
+        # scores) while the others wait for it, and keeps the summaries.
         from llm_neo.distill import distill
 
+        world = init_world(plan.config.device)
         for job in todo:
             summary = distill(job.payload)
             if summary is not None:
                 done[job.name] = summary
+            barrier(world)
+        close(world)
         return done
     if todo:
         log.info(

@@ -38,6 +38,10 @@ class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+    # Whether this World set the process group up (and so ``close`` ends it). A caller that runs several
+    # runs in one launch (compare) sets the group up once and keeps it across them, so that no rank can
+    # join the next run's group while rank 0 still finishes the last run alone.
+    owns_group: bool = False
 
     @property
     def enabled(self) -> bool:
@@ -54,14 +58,15 @@ def init_world(device: str) -> World:
     if size <= 1:
         return World()
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if not dist.is_initialized():
+    owns = not dist.is_initialized()
+    if owns:
         use_cuda = device != "cpu" and torch.cuda.is_available()
         if use_cuda:
             torch.cuda.set_device(local_rank)
         dist.init_process_group(
             backend="nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=30)
         )
-    return World(rank=rank, size=size, local_rank=local_rank)
+    return World(rank=rank, size=size, local_rank=local_rank, owns_group=owns)
 
 
 def rank_device(world: World, device: torch.device) -> torch.device:
@@ -213,7 +218,8 @@ def barrier(world: World) -> None:
 
 
 def close(world: World) -> None:
-    if world.enabled and dist.is_initialized():
+    """End the process group, if this World set it up."""
+    if world.enabled and world.owns_group and dist.is_initialized():
         dist.destroy_process_group()
 
 
