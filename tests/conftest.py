@@ -70,6 +70,17 @@ def padded_student_dir(models_dir, tokenizer) -> Path:
 
 
 @pytest.fixture(scope="session")
+def wide_student_dir(models_dir, tokenizer) -> Path:
+    """A 2-layer student of hidden 64: bitsandbytes' CPU repack needs in_features >= its block size (64);
+    narrower layers make its eval-mode forward crash instead of repacking (the QLoRA tests' student)."""
+    return save_model(
+        build_llama(len(tokenizer), hidden_size=64, num_layers=2, seed=7),
+        tokenizer,
+        models_dir / "wide_student",
+    )
+
+
+@pytest.fixture(scope="session")
 def foreign_dir(models_dir) -> Path:
     """A model whose tokenizer was trained on other text: ids map to different tokens."""
     tok = build_tokenizer(["completely different corpus zzz yyy xxx www", "qqq ppp ooo"], vocab_size=300)

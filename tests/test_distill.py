@@ -590,7 +590,7 @@ def test_an_unwritable_output_directory_is_refused_before_any_model_loads(faults
         raise AssertionError("a model was loaded")
 
     monkeypatch.setattr(recipe, "load_model", never)
-    monkeypatch.setattr(recipe, "load_frozen", never)
+    monkeypatch.setattr(recipe, "load_teacher", never)
     parent = faults.root / "readonly"
     parent.mkdir()
     # Root writes whatever the mode bits say (chmod 0555 does not stop it): fake the permission check.

@@ -60,6 +60,10 @@ LOGPROB_DTYPES = ("float16", "bfloat16", "float32")
 TEACHER_QUANT = ("none", "int8", "nf4")
 TEACHER_QUANT_BACKENDS = ("auto", "torchao", "bitsandbytes")
 STUDENT_QUANT = ("none", "nf4", "int8")
+# The LoRA variants that merge exactly onto a quantized base (DoRA and PiSSA do not: models.quant).
+QLORA_VARIANTS = ("lora", "rslora", "moslora")
 # Exports of a merged student (llm_neo.export): the formats, and the GGUF tensor types gguf-py writes.
 EXPORT_FORMATS = ("gguf", "int8")
 GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")
+# `distill --export SPEC`: a format and, for GGUF, its tensor type.
+EXPORT_SPECS = (*(f"gguf:{t}" for t in GGUF_TYPES), "int8")

@@ -15,6 +15,7 @@ import traceback
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from llm_neo import __version__
@@ -187,6 +188,7 @@ to the probe prompts, agreement with the teacher and label rates (refusal, --lab
 def run_distill(config: DistillConfig) -> int:
     from llm_neo.distill import distill
     from llm_neo.errors import OutOfMemory
+    from llm_neo.models.quant import describe_teacher_quant
     from llm_neo.report.tables import format_table
 
     try:
@@ -209,6 +211,13 @@ def run_distill(config: DistillConfig) -> int:
     }
     print(format_table({summary.method: row}, list(row)))
     print(f"\nmerged model: {summary.output_dir}/merged  (summary.json, metrics.jsonl beside it)")
+    teacher_line = describe_teacher_quant(summary.teacher_quant)
+    if teacher_line:
+        print(teacher_line)
+    if summary.export is not None:
+        exported = summary.export
+        where = Path(exported["path"]) / (exported["file"] or "")
+        print(f"export: {where}  ({exported['bytes'] / 2**20:.1f} MiB, verified; export.json beside it)")
     return 0
 
 
@@ -297,10 +306,18 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+QUIET_LIBRARIES = ("torchao", "bitsandbytes", "torch.utils._pytree", "gguf")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # PEFT asks transformers 5 a deprecated question on every attach; it is noise to our users.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    # The quantization libraries log at import what this build lacks (CUDA-only kernels on a CPU, an
+    # optional kernels package), torch a deprecation in torchao's registrations, gguf its byte order:
+    # not our users' concern.
+    for library in QUIET_LIBRARIES:
+        logging.getLogger(library).setLevel(logging.ERROR)
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if a in COMMANDS), None)
     args = build_parser(command).parse_args(argv)

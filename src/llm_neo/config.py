@@ -28,6 +28,7 @@ import yaml
 from llm_neo.choices import (
     DIVERGENCES,
     DTYPES,
+    EXPORT_SPECS,
     FULL_PARAMETER_LR,
     LIGER_DIVERGENCES,
     LOGPROB_DTYPES,
@@ -36,6 +37,10 @@ from llm_neo.choices import (
     LOSS_IMPLS,
     METHOD_NAMES,
     METHODS,
+    QLORA_VARIANTS,
+    STUDENT_QUANT,
+    TEACHER_QUANT,
+    TEACHER_QUANT_BACKENDS,
 )
 from llm_neo.errors import ConfigError
 
@@ -47,8 +52,8 @@ MLP_CHUNKS_HELP = (
 
 # The groups of --help, in the order a run needs them (and of config.yaml).
 MODELS, DATA, OPTIMISATION, LOSS, LORA, RUN = "models", "data", "optimisation", "loss", "LoRA", "run"
-LOADING = "model loading"
-GROUPS = (MODELS, DATA, OPTIMISATION, LOSS, LORA, RUN, LOADING)
+QUANT, LOADING = "quantization", "model loading"
+GROUPS = (MODELS, DATA, OPTIMISATION, LOSS, LORA, QUANT, RUN, LOADING)
 
 
 def _help(text: str, **extra: Any) -> dict[str, Any]:
@@ -107,6 +112,31 @@ class TokenizeOptions:
 
 
 @dataclass
+class TeacherQuantOptions:
+    """How the frozen teacher's weights are stored (models.quant.load_teacher): distill, compare and
+    cache-teacher share them."""
+
+    teacher_quant: str = field(
+        default="none",
+        metadata=_help(
+            "Quantize the teacher's block linears: int8 (weight-only; KL ≈ 0.005/token to the unquantized "
+            "teacher) or nf4 (4-bit: a different teacher, warned). The drift is measured on a held-out "
+            "batch and recorded.",
+            choices=TEACHER_QUANT,
+            group=QUANT,
+        ),
+    )
+    teacher_quant_backend: str = field(
+        default="auto",
+        metadata=_help(
+            "auto (int8: torchao, nf4: bitsandbytes), torchao, or bitsandbytes (int8 on CUDA only).",
+            choices=TEACHER_QUANT_BACKENDS,
+            group=QUANT,
+        ),
+    )
+
+
+@dataclass
 class LoraOptions:
     """LoRA branches of the student (PEFT's vocabulary)."""
 
@@ -134,7 +164,7 @@ class LoraOptions:
 
 
 @dataclass
-class TrainOptions(TokenizeOptions, LoadOptions):
+class TrainOptions(TeacherQuantOptions, TokenizeOptions, LoadOptions):
     """How a student is trained, whatever the arm: the options `llm-neo distill` and `llm-neo compare`
     share (an arm adds its method, learning rate, seed and output directory)."""
 
@@ -248,6 +278,16 @@ class TrainOptions(TokenizeOptions, LoadOptions):
         ),
     )
     lora: LoraOptions = field(default_factory=LoraOptions, metadata=_help("", group=LORA))
+    # --- quantization -----------------------------------------------------------------------------
+    student_quant: str = field(
+        default="none",
+        metadata=_help(
+            "QLoRA for the LoRA arms: load the frozen student base with its block linears nf4 "
+            "(bitsandbytes) or int8 (torchao); the merge dequantizes it exactly and saves a dense model.",
+            choices=STUDENT_QUANT,
+            group=QUANT,
+        ),
+    )
 
 
 @dataclass
@@ -287,6 +327,15 @@ class DistillConfig(TrainOptions):
     )
     overwrite: bool = field(
         default=False, metadata=_help("Replace an earlier run's outputs in --output-dir.", group=RUN)
+    )
+    export: str | None = field(
+        default=None,
+        metadata=_help(
+            "After the merge, also export the student (verified by reloading it) into OUTPUT_DIR/export: "
+            "gguf:TYPE for llama.cpp/Ollama, or int8 (torchao safetensors).",
+            choices=EXPORT_SPECS,
+            group=RUN,
+        ),
     )
 
     # ---------------------------------------------------------------------------------------------
@@ -329,7 +378,7 @@ class EvalConfig(TokenizeOptions, LoadOptions):
 
 
 @dataclass
-class CacheTeacherConfig(TokenizeOptions, LoadOptions):
+class CacheTeacherConfig(TeacherQuantOptions, TokenizeOptions, LoadOptions):
     """`llm-neo cache-teacher`: run the teacher once over the data and store its top-k log-probs."""
 
     teacher: str = field(
@@ -430,6 +479,51 @@ def check_choices(problems: list[str], config: Any, prefix: str = "") -> None:
             problems.append(f"{_flag(prefix, f.name)}: {value!r} is not one of {', '.join(choices)}")
 
 
+def check_teacher_quant(problems: list[str], config: TeacherQuantOptions) -> None:
+    if config.teacher_quant == "none" and config.teacher_quant_backend != "auto":
+        problems.append("--teacher-quant-backend applies with --teacher-quant int8 or nf4")
+    if config.teacher_quant == "nf4" and config.teacher_quant_backend == "torchao":
+        problems.append(
+            "--teacher-quant nf4 uses bitsandbytes: pass --teacher-quant-backend auto or bitsandbytes"
+        )
+
+
+def check_quantization(problems: list[str], config: TrainOptions) -> None:
+    """The quantization options a training run cannot combine (distill's and compare's arms)."""
+    c = config
+    if c.teacher_quant != "none" and not c.teacher and not c.teacher_cache:
+        problems.append("--teacher-quant quantizes the teacher: give --teacher too (or leave it at none)")
+    check_teacher_quant(problems, c)
+    if c.student_quant == "none":
+        return
+    method = getattr(c, "method", None)
+    if method is not None and method in METHODS and not METHODS[method].lora:
+        problems.append(
+            f"--student-quant {c.student_quant}: QLoRA quantizes the frozen base of the LoRA arms (neo, "
+            f"lora); --method {method} trains every weight. Drop --student-quant or use neo/lora"
+        )
+    if c.lora.variant not in QLORA_VARIANTS:
+        problems.append(
+            f"--lora.variant {c.lora.variant} cannot be merged exactly onto a quantized base "
+            f"(--student-quant {c.student_quant}): use one of {', '.join(QLORA_VARIANTS)}"
+        )
+    if Path(c.student).expanduser().suffix == ".gguf" or _gguf_only_dir(c.student):
+        problems.append(
+            f"--student-quant {c.student_quant} loads the student's safetensors: convert the GGUF student "
+            "first (llm-neo convert --model FILE.gguf --output DIR) and pass --student DIR"
+        )
+
+
+def _gguf_only_dir(path: str) -> bool:
+    directory = Path(path).expanduser() if path else None
+    return bool(
+        directory
+        and directory.is_dir()
+        and not (directory / "config.json").exists()
+        and any(directory.glob("*.gguf"))
+    )
+
+
 def _check_tokenize(problems: list[str], config: TokenizeOptions) -> None:
     check_ranges(problems, [("max-length", config.max_length, config.max_length >= 2, ">= 2")])
 
@@ -484,6 +578,7 @@ def validate_distill(config: DistillConfig) -> None:
             ("lora.lora-dropout", c.lora.lora_dropout, 0 <= c.lora.lora_dropout < 1, "in [0, 1)"),
         ],
     )
+    check_quantization(p, c)
     if c.mlp_chunks > 1 and not c.gradient_checkpointing:
         p.append(
             f"--mlp-chunks {c.mlp_chunks} splits the MLP inside checkpointed blocks: add "
@@ -538,6 +633,7 @@ def validate_cache_teacher(config: CacheTeacherConfig) -> None:
     check_data_path(p, c.data)
     if not c.output:
         p.append("--output is required (the cache directory to write)")
+    check_teacher_quant(p, c)
     _check_tokenize(p, c)
     check_ranges(
         p,

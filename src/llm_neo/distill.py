@@ -56,6 +56,8 @@ from llm_neo.errors import (
     TrainingError,
 )
 from llm_neo.eval.metrics import heldout_metrics
+from llm_neo.export import EXPORT_FILE, export_model, parse_export_spec
+from llm_neo.export.gguf import check_gguf_layout
 from llm_neo.losses import (
     IGNORE_INDEX,
     HeadInput,
@@ -75,7 +77,6 @@ from llm_neo.models.loading import (
     kd_vocab_size,
     lm_head,
     load_config,
-    load_frozen,
     load_model,
     load_tokenizers,
     logit_softcap,
@@ -86,6 +87,15 @@ from llm_neo.models.loading import (
     save_model_dir,
 )
 from llm_neo.models.lora import attach_lora, merge_verified, save_adapter, trainable_parameters
+from llm_neo.models.quant import (
+    float32_compute,
+    load_quantized_base,
+    load_teacher,
+    merge_quantized,
+    parameter_count,
+    train_mode_without_dropout,
+    weight_bytes,
+)
 from llm_neo.runtime.atomic import (
     atomic_directory,
     atomic_write_json,
@@ -131,9 +141,10 @@ TRACKED_STEPS = 10
 # Options that may differ between a run and its resumption without changing its result.
 RESUMABLE_CHANGES = {
     "resume", "overwrite", "save_every", "log_every", "eval_batch_size", "device", "mlp_chunks",
+    "export",
 }  # fmt: skip
 # What a run writes in its output directory (and an --overwrite run replaces).
-OUTPUTS = ("merged", "adapter", "checkpoints", "metrics.jsonl", SUMMARY_FILE, "config.yaml")
+OUTPUTS = ("merged", "adapter", "export", "checkpoints", "metrics.jsonl", SUMMARY_FILE, "config.yaml")
 
 StepCallback = Callable[[int, dict[str, float]], None]
 
@@ -164,6 +175,8 @@ class Run:
     cache: TeacherCache | None
     student: Any  # a PreTrainedModel, or a PeftModel around one
     teacher: PreTrainedModel | None  # loaded for the KD arms that train against it
+    teacher_quant: dict[str, Any] | None  # how the teacher (or the cache's) was quantized, its drift
+    student_quant: dict[str, Any] | None  # the QLoRA base's kind and bytes
     base_parameters: int  # the student's parameter count before LoRA
     n_trainable: int  # trainable parameters (whole sizes, also when sharded)
     trainable: dict[str, torch.nn.Parameter]
@@ -222,6 +235,7 @@ def setup(config: DistillConfig) -> Run:
     config = config.resolved()
     started = time.perf_counter()
     world = init_world(config.device)  # one process, or one of many launched by torchrun/accelerate
+    _check_quantized_world(config, world)
     if not world.is_main:
         log.setLevel(logging.WARNING)  # logs and progress bars come from rank 0 only
     device = rank_device(world, resolve_device(config.device))
@@ -246,8 +260,16 @@ def setup(config: DistillConfig) -> Run:
     cache = _open_teacher_cache(config, tokenizer, examples)
 
     hf_set_seed(config.seed)
-    teacher = _load_teacher(config, dtype, device) if config.uses_kd and cache is None else None
+    # The teacher first: a quantized one is quantized before the student loads, so the dense teacher
+    # never shares memory with the rest of the run. Its drift is measured on the merge check's batch.
+    teacher, teacher_quant = None, _cache_quantization(cache)
+    if config.uses_kd and cache is None:
+        drift_batch = _check_batch(config, train_split, heldout, tokenizer)
+        teacher, teacher_quant = _load_teacher(config, dtype, device, drift_batch)
     student, base_parameters = _build_student(config, dtype, device)
+    student_quant = None
+    if config.student_quant != "none":
+        student_quant = {"kind": config.student_quant, "weight_bytes": weight_bytes(student)}
     kd_vocab = kd_vocab_size(tokenizer, student, teacher) if teacher is not None else None
     if cache is not None and config.uses_kd:
         kd_vocab = _cache_vocab_size(cache, student)
@@ -296,6 +318,8 @@ def setup(config: DistillConfig) -> Run:
         cache=cache,
         student=student,
         teacher=teacher,
+        teacher_quant=teacher_quant,
+        student_quant=student_quant,
         base_parameters=base_parameters,
         n_trainable=n_trainable,
         trainable=trainable,
@@ -339,6 +363,11 @@ def preflight(config: DistillConfig) -> torch.dtype:
                     "which Liger's fused loss does not; use --loss-impl chunked"
                 ]
             )
+    if config.export and config.export.startswith("gguf:"):
+        try:
+            check_gguf_layout(student_config.to_dict(), config.student)
+        except ModelError as err:
+            raise ConfigError([f"--export {config.export}: {err}"]) from err
     return published_dtype(student_config)
 
 
@@ -360,10 +389,47 @@ def _read_data(config: DistillConfig, world: World) -> tuple[Any, list[Example],
     return tokenizer, examples, {"records": len(records), "dropped": dropped}
 
 
-def _load_teacher(config: DistillConfig, dtype: torch.dtype, device: torch.device) -> PreTrainedModel:
-    """The frozen teacher in the compute dtype (eval mode, no gradients, hence no optimizer state)."""
+def _check_quantized_world(config: DistillConfig, world: World) -> None:
+    """Quantized weights are not sharded by FSDP2 here (its DTensors do not wrap torchao's or
+    bitsandbytes' tensors); refuse before any weight loads."""
+    flags = [
+        f"--{name.replace('_', '-')} {getattr(config, name)}"
+        for name in ("teacher_quant", "student_quant")
+        if getattr(config, name) != "none"
+    ]
+    if world.enabled and flags:
+        raise ConfigError(
+            [
+                f"{' and '.join(flags)}: quantized models are not sharded across the {world.size} processes "
+                "of torchrun; run on one GPU (the memory quantization saves is what makes that possible), "
+                "or drop the quantization to shard with FSDP2"
+            ]
+        )
+
+
+def _check_batch(
+    config: DistillConfig, train: list[Example], heldout: list[Example], tokenizer: Any
+) -> dict[str, torch.Tensor]:
+    """The held-out batch (the training one when nothing is held out) on which the merge is verified
+    and a quantized teacher's drift is measured."""
+    return collate((heldout or train)[: config.eval_batch_size], tokenizer.pad_token_id)
+
+
+def _load_teacher(
+    config: DistillConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    drift_batch: dict[str, torch.Tensor] | None = None,
+) -> tuple[PreTrainedModel, dict[str, Any] | None]:
+    """The frozen teacher in the compute dtype (eval mode, no gradients, hence no optimizer state),
+    quantized as --teacher-quant says, and what the quantization did (None: not quantized)."""
     assert config.teacher
-    return load_frozen(config, config.teacher, role="teacher", dtype=dtype, device=device)
+    return load_teacher(config, config.teacher, dtype=dtype, device=device, drift_batch=drift_batch)
+
+
+def _cache_quantization(cache: TeacherCache | None) -> dict[str, Any] | None:
+    """A cache's record of how its teacher was quantized (what this run's targets came from)."""
+    return None if cache is None else cache.manifest.get("teacher_quant")
 
 
 def _build_student(
@@ -374,16 +440,19 @@ def _build_student(
     Full-parameter arms keep fp32 master weights (autocast computes in ``dtype``); LoRA arms keep the
     frozen base in the compute dtype, the memory saving the method is about, and fp32 adapters.
     """
-    base = load_model(
-        config.student,
-        role="student",
-        dtype=dtype if config.uses_lora else torch.float32,
-        device=device,
-        trust_remote_code=config.trust_remote_code,
-        allow_pickle_weights=config.allow_pickle_weights,
-    )
+    if config.student_quant != "none":  # QLoRA: the frozen base's block linears quantized
+        base = _load_quantized_student(config, dtype, device)
+    else:
+        base = load_model(
+            config.student,
+            role="student",
+            dtype=dtype if config.uses_lora else torch.float32,
+            device=device,
+            trust_remote_code=config.trust_remote_code,
+            allow_pickle_weights=config.allow_pickle_weights,
+        )
     base.config.use_cache = False
-    parameters = sum(p.numel() for p in base.parameters())
+    parameters = parameter_count(base)  # as the dense model counts them (a 4-bit weight packs 2 per byte)
     if not config.uses_lora:
         return base, parameters
     student = attach_lora(
@@ -396,6 +465,19 @@ def _build_student(
         seed=config.seed,
     )
     return student, parameters
+
+
+def _load_quantized_student(
+    config: DistillConfig, dtype: torch.dtype, device: torch.device
+) -> PreTrainedModel:
+    """The QLoRA base; loading is deterministic, so the merge loads the same quantized weights again."""
+    return load_quantized_base(
+        config.student,
+        config.student_quant,
+        dtype=dtype,
+        device=device,
+        trust_remote_code=config.trust_remote_code,
+    )
 
 
 def _open_teacher_cache(
@@ -1034,7 +1116,7 @@ def _gather_to_rank0(run: Run) -> bool:
 
 def finish(run: Run, trained: Trained) -> RunSummary:
     """Merge and verify (LoRA arms), export, score on the held-out split, write summary.json."""
-    merged, merge_diff = _merge_and_export(run)
+    merged, merge_diff, exported = _merge_and_export(run)
     metrics, reference = _heldout(run, merged)
     config, device = run.config, run.step.device
     summary = RunSummary(
@@ -1071,6 +1153,9 @@ def finish(run: Run, trained: Trained) -> RunSummary:
         device=str(device),
         dtype=str(run.step.dtype).removeprefix("torch."),
         export_dtype=str(run.export_dtype).removeprefix("torch."),
+        teacher_quant=run.teacher_quant,
+        student_quant=run.student_quant,
+        export=exported,
     )
     with writing(run.out / SUMMARY_FILE, "the run's summary", kept=lambda: _kept_outputs(run)):
         atomic_write_json(run.out / SUMMARY_FILE, summary.to_json())
@@ -1097,14 +1182,13 @@ def _step_number(checkpoint: Path) -> int:
     return int(checkpoint.name.removeprefix("step-"))
 
 
-def _merge_and_export(run: Run) -> tuple[PreTrainedModel, float]:
+def _merge_and_export(run: Run) -> tuple[PreTrainedModel, float, dict[str, Any] | None]:
     """LoRA arms: save the adapter, merge the branches in fp32 and prove on held-out data that the
-    merged model computes the adapter model's logits. Then export the student in its published dtype
-    and prove the files reload bit-exact. Returns the merged model (fp32) and the merge check's diff."""
+    merged model computes the adapter model's logits. Then save the student in its published dtype,
+    prove the files reload bit-exact, and export it as --export asks. Returns the merged model (fp32),
+    the merge check's diff and the export's record."""
     config, student = run.config, run.student
-    verify_batch = collate((run.heldout or run.train)[: config.eval_batch_size], run.tokenizer.pad_token_id)
-    student.eval()
-    student.float()  # merge and verify in fp32: the check must measure the merge, not rounding
+    verify_batch = _check_batch(config, run.train, run.heldout, run.tokenizer)
     merge_diff = 0.0
     if isinstance(student, PeftModel):
         with (
@@ -1112,16 +1196,21 @@ def _merge_and_export(run: Run) -> tuple[PreTrainedModel, float]:
             atomic_directory(run.out / "adapter") as tmp,
         ):
             save_adapter(student, tmp)
-        merged, merge_diff = merge_verified(
-            student, verify_batch, run.step.device, chunk_size=config.loss_chunk_size
-        )
+        if config.student_quant != "none":
+            merged, merge_diff = _merge_quantized(run, verify_batch)
+        else:
+            student.eval()
+            student.float()  # merge and verify in fp32: the check must measure the merge, not rounding
+            merged, merge_diff = merge_verified(
+                student, verify_batch, run.step.device, chunk_size=config.loss_chunk_size
+            )
         if merge_diff > config.merge_tolerance:
             raise TrainingError(
                 f"merge check failed: merged and adapter logits differ by up to {merge_diff:.3g} "
                 f"(--merge-tolerance {config.merge_tolerance:g}); adapter kept in {run.out / 'adapter'}"
             )
     else:
-        merged = student
+        merged = student.eval().float()
     merged_parameters = sum(p.numel() for p in merged.parameters())
     if merged_parameters != run.base_parameters:
         raise TrainingError(
@@ -1129,7 +1218,40 @@ def _merge_and_export(run: Run) -> tuple[PreTrainedModel, float]:
         )
     with writing(run.out / "merged", "the exported student", kept=lambda: _kept_outputs(run)):
         save_model_dir(merged, run.tokenizer, run.out / "merged", run.export_dtype)
-    return merged, merge_diff
+    exported = None
+    if config.export:
+        fmt, kind = parse_export_spec(config.export)
+        with writing(run.out / "export", f"the {config.export} export", kept=lambda: _kept_outputs(run)):
+            record = export_model(run.out / "merged", fmt, kind, run.out / "export", overwrite=True)
+        exported = {
+            "format": fmt,
+            "gguf_type": kind,
+            "path": str(run.out / "export"),
+            "file": record.get("file"),
+            "bytes": record["bytes"],
+            "verification": record["verification"],
+            "record": EXPORT_FILE,
+        }
+    return merged, merge_diff, exported
+
+
+def _merge_quantized(run: Run, batch: dict[str, torch.Tensor]) -> tuple[PreTrainedModel, float]:
+    """QLoRA: merge onto a freshly loaded copy of the quantized base, dequantized exactly
+    (``models.quant.merge_quantized``), and compare with the adapter on the trained base in train-mode
+    forwards without dropout: on a CPU bitsandbytes repacks a 4-bit weight at its first eval-mode
+    forward, so the trained base never runs one."""
+    config, device = run.config, run.step.device
+    student = run.student
+    float32_compute(student)  # compute in fp32 (its quantized weights keep their values)
+    load_base = functools.partial(_load_quantized_student, config, run.step.dtype, device)
+    return merge_verified(
+        student,
+        batch,
+        device,
+        chunk_size=config.loss_chunk_size,
+        merge=functools.partial(merge_quantized, load_base=load_base, dtype=torch.float32),
+        forward_mode=train_mode_without_dropout,
+    )
 
 
 def _heldout(run: Run, merged: PreTrainedModel) -> tuple[dict[str, float], str | None]:
@@ -1140,7 +1262,7 @@ def _heldout(run: Run, merged: PreTrainedModel) -> tuple[dict[str, float], str |
     config, device, dtype = run.config, run.step.device, run.step.dtype
     teacher = run.teacher
     if teacher is None and config.teacher:
-        teacher = _load_teacher(config, dtype, device)
+        teacher, _ = _load_teacher(config, dtype, device)  # quantized as in training; drift: the cache's
     common: dict[str, Any] = {
         "pad_token_id": run.tokenizer.pad_token_id,
         "batch_size": config.eval_batch_size,

@@ -48,6 +48,12 @@ class RunSummary:
     device: str
     dtype: str
     export_dtype: str
+    # Quantization (docs/quantization.md): the teacher's (kind, backend, quantized_linears,
+    # weight_bytes_before/after, and drift {kl_per_token, top1_agreement, tokens} or drift_skipped) and
+    # the QLoRA base's (kind, weight_bytes); None when not quantized.
+    teacher_quant: dict[str, Any] | None = None
+    student_quant: dict[str, Any] | None = None
+    export: dict[str, Any] | None = None  # distill --export: format, gguf_type, path, bytes, verification
     extra: dict[str, Any] = field(default_factory=dict)  # fields a newer llm-neo wrote, kept on re-save
 
     @property

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from llm_neo.models.lora import attach_lora, trainable_parameters
 pytest.importorskip("torchao", reason="the quant extra is not installed: pip install 'llm-neo[quant]'")
 pytest.importorskip("bitsandbytes", reason="the quant extra is not installed: pip install 'llm-neo[quant]'")
 
+import llm_neo.models.quant as quant
 from llm_neo.models.quant import (
     block_linears,
     check_qlora_variant,
@@ -27,6 +29,7 @@ from llm_neo.models.quant import (
     float32_compute,
     is_quantized_linear,
     load_quantized_base,
+    load_teacher,
     merge_quantized,
     parameter_count,
     quantize_teacher,
@@ -126,6 +129,48 @@ def test_teacher_drift_matches_an_fp64_reference_in_any_chunking(teacher_dir):
         assert drift["kl_per_token"] == pytest.approx(kl, rel=1e-4)
         assert drift["top1_agreement"] == pytest.approx(agree)
     assert kl > 1e-2
+
+
+TEACHER_OPTIONS = dict(teacher_quant_backend="auto", trust_remote_code=False, allow_pickle_weights=False)
+
+
+def test_load_teacher_measures_the_drift_of_the_teacher_it_quantized(teacher_dir):
+    batch = make_batch(320)
+    options = SimpleNamespace(teacher_quant="int8", **TEACHER_OPTIONS)
+    teacher, info = load_teacher(options, str(teacher_dir), dtype=F32, device=CPU, drift_batch=batch)
+    expected = teacher_drift(teacher, plain(teacher_dir), batch)  # against a second, dense teacher
+    assert info["drift"] == pytest.approx(expected, rel=1e-5)
+    assert info["kind"] == "int8" and info["weight_bytes_after"] == weight_bytes(teacher)
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    none, no_info = load_teacher(
+        SimpleNamespace(teacher_quant="none", **TEACHER_OPTIONS),
+        str(teacher_dir),
+        dtype=F32,
+        device=CPU,
+        drift_batch=batch,
+    )
+    assert no_info is None and not any(is_quantized_linear(m) for m in none.modules())
+
+
+@pytest.mark.parametrize("kind", ["int8", "nf4"])
+def test_a_teacher_the_gpu_cannot_hold_dense_loads_quantized_to_the_same_weights(
+    teacher_dir, kind, monkeypatch
+):
+    """On a GPU without room for the dense teacher, transformers loads it quantized; the weights must be
+    those quantize_teacher makes, and the record must say why the drift is missing."""
+    monkeypatch.setattr(quant, "_free_bytes", lambda device: 1)  # as if a GPU had 1 byte free
+    batch = make_batch(320)
+    options = SimpleNamespace(teacher_quant=kind, **TEACHER_OPTIONS)
+    teacher, info = load_teacher(options, str(teacher_dir), dtype=F32, device=CPU, drift_batch=batch)
+    assert "drift" not in info and "does not fit in the 0.00 GiB free" in info["drift_skipped"]
+    reference, _ = quantize_teacher(plain(teacher_dir), kind)
+    assert info["quantized_linears"] == len(block_linears(reference))
+    assert info["weight_bytes_after"] == weight_bytes(reference)
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    # Train-mode forwards: in eval mode bitsandbytes' CPU kernel repacks the 4-bit weights transformers
+    # loaded (not those quantize_teacher builds) and computes differently (≈ 2e-3 here), same weights.
+    with train_mode_without_dropout(teacher), train_mode_without_dropout(reference), torch.no_grad():
+        torch.testing.assert_close(teacher(**batch).logits, reference(**batch).logits, atol=1e-6, rtol=0)
 
 
 def test_nf4_teacher_warns_with_the_measured_drift(teacher_dir, caplog):
@@ -270,19 +315,6 @@ def test_merge_is_cast_to_the_requested_dtype(student_dir):
     model = attach_lora(load(), r=4)
     merged = merge_quantized(model, load, dtype=torch.bfloat16)
     assert {p.dtype for p in merged.parameters()} == {torch.bfloat16}
-
-
-@pytest.fixture(scope="module")
-def wide_student_dir(models_dir, tokenizer):
-    """Hidden 64: bitsandbytes' CPU repack needs in_features >= its block size (64); narrower layers make
-    its eval-mode forward crash instead of repacking."""
-    from llm_neo.models.tiny import build_llama, save_model
-
-    return save_model(
-        build_llama(len(tokenizer), hidden_size=64, num_layers=2, seed=7),
-        tokenizer,
-        models_dir / "wide_student",
-    )
 
 
 def _repacks_on_eval(module: nn.Module) -> bool:

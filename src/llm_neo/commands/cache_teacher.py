@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from llm_neo.config import CacheTeacherConfig
+from llm_neo.models.quant import describe_teacher_quant
 from llm_neo.report.tables import format_table
 from llm_neo.teacher_cache.writer import cache_teacher
 
@@ -20,8 +21,16 @@ def run_cache_teacher(config: CacheTeacherConfig) -> int:
         "tokens/s": manifest["stats"]["tokens_per_s"],
     }
     print(format_table({str(config.output): row}, list(row)))
+    teacher_line = describe_teacher_quant(manifest.get("teacher_quant"))
+    if teacher_line:
+        print(teacher_line)
+    quant = ""
+    if config.teacher_quant != "none":
+        quant = f" --teacher-quant {config.teacher_quant}"
+        if config.teacher_quant_backend != "auto":
+            quant += f" --teacher-quant-backend {config.teacher_quant_backend}"
     print(
         f"\ntrain from it: llm-neo distill --teacher-cache {config.output} --temperature "
-        f"{config.temperature:g} --max-length {config.max_length} --data {config.data} ..."
+        f"{config.temperature:g} --max-length {config.max_length}{quant} --data {config.data} ..."
     )
     return 0

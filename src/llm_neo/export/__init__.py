@@ -20,7 +20,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from llm_neo.choices import EXPORT_FORMATS
+from llm_neo.choices import EXPORT_FORMATS, EXPORT_SPECS
 from llm_neo.errors import ModelError
 
 log = logging.getLogger("llm_neo")
@@ -33,15 +33,10 @@ __all__ = ["EXPORT_FILE", "EXPORT_FORMATS", "export_model", "parse_export_spec"]
 def parse_export_spec(spec: str) -> tuple[str, str | None]:
     """``"gguf:q8_0"`` -> ("gguf", "q8_0"); ``"int8"`` -> ("int8", None). Raises ModelError when malformed
     (``distill --export`` takes this form)."""
-    from llm_neo.export.gguf import GGUF_TYPES
-
+    if spec not in EXPORT_SPECS:
+        raise ModelError(f"export {spec!r}: choose one of {', '.join(EXPORT_SPECS)}")
     fmt, _, kind = spec.partition(":")
-    if fmt == "gguf" and kind in GGUF_TYPES:
-        return fmt, kind
-    if fmt == "int8" and not kind:
-        return fmt, None
-    choices = ", ".join([*(f"gguf:{t}" for t in GGUF_TYPES), "int8"])
-    raise ModelError(f"export {spec!r}: choose one of {choices}")
+    return fmt, kind or None
 
 
 def _versions() -> dict[str, str | None]:

@@ -75,6 +75,7 @@ __all__ = [
     "GGUF_FAMILIES",
     "GGUF_TYPES",
     "check_gguf_family",
+    "check_gguf_layout",
     "compare_logits",
     "gguf_metadata",
     "gguf_pre_tokenizer",
@@ -122,6 +123,19 @@ def check_gguf_family(model_dir: str | Path) -> dict[str, Any]:
     return its config.json."""
     model_dir = Path(model_dir)
     config = _read_config(model_dir)
+    check_gguf_layout(config, str(model_dir))
+    if not (model_dir / "tokenizer.json").is_file():
+        raise ModelError(
+            f"GGUF export of {model_dir}: no tokenizer.json; the GGUF needs the fast tokenizer's files "
+            "(save the tokenizer with save_pretrained next to the model)"
+        )
+    return config
+
+
+def check_gguf_layout(config: dict[str, Any], model_dir: str) -> None:
+    """Raise ModelError unless a config.json dict (of the model at ``model_dir``, named in the message)
+    is a family and rope scaling that GGUF export writes: ``distill --export gguf:...`` asks this of the
+    student before training."""
     model_type = config.get("model_type")
     supported = ", ".join(sorted(GGUF_FAMILIES))
     if model_type not in GGUF_FAMILIES:
@@ -139,12 +153,6 @@ def check_gguf_family(model_dir: str | Path) -> dict[str, Any]:
         raise ModelError(f"GGUF export of {model_dir}: rope scaling is supported for the Llama family only")
     if model_type == "qwen2" and config.get("use_sliding_window"):
         raise ModelError(f"GGUF export of {model_dir}: Qwen2 with use_sliding_window is not supported")
-    if not (model_dir / "tokenizer.json").is_file():
-        raise ModelError(
-            f"GGUF export of {model_dir}: no tokenizer.json; the GGUF needs the fast tokenizer's files "
-            "(save the tokenizer with save_pretrained next to the model)"
-        )
-    return config
 
 
 def gguf_pre_tokenizer(tokenizer_json: dict[str, Any]) -> str:

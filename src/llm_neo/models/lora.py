@@ -16,10 +16,13 @@ Only one adapter (PEFT's ``"default"``) is ever used.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -347,11 +350,18 @@ def merge_lora(model: PeftModel) -> PreTrainedModel:
 
 @torch.no_grad()
 def merge_verified(
-    model: PeftModel, batch: dict[str, torch.Tensor], device: torch.device, *, chunk_size: int = 1024
+    model: PeftModel,
+    batch: dict[str, torch.Tensor],
+    device: torch.device,
+    *,
+    chunk_size: int = 1024,
+    merge: Callable[[PeftModel], PreTrainedModel] | None = None,
+    forward_mode: Callable[[torch.nn.Module], AbstractContextManager[Any]] = contextlib.nullcontext,
 ) -> tuple[PreTrainedModel, float]:
-    """``merge_lora``, and the largest |merged - adapter| logit difference over the real (non-padding)
-    positions of ``batch`` [B, T], in the models' dtype (call it on fp32 models to measure the merge,
-    not rounding).
+    """``merge(model)`` (default ``merge_lora``), and the largest |merged - adapter| logit difference over
+    the real (non-padding) positions of ``batch`` [B, T], in the models' dtype (call it on fp32 models
+    to measure the merge, not rounding). Both forwards run inside ``forward_mode(model)``: a quantized
+    base is compared in ``models.quant.train_mode_without_dropout``, with ``merge_quantized``.
 
     The logits are compared chunk by chunk of tokens from the two models' final hidden states, so no
     [B, T, V] tensor exists: at Llama-3's vocabulary and 8 x 2048 tokens that would be 8 GiB each.
@@ -360,13 +370,15 @@ def merge_verified(
     input_ids = batch["input_ids"].to(device)
     attention_mask = batch["attention_mask"].to(device)
     real = attention_mask.bool()  # [B, T]
-    adapter_hidden = final_hidden_states(model, input_ids, attention_mask)[real]  # [N, H]
+    with forward_mode(model):
+        adapter_hidden = final_hidden_states(model, input_ids, attention_mask)[real]  # [N, H]
     head = model.get_output_embeddings()
     # A LoRA-wrapped lm_head changes in the merge: keep a copy of the adapter model's one to compare with.
     adapter_head = copy.deepcopy(head) if isinstance(head, LoraLayer) else head
     cap = logit_softcap(model)
-    merged = merge_lora(model)
-    merged_hidden = final_hidden_states(merged, input_ids, attention_mask)[real]  # [N, H]
+    merged = (merge or merge_lora)(model)
+    with forward_mode(merged):
+        merged_hidden = final_hidden_states(merged, input_ids, attention_mask)[real]  # [N, H]
     merged_head = merged.get_output_embeddings()
     diff = 0.0
     for start in range(0, adapter_hidden.shape[0], chunk_size):

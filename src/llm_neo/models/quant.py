@@ -46,7 +46,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from llm_neo.choices import STUDENT_QUANT, TEACHER_QUANT
+from llm_neo.choices import QLORA_VARIANTS, STUDENT_QUANT, TEACHER_QUANT
 from llm_neo.choices import TEACHER_QUANT_BACKENDS as TEACHER_BACKENDS
 from llm_neo.errors import ModelError
 from llm_neo.losses import IGNORE_INDEX, forward_kl, next_token_targets
@@ -54,10 +54,6 @@ from llm_neo.models.loading import final_hidden_states, model_logits
 from llm_neo.models.lora import _output_embeddings
 
 log = logging.getLogger("llm_neo")
-
-# LoRA variants whose merge onto a quantized base is exact. DoRA normalises by the norm of W + ΔW and
-# PiSSA rewrites the base weights at init (W - B0·A0, which a fresh quantized base does not hold).
-QLORA_VARIANTS = ("lora", "rslora", "moslora")
 
 NF4_TEACHER_DRIFT = (
     "an nf4 teacher is a different teacher: measured on SmolLM2-135M-Instruct, 4-bit teachers drift by "
@@ -76,14 +72,17 @@ __all__ = [
     "check_qlora_variant",
     "check_trainable_base",
     "dequantized_weight",
+    "describe_teacher_quant",
     "float32_compute",
     "is_quantized_linear",
     "load_quantized_base",
+    "load_teacher",
     "merge_quantized",
     "parameter_count",
     "quantize_teacher",
     "reference_hidden_states",
     "require_package",
+    "resolve_teacher_backend",
     "storage_tensors",
     "teacher_drift",
     "train_mode_without_dropout",
@@ -240,8 +239,7 @@ def quantize_teacher(
     if kind == "none":
         info = {"kind": "none", "backend": None, "quantized_linears": 0}
         return model, info | {"weight_bytes_before": before, "weight_bytes_after": before}
-    if backend == "auto":
-        backend = "torchao" if kind == "int8" else "bitsandbytes"
+    backend = resolve_teacher_backend(kind, backend)
     if kind == "nf4" and backend != "bitsandbytes":
         raise ModelError("nf4 teacher quantization uses bitsandbytes; pass backend='bitsandbytes' (or auto)")
     device = _model_device(model)
@@ -398,6 +396,147 @@ def teacher_drift(
     return {"kl_per_token": kl_sum / tokens, "top1_agreement": agree / tokens, "tokens": tokens}
 
 
+def load_teacher(
+    options: Any,
+    path: str,
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    drift_batch: dict[str, torch.Tensor] | None,
+) -> tuple[PreTrainedModel, dict[str, Any] | None]:
+    """The frozen teacher of a run, quantized as ``options.teacher_quant``/``teacher_quant_backend`` say
+    (``config.TeacherQuantOptions``; loading as ``config.LoadOptions``): distill, compare's arms and
+    cache-teacher load their teacher here.
+
+    Args:
+        drift_batch: a collated held-out batch [B, T] (``data.collate``): the reference hidden states
+            are taken from the dense teacher on it before quantizing, and ``teacher_drift`` after.
+
+    Returns:
+        ``(teacher, info)``: info is None for an unquantized teacher, else ``quantize_teacher``'s record
+        plus ``drift`` (``teacher_drift``'s numbers) or ``drift_skipped`` (why it was not measured).
+
+    The dense teacher is loaded first and quantized in place, before anything else of the run is
+    built, so the run's later peak holds only the quantized one. On a GPU that cannot hold the dense
+    teacher it is loaded quantized by transformers instead (the same quantized weights), and the drift
+    is skipped: there is no dense teacher to compare with.
+    """
+    from llm_neo.models.loading import freeze, is_gguf, load_config, load_frozen
+
+    kind, backend = options.teacher_quant, options.teacher_quant_backend
+    if kind == "none":
+        return load_frozen(options, path, role="teacher", dtype=dtype, device=device), None
+    backend = resolve_teacher_backend(kind, backend)
+    dense = _dense_bytes(load_config(path, role="teacher"), dtype)
+    free = _free_bytes(device)
+    if free is not None and dense > free and not is_gguf(path):
+        why = (
+            f"the dense teacher ({dense / 2**30:.2f} GiB) does not fit in the {free / 2**30:.2f} GiB free on "
+            f"{device}: loaded quantized, so there is no unquantized teacher to compare with"
+        )
+        log.warning("teacher drift not measured: %s", why)
+        teacher = _load_quantized(path, kind, backend, dtype=dtype, device=device, options=options)
+        return freeze(teacher), {**_quant_record(teacher, kind, backend, dense), "drift_skipped": why}
+    teacher = load_frozen(options, path, role="teacher", dtype=dtype, device=device)
+    reference = reference_hidden_states(teacher, drift_batch) if drift_batch is not None else None
+    teacher, info = quantize_teacher(teacher, kind, backend=backend)
+    if reference is None:
+        return teacher, {**info, "drift_skipped": "no batch to measure it on"}
+    drift = teacher_drift(teacher, reference, drift_batch)  # type: ignore[arg-type]
+    log.info(
+        "teacher drift (%s vs unquantized, %d held-out tokens): KL %.3g per token, top-1 agreement %.3f",
+        kind,
+        drift["tokens"],
+        drift["kl_per_token"],
+        drift["top1_agreement"],
+    )
+    return teacher, {**info, "drift": drift}
+
+
+def describe_teacher_quant(info: dict[str, Any] | None) -> str | None:
+    """One line on a quantized teacher (``load_teacher``'s record) for a command's output; None if not
+    quantized."""
+    if info is None:
+        return None
+    head = f"{info['kind']} teacher ({info['backend']})"
+    if "drift" not in info:
+        return f"{head}: drift not measured ({info.get('drift_skipped', 'unknown reason')})"
+    drift = info["drift"]
+    return (
+        f"{head}: KL {drift['kl_per_token']:.3g} per token to its unquantized self, top-1 agreement "
+        f"{drift['top1_agreement']:.3f} ({drift['tokens']} tokens)"
+    )
+
+
+def resolve_teacher_backend(kind: str, backend: str) -> str:
+    """The backend ``auto`` stands for: torchao for int8, bitsandbytes for nf4."""
+    if backend != "auto":
+        return backend
+    return "torchao" if kind == "int8" else "bitsandbytes"
+
+
+def _dense_bytes(hf_config: Any, dtype: torch.dtype) -> int:
+    """Bytes of a model's weights at ``dtype``, from its config alone (a meta-device skeleton)."""
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(hf_config)
+    return parameter_count(skeleton) * torch.empty((), dtype=dtype).element_size()
+
+
+def _free_bytes(device: torch.device) -> int | None:
+    """Free accelerator memory; None on a CPU (host memory is not what runs out first there)."""
+    if device.type != "cuda":
+        return None
+    return int(torch.cuda.mem_get_info(device)[0])
+
+
+def _quantization_config(kind: str, backend: str, dtype: torch.dtype) -> Any:
+    """transformers' quantization config that loads block linears as ``quantize_teacher`` and QLoRA
+    store them: bitsandbytes nf4 with double quantization, torchao int8 weight-only, or LLM.int8()."""
+    from transformers import BitsAndBytesConfig, TorchAoConfig
+
+    if kind == "nf4":
+        require_package("bitsandbytes")
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+    if backend == "bitsandbytes":
+        require_package("bitsandbytes")
+        return BitsAndBytesConfig(load_in_8bit=True)
+    require_package("torchao")
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    return TorchAoConfig(Int8WeightOnlyConfig())
+
+
+def _load_quantized(
+    path: str, kind: str, backend: str, *, dtype: torch.dtype, device: torch.device, options: Any
+) -> PreTrainedModel:
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=dtype,
+            quantization_config=_quantization_config(kind, backend, dtype),
+            device_map={"": device},
+            use_safetensors=not getattr(options, "allow_pickle_weights", False),
+            trust_remote_code=bool(getattr(options, "trust_remote_code", False)),
+        )
+    except Exception as err:
+        raise ModelError(f"could not load {path!r} quantized to {kind} ({backend}): {err}") from err
+
+
+def _quant_record(model: nn.Module, kind: str, backend: str, dense_bytes: int) -> dict[str, Any]:
+    return {
+        "kind": kind,
+        "backend": backend,
+        "quantized_linears": sum(1 for _ in _quantized_linears(model)),
+        "weight_bytes_before": dense_bytes,
+        "weight_bytes_after": weight_bytes(model),
+    }
+
+
 # ----------------------------------------------------------------------------------------------------
 # The QLoRA student base
 
@@ -429,24 +568,9 @@ def load_quantized_base(
         ModelError: unknown kind, missing package, unreadable checkpoint, or a base that cannot train
         (activation-quantized: the checkpoint at ``path`` may carry its own quantization config).
     """
-    from transformers import BitsAndBytesConfig, TorchAoConfig
-
     if kind not in STUDENT_QUANT or kind == "none":
         raise ModelError(f"student quantization {kind!r}: choose nf4 or int8 (none loads the plain student)")
-    quantization: Any
-    if kind == "nf4":
-        require_package("bitsandbytes")
-        quantization = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype,
-        )
-    else:
-        require_package("torchao")
-        from torchao.quantization import Int8WeightOnlyConfig
-
-        quantization = TorchAoConfig(Int8WeightOnlyConfig())
+    quantization = _quantization_config(kind, "auto", dtype)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path,

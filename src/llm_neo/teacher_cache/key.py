@@ -35,6 +35,11 @@ KEY_PARTS: dict[str, tuple[str, str]] = {
         "the teacher's config.json",
         "the cache was made with another teacher: cache this --teacher again, or leave --teacher out",
     ),
+    "teacher_quant": (
+        "--teacher-quant",
+        "the cache's targets come from a teacher quantized as {cache}: run with the cache's "
+        "--teacher-quant (and backend), or cache the teacher again with this run's",
+    ),
     "tokenizer": (
         "the tokenizer",
         "the student's tokenizer is not the one the cache tokenized with: cache again with "
@@ -184,6 +189,22 @@ def hash_examples(examples: Sequence[Example]) -> str:
     return "sha256:" + digest.hexdigest()
 
 
+# Parts a key holds only when they differ from their default, so caches written before the part existed
+# keep their digest (an unquantized teacher's cache is the same cache as before).
+KEY_DEFAULTS: dict[str, Any] = {"teacher_quant": "none"}
+
+
+def teacher_quant_key(config: Any) -> str:
+    """``"none"``, or the teacher's quantization and the backend that did it (``int8/torchao``): the two
+    int8 backends give different teachers."""
+    from llm_neo.models.quant import resolve_teacher_backend
+
+    kind = getattr(config, "teacher_quant", "none")
+    if kind == "none":
+        return "none"
+    return f"{kind}/{resolve_teacher_backend(kind, config.teacher_quant_backend)}"
+
+
 def run_key(config: Any, *, tokenizer: Any, examples: Sequence[Example]) -> dict[str, Any]:
     """The key parts of a run (or a cache) from its config: ``llm-neo distill``'s and ``cache-teacher``'s
     configs share the fields read here (data, max_length, train_on_prompt, temperature, teacher,
@@ -194,6 +215,8 @@ def run_key(config: Any, *, tokenizer: Any, examples: Sequence[Example]) -> dict
         pickle_ok = config.allow_pickle_weights
         key["teacher_weights"] = hash_teacher_weights(teacher, allow_pickle_weights=pickle_ok)
         key["teacher_config"] = hash_model_config(teacher)
+    if teacher_quant_key(config) != KEY_DEFAULTS["teacher_quant"]:
+        key["teacher_quant"] = teacher_quant_key(config)
     key |= {
         "tokenizer": hash_tokenizer(tokenizer),
         "chat_template": hash_chat_template(tokenizer),
@@ -214,9 +237,14 @@ def key_differences(cache_key: dict[str, Any], run: dict[str, Any]) -> list[str]
     """One line per key part of ``run`` that differs from the cache's: what it is, both values, the fix."""
     lines = []
     for part, (what, fix) in KEY_PARTS.items():
-        if part not in run or cache_key.get(part) == run[part]:
+        if part in KEY_DEFAULTS:
+            cached, now = cache_key.get(part, KEY_DEFAULTS[part]), run.get(part, KEY_DEFAULTS[part])
+        elif part not in run:
+            continue  # a part this run cannot check (the teacher's, when only the cache is given)
+        else:
+            cached, now = cache_key.get(part), run[part]
+        if cached == now:
             continue
-        cached, now = cache_key.get(part), run[part]
         shown = [
             str(v)[:19] + "…" if isinstance(v, str) and v.startswith("sha256:") else v for v in (cached, now)
         ]

@@ -27,13 +27,13 @@ from llm_neo.models.loading import (
     check_supported,
     final_hidden_states,
     load_config,
-    load_frozen,
     load_tokenizers,
     logit_width,
     model_logits,
     resolve_device,
     resolve_dtype,
 )
+from llm_neo.models.quant import load_teacher
 from llm_neo.runtime.atomic import (
     atomic_write_bytes,
     atomic_write_json,
@@ -258,7 +258,11 @@ def cache_teacher(config: CacheTeacherConfig, *, on_shard: ShardCallback | None 
         log.info("resuming: %d of %d shards are complete", len(records), len(shards))
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
-    teacher = load_frozen(config, config.teacher, role="teacher", dtype=dtype, device=device)
+    # A quantized teacher's drift from its unquantized self, on the first batch of the data.
+    drift_batch = collate(inputs.examples[: config.batch_size], inputs.tokenizer.pad_token_id)
+    teacher, quantization = load_teacher(
+        config, config.teacher, dtype=dtype, device=device, drift_batch=drift_batch
+    )
     vocab_size = len(inputs.tokenizer)
     if logit_width(teacher) < vocab_size:
         raise CacheError(
@@ -268,6 +272,8 @@ def cache_teacher(config: CacheTeacherConfig, *, on_shard: ShardCallback | None 
         config, teacher, inputs, shards, records, out, device=device, dtype=dtype, on_shard=on_shard
     )
     manifest = _manifest(config, inputs, shards, records, teacher_dtype=dtype)
+    if quantization is not None:
+        manifest["teacher_quant"] = quantization  # distill records it as its run's teacher_quant
     manifest["stats"] = {**stats, "wall_s": time.perf_counter() - started}
     with writing(
         out / MANIFEST, "the cache's manifest", kept=f"all {len(shards)} shards; run the command again"
