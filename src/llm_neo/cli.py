@@ -12,7 +12,6 @@ import logging
 import os
 import sys
 import traceback
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 from llm_neo import __version__
 from llm_neo.config import DistillConfig, add_dataclass_arguments, build_config
 from llm_neo.errors import ConfigError, LlmNeoError, RunStopped
+from llm_neo.runtime.logs import quiet_libraries, setup_logging
 
 
 @dataclass(frozen=True)
@@ -306,26 +306,15 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-QUIET_LIBRARIES = ("torchao", "bitsandbytes", "torch.utils._pytree", "gguf")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # PEFT asks transformers 5 a deprecated question on every attach; it is noise to our users.
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-    # The quantization libraries log at import what this build lacks (CUDA-only kernels on a CPU, an
-    # optional kernels package), torch a deprecation in torchao's registrations, gguf its byte order:
-    # not our users' concern.
-    for library in QUIET_LIBRARIES:
-        logging.getLogger(library).setLevel(logging.ERROR)
+    quiet_libraries()  # before the commands import them
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if a in COMMANDS), None)
     args = build_parser(command).parse_args(argv)
     quiet = args.__dict__.pop("quiet")
     debug = args.__dict__.pop("debug")
-    logging.basicConfig(
-        level=logging.WARNING if quiet else logging.INFO, format="[llm-neo] %(message)s", stream=sys.stderr
-    )
+    setup_logging(logging.WARNING if quiet else logging.INFO)
     spec = COMMANDS[args.command]
     try:
         config = build_config(_resolve(spec.config), args, args.config)

@@ -209,7 +209,9 @@ def test_a_killed_comparison_continues_without_retraining(tmp_path, teacher_dir,
 
 def test_bad_input_is_refused_before_anything_trains(tmp_path, teacher_dir, student_dir, data):
     out = tmp_path / "out"
-    with pytest.raises(ConfigError, match="--methods: dpo"):
+    with pytest.raises(
+        ConfigError, match=r"--methods: 'dpo': the arm's method must be one of neo, kd, lora, sft"
+    ):
         compare(_config(teacher_dir, student_dir, data, out, methods=["sft", "dpo"]))
     with pytest.raises(ConfigError, match="does not compile"):
         compare(_config(teacher_dir, student_dir, data, out, score="regex:(unclosed"))
@@ -231,6 +233,57 @@ def test_a_data_size_axis(tmp_path, teacher_dir, student_dir, data):
     small = Path(results["groups"][0]["runs"][0]["output_dir"])
     assert len((small.parent.parent / "splits" / "train-n8.jsonl").read_text().splitlines()) == 8
     assert "Score against training records" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_quantized_arms_beside_their_method(tmp_path, teacher_dir, wide_student_dir, data):
+    """neo+int8-teacher trains on its own int8-teacher cache at Neo's learning rate, neo+nf4-student on
+    a QLoRA base; both are scored against the same (unquantized) teacher, paired with Neo, and the report
+    says what each saved and cost."""
+    pytest.importorskip("torchao", reason="the quant extra is not installed: pip install 'llm-neo[quant]'")
+    pytest.importorskip("bitsandbytes", reason="the quant extra is not installed")
+    arms = ["neo", "neo+int8-teacher", "neo+nf4-student"]
+    out = tmp_path / "out"
+    results = compare(
+        _config(teacher_dir, wide_student_dir, data, out, methods=arms, seeds=1, cache_teacher=16)
+    )
+    groups = {g["method"]: g for g in results["groups"]}
+    assert list(groups) == arms
+    assert groups["neo+int8-teacher"]["base_method"] == "neo"
+    assert groups["neo+int8-teacher"]["quantization"] == {"teacher_quant": "int8"}
+    runs = {name: g["runs"][0] for name, g in groups.items()}
+    assert runs["neo"]["teacher_quant"] is None and runs["neo"]["student_quant"] is None
+    assert runs["neo+int8-teacher"]["teacher_quant"]["kind"] == "int8"
+    assert runs["neo+int8-teacher"]["teacher_quant"]["drift"]["kl_per_token"] < 1e-4
+    assert runs["neo+nf4-student"]["student_quant"]["kind"] == "nf4"
+    assert runs["neo+nf4-student"]["teacher_quant"] is None
+    assert len({r["lr"] for r in runs.values()}) == 1  # every variant at the method's learning rate
+    # One teacher cache per teacher quantization, each what its arms trained on.
+    caches = sorted(p.name for p in (out / "cache").iterdir())
+    assert caches == ["train", "train-int8-teacher"]
+    manifest = json.loads((out / "cache" / "train-int8-teacher" / "manifest.json").read_text())
+    assert manifest["teacher_quant"]["kind"] == "int8"
+    summary = RunSummary.load(runs["neo+int8-teacher"]["output_dir"])
+    assert summary.teacher_cache["path"].endswith("train-int8-teacher")
+    # The teacher every model is scored against is the unquantized one.
+    assert results["models"]["teacher"]["kl_to_teacher"] == pytest.approx(0.0, abs=1e-6)
+    assert [p["against"] for p in results["paired"]] == ["neo+int8-teacher", "neo+nf4-student"]
+    report = (out / "report.md").read_text()
+    assert "## Quantization: what it saved, what it cost" in report
+    assert "Neo + int8 teacher" in report and "Neo + nf4 student" in report
+    assert "int8 (torchao)" in report
+
+
+def test_quantized_arms_that_cannot_work_are_refused(tmp_path, teacher_dir, student_dir, data):
+    out = tmp_path / "out"
+    with pytest.raises(
+        ConfigError, match=r"'neo\+int4-teacher': 'int4-teacher' is not a variant; use one of"
+    ):
+        compare(_config(teacher_dir, student_dir, data, out, methods=["neo+int4-teacher"]))
+    with pytest.raises(ConfigError, match=r"kd\+nf4-student: --student-quant nf4: QLoRA quantizes"):
+        compare(_config(teacher_dir, student_dir, data, out, methods=["neo", "kd+nf4-student"]))
+    with pytest.raises(ConfigError, match="sets --teacher-quant twice"):
+        compare(_config(teacher_dir, student_dir, data, out, methods=["neo+int8-teacher+nf4-teacher"]))
+    assert not (out / "arms").exists()
 
 
 @pytest.mark.slow

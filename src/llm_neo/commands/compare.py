@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from llm_neo import __version__
-from llm_neo.choices import COMPARISON_ORDER, METHOD_NAMES, METHODS
+from llm_neo.choices import COMPARISON_ORDER, METHOD_NAMES, METHODS, STUDENT_QUANT, TEACHER_QUANT
 from llm_neo.commands.cost import GPUS, flops_per_token, gpu, parse_tokens, project
 from llm_neo.config import (
     DATA,
@@ -68,6 +68,7 @@ from llm_neo.models.loading import (
     resolve_device,
     resolve_dtype,
 )
+from llm_neo.models.quant import load_teacher
 from llm_neo.report.stats import paired_difference, summarize
 from llm_neo.runtime.atomic import atomic_write_json, atomic_write_text
 from llm_neo.runtime.checkpoint import list_checkpoints
@@ -88,6 +89,12 @@ REPORT_ONLY = {
     "exact_memory",
 }  # fmt: skip
 SCORING = {"score", "category_field", "max_new_tokens", "lm_eval_tasks", "lm_eval_include", "lm_eval_limit"}
+# Quantized variants of an arm, joined to its method with "+": neo+int8-teacher, lora+nf4-student,
+# neo+int8-teacher+nf4-student. Each sets one quantization option of that arm alone.
+ARM_VARIANTS: dict[str, tuple[str, str]] = {
+    **{f"{kind}-teacher": ("teacher_quant", kind) for kind in TEACHER_QUANT if kind != "none"},
+    **{f"{kind}-student": ("student_quant", kind) for kind in STUDENT_QUANT if kind != "none"},
+}
 # Per-run numbers the report aggregates over seeds (mean, std, min, max).
 METRICS = (
     "accuracy",
@@ -123,7 +130,11 @@ class CompareConfig(TrainOptions):
 
     methods: list[str] = field(
         default_factory=lambda: list(COMPARISON_ORDER),
-        metadata=_help("Arms to compare (space- or comma-separated): sft lora kd neo.", group=MODELS),
+        metadata=_help(
+            "Arms to compare (space- or comma-separated): sft lora kd neo, and quantized variants such "
+            f"as neo+int8-teacher or lora+nf4-student ({', '.join(ARM_VARIANTS)}).",
+            group=MODELS,
+        ),
     )
     heldout: str | None = field(
         default=None,
@@ -228,14 +239,19 @@ def validate_compare(config: CompareConfig) -> None:
     c = config
     p: list[str] = []
     check_choices(p, c)
-    unknown = [m for m in c.methods if m not in METHOD_NAMES]
-    if unknown or not c.methods:
-        p.append(f"--methods: {', '.join(unknown) or 'none'}: give some of {', '.join(METHOD_NAMES)}")
+    arms: dict[str, tuple[str, dict[str, str]]] = {}
+    for arm in c.methods:
+        try:
+            arms[arm] = parse_arm(arm)
+        except ConfigError as err:
+            p += err.problems
+    if not c.methods:
+        p.append(f"--methods: none: give some of {', '.join(METHOD_NAMES)}")
     if not c.student:
         p.append("--student is required (a model directory or hub id)")
     check_model_path(p, "student", c.student)
     check_model_path(p, "teacher", c.teacher)
-    if any(m in METHODS and METHODS[m].kd for m in c.methods) and not c.teacher and not c.teacher_cache:
+    if any(METHODS[m].kd for m, _ in arms.values()) and not c.teacher and not c.teacher_cache:
         p.append("--teacher is required for the kd and neo arms (or --teacher-cache, or --methods sft lora)")
     check_data_path(p, c.data)
     if c.heldout and not Path(c.heldout).expanduser().exists():
@@ -259,12 +275,32 @@ def validate_compare(config: CompareConfig) -> None:
             p += err.problems
     if c.project_tokens and not c.gpu:
         p.append("--project-tokens needs --gpu (the card to project to: " + ", ".join(GPUS) + ")")
-    for method in METHODS if not p else ():
-        # The arms' own checks (ranges, LoRA, loss) on the first arm's config: all share them.
-        validate_distill(_arm_config(c, method, c.seed, c.data, Path(c.output_dir) / "arms" / "check"))
-        break
+    # The arms' own checks (ranges, LoRA, loss, quantization): every arm's config, all problems at once.
+    for arm in arms if not p else ():
+        try:
+            validate_distill(_arm_config(c, arm, c.seed, c.data, Path(c.output_dir) / "arms" / "check"))
+        except ConfigError as err:
+            p += [f"{arm}: {problem}" for problem in err.problems if f"{arm}: {problem}" not in p]
     if p:
-        raise ConfigError(p)
+        raise ConfigError(list(dict.fromkeys(p)))
+
+
+def parse_arm(arm: str) -> tuple[str, dict[str, str]]:
+    """``"neo+int8-teacher"`` -> ``("neo", {"teacher_quant": "int8"})``; ConfigError naming the choices."""
+    method, *variants = arm.split("+")
+    if method not in METHOD_NAMES:
+        raise ConfigError([f"--methods: {arm!r}: the arm's method must be one of {', '.join(METHOD_NAMES)}"])
+    overrides: dict[str, str] = {}
+    for variant in variants:
+        if variant not in ARM_VARIANTS:
+            raise ConfigError(
+                [f"--methods: {arm!r}: {variant!r} is not a variant; use one of {', '.join(ARM_VARIANTS)}"]
+            )
+        option, kind = ARM_VARIANTS[variant]
+        if option in overrides:
+            raise ConfigError([f"--methods: {arm!r} sets --{option.replace('_', '-')} twice"])
+        overrides[option] = kind
+    return method, overrides
 
 
 # ------------------------------------------------------------------------------------------------
@@ -373,7 +409,7 @@ def _plan(config: CompareConfig, out: Path) -> Plan:
     for records in sizes:
         data = train if records in (None, available) else _subset(train, records, config.seed, out / "splits")
         for seed in range(config.seed, config.seed + config.seeds):
-            for method in config.methods:
+            for method in config.methods:  # an arm: a method, perhaps with quantized variants
                 name = _arm_name(method, seed, records)
                 arm = _arm_config(config, method, seed, data, out / "arms" / name)
                 plan.arms.append(
@@ -391,12 +427,15 @@ def _arm_name(method: str, seed: int, records: int | None) -> str:
     return f"{method}-seed{seed}" + ("" if records is None else f"-n{records}")
 
 
-def _arm_config(config: CompareConfig, method: str, seed: int, data: str, output_dir: Path) -> DistillConfig:
-    """One arm: the shared training options, with the arm's method, seed, learning rate and output."""
+def _arm_config(config: CompareConfig, arm: str, seed: int, data: str, output_dir: Path) -> DistillConfig:
+    """One arm: the shared training options, with the arm's method, quantization, seed, learning rate
+    (its method's) and output."""
+    method, quantization = parse_arm(arm)
     shared = {f.name: getattr(config, f.name) for f in dataclasses.fields(TrainOptions)}
     steps = config.max_steps
     return DistillConfig(
         **shared
+        | quantization
         | {
             "data": data,
             "eval_fraction": 0.0,  # every model is scored on the comparison's held-out file instead
@@ -404,7 +443,7 @@ def _arm_config(config: CompareConfig, method: str, seed: int, data: str, output
             "save_every": config.save_every or (max(1, -(-steps // 5)) if steps else 50),
         },
         method=method,
-        lr=getattr(config.lr, method),
+        lr=getattr(config.lr, method),  # the method's: neo+int8-teacher trains at --lr.neo
         seed=seed,
         output_dir=str(output_dir),
     )
@@ -449,16 +488,18 @@ def _check_heldout(plan: Plan) -> None:
     references(load_records(plan.heldout), source=plan.heldout)
 
 
-def _build_caches(plan: Plan) -> dict[str, str]:
-    """--cache-teacher K: one teacher cache per training data file; returns data file -> cache dir."""
+def _build_caches(plan: Plan) -> dict[tuple[str, str, str], str]:
+    """--cache-teacher K: one teacher cache per training data file and teacher quantization; returns
+    ``_cache_key`` -> cache dir."""
     config = plan.config
     if not config.cache_teacher or not config.teacher or config.teacher_cache:
         return {}
     from llm_neo.teacher_cache.writer import cache_teacher
 
     caches = {}
-    for data in sorted({str(arm["config"].data) for arm in plan.arms if METHODS[arm["method"]].kd}):
-        target = plan.out / "cache" / Path(data).stem
+    for key in sorted({_cache_key(arm["config"]) for arm in plan.arms if arm["config"].uses_kd}):
+        data, quant, backend = key
+        target = plan.out / "cache" / (Path(data).stem + ("" if quant == "none" else f"-{quant}-teacher"))
         cache_teacher(
             CacheTeacherConfig(
                 teacher=config.teacher,
@@ -473,20 +514,28 @@ def _build_caches(plan: Plan) -> dict[str, str]:
                 dtype=config.dtype,
                 trust_remote_code=config.trust_remote_code,
                 allow_pickle_weights=config.allow_pickle_weights,
+                teacher_quant=quant,
+                teacher_quant_backend=backend,
             )
         )
-        caches[data] = str(target)
+        caches[key] = str(target)
     return caches
 
 
-def _train_arms(plan: Plan, caches: dict[str, str]) -> dict[str, RunSummary]:
+def _cache_key(config: DistillConfig) -> tuple[str, str, str]:
+    """What an arm's teacher cache depends on beyond the shared options: its data and its teacher's
+    quantization (a neo+int8-teacher arm trains on an int8 teacher's targets)."""
+    return str(config.data), config.teacher_quant, config.teacher_quant_backend
+
+
+def _train_arms(plan: Plan, caches: dict[tuple[str, str, str], str]) -> dict[str, RunSummary]:
     """Train every arm not already done (resuming one that has a checkpoint); returns name -> summary."""
     done: dict[str, RunSummary] = {}
     todo: list[Job] = []
     for arm in plan.arms:
         config: DistillConfig = arm["config"]
-        if config.method in METHODS and METHODS[config.method].kd and str(config.data) in caches:
-            config = dataclasses.replace(config, teacher_cache=caches[str(config.data)])
+        if config.uses_kd and _cache_key(config) in caches:
+            config = dataclasses.replace(config, teacher_cache=caches[_cache_key(config)])
         finished = _finished(config)
         if finished is not None:
             done[arm["name"]] = finished
@@ -636,8 +685,8 @@ def eval_job(payload: dict[str, Any], report: Report) -> dict[str, dict[str, Any
     records, examples, _ = read_examples(payload["heldout"], tokenizer, config)
     scorer = parse_score(config.score)
     teacher = None
-    if config.teacher:
-        teacher = load_frozen(config, config.teacher, role="teacher", dtype=dtype, device=device)
+    if config.teacher:  # quantized only as --teacher-quant says for all arms (not an arm's variant)
+        teacher, _ = load_teacher(config, config.teacher, dtype=dtype, device=device, drift_batch=None)
     max_new = config.max_new_tokens or 8 + max(
         len(tokenizer(ref, add_special_tokens=False)["input_ids"])
         for ref in references(records, source="heldout")
@@ -725,7 +774,17 @@ def _results(
             }
             categories = runs[0]["per_category"]
             stats["per_category"] = {c: summarize([r["per_category"][c] for r in runs]) for c in categories}
-            groups.append({"method": method, "records": records, "runs": runs, "stats": stats})
+            base, quantization = parse_arm(method)
+            groups.append(
+                {
+                    "method": method,  # the arm: its method and quantized variants
+                    "base_method": base,
+                    "quantization": quantization,
+                    "records": records,
+                    "runs": runs,
+                    "stats": stats,
+                }
+            )
     measured_on = _device_name(config.device)
     return {
         "schema_version": SCHEMA_VERSION,
@@ -769,6 +828,8 @@ def _run_row(arm: dict[str, Any], summary: RunSummary, scores: dict[str, Any]) -
         "peak_tensor_memory_gb": summary.peak_tensor_memory_gb,
         "trainable_parameters": summary.trainable_parameters,
         "student_parameters": summary.student_parameters,
+        "teacher_quant": summary.teacher_quant,
+        "student_quant": summary.student_quant,
         "lr": summary.config["lr"],
         "final": summary.final,
         "curve": _curve(summary.output_dir / "metrics.jsonl"),
@@ -813,7 +874,7 @@ def _cost(plan: Plan, groups: list[dict[str, Any]], measured_on: str) -> dict[st
     dims = _model_parameters(config)
     arms = {}
     for g in full:
-        method = METHODS[g["method"]]
+        method = METHODS[parse_arm(g["method"])[0]]
         stats = g["stats"]
         arm = {
             "train_time_s": stats["train_time_s"]["mean"],
@@ -876,10 +937,13 @@ def _model_parameters(config: CompareConfig) -> dict[str, int] | None:
     return {"student": student.parameters, "teacher": teacher.parameters if teacher else 0}
 
 
-def _planned_peak(config: CompareConfig, method: str) -> float | None:
+def _planned_peak(config: CompareConfig, arm: str) -> float | None:
     """``llm-neo plan``'s estimate (GiB) of one step of the arm at --batch-size x --max-length on a GPU."""
     from llm_neo.commands.plan import PlanConfig, plan_rows
 
+    method, quantization = parse_arm(arm)
+    teacher_quant = quantization.get("teacher_quant", config.teacher_quant)
+    student_quant = quantization.get("student_quant", config.student_quant)
     try:
         rows, _ = plan_rows(
             PlanConfig(
@@ -894,10 +958,12 @@ def _planned_peak(config: CompareConfig, method: str) -> float | None:
                 mlp_chunks=config.mlp_chunks,
                 device="cuda",
                 dtype="bfloat16",
+                teacher_quant=teacher_quant,
+                student_quant=student_quant,
             )
         )
     except Exception as err:  # as above: an estimate the planner cannot make is left out, and said
-        log.warning("compare: no memory plan for %s: %s", method, err)
+        log.warning("compare: no memory plan for %s: %s", arm, err)
         return None
     return rows[0].total / 2**30
 

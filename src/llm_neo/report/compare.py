@@ -21,8 +21,19 @@ ARM_COLORS = {"sft": "#7f7f7f", "lora": "#1f77b4", "kd": "#ff7f0e", "neo": "#2ca
 REFERENCE_COLORS = {"teacher": "black", "student": "#d62728"}
 
 
-def label(method: str) -> str:
-    return ARM_LABELS.get(method, method)
+def label(arm: str) -> str:
+    """An arm's name in the report: "Neo", or "Neo + int8 teacher" for the arm neo+int8-teacher."""
+    method, *variants = arm.split("+")
+    return " + ".join([ARM_LABELS.get(method, method), *(v.replace("-", " ") for v in variants)])
+
+
+def color(arm: str) -> str:
+    """An arm's colour: its method's (a quantized variant is told apart by its label and line style)."""
+    return ARM_COLORS.get(arm.split("+")[0], "#555")
+
+
+def _line(arm: str) -> str:
+    return "--" if "+" in arm else "-"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -271,6 +282,51 @@ def cost_table(results: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], list
     return rows, ["train s", "vs Neo time", "tokens/s", "memory GiB", "vs Neo memory", "trainable"]
 
 
+def quantization_table(results: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], list[str]] | None:
+    """The quantized arms: what each quantized, what that saved, how far the teacher drifted, and what
+    it cost in score and memory beside the same method unquantized (None: no quantized arm)."""
+    groups = _main_groups(results)
+    quantized = [
+        g for g in groups if any(r.get("teacher_quant") or r.get("student_quant") for r in g["runs"])
+    ]
+    if not quantized:
+        return None
+    by_method = {g["method"]: g for g in groups}
+    key, _ = _memory_key(results)
+    rows = {}
+    for g in quantized:
+        run = g["runs"][0]
+        teacher, student = run.get("teacher_quant"), run.get("student_quant")
+        plain = by_method.get(g.get("base_method", g["method"].split("+")[0]))
+        plain = plain if plain is not g else None
+        row = {
+            "teacher": "",
+            "teacher weights MiB": "",
+            "teacher drift KL/token": "",
+            "student base": "",
+            "Δ score vs unquantized, points": "",
+            "Δ memory vs unquantized, GiB": "",
+        }
+        if teacher:
+            row["teacher"] = f"{teacher['kind']} ({teacher['backend']})"
+            row["teacher weights MiB"] = (
+                f"{teacher['weight_bytes_before'] / 2**20:.3g} → {teacher['weight_bytes_after'] / 2**20:.3g}"
+            )
+            drift = teacher.get("drift")
+            row["teacher drift KL/token"] = f"{drift['kl_per_token']:.3g}" if drift else "not measured"
+        if student:
+            row["student base"] = f"{student['kind']}, {student['weight_bytes'] / 2**20:.3g} MiB"
+        if plain is not None:
+            row["Δ score vs unquantized, points"] = (
+                f"{100 * (g['stats']['accuracy']['mean'] - plain['stats']['accuracy']['mean']):+.1f}"
+            )
+            memory, base = g["stats"].get(key, {}).get("mean"), plain["stats"].get(key, {}).get("mean")
+            if memory is not None and base is not None:
+                row["Δ memory vs unquantized, GiB"] = f"{memory - base:+.3g}"
+        rows[label(g["method"])] = row
+    return rows, list(next(iter(rows.values())))
+
+
 def projection_blocks(results: dict[str, Any], level: int) -> list[Block]:
     projection = results["cost"].get("projection")
     if not projection:
@@ -389,6 +445,17 @@ def report_blocks(results: dict[str, Any]) -> list[Block]:
             ),
         ]
     blocks += [Heading(2, "Cost"), Table(*cost_table(results)), *projection_blocks(results, 3)]
+    if quantization := quantization_table(results):
+        blocks += [
+            Heading(2, "Quantization: what it saved, what it cost"),
+            Table(*quantization, wrap=True),
+            Paragraph(
+                "Teacher drift: the KL per token of the quantized teacher's next-token distribution to the "
+                "unquantized one's, on the arm's first held-out batch (docs/quantization.md). Every model is "
+                "scored against the same teacher. The differences are between means over seeds; the paired "
+                "table above has their intervals where Neo is one of the two."
+            ),
+        ]
     if sizes := sizes_table(results):
         blocks += [
             Heading(2, "Score against training records"),
@@ -498,7 +565,7 @@ def _scores_plot(results: dict[str, Any]) -> bytes:
     fig, ax = plt.subplots(figsize=(7, 3.8))
     for i, g in enumerate(groups):
         s = g["stats"]["accuracy"]
-        ax.bar(i, 100 * s["mean"], yerr=100 * s["std"], capsize=4, color=ARM_COLORS.get(g["method"], "#555"))
+        ax.bar(i, 100 * s["mean"], yerr=100 * s["std"], capsize=4, color=color(g["method"]))
         ax.scatter(
             [i] * len(g["runs"]), [100 * r["accuracy"] for r in g["runs"]], color="black", s=10, zorder=3
         )
@@ -527,10 +594,10 @@ def _cost_plot(results: dict[str, Any], kind: str) -> bytes:
             100 * s["accuracy"]["mean"],
             xerr=s[key]["std"],
             yerr=100 * s["accuracy"]["std"],
-            fmt="o",
+            fmt="D" if "+" in g["method"] else "o",  # a quantized variant: a diamond in its method's colour
             ms=8,
             capsize=3,
-            color=ARM_COLORS.get(g["method"], "#555"),
+            color=color(g["method"]),
             label=label(g["method"]),
         )
     _reference_lines(ax, results)
@@ -550,10 +617,10 @@ def _loss_plot(results: dict[str, Any]) -> bytes:
     for g in _main_groups(results):
         curve = g["runs"][0].get("curve") or []
         steps = [p["step"] for p in curve]
-        color = ARM_COLORS.get(g["method"], "#555")
-        axes[0].plot(steps, [p["ce_loss"] for p in curve], color=color, label=label(g["method"]))
+        style = {"color": color(g["method"]), "label": label(g["method"]), "linestyle": _line(g["method"])}
+        axes[0].plot(steps, [p["ce_loss"] for p in curve], **style)
         if any(p["kd_loss"] for p in curve):
-            axes[1].plot(steps, [p["kd_loss"] for p in curve], color=color, label=label(g["method"]))
+            axes[1].plot(steps, [p["kd_loss"] for p in curve], **style)
     axes[0].set_title("training CE (every arm), first seed")
     axes[1].set_title("training KD divergence (kd, neo), first seed")
     for ax in axes:
@@ -584,7 +651,8 @@ def _sizes_plot(results: dict[str, Any]) -> bytes:
             yerr=[100 * s["std"] for _, s in points],
             marker="o",
             capsize=3,
-            color=ARM_COLORS.get(method, "#555"),
+            color=color(method),
+            linestyle=_line(method),
             label=label(method),
         )
     _reference_lines(ax, results)

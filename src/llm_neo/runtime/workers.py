@@ -29,7 +29,6 @@ import resource
 import signal
 import sys
 import traceback
-import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +37,7 @@ from typing import Any
 import torch
 
 from llm_neo.errors import RunStopped, WorkerError
+from llm_neo.runtime.logs import setup_logging
 from llm_neo.runtime.memory import set_mmap_threshold
 from llm_neo.runtime.stop import graceful_stop
 
@@ -185,7 +185,8 @@ def _context(preload: Sequence[str]) -> Any:
             from multiprocessing import forkserver
 
             _CONTEXT = multiprocessing.get_context("forkserver")
-            _CONTEXT.set_forkserver_preload(list(preload))
+            # runtime.logs first: its import quiets the libraries the other modules import.
+            _CONTEXT.set_forkserver_preload(["llm_neo.runtime.logs", *preload])
             # OpenMP threads that wait for work sleep instead of spinning: a spinning thread steals the
             # core another process (the other arm, or anything else on a 2-core laptop) needs, which
             # makes multi-threaded small-model training several times slower on a busy machine. Read
@@ -221,8 +222,7 @@ def _worker(
     torch.set_num_threads(threads)
     if mmap_threshold:
         set_mmap_threshold(mmap_threshold)
-    logging.basicConfig(level=logging.INFO, format="[llm-neo] %(message)s", stream=sys.stderr, force=True)
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    setup_logging(logging.INFO)
     try:
         result = run(payload, lambda units, loss: messages.put(("step", index, units, loss)))
         usage = resource.getrusage(resource.RUSAGE_SELF)  # a forked child's counters start at zero

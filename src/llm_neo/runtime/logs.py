@@ -1,0 +1,34 @@
+"""How llm-neo's processes log: one format, and the libraries' import-time noise kept out.
+
+The quantization libraries log at import what this build lacks (CUDA-only kernels on a CPU, an optional
+``kernels`` package), torch a deprecation in torchao's registrations, gguf its byte order: not our
+users' concern, and printed before any of our own lines. ``setup_logging`` is what the CLI and every
+worker process call; importing this module already quiets the libraries, because the worker processes'
+forkserver imports it first (``runtime.workers``), before the modules that import those libraries, and
+has no other hook.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+
+FORMAT = "[llm-neo] %(message)s"
+QUIET_LIBRARIES = ("torchao", "bitsandbytes", "torch.utils._pytree", "gguf")
+
+
+def quiet_libraries() -> None:
+    for library in QUIET_LIBRARIES:
+        logging.getLogger(library).setLevel(logging.ERROR)
+    # PEFT asks transformers 5 a deprecated question on every attach; it is noise to our users.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """llm-neo's lines on stderr as ``[llm-neo] message``; the noisy libraries at ERROR only."""
+    quiet_libraries()
+    logging.basicConfig(level=level, format=FORMAT, stream=sys.stderr, force=True)
+
+
+quiet_libraries()
