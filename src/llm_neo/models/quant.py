@@ -209,7 +209,7 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 def quantize_teacher(
-    model: PreTrainedModel, kind: str, *, backend: str = "auto"
+    model: PreTrainedModel, kind: str, *, backend: str = "auto", role: str = "teacher"
 ) -> tuple[PreTrainedModel, dict[str, Any]]:
     """Quantize the frozen teacher's block linears in place; return it and what was done.
 
@@ -222,6 +222,8 @@ def quantize_teacher(
             the measured drift, ``NF4_TEACHER_DRIFT``).
         backend: ``"auto"`` (int8: torchao, nf4: bitsandbytes), ``"torchao"`` (int8; CPU and CUDA) or
             ``"bitsandbytes"`` (int8: LLM.int8() on CUDA only; nf4: CPU needs bitsandbytes >= 0.50).
+        role: what the model is, for the log; the nf4 drift warning is a teacher's only (``llm-neo
+            bench`` quantizes a random student base in place with ``role="student"``).
 
     Returns:
         ``(model, info)``: the same model object, and ``{"kind", "backend", "quantized_linears",
@@ -254,7 +256,7 @@ def quantize_teacher(
             f"{type(model).__name__} has no nn.Linear inside numbered decoder blocks to quantize"
         )
 
-    if kind == "nf4":
+    if kind == "nf4" and role == "teacher":
         log.warning("teacher: %s", NF4_TEACHER_DRIFT)
     if backend == "torchao":
         require_package("torchao")
@@ -267,7 +269,8 @@ def quantize_teacher(
     model.requires_grad_(False)
     after = weight_bytes(model)
     log.info(
-        "teacher: %s (%s) on %d block linears: weights %.2f GiB -> %.2f GiB",
+        "%s: %s (%s) on %d block linears: weights %.3g GiB -> %.3g GiB",
+        role,
         kind,
         backend,
         len(targets),
