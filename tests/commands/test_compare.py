@@ -273,6 +273,35 @@ def test_quantized_arms_beside_their_method(tmp_path, teacher_dir, wide_student_
     assert "int8 (torchao)" in report
 
 
+def test_probes_add_what_each_arm_inherited_to_the_report(tmp_path, teacher_dir, student_dir, data):
+    probes = write_jsonl(
+        tmp_path / "probes.jsonl",
+        [
+            {"stereotypical": f"the {g} people are kind.", "anti_stereotypical": f"the {g} people are rude."}
+            for g in ("alpha", "beta", "gamma", "delta")
+        ]
+        + [{"prompt": "Add 2 and 1.", "category": "benign"}],
+    )
+    out = tmp_path / "out"
+    results = compare(
+        _config(teacher_dir, student_dir, data, out, methods=["sft", "neo"], seeds=1, probes=[str(probes)])
+    )
+    found = results["probe"]
+    assert json.loads((out / "probe" / "probe.json").read_text()) == json.loads(json.dumps(found))
+    assert [m["name"] for m in found["models"]] == ["teacher", "student", "sft", "neo"]
+    # The probed arms are the arms' own merged models.
+    assert {m["name"]: m["path"] for m in found["models"]}["neo"] == results["groups"][1]["runs"][0][
+        "output_dir"
+    ] + "/merged"
+    movement = {name: inh["all"]["movement"]["value"] for name, inh in found["inheritance"].items()}
+    assert movement["teacher"] == pytest.approx(1.0) and movement["student"] == pytest.approx(0.0, abs=1e-9)
+    report = (out / "report.md").read_text()
+    assert "Inherited bias: what the students took from the teacher" in report
+    assert (out / "plots" / "movement.png").is_file()
+    with pytest.raises(ConfigError, match=r"--probes: 'missing\.jsonl' is not a file"):
+        compare(_config(teacher_dir, student_dir, data, tmp_path / "o2", probes=["missing.jsonl"]))
+
+
 def test_quantized_arms_that_cannot_work_are_refused(tmp_path, teacher_dir, student_dir, data):
     out = tmp_path / "out"
     with pytest.raises(

@@ -86,7 +86,7 @@ EVAL = "evaluation"  # the --help group of the scoring options
 # comparison and its rerun would mix results of different settings, and is refused.
 REPORT_ONLY = {
     "project_tokens", "gpu", "gpus", "utilization", "jobs", "overwrite", "log_every", "device",
-    "exact_memory",
+    "exact_memory", "probes",
 }  # fmt: skip
 SCORING = {"score", "category_field", "max_new_tokens", "lm_eval_tasks", "lm_eval_include", "lm_eval_limit"}
 # Quantized variants of an arm, joined to its method with "+": neo+int8-teacher, lora+nf4-student,
@@ -192,6 +192,15 @@ class CompareConfig(TrainOptions):
     lm_eval_limit: int | None = field(
         default=None, metadata=_help("Score at most this many documents per lm-eval task.", group=EVAL)
     )
+    probes: list[str] = field(
+        default_factory=list,
+        metadata=_help(
+            "Also probe what each arm inherited from the teacher (llm-neo probe): probe sources, 'builtin' "
+            "or files (CrowS-Pairs .csv, StereoSet .json, BBQ or llm-neo .jsonl). The first seed of each "
+            "arm is probed, the untrained student is the baseline; the report gains the probe's section.",
+            group=EVAL,
+        ),
+    )
     project_tokens: str | None = field(
         default=None,
         metadata=_help(
@@ -249,6 +258,12 @@ def validate_compare(config: CompareConfig) -> None:
         p.append(f"--methods: none: give some of {', '.join(METHOD_NAMES)}")
     if not c.student:
         p.append("--student is required (a model directory or hub id)")
+    if c.probes and not c.teacher:
+        p.append("--probes measures what the arms inherited from the teacher: give --teacher too")
+    if c.probes:
+        from llm_neo.commands.probe import check_probe_sources
+
+        check_probe_sources(p, c.probes)
     check_model_path(p, "student", c.student)
     check_model_path(p, "teacher", c.teacher)
     if any(METHODS[m].kd for m, _ in arms.values()) and not c.teacher and not c.teacher_cache:
@@ -343,6 +358,10 @@ def compare(config: CompareConfig, *, extra: Extra | None = None) -> dict[str, A
     evaluations = _evaluate(plan, summaries)
     timing["eval_s"] = time.perf_counter() - t0
     results = _results(plan, summaries, evaluations)
+    if config.probes:
+        t0 = time.perf_counter()
+        results["probe"] = _probe(plan, results)
+        timing["probe_s"] = time.perf_counter() - t0
     timing["total_s"] = time.perf_counter() - started
     results["timing"] = timing
     if extra is not None:
@@ -741,6 +760,32 @@ def eval_job(payload: dict[str, Any], report: Report) -> dict[str, dict[str, Any
             del model
         report(n, None)
     return results
+
+
+def _probe(plan: Plan, results: dict[str, Any]) -> dict[str, Any]:
+    """``llm-neo probe`` on the teacher, the untrained student (the baseline) and the first seed of every
+    arm at the largest data size, written to ``probe/`` and returned (results.json holds it whole)."""
+    from llm_neo.commands.probe import ProbeConfig, probe
+
+    config = plan.config
+    arms = [g for g in results["groups"] if g["records"] == plan.sizes[-1]]
+    return probe(
+        ProbeConfig(
+            teacher=str(config.teacher),
+            models=[
+                f"student={config.student}",
+                *(f"{g['method']}={g['runs'][0]['output_dir']}/merged" for g in arms),
+            ],
+            probes=list(config.probes),
+            output_dir=str(plan.out / "probe"),
+            device=config.device,
+            dtype=config.dtype,
+            trust_remote_code=config.trust_remote_code,
+            allow_pickle_weights=config.allow_pickle_weights,
+            seed=config.seed,
+            overwrite=True,  # the probe is recomputed on every run of the comparison (it is quick)
+        )
+    )
 
 
 def _prompt_text(record: dict[str, Any]) -> str:

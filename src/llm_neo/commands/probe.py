@@ -172,6 +172,13 @@ def model_specs(config: ProbeConfig) -> list[ModelSpec]:
     return sorted(specs, key=lambda s: ("teacher", "baseline", "student").index(s.role))
 
 
+def check_probe_sources(problems: list[str], sources: list[str]) -> None:
+    """One problem per --probes source that is neither 'builtin' nor a file (probe's and compare's)."""
+    for source in sources:
+        if source != BUILTIN and not Path(source).expanduser().is_file():
+            problems.append(f"--probes: {source!r} is not a file (give a probe file or 'builtin')")
+
+
 def validate_probe(config: ProbeConfig) -> list[ModelSpec]:
     c = config
     p: list[str] = []
@@ -187,9 +194,7 @@ def validate_probe(config: ProbeConfig) -> list[ModelSpec]:
         check_model_path(p, f"models ({spec.name})", spec.path)
     if not c.probes:
         p.append("--probes: give at least one probe source ('builtin' or a file)")
-    for source in c.probes:
-        if source != BUILTIN and not Path(source).expanduser().is_file():
-            p.append(f"--probes: {source!r} is not a file (give a probe file or 'builtin')")
+    check_probe_sources(p, c.probes)
     if c.labels and not Path(c.labels).expanduser().is_file():
         p.append(f"--labels: {c.labels!r} does not exist")
     if c.conditioning not in CONDITIONINGS:

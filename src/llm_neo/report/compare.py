@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from llm_neo.report.document import Block, Bullets, Heading, Image, Paragraph, Table, to_html, to_markdown
+from llm_neo.report.probe import plots as probe_plots
+from llm_neo.report.probe import section_blocks
 from llm_neo.runtime.atomic import atomic_write_bytes, atomic_write_text
 
 ARM_LABELS = {"sft": "SFT", "lora": "LoRA", "kd": "KD", "neo": "Neo"}
@@ -464,6 +466,8 @@ def report_blocks(results: dict[str, Any]) -> list[Block]:
         ]
     if categories := categories_table(results):
         blocks += [Heading(2, f"Score per {results['config']['category_field']}"), Table(*categories)]
+    if results.get("probe"):
+        blocks += section_blocks(results["probe"], level=2, images=True)
     blocks += [
         Heading(2, "Quality against cost"),
         Image("memory", "score against memory"),
@@ -534,6 +538,8 @@ def plots(results: dict[str, Any]) -> dict[str, bytes]:
     }
     if len(results["data"]["sizes"]) > 1:
         out["sizes"] = _sizes_plot(results)
+    if results.get("probe"):
+        out |= probe_plots(results["probe"])  # movement, inheritance, bias: names the above do not use
     return out
 
 
