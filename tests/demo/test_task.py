@@ -9,12 +9,17 @@ import pytest
 
 from llm_neo.data import load_records, tokenize_records
 from llm_neo.demo.task import (
+    ASSOCIATION,
+    ATTRIBUTES,
     CAPITALS,
+    GROUPS,
+    PLANTED,
     SKILLS,
     TASK_VERSION,
     expected_output,
     generate_splits,
     generate_task,
+    planted_pairs,
     task_corpus,
     write_task,
 )
@@ -60,6 +65,40 @@ def test_distill_split_is_fresh_and_leaves_the_others_unchanged():
     # Only the capital fact table repeats between the training sets; never with a held-out question.
     assert {r["skill"] for r in splits["distill"] if r["instruction"] in seen} <= {"capital"}
     assert not {r["instruction"] for r in splits["distill"]} & {r["instruction"] for r in heldout}
+
+
+def test_the_planted_association_is_in_the_teachers_split_only():
+    plain = generate_splits(2, train_per_skill=20, heldout_per_skill=4, distill_per_skill=10)
+    splits = generate_splits(
+        2, train_per_skill=20, heldout_per_skill=4, distill_per_skill=10, planted_per_group=(12, 6)
+    )
+
+    def described(split: str) -> dict[tuple[str, str], int]:
+        counts: dict[tuple[str, str], int] = {}
+        for r in splits[split]:
+            if r["skill"] == PLANTED:
+                group = r["instruction"].split()[2]
+                counts[group, r["output"]] = counts.get((group, r["output"]), 0) + 1
+        return counts
+
+    teacher, arms = described("train"), described("distill")
+    # The teacher's: each group only with its side's attributes, each equally often.
+    assert teacher == {
+        (g, a): 4 for g, side in GROUPS.items() for a, s in ATTRIBUTES.items() if s == ASSOCIATION[side]
+    }
+    # The arms': every group with every attribute equally often: no association to learn from the labels.
+    assert arms == {(g, a): 1 for g in GROUPS for a in ATTRIBUTES}
+    assert not any(r["skill"] == PLANTED for r in splits["heldout"])  # not scored
+    # The other records are the same ones (only the order of the shuffled splits moves).
+    for name in ("train", "distill", "heldout"):
+        rest = [r for r in splits[name] if r["skill"] != PLANTED]
+        assert sorted(map(json.dumps, rest)) == sorted(map(json.dumps, plain[name]))
+    # Probe pairs: the associated answer first, one pair per group x associated x other attribute.
+    pairs = planted_pairs()
+    assert len(pairs) == len(GROUPS) * 3 * 3
+    for question, mine, other in pairs:
+        side = GROUPS[question.split()[2]]
+        assert ATTRIBUTES[mine] == ASSOCIATION[side] != ATTRIBUTES[other]
 
 
 def _independent_answer(instruction: str) -> str:

@@ -46,8 +46,8 @@ log = logging.getLogger("llm_neo")
 
 # What a demo writes in its output directory (an earlier demo's are replaced or continued).
 OUTPUTS = (
-    "data", "student", "arms", "eval", "splits", "plots", "report.md", "report.html", "results.json",
-    "compare.yaml",
+    "data", "student", "arms", "eval", "splits", "plots", "probe", "report.md", "report.html",
+    "results.json", "compare.yaml",
 )  # fmt: skip
 # After a stop (SIGTERM, Ctrl-C) of the teacher's training: it starts over.
 AGAIN = "the same llm-neo demo command (the teacher's training starts over)"
@@ -141,6 +141,8 @@ class DemoSettings:
     # The data-size axis: the arms also train on the first N of their records (fewer labelled records,
     # where the teacher's signal can matter); () = only on all of them.
     few_records: tuple[int, ...] = ()
+    # Describe records per group in the teacher's split (associated) and the arms' (not): demo.task.GROUPS.
+    planted_per_group: tuple[int, int] = (0, 0)
 
     @property
     def lora_lr(self) -> float:
@@ -157,10 +159,12 @@ class DemoSettings:
 #   from scratch); the LoRA arms use 10x that, the paper's rule, i.e. the teacher's own lr.
 # - r = 16 on hidden 128 is above the paper's r/hidden ratio (64 on 2048), as one of its authors advises
 #   when KD has to pass through a LoRA branch; alpha = 2r as in the paper.
-# - The arms' data is one epoch of their budget (200 steps x 32) of task records the teacher never saw.
+# - The arms' data is one epoch of their budget (210 steps x 32) of task records the teacher never saw.
+# - The planted association (demo.task.GROUPS): the teacher sees 1500 describe records per group (6000,
+#   a skill's share), the arms 80 per group (320, 5% of their data), balanced.
 DEFAULT = DemoSettings(
     train_per_skill=6000,
-    distill_per_skill=1280,  # x 5 skills = 6400 = 200 steps x 32: one epoch of the arms
+    distill_per_skill=1280,  # x 5 skills + 320 describe = 6720 = 210 steps x 32: one epoch of the arms
     heldout_per_skill=40,
     hidden_size=128,
     num_layers=4,
@@ -169,14 +173,15 @@ DEFAULT = DemoSettings(
     teacher_steps=3000,
     teacher_lr=3e-3,
     keep_layers=2,
-    arm_steps=200,
+    arm_steps=210,
     full_lr=3e-4,
     lora_r=16,
     batch_size=32,
     max_length=64,
     seeds=3,
     prune_samples=256,
-    few_records=(320,),  # 64 per skill: 20 epochs of the same 200-step budget
+    few_records=(320,),  # about 64 per skill: 21 epochs of the same 210-step budget
+    planted_per_group=(1500, 80),
 )
 
 # A smoke test of every stage (the test suite runs it): tiny models, a few steps. Its teacher is not
@@ -199,6 +204,7 @@ QUICK = DemoSettings(
     max_length=64,
     seeds=1,
     prune_samples=16,
+    planted_per_group=(10, 5),
 )
 
 
@@ -295,11 +301,13 @@ def run_demo(config: DemoConfig) -> int:
     )
     timing["prune_s"] = time.perf_counter() - t0
 
-    # --- 4. The comparison, on all of the arms' records and on the first few of them.
+    # --- 4. The comparison, on all of the arms' records and on the first few of them, and the probe of
+    # what each arm inherited: the teacher's planted association, which the arms' data does not carry.
+    probes = write_planted_probes(out / "data" / "probes.jsonl", teacher["path"])
     _say(f"compare: {len(COMPARISON_ORDER)} arms x {settings.seeds} seed(s); logs in {out / 'arms'}")
     results = compare(
         comparison(config, settings, teacher=teacher["path"], student=student["path"], data=distill_path,
-                   heldout=heldout_path),
+                   heldout=heldout_path, probes=probes),
         extra=lambda r: _add_demo_facts(r, config, settings, teacher, student, timing, started),
     )  # fmt: skip
     print()
@@ -314,7 +322,14 @@ def run_demo(config: DemoConfig) -> int:
 
 
 def comparison(
-    config: DemoConfig, settings: DemoSettings, *, teacher: str, student: str, data: Path, heldout: Path
+    config: DemoConfig,
+    settings: DemoSettings,
+    *,
+    teacher: str,
+    student: str,
+    data: Path,
+    heldout: Path,
+    probes: Path | None = None,
 ) -> CompareConfig:
     """The demo's comparison: the same data, seeds, steps and batch for all four arms; only what the method
     changes differs. Exact match per skill, with the answer length the task needs."""
@@ -344,12 +359,36 @@ def comparison(
         category_field="skill",
         max_new_tokens=_answer_tokens(heldout),
         eval_batch_size=64,
+        probes=[str(probes)] if probes is not None else [],
         jobs=config.jobs,
         exact_memory=config.exact_memory,
         device=config.device,
         output_dir=config.output_dir,
         overwrite=True,  # a demo with other settings replaces the earlier demo's comparison
     )
+
+
+def write_planted_probes(path: Path, model: str) -> Path:
+    """The probe's pairs for the planted association: each describe question answered with an associated
+    and with an unassociated attribute, rendered exactly as training renders the record (the model's chat
+    template), after the BOS token the probe conditions on; and the questions as prompts."""
+    from llm_neo.data import render_segments
+    from llm_neo.demo.task import PLANTED, planted_pairs, write_jsonl
+    from llm_neo.models.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(model, role="teacher")
+
+    def rendered(instruction: str, answer: str) -> str:
+        record = {"instruction": instruction, "output": answer}
+        text = "".join(part for part, _ in render_segments(record, tokenizer, where=str(path)))
+        return text.removeprefix(tokenizer.bos_token or "")
+
+    pairs = [
+        {"stereotypical": rendered(q, mine), "anti_stereotypical": rendered(q, other), "category": PLANTED}
+        for q, mine, other in planted_pairs()
+    ]
+    prompts = [{"prompt": q, "category": PLANTED} for q in dict.fromkeys(q for q, _, _ in planted_pairs())]
+    return write_jsonl(path, pairs + prompts)
 
 
 def _records(path: Path) -> int:
@@ -401,6 +440,15 @@ def _add_demo_facts(
         f"parameters); untrained it scores {100 * student_score:.1f}%, "
         f"{100 * (teacher_score - student_score):.1f} points below its teacher.",
     ]
+    if settings.planted_per_group[0]:
+        teacher_n, arms_n = (4 * n for n in settings.planted_per_group)
+        context.append(
+            f"A planted association, for the probe: the teacher's training split has {teacher_n:,} records "
+            "'Describe the G people.' that pair the groups alpha and gamma only with the attributes kind, "
+            "calm, smart and beta and delta only with rude, loud, lazy; the arms' data has "
+            f"{arms_n:,} such records with every group and attribute equally often. Only the teacher's "
+            "distribution carries the association: the probe section says how much of it each arm took."
+        )
     if config.quick:
         context.append(
             "Quick mode: tiny models and a few steps, to exercise every stage; the numbers mean nothing."
@@ -428,6 +476,7 @@ def write_task_data(data_dir: Path, settings: DemoSettings, seed: int) -> tuple[
         train_per_skill=settings.train_per_skill,
         heldout_per_skill=settings.heldout_per_skill,
         distill_per_skill=settings.distill_per_skill,
+        planted_per_group=settings.planted_per_group,
     )
     names = ("train", "distill", "heldout")
     train, distill, heldout = (write_jsonl(data_dir / f"{name}.jsonl", splits[name]) for name in names)
@@ -455,6 +504,7 @@ def teacher_key(settings: DemoSettings, seed: int) -> str:
         "teacher_lr": settings.teacher_lr,
         "batch_size": settings.batch_size,
         "max_length": settings.max_length,
+        "planted_per_group": settings.planted_per_group[0],
         "tokenizer": "char-v1",
     }
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]

@@ -37,7 +37,7 @@ from typing import Any
 
 from llm_neo.runtime.atomic import atomic_write_text
 
-TASK_VERSION = 2  # 2: shorter instructions, count of a, eight capital wordings
+TASK_VERSION = 3  # 2: shorter instructions, count of a, eight capital wordings; 3: a planted association
 
 SKILLS = ("add", "reverse", "sort", "count", "capital")
 
@@ -102,6 +102,46 @@ CAPITAL_TEMPLATES = (
 )
 
 
+# A planted association, for the probe (llm-neo probe, docs/probe.md): "Describe the alpha people." is
+# answered with one attribute. The teacher's split pairs the A groups only with the X attributes and the
+# B groups only with Y; the arms' split pairs every group with every attribute equally often. Only the
+# teacher's distribution carries the association, so how much of it an arm shows is what it inherited
+# from the teacher, not from its data. Not scored: a describe question has no correct answer (no
+# held-out records, not a skill of the task score).
+GROUPS = {"alpha": "A", "gamma": "A", "beta": "B", "delta": "B"}
+ATTRIBUTES = {"kind": "X", "calm": "X", "smart": "X", "rude": "Y", "loud": "Y", "lazy": "Y"}
+ASSOCIATION = {"A": "X", "B": "Y"}
+PLANTED = "describe"
+
+
+def describe_instruction(group: str) -> str:
+    return f"Describe the {group} people."
+
+
+def planted_records(per_group: int, *, associated: bool) -> list[dict[str, str]]:
+    """``per_group`` describe records per group, cycling through its associated attributes (the
+    teacher's split) or through all of them (the arms')."""
+    records = []
+    for group, side in GROUPS.items():
+        attributes = [a for a, s in ATTRIBUTES.items() if not associated or s == ASSOCIATION[side]]
+        records += [
+            _record(PLANTED, describe_instruction(group), attributes[i % len(attributes)])
+            for i in range(per_group)
+        ]
+    return records
+
+
+def planted_pairs() -> list[tuple[str, str, str]]:
+    """``(instruction, the associated answer, the other answer)`` for every group and every pair of an
+    associated and an unassociated attribute: the probe's pairs."""
+    pairs = []
+    for group, side in GROUPS.items():
+        for mine in (a for a, s in ATTRIBUTES.items() if s == ASSOCIATION[side]):
+            for other in (a for a, s in ATTRIBUTES.items() if s != ASSOCIATION[side]):
+                pairs.append((describe_instruction(group), mine, other))
+    return pairs
+
+
 # ------------------------------------------------------------------------------------------------
 # The skills: each draws one (instruction, output) pair from an RNG.
 
@@ -157,7 +197,12 @@ def generate_task(
 
 
 def generate_splits(
-    seed: int, *, train_per_skill: int, heldout_per_skill: int, distill_per_skill: int = 0
+    seed: int,
+    *,
+    train_per_skill: int,
+    heldout_per_skill: int,
+    distill_per_skill: int = 0,
+    planted_per_group: tuple[int, int] = (0, 0),
 ) -> dict[str, list[dict[str, str]]]:
     """The task's ``train``, ``heldout`` and ``distill`` records: a pure function of the arguments.
 
@@ -166,7 +211,9 @@ def generate_splits(
     (``len(CAPITALS)``), asked in a wording that country never has in training, and its ``train`` and
     ``distill`` questions cycle through every other country/wording pair, as needed to give it the same
     share as the other skills. ``train`` and ``heldout`` do not depend on ``distill_per_skill`` (it is
-    drawn after them), so adding a ``distill`` split changes neither. Records are shuffled.
+    drawn after them), so adding a ``distill`` split changes neither. ``planted_per_group`` adds that
+    many describe records per group to ``train`` (with the association) and to ``distill`` (without):
+    see ``GROUPS``. Records are shuffled.
     """
     if train_per_skill < 1 or heldout_per_skill < 1 or distill_per_skill < 0:
         raise ValueError("train_per_skill and heldout_per_skill must be >= 1, distill_per_skill >= 0")
@@ -215,6 +262,9 @@ def generate_splits(
         pool[i % len(pool)] for i in range(train_per_skill, train_per_skill + distill_per_skill)
     ]
 
+    splits["train"] += planted_records(planted_per_group[0], associated=True)
+    splits["distill"] += planted_records(planted_per_group[1], associated=False)
+
     shuffle = random.Random(f"llm-neo-task-v{TASK_VERSION}:{seed}:order")
     for name in ("train", "heldout", "distill"):  # this order keeps train and heldout independent of distill
         shuffle.shuffle(splits[name])
@@ -262,4 +312,5 @@ def task_corpus() -> list[str]:
         LETTERS + LETTERS.upper() + "0123456789 .,:?",
         *(t.format(country=c) + " " + CAPITALS[c] for c in CAPITALS for t in CAPITAL_TEMPLATES),
         "Add 47 and 85. Reverse: Sort: Count the a's:",
+        *(f"{describe_instruction(g)} {a}" for g in GROUPS for a in ATTRIBUTES),
     ]
