@@ -67,3 +67,6 @@ EXPORT_FORMATS = ("gguf", "int8")
 GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")
 # `distill --export SPEC`: a format and, for GGUF, its tensor type.
 EXPORT_SPECS = (*(f"gguf:{t}" for t in GGUF_TYPES), "int8")
+
+# Experiment trackers of --report-to (llm_neo.runtime.tracking), beside metrics.jsonl.
+TRACKERS = ("tensorboard", "wandb", "mlflow")

@@ -43,6 +43,7 @@ from llm_neo.choices import (
     TEACHER_QUANT_BACKENDS,
 )
 from llm_neo.errors import ConfigError
+from llm_neo.runtime.tracking import check_trackers
 
 MLP_CHUNKS_HELP = (
     "With --gradient-checkpointing: checkpoint each block's MLP again in this many chunks of the "
@@ -271,6 +272,14 @@ class TrainOptions(TeacherQuantOptions, TokenizeOptions, LoadOptions):
         default=1, metadata=_help("Write a metrics.jsonl record every N steps.", group=RUN)
     )
     eval_batch_size: int = field(default=8, metadata=_help("Batch size of held-out evaluation.", group=RUN))
+    report_to: list[str] = field(
+        default_factory=list,
+        metadata=_help(
+            "Also log each step to these trackers, under OUTPUT_DIR: tensorboard, wandb (offline), mlflow "
+            "(a local file store); pip install 'llm-neo[track]'.",
+            group=RUN,
+        ),
+    )
     merge_tolerance: float = field(
         default=1e-3,
         metadata=_help(
@@ -579,6 +588,7 @@ def validate_distill(config: DistillConfig) -> None:
         ],
     )
     check_quantization(p, c)
+    check_trackers(p, c.report_to)
     if c.mlp_chunks > 1 and not c.gradient_checkpointing:
         p.append(
             f"--mlp-chunks {c.mlp_chunks} splits the MLP inside checkpointed blocks: add "

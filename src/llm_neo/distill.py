@@ -130,6 +130,7 @@ from llm_neo.runtime.distributed import (
 )
 from llm_neo.runtime.memory import LiveTensorBytes, peak_memory_gb
 from llm_neo.runtime.stop import StopRequest, agreed, graceful_stop
+from llm_neo.runtime.tracking import Trackers, open_trackers
 from llm_neo.summary import SUMMARY_FILE, RunSummary
 from llm_neo.teacher_cache.key import check_key, run_key
 from llm_neo.teacher_cache.store import TeacherCache, batch_targets, open_cache, unpack_targets
@@ -141,10 +142,13 @@ TRACKED_STEPS = 10
 # Options that may differ between a run and its resumption without changing its result.
 RESUMABLE_CHANGES = {
     "resume", "overwrite", "save_every", "log_every", "eval_batch_size", "device", "mlp_chunks",
-    "export",
+    "export", "report_to",
 }  # fmt: skip
 # What a run writes in its output directory (and an --overwrite run replaces).
-OUTPUTS = ("merged", "adapter", "export", "checkpoints", "metrics.jsonl", SUMMARY_FILE, "config.yaml")
+OUTPUTS = (
+    "merged", "adapter", "export", "checkpoints", "metrics.jsonl", SUMMARY_FILE, "config.yaml",
+    "tensorboard", "wandb", "mlruns",
+)  # fmt: skip
 
 StepCallback = Callable[[int, dict[str, float]], None]
 
@@ -187,6 +191,7 @@ class Run:
     step: StepSettings
     export_dtype: torch.dtype
     started: float
+    trackers: Trackers = field(default_factory=Trackers)  # --report-to (rank 0); none by default
 
 
 @dataclass
@@ -215,12 +220,25 @@ def distill(config: DistillConfig, *, on_step: StepCallback | None = None) -> Ru
     nothing is lost yet.
     """
     run = setup(config)
-    with graceful_stop() as stop:
-        trained = train(run, on_step=on_step)
-        if not _gather_to_rank0(run):
-            return None
-        stop.plan = "the run is trained; finishing its merge, export and held-out evaluation first"
-        return finish(run, trained)
+    if run.world.is_main and run.config.report_to:
+        run.trackers = open_trackers(
+            run.config.report_to,
+            run.out,
+            run_name=run.out.name,
+            config=to_dict(run.config),
+            start_step=run.progress.step,
+        )
+    try:
+        with graceful_stop() as stop:
+            trained = train(run, on_step=on_step)
+            if not _gather_to_rank0(run):
+                return None
+            stop.plan = "the run is trained; finishing its merge, export and held-out evaluation first"
+            summary = finish(run, trained)
+            run.trackers.log(summary.steps, summary.heldout, prefix="heldout")
+            return summary
+    finally:
+        run.trackers.close()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -930,6 +948,7 @@ def _record(run: Run, last: dict[str, float], bar: Any) -> None:
         # Appended: on resume a torn last line (a write cut short) is dropped.
         with writing(path, what, kept=lambda: _last_good(run.out / "checkpoints")), path.open("a") as handle:
             handle.write(json.dumps(last) + "\n")
+        run.trackers.log(step, last)
     bar.set_postfix(
         loss=f"{last['loss']:.4f}",
         ce=f"{last['ce_loss']:.4f}",
