@@ -256,3 +256,19 @@ def test_hard_kill_then_resume_matches_uninterrupted(tmp_path, student_dir, teac
         torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0)
     steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 41))
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["convert", "in.gguf", "out-dir"],
+        ["convert", "--model", "in.gguf", "--output", "out-dir"],
+        ["convert", "in.gguf", "--output", "out-dir", "--dtype", "bfloat16"],
+    ],
+)
+def test_convert_takes_its_paths_in_order_or_by_flag(argv):
+    from llm_neo.commands.convert import ConvertConfig
+    from llm_neo.config import build_config
+
+    config = build_config(ConvertConfig, build_parser("convert").parse_args(argv))
+    assert (config.model, config.output) == ("in.gguf", "out-dir")

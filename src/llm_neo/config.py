@@ -711,6 +711,11 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, prefix: 
             "help": help_text,
         }
         choices = _choices(f, tp)
+        if f.metadata.get("positional"):  # also accepted in order, without its flag: convert IN OUT
+            parser.add_argument(
+                kwargs["dest"], nargs="?", default=argparse.SUPPRESS, metavar=f.name.upper(),
+                help=f"the same as {flags[0]}",
+            )  # fmt: skip
         if tp is bool:
             group.add_argument(*flags, action=argparse.BooleanOptionalAction, **kwargs)
         elif choices is not None:

@@ -46,10 +46,15 @@ class ConvertConfig:
 
     model: str = field(
         default="",
-        metadata=_help("The .gguf file to convert (or a directory holding exactly one .gguf)."),
+        metadata=_help(
+            "The .gguf file to convert (or a directory holding exactly one .gguf).", positional=True
+        ),
     )
     output: str = field(
-        default="", metadata=_help("Where the model directory (config, safetensors, tokenizer) is written.")
+        default="",
+        metadata=_help(
+            "Where the model directory (config, safetensors, tokenizer) is written.", positional=True
+        ),
     )
     dtype: Literal["float32", "bfloat16", "float16"] = field(
         default="float32",
