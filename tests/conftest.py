@@ -106,6 +106,24 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
+def tiny_run(output_dir: Path, **options):
+    """A DistillConfig for a few-step run on the tiny models: neo, 3 steps of 2 x 2, a quarter held out,
+    seed 0, LoRA r = 4; ``options`` give the models and data and override the rest."""
+    from llm_neo.config import DistillConfig, LoraOptions
+
+    base = dict(
+        method="neo",
+        output_dir=str(output_dir),
+        max_steps=3,
+        batch_size=2,
+        grad_accum=2,
+        eval_fraction=0.25,
+        seed=0,
+        lora=LoraOptions(r=4),
+    )
+    return DistillConfig(**(base | options))
+
+
 @pytest.fixture()
 def alpaca_jsonl(tmp_path) -> Path:
     """Sixteen Alpaca records (the list above twice) as JSONL."""

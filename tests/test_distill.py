@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
-from conftest import ALPACA, damage, fill_disk, write_jsonl
+from conftest import ALPACA, damage, fill_disk, tiny_run, write_jsonl
 from peft import PeftModel
 from safetensors import SafetensorError
 from safetensors.torch import load_file
@@ -39,21 +39,8 @@ from llm_neo.runtime.checkpoint import checkpoint_problems
 @pytest.fixture()
 def make_config(tmp_path, student_dir, teacher_dir, alpaca_jsonl):
     def make(method: str = "neo", name: str | None = None, **overrides) -> DistillConfig:
-        base = dict(
-            student=str(student_dir),
-            teacher=str(teacher_dir),
-            data=str(alpaca_jsonl),
-            method=method,
-            output_dir=str(tmp_path / (name or method)),
-            max_steps=3,
-            batch_size=2,
-            grad_accum=2,
-            eval_fraction=0.25,
-            seed=0,
-            lora=LoraOptions(r=4),
-        )
-        base.update(overrides)
-        return DistillConfig(**base)
+        models = dict(student=str(student_dir), teacher=str(teacher_dir), data=str(alpaca_jsonl))
+        return tiny_run(tmp_path / (name or method), **(models | {"method": method} | overrides))
 
     return make
 
@@ -389,21 +376,8 @@ def faults(tmp_path_factory, student_dir, teacher_dir, one_thread):
     data = write_jsonl(root / "train.jsonl", ALPACA * 2)
 
     def config(out: Path, **overrides) -> DistillConfig:
-        base = dict(
-            student=str(student_dir),
-            teacher=str(teacher_dir),
-            data=str(data),
-            method="neo",
-            output_dir=str(out),
-            max_steps=6,
-            batch_size=2,
-            grad_accum=2,
-            eval_fraction=0.25,
-            seed=0,
-            save_every=2,
-            lora=LoraOptions(r=4),
-        )
-        return DistillConfig(**(base | overrides))
+        models = dict(student=str(student_dir), teacher=str(teacher_dir), data=str(data))
+        return tiny_run(out, **models, **(dict(max_steps=6, save_every=2) | overrides))
 
     whole = distill(config(root / "whole"))
 

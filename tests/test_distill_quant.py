@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_run
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -38,21 +39,8 @@ def _threads(one_thread):
 @pytest.fixture()
 def make(tmp_path, wide_student_dir, teacher_dir, alpaca_jsonl):
     def make_config(name: str = "run", **overrides) -> DistillConfig:
-        base = dict(
-            student=str(wide_student_dir),
-            teacher=str(teacher_dir),
-            data=str(alpaca_jsonl),
-            method="neo",
-            output_dir=str(tmp_path / name),
-            max_steps=3,
-            batch_size=2,
-            grad_accum=2,
-            eval_fraction=0.25,
-            seed=0,
-            lora=LoraOptions(r=4),
-        )
-        base.update(overrides)
-        return DistillConfig(**base)
+        models = dict(student=str(wide_student_dir), teacher=str(teacher_dir), data=str(alpaca_jsonl))
+        return tiny_run(tmp_path / name, **(models | overrides))
 
     return make_config
 

@@ -8,8 +8,9 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import tiny_run
 
-from llm_neo.config import DistillConfig, LoraOptions
+from llm_neo.config import DistillConfig
 from llm_neo.distill import distill
 from llm_neo.errors import ConfigError
 
@@ -25,19 +26,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture()
 def make(tmp_path, student_dir, teacher_dir, alpaca_jsonl):
     def make_config(name: str, **overrides) -> DistillConfig:
-        base = dict(
-            student=str(student_dir),
-            teacher=str(teacher_dir),
-            data=str(alpaca_jsonl),
-            output_dir=str(tmp_path / name),
-            max_steps=3,
-            batch_size=2,
-            grad_accum=2,
-            eval_fraction=0.25,
-            seed=0,
-            lora=LoraOptions(r=4),
-        )
-        return DistillConfig(**base | overrides)
+        models = dict(student=str(student_dir), teacher=str(teacher_dir), data=str(alpaca_jsonl))
+        return tiny_run(tmp_path / name, **(models | overrides))
 
     return make_config
 

@@ -11,12 +11,12 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ALPACA, damage, loss_kwargs, write_jsonl
+from conftest import ALPACA, damage, loss_kwargs, tiny_run, write_jsonl
 from safetensors.torch import load_file
 
 import llm_neo.distill as recipe
 import llm_neo.models.loading as loading
-from llm_neo.config import CacheTeacherConfig, DistillConfig, LoraOptions
+from llm_neo.config import CacheTeacherConfig, DistillConfig
 from llm_neo.data import load_records, tokenize_records
 from llm_neo.distill import distill
 from llm_neo.errors import CacheError, ConfigError, OutputError
@@ -309,19 +309,7 @@ def test_cache_config_problems_are_reported_together(tmp_path):
 @pytest.fixture()
 def run_config(tmp_path, student_dir, data_file):
     def make(name: str, **overrides: Any) -> DistillConfig:
-        base: dict[str, Any] = dict(
-            student=str(student_dir),
-            data=str(data_file),
-            output_dir=str(tmp_path / name),
-            max_steps=3,
-            batch_size=2,
-            grad_accum=2,
-            eval_fraction=0.25,
-            seed=0,
-            lora=LoraOptions(r=4),
-        )
-        base.update(overrides)
-        return DistillConfig(**base)
+        return tiny_run(tmp_path / name, **(dict(student=str(student_dir), data=str(data_file)) | overrides))
 
     return make
 
