@@ -298,23 +298,13 @@ def write_gguf(
     raw_config = check_gguf_family(model_dir)
     arch_name = GGUF_FAMILIES[raw_config["model_type"]]
     arch = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}[arch_name]
-    tokenizer_json = json.loads((model_dir / "tokenizer.json").read_text())
-    model_kind = tokenizer_json.get("model", {}).get("type")
-    if model_kind != "BPE" or tokenizer_json["model"].get("byte_fallback"):
-        raise ModelError(
-            f"GGUF export of {model_dir}: only byte-level BPE tokenizers (Llama-3, Qwen2, SmolLM, GPT-2 "
-            f"style) are written by llm-neo; this one is {model_kind}"
-            + (" with byte fallback (a converted sentencepiece model)" if model_kind == "BPE" else "")
-            + ". Use llama.cpp's convert_hf_to_gguf.py for it"
-        )
-    pre = pre_tokenizer or gguf_pre_tokenizer(tokenizer_json)
+    pre = pre_tokenizer or gguf_pre_tokenizer(_byte_level_bpe(model_dir))
 
     config = AutoConfig.from_pretrained(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = load_model(str(model_dir), role="export", dtype=torch.float32, device=torch.device("cpu"))
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     n_head, n_kv = int(text.num_attention_heads), int(text.num_key_value_heads or text.num_attention_heads)
-    head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // n_head)
     n_layers = int(text.num_hidden_layers)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     embeddings = model.get_input_embeddings()
@@ -342,52 +332,16 @@ def write_gguf(
     # "mistral" architecture, which gguf-py cannot map: never write that name.
     general_name = name or model_dir.name
     writer.add_name("Mistral" if general_name == "mistral" else general_name)
-    writer.add_context_length(int(text.max_position_embeddings))
-    writer.add_embedding_length(int(text.hidden_size))
-    writer.add_block_count(n_layers)
-    writer.add_feed_forward_length(int(text.intermediate_size))
-    writer.add_head_count(n_head)
-    writer.add_head_count_kv(n_kv)
-    if head_dim != text.hidden_size // n_head:
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_rope_freq_base(theta)
-    writer.add_layer_norm_rms_eps(float(text.rms_norm_eps))
-    writer.add_vocab_size(n_vocab)
+    _add_hyperparameters(writer, text, n_vocab=n_vocab, theta=theta)
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    _add_vocabulary(writer, model_dir, tokenizer, n_vocab=n_vocab, pre=pre, gguf=gguf)
 
-    tokens, types = _vocabulary(tokenizer, n_vocab, gguf)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre)
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=n_vocab)
-    add_bos, add_eos = _added_bos_eos(tokenizer)
-    special.add_special_token["bos"], special.add_special_token["eos"] = add_bos, add_eos
-    if special.chat_template is None and getattr(tokenizer, "chat_template", None):
-        special.chat_template = tokenizer.chat_template
-    special.add_to_gguf(writer, quiet=True)
-
-    names = gguf.get_tensor_name_map(arch, n_layers)
     written: dict[str, str] = {}
-    state = model.state_dict()
-    head = model.get_output_embeddings()
-    head_key = next((k for k, v in state.items() if head is not None and v is head.weight), None)
-    for key, tensor in state.items():
-        if tied and (key == head_key or key == "lm_head.weight"):
-            continue  # the reader ties output to token_embd
-        gguf_name = names.get_name(key, try_suffixes=(".weight", ".bias"))
-        if gguf_name is None:
-            raise ModelError(f"GGUF export: no llama.cpp name for tensor {key!r} of {type(model).__name__}")
-        array = tensor.detach().float().cpu().numpy()
-        if permute_qk and arch_name in _PERMUTED_ARCHS:
-            if gguf_name.endswith(("attn_q.weight", "attn_q.bias")):
-                array = permute_rope_rows(array, n_head)
-            elif gguf_name.endswith(("attn_k.weight", "attn_k.bias")):
-                array = permute_rope_rows(array, n_kv)
-        _add_tensor(writer, gguf_name, array, gguf_type, gguf, written)
+    permute = (n_head, n_kv) if permute_qk and arch_name in _PERMUTED_ARCHS else None
+    _add_weights(
+        writer, model, gguf.get_tensor_name_map(arch, n_layers), gguf_type, gguf, written, tied, permute
+    )
     if scaling is not None:  # llama3 (checked): per-frequency divisors, as llama.cpp reads them
         _add_tensor(writer, "rope_freqs.weight", _llama3_rope_factors(config), gguf_type, gguf, written)
 
@@ -411,6 +365,86 @@ def write_gguf(
         "rope_scaling": scaling["rope_type"] if scaling else None,
         "bytes": path.stat().st_size,
     }
+
+
+def _byte_level_bpe(model_dir: Path) -> dict[str, Any]:
+    """``tokenizer.json``, if it is a byte-level BPE tokenizer (the only kind written); else ModelError."""
+    tokenizer_json: dict[str, Any] = json.loads((model_dir / "tokenizer.json").read_text())
+    model_kind = tokenizer_json.get("model", {}).get("type")
+    if model_kind != "BPE" or tokenizer_json["model"].get("byte_fallback"):
+        raise ModelError(
+            f"GGUF export of {model_dir}: only byte-level BPE tokenizers (Llama-3, Qwen2, SmolLM, GPT-2 "
+            f"style) are written by llm-neo; this one is {model_kind}"
+            + (" with byte fallback (a converted sentencepiece model)" if model_kind == "BPE" else "")
+            + ". Use llama.cpp's convert_hf_to_gguf.py for it"
+        )
+    return tokenizer_json
+
+
+def _add_hyperparameters(writer: Any, text: Any, *, n_vocab: int, theta: float) -> None:
+    """The architecture's numbers, from the (text) config, as llama.cpp's llama/qwen2 loaders read them."""
+    n_head = int(text.num_attention_heads)
+    head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // n_head)
+    writer.add_context_length(int(text.max_position_embeddings))
+    writer.add_embedding_length(int(text.hidden_size))
+    writer.add_block_count(int(text.num_hidden_layers))
+    writer.add_feed_forward_length(int(text.intermediate_size))
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(int(text.num_key_value_heads or n_head))
+    if head_dim != text.hidden_size // n_head:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(theta)
+    writer.add_layer_norm_rms_eps(float(text.rms_norm_eps))
+    writer.add_vocab_size(n_vocab)
+
+
+def _add_vocabulary(
+    writer: Any, model_dir: Path, tokenizer: Any, *, n_vocab: int, pre: str, gguf: Any
+) -> None:
+    """Tokens, their types, merges, special ids (and whether BOS/EOS are added) and the chat template."""
+    tokens, types = _vocabulary(tokenizer, n_vocab, gguf)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=n_vocab)
+    add_bos, add_eos = _added_bos_eos(tokenizer)
+    special.add_special_token["bos"], special.add_special_token["eos"] = add_bos, add_eos
+    if special.chat_template is None and getattr(tokenizer, "chat_template", None):
+        special.chat_template = tokenizer.chat_template
+    special.add_to_gguf(writer, quiet=True)
+
+
+def _add_weights(
+    writer: Any,
+    model: Any,
+    names: Any,
+    gguf_type: str,
+    gguf: Any,
+    written: dict[str, str],
+    tied: bool,
+    permute: tuple[int, int] | None,
+) -> None:
+    """Every weight under its llama.cpp name (a tied head is not written: the reader ties it), q/k rows
+    permuted to llama.cpp's rope layout when ``permute`` gives (query heads, key/value heads)."""
+    state = model.state_dict()
+    head = model.get_output_embeddings()
+    head_key = next((k for k, v in state.items() if head is not None and v is head.weight), None)
+    for key, tensor in state.items():
+        if tied and (key == head_key or key == "lm_head.weight"):
+            continue
+        gguf_name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise ModelError(f"GGUF export: no llama.cpp name for tensor {key!r} of {type(model).__name__}")
+        array = tensor.detach().float().cpu().numpy()
+        if permute is not None:
+            if gguf_name.endswith(("attn_q.weight", "attn_q.bias")):
+                array = permute_rope_rows(array, permute[0])
+            elif gguf_name.endswith(("attn_k.weight", "attn_k.bias")):
+                array = permute_rope_rows(array, permute[1])
+        _add_tensor(writer, gguf_name, array, gguf_type, gguf, written)
 
 
 def _add_tensor(
