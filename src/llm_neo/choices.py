@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from llm_neo.errors import ConfigError
+
 # The paper's learning-rate guideline: LoRA arms use 10x the full-parameter rate.
 FULL_PARAMETER_LR = 2e-5
 LORA_LR = 2e-4
@@ -67,3 +69,28 @@ EXPORT_FORMATS = ("gguf", "int8")
 GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")
 # `distill --export SPEC`: a format and, for GGUF, its tensor type.
 EXPORT_SPECS = (*(f"gguf:{t}" for t in GGUF_TYPES), "int8")
+# Quantized variants of an arm, joined to its method with "+": neo+int8-teacher, lora+nf4-student,
+# neo+int8-teacher+nf4-student (compare's --methods, bench's --runs). Each sets one quantization option.
+ARM_VARIANTS: dict[str, tuple[str, str]] = {
+    **{f"{kind}-teacher": ("teacher_quant", kind) for kind in TEACHER_QUANT if kind != "none"},
+    **{f"{kind}-student": ("student_quant", kind) for kind in STUDENT_QUANT if kind != "none"},
+}
+
+
+def parse_arm(arm: str, *, option: str = "--methods") -> tuple[str, dict[str, str]]:
+    """``"neo+int8-teacher"`` -> ``("neo", {"teacher_quant": "int8"})``; ConfigError naming the choices
+    and ``option``, the flag the arm was given in."""
+    method, *variants = arm.split("+")
+    if method not in METHOD_NAMES:
+        raise ConfigError([f"{option}: {arm!r}: the arm's method must be one of {', '.join(METHOD_NAMES)}"])
+    overrides: dict[str, str] = {}
+    for variant in variants:
+        if variant not in ARM_VARIANTS:
+            raise ConfigError(
+                [f"{option}: {arm!r}: {variant!r} is not a variant; use one of {', '.join(ARM_VARIANTS)}"]
+            )
+        key, kind = ARM_VARIANTS[variant]
+        if key in overrides:
+            raise ConfigError([f"{option}: {arm!r} sets --{key.replace('_', '-')} twice"])
+        overrides[key] = kind
+    return method, overrides
