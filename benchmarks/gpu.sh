@@ -9,12 +9,12 @@
 #
 # Needs one GPU with >= 110 GiB (H100 80 GB: plain full KD at 8 x 2048 will be recorded as OOM) and the
 # project's dependencies installed (the quantized rows: torchao and bitsandbytes, the `quant` extra;
-# without them those rows record the error). About 5-6 minutes on an H200, and never more than
+# without them those rows record the error). About 5-6 minutes on an H200, and at most about
 # BUDGET_S (default 450 s) in all: each bench gets what is left of it, the most important first, and a
 # bench cut short keeps its finished runs in LABEL.runs.jsonl. Writes, per batch shape, LABEL.md /
 # LABEL.json (the report, targets with PASS/FAIL) and LABEL.runs.jsonl (each run as it finishes), plus
-# gpu-bench.log. SHAPE=tiny DEVICE=cpu bash benchmarks/gpu.sh /tmp/x rehearses the script on a CPU in
-# about two minutes.
+# gpu-bench.log. SHAPE=tiny DEVICE=cpu bash benchmarks/gpu.sh /tmp/x rehearses the script on a CPU (about
+# 4 minutes on 2 busy cores).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
