@@ -26,6 +26,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from llm_neo.choices import (
+    ARM_VARIANTS,
     DIVERGENCES,
     DTYPES,
     EXPORT_SPECS,
@@ -495,6 +496,25 @@ def check_teacher_quant(problems: list[str], config: TeacherQuantOptions) -> Non
         problems.append(
             "--teacher-quant nf4 uses bitsandbytes: pass --teacher-quant-backend auto or bitsandbytes"
         )
+
+
+def parse_arm(arm: str, *, option: str = "--methods") -> tuple[str, dict[str, str]]:
+    """``"neo+int8-teacher"`` -> ``("neo", {"teacher_quant": "int8"})``; ConfigError naming the choices
+    and ``option``, the flag the arm was given in."""
+    method, *variants = arm.split("+")
+    if method not in METHOD_NAMES:
+        raise ConfigError([f"{option}: {arm!r}: the arm's method must be one of {', '.join(METHOD_NAMES)}"])
+    overrides: dict[str, str] = {}
+    for variant in variants:
+        if variant not in ARM_VARIANTS:
+            raise ConfigError(
+                [f"{option}: {arm!r}: {variant!r} is not a variant; use one of {', '.join(ARM_VARIANTS)}"]
+            )
+        key, kind = ARM_VARIANTS[variant]
+        if key in overrides:
+            raise ConfigError([f"{option}: {arm!r} sets --{key.replace('_', '-')} twice"])
+        overrides[key] = kind
+    return method, overrides
 
 
 def check_quantization(problems: list[str], config: TrainOptions) -> None:

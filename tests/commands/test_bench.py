@@ -3,23 +3,36 @@
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import json
 
 import pytest
 import torch
 
 from llm_neo.commands.bench import (
+    WHOLE_PHASES,
     BenchConfig,
+    GiB,
     RunSpec,
+    _quantization_cuts,
     bench,
     check_targets,
     format_report,
+    prepare_whole_runs,
     run_bench,
     run_one,
+    run_whole,
+    whole_run_phases,
+    write_token_records,
 )
+from llm_neo.commands.plan import model_dims, weight_bytes_at
+from llm_neo.commands.shapes import get_shape
 from llm_neo.config import DistillConfig, add_dataclass_arguments, build_config
+from llm_neo.data import load_records, tokenize_records
 from llm_neo.errors import ConfigError
-from llm_neo.runtime.memory import LiveTensorBytes
+from llm_neo.models.tiny import build_word_tokenizer
+from llm_neo.runtime.memory import LiveTensorBytes, peak_rss_bytes
 
 RUNS = ["kd:plain", "kd:chunked", "neo:plain", "neo:chunked", "neo:chunked:16", "sft:plain", "lora:chunked"]
 
@@ -63,8 +76,14 @@ def test_report_says_what_was_measured(tiny_report):
     assert "| neo chunked (chunk 16) |" in text
     assert "## Targets" in text
     assert "shown for reference" in text  # the CPU targets are set for cpu-wide at 8 × 256
-    for target in tiny_report["targets"]:
-        assert target["result"] in ("PASS", "FAIL")
+    run = {
+        t["target"]: t["result"]
+        for t in tiny_report["targets"]
+        if t["rows"] == "step" and "int8" not in t["target"]
+    }
+    assert set(run.values()) <= {"PASS", "FAIL"} and run  # every step target's rows were run
+    # The targets of rows not run (quantized, whole runs) say so rather than pass.
+    assert {t["result"] for t in tiny_report["targets"] if t["target"] not in run} == {"n/a"}
     json.dumps(tiny_report)  # JSON-able as is
 
 
@@ -179,23 +198,241 @@ def test_targets_pass_and_fail_plainly():
     assert all(t["applies"] for t in targets.values())
 
 
-def test_run_one_catches_nothing_but_oom():
+def _spec(**changes):
     spec = RunSpec(
         shape="tiny",
         method="neo",
         impl="chunked",
-        chunk_size=8,
-        batch_size=1,
-        seq_len=8,
-        lora_r=2,
+        chunk_size=1024,
+        batch_size=2,
+        seq_len=32,
+        lora_r=4,
         kd_ratio=0.5,
         warmup_steps=0,
         steps=1,
-        gradient_checkpointing=True,
+        gradient_checkpointing=False,
         device="cpu",
         dtype="float32",
         seed=0,
         memory="tracked",
+        num_threads=1,
     )
+    return dataclasses.replace(spec, **changes)
+
+
+def test_run_one_catches_nothing_but_oom():
+    spec = _spec(chunk_size=8, batch_size=1, seq_len=8, lora_r=2, gradient_checkpointing=True, num_threads=0)
     result = run_one(spec)
     assert result["status"] == "ok" and result["step_times_s"] and result["peak_bytes"] > 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# Quantized rows
+
+
+@pytest.fixture(scope="module")
+def quant_report():
+    pytest.importorskip("torchao", reason="the quant extra is not installed: pip install 'llm-neo[quant]'")
+    pytest.importorskip(
+        "bitsandbytes", reason="the quant extra is not installed: pip install 'llm-neo[quant]'"
+    )
+    config = BenchConfig(
+        shape="tiny",
+        runs=["neo:chunked", "neo+int8-teacher:chunked", "neo+nf4-student:chunked"],
+        warmup_steps=1,
+        steps=1,
+        isolate=False,
+        device="cpu",
+        num_threads=1,
+    )
+    return bench(config, progress=False)
+
+
+def test_quantized_rows_record_the_bytes_quantize_teacher_counts(quant_report):
+    from transformers import AutoModelForCausalLM
+
+    from llm_neo.models.quant import quantize_teacher, weight_bytes
+
+    shape = get_shape("tiny")
+    rows = {r["name"]: r for r in quant_report["results"]}
+    int8, nf4, plain = rows["neo+int8-teacher chunked"], rows["neo+nf4-student chunked"], rows["neo chunked"]
+    assert [r["status"] for r in rows.values()] == ["ok"] * 4
+
+    # The teacher's bytes are what quantize_teacher reports for a dense fp32 model of the shape.
+    dense = AutoModelForCausalLM.from_config(copy.deepcopy(shape.teacher), dtype=torch.float32)
+    before = weight_bytes(dense)
+    _, info = quantize_teacher(dense, "int8")
+    assert int8["teacher_quant"]["weight_bytes_before"] == before == info["weight_bytes_before"]
+    assert int8["teacher_quant"]["weight_bytes_after"] == info["weight_bytes_after"] < before
+    assert int8["teacher_saved_bytes"] == before - info["weight_bytes_after"]
+    assert nf4["student_quant"]["kind"] == "nf4" and nf4["student_saved_bytes"] > 0
+    assert "teacher_quant" not in nf4 and "student_quant" not in int8
+
+    # Counted as live tensor bytes, the int8 teacher lowers the step's peak by exactly what it saves
+    # (issue 13), and so does the nf4 base.
+    assert int8["peak_cut_bytes"] == int8["teacher_saved_bytes"]
+    assert plain["peak_bytes"] - nf4["peak_bytes"] == nf4["student_saved_bytes"]
+
+    # The plan row of each is estimated with the same quantization.
+    c = 4  # fp32 on a CPU
+    teacher_dims, student_dims = model_dims(shape.teacher), model_dims(shape.student, lora_r=4)
+    plan = {name: r["plan_components_gib"] for name, r in rows.items()}
+    assert plan["neo+int8-teacher chunked"]["teacher weights"] == pytest.approx(
+        weight_bytes_at(teacher_dims, "int8", c) / GiB, abs=1e-4
+    )
+    assert plan["neo+nf4-student chunked"]["student weights"] == pytest.approx(
+        weight_bytes_at(student_dims, "nf4", c) / GiB, abs=1e-4
+    )
+    # ... and the plan's int8 layout is the one torchao stores: the same bytes saved.
+    assert plain["plan_bytes"] - int8["plan_bytes"] == int8["teacher_saved_bytes"]
+
+
+def test_quantized_targets_and_report(quant_report):
+    targets = {t["target"]: t for t in quant_report["targets"]}
+    cut = targets["int8 teacher cuts Neo's step peak by ≥ the teacher's saved weight bytes"]
+    assert cut["value"] == pytest.approx(1.0) and cut["result"] == "PASS"
+    text = format_report(quant_report)
+    int8 = next(r for r in quant_report["results"] if r["name"] == "neo+int8-teacher chunked")
+    before, after = (int8["teacher_quant"][k] / 2**20 for k in ("weight_bytes_before", "weight_bytes_after"))
+    assert f"| neo+int8-teacher chunked | int8: {before:.4g} → {after:.4g} |" in text
+
+
+# ----------------------------------------------------------------------------------------------------
+# Spellings
+
+
+def test_bad_run_and_variant_spellings_are_config_errors():
+    config = BenchConfig(
+        shape="tiny",
+        runs=["neo+fp4-student:chunked"],
+        whole_runs=[
+            "neo+int9-teacher:chunked",
+            "kd+nf4-student:plain",
+            "lora+int8-teacher:chunked",
+            "neo+int8-teacher+int8-teacher:chunked",
+            "neo:chunked:x",
+            "neo",
+        ],
+    )
+    with pytest.raises(ConfigError) as err:
+        bench(config, progress=False)
+    problems = err.value.problems
+    assert err.value.exit_code == 2
+    assert any(p.startswith("--runs:") and "'fp4-student' is not a variant" in p for p in problems)
+    for fragment in (
+        "'int9-teacher' is not a variant",
+        "kd+nf4-student:plain",  # a QLoRA base on a full-parameter arm
+        "lora+int8-teacher:chunked",  # no teacher to quantize
+        "sets --teacher-quant twice",
+        "neo:chunked:x",
+        "'neo' is not ARM:IMPL",
+    ):
+        assert any(p.startswith("--whole-runs:") and fragment in p for p in problems), fragment
+    assert len(problems) == 7  # every problem, each once
+
+
+# ----------------------------------------------------------------------------------------------------
+# Whole runs
+
+
+def test_records_tokenize_to_exactly_seq_len(tmp_path):
+    path = tmp_path / "data.jsonl"
+    write_token_records(path, records=5, seq_len=17, vocab_size=300, seed=3)
+    tokenizer = build_word_tokenizer(300)
+    assert len(tokenizer) == 300
+    examples, dropped = tokenize_records(load_records(str(path)), tokenizer, max_length=10_000)
+    assert dropped == 0 and [len(e.input_ids) for e in examples] == [17] * 5
+    assert all(
+        e.input_ids[0] == tokenizer.bos_token_id and e.input_ids[-1] == tokenizer.eos_token_id
+        for e in examples
+    )
+    assert all(4 <= i < 300 for e in examples for i in e.input_ids[1:-1])
+
+
+def test_a_whole_run_reads_its_summary_and_its_own_peak(tmp_path):
+    # This process's peak RSS is made larger than a tiny run's: a run started from it directly would
+    # report at least this much (ru_maxrss survives fork + exec); started from the launcher, it must not.
+    big = torch.ones(2**28)  # 1 GiB, touched
+    del big
+    ours = peak_rss_bytes()
+    assert ours > 1.2 * GiB
+
+    spec = _spec(memory="rss", warmup_steps=1, steps=2)
+    inputs = prepare_whole_runs(spec, tmp_path / "inputs", with_teacher=True)
+    assert (inputs.records, inputs.heldout) == (8, 2)
+    result = run_whole(spec, inputs, tmp_path / "run", timeout=300)
+    assert result["status"] == "ok", result
+    summary = json.loads((tmp_path / "run" / "out" / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["samples"] == {"train": 6, "heldout": 2, "dropped": 0}
+    assert result["training_peak_bytes"] == round(summary["peak_memory_gb"] * GiB)
+    assert result["training_peak_kind"] == "process_max_rss"
+    # The whole process holds everything its training steps did, and then some: a superset.
+    assert result["process_peak_bytes"] >= result["training_peak_bytes"] > 0
+    assert result["process_to_training"] >= 1.0
+    # Its own peak, not this process's: the launcher it was started from is a few MiB.
+    assert result["process_peak_bytes"] < ours - 0.5 * GiB
+    assert result["launcher_peak_bytes"] < 64 * 2**20
+    # The sampled high-water mark never exceeds the kernel's, and the phases cover the run in order.
+    assert 0 < result["sampled_peak_bytes"] <= result["process_peak_bytes"]
+    assert [p["phase"] for p in result["phases"]] == list(WHOLE_PHASES)
+    ends = [p["end_s"] for p in result["phases"]]
+    assert ends == sorted(ends) and result["peak_phase"] in WHOLE_PHASES
+    assert "--teacher" in result["command"] and "--max-steps 3" in result["command"]
+
+
+def test_whole_run_phases_split_the_samples_and_name_the_peak():
+    # [t, VmRSS KiB, VmHWM KiB]: the peak (9) is reached at t = 5, inside the held-out eval.
+    samples = [[0.5, 1, 1], [1.5, 4, 4], [2.5, 2, 4], [3.5, 3, 4], [5.0, 9, 9], [6.5, 2, 9]]
+    ends = {"load": 1.0, "steps": 3.0, "merge check, save": 4.0, "held-out eval": 6.0}
+    phases, peak = whole_run_phases(samples, ends, 7.0)
+    assert peak == "held-out eval"
+    assert [(p["phase"], p["max_rss_bytes"], p["hwm_end_bytes"]) for p in phases] == [
+        ("load", 1024, 1024),
+        ("steps", 4096, 4096),
+        ("merge check, save", 3072, 4096),
+        ("held-out eval", 9216, 9216),
+        ("exit", 2048, 9216),
+    ]
+    # A boundary that was not seen merges its phase into the next.
+    phases, peak = whole_run_phases(samples, ends | {"load": None}, 7.0)
+    assert phases[0]["phase"] == "load, steps" and phases[0]["max_rss_bytes"] == 4096
+
+
+def test_whole_run_targets():
+    def row(arm, impl, peak, training=None, saved=None):
+        method, *variants = arm.split("+")
+        spec = {
+            "method": method,
+            "teacher_quant": "int8" if variants else "none",
+            "student_quant": "none",
+            "impl": impl,
+            "chunk_size": 1024,
+        }
+        res = {"spec": spec, "status": "ok", "process_peak_bytes": peak, "training_peak_bytes": training}
+        if saved is not None:
+            res["teacher_quant"] = {
+                "kind": "int8",
+                "weight_bytes_before": 3 * saved,
+                "weight_bytes_after": 2 * saved,
+            }
+        return res
+
+    settings = {"device_type": "cpu", "loss_chunk_size": 1024, "shape": "cpu-wide", "batch_size": 8,
+                "seq_len": 256, "gradient_checkpointing": False}  # fmt: skip
+    whole = [
+        row("kd", "plain", 100),
+        row("neo", "chunked", 25, training=24),
+        row("neo+int8-teacher", "chunked", 22, saved=4),
+    ]
+    _quantization_cuts(whole, "process_peak_bytes")
+    assert whole[2]["peak_cut_bytes"] == 3 and whole[2]["teacher_saved_bytes"] == 4
+    targets = {t["target"]: t for t in check_targets([], settings, whole)}
+    within = targets["Whole Neo run: process peak ≤ 1.05 × its training-step peak"]
+    assert within["value"] == pytest.approx(25 / 24) and within["result"] == "PASS"
+    versus_kd = targets["Whole Neo run peak ≤ 0.30 × whole plain full KD run"]
+    assert versus_kd["value"] == pytest.approx(0.25) and versus_kd["result"] == "PASS"
+    cut = targets["int8 teacher cuts the whole Neo run's peak by ≥ the teacher's saved weight bytes"]
+    assert cut["value"] == pytest.approx(0.75) and cut["result"] == "FAIL"
+    assert all(t["applies"] for t in targets.values())
+    # Without whole runs the whole-run targets are n/a, not PASS.
+    assert {t["result"] for t in check_targets([], settings) if t["rows"] == "whole"} == {"n/a"}

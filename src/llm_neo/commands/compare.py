@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from llm_neo import __version__
-from llm_neo.choices import COMPARISON_ORDER, METHOD_NAMES, METHODS, STUDENT_QUANT, TEACHER_QUANT
+from llm_neo.choices import ARM_VARIANTS, COMPARISON_ORDER, METHOD_NAMES, METHODS
 from llm_neo.commands.cost import GPUS, flops_per_token, gpu, parse_tokens, project
 from llm_neo.config import (
     DATA,
@@ -52,6 +52,7 @@ from llm_neo.config import (
     check_ranges,
     dump_yaml,
     load_yaml,
+    parse_arm,
     to_dict,
     validate_distill,
 )
@@ -89,12 +90,6 @@ REPORT_ONLY = {
     "exact_memory", "probes",
 }  # fmt: skip
 SCORING = {"score", "category_field", "max_new_tokens", "lm_eval_tasks", "lm_eval_include", "lm_eval_limit"}
-# Quantized variants of an arm, joined to its method with "+": neo+int8-teacher, lora+nf4-student,
-# neo+int8-teacher+nf4-student. Each sets one quantization option of that arm alone.
-ARM_VARIANTS: dict[str, tuple[str, str]] = {
-    **{f"{kind}-teacher": ("teacher_quant", kind) for kind in TEACHER_QUANT if kind != "none"},
-    **{f"{kind}-student": ("student_quant", kind) for kind in STUDENT_QUANT if kind != "none"},
-}
 # Per-run numbers the report aggregates over seeds (mean, std, min, max).
 METRICS = (
     "accuracy",
@@ -298,24 +293,6 @@ def validate_compare(config: CompareConfig) -> None:
             p += [f"{arm}: {problem}" for problem in err.problems if f"{arm}: {problem}" not in p]
     if p:
         raise ConfigError(list(dict.fromkeys(p)))
-
-
-def parse_arm(arm: str) -> tuple[str, dict[str, str]]:
-    """``"neo+int8-teacher"`` -> ``("neo", {"teacher_quant": "int8"})``; ConfigError naming the choices."""
-    method, *variants = arm.split("+")
-    if method not in METHOD_NAMES:
-        raise ConfigError([f"--methods: {arm!r}: the arm's method must be one of {', '.join(METHOD_NAMES)}"])
-    overrides: dict[str, str] = {}
-    for variant in variants:
-        if variant not in ARM_VARIANTS:
-            raise ConfigError(
-                [f"--methods: {arm!r}: {variant!r} is not a variant; use one of {', '.join(ARM_VARIANTS)}"]
-            )
-        option, kind = ARM_VARIANTS[variant]
-        if option in overrides:
-            raise ConfigError([f"--methods: {arm!r} sets --{option.replace('_', '-')} twice"])
-        overrides[option] = kind
-    return method, overrides
 
 
 # ------------------------------------------------------------------------------------------------

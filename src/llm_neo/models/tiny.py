@@ -72,6 +72,37 @@ def build_tokenizer(
     )
 
 
+# The special tokens of ``build_word_tokenizer``, at ids 0..3 (pad, bos, eos as ``build_llama`` sets them).
+WORD_SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
+
+
+def word_token(index: int) -> str:
+    """The text of ``build_word_tokenizer``'s token ``index`` (an id past the special tokens)."""
+    return f"w{index}"
+
+
+def build_word_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer with exactly ``vocab_size`` tokens: the 4 special ones (``<pad>`` 0, ``<s>``
+    1, ``</s>`` 2, ``<unk>`` 3), then ``w4`` ... ``w{vocab_size - 1}`` at their own ids (``word_token``).
+
+    Text is split on whitespace and every word is one token, so a text of n words encodes to exactly n
+    ids: what a benchmark needs to give every id of a large vocabulary (32,000, 128,256) a token without
+    training a BPE on a corpus that large, and to write records of an exact token length.
+    """
+    if vocab_size <= len(WORD_SPECIAL_TOKENS):
+        raise ValueError(
+            f"vocab_size must exceed the {len(WORD_SPECIAL_TOKENS)} special tokens, got {vocab_size}"
+        )
+    vocab = {token: i for i, token in enumerate(WORD_SPECIAL_TOKENS)}
+    vocab |= {word_token(i): i for i in range(len(WORD_SPECIAL_TOKENS), vocab_size)}
+    words = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    words.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return PreTrainedTokenizerFast(
+        tokenizer_object=words, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
 def build_llama(
     vocab_size: int,
     *,
