@@ -1287,6 +1287,7 @@ def _heldout(run: Run, merged: PreTrainedModel) -> tuple[dict[str, float], str |
         "batch_size": config.eval_batch_size,
         "device": device,
         "dtype": dtype,
+        "chunk_size": config.loss_chunk_size,  # the training chunk: evaluation needs no more memory
     }
     if teacher is None and run.cache is not None:  # no --teacher: score against the cached teacher
         metrics = heldout_metrics(merged, run.heldout, run.cache, **common)

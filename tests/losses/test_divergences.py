@@ -14,6 +14,7 @@ from llm_neo.losses import (
     distill_loss,
     divergence,
     forward_kl,
+    forward_kl_inplace,
     jsd,
     next_token_targets,
     reference_divergence,
@@ -111,6 +112,27 @@ def test_forward_kl_equals_torch_kl_div(temperature):
     # F.kl_div(input, target) = KL(target || input): input = student, target = teacher.
     expected = F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1) * temperature**2
     torch.testing.assert_close(forward_kl(s, t, temperature=temperature), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("scale", [0.1, 3.0, 30.0])
+def test_inplace_forward_kl_equals_the_reference(shape, scale):
+    student, teacher = _logits(shape, seed=3, scale=scale)
+    expected = reference_divergence("forward_kl", student.double(), teacher.double(), temperature=1.0)
+    fast = forward_kl(student, teacher)
+    got = forward_kl_inplace(student.clone(), teacher.clone())  # it overwrites its inputs
+    torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(got, fast, atol=1e-5, rtol=1e-5)
+    assert (got >= -1e-6).all()
+
+
+def test_inplace_forward_kl_with_columns_the_teacher_gives_no_mass():
+    student, teacher = _logits((4, 9), seed=5)
+    teacher[:, -3:] = NEG_INF  # padding columns: 0 · log 0 = 0, not NaN
+    got = forward_kl_inplace(student.clone(), teacher.clone())
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, forward_kl(student, teacher), atol=1e-5, rtol=1e-5)
+    assert float(forward_kl_inplace(teacher.clone(), teacher.clone()).abs().max()) < 1e-6  # equal: 0
 
 
 def test_tvd_is_half_l1_of_softmax():

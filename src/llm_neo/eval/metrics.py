@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from llm_neo.data import Example, collate
 from llm_neo.errors import CacheError, DataError
-from llm_neo.losses import IGNORE_INDEX, TopKTargets, divergence, forward_kl, next_token_targets
+from llm_neo.losses import IGNORE_INDEX, TopKTargets, divergence, forward_kl_inplace, next_token_targets
 from llm_neo.models.loading import autocast, final_hidden_states, model_logits
 from llm_neo.teacher_cache.store import TeacherCache
 
@@ -81,8 +81,9 @@ def heldout_metrics(
                     teacher_logits = model_logits(teacher, reference[rows]).float()
                 width = kd_vocab_size or logits.shape[-1]
                 s, t = logits[:, :width], teacher_logits[:, :width]
-                kl_sum += float(forward_kl(s, t).sum())
                 agree += float((s.argmax(-1) == t.argmax(-1)).sum())
+                # In place: a held-out chunk then holds the two logits tensors, as a training chunk does.
+                kl_sum += float(forward_kl_inplace(s, t).sum())
         tokens += int(trained.sum())
     model.train(was_training)
     if tokens == 0:

@@ -294,6 +294,24 @@ def forward_kl(student_logits: Tensor, teacher_logits: Tensor, *, temperature: f
     return divergence("forward_kl", student_logits, teacher_logits, temperature=temperature)
 
 
+@torch.no_grad()
+def forward_kl_inplace(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    """Forward KL(p_teacher || p_student) per token at T = 1, **overwriting both inputs**: [N, V] fp32,
+    [N, V] fp32 -> [N] (nats). No gradient.
+
+    For evaluation, where nothing needs the logits afterwards: ``forward_kl`` holds about five [N, V]
+    temporaries (two log-softmaxes, the probabilities, the difference, the product) besides its inputs;
+    this holds none, so a chunk of held-out logits costs what a training chunk costs. Equal to
+    ``forward_kl`` (tested, also against the fp64 reference).
+    """
+    log_q = student_logits.sub_(torch.logsumexp(student_logits, -1, keepdim=True))  # log q, in place
+    log_p = teacher_logits.sub_(torch.logsumexp(teacher_logits, -1, keepdim=True))  # log p, in place
+    log_q.neg_().add_(log_p)  # log p - log q
+    p = log_p.exp_()
+    log_q.masked_fill_(p == 0, 0.0)  # 0 · log 0 = 0 where the teacher gives a column no mass
+    return p.mul_(log_q).sum(-1)  # sum p (log p - log q)
+
+
 def reverse_kl(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0) -> Tensor:
     """Reverse KL(p_student || p_teacher) per token: [N, V], [N, V] -> [N] (nats, times T**2).
 

@@ -385,7 +385,7 @@ def merge_verified(
         rows = slice(start, start + chunk_size)
         before = softcap(adapter_head(adapter_hidden[rows]), cap)  # type: ignore[operator]  # [C, V]
         after = softcap(merged_head(merged_hidden[rows]), cap)
-        diff = max(diff, float((after - before).abs().max()))
+        diff = max(diff, float(after.sub_(before).abs_().max()))  # in place: no third [C, V] tensor
     return merged, diff
 
 

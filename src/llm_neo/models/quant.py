@@ -49,7 +49,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from llm_neo.choices import QLORA_VARIANTS, STUDENT_QUANT, TEACHER_QUANT
 from llm_neo.choices import TEACHER_QUANT_BACKENDS as TEACHER_BACKENDS
 from llm_neo.errors import ModelError
-from llm_neo.losses import IGNORE_INDEX, forward_kl, next_token_targets
+from llm_neo.losses import IGNORE_INDEX, forward_kl_inplace, next_token_targets
 from llm_neo.models.loading import final_hidden_states, model_logits
 from llm_neo.models.lora import _output_embeddings
 
@@ -394,8 +394,8 @@ def teacher_drift(
         q = model_logits(quantized, hidden[start : start + chunk_size]).float()  # [C, V]
         r = model_logits(ref_model, ref_hidden[start : start + chunk_size].to(_model_device(ref_model)))
         r = r.float().to(device)  # [C, V]
-        kl_sum += float(forward_kl(q, r).sum())
         agree += float((q.argmax(-1) == r.argmax(-1)).sum())
+        kl_sum += float(forward_kl_inplace(q, r).sum())  # in place: two [C, V] tensors, no temporaries
     return {"kl_per_token": kl_sum / tokens, "top1_agreement": agree / tokens, "tokens": tokens}
 
 
@@ -413,7 +413,8 @@ def load_teacher(
 
     Args:
         drift_batch: a collated held-out batch [B, T] (``data.collate``): the reference hidden states
-            are taken from the dense teacher on it before quantizing, and ``teacher_drift`` after.
+            are taken from the dense teacher on it before quantizing, and ``teacher_drift`` after, chunk
+            by chunk of ``options.loss_chunk_size`` tokens (cache-teacher: ``chunk_size``), in place.
 
     Returns:
         ``(teacher, info)``: info is None for an unquantized teacher, else ``quantize_teacher``'s record
@@ -445,7 +446,8 @@ def load_teacher(
     teacher, info = quantize_teacher(teacher, kind, backend=backend)
     if reference is None:
         return teacher, {**info, "drift_skipped": "no batch to measure it on"}
-    drift = teacher_drift(teacher, reference, drift_batch)  # type: ignore[arg-type]
+    chunk = int(getattr(options, "loss_chunk_size", getattr(options, "chunk_size", 1024)))
+    drift = teacher_drift(teacher, reference, drift_batch, chunk_size=chunk)  # type: ignore[arg-type]
     log.info(
         "teacher drift (%s vs unquantized, %d held-out tokens): KL %.3g per token, top-1 agreement %.3f",
         kind,
