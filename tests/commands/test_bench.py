@@ -372,8 +372,12 @@ def test_a_whole_run_reads_its_summary_and_its_own_peak(tmp_path):
     # Its own peak, not this process's: the launcher it was started from is a few MiB.
     assert result["process_peak_bytes"] < ours - 0.5 * GiB
     assert result["launcher_peak_bytes"] < 64 * 2**20
-    # The sampled high-water mark never exceeds the kernel's, and the phases cover the run in order.
-    assert 0 < result["sampled_peak_bytes"] <= result["process_peak_bytes"]
+    # The sampled high-water mark agrees with the kernel's, and the phases cover the run in order.
+    # /proc's VmHWM reads the kernel's per-CPU RSS counters without folding them (an approximation of
+    # up to a batch of pages per CPU), wait4's ru_maxrss the exact count at exit: a few hundred KiB
+    # either way, so equality is not an invariant here.
+    slack = 2 * 2**20
+    assert 0 < result["sampled_peak_bytes"] <= result["process_peak_bytes"] + slack
     assert [p["phase"] for p in result["phases"]] == list(WHOLE_PHASES)
     ends = [p["end_s"] for p in result["phases"]]
     assert ends == sorted(ends) and result["peak_phase"] in WHOLE_PHASES
