@@ -215,7 +215,7 @@ def _worker(
     _die_with_parent()
     if hasattr(os, "setpgid"):
         os.setpgid(0, 0)  # a group of its own: terminal signals reach the parent, which passes them on
-    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # less the umask
     os.dup2(log_fd, 1)
     os.dup2(log_fd, 2)
     torch.set_num_threads(threads)
