@@ -1149,7 +1149,7 @@ def finish(run: Run, trained: Trained) -> RunSummary:
         trainable_parameters=run.n_trainable,
         student_parameters=run.base_parameters,
         merged_parameters=sum(p.numel() for p in merged.parameters()),
-        merge_check={"max_abs_logit_diff": merge_diff, "tolerance": config.merge_tolerance, "passed": True},
+        merge_check=_merge_record(config, merge_diff),
         device=str(device),
         dtype=str(run.step.dtype).removeprefix("torch."),
         export_dtype=str(run.export_dtype).removeprefix("torch."),
@@ -1160,6 +1160,19 @@ def finish(run: Run, trained: Trained) -> RunSummary:
     with writing(run.out / SUMMARY_FILE, "the run's summary", kept=lambda: _kept_outputs(run)):
         atomic_write_json(run.out / SUMMARY_FILE, summary.to_json())
     return summary
+
+
+def _merge_record(config: DistillConfig, merge_diff: float) -> dict[str, Any]:
+    """summary.json's ``merge_check``: the verified merge of a LoRA arm, or that there was none to
+    check (sft and kd train the student itself: nothing is merged)."""
+    if not config.uses_lora:
+        return {"applicable": False, "reason": f"--method {config.method} trains every weight; nothing is merged"}
+    return {
+        "applicable": True,
+        "max_abs_logit_diff": merge_diff,
+        "tolerance": config.merge_tolerance,
+        "passed": merge_diff <= config.merge_tolerance,
+    }
 
 
 def _kept_outputs(run: Run) -> str:
