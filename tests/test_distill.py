@@ -242,9 +242,46 @@ def test_different_tokenizers_are_refused(make_config, foreign_dir):
 def test_existing_output_dir_is_not_clobbered(make_config):
     config = make_config("lora", max_steps=1)
     distill(config)
-    with pytest.raises(ConfigError, match="already holds files"):
+    with pytest.raises(ConfigError, match=r"already holds a finished run \(summary.json\); pass --overwrite"):
         distill(config)
     assert distill(dataclasses.replace(config, overwrite=True)).steps == 1
+
+
+def test_a_run_that_died_before_its_first_checkpoint_says_overwrite(make_config, capsys):
+    config = make_config("lora", max_steps=3)
+
+    def die(step: int, metrics: dict) -> None:
+        raise KeyboardInterrupt  # a kill before any checkpoint (--save-every 0)
+
+    with pytest.raises(KeyboardInterrupt):
+        distill(config, on_step=die)
+    out = Path(str(config.output_dir))
+    assert (out / "config.yaml").is_file() and not (out / "checkpoints").exists()
+    with pytest.raises(ConfigError, match="stopped before its first checkpoint, which --resume cannot"):
+        distill(config)
+    with pytest.raises(ConfigError) as info:
+        distill(dataclasses.replace(config, resume=True))
+    assert f"Start it again with: llm-neo distill --config {out / 'config.yaml'} --overwrite" in str(info.value)
+    assert main(["distill", "--config", str(out / "config.yaml"), "--overwrite", "-q"]) == 0  # what it offers
+
+
+def test_resume_with_only_the_output_dir_reads_its_config(make_config, capsys):
+    config = make_config("lora", max_steps=4, save_every=2)
+
+    def stop_after_two(step: int, metrics: dict) -> None:
+        if step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        distill(config, on_step=stop_after_two)
+    out = Path(str(config.output_dir))
+    # A flag that changes the result is still checked against the saved config...
+    assert main(["distill", "--resume", "--output-dir", str(out), "--lr", "1e-3", "-q"]) == 2
+    assert f"options differ from the run in {out}: lr." in capsys.readouterr().err
+    # ...one that does not may change; --teacher, --student and --data come from out/config.yaml.
+    assert main(["distill", "--resume", "--output-dir", f"{out}/", "--log-every", "2", "-q"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["config"]["student"] == config.student
 
 
 def test_resume_with_changed_options_is_refused(make_config):

@@ -331,6 +331,24 @@ def unknown_arguments(extras: list[str], cls: Any) -> list[str]:
     return problems
 
 
+def _resume_config_file(args: argparse.Namespace) -> str | None:
+    """`distill --resume --output-dir X` without --config: X/config.yaml, the options the run was started
+    with (flags given still override them, and --resume checks them against it)."""
+    if args.config is not None or not getattr(args, "resume", False):
+        return args.config
+    out = Path(getattr(args, "output_dir", None) or f"runs/{getattr(args, 'method', DistillConfig.method)}")
+    saved = out / "config.yaml"
+    if not saved.is_file():
+        return None  # distill says there is nothing to resume
+    from llm_neo.config import load_yaml
+
+    recorded = load_yaml(saved).get("output_dir")
+    if recorded and Path(str(recorded)).resolve() == out.resolve():
+        args.output_dir = recorded  # the same directory, however it was spelled: not a changed option
+    logging.getLogger("llm_neo").info("--resume: the options of %s (flags given here override them)", saved)
+    return str(saved)
+
+
 def _resolve(path: str) -> Any:
     module, name = path.split(":")
     return getattr(importlib.import_module(module), name)
@@ -402,7 +420,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if extras:
             raise ConfigError(unknown_arguments(extras, _resolve(spec.config)))
-        config = build_config(_resolve(spec.config), args, args.config)
+        config_file = args.config
+        if spec.config == COMMANDS["distill"].config:
+            config_file = _resume_config_file(args)
+        config = build_config(_resolve(spec.config), args, config_file)
         if isinstance(config, DistillConfig):
             for warning in ignored_options(config):
                 logging.getLogger("llm_neo").warning(warning)

@@ -520,12 +520,19 @@ def _check_output_dir(config: DistillConfig, out: Path, world: World) -> Path | 
     Read-only, and run by every rank, so every rank raises the same error.
     """
     saved = out / "config.yaml"
+    has_checkpoints = any(p.name.startswith("step-") for p in _entries(out / "checkpoints"))
     if config.resume:
-        if not any(p.name.startswith("step-") for p in _entries(out / "checkpoints")):
+        if not has_checkpoints:
+            again = (
+                f"llm-neo distill --config {saved} --overwrite" if saved.is_file() else "the same command "
+                "with --overwrite instead of --resume"
+            )
+            held = "a run that stopped before its first checkpoint" if _entries(out) else "no run"
             raise ConfigError(
                 [
-                    f"--resume: no checkpoint in {out / 'checkpoints'}; start the run without --resume "
-                    "(and with --save-every N to make checkpoints)"
+                    f"--resume: no checkpoint in {out / 'checkpoints'} ({out} holds {held}), so there is "
+                    f"nothing to continue. Start it again with: {again} (add --save-every N for checkpoints "
+                    "a later --resume can continue from)"
                 ]
             )
         if saved.is_file():
@@ -549,12 +556,16 @@ def _check_output_dir(config: DistillConfig, out: Path, world: World) -> Path | 
             )
         return found
     if out.exists() and any(out.iterdir()) and not config.overwrite:
-        raise ConfigError(
-            [
-                f"--output-dir {out} already holds files; pass --resume to continue that run, "
-                "--overwrite to replace it, or choose another --output-dir"
-            ]
-        )
+        if (out / SUMMARY_FILE).is_file():
+            what = "a finished run (summary.json); pass --overwrite to replace it"
+        elif has_checkpoints:
+            what = "a run that stopped after a checkpoint; pass --resume to continue it, --overwrite to replace it"
+        else:
+            what = (
+                "a run that stopped before its first checkpoint, which --resume cannot continue; pass "
+                "--overwrite to start it again"
+            )
+        raise ConfigError([f"--output-dir {out} already holds {what}, or choose another --output-dir"])
     return None
 
 
