@@ -722,3 +722,12 @@ def test_sigterm_to_the_command_saves_and_the_printed_command_resumes(faults, tm
     )
     assert done.returncode == 0, done.stderr
     assert_same_run(out, faults.whole)
+
+
+def test_without_a_terminal_distill_prints_plain_progress_lines(make_config, caplog):
+    # Under pytest stderr is not a terminal, as under nohup or a scheduler: the bar is off, lines come.
+    with caplog.at_level(logging.INFO, logger="llm_neo"):
+        distill(make_config("neo", max_steps=3))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("neo: step ")]
+    assert [line.split(",")[0] for line in lines] == ["neo: step 1/3 (33%)", "neo: step 2/3 (67%)", "neo: step 3/3 (100%)"]
+    assert "loss " in lines[0] and "(ce " in lines[0] and " tokens/s" in lines[0] and "ETA " in lines[0]

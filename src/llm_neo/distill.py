@@ -129,6 +129,7 @@ from llm_neo.runtime.distributed import (
     sync_whole_grads,
 )
 from llm_neo.runtime.memory import LiveTensorBytes, peak_memory_gb
+from llm_neo.runtime.progress import ProgressLines
 from llm_neo.runtime.stop import StopRequest, agreed, graceful_stop
 from llm_neo.summary import SUMMARY_FILE, RunSummary
 from llm_neo.teacher_cache.key import check_key, run_key
@@ -695,6 +696,14 @@ def train(run: Run, *, on_step: StepCallback | None = None) -> Trained:
         dynamic_ncols=True,
         disable=None if run.world.is_main else True,
     )
+    # Without a terminal the bar is off: plain lines instead (runtime/progress.py).
+    lines = ProgressLines(
+        config.method,
+        run.total_steps,
+        initial=run.progress.step,
+        initial_tokens=run.progress.tokens,
+        enabled=None if run.world.is_main else False,
+    )
     tracker = _tensor_tracker(run)
     tracked_from = run.progress.step
     clock = _Clock(time.perf_counter())
@@ -706,8 +715,11 @@ def train(run: Run, *, on_step: StepCallback | None = None) -> Trained:
             # The first steps under the live-tensor counter (CPU, one process), the rest without its overhead.
             with tracker or nullcontext():
                 until = tracked_from + TRACKED_STEPS
-                last = _steps(run, batches, bar, clock, stop, until=until, on_step=on_step) or last
-            last = _steps(run, batches, bar, clock, stop, until=run.total_steps, on_step=on_step) or last
+                last = _steps(run, batches, (bar, lines), clock, stop, until=until, on_step=on_step) or last
+            last = (
+                _steps(run, batches, (bar, lines), clock, stop, until=run.total_steps, on_step=on_step)
+                or last
+            )
         finally:
             bar.close()
     return Trained(
@@ -740,7 +752,7 @@ def _tensor_tracker(run: Run) -> LiveTensorBytes | None:
 def _steps(
     run: Run,
     batches: Iterator[list[Example]],
-    bar: Any,
+    progress_report: tuple[Any, ProgressLines],  # the tqdm bar, and the plain lines
     clock: _Clock,
     stop: StopRequest,
     *,
@@ -798,7 +810,7 @@ def _steps(
             "tokens_per_s": result["num_tokens"] / (time.perf_counter() - step_start),
             "peak_memory_gb": peak_memory_gb(run.step.device),
         }
-        _record(run, last, bar)
+        _record(run, last, progress_report)
         saved = None
         if config.save_every and (progress.step % config.save_every == 0 or progress.step == run.total_steps):
             saved = _save(run, clock)
@@ -932,8 +944,10 @@ def out_of_memory(run: Run, step: int, length: int, err: BaseException) -> OutOf
     return OutOfMemory(message, step=step, settings=settings)
 
 
-def _record(run: Run, last: dict[str, float], bar: Any) -> None:
-    """One step's metrics: a metrics.jsonl record every --log-every steps, and the progress bar."""
+def _record(run: Run, last: dict[str, float], progress: tuple[Any, ProgressLines]) -> None:
+    """One step's metrics: a metrics.jsonl record every --log-every steps, and the progress bar (on a
+    terminal) or a plain progress line now and then (without one)."""
+    bar, lines = progress
     step = int(last["step"])
     if run.world.is_main and (step % run.config.log_every == 0 or step == run.total_steps):
         path = run.out / "metrics.jsonl"
@@ -949,6 +963,10 @@ def _record(run: Run, last: dict[str, float], bar: Any) -> None:
         refresh=False,
     )
     bar.update(1)
+    loss = f"loss {last['loss']:.4f}"
+    if run.step.loss.kd_ratio > 0:
+        loss += f" (ce {last['ce_loss']:.4f}, kd {last['kd_loss']:.4f})"
+    lines.update(step, tokens=int(last["tokens"]), details=loss)
 
 
 def _micro_batches(

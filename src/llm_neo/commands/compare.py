@@ -593,6 +593,7 @@ def _evaluate(plan: Plan, summaries: dict[str, RunSummary]) -> dict[str, dict[st
         else:
             todo[name] = path
     if todo:
+        log.info("compare: scoring %d model(s); logs in %s", len(todo), plan.out / "eval")
         parallel, threads = _resources(config)
         names = list(todo)
         shares = [names[k::parallel] for k in range(parallel) if names[k::parallel]]
