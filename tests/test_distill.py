@@ -261,7 +261,8 @@ def test_a_run_that_died_before_its_first_checkpoint_says_overwrite(make_config,
         distill(config)
     with pytest.raises(ConfigError) as info:
         distill(dataclasses.replace(config, resume=True))
-    assert f"Start it again with: llm-neo distill --config {out / 'config.yaml'} --overwrite" in str(info.value)
+    again = f"Start it again with: llm-neo distill --config {out / 'config.yaml'} --overwrite"
+    assert again in str(info.value)
     assert main(["distill", "--config", str(out / "config.yaml"), "--overwrite", "-q"]) == 0  # what it offers
 
 
@@ -729,5 +730,9 @@ def test_without_a_terminal_distill_prints_plain_progress_lines(make_config, cap
     with caplog.at_level(logging.INFO, logger="llm_neo"):
         distill(make_config("neo", max_steps=3))
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("neo: step ")]
-    assert [line.split(",")[0] for line in lines] == ["neo: step 1/3 (33%)", "neo: step 2/3 (67%)", "neo: step 3/3 (100%)"]
+    assert [line.split(",")[0] for line in lines] == [
+        "neo: step 1/3 (33%)",
+        "neo: step 2/3 (67%)",
+        "neo: step 3/3 (100%)",
+    ]
     assert "loss " in lines[0] and "(ce " in lines[0] and " tokens/s" in lines[0] and "ETA " in lines[0]

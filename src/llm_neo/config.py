@@ -519,7 +519,9 @@ def missing_model(option: str, value: str) -> str | None:
         return None
     hint = _did_you_mean(value)
     if not _looks_like_hub_id(value):
-        return f"--{option}: {value!r} does not exist{hint or ' (give a model directory or a hub id org/name)'}"
+        return (
+            f"--{option}: {value!r} does not exist{hint or ' (give a model directory or a hub id org/name)'}"
+        )
     org = value.split("/")[0]
     if Path(org).is_dir():
         return (
@@ -544,7 +546,7 @@ def missing_model(option: str, value: str) -> str | None:
 
 
 def check_model_path(problems: list[str], option: str, value: str | None) -> None:
-    """Append the problem with a ``--teacher/--student/--model`` value that cannot load (``missing_model``)."""
+    """Append the problem of a ``--teacher/--student/--model`` value that cannot load (``missing_model``)."""
     problem = missing_model(option, value) if value else None
     if problem:
         problems.append(problem)

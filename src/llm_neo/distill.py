@@ -96,6 +96,7 @@ from llm_neo.models.quant import (
     train_mode_without_dropout,
     weight_bytes,
 )
+from llm_neo.provenance import provenance
 from llm_neo.runtime.atomic import (
     atomic_directory,
     atomic_write_json,
@@ -525,8 +526,9 @@ def _check_output_dir(config: DistillConfig, out: Path, world: World) -> Path | 
     if config.resume:
         if not has_checkpoints:
             again = (
-                f"llm-neo distill --config {saved} --overwrite" if saved.is_file() else "the same command "
-                "with --overwrite instead of --resume"
+                f"llm-neo distill --config {saved} --overwrite"
+                if saved.is_file()
+                else "the same command with --overwrite instead of --resume"
             )
             held = "a run that stopped before its first checkpoint" if _entries(out) else "no run"
             raise ConfigError(
@@ -560,7 +562,10 @@ def _check_output_dir(config: DistillConfig, out: Path, world: World) -> Path | 
         if (out / SUMMARY_FILE).is_file():
             what = "a finished run (summary.json); pass --overwrite to replace it"
         elif has_checkpoints:
-            what = "a run that stopped after a checkpoint; pass --resume to continue it, --overwrite to replace it"
+            what = (
+                "a run that stopped after a checkpoint; pass --resume to continue it, --overwrite to "
+                "replace it"
+            )
         else:
             what = (
                 "a run that stopped before its first checkpoint, which --resume cannot continue; pass "
@@ -587,13 +592,13 @@ def _check_space(
     free = shutil.disk_usage(out).free
     if free < needed:
         log.warning(
-            "only %.2f GB free on the filesystem of %s; this run writes up to about %.2f GB there "
-            "(checkpoints %.2f GB, exported student %.2f GB)",
-            free / 1e9,
+            "only %.2f GiB free on the filesystem of %s; this run writes up to about %.2f GiB there "
+            "(checkpoints %.2f GiB, exported student %.2f GiB)",
+            free / 2**30,
             out,
-            needed / 1e9,
-            checkpoints / 1e9,
-            (export + adapter) / 1e9,
+            needed / 2**30,
+            checkpoints / 2**30,
+            (export + adapter) / 2**30,
         )
 
 
@@ -1185,6 +1190,11 @@ def finish(run: Run, trained: Trained) -> RunSummary:
         teacher_quant=run.teacher_quant,
         student_quant=run.student_quant,
         export=exported,
+        provenance=provenance(
+            models={"student": config.student, "teacher": config.teacher},
+            data={"train": config.data},
+            started=time.time() - (time.perf_counter() - run.started),  # this process's start
+        ),
     )
     with writing(run.out / SUMMARY_FILE, "the run's summary", kept=lambda: _kept_outputs(run)):
         atomic_write_json(run.out / SUMMARY_FILE, summary.to_json())
@@ -1195,7 +1205,10 @@ def _merge_record(config: DistillConfig, merge_diff: float) -> dict[str, Any]:
     """summary.json's ``merge_check``: the verified merge of a LoRA arm, or that there was none to
     check (sft and kd train the student itself: nothing is merged)."""
     if not config.uses_lora:
-        return {"applicable": False, "reason": f"--method {config.method} trains every weight; nothing is merged"}
+        return {
+            "applicable": False,
+            "reason": f"--method {config.method} trains every weight; nothing is merged",
+        }
     return {
         "applicable": True,
         "max_abs_logit_diff": merge_diff,

@@ -49,7 +49,9 @@ def test_on_a_terminal_the_bar_alone_reports(monkeypatch):
     assert ProgressLines("neo", 10).update(1) is not None
 
 
-@pytest.mark.parametrize(("seconds", "text"), [(42.4, "42s"), (192, "3m12s"), (3900, "1h05m"), (float("inf"), "?")])
+@pytest.mark.parametrize(
+    ("seconds", "text"), [(42.4, "42s"), (192, "3m12s"), (3900, "1h05m"), (float("inf"), "?")]
+)
 def test_durations_read_as_people_write_them(seconds, text):
     assert format_duration(seconds) == text
 

@@ -44,11 +44,12 @@ def heldout_metrics(
     """Token-weighted metrics of ``model`` over ``examples`` (sums over all tokens, divided once at the
     end), against a live teacher model or a teacher cache (each example's cache row is its index).
 
-    Against a cache, ``kl_to_teacher_topk`` (not ``kl_to_teacher``) is the forward KL on the cache's k + 1 buckets at the cache's
-    temperature (without the T² factor): equal to the dense KL for k == V and T = 1, and a lower bound
-    of it otherwise (coarse-graining); ``top1_agreement`` compares with the teacher's argmax, exact (the
-    cache's first id). The logits are computed chunk by chunk of tokens: a [N, vocab] tensor for a whole
-    batch is what training avoids too (8 × 2048 tokens × 128k vocab in fp32 is 8 GiB).
+    Against a cache, ``kl_to_teacher_topk`` (not ``kl_to_teacher``) is the forward KL on the cache's
+    k + 1 buckets at the cache's temperature (without the T² factor): equal to the dense KL for k == V
+    and T = 1, and a lower bound of it otherwise (coarse-graining); ``top1_agreement`` compares with the
+    teacher's argmax, exact (the cache's first id). The logits are computed chunk by chunk of tokens: a
+    [N, vocab] tensor for a whole batch is what training avoids too (8 × 2048 tokens × 128k vocab in
+    fp32 is 8 GiB).
     """
     was_training = model.training
     model.eval()
