@@ -736,3 +736,39 @@ def test_without_a_terminal_distill_prints_plain_progress_lines(make_config, cap
         "neo: step 3/3 (100%)",
     ]
     assert "loss " in lines[0] and "(ce " in lines[0] and " tokens/s" in lines[0] and "ETA " in lines[0]
+
+
+def test_every_output_has_the_mode_an_ordinary_write_would_have(make_config, tmp_path):
+    # Teammates on a shared server read each other's results: the umask decides, not mkstemp's 0600.
+    from llm_neo.config import CacheTeacherConfig
+    from llm_neo.teacher_cache.writer import cache_teacher
+
+    old = os.umask(0o027)
+    try:
+        config = make_config("neo", max_steps=2, save_every=1)
+        cache = tmp_path / "cache"
+        cache_teacher(CacheTeacherConfig(teacher=config.teacher, data=config.data, output=str(cache)))
+        distill(config)
+    finally:
+        os.umask(old)
+    out = Path(str(config.output_dir))
+    files = [p for root in (out, cache) for p in root.rglob("*") if p.is_file()]
+    directories = [out, cache, *(p for root in (out, cache) for p in root.rglob("*") if p.is_dir())]
+    names = {p.relative_to(tmp_path).as_posix() for p in files}
+    assert {
+        "neo/summary.json",
+        "neo/config.yaml",
+        "neo/merged/model.safetensors",
+        "cache/manifest.json",
+    } <= names
+    assert any(n.startswith("neo/checkpoints/step-") and n.endswith("trainable.safetensors") for n in names)
+    assert any(n.startswith("cache/shard-") for n in names)
+    wrong = {
+        p.relative_to(tmp_path).as_posix(): oct(p.stat().st_mode & 0o777)
+        for p in files
+        if p.stat().st_mode & 0o777 != 0o640
+    }
+    wrong |= {
+        p.as_posix(): oct(p.stat().st_mode & 0o777) for p in directories if p.stat().st_mode & 0o777 != 0o750
+    }
+    assert not wrong, wrong
