@@ -62,6 +62,7 @@ is cached (keyed by seed and task version) so a second run reuses it.""",
   llm-neo distill --teacher T_DIR --student S_DIR --data train.jsonl --method neo --output-dir runs/neo
   llm-neo distill --config configs/llama3.1-8b-to-3.2-1b.yaml --lora.r 128
   llm-neo distill --config runs/neo/config.yaml --resume     # continue a killed run
+  llm-neo distill --resume --output-dir runs/neo              # the same: its config.yaml is read
 
 outputs in --output-dir: merged/ (standard HF model), adapter/ (LoRA arms), metrics.jsonl,
 summary.json, config.yaml (reproduces the run through --config), checkpoints/ (with --save-every)

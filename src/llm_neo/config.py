@@ -324,7 +324,8 @@ class DistillConfig(TrainOptions):
         default=False,
         metadata=_help(
             "Continue from the newest intact checkpoint in --output-dir (each file's size and sha256 "
-            "checked; a damaged one is skipped with a warning).",
+            "checked; a damaged one is skipped with a warning). Without --config, the options are read "
+            "from OUTPUT_DIR/config.yaml (flags given override them and are checked against it).",
             group=RUN,
         ),
     )

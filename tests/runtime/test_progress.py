@@ -58,3 +58,27 @@ def test_durations_read_as_people_write_them(seconds, text):
 
 def test_about_twenty_lines_a_run():
     assert [every_steps_for(n) for n in (1, 20, 45, 1000)] == [1, 1, 3, 50]
+
+
+def test_worker_jobs_report_plain_lines_too(tmp_path, student_dir, alpaca_jsonl, caplog):
+    # compare and demo train their arms in worker processes: the parent reports their steps.
+    from llm_neo.commands.compare import distill_job
+    from llm_neo.config import DistillConfig
+    from llm_neo.runtime.workers import Job, run_jobs
+
+    config = DistillConfig(
+        student=str(student_dir),
+        data=str(alpaca_jsonl),
+        method="sft",
+        max_steps=3,
+        batch_size=2,
+        grad_accum=1,
+        output_dir=str(tmp_path / "arm"),
+    )
+    with caplog.at_level(logging.INFO, logger="llm_neo"):
+        run_jobs(
+            [Job("sft-0", distill_job, config, 3, tmp_path / "arm.log")], parallel=1, threads=1, desc="arms"
+        )
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("arms: ")]
+    assert lines and lines[-1].startswith("arms: 3/3 (100%)"), lines
+    assert any("sft-0 " in line for line in lines)  # the job's name and its loss
