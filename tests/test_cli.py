@@ -272,3 +272,100 @@ def test_convert_takes_its_paths_in_order_or_by_flag(argv):
 
     config = build_config(ConvertConfig, build_parser("convert").parse_args(argv))
     assert (config.model, config.output) == ("in.gguf", "out-dir")
+
+
+# ------------------------------------------------------------------------------------------------
+# What a newcomer mistypes
+
+
+def test_a_mistyped_local_path_shaped_like_a_hub_id_fails_at_once(tmp_path, student_dir, monkeypatch, capsys):
+    import llm_neo.config as config_module
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny").mkdir()
+    os.symlink(student_dir, tmp_path / "tiny" / "student")
+    write_jsonl(tmp_path / "train.jsonl", ALPACA)
+    probes: list[str] = []
+    monkeypatch.setattr(config_module, "hub_unreachable", lambda: probes.append("probe") or "no route")
+    common = ["distill", "--method", "lora", "--data", "train.jsonl", "--output-dir", "out"]
+
+    # tiny/ exists here: tiny/studnet is a mistyped local directory, whatever the hub's state.
+    for offline in ("1", ""):
+        monkeypatch.setenv("HF_HUB_OFFLINE", offline)
+        started = time.perf_counter()
+        assert main([*common, "--student", "tiny/studnet"]) == 2
+        assert time.perf_counter() - started < 5
+        err = capsys.readouterr().err
+        assert "no local directory tiny/studnet (did you mean tiny/student?)" in err
+        assert probes == []  # decided without asking the network
+    # No such local directory: offline, or a hub that cannot be reached, says so at once too.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main([*common, "--student", "nobody/student"]) == 2
+    assert "no local directory nobody/student, and HF_HUB_OFFLINE is set" in capsys.readouterr().err
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    assert main([*common, "--student", "nobody/student"]) == 2
+    err = capsys.readouterr().err
+    assert "the hub cannot be reached to look it up (no route)" in err and probes == ["probe"]
+    # A GGUF path is a local file: a typo in it is a missing file, never a hub id.
+    assert main([*common, "--student", "tiny/studnet.gguf"]) == 2
+    assert "'tiny/studnet.gguf' does not exist (did you mean tiny/student?)" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_loaders_refuse_a_mistyped_path_before_any_hub_request(tmp_path, monkeypatch):
+    from llm_neo.errors import ConfigError
+    from llm_neo.models.loading import load_config, load_tokenizer
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny").mkdir()
+    for load in (load_config, load_tokenizer):
+        with pytest.raises(ConfigError, match="no local directory tiny/teachr"):
+            load("tiny/teachr", role="teacher")
+
+
+def test_negative_numbers_reach_the_range_check(capsys):
+    for flags in (["--lr", "-1e-4"], ["--lr=-1e-4"], ["--kd-ratio", "-.5"]):
+        assert main(["distill", *flags]) == 2
+        err = capsys.readouterr().err
+        assert "expected one argument" not in err
+        assert "-0.0001 is out of range; it must be > 0" in err or "-0.5 is out of range" in err
+
+
+def test_other_tools_names_get_did_you_mean(tmp_path, capsys):
+    assert main(["distill", "--lora.rank", "8", "--learning-rate", "1e-4", "--num-train-epochs", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "--lora.rank: unknown option (did you mean --lora.r?)" in err
+    assert "--learning-rate: unknown option (did you mean --lr?)" in err
+    assert "--num-train-epochs: unknown option (did you mean --epochs?)" in err
+    (tmp_path / "c.yaml").write_text(
+        "learning_rate: 1e-4\ngradient_accumulation_steps: 4\nper_device_train_batch_size: 2\n"
+        "lora:\n  rank: 8\n  alpha: 16\n"
+    )
+    assert main(["distill", "--config", str(tmp_path / "c.yaml")]) == 2
+    err = capsys.readouterr().err
+    for line in (
+        "learning_rate: unknown option (did you mean lr?)",
+        "gradient_accumulation_steps: unknown option (did you mean grad_accum?)",
+        "per_device_train_batch_size: unknown option (did you mean batch_size?)",
+        "lora.rank: unknown option (did you mean lora.r?)",
+        "lora.alpha: unknown option (did you mean lora.lora_alpha?)",
+    ):
+        assert line in err, line
+
+
+def test_lora_options_given_to_a_full_parameter_arm_are_warned_about(tmp_path, caplog):
+    import logging
+
+    from llm_neo.cli import ignored_options
+    from llm_neo.config import DistillConfig, LoraOptions
+
+    assert ignored_options(DistillConfig(method="sft")) == []
+    assert ignored_options(DistillConfig(method="neo", lora=LoraOptions(r=8))) == []
+    (warning,) = ignored_options(DistillConfig(method="kd", lora=LoraOptions(r=8, lora_dropout=0.1)))
+    assert warning.startswith("--lora.r, --lora.lora-dropout ignored: --method kd trains every weight")
+    # A run's own config.yaml spells lora_alpha = 2r out: not a LoRA option the user gave.
+    assert ignored_options(DistillConfig(method="sft").resolved()) == []
+    with caplog.at_level(logging.WARNING, logger="llm_neo"):
+        main(["distill", "--method", "sft", "--lora.r", "8", "--student", str(tmp_path / "none")])
+    assert "--lora.r ignored: --method sft" in caplog.text

@@ -10,6 +10,7 @@ import argparse
 import importlib
 import logging
 import os
+import re
 import sys
 import traceback
 from collections.abc import Sequence
@@ -18,7 +19,16 @@ from pathlib import Path
 from typing import Any
 
 from llm_neo import __version__
-from llm_neo.config import DistillConfig, add_dataclass_arguments, build_config
+from llm_neo.config import (
+    DistillConfig,
+    _unwrap_optional,
+    add_dataclass_arguments,
+    build_config,
+    find_option,
+    flag_name,
+    option_names,
+    suggest_option,
+)
 from llm_neo.errors import ConfigError, LlmNeoError, RunStopped
 from llm_neo.runtime.logs import quiet_libraries, setup_logging
 
@@ -52,6 +62,7 @@ is cached (keyed by seed and task version) so a second run reuses it.""",
   llm-neo distill --teacher T_DIR --student S_DIR --data train.jsonl --method neo --output-dir runs/neo
   llm-neo distill --config configs/llama3.1-8b-to-3.2-1b.yaml --lora.r 128
   llm-neo distill --config runs/neo/config.yaml --resume     # continue a killed run
+  llm-neo distill --resume --output-dir runs/neo              # the same: its config.yaml is read
 
 outputs in --output-dir: merged/ (standard HF model), adapter/ (LoRA arms), metrics.jsonl,
 summary.json, config.yaml (reproduces the run through --config), checkpoints/ (with --save-every)
@@ -185,6 +196,26 @@ to the probe prompts, agreement with the teacher and label rates (refusal, --lab
 }
 
 
+def ignored_options(config: DistillConfig) -> list[str]:
+    """Warnings for options this run ignores: LoRA options given to an arm that trains every weight."""
+    from llm_neo.choices import METHODS
+    from llm_neo.config import LoraOptions, to_dict
+
+    method = METHODS.get(config.method)
+    if method is None or method.lora:
+        return []
+    default, given = to_dict(LoraOptions()), to_dict(config.lora)
+    if given["lora_alpha"] == 2 * given["r"]:  # the default, as a run's own config.yaml spells it out
+        given["lora_alpha"] = None
+    changed = [flag_name(f"lora.{k}") for k in given if given[k] != default[k]]
+    if not changed:
+        return []
+    return [
+        f"{', '.join(changed)} ignored: --method {config.method} trains every weight of the student, "
+        "without LoRA branches (the LoRA options apply to neo and lora)"
+    ]
+
+
 def run_distill(config: DistillConfig) -> int:
     from llm_neo.distill import distill
     from llm_neo.errors import OutOfMemory
@@ -207,7 +238,7 @@ def run_distill(config: DistillConfig) -> int:
         "train_s": summary.train_time_s,
         "peak_gb": summary.peak_memory_gb,
         "trainable": summary.trainable_parameters,
-        "merge_diff": summary.merge_check["max_abs_logit_diff"],
+        "merge_diff": summary.merge_check.get("max_abs_logit_diff", "n/a"),  # n/a: sft/kd merge nothing
     }
     print(format_table({summary.method: row}, list(row)))
     print(f"\nmerged model: {summary.output_dir}/merged  (summary.json, metrics.jsonl beside it)")
@@ -263,6 +294,62 @@ def _plan_estimate(config: DistillConfig, err: Any) -> str:
     return "llm-neo plan estimates the peak per process: " + ", ".join(parts) + "."
 
 
+# A value argparse would take for a flag: "-1e-4", "-3", "-.5", "-inf" (it only knows "-3" and "-.5").
+_NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|nan)$", re.IGNORECASE)
+
+
+def join_negative_values(argv: list[str], cls: Any) -> list[str]:
+    """``--lr -1e-4`` as ``--lr=-1e-4``: argparse reads a token that starts with "-" and is not a plain
+    integer or decimal as a flag and fails with "expected one argument". Joined, the value reaches the
+    range checks, which say what is wrong with it."""
+    takes_value = {
+        flag_name(o)
+        for o in option_names(cls)
+        if (found := find_option(cls, o)) is not None and _unwrap_optional(found[1])[0] is not bool
+    }
+    takes_value |= {flag.replace("_", "-") for flag in takes_value}
+    out: list[str] = []
+    for token in argv:
+        if out and _NEGATIVE_NUMBER.match(token) and out[-1] in takes_value:
+            out[-1] = f"{out[-1]}={token}"
+        else:
+            out.append(token)
+    return out
+
+
+def unknown_arguments(extras: list[str], cls: Any) -> list[str]:
+    """One problem per argument the parser did not know, with the option the user most likely meant
+    (``--lora.rank`` -> ``--lora.r``, ``--learning-rate`` -> ``--lr``: config.ALIASES)."""
+    problems = []
+    for token in extras:
+        if token.startswith("--"):
+            name = token[2:].split("=", 1)[0]
+            meant = suggest_option(cls, name)
+            hint = f" (did you mean {flag_name(meant)}?)" if meant else " (llm-neo COMMAND --help lists them)"
+            problems.append(f"--{name}: unknown option{hint}")
+        elif not problems or not extras[extras.index(token) - 1].startswith("--"):
+            problems.append(f"{token!r}: unexpected argument (options are given as --name VALUE)")
+    return problems
+
+
+def _resume_config_file(args: argparse.Namespace) -> str | None:
+    """`distill --resume --output-dir X` without --config: X/config.yaml, the options the run was started
+    with (flags given still override them, and --resume checks them against it)."""
+    if args.config is not None or not getattr(args, "resume", False):
+        return args.config
+    out = Path(getattr(args, "output_dir", None) or f"runs/{getattr(args, 'method', DistillConfig.method)}")
+    saved = out / "config.yaml"
+    if not saved.is_file():
+        return None  # distill says there is nothing to resume
+    from llm_neo.config import load_yaml
+
+    recorded = load_yaml(saved).get("output_dir")
+    if recorded and Path(str(recorded)).resolve() == out.resolve():
+        args.output_dir = recorded  # the same directory, however it was spelled: not a changed option
+    logging.getLogger("llm_neo").info("--resume: the options of %s (flags given here override them)", saved)
+    return str(saved)
+
+
 def _resolve(path: str) -> Any:
     module, name = path.split(":")
     return getattr(importlib.import_module(module), name)
@@ -311,13 +398,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     quiet_libraries()  # before the commands import them
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if a in COMMANDS), None)
-    args = build_parser(command).parse_args(argv)
+    if command is not None:
+        argv = join_negative_values(argv, _resolve(COMMANDS[command].config))
+    args, extras = build_parser(command).parse_known_args(argv)
     quiet = args.__dict__.pop("quiet")
     debug = args.__dict__.pop("debug")
     setup_logging(logging.WARNING if quiet else logging.INFO)
     spec = COMMANDS[args.command]
     try:
-        config = build_config(_resolve(spec.config), args, args.config)
+        if extras:
+            raise ConfigError(unknown_arguments(extras, _resolve(spec.config)))
+        config_file = args.config
+        if spec.config == COMMANDS["distill"].config:
+            config_file = _resume_config_file(args)
+        config = build_config(_resolve(spec.config), args, config_file)
+        if isinstance(config, DistillConfig):
+            for warning in ignored_options(config):
+                logging.getLogger("llm_neo").warning(warning)
         result = _resolve(spec.run)(config)
         return result if isinstance(result, int) else 0
     except LlmNeoError as err:

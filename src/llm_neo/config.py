@@ -16,8 +16,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import functools
 import importlib.util
 import math
+import os
+import socket
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -331,7 +334,8 @@ class DistillConfig(TrainOptions):
         default=False,
         metadata=_help(
             "Continue from the newest intact checkpoint in --output-dir (each file's size and sha256 "
-            "checked; a damaged one is skipped with a warning).",
+            "checked; a damaged one is skipped with a warning). Without --config, the options are read "
+            "from OUTPUT_DIR/config.yaml (flags given override them and are checked against it).",
             group=RUN,
         ),
     )
@@ -451,13 +455,112 @@ class CacheTeacherConfig(TeacherQuantOptions, TokenizeOptions, LoadOptions):
 
 
 def _looks_like_hub_id(value: str) -> bool:
-    # "org/name" that is not a local path; anything else that does not exist is a missing path.
-    return value.count("/") == 1 and not value.startswith((".", "/", "~")) and not Path(value).exists()
+    # "org/name" that is not a local path; anything else that does not exist is a missing path. A .gguf
+    # is a local file: the loaders read GGUF files from disk only.
+    return (
+        value.count("/") == 1
+        and not value.startswith((".", "/", "~"))
+        and not value.endswith(".gguf")
+        and not Path(value).exists()
+    )
+
+
+_TRUE = ("1", "on", "yes", "true")
+
+
+def hub_offline() -> str | None:
+    """The variable that puts the Hugging Face hub offline (HF_HUB_OFFLINE, TRANSFORMERS_OFFLINE), or None."""
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(name, "").strip().lower() in _TRUE:
+            return name
+    return None
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    """Whether the local hub cache holds a snapshot of ``repo_id`` (what an offline load can use)."""
+    from huggingface_hub import constants
+
+    folder = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}" / "snapshots"
+    return folder.is_dir() and any(folder.iterdir())
+
+
+@functools.lru_cache(maxsize=4)
+def hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the hub cannot be reached from here (a failed name lookup or connection, in at most about
+    ``timeout`` seconds), or None when it can (or a proxy is configured, which this probe cannot use):
+    one probe instead of a minute of retries that end in the same failure."""
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as err:
+        return f"{host}: {err.strerror or err}"
+    return None
+
+
+def _did_you_mean(value: str) -> str:
+    """`` (did you mean tiny/student?)`` for the closest existing entry of ``value``'s parent directory
+    (empty when there is none)."""
+    local = Path(value).expanduser()
+    parent = local.parent
+    if not parent.is_dir():
+        return ""
+    entries = sorted(e.name for e in parent.iterdir() if not e.name.startswith("."))
+    close = difflib.get_close_matches(local.name, entries, n=1, cutoff=0.6)
+    if not close:
+        return ""
+    return f" (did you mean {Path(value).parent / close[0]}?)"
+
+
+def missing_model(option: str, value: str) -> str | None:
+    """The problem with a model path that does not exist locally, or None when it may still load (a hub
+    id the hub or its local cache can serve).
+
+    A value shaped like a hub id (``org/name``) is taken for a mistyped local path at once when ``org``
+    is a local directory, when the hub is offline (HF_HUB_OFFLINE) and its cache lacks the id, or when
+    the hub cannot be reached: the message names the closest local directory instead of a minute of
+    retries that blame the network."""
+    if Path(value).expanduser().exists():
+        return None
+    hint = _did_you_mean(value)
+    if not _looks_like_hub_id(value):
+        return (
+            f"--{option}: {value!r} does not exist{hint or ' (give a model directory or a hub id org/name)'}"
+        )
+    org = value.split("/")[0]
+    if Path(org).is_dir():
+        return (
+            f"--{option}: no local directory {value}{hint}; {org}/ is a local directory, so {value} is not "
+            "looked up on the hub"
+        )
+    if _in_hub_cache(value):
+        return None
+    offline = hub_offline()
+    if offline:
+        return (
+            f"--{option}: no local directory {value}{hint}, and {offline} is set while the hub cache has no "
+            f"{value}: give a local model directory, or download it once with the hub online"
+        )
+    unreachable = hub_unreachable()
+    if unreachable:
+        return (
+            f"--{option}: no local directory {value}{hint}, and the hub cannot be reached to look it up "
+            f"({unreachable}): give a local model directory, or check the network"
+        )
+    return None
 
 
 def check_model_path(problems: list[str], option: str, value: str | None) -> None:
-    if value and not Path(value).expanduser().exists() and not _looks_like_hub_id(value):
-        problems.append(f"--{option}: {value!r} does not exist (give a model directory or a hub id org/name)")
+    """Append the problem of a ``--teacher/--student/--model`` value that cannot load (``missing_model``)."""
+    problem = missing_model(option, value) if value else None
+    if problem:
+        problems.append(problem)
 
 
 def check_data_path(problems: list[str], value: str | None) -> None:
@@ -680,6 +783,81 @@ def validate_cache_teacher(config: CacheTeacherConfig) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
+# Names from other tools, and the suggestion an unknown option gets.
+
+# What other tools (PEFT, transformers' TrainingArguments, LLaMA-Factory, Axolotl, torchtune) call our
+# options: an unknown option that is one of these gets "did you mean ...?" even where its spelling is far
+# from ours. Keys are dotted names with "_" (a flag's "-" is normalised first).
+ALIASES = {
+    "rank": "lora.r",
+    "lora_r": "lora.r",
+    "lora_rank": "lora.r",
+    "lora.rank": "lora.r",
+    "alpha": "lora.lora_alpha",
+    "lora.alpha": "lora.lora_alpha",
+    "lora_alpha": "lora.lora_alpha",
+    "lora.dropout": "lora.lora_dropout",
+    "lora_dropout": "lora.lora_dropout",
+    "lora_target": "lora.target_modules",
+    "lora_target_modules": "lora.target_modules",
+    "target_modules": "lora.target_modules",
+    "lora.target": "lora.target_modules",
+    "learning_rate": "lr",
+    "num_train_epochs": "epochs",
+    "num_epochs": "epochs",
+    "per_device_train_batch_size": "batch_size",
+    "micro_batch_size": "batch_size",
+    "train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum",
+    "gradient_accumulation": "grad_accum",
+    "lr_scheduler_type": "scheduler",
+    "lr_scheduler": "scheduler",
+    "max_seq_length": "max_length",
+    "max_seq_len": "max_length",
+    "sequence_len": "max_length",
+    "cutoff_len": "max_length",
+    "model_name_or_path": "student",
+    "base_model": "student",
+    "teacher_model": "teacher",
+    "teacher_model_name_or_path": "teacher",
+    "dataset": "data",
+    "train_file": "data",
+    "val_size": "eval_fraction",
+    "val_set_size": "eval_fraction",
+    "logging_steps": "log_every",
+    "save_steps": "save_every",
+    "output": "output_dir",
+    "alpha_kd": "kd_ratio",
+    "kd_alpha": "kd_ratio",
+    "kd_weight": "kd_ratio",
+    "kd_loss_ratio": "kd_ratio",
+    "loss_type": "divergence",
+}
+
+
+def suggest_option(cls: Any, name: str) -> str | None:
+    """The option of ``cls`` a user most likely meant by the unknown dotted ``name`` (``lora.rank``,
+    ``learning_rate``): an alias from another tool's vocabulary, else the closest spelling."""
+    key = name.replace("-", "_")
+    known = option_names(cls)
+    for candidate in (key, key.split(".")[-1]):
+        target = ALIASES.get(candidate)
+        if target is not None and target in known:
+            return target
+    close = difflib.get_close_matches(key, known, n=1)
+    if close:
+        return close[0]
+    leaf = key.split(".")[-1]  # a nested option given without its section (r for lora.r)
+    nested = [o for o in known if o.split(".")[-1] == leaf]
+    return nested[0] if len(nested) == 1 else None
+
+
+def flag_name(option: str) -> str:
+    """The flag of a dotted option name: ``lora.lora_alpha`` -> ``--lora.lora-alpha``."""
+    return "--" + option.replace("_", "-")
+
+
+# ------------------------------------------------------------------------------------------------
 # The generic machinery: dataclass fields <-> flags <-> YAML.
 
 
@@ -791,17 +969,27 @@ def _coerce(value: Any, tp: Any, choices: tuple[str, ...] | None, where: str, pr
     return value
 
 
-def from_dict(cls: type, data: dict[str, Any], *, source: str, problems: list[str], prefix: str = "") -> Any:
-    """Build ``cls`` from a (YAML) mapping; unknown keys and wrong types are appended to ``problems``."""
+def from_dict(
+    cls: type,
+    data: dict[str, Any],
+    *,
+    source: str,
+    problems: list[str],
+    prefix: str = "",
+    root: Any = None,
+) -> Any:
+    """Build ``cls`` from a (YAML) mapping; unknown keys and wrong types are appended to ``problems``
+    (an unknown key with the option it most likely meant: ``suggest_option`` of the ``root`` config)."""
     hints = get_type_hints(cls)
     names = {f.name: f for f in dataclasses.fields(cls)}
+    root = root or cls
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         key_norm = str(key).replace("-", "_")
         where = f"{source}: {prefix}{key}"
         if key_norm not in names:
-            close = difflib.get_close_matches(key_norm, names, n=1)
-            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            meant = suggest_option(root, f"{prefix}{key_norm}")
+            hint = f" (did you mean {meant}?)" if meant else ""
             problems.append(f"{where}: unknown option{hint}")
             continue
         tp, _ = _unwrap_optional(hints[key_norm])
@@ -815,6 +1003,7 @@ def from_dict(cls: type, data: dict[str, Any], *, source: str, problems: list[st
                 source=source,
                 problems=problems,
                 prefix=f"{prefix}{key_norm}.",
+                root=root,
             )
         else:
             kwargs[key_norm] = coerce_option(value, (names[key_norm], hints[key_norm]), where, problems)

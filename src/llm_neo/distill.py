@@ -96,6 +96,7 @@ from llm_neo.models.quant import (
     train_mode_without_dropout,
     weight_bytes,
 )
+from llm_neo.provenance import provenance
 from llm_neo.runtime.atomic import (
     atomic_directory,
     atomic_write_json,
@@ -129,6 +130,7 @@ from llm_neo.runtime.distributed import (
     sync_whole_grads,
 )
 from llm_neo.runtime.memory import LiveTensorBytes, peak_memory_gb
+from llm_neo.runtime.progress import ProgressLines
 from llm_neo.runtime.stop import StopRequest, agreed, graceful_stop
 from llm_neo.runtime.tracking import Trackers, open_trackers
 from llm_neo.summary import SUMMARY_FILE, RunSummary
@@ -538,12 +540,20 @@ def _check_output_dir(config: DistillConfig, out: Path, world: World) -> Path | 
     Read-only, and run by every rank, so every rank raises the same error.
     """
     saved = out / "config.yaml"
+    has_checkpoints = any(p.name.startswith("step-") for p in _entries(out / "checkpoints"))
     if config.resume:
-        if not any(p.name.startswith("step-") for p in _entries(out / "checkpoints")):
+        if not has_checkpoints:
+            again = (
+                f"llm-neo distill --config {saved} --overwrite"
+                if saved.is_file()
+                else "the same command with --overwrite instead of --resume"
+            )
+            held = "a run that stopped before its first checkpoint" if _entries(out) else "no run"
             raise ConfigError(
                 [
-                    f"--resume: no checkpoint in {out / 'checkpoints'}; start the run without --resume "
-                    "(and with --save-every N to make checkpoints)"
+                    f"--resume: no checkpoint in {out / 'checkpoints'} ({out} holds {held}), so there is "
+                    f"nothing to continue. Start it again with: {again} (add --save-every N for checkpoints "
+                    "a later --resume can continue from)"
                 ]
             )
         if saved.is_file():
@@ -567,12 +577,19 @@ def _check_output_dir(config: DistillConfig, out: Path, world: World) -> Path | 
             )
         return found
     if out.exists() and any(out.iterdir()) and not config.overwrite:
-        raise ConfigError(
-            [
-                f"--output-dir {out} already holds files; pass --resume to continue that run, "
-                "--overwrite to replace it, or choose another --output-dir"
-            ]
-        )
+        if (out / SUMMARY_FILE).is_file():
+            what = "a finished run (summary.json); pass --overwrite to replace it"
+        elif has_checkpoints:
+            what = (
+                "a run that stopped after a checkpoint; pass --resume to continue it, --overwrite to "
+                "replace it"
+            )
+        else:
+            what = (
+                "a run that stopped before its first checkpoint, which --resume cannot continue; pass "
+                "--overwrite to start it again"
+            )
+        raise ConfigError([f"--output-dir {out} already holds {what}, or choose another --output-dir"])
     return None
 
 
@@ -593,13 +610,13 @@ def _check_space(
     free = shutil.disk_usage(out).free
     if free < needed:
         log.warning(
-            "only %.2f GB free on the filesystem of %s; this run writes up to about %.2f GB there "
-            "(checkpoints %.2f GB, exported student %.2f GB)",
-            free / 1e9,
+            "only %.2f GiB free on the filesystem of %s; this run writes up to about %.2f GiB there "
+            "(checkpoints %.2f GiB, exported student %.2f GiB)",
+            free / 2**30,
             out,
-            needed / 1e9,
-            checkpoints / 1e9,
-            (export + adapter) / 1e9,
+            needed / 2**30,
+            checkpoints / 2**30,
+            (export + adapter) / 2**30,
         )
 
 
@@ -702,6 +719,14 @@ def train(run: Run, *, on_step: StepCallback | None = None) -> Trained:
         dynamic_ncols=True,
         disable=None if run.world.is_main else True,
     )
+    # Without a terminal the bar is off: plain lines instead (runtime/progress.py).
+    lines = ProgressLines(
+        config.method,
+        run.total_steps,
+        initial=run.progress.step,
+        initial_tokens=run.progress.tokens,
+        enabled=None if run.world.is_main else False,
+    )
     tracker = _tensor_tracker(run)
     tracked_from = run.progress.step
     clock = _Clock(time.perf_counter())
@@ -713,8 +738,11 @@ def train(run: Run, *, on_step: StepCallback | None = None) -> Trained:
             # The first steps under the live-tensor counter (CPU, one process), the rest without its overhead.
             with tracker or nullcontext():
                 until = tracked_from + TRACKED_STEPS
-                last = _steps(run, batches, bar, clock, stop, until=until, on_step=on_step) or last
-            last = _steps(run, batches, bar, clock, stop, until=run.total_steps, on_step=on_step) or last
+                last = _steps(run, batches, (bar, lines), clock, stop, until=until, on_step=on_step) or last
+            last = (
+                _steps(run, batches, (bar, lines), clock, stop, until=run.total_steps, on_step=on_step)
+                or last
+            )
         finally:
             bar.close()
     return Trained(
@@ -747,7 +775,7 @@ def _tensor_tracker(run: Run) -> LiveTensorBytes | None:
 def _steps(
     run: Run,
     batches: Iterator[list[Example]],
-    bar: Any,
+    progress_report: tuple[Any, ProgressLines],  # the tqdm bar, and the plain lines
     clock: _Clock,
     stop: StopRequest,
     *,
@@ -805,7 +833,7 @@ def _steps(
             "tokens_per_s": result["num_tokens"] / (time.perf_counter() - step_start),
             "peak_memory_gb": peak_memory_gb(run.step.device),
         }
-        _record(run, last, bar)
+        _record(run, last, progress_report)
         saved = None
         if config.save_every and (progress.step % config.save_every == 0 or progress.step == run.total_steps):
             saved = _save(run, clock)
@@ -939,8 +967,10 @@ def out_of_memory(run: Run, step: int, length: int, err: BaseException) -> OutOf
     return OutOfMemory(message, step=step, settings=settings)
 
 
-def _record(run: Run, last: dict[str, float], bar: Any) -> None:
-    """One step's metrics: a metrics.jsonl record every --log-every steps, and the progress bar."""
+def _record(run: Run, last: dict[str, float], progress: tuple[Any, ProgressLines]) -> None:
+    """One step's metrics: a metrics.jsonl record every --log-every steps, and the progress bar (on a
+    terminal) or a plain progress line now and then (without one)."""
+    bar, lines = progress
     step = int(last["step"])
     if run.world.is_main and (step % run.config.log_every == 0 or step == run.total_steps):
         path = run.out / "metrics.jsonl"
@@ -957,6 +987,10 @@ def _record(run: Run, last: dict[str, float], bar: Any) -> None:
         refresh=False,
     )
     bar.update(1)
+    loss = f"loss {last['loss']:.4f}"
+    if run.step.loss.kd_ratio > 0:
+        loss += f" (ce {last['ce_loss']:.4f}, kd {last['kd_loss']:.4f})"
+    lines.update(step, tokens=int(last["tokens"]), details=loss)
 
 
 def _micro_batches(
@@ -1168,17 +1202,38 @@ def finish(run: Run, trained: Trained) -> RunSummary:
         trainable_parameters=run.n_trainable,
         student_parameters=run.base_parameters,
         merged_parameters=sum(p.numel() for p in merged.parameters()),
-        merge_check={"max_abs_logit_diff": merge_diff, "tolerance": config.merge_tolerance, "passed": True},
+        merge_check=_merge_record(config, merge_diff),
         device=str(device),
         dtype=str(run.step.dtype).removeprefix("torch."),
         export_dtype=str(run.export_dtype).removeprefix("torch."),
         teacher_quant=run.teacher_quant,
         student_quant=run.student_quant,
         export=exported,
+        provenance=provenance(
+            models={"student": config.student, "teacher": config.teacher},
+            data={"train": config.data},
+            started=time.time() - (time.perf_counter() - run.started),  # this process's start
+        ),
     )
     with writing(run.out / SUMMARY_FILE, "the run's summary", kept=lambda: _kept_outputs(run)):
         atomic_write_json(run.out / SUMMARY_FILE, summary.to_json())
     return summary
+
+
+def _merge_record(config: DistillConfig, merge_diff: float) -> dict[str, Any]:
+    """summary.json's ``merge_check``: the verified merge of a LoRA arm, or that there was none to
+    check (sft and kd train the student itself: nothing is merged)."""
+    if not config.uses_lora:
+        return {
+            "applicable": False,
+            "reason": f"--method {config.method} trains every weight; nothing is merged",
+        }
+    return {
+        "applicable": True,
+        "max_abs_logit_diff": merge_diff,
+        "tolerance": config.merge_tolerance,
+        "passed": merge_diff <= config.merge_tolerance,
+    }
 
 
 def _kept_outputs(run: Run) -> str:

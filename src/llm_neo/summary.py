@@ -54,6 +54,9 @@ class RunSummary:
     teacher_quant: dict[str, Any] | None = None
     student_quant: dict[str, Any] | None = None
     export: dict[str, Any] | None = None  # distill --export: format, gguf_type, path, bytes, verification
+    # Where the result came from (llm_neo.provenance): models, data (path, sha256), versions, the llm-neo
+    # checkout's commit, the command, start and end. None in summaries written before it existed.
+    provenance: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # fields a newer llm-neo wrote, kept on re-save
 
     @property

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import write_jsonl
 
 from llm_neo.commands.compare import CompareConfig, compare
@@ -138,6 +139,17 @@ def test_report_files(finished):
     assert all((out / "plots" / f"{name}.png").is_file() for name in ("scores", "memory", "time", "loss"))
     neo = next(g for g in results["groups"] if g["method"] == "neo")["stats"]["accuracy"]
     assert f"{100 * neo['mean']:.1f} ± {100 * neo['std']:.1f}" in md
+    # The verdict names the fastest arm and the one that needed least memory, whichever they are.
+    groups = results["groups"]
+    fastest = min(groups, key=lambda g: results["cost"]["arms"][g["method"]]["train_time_s"])
+    key = (
+        "peak_tensor_memory_gb"
+        if all("peak_tensor_memory_gb" in g["stats"] for g in groups)
+        else "peak_memory_gb"
+    )
+    smallest = min(groups, key=lambda g: g["stats"][key]["mean"])
+    labels = {"sft": "SFT", "neo": "Neo"}
+    assert f"Fastest: {labels[fastest['method']]}; least memory: {labels[smallest['method']]}." in md
     # Each arm's rerun command points at its own config.yaml with an absolute path.
     for group in results["groups"]:
         assert str(Path(group["runs"][0]["output_dir"]).resolve() / "config.yaml") in md
@@ -233,6 +245,43 @@ def test_a_data_size_axis(tmp_path, teacher_dir, student_dir, data):
     small = Path(results["groups"][0]["runs"][0]["output_dir"])
     assert len((small.parent.parent / "splits" / "train-n8.jsonl").read_text().splitlines()) == 8
     assert "Score against training records" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_the_reproduce_command_works_from_anywhere(tmp_path, teacher_dir, student_dir, data, monkeypatch):
+    """Run with relative paths, the report's rerun command, pasted from another directory, retrains the
+    arm to the same weights (up to float rounding)."""
+    import re
+
+    from safetensors.torch import load_file
+
+    from llm_neo.cli import main
+
+    work = tmp_path / "work"
+    (work / "models").mkdir(parents=True)
+    os.symlink(student_dir, work / "models" / "student")
+    os.symlink(teacher_dir, work / "models" / "teacher")
+    shutil.copy(data[0], work / "train.jsonl")
+    shutil.copy(data[1], work / "heldout.jsonl")
+    monkeypatch.chdir(work)
+    relative = ("models/teacher", "models/student"), ("train.jsonl", "heldout.jsonl")
+    results = compare(_config(*relative[0], relative[1], Path("out"), methods=["neo"], seeds=1))
+    (command,) = re.findall(
+        r"`(llm-neo distill --config \S+ --overwrite)`", (work / "out" / "report.md").read_text()
+    )
+    arm = Path(results["groups"][0]["runs"][0]["output_dir"])
+    assert arm.is_absolute()
+    before = load_file(arm / "merged" / "model.safetensors")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(command.split()[1:]) == 0
+    after = load_file(arm / "merged" / "model.safetensors")
+    # The same run up to float rounding: the comparison trained it in a worker process, whose kernels
+    # may sum in another order (about 1e-9 here); a wrong data file, seed or rate would be far off.
+    assert before.keys() == after.keys()
+    for name in before:
+        torch.testing.assert_close(after[name], before[name], rtol=0, atol=1e-7)
+    assert list(elsewhere.iterdir()) == []  # nothing written where it was pasted
 
 
 def test_quantized_arms_beside_their_method(tmp_path, teacher_dir, wide_student_dir, data):

@@ -15,10 +15,14 @@ import yaml
 
 import llm_neo.distill as recipe
 from llm_neo.commands.sweep import (
+    Dimension,
     SweepConfig,
     default_space,
     expand_trials,
+    log_axis,
     parse_space,
+    plot_metric,
+    ranks,
     sweep,
 )
 from llm_neo.config import DistillConfig, build_config
@@ -90,10 +94,18 @@ def test_grid_sweep_shares_one_teacher_cache_and_reports(tmp_path, base_yaml, mo
     best = min(values, key=values.__getitem__)
     rows = list(csv.DictReader((out / "leaderboard.csv").open()))
     assert [r["trial"] for r in rows] == sorted(values, key=values.__getitem__)
-    assert rows[0]["rank"] == "1" and float(rows[0][metric]) == pytest.approx(values[best])
-    assert {"lora.r", metric, "heldout.ce", "status"} <= set(rows[0])
+    assert float(rows[0][metric]) == pytest.approx(values[best])
+    assert {"lora.r", metric, "heldout.ce", "heldout tokens", "status"} <= set(rows[0])
+    # Two ranks 1e-5 apart on a few dozen held-out tokens: a tie, said so, with the held-out size.
+    tokens = state["trials"][0]["heldout"]["tokens"]
+    assert state["trials"][0]["heldout"] == {"records": 4, "tokens": tokens} and 0 < tokens < 1000
+    assert abs(values["t000"] - values["t001"]) < 0.01 * values[best]
+    assert [r["rank"] for r in rows] == ["1=", "1="] and rows[0]["heldout tokens"] == str(tokens)
     md = (out / "leaderboard.md").read_text()
-    assert md.startswith(f"# Sweep leaderboard: {metric} (lower is better)") and f"| 1 | {best} |" in md
+    assert md.startswith(f"# Sweep leaderboard: {metric} (lower is better)\n\n**Best: {best}**")
+    assert f"| 1= | {best} |" in md and "Tied within 1% (--tie-tolerance) with t00" in md
+    assert f"Held out: 4 records, {tokens} tokens per trial — under 1,000 tokens" in md
+    assert f"Reproduce it: `llm-neo distill --config {(out / 'best.yaml').resolve()}`" in md
     assert (out / "plots" / "lora.r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # best.yaml is the best trial's resolved config, ready for --config (only the output moves).
@@ -311,3 +323,127 @@ def test_a_damaged_sweep_state_falls_back_to_its_backup(tmp_path, base_yaml, cap
         StateFileError, match=r"sweep.json is damaged .* backup .*sweep.json.bak \(not a JSON"
     ):
         sweep(dataclasses.replace(config, resume=True))
+
+
+# ------------------------------------------------------------------------------------------------
+# Ranking only what can be ranked
+
+
+def _state(values: dict[str, float], mode: str = "min", tolerance: float = 0.01) -> dict:
+    trials = [
+        {"id": t, "status": "done", "overrides": {}, "metrics": {"heldout.ce": v}} for t, v in values.items()
+    ]
+    return {"metric": "heldout.ce", "mode": mode, "tie_tolerance": tolerance, "trials": trials}
+
+
+def test_ranks_within_the_tolerance_are_ties_and_the_rest_are_not():
+    values = {"a": 2.000, "b": 2.030, "c": 2.010, "d": 2.500, "e": 2.510, "f": 3.0}
+    assert ranks(_state(values)) == {"a": "1=", "c": "1=", "b": "3", "d": "4=", "e": "4=", "f": "6"}
+    # b is within 1% of c but not of a, the group's first: ties are measured from the group's leader.
+    assert ranks(_state(values, tolerance=0.0)) == {
+        "a": "1",
+        "c": "2",
+        "b": "3",
+        "d": "4",
+        "e": "5",
+        "f": "6",
+    }
+    assert ranks(_state({"a": 0.90, "b": 0.905}, mode="max")) == {"b": "1=", "a": "1="}
+
+
+def test_training_losses_of_different_objectives_are_not_ranked(tmp_path, base_yaml):
+    def refused(metric: str, grid: str) -> str:
+        with pytest.raises(ConfigError) as info:
+            sweep(
+                SweepConfig(
+                    base=str(base_yaml),
+                    space=_space(tmp_path, grid),
+                    output=str(tmp_path / "s"),
+                    metric=metric,
+                )
+            )
+        return str(info.value)
+
+    text = refused("final.loss", "grid:\n  kd_ratio: [0.5, 0.9]\n")
+    assert "--metric final.loss: the trials minimise different objectives (" in text and "kd_ratio" in text
+    assert "rank on a held-out metric" in text
+    assert "different objectives" in refused("final.kd_loss", "grid:\n  divergence: [forward_kl, jsd]\n")
+    assert "different objectives" in refused("final.loss", "grid:\n  method: [neo, lora]\n")
+    assert not (tmp_path / "s").exists()
+    # One objective, several ranks or learning rates: final.loss compares like with like.
+    from llm_neo.commands.sweep import _incomparable, objective, trial_config
+
+    same = {
+        t: trial_config(yaml.safe_load(base_yaml.read_text()), {"lora.r": r}, tmp_path / t, source=t)
+        for t, r in (("t0", 2), ("t1", 4))
+    }
+    assert _incomparable(same, "final.loss") == []
+    assert objective(same["t0"]) == {
+        "loss": "ce+kd",
+        "kd_ratio": 0.5,
+        "divergence": "forward_kl",
+        "temperature": 1.0,
+    }
+
+
+def test_the_dense_and_the_topk_kl_are_never_ranked_against_each_other(
+    tmp_path, base_yaml, teacher_dir, student_dir, alpaca_jsonl, caplog
+):
+    from llm_neo.config import CacheTeacherConfig
+    from llm_neo.teacher_cache.writer import cache_teacher
+
+    cache = tmp_path / "cache"
+    cache_teacher(CacheTeacherConfig(teacher=str(teacher_dir), data=str(alpaca_jsonl), output=str(cache)))
+    base = yaml.safe_load(base_yaml.read_text()) | {"teacher_cache": str(cache)}
+    del base["teacher"]
+    cache_only = tmp_path / "cache-only.yaml"
+    cache_only.write_text(yaml.safe_dump(base))
+    grid = _space(tmp_path, "grid:\n  lr: [1e-3]\n")
+    # Trials that have only a cache report its top-k KL: the default metric follows, saying so.
+    with caplog.at_level("WARNING", logger="llm_neo"):
+        state = sweep(SweepConfig(base=str(cache_only), space=grid, output=str(tmp_path / "s")))
+    assert (
+        state["metric"] == "heldout.kl_to_teacher_topk"
+        and "ranking on heldout.kl_to_teacher_topk" in caplog.text
+    )
+    (trial,) = state["trials"]
+    assert (
+        "heldout.kl_to_teacher_topk" in trial["metrics"] and "heldout.kl_to_teacher" not in trial["metrics"]
+    )
+    md = (tmp_path / "s" / "leaderboard.md").read_text()
+    assert md.startswith("# Sweep leaderboard: heldout.kl_to_teacher_topk (lower is better)")
+    # With a teacher the trials report the dense KL: ranking them on the top-k one is refused.
+    with pytest.raises(ConfigError, match=r"with a teacher, rank on heldout\.kl_to_teacher"):
+        sweep(
+            SweepConfig(
+                base=str(base_yaml),
+                space=grid,
+                output=str(tmp_path / "t"),
+                metric="heldout.kl_to_teacher_topk",
+            )
+        )
+
+
+def test_plots_use_a_log_axis_for_learning_rates_and_never_an_offset():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lr = Dimension("lr", "grid", (1e-4, 2e-4, 4e-4))
+    assert log_axis(lr, [1e-4, 2e-4, 4e-4])  # a learning rate, and geometric
+    assert log_axis(Dimension("temperature", "grid", ()), [0.5, 1.0, 2.0, 4.0])  # geometric
+    assert not log_axis(Dimension("kd_ratio", "grid", ()), [0.3, 0.5, 0.9])
+    assert not log_axis(Dimension("warmup_ratio", "grid", ()), [0.1, 0.2, 0.3, 0.4])
+    assert not log_axis(Dimension("lora.r", "grid", ()), [2, 4])  # two values: no spacing to read
+    # KL values 1e-6 apart around 1.855e-2, the sweep: tick labels are the values themselves.
+    ys = [0.018551, 0.018552, 0.018553]
+    fig = plot_metric(lr, [1e-4, 2e-4, 4e-4], ys, "heldout.kl_to_teacher", best=(0, "t000"))
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log" and ax.get_xlabel() == "lr (log scale)"
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0.0001", "0.0002", "0.0004"]
+    assert ax.yaxis.get_major_formatter().get_offset() == ""
+    labels = [t.get_text() for t in ax.get_yticklabels() if t.get_text()]
+    assert labels and all(label.startswith("0.01855") for label in labels), labels
+    plt.close(fig)

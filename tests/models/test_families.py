@@ -174,8 +174,12 @@ def test_hidden_states_and_head_give_the_forward_logits(pair):
 def test_every_arm_merges_and_changes_only_what_it_trains(pair, method):
     summary = distill(_config(pair, method, method))
     merged_dir = Path(summary.config["output_dir"]) / "merged"
-    assert summary.merge_check["passed"]
-    assert summary.merge_check["max_abs_logit_diff"] <= 1e-4
+    if method in ("lora", "neo"):
+        assert summary.merge_check["passed"]
+        assert summary.merge_check["max_abs_logit_diff"] <= 1e-4
+    else:
+        reason = f"--method {method} trains every weight; nothing is merged"
+        assert summary.merge_check == {"applicable": False, "reason": reason}
     assert summary.merged_parameters == summary.student_parameters
     assert summary.heldout["kl_to_teacher"] > 0
 

@@ -151,3 +151,45 @@ def test_a_really_full_filesystem_is_named_for_every_writer(tmpfs):
         assert info.value.errno == errno.ENOSPC, write.__name__
         assert sorted(p.name for p in mount.iterdir()) == ["filler"], write.__name__
     filler.unlink()
+
+
+@pytest.fixture()
+def umask_027():
+    """Run under umask 027 (group may read, others nothing), restored afterwards."""
+    old = os.umask(0o027)
+    yield
+    os.umask(old)
+
+
+def mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+def test_atomic_writes_end_with_the_mode_of_an_ordinary_write(tmp_path, umask_027):
+    ordinary = tmp_path / "ordinary.txt"
+    ordinary.write_text("x")
+    (tmp_path / "ordinary-dir").mkdir()
+    assert (mode(ordinary), mode(tmp_path / "ordinary-dir")) == (0o640, 0o750)
+
+    atomic_write_bytes(tmp_path / "new.json", b"{}")
+    atomic_write_bytes(tmp_path / "new.json", b"{}")  # replacing keeps it so
+    with atomic_directory(tmp_path / "model") as tmp:
+        save_file({"w": torch.zeros(2)}, str(tmp / "model.safetensors"))
+        with output_stream(tmp / "optimizer.pt") as sink:
+            sink.write(b"state")
+    assert mode(tmp_path / "new.json") == mode(ordinary)
+    assert mode(tmp_path / "model") == 0o750
+    assert mode(tmp_path / "model" / "model.safetensors") == mode(ordinary)
+    assert mode(tmp_path / "model" / "optimizer.pt") == mode(ordinary)
+
+
+def test_a_permissive_umask_gives_world_readable_outputs(tmp_path):
+    old = os.umask(0o002)
+    try:
+        atomic_write_bytes(tmp_path / "summary.json", b"{}")
+        with atomic_directory(tmp_path / "merged") as tmp:
+            (tmp / "config.json").write_text("{}")
+    finally:
+        os.umask(old)
+    assert mode(tmp_path / "summary.json") == 0o664
+    assert mode(tmp_path / "merged") == 0o775

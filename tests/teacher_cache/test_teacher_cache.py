@@ -330,7 +330,9 @@ def test_distill_from_cache_never_loads_the_teacher(run_config, cache_dir, monke
     assert "teacher" not in roles and "student" in roles
     assert summary.steps == 3 and summary.final["kd_loss"] > 0
     assert summary.heldout_reference == "teacher_cache"
-    assert {"ce", "kl_to_teacher", "top1_agreement"} <= set(summary.heldout)
+    # Against the cache the KL is the top-k bucket one, under its own name: never the dense one's.
+    assert {"ce", "kl_to_teacher_topk", "top1_agreement"} <= set(summary.heldout)
+    assert "kl_to_teacher" not in summary.heldout
     assert summary.teacher_cache["top_k"] == 64
     out = Path(summary.config["output_dir"])
     assert (out / "merged" / "model.safetensors").is_file()
@@ -374,7 +376,24 @@ def test_heldout_metrics_from_a_full_cache_equal_the_teachers(
     )
     dense = heldout_metrics(student, subset, teacher=teacher, kd_vocab_size=VOCAB, **options)
     from_cache = heldout_metrics(student, subset, open_cache(full_cache_dir), **options)
+    # k = V: the bucket KL is the dense one, but it keeps its own name.
+    assert from_cache.pop("kl_to_teacher_topk") == pytest.approx(dense.pop("kl_to_teacher"), rel=1e-5)
     assert from_cache == pytest.approx(dense, rel=1e-5)
+
+
+def test_topk_kl_is_a_lower_bound_reported_under_its_own_name(cache_dir, teacher_dir, student_dir, data_file):
+    tokenizer, examples = _teacher_examples(teacher_dir, data_file)
+    cpu = torch.device("cpu")
+    student = freeze(load_model(str(student_dir), role="student", dtype=torch.float32, device=cpu))
+    teacher = freeze(load_model(str(teacher_dir), role="teacher", dtype=torch.float32, device=cpu))
+    options: dict[str, Any] = dict(
+        pad_token_id=tokenizer.pad_token_id, batch_size=4, device=cpu, dtype=torch.float32
+    )
+    dense = heldout_metrics(student, examples, teacher=teacher, kd_vocab_size=VOCAB, **options)
+    topk = heldout_metrics(student, examples, open_cache(cache_dir), **options)  # k = 64 of 320
+    assert "kl_to_teacher" not in topk and "kl_to_teacher_topk" not in dense
+    assert 0 < topk["kl_to_teacher_topk"] < dense["kl_to_teacher"]
+    assert topk["top1_agreement"] == pytest.approx(dense["top1_agreement"], abs=1e-6)  # exact from a cache
 
 
 def _copy_with_template(src: Path, dst: Path, template: str) -> Path:

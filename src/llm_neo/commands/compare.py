@@ -428,12 +428,14 @@ def _arm_config(config: CompareConfig, arm: str, seed: int, data: str, output_di
     (its method's) and output."""
     method, quantization = parse_arm(arm)
     shared = {f.name: getattr(config, f.name) for f in dataclasses.fields(TrainOptions)}
+    # Local paths absolute: the arm's config.yaml, and the command that reruns it, work from anywhere.
+    shared |= {name: _absolute(shared[name]) for name in ("student", "teacher", "teacher_cache")}
     steps = config.max_steps
     return DistillConfig(
         **shared
         | quantization
         | {
-            "data": data,
+            "data": _absolute(data),
             "eval_fraction": 0.0,  # every model is scored on the comparison's held-out file instead
             # Checkpoints let a killed comparison resume the running arm (about five per arm).
             "save_every": config.save_every or (max(1, -(-steps // 5)) if steps else 50),
@@ -441,8 +443,15 @@ def _arm_config(config: CompareConfig, arm: str, seed: int, data: str, output_di
         method=method,
         lr=getattr(config.lr, method),  # the method's: neo+int8-teacher trains at --lr.neo
         seed=seed,
-        output_dir=str(output_dir),
+        output_dir=str(output_dir.expanduser().resolve()),
     )
+
+
+def _absolute(path: str | None) -> str | None:
+    """A local file or directory's absolute path; a hub id (no such local path) unchanged."""
+    if not path or not Path(path).expanduser().exists():
+        return path
+    return str(Path(path).expanduser().resolve())
 
 
 def _split_data(config: CompareConfig, data_dir: Path) -> tuple[str, str]:
@@ -514,7 +523,7 @@ def _build_caches(plan: Plan) -> dict[tuple[str, str, str], str]:
                 teacher_quant_backend=backend,
             )
         )
-        caches[key] = str(target)
+        caches[key] = str(target.resolve())
     return caches
 
 
@@ -638,6 +647,7 @@ def _evaluate(plan: Plan, summaries: dict[str, RunSummary]) -> dict[str, dict[st
         else:
             todo[name] = path
     if todo:
+        log.info("compare: scoring %d model(s); logs in %s", len(todo), plan.out / "eval")
         parallel, threads = _resources(config)
         names = list(todo)
         shares = [names[k::parallel] for k in range(parallel) if names[k::parallel]]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from llm_neo.config import EvalConfig, validate_eval
@@ -16,15 +17,25 @@ from llm_neo.models.loading import (
     resolve_device,
     resolve_dtype,
 )
+from llm_neo.provenance import provenance
 from llm_neo.report.tables import format_table
 from llm_neo.runtime.atomic import atomic_write_json
 
 
 def run_evaluation(config: EvalConfig) -> int:
+    started = time.time()
     metrics = run_eval(config)
     print(format_table({config.model: metrics}, list(metrics)))
     if config.json:
-        atomic_write_json(Path(config.json), metrics)
+        record = {
+            **metrics,
+            "provenance": provenance(
+                models={"model": config.model, "teacher": config.teacher},
+                data={"heldout": config.data},
+                started=started,
+            ),
+        }
+        atomic_write_json(Path(config.json), record)
         print(f"\nmetrics written to {config.json}")
     return 0
 

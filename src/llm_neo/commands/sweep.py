@@ -93,6 +93,7 @@ NOT_SWEEPABLE = ("output_dir", "resume", "overwrite")
 # Metrics a trial reports (dotted paths into its summary.json), and which way is better.
 METRICS = {
     "heldout.kl_to_teacher": "min",
+    "heldout.kl_to_teacher_topk": "min",  # trials scored against a teacher cache alone
     "heldout.ce": "min",
     "heldout.perplexity": "min",
     "heldout.top1_agreement": "max",
@@ -102,7 +103,25 @@ METRICS = {
     "train_time_s": "min",
     "peak_memory_gb": "min",
 }
-REPORTED = ("heldout.kl_to_teacher", "heldout.ce", "heldout.top1_agreement", "final.loss", "train_time_s")
+REPORTED = (
+    "heldout.kl_to_teacher",
+    "heldout.kl_to_teacher_topk",
+    "heldout.ce",
+    "heldout.top1_agreement",
+    "final.loss",
+    "train_time_s",
+    "peak_memory_gb",
+)
+# Ranks closer than this (relative to the better value) are ties: a leaderboard cannot separate them.
+TIE_TOLERANCE = 0.01
+# A held-out split of fewer trained tokens is flagged: its means move by more than trials differ.
+SMALL_HELDOUT_TOKENS = 1000
+# What a training loss means: trials that differ in these do not minimise the same number, so their
+# final.loss (and final.kd_loss) cannot be ranked against each other.
+OBJECTIVE = ("kd_ratio", "divergence", "temperature", "jsd_beta", "skew_alpha")
+# What decides the held-out split (data.split_heldout) and its tokens: trials that differ in these are
+# scored on different records.
+HELDOUT_SPLIT = ("data", "eval_fraction", "seed", "max_length", "train_on_prompt")
 
 
 @dataclass
@@ -144,6 +163,13 @@ class SweepConfig:
         ),
     )
     cache_top_k: int = field(default=64, metadata=_help("Top-k of a teacher cache the sweep builds."))
+    tie_tolerance: float = field(
+        default=TIE_TOLERANCE,
+        metadata=_help(
+            "Trials whose --metric is within this fraction of a better one's share its rank (marked =): "
+            "the leaderboard does not claim a difference that small. 0: no ties."
+        ),
+    )
     resume: bool = field(default=False, metadata=_help("Continue the sweep in --output where it stopped."))
     overwrite: bool = field(default=False, metadata=_help("Discard a sweep in --output and start again."))
 
@@ -361,6 +387,8 @@ def validate_sweep(config: SweepConfig) -> None:
         p.append(f"--trials: {config.trials} is out of range; it must be >= 1")
     if config.cache_top_k < 1:
         p.append(f"--cache-top-k: {config.cache_top_k} is out of range; it must be >= 1")
+    if not 0 <= config.tie_tolerance < 1:
+        p.append(f"--tie-tolerance: {config.tie_tolerance} is out of range; it must be in [0, 1)")
     if config.resume and config.overwrite:
         p.append("--resume and --overwrite contradict each other; give one")
     if p:
@@ -368,7 +396,8 @@ def validate_sweep(config: SweepConfig) -> None:
 
 
 def _check_trials(configs: dict[str, DistillConfig], metric: str) -> None:
-    """Every trial config valid, and able to report the metric; all problems of all trials at once."""
+    """Every trial config valid, able to report the metric, and the metric comparable across trials;
+    all problems of all trials at once."""
     problems: list[str] = []
     for trial, config in configs.items():
         try:
@@ -377,12 +406,70 @@ def _check_trials(configs: dict[str, DistillConfig], metric: str) -> None:
             problems += [f"trial {trial}: {p}" for p in err.problems]
         if metric.startswith("heldout.") and config.eval_fraction == 0:
             problems.append(f"trial {trial}: --metric {metric} needs a held-out split (eval_fraction > 0)")
-        if metric in ("heldout.kl_to_teacher", "heldout.top1_agreement") and not (
-            config.teacher or config.teacher_cache
-        ):
+        if metric == "heldout.top1_agreement" and not (config.teacher or config.teacher_cache):
             problems.append(f"trial {trial}: --metric {metric} needs a teacher or teacher_cache in the base")
+        if metric == "heldout.kl_to_teacher" and not config.teacher:
+            problems.append(
+                f"trial {trial}: --metric {metric} (the dense KL) needs a teacher in the base; trials scored "
+                "against a teacher_cache alone report heldout.kl_to_teacher_topk"
+            )
+        if metric == "heldout.kl_to_teacher_topk" and (config.teacher or not config.teacher_cache):
+            problems.append(
+                f"trial {trial}: --metric {metric} is the KL to a teacher cache's top-k, which a trial "
+                "reports only with a teacher_cache and no teacher; with a teacher, rank on "
+                "heldout.kl_to_teacher"
+            )
+    problems += _incomparable(configs, metric)
     if problems:
         raise ConfigError(sorted(set(problems), key=problems.index))
+
+
+def objective(config: DistillConfig) -> dict[str, Any]:
+    """What a trial's training loss is: CE alone, or CE + kd_ratio x which divergence at which T."""
+    if not config.uses_kd:
+        return {"loss": "ce"}
+    keys = ["kd_ratio", "divergence", "temperature"]
+    keys += ["jsd_beta"] if config.divergence == "jsd" else []
+    keys += ["skew_alpha"] if config.divergence.startswith("skew_") else []
+    return {"loss": "ce+kd"} | {k: getattr(config, k) for k in keys}
+
+
+def _incomparable(configs: dict[str, DistillConfig], metric: str) -> list[str]:
+    """Refuse ranking trials on a training loss whose objective differs between them: final.loss mixes
+    CE and KD in proportions kd_ratio sets, final.kd_loss is another divergence (or none) per trial."""
+    if metric not in ("final.loss", "final.kd_loss"):
+        return []
+    if metric == "final.loss":
+        kinds = {json.dumps(objective(c), sort_keys=True) for c in configs.values()}
+    else:
+        kinds = {json.dumps({k: v for k, v in objective(c).items() if k != "kd_ratio"}, sort_keys=True)
+                 for c in configs.values()}  # fmt: skip
+    if len(kinds) <= 1:
+        return []
+    varying = sorted({k for c in configs.values() for k in objective(c) if k != "loss"} | {"method"})
+    return [
+        f"--metric {metric}: the trials minimise different objectives ({', '.join(varying)} differ), so "
+        "their training losses are different numbers; rank on a held-out metric (heldout.ce, "
+        "heldout.kl_to_teacher, heldout.top1_agreement)"
+    ]
+
+
+def _split_differences(configs: dict[str, DistillConfig]) -> list[str]:
+    """The options deciding the held-out split that differ between trials (their held-out metrics are
+    then measured on different records)."""
+    return [k for k in HELDOUT_SPLIT if len({str(getattr(c, k)) for c in configs.values()}) > 1]
+
+
+def effective_metric(configs: dict[str, DistillConfig], metric: str, default: str) -> str:
+    """The default metric (dense KL) for trials that can only report the cache's top-k KL: no teacher,
+    a teacher_cache. Any other metric stays as asked."""
+    if metric == default and all(not c.teacher and c.teacher_cache for c in configs.values()):
+        log.warning(
+            "sweep: the trials have a teacher_cache and no teacher, so they report the KL to the cache's "
+            "top-k, not the dense KL: ranking on heldout.kl_to_teacher_topk"
+        )
+        return "heldout.kl_to_teacher_topk"
+    return metric
 
 
 # ------------------------------------------------------------------------------------------------
@@ -539,7 +626,17 @@ def sweep(
         _trial_id(i): trial_config(base, o, out / "trials" / _trial_id(i), source=f"trial {_trial_id(i)}")
         for i, o in enumerate(overrides)
     }
+    default_metric = next(f.default for f in dataclasses.fields(SweepConfig) if f.name == "metric")
+    config = dataclasses.replace(config, metric=effective_metric(configs, config.metric, str(default_metric)))
     _check_trials(configs, config.metric)  # every trial valid before the first one runs
+    split = _split_differences(configs)
+    if split and config.metric.startswith("heldout."):
+        log.warning(
+            "sweep: the trials differ in %s, which decide the held-out split: their %s are measured on "
+            "different records",
+            ", ".join(split),
+            config.metric,
+        )
 
     state_doc = {
         "version": STATE_VERSION,
@@ -553,6 +650,7 @@ def sweep(
     }
     state = _prepare(config, out, state_doc)
     state["metric"], state["mode"] = config.metric, resolved_mode(config)
+    state["tie_tolerance"], state["split_differs"] = config.tie_tolerance, split
     log.info("sweep: %d trials (%s search) in %s", len(configs), space.strategy, out)
 
     built: dict[str, str] = {}
@@ -596,7 +694,15 @@ def sweep(
                 record |= {"status": "failed", "error": str(err)}
                 log.warning("sweep: trial %s failed: %s", trial, err)
             else:
-                record |= {"status": "done", "metrics": _trial_metrics(summary), "error": None}
+                record |= {
+                    "status": "done",
+                    "metrics": _trial_metrics(summary),
+                    "heldout": {
+                        "records": summary.samples.get("heldout"),
+                        "tokens": summary.heldout.get("tokens"),
+                    },
+                    "error": None,
+                }
             _save_state(out, state)
             write_reports(state, out, space)
             if on_trial is not None:
@@ -621,6 +727,30 @@ def ranked(state: dict[str, Any]) -> list[dict[str, Any]]:
     return sorted(scored, key=lambda t: sign * t["metrics"][metric]) + rest
 
 
+def tied(a: float, b: float, tolerance: float) -> bool:
+    """Whether ``a`` and ``b`` are within ``tolerance`` of each other, relative to the larger magnitude
+    (both zero: tied)."""
+    return abs(a - b) <= tolerance * max(abs(a), abs(b))
+
+
+def ranks(state: dict[str, Any]) -> dict[str, str]:
+    """Trial id -> its rank on the leaderboard: ``"1"``, ``"2"``, ...; trials within the tie tolerance of
+    the trial that opens their group share its rank, marked ``"="`` (``"1="``). Only finished trials
+    with the metric have one."""
+    metric, tolerance = state["metric"], float(state.get("tie_tolerance", TIE_TOLERANCE))
+    order = [t for t in ranked(state) if t["status"] == "done" and metric in t["metrics"]]
+    labels: dict[str, str] = {}
+    leader: dict[str, Any] | None = None
+    for position, trial in enumerate(order, start=1):
+        if leader is not None and tied(trial["metrics"][metric], leader["metrics"][metric], tolerance):
+            labels[trial["id"]] = labels[leader["id"]].rstrip("=") + "="
+            labels[leader["id"]] = labels[leader["id"]].rstrip("=") + "="
+        else:
+            leader = trial
+            labels[trial["id"]] = str(position)
+    return labels
+
+
 def _fmt(value: Any) -> str:
     if value is None:
         return ""
@@ -631,19 +761,60 @@ def _fmt(value: Any) -> str:
 
 def leaderboard_rows(state: dict[str, Any], options: list[str]) -> list[dict[str, Any]]:
     metric = state["metric"]
-    columns = [metric, *[m for m in REPORTED if m != metric]]
+    done = [t for t in state["trials"] if t["status"] == "done"]
+    others = [m for m in REPORTED if m != metric and any(m in t["metrics"] for t in done)]
+    labels = ranks(state)
     rows = []
-    for rank, t in enumerate(ranked(state), start=1):
+    for t in ranked(state):
         rows.append(
             {
-                "rank": rank if t["status"] == "done" else None,
+                "rank": labels.get(t["id"]),
                 "trial": t["id"],
                 **{o: t["overrides"].get(o) for o in options},
-                **{c: t["metrics"].get(c) for c in columns},
+                **{c: t["metrics"].get(c) for c in [metric, *others]},
+                "heldout tokens": (t.get("heldout") or {}).get("tokens"),
                 "status": t["status"],
             }
         )
     return rows
+
+
+def _heldout_sizes(state: dict[str, Any]) -> tuple[set[Any], set[Any]]:
+    done = [t for t in state["trials"] if t["status"] == "done"]
+    records = {(t.get("heldout") or {}).get("records") for t in done} - {None}
+    tokens = {(t.get("heldout") or {}).get("tokens") for t in done} - {None}
+    return records, tokens
+
+
+def verdict(state: dict[str, Any], out: Path) -> list[str]:
+    """The leaderboard's first lines: the best trial (and what it is tied with), on how much held-out data,
+    and how to reproduce it."""
+    metric, labels = state["metric"], ranks(state)
+    best = ranked(state)[0] if state["trials"] else None
+    if best is None or best["id"] not in labels:
+        return ["No trial has finished yet."]
+    value = best["metrics"][metric]
+    firsts = [t for t, label in labels.items() if label.rstrip("=") == "1"]
+    tolerance = float(state.get("tie_tolerance", TIE_TOLERANCE))
+    lines = [f"**Best: {best['id']}** ({_describe(best['overrides'])}), {metric} = {value:.6g}."]
+    if len(firsts) > 1:
+        lines.append(
+            f"Tied within {tolerance:.0%} (--tie-tolerance) with "
+            f"{', '.join(t for t in firsts if t != best['id'])}: the sweep does not separate them; more "
+            "held-out data or seeds would."
+        )
+    records, tokens = _heldout_sizes(state)
+    if metric.startswith("heldout.") and tokens:
+        counts = "/".join(map(str, sorted(records)))
+        size = f"{counts} records, {'/'.join(f'{n:,}' for n in sorted(tokens))} tokens"
+        note = f"Held out: {size} per trial"
+        if min(tokens) < SMALL_HELDOUT_TOKENS:
+            note += f" — under {SMALL_HELDOUT_TOKENS:,} tokens, so differences between trials may be noise"
+        if state.get("split_differs"):
+            note += f"; the trials differ in {', '.join(state['split_differs'])}, so not on the same records"
+        lines.append(note + ".")
+    lines.append(f"Reproduce it: `llm-neo distill --config {(out / 'best.yaml').resolve()}`")
+    return lines
 
 
 def write_reports(state: dict[str, Any], out: Path, space: Space) -> None:
@@ -654,13 +825,22 @@ def write_reports(state: dict[str, Any], out: Path, space: Space) -> None:
         return
     header = list(rows[0])
     arrow = "lower is better" if state["mode"] == "min" else "higher is better"
+    tolerance = float(state.get("tie_tolerance", TIE_TOLERANCE))
     lines = [
         f"# Sweep leaderboard: {state['metric']} ({arrow})",
+        "",
+        *verdict(state, out),
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
     ]
     lines += ["| " + " | ".join(_fmt(r[h]) for h in header) + " |" for r in rows]
+    lines += [
+        "",
+        f"Ranks marked = are within {tolerance:.0%} of the trial above them that opens their group "
+        "(--tie-tolerance, relative): a difference the leaderboard does not claim. `heldout tokens`: the "
+        "trained tokens of each trial's held-out split, over which its held-out metrics are means.",
+    ]
     failed = [t for t in state["trials"] if t["status"] == "failed"]
     if failed:
         lines += ["", "Failed trials:", ""] + [f"- {t['id']}: {t['error']}" for t in failed]
@@ -683,9 +863,22 @@ def _write_best(state: dict[str, Any], out: Path) -> None:
     value = best["metrics"][state["metric"]]
     head = (
         f"# Best of the sweep in {out}: trial {best['id']} ({_describe(best['overrides'])}),\n"
-        f"# {state['metric']} = {value:.6g}. Reproduce: llm-neo distill --config {out / 'best.yaml'}\n"
+        f"# {state['metric']} = {value:.6g}. Reproduce: "
+        f"llm-neo distill --config {(out / 'best.yaml').resolve()}\n"
     )
     atomic_write_text(out / "best.yaml", head + yaml.safe_dump(config, sort_keys=False))
+
+
+def log_axis(d: Dimension, values: list[float]) -> bool:
+    """Whether a swept numeric option is plotted on a log axis: drawn log-uniformly, a learning rate,
+    spanning 10x or more, or spaced geometrically (1e-4, 2e-4, 4e-4)."""
+    distinct = sorted(set(values))
+    if not distinct or distinct[0] <= 0:
+        return False
+    if d.kind == "log_uniform" or d.option.split(".")[-1] == "lr" or distinct[-1] / distinct[0] >= 10:
+        return True
+    ratios = [b / a for a, b in itertools.pairwise(distinct)]
+    return len(ratios) >= 2 and min(ratios) >= 1.5 and max(ratios) / min(ratios) < 1.05
 
 
 def _write_plots(state: dict[str, Any], out: Path, space: Space) -> None:
@@ -702,38 +895,55 @@ def _write_plots(state: dict[str, Any], out: Path, space: Space) -> None:
     for d in space.dimensions:
         xs = [t["overrides"][d.option] for t in done]
         ys = [t["metrics"][metric] for t in done]
-        numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs)
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        if numeric:
-            positions = [float(x) for x in xs]
-            if d.kind == "log_uniform" or (min(positions) > 0 and max(positions) / min(positions) >= 10):
-                ax.set_xscale("log")
-        else:
-            labels = sorted({str(x) for x in xs})
-            positions = [float(labels.index(str(x))) for x in xs]
-            ax.set_xticks(range(len(labels)), labels)
-        ax.scatter(positions, ys, color="#1f77b4", zorder=2)
-        if best in done:
-            i = done.index(best)
-            ax.scatter(
-                [positions[i]],
-                [ys[i]],
-                color="#d62728",
-                s=90,
-                marker="*",
-                zorder=3,
-                label=f"best ({best['id']})",
-            )
-            ax.legend(loc="best", fontsize=8)
-        ax.set_xlabel(d.option)
-        ax.set_ylabel(metric)
-        ax.set_title(f"{metric} vs {d.option}")
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
+        marked = done.index(best) if best in done else None
+        fig = plot_metric(d, xs, ys, metric, best=None if marked is None else (marked, best["id"]))
         buffer = io.BytesIO()
         fig.savefig(buffer, format="png", dpi=100)
         plt.close(fig)
         atomic_write_bytes(out / "plots" / f"{d.option}.png", buffer.getvalue())
+
+
+def plot_metric(
+    d: Dimension, xs: list[Any], ys: list[float], metric: str, *, best: tuple[int, str] | None = None
+) -> Any:
+    """The figure of ``metric`` against the swept option ``d`` (one point per trial, ``best = (index,
+    id)`` starred): a log axis for learning rates and geometric ranges (``log_axis``), categories for
+    names, and tick labels that are the values themselves (no offset such as "1e-6 + 1.855e-2", which
+    hides how close the trials are)."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    if numeric:
+        positions = [float(x) for x in xs]
+        if log_axis(d, positions):
+            ax.set_xscale("log")
+            ticks = sorted(set(positions))
+            ax.set_xticks(ticks, [f"{x:g}" for x in ticks])
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        else:
+            ax.xaxis.set_major_formatter(ScalarFormatter(useOffset=False))
+    else:
+        labels = sorted({str(x) for x in xs})
+        positions = [float(labels.index(str(x))) for x in xs]
+        ax.set_xticks(range(len(labels)), labels)
+    formatter = ScalarFormatter(useOffset=False)
+    formatter.set_scientific(False)
+    ax.yaxis.set_major_formatter(formatter)
+    ax.scatter(positions, ys, color="#1f77b4", zorder=2)
+    if best is not None:
+        i, name = best
+        ax.scatter(
+            [positions[i]], [ys[i]], color="#d62728", s=90, marker="*", zorder=3, label=f"best ({name})"
+        )
+        ax.legend(loc="best", fontsize=8)
+    ax.set_xlabel(d.option + (" (log scale)" if ax.get_xscale() == "log" else ""))
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} vs {d.option}")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
 
 
 def run_sweep(config: SweepConfig) -> int:

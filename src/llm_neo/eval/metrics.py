@@ -2,8 +2,14 @@
 
 ce              mean next-token cross-entropy on trained (response) tokens, nats
 perplexity      exp(ce)
-kl_to_teacher   mean forward KL(p_teacher ‖ p_student) per trained token, nats
-top1_agreement  fraction of trained positions where student and teacher argmax agree
+kl_to_teacher   mean forward KL(p_teacher ‖ p_student) per trained token, nats (over the vocabulary,
+                against a live teacher)
+kl_to_teacher_topk
+                the same against a teacher cache: on its top-k + tail buckets, a lower bound of
+                kl_to_teacher (equal only for k = V at T = 1): a different number, hence its own name
+top1_agreement  fraction of trained positions where student and teacher argmax agree (exact from a
+                cache too: its first id is the teacher's argmax)
+tokens          the trained (response) tokens the means are over
 """
 
 from __future__ import annotations
@@ -38,11 +44,12 @@ def heldout_metrics(
     """Token-weighted metrics of ``model`` over ``examples`` (sums over all tokens, divided once at the
     end), against a live teacher model or a teacher cache (each example's cache row is its index).
 
-    Against a cache, ``kl_to_teacher`` is the forward KL on the cache's k + 1 buckets at the cache's
-    temperature (without the T² factor): equal to the dense KL for k == V and T = 1, and a lower bound
-    of it otherwise (coarse-graining); ``top1_agreement`` compares with the teacher's argmax, exact (the
-    cache's first id). The logits are computed chunk by chunk of tokens: a [N, vocab] tensor for a whole
-    batch is what training avoids too (8 × 2048 tokens × 128k vocab in fp32 is 8 GiB).
+    Against a cache, ``kl_to_teacher_topk`` (not ``kl_to_teacher``) is the forward KL on the cache's
+    k + 1 buckets at the cache's temperature (without the T² factor): equal to the dense KL for k == V
+    and T = 1, and a lower bound of it otherwise (coarse-graining); ``top1_agreement`` compares with the
+    teacher's argmax, exact (the cache's first id). The logits are computed chunk by chunk of tokens: a
+    [N, vocab] tensor for a whole batch is what training avoids too (8 × 2048 tokens × 128k vocab in
+    fp32 is 8 GiB).
     """
     was_training = model.training
     model.eval()
@@ -90,7 +97,8 @@ def heldout_metrics(
         raise DataError("no trained tokens to evaluate: every held-out example was dropped or empty")
     metrics = {"ce": ce_sum / tokens, "perplexity": math.exp(min(ce_sum / tokens, 700.0))}
     if teacher is not None:
-        metrics |= {"kl_to_teacher": kl_sum / tokens, "top1_agreement": agree / tokens}
+        kl_name = "kl_to_teacher_topk" if isinstance(teacher, TeacherCache) else "kl_to_teacher"
+        metrics |= {kl_name: kl_sum / tokens, "top1_agreement": agree / tokens}
     metrics["tokens"] = tokens
     return metrics
 

@@ -38,8 +38,8 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from llm_neo.config import LoadOptions
-from llm_neo.errors import ModelError
+from llm_neo.config import LoadOptions, missing_model
+from llm_neo.errors import ConfigError, ModelError
 from llm_neo.losses.objective import softcap
 from llm_neo.runtime.atomic import atomic_directory
 
@@ -90,6 +90,15 @@ def resolve_gguf(path: str) -> tuple[str, str | None]:
     return str(file.parent), file.name
 
 
+def refuse_missing(path: str, role: str) -> None:
+    """ConfigError at once for a model path that cannot load: a mistyped local path shaped like a hub id,
+    or a hub id while the hub is offline or unreachable (``config.missing_model``), before any loader
+    spends a minute on hub retries."""
+    problem = missing_model(role, path)
+    if problem:
+        raise ConfigError([problem])
+
+
 def is_gguf(path: str) -> bool:
     """Whether ``path`` names a GGUF checkpoint (see ``resolve_gguf``)."""
     return resolve_gguf(path)[1] is not None
@@ -110,6 +119,7 @@ def load_config(path: str, *, role: str = "model", trust_remote_code: bool = Fal
     A GGUF's metadata is parsed once per file (it takes seconds: the tokenizer is in it too) and
     copied on every later call. The returned config never carries a ``quantization_config``.
     """
+    refuse_missing(path, role)
     directory, gguf_file = resolve_gguf(path)
     try:
         if gguf_file is None:
@@ -157,6 +167,7 @@ def autocast(device: torch.device, dtype: torch.dtype) -> torch.autocast:
 
 def load_tokenizer(path: str, *, role: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """The tokenizer (and chat template) of a model directory, hub id or GGUF file."""
+    refuse_missing(path, role)
     directory, gguf_file = resolve_gguf(path)
     tokenizer: PreTrainedTokenizerBase
     try:
@@ -219,6 +230,7 @@ def load_model(
     """Load a causal LM from a local dir or hub id, weights from safetensors unless the user opts in; or
     from a GGUF file (see ``load_gguf_model``)."""
     hf_logging.disable_progress_bar()
+    refuse_missing(path, role)
     if is_gguf(path):
         model = load_gguf_model(path, role=role, dtype=dtype)
         log.info(

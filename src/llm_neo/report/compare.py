@@ -134,7 +134,8 @@ def verdict(results: dict[str, Any]) -> list[str]:
         costs.append(f"{label(g['method'])} {seconds(arm.get('train_time_s'))}, {gib(memory)} GiB")
     line = "Cost (training time, " + _memory_key(results)[1] + "): " + "; ".join(costs) + "."
     cheapest = min(groups, key=lambda g: cost.get(g["method"], {}).get("train_time_s", float("inf")))
-    line += f" Fastest: {label(cheapest['method'])}."
+    smallest = min(groups, key=lambda g: g["stats"].get(key, {}).get("mean", float("inf")))
+    line += f" Fastest: {label(cheapest['method'])}; least memory: {label(smallest['method'])}."
     lines.append(line)
     return lines
 

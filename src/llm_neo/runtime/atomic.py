@@ -10,6 +10,11 @@ any library inside it (an OSError; safetensors' "os error 28"; torch.save's "une
 cause ``output_stream`` keeps) into an ``OutputError`` that names the path, what was being written,
 the reason (no space, read-only, a file where a directory must be, a vanished directory), what was
 kept and what to do. ``check_writable`` refuses an unwritable output path before any work starts.
+
+Permissions. What these functions publish has the mode an ordinary ``open(path, "w")`` or ``mkdir``
+would give it under the process's umask (0644 / 0755 under the usual 022), not the 0600 / 0700 of the
+``mkstemp`` / ``mkdtemp`` temporaries: teammates on a shared server must be able to read the results
+and load the model.
 """
 
 from __future__ import annotations
@@ -55,6 +60,26 @@ FIXES = {
 }
 
 
+def current_umask() -> int:
+    """The process's umask. Read from /proc where Linux offers it (no change to the process state);
+    elsewhere set and restored at once."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def ordinary_mode(directory: bool = False) -> int:
+    """The mode an ordinary write creates under the current umask: 0666 (files) or 0777 (directories)
+    less the umask."""
+    return (0o777 if directory else 0o666) & ~current_umask()
+
+
 def _write(fd: int, data: bytes | bytearray | memoryview) -> None:
     """Write all of ``data`` to ``fd``: every byte llm-neo writes itself goes through here."""
     view = memoryview(data).cast("B")
@@ -88,7 +113,7 @@ def output_stream(path: Path) -> Iterator[Sink]:
     """A new binary file at ``path`` (not atomic by itself: write it inside ``atomic_directory``, or use
     ``atomic_write_bytes``), fsynced when the block succeeds. An error raised because a write failed is
     replaced by that write's OSError (chained to it)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # less the umask, as open() does
     sink = Sink(fd)
     try:
         yield sink
@@ -104,7 +129,10 @@ def output_stream(path: Path) -> Iterator[Sink]:
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    try:
+        os.fchmod(fd, ordinary_mode())  # mkstemp's 0600 would be what the final file keeps
+    finally:
+        os.close(fd)
     try:
         with output_stream(Path(tmp)) as sink:
             sink.write(data)
@@ -147,11 +175,10 @@ def atomic_directory(path: Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     # mkdtemp makes the directory private (0700); a model directory should be as readable as any other.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
+    os.chmod(tmp, ordinary_mode(directory=True))
     try:
         yield tmp
+        _ordinary_modes(tmp)
         _fsync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -165,6 +192,20 @@ def atomic_directory(path: Path) -> Iterator[Path]:
     _fsync_dir(path.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _ordinary_modes(root: Path) -> None:
+    """Give every file and directory under ``root`` the mode an ordinary write would: libraries that
+    write through a private temporary (safetensors' ``save_file`` leaves 0600) would otherwise publish
+    files nobody else can read. An executable file stays executable (0777 less the umask)."""
+    files, directories = ordinary_mode(), ordinary_mode(directory=True)
+    for directory, subdirectories, names in os.walk(root):
+        for name in subdirectories:
+            os.chmod(os.path.join(directory, name), directories)
+        for name in names:
+            path = os.path.join(directory, name)
+            if not os.path.islink(path):
+                os.chmod(path, directories if os.stat(path).st_mode & 0o111 else files)
 
 
 def _fsync_tree(root: Path) -> None:

@@ -15,7 +15,10 @@ import sys
 import warnings
 
 FORMAT = "[llm-neo] %(message)s"
-QUIET_LIBRARIES = ("torchao", "bitsandbytes", "torch.utils._pytree", "gguf")
+# The quantization libraries log at import what this build lacks, torch a deprecation in torchao's
+# registrations, gguf its byte order; huggingface_hub logs every retry of a hub request twice (its own
+# handler and ours), while a load that fails says why once, in its error.
+QUIET_LIBRARIES = ("torchao", "bitsandbytes", "torch.utils._pytree", "gguf", "huggingface_hub")
 
 
 def quiet_libraries() -> None:
@@ -28,7 +31,16 @@ def quiet_libraries() -> None:
 def setup_logging(level: int = logging.INFO) -> None:
     """llm-neo's lines on stderr as ``[llm-neo] message``; the noisy libraries at ERROR only."""
     quiet_libraries()
-    logging.basicConfig(level=level, format=FORMAT, stream=sys.stderr, force=True)
+    root = logging.getLogger()
+    # Replace only a handler of ours (a second call, a worker after its fork): basicConfig(force=True)
+    # would also drop handlers others installed (pytest's capture, an embedding application's).
+    for handler in [h for h in root.handlers if getattr(h, "llm_neo", False)]:
+        root.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(FORMAT))
+    handler.llm_neo = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    root.setLevel(level)
 
 
 quiet_libraries()

@@ -39,6 +39,7 @@ import torch
 from llm_neo.errors import RunStopped, WorkerError
 from llm_neo.runtime.logs import setup_logging
 from llm_neo.runtime.memory import set_mmap_threshold
+from llm_neo.runtime.progress import ProgressLines
 from llm_neo.runtime.stop import graceful_stop
 
 Report = Callable[[int, "float | None"], None]
@@ -85,11 +86,14 @@ def run_jobs(
     status: dict[int, str] = {}
     running: dict[int, Any] = {}
     pending = list(range(len(jobs)))
-    bar = tqdm(total=sum(j.units for j in jobs), desc=desc, unit="step", dynamic_ncols=True, disable=None)
+    total = sum(j.units for j in jobs)
+    bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, disable=None)
+    lines = ProgressLines(desc, total, unit="")  # without a terminal: plain lines (the jobs' units)
 
     def advance(i: int, units: int) -> None:
         bar.update(units - reported[i])
         reported[i] = units
+        lines.update(sum(reported), details=" | ".join(status.values()))
 
     stopped: dict[int, str] = {}  # job → what it kept
     finished: set[int] = set()
@@ -129,8 +133,8 @@ def run_jobs(
                     continue
                 if kind == "step":
                     units, loss = rest
-                    advance(i, units)
                     status[i] = f"{jobs[i].name} {loss:.3f}" if loss is not None else jobs[i].name
+                    advance(i, units)
                     bar.set_postfix_str(" | ".join(status.values()), refresh=False)
                 elif kind == "done":
                     results[i], cpu = rest
@@ -216,7 +220,7 @@ def _worker(
     _die_with_parent()
     if hasattr(os, "setpgid"):
         os.setpgid(0, 0)  # a group of its own: terminal signals reach the parent, which passes them on
-    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # less the umask
     os.dup2(log_fd, 1)
     os.dup2(log_fd, 2)
     torch.set_num_threads(threads)

@@ -134,7 +134,7 @@ def hash_teacher_weights(path: str, *, allow_pickle_weights: bool = False) -> st
     started = time.perf_counter()
     digest = _sha256_files(files, root)
     size = sum(f.stat().st_size for f in files)
-    log.info("hashed the teacher's weights: %.2f GB in %.1f s", size / 1e9, time.perf_counter() - started)
+    log.info("hashed the teacher's weights: %.2f GiB in %.1f s", size / 2**30, time.perf_counter() - started)
     return digest
 
 
