@@ -509,7 +509,7 @@ def tokenize_records(
     errors: list[str] = []
     n_errors = 0
     dropped = 0
-    with tqdm(total=len(records), desc="tokenizing", unit="rec", disable=not progress) as bar:
+    with tqdm(total=len(records), desc="tokenizing", unit="rec", disable=None if progress else True) as bar:
         for chunk_start in range(0, len(records), _TOKENIZE_CHUNK):
             chunk = records[chunk_start : chunk_start + _TOKENIZE_CHUNK]
             rendered: list[list[tuple[str, bool]]] = []

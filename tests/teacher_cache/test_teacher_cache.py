@@ -592,3 +592,18 @@ def test_a_full_disk_while_caching_keeps_the_complete_shards(
     assert computed == [1, 2, 3]
     for name in (f"shard-{i:05d}.safetensors" for i in range(4)):
         assert (out / name).read_bytes() == (cache_dir / name).read_bytes(), name
+
+
+def test_without_a_terminal_cache_teacher_reports_plain_lines(
+    tmp_path, teacher_dir, data_file, caplog, capsys
+):
+    """Under nohup or a scheduler the bar is off (it would fill the log with carriage returns); plain
+    lines say how far the cache is, ending at every trained position."""
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="llm_neo"):
+        manifest = cache_teacher(_cache_config(teacher_dir, data_file, tmp_path / "cache"))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("cache-teacher: tokens ")]
+    total = manifest["num_positions"]
+    assert lines and lines[-1].startswith(f"cache-teacher: tokens {total}/{total} (100%)"), lines
+    assert "\r" not in capsys.readouterr().err

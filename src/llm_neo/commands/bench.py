@@ -740,7 +740,9 @@ def _whole_runs(
         with_teacher = any(METHODS[s.method].kd for s in specs)
         inputs = prepare_whole_runs(specs[0], directory / "inputs", with_teacher=with_teacher)
         results = []
-        bar = tqdm(specs, desc="whole runs", unit="run", disable=not progress, dynamic_ncols=True)
+        bar = tqdm(
+            specs, desc="whole runs", unit="run", disable=None if progress else True, dynamic_ncols=True
+        )
         for spec in bar:
             bar.set_postfix_str(spec.name)
             run_dir = directory / re.sub(r"[^\w+.-]", "_", spec.name + f"-{spec.chunk_size}")
@@ -1404,7 +1406,13 @@ def bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
         partial.parent.mkdir(parents=True, exist_ok=True)
         partial.write_text("")
     results = []
-    bar = tqdm(specs, desc=f"bench {config.shape}", unit="run", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(
+        specs,
+        desc=f"bench {config.shape}",
+        unit="run",
+        disable=None if progress else True,
+        dynamic_ncols=True,
+    )
     for one in bar:
         bar.set_postfix_str(one.name + ("" if one.impl == "plain" else f":{one.chunk_size}"))
         if config.isolate:

@@ -90,7 +90,7 @@ def greedy_answers(
     order = sorted(range(len(records)), key=lambda i: len(prompts[i]))
     answers: list[str] = [""] * len(records)
     starts = range(0, len(order), batch_size)
-    for start in tqdm(starts, desc=desc, unit="batch", disable=not progress, leave=False):
+    for start in tqdm(starts, desc=desc, unit="batch", disable=None if progress else True, leave=False):
         rows = order[start : start + batch_size]
         width = max(len(prompts[i]) for i in rows)
         input_ids = torch.full((len(rows), width), pad, dtype=torch.long)  # [B, T], left-padded

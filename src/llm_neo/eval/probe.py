@@ -145,7 +145,7 @@ def sentence_logprobs(
     model.eval()
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
     starts = range(0, len(order), batch_size)
-    for start in tqdm(starts, desc=desc, unit="batch", disable=not progress, leave=False):
+    for start in tqdm(starts, desc=desc, unit="batch", disable=None if progress else True, leave=False):
         rows = order[start : start + batch_size]
         batch = collate([examples[i] for i in rows], pad_token_id)
         targets = next_token_targets(batch["labels"]).to(device)  # [B, T]: position t predicts t + 1

@@ -106,7 +106,9 @@ def block_importance(
     model.eval()
     handles = [layer.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
     try:
-        for batch in tqdm(batches, desc="scoring blocks", unit="batch", disable=not progress, leave=False):
+        for batch in tqdm(
+            batches, desc="scoring blocks", unit="batch", disable=None if progress else True, leave=False
+        ):
             attention_mask = batch["attention_mask"].to(device)  # [B, T]
             mask = attention_mask.bool()
             with autocast(device, dtype):

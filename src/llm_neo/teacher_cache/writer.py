@@ -42,6 +42,7 @@ from llm_neo.runtime.atomic import (
     writing,
 )
 from llm_neo.runtime.integrity import check_file
+from llm_neo.runtime.progress import ProgressLines
 from llm_neo.teacher_cache.key import key_differences, key_digest, run_key
 from llm_neo.teacher_cache.store import FORMAT, KEY_FILE, LOGPROB_DTYPES, MANIFEST, VERSION
 
@@ -321,12 +322,15 @@ def _write_shards(
     written_bytes = sum(r["bytes"] for r in records.values())
     new_positions = 0
     loop_start = time.perf_counter()
-    bar = tqdm(total=total, initial=done, desc="cache-teacher", unit="tok", unit_scale=True)
+    bar = tqdm(total=total, initial=done, desc="cache-teacher", unit="tok", unit_scale=True, disable=None)
+    # Without a terminal, plain lines instead of the bar (runtime/progress.py).
+    lines = ProgressLines("cache-teacher", total, initial=done, initial_tokens=done, unit="tokens")
 
     def on_tokens(n: int) -> None:
         nonlocal new_positions
         new_positions += n
         bar.update(n)
+        lines.update(done + new_positions, tokens=done + new_positions)
 
     for s, examples in enumerate(shards):
         if s in records:
