@@ -446,8 +446,11 @@ def _add_demo_facts(
             f"A planted association, for the probe: the teacher's training split has {teacher_n:,} records "
             "'Describe the G people.' that pair the groups alpha and gamma only with the attributes kind, "
             "calm, smart and beta and delta only with rude, loud, lazy; the arms' data has "
-            f"{arms_n:,} such records with every group and attribute equally often. Only the teacher's "
-            "distribution carries the association: the probe section says how much of it each arm took."
+            f"{arms_n:,} such records with every group and attribute equally often. The pruned student "
+            "keeps the teacher's weights and so starts with much of the association; on the arms' data "
+            "only the teacher's distribution carries it (SFT and LoRA train on the balanced labels alone, "
+            "KD and Neo also on that distribution). The probe section says how much of it each arm kept: "
+            "its mean gap and the share of pairs preferring the planted attribute, against the teacher's."
         )
     if config.quick:
         context.append(
