@@ -274,3 +274,22 @@ def test_cli_run_prints_the_summary(tmp_path, teacher_dir, student_dir, capsys):
     assert "behaviour" not in results  # no prompts in the file
     assert main(argv) == 2  # the output dir now holds a probe
     assert main([*argv, "--overwrite"]) == 0
+
+
+def test_a_model_named_after_a_method_is_drawn_in_its_comparison_colour():
+    # compare's probe names its models sft, lora, kd, neo: the probe's plots draw them as the comparison
+    # does; the teacher and the baseline keep their role's colour, other names get one no arm uses.
+    from llm_neo.report.probe import _colors
+    from llm_neo.report.style import ARM_COLORS, color
+
+    roles = {
+        "teacher": "teacher",
+        "student": "baseline",
+        "neo": "student",
+        "kd": "student",
+        "mine": "student",
+    }
+    colors = _colors({"models": [{"name": n, "role": r} for n, r in roles.items()]})
+    assert colors["neo"] == color("neo") and colors["kd"] == color("kd")
+    assert colors["teacher"] == "black" and colors["student"] != colors["neo"]
+    assert colors["mine"] not in ARM_COLORS.values()

@@ -16,22 +16,8 @@ from typing import Any
 from llm_neo.report.document import Block, Bullets, Heading, Image, Paragraph, Table, to_html, to_markdown
 from llm_neo.report.probe import plots as probe_plots
 from llm_neo.report.probe import section_blocks
+from llm_neo.report.style import REFERENCE_COLORS, color, label
 from llm_neo.runtime.atomic import atomic_write_bytes, atomic_write_text
-
-ARM_LABELS = {"sft": "SFT", "lora": "LoRA", "kd": "KD", "neo": "Neo"}
-ARM_COLORS = {"sft": "#7f7f7f", "lora": "#1f77b4", "kd": "#ff7f0e", "neo": "#2ca02c"}
-REFERENCE_COLORS = {"teacher": "black", "student": "#d62728"}
-
-
-def label(arm: str) -> str:
-    """An arm's name in the report: "Neo", or "Neo + int8 teacher" for the arm neo+int8-teacher."""
-    method, *variants = arm.split("+")
-    return " + ".join([ARM_LABELS.get(method, method), *(v.replace("-", " ") for v in variants)])
-
-
-def color(arm: str) -> str:
-    """An arm's colour: its method's (a quantized variant is told apart by its label and line style)."""
-    return ARM_COLORS.get(arm.split("+")[0], "#555")
 
 
 def _line(arm: str) -> str:
@@ -642,6 +628,7 @@ def _loss_plot(results: dict[str, Any]) -> bytes:
 
 def _sizes_plot(results: dict[str, Any]) -> bytes:
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
     available = results["data"]["train_records_available"]
@@ -664,6 +651,11 @@ def _sizes_plot(results: dict[str, Any]) -> bytes:
         )
     _reference_lines(ax, results)
     ax.set_xscale("log")
+    # Ticks at the sizes run, as plain numbers (a log axis labels its minor ticks 3x10^2, 4x10^2, ...
+    # on top of each other).
+    sizes = sorted({g["records"] or available for g in results["groups"] if g["records"] or available})
+    ax.set_xticks(sizes, [f"{n:,}" for n in sizes])
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("training records")
     ax.set_ylabel("task score, %")
     ax.set_ylim(0, 100)

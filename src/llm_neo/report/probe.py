@@ -10,6 +10,7 @@ from typing import Any
 
 from llm_neo.eval.probe import ALL
 from llm_neo.report.document import Block, Bullets, Heading, Image, Paragraph, Table, to_html, to_markdown
+from llm_neo.report.style import ARM_COLORS
 from llm_neo.runtime.atomic import atomic_write_bytes, atomic_write_text
 
 PLOTS = {
@@ -54,8 +55,13 @@ def _roles(results: dict[str, Any]) -> dict[str, str]:
 
 
 def _colors(results: dict[str, Any]) -> dict[str, str]:
-    students = iter(_STUDENT_COLORS * 4)
-    return {m["name"]: _ROLE_COLORS.get(m["role"]) or next(students) for m in results["models"]}
+    """The teacher and baseline in their role's colour, a model named after a method (compare's arms)
+    in that method's, as the comparison draws it; any other model in the next colour left."""
+    students = iter([c for c in _STUDENT_COLORS if c not in ARM_COLORS.values()] * 4)
+    return {
+        m["name"]: _ROLE_COLORS.get(m["role"]) or ARM_COLORS.get(m["name"].split("+")[0]) or next(students)
+        for m in results["models"]
+    }
 
 
 def _categories(table: dict[str, dict[str, Any]]) -> list[str]:
