@@ -293,3 +293,24 @@ def test_a_model_named_after_a_method_is_drawn_in_its_comparison_colour():
     assert colors["neo"] == color("neo") and colors["kd"] == color("kd")
     assert colors["teacher"] == "black" and colors["student"] != colors["neo"]
     assert colors["mine"] not in ARM_COLORS.values()
+
+
+@pytest.mark.parametrize(
+    ("baseline_ci", "said"), [([9.6, 14.1], True), ([-0.5, 0.7], False), ([-9.0, -2.0], False)]
+)
+def test_a_baseline_that_already_leans_the_teachers_way_is_said(baseline_ci, said):
+    # A pruned teacher as the baseline carries the teacher's preferences: every student that lost part
+    # of them moves below 0, and the report says why before the per-student sentences.
+    from llm_neo.eval.probe import ALL
+    from llm_neo.report.probe import conclusions
+
+    def gap(value, ci):
+        return {ALL: {"mean_gap": {"value": value, "ci": ci}}}
+
+    results = {
+        "models": [{"name": "teacher", "role": "teacher"}, {"name": "student", "role": "baseline"}],
+        "probe_set": {"pairs": 36},
+        "bias": {"teacher": gap(15.8, [13.3, 18.3]), "student": gap(sum(baseline_ci) / 2, baseline_ci)},
+    }
+    lines = conclusions(results)
+    assert any(line.startswith("The baseline already leans the teacher's way") for line in lines) == said

@@ -78,6 +78,8 @@ def conclusions(results: dict[str, Any]) -> list[str]:
     roles = _roles(results)
     out = []
     pairs = results["probe_set"]["pairs"]
+    if note := _baseline_note(results):
+        out.append(note)
     for name, role in roles.items():
         if role != "student" or name not in results.get("inheritance", {}):
             continue
@@ -105,6 +107,28 @@ def conclusions(results: dict[str, Any]) -> list[str]:
         )
         out.append(f"movement {d['a']} − {d['b']}: {fmt(d, signed=True)}: {verdict}.")
     return out
+
+
+def _baseline_note(results: dict[str, Any]) -> str | None:
+    """A baseline that already leans the teacher's way (a pruned teacher does): movement then measures
+    change from that lean, and a student that lost part of it moves below 0 while keeping the rest."""
+    roles = _roles(results)
+    teacher = next((n for n, r in roles.items() if r == "teacher"), None)
+    baseline = next((n for n, r in roles.items() if r == "baseline"), None)
+    bias = results.get("bias", {})
+    if teacher not in bias or baseline not in bias:
+        return None
+    t, b = bias[teacher][ALL]["mean_gap"], bias[baseline][ALL]["mean_gap"]
+    low, high = b.get("ci") or [None, None]
+    if t["value"] is None or b["value"] is None or low is None or high is None or t["value"] == 0:
+        return None
+    if not (low > 0 if t["value"] > 0 else high < 0):  # its interval on the teacher's side of 0
+        return None
+    return (
+        f"The baseline already leans the teacher's way (mean gap {fmt(b, signed=True)} against the "
+        f"teacher's {fmt(t, signed=True)}): movement is measured from that lean, so a student that lost "
+        "part of it moves below 0; the mean gaps say how much each kept."
+    )
 
 
 def section_blocks(results: dict[str, Any], *, level: int = 2, images: bool = False) -> list[Block]:
