@@ -129,7 +129,7 @@ from llm_neo.runtime.distributed import (
     shard,
     sync_whole_grads,
 )
-from llm_neo.runtime.memory import LiveTensorBytes, peak_memory_gb
+from llm_neo.runtime.memory import LiveTensorBytes, peak_memory_gb, return_free_heap
 from llm_neo.runtime.progress import ProgressLines
 from llm_neo.runtime.stop import StopRequest, agreed, graceful_stop
 from llm_neo.runtime.tracking import Trackers, open_trackers
@@ -1169,7 +1169,9 @@ def _gather_to_rank0(run: Run) -> bool:
 
 def finish(run: Run, trained: Trained) -> RunSummary:
     """Merge and verify (LoRA arms), export, score on the held-out split, write summary.json."""
+    return_free_heap()  # the steps' freed activations: so that the finish phase stays below their peak
     merged, merge_diff, exported = _merge_and_export(run)
+    return_free_heap()  # and the merge check's and the save's
     metrics, reference = _heldout(run, merged)
     config, device = run.config, run.step.device
     summary = RunSummary(

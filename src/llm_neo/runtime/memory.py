@@ -99,16 +99,33 @@ def set_mmap_threshold(nbytes: int) -> None:
     resident set then exceeds its peak live memory by tens of MB, more than the methods differ by at
     the demo's scale. Every such allocation then costs a system call and fresh page faults, hence slower.
     """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name or "libc.so.6")
-        ok = libc.mallopt(-3, nbytes)  # M_MMAP_THRESHOLD
+        ok = _libc().mallopt(-3, nbytes)  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):  # not glibc (macOS, musl): keep the default allocator
         ok = 0
     if not ok:
         logging.getLogger("llm_neo").warning(
             "not a glibc system: the mmap threshold is unchanged, peak RSS is as measured"
         )
+
+
+def _libc() -> Any:
+    import ctypes
+    import ctypes.util
+
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+
+
+def return_free_heap() -> bool:
+    """glibc: give the heap's free pages back to the system (``malloc_trim(0)``); False elsewhere.
+
+    A training step frees its activations into glibc's heap, which keeps them for reuse: the process's
+    resident set stays at the steps' high-water mark, and the finish phase (merge check, save, held-out
+    evaluation), allocating in other sizes, then grows it past that mark. Trimming once between the two
+    returns what the steps left, at the cost of a scan of the heap (milliseconds).
+    """
+    try:
+        return bool(_libc().malloc_trim(0))
+    except (OSError, AttributeError):  # not glibc (macOS, musl)
+        return False
+
