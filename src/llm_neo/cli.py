@@ -307,7 +307,6 @@ def join_negative_values(argv: list[str], cls: Any) -> list[str]:
         for o in option_names(cls)
         if (found := find_option(cls, o)) is not None and _unwrap_optional(found[1])[0] is not bool
     }
-    takes_value |= {flag.replace("_", "-") for flag in takes_value}
     out: list[str] = []
     for token in argv:
         if out and _NEGATIVE_NUMBER.match(token) and out[-1] in takes_value:

@@ -589,7 +589,7 @@ def check_choices(problems: list[str], config: Any, prefix: str = "") -> None:
             check_choices(problems, value, prefix=f"{prefix}{f.name}.")
         choices = f.metadata.get("choices")
         if choices is not None and value is not None and value not in choices:
-            problems.append(f"{_flag(prefix, f.name)}: {value!r} is not one of {', '.join(choices)}")
+            problems.append(f"{flag_name(prefix + f.name)}: {value!r} is not one of {', '.join(choices)}")
 
 
 def check_teacher_quant(problems: list[str], config: TeacherQuantOptions) -> None:
@@ -869,10 +869,6 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
-def _flag(prefix: str, name: str) -> str:
-    return f"--{prefix}{name.replace('_', '-')}"
-
-
 def ordered_fields(cls: Any) -> list[dataclasses.Field[Any]]:
     """The fields of a config class in the order of --help, config.yaml and summary.json: by group
     (``GROUPS``; fields without one last), in declaration order within a group."""
@@ -902,7 +898,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, prefix: 
         help_text = f.metadata.get("help", "")
         if default not in (None, "", False):
             help_text += f" [default: {default}]"
-        flags = [_flag(prefix, f.name)]
+        flags = [flag_name(prefix + f.name)]
         kwargs: dict[str, Any] = {
             "dest": f"{prefix}{f.name}",
             "default": argparse.SUPPRESS,

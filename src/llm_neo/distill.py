@@ -44,7 +44,7 @@ from transformers import PreTrainedModel, get_scheduler
 from transformers import set_seed as hf_set_seed
 
 from llm_neo import __version__
-from llm_neo.config import DistillConfig, dump_yaml, load_yaml, to_dict, validate_distill
+from llm_neo.config import DistillConfig, dump_yaml, flag_name, load_yaml, to_dict, validate_distill
 from llm_neo.data import Example, collate, read_examples, split_heldout
 from llm_neo.errors import (
     ConfigError,
@@ -413,7 +413,7 @@ def _check_quantized_world(config: DistillConfig, world: World) -> None:
     """Quantized weights are not sharded by FSDP2 here (its DTensors do not wrap torchao's or
     bitsandbytes' tensors); refuse before any weight loads."""
     flags = [
-        f"--{name.replace('_', '-')} {getattr(config, name)}"
+        f"{flag_name(name)} {getattr(config, name)}"
         for name in ("teacher_quant", "student_quant")
         if getattr(config, name) != "none"
     ]

@@ -66,6 +66,7 @@ from llm_neo.config import (
     _unwrap_optional,
     coerce_option,
     find_option,
+    flag_name,
     from_dict,
     load_yaml,
     option_names,
@@ -586,7 +587,7 @@ def resume_command(config: SweepConfig) -> str:
         value, default = getattr(config, f.name), f.default
         if f.name in ("resume", "overwrite") or value == default:
             continue
-        flag = "--" + f.name.replace("_", "-")
+        flag = flag_name(f.name)
         if isinstance(value, bool):
             args.append(flag if value else "--no-" + flag[2:])
         else:

@@ -286,7 +286,7 @@ def quantization_table(results: dict[str, Any]) -> tuple[dict[str, dict[str, Any
     for g in quantized:
         run = g["runs"][0]
         teacher, student = run.get("teacher_quant"), run.get("student_quant")
-        plain = by_method.get(g.get("base_method", g["method"].split("+")[0]))
+        plain = by_method.get(g["base_method"])
         plain = plain if plain is not g else None
         row = {
             "teacher": "",
@@ -632,6 +632,7 @@ def _sizes_plot(results: dict[str, Any]) -> bytes:
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
     available = results["data"]["train_records_available"]
+    sizes: set[int] = set()
     for method in dict.fromkeys(g["method"] for g in results["groups"]):
         points = [
             (g["records"] or available or 0, g["stats"]["accuracy"])
@@ -639,6 +640,7 @@ def _sizes_plot(results: dict[str, Any]) -> bytes:
             if g["method"] == method
         ]
         points = [p for p in points if p[0]]
+        sizes |= {x for x, _ in points}
         ax.errorbar(
             [x for x, _ in points],
             [100 * s["mean"] for _, s in points],
@@ -653,8 +655,7 @@ def _sizes_plot(results: dict[str, Any]) -> bytes:
     ax.set_xscale("log")
     # Ticks at the sizes run, as plain numbers (a log axis labels its minor ticks 3x10^2, 4x10^2, ...
     # on top of each other).
-    sizes = sorted({g["records"] or available for g in results["groups"] if g["records"] or available})
-    ax.set_xticks(sizes, [f"{n:,}" for n in sizes])
+    ax.set_xticks(sorted(sizes), [f"{n:,}" for n in sorted(sizes)])
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("training records")
     ax.set_ylabel("task score, %")

@@ -15,9 +15,8 @@ import sys
 import warnings
 
 FORMAT = "[llm-neo] %(message)s"
-# The quantization libraries log at import what this build lacks, torch a deprecation in torchao's
-# registrations, gguf its byte order; huggingface_hub logs every retry of a hub request twice (its own
-# handler and ours), while a load that fails says why once, in its error.
+# huggingface_hub logs every retry of a hub request twice (its own handler and ours); a load that fails
+# says why once, in its error.
 QUIET_LIBRARIES = ("torchao", "bitsandbytes", "torch.utils._pytree", "gguf", "huggingface_hub")
 
 

@@ -121,11 +121,10 @@ def return_free_heap() -> bool:
 
     A training step frees its activations into glibc's heap, which keeps them for reuse: the process's
     resident set stays at the steps' high-water mark, and the finish phase (merge check, save, held-out
-    evaluation), allocating in other sizes, then grows it past that mark. Trimming once between the two
-    returns what the steps left, at the cost of a scan of the heap (milliseconds).
+    evaluation), allocating in other sizes, then grows it past that mark. Trimming between the phases
+    returns what the earlier one left, at the cost of a scan of the heap (milliseconds).
     """
     try:
         return bool(_libc().malloc_trim(0))
     except (OSError, AttributeError):  # not glibc (macOS, musl)
         return False
-
