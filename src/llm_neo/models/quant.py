@@ -439,7 +439,16 @@ def load_teacher(
             f"{device}: loaded quantized, so there is no unquantized teacher to compare with"
         )
         log.warning("teacher drift not measured: %s", why)
-        teacher = _load_quantized(path, kind, backend, dtype=dtype, device=device, options=options)
+        teacher = _load_quantized(
+            path,
+            kind,
+            backend,
+            role="teacher",
+            dtype=dtype,
+            device=device,
+            trust_remote_code=bool(getattr(options, "trust_remote_code", False)),
+            allow_pickle_weights=bool(getattr(options, "allow_pickle_weights", False)),
+        )
         return freeze(teacher), {**_quant_record(teacher, kind, backend, dense), "drift_skipped": why}
     teacher = load_frozen(options, path, role="teacher", dtype=dtype, device=device)
     reference = reference_hidden_states(teacher, drift_batch) if drift_batch is not None else None
@@ -474,7 +483,7 @@ def describe_teacher_quant(info: dict[str, Any] | None) -> str | None:
 
 
 def resolve_teacher_backend(kind: str, backend: str) -> str:
-    """The backend ``auto`` stands for: torchao for int8, bitsandbytes for nf4."""
+    """The backend ``auto`` stands for: torchao for int8, bitsandbytes for nf4 (a QLoRA base's too)."""
     if backend != "auto":
         return backend
     return "torchao" if kind == "int8" else "bitsandbytes"
@@ -517,19 +526,31 @@ def _quantization_config(kind: str, backend: str, dtype: torch.dtype) -> Any:
 
 
 def _load_quantized(
-    path: str, kind: str, backend: str, *, dtype: torch.dtype, device: torch.device, options: Any
+    path: str,
+    kind: str,
+    backend: str,
+    *,
+    role: str,
+    dtype: torch.dtype,
+    device: torch.device,
+    trust_remote_code: bool = False,
+    allow_pickle_weights: bool = False,
 ) -> PreTrainedModel:
+    """``path`` loaded by transformers with its block linears quantized (``_quantization_config``): a
+    teacher too large to load dense first, or a QLoRA student base."""
     try:
         return AutoModelForCausalLM.from_pretrained(
             path,
             dtype=dtype,
             quantization_config=_quantization_config(kind, backend, dtype),
             device_map={"": device},
-            use_safetensors=not getattr(options, "allow_pickle_weights", False),
-            trust_remote_code=bool(getattr(options, "trust_remote_code", False)),
+            use_safetensors=not allow_pickle_weights,
+            trust_remote_code=trust_remote_code,
         )
     except Exception as err:
-        raise ModelError(f"could not load {path!r} quantized to {kind} ({backend}): {err}") from err
+        raise ModelError(
+            f"could not load the {role} from {path!r} quantized to {kind} ({backend}): {err}"
+        ) from err
 
 
 def _quant_record(model: nn.Module, kind: str, backend: str, dense_bytes: int) -> dict[str, Any]:
@@ -575,18 +596,15 @@ def load_quantized_base(
     """
     if kind not in STUDENT_QUANT or kind == "none":
         raise ModelError(f"student quantization {kind!r}: choose nf4 or int8 (none loads the plain student)")
-    quantization = _quantization_config(kind, "auto", dtype)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path,
-            dtype=dtype,
-            quantization_config=quantization,
-            device_map={"": device},
-            use_safetensors=True,
-            trust_remote_code=trust_remote_code,
-        )
-    except Exception as err:
-        raise ModelError(f"could not load the student from {path!r} quantized to {kind}: {err}") from err
+    model = _load_quantized(
+        path,
+        kind,
+        resolve_teacher_backend(kind, "auto"),
+        role="student",
+        dtype=dtype,
+        device=device,
+        trust_remote_code=trust_remote_code,
+    )
     check_trainable_base(model)
     return model
 
