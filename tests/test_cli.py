@@ -369,3 +369,14 @@ def test_lora_options_given_to_a_full_parameter_arm_are_warned_about(tmp_path, c
     with caplog.at_level(logging.WARNING, logger="llm_neo"):
         main(["distill", "--method", "sft", "--lora.r", "8", "--student", str(tmp_path / "none")])
     assert "--lora.r ignored: --method sft" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "arm", ["neo", "kd+int8-teacher", "lora+nf4-student", "neo+int8-teacher+nf4-student"]
+)
+def test_an_arm_spelled_back_from_its_options_is_the_arm(arm):
+    # compare's --methods and bench's rows spell an arm one way: arm_name inverts parse_arm.
+    from llm_neo.config import arm_name, parse_arm
+
+    method, options = parse_arm(arm)
+    assert arm_name(method, **options) == arm

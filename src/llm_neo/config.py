@@ -620,6 +620,13 @@ def parse_arm(arm: str, *, option: str = "--methods") -> tuple[str, dict[str, st
     return method, overrides
 
 
+def arm_name(method: str, teacher_quant: str = "none", student_quant: str = "none") -> str:
+    """The arm as ``--methods`` spells it: ``neo``, ``neo+int8-teacher``, ``neo+int8-teacher+nf4-student``
+    (``parse_arm``'s inverse)."""
+    options = {"teacher_quant": teacher_quant, "student_quant": student_quant}
+    return "+".join([method, *(v for v, (key, kind) in ARM_VARIANTS.items() if options[key] == kind)])
+
+
 def check_quantization(problems: list[str], config: TrainOptions) -> None:
     """The quantization options a training run cannot combine (distill's and compare's arms)."""
     c = config

@@ -59,7 +59,7 @@ from typing import Any, NamedTuple
 import torch
 
 from llm_neo.choices import ARM_VARIANTS, METHODS
-from llm_neo.config import MLP_CHUNKS_HELP, DeviceOptions, _help, parse_arm
+from llm_neo.config import MLP_CHUNKS_HELP, DeviceOptions, _help, arm_name, parse_arm
 from llm_neo.runtime.memory import LiveTensorBytes, peak_rss_bytes, rss_bytes
 from llm_neo.runtime.workers import load_average
 
@@ -195,16 +195,6 @@ class RunKey(NamedTuple):
     student_quant: str
     impl: str
     chunk: int
-
-
-def arm_name(method: str, teacher_quant: str = "none", student_quant: str = "none") -> str:
-    """The arm as ``llm-neo compare`` spells it: ``neo``, ``neo+int8-teacher``,
-    ``neo+int8-teacher+nf4-student``
-    (``parse_arm``'s inverse)."""
-    parts = [method]
-    parts += [f"{teacher_quant}-teacher"] if teacher_quant != "none" else []
-    parts += [f"{student_quant}-student"] if student_quant != "none" else []
-    return "+".join(parts)
 
 
 def _key(spec: dict[str, Any]) -> RunKey:
