@@ -117,9 +117,6 @@ REPORTED = (
 TIE_TOLERANCE = 0.01
 # A held-out split of fewer trained tokens is flagged: its means move by more than trials differ.
 SMALL_HELDOUT_TOKENS = 1000
-# What a training loss means: trials that differ in these do not minimise the same number, so their
-# final.loss (and final.kd_loss) cannot be ranked against each other.
-OBJECTIVE = ("kd_ratio", "divergence", "temperature", "jsd_beta", "skew_alpha")
 # What decides the held-out split (data.split_heldout) and its tokens: trials that differ in these are
 # scored on different records.
 HELDOUT_SPLIT = ("data", "eval_fraction", "seed", "max_length", "train_on_prompt")
@@ -426,7 +423,9 @@ def _check_trials(configs: dict[str, DistillConfig], metric: str) -> None:
 
 
 def objective(config: DistillConfig) -> dict[str, Any]:
-    """What a trial's training loss is: CE alone, or CE + kd_ratio x which divergence at which T."""
+    """What a trial's training loss is: CE alone, or CE + kd_ratio x which divergence at which T (and
+    the divergence's own parameter). Trials that differ in it do not minimise the same number, so their
+    final.loss (and final.kd_loss) cannot be ranked against each other."""
     if not config.uses_kd:
         return {"loss": "ce"}
     keys = ["kd_ratio", "divergence", "temperature"]
@@ -627,8 +626,7 @@ def sweep(
         _trial_id(i): trial_config(base, o, out / "trials" / _trial_id(i), source=f"trial {_trial_id(i)}")
         for i, o in enumerate(overrides)
     }
-    default_metric = next(f.default for f in dataclasses.fields(SweepConfig) if f.name == "metric")
-    config = dataclasses.replace(config, metric=effective_metric(configs, config.metric, str(default_metric)))
+    config = dataclasses.replace(config, metric=effective_metric(configs, config.metric, SweepConfig.metric))
     _check_trials(configs, config.metric)  # every trial valid before the first one runs
     split = _split_differences(configs)
     if split and config.metric.startswith("heldout."):
