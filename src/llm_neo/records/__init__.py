@@ -11,6 +11,10 @@ Two conventions every record follows:
   meaning or goes away; new optional fields keep the version);
 - a field named ``extra`` (a ``dict[str, Any]``) keeps keys a newer llm-neo wrote, so re-saving an older
   reader's copy loses nothing.
+
+The engine is this package's ``__init__``; the records themselves live beside it, one module a producer
+(``records.compare``, ``records.probe``, ``records.sweep``, ``records.bench``), so every layer above can
+read them and none of them imports a report or a command.
 """
 
 from __future__ import annotations
