@@ -68,19 +68,15 @@ from llm_neo.losses import (
     liger_distill_loss,
     next_token_targets,
 )
+from llm_neo.models.anatomy import decoder_blocks, final_hidden_states, lm_head, logit_softcap, logit_width
 from llm_neo.models.checkpointing import enable_checkpointing
 from llm_neo.models.loading import (
     autocast,
     check_supported,
-    decoder_blocks,
-    final_hidden_states,
     kd_vocab_size,
-    lm_head,
     load_config,
     load_model,
     load_tokenizers,
-    logit_softcap,
-    logit_width,
     published_dtype,
     resolve_device,
     resolve_dtype,

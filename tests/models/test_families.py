@@ -23,16 +23,14 @@ from llm_neo.commands.prune import PruneConfig, run_prune
 from llm_neo.config import CacheTeacherConfig, DistillConfig, EvalConfig, LoraOptions
 from llm_neo.distill import distill
 from llm_neo.errors import ModelError
-from llm_neo.models.loading import (
+from llm_neo.models.anatomy import (
     TESTED_MODEL_TYPES,
-    check_supported,
     decoder_blocks,
+    default_target_modules,
     final_hidden_states,
-    load_config,
-    load_tokenizer,
     model_logits,
 )
-from llm_neo.models.lora import default_target_modules
+from llm_neo.models.loading import check_supported, load_config, load_tokenizer
 from llm_neo.models.tiny import FAMILIES, build_family, family_config, save_model
 from llm_neo.summary import RunSummary
 from llm_neo.teacher_cache.writer import cache_teacher

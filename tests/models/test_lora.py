@@ -12,11 +12,11 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
+from llm_neo.models.anatomy import default_target_modules
 from llm_neo.models.lora import (
     LORA_VARIANTS,
     MixedLoraA,
     attach_lora,
-    default_target_modules,
     merge_lora,
     save_adapter,
     trainable_parameters,

@@ -111,7 +111,7 @@ def model_dims(
     """Count a model's parameters from its config, instantiating it on the meta device (no memory)."""
     from transformers import AutoModelForCausalLM
 
-    from llm_neo.models.lora import default_target_modules
+    from llm_neo.models.anatomy import default_target_modules
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -16,9 +16,9 @@ from llm_neo import __version__
 from llm_neo.config import LoadOptions, _help, check_data_path, check_model_path
 from llm_neo.data import collate, load_records, tokenize_records
 from llm_neo.errors import ConfigError, ModelError
+from llm_neo.models.anatomy import decoder_blocks, num_layers
 from llm_neo.models.loading import (
     check_supported,
-    decoder_blocks,
     load_config,
     load_frozen,
     load_tokenizer,
@@ -28,7 +28,6 @@ from llm_neo.models.loading import (
 )
 from llm_neo.models.prune import (
     METRICS,
-    _num_layers,
     block_importance,
     check_prunable,
     choose_layers,
@@ -118,7 +117,7 @@ def validate_prune(config: PruneConfig) -> PretrainedConfig | None:
         except ModelError as err:
             p.append(f"--model: {err}")
     if hf_config is not None:
-        n = _num_layers(hf_config)
+        n = num_layers(hf_config)
         if n is None:
             p.append(f"--model: {type(hf_config).__name__} has no num_hidden_layers; cannot depth-prune it")
         elif c.keep_layers >= n:

@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 from llm_neo.data import Example, collate
 from llm_neo.errors import CacheError, DataError
 from llm_neo.losses import IGNORE_INDEX, TopKTargets, divergence, forward_kl_inplace, next_token_targets
-from llm_neo.models.loading import autocast, final_hidden_states, model_logits
+from llm_neo.models.anatomy import final_hidden_states, model_logits
+from llm_neo.models.loading import autocast
 from llm_neo.teacher_cache.store import TeacherCache
 
 

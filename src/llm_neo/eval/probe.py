@@ -45,7 +45,8 @@ from tqdm.auto import tqdm
 from llm_neo.data import IGNORE_INDEX, Example, collate
 from llm_neo.errors import DataError
 from llm_neo.losses import next_token_targets
-from llm_neo.models.loading import autocast, final_hidden_states, model_logits
+from llm_neo.models.anatomy import final_hidden_states, model_logits
+from llm_neo.models.loading import autocast
 
 CONDITIONINGS = ("bos", "eos", "none")
 NORMALISATIONS = ("sum", "mean")

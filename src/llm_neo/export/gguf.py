@@ -492,7 +492,7 @@ def compare_logits(
 ) -> dict[str, float]:
     """max |Δ logits|, KL(source ‖ other) per token and top-1 agreement over every position, chunked."""
     from llm_neo.losses import forward_kl
-    from llm_neo.models.loading import final_hidden_states, model_logits
+    from llm_neo.models.anatomy import final_hidden_states, model_logits
 
     mask = torch.ones_like(input_ids)
     with torch.no_grad():

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from llm_neo.errors import ModelError
-from llm_neo.models.loading import decoder_blocks
+from llm_neo.models.anatomy import decoder_blocks
 
 
 def enable_checkpointing(model: torch.nn.Module, *, mlp_chunks: int = 1) -> int:

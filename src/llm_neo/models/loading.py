@@ -9,9 +9,8 @@ directory holding exactly one ``.gguf`` and no ``config.json``). GGUF weights ar
 compute dtype by transformers' GGUF loader (the ``gguf`` package: ``pip install 'llm-neo[gguf]'``), and
 the tokenizer and chat template come from the file. ``llm-neo convert`` does it once, to safetensors.
 
-Where the families differ (blocks in ``model.layers``, ``transformer.h`` or ``gpt_neox.layers``; Conv1D
-or Linear projections; soft-capped logits), ``decoder_blocks``, ``final_hidden_states`` and ``lm_head``
-are the one place that knows; ``check_supported`` refuses what cannot work before any weight loads.
+Where the families differ, ``models.anatomy`` is the one place that knows; ``check_supported`` refuses
+what cannot work before any weight loads.
 """
 
 from __future__ import annotations
@@ -40,7 +39,15 @@ from transformers.utils import logging as hf_logging
 
 from llm_neo.config import LoadOptions, missing_model
 from llm_neo.errors import ConfigError, ModelError
-from llm_neo.losses.objective import softcap
+from llm_neo.models.anatomy import (
+    LINEAR_TYPES,
+    STATE_SPACE_MODEL_TYPES,
+    TESTED_MODEL_TYPES,
+    decoder_blocks,
+    default_target_modules,
+    logit_width,
+    output_head,
+)
 from llm_neo.runtime.atomic import atomic_directory
 
 log = logging.getLogger("llm_neo")
@@ -297,18 +304,6 @@ def load_gguf_model(path: str, *, role: str, dtype: torch.dtype) -> PreTrainedMo
     return model
 
 
-# model_type of every family the test matrix (tests/models/test_families.py) runs through every arm,
-# prune, cache-teacher and eval; others that transformers loads as a causal LM are tried, with a warning.
-TESTED_MODEL_TYPES = (
-    "llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text", "phi3", "olmo2", "gpt2", "gpt_neox",
-    "qwen3_moe",
-)  # fmt: skip
-
-
-# Families whose blocks PEFT refuses to put LoRA on in part (out_proj, conv1d of a Mamba mixer).
-STATE_SPACE_MODEL_TYPES = ("mamba", "mamba2", "falcon_mamba", "falcon_h1", "nemotron_h")
-
-
 def check_supported(
     hf_config: PretrainedConfig,
     *,
@@ -328,8 +323,6 @@ def check_supported(
     to adapt (``target_modules``, or the default of every linear layer in the blocks).
     """
     from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
-
-    from llm_neo.models.lora import LINEAR_TYPES, default_target_modules
 
     name = f"the {role} ({getattr(hf_config, 'model_type', type(hf_config).__name__)})"
     if getattr(hf_config, "is_encoder_decoder", False):
@@ -353,7 +346,7 @@ def check_supported(
         warnings.simplefilter("ignore")
         skeleton = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust_remote_code)
     problems: list[str] = []
-    for check in (decoder_blocks, _output_head):
+    for check in (decoder_blocks, output_head):
         try:
             check(skeleton)
         except ModelError as err:
@@ -429,14 +422,6 @@ def load_tokenizers(
     return tokenizer, teacher_tokenizer
 
 
-def logit_width(model: torch.nn.Module) -> int:
-    head = model.get_output_embeddings()  # type: ignore[operator]
-    if head is not None and hasattr(head, "weight"):
-        return int(head.weight.shape[0])
-    config: Any = model.config
-    return int(config.vocab_size)
-
-
 def check_same_vocabulary(student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase) -> None:
     """Raise ModelError unless both tokenizers map every id to the same token.
 
@@ -475,83 +460,6 @@ def kd_vocab_size(
                 "embedding table is too small for this tokenizer (resize it or use the matching tokenizer)"
             )
     return size
-
-
-# Attribute names under which the families keep their list of decoder blocks: model.layers (Llama,
-# Qwen, Mistral, Gemma, Phi-3, OLMo), transformer.h (GPT-2, GPT-J, Falcon, BLOOM), gpt_neox.layers
-# (GPT-NeoX / Pythia), blocks (some remote-code models).
-BLOCK_LISTS = ("layers", "h", "blocks")
-
-
-def decoder(model: torch.nn.Module) -> torch.nn.Module:
-    """The base decoder (embeddings, blocks, final norm; no lm_head), through PEFT wrappers too."""
-    get = getattr(model, "get_decoder", None)
-    found = get() if callable(get) else None
-    # PreTrainedModel.get_decoder returns the model itself when it finds no base model.
-    if not isinstance(found, torch.nn.Module) or found is model:
-        raise ModelError(
-            f"{type(model).__name__}: cannot find its base decoder (get_decoder() gives "
-            f"{type(found).__name__}); llm-neo needs a causal LM made of a base model and an lm_head"
-        )
-    return found
-
-
-def decoder_blocks(model: torch.nn.Module) -> tuple[torch.nn.Module, str, torch.nn.ModuleList]:
-    """``(decoder, attribute, blocks)``: the base decoder, the name of its block list and the list.
-
-    Looks for the ``BLOCK_LISTS`` names first, then for the decoder's only non-empty ModuleList child.
-    Raises ModelError naming the decoder's children when there is no such list.
-    """
-    base = decoder(model)
-    for name in BLOCK_LISTS:
-        blocks = getattr(base, name, None)
-        if isinstance(blocks, torch.nn.ModuleList) and len(blocks) > 0:
-            return base, name, blocks
-    lists = [(n, m) for n, m in base.named_children() if isinstance(m, torch.nn.ModuleList) and len(m) > 0]
-    if len(lists) == 1:
-        return base, lists[0][0], lists[0][1]
-    children = ", ".join(n for n, _ in base.named_children())
-    raise ModelError(
-        f"{type(model).__name__}: cannot find its decoder blocks (a ModuleList named "
-        f"{' or '.join(BLOCK_LISTS)} in {type(base).__name__}, whose children are: {children})"
-    )
-
-
-def final_hidden_states(
-    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
-) -> torch.Tensor:
-    """[B, T, H] hidden states after the final norm: the lm_head's input (works through PEFT wrappers)."""
-    return decoder(model)(
-        input_ids=input_ids, attention_mask=attention_mask, use_cache=False
-    ).last_hidden_state
-
-
-def _output_head(model: torch.nn.Module) -> torch.nn.Module:
-    get = getattr(model, "get_output_embeddings", None)
-    head = get() if callable(get) else None
-    if not isinstance(head, torch.nn.Module) or not isinstance(getattr(head, "weight", None), torch.Tensor):
-        raise ModelError(
-            f"{type(model).__name__}: get_output_embeddings() gives no lm_head with a weight "
-            f"({type(head).__name__}); llm-neo computes the logits from it chunk by chunk"
-        )
-    return head
-
-
-def model_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """The model's lm_head on ``hidden`` [n, H] -> [n, V], with Gemma-style soft-capping where configured."""
-    return softcap(_output_head(model)(hidden), logit_softcap(model))
-
-
-def lm_head(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The lm_head's weight [V, H] and bias [V] (None without one): what the chunked loss multiplies."""
-    head = _output_head(model)
-    return head.weight, getattr(head, "bias", None)  # type: ignore[return-value]
-
-
-def logit_softcap(model: torch.nn.Module | None) -> float | None:
-    """Gemma-style final logit soft-capping, which the chunked path must apply as the model's forward does."""
-    config = getattr(model, "config", None)
-    return getattr(config, "final_logit_softcapping", None) if config is not None else None
 
 
 def published_dtype(hf_config: PretrainedConfig) -> torch.dtype:

@@ -36,7 +36,13 @@ from transformers.pytorch_utils import Conv1D
 
 from llm_neo.errors import ModelError
 from llm_neo.losses.objective import softcap
-from llm_neo.models.loading import final_hidden_states, logit_softcap
+from llm_neo.models.anatomy import (
+    available_linear_leaves,
+    default_target_modules,
+    final_hidden_states,
+    linear_modules,
+    logit_softcap,
+)
 
 LORA_VARIANTS = ("lora", "dora", "rslora", "pissa", "moslora")
 
@@ -52,7 +58,6 @@ __all__ = [
     "LORA_VARIANTS",
     "MixedLoraA",
     "attach_lora",
-    "default_target_modules",
     "merge_lora",
     "merge_verified",
     "save_adapter",
@@ -92,68 +97,12 @@ class MixedLoraA(nn.Linear):
         return f"{super().extra_repr()}, mixer={tuple(self.mixer.shape)}"
 
 
-# The layers LoRA adapts: nn.Linear, and transformers' Conv1D (GPT-2 and its descendants), a linear
-# layer whose weight is stored transposed ([in, out]); PEFT handles it with fan_in_fan_out=True.
-LINEAR_TYPES = (nn.Linear, Conv1D)
-
-
-def _linear_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    for name, module in model.named_modules():
-        if isinstance(module, LINEAR_TYPES) and name:
-            yield name, module
-
-
-def default_target_modules(model: nn.Module) -> list[str]:
-    """Leaf names of every linear layer (``nn.Linear`` or ``Conv1D``) inside the transformer blocks (sorted,
-    unique).
-
-    "Inside a block" means the module path has a numeric component (``model.layers.3.mlp.up_proj``): blocks
-    live in a ``ModuleList``. The output embeddings (``model.get_output_embeddings()``, i.e. lm_head) are
-    excluded by identity and by name, as are embeddings (not linear anyway). This is LLM-Neo's default:
-    LoRA on q, k, v, o, gate, up, down for a Llama; c_attn, c_proj, c_fc for GPT-2; query_key_value,
-    dense, dense_h_to_4h, dense_4h_to_h for GPT-NeoX. Mixture-of-experts blocks of transformers 5 keep
-    their routed experts as fused 3-D parameters, not linear layers, so the default adapts their
-    attention (and a shared expert's MLP where the family has one); the routed experts and the router
-    stay frozen. Raises ModelError if the model has no such layer.
-    """
-    output_embeddings = _output_embeddings(model)
-    output_names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if m is output_embeddings}
-    leaves: set[str] = set()
-    for name, module in _linear_modules(model):
-        if module is output_embeddings:
-            continue
-        parts = name.split(".")
-        if any(part.isdigit() for part in parts[:-1]):
-            leaves.add(parts[-1])
-    # A leaf name shared with the output layer would make PEFT (suffix matching) wrap lm_head too.
-    leaves -= output_names
-    if not leaves:
-        raise ModelError(
-            f"{type(model).__name__} has no nn.Linear or Conv1D inside numbered blocks; pass target_modules "
-            "explicitly "
-            f"(linear layers found: {_available_linear_leaves(model)})"
-        )
-    return sorted(leaves)
-
-
-def _output_embeddings(model: nn.Module) -> nn.Module | None:
-    get = getattr(model, "get_output_embeddings", None)
-    if get is None:
-        return None
-    out = get()
-    return out if isinstance(out, nn.Module) else None
-
-
-def _available_linear_leaves(model: nn.Module) -> list[str]:
-    return sorted({name.rsplit(".", 1)[-1] for name, _ in _linear_modules(model)})
-
-
 def _fan_in_fan_out(model: nn.Module, target_modules: list[str]) -> bool:
     """True when the targeted layers are Conv1D (weights [in, out]); ModelError when Linear and Conv1D
     are mixed, since PEFT's fan_in_fan_out is one flag for the whole adapter."""
     kinds = {
         type(module) is Conv1D
-        for name, module in _linear_modules(model)
+        for name, module in linear_modules(model)
         if any(name == t or name.endswith("." + t) for t in target_modules)
     }
     if len(kinds) > 1:
@@ -237,14 +186,14 @@ def attach_lora(
     if lora_alpha is not None and lora_alpha <= 0:
         problems.append(f"lora_alpha must be > 0, got {lora_alpha!r}")
     if target_modules is not None:
-        linear_names = [name for name, _ in _linear_modules(model)]
+        linear_names = [name for name, _ in linear_modules(model)]
         missing = [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in linear_names)]
         if not target_modules:
             problems.append("target_modules is empty; pass None for every linear layer in the blocks")
         if missing:
             problems.append(
                 f"target_modules {missing} match no nn.Linear or Conv1D in {type(model).__name__}; "
-                f"available linear layers: {_available_linear_leaves(model)}"
+                f"available linear layers: {available_linear_leaves(model)}"
             )
     if problems:
         raise ModelError("attach_lora: " + "; ".join(problems))

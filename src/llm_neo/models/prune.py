@@ -32,7 +32,8 @@ from tqdm.auto import tqdm
 from transformers import PretrainedConfig, PreTrainedModel
 
 from llm_neo.errors import ModelError
-from llm_neo.models.loading import autocast, decoder_blocks
+from llm_neo.models.anatomy import decoder_blocks
+from llm_neo.models.loading import autocast
 
 log = logging.getLogger("llm_neo")
 
@@ -50,11 +51,6 @@ INDEX_FIELDS = {
     "scale_attn_by_inverse_layer_idx": "attention is scaled by 1/(block index + 1), so a renumbered block "
     "would compute something else",
 }
-
-
-def _num_layers(hf_config: PretrainedConfig) -> int | None:
-    n = getattr(hf_config.get_text_config(), "num_hidden_layers", None)
-    return n if isinstance(n, int) else None
 
 
 # ------------------------------------------------------------------------------------------------

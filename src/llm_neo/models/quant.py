@@ -2,7 +2,7 @@
 
 Teacher (``quantize_teacher``): every ``nn.Linear`` inside the decoder blocks is quantized in place;
 the embeddings and the lm_head stay as they are, because the chunked loss multiplies the teacher's
-lm_head weight directly (``llm_neo.models.loading.lm_head``) and the head's error would reach the KD
+lm_head weight directly (``llm_neo.models.anatomy.lm_head``) and the head's error would reach the KD
 targets unfiltered. Measured drift to the fp32 teacher (SmolLM2-135M-Instruct, torch 2.13 CPU; this
 module on 152 tokens of mixed text, and issue #13's survey of backends):
 
@@ -50,8 +50,7 @@ from llm_neo.choices import QLORA_VARIANTS, STUDENT_QUANT, TEACHER_QUANT
 from llm_neo.choices import TEACHER_QUANT_BACKENDS as TEACHER_BACKENDS
 from llm_neo.errors import ModelError
 from llm_neo.losses import IGNORE_INDEX, forward_kl_inplace, next_token_targets
-from llm_neo.models.loading import final_hidden_states, model_logits
-from llm_neo.models.lora import _output_embeddings
+from llm_neo.models.anatomy import final_hidden_states, model_logits, output_embeddings
 
 log = logging.getLogger("llm_neo")
 
@@ -194,7 +193,7 @@ def parameter_count(model: nn.Module) -> int:
 def block_linears(model: nn.Module) -> list[str]:
     """Module names of every ``nn.Linear`` inside the numbered decoder blocks, lm_head excluded: what
     ``quantize_teacher`` quantizes (the blocks hold ~85-95% of an LLM's weights)."""
-    head = _output_embeddings(model)
+    head = output_embeddings(model)
     return [
         name
         for name, module in model.named_modules()
@@ -367,7 +366,7 @@ def teacher_drift(
     input_ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     hidden = final_hidden_states(quantized, input_ids, mask)[positions]  # [N, H]
     if isinstance(reference, torch.Tensor):
-        head = _output_embeddings(quantized)
+        head = output_embeddings(quantized)
         if head is None or is_quantized_linear(head) or _is_torchao_tensor(getattr(head, "weight", None)):
             raise ModelError(
                 "teacher_drift from reference hidden states needs the quantized teacher's lm_head "

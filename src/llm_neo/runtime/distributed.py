@@ -84,7 +84,7 @@ def shard(
     param_dtype: torch.dtype | None = None,
 ) -> None:
     """FSDP2-wrap ``model``'s decoder blocks ``layers`` and its ``decoder`` in place (see the module
-    docstring; ``models.loading.decoder_blocks`` finds them for each family)."""
+    docstring; ``models.anatomy.decoder_blocks`` finds them for each family)."""
     try:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     except ImportError as err:  # fully_shard became public (with ignored_params) in torch 2.7

@@ -22,14 +22,12 @@ from llm_neo.config import CacheTeacherConfig, validate_cache_teacher
 from llm_neo.data import Example, collate, read_examples
 from llm_neo.errors import CacheError, ConfigError
 from llm_neo.losses import IGNORE_INDEX, TopKTargets, next_token_targets
+from llm_neo.models.anatomy import final_hidden_states, logit_width, model_logits
 from llm_neo.models.loading import (
     autocast,
     check_supported,
-    final_hidden_states,
     load_config,
     load_tokenizers,
-    logit_width,
-    model_logits,
     resolve_device,
     resolve_dtype,
 )
