@@ -117,7 +117,7 @@ def chunked_distill_loss(
     no teacher the teacher is never run (``kd_sum = 0``).
     """
     check_num_tokens(num_tokens)
-    _check_head("student", student)
+    check_head("student", student)
     if student.hidden.dim() != 2 or targets.shape != student.hidden.shape[:1]:
         raise ValueError(
             f"expected student_hidden [N, H] and targets [N], got {tuple(student.hidden.shape)} "
@@ -132,7 +132,7 @@ def chunked_distill_loss(
         check_topk(student.hidden.new_empty((student.hidden.shape[0], width)), teacher)
         kd_teacher = teacher if options.kd_ratio > 0 else None
     elif teacher is not None:
-        _check_teacher_head(student, teacher, options.kd_vocab_size)
+        check_teacher_head(student, teacher, options.kd_vocab_size)
         kd_teacher = _dense_teacher(teacher, options.kd_vocab_size) if options.kd_ratio > 0 else None
     plan = _ChunkPlan(
         targets=targets,
@@ -145,7 +145,9 @@ def chunked_distill_loss(
     return _run_chunks(plan, student.hidden, student.weight, student.bias)
 
 
-def _check_head(who: str, head: HeadInput) -> None:
+def check_head(who: str, head: HeadInput) -> None:
+    """Raise ValueError/TypeError unless ``head`` is [N, H] hidden states with a floating [V, H] weight, a
+    [V] bias or None, and a finite soft-cap > 0 or None; ``who`` ("student", "teacher") names it."""
     hidden, weight, bias, cap = head
     if hidden is None or weight is None:
         raise ValueError(
@@ -165,8 +167,10 @@ def _check_head(who: str, head: HeadInput) -> None:
         raise ValueError(f"{who}_softcap must be None (off) or a finite number > 0, got {cap}")
 
 
-def _check_teacher_head(student: HeadInput, teacher: HeadInput, kd_vocab_size: int | None) -> None:
-    _check_head("teacher", teacher)
+def check_teacher_head(student: HeadInput, teacher: HeadInput, kd_vocab_size: int | None) -> None:
+    """``check_head`` for the teacher, plus: the student's N positions, and vocabulary widths the KD
+    columns (``kd_vocab_size``) fit in."""
+    check_head("teacher", teacher)
     if teacher.hidden.shape[0] != student.hidden.shape[0]:
         raise ValueError(
             f"teacher_hidden {tuple(teacher.hidden.shape)} must be [N, H_t] with the student's N = "

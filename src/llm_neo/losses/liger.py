@@ -6,7 +6,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from llm_neo.choices import LIGER_DIVERGENCES
-from llm_neo.losses.chunked import HeadInput, _check_head, _check_teacher_head, chunked_distill_loss
+from llm_neo.losses.chunked import HeadInput, check_head, check_teacher_head, chunked_distill_loss
 from llm_neo.losses.objective import IGNORE_INDEX, LossOptions, LossParts, check_num_tokens
 
 # Our divergence names as Liger-Kernel's generalized-JSD beta (beta = 0: forward KL, 1: reverse KL).
@@ -43,8 +43,8 @@ def liger_distill_loss(
             "chunked loss (--loss-impl chunked)"
         )
     check_num_tokens(num_tokens)
-    _check_head("student", student)
-    _check_teacher_head(student, teacher, o.kd_vocab_size)
+    check_head("student", student)
+    check_teacher_head(student, teacher, o.kd_vocab_size)
     if student.softcap is not None or teacher.softcap is not None:
         raise ValueError(
             "Liger's fused loss does not soft-cap the final logits these models cap; use --loss-impl chunked"
