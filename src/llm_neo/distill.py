@@ -68,7 +68,15 @@ from llm_neo.losses import (
     liger_distill_loss,
     next_token_targets,
 )
-from llm_neo.models.anatomy import decoder_blocks, final_hidden_states, lm_head, logit_softcap, logit_width
+from llm_neo.models.anatomy import (
+    decoder_blocks,
+    final_hidden_states,
+    final_logit_softcap,
+    lm_head,
+    logit_softcap,
+    logit_width,
+    output_head,
+)
 from llm_neo.models.checkpointing import enable_checkpointing
 from llm_neo.models.loading import (
     autocast,
@@ -292,9 +300,9 @@ def setup(config: DistillConfig) -> Run:
     if config.gradient_checkpointing:
         enable_checkpointing(student, mlp_chunks=config.mlp_chunks)
     if world.enabled:  # FSDP2: each rank keeps 1/world of both models (see runtime/distributed.py)
-        shard(student, *_blocks(student), param_dtype=dtype if dtype != torch.float32 else None)
+        shard(*_fsdp_parts(student), param_dtype=dtype if dtype != torch.float32 else None)
         if teacher is not None:
-            shard(teacher, *_blocks(teacher))
+            shard(*_fsdp_parts(teacher))
     trainable = trainable_parameters(student)
     n_trainable = sum(p.numel() for p in trainable.values())  # a sharded DTensor reports its whole size
     log.info(
@@ -370,7 +378,7 @@ def preflight(config: DistillConfig) -> torch.dtype:
         capped = [
             role
             for role, hf_config in (("student", student_config), ("teacher", teacher_config))
-            if getattr(hf_config.get_text_config(), "final_logit_softcapping", None)
+            if final_logit_softcap(hf_config)
         ]
         if capped:
             raise ConfigError(
@@ -387,10 +395,10 @@ def preflight(config: DistillConfig) -> torch.dtype:
     return published_dtype(student_config)
 
 
-def _blocks(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.ModuleList]:
-    """The base decoder and its list of blocks: what FSDP2 shards."""
+def _fsdp_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.ModuleList, torch.nn.Module]:
+    """The base decoder and its list of blocks, which FSDP2 shards, and the lm_head it keeps whole."""
     decoder, _, layers = decoder_blocks(model)
-    return decoder, layers
+    return decoder, layers, output_head(model)
 
 
 def _read_data(config: DistillConfig, world: World) -> tuple[Any, list[Example], dict[str, int]]:

@@ -111,7 +111,7 @@ def model_dims(
     """Count a model's parameters from its config, instantiating it on the meta device (no memory)."""
     from transformers import AutoModelForCausalLM
 
-    from llm_neo.models.anatomy import default_target_modules
+    from llm_neo.models.anatomy import default_target_modules, find_output_head, logit_width
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -120,10 +120,10 @@ def model_dims(
     parameters = sum(p.numel() for p in model.parameters())
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     linear_weights = sum(m.weight.numel() for _, m in linears)
+    head = find_output_head(model)
     lora_parameters = lora_per_layer = 0
     if lora_r:
         targets = set(lora_target_modules or default_target_modules(model))
-        head = model.get_output_embeddings()
         adapted = [
             (n, m)
             for n, m in linears
@@ -137,11 +137,8 @@ def model_dims(
     heads = int(text.num_attention_heads)
     head_dim = int(getattr(text, "head_dim", None) or hidden // heads)
     kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
-    head_module = model.get_output_embeddings()
-    vocab = int(head_module.weight.shape[0]) if head_module is not None else int(text.vocab_size)
-    in_blocks = [
-        m for n, m in linears if m is not head_module and any(p.isdigit() for p in n.split(".")[:-1])
-    ]
+    vocab = logit_width(model) if head is not None else int(text.vocab_size)
+    in_blocks = [m for n, m in linears if m is not head and any(p.isdigit() for p in n.split(".")[:-1])]
     return ModelDims(
         parameters=parameters,
         linear_weights=linear_weights,

@@ -37,6 +37,7 @@ import torch
 
 from llm_neo.choices import GGUF_TYPES
 from llm_neo.errors import ModelError
+from llm_neo.models.anatomy import find_output_head
 
 log = logging.getLogger("llm_neo")
 
@@ -430,7 +431,7 @@ def _add_weights(
     """Every weight under its llama.cpp name (a tied head is not written: the reader ties it), q/k rows
     permuted to llama.cpp's rope layout when ``permute`` gives (query heads, key/value heads)."""
     state = model.state_dict()
-    head = model.get_output_embeddings()
+    head = find_output_head(model)
     head_key = next((k for k, v in state.items() if head is not None and v is head.weight), None)
     for key, tensor in state.items():
         if tied and (key == head_key or key == "lm_head.weight"):

@@ -11,7 +11,7 @@ methods). Loading, LoRA, quantization, pruning, export, evaluation and the disti
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -97,23 +97,34 @@ def final_hidden_states(
 # The output head
 
 
-def output_head(model: torch.nn.Module) -> torch.nn.Module:
+def _declared_head(model: nn.Module) -> object:
     get = getattr(model, "get_output_embeddings", None)
-    head = get() if callable(get) else None
-    if not isinstance(head, torch.nn.Module) or not isinstance(getattr(head, "weight", None), torch.Tensor):
+    return get() if callable(get) else None
+
+
+def find_output_head(model: nn.Module) -> nn.Module | None:
+    """The module whose output is the logits (the lm_head), or None when the model has none with a weight.
+
+    The one lookup of the head: ``get_output_embeddings()``, which PEFT forwards to the wrapped model (a
+    LoRA-wrapped head is the LoRA layer, whose ``weight`` is the base weight), which quantization leaves
+    alone (the head is never quantized), which FSDP2 leaves whole (``runtime.distributed.shard`` is handed
+    it), and which for tied models gives the head whose weight *is* the input embedding matrix.
+    """
+    head = _declared_head(model)
+    if isinstance(head, nn.Module) and isinstance(getattr(head, "weight", None), torch.Tensor):
+        return head
+    return None
+
+
+def output_head(model: nn.Module) -> nn.Module:
+    """``find_output_head``, or ModelError when the model has no lm_head with a weight."""
+    head = find_output_head(model)
+    if head is None:
         raise ModelError(
             f"{type(model).__name__}: get_output_embeddings() gives no lm_head with a weight "
-            f"({type(head).__name__}); llm-neo computes the logits from it chunk by chunk"
+            f"({type(_declared_head(model)).__name__}); llm-neo computes the logits from it chunk by chunk"
         )
     return head
-
-
-def output_embeddings(model: nn.Module) -> nn.Module | None:
-    get = getattr(model, "get_output_embeddings", None)
-    if get is None:
-        return None
-    out = get()
-    return out if isinstance(out, nn.Module) else None
 
 
 def model_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
@@ -124,13 +135,14 @@ def model_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
 def lm_head(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The lm_head's weight [V, H] and bias [V] (None without one): what the chunked loss multiplies."""
     head = output_head(model)
-    return head.weight, getattr(head, "bias", None)  # type: ignore[return-value]
+    return cast(torch.Tensor, head.weight), getattr(head, "bias", None)
 
 
 def logit_width(model: torch.nn.Module) -> int:
-    head = model.get_output_embeddings()  # type: ignore[operator]
-    if head is not None and hasattr(head, "weight"):
-        return int(head.weight.shape[0])
+    """Logit columns: the lm_head's rows (the vocabulary with any padding), else the config's vocab_size."""
+    head = find_output_head(model)
+    if head is not None:
+        return int(cast(torch.Tensor, head.weight).shape[0])
     config: Any = model.config
     return int(config.vocab_size)
 
@@ -138,7 +150,14 @@ def logit_width(model: torch.nn.Module) -> int:
 def logit_softcap(model: torch.nn.Module | None) -> float | None:
     """Gemma-style final logit soft-capping, which the chunked path must apply as the model's forward does."""
     config = getattr(model, "config", None)
-    return getattr(config, "final_logit_softcapping", None) if config is not None else None
+    return final_logit_softcap(config) if config is not None else None
+
+
+def final_logit_softcap(hf_config: PretrainedConfig) -> float | None:
+    """The soft-cap a config sets on the final logits (Gemma 2/3's ``final_logit_softcapping``), or None."""
+    get_text = getattr(hf_config, "get_text_config", None)
+    text = get_text() if callable(get_text) else hf_config
+    return getattr(text, "final_logit_softcapping", None)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -168,7 +187,7 @@ def default_target_modules(model: nn.Module) -> list[str]:
     attention (and a shared expert's MLP where the family has one); the routed experts and the router
     stay frozen. Raises ModelError if the model has no such layer.
     """
-    head = output_embeddings(model)
+    head = find_output_head(model)
     output_names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if m is head}
     leaves: set[str] = set()
     for name, module in linear_modules(model):

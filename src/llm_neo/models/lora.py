@@ -42,6 +42,7 @@ from llm_neo.models.anatomy import (
     final_hidden_states,
     linear_modules,
     logit_softcap,
+    output_head,
 )
 
 LORA_VARIANTS = ("lora", "dora", "rslora", "pissa", "moslora")
@@ -321,18 +322,18 @@ def merge_verified(
     real = attention_mask.bool()  # [B, T]
     with forward_mode(model):
         adapter_hidden = final_hidden_states(model, input_ids, attention_mask)[real]  # [N, H]
-    head = model.get_output_embeddings()
+    head = output_head(model)
     # A LoRA-wrapped lm_head changes in the merge: keep a copy of the adapter model's one to compare with.
     adapter_head = copy.deepcopy(head) if isinstance(head, LoraLayer) else head
     cap = logit_softcap(model)
     merged = (merge or merge_lora)(model)
     with forward_mode(merged):
         merged_hidden = final_hidden_states(merged, input_ids, attention_mask)[real]  # [N, H]
-    merged_head = merged.get_output_embeddings()
+    merged_head = output_head(merged)
     diff = 0.0
     for start in range(0, adapter_hidden.shape[0], chunk_size):
         rows = slice(start, start + chunk_size)
-        before = softcap(adapter_head(adapter_hidden[rows]), cap)  # type: ignore[operator]  # [C, V]
+        before = softcap(adapter_head(adapter_hidden[rows]), cap)  # [C, V]
         after = softcap(merged_head(merged_hidden[rows]), cap)
         diff = max(diff, float(after.sub_(before).abs_().max()))  # in place: no third [C, V] tensor
     return merged, diff

@@ -50,7 +50,7 @@ from llm_neo.choices import QLORA_VARIANTS, STUDENT_QUANT, TEACHER_QUANT
 from llm_neo.choices import TEACHER_QUANT_BACKENDS as TEACHER_BACKENDS
 from llm_neo.errors import ModelError
 from llm_neo.losses import IGNORE_INDEX, forward_kl_inplace, next_token_targets
-from llm_neo.models.anatomy import final_hidden_states, model_logits, output_embeddings
+from llm_neo.models.anatomy import final_hidden_states, find_output_head, model_logits
 
 log = logging.getLogger("llm_neo")
 
@@ -193,7 +193,7 @@ def parameter_count(model: nn.Module) -> int:
 def block_linears(model: nn.Module) -> list[str]:
     """Module names of every ``nn.Linear`` inside the numbered decoder blocks, lm_head excluded: what
     ``quantize_teacher`` quantizes (the blocks hold ~85-95% of an LLM's weights)."""
-    head = output_embeddings(model)
+    head = find_output_head(model)
     return [
         name
         for name, module in model.named_modules()
@@ -366,7 +366,7 @@ def teacher_drift(
     input_ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     hidden = final_hidden_states(quantized, input_ids, mask)[positions]  # [N, H]
     if isinstance(reference, torch.Tensor):
-        head = output_embeddings(quantized)
+        head = find_output_head(quantized)
         if head is None or is_quantized_linear(head) or _is_torchao_tensor(getattr(head, "weight", None)):
             raise ModelError(
                 "teacher_drift from reference hidden states needs the quantized teacher's lm_head "

@@ -77,21 +77,21 @@ def rank_device(world: World, device: torch.device) -> torch.device:
 
 
 def shard(
-    model: torch.nn.Module,
     decoder: torch.nn.Module,
     layers: torch.nn.ModuleList,
+    head: torch.nn.Module,
     *,
     param_dtype: torch.dtype | None = None,
 ) -> None:
-    """FSDP2-wrap ``model``'s decoder blocks ``layers`` and its ``decoder`` in place (see the module
-    docstring; ``models.anatomy.decoder_blocks`` finds them for each family)."""
+    """FSDP2-wrap a model's decoder blocks ``layers`` and its ``decoder`` in place, its lm_head ``head``
+    left whole (see the module docstring). ``models.anatomy`` finds the three for each family; they are
+    handed in because runtime sits below models (the layer contract), so the anatomy has one home."""
     try:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     except ImportError as err:  # fully_shard became public (with ignored_params) in torch 2.7
         raise ModelError(
             "multi-process distillation needs torch >= 2.7 (FSDP2 fully_shard): upgrade torch"
         ) from err
-    head = model.get_output_embeddings()  # type: ignore[operator]
     keep_whole = {p for p in head.parameters()} & set(decoder.parameters())  # a tied head
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for layer in layers:
