@@ -12,9 +12,9 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
+from llm_neo.choices import LORA_VARIANTS
 from llm_neo.models.anatomy import default_target_modules
 from llm_neo.models.lora import (
-    LORA_VARIANTS,
     MixedLoraA,
     attach_lora,
     merge_lora,

@@ -47,7 +47,7 @@ from typing import Any
 
 import torch
 
-from llm_neo.choices import STUDENT_QUANT, TEACHER_QUANT
+from llm_neo.choices import KD_METHODS, METHOD_NAMES, METHODS, STUDENT_QUANT, TEACHER_QUANT
 from llm_neo.config import DeviceOptions, _help
 from llm_neo.runtime.memory import rss_bytes
 
@@ -62,9 +62,8 @@ __all__ = [
 ]
 
 GiB = 2**30
-LORA_ARMS = ("neo", "lora")
-KD_ARMS = ("neo", "kd")
-ARMS = ("kd", "neo", "sft", "lora")
+# The arms plan estimates are choices.METHOD_NAMES; bench still imports them from here under this name.
+ARMS = METHOD_NAMES
 IMPLS = ("plain", "chunked")
 
 # --- Byte coefficients (measured on llm-neo's train_step; derivation in docs/memory.md) --------------
@@ -236,11 +235,11 @@ def estimate_arm(
     frozen student base's block linears stored quantized (``weight_bytes_at``); full arms train every
     weight and ignore ``student_quant``.
     """
-    if method not in ARMS or impl not in IMPLS:
-        raise ValueError(f"unknown arm {method}:{impl}; methods {ARMS}, impls {IMPLS}")
+    if method not in METHOD_NAMES or impl not in IMPLS:
+        raise ValueError(f"unknown arm {method}:{impl}; methods {METHOD_NAMES}, impls {IMPLS}")
     c = compute_bytes
-    lora = method in LORA_ARMS
-    kd = method in KD_ARMS
+    lora = METHODS[method].lora
+    kd = METHODS[method].kd
     tokens = batch_size * seq_len
     trained = batch_size * max(seq_len - 1, 1)
     vocab = student.vocab_size
@@ -466,12 +465,12 @@ def _validate(config: PlanConfig) -> None:
     if config.shape is not None and (config.student or config.teacher):
         p.append("--shape and --student/--teacher exclude each other; give one or the other")
     for m in config.methods:
-        if m not in ARMS:
-            p.append(f"--methods: {m!r} is not one of {', '.join(ARMS)}")
+        if m not in METHOD_NAMES:
+            p.append(f"--methods: {m!r} is not one of {', '.join(METHOD_NAMES)}")
     for i in config.loss_impls:
         if i not in IMPLS:
             p.append(f"--loss-impls: {i!r} is not one of {', '.join(IMPLS)}")
-    if config.shape is None and any(m in KD_ARMS for m in config.methods) and not config.teacher:
+    if config.shape is None and any(m in KD_METHODS for m in config.methods) and not config.teacher:
         p.append("--teacher is required to estimate kd/neo (or use --methods sft lora)")
     for name, value in (
         ("batch-size", config.batch_size),

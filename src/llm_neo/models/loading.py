@@ -37,6 +37,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from llm_neo.choices import LORA_METHODS
 from llm_neo.config import LoadOptions, missing_model
 from llm_neo.errors import ConfigError, ModelError
 from llm_neo.models.anatomy import (
@@ -313,7 +314,7 @@ def check_supported(
     trust_remote_code: bool = False,
 ) -> None:
     """Raise ModelError, naming every part that cannot work, unless llm-neo can run this model as ``role``
-    ("teacher", "student", "model") in ``method`` ("neo", "kd", "lora", "sft"; None: no training).
+    ("teacher", "student", "model") in ``method`` (one of ``choices.METHODS``; None: no training).
 
     Reads the config only: the module tree is built on the meta device (no memory, no weights), so a
     checkpoint that cannot work is refused before anything heavy loads. What it checks: a decoder-only
@@ -351,7 +352,8 @@ def check_supported(
             check(skeleton)
         except ModelError as err:
             problems.append(str(err))
-    if method in ("neo", "lora") and getattr(hf_config, "model_type", None) in STATE_SPACE_MODEL_TYPES:
+    lora = method in LORA_METHODS
+    if lora and getattr(hf_config, "model_type", None) in STATE_SPACE_MODEL_TYPES:
         refused = {"out_proj", "conv1d"} & set(target_modules or ["out_proj"])
         if refused:
             problems.append(
@@ -359,7 +361,7 @@ def check_supported(
                 "blocks, which the default targets include: pass --lora.target-modules in_proj x_proj "
                 "dt_proj, or use --method kd or sft"
             )
-    if method in ("neo", "lora"):
+    if lora:
         try:
             if target_modules is None:
                 default_target_modules(skeleton)

@@ -5,7 +5,7 @@ student, on CE + KD, and then folds ΔW into the base weights so that the deploy
 original architecture and parameter count. Everything PEFT can do is done by PEFT (and keeps PEFT's
 vocabulary: ``r``, ``lora_alpha``, ``lora_dropout``, ``target_modules``); this module adds
 
-* the variant switch (``LORA_VARIANTS``) and boundary validation with actionable messages;
+* the variant switch (``choices.LORA_VARIANTS``) and boundary validation with actionable messages;
 * MoSLoRA (arXiv 2406.11909), which PEFT lacks: a learnable r×r mixer ``M`` between A and B,
   ``ΔW = (α/r)·B·M·A``, implemented as a drop-in replacement of PEFT's ``lora_A`` module;
 * adapter saving that never touches the live training model and always yields a standard PEFT
@@ -34,6 +34,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
+from llm_neo.choices import LORA_VARIANTS
 from llm_neo.errors import ModelError
 from llm_neo.losses.objective import softcap
 from llm_neo.models.anatomy import (
@@ -45,8 +46,6 @@ from llm_neo.models.anatomy import (
     output_head,
 )
 
-LORA_VARIANTS = ("lora", "dora", "rslora", "pissa", "moslora")
-
 ADAPTER_NAME = "default"  # PEFT's default adapter name; llm-neo uses exactly one adapter.
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"  # what PeftModel.from_pretrained looks for
 
@@ -56,7 +55,6 @@ ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"  # what PeftModel.from_pretra
 _PISSA_INIT_ATTR = "_llm_neo_pissa_init"
 
 __all__ = [
-    "LORA_VARIANTS",
     "MixedLoraA",
     "attach_lora",
     "merge_lora",
