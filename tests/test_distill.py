@@ -30,9 +30,10 @@ import llm_neo.distill as recipe
 import llm_neo.models.loading as loading
 import llm_neo.runtime.atomic as atomic
 from llm_neo.cli import main
-from llm_neo.config import DistillConfig, LoraOptions, build_config, dump_yaml, load_yaml
+from llm_neo.config import DistillConfig, LoraOptions, dump_yaml
 from llm_neo.distill import distill
 from llm_neo.errors import ConfigError, ModelError, OutputError, RunStopped, TrainingError
+from llm_neo.options import build_config, load_yaml
 from llm_neo.runtime.checkpoint import checkpoint_problems
 
 

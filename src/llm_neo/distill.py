@@ -44,7 +44,7 @@ from transformers import PreTrainedModel, get_scheduler
 from transformers import set_seed as hf_set_seed
 
 from llm_neo import __version__
-from llm_neo.config import DistillConfig, dump_yaml, flag_name, load_yaml, to_dict, validate_distill
+from llm_neo.config import DistillConfig, dump_yaml, validate_distill
 from llm_neo.data import Example, collate, read_examples, split_heldout
 from llm_neo.errors import (
     ConfigError,
@@ -96,6 +96,7 @@ from llm_neo.models.quant import (
     train_mode_without_dropout,
     weight_bytes,
 )
+from llm_neo.options import flag_name, load_yaml, to_dict
 from llm_neo.provenance import provenance
 from llm_neo.runtime.atomic import (
     atomic_directory,

@@ -25,8 +25,9 @@ from llm_neo.commands.sweep import (
     ranks,
     sweep,
 )
-from llm_neo.config import DistillConfig, build_config
+from llm_neo.config import DistillConfig
 from llm_neo.errors import ConfigError, RunStopped, StateFileError, SweepError, TrainingError
+from llm_neo.options import build_config
 
 
 @pytest.fixture()

@@ -60,19 +60,18 @@ from typing import Any, Literal
 import yaml
 
 from llm_neo.choices import METHODS
-from llm_neo.config import (
-    DistillConfig,
-    _help,
-    _unwrap_optional,
+from llm_neo.config import ALIASES, DistillConfig, validate_distill
+from llm_neo.errors import ConfigError, LlmNeoError, RunStopped, SweepError
+from llm_neo.options import (
     coerce_option,
     find_option,
     flag_name,
     from_dict,
     load_yaml,
+    option_help,
     option_names,
-    validate_distill,
+    unwrap_optional,
 )
-from llm_neo.errors import ConfigError, LlmNeoError, RunStopped, SweepError
 from llm_neo.runtime.atomic import (
     atomic_write_bytes,
     atomic_write_text,
@@ -128,48 +127,56 @@ class SweepConfig:
 
     base: str = field(
         default="",
-        metadata=_help("Base distill config (YAML, as for distill --config); every trial starts from it."),
+        metadata=option_help(
+            "Base distill config (YAML, as for distill --config); every trial starts from it."
+        ),
     )
     space: str | None = field(
         default=None,
-        metadata=_help(
+        metadata=option_help(
             "Search space YAML: `grid: {lora.r: [16, 64], lr: [1e-4, 2e-4]}`, or `random: {lr: "
             "{log_uniform: [5e-5, 5e-4]}, ...}` with `trials: N`. Default: the paper's guidelines "
             "(lr around the 10x rule, ranks 64/128, kd_ratio 0.5/0.9) for the base's method."
         ),
     )
     output: str = field(
-        default="", metadata=_help("Sweep directory: trials/, leaderboard, plots, best.yaml.")
+        default="", metadata=option_help("Sweep directory: trials/, leaderboard, plots, best.yaml.")
     )
     metric: str = field(
         default="heldout.kl_to_teacher",
-        metadata=_help(f"Ranking metric, from each trial's summary.json: {', '.join(METRICS)}."),
+        metadata=option_help(f"Ranking metric, from each trial's summary.json: {', '.join(METRICS)}."),
     )
     mode: Literal["auto", "min", "max"] = field(
         default="auto",
-        metadata=_help("Whether lower or higher --metric is better. auto: max for agreement, min otherwise."),
+        metadata=option_help(
+            "Whether lower or higher --metric is better. auto: max for agreement, min otherwise."
+        ),
     )
     trials: int | None = field(
-        default=None, metadata=_help("Random search: number of trials (overrides the space file's).")
+        default=None, metadata=option_help("Random search: number of trials (overrides the space file's).")
     )
-    seed: int = field(default=0, metadata=_help("Seed of the random search's draws (not of the runs)."))
+    seed: int = field(default=0, metadata=option_help("Seed of the random search's draws (not of the runs)."))
     cache_teacher: bool = field(
         default=True,
-        metadata=_help(
+        metadata=option_help(
             "Build one shared teacher cache for KD trials whose base has a teacher but no teacher_cache "
             "(off: every KD trial runs the teacher)."
         ),
     )
-    cache_top_k: int = field(default=64, metadata=_help("Top-k of a teacher cache the sweep builds."))
+    cache_top_k: int = field(default=64, metadata=option_help("Top-k of a teacher cache the sweep builds."))
     tie_tolerance: float = field(
         default=TIE_TOLERANCE,
-        metadata=_help(
+        metadata=option_help(
             "Trials whose --metric is within this fraction of a better one's share its rank (marked =): "
             "the leaderboard does not claim a difference that small. 0: no ties."
         ),
     )
-    resume: bool = field(default=False, metadata=_help("Continue the sweep in --output where it stopped."))
-    overwrite: bool = field(default=False, metadata=_help("Discard a sweep in --output and start again."))
+    resume: bool = field(
+        default=False, metadata=option_help("Continue the sweep in --output where it stopped.")
+    )
+    overwrite: bool = field(
+        default=False, metadata=option_help("Discard a sweep in --output and start again.")
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -228,7 +235,7 @@ def parse_space(data: dict[str, Any], *, source: str, trials: int | None = None)
         option = str(raw_option).replace("-", "_")
         where = f"{source}: {strategy}.{raw_option}"
         found = find_option(DistillConfig, option)
-        if found is None or dataclasses.is_dataclass(_unwrap_optional(found[1])[0]):
+        if found is None or dataclasses.is_dataclass(unwrap_optional(found[1])[0]):
             close = difflib.get_close_matches(option, options, n=1)
             problems.append(f"{where}: unknown option" + (f" (did you mean {close[0]}?)" if close else ""))
             continue
@@ -260,7 +267,7 @@ def parse_space(data: dict[str, Any], *, source: str, trials: int | None = None)
         bounds = _bounds(values, kind, where, problems)
         if bounds is None:
             continue
-        base_tp, _ = _unwrap_optional(found[1])
+        base_tp, _ = unwrap_optional(found[1])
         if kind == "int_uniform" and base_tp is not int:
             problems.append(f"{where}: int_uniform needs an integer option")
         elif kind != "int_uniform" and base_tp is not float:
@@ -341,7 +348,7 @@ def trial_config(
     data["output_dir"] = str(output_dir)
     data["resume"] = data["overwrite"] = False
     problems: list[str] = []
-    config = from_dict(DistillConfig, data, source=source, problems=problems)
+    config = from_dict(DistillConfig, data, source=source, problems=problems, vocabulary=ALIASES)
     if problems:
         raise ConfigError(problems)
     return config
