@@ -50,6 +50,7 @@ from llm_neo.options import (
     OPTIMISATION,
     QUANT,
     RUN,
+    Effect,
     flag_name,
     option_help,
     yaml_text,
@@ -70,7 +71,10 @@ MLP_CHUNKS_HELP = (
 class DeviceOptions:
     """Where models run."""
 
-    device: str = field(default="auto", metadata=option_help("auto, cpu, cuda or cuda:N.", group=LOADING))
+    device: str = field(
+        default="auto",
+        metadata=option_help("auto, cpu, cuda or cuda:N.", group=LOADING, effect=Effect.RUNTIME),
+    )
     dtype: str = field(
         default="auto",
         metadata=option_help(
@@ -231,7 +235,9 @@ class TrainOptions(TeacherQuantOptions, TokenizeOptions, LoadOptions):
         default=False,
         metadata=option_help("Recompute student activations in backward to save memory.", group=OPTIMISATION),
     )
-    mlp_chunks: int = field(default=1, metadata=option_help(MLP_CHUNKS_HELP, group=OPTIMISATION))
+    mlp_chunks: int = field(
+        default=1, metadata=option_help(MLP_CHUNKS_HELP, group=OPTIMISATION, effect=Effect.COST)
+    )
     # --- loss -------------------------------------------------------------------------------------
     kd_ratio: float = field(
         default=0.5,
@@ -273,13 +279,15 @@ class TrainOptions(TeacherQuantOptions, TokenizeOptions, LoadOptions):
             "Checkpoint every N optimizer steps and at the last (0: none, but a stop by SIGTERM, SIGINT "
             "or SIGUSR1 always writes one).",
             group=RUN,
+            effect=Effect.COST,
         ),
     )
     log_every: int = field(
-        default=1, metadata=option_help("Write a metrics.jsonl record every N steps.", group=RUN)
+        default=1,
+        metadata=option_help("Write a metrics.jsonl record every N steps.", group=RUN, effect=Effect.RUNTIME),
     )
     eval_batch_size: int = field(
-        default=8, metadata=option_help("Batch size of held-out evaluation.", group=RUN)
+        default=8, metadata=option_help("Batch size of held-out evaluation.", group=RUN, effect=Effect.COST)
     )
     report_to: list[str] = field(
         default_factory=list,
@@ -287,6 +295,7 @@ class TrainOptions(TeacherQuantOptions, TokenizeOptions, LoadOptions):
             "Also log each step to these trackers, under OUTPUT_DIR: tensorboard, wandb (offline), mlflow "
             "(a local file store); pip install 'llm-neo[track]'.",
             group=RUN,
+            effect=Effect.COST,
         ),
     )
     merge_tolerance: float = field(
@@ -335,7 +344,8 @@ class DistillConfig(TrainOptions):
         ),
     )
     output_dir: str | None = field(
-        default=None, metadata=option_help("Where outputs go. Default runs/<method>.", group=RUN)
+        default=None,
+        metadata=option_help("Where outputs go. Default runs/<method>.", group=RUN, effect=Effect.PLACE),
     )
     resume: bool = field(
         default=False,
@@ -344,10 +354,14 @@ class DistillConfig(TrainOptions):
             "checked; a damaged one is skipped with a warning). Without --config, the options are read "
             "from OUTPUT_DIR/config.yaml (flags given override them and are checked against it).",
             group=RUN,
+            effect=Effect.EXISTING,
         ),
     )
     overwrite: bool = field(
-        default=False, metadata=option_help("Replace an earlier run's outputs in --output-dir.", group=RUN)
+        default=False,
+        metadata=option_help(
+            "Replace an earlier run's outputs in --output-dir.", group=RUN, effect=Effect.EXISTING
+        ),
     )
     export: str | None = field(
         default=None,
@@ -356,6 +370,7 @@ class DistillConfig(TrainOptions):
             "gguf:TYPE for llama.cpp/Ollama, or int8 (torchao safetensors).",
             choices=EXPORT_SPECS,
             group=RUN,
+            effect=Effect.COST,
         ),
     )
 

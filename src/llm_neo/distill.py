@@ -96,7 +96,7 @@ from llm_neo.models.quant import (
     train_mode_without_dropout,
     weight_bytes,
 )
-from llm_neo.options import flag_name, load_yaml, to_dict
+from llm_neo.options import Effect, flag_name, load_yaml, options_with, to_dict
 from llm_neo.provenance import provenance
 from llm_neo.runtime.atomic import (
     atomic_directory,
@@ -143,10 +143,7 @@ log = logging.getLogger("llm_neo")
 # Optimizer steps over which a CPU run counts its live tensor bytes (``peak_tensor_memory_gb``).
 TRACKED_STEPS = 10
 # Options that may differ between a run and its resumption without changing its result.
-RESUMABLE_CHANGES = {
-    "resume", "overwrite", "save_every", "log_every", "eval_batch_size", "device", "mlp_chunks",
-    "export", "report_to",
-}  # fmt: skip
+RESUMABLE_CHANGES = options_with(DistillConfig, Effect.COST, Effect.RUNTIME, Effect.EXISTING, Effect.REPORT)
 # What a run writes in its output directory (and an --overwrite run replaces).
 OUTPUTS = (
     "merged", "adapter", "export", "checkpoints", "metrics.jsonl", SUMMARY_FILE, "config.yaml",

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import enum
 import types
 from collections.abc import Mapping
 from pathlib import Path
@@ -32,9 +33,42 @@ GROUPS = (MODELS, DATA, OPTIMISATION, LOSS, LORA, QUANT, RUN, LOADING)
 NO_VOCABULARY: Mapping[str, str] = types.MappingProxyType({})
 
 
-def option_help(text: str, **extra: Any) -> dict[str, Any]:
-    """Field metadata: the help text, and optionally ``choices`` (a tuple) and ``group`` (a --help group)."""
-    return {"help": text, **extra}
+class Effect(enum.Enum):
+    """What a change of an option changes, declared where the option is (``option_help(effect=...)``).
+
+    The rules that compare two configs are derived from it: which options may differ when a run is
+    resumed (distill), when a comparison is continued (compare), which a sweep sets itself."""
+
+    RESULTS = "results"  # what the run computes: its weights, metrics and scores (the default)
+    COST = "cost"  # only the run's time and memory and the by-products it writes (checkpoints, trackers,
+    # an export): a resumed run may change them; a comparison, which measures cost, may not
+    RUNTIME = "runtime"  # only how the run is carried out: the device, worker processes, logging
+    EXISTING = "existing"  # only what becomes of the outputs an earlier run left in the same place
+    PLACE = "place"  # where the outputs go: another place is another run
+    REPORT = "report"  # only what the report shows (projections, the probes, how memory is measured)
+    SCORING = "scoring"  # only the scores, recomputed from the runs' outputs (compare's scoring)
+
+
+def option_help(text: str, *, effect: Effect = Effect.RESULTS, **extra: Any) -> dict[str, Any]:
+    """Field metadata: the help text, what a change of the option changes (``Effect``; by default the
+    results), and optionally ``choices`` (a tuple) and ``group`` (a --help group)."""
+    return {"help": text, "effect": effect, **extra}
+
+
+def option_effect(f: dataclasses.Field[Any]) -> Effect:
+    """The declared ``Effect`` of a field (``RESULTS`` where its metadata names none)."""
+    effect = f.metadata.get("effect", Effect.RESULTS)
+    if not isinstance(effect, Effect):
+        raise TypeError(f"{f.name}: effect {effect!r} is not an Effect")
+    return effect
+
+
+def options_with(cls: Any, *effects: Effect) -> frozenset[str]:
+    """The dotted names of the options of ``cls`` whose declared effect is one of ``effects``."""
+    found = ((name, find_option(cls, name)) for name in option_names(cls))
+    return frozenset(
+        name for name, option in found if option is not None and option_effect(option[0]) in effects
+    )
 
 
 # ------------------------------------------------------------------------------------------------

@@ -63,7 +63,17 @@ from llm_neo.models.loading import (
     resolve_dtype,
 )
 from llm_neo.models.quant import load_teacher
-from llm_neo.options import DATA, MODELS, OPTIMISATION, RUN, load_yaml, option_help, to_dict
+from llm_neo.options import (
+    DATA,
+    MODELS,
+    OPTIMISATION,
+    RUN,
+    Effect,
+    load_yaml,
+    option_help,
+    options_with,
+    to_dict,
+)
 from llm_neo.report.stats import paired_difference, summarize
 from llm_neo.runtime.atomic import atomic_write_json, atomic_write_text
 from llm_neo.runtime.checkpoint import list_checkpoints
@@ -77,13 +87,6 @@ log = logging.getLogger("llm_neo")
 SCHEMA_VERSION = 1
 RESULTS = "results.json"
 EVAL = "evaluation"  # the --help group of the scoring options
-# Options that change only the report or the scoring (scores are recomputed); any other change between a
-# comparison and its rerun would mix results of different settings, and is refused.
-REPORT_ONLY = {
-    "project_tokens", "gpu", "gpus", "utilization", "jobs", "overwrite", "log_every", "device",
-    "exact_memory", "probes",
-}  # fmt: skip
-SCORING = {"score", "category_field", "max_new_tokens", "lm_eval_tasks", "lm_eval_include", "lm_eval_limit"}
 # Per-run numbers the report aggregates over seeds (mean, std, min, max).
 METRICS = (
     "accuracy",
@@ -159,15 +162,22 @@ class CompareConfig(TrainOptions):
         metadata=option_help(
             "Task score of the greedy answers against the reference responses: " + ", ".join(SCORES) + ".",
             group=EVAL,
+            effect=Effect.SCORING,
         ),
     )
     category_field: str = field(
         default="category",
-        metadata=option_help("Record field whose values the task score is also reported by.", group=EVAL),
+        metadata=option_help(
+            "Record field whose values the task score is also reported by.", group=EVAL, effect=Effect.SCORING
+        ),
     )
     max_new_tokens: int | None = field(
         default=None,
-        metadata=option_help("Longest greedy answer. Default: the longest reference + 8 tokens.", group=EVAL),
+        metadata=option_help(
+            "Longest greedy answer. Default: the longest reference + 8 tokens.",
+            group=EVAL,
+            effect=Effect.SCORING,
+        ),
     )
     lm_eval_tasks: list[str] | None = field(
         default=None,
@@ -175,13 +185,18 @@ class CompareConfig(TrainOptions):
             "lm-evaluation-harness tasks every merged model is also scored on (pip install "
             "'llm-neo[eval]'; the datasets must be on this machine).",
             group=EVAL,
+            effect=Effect.SCORING,
         ),
     )
     lm_eval_include: str | None = field(
-        default=None, metadata=option_help("A directory of local lm-eval task YAMLs.", group=EVAL)
+        default=None,
+        metadata=option_help("A directory of local lm-eval task YAMLs.", group=EVAL, effect=Effect.SCORING),
     )
     lm_eval_limit: int | None = field(
-        default=None, metadata=option_help("Score at most this many documents per lm-eval task.", group=EVAL)
+        default=None,
+        metadata=option_help(
+            "Score at most this many documents per lm-eval task.", group=EVAL, effect=Effect.SCORING
+        ),
     )
     probes: list[str] = field(
         default_factory=list,
@@ -190,29 +205,43 @@ class CompareConfig(TrainOptions):
             "or files (CrowS-Pairs .csv, StereoSet .json, BBQ or llm-neo .jsonl). The first seed of each "
             "arm is probed, the untrained student is the baseline; the report gains the probe's section.",
             group=EVAL,
+            effect=Effect.REPORT,
         ),
     )
     project_tokens: str | None = field(
         default=None,
         metadata=option_help(
-            "Project each arm's cost to a full run of this many tokens (e.g. 50M, 2B).", group=RUN
+            "Project each arm's cost to a full run of this many tokens (e.g. 50M, 2B).",
+            group=RUN,
+            effect=Effect.REPORT,
         ),
     )
     gpu: str | None = field(
         default=None,
         metadata=option_help(
-            f"The card the projection is for: {', '.join(GPUS)}.", choices=tuple(GPUS), group=RUN
+            f"The card the projection is for: {', '.join(GPUS)}.",
+            choices=tuple(GPUS),
+            group=RUN,
+            effect=Effect.REPORT,
         ),
     )
-    gpus: int = field(default=1, metadata=option_help("Cards the projected run uses.", group=RUN))
+    gpus: int = field(
+        default=1, metadata=option_help("Cards the projected run uses.", group=RUN, effect=Effect.REPORT)
+    )
     utilization: float = field(
         default=0.4,
-        metadata=option_help("Fraction of the card's bf16 peak a FLOPs-based projection assumes.", group=RUN),
+        metadata=option_help(
+            "Fraction of the card's bf16 peak a FLOPs-based projection assumes.",
+            group=RUN,
+            effect=Effect.REPORT,
+        ),
     )
     jobs: int | None = field(
         default=None,
         metadata=option_help(
-            "Arms trained at once on a CPU, each in its own process. Default 2 (1 on a GPU).", group=RUN
+            "Arms trained at once on a CPU, each in its own process. Default 2 (1 on a GPU).",
+            group=RUN,
+            effect=Effect.RUNTIME,
         ),
     )
     exact_memory: bool = field(
@@ -221,15 +250,27 @@ class CompareConfig(TrainOptions):
             "CPU: measure the arms' peak RSS without allocator slack (glibc returns every freed block of "
             "64 KB or more at once, so the RSS tracks live memory). About 2x slower arms.",
             group=RUN,
+            effect=Effect.REPORT,
         ),
     )
-    output_dir: str = field(default="runs/compare", metadata=option_help("Where everything goes.", group=RUN))
+    output_dir: str = field(
+        default="runs/compare", metadata=option_help("Where everything goes.", group=RUN, effect=Effect.PLACE)
+    )
     overwrite: bool = field(
         default=False,
         metadata=option_help(
-            "Discard a comparison in --output-dir made with other options and start again.", group=RUN
+            "Discard a comparison in --output-dir made with other options and start again.",
+            group=RUN,
+            effect=Effect.EXISTING,
         ),
     )
+
+
+# Options that change only the report or the scoring (scores are recomputed); any other change between a
+# comparison and its rerun would mix results of different settings, and is refused (a COST option too:
+# the comparison measures time and memory).
+REPORT_ONLY = options_with(CompareConfig, Effect.RUNTIME, Effect.EXISTING, Effect.REPORT)
+SCORING = options_with(CompareConfig, Effect.SCORING)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -63,6 +63,7 @@ from llm_neo.choices import METHODS
 from llm_neo.config import ALIASES, DistillConfig, validate_distill
 from llm_neo.errors import ConfigError, LlmNeoError, RunStopped, SweepError
 from llm_neo.options import (
+    Effect,
     coerce_option,
     find_option,
     flag_name,
@@ -70,6 +71,7 @@ from llm_neo.options import (
     load_yaml,
     option_help,
     option_names,
+    options_with,
     unwrap_optional,
 )
 from llm_neo.runtime.atomic import (
@@ -89,7 +91,7 @@ STATE = "sweep.json"
 STATE_VERSION = 1
 DISTRIBUTIONS = ("choice", "uniform", "log_uniform", "int_uniform")
 # Set by the sweep for each trial; sweeping them would make trials overwrite each other.
-NOT_SWEEPABLE = ("output_dir", "resume", "overwrite")
+NOT_SWEEPABLE = options_with(DistillConfig, Effect.PLACE, Effect.EXISTING)
 # Metrics a trial reports (dotted paths into its summary.json), and which way is better.
 METRICS = {
     "heldout.kl_to_teacher": "min",
