@@ -29,7 +29,7 @@ REQUIRED_FLAGS = [
     "--seed",
     "--kd-ratio",
     "--divergence",
-    "--temperature",
+    "--kd-temperature",
     "--save-every",
     "--resume",
     "--eval-fraction",

@@ -273,6 +273,26 @@ def test_resume_with_only_the_output_dir_reads_its_config(make_config, capsys):
     assert summary["steps"] == 4 and summary["config"]["student"] == config.student
 
 
+def test_a_run_from_before_the_kd_temperature_rename_resumes(make_config):
+    config = make_config("lora", max_steps=4, save_every=2, kd_temperature=2.0)
+
+    def stop_after_two(step: int, metrics: dict) -> None:
+        if step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        distill(config, on_step=stop_after_two)
+    out = Path(str(config.output_dir))
+    saved = (out / "config.yaml").read_text()
+    assert "\nkd_temperature: 2.0\n" in saved
+    (out / "config.yaml").write_text(
+        saved.replace("\nkd_temperature:", "\ntemperature:")
+    )  # as it was written
+    assert main(["distill", "--resume", "--output-dir", str(out), "-q"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["config"]["kd_temperature"] == 2.0
+
+
 def test_resume_with_changed_options_is_refused(make_config):
     config = make_config("lora", max_steps=2, save_every=1)
     distill(config)

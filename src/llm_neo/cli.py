@@ -27,6 +27,7 @@ from llm_neo.options import (
     build_config,
     find_option,
     flag_name,
+    option_aliases,
     option_names,
     suggest_option,
     unwrap_optional,
@@ -304,10 +305,12 @@ def join_negative_values(argv: list[str], cls: Any) -> list[str]:
     """``--lr -1e-4`` as ``--lr=-1e-4``: argparse reads a token that starts with "-" and is not a plain
     integer or decimal as a flag and fails with "expected one argument". Joined, the value reaches the
     range checks, which say what is wrong with it."""
+    aliases = option_aliases(cls)
     takes_value = {
-        flag_name(o)
-        for o in option_names(cls)
-        if (found := find_option(cls, o)) is not None and unwrap_optional(found[1])[0] is not bool
+        flag_name(name)
+        for name in [*option_names(cls), *aliases]
+        if (found := find_option(cls, aliases.get(name, name))) is not None
+        and unwrap_optional(found[1])[0] is not bool
     }
     out: list[str] = []
     for token in argv:

@@ -249,8 +249,13 @@ class TrainOptions(TeacherQuantOptions, TokenizeOptions, LoadOptions):
         default="forward_kl",
         metadata=option_help("Divergence D between teacher and student.", choices=DIVERGENCES, group=LOSS),
     )
-    temperature: float = field(
-        default=1.0, metadata=option_help("Softmax temperature T of the KD term (scaled by T²).", group=LOSS)
+    # kd_: the temperature of the KD term; on-policy sampling will have its own (TRL's GKDConfig calls
+    # its sampling one ``temperature``).
+    kd_temperature: float = field(
+        default=1.0,
+        metadata=option_help(
+            "Softmax temperature T of the KD term (scaled by T²).", group=LOSS, aliases=("temperature",)
+        ),
     )
     loss_impl: str = field(
         default="chunked",
@@ -448,10 +453,12 @@ class CacheTeacherConfig(TeacherQuantOptions, TokenizeOptions, LoadOptions):
             "Teacher tokens kept per position (the rest is one tail bucket); ~6·k+2 bytes/token.", group=RUN
         ),
     )
-    temperature: float = field(
+    kd_temperature: float = field(
         default=1.0,
         metadata=option_help(
-            "Temperature T of the stored log-probs; distill must use the same --temperature.", group=RUN
+            "Temperature T of the stored log-probs; distill must use the same --kd-temperature.",
+            group=RUN,
+            aliases=("temperature",),
         ),
     )
     batch_size: int = field(default=8, metadata=option_help("Samples per teacher forward pass.", group=RUN))
@@ -722,7 +729,7 @@ def validate_distill(config: DistillConfig) -> None:
         p,
         [
             ("kd-ratio", c.kd_ratio, 0 <= c.kd_ratio <= 1, "in [0, 1]"),
-            ("temperature", c.temperature, c.temperature > 0, "> 0"),
+            ("kd-temperature", c.kd_temperature, c.kd_temperature > 0, "> 0"),
             ("jsd-beta", c.jsd_beta, 0 < c.jsd_beta < 1, "in (0, 1)"),
             ("skew-alpha", c.skew_alpha, 0 <= c.skew_alpha < 1, "in [0, 1)"),
             ("epochs", c.epochs, c.epochs > 0, "> 0"),
@@ -807,7 +814,7 @@ def validate_cache_teacher(config: CacheTeacherConfig) -> None:
         p,
         [
             ("top-k", c.top_k, c.top_k >= 1, ">= 1"),
-            ("temperature", c.temperature, c.temperature > 0, "> 0"),
+            ("kd-temperature", c.kd_temperature, c.kd_temperature > 0, "> 0"),
             ("batch-size", c.batch_size, c.batch_size >= 1, ">= 1"),
             ("shard-size", c.shard_size, c.shard_size >= 1, ">= 1"),
             ("chunk-size", c.chunk_size, c.chunk_size >= 1, ">= 1"),

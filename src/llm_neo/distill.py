@@ -96,7 +96,7 @@ from llm_neo.models.quant import (
     train_mode_without_dropout,
     weight_bytes,
 )
-from llm_neo.options import Effect, flag_name, load_yaml, options_with, to_dict
+from llm_neo.options import Effect, canonical_keys, flag_name, load_yaml, options_with, to_dict
 from llm_neo.provenance import provenance
 from llm_neo.runtime.atomic import (
     atomic_directory,
@@ -555,7 +555,7 @@ def _check_output_dir(config: DistillConfig, out: Path, world: World) -> Path | 
                 ]
             )
         if saved.is_file():
-            before, now = load_yaml(saved), to_dict(config)
+            before, now = canonical_keys(DistillConfig, load_yaml(saved)), to_dict(config)
             changed = sorted(_diff_keys(before, now) - RESUMABLE_CHANGES)
             if changed:
                 raise ConfigError(
@@ -686,7 +686,7 @@ def step_settings(
     options = LossOptions(
         kd_ratio=config.kd_ratio if config.uses_kd else 0.0,
         divergence=config.divergence,
-        temperature=config.temperature,
+        temperature=config.kd_temperature,
         beta=config.jsd_beta,
         skew_alpha=config.skew_alpha,
         kd_vocab_size=kd_vocab,

@@ -49,10 +49,13 @@ class Effect(enum.Enum):
     SCORING = "scoring"  # only the scores, recomputed from the runs' outputs (compare's scoring)
 
 
-def option_help(text: str, *, effect: Effect = Effect.RESULTS, **extra: Any) -> dict[str, Any]:
+def option_help(
+    text: str, *, effect: Effect = Effect.RESULTS, aliases: tuple[str, ...] = (), **extra: Any
+) -> dict[str, Any]:
     """Field metadata: the help text, what a change of the option changes (``Effect``; by default the
-    results), and optionally ``choices`` (a tuple) and ``group`` (a --help group)."""
-    return {"help": text, "effect": effect, **extra}
+    results), its ``aliases`` (old names a flag and a YAML key still accept: ``--temperature`` for
+    ``--kd-temperature``) and optionally ``choices`` (a tuple) and ``group`` (a --help group)."""
+    return {"help": text, "effect": effect, "aliases": aliases, **extra}
 
 
 def option_effect(f: dataclasses.Field[Any]) -> Effect:
@@ -61,6 +64,33 @@ def option_effect(f: dataclasses.Field[Any]) -> Effect:
     if not isinstance(effect, Effect):
         raise TypeError(f"{f.name}: effect {effect!r} is not an Effect")
     return effect
+
+
+def option_aliases(cls: Any, prefix: str = "") -> dict[str, str]:
+    """Every alias of the options of ``cls``, dotted, with the option it names: ``{"temperature":
+    "kd_temperature"}``."""
+    aliases: dict[str, str] = {}
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp, _ = unwrap_optional(hints[f.name])
+        if dataclasses.is_dataclass(tp):
+            aliases |= option_aliases(tp, f"{prefix}{f.name}.")
+        aliases |= {f"{prefix}{alias}": f"{prefix}{f.name}" for alias in f.metadata.get("aliases", ())}
+    return aliases
+
+
+def canonical_keys(cls: Any, data: dict[str, Any]) -> dict[str, Any]:
+    """A (YAML) mapping of ``cls``'s options with each alias key renamed to its option (``temperature:``
+    of a config.yaml written before the rename -> ``kd_temperature:``), to compare it with ``to_dict``."""
+    aliases = {alias: option for alias, option in option_aliases(cls).items() if "." not in alias}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = aliases.get(str(key), str(key))
+        found = find_option(cls, name)
+        inner = unwrap_optional(found[1])[0] if found is not None else None
+        nested = dataclasses.is_dataclass(inner) and isinstance(value, dict)
+        out[name] = canonical_keys(inner, value) if nested else value
+    return out
 
 
 def options_with(cls: Any, *effects: Effect) -> frozenset[str]:
@@ -136,29 +166,36 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, prefix: 
             groups.setdefault(title, parser.add_argument_group(f"{title} options")) if title else parser
         )
         default = f.default if f.default is not dataclasses.MISSING else None
+        aliases = f.metadata.get("aliases", ())
         help_text = f.metadata.get("help", "")
+        if aliases:
+            help_text += f" (alias: {', '.join(flag_name(prefix + a) for a in aliases)})"
         if default not in (None, "", False):
             help_text += f" [default: {default}]"
-        flags = [flag_name(prefix + f.name)]
-        kwargs: dict[str, Any] = {
-            "dest": f"{prefix}{f.name}",
-            "default": argparse.SUPPRESS,
-            "help": help_text,
-        }
+        flag = flag_name(prefix + f.name)
         choices = _choices(f, tp)
         if f.metadata.get("positional"):  # also accepted in order, without its flag: convert IN OUT
             parser.add_argument(
-                kwargs["dest"], nargs="?", default=argparse.SUPPRESS, metavar=f.name.upper(),
-                help=f"the same as {flags[0]}",
+                f"{prefix}{f.name}", nargs="?", default=argparse.SUPPRESS, metavar=f.name.upper(),
+                help=f"the same as {flag}",
             )  # fmt: skip
         if tp is bool:
-            group.add_argument(*flags, action=argparse.BooleanOptionalAction, **kwargs)
+            kind: dict[str, Any] = {"action": argparse.BooleanOptionalAction}
         elif choices is not None:
-            group.add_argument(*flags, choices=list(choices), metavar="{" + ",".join(choices) + "}", **kwargs)
+            kind = {"choices": list(choices), "metavar": "{" + ",".join(choices) + "}"}
         elif get_origin(tp) is list:
-            group.add_argument(*flags, nargs="+", metavar=f.name.upper().removesuffix("S"), **kwargs)
+            kind = {"nargs": "+", "metavar": f.name.upper().removesuffix("S")}
         else:
-            group.add_argument(*flags, type=tp, metavar=f.name.upper(), **kwargs)
+            kind = {"type": tp, "metavar": f.name.upper()}
+        group.add_argument(flag, dest=f"{prefix}{f.name}", default=argparse.SUPPRESS, help=help_text, **kind)
+        for alias in aliases:  # its own dest, so that build_config sees both spellings given
+            group.add_argument(
+                flag_name(prefix + alias),
+                dest=prefix + alias,
+                default=argparse.SUPPRESS,
+                help=argparse.SUPPRESS,
+                **kind,
+            )
 
 
 def _choices(f: dataclasses.Field[Any], tp: Any) -> tuple[str, ...] | None:
@@ -221,11 +258,21 @@ def from_dict(
     ``vocabulary``)."""
     hints = get_type_hints(cls)
     names = {f.name: f for f in dataclasses.fields(cls)}
+    aliases = {alias: f.name for f in names.values() for alias in f.metadata.get("aliases", ())}
     root = root or cls
     kwargs: dict[str, Any] = {}
+    given: dict[str, str] = {}  # option -> the key that gave it
     for key, value in data.items():
-        key_norm = str(key).replace("-", "_")
+        key_norm = aliases.get(str(key).replace("-", "_"), str(key).replace("-", "_"))
         where = f"{source}: {prefix}{key}"
+        if key_norm in given:
+            first = given[key_norm]
+            problems.append(
+                f"{source}: {prefix}{first} and {prefix}{key} are one option ({prefix}{key_norm}); "
+                "give it once"
+            )
+            continue
+        given[key_norm] = str(key)
         if key_norm not in names:
             meant = suggest_option(root, f"{prefix}{key_norm}", vocabulary)
             hint = f" (did you mean {meant}?)" if meant else ""
@@ -322,17 +369,29 @@ def build_config(
     key named with the option ``vocabulary`` says it most likely meant, as in ``from_dict``)."""
     problems: list[str] = []
     data: dict[str, Any] = load_yaml(config_file) if config_file else {}
+    aliases = option_aliases(cls)
+    flags: dict[str, str] = {}  # option -> the dest of the flag that gave it
     for dest, value in vars(args).items():
         if dest in ("command", "config", "func", "quiet", "debug"):
             continue
+        option = aliases.get(dest, dest)
+        if option in flags:
+            problems.append(
+                f"{flag_name(flags[option])} and {flag_name(dest)} are one option ({flag_name(option)}); "
+                "give it once"
+            )
+            continue
+        flags[option] = dest
         node = data
-        *parents, leaf = dest.split(".")
+        *parents, leaf = option.split(".")
         for part in parents:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 break
         else:
             node[leaf] = value
+            for alias in (a for a, o in aliases.items() if o == option):
+                node.pop(alias.split(".")[-1], None)  # a flag wins over the YAML file in either spelling
     source = str(config_file or "command line")
     config = from_dict(cls, data, source=source, problems=problems, vocabulary=vocabulary)
     if problems:

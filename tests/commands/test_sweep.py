@@ -383,7 +383,7 @@ def test_training_losses_of_different_objectives_are_not_ranked(tmp_path, base_y
         "loss": "ce+kd",
         "kd_ratio": 0.5,
         "divergence": "forward_kl",
-        "temperature": 1.0,
+        "kd_temperature": 1.0,
     }
 
 

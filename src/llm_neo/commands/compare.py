@@ -551,7 +551,7 @@ def _build_caches(plan: Plan) -> dict[tuple[str, str, str], str]:
                 output=str(target),
                 tokenizer=config.student,
                 top_k=config.cache_teacher,
-                temperature=config.temperature,
+                kd_temperature=config.kd_temperature,
                 max_length=config.max_length,
                 train_on_prompt=config.train_on_prompt,
                 device=config.device,

@@ -69,6 +69,7 @@ from llm_neo.options import (
     flag_name,
     from_dict,
     load_yaml,
+    option_aliases,
     option_help,
     option_names,
     options_with,
@@ -235,6 +236,7 @@ def parse_space(data: dict[str, Any], *, source: str, trials: int | None = None)
     dims: list[Dimension] = []
     for raw_option, spec in body.items():
         option = str(raw_option).replace("-", "_")
+        option = option_aliases(DistillConfig).get(option, option)  # an old name (temperature) as its option
         where = f"{source}: {strategy}.{raw_option}"
         found = find_option(DistillConfig, option)
         if found is None or dataclasses.is_dataclass(unwrap_optional(found[1])[0]):
@@ -437,7 +439,7 @@ def objective(config: DistillConfig) -> dict[str, Any]:
     final.loss (and final.kd_loss) cannot be ranked against each other."""
     if not config.uses_kd:
         return {"loss": "ce"}
-    keys = ["kd_ratio", "divergence", "temperature"]
+    keys = ["kd_ratio", "divergence", "kd_temperature"]
     keys += ["jsd_beta"] if config.divergence == "jsd" else []
     keys += ["skew_alpha"] if config.divergence.startswith("skew_") else []
     return {"loss": "ce+kd"} | {k: getattr(config, k) for k in keys}
@@ -493,7 +495,7 @@ def _cache_group(config: DistillConfig) -> dict[str, Any]:
         "data": config.data,
         "max_length": config.max_length,
         "train_on_prompt": config.train_on_prompt,
-        "temperature": config.temperature,
+        "temperature": config.kd_temperature,
     }
 
 
@@ -511,7 +513,7 @@ def _with_shared_cache(
     path = out / "caches" / name
     if name not in built:
         log.info(
-            "sweep: teacher cache %s (T = %g, max length %d)", path, config.temperature, config.max_length
+            "sweep: teacher cache %s (T = %g, max length %d)", path, config.kd_temperature, config.max_length
         )
         cache_teacher(
             CacheTeacherConfig(
@@ -520,7 +522,7 @@ def _with_shared_cache(
                 output=str(path),
                 tokenizer=config.student,  # the student tokenizes in distill: the cache must match it
                 top_k=sweep.cache_top_k,
-                temperature=config.temperature,
+                kd_temperature=config.kd_temperature,
                 max_length=config.max_length,
                 train_on_prompt=config.train_on_prompt,
                 batch_size=config.eval_batch_size,
