@@ -3,7 +3,7 @@
     llm-neo sweep --base base.yaml --space space.yaml --output sweeps/r-lr
 
 ``--base`` is a `distill` config (any YAML `--config` reads, e.g. a run's ``config.yaml``); ``--space``
-says which options vary, by dotted name (``lora.r``, ``lr``, ``kd_ratio``, ``temperature``,
+says which options vary, by dotted name (``lora.r``, ``lr``, ``kd_ratio``, ``kd_temperature``,
 ``divergence``, ...):
 
     grid:                         # every combination, in this order
