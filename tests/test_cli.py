@@ -29,7 +29,7 @@ REQUIRED_FLAGS = [
     "--seed",
     "--kd-ratio",
     "--divergence",
-    "--temperature",
+    "--kd-temperature",
     "--save-every",
     "--resume",
     "--eval-fraction",
@@ -61,7 +61,8 @@ def test_flags_override_yaml(tmp_path):
     args = build_parser().parse_args(
         ["distill", "--config", str(tmp_path / "c.yaml"), "--lora.r", "128", "--kd-ratio", "0.2"]
     )
-    from llm_neo.config import DistillConfig, build_config
+    from llm_neo.config import DistillConfig
+    from llm_neo.options import build_config
 
     config = build_config(DistillConfig, args, args.config)
     assert (config.method, config.kd_ratio, config.lora.r) == ("kd", 0.2, 128)
@@ -268,7 +269,7 @@ def test_hard_kill_then_resume_matches_uninterrupted(tmp_path, student_dir, teac
 )
 def test_convert_takes_its_paths_in_order_or_by_flag(argv):
     from llm_neo.commands.convert import ConvertConfig
-    from llm_neo.config import build_config
+    from llm_neo.options import build_config
 
     config = build_config(ConvertConfig, build_parser("convert").parse_args(argv))
     assert (config.model, config.output) == ("in.gguf", "out-dir")

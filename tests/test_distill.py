@@ -30,9 +30,10 @@ import llm_neo.distill as recipe
 import llm_neo.models.loading as loading
 import llm_neo.runtime.atomic as atomic
 from llm_neo.cli import main
-from llm_neo.config import DistillConfig, LoraOptions, build_config, dump_yaml, load_yaml
+from llm_neo.config import DistillConfig, LoraOptions, dump_yaml
 from llm_neo.distill import distill
 from llm_neo.errors import ConfigError, ModelError, OutputError, RunStopped, TrainingError
+from llm_neo.options import build_config, load_yaml
 from llm_neo.runtime.checkpoint import checkpoint_problems
 
 
@@ -270,6 +271,26 @@ def test_resume_with_only_the_output_dir_reads_its_config(make_config, capsys):
     assert main(["distill", "--resume", "--output-dir", f"{out}/", "--log-every", "2", "-q"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["config"]["student"] == config.student
+
+
+def test_a_run_from_before_the_kd_temperature_rename_resumes(make_config):
+    config = make_config("lora", max_steps=4, save_every=2, kd_temperature=2.0)
+
+    def stop_after_two(step: int, metrics: dict) -> None:
+        if step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        distill(config, on_step=stop_after_two)
+    out = Path(str(config.output_dir))
+    saved = (out / "config.yaml").read_text()
+    assert "\nkd_temperature: 2.0\n" in saved
+    (out / "config.yaml").write_text(
+        saved.replace("\nkd_temperature:", "\ntemperature:")
+    )  # as it was written
+    assert main(["distill", "--resume", "--output-dir", str(out), "-q"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["config"]["kd_temperature"] == 2.0
 
 
 def test_resume_with_changed_options_is_refused(make_config):

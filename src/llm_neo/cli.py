@@ -1,4 +1,5 @@
-"""The `llm-neo` command line. Every option comes from a config dataclass (see config.py).
+"""The `llm-neo` command line. Every option comes from a config dataclass (see config.py; options.py
+turns them into flags).
 
 Each command is a (config dataclass, run function) pair named by import path, imported only when that
 command runs, so `llm-neo --help` answers without loading torch.
@@ -19,17 +20,18 @@ from pathlib import Path
 from typing import Any
 
 from llm_neo import __version__
-from llm_neo.config import (
-    DistillConfig,
-    _unwrap_optional,
+from llm_neo.config import ALIASES, DistillConfig
+from llm_neo.errors import ConfigError, LlmNeoError, RunStopped
+from llm_neo.options import (
     add_dataclass_arguments,
     build_config,
     find_option,
     flag_name,
+    option_aliases,
     option_names,
     suggest_option,
+    unwrap_optional,
 )
-from llm_neo.errors import ConfigError, LlmNeoError, RunStopped
 from llm_neo.runtime.logs import quiet_libraries, setup_logging
 
 
@@ -199,7 +201,8 @@ to the probe prompts, agreement with the teacher and label rates (refusal, --lab
 def ignored_options(config: DistillConfig) -> list[str]:
     """Warnings for options this run ignores: LoRA options given to an arm that trains every weight."""
     from llm_neo.choices import METHODS
-    from llm_neo.config import LoraOptions, to_dict
+    from llm_neo.config import LoraOptions
+    from llm_neo.options import to_dict
 
     method = METHODS.get(config.method)
     if method is None or method.lora:
@@ -302,10 +305,12 @@ def join_negative_values(argv: list[str], cls: Any) -> list[str]:
     """``--lr -1e-4`` as ``--lr=-1e-4``: argparse reads a token that starts with "-" and is not a plain
     integer or decimal as a flag and fails with "expected one argument". Joined, the value reaches the
     range checks, which say what is wrong with it."""
+    aliases = option_aliases(cls)
     takes_value = {
-        flag_name(o)
-        for o in option_names(cls)
-        if (found := find_option(cls, o)) is not None and _unwrap_optional(found[1])[0] is not bool
+        flag_name(name)
+        for name in [*option_names(cls), *aliases]
+        if (found := find_option(cls, aliases.get(name, name))) is not None
+        and unwrap_optional(found[1])[0] is not bool
     }
     out: list[str] = []
     for token in argv:
@@ -323,7 +328,7 @@ def unknown_arguments(extras: list[str], cls: Any) -> list[str]:
     for token in extras:
         if token.startswith("--"):
             name = token[2:].split("=", 1)[0]
-            meant = suggest_option(cls, name)
+            meant = suggest_option(cls, name, ALIASES)
             hint = f" (did you mean {flag_name(meant)}?)" if meant else " (llm-neo COMMAND --help lists them)"
             problems.append(f"--{name}: unknown option{hint}")
         elif not problems or not extras[extras.index(token) - 1].startswith("--"):
@@ -340,7 +345,7 @@ def _resume_config_file(args: argparse.Namespace) -> str | None:
     saved = out / "config.yaml"
     if not saved.is_file():
         return None  # distill says there is nothing to resume
-    from llm_neo.config import load_yaml
+    from llm_neo.options import load_yaml
 
     recorded = load_yaml(saved).get("output_dir")
     if recorded and Path(str(recorded)).resolve() == out.resolve():
@@ -410,7 +415,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config_file = args.config
         if spec.config == COMMANDS["distill"].config:
             config_file = _resume_config_file(args)
-        config = build_config(_resolve(spec.config), args, config_file)
+        config = build_config(_resolve(spec.config), args, config_file, vocabulary=ALIASES)
         if isinstance(config, DistillConfig):
             for warning in ignored_options(config):
                 logging.getLogger("llm_neo").warning(warning)

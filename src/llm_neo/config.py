@@ -1,19 +1,16 @@
-"""Typed configuration, and the CLI flags and YAML files derived from it.
+"""Typed configuration: the options of the training commands, and their validation.
 
-Each option is declared once, as a dataclass field whose metadata carries its help text, its choices
-and its group in ``--help``. The argparse parser, the YAML loader and the validator all walk the same
-fields, so a new option is a one-line change and `--help`, `--config` and `config.yaml` can never
-disagree. Options that several commands share (where models run and how they load; how records are
-tokenized) are defined once, in small base dataclasses the commands' configs derive from: data-only
-mixins, so a command's config is still one flat set of flags and YAML keys.
-
-Spelling: a top-level field ``kd_ratio`` is the flag ``--kd-ratio`` and the YAML key ``kd_ratio``;
-a nested field ``lora.r`` is the flag ``--lora.r`` and the YAML key ``r`` under ``lora:``.
+Each option is declared once, as a dataclass field whose metadata (``options.option_help``) carries its
+help text, its choices and its group in ``--help``. The argparse parser, the YAML loader (both in
+``llm_neo.options``) and the validator all walk the same fields, so a new option is a one-line change
+and `--help`, `--config` and `config.yaml` can never disagree. Options that several commands share
+(where models run and how they load; how records are tokenized) are defined once, in small base
+dataclasses the commands' configs derive from: data-only mixins, so a command's config is still one
+flat set of flags and YAML keys.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import difflib
 import functools
@@ -21,12 +18,9 @@ import importlib.util
 import math
 import os
 import socket
-import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
-
-import yaml
+from typing import Any, Literal
 
 from llm_neo.choices import (
     ARM_VARIANTS,
@@ -47,6 +41,20 @@ from llm_neo.choices import (
     TEACHER_QUANT_BACKENDS,
 )
 from llm_neo.errors import ConfigError
+from llm_neo.options import (
+    DATA,
+    LOADING,
+    LORA,
+    LOSS,
+    MODELS,
+    OPTIMISATION,
+    QUANT,
+    RUN,
+    Effect,
+    flag_name,
+    option_help,
+    yaml_text,
+)
 from llm_neo.runtime.tracking import check_trackers
 
 MLP_CHUNKS_HELP = (
@@ -54,17 +62,6 @@ MLP_CHUNKS_HELP = (
     "sequence, so the backward's recomputed block holds one chunk of the MLP's activations (a third "
     "MLP forward per step). 1: off."
 )
-
-# The groups of --help, in the order a run needs them (and of config.yaml).
-MODELS, DATA, OPTIMISATION, LOSS, LORA, RUN = "models", "data", "optimisation", "loss", "LoRA", "run"
-QUANT, LOADING = "quantization", "model loading"
-GROUPS = (MODELS, DATA, OPTIMISATION, LOSS, LORA, QUANT, RUN, LOADING)
-
-
-def _help(text: str, **extra: Any) -> dict[str, Any]:
-    """Field metadata: the help text, and optionally ``choices`` (a tuple) and ``group`` (a --help group)."""
-    return {"help": text, **extra}
-
 
 # ------------------------------------------------------------------------------------------------
 # Shared option groups
@@ -74,10 +71,13 @@ def _help(text: str, **extra: Any) -> dict[str, Any]:
 class DeviceOptions:
     """Where models run."""
 
-    device: str = field(default="auto", metadata=_help("auto, cpu, cuda or cuda:N.", group=LOADING))
+    device: str = field(
+        default="auto",
+        metadata=option_help("auto, cpu, cuda or cuda:N.", group=LOADING, effect=Effect.RUNTIME),
+    )
     dtype: str = field(
         default="auto",
-        metadata=_help(
+        metadata=option_help(
             "Compute dtype (autocast). auto: bfloat16 on GPUs that support it, else float32.",
             choices=DTYPES,
             group=LOADING,
@@ -91,11 +91,13 @@ class LoadOptions(DeviceOptions):
 
     trust_remote_code: bool = field(
         default=False,
-        metadata=_help("Allow model/tokenizer code from the model dir (off: never run it).", group=LOADING),
+        metadata=option_help(
+            "Allow model/tokenizer code from the model dir (off: never run it).", group=LOADING
+        ),
     )
     allow_pickle_weights: bool = field(
         default=False,
-        metadata=_help(
+        metadata=option_help(
             "Allow loading .bin/.pt (pickle) weights; by default only safetensors are loaded.", group=LOADING
         ),
     )
@@ -106,11 +108,11 @@ class TokenizeOptions:
     """How records become token examples; the commands that read data as distill does share them."""
 
     max_length: int = field(
-        default=2048, metadata=_help("Truncate each sample to this many tokens.", group=DATA)
+        default=2048, metadata=option_help("Truncate each sample to this many tokens.", group=DATA)
     )
     train_on_prompt: bool = field(
         default=False,
-        metadata=_help(
+        metadata=option_help(
             "Also train on (score, cache) prompt tokens; default: response tokens only.", group=DATA
         ),
     )
@@ -123,7 +125,7 @@ class TeacherQuantOptions:
 
     teacher_quant: str = field(
         default="none",
-        metadata=_help(
+        metadata=option_help(
             "Quantize the teacher's block linears: int8 (weight-only; KL ≈ 0.005/token to the unquantized "
             "teacher) or nf4 (4-bit: a different teacher, warned). The drift is measured on a held-out "
             "batch and recorded.",
@@ -133,7 +135,7 @@ class TeacherQuantOptions:
     )
     teacher_quant_backend: str = field(
         default="auto",
-        metadata=_help(
+        metadata=option_help(
             "auto (int8: torchao, nf4: bitsandbytes), torchao, or bitsandbytes (int8 on CUDA only).",
             choices=TEACHER_QUANT_BACKENDS,
             group=QUANT,
@@ -145,22 +147,24 @@ class TeacherQuantOptions:
 class LoraOptions:
     """LoRA branches of the student (PEFT's vocabulary)."""
 
-    r: int = field(default=64, metadata=_help("LoRA rank r (paper: 64; its released 1B model used 128)."))
+    r: int = field(
+        default=64, metadata=option_help("LoRA rank r (paper: 64; its released 1B model used 128).")
+    )
     lora_alpha: float | None = field(
         default=None,
-        metadata=_help("LoRA scaling numerator alpha; the update is (alpha/r)·B·A. Default 2·r."),
+        metadata=option_help("LoRA scaling numerator alpha; the update is (alpha/r)·B·A. Default 2·r."),
     )
-    lora_dropout: float = field(default=0.0, metadata=_help("Dropout on the LoRA input, in [0, 1)."))
+    lora_dropout: float = field(default=0.0, metadata=option_help("Dropout on the LoRA input, in [0, 1)."))
     target_modules: list[str] | None = field(
         default=None,
-        metadata=_help(
+        metadata=option_help(
             "Linear-layer names to adapt, e.g. q_proj v_proj. Default: every linear layer of the "
             "transformer blocks (not embeddings or lm_head), as in the paper."
         ),
     )
     variant: str = field(
         default="lora",
-        metadata=_help(
+        metadata=option_help(
             "lora: plain; dora: weight-decomposed; rslora: alpha/sqrt(r) scaling; pissa: principal-"
             "singular-vector init; moslora: learnable r×r mixer between A and B (merged exactly).",
             choices=LORA_VARIANTS,
@@ -175,15 +179,15 @@ class TrainOptions(TeacherQuantOptions, TokenizeOptions, LoadOptions):
 
     # --- models -----------------------------------------------------------------------------------
     student: str = field(
-        default="", metadata=_help("Student model: a local HF model dir or a hub id.", group=MODELS)
+        default="", metadata=option_help("Student model: a local HF model dir or a hub id.", group=MODELS)
     )
     teacher: str | None = field(
         default=None,
-        metadata=_help("Teacher model (local dir or hub id). Required for neo and kd.", group=MODELS),
+        metadata=option_help("Teacher model (local dir or hub id). Required for neo and kd.", group=MODELS),
     )
     teacher_cache: str | None = field(
         default=None,
-        metadata=_help(
+        metadata=option_help(
             "A teacher cache written by `llm-neo cache-teacher`: neo/kd train on its top-k targets "
             "without loading the teacher (which, if also given, only scores the held-out split).",
             group=MODELS,
@@ -192,7 +196,7 @@ class TrainOptions(TeacherQuantOptions, TokenizeOptions, LoadOptions):
     # --- data -------------------------------------------------------------------------------------
     data: str = field(
         default="",
-        metadata=_help(
+        metadata=option_help(
             "Training data: .jsonl, .json or .parquet file, or a datasets save_to_disk dir. Records: "
             "Alpaca (instruction/input/output), chat (messages), prompt/completion, or text.",
             group=DATA,
@@ -200,54 +204,62 @@ class TrainOptions(TeacherQuantOptions, TokenizeOptions, LoadOptions):
     )
     eval_fraction: float = field(
         default=0.05,
-        metadata=_help(
+        metadata=option_help(
             "Fraction of the data held out for evaluation and the merge check, in [0, 1).", group=DATA
         ),
     )
     # --- optimisation -----------------------------------------------------------------------------
     max_steps: int | None = field(
         default=None,
-        metadata=_help("Optimizer steps to run; overrides --epochs when set.", group=OPTIMISATION),
+        metadata=option_help("Optimizer steps to run; overrides --epochs when set.", group=OPTIMISATION),
     )
     epochs: float = field(
-        default=1.0, metadata=_help("Passes over the training split (fractions allowed).", group=OPTIMISATION)
+        default=1.0,
+        metadata=option_help("Passes over the training split (fractions allowed).", group=OPTIMISATION),
     )
-    batch_size: int = field(default=1, metadata=_help("Samples per micro-batch.", group=OPTIMISATION))
+    batch_size: int = field(default=1, metadata=option_help("Samples per micro-batch.", group=OPTIMISATION))
     grad_accum: int = field(
-        default=8, metadata=_help("Micro-batches per optimizer step.", group=OPTIMISATION)
+        default=8, metadata=option_help("Micro-batches per optimizer step.", group=OPTIMISATION)
     )
     warmup_ratio: float = field(
-        default=0.1, metadata=_help("Fraction of steps of linear warm-up.", group=OPTIMISATION)
+        default=0.1, metadata=option_help("Fraction of steps of linear warm-up.", group=OPTIMISATION)
     )
     scheduler: Literal["cosine", "linear", "constant"] = field(
-        default="cosine", metadata=_help("Learning-rate schedule after warm-up.", group=OPTIMISATION)
+        default="cosine", metadata=option_help("Learning-rate schedule after warm-up.", group=OPTIMISATION)
     )
-    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay.", group=OPTIMISATION))
+    weight_decay: float = field(default=0.0, metadata=option_help("AdamW weight decay.", group=OPTIMISATION))
     max_grad_norm: float = field(
-        default=1.0, metadata=_help("Gradient clipping norm; 0 disables.", group=OPTIMISATION)
+        default=1.0, metadata=option_help("Gradient clipping norm; 0 disables.", group=OPTIMISATION)
     )
     gradient_checkpointing: bool = field(
         default=False,
-        metadata=_help("Recompute student activations in backward to save memory.", group=OPTIMISATION),
+        metadata=option_help("Recompute student activations in backward to save memory.", group=OPTIMISATION),
     )
-    mlp_chunks: int = field(default=1, metadata=_help(MLP_CHUNKS_HELP, group=OPTIMISATION))
+    mlp_chunks: int = field(
+        default=1, metadata=option_help(MLP_CHUNKS_HELP, group=OPTIMISATION, effect=Effect.COST)
+    )
     # --- loss -------------------------------------------------------------------------------------
     kd_ratio: float = field(
         default=0.5,
-        metadata=_help(
+        metadata=option_help(
             "Weight of the KD term: loss = (1-kd_ratio)·CE + kd_ratio·D(teacher||student).", group=LOSS
         ),
     )
     divergence: str = field(
         default="forward_kl",
-        metadata=_help("Divergence D between teacher and student.", choices=DIVERGENCES, group=LOSS),
+        metadata=option_help("Divergence D between teacher and student.", choices=DIVERGENCES, group=LOSS),
     )
-    temperature: float = field(
-        default=1.0, metadata=_help("Softmax temperature T of the KD term (scaled by T²).", group=LOSS)
+    # kd_: the temperature of the KD term; on-policy sampling will have its own (TRL's GKDConfig calls
+    # its sampling one ``temperature``).
+    kd_temperature: float = field(
+        default=1.0,
+        metadata=option_help(
+            "Softmax temperature T of the KD term (scaled by T²).", group=LOSS, aliases=("temperature",)
+        ),
     )
     loss_impl: str = field(
         default="chunked",
-        metadata=_help(
+        metadata=option_help(
             "chunked: lm_heads and the loss computed chunk by chunk of tokens, never holding "
             "[tokens × vocab] logits; plain: full logits (the reference and benchmark baseline); liger: "
             "Liger-Kernel's fused linear JSD loss for the KD term (an extra: pip install "
@@ -257,44 +269,51 @@ class TrainOptions(TeacherQuantOptions, TokenizeOptions, LoadOptions):
         ),
     )
     loss_chunk_size: int = field(
-        default=1024, metadata=_help("Tokens per chunk of the chunked loss.", group=LOSS)
+        default=1024, metadata=option_help("Tokens per chunk of the chunked loss.", group=LOSS)
     )
-    jsd_beta: float = field(default=0.5, metadata=_help("β of the generalized JSD, in (0, 1).", group=LOSS))
+    jsd_beta: float = field(
+        default=0.5, metadata=option_help("β of the generalized JSD, in (0, 1).", group=LOSS)
+    )
     skew_alpha: float = field(
-        default=0.1, metadata=_help("α of the skew KL divergences, in [0, 1).", group=LOSS)
+        default=0.1, metadata=option_help("α of the skew KL divergences, in [0, 1).", group=LOSS)
     )
     # --- run --------------------------------------------------------------------------------------
     save_every: int = field(
         default=0,
-        metadata=_help(
+        metadata=option_help(
             "Checkpoint every N optimizer steps and at the last (0: none, but a stop by SIGTERM, SIGINT "
             "or SIGUSR1 always writes one).",
             group=RUN,
+            effect=Effect.COST,
         ),
     )
     log_every: int = field(
-        default=1, metadata=_help("Write a metrics.jsonl record every N steps.", group=RUN)
+        default=1,
+        metadata=option_help("Write a metrics.jsonl record every N steps.", group=RUN, effect=Effect.RUNTIME),
     )
-    eval_batch_size: int = field(default=8, metadata=_help("Batch size of held-out evaluation.", group=RUN))
+    eval_batch_size: int = field(
+        default=8, metadata=option_help("Batch size of held-out evaluation.", group=RUN, effect=Effect.COST)
+    )
     report_to: list[str] = field(
         default_factory=list,
-        metadata=_help(
+        metadata=option_help(
             "Also log each step to these trackers, under OUTPUT_DIR: tensorboard, wandb (offline), mlflow "
             "(a local file store); pip install 'llm-neo[track]'.",
             group=RUN,
+            effect=Effect.COST,
         ),
     )
     merge_tolerance: float = field(
         default=1e-3,
-        metadata=_help(
+        metadata=option_help(
             "Max |merged − adapter| logit difference (fp32) accepted by the merge check.", group=RUN
         ),
     )
-    lora: LoraOptions = field(default_factory=LoraOptions, metadata=_help("", group=LORA))
+    lora: LoraOptions = field(default_factory=LoraOptions, metadata=option_help("", group=LORA))
     # --- quantization -----------------------------------------------------------------------------
     student_quant: str = field(
         default="none",
-        metadata=_help(
+        metadata=option_help(
             "QLoRA for the LoRA arms: load the frozen student base with its block linears nf4 "
             "(bitsandbytes) or int8 (torchao); the merge dequantizes it exactly and saves a dense model.",
             choices=STUDENT_QUANT,
@@ -309,7 +328,7 @@ class DistillConfig(TrainOptions):
 
     method: str = field(
         default="neo",
-        metadata=_help(
+        metadata=option_help(
             "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()) + ".",
             choices=METHOD_NAMES,
             group=MODELS,
@@ -317,7 +336,7 @@ class DistillConfig(TrainOptions):
     )
     lr: float | None = field(
         default=None,
-        metadata=_help(
+        metadata=option_help(
             f"Peak learning rate. Default (paper's rule): {FULL_PARAMETER_LR:g} for sft/kd, "
             f"{LORA_LR:g} (10x) for neo/lora.",
             group=OPTIMISATION,
@@ -325,30 +344,38 @@ class DistillConfig(TrainOptions):
     )
     seed: int = field(
         default=42,
-        metadata=_help("Seed for initialisation, data order and the held-out split.", group=OPTIMISATION),
+        metadata=option_help(
+            "Seed for initialisation, data order and the held-out split.", group=OPTIMISATION
+        ),
     )
     output_dir: str | None = field(
-        default=None, metadata=_help("Where outputs go. Default runs/<method>.", group=RUN)
+        default=None,
+        metadata=option_help("Where outputs go. Default runs/<method>.", group=RUN, effect=Effect.PLACE),
     )
     resume: bool = field(
         default=False,
-        metadata=_help(
+        metadata=option_help(
             "Continue from the newest intact checkpoint in --output-dir (each file's size and sha256 "
             "checked; a damaged one is skipped with a warning). Without --config, the options are read "
             "from OUTPUT_DIR/config.yaml (flags given override them and are checked against it).",
             group=RUN,
+            effect=Effect.EXISTING,
         ),
     )
     overwrite: bool = field(
-        default=False, metadata=_help("Replace an earlier run's outputs in --output-dir.", group=RUN)
+        default=False,
+        metadata=option_help(
+            "Replace an earlier run's outputs in --output-dir.", group=RUN, effect=Effect.EXISTING
+        ),
     )
     export: str | None = field(
         default=None,
-        metadata=_help(
+        metadata=option_help(
             "After the merge, also export the student (verified by reloading it) into OUTPUT_DIR/export: "
             "gguf:TYPE for llama.cpp/Ollama, or int8 (torchao safetensors).",
             choices=EXPORT_SPECS,
             group=RUN,
+            effect=Effect.COST,
         ),
     )
 
@@ -379,15 +406,19 @@ class DistillConfig(TrainOptions):
 class EvalConfig(TokenizeOptions, LoadOptions):
     """`llm-neo eval`: KD-aware held-out metrics of a model against a teacher."""
 
-    model: str = field(default="", metadata=_help("Model to evaluate (e.g. runs/neo/merged).", group=MODELS))
-    data: str = field(default="", metadata=_help("Held-out data, in any format `distill` reads.", group=DATA))
+    model: str = field(
+        default="", metadata=option_help("Model to evaluate (e.g. runs/neo/merged).", group=MODELS)
+    )
+    data: str = field(
+        default="", metadata=option_help("Held-out data, in any format `distill` reads.", group=DATA)
+    )
     teacher: str | None = field(
         default=None,
-        metadata=_help("Teacher for kl_to_teacher and top1_agreement (optional).", group=MODELS),
+        metadata=option_help("Teacher for kl_to_teacher and top1_agreement (optional).", group=MODELS),
     )
-    batch_size: int = field(default=8, metadata=_help("Evaluation batch size.", group=RUN))
+    batch_size: int = field(default=8, metadata=option_help("Evaluation batch size.", group=RUN))
     json: str | None = field(
-        default=None, metadata=_help("Also write the metrics to this JSON file.", group=RUN)
+        default=None, metadata=option_help("Also write the metrics to this JSON file.", group=RUN)
     )
 
 
@@ -396,18 +427,20 @@ class CacheTeacherConfig(TeacherQuantOptions, TokenizeOptions, LoadOptions):
     """`llm-neo cache-teacher`: run the teacher once over the data and store its top-k log-probs."""
 
     teacher: str = field(
-        default="", metadata=_help("Teacher model: a local HF model dir or a hub id.", group=MODELS)
+        default="", metadata=option_help("Teacher model: a local HF model dir or a hub id.", group=MODELS)
     )
     data: str = field(
         default="",
-        metadata=_help(
+        metadata=option_help(
             "Data to cache, in any format `distill` reads (the file you will distill on).", group=DATA
         ),
     )
-    output: str = field(default="", metadata=_help("Cache directory to write (or to resume).", group=RUN))
+    output: str = field(
+        default="", metadata=option_help("Cache directory to write (or to resume).", group=RUN)
+    )
     tokenizer: str | None = field(
         default=None,
-        metadata=_help(
+        metadata=option_help(
             "Model dir whose tokenizer and chat template tokenize the data, as the student's do in "
             "distill. Default: the teacher's. Give the student here if its tokenizer or template "
             "files differ from the teacher's (the cache key records them).",
@@ -416,23 +449,25 @@ class CacheTeacherConfig(TeacherQuantOptions, TokenizeOptions, LoadOptions):
     )
     top_k: int = field(
         default=64,
-        metadata=_help(
+        metadata=option_help(
             "Teacher tokens kept per position (the rest is one tail bucket); ~6·k+2 bytes/token.", group=RUN
         ),
     )
-    temperature: float = field(
+    kd_temperature: float = field(
         default=1.0,
-        metadata=_help(
-            "Temperature T of the stored log-probs; distill must use the same --temperature.", group=RUN
+        metadata=option_help(
+            "Temperature T of the stored log-probs; distill must use the same --kd-temperature.",
+            group=RUN,
+            aliases=("temperature",),
         ),
     )
-    batch_size: int = field(default=8, metadata=_help("Samples per teacher forward pass.", group=RUN))
+    batch_size: int = field(default=8, metadata=option_help("Samples per teacher forward pass.", group=RUN))
     shard_size: int = field(
-        default=1024, metadata=_help("Examples per shard file (the unit of resumption).", group=RUN)
+        default=1024, metadata=option_help("Examples per shard file (the unit of resumption).", group=RUN)
     )
     logprob_dtype: str = field(
         default="float16",
-        metadata=_help(
+        metadata=option_help(
             "Storage dtype of the log-probs and the tail (computed in float32 either way).",
             choices=LOGPROB_DTYPES,
             group=RUN,
@@ -440,11 +475,11 @@ class CacheTeacherConfig(TeacherQuantOptions, TokenizeOptions, LoadOptions):
     )
     chunk_size: int = field(
         default=1024,
-        metadata=_help("Tokens per chunk of the teacher's lm_head (bounds logits memory).", group=RUN),
+        metadata=option_help("Tokens per chunk of the teacher's lm_head (bounds logits memory).", group=RUN),
     )
     overwrite: bool = field(
         default=False,
-        metadata=_help(
+        metadata=option_help(
             "Replace a cache in --output made for other inputs (same inputs: it is resumed).", group=RUN
         ),
     )
@@ -694,7 +729,7 @@ def validate_distill(config: DistillConfig) -> None:
         p,
         [
             ("kd-ratio", c.kd_ratio, 0 <= c.kd_ratio <= 1, "in [0, 1]"),
-            ("temperature", c.temperature, c.temperature > 0, "> 0"),
+            ("kd-temperature", c.kd_temperature, c.kd_temperature > 0, "> 0"),
             ("jsd-beta", c.jsd_beta, 0 < c.jsd_beta < 1, "in (0, 1)"),
             ("skew-alpha", c.skew_alpha, 0 <= c.skew_alpha < 1, "in [0, 1)"),
             ("epochs", c.epochs, c.epochs > 0, "> 0"),
@@ -779,7 +814,7 @@ def validate_cache_teacher(config: CacheTeacherConfig) -> None:
         p,
         [
             ("top-k", c.top_k, c.top_k >= 1, ">= 1"),
-            ("temperature", c.temperature, c.temperature > 0, "> 0"),
+            ("kd-temperature", c.kd_temperature, c.kd_temperature > 0, "> 0"),
             ("batch-size", c.batch_size, c.batch_size >= 1, ">= 1"),
             ("shard-size", c.shard_size, c.shard_size >= 1, ">= 1"),
             ("chunk-size", c.chunk_size, c.chunk_size >= 1, ">= 1"),
@@ -790,7 +825,8 @@ def validate_cache_teacher(config: CacheTeacherConfig) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# Names from other tools, and the suggestion an unknown option gets.
+# Names from other tools: the vocabulary of the suggestion an unknown option gets
+# (``options.suggest_option``).
 
 # What other tools (PEFT, transformers' TrainingArguments, LLaMA-Factory, Axolotl, torchtune) call our
 # options: an unknown option that is one of these gets "did you mean ...?" even where its spelling is far
@@ -842,261 +878,8 @@ ALIASES = {
 }
 
 
-def suggest_option(cls: Any, name: str) -> str | None:
-    """The option of ``cls`` a user most likely meant by the unknown dotted ``name`` (``lora.rank``,
-    ``learning_rate``): an alias from another tool's vocabulary, else the closest spelling."""
-    key = name.replace("-", "_")
-    known = option_names(cls)
-    for candidate in (key, key.split(".")[-1]):
-        target = ALIASES.get(candidate)
-        if target is not None and target in known:
-            return target
-    close = difflib.get_close_matches(key, known, n=1)
-    if close:
-        return close[0]
-    leaf = key.split(".")[-1]  # a nested option given without its section (r for lora.r)
-    nested = [o for o in known if o.split(".")[-1] == leaf]
-    return nested[0] if len(nested) == 1 else None
-
-
-def flag_name(option: str) -> str:
-    """The flag of a dotted option name: ``lora.lora_alpha`` -> ``--lora.lora-alpha``."""
-    return "--" + option.replace("_", "-")
-
-
-# ------------------------------------------------------------------------------------------------
-# The generic machinery: dataclass fields <-> flags <-> YAML.
-
-
-def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
-    if get_origin(tp) in (Union, types.UnionType):
-        args = [a for a in get_args(tp) if a is not type(None)]
-        if len(args) == 1:
-            return args[0], True
-    return tp, False
-
-
-def ordered_fields(cls: Any) -> list[dataclasses.Field[Any]]:
-    """The fields of a config class in the order of --help, config.yaml and summary.json: by group
-    (``GROUPS``; fields without one last), in declaration order within a group."""
-    rank = {g: i for i, g in enumerate(GROUPS)}
-    return sorted(dataclasses.fields(cls), key=lambda f: rank.get(str(f.metadata.get("group")), len(GROUPS)))
-
-
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, prefix: str = "") -> None:
-    """Add one flag per field of ``cls`` (recursing into nested dataclasses as ``--section.name``), in the
-    argparse group its metadata names.
-
-    Defaults are suppressed so that only flags the user typed override the YAML file.
-    """
-    hints = get_type_hints(cls)
-    groups: dict[str, Any] = {}
-    nested_group = parser.add_argument_group(f"{prefix.rstrip('.')} options") if prefix else None
-    for f in ordered_fields(cls):
-        tp, _ = _unwrap_optional(hints[f.name])
-        if dataclasses.is_dataclass(tp):
-            add_dataclass_arguments(parser, tp, prefix=f"{prefix}{f.name}.")  # type: ignore[arg-type]
-            continue
-        title = f.metadata.get("group")
-        group = nested_group or (
-            groups.setdefault(title, parser.add_argument_group(f"{title} options")) if title else parser
-        )
-        default = f.default if f.default is not dataclasses.MISSING else None
-        help_text = f.metadata.get("help", "")
-        if default not in (None, "", False):
-            help_text += f" [default: {default}]"
-        flags = [flag_name(prefix + f.name)]
-        kwargs: dict[str, Any] = {
-            "dest": f"{prefix}{f.name}",
-            "default": argparse.SUPPRESS,
-            "help": help_text,
-        }
-        choices = _choices(f, tp)
-        if f.metadata.get("positional"):  # also accepted in order, without its flag: convert IN OUT
-            parser.add_argument(
-                kwargs["dest"], nargs="?", default=argparse.SUPPRESS, metavar=f.name.upper(),
-                help=f"the same as {flags[0]}",
-            )  # fmt: skip
-        if tp is bool:
-            group.add_argument(*flags, action=argparse.BooleanOptionalAction, **kwargs)
-        elif choices is not None:
-            group.add_argument(*flags, choices=list(choices), metavar="{" + ",".join(choices) + "}", **kwargs)
-        elif get_origin(tp) is list:
-            group.add_argument(*flags, nargs="+", metavar=f.name.upper().removesuffix("S"), **kwargs)
-        else:
-            group.add_argument(*flags, type=tp, metavar=f.name.upper(), **kwargs)
-
-
-def _choices(f: dataclasses.Field[Any], tp: Any) -> tuple[str, ...] | None:
-    """A field's choices: declared in its metadata, or the values of a ``Literal`` type."""
-    if "choices" in f.metadata:
-        return tuple(f.metadata["choices"])
-    return tuple(get_args(tp)) if get_origin(tp) is Literal else None
-
-
-def _coerce(value: Any, tp: Any, choices: tuple[str, ...] | None, where: str, problems: list[str]) -> Any:
-    tp, optional = _unwrap_optional(tp)
-    if value is None:
-        if not optional:
-            problems.append(f"{where}: null is not allowed here")
-        return value
-    if choices is not None:
-        if value in choices:
-            return value
-        problems.append(f"{where}: {value!r} is not one of {', '.join(map(str, choices))}")
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is float:
-        # YAML 1.1 reads "2e-4" as a string; accept it the way a user meant it.
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-    elif get_origin(tp) is list:
-        if isinstance(value, str):
-            value = [value]
-        if isinstance(value, list) and all(isinstance(v, str) for v in value):
-            return list(value)
-    problems.append(f"{where}: {value!r} is not a valid {getattr(tp, '__name__', tp)}")
-    return value
-
-
-def from_dict(
-    cls: type,
-    data: dict[str, Any],
-    *,
-    source: str,
-    problems: list[str],
-    prefix: str = "",
-    root: Any = None,
-) -> Any:
-    """Build ``cls`` from a (YAML) mapping; unknown keys and wrong types are appended to ``problems``
-    (an unknown key with the option it most likely meant: ``suggest_option`` of the ``root`` config)."""
-    hints = get_type_hints(cls)
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    root = root or cls
-    kwargs: dict[str, Any] = {}
-    for key, value in data.items():
-        key_norm = str(key).replace("-", "_")
-        where = f"{source}: {prefix}{key}"
-        if key_norm not in names:
-            meant = suggest_option(root, f"{prefix}{key_norm}")
-            hint = f" (did you mean {meant}?)" if meant else ""
-            problems.append(f"{where}: unknown option{hint}")
-            continue
-        tp, _ = _unwrap_optional(hints[key_norm])
-        if dataclasses.is_dataclass(tp):
-            if not isinstance(value, dict):
-                problems.append(f"{where}: expected a mapping of {key_norm} options")
-                continue
-            kwargs[key_norm] = from_dict(
-                tp,  # type: ignore[arg-type]
-                value,
-                source=source,
-                problems=problems,
-                prefix=f"{prefix}{key_norm}.",
-                root=root,
-            )
-        else:
-            kwargs[key_norm] = coerce_option(value, (names[key_norm], hints[key_norm]), where, problems)
-    return cls(**kwargs)
-
-
-Option = tuple[dataclasses.Field[Any], Any]  # a field and its declared type
-
-
-def find_option(cls: Any, option: str) -> Option | None:
-    """The field and declared type of a dotted option of ``cls`` (``lora.r``), or None if it has none."""
-    *parents, leaf = option.split(".")
-    for part in parents:
-        found = find_option(cls, part)
-        if found is None or not dataclasses.is_dataclass(inner := _unwrap_optional(found[1])[0]):
-            return None
-        cls = inner
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    if leaf not in fields:
-        return None
-    return fields[leaf], get_type_hints(cls)[leaf]
-
-
-def option_names(cls: Any, prefix: str = "") -> list[str]:
-    """Every leaf option of ``cls`` as a dotted name (``kd_ratio``, ``lora.r``)."""
-    names = []
-    hints = get_type_hints(cls)
-    for f in ordered_fields(cls):
-        tp, _ = _unwrap_optional(hints[f.name])
-        names += (
-            option_names(tp, f"{prefix}{f.name}.") if dataclasses.is_dataclass(tp) else [f"{prefix}{f.name}"]
-        )
-    return names
-
-
-def coerce_option(value: Any, option: Option, where: str, problems: list[str]) -> Any:
-    """``value`` as the option's type (a problem appended, naming ``where``, when it is not one)."""
-    f, tp = option
-    return _coerce(value, tp, _choices(f, _unwrap_optional(tp)[0]), where, problems)
-
-
-def to_dict(config: Any) -> dict[str, Any]:
-    """Plain nested dict of a config dataclass (what config.yaml and summary.json hold), in the order of
-    ``ordered_fields``."""
-    return {
-        f.name: to_dict(value) if dataclasses.is_dataclass(value := getattr(config, f.name)) else value
-        for f in ordered_fields(config)
-    }
-
-
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError([f"--config: {str(path)!r} does not exist"])
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(
-            [f"{path}{where}: invalid YAML ({err.__class__.__name__}); fix the syntax"]
-        ) from err
-    if not isinstance(data, dict):
-        raise ConfigError([f"{path}: the top level must be a mapping of option: value"])
-    return data
-
-
-def build_config(cls: type, args: argparse.Namespace, config_file: str | None = None) -> Any:
-    """Merge a YAML file (if any) with the flags the user typed (flags win) into ``cls``."""
-    problems: list[str] = []
-    data: dict[str, Any] = load_yaml(config_file) if config_file else {}
-    for dest, value in vars(args).items():
-        if dest in ("command", "config", "func", "quiet", "debug"):
-            continue
-        node = data
-        *parents, leaf = dest.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                break
-        else:
-            node[leaf] = value
-    config = from_dict(cls, data, source=str(config_file or "command line"), problems=problems)
-    if problems:
-        raise ConfigError(problems)
-    return config
-
-
 def dump_yaml(config: Any, path: str | Path) -> None:
-    """Write ``config`` as YAML that ``--config`` reads back to an equal config."""
+    """Write ``config`` as YAML that ``--config`` reads back to an equal config (atomically)."""
     from llm_neo.runtime.atomic import atomic_write_text
 
-    atomic_write_text(Path(path), yaml.safe_dump(to_dict(config), sort_keys=False))
+    atomic_write_text(Path(path), yaml_text(config))

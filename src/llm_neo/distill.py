@@ -44,7 +44,7 @@ from transformers import PreTrainedModel, get_scheduler
 from transformers import set_seed as hf_set_seed
 
 from llm_neo import __version__
-from llm_neo.config import DistillConfig, dump_yaml, flag_name, load_yaml, to_dict, validate_distill
+from llm_neo.config import DistillConfig, dump_yaml, validate_distill
 from llm_neo.data import Example, collate, read_examples, split_heldout
 from llm_neo.errors import (
     ConfigError,
@@ -100,6 +100,7 @@ from llm_neo.models.quant import (
     train_mode_without_dropout,
     weight_bytes,
 )
+from llm_neo.options import Effect, canonical_keys, flag_name, load_yaml, options_with, to_dict
 from llm_neo.provenance import provenance
 from llm_neo.runtime.atomic import (
     atomic_directory,
@@ -146,10 +147,7 @@ log = logging.getLogger("llm_neo")
 # Optimizer steps over which a CPU run counts its live tensor bytes (``peak_tensor_memory_gb``).
 TRACKED_STEPS = 10
 # Options that may differ between a run and its resumption without changing its result.
-RESUMABLE_CHANGES = {
-    "resume", "overwrite", "save_every", "log_every", "eval_batch_size", "device", "mlp_chunks",
-    "export", "report_to",
-}  # fmt: skip
+RESUMABLE_CHANGES = options_with(DistillConfig, Effect.COST, Effect.RUNTIME, Effect.EXISTING, Effect.REPORT)
 # What a run writes in its output directory (and an --overwrite run replaces).
 OUTPUTS = (
     "merged", "adapter", "export", "checkpoints", "metrics.jsonl", SUMMARY_FILE, "config.yaml",
@@ -561,7 +559,7 @@ def _check_output_dir(config: DistillConfig, out: Path, world: World) -> Path | 
                 ]
             )
         if saved.is_file():
-            before, now = load_yaml(saved), to_dict(config)
+            before, now = canonical_keys(DistillConfig, load_yaml(saved)), to_dict(config)
             changed = sorted(_diff_keys(before, now) - RESUMABLE_CHANGES)
             if changed:
                 raise ConfigError(
@@ -692,7 +690,7 @@ def step_settings(
     options = LossOptions(
         kd_ratio=config.kd_ratio if config.uses_kd else 0.0,
         divergence=config.divergence,
-        temperature=config.temperature,
+        temperature=config.kd_temperature,
         beta=config.jsd_beta,
         skew_alpha=config.skew_alpha,
         kd_vocab_size=kd_vocab,

@@ -28,10 +28,11 @@ from llm_neo.commands.bench import (
 )
 from llm_neo.commands.plan import model_dims, weight_bytes_at
 from llm_neo.commands.shapes import get_shape
-from llm_neo.config import DistillConfig, add_dataclass_arguments, build_config
+from llm_neo.config import DistillConfig
 from llm_neo.data import load_records, tokenize_records
 from llm_neo.errors import ConfigError
 from llm_neo.models.tiny import build_word_tokenizer
+from llm_neo.options import add_dataclass_arguments, build_config
 from llm_neo.runtime.memory import LiveTensorBytes, peak_rss_bytes
 
 RUNS = ["kd:plain", "kd:chunked", "neo:plain", "neo:chunked", "neo:chunked:16", "sft:plain", "lora:chunked"]

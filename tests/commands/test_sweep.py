@@ -25,8 +25,9 @@ from llm_neo.commands.sweep import (
     ranks,
     sweep,
 )
-from llm_neo.config import DistillConfig, build_config
+from llm_neo.config import DistillConfig
 from llm_neo.errors import ConfigError, RunStopped, StateFileError, SweepError, TrainingError
+from llm_neo.options import build_config
 
 
 @pytest.fixture()
@@ -382,7 +383,7 @@ def test_training_losses_of_different_objectives_are_not_ranked(tmp_path, base_y
         "loss": "ce+kd",
         "kd_ratio": 0.5,
         "divergence": "forward_kl",
-        "temperature": 1.0,
+        "kd_temperature": 1.0,
     }
 
 

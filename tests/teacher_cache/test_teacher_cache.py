@@ -424,7 +424,7 @@ def test_cache_key_refuses_a_run_it_was_not_made_for(
     assert "tokens (" in text  # the consequence is reported too, after its cause
     text = refused("max_length", max_length=64)
     assert "cache 2048, this run 64; run with --max-length 2048" in text
-    refused("temperature", temperature=2.0)
+    refused("temperature", kd_temperature=2.0)  # the key part keeps its name
     refused("train_on_prompt", train_on_prompt=True)
     text = refused("tokenizer", student=str(foreign_dir))
     assert "--tokenizer <student dir>" in text
@@ -465,7 +465,7 @@ def test_incomplete_cache_is_a_config_problem(run_config, tmp_path):
 
 def test_lora_arm_with_a_cache_ignores_its_temperature(run_config, cache_dir):
     summary = distill(
-        run_config("lora", method="lora", teacher_cache=str(cache_dir), temperature=3.0, max_steps=1)
+        run_config("lora", method="lora", teacher_cache=str(cache_dir), kd_temperature=3.0, max_steps=1)
     )
     assert summary.final["kd_loss"] == 0 and summary.heldout_reference == "teacher_cache"
     assert dataclasses.asdict(DistillConfig()).keys() >= {"teacher_cache"}

@@ -59,7 +59,8 @@ from typing import Any, NamedTuple
 import torch
 
 from llm_neo.choices import ARM_VARIANTS, METHODS
-from llm_neo.config import MLP_CHUNKS_HELP, DeviceOptions, _help, arm_name, parse_arm
+from llm_neo.config import MLP_CHUNKS_HELP, DeviceOptions, arm_name, parse_arm
+from llm_neo.options import option_help as _help  # its uses untouched while bench is split (issue 19)
 from llm_neo.runtime.memory import LiveTensorBytes, peak_rss_bytes, rss_bytes
 from llm_neo.runtime.workers import load_average
 

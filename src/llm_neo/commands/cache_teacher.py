@@ -30,7 +30,7 @@ def run_cache_teacher(config: CacheTeacherConfig) -> int:
         if config.teacher_quant_backend != "auto":
             quant += f" --teacher-quant-backend {config.teacher_quant_backend}"
     print(
-        f"\ntrain from it: llm-neo distill --teacher-cache {config.output} --temperature "
-        f"{config.temperature:g} --max-length {config.max_length}{quant} --data {config.data} ..."
+        f"\ntrain from it: llm-neo distill --teacher-cache {config.output} --kd-temperature "
+        f"{config.kd_temperature:g} --max-length {config.max_length}{quant} --data {config.data} ..."
     )
     return 0

@@ -38,22 +38,15 @@ from llm_neo import __version__
 from llm_neo.choices import ARM_VARIANTS, COMPARISON_ORDER, METHOD_NAMES, METHODS
 from llm_neo.commands.cost import GPUS, flops_per_token, gpu, parse_tokens, project
 from llm_neo.config import (
-    DATA,
-    MODELS,
-    OPTIMISATION,
-    RUN,
     CacheTeacherConfig,
     DistillConfig,
     TrainOptions,
-    _help,
     check_choices,
     check_data_path,
     check_model_path,
     check_ranges,
     dump_yaml,
-    load_yaml,
     parse_arm,
-    to_dict,
     validate_distill,
 )
 from llm_neo.data import load_records, read_examples
@@ -70,6 +63,17 @@ from llm_neo.models.loading import (
     resolve_dtype,
 )
 from llm_neo.models.quant import load_teacher
+from llm_neo.options import (
+    DATA,
+    MODELS,
+    OPTIMISATION,
+    RUN,
+    Effect,
+    load_yaml,
+    option_help,
+    options_with,
+    to_dict,
+)
 from llm_neo.report.stats import paired_difference, summarize
 from llm_neo.runtime.atomic import atomic_write_json, atomic_write_text
 from llm_neo.runtime.checkpoint import list_checkpoints
@@ -83,13 +87,6 @@ log = logging.getLogger("llm_neo")
 SCHEMA_VERSION = 1
 RESULTS = "results.json"
 EVAL = "evaluation"  # the --help group of the scoring options
-# Options that change only the report or the scoring (scores are recomputed); any other change between a
-# comparison and its rerun would mix results of different settings, and is refused.
-REPORT_ONLY = {
-    "project_tokens", "gpu", "gpus", "utilization", "jobs", "overwrite", "log_every", "device",
-    "exact_memory", "probes",
-}  # fmt: skip
-SCORING = {"score", "category_field", "max_new_tokens", "lm_eval_tasks", "lm_eval_include", "lm_eval_limit"}
 # Per-run numbers the report aggregates over seeds (mean, std, min, max).
 METRICS = (
     "accuracy",
@@ -113,10 +110,10 @@ class LearningRates:
     """Peak learning rate of each arm (--lr.neo 3e-4); unset: the paper's rule (2e-5 for the
     full-parameter arms, 10x for the LoRA arms)."""
 
-    sft: float | None = field(default=None, metadata=_help("Learning rate of the sft arm."))
-    lora: float | None = field(default=None, metadata=_help("Learning rate of the lora arm."))
-    kd: float | None = field(default=None, metadata=_help("Learning rate of the kd arm."))
-    neo: float | None = field(default=None, metadata=_help("Learning rate of the neo arm."))
+    sft: float | None = field(default=None, metadata=option_help("Learning rate of the sft arm."))
+    lora: float | None = field(default=None, metadata=option_help("Learning rate of the lora arm."))
+    kd: float | None = field(default=None, metadata=option_help("Learning rate of the kd arm."))
+    neo: float | None = field(default=None, metadata=option_help("Learning rate of the neo arm."))
 
 
 @dataclass
@@ -125,7 +122,7 @@ class CompareConfig(TrainOptions):
 
     methods: list[str] = field(
         default_factory=lambda: list(COMPARISON_ORDER),
-        metadata=_help(
+        metadata=option_help(
             "Arms to compare (space- or comma-separated): sft lora kd neo, and quantized variants such "
             f"as neo+int8-teacher or lora+nf4-student ({', '.join(ARM_VARIANTS)}).",
             group=MODELS,
@@ -133,7 +130,7 @@ class CompareConfig(TrainOptions):
     )
     heldout: str | None = field(
         default=None,
-        metadata=_help(
+        metadata=option_help(
             "Held-out records every model is scored on (Alpaca, prompt/completion, or chat records "
             "ending with an assistant turn). Default: --eval-fraction of --data, split off once.",
             group=DATA,
@@ -141,18 +138,20 @@ class CompareConfig(TrainOptions):
     )
     train_records: list[int] | None = field(
         default=None,
-        metadata=_help(
+        metadata=option_help(
             "A data-size axis: repeat the comparison on the first N training records for each N "
             "(e.g. 200 800 3200), to see how much data is needed and where the teacher's signal pays.",
             group=DATA,
         ),
     )
-    seeds: int = field(default=3, metadata=_help("Seeds per arm: --seed, --seed+1, ...", group=OPTIMISATION))
-    seed: int = field(default=42, metadata=_help("The first seed.", group=OPTIMISATION))
-    lr: LearningRates = field(default_factory=LearningRates, metadata=_help("", group=OPTIMISATION))
+    seeds: int = field(
+        default=3, metadata=option_help("Seeds per arm: --seed, --seed+1, ...", group=OPTIMISATION)
+    )
+    seed: int = field(default=42, metadata=option_help("The first seed.", group=OPTIMISATION))
+    lr: LearningRates = field(default_factory=LearningRates, metadata=option_help("", group=OPTIMISATION))
     cache_teacher: int = field(
         default=0,
-        metadata=_help(
+        metadata=option_help(
             "Build a teacher cache with this top-k first and train the KD arms from it (the teacher runs "
             "once for all of them); 0: the teacher runs online in every KD arm.",
             group=MODELS,
@@ -160,78 +159,118 @@ class CompareConfig(TrainOptions):
     )
     score: str = field(
         default="normalized",
-        metadata=_help(
+        metadata=option_help(
             "Task score of the greedy answers against the reference responses: " + ", ".join(SCORES) + ".",
             group=EVAL,
+            effect=Effect.SCORING,
         ),
     )
     category_field: str = field(
         default="category",
-        metadata=_help("Record field whose values the task score is also reported by.", group=EVAL),
+        metadata=option_help(
+            "Record field whose values the task score is also reported by.", group=EVAL, effect=Effect.SCORING
+        ),
     )
     max_new_tokens: int | None = field(
         default=None,
-        metadata=_help("Longest greedy answer. Default: the longest reference + 8 tokens.", group=EVAL),
+        metadata=option_help(
+            "Longest greedy answer. Default: the longest reference + 8 tokens.",
+            group=EVAL,
+            effect=Effect.SCORING,
+        ),
     )
     lm_eval_tasks: list[str] | None = field(
         default=None,
-        metadata=_help(
+        metadata=option_help(
             "lm-evaluation-harness tasks every merged model is also scored on (pip install "
             "'llm-neo[eval]'; the datasets must be on this machine).",
             group=EVAL,
+            effect=Effect.SCORING,
         ),
     )
     lm_eval_include: str | None = field(
-        default=None, metadata=_help("A directory of local lm-eval task YAMLs.", group=EVAL)
+        default=None,
+        metadata=option_help("A directory of local lm-eval task YAMLs.", group=EVAL, effect=Effect.SCORING),
     )
     lm_eval_limit: int | None = field(
-        default=None, metadata=_help("Score at most this many documents per lm-eval task.", group=EVAL)
+        default=None,
+        metadata=option_help(
+            "Score at most this many documents per lm-eval task.", group=EVAL, effect=Effect.SCORING
+        ),
     )
     probes: list[str] = field(
         default_factory=list,
-        metadata=_help(
+        metadata=option_help(
             "Also probe what each arm inherited from the teacher (llm-neo probe): probe sources, 'builtin' "
             "or files (CrowS-Pairs .csv, StereoSet .json, BBQ or llm-neo .jsonl). The first seed of each "
             "arm is probed, the untrained student is the baseline; the report gains the probe's section.",
             group=EVAL,
+            effect=Effect.REPORT,
         ),
     )
     project_tokens: str | None = field(
         default=None,
-        metadata=_help(
-            "Project each arm's cost to a full run of this many tokens (e.g. 50M, 2B).", group=RUN
+        metadata=option_help(
+            "Project each arm's cost to a full run of this many tokens (e.g. 50M, 2B).",
+            group=RUN,
+            effect=Effect.REPORT,
         ),
     )
     gpu: str | None = field(
         default=None,
-        metadata=_help(f"The card the projection is for: {', '.join(GPUS)}.", choices=tuple(GPUS), group=RUN),
+        metadata=option_help(
+            f"The card the projection is for: {', '.join(GPUS)}.",
+            choices=tuple(GPUS),
+            group=RUN,
+            effect=Effect.REPORT,
+        ),
     )
-    gpus: int = field(default=1, metadata=_help("Cards the projected run uses.", group=RUN))
+    gpus: int = field(
+        default=1, metadata=option_help("Cards the projected run uses.", group=RUN, effect=Effect.REPORT)
+    )
     utilization: float = field(
         default=0.4,
-        metadata=_help("Fraction of the card's bf16 peak a FLOPs-based projection assumes.", group=RUN),
+        metadata=option_help(
+            "Fraction of the card's bf16 peak a FLOPs-based projection assumes.",
+            group=RUN,
+            effect=Effect.REPORT,
+        ),
     )
     jobs: int | None = field(
         default=None,
-        metadata=_help(
-            "Arms trained at once on a CPU, each in its own process. Default 2 (1 on a GPU).", group=RUN
+        metadata=option_help(
+            "Arms trained at once on a CPU, each in its own process. Default 2 (1 on a GPU).",
+            group=RUN,
+            effect=Effect.RUNTIME,
         ),
     )
     exact_memory: bool = field(
         default=False,
-        metadata=_help(
+        metadata=option_help(
             "CPU: measure the arms' peak RSS without allocator slack (glibc returns every freed block of "
             "64 KB or more at once, so the RSS tracks live memory). About 2x slower arms.",
             group=RUN,
+            effect=Effect.REPORT,
         ),
     )
-    output_dir: str = field(default="runs/compare", metadata=_help("Where everything goes.", group=RUN))
+    output_dir: str = field(
+        default="runs/compare", metadata=option_help("Where everything goes.", group=RUN, effect=Effect.PLACE)
+    )
     overwrite: bool = field(
         default=False,
-        metadata=_help(
-            "Discard a comparison in --output-dir made with other options and start again.", group=RUN
+        metadata=option_help(
+            "Discard a comparison in --output-dir made with other options and start again.",
+            group=RUN,
+            effect=Effect.EXISTING,
         ),
     )
+
+
+# Options that change only the report or the scoring (scores are recomputed); any other change between a
+# comparison and its rerun would mix results of different settings, and is refused (a COST option too:
+# the comparison measures time and memory).
+REPORT_ONLY = options_with(CompareConfig, Effect.RUNTIME, Effect.EXISTING, Effect.REPORT)
+SCORING = options_with(CompareConfig, Effect.SCORING)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -512,7 +551,7 @@ def _build_caches(plan: Plan) -> dict[tuple[str, str, str], str]:
                 output=str(target),
                 tokenizer=config.student,
                 top_k=config.cache_teacher,
-                temperature=config.temperature,
+                kd_temperature=config.kd_temperature,
                 max_length=config.max_length,
                 train_on_prompt=config.train_on_prompt,
                 device=config.device,

@@ -24,7 +24,6 @@ from safetensors import safe_open
 
 from llm_neo import __version__
 from llm_neo.commands.prune import check_output_dir
-from llm_neo.config import _help
 from llm_neo.errors import ConfigError, ModelError
 from llm_neo.models.loading import (
     check_same_vocabulary,
@@ -32,6 +31,7 @@ from llm_neo.models.loading import (
     load_tokenizer,
     resolve_gguf,
 )
+from llm_neo.options import option_help
 from llm_neo.report.tables import format_table
 from llm_neo.runtime.atomic import atomic_directory, atomic_write_json
 
@@ -46,24 +46,26 @@ class ConvertConfig:
 
     model: str = field(
         default="",
-        metadata=_help(
+        metadata=option_help(
             "The .gguf file to convert (or a directory holding exactly one .gguf).", positional=True
         ),
     )
     output: str = field(
         default="",
-        metadata=_help(
+        metadata=option_help(
             "Where the model directory (config, safetensors, tokenizer) is written.", positional=True
         ),
     )
     dtype: Literal["float32", "bfloat16", "float16"] = field(
         default="float32",
-        metadata=_help(
+        metadata=option_help(
             "dtype of the saved weights. float32 holds the dequantized values exactly; bfloat16/float16 "
             "halve the size and round them (an F16 GGUF converts exactly to float16)."
         ),
     )
-    overwrite: bool = field(default=False, metadata=_help("Replace an existing, non-empty --output dir."))
+    overwrite: bool = field(
+        default=False, metadata=option_help("Replace an existing, non-empty --output dir.")
+    )
 
 
 def validate_convert(config: ConvertConfig) -> tuple[str, str]:

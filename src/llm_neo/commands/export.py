@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from llm_neo.config import _help
 from llm_neo.errors import ConfigError
+from llm_neo.options import option_help
 
 __all__ = ["ExportConfig", "run_export", "validate_export"]
 
@@ -22,36 +22,38 @@ class ExportConfig:
 
     model: str = field(
         default="",
-        metadata=_help(
+        metadata=option_help(
             "The model to export: a local Hugging Face model dir (weights + tokenizer), e.g. runs/neo/merged."
         ),
     )
     format: Literal["gguf", "int8"] = field(
         default="gguf",
-        metadata=_help(
+        metadata=option_help(
             "gguf: one .gguf file for llama.cpp / Ollama (Llama, Mistral, Qwen2 families); int8: torchao "
             "int8 weight-only safetensors that from_pretrained loads (needs torchao)."
         ),
     )
     gguf_type: Literal["f32", "f16", "q8_0", "q4_0"] = field(
         default="q8_0",
-        metadata=_help(
+        metadata=option_help(
             "GGUF tensor type: f32 (exact), f16, q8_0 (8-bit blocks, ~1/4 of f32), q4_0 (4-bit block "
             "linears, q8_0 embeddings/head). K-quants: run llama.cpp's llama-quantize on the f16 file."
         ),
     )
     output: str = field(
         default="",
-        metadata=_help("Directory to write: the .gguf file or the int8 checkpoint, and export.json."),
+        metadata=option_help("Directory to write: the .gguf file or the int8 checkpoint, and export.json."),
     )
     gguf_pre: str | None = field(
         default=None,
-        metadata=_help(
+        metadata=option_help(
             "llama.cpp's name of the tokenizer's pre-tokenizer (tokenizer.ggml.pre: llama-bpe, qwen2, "
             "gpt-2, smollm, ...) when it cannot be recognised from tokenizer.json."
         ),
     )
-    overwrite: bool = field(default=False, metadata=_help("Replace an existing, non-empty --output dir."))
+    overwrite: bool = field(
+        default=False, metadata=option_help("Replace an existing, non-empty --output dir.")
+    )
 
 
 def validate_export(config: ExportConfig) -> None:

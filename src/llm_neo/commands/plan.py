@@ -48,7 +48,8 @@ from typing import Any
 import torch
 
 from llm_neo.choices import KD_METHODS, METHOD_NAMES, METHODS, STUDENT_QUANT, TEACHER_QUANT
-from llm_neo.config import DeviceOptions, _help
+from llm_neo.config import DeviceOptions
+from llm_neo.options import option_help
 from llm_neo.runtime.memory import rss_bytes
 
 __all__ = [
@@ -357,57 +358,60 @@ class PlanConfig(DeviceOptions):
 
     shape: str | None = field(
         default=None,
-        metadata=_help(
+        metadata=option_help(
             "A named shape (llama3-8b-to-1b, llama2-7b-to-1.1b, cpu-wide, tiny); or give --teacher and "
             "--student."
         ),
     )
     teacher: str | None = field(
-        default=None, metadata=_help("Teacher model dir or hub id; only its config.json is read.")
+        default=None, metadata=option_help("Teacher model dir or hub id; only its config.json is read.")
     )
     student: str | None = field(
-        default=None, metadata=_help("Student model dir or hub id; only its config.json is read.")
+        default=None, metadata=option_help("Student model dir or hub id; only its config.json is read.")
     )
     batch_size: int | None = field(
-        default=None, metadata=_help("Sequences per micro-batch. Default: the shape's, else 1.")
+        default=None, metadata=option_help("Sequences per micro-batch. Default: the shape's, else 1.")
     )
     seq_len: int | None = field(
-        default=None, metadata=_help("Tokens per sequence. Default: the shape's, else 2048.")
+        default=None, metadata=option_help("Tokens per sequence. Default: the shape's, else 2048.")
     )
     methods: list[str] = field(
-        default_factory=lambda: ["kd", "neo"], metadata=_help("Arms to estimate: kd, neo, sft, lora.")
+        default_factory=lambda: ["kd", "neo"], metadata=option_help("Arms to estimate: kd, neo, sft, lora.")
     )
     loss_impls: list[str] = field(
-        default_factory=lambda: ["plain", "chunked"], metadata=_help("Loss implementations: plain, chunked.")
+        default_factory=lambda: ["plain", "chunked"],
+        metadata=option_help("Loss implementations: plain, chunked."),
     )
-    loss_chunk_size: int = field(default=1024, metadata=_help("Tokens per chunk of the chunked loss."))
-    lora_r: int | None = field(default=None, metadata=_help("LoRA rank. Default: the shape's, else 64."))
+    loss_chunk_size: int = field(default=1024, metadata=option_help("Tokens per chunk of the chunked loss."))
+    lora_r: int | None = field(
+        default=None, metadata=option_help("LoRA rank. Default: the shape's, else 64.")
+    )
     lora_target_modules: list[str] | None = field(
-        default=None, metadata=_help("LoRA target linear layers. Default: every linear of every block.")
+        default=None, metadata=option_help("LoRA target linear layers. Default: every linear of every block.")
     )
     gradient_checkpointing: bool = field(
-        default=False, metadata=_help("Estimate with gradient checkpointing of the student.")
+        default=False, metadata=option_help("Estimate with gradient checkpointing of the student.")
     )
     mlp_chunks: int = field(
         default=1,
-        metadata=_help("With --gradient-checkpointing: the MLP checkpointed in this many chunks."),
+        metadata=option_help("With --gradient-checkpointing: the MLP checkpointed in this many chunks."),
     )
     device_memory_gb: float | None = field(
         default=None,
-        metadata=_help(
+        metadata=option_help(
             "Memory to fit in, GiB. Default: the GPU's total memory (CUDA), the available RAM (CPU)."
         ),
     )
     strict: bool = field(
-        default=False, metadata=_help("Exit with status 3 when an arm is not expected to fit.")
+        default=False, metadata=option_help("Exit with status 3 when an arm is not expected to fit.")
     )
     world_size: int = field(
         default=1,
-        metadata=_help("Processes the run is sharded over (FSDP2); the estimate is per rank."),
+        metadata=option_help("Processes the run is sharded over (FSDP2); the estimate is per rank."),
     )
     teacher_quant: str = field(
         default="none",
-        metadata=_help(
+        metadata=option_help(
             "The teacher's block linears quantized (distill --teacher-quant): int8 (torchao weight-only, "
             "~1 byte per weight) or nf4 (~0.52 byte). Embeddings and lm_head stay in the compute dtype.",
             choices=TEACHER_QUANT,
@@ -415,13 +419,17 @@ class PlanConfig(DeviceOptions):
     )
     student_quant: str = field(
         default="none",
-        metadata=_help(
+        metadata=option_help(
             "The LoRA arms' frozen student base quantized (QLoRA, distill --student-quant).",
             choices=STUDENT_QUANT,
         ),
     )
-    json: str | None = field(default=None, metadata=_help("Also write the estimates to this JSON file."))
-    trust_remote_code: bool = field(default=False, metadata=_help("Allow config code from the model dir."))
+    json: str | None = field(
+        default=None, metadata=option_help("Also write the estimates to this JSON file.")
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata=option_help("Allow config code from the model dir.")
+    )
 
 
 def _device_type(name: str) -> str:

@@ -28,7 +28,7 @@ from typing import Any, Literal
 import torch
 
 from llm_neo import __version__
-from llm_neo.config import LoadOptions, _help, check_model_path, to_dict
+from llm_neo.config import LoadOptions, check_model_path
 from llm_neo.errors import ConfigError, DataError
 from llm_neo.eval.generate import greedy_answers
 from llm_neo.eval.probe import (
@@ -52,6 +52,7 @@ from llm_neo.eval.probe import (
 )
 from llm_neo.eval.probe_sets import BUILTIN, ProbeSet, load_labels, load_probe_sets
 from llm_neo.models.loading import load_frozen, load_tokenizer, resolve_device, resolve_dtype
+from llm_neo.options import option_help, to_dict
 from llm_neo.report.probe import fmt, write_report
 from llm_neo.report.tables import format_table
 from llm_neo.runtime.atomic import atomic_write_json
@@ -66,10 +67,10 @@ RESULTS = "probe.json"
 class ProbeConfig(LoadOptions):
     """`llm-neo probe`: which of the teacher's biases and behaviours each student inherited."""
 
-    teacher: str = field(default="", metadata=_help("The teacher model (local dir or hub id)."))
+    teacher: str = field(default="", metadata=option_help("The teacher model (local dir or hub id)."))
     models: list[str] = field(
         default_factory=list,
-        metadata=_help(
+        metadata=option_help(
             "Models to probe, space- or comma-separated, each PATH or NAME=PATH. The FIRST is the untrained "
             "student, the baseline of movement towards the teacher (0 = its own preferences, 1 = the "
             "teacher's), unless --baseline says otherwise; e.g. S0=tiny/student,neo=runs/neo/merged."
@@ -77,29 +78,31 @@ class ProbeConfig(LoadOptions):
     )
     baseline: str | None = field(
         default=None,
-        metadata=_help(
+        metadata=option_help(
             "The untrained student (a NAME or PATH of --models, or another model path). Default: the first "
             "of --models."
         ),
     )
     probes: list[str] = field(
         default_factory=lambda: [BUILTIN],
-        metadata=_help(
+        metadata=option_help(
             "Probe sources: 'builtin' (llm-neo's illustrative set), CrowS-Pairs .csv, StereoSet .json, "
             "BBQ .jsonl or llm-neo .jsonl of pairs/prompts. [default: builtin]"
         ),
     )
-    output_dir: str = field(default="runs/probe", metadata=_help("Where probe.json/.md/.html and plots/ go."))
+    output_dir: str = field(
+        default="runs/probe", metadata=option_help("Where probe.json/.md/.html and plots/ go.")
+    )
     labels: str | None = field(
         default=None,
-        metadata=_help(
+        metadata=option_help(
             "YAML file of answer labels, name: {phrases: [...]} | {regex: '...'} | {keywords: [...]}; "
             "added to the default refusal phrase list (a label named refusal replaces it)."
         ),
     )
     conditioning: Literal["bos", "eos", "none"] = field(
         default="bos",
-        metadata=_help(
+        metadata=option_help(
             "What a sentence is conditioned on. bos: the BOS token (lm-evaluation-harness's CrowS-Pairs "
             "scoring; a tokenizer without BOS scores from the second token); eos: the EOS token; none: "
             "no special token (the first token is context)."
@@ -107,29 +110,30 @@ class ProbeConfig(LoadOptions):
     )
     normalisation: Literal["sum", "mean"] = field(
         default="sum",
-        metadata=_help("sum: the sentence's total log-probability; mean: per scored token."),
+        metadata=option_help("sum: the sentence's total log-probability; mean: per scored token."),
     )
     prefix: str = field(
-        default="", metadata=_help("Unscored text placed before every sentence (after the special token).")
+        default="",
+        metadata=option_help("Unscored text placed before every sentence (after the special token)."),
     )
     max_length: int = field(
-        default=512, metadata=_help("Longest scored sequence in tokens; a longer probe is an error.")
+        default=512, metadata=option_help("Longest scored sequence in tokens; a longer probe is an error.")
     )
-    batch_size: int = field(default=16, metadata=_help("Sentences (or prompts) per forward pass."))
+    batch_size: int = field(default=16, metadata=option_help("Sentences (or prompts) per forward pass."))
     chunk_size: int = field(
-        default=1024, metadata=_help("Tokens per chunk of the lm_head (bounds logits memory).")
+        default=1024, metadata=option_help("Tokens per chunk of the lm_head (bounds logits memory).")
     )
-    max_new_tokens: int = field(default=64, metadata=_help("Longest greedy answer to a probe prompt."))
+    max_new_tokens: int = field(default=64, metadata=option_help("Longest greedy answer to a probe prompt."))
     generate: bool = field(
-        default=True, metadata=_help("Answer the probe prompts (--no-generate: pairs only, faster).")
+        default=True, metadata=option_help("Answer the probe prompts (--no-generate: pairs only, faster).")
     )
     bootstrap_samples: int = field(
         default=2000,
-        metadata=_help("Bootstrap resamples of the probe items behind every 95 percent interval."),
+        metadata=option_help("Bootstrap resamples of the probe items behind every 95 percent interval."),
     )
-    seed: int = field(default=0, metadata=_help("Seed of the bootstrap resampling."))
+    seed: int = field(default=0, metadata=option_help("Seed of the bootstrap resampling."))
     overwrite: bool = field(
-        default=False, metadata=_help("Replace an earlier probe's outputs in --output-dir.")
+        default=False, metadata=option_help("Replace an earlier probe's outputs in --output-dir.")
     )
 
 

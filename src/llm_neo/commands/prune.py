@@ -13,7 +13,7 @@ import torch
 from transformers import PretrainedConfig
 
 from llm_neo import __version__
-from llm_neo.config import LoadOptions, _help, check_data_path, check_model_path
+from llm_neo.config import LoadOptions, check_data_path, check_model_path
 from llm_neo.data import collate, load_records, tokenize_records
 from llm_neo.errors import ConfigError, ModelError
 from llm_neo.models.anatomy import decoder_blocks, num_layers
@@ -34,6 +34,7 @@ from llm_neo.models.prune import (
     count_parameters,
     prune_layers,
 )
+from llm_neo.options import option_help
 from llm_neo.report.tables import format_table
 from llm_neo.runtime.atomic import atomic_directory, atomic_write_json
 
@@ -45,33 +46,39 @@ class PruneConfig(LoadOptions):
     """`llm-neo prune`: depth-prune a causal LM by measured block importance."""
 
     model: str = field(
-        default="", metadata=_help("Model to prune: a local HF model dir, a hub id or a .gguf file.")
+        default="", metadata=option_help("Model to prune: a local HF model dir, a hub id or a .gguf file.")
     )
     data: str = field(
         default="",
-        metadata=_help(
+        metadata=option_help(
             "Calibration data, in any format `distill` reads (.jsonl/.json/.parquet or a datasets "
             "dir). Every token of the rendered text is scored, prompt included."
         ),
     )
-    output: str = field(default="", metadata=_help("Where the pruned model dir (+ tokenizer) is written."))
+    output: str = field(
+        default="", metadata=option_help("Where the pruned model dir (+ tokenizer) is written.")
+    )
     keep_layers: int = field(
         default=0,
-        metadata=_help("Decoder blocks to keep (required): 1 <= keep-layers < the model's block count."),
+        metadata=option_help(
+            "Decoder blocks to keep (required): 1 <= keep-layers < the model's block count."
+        ),
     )
     metric: Literal["cosine", "angular"] = field(
         default="cosine",
-        metadata=_help(
+        metadata=option_help(
             "Block importance. cosine: ShortGPT's Block Influence 1 − mean cos(h_in, h_out); angular: "
             "mean arccos(cos(h_in, h_out))/π. The lowest-scoring blocks are dropped."
         ),
     )
-    num_samples: int = field(default=64, metadata=_help("Calibration samples (the first N records)."))
+    num_samples: int = field(default=64, metadata=option_help("Calibration samples (the first N records)."))
     max_length: int = field(
-        default=256, metadata=_help("Truncate each calibration sample to this many tokens.")
+        default=256, metadata=option_help("Truncate each calibration sample to this many tokens.")
     )
-    batch_size: int = field(default=8, metadata=_help("Calibration batch size."))
-    overwrite: bool = field(default=False, metadata=_help("Replace an existing, non-empty --output dir."))
+    batch_size: int = field(default=8, metadata=option_help("Calibration batch size."))
+    overwrite: bool = field(
+        default=False, metadata=option_help("Replace an existing, non-empty --output dir.")
+    )
 
 
 # ------------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
     llm-neo sweep --base base.yaml --space space.yaml --output sweeps/r-lr
 
 ``--base`` is a `distill` config (any YAML `--config` reads, e.g. a run's ``config.yaml``); ``--space``
-says which options vary, by dotted name (``lora.r``, ``lr``, ``kd_ratio``, ``temperature``,
+says which options vary, by dotted name (``lora.r``, ``lr``, ``kd_ratio``, ``kd_temperature``,
 ``divergence``, ...):
 
     grid:                         # every combination, in this order
@@ -60,19 +60,21 @@ from typing import Any, Literal
 import yaml
 
 from llm_neo.choices import METHODS
-from llm_neo.config import (
-    DistillConfig,
-    _help,
-    _unwrap_optional,
+from llm_neo.config import ALIASES, DistillConfig, validate_distill
+from llm_neo.errors import ConfigError, LlmNeoError, RunStopped, SweepError
+from llm_neo.options import (
+    Effect,
     coerce_option,
     find_option,
     flag_name,
     from_dict,
     load_yaml,
+    option_aliases,
+    option_help,
     option_names,
-    validate_distill,
+    options_with,
+    unwrap_optional,
 )
-from llm_neo.errors import ConfigError, LlmNeoError, RunStopped, SweepError
 from llm_neo.runtime.atomic import (
     atomic_write_bytes,
     atomic_write_text,
@@ -90,7 +92,7 @@ STATE = "sweep.json"
 STATE_VERSION = 1
 DISTRIBUTIONS = ("choice", "uniform", "log_uniform", "int_uniform")
 # Set by the sweep for each trial; sweeping them would make trials overwrite each other.
-NOT_SWEEPABLE = ("output_dir", "resume", "overwrite")
+NOT_SWEEPABLE = options_with(DistillConfig, Effect.PLACE, Effect.EXISTING)
 # Metrics a trial reports (dotted paths into its summary.json), and which way is better.
 METRICS = {
     "heldout.kl_to_teacher": "min",
@@ -128,48 +130,56 @@ class SweepConfig:
 
     base: str = field(
         default="",
-        metadata=_help("Base distill config (YAML, as for distill --config); every trial starts from it."),
+        metadata=option_help(
+            "Base distill config (YAML, as for distill --config); every trial starts from it."
+        ),
     )
     space: str | None = field(
         default=None,
-        metadata=_help(
+        metadata=option_help(
             "Search space YAML: `grid: {lora.r: [16, 64], lr: [1e-4, 2e-4]}`, or `random: {lr: "
             "{log_uniform: [5e-5, 5e-4]}, ...}` with `trials: N`. Default: the paper's guidelines "
             "(lr around the 10x rule, ranks 64/128, kd_ratio 0.5/0.9) for the base's method."
         ),
     )
     output: str = field(
-        default="", metadata=_help("Sweep directory: trials/, leaderboard, plots, best.yaml.")
+        default="", metadata=option_help("Sweep directory: trials/, leaderboard, plots, best.yaml.")
     )
     metric: str = field(
         default="heldout.kl_to_teacher",
-        metadata=_help(f"Ranking metric, from each trial's summary.json: {', '.join(METRICS)}."),
+        metadata=option_help(f"Ranking metric, from each trial's summary.json: {', '.join(METRICS)}."),
     )
     mode: Literal["auto", "min", "max"] = field(
         default="auto",
-        metadata=_help("Whether lower or higher --metric is better. auto: max for agreement, min otherwise."),
+        metadata=option_help(
+            "Whether lower or higher --metric is better. auto: max for agreement, min otherwise."
+        ),
     )
     trials: int | None = field(
-        default=None, metadata=_help("Random search: number of trials (overrides the space file's).")
+        default=None, metadata=option_help("Random search: number of trials (overrides the space file's).")
     )
-    seed: int = field(default=0, metadata=_help("Seed of the random search's draws (not of the runs)."))
+    seed: int = field(default=0, metadata=option_help("Seed of the random search's draws (not of the runs)."))
     cache_teacher: bool = field(
         default=True,
-        metadata=_help(
+        metadata=option_help(
             "Build one shared teacher cache for KD trials whose base has a teacher but no teacher_cache "
             "(off: every KD trial runs the teacher)."
         ),
     )
-    cache_top_k: int = field(default=64, metadata=_help("Top-k of a teacher cache the sweep builds."))
+    cache_top_k: int = field(default=64, metadata=option_help("Top-k of a teacher cache the sweep builds."))
     tie_tolerance: float = field(
         default=TIE_TOLERANCE,
-        metadata=_help(
+        metadata=option_help(
             "Trials whose --metric is within this fraction of a better one's share its rank (marked =): "
             "the leaderboard does not claim a difference that small. 0: no ties."
         ),
     )
-    resume: bool = field(default=False, metadata=_help("Continue the sweep in --output where it stopped."))
-    overwrite: bool = field(default=False, metadata=_help("Discard a sweep in --output and start again."))
+    resume: bool = field(
+        default=False, metadata=option_help("Continue the sweep in --output where it stopped.")
+    )
+    overwrite: bool = field(
+        default=False, metadata=option_help("Discard a sweep in --output and start again.")
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -226,9 +236,10 @@ def parse_space(data: dict[str, Any], *, source: str, trials: int | None = None)
     dims: list[Dimension] = []
     for raw_option, spec in body.items():
         option = str(raw_option).replace("-", "_")
+        option = option_aliases(DistillConfig).get(option, option)  # an old name (temperature) as its option
         where = f"{source}: {strategy}.{raw_option}"
         found = find_option(DistillConfig, option)
-        if found is None or dataclasses.is_dataclass(_unwrap_optional(found[1])[0]):
+        if found is None or dataclasses.is_dataclass(unwrap_optional(found[1])[0]):
             close = difflib.get_close_matches(option, options, n=1)
             problems.append(f"{where}: unknown option" + (f" (did you mean {close[0]}?)" if close else ""))
             continue
@@ -260,7 +271,7 @@ def parse_space(data: dict[str, Any], *, source: str, trials: int | None = None)
         bounds = _bounds(values, kind, where, problems)
         if bounds is None:
             continue
-        base_tp, _ = _unwrap_optional(found[1])
+        base_tp, _ = unwrap_optional(found[1])
         if kind == "int_uniform" and base_tp is not int:
             problems.append(f"{where}: int_uniform needs an integer option")
         elif kind != "int_uniform" and base_tp is not float:
@@ -341,7 +352,7 @@ def trial_config(
     data["output_dir"] = str(output_dir)
     data["resume"] = data["overwrite"] = False
     problems: list[str] = []
-    config = from_dict(DistillConfig, data, source=source, problems=problems)
+    config = from_dict(DistillConfig, data, source=source, problems=problems, vocabulary=ALIASES)
     if problems:
         raise ConfigError(problems)
     return config
@@ -428,7 +439,7 @@ def objective(config: DistillConfig) -> dict[str, Any]:
     final.loss (and final.kd_loss) cannot be ranked against each other."""
     if not config.uses_kd:
         return {"loss": "ce"}
-    keys = ["kd_ratio", "divergence", "temperature"]
+    keys = ["kd_ratio", "divergence", "kd_temperature"]
     keys += ["jsd_beta"] if config.divergence == "jsd" else []
     keys += ["skew_alpha"] if config.divergence.startswith("skew_") else []
     return {"loss": "ce+kd"} | {k: getattr(config, k) for k in keys}
@@ -484,7 +495,7 @@ def _cache_group(config: DistillConfig) -> dict[str, Any]:
         "data": config.data,
         "max_length": config.max_length,
         "train_on_prompt": config.train_on_prompt,
-        "temperature": config.temperature,
+        "temperature": config.kd_temperature,
     }
 
 
@@ -502,7 +513,7 @@ def _with_shared_cache(
     path = out / "caches" / name
     if name not in built:
         log.info(
-            "sweep: teacher cache %s (T = %g, max length %d)", path, config.temperature, config.max_length
+            "sweep: teacher cache %s (T = %g, max length %d)", path, config.kd_temperature, config.max_length
         )
         cache_teacher(
             CacheTeacherConfig(
@@ -511,7 +522,7 @@ def _with_shared_cache(
                 output=str(path),
                 tokenizer=config.student,  # the student tokenizes in distill: the cache must match it
                 top_k=sweep.cache_top_k,
-                temperature=config.temperature,
+                kd_temperature=config.kd_temperature,
                 max_length=config.max_length,
                 train_on_prompt=config.train_on_prompt,
                 batch_size=config.eval_batch_size,

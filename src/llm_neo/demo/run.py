@@ -35,9 +35,10 @@ from typing import Any
 from llm_neo import __version__
 from llm_neo.choices import COMPARISON_ORDER
 from llm_neo.commands.compare import PRELOAD, CompareConfig, LearningRates, compare, distill_job
-from llm_neo.config import DistillConfig, LoraOptions, _help
+from llm_neo.config import DistillConfig, LoraOptions
 from llm_neo.demo.task import SKILLS, TASK_VERSION
 from llm_neo.errors import ConfigError
+from llm_neo.options import option_help
 from llm_neo.report.compare import verdict
 from llm_neo.runtime.atomic import atomic_directory, atomic_write_json
 from llm_neo.runtime.workers import Job, available_cores, load_average, run_jobs
@@ -58,60 +59,64 @@ class DemoConfig:
     """`llm-neo demo`: teacher, pruned student and the four arms on a built-in task, with a report."""
 
     output_dir: str = field(
-        default="runs/demo", metadata=_help("Where the data, the arms' runs and the report are written.")
+        default="runs/demo",
+        metadata=option_help("Where the data, the arms' runs and the report are written."),
     )
     seeds: int | None = field(
         default=None,
-        metadata=_help(
+        metadata=option_help(
             "Repeat the four arms over this many seeds and report mean ± std. Default 3 (quick: 1)."
         ),
     )
     quick: bool = field(
         default=False,
-        metadata=_help("A reduced demo in about a minute: tiny models, a few steps, one seed (for tests)."),
+        metadata=option_help(
+            "A reduced demo in about a minute: tiny models, a few steps, one seed (for tests)."
+        ),
     )
     steps: int | None = field(
-        default=None, metadata=_help("Optimizer steps of each arm (the same for all four). Default 200.")
+        default=None,
+        metadata=option_help("Optimizer steps of each arm (the same for all four). Default 200."),
     )
     teacher_steps: int | None = field(
-        default=None, metadata=_help("Optimizer steps of the teacher's training. Default 3000.")
+        default=None, metadata=option_help("Optimizer steps of the teacher's training. Default 3000.")
     )
     seed: int = field(
         default=0,
-        metadata=_help(
+        metadata=option_help(
             "Seed of the task data and the teacher; the arms run with seeds seed, seed+1, ... "
             "(a new seed trains a new teacher)."
         ),
     )
     cache_dir: str | None = field(
         default=None,
-        metadata=_help(
+        metadata=option_help(
             "Where trained teachers are cached (keyed by task version, seed, shape and training "
             "settings). Default $XDG_CACHE_HOME/llm-neo/demo, i.e. ~/.cache/llm-neo/demo."
         ),
     )
     overwrite: bool = field(
         default=False,
-        metadata=_help(
+        metadata=option_help(
             "Write into an --output-dir that holds other files too (an earlier demo's outputs are "
             "always replaced; other files are left alone)."
         ),
     )
     exact_memory: bool = field(
         default=False,
-        metadata=_help(
+        metadata=option_help(
             "Measure the arms' peak memory without allocator slack: glibc returns every freed block of 64 KB "
             "or more to the system at once, so the peak RSS tracks live memory. About 2x slower arms."
         ),
     )
     jobs: int | None = field(
         default=None,
-        metadata=_help(
+        metadata=option_help(
             "Arms trained (and models evaluated) at once, each in its own process with cores/jobs "
             "threads. Default 2 (1 on a single core)."
         ),
     )
-    device: str = field(default="cpu", metadata=_help("cpu (the demo's target), auto, cuda or cuda:N."))
+    device: str = field(default="cpu", metadata=option_help("cpu (the demo's target), auto, cuda or cuda:N."))
 
 
 @dataclass(frozen=True)

@@ -64,9 +64,9 @@ KEY_PARTS: dict[str, tuple[str, str]] = {
         "run with the cache's setting ({cache}), or cache again with this one",
     ),
     "temperature": (
-        "--temperature",
-        "the cache holds the teacher's log-probs at T = {cache}: run with --temperature {cache}, or "
-        "cache again with --temperature {run}",
+        "--kd-temperature",
+        "the cache holds the teacher's log-probs at T = {cache}: run with --kd-temperature {cache}, or "
+        "cache again with --kd-temperature {run}",
     ),
     "top_k": ("--top-k", "pass --top-k {cache} to resume the cache in --output, or --overwrite it"),
     "logprob_dtype": (
@@ -207,7 +207,7 @@ def teacher_quant_key(config: Any) -> str:
 
 def run_key(config: Any, *, tokenizer: Any, examples: Sequence[Example]) -> dict[str, Any]:
     """The key parts of a run (or a cache) from its config: ``llm-neo distill``'s and ``cache-teacher``'s
-    configs share the fields read here (data, max_length, train_on_prompt, temperature, teacher,
+    configs share the fields read here (data, max_length, train_on_prompt, kd_temperature, teacher,
     allow_pickle_weights). The teacher's parts only when the config names a teacher."""
     teacher = config.teacher
     key: dict[str, Any] = {}
@@ -223,7 +223,7 @@ def run_key(config: Any, *, tokenizer: Any, examples: Sequence[Example]) -> dict
         "data": hash_data(config.data),
         "max_length": int(config.max_length),
         "train_on_prompt": bool(config.train_on_prompt),
-        "temperature": float(config.temperature),
+        "temperature": float(config.kd_temperature),  # the part keeps its name: older caches match
         "tokens": hash_examples(examples),
     }
     return key

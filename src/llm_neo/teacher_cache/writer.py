@@ -106,7 +106,7 @@ def _shard_tensors(
             batch,
             vocab_size=vocab_size,
             top_k=config.top_k,
-            temperature=config.temperature,
+            temperature=config.kd_temperature,
             device=device,
             dtype=dtype,
             chunk_size=config.chunk_size,
