@@ -1,0 +1,173 @@
+"""A distill run's output directory: what it holds, whether a new run may start there or an earlier one
+resume, what --overwrite replaces, and the records a resume keeps.
+
+    check_output_dir   refuse to clobber an earlier run; on --resume, the checkpoint to continue from
+    start_output_dir   a new run: the earlier run's outputs removed, its config.yaml written
+    check_space        warn when the filesystem holds less than the run will write
+    truncate_metrics   on resume, metrics.jsonl cut back to the checkpoint's step
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llm_neo.config import DistillConfig, dump_yaml, load_yaml, to_dict
+from llm_neo.errors import ConfigError
+from llm_neo.runtime.atomic import atomic_write_text, remove_outputs
+from llm_neo.runtime.checkpoint import list_checkpoints, resume_point
+from llm_neo.runtime.distributed import World
+from llm_neo.summary import SUMMARY_FILE
+
+log = logging.getLogger("llm_neo")
+
+# Options that may differ between a run and its resumption without changing its result.
+RESUMABLE_CHANGES = {
+    "resume", "overwrite", "save_every", "log_every", "eval_batch_size", "device", "mlp_chunks",
+    "export", "report_to",
+}  # fmt: skip
+# What a run writes in its output directory (and an --overwrite run replaces).
+OUTPUTS = (
+    "merged", "adapter", "export", "checkpoints", "metrics.jsonl", SUMMARY_FILE, "config.yaml",
+    "tensorboard", "wandb", "mlruns",
+)  # fmt: skip
+
+
+def check_output_dir(config: DistillConfig, out: Path, world: World) -> Path | None:
+    """Refuse to clobber an earlier run; on --resume, check the run is the same and find its newest
+    intact checkpoint (every file's size and sha256 checked; a damaged newer one is skipped with a
+    warning naming both, CheckpointError when none is intact).
+
+    Read-only, and run by every rank, so every rank raises the same error.
+    """
+    saved = out / "config.yaml"
+    has_checkpoints = any(p.name.startswith("step-") for p in _entries(out / "checkpoints"))
+    if config.resume:
+        if not has_checkpoints:
+            again = (
+                f"llm-neo distill --config {saved} --overwrite"
+                if saved.is_file()
+                else "the same command with --overwrite instead of --resume"
+            )
+            held = "a run that stopped before its first checkpoint" if _entries(out) else "no run"
+            raise ConfigError(
+                [
+                    f"--resume: no checkpoint in {out / 'checkpoints'} ({out} holds {held}), so there is "
+                    f"nothing to continue. Start it again with: {again} (add --save-every N for checkpoints "
+                    "a later --resume can continue from)"
+                ]
+            )
+        if saved.is_file():
+            before, now = load_yaml(saved), to_dict(config)
+            changed = sorted(_diff_keys(before, now) - RESUMABLE_CHANGES)
+            if changed:
+                raise ConfigError(
+                    [
+                        f"--resume: options differ from the run in {out}: {', '.join(changed)}. "
+                        "Resume with the same options, or start a new --output-dir."
+                    ]
+                )
+        found, skipped = resume_point(out / "checkpoints")
+        if skipped and world.is_main:
+            for path, problems in skipped:
+                log.warning("checkpoint %s is damaged: %s", path, "; ".join(problems))
+            log.warning(
+                "resuming from %s instead of the damaged %s (its steps are trained again)",
+                found,
+                skipped[0][0],
+            )
+        return found
+    if out.exists() and any(out.iterdir()) and not config.overwrite:
+        if (out / SUMMARY_FILE).is_file():
+            what = "a finished run (summary.json); pass --overwrite to replace it"
+        elif has_checkpoints:
+            what = (
+                "a run that stopped after a checkpoint; pass --resume to continue it, --overwrite to "
+                "replace it"
+            )
+        else:
+            what = (
+                "a run that stopped before its first checkpoint, which --resume cannot continue; pass "
+                "--overwrite to start it again"
+            )
+        raise ConfigError([f"--output-dir {out} already holds {what}, or choose another --output-dir"])
+    return None
+
+
+def _entries(directory: Path) -> list[Path]:
+    return list(directory.iterdir()) if directory.is_dir() else []
+
+
+def check_space(
+    config: DistillConfig, out: Path, n_trainable: int, base_parameters: int, export_dtype: torch.dtype
+) -> None:
+    """Warn when the output directory's filesystem has less free space than the run will write: up to
+    three checkpoints at once (two kept, one being written; 4 bytes per trainable weight and 8 of AdamW
+    state) and the exported student. An estimate: the write itself reports a full disk precisely."""
+    checkpoints = 3 * 12 * n_trainable if config.save_every else 12 * n_trainable  # a stop writes one
+    export = base_parameters * torch.empty((), dtype=export_dtype).element_size()
+    adapter = 4 * n_trainable if config.uses_lora else 0
+    needed = checkpoints + export + adapter
+    free = shutil.disk_usage(out).free
+    if free < needed:
+        log.warning(
+            "only %.2f GiB free on the filesystem of %s; this run writes up to about %.2f GiB there "
+            "(checkpoints %.2f GiB, exported student %.2f GiB)",
+            free / 2**30,
+            out,
+            needed / 2**30,
+            checkpoints / 2**30,
+            (export + adapter) / 2**30,
+        )
+
+
+def start_output_dir(config: DistillConfig, out: Path) -> None:
+    remove_outputs(out, OUTPUTS)
+    dump_yaml(dataclasses.replace(config, resume=False, overwrite=False), out / "config.yaml")
+
+
+def _diff_keys(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> set[str]:
+    keys: set[str] = set()
+    for key in set(a) | set(b):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            keys |= _diff_keys(x, y, f"{prefix}{key}.")
+        elif x != y:
+            keys.add(f"{prefix}{key}")
+    return keys
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """On resume, forget records past the checkpoint so the file ends as an uninterrupted run's would."""
+    if not path.exists():
+        return
+    kept = [
+        line
+        for line in path.read_text().splitlines()
+        if (record := _parse_record(line)) and record["step"] <= step
+    ]
+    atomic_write_text(path, "".join(f"{line}\n" for line in kept))
+
+
+def _parse_record(line: str) -> dict[str, Any] | None:
+    """A metrics.jsonl record; None for an empty line or a torn one (a write cut short by a full disk)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and "step" in record else None
+
+
+def last_good(checkpoints: Path) -> str:
+    found = list_checkpoints(checkpoints)
+    return f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written yet"
+
+
+def step_number(checkpoint: Path) -> int:
+    return int(checkpoint.name.removeprefix("step-"))
