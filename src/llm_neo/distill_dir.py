@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ import torch
 
 from llm_neo.config import DistillConfig, dump_yaml, load_yaml, to_dict
 from llm_neo.errors import ConfigError
+from llm_neo.runtime import rundir
 from llm_neo.runtime.atomic import atomic_write_text, remove_outputs
 from llm_neo.runtime.checkpoint import list_checkpoints, resume_point
 from llm_neo.runtime.distributed import World
@@ -47,46 +47,43 @@ def check_output_dir(config: DistillConfig, out: Path, world: World) -> Path | N
     Read-only, and run by every rank, so every rank raises the same error.
     """
     saved = out / "config.yaml"
-    has_checkpoints = any(p.name.startswith("step-") for p in _entries(out / "checkpoints"))
-    if config.resume:
-        if not has_checkpoints:
-            again = (
-                f"llm-neo distill --config {saved} --overwrite"
-                if saved.is_file()
-                else "the same command with --overwrite instead of --resume"
-            )
-            held = "a run that stopped before its first checkpoint" if _entries(out) else "no run"
-            raise ConfigError(
-                [
-                    f"--resume: no checkpoint in {out / 'checkpoints'} ({out} holds {held}), so there is "
-                    f"nothing to continue. Start it again with: {again} (add --save-every N for checkpoints "
-                    "a later --resume can continue from)"
-                ]
-            )
-        if saved.is_file():
-            before, now = load_yaml(saved), to_dict(config)
-            changed = sorted(_diff_keys(before, now) - RESUMABLE_CHANGES)
-            if changed:
-                raise ConfigError(
-                    [
-                        f"--resume: options differ from the run in {out}: {', '.join(changed)}. "
-                        "Resume with the same options, or start a new --output-dir."
-                    ]
-                )
-        found, skipped = resume_point(out / "checkpoints")
-        if skipped and world.is_main:
-            for path, problems in skipped:
-                log.warning("checkpoint %s is damaged: %s", path, "; ".join(problems))
-            log.warning(
-                "resuming from %s instead of the damaged %s (its steps are trained again)",
-                found,
-                skipped[0][0],
-            )
-        return found
-    if out.exists() and any(out.iterdir()) and not config.overwrite:
+    checked = rundir.check_output_dir(
+        out,
+        flag="--output-dir",
+        overwrite=config.overwrite,
+        resume=config.resume,
+        marker="checkpoints/step-*",  # a run --resume can continue
+        changed=lambda _: _changed_options(config, saved),
+    )
+    if checked.refusal is rundir.Refusal.NOTHING_TO_RESUME:
+        again = (
+            f"llm-neo distill --config {saved} --overwrite"
+            if saved.is_file()
+            else "the same command with --overwrite instead of --resume"
+        )
+        held = (
+            "no run"
+            if checked.holds is rundir.Holds.NOTHING
+            else "a run that stopped before its first checkpoint"
+        )
+        raise ConfigError(
+            [
+                f"--resume: no checkpoint in {out / 'checkpoints'} ({out} holds {held}), so there is "
+                f"nothing to continue. Start it again with: {again} (add --save-every N for checkpoints "
+                "a later --resume can continue from)"
+            ]
+        )
+    if checked.refusal is rundir.Refusal.CHANGED:
+        raise ConfigError(
+            [
+                f"--resume: options differ from the run in {out}: {', '.join(checked.changed)}. "
+                "Resume with the same options, or start a new --output-dir."
+            ]
+        )
+    if checked.refusal is not None:
         if (out / SUMMARY_FILE).is_file():
             what = "a finished run (summary.json); pass --overwrite to replace it"
-        elif has_checkpoints:
+        elif checked.holds is rundir.Holds.RUN:
             what = (
                 "a run that stopped after a checkpoint; pass --resume to continue it, --overwrite to "
                 "replace it"
@@ -97,11 +94,25 @@ def check_output_dir(config: DistillConfig, out: Path, world: World) -> Path | N
                 "--overwrite to start it again"
             )
         raise ConfigError([f"--output-dir {out} already holds {what}, or choose another --output-dir"])
-    return None
+    if checked.outcome is not rundir.Outcome.RESUME:
+        return None
+    found, skipped = resume_point(out / "checkpoints")
+    if skipped and world.is_main:
+        for path, problems in skipped:
+            log.warning("checkpoint %s is damaged: %s", path, "; ".join(problems))
+        log.warning(
+            "resuming from %s instead of the damaged %s (its steps are trained again)",
+            found,
+            skipped[0][0],
+        )
+    return found
 
 
-def _entries(directory: Path) -> list[Path]:
-    return list(directory.iterdir()) if directory.is_dir() else []
+def _changed_options(config: DistillConfig, saved: Path) -> list[str]:
+    """The options that differ from the run's config.yaml and change its result (none without one)."""
+    if not saved.is_file():
+        return []
+    return sorted(_diff_keys(load_yaml(saved), to_dict(config)) - RESUMABLE_CHANGES)
 
 
 def check_space(
@@ -109,22 +120,11 @@ def check_space(
 ) -> None:
     """Warn when the output directory's filesystem has less free space than the run will write: up to
     three checkpoints at once (two kept, one being written; 4 bytes per trainable weight and 8 of AdamW
-    state) and the exported student. An estimate: the write itself reports a full disk precisely."""
+    state) and the exported student."""
     checkpoints = 3 * 12 * n_trainable if config.save_every else 12 * n_trainable  # a stop writes one
     export = base_parameters * torch.empty((), dtype=export_dtype).element_size()
     adapter = 4 * n_trainable if config.uses_lora else 0
-    needed = checkpoints + export + adapter
-    free = shutil.disk_usage(out).free
-    if free < needed:
-        log.warning(
-            "only %.2f GiB free on the filesystem of %s; this run writes up to about %.2f GiB there "
-            "(checkpoints %.2f GiB, exported student %.2f GiB)",
-            free / 2**30,
-            out,
-            needed / 2**30,
-            checkpoints / 2**30,
-            (export + adapter) / 2**30,
-        )
+    rundir.check_space(out, {"checkpoints": checkpoints, "exported student": export + adapter})
 
 
 def start_output_dir(config: DistillConfig, out: Path) -> None:
