@@ -9,7 +9,7 @@ import pytest
 from llm_neo.commands.compare import REPORT_ONLY, SCORING, CompareConfig
 from llm_neo.commands.sweep import NOT_SWEEPABLE
 from llm_neo.config import CacheTeacherConfig, DistillConfig
-from llm_neo.distill import RESUMABLE_CHANGES
+from llm_neo.distill_dir import RESUMABLE_CHANGES
 from llm_neo.errors import ConfigError
 from llm_neo.options import (
     Effect,

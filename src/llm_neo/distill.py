@@ -20,7 +20,6 @@ so SFT, LoRA, KD and Neo differ only where the table says and are comparable on 
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import functools
 import itertools
@@ -29,7 +28,6 @@ import logging
 import math
 import os
 import shlex
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -44,8 +42,16 @@ from transformers import PreTrainedModel, get_scheduler
 from transformers import set_seed as hf_set_seed
 
 from llm_neo import __version__
-from llm_neo.config import DistillConfig, dump_yaml, validate_distill
+from llm_neo.config import DistillConfig, validate_distill
 from llm_neo.data import Example, collate, read_examples, split_heldout
+from llm_neo.distill_dir import (
+    check_output_dir,
+    check_space,
+    last_good,
+    start_output_dir,
+    step_number,
+    truncate_metrics,
+)
 from llm_neo.errors import (
     ConfigError,
     ModelError,
@@ -100,23 +106,20 @@ from llm_neo.models.quant import (
     train_mode_without_dropout,
     weight_bytes,
 )
-from llm_neo.options import Effect, canonical_keys, flag_name, load_yaml, options_with, to_dict
+from llm_neo.options import flag_name, to_dict
 from llm_neo.provenance import provenance
 from llm_neo.runtime.atomic import (
     atomic_directory,
     atomic_write_json,
-    atomic_write_text,
     check_writable,
     clean_temporaries,
     output_error,
-    remove_outputs,
     writing,
 )
 from llm_neo.runtime.checkpoint import (
     Progress,
     list_checkpoints,
     load_checkpoint,
-    resume_point,
     save_checkpoint,
 )
 from llm_neo.runtime.distributed import (
@@ -146,13 +149,6 @@ log = logging.getLogger("llm_neo")
 
 # Optimizer steps over which a CPU run counts its live tensor bytes (``peak_tensor_memory_gb``).
 TRACKED_STEPS = 10
-# Options that may differ between a run and its resumption without changing its result.
-RESUMABLE_CHANGES = options_with(DistillConfig, Effect.COST, Effect.RUNTIME, Effect.EXISTING, Effect.REPORT)
-# What a run writes in its output directory (and an --overwrite run replaces).
-OUTPUTS = (
-    "merged", "adapter", "export", "checkpoints", "metrics.jsonl", SUMMARY_FILE, "config.yaml",
-    "tensorboard", "wandb", "mlruns",
-)  # fmt: skip
 
 StepCallback = Callable[[int, dict[str, float]], None]
 
@@ -264,7 +260,7 @@ def setup(config: DistillConfig) -> Run:
     dtype = resolve_dtype(config.dtype, device)
     out = Path(str(config.output_dir))
     check_writable(out, "--output-dir")  # before anything loads: a read-only disk is not found at step 1000
-    resume_from = _check_output_dir(config, out, world)
+    resume_from = check_output_dir(config, out, world)
     export_dtype = preflight(config)
 
     tokenizer, examples, samples = _read_data(config, world)
@@ -314,8 +310,8 @@ def setup(config: DistillConfig) -> Run:
         for directory in (out, out / "checkpoints"):  # what writes killed half-way left
             clean_temporaries(directory)
         if resume_from is None:
-            _start_output_dir(config, out)  # only now: a run that fails to start leaves nothing behind
-        _check_space(config, out, n_trainable, base_parameters, export_dtype)
+            start_output_dir(config, out)  # only now: a run that fails to start leaves nothing behind
+        check_space(config, out, n_trainable, base_parameters, export_dtype)
     barrier(world)
 
     total_steps = _total_steps(config, len(train_split), world)
@@ -327,7 +323,7 @@ def setup(config: DistillConfig) -> Run:
         )
         log.info("resumed from %s (step %d of %d)", resume_from, progress.step, total_steps)
     if world.is_main:
-        _truncate_metrics(out / "metrics.jsonl", progress.step)
+        truncate_metrics(out / "metrics.jsonl", progress.step)
     step = step_settings(config, kd_vocab, device=device, dtype=dtype, world=world)
     return Run(
         config=config,
@@ -534,110 +530,6 @@ def _cache_vocab_size(cache: TeacherCache, student: torch.nn.Module) -> int:
     return cache.vocab_size
 
 
-def _check_output_dir(config: DistillConfig, out: Path, world: World) -> Path | None:
-    """Refuse to clobber an earlier run; on --resume, check the run is the same and find its newest
-    intact checkpoint (every file's size and sha256 checked; a damaged newer one is skipped with a
-    warning naming both, CheckpointError when none is intact).
-
-    Read-only, and run by every rank, so every rank raises the same error.
-    """
-    saved = out / "config.yaml"
-    has_checkpoints = any(p.name.startswith("step-") for p in _entries(out / "checkpoints"))
-    if config.resume:
-        if not has_checkpoints:
-            again = (
-                f"llm-neo distill --config {saved} --overwrite"
-                if saved.is_file()
-                else "the same command with --overwrite instead of --resume"
-            )
-            held = "a run that stopped before its first checkpoint" if _entries(out) else "no run"
-            raise ConfigError(
-                [
-                    f"--resume: no checkpoint in {out / 'checkpoints'} ({out} holds {held}), so there is "
-                    f"nothing to continue. Start it again with: {again} (add --save-every N for checkpoints "
-                    "a later --resume can continue from)"
-                ]
-            )
-        if saved.is_file():
-            before, now = canonical_keys(DistillConfig, load_yaml(saved)), to_dict(config)
-            changed = sorted(_diff_keys(before, now) - RESUMABLE_CHANGES)
-            if changed:
-                raise ConfigError(
-                    [
-                        f"--resume: options differ from the run in {out}: {', '.join(changed)}. "
-                        "Resume with the same options, or start a new --output-dir."
-                    ]
-                )
-        found, skipped = resume_point(out / "checkpoints")
-        if skipped and world.is_main:
-            for path, problems in skipped:
-                log.warning("checkpoint %s is damaged: %s", path, "; ".join(problems))
-            log.warning(
-                "resuming from %s instead of the damaged %s (its steps are trained again)",
-                found,
-                skipped[0][0],
-            )
-        return found
-    if out.exists() and any(out.iterdir()) and not config.overwrite:
-        if (out / SUMMARY_FILE).is_file():
-            what = "a finished run (summary.json); pass --overwrite to replace it"
-        elif has_checkpoints:
-            what = (
-                "a run that stopped after a checkpoint; pass --resume to continue it, --overwrite to "
-                "replace it"
-            )
-        else:
-            what = (
-                "a run that stopped before its first checkpoint, which --resume cannot continue; pass "
-                "--overwrite to start it again"
-            )
-        raise ConfigError([f"--output-dir {out} already holds {what}, or choose another --output-dir"])
-    return None
-
-
-def _entries(directory: Path) -> list[Path]:
-    return list(directory.iterdir()) if directory.is_dir() else []
-
-
-def _check_space(
-    config: DistillConfig, out: Path, n_trainable: int, base_parameters: int, export_dtype: torch.dtype
-) -> None:
-    """Warn when the output directory's filesystem has less free space than the run will write: up to
-    three checkpoints at once (two kept, one being written; 4 bytes per trainable weight and 8 of AdamW
-    state) and the exported student. An estimate: the write itself reports a full disk precisely."""
-    checkpoints = 3 * 12 * n_trainable if config.save_every else 12 * n_trainable  # a stop writes one
-    export = base_parameters * torch.empty((), dtype=export_dtype).element_size()
-    adapter = 4 * n_trainable if config.uses_lora else 0
-    needed = checkpoints + export + adapter
-    free = shutil.disk_usage(out).free
-    if free < needed:
-        log.warning(
-            "only %.2f GiB free on the filesystem of %s; this run writes up to about %.2f GiB there "
-            "(checkpoints %.2f GiB, exported student %.2f GiB)",
-            free / 2**30,
-            out,
-            needed / 2**30,
-            checkpoints / 2**30,
-            (export + adapter) / 2**30,
-        )
-
-
-def _start_output_dir(config: DistillConfig, out: Path) -> None:
-    remove_outputs(out, OUTPUTS)
-    dump_yaml(dataclasses.replace(config, resume=False, overwrite=False), out / "config.yaml")
-
-
-def _diff_keys(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> set[str]:
-    keys: set[str] = set()
-    for key in set(a) | set(b):
-        x, y = a.get(key), b.get(key)
-        if isinstance(x, dict) and isinstance(y, dict):
-            keys |= _diff_keys(x, y, f"{prefix}{key}.")
-        elif x != y:
-            keys.add(f"{prefix}{key}")
-    return keys
-
-
 def _total_steps(config: DistillConfig, train_size: int, world: World) -> int:
     per_epoch = math.ceil(train_size / config.batch_size)
     per_step = config.grad_accum * world.size  # micro-batches of one optimizer step, all ranks together
@@ -660,27 +552,6 @@ def _optimizer(
         num_training_steps=total_steps,
     )
     return optimizer, scheduler
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, forget records past the checkpoint so the file ends as an uninterrupted run's would."""
-    if not path.exists():
-        return
-    kept = [
-        line
-        for line in path.read_text().splitlines()
-        if (record := _parse_record(line)) and record["step"] <= step
-    ]
-    atomic_write_text(path, "".join(f"{line}\n" for line in kept))
-
-
-def _parse_record(line: str) -> dict[str, Any] | None:
-    """A metrics.jsonl record; None for an empty line or a torn one (a write cut short by a full disk)."""
-    try:
-        record = json.loads(line)
-    except ValueError:
-        return None
-    return record if isinstance(record, dict) and "step" in record else None
 
 
 def step_settings(
@@ -811,7 +682,7 @@ def _steps(
             )
         except NonFiniteError as err:
             raise TrainingError(
-                f"step {progress.step + 1}: {err}; {_last_good(run.out / 'checkpoints')}. Lower --lr, "
+                f"step {progress.step + 1}: {err}; {last_good(run.out / 'checkpoints')}. Lower --lr, "
                 "check the data, or use --dtype float32."
             ) from err
         except Exception as err:
@@ -962,7 +833,7 @@ def out_of_memory(run: Run, step: int, length: int, err: BaseException) -> OutOf
         f"{c.batch_size} x --grad-accum {c.grad_accum}, sequences up to {length} tokens (--max-length "
         f"{c.max_length}), --loss-impl {c.loss_impl} (--loss-chunk-size {c.loss_chunk_size}), gradient "
         f"checkpointing {'on' if c.gradient_checkpointing else 'off'}; "
-        f"{_last_good(run.out / 'checkpoints')}. "
+        f"{last_good(run.out / 'checkpoints')}. "
         f"To lower the peak: {'; '.join(advice) if advice else 'a device with more memory'}. "
         f"`{plan}` estimates the memory of these settings (add the options above to compare)."
     )
@@ -978,7 +849,7 @@ def _record(run: Run, last: dict[str, float], progress: tuple[Any, ProgressLines
         path = run.out / "metrics.jsonl"
         what = f"the metrics of step {step}"
         # Appended: on resume a torn last line (a write cut short) is dropped.
-        with writing(path, what, kept=lambda: _last_good(run.out / "checkpoints")), path.open("a") as handle:
+        with writing(path, what, kept=lambda: last_good(run.out / "checkpoints")), path.open("a") as handle:
             handle.write(json.dumps(last) + "\n")
         run.trackers.log(step, last)
     bar.set_postfix(
@@ -1023,11 +894,6 @@ def _collate(batch: list[Example], pad_token_id: int, cache: TeacherCache | None
     if cache is not None:
         out |= batch_targets(cache, [ex.index for ex in batch])
     return out
-
-
-def _last_good(checkpoints: Path) -> str:
-    found = list_checkpoints(checkpoints)
-    return f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written yet"
 
 
 def train_step(
@@ -1245,7 +1111,7 @@ def _kept_outputs(run: Run) -> str:
     newest checkpoint (from which --resume redoes only the merge and export)."""
     kept = [f"{name}/ in {run.out}" for name in ("merged", "adapter") if (run.out / name).is_dir()]
     found = list_checkpoints(run.out / "checkpoints")
-    if found and run.progress.step == _step_number(found[-1]):
+    if found and run.progress.step == step_number(found[-1]):
         kept.append(
             f"checkpoint {found[-1]} (after fixing it: {resume_command(run)}, which only merges and exports)"
         )
@@ -1254,10 +1120,6 @@ def _kept_outputs(run: Run) -> str:
     else:
         kept.append("no checkpoint of the trained weights (--save-every 0)")
     return "; ".join(kept)
-
-
-def _step_number(checkpoint: Path) -> int:
-    return int(checkpoint.name.removeprefix("step-"))
 
 
 def _merge_and_export(run: Run) -> tuple[PreTrainedModel, float, dict[str, Any] | None]:

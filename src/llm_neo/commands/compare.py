@@ -69,6 +69,7 @@ from llm_neo.options import (
     OPTIMISATION,
     RUN,
     Effect,
+    canonical_keys,
     load_yaml,
     option_help,
     options_with,
@@ -79,6 +80,7 @@ from llm_neo.runtime.atomic import atomic_write_json, atomic_write_text
 from llm_neo.runtime.checkpoint import list_checkpoints
 from llm_neo.runtime.distributed import barrier, close, init_world
 from llm_neo.runtime.integrity import read_checked, with_checksum
+from llm_neo.runtime.rundir import Holds, Outcome, Refusal, check_output_dir
 from llm_neo.runtime.workers import Job, Report, available_cores, load_average, run_jobs
 from llm_neo.summary import RunSummary
 
@@ -397,32 +399,43 @@ def _split(values: list[str]) -> list[str]:
 def _check_output_dir(config: CompareConfig, out: Path) -> None:
     """A rerun continues the comparison in ``out`` only if every option that shapes its results is the
     same; --overwrite starts again."""
-    saved = out / "compare.yaml"
-    if not saved.is_file():
-        if out.is_dir() and any(out.iterdir()) and not config.overwrite:
-            raise ConfigError(
-                [
-                    f"--output-dir {out} holds files but no comparison; choose another --output-dir or "
-                    "pass --overwrite"
-                ]
-            )
-        return
-    before, now = load_yaml(saved), to_dict(config)
-    changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
-    changed = [k for k in changed if k not in REPORT_ONLY | SCORING]
-    if changed and not config.overwrite:
+    checked = check_output_dir(
+        out,
+        flag="--output-dir",
+        overwrite=config.overwrite,
+        marker="compare.yaml",
+        changed=lambda _: _changed_options(config, out / "compare.yaml"),
+        continues=True,
+    )
+    if checked.refusal is Refusal.HOLDS_FILES:
         raise ConfigError(
             [
-                f"--output-dir {out} holds a comparison made with other {', '.join(changed)}: rerun with the "
-                "same options to continue it, --overwrite to start again, or choose another --output-dir"
+                f"--output-dir {out} holds files but no comparison; choose another --output-dir or "
+                "pass --overwrite"
             ]
         )
-    if changed:
+    if checked.refusal is Refusal.CHANGED:
+        raise ConfigError(
+            [
+                f"--output-dir {out} holds a comparison made with other {', '.join(checked.changed)}: rerun "
+                "with the same options to continue it, --overwrite to start again, or choose another "
+                "--output-dir"
+            ]
+        )
+    if checked.outcome is Outcome.OVERWRITE and checked.holds is Holds.RUN:
         import shutil
 
         for name in ("arms", "eval", "cache", "splits", RESULTS):
             target = out / name
             shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+
+
+def _changed_options(config: CompareConfig, saved: Path) -> list[str]:
+    """The options that differ from the comparison's compare.yaml and shape its results."""
+    # canonical_keys: a compare.yaml written before an option's rename continues under its new name
+    before, now = canonical_keys(CompareConfig, load_yaml(saved)), to_dict(config)
+    changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+    return [k for k in changed if k not in REPORT_ONLY | SCORING]
 
 
 def _plan(config: CompareConfig, out: Path) -> Plan:
@@ -634,7 +647,7 @@ def _finished(config: DistillConfig) -> RunSummary | None:
     out = Path(str(config.output_dir))
     if not (out / "summary.json").is_file() or not (out / "config.yaml").is_file():
         return None
-    if load_yaml(out / "config.yaml") != to_dict(
+    if canonical_keys(DistillConfig, load_yaml(out / "config.yaml")) != to_dict(
         dataclasses.replace(config.resolved(), resume=False, overwrite=False)
     ):
         return None

@@ -23,7 +23,6 @@ import torch
 from safetensors import safe_open
 
 from llm_neo import __version__
-from llm_neo.commands.prune import check_output_dir
 from llm_neo.errors import ConfigError, ModelError
 from llm_neo.models.loading import (
     check_same_vocabulary,
@@ -34,6 +33,7 @@ from llm_neo.models.loading import (
 from llm_neo.options import option_help
 from llm_neo.report.tables import format_table
 from llm_neo.runtime.atomic import atomic_directory, atomic_write_json
+from llm_neo.runtime.rundir import check_output_dir
 
 log = logging.getLogger("llm_neo")
 
@@ -91,7 +91,9 @@ def validate_convert(config: ConvertConfig) -> tuple[str, str]:
     if not c.output:
         p.append("--output is required (the model directory to write)")
     else:
-        check_output_dir(p, c.output, overwrite=c.overwrite)
+        out = Path(c.output).expanduser()
+        if refused := check_output_dir(out, flag="--output", overwrite=c.overwrite, shown=c.output).message:
+            p.append(refused)
     if c.dtype not in DTYPES:
         p.append(f"--dtype: {c.dtype!r} is not one of {', '.join(DTYPES)}")
     if p:

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from llm_neo.errors import ConfigError
 from llm_neo.options import option_help
+from llm_neo.runtime.rundir import check_output_dir
 
 __all__ = ["ExportConfig", "run_export", "validate_export"]
 
@@ -71,10 +72,8 @@ def validate_export(config: ExportConfig) -> None:
         out = Path(c.output).expanduser()
         if model is not None and out.resolve() == model.resolve():
             p.append("--output must differ from --model")
-        elif out.exists() and not out.is_dir():
-            p.append(f"--output: {c.output!r} is a file; give a directory")
-        elif out.is_dir() and any(out.iterdir()) and not c.overwrite:
-            p.append(f"--output: {c.output!r} already holds files; pass --overwrite to replace it")
+        elif refused := check_output_dir(out, flag="--output", overwrite=c.overwrite, shown=c.output).message:
+            p.append(refused)
     if c.format not in ("gguf", "int8"):
         p.append(f"--format: {c.format!r} is not one of gguf, int8")
     if c.gguf_type not in ("f32", "f16", "q8_0", "q4_0"):

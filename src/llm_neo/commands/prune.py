@@ -37,6 +37,7 @@ from llm_neo.models.prune import (
 from llm_neo.options import option_help
 from llm_neo.report.tables import format_table
 from llm_neo.runtime.atomic import atomic_directory, atomic_write_json
+from llm_neo.runtime.rundir import check_output_dir
 
 log = logging.getLogger("llm_neo")
 
@@ -102,7 +103,9 @@ def validate_prune(config: PruneConfig) -> PretrainedConfig | None:
     elif c.model and Path(c.output).expanduser().resolve() == Path(c.model).expanduser().resolve():
         p.append("--output must differ from --model: pruning never replaces the original")
     else:
-        check_output_dir(p, c.output, overwrite=c.overwrite)
+        out = Path(c.output).expanduser()
+        if refused := check_output_dir(out, flag="--output", overwrite=c.overwrite, shown=c.output).message:
+            p.append(refused)
     if c.metric not in METRICS:
         p.append(f"--metric: {c.metric!r} is not one of {', '.join(METRICS)}")
     for name, value, ok, rule in [
@@ -135,15 +138,6 @@ def validate_prune(config: PruneConfig) -> PretrainedConfig | None:
     if p:
         raise ConfigError(p)
     return hf_config
-
-
-def check_output_dir(problems: list[str], output: str, *, overwrite: bool) -> None:
-    """Append a problem when ``--output`` is a file, or a directory holding files without --overwrite."""
-    out = Path(output).expanduser()
-    if out.exists() and not out.is_dir():
-        problems.append(f"--output: {output!r} is a file; give a directory")
-    elif out.is_dir() and any(out.iterdir()) and not overwrite:
-        problems.append(f"--output: {output!r} already holds files; pass --overwrite to replace it")
 
 
 def run_prune(config: PruneConfig) -> dict[str, Any]:

@@ -1,0 +1,173 @@
+"""A distill run's output directory: what it holds, whether a new run may start there or an earlier one
+resume, what --overwrite replaces, and the records a resume keeps.
+
+    check_output_dir   refuse to clobber an earlier run; on --resume, the checkpoint to continue from
+    start_output_dir   a new run: the earlier run's outputs removed, its config.yaml written
+    check_space        warn when the filesystem holds less than the run will write
+    truncate_metrics   on resume, metrics.jsonl cut back to the checkpoint's step
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llm_neo.config import DistillConfig, dump_yaml
+from llm_neo.errors import ConfigError
+from llm_neo.options import Effect, canonical_keys, load_yaml, options_with, to_dict
+from llm_neo.runtime import rundir
+from llm_neo.runtime.atomic import atomic_write_text, remove_outputs
+from llm_neo.runtime.checkpoint import list_checkpoints, resume_point
+from llm_neo.runtime.distributed import World
+from llm_neo.summary import SUMMARY_FILE
+
+log = logging.getLogger("llm_neo")
+
+# Options that may differ between a run and its resumption without changing its result.
+RESUMABLE_CHANGES = options_with(DistillConfig, Effect.COST, Effect.RUNTIME, Effect.EXISTING, Effect.REPORT)
+# What a run writes in its output directory (and an --overwrite run replaces).
+OUTPUTS = (
+    "merged", "adapter", "export", "checkpoints", "metrics.jsonl", SUMMARY_FILE, "config.yaml",
+    "tensorboard", "wandb", "mlruns",
+)  # fmt: skip
+
+
+def check_output_dir(config: DistillConfig, out: Path, world: World) -> Path | None:
+    """Refuse to clobber an earlier run; on --resume, check the run is the same and find its newest
+    intact checkpoint (every file's size and sha256 checked; a damaged newer one is skipped with a
+    warning naming both, CheckpointError when none is intact).
+
+    Read-only, and run by every rank, so every rank raises the same error.
+    """
+    saved = out / "config.yaml"
+    checked = rundir.check_output_dir(
+        out,
+        flag="--output-dir",
+        overwrite=config.overwrite,
+        resume=config.resume,
+        marker="checkpoints/step-*",  # a run --resume can continue
+        changed=lambda _: _changed_options(config, saved),
+    )
+    if checked.refusal is rundir.Refusal.NOTHING_TO_RESUME:
+        again = (
+            f"llm-neo distill --config {saved} --overwrite"
+            if saved.is_file()
+            else "the same command with --overwrite instead of --resume"
+        )
+        held = (
+            "no run"
+            if checked.holds is rundir.Holds.NOTHING
+            else "a run that stopped before its first checkpoint"
+        )
+        raise ConfigError(
+            [
+                f"--resume: no checkpoint in {out / 'checkpoints'} ({out} holds {held}), so there is "
+                f"nothing to continue. Start it again with: {again} (add --save-every N for checkpoints "
+                "a later --resume can continue from)"
+            ]
+        )
+    if checked.refusal is rundir.Refusal.CHANGED:
+        raise ConfigError(
+            [
+                f"--resume: options differ from the run in {out}: {', '.join(checked.changed)}. "
+                "Resume with the same options, or start a new --output-dir."
+            ]
+        )
+    if checked.refusal is not None:
+        if (out / SUMMARY_FILE).is_file():
+            what = "a finished run (summary.json); pass --overwrite to replace it"
+        elif checked.holds is rundir.Holds.RUN:
+            what = (
+                "a run that stopped after a checkpoint; pass --resume to continue it, --overwrite to "
+                "replace it"
+            )
+        else:
+            what = (
+                "a run that stopped before its first checkpoint, which --resume cannot continue; pass "
+                "--overwrite to start it again"
+            )
+        raise ConfigError([f"--output-dir {out} already holds {what}, or choose another --output-dir"])
+    if checked.outcome is not rundir.Outcome.RESUME:
+        return None
+    found, skipped = resume_point(out / "checkpoints")
+    if skipped and world.is_main:
+        for path, problems in skipped:
+            log.warning("checkpoint %s is damaged: %s", path, "; ".join(problems))
+        log.warning(
+            "resuming from %s instead of the damaged %s (its steps are trained again)",
+            found,
+            skipped[0][0],
+        )
+    return found
+
+
+def _changed_options(config: DistillConfig, saved: Path) -> list[str]:
+    """The options that differ from the run's config.yaml and change its result (none without one)."""
+    if not saved.is_file():
+        return []
+    return sorted(
+        _diff_keys(canonical_keys(DistillConfig, load_yaml(saved)), to_dict(config)) - RESUMABLE_CHANGES
+    )
+
+
+def check_space(
+    config: DistillConfig, out: Path, n_trainable: int, base_parameters: int, export_dtype: torch.dtype
+) -> None:
+    """Warn when the output directory's filesystem has less free space than the run will write: up to
+    three checkpoints at once (two kept, one being written; 4 bytes per trainable weight and 8 of AdamW
+    state) and the exported student."""
+    checkpoints = 3 * 12 * n_trainable if config.save_every else 12 * n_trainable  # a stop writes one
+    export = base_parameters * torch.empty((), dtype=export_dtype).element_size()
+    adapter = 4 * n_trainable if config.uses_lora else 0
+    rundir.check_space(out, {"checkpoints": checkpoints, "exported student": export + adapter})
+
+
+def start_output_dir(config: DistillConfig, out: Path) -> None:
+    remove_outputs(out, OUTPUTS)
+    dump_yaml(dataclasses.replace(config, resume=False, overwrite=False), out / "config.yaml")
+
+
+def _diff_keys(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> set[str]:
+    keys: set[str] = set()
+    for key in set(a) | set(b):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            keys |= _diff_keys(x, y, f"{prefix}{key}.")
+        elif x != y:
+            keys.add(f"{prefix}{key}")
+    return keys
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """On resume, forget records past the checkpoint so the file ends as an uninterrupted run's would."""
+    if not path.exists():
+        return
+    kept = [
+        line
+        for line in path.read_text().splitlines()
+        if (record := _parse_record(line)) and record["step"] <= step
+    ]
+    atomic_write_text(path, "".join(f"{line}\n" for line in kept))
+
+
+def _parse_record(line: str) -> dict[str, Any] | None:
+    """A metrics.jsonl record; None for an empty line or a torn one (a write cut short by a full disk)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and "step" in record else None
+
+
+def last_good(checkpoints: Path) -> str:
+    found = list_checkpoints(checkpoints)
+    return f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written yet"
+
+
+def step_number(checkpoint: Path) -> int:
+    return int(checkpoint.name.removeprefix("step-"))
