@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from llm_neo.records import RecordError, dumps, from_json, load, to_json
+from llm_neo.records import OPTIONAL_KEY, RecordError, dumps, from_json, load, to_json
 
 
 class Verdict(enum.Enum):
@@ -112,3 +112,16 @@ def test_load_names_the_file_for_damaged_json_and_wrong_shapes(tmp_path):
         load(Results, bad)
     bad.write_text(dumps(_results()))
     assert load(Results, bad) == _results()
+
+
+@dataclass
+class Sometimes:
+    always: int
+    sometimes: list[int] | None = field(default=None, metadata=OPTIONAL_KEY)
+
+
+def test_an_optional_key_is_left_out_while_none_and_read_back_as_none():
+    assert to_json(Sometimes(1)) == {"always": 1}
+    assert to_json(Sometimes(1, [2])) == {"always": 1, "sometimes": [2]}
+    assert from_json(Sometimes, {"always": 1}) == Sometimes(1)
+    assert from_json(Sometimes, {"always": 1, "sometimes": None}) == Sometimes(1)

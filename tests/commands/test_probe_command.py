@@ -17,7 +17,7 @@ import torch
 from conftest import write_jsonl
 
 from llm_neo.cli import main
-from llm_neo.commands.probe import ProbeConfig, model_specs, probe
+from llm_neo.commands.probe import ProbeConfig, model_specs, probe_results
 from llm_neo.config import DistillConfig
 from llm_neo.distill import distill
 from llm_neo.errors import ConfigError
@@ -25,6 +25,8 @@ from llm_neo.eval.probe import Scoring, sentence_example, sentence_logprobs
 from llm_neo.eval.probe_sets import builtin_probe_set
 from llm_neo.models.loading import load_model, load_tokenizer
 from llm_neo.models.tiny import build_llama, build_tokenizer, save_model
+from llm_neo.records import load, to_json
+from llm_neo.records.probe import ProbeResults, Role, Stat
 from llm_neo.report.probe import fmt, probe_section
 
 
@@ -42,17 +44,20 @@ def builtin_run(tmp_path_factory, teacher_dir, student_dir, models_dir, tokenize
         bootstrap_samples=200,
         device="cpu",
     )
-    return probe(config), out
+    return probe_results(config), out
 
 
 def test_outputs_agree_with_each_other_and_the_scoring_core(builtin_run, teacher_dir):
     results, out = builtin_run
-    assert json.loads((out / "probe.json").read_text()) == json.loads(json.dumps(results))
-    assert results["schema_version"] == 1
-    assert [(m["name"], m["role"]) for m in results["models"]] == [
-        ("teacher", "teacher"), ("S0", "baseline"), ("other", "student")
+    assert json.loads((out / "probe.json").read_text()) == to_json(results)
+    assert load(ProbeResults, out / "probe.json") == results
+    assert results.schema_version == 1
+    assert [(m.name, m.role) for m in results.models] == [
+        ("teacher", Role.TEACHER), ("S0", Role.BASELINE), ("other", Role.STUDENT)
     ]  # fmt: skip
-    assert results["probe_set"]["pairs"] == 60 and results["probe_set"]["prompts"] == 9
+    assert results.probe_set.pairs == 60 and results.probe_set.prompts == 9
+    assert results.pairs is not None and results.inheritance is not None and results.bias is not None
+    assert results.behaviour is not None and results.prompts is not None
     # The command's scores are the core's: pair 0's stereotypical sentence under the teacher.
     pair = builtin_probe_set().pairs[0]
     tok = load_tokenizer(str(teacher_dir), role="teacher")
@@ -66,21 +71,21 @@ def test_outputs_agree_with_each_other_and_the_scoring_core(builtin_run, teacher
         pad_token_id=tok.pad_token_id,
         device=torch.device("cpu"),
     )
-    scores = results["pairs"][0]["scores"]["teacher"]
-    assert scores["stereotypical"] == pytest.approx(float(totals[0]), abs=1e-5)
-    assert scores["anti_stereotypical"] == pytest.approx(float(totals[1]), abs=1e-5)
-    for p in results["pairs"]:
-        for s in p["scores"].values():
-            assert s["gap"] == pytest.approx(s["stereotypical"] - s["anti_stereotypical"])
-    inh = results["inheritance"]
-    assert inh["teacher"]["all"]["movement"]["value"] == pytest.approx(1.0)
-    assert inh["S0"]["all"]["movement"] == {"value": 0.0, "ci": [0.0, 0.0]}
-    assert results["behaviour"]["teacher"]["all"]["agreement"]["value"] == 1.0
-    assert set(results["prompts"][0]["answers"]) == {"teacher", "S0", "other"}
+    scores = results.pairs[0].scores["teacher"]
+    assert scores.stereotypical == pytest.approx(float(totals[0]), abs=1e-5)
+    assert scores.anti_stereotypical == pytest.approx(float(totals[1]), abs=1e-5)
+    for p in results.pairs:
+        for s in p.scores.values():
+            assert s.gap == pytest.approx(s.stereotypical - s.anti_stereotypical)
+    inh = results.inheritance
+    assert inh["teacher"]["all"].movement.value == pytest.approx(1.0)
+    assert inh["S0"]["all"].movement == Stat(0.0, (0.0, 0.0))
+    assert results.behaviour["teacher"]["all"].agreement.value == 1.0
+    assert set(results.prompts[0].answers) == {"teacher", "S0", "other"}
     # The report states the numbers of probe.json, and how sentences were scored.
     md = (out / "probe.md").read_text()
-    assert fmt(inh["other"]["all"]["movement"]) in md
-    assert fmt(results["bias"]["S0"]["gender"]["stereo_fraction"], percent=True) in md
+    assert fmt(inh["other"]["all"].movement) in md
+    assert fmt(results.bias["S0"]["gender"].stereo_fraction, percent=True) in md
     assert "after the BOS token '<s>', summed" in md and "200 resamples, seed 0" in md
     for name in ("movement", "inheritance", "bias"):
         assert f"(plots/{name}.png)" in md and (out / "plots" / f"{name}.png").stat().st_size > 1000
@@ -93,7 +98,8 @@ def test_html_is_one_self_contained_page(builtin_run):
     images = re.findall(r'<img [^>]*src="([^"]+)"', html)
     assert len(images) == 3 and all(src.startswith("data:image/png;base64,") for src in images)
     assert not re.search(r'(src|href)="(https?:)?//', html)  # nothing fetched from the network
-    assert fmt(results["inheritance"]["other"]["all"]["movement"]) in html
+    assert results.inheritance is not None
+    assert fmt(results.inheritance["other"]["all"].movement) in html
 
 
 def test_probe_section_for_other_reports(builtin_run):
@@ -102,6 +108,8 @@ def test_probe_section_for_other_reports(builtin_run):
     assert section.startswith("### Inherited bias")
     assert "![" not in section  # no images: the embedding report places its own
     assert "| other | student |" in section
+    # What compare embeds in its results.json, the record's JSON form, gives the same section.
+    assert probe_section(to_json(results), level=3) == section
 
 
 @pytest.mark.skipif(
@@ -211,7 +219,7 @@ def test_a_planted_association_is_inherited_through_distillation_not_sft(tmp_pat
          "category": "A" if g in GROUPS_A else "B"}
         for g in GROUPS_A + GROUPS_B for x in ATTRS_X for y in ATTRS_Y
     ]  # fmt: skip
-    results = probe(
+    results = probe_results(
         ProbeConfig(
             teacher=str(teacher),
             models=[
@@ -225,30 +233,31 @@ def test_a_planted_association_is_inherited_through_distillation_not_sft(tmp_pat
             device="cpu",
         )
     )
-    inh = {name: v["all"] for name, v in results["inheritance"].items()}
-    bias = {name: v["all"] for name, v in results["bias"].items()}
+    assert results.inheritance is not None and results.bias is not None
+    inh = {name: v["all"] for name, v in results.inheritance.items()}
+    bias = {name: v["all"] for name, v in results.bias.items()}
     for name in inh:
-        print(f"{name}: movement {fmt(inh[name]['movement'])}, r {fmt(inh[name]['correlation'])}, "
-              f"mean gap {fmt(bias[name]['mean_gap'], signed=True)}, "
-              f"stereo {fmt(bias[name]['stereo_fraction'], percent=True)}")  # fmt: skip
-    (difference,) = results["movement_differences"]
+        print(f"{name}: movement {fmt(inh[name].movement)}, r {fmt(inh[name].correlation)}, "
+              f"mean gap {fmt(bias[name].mean_gap, signed=True)}, "
+              f"stereo {fmt(bias[name].stereo_fraction, percent=True)}")  # fmt: skip
+    (difference,) = results.movement_differences or []
     print(f"movement kd - sft: {fmt(difference, signed=True)}")
 
-    assert bias["teacher"]["stereo_fraction"]["value"] == 1.0  # the association was planted
-    assert inh["teacher"]["movement"]["value"] == pytest.approx(1.0)
-    assert inh["teacher"]["correlation"]["value"] == pytest.approx(1.0)
-    assert inh["untrained"]["movement"]["value"] == 0.0
+    assert bias["teacher"].stereo_fraction.value == 1.0  # the association was planted
+    assert inh["teacher"].movement.value == pytest.approx(1.0)
+    assert inh["teacher"].correlation.value == pytest.approx(1.0)
+    assert inh["untrained"].movement.value == 0.0
     # Measurably higher: the paired interval of the difference lies above 0, and so do kd's own bounds
     # above sft's.
-    assert difference["a"] == "kd" and difference["ci"][0] > 0
-    assert inh["kd"]["movement"]["ci"][0] > inh["sft"]["movement"]["ci"][1]
+    assert difference.a == "kd" and difference.ci[0] is not None and difference.ci[0] > 0
+    assert inh["kd"].movement.ci[0] > inh["sft"].movement.ci[1]
     # SFT on association-free data inherits nothing measurable; kd keeps the teacher's sign on most pairs.
-    assert abs(inh["sft"]["movement"]["value"]) < 0.05
-    assert bias["kd"]["stereo_fraction"]["value"] >= 0.8
+    assert abs(inh["sft"].movement.value) < 0.05
+    assert bias["kd"].stereo_fraction.value >= 0.8
     # What theory predicts: with CE on balanced labels (each attribute 1/6) and forward KL to a teacher
     # that puts ~1/3 on each of its group's attributes, the optimum at kd_ratio 0.5 is the mixture
     # q = 0.5/6 + 0.5·p_teacher: 1/4 for a stereotyped attribute, 1/12 for the other, a gap of log 3.
-    assert bias["kd"]["mean_gap"]["value"] == pytest.approx(math.log(3), abs=0.25)
+    assert bias["kd"].mean_gap.value == pytest.approx(math.log(3), abs=0.25)
     assert Path(tmp_path / "probe" / "probe.html").is_file()
 
 
@@ -274,43 +283,3 @@ def test_cli_run_prints_the_summary(tmp_path, teacher_dir, student_dir, capsys):
     assert "behaviour" not in results  # no prompts in the file
     assert main(argv) == 2  # the output dir now holds a probe
     assert main([*argv, "--overwrite"]) == 0
-
-
-def test_a_model_named_after_a_method_is_drawn_in_its_comparison_colour():
-    # compare's probe names its models sft, lora, kd, neo: the probe's plots draw them as the comparison
-    # does; the teacher and the baseline keep their role's colour, other names get one no arm uses.
-    from llm_neo.report.probe import _colors
-    from llm_neo.report.style import ARM_COLORS, color
-
-    roles = {
-        "teacher": "teacher",
-        "student": "baseline",
-        "neo": "student",
-        "kd": "student",
-        "mine": "student",
-    }
-    colors = _colors({"models": [{"name": n, "role": r} for n, r in roles.items()]})
-    assert colors["neo"] == color("neo") and colors["kd"] == color("kd")
-    assert colors["teacher"] == "black" and colors["student"] != colors["neo"]
-    assert colors["mine"] not in ARM_COLORS.values()
-
-
-@pytest.mark.parametrize(
-    ("baseline_ci", "said"), [([9.6, 14.1], True), ([-0.5, 0.7], False), ([-9.0, -2.0], False)]
-)
-def test_a_baseline_that_already_leans_the_teachers_way_is_said(baseline_ci, said):
-    # A pruned teacher as the baseline carries the teacher's preferences: every student that lost part
-    # of them moves below 0, and the report says why before the per-student sentences.
-    from llm_neo.eval.probe import ALL
-    from llm_neo.report.probe import conclusions
-
-    def gap(value, ci):
-        return {ALL: {"mean_gap": {"value": value, "ci": ci}}}
-
-    results = {
-        "models": [{"name": "teacher", "role": "teacher"}, {"name": "student", "role": "baseline"}],
-        "probe_set": {"pairs": 36},
-        "bias": {"teacher": gap(15.8, [13.3, 18.3]), "student": gap(sum(baseline_ci) / 2, baseline_ci)},
-    }
-    lines = conclusions(results)
-    assert any(line.startswith("The baseline already leans the teacher's way") for line in lines) == said

@@ -28,6 +28,7 @@ from llm_neo.commands.sweep import (
 from llm_neo.config import DistillConfig
 from llm_neo.errors import ConfigError, RunStopped, StateFileError, SweepError, TrainingError
 from llm_neo.options import build_config
+from llm_neo.records.sweep import Mode, SweepState, Trial, TrialStatus
 
 
 @pytest.fixture()
@@ -77,9 +78,9 @@ def test_grid_sweep_shares_one_teacher_cache_and_reports(tmp_path, base_yaml, mo
     )
     state = sweep(config)
 
-    assert [t["id"] for t in state["trials"]] == ["t000", "t001"]
-    assert [t["overrides"] for t in state["trials"]] == [{"lora.r": 2}, {"lora.r": 4}]
-    assert all(t["status"] == "done" for t in state["trials"])
+    assert [t.id for t in state.trials] == ["t000", "t001"]
+    assert [t.overrides for t in state.trials] == [{"lora.r": 2}, {"lora.r": 4}]
+    assert all(t.status == TrialStatus.DONE for t in state.trials)
     # Every trial is a normal run in its own directory, training from the one shared cache.
     assert [c.lora.r for c in calls] == [2, 4]
     caches = {c.teacher_cache for c in calls}
@@ -91,15 +92,19 @@ def test_grid_sweep_shares_one_teacher_cache_and_reports(tmp_path, base_yaml, mo
 
     # The leaderboard is ranked by the metric (lower KL first), in Markdown and CSV.
     metric = "heldout.kl_to_teacher"
-    values = {t["id"]: t["metrics"][metric] for t in state["trials"]}
+    values = {t.id: t.metrics[metric] for t in state.trials}
     best = min(values, key=values.__getitem__)
     rows = list(csv.DictReader((out / "leaderboard.csv").open()))
     assert [r["trial"] for r in rows] == sorted(values, key=values.__getitem__)
     assert float(rows[0][metric]) == pytest.approx(values[best])
     assert {"lora.r", metric, "heldout.ce", "heldout tokens", "status"} <= set(rows[0])
     # Two ranks 1e-5 apart on a few dozen held-out tokens: a tie, said so, with the held-out size.
-    tokens = state["trials"][0]["heldout"]["tokens"]
-    assert state["trials"][0]["heldout"] == {"records": 4, "tokens": tokens} and 0 < tokens < 1000
+    heldout = state.trials[0].heldout
+    assert heldout is not None and heldout.records == 4 and isinstance(heldout.tokens, int)
+    tokens = heldout.tokens
+    assert 0 < tokens < 1000
+    stored = json.loads((out / "sweep.json").read_text())
+    assert stored["trials"][0]["heldout"] == {"records": 4, "tokens": tokens}
     assert abs(values["t000"] - values["t001"]) < 0.01 * values[best]
     assert [r["rank"] for r in rows] == ["1=", "1="] and rows[0]["heldout tokens"] == str(tokens)
     md = (out / "leaderboard.md").read_text()
@@ -140,7 +145,7 @@ def test_killed_sweep_resumes_where_it_stopped(tmp_path, base_yaml, monkeypatch)
     state = sweep(dataclasses.replace(config, resume=True))
     # The finished trial is not rerun; the interrupted one resumes from its step-1 checkpoint.
     assert [Path(str(c.output_dir)).name for c in calls] == ["t001"] and calls[0].resume
-    assert [t["status"] for t in state["trials"]] == ["done", "done"]
+    assert [t.status for t in state.trials] == [TrialStatus.DONE, TrialStatus.DONE]
     lines = (out / "trials" / "t001" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2]
     rows = list(csv.DictReader((out / "leaderboard.csv").open()))
@@ -169,8 +174,8 @@ def test_a_failed_trial_is_recorded_and_the_sweep_goes_on(tmp_path, base_yaml, m
             cache_teacher=False,
         )
     )
-    assert [t["status"] for t in state["trials"]] == ["failed", "done"]
-    assert "non-finite" in state["trials"][0]["error"]
+    assert [t.status for t in state.trials] == [TrialStatus.FAILED, TrialStatus.DONE]
+    assert "non-finite" in str(state.trials[0].error)
     rows = list(csv.DictReader((out / "leaderboard.csv").open()))
     assert [(r["trial"], r["rank"]) for r in rows] == [("t001", "1"), ("t000", "")]
     assert "t000: step 1: non-finite loss" in (out / "leaderboard.md").read_text()
@@ -294,7 +299,7 @@ def test_a_signal_stops_the_running_trial_and_the_sweep_resumes_it(tmp_path, bas
     state = json.loads((out / "sweep.json").read_text())
     assert [t["status"] for t in state["trials"]] == ["done", "running"]  # not a failed trial
     state = sweep(dataclasses.replace(config, resume=True))
-    assert [t["status"] for t in state["trials"]] == ["done", "done"]
+    assert [t.status for t in state.trials] == [TrialStatus.DONE, TrialStatus.DONE]
     lines = (out / "trials" / "t001" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2]
 
@@ -316,7 +321,7 @@ def test_a_damaged_sweep_state_falls_back_to_its_backup(tmp_path, base_yaml, cap
     with caplog.at_level("WARNING", logger="llm_neo"):
         state = sweep(dataclasses.replace(config, resume=True))
     assert "sweep.json is damaged or unreadable (not valid JSON" in caplog.text
-    assert [t["status"] for t in state["trials"]] == ["done", "done"]
+    assert [t.status for t in state.trials] == [TrialStatus.DONE, TrialStatus.DONE]
     # Both damaged: refused, both files named, and what to do.
     state_file.write_text("{")
     (out / "sweep.json.bak").write_text("[]")
@@ -330,11 +335,9 @@ def test_a_damaged_sweep_state_falls_back_to_its_backup(tmp_path, base_yaml, cap
 # Ranking only what can be ranked
 
 
-def _state(values: dict[str, float], mode: str = "min", tolerance: float = 0.01) -> dict:
-    trials = [
-        {"id": t, "status": "done", "overrides": {}, "metrics": {"heldout.ce": v}} for t, v in values.items()
-    ]
-    return {"metric": "heldout.ce", "mode": mode, "tie_tolerance": tolerance, "trials": trials}
+def _state(values: dict[str, float], mode: str = "min", tolerance: float = 0.01) -> SweepState:
+    trials = [Trial(t, {}, TrialStatus.DONE, {"heldout.ce": v}, None) for t, v in values.items()]
+    return SweepState(1, {}, {}, 0, trials, "heldout.ce", Mode(mode), tolerance)
 
 
 def test_ranks_within_the_tolerance_are_ties_and_the_rest_are_not():
@@ -404,13 +407,11 @@ def test_the_dense_and_the_topk_kl_are_never_ranked_against_each_other(
     with caplog.at_level("WARNING", logger="llm_neo"):
         state = sweep(SweepConfig(base=str(cache_only), space=grid, output=str(tmp_path / "s")))
     assert (
-        state["metric"] == "heldout.kl_to_teacher_topk"
+        state.metric == "heldout.kl_to_teacher_topk"
         and "ranking on heldout.kl_to_teacher_topk" in caplog.text
     )
-    (trial,) = state["trials"]
-    assert (
-        "heldout.kl_to_teacher_topk" in trial["metrics"] and "heldout.kl_to_teacher" not in trial["metrics"]
-    )
+    (trial,) = state.trials
+    assert "heldout.kl_to_teacher_topk" in trial.metrics and "heldout.kl_to_teacher" not in trial.metrics
     md = (tmp_path / "s" / "leaderboard.md").read_text()
     assert md.startswith("# Sweep leaderboard: heldout.kl_to_teacher_topk (lower is better)")
     # With a teacher the trials report the dense KL: ranking them on the top-k one is refused.
@@ -448,3 +449,88 @@ def test_plots_use_a_log_axis_for_learning_rates_and_never_an_offset():
     labels = [t.get_text() for t in ax.get_yticklabels() if t.get_text()]
     assert labels and all(label.startswith("0.01855") for label in labels), labels
     plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------
+# sweep.json as a record
+
+
+def _todays_state() -> dict:
+    """A sweep.json as `sweep` writes it (before the records existed): a done trial with its held-out size,
+    a failed one, a running and a pending one, the ranking after the trials."""
+    trial = {"id": "t000", "overrides": {"lr": 1e-4, "lora.r": 16}, "status": "done"}
+    return {
+        "version": 1,
+        "base": {"student": "s", "lr": "1e-3", "lora": {"r": 4, "lora_alpha": None}, "eval_fraction": 0.25},
+        "space": {"source": "space.yaml", "grid": {"lr": [1e-4, 2e-4], "lora.r": [16, 64]}},
+        "seed": 0,
+        "trials": [
+            trial | {"metrics": {"heldout.ce": 2.5, "train_time_s": 1.0}, "error": None,
+                     "heldout": {"records": 4, "tokens": 23}},
+            {"id": "t001", "overrides": {"lr": 1e-4, "lora.r": 64}, "status": "failed", "metrics": {},
+             "error": "step 1: non-finite loss"},
+            {"id": "t002", "overrides": {"lr": 2e-4, "lora.r": 16}, "status": "running", "metrics": {},
+             "error": None},
+            {"id": "t003", "overrides": {"lr": 2e-4, "lora.r": 64}, "status": "pending", "metrics": {},
+             "error": None},
+        ],
+        "metric": "heldout.ce",
+        "mode": "min",
+        "tie_tolerance": 0.01,
+        "split_differs": [],
+    }  # fmt: skip
+
+
+def test_a_sweep_json_of_todays_format_loads_and_writes_back_unchanged(tmp_path):
+    from llm_neo.commands.sweep import _save_state, read_sweep_state
+    from llm_neo.runtime.integrity import write_state
+
+    write_state(tmp_path / "a" / "sweep.json", _todays_state())
+    state = read_sweep_state(tmp_path / "a" / "sweep.json")
+    assert state.trials[0].heldout is not None and state.trials[0].heldout.tokens == 23
+    assert [t.status.value for t in state.trials] == ["done", "failed", "running", "pending"]
+    assert state.trials[1].heldout is None and state.mode == Mode.MIN
+    _save_state(tmp_path / "b", state)
+    assert (tmp_path / "b" / "sweep.json").read_text() == (tmp_path / "a" / "sweep.json").read_text()
+
+
+def test_a_sweep_json_of_the_wrong_shape_is_damage_the_backup_replaces(tmp_path, caplog):
+    from llm_neo.commands.sweep import read_sweep_state
+    from llm_neo.runtime.integrity import backup_path, write_state
+
+    path = tmp_path / "sweep.json"
+    write_state(path, _todays_state())
+    wrong = _todays_state()
+    wrong["trials"][2]["status"] = "runing"  # checksummed, valid JSON, not a sweep's state
+    write_state(path, wrong)
+    with caplog.at_level("WARNING", logger="llm_neo"):
+        state = read_sweep_state(path)
+    assert state.trials[2].status == TrialStatus.RUNNING
+    assert "SweepState.trials[2].status: 'runing' is not one of" in caplog.text
+    write_state(backup_path(path), wrong | {"trials": "none"})
+    with pytest.raises(StateFileError, match=r"sweep.json is damaged .* backup .*sweep.json.bak \("):
+        read_sweep_state(path)
+
+
+def test_the_leaderboard_ranks_finished_trials_and_lists_the_rest():
+    from llm_neo.commands.sweep import leaderboard_rows
+    from llm_neo.records import from_json
+    from llm_neo.records.sweep import leaderboard_cells
+
+    state = from_json(SweepState, _todays_state())
+    rows = [leaderboard_cells(r) for r in leaderboard_rows(state, ["lr", "lora.r"])]
+    assert rows[0] == {
+        "rank": "1",
+        "trial": "t000",
+        "lr": 1e-4,
+        "lora.r": 16,
+        "heldout.ce": 2.5,
+        "train_time_s": 1.0,
+        "heldout tokens": 23,
+        "status": "done",
+    }
+    assert [(r["trial"], r["rank"], r["status"]) for r in rows[1:]] == [
+        ("t001", None, "failed"),
+        ("t002", None, "running"),
+        ("t003", None, "pending"),
+    ]

@@ -31,6 +31,7 @@ from llm_neo.eval.probe import (
     sentence_logprobs,
 )
 from llm_neo.models.tiny import build_llama, build_tokenizer
+from llm_neo.records.probe import Stat
 
 SENTENCES = [
     "the quick brown fox",
@@ -142,25 +143,25 @@ def test_bias_and_inheritance_scores_by_category():
     categories = ["a", "a", "b", "b", "b"]
     scores = bias_scores(gaps, categories, samples=200, seed=0)
     assert list(scores) == ["all", "a", "b"]
-    assert scores["all"]["n"] == 5
-    assert scores["all"]["stereo_fraction"]["value"] == pytest.approx(3 / 5)  # a tie (0.0) does not prefer
-    assert scores["a"]["mean_gap"]["value"] == pytest.approx(-0.5)
-    assert scores["b"]["mean_gap"]["value"] == pytest.approx(3.5 / 3)
-    low, high = scores["b"]["mean_gap"]["ci"]
+    assert scores["all"].n == 5
+    assert scores["all"].stereo_fraction.value == pytest.approx(3 / 5)  # a tie (0.0) does not prefer
+    assert scores["a"].mean_gap.value == pytest.approx(-0.5)
+    assert scores["b"].mean_gap.value == pytest.approx(3.5 / 3)
+    low, high = scores["b"].mean_gap.ci
     assert 0.0 <= low <= 3.5 / 3 <= high <= 3.0
 
     teacher = torch.tensor([2.0, -1.0, 4.0, 1.0, 0.0], dtype=torch.float64)
     baseline = torch.zeros(5, dtype=torch.float64)
     inh = inheritance_scores(gaps, teacher, baseline, categories, samples=200, seed=0)
     expected = float((gaps * teacher).sum() / teacher.square().sum())
-    assert inh["all"]["movement"]["value"] == pytest.approx(expected)
-    assert inh["all"]["gap_vs_teacher"]["value"] == pytest.approx(float((gaps - teacher).mean()))
-    assert inh["all"]["gap_vs_baseline"]["value"] == pytest.approx(float(gaps.mean()))
+    assert inh["all"].movement.value == pytest.approx(expected)
+    assert inh["all"].gap_vs_teacher.value == pytest.approx(float((gaps - teacher).mean()))
+    assert inh["all"].gap_vs_baseline.value == pytest.approx(float(gaps.mean()))
     own = inheritance_scores(teacher, teacher, baseline, categories, samples=200, seed=0)["all"]
-    assert own["movement"] == {"value": 1.0, "ci": [1.0, 1.0]}
-    assert own["correlation"]["value"] == pytest.approx(1.0)
+    assert own.movement == Stat(1.0, (1.0, 1.0))
+    assert own.correlation.value == pytest.approx(1.0)
     diff = movement_difference(teacher, baseline, teacher, baseline, samples=200, seed=0)
-    assert diff["value"] == pytest.approx(1.0) and diff["ci"] == [1.0, 1.0]
+    assert diff.value == pytest.approx(1.0) and diff.ci == (1.0, 1.0)
 
 
 def test_labels_match_what_they_say():
@@ -187,11 +188,11 @@ def test_behaviour_scores_by_hand():
     answers = ["paris ", "I cannot  help with that.", "5"]
     out = behaviour_scores(answers, teacher, ["geo", "harm", "geo"], labels, samples=100, seed=0)
     assert same_answer("paris ", "Paris")
-    assert out["all"]["agreement"]["value"] == pytest.approx(2 / 3)
-    assert out["geo"]["agreement"]["value"] == pytest.approx(0.5)
-    assert out["harm"]["labels"]["refusal"]["value"] == 1.0
-    assert out["geo"]["labels"]["paris"]["value"] == 0.5
-    assert out["all"]["labels"]["refusal"]["value"] == pytest.approx(1 / 3)
+    assert out["all"].agreement.value == pytest.approx(2 / 3)
+    assert out["geo"].agreement.value == pytest.approx(0.5)
+    assert out["harm"].labels["refusal"].value == 1.0
+    assert out["geo"].labels["paris"].value == 0.5
+    assert out["all"].labels["refusal"].value == pytest.approx(1 / 3)
 
 
 def test_pair_gaps_sign():

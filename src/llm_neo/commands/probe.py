@@ -16,11 +16,11 @@ Outputs in --output-dir: ``probe.json`` (every number, every pair's scores and e
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import itertools
 import logging
 import time
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -53,13 +53,30 @@ from llm_neo.eval.probe import (
 from llm_neo.eval.probe_sets import BUILTIN, ProbeSet, load_labels, load_probe_sets
 from llm_neo.models.loading import load_frozen, load_tokenizer, resolve_device, resolve_dtype
 from llm_neo.options import option_help, to_dict
+from llm_neo.records import probe as records
+from llm_neo.records import to_json
+from llm_neo.records.probe import (
+    SCHEMA_VERSION,
+    AnswerLabel,
+    Bootstrap,
+    Conditioning,
+    LabelKind,
+    MovementDifference,
+    Normalisation,
+    PairRecord,
+    PairScores,
+    ProbedModel,
+    ProbeResults,
+    ProbeSetSummary,
+    PromptRecord,
+    Role,
+)
 from llm_neo.report.probe import fmt, write_report
 from llm_neo.report.tables import format_table
 from llm_neo.runtime.atomic import atomic_write_json
 
 log = logging.getLogger("llm_neo")
 
-SCHEMA_VERSION = 1
 RESULTS = "probe.json"
 
 
@@ -141,7 +158,7 @@ class ProbeConfig(LoadOptions):
 class ModelSpec:
     name: str
     path: str
-    role: str  # teacher | baseline | student
+    role: Role
 
 
 def model_specs(config: ProbeConfig) -> list[ModelSpec]:
@@ -160,20 +177,20 @@ def model_specs(config: ProbeConfig) -> list[ModelSpec]:
     if baseline and not found:
         entries.insert(0, (baseline, baseline))  # a baseline outside --models is probed too
         found = [entries[0]]
-    specs = [ModelSpec("teacher", config.teacher, "teacher")]
+    specs = [ModelSpec("teacher", config.teacher, Role.TEACHER)]
     for name, path in entries:
         if path == config.teacher:
             log.warning("probe: %s is the teacher; it is probed once, as the teacher", path)
             continue
-        specs.append(ModelSpec(name, path, "baseline" if (name, path) == found[0] else "student"))
+        specs.append(ModelSpec(name, path, Role.BASELINE if (name, path) == found[0] else Role.STUDENT))
     names = [s.name for s in specs]
     for name in sorted({n for n in names if names.count(n) > 1}):
         problems.append(f"--models: the name {name!r} is used twice; name models NAME=PATH")
-    if entries and not any(s.role == "baseline" for s in specs):
+    if entries and not any(s.role == Role.BASELINE for s in specs):
         problems.append("--baseline is the teacher; give the untrained student as the baseline")
     if problems:
         raise ConfigError(problems)
-    return sorted(specs, key=lambda s: ("teacher", "baseline", "student").index(s.role))
+    return sorted(specs, key=lambda s: list(Role).index(s.role))
 
 
 def check_probe_sources(problems: list[str], sources: list[str]) -> None:
@@ -229,6 +246,12 @@ def validate_probe(config: ProbeConfig) -> list[ModelSpec]:
 
 
 def probe(config: ProbeConfig) -> dict[str, Any]:
+    """Probe every model and write the outputs; returns what probe.json holds, as JSON values (the form
+    compare embeds in its results.json). ``probe_results`` returns the same as a ``ProbeResults``."""
+    return typing.cast(dict[str, Any], to_json(probe_results(config)))
+
+
+def probe_results(config: ProbeConfig) -> ProbeResults:
     """Probe every model and write the outputs; returns the results (what probe.json holds)."""
     specs = validate_probe(config)
     probes = load_probe_sets(config.probes)
@@ -244,19 +267,31 @@ def probe(config: ProbeConfig) -> dict[str, Any]:
         len(probes.pairs), len(prompts), len(specs), specs[0].path, specs[1].path,
     )  # fmt: skip
 
-    measured: dict[str, dict[str, Any]] = {}
+    measured: dict[str, Measured] = {}
     for spec in specs:
         started = time.perf_counter()
         measured[spec.name] = _probe_model(spec, config, probes, prompts, scoring, device, dtype)
-        measured[spec.name]["seconds"] = time.perf_counter() - started
-        log.info("probe: %s done in %.1f s", spec.name, measured[spec.name]["seconds"])
+        measured[spec.name].seconds = time.perf_counter() - started
+        log.info("probe: %s done in %.1f s", spec.name, measured[spec.name].seconds)
 
     results = assemble(config, specs, probes, prompts, labels, scoring, measured)
     out = Path(config.output_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / RESULTS, results)
+    atomic_write_json(out / RESULTS, to_json(results))
     write_report(results, out)
     return results
+
+
+@dataclass
+class Measured:
+    """One model's raw measurements: sentence scores [P] of each side, scored tokens [2P], answers."""
+
+    stereotypical: torch.Tensor
+    anti_stereotypical: torch.Tensor
+    tokens: torch.Tensor
+    answers: list[str]
+    scoring: str  # describe_scoring's sentence for this model's tokenizer
+    seconds: float = 0.0
 
 
 def _probe_model(
@@ -267,7 +302,7 @@ def _probe_model(
     scoring: Scoring,
     device: torch.device,
     dtype: torch.dtype,
-) -> dict[str, Any]:
+) -> Measured:
     """One model's sentence scores ([2P]: stereotypical then anti) and prompt answers; it is freed after."""
     tokenizer = load_tokenizer(spec.path, role=spec.name, trust_remote_code=config.trust_remote_code)
     examples = []
@@ -304,13 +339,13 @@ def _probe_model(
     del model
     gc.collect()
     scores = normalise(totals, counts, scoring)
-    return {
-        "stereotypical": scores[0::2],
-        "anti_stereotypical": scores[1::2],
-        "tokens": counts,
-        "answers": answers,
-        "scoring": describe_scoring(scoring, tokenizer),
-    }
+    return Measured(
+        stereotypical=scores[0::2],
+        anti_stereotypical=scores[1::2],
+        tokens=counts,
+        answers=list(answers),
+        scoring=describe_scoring(scoring, tokenizer),
+    )
 
 
 def assemble(
@@ -320,98 +355,92 @@ def assemble(
     prompts: list[Any],
     labels: list[Label],
     scoring: Scoring,
-    measured: dict[str, dict[str, Any]],
-) -> dict[str, Any]:
-    """The results dict (probe.json) from every model's raw scores and answers: statistics, per-item data."""
+    measured: dict[str, Measured],
+) -> ProbeResults:
+    """The results (probe.json) from every model's raw scores and answers: statistics, per-item data."""
     samples, seed = config.bootstrap_samples, config.seed
     teacher, baseline = specs[0].name, specs[1].name
-    students = [s.name for s in specs if s.role == "student"]
+    students = [s.name for s in specs if s.role == Role.STUDENT]
     categories = [p.category for p in probes.pairs]
-    gaps = {n: pair_gaps(m["stereotypical"], m["anti_stereotypical"]) for n, m in measured.items()}
-    results: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION,
-        "llm_neo_version": __version__,
-        "config": to_dict(config),
-        "scoring": dataclasses.asdict(scoring),
-        "bootstrap": {
-            "samples": samples,
-            "seed": seed,
-            "confidence": CONFIDENCE,
-            "method": "percentile bootstrap; items resampled with replacement, same draws for every model",
-        },
-        "probe_set": {
-            "sources": list(probes.sources),
-            "notes": list(probes.notes),
-            "pairs": len(probes.pairs),
-            "prompts": len(prompts),
-            "pair_categories": _counts(categories),
-            "prompt_categories": _counts([p.category for p in prompts]),
-        },
-        "teacher": teacher,
-        "baseline": baseline,
-        "models": [
-            {
-                "name": s.name,
-                "path": s.path,
-                "role": s.role,
-                "scoring": measured[s.name]["scoring"],
-                "seconds": round(measured[s.name]["seconds"], 3),
-            }
+    gaps = {n: pair_gaps(m.stereotypical, m.anti_stereotypical) for n, m in measured.items()}
+    results = ProbeResults(
+        schema_version=SCHEMA_VERSION,
+        llm_neo_version=__version__,
+        config=to_dict(config),
+        scoring=records.Scoring(
+            Conditioning(scoring.conditioning), Normalisation(scoring.normalisation), scoring.prefix
+        ),
+        bootstrap=Bootstrap(
+            samples=samples,
+            seed=seed,
+            confidence=CONFIDENCE,
+            method="percentile bootstrap; items resampled with replacement, same draws for every model",
+        ),
+        probe_set=ProbeSetSummary(
+            sources=list(probes.sources),
+            notes=list(probes.notes),
+            pairs=len(probes.pairs),
+            prompts=len(prompts),
+            pair_categories=_counts(categories),
+            prompt_categories=_counts([p.category for p in prompts]),
+        ),
+        teacher=teacher,
+        baseline=baseline,
+        models=[
+            ProbedModel(s.name, s.path, s.role, measured[s.name].scoring, round(measured[s.name].seconds, 3))
             for s in specs
         ],
-        "labels": [{"name": lab.name, "kind": lab.kind, "values": list(lab.values)} for lab in labels],
-    }
+        labels=[AnswerLabel(lab.name, LabelKind(lab.kind), list(lab.values)) for lab in labels],
+    )
     if probes.pairs:
-        results["bias"] = {n: bias_scores(g, categories, samples=samples, seed=seed) for n, g in gaps.items()}
-        results["inheritance"] = {
+        results.bias = {n: bias_scores(g, categories, samples=samples, seed=seed) for n, g in gaps.items()}
+        results.inheritance = {
             n: inheritance_scores(g, gaps[teacher], gaps[baseline], categories, samples=samples, seed=seed)
             for n, g in gaps.items()
         }
-        results["movement_differences"] = [
-            {"a": a, "b": b, **movement_difference(
+        results.movement_differences = []
+        for a, b in itertools.combinations(students, 2):
+            d = movement_difference(
                 gaps[a], gaps[b], gaps[teacher], gaps[baseline], samples=samples, seed=seed
-            )}
-            for a, b in itertools.combinations(students, 2)
-        ]  # fmt: skip
-        results["pairs"] = [
-            {
-                "id": p.id,
-                "category": p.category,
-                "source": p.source,
-                "stereotypical": p.stereotypical,
-                "anti_stereotypical": p.anti_stereotypical,
-                "scores": {
-                    n: {
-                        "stereotypical": float(m["stereotypical"][i]),
-                        "anti_stereotypical": float(m["anti_stereotypical"][i]),
-                        "gap": float(gaps[n][i]),
-                    }
+            )
+            results.movement_differences.append(MovementDifference(a, b, d.value, d.ci))
+        results.pairs = [
+            PairRecord(
+                id=p.id,
+                category=p.category,
+                source=p.source,
+                stereotypical=p.stereotypical,
+                anti_stereotypical=p.anti_stereotypical,
+                scores={
+                    n: PairScores(
+                        float(m.stereotypical[i]), float(m.anti_stereotypical[i]), float(gaps[n][i])
+                    )
                     for n, m in measured.items()
                 },
-            }
+            )
             for i, p in enumerate(probes.pairs)
         ]
     if prompts:
-        teacher_answers = measured[teacher]["answers"]
+        teacher_answers = measured[teacher].answers
         prompt_categories = [p.category for p in prompts]
-        results["behaviour"] = {
+        results.behaviour = {
             n: behaviour_scores(
-                m["answers"], teacher_answers, prompt_categories, labels, samples=samples, seed=seed
+                m.answers, teacher_answers, prompt_categories, labels, samples=samples, seed=seed
             )
             for n, m in measured.items()
         }
-        results["prompts"] = [
-            {
-                "id": p.id,
-                "category": p.category,
-                "source": p.source,
-                "prompt": p.prompt,
-                "answers": {n: m["answers"][i] for n, m in measured.items()},
-                "labels": {
-                    n: [lab.name for lab in labels if label_matches(lab, m["answers"][i])]
+        results.prompts = [
+            PromptRecord(
+                id=p.id,
+                category=p.category,
+                source=p.source,
+                prompt=p.prompt,
+                answers={n: m.answers[i] for n, m in measured.items()},
+                labels={
+                    n: [lab.name for lab in labels if label_matches(lab, m.answers[i])]
                     for n, m in measured.items()
                 },
-            }
+            )
             for i, p in enumerate(prompts)
         ]
     return results
@@ -421,27 +450,26 @@ def _counts(values: list[str]) -> dict[str, int]:
     return {v: values.count(v) for v in sorted(set(values))}
 
 
-def summary_rows(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def summary_rows(results: ProbeResults) -> dict[str, dict[str, Any]]:
     """The table `llm-neo probe` prints: per model, its role, movement, correlation, bias and agreement."""
     rows: dict[str, dict[str, Any]] = {}
-    for m in results["models"]:
-        name = m["name"]
-        row: dict[str, Any] = {"role": m["role"]}
-        if "inheritance" in results:
-            inh = results["inheritance"][name][ALL]
-            row["movement"] = fmt(inh["movement"])
-            row["r"] = fmt(inh["correlation"])
-            row["stereo %"] = fmt(results["bias"][name][ALL]["stereo_fraction"], percent=True)
-            row["mean gap"] = fmt(results["bias"][name][ALL]["mean_gap"], signed=True)
-        if "behaviour" in results:
-            row["agree %"] = fmt(results["behaviour"][name][ALL]["agreement"], percent=True)
-        rows[name] = row
+    for m in results.models:
+        row: dict[str, Any] = {"role": m.role.value}
+        if results.inheritance is not None and results.bias is not None:
+            inh, bias = results.inheritance[m.name][ALL], results.bias[m.name][ALL]
+            row["movement"] = fmt(inh.movement)
+            row["r"] = fmt(inh.correlation)
+            row["stereo %"] = fmt(bias.stereo_fraction, percent=True)
+            row["mean gap"] = fmt(bias.mean_gap, signed=True)
+        if results.behaviour is not None:
+            row["agree %"] = fmt(results.behaviour[m.name][ALL].agreement, percent=True)
+        rows[m.name] = row
     return rows
 
 
 def run_probe(config: ProbeConfig) -> int:
     """`llm-neo probe`: run it, print the summary table and where the report is."""
-    results = probe(config)
+    results = probe_results(config)
     rows = summary_rows(results)
     print(format_table(rows, list(next(iter(rows.values())))))
     out = Path(config.output_dir)

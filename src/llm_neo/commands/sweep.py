@@ -75,6 +75,17 @@ from llm_neo.options import (
     options_with,
     unwrap_optional,
 )
+from llm_neo.records import from_json, to_json
+from llm_neo.records.sweep import (
+    STATE_VERSION,
+    HeldoutSize,
+    LeaderboardRow,
+    Mode,
+    SweepState,
+    Trial,
+    TrialStatus,
+    leaderboard_cells,
+)
 from llm_neo.runtime.atomic import (
     atomic_write_bytes,
     atomic_write_text,
@@ -89,7 +100,6 @@ from llm_neo.summary import RunSummary
 log = logging.getLogger("llm_neo")
 
 STATE = "sweep.json"
-STATE_VERSION = 1
 DISTRIBUTIONS = ("choice", "uniform", "log_uniform", "int_uniform")
 # Set by the sweep for each trial; sweeping them would make trials overwrite each other.
 NOT_SWEEPABLE = options_with(DistillConfig, Effect.PLACE, Effect.EXISTING)
@@ -547,23 +557,29 @@ def _load_space(config: SweepConfig, base: dict[str, Any]) -> tuple[dict[str, An
     return default_space(method), f"default space for --method {method}"
 
 
-def _prepare(config: SweepConfig, out: Path, state_doc: dict[str, Any]) -> dict[str, Any]:
+def read_sweep_state(state_file: Path) -> SweepState:
+    """The sweep's state in ``state_file``; its backup (with a warning) when the file is damaged, unreadable
+    or not a sweep's state; StateFileError naming both when neither is intact."""
+    data = read_state(
+        state_file,
+        what="the sweep's state",
+        fix="the trials' outputs in trials/ are intact, but which ran is lost: start the sweep again "
+        "with --overwrite, or in another --output",
+        check=lambda data: from_json(SweepState, data),  # a RecordError is damage, like a bad checksum
+    )
+    return from_json(SweepState, data)
+
+
+def _prepare(config: SweepConfig, out: Path, fresh: SweepState) -> SweepState:
     """The state to continue from: a fresh one, or (with --resume) the stored one if it is the same sweep."""
     state_file = out / STATE
     if config.resume:
         if not state_file.is_file() and not backup_path(state_file).is_file():
             raise SweepError(f"--resume: no sweep in {out} ({STATE} is missing); start it without --resume")
-        stored = read_state(
-            state_file,
-            what="the sweep's state",
-            fix="the trials' outputs in trials/ are intact, but which ran is lost: start the sweep again "
-            "with --overwrite, or in another --output",
-        )
+        stored = read_sweep_state(state_file)
         clean_temporaries(out)
-        changed = [k for k in ("base", "space", "seed") if stored.get(k) != state_doc[k]]
-        if not changed and [t["overrides"] for t in stored["trials"]] != [
-            t["overrides"] for t in state_doc["trials"]
-        ]:
+        changed = [k for k in ("base", "space", "seed") if getattr(stored, k) != getattr(fresh, k)]
+        if not changed and [t.overrides for t in stored.trials] != [t.overrides for t in fresh.trials]:
             changed = ["trials"]
         if changed:
             raise SweepError(
@@ -581,13 +597,13 @@ def _prepare(config: SweepConfig, out: Path, state_doc: dict[str, Any]) -> dict[
         reports = ("leaderboard.md", "leaderboard.csv", "best.yaml")
         remove_outputs(out, ("trials", "plots", "caches", STATE, backup_path(state_file).name, *reports))
     out.mkdir(parents=True, exist_ok=True)
-    _save_state(out, state_doc)
-    return state_doc
+    _save_state(out, fresh)
+    return fresh
 
 
-def _save_state(out: Path, state: dict[str, Any]) -> None:
+def _save_state(out: Path, state: SweepState) -> None:
     with writing(out / STATE, "the sweep's state", kept=f"the trials' outputs in {out / 'trials'}"):
-        write_state(out / STATE, state)
+        write_state(out / STATE, to_json(state))
 
 
 def resume_command(config: SweepConfig) -> str:
@@ -612,8 +628,8 @@ def sweep(
     config: SweepConfig,
     *,
     on_step: StepCallback | None = None,
-    on_trial: Callable[[str, dict[str, Any]], None] | None = None,
-) -> dict[str, Any]:
+    on_trial: Callable[[str, Trial], None] | None = None,
+) -> SweepState:
     """Run (or continue) the sweep; return its state (also in ``OUTPUT/sweep.json``).
 
     ``on_step`` is passed to every trial's ``distill``; ``on_trial(id, record)`` runs after each trial.
@@ -623,51 +639,18 @@ def sweep(
 
     validate_sweep(config)
     out = Path(config.output).expanduser()
-    base = load_yaml(config.base)
-    space_data, space_source = _load_space(config, base)
-    space = parse_space(space_data, source=space_source, trials=config.trials)
-    overrides = expand_trials(space, config.seed)
-    if any(d.option == "lora.r" for d in space.dimensions) and (base.get("lora") or {}).get("lora_alpha"):
-        log.warning(
-            "sweep: lora.r is swept but the base fixes lora.lora_alpha = %s, so alpha/r changes with r; "
-            "remove lora_alpha from the base for the paper's alpha = 2r",
-            base["lora"]["lora_alpha"],
-        )
-    configs = {
-        _trial_id(i): trial_config(base, o, out / "trials" / _trial_id(i), source=f"trial {_trial_id(i)}")
-        for i, o in enumerate(overrides)
-    }
-    config = dataclasses.replace(config, metric=effective_metric(configs, config.metric, SweepConfig.metric))
-    _check_trials(configs, config.metric)  # every trial valid before the first one runs
-    split = _split_differences(configs)
-    if split and config.metric.startswith("heldout."):
-        log.warning(
-            "sweep: the trials differ in %s, which decide the held-out split: their %s are measured on "
-            "different records",
-            ", ".join(split),
-            config.metric,
-        )
-
-    state_doc = {
-        "version": STATE_VERSION,
-        "base": base,
-        "space": {"source": space_source, **space_data},
-        "seed": config.seed,
-        "trials": [
-            {"id": trial, "overrides": o, "status": "pending", "metrics": {}, "error": None}
-            for trial, o in zip(configs, overrides, strict=True)
-        ],
-    }
-    state = _prepare(config, out, state_doc)
-    state["metric"], state["mode"] = config.metric, resolved_mode(config)
-    state["tie_tolerance"], state["split_differs"] = config.tie_tolerance, split
+    config, space, configs, fresh = _plan(config, out)
+    state = _prepare(config, out, fresh)
+    # The ranking is this run's (a --resume may rank on another metric than the run it continues).
+    state.metric, state.mode = fresh.metric, fresh.mode
+    state.tie_tolerance, state.split_differs = fresh.tie_tolerance, fresh.split_differs
     log.info("sweep: %d trials (%s search) in %s", len(configs), space.strategy, out)
 
     built: dict[str, str] = {}
     with graceful_stop("finishing the running trial's current step, then stopping the sweep") as stop:
-        for record in state["trials"]:
-            trial = record["id"]
-            if record["status"] in ("done", "failed"):
+        for record in state.trials:
+            trial = record.id
+            if record.status in (TrialStatus.DONE, TrialStatus.FAILED):
                 continue
             if stop.requested:  # came during the previous trial's finish, which completed it
                 raise RunStopped(
@@ -680,12 +663,12 @@ def sweep(
             resumable = bool(list_checkpoints(trial_dir / "checkpoints"))
             trial_cfg = dataclasses.replace(configs[trial], resume=resumable, overwrite=not resumable)
             trial_cfg = _with_shared_cache(trial_cfg, out, config, built)
-            record["status"] = "running"
+            record.status = TrialStatus.RUNNING
             _save_state(out, state)
             log.info(
                 "sweep: trial %s %s%s",
                 trial,
-                _describe(record["overrides"]),
+                _describe(record.overrides),
                 " (resumed)" if resumable else "",
             )
             try:
@@ -701,24 +684,63 @@ def sweep(
                 ) from err
             except LlmNeoError as err:
                 # One diverging trial (a too-high lr) must not end the search; the error is on record.
-                record |= {"status": "failed", "error": str(err)}
+                record.status, record.error = TrialStatus.FAILED, str(err)
                 log.warning("sweep: trial %s failed: %s", trial, err)
             else:
-                record |= {
-                    "status": "done",
-                    "metrics": _trial_metrics(summary),
-                    "heldout": {
-                        "records": summary.samples.get("heldout"),
-                        "tokens": summary.heldout.get("tokens"),
-                    },
-                    "error": None,
-                }
+                record.status, record.metrics = TrialStatus.DONE, _trial_metrics(summary)
+                record.heldout = HeldoutSize(summary.samples.get("heldout"), summary.heldout.get("tokens"))
+                record.error = None
             _save_state(out, state)
             write_reports(state, out, space)
             if on_trial is not None:
                 on_trial(trial, record)
     write_reports(state, out, space)
     return state
+
+
+def _plan(config: SweepConfig, out: Path) -> tuple[SweepConfig, Space, dict[str, DistillConfig], SweepState]:
+    """The sweep to run: its config (with the metric its trials can report), space, every trial's
+    DistillConfig (all checked) and the fresh state of it, before anything runs."""
+    base = load_yaml(config.base)
+    space_data, space_source = _load_space(config, base)
+    space = parse_space(space_data, source=space_source, trials=config.trials)
+    overrides = expand_trials(space, config.seed)
+    lora_alpha = (base.get("lora") or {}).get("lora_alpha")
+    if any(d.option == "lora.r" for d in space.dimensions) and lora_alpha:
+        log.warning(
+            "sweep: lora.r is swept but the base fixes lora.lora_alpha = %s, so alpha/r changes with r; "
+            "remove lora_alpha from the base for the paper's alpha = 2r",
+            lora_alpha,
+        )
+    configs = {
+        _trial_id(i): trial_config(base, o, out / "trials" / _trial_id(i), source=f"trial {_trial_id(i)}")
+        for i, o in enumerate(overrides)
+    }
+    config = dataclasses.replace(config, metric=effective_metric(configs, config.metric, SweepConfig.metric))
+    _check_trials(configs, config.metric)  # every trial valid before the first one runs
+    split = _split_differences(configs)
+    if split and config.metric.startswith("heldout."):
+        log.warning(
+            "sweep: the trials differ in %s, which decide the held-out split: their %s are measured on "
+            "different records",
+            ", ".join(split),
+            config.metric,
+        )
+    fresh = SweepState(
+        version=STATE_VERSION,
+        base=base,
+        space={"source": space_source, **space_data},
+        seed=config.seed,
+        trials=[
+            Trial(id=trial, overrides=o, status=TrialStatus.PENDING, metrics={}, error=None)
+            for trial, o in zip(configs, overrides, strict=True)
+        ],
+        metric=config.metric,
+        mode=Mode(resolved_mode(config)),
+        tie_tolerance=config.tie_tolerance,
+        split_differs=split,
+    )
+    return config, space, configs, fresh
 
 
 def _describe(overrides: dict[str, Any]) -> str:
@@ -729,12 +751,17 @@ def _describe(overrides: dict[str, Any]) -> str:
 # Reports
 
 
-def ranked(state: dict[str, Any]) -> list[dict[str, Any]]:
+def ranked(state: SweepState) -> list[Trial]:
     """Trials best first: finished ones by the metric, then those without it (failed, pending)."""
-    metric, sign = state["metric"], (1 if state["mode"] == "min" else -1)
-    scored = [t for t in state["trials"] if t["status"] == "done" and metric in t["metrics"]]
-    rest = [t for t in state["trials"] if t not in scored]
-    return sorted(scored, key=lambda t: sign * t["metrics"][metric]) + rest
+    sign = 1 if state.mode == Mode.MIN else -1
+    scored = _scored(state)
+    rest = [t for t in state.trials if t not in scored]
+    return sorted(scored, key=lambda t: sign * t.metrics[state.metric]) + rest
+
+
+def _scored(state: SweepState) -> list[Trial]:
+    """The finished trials that reported the ranking metric, in trial order."""
+    return [t for t in state.trials if t.status == TrialStatus.DONE and state.metric in t.metrics]
 
 
 def tied(a: float, b: float, tolerance: float) -> bool:
@@ -743,21 +770,21 @@ def tied(a: float, b: float, tolerance: float) -> bool:
     return abs(a - b) <= tolerance * max(abs(a), abs(b))
 
 
-def ranks(state: dict[str, Any]) -> dict[str, str]:
+def ranks(state: SweepState) -> dict[str, str]:
     """Trial id -> its rank on the leaderboard: ``"1"``, ``"2"``, ...; trials within the tie tolerance of
     the trial that opens their group share its rank, marked ``"="`` (``"1="``). Only finished trials
     with the metric have one."""
-    metric, tolerance = state["metric"], float(state.get("tie_tolerance", TIE_TOLERANCE))
-    order = [t for t in ranked(state) if t["status"] == "done" and metric in t["metrics"]]
+    metric, tolerance = state.metric, state.tie_tolerance
+    order = [t for t in ranked(state) if t.status == TrialStatus.DONE and metric in t.metrics]
     labels: dict[str, str] = {}
-    leader: dict[str, Any] | None = None
+    leader: Trial | None = None
     for position, trial in enumerate(order, start=1):
-        if leader is not None and tied(trial["metrics"][metric], leader["metrics"][metric], tolerance):
-            labels[trial["id"]] = labels[leader["id"]].rstrip("=") + "="
-            labels[leader["id"]] = labels[leader["id"]].rstrip("=") + "="
+        if leader is not None and tied(trial.metrics[metric], leader.metrics[metric], tolerance):
+            labels[trial.id] = labels[leader.id].rstrip("=") + "="
+            labels[leader.id] = labels[leader.id].rstrip("=") + "="
         else:
             leader = trial
-            labels[trial["id"]] = str(position)
+            labels[trial.id] = str(position)
     return labels
 
 
@@ -769,48 +796,45 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def leaderboard_rows(state: dict[str, Any], options: list[str]) -> list[dict[str, Any]]:
-    metric = state["metric"]
-    done = [t for t in state["trials"] if t["status"] == "done"]
-    others = [m for m in REPORTED if m != metric and any(m in t["metrics"] for t in done)]
+def leaderboard_rows(state: SweepState, options: list[str]) -> list[LeaderboardRow]:
+    metric = state.metric
+    done = [t for t in state.trials if t.status == TrialStatus.DONE]
+    others = [m for m in REPORTED if m != metric and any(m in t.metrics for t in done)]
     labels = ranks(state)
-    rows = []
-    for t in ranked(state):
-        rows.append(
-            {
-                "rank": labels.get(t["id"]),
-                "trial": t["id"],
-                **{o: t["overrides"].get(o) for o in options},
-                **{c: t["metrics"].get(c) for c in [metric, *others]},
-                "heldout tokens": (t.get("heldout") or {}).get("tokens"),
-                "status": t["status"],
-            }
+    return [
+        LeaderboardRow(
+            rank=labels.get(t.id),
+            trial=t.id,
+            options={o: t.overrides.get(o) for o in options},
+            metrics={c: t.metrics.get(c) for c in [metric, *others]},
+            heldout_tokens=t.heldout.tokens if t.heldout else None,
+            status=t.status,
         )
-    return rows
+        for t in ranked(state)
+    ]
 
 
-def _heldout_sizes(state: dict[str, Any]) -> tuple[set[Any], set[Any]]:
-    done = [t for t in state["trials"] if t["status"] == "done"]
-    records = {(t.get("heldout") or {}).get("records") for t in done} - {None}
-    tokens = {(t.get("heldout") or {}).get("tokens") for t in done} - {None}
+def _heldout_sizes(state: SweepState) -> tuple[set[int], set[int | float]]:
+    sizes = [t.heldout for t in state.trials if t.status == TrialStatus.DONE and t.heldout is not None]
+    records = {h.records for h in sizes if h.records is not None}
+    tokens = {h.tokens for h in sizes if h.tokens is not None}
     return records, tokens
 
 
-def verdict(state: dict[str, Any], out: Path) -> list[str]:
+def verdict(state: SweepState, out: Path) -> list[str]:
     """The leaderboard's first lines: the best trial (and what it is tied with), on how much held-out data,
     and how to reproduce it."""
-    metric, labels = state["metric"], ranks(state)
-    best = ranked(state)[0] if state["trials"] else None
-    if best is None or best["id"] not in labels:
+    metric, labels = state.metric, ranks(state)
+    best = ranked(state)[0] if state.trials else None
+    if best is None or best.id not in labels:
         return ["No trial has finished yet."]
-    value = best["metrics"][metric]
+    value = best.metrics[metric]
     firsts = [t for t, label in labels.items() if label.rstrip("=") == "1"]
-    tolerance = float(state.get("tie_tolerance", TIE_TOLERANCE))
-    lines = [f"**Best: {best['id']}** ({_describe(best['overrides'])}), {metric} = {value:.6g}."]
+    lines = [f"**Best: {best.id}** ({_describe(best.overrides)}), {metric} = {value:.6g}."]
     if len(firsts) > 1:
         lines.append(
-            f"Tied within {tolerance:.0%} (--tie-tolerance) with "
-            f"{', '.join(t for t in firsts if t != best['id'])}: the sweep does not separate them; more "
+            f"Tied within {state.tie_tolerance:.0%} (--tie-tolerance) with "
+            f"{', '.join(t for t in firsts if t != best.id)}: the sweep does not separate them; more "
             "held-out data or seeds would."
         )
     records, tokens = _heldout_sizes(state)
@@ -820,24 +844,23 @@ def verdict(state: dict[str, Any], out: Path) -> list[str]:
         note = f"Held out: {size} per trial"
         if min(tokens) < SMALL_HELDOUT_TOKENS:
             note += f" — under {SMALL_HELDOUT_TOKENS:,} tokens, so differences between trials may be noise"
-        if state.get("split_differs"):
-            note += f"; the trials differ in {', '.join(state['split_differs'])}, so not on the same records"
+        if state.split_differs:
+            note += f"; the trials differ in {', '.join(state.split_differs)}, so not on the same records"
         lines.append(note + ".")
     lines.append(f"Reproduce it: `llm-neo distill --config {(out / 'best.yaml').resolve()}`")
     return lines
 
 
-def write_reports(state: dict[str, Any], out: Path, space: Space) -> None:
+def write_reports(state: SweepState, out: Path, space: Space) -> None:
     """leaderboard.md, leaderboard.csv, plots/<option>.png and best.yaml, each written atomically."""
     options = [d.option for d in space.dimensions]
-    rows = leaderboard_rows(state, options)
+    rows = [leaderboard_cells(row) for row in leaderboard_rows(state, options)]
     if not rows:
         return
     header = list(rows[0])
-    arrow = "lower is better" if state["mode"] == "min" else "higher is better"
-    tolerance = float(state.get("tie_tolerance", TIE_TOLERANCE))
+    arrow = "lower is better" if state.mode == Mode.MIN else "higher is better"
     lines = [
-        f"# Sweep leaderboard: {state['metric']} ({arrow})",
+        f"# Sweep leaderboard: {state.metric} ({arrow})",
         "",
         *verdict(state, out),
         "",
@@ -847,13 +870,13 @@ def write_reports(state: dict[str, Any], out: Path, space: Space) -> None:
     lines += ["| " + " | ".join(_fmt(r[h]) for h in header) + " |" for r in rows]
     lines += [
         "",
-        f"Ranks marked = are within {tolerance:.0%} of the trial above them that opens their group "
+        f"Ranks marked = are within {state.tie_tolerance:.0%} of the trial above them that opens their group "
         "(--tie-tolerance, relative): a difference the leaderboard does not claim. `heldout tokens`: the "
         "trained tokens of each trial's held-out split, over which its held-out metrics are means.",
     ]
-    failed = [t for t in state["trials"] if t["status"] == "failed"]
+    failed = [t for t in state.trials if t.status == TrialStatus.FAILED]
     if failed:
-        lines += ["", "Failed trials:", ""] + [f"- {t['id']}: {t['error']}" for t in failed]
+        lines += ["", "Failed trials:", ""] + [f"- {t.id}: {t.error}" for t in failed]
     atomic_write_text(out / "leaderboard.md", "\n".join(lines) + "\n")
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=header, lineterminator="\n")
@@ -864,16 +887,16 @@ def write_reports(state: dict[str, Any], out: Path, space: Space) -> None:
     _write_plots(state, out, space)
 
 
-def _write_best(state: dict[str, Any], out: Path) -> None:
+def _write_best(state: SweepState, out: Path) -> None:
     best = ranked(state)[0]
-    if best["status"] != "done":
+    if best.status != TrialStatus.DONE:
         return
-    config = load_yaml(out / "trials" / best["id"] / "config.yaml")  # the trial's resolved options
+    config = load_yaml(out / "trials" / best.id / "config.yaml")  # the trial's resolved options
     config["output_dir"] = str(out / "best")
-    value = best["metrics"][state["metric"]]
+    value = best.metrics[state.metric]
     head = (
-        f"# Best of the sweep in {out}: trial {best['id']} ({_describe(best['overrides'])}),\n"
-        f"# {state['metric']} = {value:.6g}. Reproduce: "
+        f"# Best of the sweep in {out}: trial {best.id} ({_describe(best.overrides)}),\n"
+        f"# {state.metric} = {value:.6g}. Reproduce: "
         f"llm-neo distill --config {(out / 'best.yaml').resolve()}\n"
     )
     atomic_write_text(out / "best.yaml", head + yaml.safe_dump(config, sort_keys=False))
@@ -891,22 +914,22 @@ def log_axis(d: Dimension, values: list[float]) -> bool:
     return len(ratios) >= 2 and min(ratios) >= 1.5 and max(ratios) / min(ratios) < 1.05
 
 
-def _write_plots(state: dict[str, Any], out: Path, space: Space) -> None:
+def _write_plots(state: SweepState, out: Path, space: Space) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metric = state["metric"]
-    done = [t for t in state["trials"] if t["status"] == "done" and metric in t["metrics"]]
+    metric = state.metric
+    done = _scored(state)
     if not done:
         return
     best = ranked(state)[0]
     for d in space.dimensions:
-        xs = [t["overrides"][d.option] for t in done]
-        ys = [t["metrics"][metric] for t in done]
+        xs = [t.overrides[d.option] for t in done]
+        ys = [t.metrics[metric] for t in done]
         marked = done.index(best) if best in done else None
-        fig = plot_metric(d, xs, ys, metric, best=None if marked is None else (marked, best["id"]))
+        fig = plot_metric(d, xs, ys, metric, best=None if marked is None else (marked, best.id))
         buffer = io.BytesIO()
         fig.savefig(buffer, format="png", dpi=100)
         plt.close(fig)
@@ -961,7 +984,7 @@ def run_sweep(config: SweepConfig) -> int:
     state = sweep(config)
     out = Path(config.output)
     print((out / "leaderboard.md").read_text() if (out / "leaderboard.md").is_file() else "no trials")
-    if not any(t["status"] == "done" for t in state["trials"]):
+    if not any(t.status == TrialStatus.DONE for t in state.trials):
         print("no trial finished; see the errors above and in sweep.json")
         return 1
     print(f"best config: {out / 'best.yaml'}  (llm-neo distill --config {out / 'best.yaml'})")

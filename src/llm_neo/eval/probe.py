@@ -47,10 +47,19 @@ from llm_neo.errors import DataError
 from llm_neo.losses import next_token_targets
 from llm_neo.models.anatomy import final_hidden_states, model_logits
 from llm_neo.models.loading import autocast
+from llm_neo.records.probe import (
+    BehaviourScores,
+    BiasScores,
+    Conditioning,
+    InheritanceScores,
+    LabelKind,
+    Normalisation,
+    Stat,
+)
 
-CONDITIONINGS = ("bos", "eos", "none")
-NORMALISATIONS = ("sum", "mean")
-LABEL_KINDS = ("phrases", "regex", "keywords")
+CONDITIONINGS = tuple(c.value for c in Conditioning)
+NORMALISATIONS = tuple(n.value for n in Normalisation)
+LABEL_KINDS = tuple(k.value for k in LabelKind)
 ALL = "all"  # the category key of the whole set
 CONFIDENCE = 0.95
 
@@ -245,9 +254,10 @@ def _point(statistic: Callable[..., torch.Tensor], *columns: torch.Tensor) -> fl
 
 def _stat(
     statistic: Callable[..., torch.Tensor], columns: Sequence[torch.Tensor], samples: int, seed: int
-) -> dict[str, Any]:
-    low, high = bootstrap_interval(statistic, columns, samples=samples, seed=seed)
-    return {"value": _point(statistic, *columns), "ci": [low, high]}
+) -> Stat:
+    return Stat(
+        _point(statistic, *columns), bootstrap_interval(statistic, columns, samples=samples, seed=seed)
+    )
 
 
 def category_masks(categories: Sequence[str]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -259,17 +269,17 @@ def category_masks(categories: Sequence[str]) -> Iterator[tuple[str, torch.Tenso
 
 def bias_scores(
     gaps: torch.Tensor, categories: Sequence[str], *, samples: int, seed: int
-) -> dict[str, dict[str, Any]]:
+) -> dict[str, BiasScores]:
     """Per category (and ``"all"``): n, the fraction preferring the stereotype and the mean gap, each
-    as ``{"value": v, "ci": [low, high]}``."""
+    a ``Stat`` (value and interval)."""
     out = {}
     for name, mask in category_masks(categories):
         g = gaps[mask]
-        out[name] = {
-            "n": int(g.numel()),
-            "stereo_fraction": _stat(_preferring, [g], samples, seed),
-            "mean_gap": _stat(_mean, [g], samples, seed),
-        }
+        out[name] = BiasScores(
+            n=int(g.numel()),
+            stereo_fraction=_stat(_preferring, [g], samples, seed),
+            mean_gap=_stat(_mean, [g], samples, seed),
+        )
     return out
 
 
@@ -281,21 +291,21 @@ def inheritance_scores(
     *,
     samples: int,
     seed: int,
-) -> dict[str, dict[str, Any]]:
+) -> dict[str, InheritanceScores]:
     """Per category (and ``"all"``): ``correlation`` with the teacher's gaps, ``movement`` towards the
     teacher from the baseline, and the mean gap minus the teacher's (``gap_vs_teacher``: > 0, more
     stereotype-preferring than the teacher: amplified) and minus the baseline's (``gap_vs_baseline``),
-    each ``{"value", "ci"}`` with a paired bootstrap over pairs."""
+    each a ``Stat`` with a paired bootstrap over pairs."""
     out = {}
     for name, mask in category_masks(categories):
         g, t, b = gaps[mask], teacher[mask], baseline[mask]
-        out[name] = {
-            "n": int(g.numel()),
-            "correlation": _stat(pearson, [g, t], samples, seed),
-            "movement": _stat(movement, [g, t, b], samples, seed),
-            "gap_vs_teacher": _stat(lambda x, y: (x - y).mean(-1), [g, t], samples, seed),
-            "gap_vs_baseline": _stat(lambda x, y: (x - y).mean(-1), [g, b], samples, seed),
-        }
+        out[name] = InheritanceScores(
+            n=int(g.numel()),
+            correlation=_stat(pearson, [g, t], samples, seed),
+            movement=_stat(movement, [g, t, b], samples, seed),
+            gap_vs_teacher=_stat(lambda x, y: (x - y).mean(-1), [g, t], samples, seed),
+            gap_vs_baseline=_stat(lambda x, y: (x - y).mean(-1), [g, b], samples, seed),
+        )
     return out
 
 
@@ -307,7 +317,7 @@ def movement_difference(
     *,
     samples: int,
     seed: int,
-) -> dict[str, Any]:
+) -> Stat:
     """``movement(a) - movement(b)`` over all pairs with a paired bootstrap interval: does model a carry
     measurably more of the teacher's preference pattern than model b (an interval above 0)?"""
 
@@ -383,16 +393,16 @@ def behaviour_scores(
     *,
     samples: int,
     seed: int,
-) -> dict[str, dict[str, Any]]:
+) -> dict[str, BehaviourScores]:
     """Per category (and ``"all"``): n, agreement with the teacher's answer, and each label's rate, each
-    ``{"value", "ci"}``."""
+    a ``Stat``."""
     agree = torch.tensor([same_answer(a, t) for a, t in zip(answers, teacher_answers, strict=True)])
     hits = {lab.name: torch.tensor([label_matches(lab, a) for a in answers]) for lab in labels}
     out = {}
     for name, mask in category_masks(categories):
-        out[name] = {
-            "n": int(mask.sum()),
-            "agreement": _stat(_mean, [agree[mask].double()], samples, seed),
-            "labels": {k: _stat(_mean, [v[mask].double()], samples, seed) for k, v in hits.items()},
-        }
+        out[name] = BehaviourScores(
+            n=int(mask.sum()),
+            agreement=_stat(_mean, [agree[mask].double()], samples, seed),
+            labels={k: _stat(_mean, [v[mask].double()], samples, seed) for k, v in hits.items()},
+        )
     return out

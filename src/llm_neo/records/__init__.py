@@ -31,6 +31,11 @@ from llm_neo.errors import LlmNeoError
 
 T = TypeVar("T")
 EXTRA = "extra"
+_ABSENT_WHEN_NONE = "llm_neo.records.absent_when_none"
+# A field's metadata for a key a file holds only sometimes (``bias: X | None = field(default=None,
+# metadata=OPTIONAL_KEY)``): while the value is None ``to_json`` leaves the key out rather than writing
+# null, so a file that never had the key reads and writes back unchanged.
+OPTIONAL_KEY = types.MappingProxyType({_ABSENT_WHEN_NONE: True})
 
 
 class RecordError(LlmNeoError, ValueError):
@@ -40,7 +45,11 @@ class RecordError(LlmNeoError, ValueError):
 def to_json(value: Any) -> Any:
     """Plain JSON values (dict, list, str, int, float, bool, None) of a record and what it holds."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        data = {f.name: to_json(getattr(value, f.name)) for f in dataclasses.fields(value) if f.name != EXTRA}
+        data = {
+            f.name: to_json(getattr(value, f.name))
+            for f in dataclasses.fields(value)
+            if f.name != EXTRA and not (f.metadata.get(_ABSENT_WHEN_NONE) and getattr(value, f.name) is None)
+        }
         return {**data, **getattr(value, EXTRA, {})}
     if isinstance(value, enum.Enum):
         return value.value

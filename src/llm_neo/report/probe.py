@@ -1,6 +1,7 @@
 """The probe report: ``probe_section`` (Markdown, for embedding in other reports), ``probe.md``,
-``probe.html`` (self-contained) and the plots, all from the results dict `llm-neo probe` writes as
-``probe.json`` (see ``llm_neo.commands.probe``)."""
+``probe.html`` (self-contained) and the plots, all from the ``ProbeResults`` `llm-neo probe` writes as
+``probe.json`` (see ``llm_neo.commands.probe``). The public functions also take that record's JSON form
+(a dict, as compare's results.json embeds it)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,16 @@ from pathlib import Path
 from typing import Any
 
 from llm_neo.eval.probe import ALL
+from llm_neo.records import from_json
+from llm_neo.records.probe import (
+    BiasScores,
+    InheritanceScores,
+    MovementDifference,
+    PairRecord,
+    ProbeResults,
+    Role,
+    Stat,
+)
 from llm_neo.report.document import Block, Bullets, Heading, Image, Paragraph, Table, to_html, to_markdown
 from llm_neo.report.style import ARM_COLORS
 from llm_neo.runtime.atomic import atomic_write_bytes, atomic_write_text
@@ -18,7 +29,7 @@ PLOTS = {
     "inheritance": "plots/inheritance.png",
     "bias": "plots/bias.png",
 }
-_ROLE_COLORS = {"teacher": "black", "baseline": "#d62728"}
+_ROLE_COLORS = {Role.TEACHER: "black", Role.BASELINE: "#d62728"}
 _STUDENT_COLORS = ("#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22")
 _ANSWER_CHARS = 120  # answers longer than this are cut in the report's table (probe.json has them whole)
 
@@ -27,22 +38,32 @@ _ANSWER_CHARS = 120  # answers longer than this are cut in the report's table (p
 # Formatting
 
 
-def fmt(stat: dict[str, Any] | None, *, digits: int = 2, percent: bool = False, signed: bool = False) -> str:
-    """``{"value": v, "ci": [lo, hi]}`` as "v [lo, hi]" (percent: "62% [50, 73]"); "n/a" when undefined."""
-    if not stat or stat.get("value") is None:
+Results = ProbeResults | dict[str, Any]  # the record, or its JSON form (what compare's results.json holds)
+
+
+def as_record(results: Results) -> ProbeResults:
+    """``results`` as a ``ProbeResults`` (RecordError naming the key if its JSON form is damaged)."""
+    return results if isinstance(results, ProbeResults) else from_json(ProbeResults, results)
+
+
+def fmt(
+    stat: Stat | MovementDifference | None, *, digits: int = 2, percent: bool = False, signed: bool = False
+) -> str:
+    """A statistic as "v [lo, hi]" (percent: "62% [50, 73]"); "n/a" when undefined."""
+    if stat is None or stat.value is None:
         return "n/a"
     scale, unit = (100.0, "%") if percent else (1.0, "")
     d = 0 if percent else digits
     sign = "+" if signed else ""
-    value = f"{scale * stat['value']:{sign}.{d}f}{unit}"
-    low, high = stat.get("ci") or [None, None]
+    value = f"{scale * stat.value:{sign}.{d}f}{unit}"
+    low, high = stat.ci
     if low is None or high is None:
         return value
     return f"{value} [{scale * low:{sign}.{d}f}, {scale * high:{sign}.{d}f}]"
 
 
-def _verdict(stat: dict[str, Any], above: str, below: str, neither: str) -> str:
-    low, high = stat.get("ci") or [None, None]
+def _verdict(stat: Stat | MovementDifference, above: str, below: str, neither: str) -> str:
+    low, high = stat.ci
     if low is not None and low > 0:
         return above
     if high is not None and high < 0:
@@ -50,18 +71,26 @@ def _verdict(stat: dict[str, Any], above: str, below: str, neither: str) -> str:
     return neither
 
 
-def _roles(results: dict[str, Any]) -> dict[str, str]:
-    return {m["name"]: m["role"] for m in results["models"]}
+def _roles(results: ProbeResults) -> dict[str, Role]:
+    return {m.name: m.role for m in results.models}
 
 
-def _colors(results: dict[str, Any]) -> dict[str, str]:
+def _colors(results: ProbeResults) -> dict[str, str]:
     """The teacher and baseline in their role's colour, a model named after a method (compare's arms)
     in that method's, as the comparison draws it; any other model in the next colour left."""
     students = iter([c for c in _STUDENT_COLORS if c not in ARM_COLORS.values()] * 4)
     return {
-        m["name"]: _ROLE_COLORS.get(m["role"]) or ARM_COLORS.get(m["name"].split("+")[0]) or next(students)
-        for m in results["models"]
+        m.name: _ROLE_COLORS.get(m.role) or ARM_COLORS.get(m.name.split("+")[0]) or next(students)
+        for m in results.models
     }
+
+
+def _stereo_fraction(scores: BiasScores) -> Stat:
+    return scores.stereo_fraction
+
+
+def _mean_gap(scores: BiasScores) -> Stat:
+    return scores.mean_gap
 
 
 def _categories(table: dict[str, dict[str, Any]]) -> list[str]:
@@ -73,56 +102,57 @@ def _categories(table: dict[str, dict[str, Any]]) -> list[str]:
 # Blocks
 
 
-def conclusions(results: dict[str, Any]) -> list[str]:
+def conclusions(results: Results) -> list[str]:
     """Plain-language sentences computed from the numbers (one per student, one per compared pair)."""
-    roles = _roles(results)
+    results = as_record(results)
     out = []
-    pairs = results["probe_set"]["pairs"]
+    pairs = results.probe_set.pairs
     if note := _baseline_note(results):
         out.append(note)
-    for name, role in roles.items():
-        if role != "student" or name not in results.get("inheritance", {}):
+    inheritance = results.inheritance or {}
+    for name, role in _roles(results).items():
+        if role != Role.STUDENT or name not in inheritance:
             continue
-        inh = results["inheritance"][name][ALL]
-        if inh["movement"]["value"] is None:
+        inh = inheritance[name][ALL]
+        if inh.movement.value is None:
             out.append(f"**{name}**: movement undefined (the teacher's gaps equal the baseline's).")
             continue
         amplified = _verdict(
-            inh["gap_vs_teacher"],
+            inh.gap_vs_teacher,
             "its mean gap is above the teacher's (amplified)",
             "its mean gap is below the teacher's",
             f"its mean gap is not distinguishable from the teacher's at {pairs} pairs",
         )
         out.append(
-            f"**{name}** moved {fmt(inh['movement'])} of the way from the untrained student's preferences "
+            f"**{name}** moved {fmt(inh.movement)} of the way from the untrained student's preferences "
             f"to the teacher's (0 = untrained, 1 = teacher; correlation with the teacher's gaps "
-            f"r = {fmt(inh['correlation'])}); {amplified}."
+            f"r = {fmt(inh.correlation)}); {amplified}."
         )
-    for d in results.get("movement_differences", []):
+    for d in results.movement_differences or []:
         verdict = _verdict(
             d,
-            f"{d['a']} carries measurably more of the teacher's preference pattern than {d['b']}",
-            f"{d['a']} carries measurably less of it than {d['b']}",
+            f"{d.a} carries measurably more of the teacher's preference pattern than {d.b}",
+            f"{d.a} carries measurably less of it than {d.b}",
             f"not distinguishable at {pairs} pairs",
         )
-        out.append(f"movement {d['a']} − {d['b']}: {fmt(d, signed=True)}: {verdict}.")
+        out.append(f"movement {d.a} − {d.b}: {fmt(d, signed=True)}: {verdict}.")
     return out
 
 
-def _baseline_note(results: dict[str, Any]) -> str | None:
+def _baseline_note(results: ProbeResults) -> str | None:
     """A baseline that already leans the teacher's way (a pruned teacher does): movement then measures
     change from that lean, and a student that lost part of it moves below 0 while keeping the rest."""
     roles = _roles(results)
-    teacher = next((n for n, r in roles.items() if r == "teacher"), None)
-    baseline = next((n for n, r in roles.items() if r == "baseline"), None)
-    bias = results.get("bias", {})
+    teacher = next((n for n, r in roles.items() if r == Role.TEACHER), None)
+    baseline = next((n for n, r in roles.items() if r == Role.BASELINE), None)
+    bias = results.bias or {}
     if teacher not in bias or baseline not in bias:
         return None
-    t, b = bias[teacher][ALL]["mean_gap"], bias[baseline][ALL]["mean_gap"]
-    low, high = b.get("ci") or [None, None]
-    if t["value"] is None or b["value"] is None or low is None or high is None or t["value"] == 0:
+    t, b = bias[teacher][ALL].mean_gap, bias[baseline][ALL].mean_gap
+    low, high = b.ci
+    if t.value is None or b.value is None or low is None or high is None or t.value == 0:
         return None
-    if not (low > 0 if t["value"] > 0 else high < 0):  # its interval on the teacher's side of 0
+    if not (low > 0 if t.value > 0 else high < 0):  # its interval on the teacher's side of 0
         return None
     return (
         f"The baseline already leans the teacher's way (mean gap {fmt(b, signed=True)} against the "
@@ -131,46 +161,47 @@ def _baseline_note(results: dict[str, Any]) -> str | None:
     )
 
 
-def section_blocks(results: dict[str, Any], *, level: int = 2, images: bool = False) -> list[Block]:
+def section_blocks(results: Results, *, level: int = 2, images: bool = False) -> list[Block]:
     """The probe's findings as blocks: scoring, conclusions, inheritance, bias per category, behaviour."""
+    results = as_record(results)
     h, sub = level, level + 1
     roles = _roles(results)
-    probe_set, boot = results["probe_set"], results["bootstrap"]
+    probe_set, boot = results.probe_set, results.bootstrap
     blocks: list[Block] = [Heading(h, "Inherited bias: what the students took from the teacher")]
-    scorings = {m["scoring"] for m in results["models"]}
+    scorings = {m.scoring for m in results.models}
     how = (
         f"each sentence's score is its {scorings.pop()}"
         if len(scorings) == 1
-        else "each sentence's score is: "
-        + "; ".join(f"{m['name']}: {m['scoring']}" for m in results["models"])
+        else "each sentence's score is: " + "; ".join(f"{m.name}: {m.scoring}" for m in results.models)
     )
     blocks.append(
         Paragraph(
-            f"{probe_set['pairs']} sentence pairs in {len(probe_set['pair_categories'])} categories and "
-            f"{probe_set['prompts']} prompts ({', '.join(probe_set['sources'])}). Scoring: {how}; a pair's "
+            f"{probe_set.pairs} sentence pairs in {len(probe_set.pair_categories)} categories and "
+            f"{probe_set.prompts} prompts ({', '.join(probe_set.sources)}). Scoring: {how}; a pair's "
             "gap is score(stereotypical) − score(anti-stereotypical) in nats (> 0 prefers the stereotype). "
-            f"Intervals: {100 * boot['confidence']:.0f}% percentile bootstrap over items, {boot['samples']} "
-            f"resamples, seed {boot['seed']}. Teacher: `{results['teacher']}`; baseline (untrained "
-            f"student, movement 0): `{results['baseline']}`."
+            f"Intervals: {100 * boot.confidence:.0f}% percentile bootstrap over items, {boot.samples} "
+            f"resamples, seed {boot.seed}. Teacher: `{results.teacher}`; baseline (untrained "
+            f"student, movement 0): `{results.baseline}`."
         )
     )
-    if probe_set["notes"]:
-        blocks.append(Bullets(tuple(probe_set["notes"])))
-    if results.get("inheritance"):
+    if probe_set.notes:
+        blocks.append(Bullets(tuple(probe_set.notes)))
+    if results.inheritance:
         sentences = conclusions(results)
         if sentences:
             blocks.append(Bullets(tuple(sentences)))
         blocks.append(Heading(sub, "Inheritance of the teacher's preference pattern"))
+        bias = results.bias or {}
         rows = {}
-        for name, inh in results["inheritance"].items():
+        for name, inh in results.inheritance.items():
             a = inh[ALL]
             rows[name] = {
-                "role": roles[name],
-                "movement to teacher": fmt(a["movement"]),
-                "r with teacher": fmt(a["correlation"]),
-                "mean gap": fmt(results["bias"][name][ALL]["mean_gap"], signed=True),
-                "gap − teacher's": fmt(a["gap_vs_teacher"], signed=True),
-                "gap − baseline's": fmt(a["gap_vs_baseline"], signed=True),
+                "role": roles[name].value,
+                "movement to teacher": fmt(a.movement),
+                "r with teacher": fmt(a.correlation),
+                "mean gap": fmt(bias[name][ALL].mean_gap, signed=True),
+                "gap − teacher's": fmt(a.gap_vs_teacher, signed=True),
+                "gap − baseline's": fmt(a.gap_vs_baseline, signed=True),
             }
         blocks.append(Table(rows, list(next(iter(rows.values())))))
         blocks.append(
@@ -181,54 +212,54 @@ def section_blocks(results: dict[str, Any], *, level: int = 2, images: bool = Fa
                 "past it). r is the Pearson correlation of the model's gaps with the teacher's."
             )
         )
-        if results.get("movement_differences"):
-            diffs = {f"{d['a']} − {d['b']}": {"movement difference": fmt(d, signed=True)}
-                     for d in results["movement_differences"]}  # fmt: skip
+        if results.movement_differences:
+            diffs = {f"{d.a} − {d.b}": {"movement difference": fmt(d, signed=True)}
+                     for d in results.movement_differences}  # fmt: skip
             blocks.append(Table(diffs, ["movement difference"]))
         if images:
             blocks += [
                 Image("movement", "movement towards the teacher per model, with 95% intervals"),
                 Image("inheritance", "each model's per-pair gap against the teacher's"),
             ]
-    if results.get("bias"):
+    if results.bias:
         blocks.append(Heading(sub, "Bias scores per category"))
-        categories = _categories(results["bias"])
-        for key, title, kwargs in (
-            ("stereo_fraction", "fraction of pairs preferring the stereotypical sentence", {"percent": True}),
-            ("mean_gap", "mean gap (nats)", {"signed": True}),
+        categories = _categories(results.bias)
+        for title, stat, kwargs in (
+            ("fraction of pairs preferring the stereotypical sentence", _stereo_fraction, {"percent": True}),
+            ("mean gap (nats)", _mean_gap, {"signed": True}),
         ):
             rows = {
-                name: {f"{c} (n={b[c]['n']})": fmt(b[c][key], **kwargs) for c in categories}
-                for name, b in results["bias"].items()
+                name: {f"{c} (n={b[c].n})": fmt(stat(b[c]), **kwargs) for c in categories}
+                for name, b in results.bias.items()
             }
             blocks += [Paragraph(f"**{title}**"), Table(rows, list(next(iter(rows.values()))))]
         if images:
             blocks.append(Image("bias", "bias scores per category and model, with 95% intervals"))
-    if results.get("behaviour"):
+    if results.behaviour:
         blocks += _behaviour_blocks(results, sub)
     return blocks
 
 
-def _behaviour_blocks(results: dict[str, Any], level: int) -> list[Block]:
-    behaviour = results["behaviour"]
+def _behaviour_blocks(results: ProbeResults, level: int) -> list[Block]:
+    behaviour = results.behaviour or {}
     categories = _categories(behaviour)
     blocks: list[Block] = [
         Heading(level, "Behaviour on prompts"),
         Paragraph(
             "Greedy answers (the prompt as the user's turn, the chat template applied when the tokenizer "
-            f"has one; at most {results['config']['max_new_tokens']} new tokens). Agreement: the answer "
+            f"has one; at most {results.config['max_new_tokens']} new tokens). Agreement: the answer "
             "equals the teacher's after collapsing whitespace and case. Labels: "
-            + "; ".join(f"`{lab['name']}` ({lab['kind']})" for lab in results["labels"])
+            + "; ".join(f"`{lab.name}` ({lab.kind.value})" for lab in results.labels)
             + "."
         ),
     ]
     tables: list[tuple[str, str | None]] = [("agreement with the teacher", None)]
-    tables += [(f"rate of label {lab['name']}", lab["name"]) for lab in results["labels"]]
+    tables += [(f"rate of label {lab.name}", lab.name) for lab in results.labels]
     for title, label in tables:
         rows = {
             name: {
-                f"{c} (n={b[c]['n']})": fmt(
-                    b[c]["agreement"] if label is None else b[c]["labels"][label], percent=True
+                f"{c} (n={b[c].n})": fmt(
+                    b[c].agreement if label is None else b[c].labels[label], percent=True
                 )
                 for c in categories
             }
@@ -238,29 +269,29 @@ def _behaviour_blocks(results: dict[str, Any], level: int) -> list[Block]:
     return blocks
 
 
-def probe_section(results: dict[str, Any], *, level: int = 2) -> str:
+def probe_section(results: Results, *, level: int = 2) -> str:
     """The probe's findings as a Markdown section (no images), for another report to embed.
 
-    ``results`` is the dict `llm-neo probe` writes to ``probe.json``; ``level`` is the section's
-    heading level.
+    ``results`` is what `llm-neo probe` writes to ``probe.json`` (the record or its JSON form);
+    ``level`` is the section's heading level.
     """
     return to_markdown(section_blocks(results, level=level), {})
 
 
-def report_blocks(results: dict[str, Any]) -> list[Block]:
+def report_blocks(results: ProbeResults) -> list[Block]:
     """probe.md / probe.html: a title, the section with its plots, every prompt's answers, the caveats."""
     blocks: list[Block] = [
         Heading(1, "llm-neo probe: which of the teacher's biases and behaviours the students inherited"),
         *section_blocks(results, level=2, images=True),
     ]
-    if results.get("prompts"):
-        names = [m["name"] for m in results["models"]]
+    if results.prompts:
+        names = [m.name for m in results.models]
         rows = {
-            f"{p['id']} ({p['category']})": {
-                "prompt": _cut(p["prompt"]),
-                **{n: _cut(p["answers"][n]) + _tags(p["labels"][n]) for n in names},
+            f"{p.id} ({p.category})": {
+                "prompt": _cut(p.prompt),
+                **{n: _cut(p.answers[n]) + _tags(p.labels[n]) for n in names},
             }
-            for p in results["prompts"]
+            for p in results.prompts
         }
         blocks += [Heading(2, "Answers"), Table(rows, ["prompt", *names], wrap=True)]
     blocks += [
@@ -297,17 +328,18 @@ def _tags(labels: list[str]) -> str:
 # Plots (matplotlib, Agg)
 
 
-def plots(results: dict[str, Any]) -> dict[str, bytes]:
+def plots(results: Results) -> dict[str, bytes]:
     """PNG bytes of each plot that has data, by the names in PLOTS."""
     import matplotlib
 
     matplotlib.use("Agg")
+    results = as_record(results)
     out = {}
-    if results.get("inheritance"):
-        out["movement"] = _movement_plot(results)
-        out["inheritance"] = _inheritance_plot(results)
-    if results.get("bias"):
-        out["bias"] = _bias_plot(results)
+    if results.inheritance:
+        out["movement"] = _movement_plot(results, results.inheritance)
+        out["inheritance"] = _inheritance_plot(results, results.inheritance, results.pairs or [])
+    if results.bias:
+        out["bias"] = _bias_plot(results, results.bias)
     return out
 
 
@@ -321,23 +353,23 @@ def _png(fig: Any, top: float = 1.0) -> bytes:
     return buffer.getvalue()
 
 
-def _errors(stats: list[dict[str, Any]], scale: float = 1.0) -> tuple[list[float], list[list[float]]]:
+def _errors(stats: list[Stat], scale: float = 1.0) -> tuple[list[float], list[list[float]]]:
     values, low, high = [], [], []
     for s in stats:
-        v = s["value"] if s["value"] is not None else float("nan")
-        lo, hi = (s.get("ci") or [None, None])[:2]
+        v = s.value if s.value is not None else float("nan")
+        lo, hi = s.ci
         values.append(scale * v)
         low.append(scale * (v - lo) if lo is not None else 0.0)
         high.append(scale * (hi - v) if hi is not None else 0.0)
     return values, [low, high]
 
 
-def _movement_plot(results: dict[str, Any]) -> bytes:
+def _movement_plot(results: ProbeResults, inheritance: dict[str, dict[str, InheritanceScores]]) -> bytes:
     import matplotlib.pyplot as plt
 
     colors = _colors(results)
-    names = list(results["inheritance"])
-    values, err = _errors([results["inheritance"][n][ALL]["movement"] for n in names])
+    names = list(inheritance)
+    values, err = _errors([inheritance[n][ALL].movement for n in names])
     fig, ax = plt.subplots(figsize=(7, 0.6 * len(names) + 1.4))
     ys = list(range(len(names)))[::-1]
     ax.barh(ys, values, xerr=err, color=[colors[n] for n in names], alpha=0.8, capsize=4)
@@ -350,28 +382,30 @@ def _movement_plot(results: dict[str, Any]) -> bytes:
     return _png(fig)
 
 
-def _inheritance_plot(results: dict[str, Any]) -> bytes:
+def _inheritance_plot(
+    results: ProbeResults, inheritance: dict[str, dict[str, InheritanceScores]], pairs: list[PairRecord]
+) -> bytes:
     import matplotlib.pyplot as plt
 
-    teacher = results["teacher"]
-    names = [n for n in results["inheritance"] if n != teacher]
-    categories = sorted({p["category"] for p in results["pairs"]})
+    teacher = results.teacher
+    names = [n for n in inheritance if n != teacher]
+    categories = sorted({p.category for p in pairs})
     palette = plt.get_cmap("tab10")
     cols = min(3, max(1, len(names)))
     rows = -(-len(names) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 4.0 * rows), squeeze=False)
-    xs = [p["scores"][teacher]["gap"] for p in results["pairs"]]
+    xs = [p.scores[teacher].gap for p in pairs]
     for ax, name in zip(axes.flat, names, strict=False):
         for k, category in enumerate(categories):
-            points = [(x, p["scores"][name]["gap"]) for x, p in zip(xs, results["pairs"], strict=True)
-                      if p["category"] == category]  # fmt: skip
+            points = [(x, p.scores[name].gap) for x, p in zip(xs, pairs, strict=True)
+                      if p.category == category]  # fmt: skip
             ax.scatter(*zip(*points, strict=True), s=12, alpha=0.7, color=palette(k % 10), label=category)
         low, high = min(xs), max(xs)
         ax.plot([low, high], [low, high], color="black", ls="--", lw=1)
         ax.axhline(0, color="#999", lw=0.6)
         ax.axvline(0, color="#999", lw=0.6)
-        inh = results["inheritance"][name][ALL]
-        ax.set_title(f"{name}\nm = {fmt(inh['movement'])}\nr = {fmt(inh['correlation'])}", fontsize=9)
+        inh = inheritance[name][ALL]
+        ax.set_title(f"{name}\nm = {fmt(inh.movement)}\nr = {fmt(inh.correlation)}", fontsize=9)
         ax.set_xlabel("teacher's gap (nats)")
         ax.set_ylabel("model's gap (nats)")
         ax.grid(alpha=0.3)
@@ -382,20 +416,20 @@ def _inheritance_plot(results: dict[str, Any]) -> bytes:
     return _png(fig)
 
 
-def _bias_plot(results: dict[str, Any]) -> bytes:
+def _bias_plot(results: ProbeResults, bias: dict[str, dict[str, BiasScores]]) -> bytes:
     import matplotlib.pyplot as plt
 
     colors = _colors(results)
-    names = list(results["bias"])
-    categories = _categories(results["bias"])
+    names = list(bias)
+    categories = _categories(bias)
     fig, axes = plt.subplots(2, 1, figsize=(max(7.0, 1.1 * len(categories) * max(1, len(names)) / 2), 7))
     width = 0.8 / len(names)
-    for ax, key, scale, ylabel, ref in (
-        (axes[0], "stereo_fraction", 100.0, "pairs preferring the stereotype (%)", 50.0),
-        (axes[1], "mean_gap", 1.0, "mean gap (nats)", 0.0),
+    for ax, stat, scale, ylabel, ref in (
+        (axes[0], _stereo_fraction, 100.0, "pairs preferring the stereotype (%)", 50.0),
+        (axes[1], _mean_gap, 1.0, "mean gap (nats)", 0.0),
     ):
         for j, name in enumerate(names):
-            values, err = _errors([results["bias"][name][c][key] for c in categories], scale)
+            values, err = _errors([stat(bias[name][c]) for c in categories], scale)
             positions = [i + (j - (len(names) - 1) / 2) * width for i in range(len(categories))]
             ax.bar(positions, values, width, yerr=err, capsize=2, color=colors[name], alpha=0.85, label=name)
         ax.axhline(ref, color="#555", ls="--", lw=1)
@@ -411,7 +445,7 @@ def _bias_plot(results: dict[str, Any]) -> bytes:
     return _png(fig, top=0.9)
 
 
-def write_report(results: dict[str, Any], out: Path) -> dict[str, Path]:
+def write_report(results: ProbeResults, out: Path) -> dict[str, Path]:
     """Write probe.md, probe.html and the plots (plots/*.png) into ``out``, each atomically."""
     images = plots(results)
     for name, png in images.items():

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -105,9 +106,10 @@ def backup_path(path: Path) -> Path:
     return path.with_name(path.name + ".bak")
 
 
-def read_checked(path: Path) -> dict[str, Any]:
+def read_checked(path: Path, check: Callable[[dict[str, Any]], object] | None = None) -> dict[str, Any]:
     """The JSON object in ``path`` without its checksum field (written by ``write_state`` or as
-    ``with_checksum(data)``), verified; ValueError or OSError says what is wrong."""
+    ``with_checksum(data)``), verified, and passed by ``check`` if given; ValueError or OSError says what
+    is wrong."""
     text = path.read_text(encoding="utf-8")
     try:
         data = json.loads(text)
@@ -115,7 +117,10 @@ def read_checked(path: Path) -> dict[str, Any]:
         raise ValueError(f"not valid JSON (line {err.lineno} column {err.colno}: {err.msg})") from err
     if not isinstance(data, dict):
         raise ValueError("not a JSON object")
-    return without_checksum(data)
+    data = without_checksum(data)
+    if check is not None:
+        check(data)
+    return data
 
 
 def write_state(path: Path, data: dict[str, Any]) -> None:
@@ -131,16 +136,19 @@ def write_state(path: Path, data: dict[str, Any]) -> None:
     atomic_write_text(path, json.dumps(with_checksum(data), indent=2) + "\n")
 
 
-def read_state(path: Path, *, what: str, fix: str) -> dict[str, Any]:
+def read_state(
+    path: Path, *, what: str, fix: str, check: Callable[[dict[str, Any]], object] | None = None
+) -> dict[str, Any]:
     """The state in ``path``, verified; its backup (with a warning) when ``path`` is damaged or missing;
-    StateFileError naming both files and ``fix`` when neither is intact."""
+    StateFileError naming both files and ``fix`` when neither is intact. ``check`` is the reader's test
+    of the object's shape (building its record): a ValueError it raises makes a file damaged too."""
     try:
-        return read_checked(path)
+        return read_checked(path, check)
     except (OSError, ValueError) as err:
         problem = f"{err.strerror}" if isinstance(err, OSError) else str(err)
     backup = backup_path(path)
     try:
-        data = read_checked(backup)
+        data = read_checked(backup, check)
     except (OSError, ValueError) as err:
         backup_problem = f"{err.strerror}" if isinstance(err, OSError) else str(err)
         raise StateFileError(
