@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from llm_neo.records import RecordError, dumps, from_json, load, to_json
+from llm_neo.records import RecordError, dumps, from_json, load, omitted_if_none, to_json
 
 
 class Verdict(enum.Enum):
@@ -112,3 +112,16 @@ def test_load_names_the_file_for_damaged_json_and_wrong_shapes(tmp_path):
         load(Results, bad)
     bad.write_text(dumps(_results()))
     assert load(Results, bad) == _results()
+
+
+@dataclass
+class Sometimes:
+    always: float | None
+    sometimes: float | None = omitted_if_none()
+
+
+def test_an_omitted_if_none_key_is_absent_while_none_and_null_stays_null_elsewhere():
+    assert to_json(Sometimes(None)) == {"always": None}
+    assert to_json(Sometimes(None, 2.0)) == {"always": None, "sometimes": 2.0}
+    assert from_json(Sometimes, {"always": 1.0}) == Sometimes(1.0, None)
+    assert from_json(Sometimes, {"always": None, "sometimes": 3.0}).sometimes == 3.0

@@ -12,6 +12,9 @@ Two conventions every record follows:
 - a field named ``extra`` (a ``dict[str, Any]``) keeps keys a newer llm-neo wrote, so re-saving an older
   reader's copy loses nothing.
 
+A key a file holds only sometimes (``probe`` when there were probes) is a field declared with
+``omitted_if_none()``: absent from the JSON while it is None, None when the key is missing.
+
 The engine is this package's ``__init__``; the records themselves live beside it, one module a producer
 (``records.compare``, ``records.probe``, ``records.sweep``, ``records.bench``), so every layer above can
 read them and none of them imports a report or a command.
@@ -31,16 +34,27 @@ from llm_neo.errors import LlmNeoError
 
 T = TypeVar("T")
 EXTRA = "extra"
+OMIT_IF_NONE = "omit_if_none"  # field metadata: the key is left out of the JSON while the value is None
 
 
 class RecordError(LlmNeoError, ValueError):
     """A JSON record does not have the shape its reader declares; the message names the key's path."""
 
 
+def omitted_if_none() -> Any:
+    """A record field that defaults to None and whose key the JSON holds only while it is not None (a
+    missing key reads back as None): for keys a file has only sometimes, so re-saving keeps its shape."""
+    return dataclasses.field(default=None, metadata={OMIT_IF_NONE: True})
+
+
 def to_json(value: Any) -> Any:
     """Plain JSON values (dict, list, str, int, float, bool, None) of a record and what it holds."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        data = {f.name: to_json(getattr(value, f.name)) for f in dataclasses.fields(value) if f.name != EXTRA}
+        data = {
+            f.name: to_json(getattr(value, f.name))
+            for f in dataclasses.fields(value)
+            if f.name != EXTRA and not (f.metadata.get(OMIT_IF_NONE) and getattr(value, f.name) is None)
+        }
         return {**data, **getattr(value, EXTRA, {})}
     if isinstance(value, enum.Enum):
         return value.value
