@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from llm_neo.records import RecordError, dumps, from_json, load, omitted_if_none, to_json
+from llm_neo.records import OMITTED_IF_NONE, RecordError, dumps, from_json, load, to_json
 
 
 class Verdict(enum.Enum):
@@ -117,7 +117,7 @@ def test_load_names_the_file_for_damaged_json_and_wrong_shapes(tmp_path):
 @dataclass
 class Sometimes:
     always: float | None
-    sometimes: float | None = omitted_if_none()
+    sometimes: float | None = field(default=None, metadata=OMITTED_IF_NONE)
 
 
 def test_an_omitted_if_none_key_is_absent_while_none_and_null_stays_null_elsewhere():

@@ -12,8 +12,9 @@ Two conventions every record follows:
 - a field named ``extra`` (a ``dict[str, Any]``) keeps keys a newer llm-neo wrote, so re-saving an older
   reader's copy loses nothing.
 
-A key a file holds only sometimes (``probe`` when there were probes) is a field declared with
-``omitted_if_none()``: absent from the JSON while it is None, None when the key is missing.
+A key a file holds only sometimes (``probe`` when there were probes) is a field declared
+``field(default=None, metadata=OMITTED_IF_NONE)``: absent from the JSON while it is None, None when the
+key is missing, so re-saving a file keeps its shape.
 
 The engine is this package's ``__init__``; the records themselves live beside it, one module a producer
 (``records.compare``, ``records.probe``, ``records.sweep``, ``records.bench``), so every layer above can
@@ -34,17 +35,13 @@ from llm_neo.errors import LlmNeoError
 
 T = TypeVar("T")
 EXTRA = "extra"
-OMIT_IF_NONE = "omit_if_none"  # field metadata: the key is left out of the JSON while the value is None
+OMIT_IF_NONE = "omit_if_none"
+# The metadata of a field whose key is left out of the JSON while its value is None (see above).
+OMITTED_IF_NONE = types.MappingProxyType({OMIT_IF_NONE: True})
 
 
 class RecordError(LlmNeoError, ValueError):
     """A JSON record does not have the shape its reader declares; the message names the key's path."""
-
-
-def omitted_if_none() -> Any:
-    """A record field that defaults to None and whose key the JSON holds only while it is not None (a
-    missing key reads back as None): for keys a file has only sometimes, so re-saving keeps its shape."""
-    return dataclasses.field(default=None, metadata={OMIT_IF_NONE: True})
 
 
 def to_json(value: Any) -> Any:
