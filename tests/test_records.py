@@ -125,3 +125,16 @@ def test_an_optional_key_is_left_out_while_none_and_read_back_as_none():
     assert to_json(Sometimes(1, [2])) == {"always": 1, "sometimes": [2]}
     assert from_json(Sometimes, {"always": 1}) == Sometimes(1)
     assert from_json(Sometimes, {"always": 1, "sometimes": None}) == Sometimes(1)
+
+
+@dataclass
+class NullOrAbsent:
+    always: float | None
+    sometimes: float | None = field(default=None, metadata=OPTIONAL_KEY)
+
+
+def test_an_optional_key_is_absent_while_none_and_a_plain_optional_stays_null():
+    assert to_json(NullOrAbsent(None)) == {"always": None}
+    assert to_json(NullOrAbsent(None, 2.0)) == {"always": None, "sometimes": 2.0}
+    assert from_json(NullOrAbsent, {"always": 1.0}) == NullOrAbsent(1.0, None)
+    assert from_json(NullOrAbsent, {"always": None, "sometimes": 3.0}).sometimes == 3.0

@@ -7,12 +7,20 @@ typed record, in memory or from the JSON file, instead of indexing a dict by han
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 SUMMARY_FILE = "summary.json"
+
+
+class MemoryKind(enum.Enum):
+    """What a run's ``peak_memory_gb`` measured (``RunSummary.peak_memory_kind`` holds the value)."""
+
+    CUDA_MAX_ALLOCATED = "cuda_max_allocated"  # torch.cuda.max_memory_allocated: live tensors
+    PROCESS_MAX_RSS = "process_max_rss"  # the CPU process's peak RSS: runtime and allocator slack too
 
 
 @dataclass
@@ -37,7 +45,7 @@ class RunSummary:
     peak_memory_gb_per_rank: list[float]
     world_size: int
     teacher_parameters_per_rank: list[int]
-    peak_memory_kind: str  # "cuda_max_allocated" | "process_max_rss"
+    peak_memory_kind: str  # a MemoryKind's value
     # Peak bytes of live tensors: CUDA's max allocated; on a CPU counted op by op over the first steps.
     peak_tensor_memory_gb: float | None
     peak_tensor_memory_steps: int | None

@@ -20,8 +20,10 @@ from conftest import write_jsonl
 
 from llm_neo.commands.compare import CompareConfig, compare
 from llm_neo.errors import ConfigError, DataError
+from llm_neo.records import load, to_json
+from llm_neo.records.compare import CompareResults, ModelScores, Verdict
 from llm_neo.report.stats import paired_difference, summarize, t975
-from llm_neo.summary import RunSummary
+from llm_neo.summary import MemoryKind, RunSummary
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -70,44 +72,49 @@ def _config(teacher_dir, student_dir, data, out: Path, **overrides) -> CompareCo
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory, teacher_dir, student_dir, data) -> tuple[dict, Path]:
+def finished(tmp_path_factory, teacher_dir, student_dir, data) -> tuple[CompareResults, Path]:
     out = tmp_path_factory.mktemp("compare") / "out"
-    return compare(_config(teacher_dir, student_dir, data, out)), out
+    results = compare(_config(teacher_dir, student_dir, data, out))
+    assert results is not None
+    return results, out
 
 
 def test_the_report_holds_each_arms_own_numbers(finished):
     results, out = finished
-    assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))
-    assert results["schema_version"] == 1
-    assert [(g["method"], len(g["runs"])) for g in results["groups"]] == [("sft", 2), ("neo", 2)]
-    for group in results["groups"]:
-        for run in group["runs"]:
-            summary = RunSummary.load(run["output_dir"])
-            assert summary.method == group["method"] and summary.config["seed"] == run["seed"]
-            assert run["train_time_s"] == summary.train_time_s
-            assert run["peak_memory_gb"] == summary.peak_memory_gb
-            assert run["tokens_per_s"] == pytest.approx(summary.tokens_trained / summary.train_time_s)
-            scores = json.loads((out / "eval" / f"{run['name']}.json").read_text())
-            assert run["accuracy"] == scores["accuracy"] and run["ce"] == scores["ce"]
-        accuracies = [r["accuracy"] for r in group["runs"]]
-        assert group["stats"]["accuracy"] == summarize(accuracies)
+    assert load(CompareResults, out / "results.json") == results
+    assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(to_json(results)))
+    assert results.schema_version == 1
+    assert [(g.method, len(g.runs)) for g in results.groups] == [("sft", 2), ("neo", 2)]
+    for group in results.groups:
+        for run in group.runs:
+            summary = RunSummary.load(run.output_dir)
+            assert summary.method == group.method and summary.config["seed"] == run.seed
+            assert run.train_time_s == summary.train_time_s
+            assert run.peak_memory_gb == summary.peak_memory_gb
+            assert run.peak_memory_kind is MemoryKind(summary.peak_memory_kind) is MemoryKind.PROCESS_MAX_RSS
+            assert run.tokens_per_s == pytest.approx(summary.tokens_trained / summary.train_time_s)
+            scores = load(ModelScores, out / "eval" / f"{run.name}.json")
+            assert run.accuracy == scores.accuracy and run.ce == scores.ce
+        accuracies = [r.accuracy for r in group.runs]
+        assert group.stats.accuracy == summarize(accuracies)
     # The teacher and the untrained student are scored on the same records as the arms.
-    assert set(results["models"]) == {"teacher", "student"}
-    assert results["models"]["teacher"]["kl_to_teacher"] == pytest.approx(0.0, abs=1e-6)
-    assert {r["total"] for r in results["models"].values()} == {6}
+    assert [name for name, _ in results.models.items()] == ["teacher", "student"]
+    assert results.models.teacher is not None
+    assert results.models.teacher.kl_to_teacher == pytest.approx(0.0, abs=1e-6)
+    assert {r.total for _, r in results.models.items()} == {6}
     # The same learning-rate rule as distill: LoRA arms 10x the full-parameter rate.
-    assert {g["method"]: g["runs"][0]["lr"] for g in results["groups"]} == {"sft": 2e-5, "neo": 2e-4}
+    assert {g.method: g.runs[0].lr for g in results.groups} == {"sft": 2e-5, "neo": 2e-4}
 
 
 def test_the_paired_difference_is_neo_minus_the_arm_at_each_seed(finished):
     results, _ = finished
-    (row,) = results["paired"]
-    assert row["against"] == "sft"
-    neo = {r["seed"]: r for r in next(g for g in results["groups"] if g["method"] == "neo")["runs"]}
-    sft = {r["seed"]: r for r in next(g for g in results["groups"] if g["method"] == "sft")["runs"]}
-    diffs = [neo[s]["ce"] - sft[s]["ce"] for s in sorted(neo)]
-    assert row["ce"]["mean"] == pytest.approx(sum(diffs) / 2)
-    assert row["ce"]["n"] == 2
+    (row,) = results.paired
+    assert row.against == "sft" and row.ce is not None
+    neo = {r.seed: r for r in next(g for g in results.groups if g.method == "neo").runs}
+    sft = {r.seed: r for r in next(g for g in results.groups if g.method == "sft").runs}
+    diffs = [neo[s].ce - sft[s].ce for s in sorted(neo)]
+    assert row.ce.mean == pytest.approx(sum(diffs) / 2)
+    assert row.ce.n == 2
 
 
 def test_paired_statistics_equal_a_hand_computation():
@@ -117,15 +124,15 @@ def test_paired_statistics_equal_a_hand_computation():
     mean = sum(diffs) / 3
     sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 2)
     half = 4.303 * sd / math.sqrt(3)  # t(0.975, 2) from the tables
-    assert got["mean"] == pytest.approx(mean)
-    assert got["ci"] == pytest.approx([mean - half, mean + half])
-    assert got["verdict"] == "neither" and got["text"] == "not distinguishable at 3 seeds"
+    assert got.mean == pytest.approx(mean)
+    assert got.ci == pytest.approx((mean - half, mean + half))
+    assert got.verdict is Verdict.NEITHER and got.text == "not distinguishable at 3 seeds"
     clear = paired_difference([0.9, 0.91, 0.92], [0.5, 0.52, 0.49])
-    assert clear["verdict"] == "a" and clear["ci"][0] > 0 and clear["text"] == "better"
+    assert clear.verdict is Verdict.A and clear.ci is not None and clear.ci[0] > 0 and clear.text == "better"
     lower_is_better = paired_difference([0.9, 0.91, 0.92], [0.5, 0.52, 0.49], higher_is_better=False)
-    assert lower_is_better["verdict"] == "b"
+    assert lower_is_better.verdict is Verdict.B
     single = paired_difference([0.9], [0.1])
-    assert single["ci"] is None and single["text"] == "not distinguishable at 1 seed"
+    assert single.ci is None and single.text == "not distinguishable at 1 seed"
     assert t975(1) == 12.706 and t975(30) == 2.042 and t975(200) == 1.96
 
 
@@ -137,22 +144,20 @@ def test_report_files(finished):
         assert "Neo − SFT" in text and "not distinguishable at 2 seeds" in text
     assert html.count("data:image/png;base64,") >= 4 and "<script" not in html
     assert all((out / "plots" / f"{name}.png").is_file() for name in ("scores", "memory", "time", "loss"))
-    neo = next(g for g in results["groups"] if g["method"] == "neo")["stats"]["accuracy"]
-    assert f"{100 * neo['mean']:.1f} ± {100 * neo['std']:.1f}" in md
+    neo = next(g for g in results.groups if g.method == "neo").stats.accuracy
+    assert f"{100 * neo.mean:.1f} ± {100 * neo.std:.1f}" in md
     # The verdict names the fastest arm and the one that needed least memory, whichever they are.
-    groups = results["groups"]
-    fastest = min(groups, key=lambda g: results["cost"]["arms"][g["method"]]["train_time_s"])
-    key = (
-        "peak_tensor_memory_gb"
-        if all("peak_tensor_memory_gb" in g["stats"] for g in groups)
-        else "peak_memory_gb"
+    groups = results.groups
+    fastest = min(groups, key=lambda g: results.cost.arms[g.method].train_time_s)
+    tensors = all(g.stats.peak_tensor_memory_gb is not None for g in groups)
+    smallest = min(
+        groups, key=lambda g: (g.stats.peak_tensor_memory_gb if tensors else g.stats.peak_memory_gb).mean
     )
-    smallest = min(groups, key=lambda g: g["stats"][key]["mean"])
     labels = {"sft": "SFT", "neo": "Neo"}
-    assert f"Fastest: {labels[fastest['method']]}; least memory: {labels[smallest['method']]}." in md
+    assert f"Fastest: {labels[fastest.method]}; least memory: {labels[smallest.method]}." in md
     # Each arm's rerun command points at its own config.yaml with an absolute path.
-    for group in results["groups"]:
-        assert str(Path(group["runs"][0]["output_dir"]).resolve() / "config.yaml") in md
+    for group in results.groups:
+        assert str(group.runs[0].output_dir.resolve() / "config.yaml") in md
 
 
 @pytest.mark.skipif(
@@ -210,9 +215,9 @@ def test_a_killed_comparison_continues_without_retraining(tmp_path, teacher_dir,
     before = first.stat().st_mtime_ns
     assert subprocess.run(args, env=env, capture_output=True, timeout=600).returncode == 0
     assert first.stat().st_mtime_ns == before  # the finished arm was kept, not trained again
-    results = json.loads((out / "results.json").read_text())
-    neo = next(g for g in results["groups"] if g["method"] == "neo")["runs"][0]
-    assert RunSummary.load(neo["output_dir"]).steps == 6  # the killed arm resumed and ran to the end
+    results = load(CompareResults, out / "results.json")
+    neo = next(g for g in results.groups if g.method == "neo").runs[0]
+    assert RunSummary.load(neo.output_dir).steps == 6  # the killed arm resumed and ran to the end
     # A changed option that alters the results is refused, naming it.
     changed = subprocess.run([*args[:-2], "--output-dir", str(out), "--kd-ratio", "0.9"], env=env,
                              capture_output=True, text=True, timeout=120)  # fmt: skip
@@ -241,8 +246,9 @@ def test_a_data_size_axis(tmp_path, teacher_dir, student_dir, data):
             teacher_dir, student_dir, data, tmp_path / "out", methods=["lora"], seeds=1, train_records=[8, 16]
         )
     )
-    assert [(g["method"], g["records"]) for g in results["groups"]] == [("lora", 8), ("lora", 16)]
-    small = Path(results["groups"][0]["runs"][0]["output_dir"])
+    assert results is not None
+    assert [(g.method, g.records) for g in results.groups] == [("lora", 8), ("lora", 16)]
+    small = results.groups[0].runs[0].output_dir
     assert len((small.parent.parent / "splits" / "train-n8.jsonl").read_text().splitlines()) == 8
     assert "Score against training records" in (tmp_path / "out" / "report.md").read_text()
 
@@ -268,7 +274,8 @@ def test_the_reproduce_command_works_from_anywhere(tmp_path, teacher_dir, studen
     (command,) = re.findall(
         r"`(llm-neo distill --config \S+ --overwrite)`", (work / "out" / "report.md").read_text()
     )
-    arm = Path(results["groups"][0]["runs"][0]["output_dir"])
+    assert results is not None
+    arm = results.groups[0].runs[0].output_dir
     assert arm.is_absolute()
     before = load_file(arm / "merged" / "model.safetensors")
     elsewhere = tmp_path / "elsewhere"
@@ -295,27 +302,30 @@ def test_quantized_arms_beside_their_method(tmp_path, teacher_dir, wide_student_
     results = compare(
         _config(teacher_dir, wide_student_dir, data, out, methods=arms, seeds=1, cache_teacher=16)
     )
-    groups = {g["method"]: g for g in results["groups"]}
+    assert results is not None
+    groups = {g.method: g for g in results.groups}
     assert list(groups) == arms
-    assert groups["neo+int8-teacher"]["base_method"] == "neo"
-    assert groups["neo+int8-teacher"]["quantization"] == {"teacher_quant": "int8"}
-    runs = {name: g["runs"][0] for name, g in groups.items()}
-    assert runs["neo"]["teacher_quant"] is None and runs["neo"]["student_quant"] is None
-    assert runs["neo+int8-teacher"]["teacher_quant"]["kind"] == "int8"
-    assert runs["neo+int8-teacher"]["teacher_quant"]["drift"]["kl_per_token"] < 1e-4
-    assert runs["neo+nf4-student"]["student_quant"]["kind"] == "nf4"
-    assert runs["neo+nf4-student"]["teacher_quant"] is None
-    assert len({r["lr"] for r in runs.values()}) == 1  # every variant at the method's learning rate
+    assert groups["neo+int8-teacher"].base_method == "neo"
+    assert groups["neo+int8-teacher"].quantization == {"teacher_quant": "int8"}
+    runs = {name: g.runs[0] for name, g in groups.items()}
+    assert runs["neo"].teacher_quant is None and runs["neo"].student_quant is None
+    # RunSummary's quantization dicts, carried as they are.
+    int8, nf4 = runs["neo+int8-teacher"].teacher_quant, runs["neo+nf4-student"].student_quant
+    assert int8 is not None and int8["kind"] == "int8" and int8["drift"]["kl_per_token"] < 1e-4
+    assert nf4 is not None and nf4["kind"] == "nf4"
+    assert runs["neo+nf4-student"].teacher_quant is None
+    assert len({r.lr for r in runs.values()}) == 1  # every variant at the method's learning rate
     # One teacher cache per teacher quantization, each what its arms trained on.
     caches = sorted(p.name for p in (out / "cache").iterdir())
     assert caches == ["train", "train-int8-teacher"]
     manifest = json.loads((out / "cache" / "train-int8-teacher" / "manifest.json").read_text())
     assert manifest["teacher_quant"]["kind"] == "int8"
-    summary = RunSummary.load(runs["neo+int8-teacher"]["output_dir"])
+    summary = RunSummary.load(runs["neo+int8-teacher"].output_dir)
     assert summary.teacher_cache["path"].endswith("train-int8-teacher")
     # The teacher every model is scored against is the unquantized one.
-    assert results["models"]["teacher"]["kl_to_teacher"] == pytest.approx(0.0, abs=1e-6)
-    assert [p["against"] for p in results["paired"]] == ["neo+int8-teacher", "neo+nf4-student"]
+    assert results.models.teacher is not None
+    assert results.models.teacher.kl_to_teacher == pytest.approx(0.0, abs=1e-6)
+    assert [p.against for p in results.paired] == ["neo+int8-teacher", "neo+nf4-student"]
     report = (out / "report.md").read_text()
     assert "## Quantization: what it saved, what it cost" in report
     assert "Neo + int8 teacher" in report and "Neo + nf4 student" in report
@@ -335,13 +345,14 @@ def test_probes_add_what_each_arm_inherited_to_the_report(tmp_path, teacher_dir,
     results = compare(
         _config(teacher_dir, student_dir, data, out, methods=["sft", "neo"], seeds=1, probes=[str(probes)])
     )
-    found = results["probe"]
+    assert results is not None and results.probe is not None
+    found = results.probe  # llm-neo probe's results, as probe.json holds them
     assert json.loads((out / "probe" / "probe.json").read_text()) == json.loads(json.dumps(found))
     assert [m["name"] for m in found["models"]] == ["teacher", "student", "sft", "neo"]
     # The probed arms are the arms' own merged models.
-    assert {m["name"]: m["path"] for m in found["models"]}["neo"] == results["groups"][1]["runs"][0][
-        "output_dir"
-    ] + "/merged"
+    assert {m["name"]: m["path"] for m in found["models"]}[
+        "neo"
+    ] == f"{results.groups[1].runs[0].output_dir}/merged"
     movement = {name: inh["all"]["movement"]["value"] for name, inh in found["inheritance"].items()}
     assert movement["teacher"] == pytest.approx(1.0) and movement["student"] == pytest.approx(0.0, abs=1e-9)
     report = (out / "report.md").read_text()
@@ -397,9 +408,9 @@ def test_a_signal_stops_the_comparison_and_a_rerun_continues(tmp_path, teacher_d
     lines = metrics.read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == list(range(1, 41))  # resumed, not restarted
     # A damaged score cache is scored again, with a warning, to the same numbers.
-    results = json.loads((out / "results.json").read_text())
+    results = load(CompareResults, out / "results.json")
     cached = out / "eval" / "neo-seed42.json"
     cached.write_text(cached.read_text().replace('"accuracy": ', '"accuracy": 1', 1))
     again = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and f"{cached} is damaged (its checksum does not match" in again.stderr
-    assert json.loads((out / "results.json").read_text())["groups"] == results["groups"]
+    assert load(CompareResults, out / "results.json").groups == results.groups

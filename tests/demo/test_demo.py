@@ -24,6 +24,8 @@ from llm_neo.demo.run import (
 )
 from llm_neo.demo.task import SKILLS
 from llm_neo.errors import ConfigError, WorkerError
+from llm_neo.records import load
+from llm_neo.records.compare import CompareResults
 from llm_neo.runtime.workers import Job, run_jobs
 
 LABELS = {"sft": "SFT", "lora": "LoRA", "kd": "KD", "neo": "Neo"}
@@ -60,33 +62,36 @@ def test_report_has_every_model_and_its_plots(quick_runs):
 
 def test_results_json_structure(quick_runs):
     root, _ = quick_runs
-    results = json.loads((root / "first" / "results.json").read_text())
-    demo = results["demo"]
-    assert demo["quick"] is True and results["config"]["seeds"] == 1 and results["config"]["seed"] == 0
-    for model in ("teacher", "student"):
-        entry = results["models"][model]
-        assert 0 <= entry["accuracy"] <= 1
-        assert set(entry["per_category"]) == set(SKILLS)
-        assert {"ce", "kl_to_teacher", "top1_agreement"} <= set(entry)
-    assert results["models"]["teacher"]["kl_to_teacher"] == pytest.approx(0.0, abs=1e-5)
-    assert results["models"]["teacher"]["top1_agreement"] == 1.0
+    results = load(CompareResults, root / "first" / "results.json")
+    demo = results.demo  # the demo's own facts, free-form
+    assert demo is not None and results.context
+    assert demo["quick"] is True and results.config["seeds"] == 1 and results.config["seed"] == 0
+    assert [name for name, _ in results.models.items()] == ["teacher", "student"]
+    for _, entry in results.models.items():
+        assert 0 <= entry.accuracy <= 1
+        assert set(entry.per_category) == set(SKILLS)
+        assert entry.ce > 0 and entry.kl_to_teacher is not None and entry.top1_agreement is not None
+    assert results.models.teacher is not None
+    assert results.models.teacher.kl_to_teacher == pytest.approx(0.0, abs=1e-5)
+    assert results.models.teacher.top1_agreement == 1.0
     assert len(demo["student"]["kept_layers"]) == 1 and len(demo["student"]["scores"]) == 2
-    assert [g["method"] for g in results["groups"]] == list(COMPARISON_ORDER)
-    for group in results["groups"]:
-        (run,) = group["runs"]
-        assert run["peak_memory_gb"] > run["peak_tensor_memory_gb"] > 0 and run["train_time_s"] > 0
-        assert [p["step"] for p in run["curve"]] == [1, 2, 3]
-        assert group["stats"]["accuracy"]["n"] == 1
+    assert [g.method for g in results.groups] == list(COMPARISON_ORDER)
+    for group in results.groups:
+        (run,) = group.runs
+        assert run.peak_tensor_memory_gb is not None
+        assert run.peak_memory_gb > run.peak_tensor_memory_gb > 0 and run.train_time_s > 0
+        assert [p.step for p in run.curve] == [1, 2, 3]
+        assert group.stats.accuracy.n == 1
         # Each arm's run is an ordinary distill run, reproducible from its config.yaml.
-        assert (Path(run["output_dir"]) / "config.yaml").is_file()
-        assert (Path(run["output_dir"]) / "merged" / "model.safetensors").is_file()
-    trainable = {g["method"]: g["runs"][0]["trainable_parameters"] for g in results["groups"]}
+        assert (run.output_dir / "config.yaml").is_file()
+        assert (run.output_dir / "merged" / "model.safetensors").is_file()
+    trainable = {g.method: g.runs[0].trainable_parameters for g in results.groups}
     assert 0 < trainable["neo"] < trainable["kd"]
     assert {"teacher_s", "prune_s", "total_s"} <= set(demo["timing"])
     # The demo's arms use the task's own learning rates (LoRA arms 10x) and answer budget.
-    lrs = {g["method"]: g["runs"][0]["lr"] for g in results["groups"]}
+    lrs = {g.method: g.runs[0].lr for g in results.groups}
     assert lrs["neo"] == lrs["lora"] == pytest.approx(10 * lrs["sft"]) and lrs["kd"] == lrs["sft"]
-    assert results["config"]["score"] == "exact" and results["config"]["category_field"] == "skill"
+    assert results.config["score"] == "exact" and results.config["category_field"] == "skill"
 
 
 def test_student_is_the_pruned_teacher(quick_runs):
@@ -110,9 +115,10 @@ def test_second_run_reuses_the_cached_teacher(quick_runs):
         Path(first["config"]["teacher"]).name
     ]
     # Same teacher, same data, same seeds: the arms reproduce exactly.
-    for a, b in zip(first["groups"], second["groups"], strict=True):
-        assert a["runs"][0]["curve"] == b["runs"][0]["curve"]
-        assert a["runs"][0]["accuracy"] == b["runs"][0]["accuracy"]
+    groups = [load(CompareResults, root / name / "results.json").groups for name in ("first", "second")]
+    for a, b in zip(*groups, strict=True):
+        assert a.runs[0].curve == b.runs[0].curve
+        assert a.runs[0].accuracy == b.runs[0].accuracy
 
 
 def test_a_rerun_in_place_keeps_the_finished_arms(quick_runs):

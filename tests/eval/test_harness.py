@@ -104,9 +104,9 @@ def test_compare_records_lm_evals_scores_for_every_model(tmp_path, teacher_dir, 
             output_dir=str(tmp_path / "out"),
         )
     )
-    (run,) = results["groups"][0]["runs"]
-    merged = Path(run["output_dir"]) / "merged"
-    assert run["lm_eval"]["tiny_choice"]["acc"] == pytest.approx(hand_accuracy(merged))
-    assert results["models"]["teacher"]["lm_eval"]["tiny_choice"]["acc"] == pytest.approx(
-        hand_accuracy(teacher_dir)
-    )
+    assert results is not None and results.models.teacher is not None
+    (run,) = results.groups[0].runs
+    merged = run.output_dir / "merged"
+    assert run.lm_eval is not None and results.models.teacher.lm_eval is not None
+    assert run.lm_eval["tiny_choice"]["acc"] == pytest.approx(hand_accuracy(merged))
+    assert results.models.teacher.lm_eval["tiny_choice"]["acc"] == pytest.approx(hand_accuracy(teacher_dir))

@@ -75,6 +75,25 @@ from llm_neo.options import (
     options_with,
     to_dict,
 )
+from llm_neo.records import from_json, to_json
+from llm_neo.records.compare import (
+    SCHEMA_VERSION,
+    ArmCost,
+    ArmGroup,
+    ArmRun,
+    ComparedData,
+    CompareResults,
+    Cost,
+    CurvePoint,
+    GroupStats,
+    ModelScores,
+    PairedDifference,
+    PairedRow,
+    Projection,
+    ReferenceModels,
+    Stats,
+    Timing,
+)
 from llm_neo.report.stats import paired_difference, summarize
 from llm_neo.runtime.atomic import atomic_write_json, atomic_write_text
 from llm_neo.runtime.checkpoint import list_checkpoints
@@ -82,25 +101,12 @@ from llm_neo.runtime.distributed import barrier, close, init_world
 from llm_neo.runtime.integrity import read_checked, with_checksum
 from llm_neo.runtime.rundir import Holds, Outcome, Refusal, check_output_dir
 from llm_neo.runtime.workers import Job, Report, available_cores, load_average, run_jobs
-from llm_neo.summary import RunSummary
+from llm_neo.summary import MemoryKind, RunSummary
 
 log = logging.getLogger("llm_neo")
 
-SCHEMA_VERSION = 1
 RESULTS = "results.json"
 EVAL = "evaluation"  # the --help group of the scoring options
-# Per-run numbers the report aggregates over seeds (mean, std, min, max).
-METRICS = (
-    "accuracy",
-    "ce",
-    "kl_to_teacher",
-    "top1_agreement",
-    "train_time_s",
-    "wall_time_s",
-    "tokens_per_s",
-    "peak_memory_gb",
-    "peak_tensor_memory_gb",
-)
 # --exact-memory: glibc serves blocks from 64 KB up with mmap (see runtime.memory.set_mmap_threshold).
 EXACT_MEMORY_MMAP_THRESHOLD = 64 * 1024
 # The worker processes import these once, before the first job.
@@ -341,6 +347,18 @@ def validate_compare(config: CompareConfig) -> None:
 
 
 @dataclass
+class Arm:
+    """One distill run of the comparison: an arm (a method, perhaps with quantized variants) at a seed
+    and a data size."""
+
+    name: str
+    method: str
+    seed: int
+    records: int | None  # training records (None: all of them)
+    config: DistillConfig
+
+
+@dataclass
 class Plan:
     """What a comparison trains and scores, resolved from the options and the data."""
 
@@ -349,14 +367,15 @@ class Plan:
     train: str  # the training data file
     heldout: str  # the held-out data file
     sizes: list[int | None]  # --train-records (None: all the training records)
-    arms: list[dict[str, Any]] = field(default_factory=list)  # {name, method, seed, records, config}
+    arms: list[Arm] = field(default_factory=list)
 
 
-Extra = Callable[[dict[str, Any]], None]  # adds a caller's (the demo's) facts to the results
+Extra = Callable[[CompareResults], None]  # adds a caller's (the demo's) facts to the results
 
 
-def compare(config: CompareConfig, *, extra: Extra | None = None) -> dict[str, Any]:
-    """Run (or finish) the comparison; write and return its results (results.json)."""
+def compare(config: CompareConfig, *, extra: Extra | None = None) -> CompareResults | None:
+    """Run (or finish) the comparison; write and return its results (results.json). None on a torchrun
+    rank other than 0 (rank 0 scores and reports)."""
     started = time.perf_counter()
     config = dataclasses.replace(config, methods=_split(config.methods))
     validate_compare(config)
@@ -365,28 +384,28 @@ def compare(config: CompareConfig, *, extra: Extra | None = None) -> dict[str, A
     plan = _plan(config, out)
     _check_heldout(plan)
     dump_yaml(config, out / "compare.yaml")
-    timing: dict[str, float] = {}
     t0 = time.perf_counter()
     caches = _build_caches(plan)
     summaries = _train_arms(plan, caches)
     if _launched_ranks() > 1 and int(os.environ.get("RANK", "0")) != 0:
-        return {}  # rank 0 scores and reports
-    timing["arms_s"] = time.perf_counter() - t0
+        return None
+    arms_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     evaluations = _evaluate(plan, summaries)
-    timing["eval_s"] = time.perf_counter() - t0
-    results = _results(plan, summaries, evaluations)
+    eval_s = time.perf_counter() - t0
+    groups = _groups(plan, summaries, evaluations)
+    probe, probe_s = None, None
     if config.probes:
         t0 = time.perf_counter()
-        results["probe"] = _probe(plan, results)
-        timing["probe_s"] = time.perf_counter() - t0
-    timing["total_s"] = time.perf_counter() - started
-    results["timing"] = timing
+        probe = _probe(plan, groups)
+        probe_s = time.perf_counter() - t0
+    timing = Timing(arms_s=arms_s, eval_s=eval_s, probe_s=probe_s, total_s=time.perf_counter() - started)
+    results = _results(plan, evaluations, groups, probe, timing)
     if extra is not None:
         extra(results)
     from llm_neo.report.compare import write_report
 
-    atomic_write_json(out / RESULTS, results)
+    atomic_write_json(out / RESULTS, to_json(results))
     write_report(results, out)
     return results
 
@@ -460,9 +479,7 @@ def _plan(config: CompareConfig, out: Path) -> Plan:
             for method in config.methods:  # an arm: a method, perhaps with quantized variants
                 name = _arm_name(method, seed, records)
                 arm = _arm_config(config, method, seed, data, out / "arms" / name)
-                plan.arms.append(
-                    {"name": name, "method": method, "seed": seed, "records": records, "config": arm}
-                )
+                plan.arms.append(Arm(name=name, method=method, seed=seed, records=records, config=arm))
     return plan
 
 
@@ -554,7 +571,7 @@ def _build_caches(plan: Plan) -> dict[tuple[str, str, str], str]:
     from llm_neo.teacher_cache.writer import cache_teacher
 
     caches = {}
-    for key in sorted({_cache_key(arm["config"]) for arm in plan.arms if arm["config"].uses_kd}):
+    for key in sorted({_cache_key(arm.config) for arm in plan.arms if arm.config.uses_kd}):
         data, quant, backend = key
         target = plan.out / "cache" / (Path(data).stem + ("" if quant == "none" else f"-{quant}-teacher"))
         cache_teacher(
@@ -590,12 +607,12 @@ def _train_arms(plan: Plan, caches: dict[tuple[str, str, str], str]) -> dict[str
     done: dict[str, RunSummary] = {}
     todo: list[Job] = []
     for arm in plan.arms:
-        config: DistillConfig = arm["config"]
+        config = arm.config
         if config.uses_kd and _cache_key(config) in caches:
             config = dataclasses.replace(config, teacher_cache=caches[_cache_key(config)])
         finished = _finished(config)
         if finished is not None:
-            done[arm["name"]] = finished
+            done[arm.name] = finished
             continue
         out = Path(str(config.output_dir))
         resumable = bool(
@@ -603,9 +620,7 @@ def _train_arms(plan: Plan, caches: dict[tuple[str, str, str], str]) -> dict[str
         )  # complete ones, not a killed write's leftovers
         config = dataclasses.replace(config, resume=resumable, overwrite=not resumable)
         steps = config.max_steps or 0
-        todo.append(
-            Job(arm["name"], distill_job, config, steps, out.parent / f"{arm['name']}.log", _rerun(config))
-        )
+        todo.append(Job(arm.name, distill_job, config, steps, out.parent / f"{arm.name}.log", _rerun(config)))
     if todo and _launched_ranks() > 1:
         # Under torchrun every rank runs each arm in this process, sharded with FSDP2 as distill is, in
         # one process group kept across the arms; rank 0 finishes each arm alone (merge, export, held-out
@@ -681,7 +696,18 @@ def distill_job(config: DistillConfig, report: Report) -> RunSummary:
 # Scoring every model on the held-out records
 
 
-def _evaluate(plan: Plan, summaries: dict[str, RunSummary]) -> dict[str, dict[str, Any]]:
+@dataclass
+class EvalPayload:
+    """A scoring worker's job: the options, the held-out file, the scoring options its scores are cached
+    under, and the models it scores (name -> path)."""
+
+    config: CompareConfig
+    heldout: str
+    scoring: dict[str, Any]
+    models: dict[str, str]
+
+
+def _evaluate(plan: Plan, summaries: dict[str, RunSummary]) -> dict[str, ModelScores]:
     """name -> scores, for the teacher, the untrained student and every arm; cached in eval/ (a score
     computed with the same scoring options is not computed again)."""
     config = plan.config
@@ -690,11 +716,11 @@ def _evaluate(plan: Plan, summaries: dict[str, RunSummary]) -> dict[str, dict[st
         models = {"teacher": config.teacher} | models
     models |= {name: str(summary.output_dir / "merged") for name, summary in summaries.items()}
     scoring = {k: getattr(config, k) for k in sorted(SCORING)} | {"heldout": plan.heldout}
-    results: dict[str, dict[str, Any]] = {}
+    results: dict[str, ModelScores] = {}
     todo = {}
     for name, path in models.items():
         cached = plan.out / "eval" / f"{name}.json"
-        if (found := _cached_scores(cached)) is not None and found.get("scoring") == scoring:
+        if (found := _cached_scores(cached)) is not None and found.scoring == scoring:
             results[name] = found
         else:
             todo[name] = path
@@ -703,12 +729,11 @@ def _evaluate(plan: Plan, summaries: dict[str, RunSummary]) -> dict[str, dict[st
         parallel, threads = _resources(config)
         names = list(todo)
         shares = [names[k::parallel] for k in range(parallel) if names[k::parallel]]
-        payload = {"config": config, "heldout": plan.heldout, "scoring": scoring}
         jobs = [
             Job(
                 f"eval{k}",
                 eval_job,
-                payload | {"models": {n: todo[n] for n in share}},
+                EvalPayload(config, plan.heldout, scoring, {n: todo[n] for n in share}),
                 len(share),
                 plan.out / "eval" / f"eval{k}.log",
             )
@@ -717,30 +742,30 @@ def _evaluate(plan: Plan, summaries: dict[str, RunSummary]) -> dict[str, dict[st
         parts, _ = run_jobs(jobs, parallel=parallel, threads=threads, desc="scoring", preload=PRELOAD)
         for part in parts:
             for name, scores in part.items():
-                atomic_write_json(plan.out / "eval" / f"{name}.json", with_checksum(scores))
+                atomic_write_json(plan.out / "eval" / f"{name}.json", with_checksum(to_json(scores)))
                 results[name] = scores
     return results
 
 
-def _cached_scores(path: Path) -> dict[str, Any] | None:
+def _cached_scores(path: Path) -> ModelScores | None:
     """Scores cached by an earlier run, or None: none yet, or damaged (then they are computed again)."""
     if not path.is_file():
         return None
     try:
-        return read_checked(path)
-    except (OSError, ValueError) as err:
+        return from_json(ModelScores, read_checked(path))
+    except (OSError, ValueError) as err:  # a RecordError is a ValueError: a cache of another shape
         log.warning("compare: %s is damaged (%s); scoring that model again", path, err)
         return None
 
 
-def eval_job(payload: dict[str, Any], report: Report) -> dict[str, dict[str, Any]]:
+def eval_job(payload: EvalPayload, report: Report) -> dict[str, ModelScores]:
     """A worker's scoring of some models: held-out metrics against the teacher, the task score of greedy
     answers, lm-eval tasks."""
-    config: CompareConfig = payload["config"]
+    config = payload.config
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     tokenizer = load_tokenizer(config.student, role="student", trust_remote_code=config.trust_remote_code)
-    records, examples, _ = read_examples(payload["heldout"], tokenizer, config)
+    records, examples, _ = read_examples(payload.heldout, tokenizer, config)
     scorer = parse_score(config.score)
     teacher = None
     if config.teacher:  # quantized only as --teacher-quant says for all arms (not an arm's variant)
@@ -749,8 +774,8 @@ def eval_job(payload: dict[str, Any], report: Report) -> dict[str, dict[str, Any
         len(tokenizer(ref, add_special_tokens=False)["input_ids"])
         for ref in references(records, source="heldout")
     )
-    results = {}
-    for n, (name, path) in enumerate(payload["models"].items(), start=1):
+    results: dict[str, ModelScores] = {}
+    for n, (name, path) in enumerate(payload.models.items(), start=1):
         model = (
             teacher if name == "teacher" else load_frozen(config, path, role=name, dtype=dtype, device=device)
         )
@@ -769,26 +794,30 @@ def eval_job(payload: dict[str, Any], report: Report) -> dict[str, dict[str, Any
             kd_vocab_size=kd_vocab_size(tokenizer, model, teacher) if teacher is not None else None,
         )
         task = score_answers(
-            records, answers, scorer, category_field=config.category_field, source=payload["heldout"]
+            records, answers, scorer, category_field=config.category_field, source=payload.heldout
         )
-        results[name] = {
-            "scoring": payload["scoring"],
-            "path": path,
-            **task,
-            **{k: v for k, v in metrics.items() if k != "tokens"},
-            "heldout_tokens": metrics["tokens"],
-            "parameters": sum(p.numel() for p in model.parameters()),
-            "examples": [
-                {"prompt": _prompt_text(r), "expected": ref, "answer": a}
-                for r, ref, a in list(
-                    zip(records, references(records, source="heldout"), answers, strict=True)
-                )[:5]
-            ],
-        }
+        # The eval layer's dicts become the record here, checked key by key against its types.
+        results[name] = scores = from_json(
+            ModelScores,
+            {
+                "scoring": payload.scoring,
+                "path": path,
+                **task,
+                **{k: v for k, v in metrics.items() if k != "tokens"},
+                "heldout_tokens": metrics["tokens"],
+                "parameters": sum(p.numel() for p in model.parameters()),
+                "examples": [
+                    {"prompt": _prompt_text(r), "expected": ref, "answer": a}
+                    for r, ref, a in list(
+                        zip(records, references(records, source="heldout"), answers, strict=True)
+                    )[:5]
+                ],
+            },
+        )
         if config.lm_eval_tasks:
             from llm_neo.eval.harness import lm_eval_scores
 
-            results[name]["lm_eval"] = lm_eval_scores(
+            scores.lm_eval = lm_eval_scores(
                 path,
                 config.lm_eval_tasks,
                 include=config.lm_eval_include,
@@ -801,19 +830,19 @@ def eval_job(payload: dict[str, Any], report: Report) -> dict[str, dict[str, Any
     return results
 
 
-def _probe(plan: Plan, results: dict[str, Any]) -> dict[str, Any]:
+def _probe(plan: Plan, groups: list[ArmGroup]) -> dict[str, Any]:
     """``llm-neo probe`` on the teacher, the untrained student (the baseline) and the first seed of every
     arm at the largest data size, written to ``probe/`` and returned (results.json holds it whole)."""
     from llm_neo.commands.probe import ProbeConfig, probe
 
     config = plan.config
-    arms = [g for g in results["groups"] if g["records"] == plan.sizes[-1]]
+    arms = [g for g in groups if g.records == plan.sizes[-1]]
     return probe(
         ProbeConfig(
             teacher=str(config.teacher),
             models=[
                 f"student={config.student}",
-                *(f"{g['method']}={g['runs'][0]['output_dir']}/merged" for g in arms),
+                *(f"{g.method}={g.runs[0].output_dir}/merged" for g in arms),
             ],
             probes=list(config.probes),
             output_dir=str(plan.out / "probe"),
@@ -840,154 +869,177 @@ def _prompt_text(record: dict[str, Any]) -> str:
 # Results
 
 
-def _results(
-    plan: Plan, summaries: dict[str, RunSummary], evaluations: dict[str, dict[str, Any]]
-) -> dict[str, Any]:
-    """Everything the report shows, JSON-able (results.json)."""
-    config = plan.config
+def _groups(
+    plan: Plan, summaries: dict[str, RunSummary], evaluations: dict[str, ModelScores]
+) -> list[ArmGroup]:
+    """Every arm at every data size: its runs over the seeds and their statistics."""
     groups = []
     for records in plan.sizes:
-        for method in config.methods:
+        for method in plan.config.methods:
             runs = [
-                _run_row(arm, summaries[arm["name"]], evaluations[arm["name"]])
+                _run_row(arm, summaries[arm.name], evaluations[arm.name])
                 for arm in plan.arms
-                if arm["method"] == method and arm["records"] == records
+                if arm.method == method and arm.records == records
             ]
-            stats: dict[str, Any] = {
-                m: summarize([r[m] for r in runs]) for m in METRICS if all(r.get(m) is not None for r in runs)
-            }
-            categories = runs[0]["per_category"]
-            stats["per_category"] = {c: summarize([r["per_category"][c] for r in runs]) for c in categories}
             base, quantization = parse_arm(method)
-            groups.append(
-                {
-                    "method": method,  # the arm: its method and quantized variants
-                    "base_method": base,
-                    "quantization": quantization,
-                    "records": records,
-                    "runs": runs,
-                    "stats": stats,
-                }
-            )
+            group = ArmGroup(method, base, quantization, records, runs, _group_stats(runs))
+            groups.append(group)
+    return groups
+
+
+def _group_stats(runs: list[ArmRun]) -> GroupStats:
+    """Mean, std, min and max over the seeds of each per-run number (left out where a run lacks it)."""
+
+    def over(values: list[float | None]) -> Stats | None:
+        present = [v for v in values if v is not None]
+        return summarize(present) if len(present) == len(values) else None
+
+    return GroupStats(
+        accuracy=summarize([r.accuracy for r in runs]),
+        ce=summarize([r.ce for r in runs]),
+        kl_to_teacher=over([r.kl_to_teacher for r in runs]),
+        top1_agreement=over([r.top1_agreement for r in runs]),
+        train_time_s=summarize([r.train_time_s for r in runs]),
+        wall_time_s=summarize([r.wall_time_s for r in runs]),
+        tokens_per_s=over([r.tokens_per_s for r in runs]),
+        peak_memory_gb=summarize([r.peak_memory_gb for r in runs]),
+        peak_tensor_memory_gb=over([r.peak_tensor_memory_gb for r in runs]),
+        per_category={c: summarize([r.per_category[c] for r in runs]) for c in runs[0].per_category},
+    )
+
+
+def _results(
+    plan: Plan,
+    evaluations: dict[str, ModelScores],
+    groups: list[ArmGroup],
+    probe: dict[str, Any] | None,
+    timing: Timing,
+) -> CompareResults:
+    """Everything the report shows (results.json)."""
+    config = plan.config
     measured_on = _device_name(config.device)
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "llm_neo_version": __version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "config": to_dict(config),
-        "data": {
-            "train": plan.train,
-            "heldout": plan.heldout,
-            "sizes": plan.sizes,
-            "train_records_available": len(load_records(plan.train)),
-        },
-        "device": measured_on,
-        "device_type": resolve_device(config.device).type,
-        "load_average": load_average(),
-        "models": {name: evaluations[name] for name in ("teacher", "student") if name in evaluations},
-        "groups": groups,
-        "paired": _paired(config, groups),
-        "cost": _cost(plan, groups, measured_on),
-    }
+    return CompareResults(
+        schema_version=SCHEMA_VERSION,
+        llm_neo_version=__version__,
+        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        config=to_dict(config),
+        data=ComparedData(
+            train=plan.train,
+            heldout=plan.heldout,
+            sizes=plan.sizes,
+            train_records_available=len(load_records(plan.train)),
+        ),
+        device=measured_on,
+        device_type=resolve_device(config.device).type,
+        load_average=load_average(),
+        models=ReferenceModels(teacher=evaluations.get("teacher"), student=evaluations["student"]),
+        groups=groups,
+        paired=_paired(config, groups),
+        cost=_cost(plan, groups, measured_on),
+        probe=probe,
+        timing=timing,
+    )
 
 
-def _run_row(arm: dict[str, Any], summary: RunSummary, scores: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "name": arm["name"],
-        "seed": arm["seed"],
-        "records": arm["records"],
-        "output_dir": str(summary.output_dir),
-        "accuracy": scores["accuracy"],
-        "per_category": scores["per_category"],
-        "ce": scores["ce"],
-        "kl_to_teacher": scores.get("kl_to_teacher"),
-        "top1_agreement": scores.get("top1_agreement"),
-        "lm_eval": scores.get("lm_eval"),
-        "train_time_s": summary.train_time_s,
-        "wall_time_s": summary.wall_time_s,
-        "tokens_per_s": summary.tokens_trained / summary.train_time_s if summary.train_time_s else None,
-        "tokens_trained": summary.tokens_trained,
-        "peak_memory_gb": summary.peak_memory_gb,
-        "peak_memory_kind": summary.peak_memory_kind,
-        "peak_tensor_memory_gb": summary.peak_tensor_memory_gb,
-        "trainable_parameters": summary.trainable_parameters,
-        "student_parameters": summary.student_parameters,
-        "teacher_quant": summary.teacher_quant,
-        "student_quant": summary.student_quant,
-        "lr": summary.config["lr"],
-        "final": summary.final,
-        "curve": _curve(summary.output_dir / "metrics.jsonl"),
-        "examples": scores["examples"],
-    }
+def _run_row(arm: Arm, summary: RunSummary, scores: ModelScores) -> ArmRun:
+    return ArmRun(
+        name=arm.name,
+        seed=arm.seed,
+        records=arm.records,
+        output_dir=summary.output_dir,
+        accuracy=scores.accuracy,
+        per_category=scores.per_category,
+        ce=scores.ce,
+        kl_to_teacher=scores.kl_to_teacher,
+        top1_agreement=scores.top1_agreement,
+        lm_eval=scores.lm_eval,
+        train_time_s=summary.train_time_s,
+        wall_time_s=summary.wall_time_s,
+        tokens_per_s=summary.tokens_trained / summary.train_time_s if summary.train_time_s else None,
+        tokens_trained=summary.tokens_trained,
+        peak_memory_gb=summary.peak_memory_gb,
+        peak_memory_kind=MemoryKind(summary.peak_memory_kind),
+        peak_tensor_memory_gb=summary.peak_tensor_memory_gb,
+        trainable_parameters=summary.trainable_parameters,
+        student_parameters=summary.student_parameters,
+        teacher_quant=summary.teacher_quant,
+        student_quant=summary.student_quant,
+        lr=summary.config["lr"],
+        final=summary.final,
+        curve=_curve(summary.output_dir / "metrics.jsonl"),
+        examples=scores.examples,
+    )
 
 
-def _curve(metrics: Path) -> list[dict[str, float]]:
+def _curve(metrics: Path) -> list[CurvePoint]:
     """The training curve of a run (step, loss, CE, KD) from its metrics.jsonl."""
-    keys = ("step", "loss", "ce_loss", "kd_loss")
     lines = metrics.read_text().splitlines() if metrics.is_file() else []
-    return [{k: json.loads(line)[k] for k in keys} for line in lines if line.strip()]
+    return [from_json(CurvePoint, json.loads(line)) for line in lines if line.strip()]
 
 
 # (metric, higher is better) of the paired comparisons.
 PAIRED = (("accuracy", True), ("kl_to_teacher", False), ("ce", False), ("train_time_s", False))
 
 
-def _paired(config: CompareConfig, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _paired(config: CompareConfig, groups: list[ArmGroup]) -> list[PairedRow]:
     """Neo against every other arm, at every data size, paired by seed."""
-    rows: list[dict[str, Any]] = []
+    rows: list[PairedRow] = []
     if "neo" not in config.methods:
         return rows
-    for neo in (g for g in groups if g["method"] == "neo"):
-        for other in (g for g in groups if g["records"] == neo["records"] and g["method"] != "neo"):
-            by_seed = {r["seed"]: r for r in other["runs"]}
-            pairs = [(r, by_seed[r["seed"]]) for r in neo["runs"] if r["seed"] in by_seed]
-            row: dict[str, Any] = {"against": other["method"], "records": neo["records"]}
+    for neo in (g for g in groups if g.method == "neo"):
+        for other in (g for g in groups if g.records == neo.records and g.method != "neo"):
+            by_seed = {r.seed: r for r in other.runs}
+            pairs = [(r, by_seed[r.seed]) for r in neo.runs if r.seed in by_seed]
+            differences: dict[str, PairedDifference] = {}
             for metric, higher in PAIRED:
-                if all(a.get(metric) is not None and b.get(metric) is not None for a, b in pairs) and pairs:
-                    row[metric] = paired_difference(
-                        [a[metric] for a, _ in pairs], [b[metric] for _, b in pairs], higher_is_better=higher
-                    )
-            rows.append(row)
+                a = [getattr(r, metric) for r, _ in pairs]
+                b = [getattr(r, metric) for _, r in pairs]
+                if pairs and None not in a and None not in b:
+                    differences[metric] = paired_difference(a, b, higher_is_better=higher)
+            rows.append(PairedRow(against=other.method, records=neo.records, **differences))
     return rows
 
 
-def _cost(plan: Plan, groups: list[dict[str, Any]], measured_on: str) -> dict[str, Any]:
+def _cost(plan: Plan, groups: list[ArmGroup], measured_on: str) -> Cost:
     """Per arm: measured time, throughput and memory, and the projection to --project-tokens on --gpu."""
     config = plan.config
-    full = [g for g in groups if g["records"] == plan.sizes[-1]]
+    full = [g for g in groups if g.records == plan.sizes[-1]]
     dims = _model_parameters(config)
-    arms = {}
+    arms: dict[str, ArmCost] = {}
+    flops: dict[str, int] = {}
     for g in full:
-        method = METHODS[parse_arm(g["method"])[0]]
-        stats = g["stats"]
-        arm = {
-            "train_time_s": stats["train_time_s"]["mean"],
-            "tokens_per_s": stats.get("tokens_per_s", {}).get("mean"),
-            "peak_memory_gb": stats["peak_memory_gb"]["mean"],
-            "peak_tensor_memory_gb": stats.get("peak_tensor_memory_gb", {}).get("mean"),
-            "trainable_parameters": g["runs"][0]["trainable_parameters"],
-        }
+        method = METHODS[parse_arm(g.method)[0]]
+        stats = g.stats
+        arm = ArmCost(
+            train_time_s=stats.train_time_s.mean,
+            tokens_per_s=stats.tokens_per_s.mean if stats.tokens_per_s else None,
+            peak_memory_gb=stats.peak_memory_gb.mean,
+            peak_tensor_memory_gb=stats.peak_tensor_memory_gb.mean if stats.peak_tensor_memory_gb else None,
+            trainable_parameters=g.runs[0].trainable_parameters,
+        )
         if dims is not None:
-            arm["flops_per_token"] = flops_per_token(
-                student_parameters=dims["student"],
-                teacher_parameters=dims["teacher"],
+            arm.flops_per_token = flops[g.method] = flops_per_token(
+                student_parameters=dims.student,
+                teacher_parameters=dims.teacher,
                 lora=method.lora,
                 online_teacher=method.kd and not (config.cache_teacher or config.teacher_cache),
                 checkpointing=config.gradient_checkpointing,
             )
-            arm["planned_peak_gib"] = _planned_peak(config, g["method"])
-        arms[g["method"]] = arm
+            arm.planned_peak_gib = _planned_peak(config, g.method)
+        arms[g.method] = arm
     projection = None
     if config.project_tokens and config.gpu and dims is not None:
         tokens, card = parse_tokens(config.project_tokens), gpu(config.gpu)
-        projection = {
-            "tokens": tokens,
-            "gpu": card.name,
-            "gpus": config.gpus,
-            "utilization": config.utilization,
-            "arms": {
+        projection = Projection(
+            tokens=tokens,
+            gpu=card.name,
+            gpus=config.gpus,
+            utilization=config.utilization,
+            arms={
                 m: project(
-                    a,
+                    tokens_per_s=a.tokens_per_s,
+                    flops_per_token=flops[m],
+                    planned_peak_gib=a.planned_peak_gib,
                     tokens=tokens,
                     card=card,
                     gpus=config.gpus,
@@ -996,11 +1048,19 @@ def _cost(plan: Plan, groups: list[dict[str, Any]], measured_on: str) -> dict[st
                 )
                 for m, a in arms.items()
             },
-        }
-    return {"arms": arms, "projection": projection}
+        )
+    return Cost(arms=arms, projection=projection)
 
 
-def _model_parameters(config: CompareConfig) -> dict[str, int] | None:
+@dataclass
+class Parameters:
+    """Parameter counts of the student and the teacher (0: no teacher)."""
+
+    student: int
+    teacher: int
+
+
+def _model_parameters(config: CompareConfig) -> Parameters | None:
     """Parameter counts of student and teacher from their configs (meta device), or None."""
     from llm_neo.commands.plan import model_dims
 
@@ -1018,7 +1078,7 @@ def _model_parameters(config: CompareConfig) -> dict[str, int] | None:
     except Exception as err:  # the planner cannot count this architecture: the report leaves it out
         log.warning("compare: no parameter counts for the cost projection: %s", err)
         return None
-    return {"student": student.parameters, "teacher": teacher.parameters if teacher else 0}
+    return Parameters(student=student.parameters, teacher=teacher.parameters if teacher else 0)
 
 
 def _planned_peak(config: CompareConfig, arm: str) -> float | None:
@@ -1064,7 +1124,7 @@ def _device_name(device: str) -> str:
 def run_compare(config: CompareConfig) -> int:
     """`llm-neo compare`: run (or finish) the comparison, print the verdict and where the report is."""
     results = compare(config)
-    if not results:  # a rank other than 0 of a torchrun launch: rank 0 reports
+    if results is None:  # a rank other than 0 of a torchrun launch: rank 0 reports
         return 0
     from llm_neo.report.compare import verdict
 

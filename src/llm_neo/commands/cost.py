@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
 
 from llm_neo.errors import ConfigError
+from llm_neo.records.compare import ArmProjection
 
 
 @dataclass(frozen=True)
@@ -56,37 +56,39 @@ def gpu(name: str) -> Gpu:
 
 def flops_per_token(
     *, student_parameters: int, teacher_parameters: int, lora: bool, online_teacher: bool, checkpointing: bool
-) -> float:
+) -> int:
     """Training FLOPs of one token (see the module docstring)."""
     student = (4 if lora else 6) + (2 if checkpointing else 0)
     return student * student_parameters + (2 * teacher_parameters if online_teacher else 0)
 
 
 def project(
-    arm: dict[str, Any],
     *,
+    tokens_per_s: float | None,
+    flops_per_token: int,
+    planned_peak_gib: float | None,
     tokens: int,
     card: Gpu,
     gpus: int,
     utilization: float,
     measured_on: str,
-) -> dict[str, Any]:
-    """The projected wall time and GPU-hours of one arm. ``arm`` holds its measured ``tokens_per_s``, its
-    ``flops_per_token`` and the ``planned_peak_gib`` of one step; ``measured_on`` is the device the
-    comparison ran on (torch's name for it)."""
+) -> ArmProjection:
+    """The projected wall time and GPU-hours of one arm from its measured ``tokens_per_s`` (when it ran
+    on the card projected to), else its ``flops_per_token``, and the ``planned_peak_gib`` of one step;
+    ``measured_on`` is the device the comparison ran on (torch's name for it)."""
     same_card = any(key in measured_on for key in card.device_names)
-    if same_card and arm.get("tokens_per_s"):
-        seconds = tokens / (arm["tokens_per_s"] * gpus)
+    if same_card and tokens_per_s:
+        seconds = tokens / (tokens_per_s * gpus)
         basis = f"the throughput measured here on {measured_on}, x{gpus} cards"
     else:
-        seconds = tokens * arm["flops_per_token"] / (gpus * card.bf16_tflops * 1e12 * utilization)
-        flops = arm["flops_per_token"] / 1e9
-        basis = f"{flops:.2f} GFLOP/token at {utilization:.0%} of {card.bf16_tflops:g} TFLOP/s"
-    peak = arm.get("planned_peak_gib")
-    return {
-        "hours": seconds / 3600,
-        "gpu_hours": seconds * gpus / 3600,
-        "basis": basis,
-        "planned_peak_gib": peak,
-        "fits": None if peak is None else peak <= card.memory_gib,
-    }
+        seconds = tokens * flops_per_token / (gpus * card.bf16_tflops * 1e12 * utilization)
+        basis = (
+            f"{flops_per_token / 1e9:.2f} GFLOP/token at {utilization:.0%} of {card.bf16_tflops:g} TFLOP/s"
+        )
+    return ArmProjection(
+        hours=seconds / 3600,
+        gpu_hours=seconds * gpus / 3600,
+        basis=basis,
+        planned_peak_gib=planned_peak_gib,
+        fits=None if planned_peak_gib is None else planned_peak_gib <= card.memory_gib,
+    )

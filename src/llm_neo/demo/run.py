@@ -39,6 +39,7 @@ from llm_neo.config import DistillConfig, LoraOptions
 from llm_neo.demo.task import SKILLS, TASK_VERSION
 from llm_neo.errors import ConfigError
 from llm_neo.options import option_help
+from llm_neo.records.compare import CompareResults
 from llm_neo.report.compare import verdict
 from llm_neo.runtime.atomic import atomic_directory, atomic_write_json
 from llm_neo.runtime.workers import Job, available_cores, load_average, run_jobs
@@ -315,6 +316,7 @@ def run_demo(config: DemoConfig) -> int:
                    heldout=heldout_path, probes=probes),
         extra=lambda r: _add_demo_facts(r, config, settings, teacher, student, timing, started),
     )  # fmt: skip
+    assert results is not None  # the demo runs in one process, not as a torchrun rank
     print()
     print("\n".join(verdict(results)))
     print(
@@ -408,7 +410,7 @@ def _answer_tokens(heldout: Path) -> int:
 
 
 def _add_demo_facts(
-    results: dict[str, Any],
+    results: CompareResults,
     config: DemoConfig,
     settings: DemoSettings,
     teacher: dict[str, Any],
@@ -417,7 +419,7 @@ def _add_demo_facts(
     started: float,
 ) -> None:
     """What the demo adds to the comparison's results: how the teacher and the student were made."""
-    results["demo"] = {
+    results.demo = {
         "quick": config.quick,
         "task_version": TASK_VERSION,
         "skills": list(SKILLS),
@@ -428,8 +430,9 @@ def _add_demo_facts(
         "cores": available_cores(),
         "load_average": load_average(),
     }
-    teacher_score = results["models"]["teacher"]["accuracy"]
-    student_score = results["models"]["student"]["accuracy"]
+    assert results.models.teacher is not None  # the demo's comparison always has its teacher
+    teacher_score = results.models.teacher.accuracy
+    student_score = results.models.student.accuracy
     source = (
         "reused from the cache"
         if teacher["cached"]
@@ -461,7 +464,7 @@ def _add_demo_facts(
         context.append(
             "Quick mode: tiny models and a few steps, to exercise every stage; the numbers mean nothing."
         )
-    results["context"] = context
+    results.context = context
 
 
 def _resources(config: DemoConfig) -> tuple[int, int]:

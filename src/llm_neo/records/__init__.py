@@ -12,6 +12,10 @@ Two conventions every record follows:
 - a field named ``extra`` (a ``dict[str, Any]``) keeps keys a newer llm-neo wrote, so re-saving an older
   reader's copy loses nothing.
 
+A key a file holds only sometimes (``probe`` when there were probes) is a field declared
+``field(default=None, metadata=OPTIONAL_KEY)``: absent from the JSON while it is None, None when the
+key is missing, so re-saving a file keeps its shape.
+
 The engine is this package's ``__init__``; the records themselves live beside it, one module a producer
 (``records.compare``, ``records.probe``, ``records.sweep``, ``records.bench``), so every layer above can
 read them and none of them imports a report or a command.

@@ -10,14 +10,25 @@ be not held), the cost projection with its assumptions, and the plots.
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from llm_neo.records.compare import (
+    ArmGroup,
+    CompareResults,
+    Example,
+    GroupStats,
+    PairedDifference,
+    Stats,
+    Verdict,
+)
 from llm_neo.report.document import Block, Bullets, Heading, Image, Paragraph, Table, to_html, to_markdown
 from llm_neo.report.probe import plots as probe_plots
 from llm_neo.report.probe import section_blocks
 from llm_neo.report.style import REFERENCE_COLORS, color, label
 from llm_neo.runtime.atomic import atomic_write_bytes, atomic_write_text
+from llm_neo.summary import MemoryKind
 
 
 def _line(arm: str) -> str:
@@ -32,12 +43,12 @@ def pct(value: float | None) -> str:
     return "" if value is None else f"{100 * value:.1f}"
 
 
-def mean_std(stats: dict[str, float] | None, scale: float = 1.0, digits: int = 1) -> str:
+def mean_std(stats: Stats | None, scale: float = 1.0, digits: int = 1) -> str:
     if not stats:
         return ""
-    if stats["n"] > 1:
-        return f"{scale * stats['mean']:.{digits}f} ± {scale * stats['std']:.{digits}f}"
-    return f"{scale * stats['mean']:.{digits}f}"
+    if stats.n > 1:
+        return f"{scale * stats.mean:.{digits}f} ± {scale * stats.std:.{digits}f}"
+    return f"{scale * stats.mean:.{digits}f}"
 
 
 def gib(value: float | None) -> str:
@@ -45,12 +56,12 @@ def gib(value: float | None) -> str:
     return "" if value is None else f"{value:.3g}"
 
 
-def interval(diff: dict[str, Any] | None, scale: float = 1.0, digits: int = 1) -> str:
+def interval(diff: PairedDifference | None, scale: float = 1.0, digits: int = 1) -> str:
     if not diff:
         return ""
-    text = f"{scale * diff['mean']:+.{digits}f}"
-    if diff["ci"] is not None:
-        low, high = (scale * x for x in diff["ci"])
+    text = f"{scale * diff.mean:+.{digits}f}"
+    if diff.ci is not None:
+        low, high = (scale * x for x in diff.ci)
         text += f" [{low:+.{digits}f}, {high:+.{digits}f}]"
     return text
 
@@ -65,89 +76,102 @@ def _size(records: int | None) -> str:
     return "all" if records is None else f"{records:,}"
 
 
-def _main_groups(results: dict[str, Any]) -> list[dict[str, Any]]:
+def _main_groups(results: CompareResults) -> list[ArmGroup]:
     """The groups of the largest data size (all the training data when there is no size axis)."""
-    sizes = results["data"]["sizes"]
-    return [g for g in results["groups"] if g["records"] == sizes[-1]]
+    return [g for g in results.groups if g.records == results.data.sizes[-1]]
 
 
-def _memory_key(results: dict[str, Any]) -> tuple[str, str]:
+Memory = Callable[[GroupStats], Stats | None]  # which of an arm's peaks the report compares
+
+
+def _memory(results: CompareResults) -> tuple[Memory, str]:
     """The peak that compares arms: live tensors (CUDA's max allocated; counted op by op on a CPU,
     where the process RSS also holds the runtime and allocator slack), and its name."""
-    groups = _main_groups(results)
-    if all("peak_tensor_memory_gb" in g["stats"] for g in groups):
-        return "peak_tensor_memory_gb", "peak of live tensors"
-    return "peak_memory_gb", "peak memory"
+    if all(g.stats.peak_tensor_memory_gb is not None for g in _main_groups(results)):
+        return (lambda s: s.peak_tensor_memory_gb), "peak of live tensors"
+    return (lambda s: s.peak_memory_gb), "peak memory"
+
+
+def _train_time(stats: GroupStats) -> Stats | None:
+    return stats.train_time_s
+
+
+def _mean(stats: Stats | None) -> float | None:
+    return None if stats is None else stats.mean
+
+
+def _mean_or_inf(stats: Stats | None) -> float:
+    """The mean, for ranking arms by it; an arm without the metric ranks last."""
+    return float("inf") if stats is None else stats.mean
+
+
+def _paired_at_largest(results: CompareResults) -> list[tuple[str, PairedDifference]]:
+    """``(against, accuracy difference)`` of Neo's paired rows at the largest data size."""
+    largest = results.data.sizes[-1]
+    return [(p.against, p.accuracy) for p in results.paired if p.records == largest and p.accuracy]
 
 
 # ------------------------------------------------------------------------------------------------
 # The verdict and the conclusion, computed from the numbers
 
 
-def verdict(results: dict[str, Any]) -> list[str]:
+def verdict(results: CompareResults) -> list[str]:
     """Three lines a manager can act on: scores, whether Neo's differences are real, what each cost."""
     groups = _main_groups(results)
-    score = results["config"]["score"]
-    models = results["models"]
-    ranked = sorted(groups, key=lambda g: -g["stats"]["accuracy"]["mean"])
-    scores = ", ".join(f"{label(g['method'])} {mean_std(g['stats']['accuracy'], 100)}" for g in ranked)
+    score = results.config["score"]
+    models = results.models
+    ranked = sorted(groups, key=lambda g: -g.stats.accuracy.mean)
+    scores = ", ".join(f"{label(g.method)} {mean_std(g.stats.accuracy, 100)}" for g in ranked)
     refs = [
-        f"the {name if name == 'teacher' else 'untrained student'} {pct(models[name]['accuracy'])}"
-        for name in models
+        f"the {name if name == 'teacher' else 'untrained student'} {pct(ev.accuracy)}"
+        for name, ev in models.items()
     ]
-    seeds = results["config"]["seeds"]
+    seeds = results.config["seeds"]
     lines = [
-        f"Task score ({score}, % of {models['student']['total']} held-out records, {seeds} seed(s)): {scores}"
+        f"Task score ({score}, % of {models.student.total} held-out records, {seeds} seed(s)): {scores}"
         + (f"; {' and '.join(refs)}." if refs else ".")
     ]
-    paired = [
-        p for p in results["paired"] if p["records"] == results["data"]["sizes"][-1] and "accuracy" in p
-    ]
-    if paired:
-        parts = [
-            f"vs {label(p['against'])} {interval(p['accuracy'], 100)} points, {p['accuracy']['text']}"
-            for p in paired
-        ]
+    if paired := _paired_at_largest(results):
+        parts = [f"vs {label(against)} {interval(diff, 100)} points, {diff.text}" for against, diff in paired]
         lines.append("Neo's paired difference: " + "; ".join(parts) + ".")
     else:
         lines.append("No paired differences: Neo was not among the arms.")
-    cost = results["cost"]["arms"]
-    key, _ = _memory_key(results)
+    cost = results.cost.arms
+    memory_of, memory_name = _memory(results)
     costs = []
     for g in groups:
-        arm = cost.get(g["method"], {})
-        memory = g["stats"].get(key, {}).get("mean")
-        costs.append(f"{label(g['method'])} {seconds(arm.get('train_time_s'))}, {gib(memory)} GiB")
-    line = "Cost (training time, " + _memory_key(results)[1] + "): " + "; ".join(costs) + "."
-    cheapest = min(groups, key=lambda g: cost.get(g["method"], {}).get("train_time_s", float("inf")))
-    smallest = min(groups, key=lambda g: g["stats"].get(key, {}).get("mean", float("inf")))
-    line += f" Fastest: {label(cheapest['method'])}; least memory: {label(smallest['method'])}."
+        arm = cost.get(g.method)
+        memory = _mean(memory_of(g.stats))
+        costs.append(f"{label(g.method)} {seconds(arm.train_time_s if arm else None)}, {gib(memory)} GiB")
+    line = "Cost (training time, " + memory_name + "): " + "; ".join(costs) + "."
+    cheapest = min(groups, key=lambda g: cost[g.method].train_time_s if g.method in cost else float("inf"))
+    smallest = min(groups, key=lambda g: _mean_or_inf(memory_of(g.stats)))
+    line += f" Fastest: {label(cheapest.method)}; least memory: {label(smallest.method)}."
     lines.append(line)
     return lines
 
 
-def claims(results: dict[str, Any]) -> list[dict[str, str]]:
+CLAIM_STATUS = {Verdict.A: "held", Verdict.B: "not held", Verdict.NEITHER: "not distinguishable"}
+
+
+def claims(results: CompareResults) -> list[dict[str, str]]:
     """The paper's claims checked against this comparison: held, not held, or not distinguishable."""
     rows: list[dict[str, str]] = []
-    for p in results["paired"]:
-        if p["records"] != results["data"]["sizes"][-1] or "accuracy" not in p:
-            continue
-        diff = p["accuracy"]
-        status = {"a": "held", "b": "not held", "neither": "not distinguishable"}[diff["verdict"]]
+    for against, diff in _paired_at_largest(results):
         rows.append(
             {
-                "claim": f"Neo scores higher than {label(p['against'])}",
+                "claim": f"Neo scores higher than {label(against)}",
                 "measured": f"{interval(diff, 100)} points",
-                "status": status,
+                "status": CLAIM_STATUS[diff.verdict],
             }
         )
-    groups = {g["method"]: g for g in _main_groups(results)}
+    groups = {g.method: g for g in _main_groups(results)}
     if "neo" in groups and "kd" in groups:
-        key, name = _memory_key(results)
-        for metric, what in ((key, name), ("train_time_s", "training time")):
-            neo, kd = groups["neo"]["stats"].get(metric), groups["kd"]["stats"].get(metric)
-            if neo and kd and kd["mean"]:
-                ratio = neo["mean"] / kd["mean"]
+        memory_of, name = _memory(results)
+        for metric, what in ((memory_of, name), (_train_time, "training time")):
+            neo, kd = metric(groups["neo"].stats), metric(groups["kd"].stats)
+            if neo and kd and kd.mean:
+                ratio = neo.mean / kd.mean
                 rows.append(
                     {
                         "claim": f"Neo needs about 25% less {what} than KD",
@@ -158,33 +182,29 @@ def claims(results: dict[str, Any]) -> list[dict[str, str]]:
     return rows
 
 
-def conclusion(results: dict[str, Any]) -> list[str]:
+def conclusion(results: CompareResults) -> list[str]:
     """A short plain-language reading of the numbers (each sentence follows from a number above)."""
     out = []
-    groups = {g["method"]: g for g in _main_groups(results)}
-    models = results["models"]
-    if "teacher" in models and "student" in models:
-        gap = models["teacher"]["accuracy"] - models["student"]["accuracy"]
+    groups = _main_groups(results)
+    teacher, student = results.models.teacher, results.models.student
+    if teacher is not None:
+        gap = teacher.accuracy - student.accuracy
         out.append(
-            f"The teacher scores {pct(models['teacher']['accuracy'])}% and the untrained student "
-            f"{pct(models['student']['accuracy'])}%: {100 * gap:.1f} points for training to recover."
+            f"The teacher scores {pct(teacher.accuracy)}% and the untrained student "
+            f"{pct(student.accuracy)}%: {100 * gap:.1f} points for training to recover."
         )
-    best = max(groups.values(), key=lambda g: g["stats"]["accuracy"]["mean"])
-    out.append(
-        f"{label(best['method'])} has the highest mean score ({mean_std(best['stats']['accuracy'], 100)})."
-    )
-    real = [
-        p for p in results["paired"] if p["records"] == results["data"]["sizes"][-1] and p.get("accuracy")
-    ]
-    undecided = [label(p["against"]) for p in real if p["accuracy"]["verdict"] == "neither"]
+    best = max(groups, key=lambda g: g.stats.accuracy.mean)
+    out.append(f"{label(best.method)} has the highest mean score ({mean_std(best.stats.accuracy, 100)}).")
+    real = _paired_at_largest(results)
+    undecided = [label(against) for against, diff in real if diff.verdict is Verdict.NEITHER]
     if undecided:
-        n = real[0]["accuracy"]["n"]
+        n = real[0][1].n
         out.append(
             f"Neo's difference to {', '.join(undecided)} is within the noise of {n} seed(s): more seeds, "
             "more data or a task where the teacher's distribution carries more than the label would be "
             "needed to tell them apart."
         )
-    if len(results["data"]["sizes"]) > 1:
+    if len(results.data.sizes) > 1:
         out.append(
             "The data-size table shows how each arm's score moves with the number of training records."
         )
@@ -195,28 +215,32 @@ def conclusion(results: dict[str, Any]) -> list[str]:
 # Tables
 
 
-def results_table(results: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], list[str]]:
+def _reference_name(name: str) -> str:
+    return "teacher" if name == "teacher" else "untrained student"
+
+
+def results_table(results: CompareResults) -> tuple[dict[str, dict[str, Any]], list[str]]:
     """One row per model: the teacher, the untrained student, then each arm (mean ± std over seeds)."""
     rows: dict[str, dict[str, Any]] = {}
-    for name, ev in results["models"].items():
-        rows["teacher" if name == "teacher" else "untrained student"] = {
-            "score %": pct(ev["accuracy"]),
-            "CE": f"{ev['ce']:.3f}",
-            "KL to teacher": f"{ev['kl_to_teacher']:.3f}" if ev.get("kl_to_teacher") is not None else "",
-            "top-1 agree %": pct(ev.get("top1_agreement")),
+    for name, ev in results.models.items():
+        rows[_reference_name(name)] = {
+            "score %": pct(ev.accuracy),
+            "CE": f"{ev.ce:.3f}",
+            "KL to teacher": f"{ev.kl_to_teacher:.3f}" if ev.kl_to_teacher is not None else "",
+            "top-1 agree %": pct(ev.top1_agreement),
         }
     for g in _main_groups(results):
-        s = g["stats"]
-        rows[label(g["method"])] = {
-            "score %": mean_std(s["accuracy"], 100),
-            "CE": mean_std(s.get("ce"), digits=3),
-            "KL to teacher": mean_std(s.get("kl_to_teacher"), digits=3),
-            "top-1 agree %": mean_std(s.get("top1_agreement"), 100),
-            "train s": mean_std(s.get("train_time_s"), digits=0),
-            "tokens/s": mean_std(s.get("tokens_per_s"), digits=0),
-            "peak GiB": mean_std(s.get("peak_memory_gb"), digits=3),
-            "peak tensors GiB": mean_std(s.get("peak_tensor_memory_gb"), digits=3),
-            "trainable": f"{g['runs'][0]['trainable_parameters']:,}",
+        s = g.stats
+        rows[label(g.method)] = {
+            "score %": mean_std(s.accuracy, 100),
+            "CE": mean_std(s.ce, digits=3),
+            "KL to teacher": mean_std(s.kl_to_teacher, digits=3),
+            "top-1 agree %": mean_std(s.top1_agreement, 100),
+            "train s": mean_std(s.train_time_s, digits=0),
+            "tokens/s": mean_std(s.tokens_per_s, digits=0),
+            "peak GiB": mean_std(s.peak_memory_gb, digits=3),
+            "peak tensors GiB": mean_std(s.peak_tensor_memory_gb, digits=3),
+            "trainable": f"{g.runs[0].trainable_parameters:,}",
         }
     columns = [
         "score %",
@@ -232,61 +256,58 @@ def results_table(results: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], l
     return rows, columns
 
 
-def paired_table(results: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], list[str]]:
+def paired_table(results: CompareResults) -> tuple[dict[str, dict[str, Any]], list[str]]:
     rows = {}
-    for p in results["paired"]:
-        name = f"Neo − {label(p['against'])}" + (
-            "" if len(results["data"]["sizes"]) == 1 else f" ({_size(p['records'])} records)"
+    for p in results.paired:
+        name = f"Neo − {label(p.against)}" + (
+            "" if len(results.data.sizes) == 1 else f" ({_size(p.records)} records)"
         )
         rows[name] = {
-            "Δ score, points [95% CI]": interval(p.get("accuracy"), 100),
-            "verdict": p["accuracy"]["text"] if p.get("accuracy") else "",
-            "Δ KL to teacher": interval(p.get("kl_to_teacher"), digits=3),
-            "Δ CE": interval(p.get("ce"), digits=3),
-            "Δ train s": interval(p.get("train_time_s"), digits=1),
+            "Δ score, points [95% CI]": interval(p.accuracy, 100),
+            "verdict": p.accuracy.text if p.accuracy else "",
+            "Δ KL to teacher": interval(p.kl_to_teacher, digits=3),
+            "Δ CE": interval(p.ce, digits=3),
+            "Δ train s": interval(p.train_time_s, digits=1),
         }
     return rows, ["Δ score, points [95% CI]", "verdict", "Δ KL to teacher", "Δ CE", "Δ train s"]
 
 
-def cost_table(results: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], list[str]]:
+def cost_table(results: CompareResults) -> tuple[dict[str, dict[str, Any]], list[str]]:
     """Every arm's measured cost, and beside it the ratio to Neo's."""
-    arms = results["cost"]["arms"]
-    key, _ = _memory_key(results)
-    groups = {g["method"]: g for g in _main_groups(results)}
+    arms = results.cost.arms
+    memory_of, _ = _memory(results)
+    groups = {g.method: g for g in _main_groups(results)}
     neo = arms.get("neo")
-    neo_memory = groups["neo"]["stats"].get(key, {}).get("mean") if "neo" in groups else None
+    neo_memory = _mean(memory_of(groups["neo"].stats)) if "neo" in groups else None
     rows = {}
     for method, arm in arms.items():
-        memory = groups[method]["stats"].get(key, {}).get("mean")
+        memory = _mean(memory_of(groups[method].stats))
         rows[label(method)] = {
-            "train s": f"{arm['train_time_s']:.1f}",
-            "vs Neo time": f"{arm['train_time_s'] / neo['train_time_s']:.2f}x"
-            if neo and neo["train_time_s"]
-            else "",
-            "tokens/s": f"{arm['tokens_per_s']:.0f}" if arm.get("tokens_per_s") else "",
+            "train s": f"{arm.train_time_s:.1f}",
+            "vs Neo time": f"{arm.train_time_s / neo.train_time_s:.2f}x" if neo and neo.train_time_s else "",
+            "tokens/s": f"{arm.tokens_per_s:.0f}" if arm.tokens_per_s else "",
             "memory GiB": gib(memory),
             "vs Neo memory": f"{memory / neo_memory:.2f}x" if memory and neo_memory else "",
-            "trainable": f"{arm['trainable_parameters']:,}",
+            "trainable": f"{arm.trainable_parameters:,}",
         }
     return rows, ["train s", "vs Neo time", "tokens/s", "memory GiB", "vs Neo memory", "trainable"]
 
 
-def quantization_table(results: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], list[str]] | None:
+def quantization_table(results: CompareResults) -> tuple[dict[str, dict[str, Any]], list[str]] | None:
     """The quantized arms: what each quantized, what that saved, how far the teacher drifted, and what
     it cost in score and memory beside the same method unquantized (None: no quantized arm)."""
     groups = _main_groups(results)
-    quantized = [
-        g for g in groups if any(r.get("teacher_quant") or r.get("student_quant") for r in g["runs"])
-    ]
+    quantized = [g for g in groups if any(r.teacher_quant or r.student_quant for r in g.runs)]
     if not quantized:
         return None
-    by_method = {g["method"]: g for g in groups}
-    key, _ = _memory_key(results)
+    by_method = {g.method: g for g in groups}
+    memory_of, _ = _memory(results)
     rows = {}
     for g in quantized:
-        run = g["runs"][0]
-        teacher, student = run.get("teacher_quant"), run.get("student_quant")
-        plain = by_method.get(g["base_method"])
+        run = g.runs[0]
+        # RunSummary's quantization dicts (its free-form fields: kind, backend, bytes, drift).
+        teacher, student = run.teacher_quant, run.student_quant
+        plain = by_method.get(g.base_method)
         plain = plain if plain is not g else None
         row = {
             "teacher": "",
@@ -307,84 +328,79 @@ def quantization_table(results: dict[str, Any]) -> tuple[dict[str, dict[str, Any
             row["student base"] = f"{student['kind']}, {student['weight_bytes'] / 2**20:.3g} MiB"
         if plain is not None:
             row["Δ score vs unquantized, points"] = (
-                f"{100 * (g['stats']['accuracy']['mean'] - plain['stats']['accuracy']['mean']):+.1f}"
+                f"{100 * (g.stats.accuracy.mean - plain.stats.accuracy.mean):+.1f}"
             )
-            memory, base = g["stats"].get(key, {}).get("mean"), plain["stats"].get(key, {}).get("mean")
+            memory, base = _mean(memory_of(g.stats)), _mean(memory_of(plain.stats))
             if memory is not None and base is not None:
                 row["Δ memory vs unquantized, GiB"] = f"{memory - base:+.3g}"
-        rows[label(g["method"])] = row
+        rows[label(g.method)] = row
     return rows, list(next(iter(rows.values())))
 
 
-def projection_blocks(results: dict[str, Any], level: int) -> list[Block]:
-    projection = results["cost"].get("projection")
+def projection_blocks(results: CompareResults, level: int) -> list[Block]:
+    projection = results.cost.projection
     if not projection:
         return [
             Heading(level, "Projection"),
             Paragraph("Give `--project-tokens 50M --gpu h100` for the GPU-hours of the full run."),
         ]
     rows = {}
-    for method, p in projection["arms"].items():
+    for method, p in projection.arms.items():
         rows[label(method)] = {
-            "planned peak GiB": gib(p["planned_peak_gib"]),
-            "fits one card": "" if p["fits"] is None else ("yes" if p["fits"] else "no"),
-            "hours": f"{p['hours']:.1f}",
-            "GPU-hours": f"{p['gpu_hours']:.1f}",
-            "time from": p["basis"],
+            "planned peak GiB": gib(p.planned_peak_gib),
+            "fits one card": "" if p.fits is None else ("yes" if p.fits else "no"),
+            "hours": f"{p.hours:.1f}",
+            "GPU-hours": f"{p.gpu_hours:.1f}",
+            "time from": p.basis,
         }
-    tokens = projection["tokens"]
+    tokens = projection.tokens
     return [
-        Heading(
-            level, f"Projection: {tokens:,} training tokens on {projection['gpus']} x {projection['gpu']}"
-        ),
+        Heading(level, f"Projection: {tokens:,} training tokens on {projection.gpus} x {projection.gpu}"),
         Table(rows, ["planned peak GiB", "fits one card", "hours", "GPU-hours", "time from"], wrap=True),
         Paragraph(
             "Assumptions: memory is `llm-neo plan`'s estimate of one step at --batch-size x --max-length "
             "(bf16, chunked loss as configured); time is the throughput measured here when it ran on "
-            f"that card, else training FLOPs at {projection['utilization']:.0%} of its dense bf16 peak "
+            f"that card, else training FLOPs at {projection.utilization:.0%} of its dense bf16 peak "
             "(6·N per token for a full student, 4·N for a LoRA one, +2·N with checkpointing, +2·N of the "
             "teacher when it runs online). Estimates, not measurements."
         ),
     ]
 
 
-def categories_table(results: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], list[str]] | None:
-    models = results["models"]
-    first = next(iter(models.values()), None)
-    categories = list(first["per_category"]) if first else []
+def categories_table(results: CompareResults) -> tuple[dict[str, dict[str, Any]], list[str]] | None:
+    models = results.models.items()
+    categories = list(models[0][1].per_category)  # the teacher's, or the student's without one
     if len(categories) < 2:
         return None
     rows = {}
-    for name, ev in models.items():
-        rows["teacher" if name == "teacher" else "untrained student"] = {
-            c: pct(ev["per_category"].get(c)) for c in categories
-        }
+    for name, ev in models:
+        rows[_reference_name(name)] = {c: pct(ev.per_category.get(c)) for c in categories}
     for g in _main_groups(results):
-        rows[label(g["method"])] = {c: mean_std(g["stats"]["per_category"].get(c), 100) for c in categories}
+        rows[label(g.method)] = {c: mean_std(g.stats.per_category.get(c), 100) for c in categories}
     return rows, categories
 
 
-def sizes_table(results: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], list[str]] | None:
-    sizes = results["data"]["sizes"]
+def sizes_table(results: CompareResults) -> tuple[dict[str, dict[str, Any]], list[str]] | None:
+    sizes = results.data.sizes
     if len(sizes) < 2:
         return None
-    methods = list(dict.fromkeys(g["method"] for g in results["groups"]))
+    methods = list(dict.fromkeys(g.method for g in results.groups))
     rows = {}
     for records in sizes:
         row = {}
-        for g in results["groups"]:
-            if g["records"] == records:
-                row[label(g["method"])] = mean_std(g["stats"]["accuracy"], 100)
+        for g in results.groups:
+            if g.records == records:
+                row[label(g.method)] = mean_std(g.stats.accuracy, 100)
         rows[f"{_size(records)} records"] = row
     return rows, [label(m) for m in methods]
 
 
-def reproduce(results: dict[str, Any]) -> list[str]:
+def reproduce(results: CompareResults) -> list[str]:
     """Commands that rerun one seed of each arm alone, with absolute paths (they work from anywhere)."""
     lines = []
     for g in _main_groups(results):
-        config = Path(g["runs"][0]["output_dir"]).resolve() / "config.yaml"
-        lines.append(f"{label(g['method'])}: `llm-neo distill --config {config} --overwrite`")
+        config = g.runs[0].output_dir.resolve() / "config.yaml"
+        lines.append(f"{label(g.method)}: `llm-neo distill --config {config} --overwrite`")
     return lines
 
 
@@ -392,22 +408,22 @@ def reproduce(results: dict[str, Any]) -> list[str]:
 # The document
 
 
-def report_blocks(results: dict[str, Any]) -> list[Block]:
+def report_blocks(results: CompareResults) -> list[Block]:
     blocks: list[Block] = [
         Heading(1, "llm-neo comparison"),
         Paragraph(_setting(results)),
-        *[Paragraph(line) for line in results.get("context", [])],
+        *[Paragraph(line) for line in results.context or []],
         Heading(2, "Verdict"),
         Bullets(tuple(verdict(results))),
         Heading(2, "Results"),
         Table(*results_table(results)),
         Paragraph(
             "Score: the task score of greedy answers to the held-out prompts against their reference "
-            f"responses (`{results['config']['score']}`). CE, KL to the teacher and top-1 agreement are "
+            f"responses (`{results.config['score']}`). CE, KL to the teacher and top-1 agreement are "
             "per held-out response token. Memory: "
             + (
                 "CUDA's max allocated."
-                if "cuda" in results["device"].lower() or "H" in results["device"][:2]
+                if results.memory_kind is MemoryKind.CUDA_MAX_ALLOCATED
                 else "the process's peak resident set (peak GiB) and the peak of live tensors, counted op by "
                 "op over the first steps (peak tensors GiB; the RSS also holds the runtime and "
                 "allocator slack)."
@@ -415,7 +431,7 @@ def report_blocks(results: dict[str, Any]) -> list[Block]:
         ),
         Image("scores", "task score of every model"),
     ]
-    if results["paired"]:
+    if results.paired:
         blocks += [
             Heading(2, "Neo against each arm, paired by seed"),
             Table(*paired_table(results), wrap=True),
@@ -452,9 +468,9 @@ def report_blocks(results: dict[str, Any]) -> list[Block]:
             Image("sizes", "score against records"),
         ]
     if categories := categories_table(results):
-        blocks += [Heading(2, f"Score per {results['config']['category_field']}"), Table(*categories)]
-    if results.get("probe"):
-        blocks += section_blocks(results["probe"], level=2, images=True)
+        blocks += [Heading(2, f"Score per {results.config['category_field']}"), Table(*categories)]
+    if results.probe:
+        blocks += section_blocks(results.probe, level=2, images=True)
     blocks += [
         Heading(2, "Quality against cost"),
         Image("memory", "score against memory"),
@@ -474,32 +490,32 @@ def report_blocks(results: dict[str, Any]) -> list[Block]:
     return blocks
 
 
-def _setting(results: dict[str, Any]) -> str:
-    c = results["config"]
+def _setting(results: CompareResults) -> str:
+    c = results.config  # the options, as compare.yaml holds them
     return (
-        f"Teacher `{c['teacher']}`, student `{c['student']}`; trained on `{results['data']['train']}`, "
+        f"Teacher `{c['teacher']}`, student `{c['student']}`; trained on `{results.data.train}`, "
         "scored "
-        f"on `{results['data']['heldout']}`; arms {', '.join(label(m) for m in c['methods'])} x {c['seeds']} "
+        f"on `{results.data.heldout}`; arms {', '.join(label(m) for m in c['methods'])} x {c['seeds']} "
         f"seed(s) from seed {c['seed']}, {c['max_steps'] or 'one epoch of'} steps of {c['batch_size']} x "
-        f"{c['grad_accum']}; {results['device']}; llm-neo {results['llm_neo_version']}, {results['created']}."
+        f"{c['grad_accum']}; {results.device}; llm-neo {results.llm_neo_version}, {results.created}."
     )
 
 
-def _examples(results: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], list[str]]:
-    models = dict(results["models"])
+def _examples(results: CompareResults) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    answers: dict[str, list[Example]] = {name: ev.examples for name, ev in results.models.items()}
     for g in _main_groups(results):
-        models[label(g["method"])] = {"examples": g["runs"][0]["examples"]}
-    first = next(iter(models.values()))["examples"]
+        answers[label(g.method)] = g.runs[0].examples
+    first = next(iter(answers.values()))
     rows = {}
     for i, ex in enumerate(first):
-        row = {"prompt": _printable(ex["prompt"], 80), "expected": _printable(ex["expected"], 40)}
+        row = {"prompt": _printable(ex.prompt, 80), "expected": _printable(ex.expected, 40)}
         row |= {
-            name: _printable(m["examples"][i]["answer"], 40)
-            for name, m in models.items()
-            if i < len(m["examples"])
+            name: _printable(examples[i].answer, 40)
+            for name, examples in answers.items()
+            if i < len(examples)
         }
         rows[str(i + 1)] = row
-    return rows, ["prompt", "expected", *models]
+    return rows, ["prompt", "expected", *answers]
 
 
 def _printable(text: str, limit: int) -> str:
@@ -513,7 +529,7 @@ def _printable(text: str, limit: int) -> str:
 # Plots
 
 
-def plots(results: dict[str, Any]) -> dict[str, bytes]:
+def plots(results: CompareResults) -> dict[str, bytes]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -523,10 +539,10 @@ def plots(results: dict[str, Any]) -> dict[str, bytes]:
         "time": _cost_plot(results, "time"),
         "loss": _loss_plot(results),
     }
-    if len(results["data"]["sizes"]) > 1:
+    if len(results.data.sizes) > 1:
         out["sizes"] = _sizes_plot(results)
-    if results.get("probe"):
-        out |= probe_plots(results["probe"])  # movement, inheritance, bias: names the above do not use
+    if results.probe:
+        out |= probe_plots(results.probe)  # movement, inheritance, bias: names the above do not use
     return out
 
 
@@ -540,31 +556,29 @@ def _png(fig: Any) -> bytes:
     return buffer.getvalue()
 
 
-def _reference_lines(ax: Any, results: dict[str, Any]) -> None:
-    for name, ev in results["models"].items():
+def _reference_lines(ax: Any, results: CompareResults) -> None:
+    for name, ev in results.models.items():
         ax.axhline(
-            100 * ev["accuracy"],
+            100 * ev.accuracy,
             color=REFERENCE_COLORS[name],
             ls="--" if name == "teacher" else ":",
             lw=1,
-            label="teacher" if name == "teacher" else "untrained student",
+            label=_reference_name(name),
         )
 
 
-def _scores_plot(results: dict[str, Any]) -> bytes:
+def _scores_plot(results: CompareResults) -> bytes:
     import matplotlib.pyplot as plt
 
     groups = _main_groups(results)
     fig, ax = plt.subplots(figsize=(7, 3.8))
     for i, g in enumerate(groups):
-        s = g["stats"]["accuracy"]
-        ax.bar(i, 100 * s["mean"], yerr=100 * s["std"], capsize=4, color=color(g["method"]))
-        ax.scatter(
-            [i] * len(g["runs"]), [100 * r["accuracy"] for r in g["runs"]], color="black", s=10, zorder=3
-        )
+        s = g.stats.accuracy
+        ax.bar(i, 100 * s.mean, yerr=100 * s.std, capsize=4, color=color(g.method))
+        ax.scatter([i] * len(g.runs), [100 * r.accuracy for r in g.runs], color="black", s=10, zorder=3)
     _reference_lines(ax, results)
-    ax.set_xticks(range(len(groups)), [label(g["method"]) for g in groups])
-    ax.set_ylabel(f"task score, % ({results['config']['score']})")
+    ax.set_xticks(range(len(groups)), [label(g.method) for g in groups])
+    ax.set_ylabel(f"task score, % ({results.config['score']})")
     ax.set_ylim(0, 100)
     ax.legend(fontsize=8, loc="lower right")
     ax.set_title("held-out task score: mean ± std over seeds, each seed a dot")
@@ -572,26 +586,26 @@ def _scores_plot(results: dict[str, Any]) -> bytes:
     return _png(fig)
 
 
-def _cost_plot(results: dict[str, Any], kind: str) -> bytes:
+def _cost_plot(results: CompareResults, kind: str) -> bytes:
     import matplotlib.pyplot as plt
 
-    key, name = _memory_key(results) if kind == "memory" else ("train_time_s", "training time")
+    metric, name = _memory(results) if kind == "memory" else (_train_time, "training time")
     unit = "GiB" if kind == "memory" else "s"
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for g in _main_groups(results):
-        s = g["stats"]
-        if key not in s:
+        cost, score = metric(g.stats), g.stats.accuracy
+        if cost is None:
             continue
         ax.errorbar(
-            s[key]["mean"],
-            100 * s["accuracy"]["mean"],
-            xerr=s[key]["std"],
-            yerr=100 * s["accuracy"]["std"],
-            fmt="D" if "+" in g["method"] else "o",  # a quantized variant: a diamond in its method's colour
+            cost.mean,
+            100 * score.mean,
+            xerr=cost.std,
+            yerr=100 * score.std,
+            fmt="D" if "+" in g.method else "o",  # a quantized variant: a diamond in its method's colour
             ms=8,
             capsize=3,
-            color=color(g["method"]),
-            label=label(g["method"]),
+            color=color(g.method),
+            label=label(g.method),
         )
     _reference_lines(ax, results)
     ax.set_xlabel(f"{name}, {unit}")
@@ -603,17 +617,17 @@ def _cost_plot(results: dict[str, Any], kind: str) -> bytes:
     return _png(fig)
 
 
-def _loss_plot(results: dict[str, Any]) -> bytes:
+def _loss_plot(results: CompareResults) -> bytes:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharex=True)
     for g in _main_groups(results):
-        curve = g["runs"][0].get("curve") or []
-        steps = [p["step"] for p in curve]
-        style = {"color": color(g["method"]), "label": label(g["method"]), "linestyle": _line(g["method"])}
-        axes[0].plot(steps, [p["ce_loss"] for p in curve], **style)
-        if any(p["kd_loss"] for p in curve):
-            axes[1].plot(steps, [p["kd_loss"] for p in curve], **style)
+        curve = g.runs[0].curve
+        steps = [p.step for p in curve]
+        style = {"color": color(g.method), "label": label(g.method), "linestyle": _line(g.method)}
+        axes[0].plot(steps, [p.ce_loss for p in curve], **style)
+        if any(p.kd_loss for p in curve):
+            axes[1].plot(steps, [p.kd_loss for p in curve], **style)
     axes[0].set_title("training CE (every arm), first seed")
     axes[1].set_title("training KD divergence (kd, neo), first seed")
     for ax in axes:
@@ -626,25 +640,23 @@ def _loss_plot(results: dict[str, Any]) -> bytes:
     return _png(fig)
 
 
-def _sizes_plot(results: dict[str, Any]) -> bytes:
+def _sizes_plot(results: CompareResults) -> bytes:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import NullFormatter
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    available = results["data"]["train_records_available"]
+    available = results.data.train_records_available
     sizes: set[int] = set()
-    for method in dict.fromkeys(g["method"] for g in results["groups"]):
+    for method in dict.fromkeys(g.method for g in results.groups):
         points = [
-            (g["records"] or available or 0, g["stats"]["accuracy"])
-            for g in results["groups"]
-            if g["method"] == method
+            (g.records or available or 0, g.stats.accuracy) for g in results.groups if g.method == method
         ]
         points = [p for p in points if p[0]]
         sizes |= {x for x, _ in points}
         ax.errorbar(
             [x for x, _ in points],
-            [100 * s["mean"] for _, s in points],
-            yerr=[100 * s["std"] for _, s in points],
+            [100 * s.mean for _, s in points],
+            yerr=[100 * s.std for _, s in points],
             marker="o",
             capsize=3,
             color=color(method),
@@ -666,7 +678,7 @@ def _sizes_plot(results: dict[str, Any]) -> bytes:
     return _png(fig)
 
 
-def write_report(results: dict[str, Any], out: Path) -> dict[str, Path]:
+def write_report(results: CompareResults, out: Path) -> dict[str, Path]:
     """report.md (+ plots/*.png) and report.html under ``out``; returns their paths."""
     images = plots(results)
     for name, data in images.items():

@@ -11,7 +11,8 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Sequence
-from typing import Any
+
+from llm_neo.records.compare import PairedDifference, Stats, Verdict
 
 # Two-sided 95% quantiles of Student's t distribution, t(0.975, df), df = 1..30 (standard tables); the
 # normal quantile beyond.
@@ -30,28 +31,20 @@ def t975(df: int) -> float:
     return _T975[df - 1] if df <= len(_T975) else _Z975
 
 
-def summarize(values: Sequence[float]) -> dict[str, float]:
-    """``{"mean", "std", "min", "max", "n"}`` of ``values`` (sample std; 0 for one value)."""
+def summarize(values: Sequence[float]) -> Stats:
+    """Mean, sample std (0 for one value), min, max and count of ``values``."""
     if not values:
         raise ValueError("no values to summarize")
     std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return {
-        "mean": statistics.fmean(values),
-        "std": std,
-        "min": min(values),
-        "max": max(values),
-        "n": len(values),
-    }
+    return Stats(mean=statistics.fmean(values), std=std, min=min(values), max=max(values), n=len(values))
 
 
 def paired_difference(
     a: Sequence[float], b: Sequence[float], *, higher_is_better: bool = True
-) -> dict[str, Any]:
+) -> PairedDifference:
     """The difference a − b over paired values (the same seed at the same index), with its 95% interval
-    and a verdict: ``"a"`` / ``"b"`` (which is better, when the interval excludes 0) or ``"neither"``.
-
-    Returns ``{"mean", "ci": [low, high] | None, "n", "verdict", "text"}``; ``text`` says it in words.
-    """
+    (None for one pair) and a verdict: ``Verdict.A`` / ``Verdict.B`` (which is better, when the interval
+    excludes 0) or ``Verdict.NEITHER``; ``text`` says it in words."""
     if len(a) != len(b) or not a:
         raise ValueError(f"paired values need equal, non-zero lengths, got {len(a)} and {len(b)}")
     diffs = [x - y for x, y in zip(a, b, strict=True)]
@@ -60,11 +53,11 @@ def paired_difference(
     ci = None
     if n > 1:
         half = t975(n - 1) * statistics.stdev(diffs) / math.sqrt(n)
-        ci = [mean - half, mean + half]
-    verdict = "neither"
+        ci = (mean - half, mean + half)
+    verdict = Verdict.NEITHER
     if ci is not None and (ci[0] > 0 or ci[1] < 0):
         a_higher = ci[0] > 0
-        verdict = "a" if a_higher == higher_is_better else "b"
+        verdict = Verdict.A if a_higher == higher_is_better else Verdict.B
     seeds = f"{n} seed{'s' if n != 1 else ''}"
-    text = {"a": "better", "b": "worse", "neither": f"not distinguishable at {seeds}"}[verdict]
-    return {"mean": mean, "ci": ci, "n": n, "verdict": verdict, "text": text}
+    text = {Verdict.A: "better", Verdict.B: "worse", Verdict.NEITHER: f"not distinguishable at {seeds}"}
+    return PairedDifference(mean=mean, ci=ci, n=n, verdict=verdict, text=text[verdict])

@@ -1,0 +1,269 @@
+"""What ``llm-neo compare`` finds: ``CompareResults``, written as the comparison's ``results.json``.
+
+The report (``report.compare``), the demo and ``llm-neo compare`` itself read these records by attribute;
+``llm_neo.records`` writes and reads them (``dumps``, ``load``), so a damaged file names the key that is
+wrong. The JSON keys are the fields' names in their order; a key results.json holds only sometimes (the
+probe, a paired metric with no values at some seed) is a field with ``metadata=OPTIONAL_KEY``.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llm_neo.records import OPTIONAL_KEY
+from llm_neo.summary import MemoryKind
+
+SCHEMA_VERSION = 1
+
+
+class Verdict(enum.Enum):
+    """Which of a paired difference's two sides is better: one only when its 95% interval excludes 0."""
+
+    A = "a"
+    B = "b"
+    NEITHER = "neither"
+
+
+@dataclass
+class Stats:
+    """One metric over seeds (sample std; 0 for one seed)."""
+
+    mean: float
+    std: float
+    min: float
+    max: float
+    n: int
+
+
+@dataclass
+class PairedDifference:
+    """The mean of a − b over paired seeds, its 95% t interval (None at one seed), the verdict, and the
+    verdict in words (``text``: "better", "worse", "not distinguishable at 3 seeds")."""
+
+    mean: float
+    ci: tuple[float, float] | None
+    n: int
+    verdict: Verdict
+    text: str
+
+
+@dataclass
+class Example:
+    """A held-out prompt, its reference response and a model's greedy answer."""
+
+    prompt: str
+    expected: str
+    answer: str
+
+
+@dataclass
+class CurvePoint:
+    """One optimizer step of a run's training curve (its metrics.jsonl)."""
+
+    step: int
+    loss: float
+    ce_loss: float
+    kd_loss: float
+
+
+@dataclass(kw_only=True)
+class ModelScores:
+    """One model's held-out scores (``eval/<model>.json``, and the teacher's and the untrained student's
+    in results.json): the task score of its greedy answers and its held-out metrics."""
+
+    scoring: dict[str, Any]  # the scoring options these scores were computed with (a rerun's cache key)
+    path: str
+    score: str  # the task score's name
+    accuracy: float
+    correct: int
+    total: int
+    per_category: dict[str, float]
+    ce: float
+    perplexity: float
+    kl_to_teacher: float | None = field(default=None, metadata=OPTIONAL_KEY)  # with a teacher only
+    top1_agreement: float | None = field(default=None, metadata=OPTIONAL_KEY)
+    heldout_tokens: int
+    parameters: int
+    examples: list[Example]  # the first held-out records' answers
+    # Task -> metric -> value
+    lm_eval: dict[str, dict[str, float]] | None = field(default=None, metadata=OPTIONAL_KEY)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(kw_only=True)
+class ReferenceModels:
+    """The models every arm is measured against: the teacher (when there is one), the untrained student."""
+
+    teacher: ModelScores | None = field(default=None, metadata=OPTIONAL_KEY)
+    student: ModelScores
+
+    def items(self) -> list[tuple[str, ModelScores]]:
+        """``(name, scores)`` of the teacher (if any), then the student."""
+        return [(name, s) for name, s in (("teacher", self.teacher), ("student", self.student)) if s]
+
+
+@dataclass
+class ArmRun:
+    """One trained arm at one seed and data size: its scores and what its distill run reported."""
+
+    name: str
+    seed: int
+    records: int | None  # training records (None: all of them)
+    output_dir: Path
+    accuracy: float
+    per_category: dict[str, float]
+    ce: float
+    kl_to_teacher: float | None
+    top1_agreement: float | None
+    lm_eval: dict[str, dict[str, float]] | None
+    train_time_s: float
+    wall_time_s: float
+    tokens_per_s: float | None
+    tokens_trained: int
+    peak_memory_gb: float
+    peak_memory_kind: MemoryKind
+    peak_tensor_memory_gb: float | None
+    trainable_parameters: int
+    student_parameters: int
+    teacher_quant: dict[str, Any] | None  # RunSummary's
+    student_quant: dict[str, Any] | None
+    lr: float
+    final: dict[str, float]  # the last step's loss, ce_loss, kd_loss
+    curve: list[CurvePoint]
+    examples: list[Example]
+
+
+@dataclass(kw_only=True)
+class GroupStats:
+    """An arm's per-run numbers over its seeds; a metric some run lacks is left out (None)."""
+
+    accuracy: Stats
+    ce: Stats
+    kl_to_teacher: Stats | None = field(default=None, metadata=OPTIONAL_KEY)
+    top1_agreement: Stats | None = field(default=None, metadata=OPTIONAL_KEY)
+    train_time_s: Stats
+    wall_time_s: Stats
+    tokens_per_s: Stats | None = field(default=None, metadata=OPTIONAL_KEY)
+    peak_memory_gb: Stats
+    peak_tensor_memory_gb: Stats | None = field(default=None, metadata=OPTIONAL_KEY)
+    per_category: dict[str, Stats]
+
+
+@dataclass
+class ArmGroup:
+    """Every seed of one arm at one data size."""
+
+    method: str  # the arm: its method and quantized variants ("neo+int8-teacher")
+    base_method: str
+    quantization: dict[str, str]  # the variants' options (teacher_quant, student_quant)
+    records: int | None
+    runs: list[ArmRun]
+    stats: GroupStats
+
+
+@dataclass(kw_only=True)
+class PairedRow:
+    """Neo against another arm at one data size, paired by seed; a metric without values at every seed
+    is left out."""
+
+    against: str
+    records: int | None
+    accuracy: PairedDifference | None = field(default=None, metadata=OPTIONAL_KEY)
+    kl_to_teacher: PairedDifference | None = field(default=None, metadata=OPTIONAL_KEY)
+    ce: PairedDifference | None = field(default=None, metadata=OPTIONAL_KEY)
+    train_time_s: PairedDifference | None = field(default=None, metadata=OPTIONAL_KEY)
+
+
+@dataclass(kw_only=True)
+class ArmCost:
+    """An arm's measured cost (means over seeds at the largest data size) and, when the planner can count
+    the models, what a projection needs."""
+
+    train_time_s: float
+    tokens_per_s: float | None
+    peak_memory_gb: float
+    peak_tensor_memory_gb: float | None
+    trainable_parameters: int
+    flops_per_token: int | None = field(default=None, metadata=OPTIONAL_KEY)
+    # Llm-neo plan's estimate of one step on a GPU
+    planned_peak_gib: float | None = field(default=None, metadata=OPTIONAL_KEY)
+
+
+@dataclass
+class ArmProjection:
+    """One arm's full run projected to a card (commands.cost.project)."""
+
+    hours: float
+    gpu_hours: float
+    basis: str  # where the time came from, in words
+    planned_peak_gib: float | None
+    fits: bool | None  # the planned peak fits one card (None: no plan)
+
+
+@dataclass
+class Projection:
+    """--project-tokens on --gpu: every arm's projected run."""
+
+    tokens: int
+    gpu: str  # the card's name
+    gpus: int
+    utilization: float
+    arms: dict[str, ArmProjection]
+
+
+@dataclass
+class Cost:
+    arms: dict[str, ArmCost]
+    projection: Projection | None
+
+
+@dataclass
+class ComparedData:
+    train: str
+    heldout: str
+    sizes: list[int | None]  # the data-size axis (None: all the training records)
+    train_records_available: int
+
+
+@dataclass(kw_only=True)
+class Timing:
+    """Seconds each stage of the comparison took."""
+
+    arms_s: float
+    eval_s: float
+    probe_s: float | None = field(default=None, metadata=OPTIONAL_KEY)
+    total_s: float
+
+
+@dataclass(kw_only=True)
+class CompareResults:
+    """A comparison's results (results.json), everything its report is rendered from."""
+
+    schema_version: int
+    llm_neo_version: str
+    created: str
+    config: dict[str, Any]  # the comparison's options, as compare.yaml holds them
+    data: ComparedData
+    device: str  # where it was measured (torch's name for a GPU)
+    device_type: str
+    load_average: float | None
+    models: ReferenceModels
+    groups: list[ArmGroup]
+    paired: list[PairedRow]
+    cost: Cost
+    # Llm-neo probe's results (--probes)
+    probe: dict[str, Any] | None = field(default=None, metadata=OPTIONAL_KEY)
+    timing: Timing
+    # Paragraphs a caller (the demo) puts first
+    context: list[str] | None = field(default=None, metadata=OPTIONAL_KEY)
+    # How the demo made its teacher and student
+    demo: dict[str, Any] | None = field(default=None, metadata=OPTIONAL_KEY)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def memory_kind(self) -> MemoryKind:
+        """What the arms' ``peak_memory_gb`` measured (every arm ran on the same device)."""
+        return self.groups[0].runs[0].peak_memory_kind
