@@ -15,11 +15,11 @@ from llm_neo.commands.bench import (
     BenchConfig,
     GiB,
     RunSpec,
-    _quantization_cuts,
     bench,
     check_targets,
     format_report,
     prepare_whole_runs,
+    quantization_cuts,
     run_bench,
     run_one,
     run_whole,
@@ -428,7 +428,7 @@ def test_whole_run_targets():
         row("neo", "chunked", 25, training=24),
         row("neo+int8-teacher", "chunked", 22, saved=4),
     ]
-    _quantization_cuts(whole, "process_peak_bytes")
+    quantization_cuts(whole, "process_peak_bytes")
     assert whole[2]["peak_cut_bytes"] == 3 and whole[2]["teacher_saved_bytes"] == 4
     targets = {t["target"]: t for t in check_targets([], settings, whole)}
     within = targets["Whole Neo run: process peak ≤ 1.05 × its training-step peak"]
