@@ -35,7 +35,7 @@ from llm_neo.runtime.workers import load_average
 
 def add_plan(results: list[dict[str, Any]], config: BenchConfig, settings: dict[str, Any]) -> None:
     """The planner's estimate next to each measurement (on CPU with this run's measured process baseline)."""
-    from llm_neo.commands.plan import estimate_arm, model_dims
+    from llm_neo.commands.plan import RunShape, StepShape, estimate_arm, model_dims
     from llm_neo.commands.shapes import get_shape
 
     shape = get_shape(config.shape)
@@ -48,11 +48,7 @@ def add_plan(results: list[dict[str, Any]], config: BenchConfig, settings: dict[
             device_type, baseline = "cuda", 0  # tensor bytes only, like CUDA's allocated memory
         else:
             baseline = int(res.get("baseline_rss_bytes") or 0)
-        est = estimate_arm(
-            spec["method"],
-            spec["impl"],
-            student=student,
-            teacher=teacher,
+        run = RunShape(
             batch_size=spec["batch_size"],
             seq_len=spec["seq_len"],
             compute_bytes=settings["compute_dtype_bytes"],
@@ -65,6 +61,7 @@ def add_plan(results: list[dict[str, Any]], config: BenchConfig, settings: dict[
             teacher_quant=spec.get("teacher_quant", "none"),
             student_quant=spec.get("student_quant", "none"),
         )
+        est = estimate_arm(spec["method"], spec["impl"], StepShape(student, teacher, run))
         res["plan_bytes"] = est.total
         res["plan_phase"] = est.phase
         res["plan_components_gib"] = {k: round(v / GiB, 4) for k, v in est.components.items()}
