@@ -112,10 +112,63 @@ def _git_commit() -> str | None:
         return None
 
 
-def bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
-    """Run every run of ``config`` and return the report (a JSON-able dict)."""
+def _step_runs(
+    config: BenchConfig, specs: list[RunSpec], *, progress: bool, partial: Path | None
+) -> list[dict[str, Any]]:
+    """Every step run of ``specs``, isolated or here; each result appended to ``partial`` as it exists."""
     from tqdm.auto import tqdm
 
+    results = []
+    bar = tqdm(
+        specs,
+        desc=f"bench {config.shape}",
+        unit="run",
+        disable=None if progress else True,
+        dynamic_ncols=True,
+    )
+    for one in bar:
+        bar.set_postfix_str(one.name + ("" if one.impl == "plain" else f":{one.chunk_size}"))
+        if config.isolate:
+            res = run_isolated(one, config.run_timeout_s, config.malloc_mmap_threshold)
+        else:
+            res = run_here(one)
+        res["name"] = row_name(one, config.loss_chunk_size)
+        results.append(res)
+        if partial is not None:  # each run's result as soon as it exists: a killed bench keeps them
+            with partial.open("a") as handle:
+                handle.write(json.dumps(res) + "\n")
+    bar.close()
+    return results
+
+
+def _add_ratios(results: list[dict[str, Any]], whole: list[dict[str, Any]], chunk: int) -> None:
+    """Each row's memory and speed against plain full KD's (step rows) or whole KD's (whole rows), the
+    quantized rows' cuts, and each whole row's own step-bench peak."""
+    base = next(x for x in results if (x["spec"]["method"], x["spec"]["impl"]) == ("kd", "plain"))
+    base_ok = base.get("status") == "ok"
+    for res in results:
+        ok = res.get("status") == "ok" and base_ok
+        res["memory_vs_kd"] = ratio(res.get("peak_bytes"), base.get("peak_bytes")) if ok else None
+        res["speed_vs_kd"] = ratio(res.get("tokens_per_s"), base.get("tokens_per_s")) if ok else None
+    quantization_cuts(results, "peak_bytes")
+    if whole:
+        whole_base = find_row(whole, RunKey("kd", "none", "none", "plain", chunk))
+        for res in whole:
+            ok = res.get("status") == "ok" and whole_base is not None
+            res["memory_vs_kd"] = (
+                ratio(res.get("process_peak_bytes"), whole_base.get("process_peak_bytes"))
+                if ok and whole_base is not None
+                else None
+            )
+            # The same run's step benchmark, if it was one of --runs: its training step alone, measured
+            # the same way.
+            step = find_row(results, result_key(res["spec"]))
+            res["step_peak_bytes"] = step.get("peak_bytes") if step is not None else None
+        quantization_cuts(whole, "process_peak_bytes")
+
+
+def bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
+    """Run every run of ``config`` and return the report (a JSON-able dict)."""
     from llm_neo.commands.shapes import get_shape
     from llm_neo.models.loading import resolve_device, resolve_dtype
 
@@ -160,26 +213,7 @@ def bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
     if partial is not None:
         partial.parent.mkdir(parents=True, exist_ok=True)
         partial.write_text("")
-    results = []
-    bar = tqdm(
-        specs,
-        desc=f"bench {config.shape}",
-        unit="run",
-        disable=None if progress else True,
-        dynamic_ncols=True,
-    )
-    for one in bar:
-        bar.set_postfix_str(one.name + ("" if one.impl == "plain" else f":{one.chunk_size}"))
-        if config.isolate:
-            res = run_isolated(one, config.run_timeout_s, config.malloc_mmap_threshold)
-        else:
-            res = run_here(one)
-        res["name"] = row_name(one, config.loss_chunk_size)
-        results.append(res)
-        if partial is not None:  # each run's result as soon as it exists: a killed bench keeps them
-            with partial.open("a") as handle:
-                handle.write(json.dumps(res) + "\n")
-    bar.close()
+    results = _step_runs(config, specs, progress=progress, partial=partial)
     whole: list[dict[str, Any]] = []
     whole_inputs: dict[str, Any] | None = None
     if whole_specs:
@@ -206,27 +240,7 @@ def bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
         "malloc_mmap_threshold": config.malloc_mmap_threshold or None,
     }
     add_plan(results, config, settings)
-    base = next(x for x in results if (x["spec"]["method"], x["spec"]["impl"]) == ("kd", "plain"))
-    base_ok = base.get("status") == "ok"
-    for res in results:
-        ok = res.get("status") == "ok" and base_ok
-        res["memory_vs_kd"] = ratio(res.get("peak_bytes"), base.get("peak_bytes")) if ok else None
-        res["speed_vs_kd"] = ratio(res.get("tokens_per_s"), base.get("tokens_per_s")) if ok else None
-    quantization_cuts(results, "peak_bytes")
-    if whole:
-        whole_base = find_row(whole, RunKey("kd", "none", "none", "plain", config.loss_chunk_size))
-        for res in whole:
-            ok = res.get("status") == "ok" and whole_base is not None
-            res["memory_vs_kd"] = (
-                ratio(res.get("process_peak_bytes"), whole_base.get("process_peak_bytes"))
-                if ok and whole_base is not None
-                else None
-            )
-            # The same run's step benchmark, if it was one of --runs: its training step alone, measured
-            # the same way.
-            step = find_row(results, result_key(res["spec"]))
-            res["step_peak_bytes"] = step.get("peak_bytes") if step is not None else None
-        quantization_cuts(whole, "process_peak_bytes")
+    _add_ratios(results, whole, config.loss_chunk_size)
     device_names = [x["device"] for x in results if x.get("device")]
     return {
         "label": label,
