@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from llm_neo.choices import METHODS
+from llm_neo.commands.bench import launcher
 from llm_neo.commands.bench.isolate import child_env
 from llm_neo.commands.bench.runs import BenchConfig, GiB, RunSpec, ratio, row_name
 from llm_neo.commands.bench.step import build_model
@@ -139,66 +140,6 @@ def distill_command(spec: RunSpec, inputs: WholeInputs, output_dir: Path) -> lis
     return command
 
 
-# Started with `python -S -c` (no site-packages: a few MiB) between the bench and each whole run. Any
-# process started from the bench itself (fork, or vfork + exec) would report at least the bench's peak
-# RSS as its ru_maxrss: the kernel keeps the larger of the old and new address spaces' peaks across exec.
-# Started from this launcher, the run inherits the launcher's few MiB. The launcher samples the run's
-# VmRSS and VmHWM (KiB) every INTERVAL seconds, timestamps its log lines, reaps it with os.wait4 and
-# writes what it saw to RESULT as JSON. Usage: RESULT LOG INTERVAL -- COMMAND...
-_LAUNCHER = r"""
-import json, os, sys, time
-
-result, log_path, interval, command = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[5:]
-
-
-def vm(pid):
-    with open(f"/proc/{pid}/status") as f:
-        fields = dict(line.split(":", 1) for line in f if line.startswith(("VmRSS", "VmHWM")))
-    return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
-
-
-launcher_hwm = vm("self")[1]
-fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-start = time.time()
-pid = os.fork()
-if pid == 0:
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    os.close(fd)
-    try:
-        os.execv(command[0], command)
-    finally:
-        os._exit(127)
-os.close(fd)
-log = open(log_path, "rb")
-pending, lines, samples = b"", [], []
-while True:
-    done, status, usage = os.wait4(pid, os.WNOHANG)
-    now = time.time()
-    data = log.read()
-    if data:
-        *complete, pending = (pending + data).replace(b"\r", b"\n").split(b"\n")
-        lines += [[round(now - start, 3), s.decode("utf-8", "replace")] for s in complete if s.strip()]
-    if done:
-        break
-    try:
-        samples.append([round(now - start, 3), *vm(pid)])
-    except (OSError, KeyError, ValueError):
-        pass
-    time.sleep(interval)
-out = {
-    "start": start,
-    "end": now,
-    "returncode": os.waitstatus_to_exitcode(status),
-    "ru_maxrss_kib": usage.ru_maxrss,
-    "launcher_hwm_kib": launcher_hwm,
-    "samples": samples,
-    "lines": lines,
-}
-with open(result + ".tmp", "w") as f:
-    json.dump(out, f)
-os.replace(result + ".tmp", result)
-"""
 SAMPLE_INTERVAL_S = 0.02
 # The log line `llm-neo distill` writes when its models are built, just before the first step.
 _MODELS_BUILT = re.compile(r"\bstudent: [\d,]+ parameters")
@@ -269,7 +210,16 @@ def run_whole(
         "kind": "whole",
         "command": " ".join(command[1:]).replace(f"{directory.parent}{os.sep}", ""),
     }
-    launch = [sys.executable, "-S", "-c", _LAUNCHER, str(seen_path), str(log_path), str(sample_interval)]
+    # By path, -S -I: no site-packages and not this package (see launcher.py: its few MiB is the point).
+    launch = [
+        sys.executable,
+        "-S",
+        "-I",
+        launcher.PATH,
+        str(seen_path),
+        str(log_path),
+        str(sample_interval),
+    ]
     env = child_env(malloc_mmap_threshold, spec.num_threads)
     # A session of its own: on a timeout the launcher and the run are killed together, by group id.
     proc = subprocess.Popen(
