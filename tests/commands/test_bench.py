@@ -6,6 +6,7 @@ import argparse
 import copy
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,11 +16,11 @@ from llm_neo.commands.bench import (
     BenchConfig,
     GiB,
     RunSpec,
-    _quantization_cuts,
     bench,
     check_targets,
     format_report,
     prepare_whole_runs,
+    quantization_cuts,
     run_bench,
     run_one,
     run_whole,
@@ -429,7 +430,7 @@ def test_whole_run_targets():
         row("neo", "chunked", 25, training=24),
         row("neo+int8-teacher", "chunked", 22, saved=4),
     ]
-    _quantization_cuts(whole, "process_peak_bytes")
+    quantization_cuts(whole, "process_peak_bytes")
     assert whole[2]["peak_cut_bytes"] == 3 and whole[2]["teacher_saved_bytes"] == 4
     targets = {t["target"]: t for t in check_targets([], settings, whole)}
     within = targets["Whole Neo run: process peak ≤ 1.05 × its training-step peak"]
@@ -441,3 +442,45 @@ def test_whole_run_targets():
     assert all(t["applies"] for t in targets.values())
     # Without whole runs the whole-run targets are n/a, not PASS.
     assert {t["result"] for t in check_targets([], settings) if t["rows"] == "whole"} == {"n/a"}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The whole runs' launcher, a file of its own
+
+
+def test_the_launcher_imports_the_standard_library_only():
+    import ast
+    import sys
+
+    from llm_neo.commands.bench import launcher
+
+    tree = ast.parse(Path(launcher.PATH).read_text())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}  # fmt: skip
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                 if node.module}  # fmt: skip
+    assert imported and imported <= set(sys.stdlib_module_names) | {"__future__"}, imported
+
+
+def test_the_launcher_run_by_path_records_the_command(tmp_path):
+    import subprocess
+    import sys
+
+    from llm_neo.commands.bench import launcher
+
+    result, log = tmp_path / "seen.json", tmp_path / "run.log"
+    command = ["/bin/sh", "-c", "echo one; sleep 0.2; echo two >&2; exit 3"]
+    proc = subprocess.run(
+        [sys.executable, "-S", "-I", launcher.PATH, str(result), str(log), "0.01", "--", *command],
+        capture_output=True, text=True, timeout=60, check=False, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    seen = json.loads(result.read_text())
+    assert seen["returncode"] == 3  # the command's status is recorded, not the launcher's
+    assert [text for _, text in seen["lines"]] == ["one", "two"]
+    times = [t for t, _ in seen["lines"]]
+    assert times == sorted(times) and times[1] - times[0] >= 0.15  # stamped as they came
+    assert seen["samples"] and all(rss <= hwm for _, rss, hwm in seen["samples"])
+    assert seen["end"] >= seen["start"] + 0.2
+    assert seen["launcher_hwm_kib"] < 32 * 1024  # a few MiB: no torch, no site-packages
+    assert log.read_text().split() == ["one", "two"]

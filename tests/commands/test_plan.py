@@ -17,7 +17,16 @@ import pytest
 import torch
 
 from llm_neo.commands.bench import BenchConfig, RunSpec, bench, run_one
-from llm_neo.commands.plan import GiB, PlanConfig, estimate_arm, model_dims, plan_rows, run_plan
+from llm_neo.commands.plan import (
+    GiB,
+    PlanConfig,
+    RunShape,
+    StepShape,
+    estimate_arm,
+    model_dims,
+    plan_rows,
+    run_plan,
+)
 from llm_neo.commands.shapes import SHAPES, get_shape
 from llm_neo.errors import ConfigError
 from llm_neo.models.lora import attach_lora, trainable_parameters
@@ -120,16 +129,20 @@ def test_plan_matches_live_tensor_bytes_of_train_step(method, impl, ckpt):
         estimate_arm(
             method,
             impl,
-            student=model_dims(shape.student, lora_r=16),
-            teacher=model_dims(shape.teacher),
-            batch_size=2,
-            seq_len=128,
-            compute_bytes=4,
-            lora_r=16,
-            gradient_checkpointing=ckpt,
-            chunk_size=256,
-            device_type="cpu",
-            baseline=0,
+            StepShape(
+                model_dims(shape.student, lora_r=16),
+                model_dims(shape.teacher),
+                RunShape(
+                    batch_size=2,
+                    seq_len=128,
+                    compute_bytes=4,
+                    lora_r=16,
+                    gradient_checkpointing=ckpt,
+                    chunk_size=256,
+                    device_type="cpu",
+                    baseline=0,
+                ),
+            ),
         ).total
         / GiB
     )
@@ -267,11 +280,12 @@ def test_mlp_chunks_shrink_the_checkpointed_backward_as_planned(method, monkeypa
             dtype="float32", seed=0, memory="tracked", num_threads=1, mlp_chunks=chunks,
         )  # fmt: skip
         measured[chunks] = run_one(spec)["peak_bytes"]
-        est = estimate_arm(
-            method, "chunked", student=model_dims(mlp_heavy.student, lora_r=8),
-            teacher=model_dims(mlp_heavy.teacher), batch_size=4, seq_len=256, compute_bytes=4, lora_r=8,
-            gradient_checkpointing=True, mlp_chunks=chunks, chunk_size=256, device_type="cpu", baseline=0,
+        run = RunShape(
+            batch_size=4, seq_len=256, compute_bytes=4, lora_r=8, gradient_checkpointing=True,
+            mlp_chunks=chunks, chunk_size=256, device_type="cpu", baseline=0,
         )  # fmt: skip
+        models = StepShape(model_dims(mlp_heavy.student, lora_r=8), model_dims(mlp_heavy.teacher), run)
+        est = estimate_arm(method, "chunked", models)
         planned[chunks] = est.total
         assert est.phase == "backward"
         assert planned[chunks] == pytest.approx(measured[chunks], rel=0.10), (chunks, planned, measured)

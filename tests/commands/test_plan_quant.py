@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
-from llm_neo.commands.plan import GiB, PlanConfig, estimate_arm, model_dims, plan_rows, weight_bytes_at
+from llm_neo.commands.plan import (
+    GiB,
+    PlanConfig,
+    RunShape,
+    StepShape,
+    estimate_arm,
+    model_dims,
+    plan_rows,
+    weight_bytes_at,
+)
 from llm_neo.commands.shapes import get_shape
 from llm_neo.errors import ConfigError
 from llm_neo.models.loading import load_model
@@ -104,9 +115,9 @@ def test_int8_student_base_keeps_a_copy_of_each_weight_as_planned(wide_dir):
     assert extra_int8 == 4 * (dims.block_linear_weights - first_qkv)
     assert extra_nf4 < 0.05 * 4 * dims.block_linear_weights  # bitsandbytes saves the packed weight only
 
-    common = dict(student=dims, teacher=None, batch_size=1, seq_len=8, compute_bytes=4, lora_r=4)
-    plain = estimate_arm("lora", "chunked", **common)
-    with_int8 = estimate_arm("lora", "chunked", student_quant="int8", **common)
+    run = RunShape(batch_size=1, seq_len=8, compute_bytes=4, lora_r=4)
+    plain = estimate_arm("lora", "chunked", StepShape(dims, None, run))
+    with_int8 = estimate_arm("lora", "chunked", StepShape(dims, None, replace(run, student_quant="int8")))
     assert (
         with_int8.components["weight copies"] - plain.components["weight copies"]
         == 4 * dims.block_linear_weights

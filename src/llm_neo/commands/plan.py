@@ -56,6 +56,8 @@ __all__ = [
     "ArmEstimate",
     "ModelDims",
     "PlanConfig",
+    "RunShape",
+    "StepShape",
     "estimate_arm",
     "model_dims",
     "plan_rows",
@@ -63,8 +65,6 @@ __all__ = [
 ]
 
 GiB = 2**30
-# The arms plan estimates are choices.METHOD_NAMES; bench still imports them from here under this name.
-ARMS = METHOD_NAMES
 IMPLS = ("plain", "chunked")
 
 # --- Byte coefficients (measured on llm-neo's train_step; derivation in docs/memory.md) --------------
@@ -204,49 +204,60 @@ class ArmEstimate:
         return {k: v / GiB for k, v in self.components.items()} | {"total": self.total / GiB}
 
 
-def estimate_arm(
-    method: str,
-    impl: str,
-    *,
-    student: ModelDims,
-    teacher: ModelDims | None,
-    batch_size: int,
-    seq_len: int,
-    compute_bytes: int,
-    lora_r: int,
-    gradient_checkpointing: bool = False,
-    mlp_chunks: int = 1,
-    chunk_size: int = 1024,
-    device_type: str = "cuda",
-    baseline: int = 0,
-    world_size: int = 1,
-    teacher_quant: str = "none",
-    student_quant: str = "none",
-) -> ArmEstimate:
-    """The peak of one training step of ``method`` (kd, neo, sft, lora) with loss ``impl``.
+@dataclass(frozen=True)
+class RunShape:
+    """What one training step's peak depends on besides its models: the micro-batch, the precision, the
+    memory options and the sharding.
 
     ``compute_bytes`` is c: 2 for bf16/fp16 autocast, 4 for fp32. ``baseline`` (CPU: the process floor)
-    is added as is. ``world_size`` W: the per-rank peak under llm-neo's FSDP2 sharding
-    (docs/distributed.md): weights except the whole lm_head, trainable states and autocast copies divided
-    by W; activations and logits are per rank's own micro-batch, unchanged. Tokens: every position of the
-    B×T batch runs through both models; N = B·(T-1) positions are trained (all but each sequence's last,
-    whose next token is not in the batch).
-
-    ``teacher_quant`` / ``student_quant`` (none, int8, nf4): the teacher's and, for the LoRA arms, the
-    frozen student base's block linears stored quantized (``weight_bytes_at``); full arms train every
-    weight and ignore ``student_quant``.
+    is added as is. ``world_size`` W: the per-rank peak under llm-neo's FSDP2 sharding. ``teacher_quant``
+    / ``student_quant`` (none, int8, nf4): the teacher's and the LoRA arms' frozen student base's block
+    linears stored quantized (``weight_bytes_at``).
     """
-    if method not in METHOD_NAMES or impl not in IMPLS:
-        raise ValueError(f"unknown arm {method}:{impl}; methods {METHOD_NAMES}, impls {IMPLS}")
-    c = compute_bytes
-    lora = METHODS[method].lora
-    kd = METHODS[method].kd
-    tokens = batch_size * seq_len
-    trained = batch_size * max(seq_len - 1, 1)
-    vocab = student.vocab_size
-    h = student.hidden_size
 
-    w = max(world_size, 1)
+    batch_size: int
+    seq_len: int
+    compute_bytes: int
+    lora_r: int
+    gradient_checkpointing: bool = False
+    mlp_chunks: int = 1
+    chunk_size: int = 1024
+    device_type: str = "cuda"
+    baseline: int = 0
+    world_size: int = 1
+    teacher_quant: str = "none"
+    student_quant: str = "none"
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """Everything ``estimate_arm`` reads: the two models' dimensions (no teacher: the CE-only arms) and
+    the run's shape."""
+
+    student: ModelDims
+    teacher: ModelDims | None
+    run: RunShape
+
+
+@dataclass(frozen=True)
+class _Weights:
+    """The step's weight and optimizer-state bytes, per rank (see ``estimate_arm``)."""
+
+    teacher: int
+    student: int
+    trainable: int  # trainable parameters (a count)
+    lora: int
+    adam: int
+    grads: int
+    adam_temp: int
+    copies: int  # autocast's low-precision copies of the weights it casts
+    int8_copies: int  # a torchao int8 student base's compute-dtype copies, alive until the backward
+
+
+def _weight_bytes(shape: StepShape, *, lora: bool, kd: bool) -> _Weights:
+    student, teacher, run = shape.student, shape.teacher, shape.run
+    c = run.compute_bytes
+    w = max(run.world_size, 1)
 
     def sharded(count: int, head: int) -> int:
         # FSDP2 shards everything but the lm_head (a tied head: the embeddings), which stays whole
@@ -257,36 +268,77 @@ def estimate_arm(
 
     teacher_w = (
         sharded_bytes(
-            weight_bytes_at(teacher, teacher_quant, c), c * teacher.vocab_size * teacher.hidden_size
+            weight_bytes_at(teacher, run.teacher_quant, c), c * teacher.vocab_size * teacher.hidden_size
         )
         if (kd and teacher is not None)
         else 0
     )
-    head = vocab * h
+    head = student.vocab_size * student.hidden_size
     trainable = student.lora_parameters // w if lora else sharded(student.parameters, head)
-    base_quant = student_quant if lora else "none"
+    base_quant = run.student_quant if lora else "none"
     student_w = (
         sharded_bytes(weight_bytes_at(student, base_quant, c), c * head)
         if lora
         else 4 * sharded(student.parameters, head)
     )
-    # A torchao int8 base's linear is autograd over q.to(c): the copy lives until the backward.
-    int8_copies = c * student.block_linear_weights // w if base_quant == "int8" else 0
-    lora_w = 4 * trainable if lora else 0
-    adam = 8 * trainable
-    grads = 4 * trainable
-    # foreach AdamW (the default on GPUs) holds a sqrt(v) temporary for every parameter at once
-    adam_temp = ADAMW_TEMP * trainable if (device_type == "cuda" and w == 1) else 0
     # Autocast casts each weight it multiplies once per forward; the copies live until the backward.
-    autocast = c < 4
-    copies = 0
-    if autocast:
-        copies = c * (student.lora_parameters if lora else student.linear_weights) // w
-    loss_copies = copies + (0 if gradient_checkpointing else int8_copies)
+    copies = c * (student.lora_parameters if lora else student.linear_weights) // w if c < 4 else 0
+    return _Weights(
+        teacher=teacher_w,
+        student=student_w,
+        trainable=trainable,
+        lora=4 * trainable if lora else 0,
+        adam=8 * trainable,
+        grads=4 * trainable,
+        # foreach AdamW (the default on GPUs) holds a sqrt(v) temporary for every parameter at once
+        adam_temp=ADAMW_TEMP * trainable if (run.device_type == "cuda" and w == 1) else 0,
+        copies=copies,
+        # A torchao int8 base's linear is autograd over q.to(c): the copy lives until the backward.
+        int8_copies=c * student.block_linear_weights // w if base_quant == "int8" else 0,
+    )
 
-    per_layer = activation_bytes_per_token_layer(student, lora=lora, c=c, lora_r=lora_r)
+
+def _logit_bytes(shape: StepShape, impl: str, *, lora: bool, kd: bool) -> int:
+    """The loss's logits and what it derives from them (plain: the whole batch; chunked: one chunk)."""
+    student, teacher, run = shape.student, shape.teacher, shape.run
+    c, vocab, h = run.compute_bytes, student.vocab_size, student.hidden_size
+    tokens = run.batch_size * run.seq_len
+    trained = run.batch_size * max(run.seq_len - 1, 1)
+    if impl == "plain":
+        k = (PLAIN_KD_BASE + PLAIN_KD_PER_C * c) if kd else PLAIN_CE
+        return k * tokens * vocab
+    k = CHUNK_KD if kd else CHUNK_CE
+    logits = k * min(run.chunk_size, trained) * vocab
+    # final hidden states, their [N, H] selection and its gradient; the teacher's in the compute dtype
+    logits += trained * (2 * c * h + (c * teacher.hidden_size if kd and teacher is not None else 0))
+    if not lora:
+        logits += 4 * vocab * h  # the lm_head gradient, accumulated over chunks in fp32
+    return logits
+
+
+def estimate_arm(method: str, impl: str, shape: StepShape) -> ArmEstimate:
+    """The peak of one training step of ``method`` (kd, neo, sft, lora) with loss ``impl``, for the
+    models and the run ``shape`` gives.
+
+    Under FSDP2 (``world_size`` W > 1, docs/distributed.md): weights except the whole lm_head, trainable
+    states and autocast copies divided by W; activations and logits are per rank's own micro-batch,
+    unchanged. Tokens: every position of the B×T batch runs through both models; N = B·(T-1) positions
+    are trained (all but each sequence's last, whose next token is not in the batch). Full arms train
+    every weight and ignore ``student_quant``.
+    """
+    if method not in METHOD_NAMES or impl not in IMPLS:
+        raise ValueError(f"unknown arm {method}:{impl}; methods {METHOD_NAMES}, impls {IMPLS}")
+    student, run = shape.student, shape.run
+    c = run.compute_bytes
+    lora, kd = METHODS[method].lora, METHODS[method].kd
+    tokens = run.batch_size * run.seq_len
+    h = student.hidden_size
+    wt = _weight_bytes(shape, lora=lora, kd=kd)
+    loss_copies = wt.copies + (0 if run.gradient_checkpointing else wt.int8_copies)
+
+    per_layer = activation_bytes_per_token_layer(student, lora=lora, c=c, lora_r=run.lora_r)
     outside = 0 if lora else OUTSIDE_LAYERS_FULL * h * tokens
-    if gradient_checkpointing:
+    if run.gradient_checkpointing:
         residual = c if lora else 4  # bytes of the residual stream each block receives
         saved_inputs = student.num_layers * tokens * residual * h
         loss_acts = saved_inputs + outside
@@ -294,55 +346,44 @@ def estimate_arm(
         saved_inputs = 0
         loss_acts = student.num_layers * tokens * per_layer + outside
 
-    if impl == "plain":
-        k = (PLAIN_KD_BASE + PLAIN_KD_PER_C * c) if kd else PLAIN_CE
-        logits = k * tokens * vocab
-    else:
-        k = CHUNK_KD if kd else CHUNK_CE
-        logits = k * min(chunk_size, trained) * vocab
-        # final hidden states, their [N, H] selection and its gradient; the teacher's in the compute dtype
-        logits += trained * (2 * c * h + (c * teacher.hidden_size if kd and teacher is not None else 0))
-        if not lora:
-            logits += 4 * vocab * h  # the lm_head gradient, accumulated over chunks in fp32
-
     common = {
-        "teacher weights": teacher_w,
-        "student weights": student_w,
+        "teacher weights": wt.teacher,
+        "student weights": wt.student,
     }
     phases: dict[str, dict[str, int]] = {
         "loss": common
         | {
-            "trainable states": lora_w + adam,
+            "trainable states": wt.lora + wt.adam,
             "weight copies": loss_copies,
             "activations": loss_acts,
-            "logits": logits,
+            "logits": _logit_bytes(shape, impl, lora=lora, kd=kd),
         },
         "optimizer": common
         | {
-            "trainable states": lora_w + adam + grads + adam_temp,
+            "trainable states": wt.lora + wt.adam + wt.grads + wt.adam_temp,
             "weight copies": 0,
             "activations": 0,
             "logits": 0,
         },
     }
-    if gradient_checkpointing:
+    if run.gradient_checkpointing:
         # One block recomputed while all gradients accumulate: the backward's peak. Its activations and
         # their gradients: x 5/4 for attention and norms, x 3/2 for the MLP, whose [tokens, I] tensors
         # get gradients of their own size (measured by live bytes on MLP-heavy blocks). With the MLP
         # checkpointed in K chunks inside the block, one chunk of those exists at a time.
-        mlp = ACT_I_PER_C * c * student.intermediate_size + (c * lora_r * MLP_LINEARS if lora else 0)
-        recompute = tokens * ((per_layer - mlp) * 5 // 4 + mlp * 3 // (2 * max(mlp_chunks, 1)))
+        mlp = ACT_I_PER_C * c * student.intermediate_size + (c * run.lora_r * MLP_LINEARS if lora else 0)
+        recompute = tokens * ((per_layer - mlp) * 5 // 4 + mlp * 3 // (2 * max(run.mlp_chunks, 1)))
         phases["backward"] = common | {
-            "trainable states": lora_w + adam + grads,
-            "weight copies": copies + int8_copies // max(student.num_layers, 1),
+            "trainable states": wt.lora + wt.adam + wt.grads,
+            "weight copies": wt.copies + wt.int8_copies // max(student.num_layers, 1),
             "activations": saved_inputs + recompute + outside,
             "logits": 0,
         }
-    if device_type == "cpu":
+    if run.device_type == "cpu":
         for parts in phases.values():
-            parts["process baseline"] = baseline
+            parts["process baseline"] = run.baseline
     phase, parts = max(phases.items(), key=lambda kv: sum(kv[1].values()))
-    floor = teacher_w + student_w + 16 * trainable
+    floor = wt.teacher + wt.student + 16 * wt.trainable
     return ArmEstimate(
         method=method, impl=impl, components=dict(parts), phase=phase, total=sum(parts.values()), floor=floor
     )
@@ -527,12 +568,10 @@ def plan_rows(config: PlanConfig, *, baseline: int | None = None) -> tuple[list[
     student = model_dims(s_config, lora_r=r, lora_target_modules=config.lora_target_modules)
     teacher = model_dims(t_config) if t_config is not None else None
     base = (rss_bytes() if baseline is None else baseline) if device_type == "cpu" else 0
-    rows = [
-        estimate_arm(
-            method,
-            impl,
-            student=student,
-            teacher=teacher,
+    step_shape = StepShape(
+        student,
+        teacher,
+        RunShape(
             batch_size=batch,
             seq_len=seq,
             compute_bytes=c,
@@ -545,10 +584,9 @@ def plan_rows(config: PlanConfig, *, baseline: int | None = None) -> tuple[list[
             world_size=config.world_size,
             teacher_quant=config.teacher_quant,
             student_quant=config.student_quant,
-        )
-        for method in config.methods
-        for impl in config.loss_impls
-    ]
+        ),
+    )
+    rows = [estimate_arm(method, impl, step_shape) for method in config.methods for impl in config.loss_impls]
     settings = {
         "shape": config.shape,
         "teacher": config.teacher,
