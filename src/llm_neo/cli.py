@@ -260,7 +260,8 @@ def _plan_estimate(config: DistillConfig, err: Any) -> str:
     (empty when it cannot estimate them: a model whose config it does not read, say)."""
     import dataclasses
 
-    from llm_neo.commands.plan import GiB, PlanConfig, plan_rows
+    from llm_neo.commands.plan import PlanConfig, plan_rows
+    from llm_neo.runtime.memory import GiB
 
     s = err.settings
     base = PlanConfig(

@@ -137,7 +137,7 @@ from llm_neo.runtime.distributed import (
     shard,
     sync_whole_grads,
 )
-from llm_neo.runtime.memory import LiveTensorBytes, peak_memory_gb, return_free_heap
+from llm_neo.runtime.memory import GiB, LiveTensorBytes, peak_memory_gb, return_free_heap
 from llm_neo.runtime.progress import ProgressLines
 from llm_neo.runtime.stop import StopRequest, agreed, graceful_stop
 from llm_neo.runtime.tracking import Trackers, open_trackers
@@ -621,7 +621,7 @@ def train(run: Run, *, on_step: StepCallback | None = None) -> Trained:
     return Trained(
         last=last,
         train_seconds=run.progress.elapsed_s + time.perf_counter() - clock.start,
-        tensor_peak_gb=None if tracker is None else tracker.peak / 2**30,
+        tensor_peak_gb=None if tracker is None else tracker.peak / GiB,
         tracked_steps=None if tracker is None else min(TRACKED_STEPS, run.progress.step - tracked_from),
         peaks=all_gather(peak_memory_gb(device), run.world),
         teacher_shards=all_gather(local_numel(run.teacher), run.world),

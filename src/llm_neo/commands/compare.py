@@ -99,6 +99,7 @@ from llm_neo.runtime.atomic import atomic_write_json, atomic_write_text
 from llm_neo.runtime.checkpoint import list_checkpoints
 from llm_neo.runtime.distributed import barrier, close, init_world
 from llm_neo.runtime.integrity import read_checked, with_checksum
+from llm_neo.runtime.memory import GiB
 from llm_neo.runtime.rundir import Holds, Outcome, Refusal, check_output_dir
 from llm_neo.runtime.workers import Job, Report, available_cores, load_average, run_jobs
 from llm_neo.summary import MemoryKind, RunSummary
@@ -1109,7 +1110,7 @@ def _planned_peak(config: CompareConfig, arm: str) -> float | None:
     except Exception as err:  # as above: an estimate the planner cannot make is left out, and said
         log.warning("compare: no memory plan for %s: %s", arm, err)
         return None
-    return rows[0].total / 2**30
+    return rows[0].total / GiB
 
 
 def _device_name(device: str) -> str:

@@ -50,7 +50,7 @@ import torch
 from llm_neo.choices import KD_METHODS, METHOD_NAMES, METHODS, STUDENT_QUANT, TEACHER_QUANT
 from llm_neo.config import DeviceOptions
 from llm_neo.options import option_help
-from llm_neo.runtime.memory import rss_bytes
+from llm_neo.runtime.memory import GiB, rss_bytes
 
 __all__ = [
     "ArmEstimate",
@@ -64,7 +64,6 @@ __all__ = [
     "run_plan",
 ]
 
-GiB = 2**30
 IMPLS = ("plain", "chunked")
 
 # --- Byte coefficients (measured on llm-neo's train_step; derivation in docs/memory.md) --------------

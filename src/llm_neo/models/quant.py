@@ -51,6 +51,7 @@ from llm_neo.choices import TEACHER_QUANT_BACKENDS as TEACHER_BACKENDS
 from llm_neo.errors import ModelError
 from llm_neo.losses import IGNORE_INDEX, forward_kl_inplace, next_token_targets
 from llm_neo.models.anatomy import final_hidden_states, find_output_head, model_logits
+from llm_neo.runtime.memory import GiB
 
 log = logging.getLogger("llm_neo")
 
@@ -273,8 +274,8 @@ def quantize_teacher(
         kind,
         backend,
         len(targets),
-        before / 2**30,
-        after / 2**30,
+        before / GiB,
+        after / GiB,
     )
     info = {"kind": kind, "backend": backend, "quantized_linears": len(targets)}
     return model, info | {"weight_bytes_before": before, "weight_bytes_after": after}
@@ -434,7 +435,7 @@ def load_teacher(
     free = _free_bytes(device)
     if free is not None and dense > free and not is_gguf(path):
         why = (
-            f"the dense teacher ({dense / 2**30:.2f} GiB) does not fit in the {free / 2**30:.2f} GiB free on "
+            f"the dense teacher ({dense / GiB:.2f} GiB) does not fit in the {free / GiB:.2f} GiB free on "
             f"{device}: loaded quantized, so there is no unquantized teacher to compare with"
         )
         log.warning("teacher drift not measured: %s", why)

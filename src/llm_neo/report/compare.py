@@ -27,6 +27,7 @@ from llm_neo.report.document import Block, Bullets, Heading, Image, Paragraph, T
 from llm_neo.report.probe import plots as probe_plots
 from llm_neo.report.probe import section_blocks
 from llm_neo.report.style import REFERENCE_COLORS, color, label
+from llm_neo.report.tables import format_gib
 from llm_neo.runtime.atomic import atomic_write_bytes, atomic_write_text
 from llm_neo.summary import MemoryKind
 
@@ -49,11 +50,6 @@ def mean_std(stats: Stats | None, scale: float = 1.0, digits: int = 1) -> str:
     if stats.n > 1:
         return f"{scale * stats.mean:.{digits}f} ± {scale * stats.std:.{digits}f}"
     return f"{scale * stats.mean:.{digits}f}"
-
-
-def gib(value: float | None) -> str:
-    """GiB with three significant digits (small CPU models are a few MiB)."""
-    return "" if value is None else f"{value:.3g}"
 
 
 def interval(diff: PairedDifference | None, scale: float = 1.0, digits: int = 1) -> str:
@@ -142,7 +138,8 @@ def verdict(results: CompareResults) -> list[str]:
     for g in groups:
         arm = cost.get(g.method)
         memory = _mean(memory_of(g.stats))
-        costs.append(f"{label(g.method)} {seconds(arm.train_time_s if arm else None)}, {gib(memory)} GiB")
+        time_s = seconds(arm.train_time_s if arm else None)
+        costs.append(f"{label(g.method)} {time_s}, {format_gib(memory)} GiB")
     line = "Cost (training time, " + memory_name + "): " + "; ".join(costs) + "."
     cheapest = min(groups, key=lambda g: cost[g.method].train_time_s if g.method in cost else float("inf"))
     smallest = min(groups, key=lambda g: _mean_or_inf(memory_of(g.stats)))
@@ -286,7 +283,7 @@ def cost_table(results: CompareResults) -> tuple[dict[str, dict[str, Any]], list
             "train s": f"{arm.train_time_s:.1f}",
             "vs Neo time": f"{arm.train_time_s / neo.train_time_s:.2f}x" if neo and neo.train_time_s else "",
             "tokens/s": f"{arm.tokens_per_s:.0f}" if arm.tokens_per_s else "",
-            "memory GiB": gib(memory),
+            "memory GiB": format_gib(memory),
             "vs Neo memory": f"{memory / neo_memory:.2f}x" if memory and neo_memory else "",
             "trainable": f"{arm.trainable_parameters:,}",
         }
@@ -347,7 +344,7 @@ def projection_blocks(results: CompareResults, level: int) -> list[Block]:
     rows = {}
     for method, p in projection.arms.items():
         rows[label(method)] = {
-            "planned peak GiB": gib(p.planned_peak_gib),
+            "planned peak GiB": format_gib(p.planned_peak_gib),
             "fits one card": "" if p.fits is None else ("yes" if p.fits else "no"),
             "hours": f"{p.hours:.1f}",
             "GPU-hours": f"{p.gpu_hours:.1f}",

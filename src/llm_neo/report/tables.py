@@ -16,6 +16,14 @@ def format_table(rows: dict[str, dict[str, Any]], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
+def format_gib(value: float | None) -> str:
+    """A memory size in GiB as every report prints it: two decimals from 1 GiB, else three significant
+    digits (a tiny CPU model's peak is a few MiB); blank when unknown."""
+    if value is None:
+        return ""
+    return f"{value:.2f}" if value >= 0.995 else f"{value:.3g}"
+
+
 def _cell(value: Any) -> str:
     if value is None:
         return ""

@@ -22,7 +22,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["LiveTensorBytes", "peak_memory_gb", "peak_rss_bytes", "rss_bytes", "set_mmap_threshold"]
+# Bytes per GiB: every memory number llm-neo reports is in GiB (2**30 bytes), fields named *_gb included.
+GiB = 2**30
+
+__all__ = ["GiB", "LiveTensorBytes", "peak_memory_gb", "peak_rss_bytes", "rss_bytes", "set_mmap_threshold"]
 
 
 class LiveTensorBytes(TorchDispatchMode):
@@ -87,8 +90,8 @@ def peak_rss_bytes() -> int:
 def peak_memory_gb(device: torch.device) -> float:
     """CUDA: max allocated by tensors; CPU: the process's peak resident set."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return peak_rss_bytes() / 2**30
+        return torch.cuda.max_memory_allocated(device) / GiB
+    return peak_rss_bytes() / GiB
 
 
 def set_mmap_threshold(nbytes: int) -> None:

@@ -20,6 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from llm_neo.runtime.memory import GiB
+
 log = logging.getLogger("llm_neo")
 
 
@@ -140,11 +142,11 @@ def check_space(path: Path, needs: dict[str, int]) -> None:
     needed = sum(needs.values())
     free = shutil.disk_usage(path).free
     if free < needed:
-        parts = ", ".join(f"{what} {size / 2**30:.2f} GiB" for what, size in needs.items())
+        parts = ", ".join(f"{what} {size / GiB:.2f} GiB" for what, size in needs.items())
         log.warning(
             "only %.2f GiB free on the filesystem of %s; this run writes up to about %.2f GiB there (%s)",
-            free / 2**30,
+            free / GiB,
             path,
-            needed / 2**30,
+            needed / GiB,
             parts,
         )

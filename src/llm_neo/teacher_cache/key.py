@@ -17,6 +17,7 @@ from llm_neo.data import Example
 from llm_neo.errors import CacheError
 from llm_neo.models.loading import is_gguf, load_config, resolve_gguf
 from llm_neo.runtime.integrity import file_sha256
+from llm_neo.runtime.memory import GiB
 
 if TYPE_CHECKING:
     from llm_neo.teacher_cache.store import TeacherCache
@@ -134,7 +135,7 @@ def hash_teacher_weights(path: str, *, allow_pickle_weights: bool = False) -> st
     started = time.perf_counter()
     digest = _sha256_files(files, root)
     size = sum(f.stat().st_size for f in files)
-    log.info("hashed the teacher's weights: %.2f GiB in %.1f s", size / 2**30, time.perf_counter() - started)
+    log.info("hashed the teacher's weights: %.2f GiB in %.1f s", size / GiB, time.perf_counter() - started)
     return digest
 
 
