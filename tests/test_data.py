@@ -19,6 +19,7 @@ from llm_neo.data import (
     collate,
     detect_format,
     load_records,
+    micro_batch,
     render_segments,
     split_heldout,
     tokenize_records,
@@ -389,3 +390,37 @@ def test_check_chat_templates_is_a_noop_without_chat_rendered_records(tokenizer,
     check_chat_templates([PROMPT_COMPLETION, TEXT], tokenizer, plain_tokenizer)
     # Without a student chat template, alpaca uses the classic prompt: nothing to compare.
     check_chat_templates(ALPACA, plain_tokenizer, plain_tokenizer)
+
+
+def _examples(n: int) -> list[Example]:
+    return [Example(input_ids=[i], labels=[i], index=i) for i in range(n)]
+
+
+@pytest.mark.parametrize(("n", "batch_size"), [(10, 3), (8, 4), (5, 8)])
+def test_each_epoch_of_micro_batches_is_the_whole_data_once_reshuffled_by_the_seed(n, batch_size):
+    examples, per_epoch = _examples(n), -(-n // batch_size)
+    epochs = [
+        [
+            ex.index
+            for k in range(e * per_epoch, (e + 1) * per_epoch)
+            for ex in micro_batch(examples, batch_size, 7, k)
+        ]
+        for e in range(3)
+    ]
+    assert all(sorted(epoch) == list(range(n)) for epoch in epochs)
+    assert all(
+        len(micro_batch(examples, batch_size, 7, k)) == min(batch_size, n) for k in range(per_epoch - 1)
+    )
+    if n > 3:
+        assert epochs[0] != epochs[1]  # reshuffled each epoch
+        assert epochs[0] != [  # and by the seed
+            ex.index for k in range(per_epoch) for ex in micro_batch(examples, batch_size, 8, k)
+        ]
+
+
+def test_a_micro_batch_depends_only_on_its_position_not_on_the_ones_made_before():
+    """What resume relies on: step s's data made without steps 0..s-1 is the data they would have led to."""
+    examples = _examples(11)
+    in_order = [micro_batch(examples, 4, 3, k) for k in range(12)]
+    for k in [9, 0, 11, 4, 5, 2]:  # out of order, across epochs, past the cached ones
+        assert micro_batch(examples, 4, 3, k) == in_order[k]

@@ -21,7 +21,9 @@ Accepted record formats (checked in this order, the first whose key is present w
 from __future__ import annotations
 
 import bisect
+import functools
 import json
+import math
 import random
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -605,6 +607,23 @@ def split_heldout(
     train = [ex for i, ex in enumerate(examples) if i not in heldout_idx]
     heldout = [ex for i, ex in enumerate(examples) if i in heldout_idx]
     return train, heldout
+
+
+def micro_batch(examples: list[Example], batch_size: int, seed: int, k: int) -> list[Example]:
+    """Micro-batch ``k`` (counted from 0 over the whole run) of ``examples``: epochs of consecutive
+    ``batch_size`` slices (the last one shorter) of an order reshuffled each epoch with ``seed + epoch``.
+
+    A pure function of (examples, batch_size, seed, k), so any step's data can be made without the
+    steps before it: what lets a resumed run train on exactly what the uninterrupted run would have.
+    """
+    epoch, j = divmod(k, math.ceil(len(examples) / batch_size))
+    order = _epoch_order(len(examples), seed + epoch)
+    return [examples[i] for i in order[j * batch_size : (j + 1) * batch_size]]
+
+
+@functools.lru_cache(maxsize=2)  # the current epoch's order, and the next one's at an epoch boundary
+def _epoch_order(n: int, seed: int) -> tuple[int, ...]:
+    return tuple(torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist())
 
 
 def collate(examples: list[Example], pad_token_id: int) -> dict[str, torch.Tensor]:

@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import errno
 import functools
-import itertools
 import json
 import logging
 import math
 import os
 import shlex
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +42,7 @@ from transformers import set_seed as hf_set_seed
 
 from llm_neo import __version__
 from llm_neo.config import DistillConfig, validate_distill
-from llm_neo.data import Example, collate, read_examples, split_heldout
+from llm_neo.data import Example, collate, micro_batch, read_examples, split_heldout
 from llm_neo.distill_dir import (
     check_output_dir,
     check_space,
@@ -583,7 +582,6 @@ def train(run: Run, *, on_step: StepCallback | None = None) -> Trained:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     config = run.config
-    batches = _micro_batches(run.train, config.batch_size, config.seed, start=run.progress.micro_batches)
     bar = tqdm(
         total=run.total_steps,
         initial=run.progress.step,
@@ -602,25 +600,21 @@ def train(run: Run, *, on_step: StepCallback | None = None) -> Trained:
     )
     tracker = _tensor_tracker(run)
     tracked_from = run.progress.step
-    clock = _Clock(time.perf_counter())
     last: dict[str, float] = {}
     run.student.train()
     plan = "finishing the current optimizer step, then writing a checkpoint and stopping"
     with graceful_stop(plan) as stop:
+        loop = _Loop(data_batches(run), bar, lines, _Clock(time.perf_counter()), stop, on_step)
         try:
             # The first steps under the live-tensor counter (CPU, one process), the rest without its overhead.
             with tracker or nullcontext():
-                until = tracked_from + TRACKED_STEPS
-                last = _steps(run, batches, (bar, lines), clock, stop, until=until, on_step=on_step) or last
-            last = (
-                _steps(run, batches, (bar, lines), clock, stop, until=run.total_steps, on_step=on_step)
-                or last
-            )
+                last = _steps(run, loop, until=tracked_from + TRACKED_STEPS) or last
+            last = _steps(run, loop, until=run.total_steps) or last
         finally:
             bar.close()
     return Trained(
         last=last,
-        train_seconds=run.progress.elapsed_s + time.perf_counter() - clock.start,
+        train_seconds=run.progress.elapsed_s + time.perf_counter() - loop.clock.start,
         tensor_peak_gb=None if tracker is None else tracker.peak / GiB,
         tracked_steps=None if tracker is None else min(TRACKED_STEPS, run.progress.step - tracked_from),
         peaks=all_gather(peak_memory_gb(device), run.world),
@@ -631,6 +625,43 @@ def train(run: Run, *, on_step: StepCallback | None = None) -> Trained:
 @dataclass
 class _Clock:
     start: float  # when the time not yet in progress.elapsed_s began
+
+
+# The micro-batches of one optimizer step, this rank's share, given the global index of the step's first
+# micro-batch. A pure function of that position (with the run's data and seed), so a resumed run trains
+# on what the uninterrupted one would have by construction. Today the data's examples, collated
+# (``data_batches``); on-policy distillation's producer will sample the student's own completions.
+StepBatches = Callable[[int], list[dict[str, torch.Tensor]]]
+
+
+def data_batches(run: Run) -> StepBatches:
+    """The run's training examples in the seeded epoch order (``data.micro_batch``), collated with
+    their cached teacher targets when the run reads a cache."""
+    config, world = run.config, run.world
+    per_step = config.grad_accum * world.size  # micro-batches of one optimizer step, all ranks together
+    cache = run.cache if run.step.loss.kd_ratio > 0 else None
+    pad = run.tokenizer.pad_token_id
+
+    def batches(first: int) -> list[dict[str, torch.Tensor]]:
+        # Every rank walks the same global sequence of micro-batches and trains on its own share of it.
+        return [
+            _collate(micro_batch(run.train, config.batch_size, config.seed, k), pad, cache)
+            for k in range(first + world.rank, first + per_step, world.size)
+        ]
+
+    return batches
+
+
+@dataclass
+class _Loop:
+    """What the training loop carries between its steps besides the run."""
+
+    batches: StepBatches
+    bar: Any  # the tqdm bar
+    lines: ProgressLines  # the plain progress lines where there is no terminal
+    clock: _Clock
+    stop: StopRequest
+    on_step: StepCallback | None
 
 
 def _tensor_tracker(run: Run) -> LiveTensorBytes | None:
@@ -645,31 +676,16 @@ def _tensor_tracker(run: Run) -> LiveTensorBytes | None:
     return LiveTensorBytes(*(t for m in models for t in [*m.parameters(), *m.buffers()]), *states)
 
 
-def _steps(
-    run: Run,
-    batches: Iterator[list[Example]],
-    progress_report: tuple[Any, ProgressLines],  # the tqdm bar, and the plain lines
-    clock: _Clock,
-    stop: StopRequest,
-    *,
-    until: int,
-    on_step: StepCallback | None,
-) -> dict[str, float]:
+def _steps(run: Run, loop: _Loop, *, until: int) -> dict[str, float]:
     """Optimizer steps up to step ``until`` (at most ``total_steps``); returns the last one's metrics.
     After each step, if any rank was asked to stop: a checkpoint (unless this step just wrote one) and
     RunStopped."""
     config, progress, world = run.config, run.progress, run.world
     per_step = config.grad_accum * world.size
-    cache = run.cache if run.step.loss.kd_ratio > 0 else None
     last: dict[str, float] = {}
     while progress.step < min(until, run.total_steps):
         step_start = time.perf_counter()
-        # Every rank walks the same global sequence of micro-batches and trains on its own share of it.
-        micro = [
-            _collate(batch, run.tokenizer.pad_token_id, cache)
-            for i, batch in enumerate(itertools.islice(batches, per_step))
-            if i % world.size == world.rank
-        ]
+        micro = loop.batches(progress.micro_batches)
         try:
             result = train_step(
                 run.student,
@@ -695,26 +711,31 @@ def _steps(
         progress.step += 1
         progress.micro_batches += per_step
         progress.tokens += int(result["num_tokens"])
-        last = {
-            "step": progress.step,
-            "loss": result["loss"],
-            "ce_loss": result["ce_loss"],
-            "kd_loss": result["kd_loss"],
-            "lr": result["lr"],
-            "grad_norm": result["grad_norm"],
-            "tokens": progress.tokens,
-            "tokens_per_s": result["num_tokens"] / (time.perf_counter() - step_start),
-            "peak_memory_gb": peak_memory_gb(run.step.device),
-        }
-        _record(run, last, progress_report)
+        last = _step_metrics(run, result, time.perf_counter() - step_start)
+        _record(run, last, (loop.bar, loop.lines))
         saved = None
         if config.save_every and (progress.step % config.save_every == 0 or progress.step == run.total_steps):
-            saved = _save(run, clock)
-        if on_step is not None:
-            on_step(progress.step, last)
-        if agreed(stop, world, run.step.device):  # every rank, every step: all stop after the same one
-            raise _stopped(run, stop, saved or _save(run, clock))
+            saved = _save(run, loop.clock)
+        if loop.on_step is not None:
+            loop.on_step(progress.step, last)
+        if agreed(loop.stop, world, run.step.device):  # every rank, every step: all stop after the same one
+            raise _stopped(run, loop.stop, saved or _save(run, loop.clock))
     return last
+
+
+def _step_metrics(run: Run, result: dict[str, float], seconds: float) -> dict[str, float]:
+    """The record of the step just made (a metrics.jsonl line)."""
+    return {
+        "step": run.progress.step,
+        "loss": result["loss"],
+        "ce_loss": result["ce_loss"],
+        "kd_loss": result["kd_loss"],
+        "lr": result["lr"],
+        "grad_norm": result["grad_norm"],
+        "tokens": run.progress.tokens,
+        "tokens_per_s": result["num_tokens"] / seconds,
+        "peak_memory_gb": peak_memory_gb(run.step.device),
+    }
 
 
 def _save(run: Run, clock: _Clock) -> Path:
@@ -864,27 +885,6 @@ def _record(run: Run, last: dict[str, float], progress: tuple[Any, ProgressLines
     if run.step.loss.kd_ratio > 0:
         loss += f" (ce {last['ce_loss']:.4f}, kd {last['kd_loss']:.4f})"
     lines.update(step, tokens=int(last["tokens"]), details=loss)
-
-
-def _micro_batches(
-    examples: list[Example], batch_size: int, seed: int, start: int
-) -> Iterator[list[Example]]:
-    """Micro-batches forever, reshuffled each epoch with ``seed + epoch``; starts at micro-batch ``start``.
-
-    The order is a pure function of (seed, position), which is what lets a resumed run see exactly
-    the batches the uninterrupted run would have seen.
-    """
-    per_epoch = math.ceil(len(examples) / batch_size)
-
-    @functools.lru_cache(maxsize=2)
-    def order(epoch: int) -> list[int]:
-        return torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-
-    k = start
-    while True:
-        epoch, j = divmod(k, per_epoch)
-        yield [examples[i] for i in order(epoch)[j * batch_size : (j + 1) * batch_size]]
-        k += 1
 
 
 def _collate(batch: list[Example], pad_token_id: int, cache: TeacherCache | None) -> dict[str, torch.Tensor]:
