@@ -414,3 +414,22 @@ def test_a_signal_stops_the_comparison_and_a_rerun_continues(tmp_path, teacher_d
     again = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and f"{cached} is damaged (its checksum does not match" in again.stderr
     assert load(CompareResults, out / "results.json").groups == results.groups
+
+
+def test_a_comparison_from_before_the_kd_temperature_rename_continues(
+    tmp_path, teacher_dir, student_dir, data
+):
+    """compare.yaml written with the old key ``temperature`` reads as kd_temperature: the same options,
+    so no change is reported; a different value still is."""
+    from llm_neo.commands.compare import _changed_options
+    from llm_neo.config import dump_yaml
+
+    config = _config(teacher_dir, student_dir, data, tmp_path / "out", kd_temperature=2.0)
+    saved = tmp_path / "compare.yaml"
+    dump_yaml(config, saved)
+    text = saved.read_text()
+    assert "kd_temperature: 2.0" in text
+    saved.write_text(text.replace("kd_temperature:", "temperature:"))
+    assert _changed_options(config, saved) == []
+    saved.write_text(text.replace("kd_temperature: 2.0", "temperature: 3.0"))
+    assert _changed_options(config, saved) == ["kd_temperature"]
