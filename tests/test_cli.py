@@ -381,3 +381,16 @@ def test_an_arm_spelled_back_from_its_options_is_the_arm(arm):
 
     method, options = parse_arm(arm)
     assert arm_name(method, **options) == arm
+
+
+def test_the_command_list_answers_without_importing_torch_or_transformers():
+    """`llm-neo --help` lists the commands: building every command's options would import their modules
+    (torch, transformers: seconds), so it builds none of them."""
+    code = (
+        "import sys\n"
+        "from llm_neo.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "distill" in out and out.strip().splitlines()[-1] == "[]"

@@ -360,8 +360,10 @@ def _resolve(path: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
-def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The parser; only ``command``'s options are built in full (all of them when it is None)."""
+def build_parser(command: str | None = None, *, options: bool = True) -> argparse.ArgumentParser:
+    """The parser; only ``command``'s options are built in full (all of them when it is None; none with
+    ``options=False``, which is all ``llm-neo --help`` needs: building a command's options imports its
+    module, and some import torch and transformers, seconds for a list of commands)."""
     parser = argparse.ArgumentParser(
         prog="llm-neo",
         description="LLM-Neo distillation: a frozen teacher, a LoRA student trained on CE + KD, merged "
@@ -387,7 +389,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
             parents=[common],
         )
-        if command in (None, name):
+        if options and command in (None, name):
             cmd.add_argument(
                 "--config",
                 metavar="YAML",
@@ -405,7 +407,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = next((a for a in argv if a in COMMANDS), None)
     if command is not None:
         argv = join_negative_values(argv, _resolve(COMMANDS[command].config))
-    args, extras = build_parser(command).parse_known_args(argv)
+    args, extras = build_parser(command, options=command is not None).parse_known_args(argv)
     quiet = args.__dict__.pop("quiet")
     debug = args.__dict__.pop("debug")
     setup_logging(logging.WARNING if quiet else logging.INFO)
