@@ -114,6 +114,7 @@ def test_the_export_after_the_merge_is_verified_and_recorded(make):
     assert export["format"] == "gguf" and export["gguf_type"] == "f32"
     path = Path(export["path"])
     assert path == summary.output_dir / "export" and (path / export["file"]).is_file()
+    assert export["file"] == f"{summary.output_dir.resolve().name}-F32.gguf"  # the run's name, not "merged"
     record = json.loads((path / "export.json").read_text())
     assert record["verification"]["passed"] and record["verification"] == export["verification"]
     # The GGUF file computes exactly what the merged student computes.

@@ -1162,7 +1162,10 @@ def _merge_and_export(run: Run) -> tuple[PreTrainedModel, float, dict[str, Any] 
     if config.export:
         fmt, kind = parse_export_spec(config.export)
         with writing(run.out / "export", f"the {config.export} export", kept=lambda: _kept_outputs(run)):
-            record = export_model(run.out / "merged", fmt, kind, run.out / "export", overwrite=True)
+            # The file is named after the run (its output directory), not after "merged", its source
+            record = export_model(
+                run.out / "merged", fmt, kind, run.out / "export", overwrite=True, name=run.out.resolve().name
+            )
         exported = {
             "format": fmt,
             "gguf_type": kind,

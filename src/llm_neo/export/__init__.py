@@ -57,6 +57,7 @@ def export_model(
     *,
     gguf_pre: str | None = None,
     overwrite: bool = False,
+    name: str | None = None,
 ) -> dict[str, Any]:
     """Export the HF model directory ``model_dir`` (weights + tokenizer) as ``fmt`` into directory ``output``.
 
@@ -65,6 +66,7 @@ def export_model(
         gguf_type: for gguf: ``f32``, ``f16``, ``q8_0`` or ``q4_0`` (None for int8).
         output: the export directory; an existing one is replaced only with ``overwrite``.
         gguf_pre: llama.cpp's pre-tokenizer name, when ``tokenizer.json`` does not make it recognisable.
+        name: the GGUF file's stem before its type (``NAME-Q8_0.gguf``); default ``model_dir``'s name.
 
     Returns:
         The ``export.json`` record (also written into ``output``): ``format``, ``gguf_type``, ``source``,
@@ -104,16 +106,16 @@ def export_model(
     with atomic_directory(output) as tmp:
         if fmt == "gguf":
             assert gguf_type is not None
-            name = f"{model_dir.name}-{gguf_type.upper()}.gguf"
-            written = write_gguf(model_dir, tmp / name, gguf_type, pre_tokenizer=gguf_pre, progress=True)
-            verification = verify_gguf(model_dir, tmp, name, gguf_type)
+            file = f"{name or model_dir.name}-{gguf_type.upper()}.gguf"
+            written = write_gguf(model_dir, tmp / file, gguf_type, pre_tokenizer=gguf_pre, progress=True)
+            verification = verify_gguf(model_dir, tmp, file, gguf_type)
             record |= {
-                "file": name,
+                "file": file,
                 "bytes": written.pop("bytes"),
                 "written": written,
-                "metadata": gguf_metadata(tmp / name),
+                "metadata": gguf_metadata(tmp / file),
                 "verification": verification,
-                "load_with": f"AutoModelForCausalLM.from_pretrained('{output}', gguf_file='{name}')",
+                "load_with": f"AutoModelForCausalLM.from_pretrained('{output}', gguf_file='{file}')",
             }
         else:
             from llm_neo.export.int8 import export_int8
