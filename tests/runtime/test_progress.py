@@ -82,3 +82,17 @@ def test_worker_jobs_report_plain_lines_too(tmp_path, student_dir, alpaca_jsonl,
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("arms: ")]
     assert lines and lines[-1].startswith("arms: 3/3 (100%)"), lines
     assert any("sft-0 " in line for line in lines)  # the job's name and its loss
+
+
+def test_tracked_yields_every_item_and_says_where_it_is_without_a_terminal(monkeypatch, caplog):
+    """What probe and generation wait on: off a terminal, plain lines up to the last item's "done"."""
+    monkeypatch.setattr(progress, "on_terminal", lambda: False)
+    with caplog.at_level(logging.INFO, logger="llm_neo"):
+        assert list(progress.tracked(["a", "b", "c"], "teacher: score", unit="batch")) == ["a", "b", "c"]
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0].startswith("teacher: score: batch 1/3 (33%)") and "ETA" in lines[0]
+    assert lines[-1].startswith("teacher: score: batch 3/3 (100%)") and lines[-1].endswith("done")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="llm_neo"):
+        assert list(progress.tracked([1, 2], "quiet", unit="batch", enabled=False)) == [1, 2]
+    assert not caplog.records

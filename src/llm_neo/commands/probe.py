@@ -74,6 +74,7 @@ from llm_neo.records.probe import (
 from llm_neo.report.probe import fmt, write_report
 from llm_neo.report.tables import format_table
 from llm_neo.runtime.atomic import atomic_write_json
+from llm_neo.runtime.progress import format_duration
 
 log = logging.getLogger("llm_neo")
 
@@ -268,11 +269,17 @@ def probe_results(config: ProbeConfig) -> ProbeResults:
     )  # fmt: skip
 
     measured: dict[str, Measured] = {}
-    for spec in specs:
+    began = time.perf_counter()
+    for done, spec in enumerate(specs, 1):
+        log.info("probe: %s (model %d of %d): %s", spec.name, done, len(specs), spec.path)
         started = time.perf_counter()
         measured[spec.name] = _probe_model(spec, config, probes, prompts, scoring, device, dtype)
         measured[spec.name].seconds = time.perf_counter() - started
-        log.info("probe: %s done in %.1f s", spec.name, measured[spec.name].seconds)
+        left = (time.perf_counter() - began) / done * (len(specs) - done)  # at the models' average so far
+        log.info(
+            "probe: %s done in %.1f s%s", spec.name, measured[spec.name].seconds,
+            f"; ETA {format_duration(left)} for the other {len(specs) - done}" if done < len(specs) else "",
+        )  # fmt: skip
 
     results = assemble(config, specs, probes, prompts, labels, scoring, measured)
     out = Path(config.output_dir).expanduser()

@@ -6,11 +6,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from llm_neo.data import render_segments
 from llm_neo.errors import DataError
 from llm_neo.eval.scoring import reference_response
+from llm_neo.runtime.progress import tracked
 
 
 def prompt_and_stop(record: dict[str, Any], tokenizer: Any) -> tuple[str, str]:
@@ -90,7 +90,7 @@ def greedy_answers(
     order = sorted(range(len(records)), key=lambda i: len(prompts[i]))
     answers: list[str] = [""] * len(records)
     starts = range(0, len(order), batch_size)
-    for start in tqdm(starts, desc=desc, unit="batch", disable=None if progress else True, leave=False):
+    for start in tracked(starts, desc, unit="batch", enabled=progress):
         rows = order[start : start + batch_size]
         width = max(len(prompts[i]) for i in rows)
         input_ids = torch.full((len(rows), width), pad, dtype=torch.long)  # [B, T], left-padded

@@ -40,7 +40,6 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from tqdm.auto import tqdm
 
 from llm_neo.data import IGNORE_INDEX, Example, collate
 from llm_neo.errors import DataError
@@ -56,6 +55,7 @@ from llm_neo.records.probe import (
     Normalisation,
     Stat,
 )
+from llm_neo.runtime.progress import tracked
 
 CONDITIONINGS = tuple(c.value for c in Conditioning)
 NORMALISATIONS = tuple(n.value for n in Normalisation)
@@ -155,7 +155,7 @@ def sentence_logprobs(
     model.eval()
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
     starts = range(0, len(order), batch_size)
-    for start in tqdm(starts, desc=desc, unit="batch", disable=None if progress else True, leave=False):
+    for start in tracked(starts, desc, unit="batch", enabled=progress):
         rows = order[start : start + batch_size]
         batch = collate([examples[i] for i in rows], pad_token_id)
         targets = next_token_targets(batch["labels"]).to(device)  # [B, T]: position t predicts t + 1

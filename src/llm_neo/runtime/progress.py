@@ -18,7 +18,13 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
+
+from tqdm.auto import tqdm
+
+T = TypeVar("T")
 
 log = logging.getLogger("llm_neo")
 
@@ -108,3 +114,13 @@ def format_duration(seconds: float) -> str:
         return f"{minutes}m{seconds:02d}s"
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h{minutes:02d}m"
+
+
+def tracked(items: Sequence[T], label: str, *, unit: str, enabled: bool = True) -> Iterator[T]:
+    """``items`` one by one, with their progress shown where a person waits: tqdm's bar on a terminal,
+    plain lines with an ETA (``ProgressLines``) elsewhere; nothing with ``enabled=False``."""
+    lines = ProgressLines(label, len(items), unit=unit, enabled=None if enabled else False)
+    bar = tqdm(items, desc=label, unit=unit, disable=None if enabled else True, leave=False)
+    for done, item in enumerate(bar, 1):
+        yield item
+        lines.update(done)
