@@ -52,7 +52,7 @@ def _table(rows: list[tuple[str, list[str]]], columns: list[str]) -> Table:
 def format_report(report: BenchReport) -> str:
     """The Markdown report: settings, one table row per run, the quantized and whole runs, the targets."""
     s, v = report.settings, report.versions
-    kind = _PEAK_KINDS.get(report.peak_kind, "peak (GiB)") if report.peak_kind else "peak (GiB)"
+    kind = _PEAK_KINDS[report.peak_kind] if report.peak_kind else "peak (GiB)"
     mlp_chunks = s.mlp_chunks or 1
     bullets = [
         f"device: {report.device}",
