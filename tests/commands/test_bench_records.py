@@ -160,3 +160,37 @@ def _markdown_before_blocks(path: Path) -> str:
 @pytest.mark.parametrize("path", _committed_reports(), ids=lambda p: p.name)
 def test_the_report_renders_as_before(path):
     assert format_report(load(BenchReport, path)) == _markdown_before_blocks(path.with_suffix(".md"))
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("cuda: []\ncpu: {set_for: {}, targets: []}\n", "cuda: expected an object, found list"),
+        (
+            "cuda: {set_for: {}, targets: {}}\ncpu: {set_for: {}, targets: []}\n",
+            "cuda.targets: expected a list",
+        ),
+        (
+            "cuda: {set_for: {shap: x}, targets: []}\ncpu: {set_for: {}, targets: []}\n",
+            "cuda.set_for: unknown key",
+        ),
+        (
+            "cuda: {set_for: {}, targets: [], note: x}\ncpu: {set_for: {}, targets: []}\n",
+            "cuda: unknown key 'note'",
+        ),
+    ],
+)
+def test_a_targets_file_of_the_wrong_shape_is_refused(tmp_path, text, message):
+    bad = tmp_path / "targets.yaml"
+    bad.write_text(text)
+    with pytest.raises(RecordError, match=message):
+        load_targets(bad)
+
+
+def test_two_runs_of_one_name_keep_their_rows():
+    # neo:plain and neo:plain:16 are both "neo plain" (a plain loss has no chunk): a table keyed by name
+    # must not drop one.
+    data = json.loads(FIXTURE.read_text())
+    data["results"].append(data["results"][1])
+    text = format_report(load_json(data))
+    assert "\n| neo chunked | 0.519 |" in text and "\n| neo chunked (5) | 0.519 |" in text

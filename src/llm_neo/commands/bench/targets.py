@@ -1,7 +1,7 @@
 """The acceptance targets: each a ratio of two measurements against a bound, PASS/FAIL/n/a.
 
 The targets are data: benchmarks/targets.yaml, shipped byte-identical as this package's targets.yaml
-(a wheel has no benchmarks/ directory; tests/commands/test_bench_targets.py keeps the two equal).
+(a wheel has no benchmarks/ directory; tests/commands/test_bench_records.py keeps the two equal).
 ``load_targets`` reads it into ``Target``s and refuses a malformed file with a RecordError that names
 the file and the key.
 """
@@ -72,20 +72,19 @@ def load_targets(path: Path | None = None) -> dict[str, DeviceTargets]:
 def _device_targets(data: dict[str, Any], device: str) -> DeviceTargets:
     if device not in data:
         raise RecordError(f"missing key {device!r}")
-    section = data[device]
-    _known_keys(section, device, [f.name for f in dataclasses.fields(DeviceTargets)])
-    for i, item in enumerate(section.get("targets") or []):
+    parsed = from_json(DeviceTargets, data[device], device)  # the shapes: a mapping, a list, ...
+    _known_keys(data[device], device, [f.name for f in dataclasses.fields(DeviceTargets)])
+    for i, item in enumerate(data[device]["targets"]):
         _known_keys(item, f"{device}.targets[{i}]", [f.name for f in dataclasses.fields(Target)])
-    parsed = from_json(DeviceTargets, section, device)
     _known_keys(parsed.set_for, f"{device}.set_for", [f.name for f in dataclasses.fields(Settings)])
     for i, target in enumerate(parsed.targets):
         _check_target(target, f"{device}.targets[{i}]")
     return parsed
 
 
-def _known_keys(data: Any, where: str, keys: list[str]) -> None:
-    """A misspelled key is an error, not a default silently used."""
-    if isinstance(data, dict) and (unknown := [k for k in data if k not in keys]):
+def _known_keys(data: dict[str, Any], where: str, keys: list[str]) -> None:
+    """A misspelled key is an error, not a default silently used (from_json passes over unknown keys)."""
+    if unknown := [k for k in data if k not in keys]:
         raise RecordError(f"{where}: unknown key {unknown[0]!r} (keys: {', '.join(keys)})")
 
 
