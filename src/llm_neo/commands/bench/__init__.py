@@ -30,7 +30,7 @@ VmRSS/VmHWM says which phase set it.
 
 The report (Markdown and JSON, printed and written to ``--output``) gives each run's peak, tokens/s and the
 ratios to plain full-parameter KD, the planner's estimate (``llm_neo.commands.plan``) next to each
-measurement, the whole runs, and the issues' targets with PASS/FAIL.
+measurement, the whole runs, and the acceptance targets (benchmarks/targets.yaml) with PASS/FAIL.
 """
 
 from llm_neo.commands.bench.command import bench, run_bench
