@@ -14,7 +14,6 @@ import torch
 from llm_neo.commands.bench import (
     WHOLE_PHASES,
     BenchConfig,
-    GiB,
     RunSpec,
     bench,
     check_targets,
@@ -34,7 +33,9 @@ from llm_neo.data import load_records, tokenize_records
 from llm_neo.errors import ConfigError
 from llm_neo.models.tiny import build_word_tokenizer
 from llm_neo.options import add_dataclass_arguments, build_config
-from llm_neo.runtime.memory import LiveTensorBytes, peak_rss_bytes
+from llm_neo.records import dumps, from_json, to_json
+from llm_neo.records.bench import BenchReport, Outcome, PeakKind
+from llm_neo.runtime.memory import GiB, LiveTensorBytes, peak_rss_bytes
 
 RUNS = ["kd:plain", "kd:chunked", "neo:plain", "neo:chunked", "neo:chunked:16", "sft:plain", "lora:chunked"]
 
@@ -48,8 +49,8 @@ def tiny_report():
 
 
 def test_every_run_has_memory_speed_and_a_plan(tiny_report):
-    rows = tiny_report["results"]
-    assert [(r["spec"]["method"], r["spec"]["impl"], r["spec"]["chunk_size"]) for r in rows] == [
+    rows = tiny_report.results
+    assert [(r.spec["method"], r.spec["impl"], r.spec["chunk_size"]) for r in rows] == [
         ("kd", "plain", 1024),
         ("kd", "chunked", 1024),
         ("neo", "plain", 1024),
@@ -59,34 +60,30 @@ def test_every_run_has_memory_speed_and_a_plan(tiny_report):
         ("lora", "chunked", 1024),
     ]
     for row in rows:
-        assert row["status"] == "ok", row
-        assert row["peak_kind"] == "live_tensor_bytes"  # in-process on a CPU
-        assert row["peak_bytes"] > 0 and row["tokens_per_s"] > 0
-        assert row["plan_bytes"] > 0 and row["plan_error_pct"] is not None
-        assert row["loss"] == pytest.approx(row["loss"])  # finite
+        assert row.status == "ok", row
+        assert row.peak_kind == PeakKind.LIVE_TENSOR_BYTES  # in-process on a CPU
+        assert row.peak_bytes and row.peak_bytes > 0 and row.tokens_per_s and row.tokens_per_s > 0
+        assert row.plan_bytes > 0 and row.plan_error_pct is not None
+        assert row.loss == pytest.approx(row.loss)  # finite
     base = rows[0]
-    assert base["memory_vs_kd"] == 1.0 and base["speed_vs_kd"] == 1.0
-    assert rows[3]["name"] == "neo chunked" and rows[4]["name"] == "neo chunked (chunk 16)"
+    assert base.memory_vs_kd == 1.0 and base.speed_vs_kd == 1.0
+    assert rows[3].name == "neo chunked" and rows[4].name == "neo chunked (chunk 16)"
     # LoRA arms train only the adapters; full arms the whole student.
-    assert rows[2]["trainable_parameters"] < rows[0]["trainable_parameters"]
+    assert (rows[2].trainable_parameters or 0) < (rows[0].trainable_parameters or 0)
 
 
 def test_report_says_what_was_measured(tiny_report):
     text = format_report(tiny_report)
     assert "# llm-neo bench: tiny" in text
-    assert tiny_report["device"] in text and torch.__version__ in text
+    assert tiny_report.device in text and torch.__version__ in text
     assert "| neo chunked (chunk 16) |" in text
     assert "## Targets" in text
     assert "shown for reference" in text  # the CPU targets are set for cpu-wide at 8 × 256
-    run = {
-        t["target"]: t["result"]
-        for t in tiny_report["targets"]
-        if t["rows"] == "step" and "int8" not in t["target"]
-    }
-    assert set(run.values()) <= {"PASS", "FAIL"} and run  # every step target's rows were run
+    run = {t.target: t.result for t in tiny_report.targets if t.rows == "step" and "int8" not in t.target}
+    assert set(run.values()) <= {Outcome.PASS, Outcome.FAIL} and run  # every step target's rows were run
     # The targets of rows not run (quantized, whole runs) say so rather than pass.
-    assert {t["result"] for t in tiny_report["targets"] if t["target"] not in run} == {"n/a"}
-    json.dumps(tiny_report)  # JSON-able as is
+    assert {t.result for t in tiny_report.targets if t.target not in run} == {Outcome.NA}
+    assert from_json(BenchReport, json.loads(dumps(tiny_report))) == tiny_report  # its JSON is itself
 
 
 def test_run_bench_writes_markdown_and_json(tmp_path, capsys):
@@ -115,17 +112,20 @@ def test_isolated_runs_measure_their_own_process():
     config = BenchConfig(
         shape="tiny", runs=["kd:plain"], warmup_steps=0, steps=1, device="cpu", num_threads=1
     )
-    (row,) = bench(config, progress=False)["results"]
-    assert row["status"] == "ok", row
-    assert row["peak_kind"] == "process_max_rss"
-    assert row["peak_bytes"] > row["baseline_rss_bytes"] > 100 * 2**20  # Python + torch + transformers
+    (row,) = bench(config, progress=False).results
+    assert row.status == "ok", row
+    assert row.peak_kind == PeakKind.PROCESS_MAX_RSS
+    assert (
+        (row.peak_bytes or 0) > (row.baseline_rss_bytes or 0) > 100 * 2**20
+    )  # Python + torch + transformers
 
 
 def test_a_failed_run_is_reported_not_raised():
     config = BenchConfig(shape="tiny", runs=["kd:plain"], steps=1, device="cpu", run_timeout_s=0.01)
-    (row,) = bench(config, progress=False)["results"]
-    assert row["status"] == "timeout"
-    assert row["memory_vs_kd"] is None and row["plan_bytes"] > 0
+    (row,) = bench(config, progress=False).results
+    assert row.status == "timeout" and row.error
+    assert row.memory_vs_kd is None and row.plan_bytes > 0
+    assert row.peak_bytes is None and "peak_bytes" not in to_json(row)  # absent, as the run wrote it
 
 
 def test_live_tensor_bytes_counts_allocations_and_frees():
@@ -193,11 +193,11 @@ def test_targets_pass_and_fail_plainly():
         row("neo", "plain", 80, 9.0),
         row("neo", "chunked", 20, 10.0, 16),
     ]
-    targets = {t["target"]: t for t in check_targets(results, settings)}
-    assert targets["Neo peak ≤ 0.27 × plain full KD"]["result"] == "PASS"
-    assert targets["Neo peak ≤ 1.15 × weights floor"]["result"] == "FAIL"  # 20 / 16 = 1.25
-    assert targets["Neo tokens/s ≥ 1.05 × plain full KD"]["result"] == "FAIL"
-    assert all(t["applies"] for t in targets.values())
+    targets = {t.target: t for t in check_targets(results, settings)}
+    assert targets["Neo peak ≤ 0.27 × plain full KD"].result == Outcome.PASS
+    assert targets["Neo peak ≤ 1.15 × weights floor"].result == Outcome.FAIL  # 20 / 16 = 1.25
+    assert targets["Neo tokens/s ≥ 1.05 × plain full KD"].result == Outcome.FAIL
+    assert all(t.applies for t in targets.values())
 
 
 def _spec(**changes):
@@ -256,7 +256,7 @@ def test_quantized_rows_record_the_bytes_quantize_teacher_counts(quant_report):
     from llm_neo.models.quant import quantize_teacher, weight_bytes
 
     shape = get_shape("tiny")
-    rows = {r["name"]: r for r in quant_report["results"]}
+    rows = {r.name: to_json(r) for r in quant_report.results}
     int8, nf4, plain = rows["neo+int8-teacher chunked"], rows["neo+nf4-student chunked"], rows["neo chunked"]
     assert [r["status"] for r in rows.values()] == ["ok"] * 4
 
@@ -290,12 +290,13 @@ def test_quantized_rows_record_the_bytes_quantize_teacher_counts(quant_report):
 
 
 def test_quantized_targets_and_report(quant_report):
-    targets = {t["target"]: t for t in quant_report["targets"]}
+    targets = {t.target: t for t in quant_report.targets}
     cut = targets["int8 teacher cuts Neo's step peak by ≥ the teacher's saved weight bytes"]
-    assert cut["value"] == pytest.approx(1.0) and cut["result"] == "PASS"
+    assert cut.value == pytest.approx(1.0) and cut.result == Outcome.PASS
     text = format_report(quant_report)
-    int8 = next(r for r in quant_report["results"] if r["name"] == "neo+int8-teacher chunked")
-    before, after = (int8["teacher_quant"][k] / 2**20 for k in ("weight_bytes_before", "weight_bytes_after"))
+    int8 = next(r for r in quant_report.results if r.name == "neo+int8-teacher chunked")
+    assert int8.teacher_quant is not None
+    before, after = (int8.teacher_quant[k] / 2**20 for k in ("weight_bytes_before", "weight_bytes_after"))
     assert f"| neo+int8-teacher chunked | int8: {before:.4g} → {after:.4g} |" in text
 
 
@@ -432,16 +433,16 @@ def test_whole_run_targets():
     ]
     quantization_cuts(whole, "process_peak_bytes")
     assert whole[2]["peak_cut_bytes"] == 3 and whole[2]["teacher_saved_bytes"] == 4
-    targets = {t["target"]: t for t in check_targets([], settings, whole)}
+    targets = {t.target: t for t in check_targets([], settings, whole)}
     within = targets["Whole Neo run: process peak ≤ 1.05 × its training-step peak"]
-    assert within["value"] == pytest.approx(25 / 24) and within["result"] == "PASS"
+    assert within.value == pytest.approx(25 / 24) and within.result == Outcome.PASS
     versus_kd = targets["Whole Neo run peak ≤ 0.30 × whole plain full KD run"]
-    assert versus_kd["value"] == pytest.approx(0.25) and versus_kd["result"] == "PASS"
+    assert versus_kd.value == pytest.approx(0.25) and versus_kd.result == Outcome.PASS
     cut = targets["int8 teacher cuts the whole Neo run's peak by ≥ the teacher's saved weight bytes"]
-    assert cut["value"] == pytest.approx(0.75) and cut["result"] == "FAIL"
-    assert all(t["applies"] for t in targets.values())
+    assert cut.value == pytest.approx(0.75) and cut.result == Outcome.FAIL
+    assert all(t.applies for t in targets.values())
     # Without whole runs the whole-run targets are n/a, not PASS.
-    assert {t["result"] for t in check_targets([], settings) if t["rows"] == "whole"} == {"n/a"}
+    assert {t.result for t in check_targets([], settings) if t.rows == "whole"} == {Outcome.NA}
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -30,12 +30,12 @@ VmRSS/VmHWM says which phase set it.
 
 The report (Markdown and JSON, printed and written to ``--output``) gives each run's peak, tokens/s and the
 ratios to plain full-parameter KD, the planner's estimate (``llm_neo.commands.plan``) next to each
-measurement, the whole runs, and the issues' targets with PASS/FAIL.
+measurement, the whole runs, and the acceptance targets (benchmarks/targets.yaml) with PASS/FAIL.
 """
 
 from llm_neo.commands.bench.command import bench, run_bench
 from llm_neo.commands.bench.output import format_report
-from llm_neo.commands.bench.runs import BenchConfig, GiB, RunKey, RunSpec
+from llm_neo.commands.bench.runs import BenchConfig, RunKey, RunSpec
 from llm_neo.commands.bench.step import run_one
 from llm_neo.commands.bench.targets import check_targets, quantization_cuts
 from llm_neo.commands.bench.whole import (
@@ -50,7 +50,6 @@ from llm_neo.commands.bench.whole import (
 __all__ = [
     "WHOLE_PHASES",
     "BenchConfig",
-    "GiB",
     "RunKey",
     "RunSpec",
     "WholeInputs",

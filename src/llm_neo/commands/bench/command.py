@@ -18,7 +18,6 @@ from llm_neo.commands.bench.isolate import run_isolated
 from llm_neo.commands.bench.output import format_report
 from llm_neo.commands.bench.runs import (
     BenchConfig,
-    GiB,
     RunKey,
     RunSpec,
     find_row,
@@ -30,6 +29,19 @@ from llm_neo.commands.bench.runs import (
 from llm_neo.commands.bench.step import device_name, run_here
 from llm_neo.commands.bench.targets import check_targets, quantization_cuts
 from llm_neo.commands.bench.whole import run_whole_runs
+from llm_neo.records import dumps, from_json
+from llm_neo.records.bench import (
+    BenchReport,
+    FailedWholeRun,
+    LoadAverage,
+    PeakKind,
+    Settings,
+    StepRun,
+    Versions,
+    WholeRun,
+    WholeRunInputs,
+)
+from llm_neo.runtime.memory import GiB
 from llm_neo.runtime.workers import load_average
 
 
@@ -72,19 +84,19 @@ def add_plan(results: list[dict[str, Any]], config: BenchConfig, settings: dict[
         res["plan_error_pct"] = 100 * (est.total / peak - 1) if peak else None
 
 
-def _versions() -> dict[str, str]:
+def _versions() -> Versions:
     import peft
     import transformers
 
     from llm_neo import __version__
 
-    return {
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "llm_neo": __version__,
-        "python": platform.python_version(),
-    }
+    return Versions(
+        torch=torch.__version__,
+        transformers=transformers.__version__,
+        peft=peft.__version__,
+        llm_neo=__version__,
+        python=platform.python_version(),
+    )
 
 
 def _git_commit() -> str | None:
@@ -167,8 +179,11 @@ def _add_ratios(results: list[dict[str, Any]], whole: list[dict[str, Any]], chun
         quantization_cuts(whole, "process_peak_bytes")
 
 
-def bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
-    """Run every run of ``config`` and return the report (a JSON-able dict)."""
+def bench(config: BenchConfig, *, progress: bool = True) -> BenchReport:
+    """Run every run of ``config`` and return the report (what LABEL.json holds).
+
+    The rows are dicts while they are measured (each stage adds its keys: the run, the plan, the ratios,
+    the quantization cuts), then records in the report."""
     from llm_neo.commands.shapes import get_shape
     from llm_neo.models.loading import resolve_device, resolve_dtype
 
@@ -242,20 +257,27 @@ def bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
     add_plan(results, config, settings)
     _add_ratios(results, whole, config.loss_chunk_size)
     device_names = [x["device"] for x in results if x.get("device")]
-    return {
-        "label": label,
-        "date": date,
-        "device": device_names[0] if device_names else device_name(device),
-        "versions": _versions(),
-        "git_commit": _git_commit(),
-        "settings": settings,
-        "load_average": {"start": load_start, "end": load_average(), "cpus": os.cpu_count()},
-        "peak_kind": next((x["peak_kind"] for x in results if x.get("peak_kind")), None),
-        "results": results,
-        "whole_runs": whole,
-        "whole_inputs": whole_inputs,
-        "targets": check_targets(results, settings, whole),
-    }
+    return BenchReport(
+        label=label,
+        date=date,
+        device=device_names[0] if device_names else device_name(device),
+        versions=_versions(),
+        git_commit=_git_commit(),
+        settings=from_json(Settings, settings),
+        load_average=LoadAverage(start=load_start, end=load_average(), cpus=os.cpu_count()),
+        peak_kind=next((PeakKind(x["peak_kind"]) for x in results if x.get("peak_kind")), None),
+        results=[from_json(StepRun, x, f"results[{i}]") for i, x in enumerate(results)],
+        whole_runs=[_whole_row(x, f"whole_runs[{i}]") for i, x in enumerate(whole)],
+        whole_inputs=from_json(WholeRunInputs, whole_inputs) if whole_inputs is not None else None,
+        targets=check_targets(results, settings, whole),
+    )
+
+
+def _whole_row(row: dict[str, Any], where: str) -> WholeRun | FailedWholeRun:
+    """A whole run's record: a failed run has its error and none of the measurements."""
+    if row.get("status") == "ok":
+        return from_json(WholeRun, row, where)
+    return from_json(FailedWholeRun, row, where)
 
 
 def run_bench(config: BenchConfig) -> int:
@@ -268,14 +290,14 @@ def run_bench(config: BenchConfig) -> int:
     text = format_report(report)
     print(text)
     if config.output:
-        from llm_neo.runtime.atomic import atomic_write_json, atomic_write_text
+        from llm_neo.runtime.atomic import atomic_write_text
 
         out = Path(config.output)
         out.mkdir(parents=True, exist_ok=True)
-        label = report["label"]
+        label = report.label
         atomic_write_text(out / f"{label}.md", text)
-        atomic_write_json(out / f"{label}.json", report)
+        atomic_write_text(out / f"{label}.json", dumps(report))
         # The per-run progress file only matters when a bench is killed; the JSON now holds every run.
         (out / f"{label}.runs.jsonl").unlink(missing_ok=True)
         print(f"written: {out / label}.md, {out / label}.json")
-    return 0 if all(r.get("status") == "ok" for r in [*report["results"], *report["whole_runs"]]) else 1
+    return 0 if all(r.status == "ok" for r in [*report.results, *report.whole_runs]) else 1

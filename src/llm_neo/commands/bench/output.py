@@ -1,18 +1,27 @@
-"""The bench's Markdown report."""
+"""The bench's Markdown report, written as ``report.document`` blocks from its record (LABEL.json)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
-from llm_neo.commands.bench.runs import GiB, ratio
+from llm_neo.commands.bench.runs import ratio
 from llm_neo.commands.bench.whole import SAMPLE_INTERVAL_S, WHOLE_PHASES
+from llm_neo.records.bench import (
+    BenchReport,
+    FailedWholeRun,
+    PeakKind,
+    StepRun,
+    TargetResult,
+    WholeRun,
+)
+from llm_neo.report.document import Block, Bullets, Heading, Paragraph, Table, to_markdown
+from llm_neo.report.tables import format_gib
+from llm_neo.runtime.memory import GiB
 
 
 def _gib(nbytes: int | None) -> str:
-    if not nbytes:
-        return ""
-    value = nbytes / GiB
-    return f"{value:.2f}" if value >= 0.995 else f"{value:.3g}"
+    return format_gib(nbytes / GiB if nbytes else None)  # 0 bytes: not measured
 
 
 def _fmt(value: Any, digits: int = 2) -> str:
@@ -23,104 +32,113 @@ def _fmt(value: Any, digits: int = 2) -> str:
     return str(value)
 
 
-def format_report(report: dict[str, Any]) -> str:
-    """The Markdown report: settings, one table row per run, the targets."""
-    s = report["settings"]
-    kind = {
-        "cuda_max_allocated": "torch.cuda.max_memory_allocated (GiB)",
-        "process_max_rss": "peak RSS of the run's own process (GiB), incl. Python/torch/transformers",
-        "live_tensor_bytes": "peak live tensor bytes (GiB), counted op by op in this process",
-    }.get(report.get("peak_kind", ""), "peak (GiB)")
-    lines = [
-        f"# llm-neo bench: {s['shape']}",
-        "",
-        f"- device: {report['device']}",
-        f"- torch {report['versions']['torch']}, transformers {report['versions']['transformers']}, "
-        f"peft {report['versions']['peft']}, llm-neo {report['versions']['llm_neo']}"
-        + (f" (commit {_short(report['git_commit'])})" if report.get("git_commit") else ""),
-        f"- date: {report['date']}",
-        f"- shape: {s['shape']}: {s['description']}",
-        f"- batch {s['batch_size']} × {s['seq_len']} tokens (every token but each sequence's first is a "
-        f"target), compute dtype {s['dtype']}, gradient checkpointing "
-        f"{'on' if s['gradient_checkpointing'] else 'off'}"
-        + (f" (MLP in {s['mlp_chunks']} chunks)" if s.get("mlp_chunks", 1) > 1 else "")
-        + f", LoRA r={s['lora_r']} on every linear of every block, loss {1 - s['kd_ratio']:g}·CE + "
-        f"{s['kd_ratio']:g}·forward KL, chunk {s['loss_chunk_size']} tokens",
-        f"- steps per run: {s['warmup_steps']} warm-up + {s['steps']} timed (AdamW); "
-        f"{s['num_threads']} CPU thread(s); "
-        f"{'each run in a fresh process' if s['isolate'] else 'all runs in one process'}"
+_PEAK_KINDS = {
+    PeakKind.CUDA_MAX_ALLOCATED: "torch.cuda.max_memory_allocated (GiB)",
+    PeakKind.PROCESS_MAX_RSS: "peak RSS of the run's own process (GiB), incl. Python/torch/transformers",
+    PeakKind.LIVE_TENSOR_BYTES: "peak live tensor bytes (GiB), counted op by op in this process",
+}
+
+
+def _table(rows: list[tuple[str, list[str]]], columns: list[str]) -> Table:
+    """A table of pre-formatted cells, one row per run (a run's name is its row's name; a repeated one,
+    as ``neo:plain`` and ``neo:plain:16`` both are "neo plain", gets its position so no row is lost)."""
+    named: dict[str, dict[str, Any]] = {}
+    for i, (name, cells) in enumerate(rows):
+        named[name if name not in named else f"{name} ({i + 1})"] = dict(zip(columns, cells, strict=True))
+    return Table(named, columns)
+
+
+def format_report(report: BenchReport) -> str:
+    """The Markdown report: settings, one table row per run, the quantized and whole runs, the targets."""
+    s, v = report.settings, report.versions
+    kind = _PEAK_KINDS[report.peak_kind] if report.peak_kind else "peak (GiB)"
+    mlp_chunks = s.mlp_chunks or 1
+    bullets = [
+        f"device: {report.device}",
+        f"torch {v.torch}, transformers {v.transformers}, peft {v.peft}, llm-neo {v.llm_neo}"
+        + (f" (commit {_short(report.git_commit)})" if report.git_commit else ""),
+        f"date: {report.date}",
+        f"shape: {s.shape}: {s.description}",
+        f"batch {s.batch_size} × {s.seq_len} tokens (every token but each sequence's first is a "
+        f"target), compute dtype {s.dtype}, gradient checkpointing "
+        f"{'on' if s.gradient_checkpointing else 'off'}"
+        + (f" (MLP in {mlp_chunks} chunks)" if mlp_chunks > 1 else "")
+        + f", LoRA r={s.lora_r} on every linear of every block, loss {1 - s.kd_ratio:g}·CE + "
+        f"{s.kd_ratio:g}·forward KL, chunk {s.loss_chunk_size} tokens",
+        f"steps per run: {s.warmup_steps} warm-up + {s.steps} timed (AdamW); "
+        f"{s.num_threads} CPU thread(s); "
+        f"{'each run in a fresh process' if s.isolate else 'all runs in one process'}"
         + (
-            f" with MALLOC_MMAP_THRESHOLD_={s['malloc_mmap_threshold']}"
-            if s.get("malloc_mmap_threshold") and s["device_type"] == "cpu"
+            f" with MALLOC_MMAP_THRESHOLD_={s.malloc_mmap_threshold}"
+            if s.malloc_mmap_threshold and s.device_type == "cpu"
             else ""
         ),
-        f"- peak memory: {kind}; plan: `llm-neo plan`'s estimate for the same settings",
+        f"peak memory: {kind}; plan: `llm-neo plan`'s estimate for the same settings",
     ]
-    load = report.get("load_average") or {}
-    if s["device_type"] == "cpu" and load.get("start") is not None:
-        lines.append(
-            f"- machine load (1-minute average) at start / end: {load['start']} / {load['end']} on "
-            f"{load['cpus']} CPUs (other processes slow CPU timings down; memory is unaffected)"
+    load = report.load_average
+    if s.device_type == "cpu" and load.start is not None:
+        bullets.append(
+            f"machine load (1-minute average) at start / end: {load.start} / {load.end} on "
+            f"{load.cpus} CPUs (other processes slow CPU timings down; memory is unaffected)"
         )
-    lines += [
-        "",
-        "| run | peak GiB | plan GiB | plan error | tokens/s | step s | memory vs KD | speed vs KD "
-        "| status |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in report["results"]:
-        peak = r.get("peak_bytes") if r.get("status") == "ok" else None
-        err = r.get("plan_error_pct")
-        lines.append(
-            "| "
-            + " | ".join(
-                [
-                    r["name"],
-                    _gib(peak),
-                    _gib(r.get("plan_bytes")),
-                    f"{err:+.0f}%" if err is not None else "",
-                    _fmt(r.get("tokens_per_s"), 0),
-                    _fmt(r.get("step_s"), 3),
-                    _fmt(r.get("memory_vs_kd")),
-                    _fmt(r.get("speed_vs_kd")),
-                    r.get("status", "") + (f": {r['error']}" if r.get("error") else ""),
-                ]
+    blocks: list[Block] = [Heading(1, f"llm-neo bench: {s.shape}"), Bullets(tuple(bullets))]
+    blocks.append(
+        _table(
+            [(r.name, _step_cells(r)) for r in report.results],
+            ["peak GiB", "plan GiB", "plan error", "tokens/s", "step s", "memory vs KD", "speed vs KD",
+             "status"],
+        )
+    )  # fmt: skip
+    rss = s.device_type == "cpu" and report.peak_kind == PeakKind.PROCESS_MAX_RSS
+    if rss and not s.malloc_mmap_threshold:
+        blocks.append(
+            Paragraph(
+                "On a CPU, glibc keeps freed blocks below its adaptive mmap threshold (up to 32 MiB) "
+                "mapped, so a run whose large tensors are under 32 MiB (e.g. chunks of 256 tokens × "
+                "32,000 fp32 = 31 MiB) shows more RSS than the tensors it holds; "
+                "`--malloc-mmap-threshold 1048576` measures without that effect (docs/memory.md)."
             )
-            + " |"
         )
-    rss = s["device_type"] == "cpu" and report.get("peak_kind") == "process_max_rss"
-    if rss and not s.get("malloc_mmap_threshold"):
-        lines += [
-            "",
-            "On a CPU, glibc keeps freed blocks below its adaptive mmap threshold (up to 32 MiB) mapped, so "
-            "a run whose large tensors are under 32 MiB (e.g. chunks of 256 tokens × 32,000 fp32 = 31 MiB) "
-            "shows more RSS than the tensors it holds; `--malloc-mmap-threshold 1048576` measures without "
-            "that effect (docs/memory.md).",
-        ]
-    lines += _quantization_lines(report["results"], "peak_bytes", "step peak")
-    lines += _whole_run_lines(report)
-    lines += ["", "## Targets", ""]
-    for t in report["targets"]:
-        where = t["set_for"]
-        note = (
-            ""
-            if t["applies"]
-            else f" (set for {where['shape']} at {where['batch_size']} × {where['seq_len']}"
-            f"{', gradient checkpointing' if where['gradient_checkpointing'] else ''}; shown for reference)"
-        )
-        value = "not run (or failed)" if t["value"] is None else f"measured {t['value']:.3f}"
-        lines.append(f"- {t['result']}: {t['target']}: {value}{note}")
-    return "\n".join(lines) + "\n"
+    blocks += _quantization_blocks(report.results, "step peak")
+    blocks += _whole_run_blocks(report)
+    blocks += [Heading(2, "Targets"), Bullets(tuple(_target_line(t) for t in report.targets))]
+    return to_markdown(blocks, {})
+
+
+def _step_cells(r: StepRun) -> list[str]:
+    err = r.plan_error_pct
+    return [
+        _gib(r.peak_bytes if r.status == "ok" else None),
+        _gib(r.plan_bytes),
+        f"{err:+.0f}%" if err is not None else "",
+        _fmt(r.tokens_per_s, 0),
+        _fmt(r.step_s, 3),
+        _fmt(r.memory_vs_kd),
+        _fmt(r.speed_vs_kd),
+        r.status + (f": {r.error}" if r.error else ""),
+    ]
+
+
+def _target_line(t: TargetResult) -> str:
+    where = t.set_for
+    note = (
+        ""
+        if t.applies
+        else f" (set for {where['shape']} at {where['batch_size']} × {where['seq_len']}"
+        f"{', gradient checkpointing' if where['gradient_checkpointing'] else ''}; shown for reference)"
+    )
+    value = "not run (or failed)" if t.value is None else f"measured {t.value:.3f}"
+    return f"{t.result.value}: {t.target}: {value}{note}"
 
 
 def _mib(nbytes: int | None) -> str:
     return "" if nbytes is None else f"{nbytes / 2**20:.4g}"
 
 
-def _quantization_lines(rows: list[dict[str, Any]], metric: str, what: str) -> list[str]:
+def _quantization_blocks(rows: Sequence[StepRun | WholeRun], what: str) -> list[Block]:
     """The quantized rows: weight bytes before/after as quantize_teacher counted them, the plan's, and
     how much the peak fell against the same run with the teacher unquantized."""
-    quantized = [r for r in rows if r.get("teacher_quant") or r.get("student_quant")]
+    quantized = [r for r in rows if r.teacher_quant or r.student_quant]
     if not quantized:
         return []
 
@@ -131,111 +149,100 @@ def _quantization_lines(rows: list[dict[str, Any]], metric: str, what: str) -> l
             return f"{info['kind']}: {_mib(info.get('weight_bytes'))}"
         return f"{info['kind']}: {_mib(info['weight_bytes_before'])} → {_mib(info['weight_bytes_after'])}"
 
-    lines = [
-        "",
-        f"Quantized rows ({what}s; weights as quantize_teacher counts their storage; MiB):",
-        "",
-        f"| run | teacher weights | saved | plan teacher | student base | saved | plan student | {what} "
-        "| cut vs unquantized teacher | cut ÷ saved |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+    def cells(r: StepRun | WholeRun) -> list[str]:
+        cut, saved = r.peak_cut_bytes, r.teacher_saved_bytes
+        step = r if isinstance(r, StepRun) else None  # the plan's bytes: step rows only
+        peak = r.peak_bytes if isinstance(r, StepRun) else r.process_peak_bytes
+        return [
+            weights(r.teacher_quant),
+            _mib(saved),
+            _mib(step.plan_teacher_weight_bytes if step else None),
+            weights(r.student_quant),
+            _mib(r.student_saved_bytes),
+            _mib(step.plan_student_weight_bytes if step else None),
+            _mib(peak if r.status == "ok" else None),
+            "" if cut is None else f"{cut / 2**20:+.4g}",
+            _fmt(ratio(cut, saved)),
+        ]
+
+    # A Table's columns are keys: the student base's "saved" is "base saved" (the one renamed column).
+    columns = ["teacher weights", "saved", "plan teacher", "student base", "base saved", "plan student",
+               what, "cut vs unquantized teacher", "cut ÷ saved"]  # fmt: skip
+    return [
+        Paragraph(f"Quantized rows ({what}s; weights as quantize_teacher counts their storage; MiB):"),
+        _table([(r.name, cells(r)) for r in quantized], columns),
     ]
-    for r in quantized:
-        cut, saved = r.get("peak_cut_bytes"), r.get("teacher_saved_bytes")
-        lines.append(
-            "| "
-            + " | ".join(
-                [
-                    r["name"],
-                    weights(r.get("teacher_quant")),
-                    _mib(saved),
-                    _mib(r.get("plan_teacher_weight_bytes")),
-                    weights(r.get("student_quant")),
-                    _mib(r.get("student_saved_bytes")),
-                    _mib(r.get("plan_student_weight_bytes")),
-                    _mib(r.get(metric) if r.get("status") == "ok" else None),
-                    "" if cut is None else f"{cut / 2**20:+.4g}",
-                    _fmt(ratio(cut, saved)),
-                ]
-            )
-            + " |"
-        )
-    return lines
 
 
-def _whole_run_lines(report: dict[str, Any]) -> list[str]:
+def _whole_run_blocks(report: BenchReport) -> list[Block]:
     """The whole `llm-neo distill` runs: their process peaks against their training-step peaks, and the
     phase that set each peak."""
-    whole, inputs = report.get("whole_runs") or [], report.get("whole_inputs") or {}
+    whole, inputs = report.whole_runs, report.whole_inputs
     if not whole:
         return []
-    s = report["settings"]
-    mmap = s.get("malloc_mmap_threshold")
-    lines = [
-        "",
-        "## Whole runs",
-        "",
-        f"Each row is one `python -m llm_neo distill` process (the command is in the JSON) on the same "
-        "random "
-        f"models, saved once as safetensors with a word-level tokenizer of exactly the vocabulary, and "
-        f"{inputs.get('records')} text records of exactly {s['seq_len']} tokens: {inputs.get('max_steps')} "
-        f"optimizer steps of {s['batch_size']} × {s['seq_len']} (--grad-accum 1), then the merge check, the "
-        f"save and the held-out evaluation of {inputs.get('heldout_records')} records (one batch). "
-        "**process peak**: the process's peak RSS, `os.wait4`'s ru_maxrss (it was started from a launcher "
-        "of a "
-        "few MiB, so nothing larger is inherited). **training peak**: its summary.json's `peak_memory_gb`, "
-        "which on a CPU is the process's VmHWM read right after the last optimizer step (loading and every "
-        "step included; the merge check, save and held-out eval not yet). **peak set in**: the phase in "
-        "which the sampled VmHWM reached its maximum. glibc "
+    s = report.settings
+    mmap = s.malloc_mmap_threshold
+    records, heldout, max_steps = (
+        (inputs.records, inputs.heldout_records, inputs.max_steps) if inputs else (None, None, None)
+    )
+    about = (
+        "Each row is one `python -m llm_neo distill` process (the command is in the JSON) on the same "
+        "random models, saved once as safetensors with a word-level tokenizer of exactly the vocabulary, "
+        f"and {records} text records of exactly {s.seq_len} tokens: {max_steps} optimizer steps of "
+        f"{s.batch_size} × {s.seq_len} (--grad-accum 1), then the merge check, the save and the held-out "
+        f"evaluation of {heldout} records (one batch). **process peak**: the process's peak RSS, "
+        "`os.wait4`'s ru_maxrss (it was started from a launcher of a few MiB, so nothing larger is "
+        "inherited). **training peak**: its summary.json's `peak_memory_gb`, which on a CPU is the "
+        "process's VmHWM read right after the last optimizer step (loading and every step included; the "
+        "merge check, save and held-out eval not yet). **peak set in**: the phase in which the sampled "
+        "VmHWM reached its maximum. glibc "
         + (f"MALLOC_MMAP_THRESHOLD_={mmap}" if mmap else "default malloc (adaptive mmap threshold)")
-        + (f", {s['num_threads']} thread(s)" if s.get("num_threads") else "")
-        + ".",
-        "",
-        "| run | process peak GiB | training peak GiB | process ÷ training | peak set in "
-        "| step-bench peak GiB "
-        "| wall s | train s | memory vs whole KD | status |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        + (f", {s.num_threads} thread(s)" if s.num_threads else "")
+        + "."
+    )
+    columns = ["process peak GiB", "training peak GiB", "process ÷ training", "peak set in",
+               "step-bench peak GiB", "wall s", "train s", "memory vs whole KD", "status"]  # fmt: skip
+    done = [r for r in whole if isinstance(r, WholeRun)]
+    return [
+        Heading(2, "Whole runs"),
+        Paragraph(about),
+        _table([(r.name, _whole_cells(r)) for r in whole], columns),
+        Paragraph(
+            "Largest sampled RSS in each phase (GiB; sampled every "
+            f"{SAMPLE_INTERVAL_S * 1000:.0f} ms, so a lower bound of the phase's own peak; **bold**: the "
+            "phase that set the process peak):"
+        ),
+        _table([(r.name, _phase_cells(r)) for r in done], list(WHOLE_PHASES)),
+        *_quantization_blocks(done, "process peak"),
     ]
-    for r in whole:
-        ok = r.get("status") == "ok"
-        lines.append(
-            "| "
-            + " | ".join(
-                [
-                    r["name"],
-                    _gib(r.get("process_peak_bytes") if ok else None),
-                    _gib(r.get("training_peak_bytes") if ok else None),
-                    _fmt(r.get("process_to_training"), 3),
-                    r.get("peak_phase") or "",
-                    _gib(r.get("step_peak_bytes")),
-                    _fmt(r.get("wall_s"), 1),
-                    _fmt(r.get("train_time_s"), 1),
-                    _fmt(r.get("memory_vs_kd")),
-                    r.get("status", "") + (f": {r['error']}" if r.get("error") else ""),
-                ]
-            )
-            + " |"
-        )
-    lines += [
-        "",
-        "Largest sampled RSS in each phase (GiB; sampled every "
-        f"{SAMPLE_INTERVAL_S * 1000:.0f} ms, so a lower bound of the phase's own peak; **bold**: the phase "
-        "that set the process peak):",
-        "",
-        "| run | " + " | ".join(WHOLE_PHASES) + " |",
-        "|---|" + "---|" * len(WHOLE_PHASES),
+
+
+def _whole_cells(r: WholeRun | FailedWholeRun) -> list[str]:
+    if isinstance(r, FailedWholeRun):
+        measured = [""] * 4 + [_gib(r.step_peak_bytes), "", ""]
+        return [*measured, _fmt(r.memory_vs_kd), f"{r.status}: {r.error}" if r.error else r.status]
+    return [
+        _gib(r.process_peak_bytes),
+        _gib(r.training_peak_bytes),
+        _fmt(r.process_to_training, 3),
+        r.peak_phase or "",
+        _gib(r.step_peak_bytes),
+        _fmt(r.wall_s, 1),
+        _fmt(r.train_time_s, 1),
+        _fmt(r.memory_vs_kd),
+        r.status,
     ]
-    for r in whole:
-        if r.get("status") != "ok":
-            continue
-        by_name = {ph["phase"]: ph for ph in r.get("phases", [])}
-        cells = []
-        for name in WHOLE_PHASES:
-            ph = by_name.get(name)
-            value = _gib(ph.get("max_rss_bytes")) if ph else "–"
-            cells.append(f"**{value}**" if ph and name == r.get("peak_phase") else value)
-        lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
-    lines += _quantization_lines(whole, "process_peak_bytes", "process peak")
-    return lines
+
+
+def _phase_cells(r: WholeRun) -> list[str]:
+    """Each phase's largest sampled RSS, in bold for the phase that set the peak ("–": not seen)."""
+    by_name = {ph.phase: ph for ph in r.phases}
+    cells = []
+    for name in WHOLE_PHASES:
+        ph = by_name.get(name)
+        value = _gib(ph.max_rss_bytes) if ph else "–"
+        cells.append(f"**{value}**" if ph and name == r.peak_phase else value)
+    return cells
 
 
 def _short(commit: str) -> str:

@@ -11,8 +11,6 @@ from llm_neo.choices import ARM_VARIANTS, METHOD_NAMES, METHODS
 from llm_neo.config import MLP_CHUNKS_HELP, DeviceOptions, arm_name, parse_arm
 from llm_neo.options import option_help
 
-GiB = 2**30
-
 
 @dataclass
 class BenchConfig(DeviceOptions):

@@ -1,12 +1,28 @@
-"""The acceptance targets: each a ratio of two measurements against a bound, PASS/FAIL/n/a."""
+"""The acceptance targets: each a ratio of two measurements against a bound, PASS/FAIL/n/a.
+
+The targets are data: benchmarks/targets.yaml, shipped byte-identical as this package's targets.yaml
+(a wheel has no benchmarks/ directory; tests/commands/test_bench_records.py keeps the two equal).
+``load_targets`` reads it into ``Target``s and refuses a malformed file with a RecordError that names
+the file and the key.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
 from typing import Any
 
+import yaml
+
 from llm_neo.commands.bench.runs import find_row, parse_run, ratio, result_key
+from llm_neo.errors import ConfigError
+from llm_neo.records import RecordError, from_json
+from llm_neo.records.bench import Outcome, Rows, Settings, StepRun, TargetResult, WholeRun
+
+DEVICE_TYPES = ("cuda", "cpu")  # the file's sections: cuda, and cpu for every other device
 
 
 @dataclass(frozen=True)
@@ -16,102 +32,91 @@ class Target:
 
     name: str
     run: str  # ARM:IMPL, at the bench's chunk size
-    metric: str  # a result's field: "peak_bytes", "tokens_per_s", "process_peak_bytes", "peak_cut_bytes"
+    metric: str  # a field of the row (records.bench: StepRun for "step", WholeRun for "whole")
     versus: str  # ARM:IMPL, or "self"
     threshold: float
     at_most: bool  # the ratio must be <= threshold (else >=)
-    rows: str = "step"  # "step": the step benchmark's rows; "whole": the whole runs'
+    rows: Rows = "step"  # "step": the step benchmark's rows; "whole": the whole runs'
     versus_metric: str | None = None  # versus="self": the field divided by ("weights_floor_bytes", ...)
 
 
-# Issue 13: an int8 teacher must cut the peak by at least the weight bytes it saves (measured per row:
-# peak_cut_bytes is the unquantized row's peak minus this row's, teacher_saved_bytes what quantize_teacher
-# counted).
-INT8_STEP_CUT = Target(
-    "int8 teacher cuts Neo's step peak by ≥ the teacher's saved weight bytes",
-    "neo+int8-teacher:chunked",
-    "peak_cut_bytes",
-    "self",
-    1.0,
-    False,
-    versus_metric="teacher_saved_bytes",
-)
+@dataclass(frozen=True)
+class DeviceTargets:
+    """A device type's targets, and the settings (shape, batch, ...) they were set for."""
 
-# The issues' targets, and the shape and batch each was set for (elsewhere: shown for reference).
-TARGETS: dict[str, tuple[dict[str, Any], list[Target]]] = {
-    "cuda": (
-        {"shape": "llama3-8b-to-1b", "batch_size": 8, "seq_len": 2048, "gradient_checkpointing": True},
-        [
-            Target("Neo peak ≤ 0.27 × plain full KD", "neo:chunked", "peak_bytes", "kd:plain", 0.27, True),
-            Target(
-                "Neo peak ≤ 1.15 × weights floor",
-                "neo:chunked",
-                "peak_bytes",
-                "self",
-                1.15,
-                True,
-                versus_metric="weights_floor_bytes",
-            ),
-            Target(
-                "Neo tokens/s ≥ 1.05 × plain full KD", "neo:chunked", "tokens_per_s", "kd:plain", 1.05, False
-            ),
-            INT8_STEP_CUT,
-        ],
-    ),
-    "cpu": (
-        {"shape": "cpu-wide", "batch_size": 8, "seq_len": 256, "gradient_checkpointing": False},
-        [
-            Target(
-                "Neo peak RSS ≤ 0.35 × plain full KD", "neo:chunked", "peak_bytes", "kd:plain", 0.35, True
-            ),
-            Target("Neo tokens/s ≥ 1.0 × plain Neo", "neo:chunked", "tokens_per_s", "neo:plain", 1.0, False),
-            INT8_STEP_CUT,
-            # Issue 12: what a user's whole `llm-neo distill` process holds, not only its training step.
-            Target(
-                "Whole Neo run: process peak ≤ 1.05 × its training-step peak",
-                "neo:chunked",
-                "process_peak_bytes",
-                "self",
-                1.05,
-                True,
-                rows="whole",
-                versus_metric="training_peak_bytes",
-            ),
-            Target(
-                "Whole Neo run peak ≤ 0.30 × whole plain full KD run",
-                "neo:chunked",
-                "process_peak_bytes",
-                "kd:plain",
-                0.30,
-                True,
-                rows="whole",
-            ),
-            Target(
-                "int8 teacher cuts the whole Neo run's peak by ≥ the teacher's saved weight bytes",
-                "neo+int8-teacher:chunked",
-                "peak_cut_bytes",
-                "self",
-                1.0,
-                False,
-                rows="whole",
-                versus_metric="teacher_saved_bytes",
-            ),
-        ],
-    ),
-}
+    set_for: dict[str, Any]
+    targets: list[Target]
+
+
+def targets_file() -> Path:
+    """The targets this package ships (its copy of benchmarks/targets.yaml)."""
+    return Path(str(resources.files("llm_neo.commands.bench") / "targets.yaml"))
+
+
+def load_targets(path: Path | None = None) -> dict[str, DeviceTargets]:
+    """Each device type's targets from ``path`` (default: ``targets_file()``), in the file's order;
+    RecordError naming the file and the key when it is malformed."""
+    file = path or targets_file()
+    try:
+        data = yaml.safe_load(file.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise RecordError(f"{file}: cannot read it as YAML ({err})") from err
+    try:
+        if not isinstance(data, dict):
+            raise RecordError(f"expected a mapping of {', '.join(DEVICE_TYPES)}, found {type(data).__name__}")
+        return {device: _device_targets(data, device) for device in DEVICE_TYPES}
+    except RecordError as err:
+        raise RecordError(f"{file}: {err}") from err
+
+
+def _device_targets(data: dict[str, Any], device: str) -> DeviceTargets:
+    if device not in data:
+        raise RecordError(f"missing key {device!r}")
+    parsed = from_json(DeviceTargets, data[device], device)  # the shapes: a mapping, a list, ...
+    _known_keys(data[device], device, [f.name for f in dataclasses.fields(DeviceTargets)])
+    for i, item in enumerate(data[device]["targets"]):
+        _known_keys(item, f"{device}.targets[{i}]", [f.name for f in dataclasses.fields(Target)])
+    _known_keys(parsed.set_for, f"{device}.set_for", [f.name for f in dataclasses.fields(Settings)])
+    for i, target in enumerate(parsed.targets):
+        _check_target(target, f"{device}.targets[{i}]")
+    return parsed
+
+
+def _known_keys(data: dict[str, Any], where: str, keys: list[str]) -> None:
+    """A misspelled key is an error, not a default silently used (from_json passes over unknown keys)."""
+    if unknown := [k for k in data if k not in keys]:
+        raise RecordError(f"{where}: unknown key {unknown[0]!r} (keys: {', '.join(keys)})")
+
+
+def _check_target(target: Target, where: str) -> None:
+    row = StepRun if target.rows == "step" else WholeRun
+    fields = {f.name for f in dataclasses.fields(row)} - {"extra"}
+    for key, metric in (("metric", target.metric), ("versus_metric", target.versus_metric)):
+        if metric is not None and metric not in fields:
+            problem = f"{metric!r} is not a field of a {target.rows} row ({row.__name__})"
+            raise RecordError(f"{where}.{key}: {problem}")
+    if (target.versus == "self") != (target.versus_metric is not None):
+        raise RecordError(f"{where}: versus_metric is for versus: self, and versus: self needs it")
+    for key, run in (("run", target.run), ("versus", target.versus)):
+        if run != "self":
+            try:
+                parse_run(run, 1, option=key)
+            except ConfigError as err:
+                raise RecordError(f"{where}.{key}: {'; '.join(err.problems)}") from None
 
 
 def check_targets(
     results: list[dict[str, Any]], settings: dict[str, Any], whole: Sequence[dict[str, Any]] = ()
-) -> list[dict[str, Any]]:
+) -> list[TargetResult]:
     """Each target of the device type: measured ratio, threshold, PASS/FAIL (or n/a: a row not run or
     failed), and whether this run is the shape and batch the target was set for."""
-    where, targets = TARGETS["cuda" if settings["device_type"] == "cuda" else "cpu"]
+    section = load_targets()["cuda" if settings["device_type"] == "cuda" else "cpu"]
+    where = section.set_for
     applies = all(settings.get(k) == v for k, v in where.items())
     chunk = settings["loss_chunk_size"]
 
     out = []
-    for target in targets:
+    for target in section.targets:
         rows = whole if target.rows == "whole" else results
         row, value = find_row(rows, parse_run(target.run, chunk)), None
         if row is not None:
@@ -125,15 +130,15 @@ def check_targets(
             else (value <= target.threshold if target.at_most else value >= target.threshold)
         )
         out.append(
-            {
-                "target": target.name,
-                "rows": target.rows,
-                "value": value,
-                "threshold": target.threshold,
-                "result": "n/a" if holds is None else ("PASS" if holds else "FAIL"),
-                "set_for": where,
-                "applies": applies,
-            }
+            TargetResult(
+                target=target.name,
+                rows=target.rows,
+                value=value,
+                threshold=target.threshold,
+                result=Outcome.NA if holds is None else (Outcome.PASS if holds else Outcome.FAIL),
+                set_for=where,
+                applies=applies,
+            )
         )
     return out
 

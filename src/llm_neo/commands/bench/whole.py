@@ -23,8 +23,9 @@ import torch
 from llm_neo.choices import METHODS
 from llm_neo.commands.bench import launcher
 from llm_neo.commands.bench.isolate import child_env
-from llm_neo.commands.bench.runs import BenchConfig, GiB, RunSpec, ratio, row_name
+from llm_neo.commands.bench.runs import BenchConfig, RunSpec, ratio, row_name
 from llm_neo.commands.bench.step import build_model
+from llm_neo.runtime.memory import GiB
 
 # ----------------------------------------------------------------------------------------------------
 # Whole runs: `llm-neo distill` processes on the same shape

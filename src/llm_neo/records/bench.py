@@ -1,0 +1,231 @@
+"""The records of `llm-neo bench`: ``BenchReport`` is what ``LABEL.json`` holds, one ``StepRun`` per step
+run, one ``WholeRun`` (or ``FailedWholeRun``) per whole run, one ``TargetResult`` per acceptance target.
+
+``llm_neo.commands.bench`` computes its rows as dicts (each measurement adds its keys as it is taken) and
+turns the finished report into these records; its Markdown report reads them by attribute. The JSON keys
+are the fields' names in their order (the order the bench has always written them in), so a file written
+before these records existed loads and writes back unchanged. A key a row holds only sometimes (a
+quantized row's bytes, a failed run's measurements) is a field with ``metadata=OPTIONAL_KEY``.
+
+``LABEL.json`` carries no ``schema_version`` yet (its fields are unchanged from the files in
+benchmarks/results); ``schema_version`` is read when present, and a later change of meaning writes it.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from llm_neo.records import OPTIONAL_KEY
+from llm_neo.summary import MemoryKind
+
+Status = Literal["ok", "oom", "error", "timeout"]
+Failure = Literal["oom", "error", "timeout"]
+Rows = Literal["step", "whole"]
+
+
+class PeakKind(enum.Enum):
+    """What a step run's ``peak_bytes`` measured."""
+
+    CUDA_MAX_ALLOCATED = "cuda_max_allocated"  # torch.cuda.max_memory_allocated, reset after the build
+    PROCESS_MAX_RSS = "process_max_rss"  # the run's own process's peak RSS (--isolate on a CPU)
+    LIVE_TENSOR_BYTES = "live_tensor_bytes"  # live tensor bytes counted op by op (--no-isolate, CPU)
+
+
+class Outcome(enum.Enum):
+    """A target's result: n/a when a row it needs was not run or failed."""
+
+    PASS = "PASS"
+    FAIL = "FAIL"
+    NA = "n/a"
+
+
+@dataclass(kw_only=True)
+class StepRun:
+    """One step run (a row of the report's first table): its measurements, the plan beside them, its
+    ratios to plain full KD, and for a quantized run the bytes quantization saved and cut."""
+
+    run: str  # ARM:IMPL as given to --runs
+    spec: dict[str, Any]  # the RunSpec it ran (commands.bench.runs), as its fields
+    status: Status
+    baseline_rss_bytes: int | None = field(default=None, metadata=OPTIONAL_KEY)
+    teacher_quant: dict[str, Any] | None = field(default=None, metadata=OPTIONAL_KEY)  # quantize_teacher's
+    student_quant: dict[str, Any] | None = field(default=None, metadata=OPTIONAL_KEY)
+    trainable_parameters: int | None = field(default=None, metadata=OPTIONAL_KEY)
+    step_s: float | None = field(default=None, metadata=OPTIONAL_KEY)
+    step_times_s: list[float] | None = field(default=None, metadata=OPTIONAL_KEY)
+    tokens_per_s: float | None = field(default=None, metadata=OPTIONAL_KEY)
+    loss: float | None = field(default=None, metadata=OPTIONAL_KEY)
+    error: str | None = field(default=None, metadata=OPTIONAL_KEY)
+    peak_bytes: int | None = field(default=None, metadata=OPTIONAL_KEY)
+    reserved_bytes: int | None = field(default=None, metadata=OPTIONAL_KEY)  # on a GPU
+    peak_kind: PeakKind | None = field(default=None, metadata=OPTIONAL_KEY)
+    device: str | None = field(default=None, metadata=OPTIONAL_KEY)
+    name: str
+    plan_bytes: int
+    plan_phase: str
+    plan_components_gib: dict[str, float]
+    plan_teacher_weight_bytes: int | None = field(default=None, metadata=OPTIONAL_KEY)  # since 2026-12
+    plan_student_weight_bytes: int | None = field(default=None, metadata=OPTIONAL_KEY)
+    weights_floor_bytes: int
+    plan_error_pct: float | None
+    memory_vs_kd: float | None
+    speed_vs_kd: float | None
+    teacher_saved_bytes: int | None = field(default=None, metadata=OPTIONAL_KEY)
+    student_saved_bytes: int | None = field(default=None, metadata=OPTIONAL_KEY)
+    peak_cut_bytes: int | None = field(default=None, metadata=OPTIONAL_KEY)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(kw_only=True)
+class Phase:
+    """A phase of a whole run and the largest RSS sampled in it (None: no sample fell inside)."""
+
+    phase: str
+    start_s: float
+    end_s: float
+    max_rss_bytes: int | None
+    hwm_end_bytes: int | None
+
+
+@dataclass(kw_only=True)
+class WholeRun:
+    """A whole `llm-neo distill` process that finished: its own peak, its summary.json's, the phases."""
+
+    run: str
+    spec: dict[str, Any]
+    kind: Literal["whole"]
+    command: str  # the distill command line, paths relative to the whole runs' directory
+    status: Literal["ok"]
+    process_peak_bytes: int
+    training_peak_bytes: int
+    training_peak_kind: MemoryKind | None
+    process_to_training: float | None  # None when the training peak is not an RSS (a GPU)
+    tensor_peak_bytes: int | None
+    sampled_peak_bytes: int
+    launcher_peak_bytes: int
+    peak_phase: str | None
+    phases: list[Phase]
+    wall_s: float
+    train_time_s: float | None
+    summary_wall_time_s: float | None
+    steps: int | None
+    tokens_trained: int | None
+    teacher_quant: dict[str, Any] | None  # summary.json's, as RunSummary holds them
+    student_quant: dict[str, Any] | None
+    heldout: dict[str, Any] | None
+    merge_check: dict[str, Any] | None
+    device: str | None
+    name: str
+    memory_vs_kd: float | None
+    step_peak_bytes: int | None  # the same run's step benchmark, when it was one of --runs
+    teacher_saved_bytes: int | None = field(default=None, metadata=OPTIONAL_KEY)
+    student_saved_bytes: int | None = field(default=None, metadata=OPTIONAL_KEY)
+    peak_cut_bytes: int | None = field(default=None, metadata=OPTIONAL_KEY)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(kw_only=True)
+class FailedWholeRun:
+    """A whole run that did not finish: what it was and why (its measurements do not exist)."""
+
+    run: str
+    spec: dict[str, Any]
+    kind: Literal["whole"]
+    command: str
+    status: Failure
+    error: str
+    name: str
+    memory_vs_kd: float | None
+    step_peak_bytes: int | None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(kw_only=True)
+class TargetResult:
+    """One acceptance target (benchmarks/targets.yaml) as measured: the ratio, its bound, the outcome, and
+    whether this bench ran the shape and batch the target was set for."""
+
+    target: str  # its name
+    rows: Rows | None = field(default=None, metadata=OPTIONAL_KEY)  # since whole runs (2026-12)
+    value: float | None
+    threshold: float
+    result: Outcome
+    set_for: dict[str, Any]
+    applies: bool
+
+
+@dataclass(kw_only=True)
+class Settings:
+    """What every run of the bench shares."""
+
+    shape: str
+    description: str
+    batch_size: int
+    seq_len: int
+    lora_r: int
+    kd_ratio: float
+    dtype: str
+    compute_dtype_bytes: int
+    device_type: str
+    gradient_checkpointing: bool
+    mlp_chunks: int | None = field(default=None, metadata=OPTIONAL_KEY)  # since 2026-12 (1 before)
+    loss_chunk_size: int
+    warmup_steps: int
+    steps: int
+    isolate: bool
+    seed: int
+    num_threads: int
+    malloc_mmap_threshold: int | None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(kw_only=True)
+class Versions:
+    torch: str
+    transformers: str
+    peft: str
+    llm_neo: str
+    python: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(kw_only=True)
+class LoadAverage:
+    """The machine's 1-minute load average at the start and the end (None where the platform has none)."""
+
+    start: float | None
+    end: float | None
+    cpus: int | None
+
+
+@dataclass(kw_only=True)
+class WholeRunInputs:
+    """What the whole runs trained and were evaluated on."""
+
+    records: int
+    heldout_records: int
+    eval_fraction: float
+    max_steps: int
+    directory: str | None  # kept with --whole-run-dir; None: a temporary directory, removed
+
+
+@dataclass(kw_only=True)
+class BenchReport:
+    """``LABEL.json``: the bench's settings, where it ran, every run and the targets."""
+
+    schema_version: int | None = field(default=None, metadata=OPTIONAL_KEY)
+    label: str
+    date: str
+    device: str
+    versions: Versions
+    git_commit: str | None  # "+modified" when a module the runs execute differs from that commit
+    settings: Settings
+    load_average: LoadAverage
+    peak_kind: PeakKind | None
+    results: list[StepRun]
+    whole_runs: list[WholeRun | FailedWholeRun] = field(default_factory=list)
+    whole_inputs: WholeRunInputs | None = None
+    targets: list[TargetResult]
+    extra: dict[str, Any] = field(default_factory=dict)
