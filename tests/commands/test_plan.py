@@ -30,6 +30,7 @@ from llm_neo.commands.plan import (
 from llm_neo.commands.shapes import SHAPES, get_shape
 from llm_neo.errors import ConfigError
 from llm_neo.models.lora import attach_lora, trainable_parameters
+from llm_neo.records.bench import PeakKind
 
 # (shape, batch, seq_len, gradient checkpointing, method, impl) -> peak GiB on an H200.
 ANCHORS = json.loads((Path(__file__).parents[2] / "benchmarks" / "results" / "h200-anchors.json").read_text())
@@ -168,10 +169,10 @@ def test_plan_matches_peak_rss_of_a_cpu_run(tmp_path):
         ),
         progress=False,
     )
-    for row in report["results"]:
-        assert row["status"] == "ok", row
-        assert row["peak_kind"] == "process_max_rss"
-        assert abs(row["plan_error_pct"]) <= 20, row["name"]
+    for row in report.results:
+        assert row.status == "ok", row
+        assert row.peak_kind is PeakKind.PROCESS_MAX_RSS
+        assert row.plan_error_pct is not None and abs(row.plan_error_pct) <= 20, row.name
 
 
 def test_chunked_removes_the_logits_term():
