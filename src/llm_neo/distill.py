@@ -60,7 +60,7 @@ from llm_neo.errors import (
     RunStopped,
     TrainingError,
 )
-from llm_neo.eval.metrics import heldout_metrics
+from llm_neo.eval.metrics import heldout_metrics, small_heldout
 from llm_neo.export import EXPORT_FILE, export_model, parse_export_spec
 from llm_neo.export.gguf import check_gguf_layout
 from llm_neo.losses import (
@@ -1220,4 +1220,6 @@ def _heldout(run: Run, merged: PreTrainedModel) -> tuple[dict[str, float], str |
         metrics = heldout_metrics(merged, run.heldout, teacher, kd_vocab_size=kd_vocab, **common)
         reference = "teacher" if teacher is not None else None
     log.info("held-out: %s", ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+    if warning := small_heldout(len(run.heldout), int(metrics["tokens"])):
+        log.warning("held-out: %s", warning)
     return metrics, reference
