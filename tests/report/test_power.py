@@ -63,7 +63,10 @@ def test_the_interval_excludes_zero_four_times_in_five_at_the_detectable_differe
     def power(difference: float, trials: int = 2000) -> float:
         a = rng.binomial(records, 0.5 + difference / 2, size=(trials, seeds)) / records
         b = rng.binomial(records, 0.5 - difference / 2, size=(trials, seeds)) / records
-        decided = [paired_difference(list(x), list(y)).verdict is not Verdict.NEITHER for x, y in zip(a, b)]
+        decided = [
+            paired_difference(list(x), list(y)).verdict is not Verdict.NEITHER
+            for x, y in zip(a, b, strict=True)
+        ]
         return float(np.mean(decided))
 
     assert power(d) == pytest.approx(0.8, abs=0.05)
