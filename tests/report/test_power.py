@@ -104,8 +104,12 @@ def test_warnings_carry_their_fix_in_numbers():
     assert "0.48 of an epoch" in under_epoch
     assert "--max-steps 63 covers 3 epochs (21 cover one)" in under_epoch  # 3 * 84 / 4, 84 / 4
     assert "36 held-out records at 2 seeds detect only differences of 117 points" in undecidable
-    n5 = records_needed(0.1, 5)
-    assert f"{n5:,} held-out records detect 10 points at 5 seeds" in undecidable
+    n2, n5, n10 = (records_needed(0.1, s) for s in (2, 5, 10))
+    assert (
+        f"{n2:,} held-out records at 2 seeds, {n5} at 5 seeds or {n10} at 10 seeds detect 10 points"
+        in undecidable
+    )
+    assert f"these 36 detect {100 * detectable_difference(36, 5):.0f} points at 5 seeds" in undecidable
     assert "36 records and 400 tokens" in small
     lines = budget_lines(budget)
     assert "0.48 epoch(s) per arm" in lines[0] and "952 trained (response) tokens" in lines[0]

@@ -81,16 +81,18 @@ def points(fraction: float) -> str:
 def heldout_advice(records: int, seeds: int) -> str:
     """What held-out size and seed count would detect ``DECISIVE_DIFFERENCE``: at these seeds (if two
     or more) and at 5 and 10 seeds, computed with ``records_needed``."""
-    options = []
-    for s in sorted({seeds, 5, 10} - {1}):
-        if s < seeds:
-            continue
-        n = records_needed(DECISIVE_DIFFERENCE, s)
-        options.append(f"{n:,} held-out records detect {points(DECISIVE_DIFFERENCE)} points at {s} seeds")
-    more = detectable_difference(records, max(seeds, 5))
+    needed = [
+        f"{records_needed(DECISIVE_DIFFERENCE, s):,}"
+        + (" held-out records" if i == 0 else "")
+        + f" at {s} seeds"
+        for i, s in enumerate(s for s in sorted({seeds, 5, 10} - {1}) if s >= seeds)
+    ]
+    text = f"{', '.join(needed[:-1])} or {needed[-1]}" if len(needed) > 1 else needed[0]
+    text += f" detect {points(DECISIVE_DIFFERENCE)} points"
+    more = detectable_difference(records, 5)
     if more is not None and seeds < 5:
-        options.append(f"these {records:,} detect {points(more)} points at 5 seeds")
-    return "; ".join(options)
+        text += f"; these {records:,} detect {points(more)} points at 5 seeds"
+    return text
 
 
 def epochs_advice(train_examples: int, samples_per_step: int) -> str:
