@@ -114,6 +114,10 @@ def test_warnings_carry_their_fix_in_numbers():
     lines = budget_lines(budget)
     assert "0.48 epoch(s) per arm" in lines[0] and "952 trained (response) tokens" in lines[0]
     assert "held-out: 36 records, 400 scored tokens, 2 seed(s)" in lines[1]
+    assert (
+        "117 points of task score at 95% (more than the whole scale: no difference is detectable)" in lines[2]
+    )
+    assert "more than the whole scale" not in budget_lines(_budget(3.0, 100, 5))[2]
 
 
 def test_a_decisive_budget_has_no_warnings():

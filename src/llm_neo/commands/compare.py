@@ -1224,7 +1224,10 @@ def run_compare(config: CompareConfig) -> int:
         validate_compare(config)
         budget = plan_only(config)
         print("\n".join(budget_lines(budget) + [f"warning: {w}" for w in budget.warnings]))
-        print("\n--plan-only: nothing trained; no time estimate (run without --plan-only to measure one)")
+        print(
+            "\n--plan-only: nothing trained, nothing written. No time per arm is estimated: the first arm's "
+            "progress line gives its ETA within a few steps."
+        )
         return 0
     results = compare(config)
     if results is None:  # a rank other than 0 of a torchrun launch: rank 0 reports

@@ -120,8 +120,9 @@ def budget_lines(budget: Budget) -> list[str]:
     if budget.detectable is None:
         lines.append("detectable difference: none (one seed gives no interval; --seeds 3 or more)")
     else:
+        beyond = " (more than the whole scale: no difference is detectable)" if budget.detectable >= 1 else ""
         lines.append(
-            f"detectable difference: {points(budget.detectable)} points of task score at 95% "
+            f"detectable difference: {points(budget.detectable)} points of task score at 95%{beyond} "
             f"({budget.method})"
         )
     return lines
