@@ -492,9 +492,9 @@ def report_blocks(results: CompareResults) -> list[Block]:
 
 
 def budget_blocks(results: CompareResults) -> list[Block]:
-    """ "Can this comparison decide?": the budget stated before training (epochs and trained tokens per
-    arm, the held-out size, the detectable difference) and its warnings; nothing for a results.json
-    written before compare stated it."""
+    """The section "Can this comparison decide?": the budget stated before training (epochs and trained
+    tokens per arm, the held-out size, the detectable difference) and its warnings; nothing for a
+    results.json written before compare stated it."""
     budget = results.budget
     if budget is None:
         return []
