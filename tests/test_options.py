@@ -33,7 +33,7 @@ def test_the_derived_rules_are_the_hand_written_sets_they_replaced():
     }  # fmt: skip
     assert set(REPORT_ONLY) == {
         "project_tokens", "gpu", "gpus", "utilization", "jobs", "overwrite", "log_every", "device",
-        "exact_memory", "probes",
+        "exact_memory", "probes", "plan_only",
     }  # fmt: skip
     assert set(SCORING) == {
         "score",
@@ -83,6 +83,7 @@ COMPARE_NON_RESULTS = {
     "utilization": Effect.REPORT,
     "exact_memory": Effect.REPORT,
     "probes": Effect.REPORT,
+    "plan_only": Effect.REPORT,
     "score": Effect.SCORING,
     "category_field": Effect.SCORING,
     "max_new_tokens": Effect.SCORING,

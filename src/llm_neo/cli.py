@@ -222,6 +222,7 @@ def ignored_options(config: DistillConfig) -> list[str]:
 def run_distill(config: DistillConfig) -> int:
     from llm_neo.distill import distill
     from llm_neo.errors import OutOfMemory
+    from llm_neo.eval.metrics import small_heldout
     from llm_neo.models.quant import describe_teacher_quant
     from llm_neo.report.tables import format_table
 
@@ -244,6 +245,9 @@ def run_distill(config: DistillConfig) -> int:
         "merge_diff": summary.merge_check.get("max_abs_logit_diff", "n/a"),  # n/a: sft/kd merge nothing
     }
     print(format_table({summary.method: row}, list(row)))
+    heldout_counts = (summary.samples["heldout"], int(summary.heldout.get("tokens", 0)))
+    if summary.heldout and (small := small_heldout(*heldout_counts)):
+        print(f"\nwarning: {small}")
     print(f"\nmerged model: {summary.output_dir}/merged  (summary.json, metrics.jsonl beside it)")
     teacher_line = describe_teacher_quant(summary.teacher_quant)
     if teacher_line:

@@ -60,7 +60,7 @@ from llm_neo.errors import (
     RunStopped,
     TrainingError,
 )
-from llm_neo.eval.metrics import heldout_metrics
+from llm_neo.eval.metrics import heldout_metrics, small_heldout
 from llm_neo.export import EXPORT_FILE, export_model, parse_export_spec
 from llm_neo.export.gguf import check_gguf_layout
 from llm_neo.losses import (
@@ -313,7 +313,7 @@ def setup(config: DistillConfig) -> Run:
         check_space(config, out, n_trainable, base_parameters, export_dtype)
     barrier(world)
 
-    total_steps = _total_steps(config, len(train_split), world)
+    total_steps = planned_steps(config, len(train_split), world.size)
     optimizer, scheduler = _optimizer(config, trainable, total_steps, world)
     progress = Progress()
     if resume_from is not None:
@@ -529,9 +529,11 @@ def _cache_vocab_size(cache: TeacherCache, student: torch.nn.Module) -> int:
     return cache.vocab_size
 
 
-def _total_steps(config: DistillConfig, train_size: int, world: World) -> int:
+def planned_steps(config: DistillConfig, train_size: int, ranks: int = 1) -> int:
+    """The optimizer steps of a run on ``train_size`` training examples over ``ranks`` processes:
+    --max-steps, else --epochs of micro-batches (compare's plan states it before training)."""
     per_epoch = math.ceil(train_size / config.batch_size)
-    per_step = config.grad_accum * world.size  # micro-batches of one optimizer step, all ranks together
+    per_step = config.grad_accum * ranks  # micro-batches of one optimizer step, all ranks together
     return config.max_steps or max(1, math.ceil(config.epochs * per_epoch / per_step))
 
 
@@ -1221,4 +1223,6 @@ def _heldout(run: Run, merged: PreTrainedModel) -> tuple[dict[str, float], str |
         metrics = heldout_metrics(merged, run.heldout, teacher, kd_vocab_size=kd_vocab, **common)
         reference = "teacher" if teacher is not None else None
     log.info("held-out: %s", ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+    if warning := small_heldout(len(run.heldout), int(metrics["tokens"])):
+        log.warning("held-out: %s", warning)
     return metrics, reference

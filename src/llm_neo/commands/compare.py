@@ -49,11 +49,12 @@ from llm_neo.config import (
     parse_arm,
     validate_distill,
 )
-from llm_neo.data import load_records, read_examples
+from llm_neo.data import Example, load_records, read_examples
 from llm_neo.errors import ConfigError
 from llm_neo.eval.generate import greedy_answers
 from llm_neo.eval.metrics import heldout_metrics
 from llm_neo.eval.scoring import SCORES, parse_score, references, score_answers
+from llm_neo.losses import IGNORE_INDEX
 from llm_neo.models.loading import (
     kd_vocab_size,
     load_config,
@@ -81,6 +82,7 @@ from llm_neo.records.compare import (
     ArmCost,
     ArmGroup,
     ArmRun,
+    Budget,
     ComparedData,
     CompareResults,
     Cost,
@@ -91,6 +93,7 @@ from llm_neo.records.compare import (
     PairedRow,
     Projection,
     ReferenceModels,
+    SizeBudget,
     Stats,
     Timing,
 )
@@ -262,6 +265,16 @@ class CompareConfig(TrainOptions):
             effect=Effect.REPORT,
         ),
     )
+    plan_only: bool = field(
+        default=False,
+        metadata=option_help(
+            "Say whether the comparison can decide (epochs per arm, trained tokens, held-out size, the "
+            "smallest detectable score difference, warnings with their fixes) and stop: nothing trains "
+            "and nothing is written to --output-dir.",
+            group=RUN,
+            effect=Effect.REPORT,
+        ),
+    )
     output_dir: str = field(
         default="runs/compare", metadata=option_help("Where everything goes.", group=RUN, effect=Effect.PLACE)
     )
@@ -380,10 +393,14 @@ def compare(config: CompareConfig, *, extra: Extra | None = None) -> CompareResu
     started = time.perf_counter()
     config = dataclasses.replace(config, methods=_split(config.methods))
     validate_compare(config)
+    if config.plan_only:
+        state_budget(plan_only(config))
+        return None
     out = Path(config.output_dir).expanduser()
     _check_output_dir(config, out)
     plan = _plan(config, out)
     _check_heldout(plan)
+    budget = state_budget(plan_budget(plan))
     dump_yaml(config, out / "compare.yaml")
     t0 = time.perf_counter()
     caches = _build_caches(plan)
@@ -402,6 +419,7 @@ def compare(config: CompareConfig, *, extra: Extra | None = None) -> CompareResu
         probe_s = time.perf_counter() - t0
     timing = Timing(arms_s=arms_s, eval_s=eval_s, probe_s=probe_s, total_s=time.perf_counter() - started)
     results = _results(plan, evaluations, groups, probe, timing)
+    results.budget = budget
     if extra is not None:
         extra(results)
     from llm_neo.report.compare import write_report
@@ -561,6 +579,80 @@ def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
 def _check_heldout(plan: Plan) -> None:
     """The held-out file must give every record a reference response to score answers against."""
     references(load_records(plan.heldout), source=plan.heldout)
+
+
+# ------------------------------------------------------------------------------------------------
+# Can it decide? The budget, stated before the first arm trains
+
+
+def plan_only(config: CompareConfig) -> Budget:
+    """--plan-only: the comparison's budget, from its options and data alone; nothing trains and nothing
+    is written to --output-dir (a split of --data is made in a temporary directory, as the run would
+    make it: same --seed, same --eval-fraction), so a rerun with other options is not refused."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="llm-neo-plan-") as tmp:
+        plan = _plan(config, Path(tmp))
+        _check_heldout(plan)
+        return plan_budget(plan)
+
+
+def plan_budget(plan: Plan) -> Budget:
+    """Epochs and trained tokens per arm at every data size, the held-out split's records and scored
+    tokens, the smallest task-score difference they detect at the seeds run (report.power), and the
+    warnings; the training and held-out files are tokenized as distill tokenizes them."""
+    from llm_neo.distill import planned_steps
+    from llm_neo.report.power import METHOD, budget_warnings, detectable_difference
+
+    config = plan.config
+    tokenizer = load_tokenizer(config.student, role="student", trust_remote_code=config.trust_remote_code)
+    per_step = config.batch_size * config.grad_accum * _launched_ranks()
+    sizes = []
+    for records in plan.sizes:
+        data = next(str(arm.config.data) for arm in plan.arms if arm.records == records)
+        _, examples, _ = read_examples(data, tokenizer, config)
+        steps = planned_steps(plan.arms[0].config, len(examples), _launched_ranks())
+        epochs = steps * per_step / max(len(examples), 1)
+        per_epoch = _response_tokens(examples)
+        sizes.append(
+            SizeBudget(
+                records=records,
+                train_examples=len(examples),
+                steps=steps,
+                samples_per_step=per_step,
+                epochs=epochs,
+                tokens_per_epoch=per_epoch,
+                trained_tokens=round(per_epoch * epochs),
+            )
+        )
+    heldout, examples, _ = read_examples(plan.heldout, tokenizer, config)
+    budget = Budget(
+        sizes=sizes,
+        heldout_records=len(heldout),  # every record is scored (its greedy answer)
+        heldout_tokens=_response_tokens(examples),
+        seeds=config.seeds,
+        detectable=detectable_difference(len(heldout), config.seeds),
+        method=METHOD,
+        warnings=[],
+    )
+    budget.warnings = budget_warnings(budget)
+    return budget
+
+
+def _response_tokens(examples: list[Example]) -> int:
+    """The tokens the loss and the held-out metrics are over: trained labels, shifted as they are."""
+    return sum(sum(1 for t in ex.labels[1:] if t != IGNORE_INDEX) for ex in examples)
+
+
+def state_budget(budget: Budget) -> Budget:
+    """Log the budget (INFO) and its warnings (WARNING), before anything trains; returns it."""
+    from llm_neo.report.power import budget_lines
+
+    for line in budget_lines(budget):
+        log.info("compare: %s", line)
+    for warning in budget.warnings:
+        log.warning("compare: %s", warning)
+    return budget
 
 
 def _build_caches(plan: Plan) -> dict[tuple[str, str, str], str]:
@@ -1123,7 +1215,20 @@ def _device_name(device: str) -> str:
 
 
 def run_compare(config: CompareConfig) -> int:
-    """`llm-neo compare`: run (or finish) the comparison, print the verdict and where the report is."""
+    """`llm-neo compare`: run (or finish) the comparison, print the verdict and where the report is;
+    with --plan-only, print whether it can decide and stop."""
+    if config.plan_only:
+        from llm_neo.report.power import budget_lines
+
+        config = dataclasses.replace(config, methods=_split(config.methods))
+        validate_compare(config)
+        budget = plan_only(config)
+        print("\n".join(budget_lines(budget) + [f"warning: {w}" for w in budget.warnings]))
+        print(
+            "\n--plan-only: nothing trained, nothing written. No time per arm is estimated: the first arm's "
+            "progress line gives its ETA within a few steps."
+        )
+        return 0
     results = compare(config)
     if results is None:  # a rank other than 0 of a torchrun launch: rank 0 reports
         return 0

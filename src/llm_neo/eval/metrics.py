@@ -28,6 +28,23 @@ from llm_neo.models.anatomy import final_hidden_states, model_logits
 from llm_neo.models.loading import autocast
 from llm_neo.teacher_cache.store import TeacherCache
 
+# A held-out metric over fewer records or tokens than these is flagged with its counts wherever it is
+# shown (distill's summary, compare's plan and report): its third digit is noise, not a measurement.
+SMALL_HELDOUT_RECORDS = 50
+SMALL_HELDOUT_TOKENS = 1000
+
+
+def small_heldout(records: int, tokens: int) -> str | None:
+    """A warning naming the counts when held-out metrics over ``records`` records and ``tokens`` scored
+    tokens are too few to read closely (under SMALL_HELDOUT_RECORDS or SMALL_HELDOUT_TOKENS), else None."""
+    if records >= SMALL_HELDOUT_RECORDS and tokens >= SMALL_HELDOUT_TOKENS:
+        return None
+    return (
+        f"the held-out metrics are over {records:,} records and {tokens:,} tokens (under "
+        f"{SMALL_HELDOUT_RECORDS} records or {SMALL_HELDOUT_TOKENS:,} tokens): read them as indicative, "
+        "not to their digits; hold out more records (--eval-fraction, or --heldout for compare)"
+    )
+
 
 @torch.no_grad()
 def heldout_metrics(

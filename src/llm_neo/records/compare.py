@@ -261,9 +261,38 @@ class CompareResults:
     context: list[str] | None = field(default=None, metadata=OPTIONAL_KEY)
     # How the demo made its teacher and student
     demo: dict[str, Any] | None = field(default=None, metadata=OPTIONAL_KEY)
+    # Whether it can decide, stated before training (results.json written before it existed lack it)
+    budget: Budget | None = field(default=None, metadata=OPTIONAL_KEY)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def memory_kind(self) -> MemoryKind:
         """What the arms' ``peak_memory_gb`` measured (every arm ran on the same device)."""
         return self.groups[0].runs[0].peak_memory_kind
+
+
+@dataclass(kw_only=True)
+class SizeBudget:
+    """What every arm trains at one data size, known before the first step."""
+
+    records: int | None  # the data-size axis's value (None: all the training records)
+    train_examples: int  # the records that tokenize to a trained token: what an epoch passes over
+    steps: int  # optimizer steps per arm
+    samples_per_step: int  # batch size x gradient accumulation (x ranks)
+    epochs: float  # steps x samples per step / train examples
+    tokens_per_epoch: int  # trained (response) tokens of one pass over the training examples
+    trained_tokens: int  # tokens_per_epoch x epochs
+
+
+@dataclass(kw_only=True)
+class Budget:
+    """Whether the comparison can decide, stated before it trains (report.power): each data size's
+    budget, the held-out split's size, and the smallest task-score difference it detects."""
+
+    sizes: list[SizeBudget]
+    heldout_records: int
+    heldout_tokens: int  # the held-out response tokens CE, KL and top-1 agreement are averaged over
+    seeds: int
+    detectable: float | None  # a fraction (0.1: 10 points); None: no interval (one seed)
+    method: str  # how ``detectable`` was computed, in words
+    warnings: list[str]  # each with its fix in numbers

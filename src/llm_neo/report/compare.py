@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from llm_neo.eval.metrics import small_heldout
 from llm_neo.records.compare import (
     ArmGroup,
     CompareResults,
@@ -24,6 +25,7 @@ from llm_neo.records.compare import (
     Verdict,
 )
 from llm_neo.report.document import Block, Bullets, Heading, Image, Paragraph, Table, to_html, to_markdown
+from llm_neo.report.power import budget_lines
 from llm_neo.report.probe import plots as probe_plots
 from llm_neo.report.probe import section_blocks
 from llm_neo.report.style import REFERENCE_COLORS, color, label
@@ -410,6 +412,7 @@ def report_blocks(results: CompareResults) -> list[Block]:
         Heading(1, "llm-neo comparison"),
         Paragraph(_setting(results)),
         *[Paragraph(line) for line in results.context or []],
+        *budget_blocks(results),
         Heading(2, "Verdict"),
         Bullets(tuple(verdict(results))),
         Heading(2, "Results"),
@@ -426,6 +429,7 @@ def report_blocks(results: CompareResults) -> list[Block]:
                 "allocator slack)."
             )
         ),
+        *small_heldout_blocks(results),
         Image("scores", "task score of every model"),
     ]
     if results.paired:
@@ -485,6 +489,26 @@ def report_blocks(results: CompareResults) -> list[Block]:
         Table(*_examples(results), wrap=True),
     ]
     return blocks
+
+
+def budget_blocks(results: CompareResults) -> list[Block]:
+    """The section "Can this comparison decide?": the budget stated before training (epochs and trained
+    tokens per arm, the held-out size, the detectable difference) and its warnings; nothing for a
+    results.json written before compare stated it."""
+    budget = results.budget
+    if budget is None:
+        return []
+    blocks: list[Block] = [Heading(2, "Can this comparison decide?"), Bullets(tuple(budget_lines(budget)))]
+    if budget.warnings:
+        blocks.append(Bullets(tuple(f"**Warning**: {w}" for w in budget.warnings)))
+    return blocks
+
+
+def small_heldout_blocks(results: CompareResults) -> list[Block]:
+    """The held-out split's counts beside its metrics, when they are too few to read to their digits."""
+    scored = results.models.student
+    warning = small_heldout(scored.total, scored.heldout_tokens)
+    return [] if warning is None else [Paragraph(f"**Small held-out split**: {warning}.")]
 
 
 def _setting(results: CompareResults) -> str:
