@@ -20,6 +20,7 @@ from llm_neo.records.compare import (
     Example,
     GroupStats,
     PairedDifference,
+    Projection,
     Stats,
     Verdict,
 )
@@ -27,7 +28,7 @@ from llm_neo.report.document import Block, Bullets, Heading, Image, Paragraph, T
 from llm_neo.report.probe import plots as probe_plots
 from llm_neo.report.probe import section_blocks
 from llm_neo.report.style import REFERENCE_COLORS, color, label
-from llm_neo.report.tables import format_gib
+from llm_neo.report.tables import format_duration, format_gib, format_sig
 from llm_neo.runtime.atomic import atomic_write_bytes, atomic_write_text
 from llm_neo.summary import MemoryKind
 
@@ -234,7 +235,8 @@ def results_table(results: CompareResults) -> tuple[dict[str, dict[str, Any]], l
             "KL to teacher": mean_std(s.kl_to_teacher, digits=3),
             "top-1 agree %": mean_std(s.top1_agreement, 100),
             "train s": mean_std(s.train_time_s, digits=0),
-            "tokens/s": mean_std(s.tokens_per_s, digits=0),
+            "tokens/s": mean_std(s.tokens_processed_per_s, digits=0),
+            "response tokens/s": mean_std(s.tokens_per_s, digits=0),
             "peak GiB": mean_std(s.peak_memory_gb, digits=3),
             "peak tensors GiB": mean_std(s.peak_tensor_memory_gb, digits=3),
             "trainable": f"{g.runs[0].trainable_parameters:,}",
@@ -246,6 +248,7 @@ def results_table(results: CompareResults) -> tuple[dict[str, dict[str, Any]], l
         "top-1 agree %",
         "train s",
         "tokens/s",
+        "response tokens/s",
         "peak GiB",
         "peak tensors GiB",
         "trainable",
@@ -269,6 +272,13 @@ def paired_table(results: CompareResults) -> tuple[dict[str, dict[str, Any]], li
     return rows, ["Δ score, points [95% CI]", "verdict", "Δ KL to teacher", "Δ CE", "Δ train s"]
 
 
+THROUGHPUT = (
+    "Tokens/s: every token a training step ran through the student, prompt and response (padding "
+    "not counted; blank for runs recorded before llm-neo counted them); response tokens/s: the response "
+    "tokens the loss is on, what --project-tokens counts."
+)
+
+
 def cost_table(results: CompareResults) -> tuple[dict[str, dict[str, Any]], list[str]]:
     """Every arm's measured cost, and beside it the ratio to Neo's."""
     arms = results.cost.arms
@@ -282,12 +292,14 @@ def cost_table(results: CompareResults) -> tuple[dict[str, dict[str, Any]], list
         rows[label(method)] = {
             "train s": f"{arm.train_time_s:.1f}",
             "vs Neo time": f"{arm.train_time_s / neo.train_time_s:.2f}x" if neo and neo.train_time_s else "",
-            "tokens/s": f"{arm.tokens_per_s:.0f}" if arm.tokens_per_s else "",
+            "tokens/s": f"{arm.tokens_processed_per_s:.0f}" if arm.tokens_processed_per_s else "",
+            "response tokens/s": f"{arm.tokens_per_s:.0f}" if arm.tokens_per_s else "",
             "memory GiB": format_gib(memory),
             "vs Neo memory": f"{memory / neo_memory:.2f}x" if memory and neo_memory else "",
             "trainable": f"{arm.trainable_parameters:,}",
         }
-    return rows, ["train s", "vs Neo time", "tokens/s", "memory GiB", "vs Neo memory", "trainable"]
+    columns = ["train s", "vs Neo time", "tokens/s", "response tokens/s", "memory GiB", "vs Neo memory"]
+    return rows, [*columns, "trainable"]
 
 
 def quantization_table(results: CompareResults) -> tuple[dict[str, dict[str, Any]], list[str]] | None:
@@ -339,29 +351,52 @@ def projection_blocks(results: CompareResults, level: int) -> list[Block]:
     if not projection:
         return [
             Heading(level, "Projection"),
-            Paragraph("Give `--project-tokens 50M --gpu h100` for the GPU-hours of the full run."),
+            Paragraph(
+                "Give `--project-tokens 50M --gpu h100` (and `--gpu-price 2.5` per GPU-hour) for the "
+                "time, GPU-hours and cost of the full run."
+            ),
         ]
-    rows = {}
-    for method, p in projection.arms.items():
-        rows[label(method)] = {
-            "planned peak GiB": format_gib(p.planned_peak_gib),
-            "fits one card": "" if p.fits is None else ("yes" if p.fits else "no"),
-            "hours": f"{p.hours:.1f}",
-            "GPU-hours": f"{p.gpu_hours:.1f}",
-            "time from": p.basis,
-        }
+    rows, columns = projection_table(projection, results.config.get("gpu_price"))
     tokens = projection.tokens
     return [
         Heading(level, f"Projection: {tokens:,} training tokens on {projection.gpus} x {projection.gpu}"),
-        Table(rows, ["planned peak GiB", "fits one card", "hours", "GPU-hours", "time from"], wrap=True),
+        Table(rows, columns, wrap=True),
         Paragraph(
             "Assumptions: memory is `llm-neo plan`'s estimate of one step at --batch-size x --max-length "
             "(bf16, chunked loss as configured); time is the throughput measured here when it ran on "
             f"that card, else training FLOPs at {projection.utilization:.0%} of its dense bf16 peak "
             "(6·N per token for a full student, 4·N for a LoRA one, +2·N with checkpointing, +2·N of the "
-            "teacher when it runs online). Estimates, not measurements."
+            "teacher when it runs online). Times, GPU-hours and costs to two significant figures: "
+            "estimates, not measurements."
         ),
     ]
+
+
+def projection_table(
+    projection: Projection, price: float | None
+) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """Every arm's projected run: its memory, wall time, GPU-hours and, given a ``price`` per GPU-hour,
+    its cost (all to two significant figures)."""
+    cost = f"cost at {price:g}/GPU-hour" if price is not None else None
+    rows = {}
+    for method, p in projection.arms.items():
+        rows[label(method)] = {
+            "planned peak GiB": format_gib(p.planned_peak_gib),
+            "fits one card": "" if p.fits is None else ("yes" if p.fits else "no"),
+            "time": format_duration(3600 * p.hours),
+            "GPU-hours": format_sig(p.gpu_hours),
+            **({cost: format_sig(p.gpu_hours * price)} if cost and price is not None else {}),
+            "time from": p.basis,
+        }
+    columns = [
+        "planned peak GiB",
+        "fits one card",
+        "time",
+        "GPU-hours",
+        *([cost] if cost else []),
+        "time from",
+    ]
+    return rows, columns
 
 
 def categories_table(results: CompareResults) -> tuple[dict[str, dict[str, Any]], list[str]] | None:
@@ -446,7 +481,12 @@ def report_blocks(results: CompareResults) -> list[Block]:
                 wrap=True,
             ),
         ]
-    blocks += [Heading(2, "Cost"), Table(*cost_table(results)), *projection_blocks(results, 3)]
+    blocks += [
+        Heading(2, "Cost"),
+        Table(*cost_table(results)),
+        Paragraph(THROUGHPUT),
+        *projection_blocks(results, 3),
+    ]
     if quantization := quantization_table(results):
         blocks += [
             Heading(2, "Quantization: what it saved, what it cost"),
@@ -483,6 +523,10 @@ def report_blocks(results: CompareResults) -> list[Block]:
         Bullets(tuple(reproduce(results))),
         Heading(2, "Answers (first held-out records)"),
         Table(*_examples(results), wrap=True),
+        Paragraph(
+            "Each answer as the model wrote it, cut at 80 characters (…): ↵ marks a newline, (empty) an "
+            "empty answer, ␦ a byte that is not text and ␀–␟ a control character."
+        ),
     ]
     return blocks
 
@@ -505,9 +549,9 @@ def _examples(results: CompareResults) -> tuple[dict[str, dict[str, Any]], list[
     first = next(iter(answers.values()))
     rows = {}
     for i, ex in enumerate(first):
-        row = {"prompt": _printable(ex.prompt, 80), "expected": _printable(ex.expected, 40)}
+        row = {"prompt": _printable(ex.prompt, 120), "expected": _printable(ex.expected, 80)}
         row |= {
-            name: _printable(examples[i].answer, 40)
+            name: _printable(examples[i].answer, 80)
             for name, examples in answers.items()
             if i < len(examples)
         }
@@ -516,10 +560,26 @@ def _examples(results: CompareResults) -> tuple[dict[str, dict[str, Any]], list[
 
 
 def _printable(text: str, limit: int) -> str:
-    """A model's text for a table cell: control characters (an untrained model emits any byte) shown as
-    U+FFFD, cut to ``limit`` characters."""
-    shown = "".join(c if c.isprintable() else "\ufffd" for c in text)
-    return shown if len(shown) <= limit else shown[: limit - 1] + "…"
+    """A model's text for a table cell, cut to ``limit`` characters: "(empty)" for no text; each newline
+    kept and marked ↵ (a looping answer shows its lines, a blank one its newlines); other control
+    characters and undecodable bytes (an untrained model emits any byte; the tokenizer decodes a stray
+    byte as U+FFFD) as their Unicode control pictures (␉, ␀) and ␦, so nothing on the page is an
+    unexplained replacement glyph."""
+    if not text:
+        return "(empty)"
+    shown = "".join(_visible(c) for c in (text if len(text) <= limit else text[: limit - 1] + "…"))
+    return shown
+
+
+def _visible(char: str) -> str:
+    if char == "\n":
+        return "↵\n"
+    if char == "\ufffd":
+        return "␦"
+    if char.isprintable():
+        return char
+    code = ord(char)
+    return chr(0x2400 + code) if code < 0x20 else "␡" if code == 0x7F else "␦"
 
 
 # ------------------------------------------------------------------------------------------------
