@@ -27,7 +27,7 @@ from llm_neo.records.compare import (
 from llm_neo.report.document import Block, Bullets, Heading, Image, Paragraph, Table, to_html, to_markdown
 from llm_neo.report.probe import plots as probe_plots
 from llm_neo.report.probe import section_blocks
-from llm_neo.report.style import REFERENCE_COLORS, color, label
+from llm_neo.report.style import REFERENCE_COLORS, color, label, marker
 from llm_neo.report.tables import format_duration, format_gib, format_sig
 from llm_neo.runtime.atomic import atomic_write_bytes, atomic_write_text
 from llm_neo.summary import MemoryKind
@@ -525,7 +525,7 @@ def report_blocks(results: CompareResults) -> list[Block]:
         Table(*_examples(results), wrap=True),
         Paragraph(
             "Each answer as the model wrote it, cut at 80 characters (…): ↵ marks a newline, (empty) an "
-            "empty answer, ␦ a byte that is not text and ␀–␟ a control character."
+            "empty answer, `\\x??` a byte that is not text and `\\t`, `\\x18`, ... a control character."
         ),
     ]
     return blocks
@@ -562,9 +562,9 @@ def _examples(results: CompareResults) -> tuple[dict[str, dict[str, Any]], list[
 def _printable(text: str, limit: int) -> str:
     """A model's text for a table cell, cut to ``limit`` characters: "(empty)" for no text; each newline
     kept and marked ↵ (a looping answer shows its lines, a blank one its newlines); other control
-    characters and undecodable bytes (an untrained model emits any byte; the tokenizer decodes a stray
-    byte as U+FFFD) as their Unicode control pictures (␉, ␀) and ␦, so nothing on the page is an
-    unexplained replacement glyph."""
+    characters as ASCII escapes (``\\t``, ``\\x18``), and an undecodable byte (an untrained model emits
+    any byte; the tokenizer decodes a stray one as U+FFFD) as ``\\x??``: plain ASCII that every font
+    draws, so nothing on the page is an unexplained replacement glyph or a missing-glyph box."""
     if not text:
         return "(empty)"
     shown = "".join(_visible(c) for c in (text if len(text) <= limit else text[: limit - 1] + "…"))
@@ -575,11 +575,8 @@ def _visible(char: str) -> str:
     if char == "\n":
         return "↵\n"
     if char == "\ufffd":
-        return "␦"
-    if char.isprintable():
-        return char
-    code = ord(char)
-    return chr(0x2400 + code) if code < 0x20 else "␡" if code == 0x7F else "␦"
+        return "\\x??"
+    return char if char.isprintable() else repr(char)[1:-1]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -608,7 +605,7 @@ def _png(fig: Any) -> bytes:
 
     buffer = io.BytesIO()
     fig.tight_layout()
-    fig.savefig(buffer, format="png", dpi=110)
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")  # tight: the legend beside the axes
     plt.close(fig)
     return buffer.getvalue()
 
@@ -624,6 +621,36 @@ def _reference_lines(ax: Any, results: CompareResults) -> None:
         )
 
 
+def _legend(ax: Any, entries: Any = None) -> None:
+    """The legend (of ``ax``, or the ``(handles, labels)`` given) outside the data area, to the right of
+    the axes: it never covers a bar or a point."""
+    handles, labels = entries or ax.get_legend_handles_labels()
+    ax.legend(handles, labels, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
+
+
+SCORE_LIMITS = (-3, 103)  # a score of 0 or 100 drawn inside the axes, not under its frame
+
+
+def _clusters(points: list[tuple[float, float]], spans: tuple[float, float]) -> list[list[int]]:
+    """The points (indices) that sit on one spot, each cluster in drawing order: a point joins the first
+    cluster whose first point is within 3% of each axis's ``spans`` of it."""
+    clusters: list[list[int]] = []
+    for i, (x, y) in enumerate(points):
+        for cluster in clusters:
+            x0, y0 = points[cluster[0]]
+            if abs(x - x0) <= 0.03 * spans[0] and abs(y - y0) <= 0.03 * spans[1]:
+                cluster.append(i)
+                break
+        else:
+            clusters.append([i])
+    return clusters
+
+
+def _tick_label(arm: str) -> str:
+    """An arm's name under its bar, a variant on its own line (long names do not run into each other)."""
+    return label(arm).replace(" + ", "\n+ ")
+
+
 def _scores_plot(results: CompareResults) -> bytes:
     import matplotlib.pyplot as plt
 
@@ -632,12 +659,17 @@ def _scores_plot(results: CompareResults) -> bytes:
     for i, g in enumerate(groups):
         s = g.stats.accuracy
         ax.bar(i, 100 * s.mean, yerr=100 * s.std, capsize=4, color=color(g.method))
-        ax.scatter([i] * len(g.runs), [100 * r.accuracy for r in g.runs], color="black", s=10, zorder=3)
+        # The seeds spread across the bar, so equal scores are as many dots as there are seeds.
+        n = len(g.runs)
+        xs = [i + 0.5 * 0.6 * ((k - (n - 1) / 2) / max(n - 1, 1)) for k in range(n)]
+        ax.scatter(xs, [100 * r.accuracy for r in g.runs], color="black", s=10, zorder=3)
+        # The mean written above the bar: a bar of 0 is still read as 0, not as missing.
+        ax.text(i, 100 * (s.mean + s.std) + 1.5, f"{100 * s.mean:.1f}", ha="center", fontsize=8)
     _reference_lines(ax, results)
-    ax.set_xticks(range(len(groups)), [label(g.method) for g in groups])
+    ax.set_xticks(range(len(groups)), [_tick_label(g.method) for g in groups])
     ax.set_ylabel(f"task score, % ({results.config['score']})")
-    ax.set_ylim(0, 100)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.set_ylim(*SCORE_LIMITS)
+    _legend(ax)
     ax.set_title("held-out task score: mean ± std over seeds, each seed a dot")
     ax.grid(alpha=0.3, axis="y")
     return _png(fig)
@@ -645,31 +677,40 @@ def _scores_plot(results: CompareResults) -> bytes:
 
 def _cost_plot(results: CompareResults, kind: str) -> bytes:
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     metric, name = _memory(results) if kind == "memory" else (_train_time, "training time")
     unit = "GiB" if kind == "memory" else "s"
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    for g in _main_groups(results):
-        cost, score = metric(g.stats), g.stats.accuracy
-        if cost is None:
-            continue
-        ax.errorbar(
-            cost.mean,
-            100 * score.mean,
-            xerr=cost.std,
-            yerr=100 * score.std,
-            fmt="D" if "+" in g.method else "o",  # a quantized variant: a diamond in its method's colour
-            ms=8,
-            capsize=3,
-            color=color(g.method),
-            label=label(g.method),
-        )
+    drawn = [(g.method, c, g.stats.accuracy) for g in _main_groups(results) if (c := metric(g.stats))]
+    points = [(c.mean, 100 * s.mean) for _, c, s in drawn]
+    xs = [x for x, _ in points]
+    for cluster in _clusters(points, (max(xs, default=0) - min(xs, default=0) or 1.0, 100)):
+        # Arms on one spot (SFT and KD at the same GiB, say): each drawn smaller on top of the one before,
+        # in its own shape and full colour, so all stay in sight; the spot is labelled with their names.
+        for k, i in enumerate(cluster):
+            method, cost, score = drawn[i]
+            ax.errorbar(
+                *points[i],
+                xerr=cost.std,
+                yerr=100 * score.std,
+                fmt=marker(method),
+                ms=max(11 - 3 * k, 4),
+                capsize=3,
+                color=color(method),
+                label=label(method),
+                zorder=3 + k,
+            )
+        if len(cluster) > 1:
+            names = " = ".join(label(drawn[i][0]) for i in cluster)
+            ax.annotate(names, points[cluster[0]], xytext=(8, 6), textcoords="offset points", fontsize=7)
+    ax.xaxis.set_major_locator(MaxNLocator(5))  # a tiny model's GiB ticks do not run into each other
     _reference_lines(ax, results)
     ax.set_xlabel(f"{name}, {unit}")
     ax.set_ylabel("task score, %")
-    ax.set_ylim(0, 100)
+    ax.set_ylim(*SCORE_LIMITS)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    _legend(ax)
     ax.set_title(f"score against {name}")
     return _png(fig)
 
@@ -681,7 +722,15 @@ def _loss_plot(results: CompareResults) -> bytes:
     for g in _main_groups(results):
         curve = g.runs[0].curve
         steps = [p.step for p in curve]
-        style = {"color": color(g.method), "label": label(g.method), "linestyle": _line(g.method)}
+        style = {
+            "color": color(g.method),
+            "label": label(g.method),
+            "linestyle": _line(g.method),
+            # Markers every few steps, each arm its shape: a curve on top of another still shows.
+            "marker": marker(g.method),
+            "markevery": max(len(steps) // 8, 1),
+            "ms": 5,
+        }
         axes[0].plot(steps, [p.ce_loss for p in curve], **style)
         if any(p.kd_loss for p in curve):
             axes[1].plot(steps, [p.kd_loss for p in curve], **style)
@@ -692,8 +741,8 @@ def _loss_plot(results: CompareResults) -> bytes:
         ax.set_ylabel("per response token, nats")
         ax.ticklabel_format(axis="y", useOffset=False)  # plain numbers, not "1e-6 + 1.855e-2"
         ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
+    if axes[0].get_legend_handles_labels()[0]:
+        _legend(axes[1], axes[0].get_legend_handles_labels())  # one legend, every arm, beside both
     return _png(fig)
 
 
@@ -704,17 +753,21 @@ def _sizes_plot(results: CompareResults) -> bytes:
     fig, ax = plt.subplots(figsize=(6.5, 4))
     available = results.data.train_records_available
     sizes: set[int] = set()
-    for method in dict.fromkeys(g.method for g in results.groups):
+    methods = list(dict.fromkeys(g.method for g in results.groups))
+    for j, method in enumerate(methods):
         points = [
             (g.records or available or 0, g.stats.accuracy) for g in results.groups if g.method == method
         ]
         points = [p for p in points if p[0]]
         sizes |= {x for x, _ in points}
+        # Each arm a little to the side of the size it ran at (a log axis: a factor), so arms with the
+        # same score at the same size are side by side, not one behind the other.
+        shift = 1 + 0.04 * (j - (len(methods) - 1) / 2)
         ax.errorbar(
-            [x for x, _ in points],
+            [x * shift for x, _ in points],
             [100 * s.mean for _, s in points],
             yerr=[100 * s.std for _, s in points],
-            marker="o",
+            marker=marker(method),
             capsize=3,
             color=color(method),
             linestyle=_line(method),
@@ -728,9 +781,9 @@ def _sizes_plot(results: CompareResults) -> bytes:
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("training records")
     ax.set_ylabel("task score, %")
-    ax.set_ylim(0, 100)
+    ax.set_ylim(*SCORE_LIMITS)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _legend(ax)
     ax.set_title("how much data: score against training records")
     return _png(fig)
 
