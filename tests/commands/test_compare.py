@@ -93,10 +93,18 @@ def test_the_report_holds_each_arms_own_numbers(finished):
             assert run.peak_memory_gb == summary.peak_memory_gb
             assert run.peak_memory_kind is MemoryKind(summary.peak_memory_kind) is MemoryKind.PROCESS_MAX_RSS
             assert run.tokens_per_s == pytest.approx(summary.tokens_trained / summary.train_time_s)
+            # Every token the steps ran through, prompts too: more than the response tokens trained on.
+            assert summary.tokens_processed is not None and summary.tokens_processed > summary.tokens_trained
+            assert run.tokens_processed_per_s == pytest.approx(
+                summary.tokens_processed / summary.train_time_s
+            )
             scores = load(ModelScores, out / "eval" / f"{run.name}.json")
             assert run.accuracy == scores.accuracy and run.ce == scores.ce
         accuracies = [r.accuracy for r in group.runs]
         assert group.stats.accuracy == summarize(accuracies)
+        processed = summarize([r.tokens_processed_per_s for r in group.runs])
+        assert group.stats.tokens_processed_per_s == processed
+        assert results.cost.arms[group.method].tokens_processed_per_s == processed.mean
     # The teacher and the untrained student are scored on the same records as the arms.
     assert [name for name, _ in results.models.items()] == ["teacher", "student"]
     assert results.models.teacher is not None
