@@ -242,6 +242,10 @@ def test_bad_input_is_refused_before_anything_trains(tmp_path, teacher_dir, stud
         compare(_config(teacher_dir, student_dir, data, out, score="regex:(unclosed"))
     with pytest.raises(ConfigError, match=r"--train-records: \[1000\] exceed the 24 training records"):
         compare(_config(teacher_dir, student_dir, data, out, train_records=[8, 1000]))
+    with pytest.raises(ConfigError, match=r"--gpu-price prices the projection: give --project-tokens"):
+        compare(_config(teacher_dir, student_dir, data, out, gpu_price=2.5))
+    with pytest.raises(ConfigError, match=r"gpu-price.*>= 0"):
+        compare(_config(teacher_dir, student_dir, data, out, gpu_price=-1.0, project_tokens="1M", gpu="h100"))
     texts = write_jsonl(tmp_path / "texts.jsonl", [{"text": "no reference here"}] * 3)
     with pytest.raises(DataError, match=r"texts.jsonl: 3 of 3 records have no reference response"):
         compare(_config(teacher_dir, student_dir, data, out, heldout=str(texts)))
