@@ -182,6 +182,11 @@ def test_resume_ends_where_an_uninterrupted_run_ends(make_config, method):
 
     assert losses(resumed) == pytest.approx(losses(whole))
     assert resumed.heldout == pytest.approx(whole.heldout)
+    # The token counts carry over the resume: the checkpoint holds them.
+    assert (resumed.tokens_trained, resumed.tokens_processed) == (
+        whole.tokens_trained,
+        whole.tokens_processed,
+    )
 
 
 def test_loss_is_a_token_mean_under_gradient_accumulation(make_config):
@@ -193,6 +198,9 @@ def test_loss_is_a_token_mean_under_gradient_accumulation(make_config):
     b = load_file(Path(two.config["output_dir"]) / "merged" / "model.safetensors")
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=2e-6, rtol=1e-5)
+    # The same samples: the same tokens processed (prompt + response), more than the response tokens.
+    assert one.tokens_processed == two.tokens_processed
+    assert one.tokens_processed is not None and one.tokens_processed > one.tokens_trained
 
 
 def test_nonfinite_loss_stops_and_keeps_last_checkpoint(make_config, monkeypatch):

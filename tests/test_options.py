@@ -33,7 +33,7 @@ def test_the_derived_rules_are_the_hand_written_sets_they_replaced():
     }  # fmt: skip
     assert set(REPORT_ONLY) == {
         "project_tokens", "gpu", "gpus", "utilization", "jobs", "overwrite", "log_every", "device",
-        "exact_memory", "probes", "plan_only",
+        "exact_memory", "probes", "plan_only", "gpu_price",
     }  # fmt: skip
     assert set(SCORING) == {
         "score",
@@ -81,6 +81,7 @@ COMPARE_NON_RESULTS = {
     "gpu": Effect.REPORT,
     "gpus": Effect.REPORT,
     "utilization": Effect.REPORT,
+    "gpu_price": Effect.REPORT,
     "exact_memory": Effect.REPORT,
     "probes": Effect.REPORT,
     "plan_only": Effect.REPORT,

@@ -713,6 +713,8 @@ def _steps(run: Run, loop: _Loop, *, until: int) -> dict[str, float]:
         progress.step += 1
         progress.micro_batches += per_step
         progress.tokens += int(result["num_tokens"])
+        if progress.tokens_processed is not None:
+            progress.tokens_processed += int(result["tokens_processed"])
         last = _step_metrics(run, result, time.perf_counter() - step_start)
         _record(run, last, (loop.bar, loop.lines))
         saved = None
@@ -916,6 +918,8 @@ def train_step(
     world, device = settings.world, settings.device
     local_tokens = sum(int((next_token_targets(b["labels"]) != IGNORE_INDEX).sum()) for b in micro)
     num_tokens = int(all_reduce_sum(local_tokens, world, device))
+    # Every real token the student ran through (prompt + response), what a throughput of the step is.
+    processed = int(all_reduce_sum(sum(int(b["attention_mask"].sum()) for b in micro), world, device))
     ce_sum = kd_sum = 0.0
     finite = True
     for batch in micro:
@@ -946,6 +950,7 @@ def train_step(
         "ce_loss": ce,
         "kd_loss": kd,
         "num_tokens": num_tokens,
+        "tokens_processed": processed,
         "grad_norm": float(grad_norm),
         "lr": float(lr),
     }
@@ -1050,6 +1055,7 @@ def finish(run: Run, trained: Trained) -> RunSummary:
         config=to_dict(config),
         steps=run.progress.step,
         tokens_trained=run.progress.tokens,
+        tokens_processed=run.progress.tokens_processed,
         samples={k: run.samples[k] for k in ("train", "heldout", "dropped")},
         final={k: trained.last[k] for k in ("loss", "ce_loss", "kd_loss")} if trained.last else {},
         heldout=metrics,

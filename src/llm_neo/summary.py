@@ -61,6 +61,9 @@ class RunSummary:
     # the QLoRA base's (kind, weight_bytes); None when not quantized.
     teacher_quant: dict[str, Any] | None = None
     student_quant: dict[str, Any] | None = None
+    # Every token the steps ran through the student, prompt and response (tokens_trained counts the
+    # response tokens the loss is on); None in older summaries or after resuming an older checkpoint.
+    tokens_processed: int | None = None
     export: dict[str, Any] | None = None  # distill --export: format, gguf_type, path, bytes, verification
     # Where the result came from (llm_neo.provenance): models, data (path, sha256), versions, the llm-neo
     # checkout's commit, the command, start and end. None in summaries written before it existed.

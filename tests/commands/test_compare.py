@@ -93,10 +93,18 @@ def test_the_report_holds_each_arms_own_numbers(finished):
             assert run.peak_memory_gb == summary.peak_memory_gb
             assert run.peak_memory_kind is MemoryKind(summary.peak_memory_kind) is MemoryKind.PROCESS_MAX_RSS
             assert run.tokens_per_s == pytest.approx(summary.tokens_trained / summary.train_time_s)
+            # Every token the steps ran through, prompts too: more than the response tokens trained on.
+            assert summary.tokens_processed is not None and summary.tokens_processed > summary.tokens_trained
+            assert run.tokens_processed_per_s == pytest.approx(
+                summary.tokens_processed / summary.train_time_s
+            )
             scores = load(ModelScores, out / "eval" / f"{run.name}.json")
             assert run.accuracy == scores.accuracy and run.ce == scores.ce
         accuracies = [r.accuracy for r in group.runs]
         assert group.stats.accuracy == summarize(accuracies)
+        processed = summarize([r.tokens_processed_per_s for r in group.runs])
+        assert group.stats.tokens_processed_per_s == processed
+        assert results.cost.arms[group.method].tokens_processed_per_s == processed.mean
     # The teacher and the untrained student are scored on the same records as the arms.
     assert [name for name, _ in results.models.items()] == ["teacher", "student"]
     assert results.models.teacher is not None
@@ -234,6 +242,10 @@ def test_bad_input_is_refused_before_anything_trains(tmp_path, teacher_dir, stud
         compare(_config(teacher_dir, student_dir, data, out, score="regex:(unclosed"))
     with pytest.raises(ConfigError, match=r"--train-records: \[1000\] exceed the 24 training records"):
         compare(_config(teacher_dir, student_dir, data, out, train_records=[8, 1000]))
+    with pytest.raises(ConfigError, match=r"--gpu-price prices the projection: give --project-tokens"):
+        compare(_config(teacher_dir, student_dir, data, out, gpu_price=2.5))
+    with pytest.raises(ConfigError, match=r"gpu-price.*>= 0"):
+        compare(_config(teacher_dir, student_dir, data, out, gpu_price=-1.0, project_tokens="1M", gpu="h100"))
     texts = write_jsonl(tmp_path / "texts.jsonl", [{"text": "no reference here"}] * 3)
     with pytest.raises(DataError, match=r"texts.jsonl: 3 of 3 records have no reference response"):
         compare(_config(teacher_dir, student_dir, data, out, heldout=str(texts)))

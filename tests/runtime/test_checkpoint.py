@@ -63,7 +63,13 @@ def test_a_checkpoint_records_the_size_and_checksum_of_each_file(tmp_path):
     for name, record in manifest["files"].items():
         assert record["bytes"] == (tmp_path / "step-000001" / name).stat().st_size
         assert len(record["sha256"]) == 64
-    assert manifest["progress"] == {"step": 1, "micro_batches": 2, "tokens": 10, "elapsed_s": 0.0}
+    assert manifest["progress"] == {
+        "step": 1,
+        "micro_batches": 2,
+        "tokens": 10,
+        "tokens_processed": 0,
+        "elapsed_s": 0.0,
+    }
     assert checkpoint_problems(tmp_path / "step-000001") == []
 
 

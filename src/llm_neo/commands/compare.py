@@ -240,6 +240,14 @@ class CompareConfig(TrainOptions):
     gpus: int = field(
         default=1, metadata=option_help("Cards the projected run uses.", group=RUN, effect=Effect.REPORT)
     )
+    gpu_price: float | None = field(
+        default=None,
+        metadata=option_help(
+            "Price of one GPU-hour (any currency, e.g. 2.5): the projection gains each arm's cost.",
+            group=RUN,
+            effect=Effect.REPORT,
+        ),
+    )
     utilization: float = field(
         default=0.4,
         metadata=option_help(
@@ -333,6 +341,7 @@ def validate_compare(config: CompareConfig) -> None:
             ("seeds", c.seeds, c.seeds >= 1, ">= 1"),
             ("gpus", c.gpus, c.gpus >= 1, ">= 1"),
             ("utilization", c.utilization, 0 < c.utilization <= 1, "in (0, 1]"),
+            ("gpu-price", c.gpu_price, c.gpu_price is None or c.gpu_price >= 0, ">= 0"),
             ("cache-teacher", c.cache_teacher, c.cache_teacher >= 0, ">= 0"),
             ("max-new-tokens", c.max_new_tokens, c.max_new_tokens is None or c.max_new_tokens >= 1, ">= 1"),
         ],
@@ -346,6 +355,8 @@ def validate_compare(config: CompareConfig) -> None:
             p += err.problems
     if c.project_tokens and not c.gpu:
         p.append("--project-tokens needs --gpu (the card to project to: " + ", ".join(GPUS) + ")")
+    if c.gpu_price is not None and not c.project_tokens:
+        p.append("--gpu-price prices the projection: give --project-tokens (and --gpu) too, e.g. 50M")
     # The arms' own checks (ranges, LoRA, loss, quantization): every arm's config, all problems at once.
     for arm in arms if not p else ():
         try:
@@ -995,6 +1006,7 @@ def _group_stats(runs: list[ArmRun]) -> GroupStats:
         train_time_s=summarize([r.train_time_s for r in runs]),
         wall_time_s=summarize([r.wall_time_s for r in runs]),
         tokens_per_s=over([r.tokens_per_s for r in runs]),
+        tokens_processed_per_s=over([r.tokens_processed_per_s for r in runs]),
         peak_memory_gb=summarize([r.peak_memory_gb for r in runs]),
         peak_tensor_memory_gb=over([r.peak_tensor_memory_gb for r in runs]),
         per_category={c: summarize([r.per_category[c] for r in runs]) for c in runs[0].per_category},
@@ -1061,6 +1073,9 @@ def _run_row(arm: Arm, summary: RunSummary, scores: ModelScores) -> ArmRun:
         final=summary.final,
         curve=_curve(summary.output_dir / "metrics.jsonl"),
         examples=scores.examples,
+        tokens_processed_per_s=summary.tokens_processed / summary.train_time_s
+        if summary.tokens_processed is not None and summary.train_time_s
+        else None,
     )
 
 
@@ -1106,6 +1121,9 @@ def _cost(plan: Plan, groups: list[ArmGroup], measured_on: str) -> Cost:
         arm = ArmCost(
             train_time_s=stats.train_time_s.mean,
             tokens_per_s=stats.tokens_per_s.mean if stats.tokens_per_s else None,
+            tokens_processed_per_s=stats.tokens_processed_per_s.mean
+            if stats.tokens_processed_per_s
+            else None,
             peak_memory_gb=stats.peak_memory_gb.mean,
             peak_tensor_memory_gb=stats.peak_tensor_memory_gb.mean if stats.peak_tensor_memory_gb else None,
             trainable_parameters=g.runs[0].trainable_parameters,

@@ -9,7 +9,9 @@ real run (``llm-neo compare --project-tokens 50M --gpu h100``).
             from a teacher cache)
     memory  ``llm-neo plan``'s estimate of the step's peak for the same models, batch and length
 
-Every projection is printed with these assumptions; none is a measurement.
+Every projection is printed with these assumptions and to two significant figures (the report's
+``format_duration`` and ``format_sig``); none is a measurement. ``--gpu-price`` turns GPU-hours into
+a cost in the report alone (it changes no result).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 
 from llm_neo.errors import ConfigError
 from llm_neo.records.compare import ArmProjection
+from llm_neo.report.tables import format_sig
 
 
 @dataclass(frozen=True)
@@ -83,7 +86,8 @@ def project(
     else:
         seconds = tokens * flops_per_token / (gpus * card.bf16_tflops * 1e12 * utilization)
         basis = (
-            f"{flops_per_token / 1e9:.2f} GFLOP/token at {utilization:.0%} of {card.bf16_tflops:g} TFLOP/s"
+            f"{format_sig(flops_per_token / 1e9)} GFLOP/token at {utilization:.0%} of {card.bf16_tflops:g} "
+            "TFLOP/s"
         )
     return ArmProjection(
         hours=seconds / 3600,

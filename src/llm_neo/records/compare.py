@@ -134,6 +134,9 @@ class ArmRun:
     final: dict[str, float]  # the last step's loss, ce_loss, kd_loss
     curve: list[CurvePoint]
     examples: list[Example]
+    # Every token the steps processed (prompt + response) per second; tokens_per_s counts the response
+    # tokens trained on alone. None: a run whose summary predates the count.
+    tokens_processed_per_s: float | None = field(default=None, metadata=OPTIONAL_KEY)
 
 
 @dataclass(kw_only=True)
@@ -147,6 +150,7 @@ class GroupStats:
     train_time_s: Stats
     wall_time_s: Stats
     tokens_per_s: Stats | None = field(default=None, metadata=OPTIONAL_KEY)
+    tokens_processed_per_s: Stats | None = field(default=None, metadata=OPTIONAL_KEY)
     peak_memory_gb: Stats
     peak_tensor_memory_gb: Stats | None = field(default=None, metadata=OPTIONAL_KEY)
     per_category: dict[str, Stats]
@@ -183,7 +187,8 @@ class ArmCost:
     the models, what a projection needs."""
 
     train_time_s: float
-    tokens_per_s: float | None
+    tokens_per_s: float | None  # response tokens trained on, per second (what --project-tokens counts)
+    tokens_processed_per_s: float | None = field(default=None, metadata=OPTIONAL_KEY)  # prompt + response
     peak_memory_gb: float
     peak_tensor_memory_gb: float | None
     trainable_parameters: int

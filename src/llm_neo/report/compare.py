@@ -21,6 +21,7 @@ from llm_neo.records.compare import (
     Example,
     GroupStats,
     PairedDifference,
+    Projection,
     Stats,
     Verdict,
 )
@@ -28,8 +29,8 @@ from llm_neo.report.document import Block, Bullets, Heading, Image, Paragraph, T
 from llm_neo.report.power import budget_lines
 from llm_neo.report.probe import plots as probe_plots
 from llm_neo.report.probe import section_blocks
-from llm_neo.report.style import REFERENCE_COLORS, color, label
-from llm_neo.report.tables import format_gib
+from llm_neo.report.style import REFERENCE_COLORS, color, label, marker
+from llm_neo.report.tables import format_duration, format_gib, format_sig
 from llm_neo.runtime.atomic import atomic_write_bytes, atomic_write_text
 from llm_neo.summary import MemoryKind
 
@@ -236,7 +237,8 @@ def results_table(results: CompareResults) -> tuple[dict[str, dict[str, Any]], l
             "KL to teacher": mean_std(s.kl_to_teacher, digits=3),
             "top-1 agree %": mean_std(s.top1_agreement, 100),
             "train s": mean_std(s.train_time_s, digits=0),
-            "tokens/s": mean_std(s.tokens_per_s, digits=0),
+            "tokens/s": mean_std(s.tokens_processed_per_s, digits=0),
+            "response tokens/s": mean_std(s.tokens_per_s, digits=0),
             "peak GiB": mean_std(s.peak_memory_gb, digits=3),
             "peak tensors GiB": mean_std(s.peak_tensor_memory_gb, digits=3),
             "trainable": f"{g.runs[0].trainable_parameters:,}",
@@ -248,6 +250,7 @@ def results_table(results: CompareResults) -> tuple[dict[str, dict[str, Any]], l
         "top-1 agree %",
         "train s",
         "tokens/s",
+        "response tokens/s",
         "peak GiB",
         "peak tensors GiB",
         "trainable",
@@ -271,6 +274,13 @@ def paired_table(results: CompareResults) -> tuple[dict[str, dict[str, Any]], li
     return rows, ["Δ score, points [95% CI]", "verdict", "Δ KL to teacher", "Δ CE", "Δ train s"]
 
 
+THROUGHPUT = (
+    "Tokens/s: every token a training step ran through the student, prompt and response (padding "
+    "not counted; blank for runs recorded before llm-neo counted them); response tokens/s: the response "
+    "tokens the loss is on, what --project-tokens counts."
+)
+
+
 def cost_table(results: CompareResults) -> tuple[dict[str, dict[str, Any]], list[str]]:
     """Every arm's measured cost, and beside it the ratio to Neo's."""
     arms = results.cost.arms
@@ -284,12 +294,14 @@ def cost_table(results: CompareResults) -> tuple[dict[str, dict[str, Any]], list
         rows[label(method)] = {
             "train s": f"{arm.train_time_s:.1f}",
             "vs Neo time": f"{arm.train_time_s / neo.train_time_s:.2f}x" if neo and neo.train_time_s else "",
-            "tokens/s": f"{arm.tokens_per_s:.0f}" if arm.tokens_per_s else "",
+            "tokens/s": f"{arm.tokens_processed_per_s:.0f}" if arm.tokens_processed_per_s else "",
+            "response tokens/s": f"{arm.tokens_per_s:.0f}" if arm.tokens_per_s else "",
             "memory GiB": format_gib(memory),
             "vs Neo memory": f"{memory / neo_memory:.2f}x" if memory and neo_memory else "",
             "trainable": f"{arm.trainable_parameters:,}",
         }
-    return rows, ["train s", "vs Neo time", "tokens/s", "memory GiB", "vs Neo memory", "trainable"]
+    columns = ["train s", "vs Neo time", "tokens/s", "response tokens/s", "memory GiB", "vs Neo memory"]
+    return rows, [*columns, "trainable"]
 
 
 def quantization_table(results: CompareResults) -> tuple[dict[str, dict[str, Any]], list[str]] | None:
@@ -341,29 +353,52 @@ def projection_blocks(results: CompareResults, level: int) -> list[Block]:
     if not projection:
         return [
             Heading(level, "Projection"),
-            Paragraph("Give `--project-tokens 50M --gpu h100` for the GPU-hours of the full run."),
+            Paragraph(
+                "Give `--project-tokens 50M --gpu h100` (and `--gpu-price 2.5` per GPU-hour) for the "
+                "time, GPU-hours and cost of the full run."
+            ),
         ]
-    rows = {}
-    for method, p in projection.arms.items():
-        rows[label(method)] = {
-            "planned peak GiB": format_gib(p.planned_peak_gib),
-            "fits one card": "" if p.fits is None else ("yes" if p.fits else "no"),
-            "hours": f"{p.hours:.1f}",
-            "GPU-hours": f"{p.gpu_hours:.1f}",
-            "time from": p.basis,
-        }
+    rows, columns = projection_table(projection, results.config.get("gpu_price"))
     tokens = projection.tokens
     return [
         Heading(level, f"Projection: {tokens:,} training tokens on {projection.gpus} x {projection.gpu}"),
-        Table(rows, ["planned peak GiB", "fits one card", "hours", "GPU-hours", "time from"], wrap=True),
+        Table(rows, columns, wrap=True),
         Paragraph(
             "Assumptions: memory is `llm-neo plan`'s estimate of one step at --batch-size x --max-length "
             "(bf16, chunked loss as configured); time is the throughput measured here when it ran on "
             f"that card, else training FLOPs at {projection.utilization:.0%} of its dense bf16 peak "
             "(6·N per token for a full student, 4·N for a LoRA one, +2·N with checkpointing, +2·N of the "
-            "teacher when it runs online). Estimates, not measurements."
+            "teacher when it runs online). Times, GPU-hours and costs to two significant figures: "
+            "estimates, not measurements."
         ),
     ]
+
+
+def projection_table(
+    projection: Projection, price: float | None
+) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """Every arm's projected run: its memory, wall time, GPU-hours and, given a ``price`` per GPU-hour,
+    its cost (all to two significant figures)."""
+    cost = f"cost at {price:g}/GPU-hour" if price is not None else None
+    rows = {}
+    for method, p in projection.arms.items():
+        rows[label(method)] = {
+            "planned peak GiB": format_gib(p.planned_peak_gib),
+            "fits one card": "" if p.fits is None else ("yes" if p.fits else "no"),
+            "time": format_duration(3600 * p.hours),
+            "GPU-hours": format_sig(p.gpu_hours),
+            **({cost: format_sig(p.gpu_hours * price)} if cost and price is not None else {}),
+            "time from": p.basis,
+        }
+    columns = [
+        "planned peak GiB",
+        "fits one card",
+        "time",
+        "GPU-hours",
+        *([cost] if cost else []),
+        "time from",
+    ]
+    return rows, columns
 
 
 def categories_table(results: CompareResults) -> tuple[dict[str, dict[str, Any]], list[str]] | None:
@@ -450,7 +485,12 @@ def report_blocks(results: CompareResults) -> list[Block]:
                 wrap=True,
             ),
         ]
-    blocks += [Heading(2, "Cost"), Table(*cost_table(results)), *projection_blocks(results, 3)]
+    blocks += [
+        Heading(2, "Cost"),
+        Table(*cost_table(results)),
+        Paragraph(THROUGHPUT),
+        *projection_blocks(results, 3),
+    ]
     if quantization := quantization_table(results):
         blocks += [
             Heading(2, "Quantization: what it saved, what it cost"),
@@ -487,6 +527,10 @@ def report_blocks(results: CompareResults) -> list[Block]:
         Bullets(tuple(reproduce(results))),
         Heading(2, "Answers (first held-out records)"),
         Table(*_examples(results), wrap=True),
+        Paragraph(
+            "Each answer as the model wrote it, cut at 80 characters (…): ↵ marks a newline, (empty) an "
+            "empty answer, `\\x??` a byte that is not text and `\\t`, `\\x18`, ... a control character."
+        ),
     ]
     return blocks
 
@@ -529,9 +573,9 @@ def _examples(results: CompareResults) -> tuple[dict[str, dict[str, Any]], list[
     first = next(iter(answers.values()))
     rows = {}
     for i, ex in enumerate(first):
-        row = {"prompt": _printable(ex.prompt, 80), "expected": _printable(ex.expected, 40)}
+        row = {"prompt": _printable(ex.prompt, 120), "expected": _printable(ex.expected, 80)}
         row |= {
-            name: _printable(examples[i].answer, 40)
+            name: _printable(examples[i].answer, 80)
             for name, examples in answers.items()
             if i < len(examples)
         }
@@ -540,10 +584,22 @@ def _examples(results: CompareResults) -> tuple[dict[str, dict[str, Any]], list[
 
 
 def _printable(text: str, limit: int) -> str:
-    """A model's text for a table cell: control characters (an untrained model emits any byte) shown as
-    U+FFFD, cut to ``limit`` characters."""
-    shown = "".join(c if c.isprintable() else "\ufffd" for c in text)
-    return shown if len(shown) <= limit else shown[: limit - 1] + "…"
+    """A model's text for a table cell, cut to ``limit`` characters: "(empty)" for no text; each newline
+    kept and marked ↵ (a looping answer shows its lines, a blank one its newlines); other control
+    characters as ASCII escapes (``\\t``, ``\\x18``), and an undecodable byte (an untrained model emits
+    any byte; the tokenizer decodes a stray one as U+FFFD) as ``\\x??``: plain ASCII that every font
+    draws, so nothing on the page is an unexplained replacement glyph or a missing-glyph box."""
+    if not text:
+        return "(empty)"
+    return "".join(_visible(c) for c in (text if len(text) <= limit else text[: limit - 1] + "…"))
+
+
+def _visible(char: str) -> str:
+    if char == "\n":
+        return "↵\n"
+    if char == "\ufffd":
+        return "\\x??"
+    return char if char.isprintable() else repr(char)[1:-1]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -572,7 +628,7 @@ def _png(fig: Any) -> bytes:
 
     buffer = io.BytesIO()
     fig.tight_layout()
-    fig.savefig(buffer, format="png", dpi=110)
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")  # tight: the legend beside the axes
     plt.close(fig)
     return buffer.getvalue()
 
@@ -588,6 +644,36 @@ def _reference_lines(ax: Any, results: CompareResults) -> None:
         )
 
 
+def _legend(ax: Any, entries: Any = None) -> None:
+    """The legend (of ``ax``, or the ``(handles, labels)`` given) outside the data area, to the right of
+    the axes: it never covers a bar or a point."""
+    handles, labels = entries or ax.get_legend_handles_labels()
+    ax.legend(handles, labels, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
+
+
+SCORE_LIMITS = (-3, 103)  # a score of 0 or 100 drawn inside the axes, not under its frame
+
+
+def _clusters(points: list[tuple[float, float]], spans: tuple[float, float]) -> list[list[int]]:
+    """The points (indices) that sit on one spot, each cluster in drawing order: a point joins the first
+    cluster whose first point is within 3% of each axis's ``spans`` of it."""
+    clusters: list[list[int]] = []
+    for i, (x, y) in enumerate(points):
+        for cluster in clusters:
+            x0, y0 = points[cluster[0]]
+            if abs(x - x0) <= 0.03 * spans[0] and abs(y - y0) <= 0.03 * spans[1]:
+                cluster.append(i)
+                break
+        else:
+            clusters.append([i])
+    return clusters
+
+
+def _tick_label(arm: str) -> str:
+    """An arm's name under its bar, a variant on its own line (long names do not run into each other)."""
+    return label(arm).replace(" + ", "\n+ ")
+
+
 def _scores_plot(results: CompareResults) -> bytes:
     import matplotlib.pyplot as plt
 
@@ -596,12 +682,17 @@ def _scores_plot(results: CompareResults) -> bytes:
     for i, g in enumerate(groups):
         s = g.stats.accuracy
         ax.bar(i, 100 * s.mean, yerr=100 * s.std, capsize=4, color=color(g.method))
-        ax.scatter([i] * len(g.runs), [100 * r.accuracy for r in g.runs], color="black", s=10, zorder=3)
+        # The seeds spread across the bar, so equal scores are as many dots as there are seeds.
+        n = len(g.runs)
+        xs = [i + 0.3 * (k - (n - 1) / 2) / max(n - 1, 1) for k in range(n)]  # within ±0.15 of the bar
+        ax.scatter(xs, [100 * r.accuracy for r in g.runs], color="black", s=10, zorder=3)
+        # The mean written above the bar: a bar of 0 is still read as 0, not as missing.
+        ax.text(i, 100 * (s.mean + s.std) + 1.5, f"{100 * s.mean:.1f}", ha="center", fontsize=8)
     _reference_lines(ax, results)
-    ax.set_xticks(range(len(groups)), [label(g.method) for g in groups])
+    ax.set_xticks(range(len(groups)), [_tick_label(g.method) for g in groups])
     ax.set_ylabel(f"task score, % ({results.config['score']})")
-    ax.set_ylim(0, 100)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.set_ylim(*SCORE_LIMITS)
+    _legend(ax)
     ax.set_title("held-out task score: mean ± std over seeds, each seed a dot")
     ax.grid(alpha=0.3, axis="y")
     return _png(fig)
@@ -609,31 +700,40 @@ def _scores_plot(results: CompareResults) -> bytes:
 
 def _cost_plot(results: CompareResults, kind: str) -> bytes:
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     metric, name = _memory(results) if kind == "memory" else (_train_time, "training time")
     unit = "GiB" if kind == "memory" else "s"
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    for g in _main_groups(results):
-        cost, score = metric(g.stats), g.stats.accuracy
-        if cost is None:
-            continue
-        ax.errorbar(
-            cost.mean,
-            100 * score.mean,
-            xerr=cost.std,
-            yerr=100 * score.std,
-            fmt="D" if "+" in g.method else "o",  # a quantized variant: a diamond in its method's colour
-            ms=8,
-            capsize=3,
-            color=color(g.method),
-            label=label(g.method),
-        )
+    drawn = [(g.method, c, g.stats.accuracy) for g in _main_groups(results) if (c := metric(g.stats))]
+    points = [(c.mean, 100 * s.mean) for _, c, s in drawn]
+    xs = [x for x, _ in points]
+    for cluster in _clusters(points, (max(xs, default=0) - min(xs, default=0) or 1.0, 100)):
+        # Arms on one spot (SFT and KD at the same GiB, say): each drawn smaller on top of the one before,
+        # in its own shape and full colour, so all stay in sight; the spot is labelled with their names.
+        for k, i in enumerate(cluster):
+            method, cost, score = drawn[i]
+            ax.errorbar(
+                *points[i],
+                xerr=cost.std,
+                yerr=100 * score.std,
+                fmt=marker(method),
+                ms=max(11 - 3 * k, 4),
+                capsize=3,
+                color=color(method),
+                label=label(method),
+                zorder=3 + k,
+            )
+        if len(cluster) > 1:
+            names = " = ".join(label(drawn[i][0]) for i in cluster)
+            ax.annotate(names, points[cluster[0]], xytext=(8, 6), textcoords="offset points", fontsize=7)
+    ax.xaxis.set_major_locator(MaxNLocator(5))  # a tiny model's GiB ticks do not run into each other
     _reference_lines(ax, results)
     ax.set_xlabel(f"{name}, {unit}")
     ax.set_ylabel("task score, %")
-    ax.set_ylim(0, 100)
+    ax.set_ylim(*SCORE_LIMITS)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    _legend(ax)
     ax.set_title(f"score against {name}")
     return _png(fig)
 
@@ -645,7 +745,15 @@ def _loss_plot(results: CompareResults) -> bytes:
     for g in _main_groups(results):
         curve = g.runs[0].curve
         steps = [p.step for p in curve]
-        style = {"color": color(g.method), "label": label(g.method), "linestyle": _line(g.method)}
+        style = {
+            "color": color(g.method),
+            "label": label(g.method),
+            "linestyle": _line(g.method),
+            # Markers every few steps, each arm its shape: a curve on top of another still shows.
+            "marker": marker(g.method),
+            "markevery": max(len(steps) // 8, 1),
+            "ms": 5,
+        }
         axes[0].plot(steps, [p.ce_loss for p in curve], **style)
         if any(p.kd_loss for p in curve):
             axes[1].plot(steps, [p.kd_loss for p in curve], **style)
@@ -656,8 +764,8 @@ def _loss_plot(results: CompareResults) -> bytes:
         ax.set_ylabel("per response token, nats")
         ax.ticklabel_format(axis="y", useOffset=False)  # plain numbers, not "1e-6 + 1.855e-2"
         ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
+    if axes[0].get_legend_handles_labels()[0]:
+        _legend(axes[1], axes[0].get_legend_handles_labels())  # one legend, every arm, beside both
     return _png(fig)
 
 
@@ -668,17 +776,21 @@ def _sizes_plot(results: CompareResults) -> bytes:
     fig, ax = plt.subplots(figsize=(6.5, 4))
     available = results.data.train_records_available
     sizes: set[int] = set()
-    for method in dict.fromkeys(g.method for g in results.groups):
+    methods = list(dict.fromkeys(g.method for g in results.groups))
+    for j, method in enumerate(methods):
         points = [
             (g.records or available or 0, g.stats.accuracy) for g in results.groups if g.method == method
         ]
         points = [p for p in points if p[0]]
         sizes |= {x for x, _ in points}
+        # Each arm a little to the side of the size it ran at (a log axis: a factor), so arms with the
+        # same score at the same size are side by side, not one behind the other.
+        shift = 1 + 0.04 * (j - (len(methods) - 1) / 2)
         ax.errorbar(
-            [x for x, _ in points],
+            [x * shift for x, _ in points],
             [100 * s.mean for _, s in points],
             yerr=[100 * s.std for _, s in points],
-            marker="o",
+            marker=marker(method),
             capsize=3,
             color=color(method),
             linestyle=_line(method),
@@ -692,9 +804,9 @@ def _sizes_plot(results: CompareResults) -> bytes:
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("training records")
     ax.set_ylabel("task score, %")
-    ax.set_ylim(0, 100)
+    ax.set_ylim(*SCORE_LIMITS)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _legend(ax)
     ax.set_title("how much data: score against training records")
     return _png(fig)
 

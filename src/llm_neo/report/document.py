@@ -3,8 +3,8 @@
 Blocks are plain data: ``Heading``, ``Paragraph`` (inline ``code`` and **bold**), ``Bullets``,
 ``Table`` (rows as ``format_table`` takes them) and ``Image`` (a PNG by name). Markdown links an image
 to a file beside the report; HTML inlines it as a base64 data URI, so the page needs no network and no
-other file. The page is responsive (viewport meta, images scale, wide tables scroll), so it reads on a
-phone.
+other file. The page is responsive (viewport meta, images scale, long text and table cells wrap, a table
+still too wide scrolls in its own box), so it reads on a laptop and a phone without sideways scrolling.
 """
 
 from __future__ import annotations
@@ -49,17 +49,25 @@ class Image:
 
 Block = Heading | Paragraph | Bullets | Table | Image
 
+# The page never scrolls sideways, at 1280 px or on a 390 px phone: text breaks a long word or path
+# (overflow-wrap), images scale, a text table wraps its cells within the page width, and a table still
+# too wide (a phone) scrolls inside its own box. Paragraphs keep a readable measure; tables may use the
+# full width. Checked in Chromium at both widths by tests/report/test_compare_page.py.
 _STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; line-height: 1.45; color: #1b1b1b;
-       max-width: 62rem; margin: 0 auto; padding: 1rem; }
+       max-width: 80rem; margin: 0 auto; padding: 1rem; overflow-wrap: break-word; }
+p, ul { max-width: 62rem; }
 h1 { font-size: 1.5rem; } h2 { font-size: 1.25rem; margin-top: 2rem; } h3 { font-size: 1.05rem; }
 img { max-width: 100%; height: auto; display: block; margin: 0.5rem 0; }
-.table { overflow-x: auto; margin: 0.5rem 0; }
-.table td { white-space: nowrap; } .table.wrap td { white-space: normal; min-width: 10rem; }
+.table { max-width: 100%; overflow-x: auto; margin: 0.5rem 0; }
 table { border-collapse: collapse; font-size: 0.88rem; }
+.table td { white-space: nowrap; }
+.table.wrap table { width: 100%; }
+.table.wrap td { white-space: normal; min-width: 7rem; overflow-wrap: anywhere; }
 th, td { padding: 0.3rem 0.55rem; border-bottom: 1px solid #ddd; text-align: left; vertical-align: top; }
 thead th { border-bottom: 2px solid #999; }
 code { background: #f2f2f2; padding: 0 0.2rem; border-radius: 3px; }
+@media (max-width: 40rem) { body { padding: 0.6rem; } table { font-size: 0.8rem; } }
 """
 
 

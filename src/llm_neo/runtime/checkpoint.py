@@ -56,6 +56,9 @@ class Progress:
     step: int = 0  # optimizer steps done
     micro_batches: int = 0  # micro-batches consumed (the data position)
     tokens: int = 0  # trained tokens seen
+    # Every token the steps ran through the student (prompt and response, no padding); None: resumed
+    # from a checkpoint written before it was counted, so the count would be short.
+    tokens_processed: int | None = 0
     elapsed_s: float = 0.0  # training wall time before this process
 
 
@@ -231,4 +234,4 @@ def load_checkpoint(
     scheduler.load_state_dict(state["scheduler"])
     rngs = state["rng"]
     set_rng_state(rngs[world.rank] if len(rngs) == world.size else rngs[0])
-    return Progress(**manifest["progress"])
+    return Progress(**{"tokens_processed": None, **manifest["progress"]})
