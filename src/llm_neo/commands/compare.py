@@ -51,7 +51,8 @@ from llm_neo.config import (
 )
 from llm_neo.data import load_records, read_examples
 from llm_neo.errors import ConfigError
-from llm_neo.eval.generate import greedy_answers
+from llm_neo.eval.answers import answer_stats
+from llm_neo.eval.generate import greedy_generations
 from llm_neo.eval.metrics import heldout_metrics
 from llm_neo.eval.scoring import SCORES, parse_score, references, score_answers
 from llm_neo.models.loading import (
@@ -721,7 +722,9 @@ def _evaluate(plan: Plan, summaries: dict[str, RunSummary]) -> dict[str, ModelSc
     todo = {}
     for name, path in models.items():
         cached = plan.out / "eval" / f"{name}.json"
-        if (found := _cached_scores(cached)) is not None and found.scoring == scoring:
+        found = _cached_scores(cached)
+        # Scores from before answers were counted are computed again: the verdict reads the counts.
+        if found is not None and found.scoring == scoring and found.answers is not None:
             results[name] = found
         else:
             todo[name] = path
@@ -781,7 +784,7 @@ def eval_job(payload: EvalPayload, report: Report) -> dict[str, ModelScores]:
             teacher if name == "teacher" else load_frozen(config, path, role=name, dtype=dtype, device=device)
         )
         assert model is not None
-        answers = greedy_answers(
+        answers, stopped = greedy_generations(
             model, tokenizer, records, device=device, max_new_tokens=max_new, progress=False
         )
         metrics = heldout_metrics(
@@ -815,6 +818,7 @@ def eval_job(payload: EvalPayload, report: Report) -> dict[str, ModelScores]:
                 ],
             },
         )
+        scores.answers = answer_stats(answers, stopped)
         if config.lm_eval_tasks:
             from llm_neo.eval.harness import lm_eval_scores
 
@@ -933,6 +937,7 @@ def _results(
         device=measured_on,
         device_type=resolve_device(config.device).type,
         load_average=load_average(),
+        cpus=available_cores(),
         models=ReferenceModels(teacher=evaluations.get("teacher"), student=evaluations["student"]),
         groups=groups,
         paired=_paired(config, groups),
@@ -969,6 +974,7 @@ def _run_row(arm: Arm, summary: RunSummary, scores: ModelScores) -> ArmRun:
         final=summary.final,
         curve=_curve(summary.output_dir / "metrics.jsonl"),
         examples=scores.examples,
+        answers=scores.answers,
     )
 
 
