@@ -166,11 +166,19 @@ def verdict(results: CompareResults) -> list[str]:
     return lines
 
 
+def _points(diff: PairedDifference) -> str:
+    """A paired score difference in points: "+2.8 [-1.0, +6.6] points", "identical on every seed (+2.8
+    points)"."""
+    if identical(diff):
+        return f"identical on every seed ({100 * diff.mean:+.1f} points)"
+    return f"{interval(diff, 100)} points"
+
+
 def _difference(diff: PairedDifference) -> str:
-    """A paired score difference and its verdict in words, the number said once."""
+    """A paired score difference and its verdict in words, each said once."""
     if identical(diff):
         return f"{in_words(diff)} ({100 * diff.mean:+.1f} points)"
-    return f"{interval(diff, 100)} points, {in_words(diff)}"
+    return f"{_points(diff)}, {in_words(diff)}"
 
 
 CLAIM_STATUS = {Verdict.A: "held", Verdict.B: "not held", Verdict.NEITHER: "not distinguishable"}
@@ -190,7 +198,7 @@ def claims(results: CompareResults) -> list[dict[str, str]]:
             measured = [
                 (
                     claim.text.format(arm=label(arm)),
-                    f"{interval(diff, 100)} points",
+                    _points(diff),
                     CLAIM_STATUS[diff.verdict],
                 )
                 for arm, diff in paired.items()
