@@ -131,7 +131,7 @@ class Claim:
 
 CLAIMS = (
     Claim("Neo scores higher than {arm}", "score", ("kd_ratio",)),
-    Claim("Neo needs about 25% less {measure} than KD", "memory", ("teacher_cost", "memory_measure")),
+    Claim("Neo needs about 25% less memory than KD", "memory", ("teacher_cost", "memory_measure")),
     Claim("Neo needs about 25% less training time than KD", "time", ("teacher_cost", "machine")),
 )
 PAPER_ARMS = ("sft", "lora", "kd")  # the arms the paper compares Neo with
