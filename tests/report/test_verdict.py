@@ -163,6 +163,9 @@ def test_the_header_lists_the_settings_that_change_results_and_the_machine(data)
         "(machine loaded: load 6.5 on 2 CPUs)",
     ):
         assert setting in header, setting
+    assert "Times (train s, tokens/s) were taken with the machine loaded: load 6.5 on 2 CPUs." in markdown
+    data["load_average"] = 1.5  # under the CPUs: no note anywhere
+    assert "machine loaded" not in to_markdown(report_blocks(from_json(CompareResults, data)), {})
 
 
 def test_new_keys_round_trip(data):

@@ -499,7 +499,8 @@ def report_blocks(results: CompareResults) -> list[Block]:
         Heading(2, "Results"),
         Table(*results_table(results)),
         Paragraph(
-            "Score: the task score of greedy answers to the held-out prompts against their reference "
+            _loaded_times(results)
+            + "Score: the task score of greedy answers to the held-out prompts against their reference "
             f"responses (`{results.config['score']}`). CE, KL to the teacher and top-1 agreement are "
             "per held-out response token. Memory: "
             + (
@@ -589,6 +590,12 @@ def _setting(results: CompareResults) -> str:
         f"seed(s) from seed {c['seed']}, {c['max_steps'] or 'one epoch of'} steps of {c['batch_size']} x "
         f"{c['grad_accum']}; {results.device}; llm-neo {results.llm_neo_version}, {results.created}."
     )
+
+
+def _loaded_times(results: CompareResults) -> str:
+    """A sentence before the results table's notes when the machine was loaded (its times measured the
+    other work too); empty otherwise."""
+    return f"Times (train s, tokens/s) were taken with the {note}. " if (note := load_note(results)) else ""
 
 
 def _budget(results: CompareResults) -> str:
