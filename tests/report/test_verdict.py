@@ -164,6 +164,10 @@ def test_the_header_lists_the_settings_that_change_results_and_the_machine(data)
     ):
         assert setting in header, setting
     assert "Times (train s, tokens/s) were taken with the machine loaded: load 6.5 on 2 CPUs." in markdown
+    del data["cpus"]  # a file from before cpus was kept: the CPU's name says "2 cores"
+    assert "(machine loaded: load 6.5 on 2 CPUs)" in to_markdown(
+        report_blocks(from_json(CompareResults, data)), {}
+    )
     data["load_average"] = 1.5  # under the CPUs: no note anywhere
     assert "machine loaded" not in to_markdown(report_blocks(from_json(CompareResults, data)), {})
 

@@ -13,6 +13,7 @@ The header's settings (``settings``) and the loaded-machine note (``load_note``)
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -159,9 +160,11 @@ def claim_conditions(results: CompareResults, claim: Claim) -> list[str]:
 
 
 def load_note(results: CompareResults) -> str | None:
-    """ "machine loaded: load 6.5 on 2 CPUs" when the load average exceeded the cores (its time figures
+    """The note "machine loaded: load 6.5 on 2 CPUs" when the load average exceeded the cores (its times
     then measure the other work too); None when it did not, or is not known."""
     load, cpus = results.load_average, results.cpus
+    if cpus is None and (named := re.search(r"(\d+) cores\)$", results.device)):
+        cpus = int(named.group(1))  # a results.json from before cpus was kept: its CPU's name has them
     if load is None or cpus is None or load <= cpus:
         return None
     return f"machine loaded: load {load:g} on {cpus} CPUs"
