@@ -22,7 +22,8 @@ from llm_neo.commands.compare import CompareConfig, compare
 from llm_neo.errors import ConfigError, DataError
 from llm_neo.records import load, to_json
 from llm_neo.records.compare import CompareResults, ModelScores, Verdict
-from llm_neo.report.stats import paired_difference, summarize, t975
+from llm_neo.report.compare import verdict
+from llm_neo.report.stats import in_words, paired_difference, summarize, t975
 from llm_neo.summary import MemoryKind, RunSummary
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -114,6 +115,21 @@ def test_the_report_holds_each_arms_own_numbers(finished):
     assert {g.method: g.runs[0].lr for g in results.groups} == {"sft": 2e-5, "neo": 2e-4}
 
 
+def test_every_models_answers_are_counted_and_the_floor_is_said(finished):
+    results, out = finished
+    for _, scores in results.models.items():
+        assert scores.answers is not None and scores.answers.total == 6
+    for group in results.groups:
+        for run in group.runs:
+            assert run.answers == load(ModelScores, out / "eval" / f"{run.name}.json").answers
+            assert run.answers is not None and run.answers.total == 6
+            assert max(run.answers.never_stopped, run.answers.looping, run.answers.empty) <= 6
+    # Two steps of tiny random models: every arm stays at the untrained student's floor.
+    assert results.cpus is not None and results.cpus >= 1
+    assert verdict(results)[0].startswith("No arm learned the task")
+    assert "--max-steps 18 covers 3" in verdict(results)[0]
+
+
 def test_the_paired_difference_is_neo_minus_the_arm_at_each_seed(finished):
     results, _ = finished
     (row,) = results.paired
@@ -148,8 +164,9 @@ def test_report_files(finished):
     results, out = finished
     md, html = (out / "report.md").read_text(), (out / "report.html").read_text()
     assert md.index("## Verdict") < md.index("## Results")  # the verdict first
+    said = in_words(results.paired[0].accuracy)  # whichever it is: at the floor, identical on every seed
     for text in (md, html):
-        assert "Neo − SFT" in text and "not distinguishable at 2 seeds" in text
+        assert "Neo − SFT" in text and said in text
     assert html.count("data:image/png;base64,") >= 4 and "<script" not in html
     assert all((out / "plots" / f"{name}.png").is_file() for name in ("scores", "memory", "time", "loss"))
     neo = next(g for g in results.groups if g.method == "neo").stats.accuracy

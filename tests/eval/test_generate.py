@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from llm_neo.demo.task import SKILLS, generate_task, task_corpus
-from llm_neo.eval.generate import greedy_answers, prompt_and_stop
+from llm_neo.eval.generate import greedy_answers, greedy_generations, prompt_and_stop
 from llm_neo.eval.scoring import parse_score, score_answers
 from llm_neo.models.tiny import SPECIAL_TOKENS, build_llama, build_tokenizer
 
@@ -66,6 +66,23 @@ def test_greedy_answers_cut_at_end_of_turn_and_score(char_tokenizer):
     assert answers == ["132", "cab", "Lima"]
     scored = score_answers(records, answers, parse_score("exact"), category_field="skill", order=SKILLS)
     assert scored["per_category"] == {"add": 1.0, "capital": 1.0, "reverse": 0.0}
+
+
+def test_an_answer_that_reaches_the_token_limit_never_stopped(char_tokenizer):
+    records = [
+        {"instruction": "Add 47 and 85.", "input": "", "output": "132"},
+        {"instruction": "Capital of Peru?", "input": "", "output": "Lima"},
+        {"instruction": "Reverse: abc", "input": "", "output": "cba"},
+    ]
+    prompts = [prompt_and_stop(r, char_tokenizer)[0] for r in records]
+    # Stops in time; runs on past the limit; ends exactly at the limit with no end-of-turn token.
+    replies = ["132<|end|>", "Lima Lima Lima Lima", "cba!"]
+    fake = _Scripted(char_tokenizer, dict(zip(prompts, replies, strict=True)))
+    answers, stopped = greedy_generations(
+        fake, char_tokenizer, records, device=torch.device("cpu"), max_new_tokens=4, progress=False
+    )
+    assert answers == ["132", "Lima", "cba!"]
+    assert stopped == [True, False, False]
 
 
 def test_greedy_answers_of_a_real_model_are_batch_independent(char_tokenizer):

@@ -51,7 +51,8 @@ from llm_neo.config import (
 )
 from llm_neo.data import Example, load_records, read_examples
 from llm_neo.errors import ConfigError
-from llm_neo.eval.generate import greedy_answers
+from llm_neo.eval.answers import answer_stats
+from llm_neo.eval.generate import greedy_generations
 from llm_neo.eval.metrics import heldout_metrics
 from llm_neo.eval.scoring import SCORES, parse_score, references, score_answers
 from llm_neo.losses import IGNORE_INDEX
@@ -824,7 +825,9 @@ def _evaluate(plan: Plan, summaries: dict[str, RunSummary]) -> dict[str, ModelSc
     todo = {}
     for name, path in models.items():
         cached = plan.out / "eval" / f"{name}.json"
-        if (found := _cached_scores(cached)) is not None and found.scoring == scoring:
+        found = _cached_scores(cached)
+        # Scores from before answers were counted are computed again: the verdict reads the counts.
+        if found is not None and found.scoring == scoring and found.answers is not None:
             results[name] = found
         else:
             todo[name] = path
@@ -884,7 +887,7 @@ def eval_job(payload: EvalPayload, report: Report) -> dict[str, ModelScores]:
             teacher if name == "teacher" else load_frozen(config, path, role=name, dtype=dtype, device=device)
         )
         assert model is not None
-        answers = greedy_answers(
+        answers, stopped = greedy_generations(
             model, tokenizer, records, device=device, max_new_tokens=max_new, progress=False
         )
         metrics = heldout_metrics(
@@ -918,6 +921,7 @@ def eval_job(payload: EvalPayload, report: Report) -> dict[str, ModelScores]:
                 ],
             },
         )
+        scores.answers = answer_stats(answers, stopped)
         if config.lm_eval_tasks:
             from llm_neo.eval.harness import lm_eval_scores
 
@@ -1037,6 +1041,7 @@ def _results(
         device=measured_on,
         device_type=resolve_device(config.device).type,
         load_average=load_average(),
+        cpus=available_cores(),
         models=ReferenceModels(teacher=evaluations.get("teacher"), student=evaluations["student"]),
         groups=groups,
         paired=_paired(config, groups),
@@ -1076,6 +1081,7 @@ def _run_row(arm: Arm, summary: RunSummary, scores: ModelScores) -> ArmRun:
         tokens_processed_per_s=summary.tokens_processed / summary.train_time_s
         if summary.tokens_processed is not None and summary.train_time_s
         else None,
+        answers=scores.answers,
     )
 
 

@@ -49,7 +49,6 @@ def _as_question(record: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
-@torch.no_grad()
 def greedy_answers(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -61,7 +60,34 @@ def greedy_answers(
     desc: str = "generate",
     progress: bool = True,
 ) -> list[str]:
-    """Greedy responses of ``model`` to ``records``, cut at the end-of-turn token and stripped.
+    """Greedy responses of ``model`` to ``records`` (``greedy_generations``' answers)."""
+    answers, _ = greedy_generations(
+        model,
+        tokenizer,
+        records,
+        device=device,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        desc=desc,
+        progress=progress,
+    )
+    return answers
+
+
+@torch.no_grad()
+def greedy_generations(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    records: Sequence[dict[str, Any]],
+    *,
+    device: torch.device,
+    batch_size: int = 64,
+    max_new_tokens: int | None = None,
+    desc: str = "generate",
+    progress: bool = True,
+) -> tuple[list[str], list[bool]]:
+    """Greedy responses of ``model`` to ``records``, cut at the end-of-turn token and stripped, and for
+    each whether it stopped (False: it reached ``max_new_tokens`` without an end-of-turn or eos token).
 
     Prompts are batched with left padding (sorted by length, so batches pad little) and generation stops
     at the token that starts the template's end of turn (``<|end|>`` for the demo's template) or at eos.
@@ -69,7 +95,7 @@ def greedy_answers(
     prompt-only records have none, so it must be given for them.
     """
     if not records:
-        return []
+        return [], []
     rendered = [prompt_and_stop(r, tokenizer) for r in records]
     if max_new_tokens is None:
         refs = [reference_response(_as_question(r), where="generation record") or "" for r in records]
@@ -89,6 +115,7 @@ def greedy_answers(
     model.eval()
     order = sorted(range(len(records)), key=lambda i: len(prompts[i]))
     answers: list[str] = [""] * len(records)
+    stopped: list[bool] = [False] * len(records)
     starts = range(0, len(order), batch_size)
     for start in tracked(starts, desc, unit="batch", enabled=progress):
         rows = order[start : start + batch_size]
@@ -110,5 +137,6 @@ def greedy_answers(
             new = out[j, width:].tolist()
             cut = next((k for k, t in enumerate(new) if t in stop_ids), len(new))
             answers[i] = tokenizer.decode(new[:cut], skip_special_tokens=True).strip()
+            stopped[i] = cut < len(new)
     model.train(was_training)
-    return answers
+    return answers, stopped

@@ -60,6 +60,17 @@ class Example:
 
 
 @dataclass
+class AnswerStats:
+    """How a model's greedy answers to the held-out prompts ended (``eval.answers``): how many there
+    were, how many reached --max-new-tokens without an end-of-turn token, loop, or are empty."""
+
+    total: int
+    never_stopped: int
+    looping: int
+    empty: int
+
+
+@dataclass
 class CurvePoint:
     """One optimizer step of a run's training curve (its metrics.jsonl)."""
 
@@ -88,6 +99,7 @@ class ModelScores:
     heldout_tokens: int
     parameters: int
     examples: list[Example]  # the first held-out records' answers
+    answers: AnswerStats | None = field(default=None, metadata=OPTIONAL_KEY)  # (older files: absent)
     # Task -> metric -> value
     lm_eval: dict[str, dict[str, float]] | None = field(default=None, metadata=OPTIONAL_KEY)
     extra: dict[str, Any] = field(default_factory=dict)
@@ -137,6 +149,7 @@ class ArmRun:
     # Every token the steps processed (prompt + response) per second; tokens_per_s counts the response
     # tokens trained on alone. None: a run whose summary predates the count.
     tokens_processed_per_s: float | None = field(default=None, metadata=OPTIONAL_KEY)
+    answers: AnswerStats | None = field(default=None, metadata=OPTIONAL_KEY)  # (older files: absent)
 
 
 @dataclass(kw_only=True)
@@ -255,6 +268,7 @@ class CompareResults:
     device: str  # where it was measured (torch's name for a GPU)
     device_type: str
     load_average: float | None
+    cpus: int | None = field(default=None, metadata=OPTIONAL_KEY)  # cores the run could use (older: absent)
     models: ReferenceModels
     groups: list[ArmGroup]
     paired: list[PairedRow]

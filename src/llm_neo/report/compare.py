@@ -25,10 +25,23 @@ from llm_neo.records.compare import (
     Stats,
     Verdict,
 )
+from llm_neo.report.conditions import (
+    CLAIMS,
+    PAPER_ARMS,
+    answers_of,
+    claim_conditions,
+    epochs_covered,
+    leaders,
+    load_note,
+    no_learning,
+    settings,
+    share,
+)
 from llm_neo.report.document import Block, Bullets, Heading, Image, Paragraph, Table, to_html, to_markdown
 from llm_neo.report.power import budget_lines
 from llm_neo.report.probe import plots as probe_plots
 from llm_neo.report.probe import section_blocks
+from llm_neo.report.stats import identical, in_words
 from llm_neo.report.style import REFERENCE_COLORS, color, label, marker
 from llm_neo.report.tables import format_duration, format_gib, format_sig
 from llm_neo.runtime.atomic import atomic_write_bytes, atomic_write_text
@@ -58,6 +71,8 @@ def mean_std(stats: Stats | None, scale: float = 1.0, digits: int = 1) -> str:
 def interval(diff: PairedDifference | None, scale: float = 1.0, digits: int = 1) -> str:
     if not diff:
         return ""
+    if identical(diff):  # a zero-width interval: the seeds agreed, which is not a precise zero
+        return f"identical on every seed ({scale * diff.mean:+.{digits}f})"
     text = f"{scale * diff.mean:+.{digits}f}"
     if diff.ci is not None:
         low, high = (scale * x for x in diff.ci)
@@ -115,7 +130,8 @@ def _paired_at_largest(results: CompareResults) -> list[tuple[str, PairedDiffere
 
 
 def verdict(results: CompareResults) -> list[str]:
-    """Three lines a manager can act on: scores, whether Neo's differences are real, what each cost."""
+    """Three lines a manager can act on: scores, whether Neo's differences are real, what each cost; and
+    first, when no arm learned the task, a line that says so and what to change."""
     groups = _main_groups(results)
     score = results.config["score"]
     models = results.models
@@ -126,12 +142,13 @@ def verdict(results: CompareResults) -> list[str]:
         for name, ev in models.items()
     ]
     seeds = results.config["seeds"]
-    lines = [
+    lines = [line] if (line := no_learning(results, groups)) else []
+    lines += [
         f"Task score ({score}, % of {models.student.total} held-out records, {seeds} seed(s)): {scores}"
         + (f"; {' and '.join(refs)}." if refs else ".")
     ]
     if paired := _paired_at_largest(results):
-        parts = [f"vs {label(against)} {interval(diff, 100)} points, {diff.text}" for against, diff in paired]
+        parts = [f"vs {label(against)} {_difference(diff)}" for against, diff in paired]
         lines.append("Neo's paired difference: " + "; ".join(parts) + ".")
     else:
         lines.append("No paired differences: Neo was not among the arms.")
@@ -143,7 +160,8 @@ def verdict(results: CompareResults) -> list[str]:
         memory = _mean(memory_of(g.stats))
         time_s = seconds(arm.train_time_s if arm else None)
         costs.append(f"{label(g.method)} {time_s}, {format_gib(memory)} GiB")
-    line = "Cost (training time, " + memory_name + "): " + "; ".join(costs) + "."
+    loaded = f" ({note})" if (note := load_note(results)) else ""
+    line = "Cost (training time" + loaded + ", " + memory_name + "): " + "; ".join(costs) + "."
     cheapest = min(groups, key=lambda g: cost[g.method].train_time_s if g.method in cost else float("inf"))
     smallest = min(groups, key=lambda g: _mean_or_inf(memory_of(g.stats)))
     line += f" Fastest: {label(cheapest.method)}; least memory: {label(smallest.method)}."
@@ -151,35 +169,67 @@ def verdict(results: CompareResults) -> list[str]:
     return lines
 
 
+def _points(diff: PairedDifference) -> str:
+    """A paired score difference in points: "+2.8 [-1.0, +6.6] points", "identical on every seed (+2.8
+    points)"."""
+    if identical(diff):
+        return f"identical on every seed ({100 * diff.mean:+.1f} points)"
+    return f"{interval(diff, 100)} points"
+
+
+def _difference(diff: PairedDifference) -> str:
+    """A paired score difference and its verdict in words, each said once."""
+    if identical(diff):
+        return f"{in_words(diff)} ({100 * diff.mean:+.1f} points)"
+    return f"{_points(diff)}, {in_words(diff)}"
+
+
 CLAIM_STATUS = {Verdict.A: "held", Verdict.B: "not held", Verdict.NEITHER: "not distinguishable"}
 
 
 def claims(results: CompareResults) -> list[dict[str, str]]:
-    """The paper's claims checked against this comparison: held, not held, or not distinguishable."""
+    """The paper's claims (``report.conditions.CLAIMS``) checked against this comparison: held, not held
+    or not distinguishable when measured under the claim's conditions, else "measured under other
+    conditions" with the difference named."""
     rows: list[dict[str, str]] = []
-    for against, diff in _paired_at_largest(results):
-        rows.append(
-            {
-                "claim": f"Neo scores higher than {label(against)}",
-                "measured": f"{interval(diff, 100)} points",
-                "status": CLAIM_STATUS[diff.verdict],
-            }
-        )
     groups = {g.method: g for g in _main_groups(results)}
-    if "neo" in groups and "kd" in groups:
-        memory_of, name = _memory(results)
-        for metric, what in ((memory_of, name), (_train_time, "training time")):
-            neo, kd = metric(groups["neo"].stats), metric(groups["kd"].stats)
-            if neo and kd and kd.mean:
-                ratio = neo.mean / kd.mean
-                rows.append(
-                    {
-                        "claim": f"Neo needs about 25% less {what} than KD",
-                        "measured": f"{ratio:.2f}x KD's",
-                        "status": "held" if ratio <= 0.8 else "not held",
-                    }
+    paired = dict(_paired_at_largest(results))
+    memory_of, name = _memory(results)
+    for claim in CLAIMS:
+        differs = claim_conditions(results, claim)
+        if claim.metric == "score":
+            measured = [
+                (
+                    claim.text.format(arm=label(arm)),
+                    _points(diff),
+                    CLAIM_STATUS[diff.verdict],
                 )
+                for arm, diff in paired.items()
+                if arm in PAPER_ARMS
+            ]
+        elif "neo" in groups and "kd" in groups:
+            metric = memory_of if claim.metric == "memory" else _train_time
+            neo, kd = metric(groups["neo"].stats), metric(groups["kd"].stats)
+            if not (neo and kd and kd.mean):
+                continue
+            ratio = neo.mean / kd.mean
+            text = f"{ratio:.2f}x KD's" + (f" {name}" if claim.metric == "memory" else "")
+            if claim.metric == "memory" and (rss := _rss_ratio(groups)) and name != "peak memory":
+                text += f" (process peak RSS: {rss:.2f}x)"
+            measured = [(claim.text, text, "held" if ratio <= 0.8 else "not held")]
+        else:
+            continue
+        for text, value, status in measured:
+            if differs:
+                status = "measured under other conditions: " + "; ".join(differs)
+            rows.append({"claim": text, "measured": value, "status": status})
     return rows
+
+
+def _rss_ratio(groups: dict[str, ArmGroup]) -> float | None:
+    """Neo's peak RSS over KD's, shown beside a live-tensor ratio (the two can differ a lot)."""
+    kd = groups["kd"].stats.peak_memory_gb.mean
+    return groups["neo"].stats.peak_memory_gb.mean / kd if kd else None
 
 
 def conclusion(results: CompareResults) -> list[str]:
@@ -193,22 +243,55 @@ def conclusion(results: CompareResults) -> list[str]:
             f"The teacher scores {pct(teacher.accuracy)}% and the untrained student "
             f"{pct(student.accuracy)}%: {100 * gap:.1f} points for training to recover."
         )
-    best = max(groups, key=lambda g: g.stats.accuracy.mean)
-    out.append(f"{label(best.method)} has the highest mean score ({mean_std(best.stats.accuracy, 100)}).")
+    if stuck := no_learning(results, groups):
+        out.insert(0, stuck)
+    out.append(_leaders_sentence(groups, results.config["seeds"]))
     real = _paired_at_largest(results)
     undecided = [label(against) for against, diff in real if diff.verdict is Verdict.NEITHER]
     if undecided:
         n = real[0][1].n
         out.append(
-            f"Neo's difference to {', '.join(undecided)} is within the noise of {n} seed(s): more seeds, "
-            "more data or a task where the teacher's distribution carries more than the label would be "
-            "needed to tell them apart."
+            f"Neo's difference to {', '.join(undecided)} is within the noise of {n} seed(s): "
+            + ("training that moves the arms off the floor, then " if stuck else "")
+            + "more seeds, more data or a task where the teacher's distribution carries more than the "
+            "label would be needed to tell them apart."
         )
     if len(results.data.sizes) > 1:
         out.append(
             "The data-size table shows how each arm's score moves with the number of training records."
         )
     return out
+
+
+def _leaders_sentence(groups: list[ArmGroup], seeds: int) -> str:
+    """Who scored best, or that the arms are tied (no "highest mean" is named in a tie)."""
+    tied = leaders(groups)
+    if len(tied) == 1:
+        best = tied[0]
+        return (
+            f"{label(best.method)} scores best ({mean_std(best.stats.accuracy, 100)}), distinguishably "
+            f"above every other arm at {seeds} seed(s)."
+        )
+    names = ", ".join(f"{label(g.method)} {mean_std(g.stats.accuracy, 100)}" for g in tied)
+    return f"Tied at {seeds} seed(s), no difference among them distinguishable: {names}."
+
+
+def answers_table(results: CompareResults) -> tuple[dict[str, dict[str, Any]], list[str]] | None:
+    """How every model's greedy answers ended (eval.answers): the share that never stopped, loop or are
+    empty, pooled over an arm's seeds (None: counted for no model, a results.json from before)."""
+    counts = [(_reference_name(name), ev.answers) for name, ev in results.models.items()]
+    counts += [(label(g.method), answers_of(g)) for g in _main_groups(results)]
+    rows = {
+        name: {
+            "answers": str(a.total),
+            "never stopped": share(a.never_stopped, a.total),
+            "loop": share(a.looping, a.total),
+            "empty": share(a.empty, a.total),
+        }
+        for name, a in counts
+        if a is not None
+    }
+    return (rows, ["answers", "never stopped", "loop", "empty"]) if rows else None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -266,7 +349,7 @@ def paired_table(results: CompareResults) -> tuple[dict[str, dict[str, Any]], li
         )
         rows[name] = {
             "Δ score, points [95% CI]": interval(p.accuracy, 100),
-            "verdict": p.accuracy.text if p.accuracy else "",
+            "verdict": in_words(p.accuracy) if p.accuracy else "",
             "Δ KL to teacher": interval(p.kl_to_teacher, digits=3),
             "Δ CE": interval(p.ce, digits=3),
             "Δ train s": interval(p.train_time_s, digits=1),
@@ -446,6 +529,7 @@ def report_blocks(results: CompareResults) -> list[Block]:
     blocks: list[Block] = [
         Heading(1, "llm-neo comparison"),
         Paragraph(_setting(results)),
+        Paragraph(settings(results) + _budget(results)),
         *[Paragraph(line) for line in results.context or []],
         *budget_blocks(results),
         Heading(2, "Verdict"),
@@ -453,7 +537,8 @@ def report_blocks(results: CompareResults) -> list[Block]:
         Heading(2, "Results"),
         Table(*results_table(results)),
         Paragraph(
-            "Score: the task score of greedy answers to the held-out prompts against their reference "
+            _loaded_times(results)
+            + "Score: the task score of greedy answers to the held-out prompts against their reference "
             f"responses (`{results.config['score']}`). CE, KL to the teacher and top-1 agreement are "
             "per held-out response token. Memory: "
             + (
@@ -467,6 +552,15 @@ def report_blocks(results: CompareResults) -> list[Block]:
         *small_heldout_blocks(results),
         Image("scores", "task score of every model"),
     ]
+    if ended := answers_table(results):
+        blocks += [
+            Heading(3, "How the answers ended"),
+            Table(*ended),
+            Paragraph(
+                "Never stopped: reached --max-new-tokens without an end-of-turn token. Loop: some run of 3 "
+                "to 8 words repeats back to back 3 times or over half the answer (llm_neo.eval.answers)."
+            ),
+        ]
     if results.paired:
         blocks += [
             Heading(2, "Neo against each arm, paired by seed"),
@@ -564,6 +658,26 @@ def _setting(results: CompareResults) -> str:
         f"seed(s) from seed {c['seed']}, {c['max_steps'] or 'one epoch of'} steps of {c['batch_size']} x "
         f"{c['grad_accum']}; {results.device}; llm-neo {results.llm_neo_version}, {results.created}."
     )
+
+
+def _loaded_times(results: CompareResults) -> str:
+    """A sentence before the results table's notes when the machine was loaded (its times measured the
+    other work too); empty otherwise."""
+    return f"Times (train s, tokens/s) were taken with the {note}. " if (note := load_note(results)) else ""
+
+
+def _budget(results: CompareResults) -> str:
+    """The machine, its load, and the epochs the largest arms' budget covered, for the header."""
+    text = f" Machine: {results.device}"
+    if results.cpus is not None:
+        text += f", {results.cpus} CPUs usable"
+    if results.load_average is not None:
+        text += f", load average {results.load_average:g} at the end of the run"
+    text += f" ({note})." if (note := load_note(results)) else "."
+    groups = _main_groups(results)
+    if groups and (covered := epochs_covered(results, groups[0])):
+        text += f" Epochs covered: {covered[0]:.2g}."
+    return text
 
 
 def _examples(results: CompareResults) -> tuple[dict[str, dict[str, Any]], list[str]]:

@@ -58,6 +58,36 @@ def paired_difference(
     if ci is not None and (ci[0] > 0 or ci[1] < 0):
         a_higher = ci[0] > 0
         verdict = Verdict.A if a_higher == higher_is_better else Verdict.B
-    seeds = f"{n} seed{'s' if n != 1 else ''}"
+    difference = PairedDifference(mean=mean, ci=ci, n=n, verdict=verdict, text="")
+    difference.text = in_words(difference)
+    return difference
+
+
+def identical(diff: PairedDifference) -> bool:
+    """Whether the difference was the same at every seed (more than one): its interval has zero width,
+    which says the seeds agreed, not that the difference is known to that precision."""
+    return diff.ci is not None and diff.ci[0] == diff.ci[1]
+
+
+def in_words(diff: PairedDifference) -> str:
+    """The verdict in words: "better", "worse", "not distinguishable at 3 seeds", and "identical on every
+    seed" (with "better"/"worse" in front when it is not 0) for a zero-width interval. The report calls it
+    on every difference it shows, so a results.json written before this wording reads the same."""
+    seeds = f"{diff.n} seed{'s' if diff.n != 1 else ''}"
     text = {Verdict.A: "better", Verdict.B: "worse", Verdict.NEITHER: f"not distinguishable at {seeds}"}
-    return PairedDifference(mean=mean, ci=ci, n=n, verdict=verdict, text=text[verdict])
+    if not identical(diff):
+        return text[diff.verdict]
+    same = "identical on every seed"
+    return same if diff.verdict is Verdict.NEITHER else f"{text[diff.verdict]}, {same}"
+
+
+def within_noise(a: float, b: float, records: int) -> bool:
+    """Whether two scores (fractions correct) on ``records`` held-out records are within noise of each
+    other: their difference is at most the 95% half-width of a difference of two proportions,
+    ``1.96 · √(2 · p(1 − p) / records)`` at their mean ``p``, and never less than one record (``1 /
+    records``: scores one answer apart are never told apart)."""
+    if records < 1:
+        raise ValueError(f"a score needs at least one record, got {records}")
+    p = (a + b) / 2
+    half = max(_Z975 * math.sqrt(2 * p * (1 - p) / records), 1 / records)
+    return abs(a - b) <= half + 1e-12  # float slack: 2/36 - 0/36 at 2/36 is within
