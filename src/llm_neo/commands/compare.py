@@ -409,7 +409,11 @@ def compare(config: CompareConfig, *, extra: Extra | None = None) -> CompareResu
         state_budget(plan_only(config))
         return None
     out = Path(config.output_dir).expanduser()
-    _check_output_dir(config, out)
+    rank = int(os.environ.get("RANK", "0")) if _launched_ranks() > 1 else 0
+    if rank == 0:
+        # Under torchrun rank 0 decides for all (its refusal ends the launch): another rank checking
+        # while rank 0 writes the splits would find "files but no comparison" and refuse a run it started.
+        _check_output_dir(config, out)
     plan = _plan(config, out)
     _check_heldout(plan)
     budget = state_budget(plan_budget(plan))
@@ -417,7 +421,7 @@ def compare(config: CompareConfig, *, extra: Extra | None = None) -> CompareResu
     t0 = time.perf_counter()
     caches = _build_caches(plan)
     summaries = _train_arms(plan, caches)
-    if _launched_ranks() > 1 and int(os.environ.get("RANK", "0")) != 0:
+    if rank != 0:
         return None
     arms_s = time.perf_counter() - t0
     t0 = time.perf_counter()
