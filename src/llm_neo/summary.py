@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llm_neo.errors import StateFileError
+
 SUMMARY_FILE = "summary.json"
 
 
@@ -90,4 +92,14 @@ class RunSummary:
         file = Path(path)
         if file.is_dir():
             file = file / SUMMARY_FILE
-        return cls.from_json(json.loads(file.read_text()))
+        try:
+            data = json.loads(file.read_text())
+            if not isinstance(data, dict):
+                raise ValueError(f"a JSON {type(data).__name__}, not an object")
+            return cls.from_json(data)
+        except (OSError, UnicodeDecodeError, ValueError, TypeError) as err:
+            # ValueError covers JSONDecodeError; TypeError is a required field missing.
+            raise StateFileError(
+                f"{file} is damaged ({err}): it no longer says how the run ended; run it again with "
+                "--resume to write it (it continues from the run's last checkpoint)"
+            ) from err
