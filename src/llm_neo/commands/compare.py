@@ -50,7 +50,7 @@ from llm_neo.config import (
     validate_distill,
 )
 from llm_neo.data import Example, load_records, read_examples
-from llm_neo.errors import ConfigError, StateFileError
+from llm_neo.errors import ConfigError
 from llm_neo.eval.answers import answer_stats
 from llm_neo.eval.generate import greedy_generations
 from llm_neo.eval.metrics import heldout_metrics
@@ -773,7 +773,7 @@ def _finished(config: DistillConfig) -> RunSummary | None:
         return None
     try:
         return RunSummary.load(out)
-    except StateFileError as err:  # a damaged record: the arm is unfinished, its checkpoints resume it
+    except ValueError as err:  # a damaged record: the arm is unfinished, its checkpoints resume it
         log.warning("%s; the arm is run again", err)
         return None
 
