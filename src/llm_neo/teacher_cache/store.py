@@ -162,7 +162,9 @@ def read_record(file: Path) -> dict[str, Any] | str:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
-        cut = "truncated: " if not text.rstrip().endswith("}") else ""
+        # The text ends where the parser wanted more: the file was cut short (a full disk, a killed copy).
+        ended = err.pos >= len(text.rstrip()) or err.msg.startswith("Unterminated string")
+        cut = "truncated: " if ended else ""
         return f"{cut}not valid JSON ({err.msg} at line {err.lineno} column {err.colno})"
     if not isinstance(data, dict):
         return f"a JSON {type(data).__name__}, not an object"
