@@ -56,3 +56,30 @@ def test_a_damaged_arm_summary_is_named_and_the_arm_runs_again(tmp_path, teacher
     neo = json.loads((tmp_path / "out" / "results.json").read_text())
     assert any(group["method"] == "neo" and group["runs"] for group in neo["groups"])
     assert Path(str(RunSummary.load(damaged.parent).config["output_dir"])) == damaged.parent
+
+
+def test_compare_from_a_cache_with_a_damaged_manifest_names_it_before_any_arm_trains(
+    tmp_path, teacher_dir, student_dir, capsys
+):
+    from llm_neo.cli import main
+    from llm_neo.config import CacheTeacherConfig
+    from llm_neo.teacher_cache.writer import cache_teacher
+
+    train = write_jsonl(tmp_path / "train.jsonl", _records(16))
+    heldout = write_jsonl(tmp_path / "heldout.jsonl", _records(4, 100))
+    cache = tmp_path / "cache"
+    cache_teacher(
+        CacheTeacherConfig(teacher=str(teacher_dir), data=str(train), output=str(cache), max_length=64)
+    )
+    manifest = cache / "manifest.json"
+    manifest.write_bytes(manifest.read_bytes()[:-30])
+    code = main(["compare", "--teacher-cache", str(cache), "--student", str(student_dir),
+                 "--data", str(train), "--heldout", str(heldout), "--methods", "sft,neo", "--seeds", "1",
+                 "--max-steps", "2",
+                 "--batch-size", "4", "--lora.r", "4", "--max-length", "64", "--max-new-tokens", "2",
+                 "--jobs", "1", "--device", "cpu", "--output-dir", str(tmp_path / "out")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 1
+    assert f"{manifest} is damaged (truncated" in err and "Rerun the llm-neo cache-teacher command" in err
+    assert "failed" not in err and "File " not in err  # refused before any arm's worker, no traceback
+    assert not (tmp_path / "out" / "arms").exists() or not any((tmp_path / "out" / "arms").iterdir())

@@ -671,6 +671,10 @@ def _build_caches(plan: Plan) -> dict[tuple[str, str, str], str]:
     """--cache-teacher K: one teacher cache per training data file and teacher quantization; returns
     ``_cache_key`` -> cache dir."""
     config = plan.config
+    if config.teacher_cache:  # a damaged or incomplete one is refused here, not by each arm's worker
+        from llm_neo.teacher_cache.store import open_cache
+
+        open_cache(config.teacher_cache)
     if not config.cache_teacher or not config.teacher or config.teacher_cache:
         return {}
     from llm_neo.teacher_cache.writer import cache_teacher

@@ -165,7 +165,7 @@ def read_record(file: Path) -> dict[str, Any] | str:
         # The text ends where the parser wanted more: the file was cut short (a full disk, a killed copy).
         ended = err.pos >= len(text.rstrip()) or err.msg.startswith("Unterminated string")
         cut = "truncated: " if ended else ""
-        return f"{cut}not valid JSON ({err.msg} at line {err.lineno} column {err.colno})"
+        return f"{cut}not valid JSON ({err.msg}: line {err.lineno} column {err.colno})"
     if not isinstance(data, dict):
         return f"a JSON {type(data).__name__}, not an object"
     if file.name != MANIFEST:
