@@ -55,6 +55,7 @@ from llm_neo.errors import (
     ConfigError,
     ModelError,
     NonFiniteError,
+    NonFiniteTargets,
     OutOfMemory,
     OutputError,
     RunStopped,
@@ -85,6 +86,7 @@ from llm_neo.models.anatomy import (
 from llm_neo.models.checkpointing import enable_checkpointing
 from llm_neo.models.loading import (
     autocast,
+    check_finite_weights,
     check_supported,
     kd_vocab_size,
     load_config,
@@ -468,6 +470,7 @@ def _build_student(
             trust_remote_code=config.trust_remote_code,
             allow_pickle_weights=config.allow_pickle_weights,
         )
+    check_finite_weights(base, role="student", source=config.student)
     base.config.use_cache = False
     parameters = parameter_count(base)  # as the dense model counts them (a 4-bit weight packs 2 per byte)
     if not config.uses_lora:
@@ -698,6 +701,11 @@ def _steps(run: Run, loop: _Loop, *, until: int) -> dict[str, float]:
                 scheduler=run.scheduler,
                 settings=run.step,
             )
+        except NonFiniteTargets as err:
+            raise TrainingError(
+                f"step {progress.step + 1}: {err}: {_teacher_blamed(config)}; "
+                f"{last_good(run.out / 'checkpoints')}."
+            ) from err
         except NonFiniteError as err:
             raise TrainingError(
                 f"step {progress.step + 1}: {err}; {last_good(run.out / 'checkpoints')}. Lower --lr, "
@@ -891,6 +899,22 @@ def _record(run: Run, last: dict[str, float], progress: tuple[Any, ProgressLines
     lines.update(step, tokens=int(last["tokens"]), details=loss)
 
 
+def _teacher_blamed(config: DistillConfig) -> str:
+    """Where a non-finite KD term beside a finite CE comes from, and the fix: the teacher's log-probs
+    (the student's finite CE rules out its own weights, the data and the learning rate)."""
+    if config.teacher_cache:
+        return (
+            f"the teacher cache {config.teacher_cache} holds non-finite log-probs (its teacher gave NaN): "
+            "check that teacher's weights, then make the cache again with llm-neo cache-teacher "
+            "--overwrite (it now refuses a NaN teacher)"
+        )
+    return (
+        f"the teacher {config.teacher} gives non-finite log-probs on this batch although its weights are "
+        "finite: its logits overflow in this precision (use --dtype float32 or --teacher-quant none) or the "
+        "teacher is broken; lowering --lr will not help"
+    )
+
+
 def _collate(batch: list[Example], pad_token_id: int, cache: TeacherCache | None) -> dict[str, torch.Tensor]:
     """``collate``, plus the batch's cached teacher targets (rows in ``targets[trained]`` order): each
     example's cache row is its index among the data's tokenized examples."""
@@ -935,6 +959,8 @@ def train_step(
     grad_norm = clip_grad_norm(params, settings.max_grad_norm, world)
     if all_reduce_sum(float(not finite), world, device) > 0:
         optimizer.zero_grad(set_to_none=True)
+        if math.isfinite(ce_sum) and not math.isfinite(kd_sum):  # the student is fine, its targets not
+            raise NonFiniteTargets(f"non-finite KD term (kd sum {kd_sum:.4g}), finite CE ({ce_sum:.4g})")
         raise NonFiniteError(f"non-finite loss (ce sum {ce_sum:.4g}, kd sum {kd_sum:.4g})")
     if not torch.isfinite(grad_norm):
         optimizer.zero_grad(set_to_none=True)

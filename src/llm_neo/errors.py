@@ -48,6 +48,10 @@ class NonFiniteError(TrainingError):
     """A NaN or infinite loss or gradient norm; raised before the optimizer touches the weights."""
 
 
+class NonFiniteTargets(NonFiniteError):
+    """A non-finite KD term beside a finite CE: the teacher's (or the cache's) targets, not the student."""
+
+
 class WorkerError(LlmNeoError, RuntimeError):
     """A job of a worker process failed or its process died; the message names its log and the rerun."""
 

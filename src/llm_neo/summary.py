@@ -86,8 +86,19 @@ class RunSummary:
 
     @classmethod
     def load(cls, path: str | Path) -> RunSummary:
-        """The summary of the run in ``path`` (its output dir) or in the summary file ``path``."""
+        """The summary of the run in ``path`` (its output dir) or in the summary file ``path``.
+
+        ValueError naming the file when it cannot be read or is not a summary (truncated, not JSON, a
+        field missing): a reader decides what a damaged record means (compare runs the arm again).
+        """
         file = Path(path)
         if file.is_dir():
             file = file / SUMMARY_FILE
-        return cls.from_json(json.loads(file.read_text()))
+        try:
+            data = json.loads(file.read_text())
+            if not isinstance(data, dict):
+                raise ValueError(f"a JSON {type(data).__name__}, not an object")
+            return cls.from_json(data)
+        except (OSError, UnicodeDecodeError, ValueError, TypeError) as err:
+            # ValueError covers JSONDecodeError; TypeError is a required field missing.
+            raise ValueError(f"{file} is damaged ({err})") from err

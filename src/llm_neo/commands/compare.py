@@ -675,6 +675,10 @@ def _build_caches(plan: Plan) -> dict[tuple[str, str, str], str]:
     """--cache-teacher K: one teacher cache per training data file and teacher quantization; returns
     ``_cache_key`` -> cache dir."""
     config = plan.config
+    if config.teacher_cache:  # a damaged or incomplete one is refused here, not by each arm's worker
+        from llm_neo.teacher_cache.store import open_cache
+
+        open_cache(config.teacher_cache)
     if not config.cache_teacher or not config.teacher or config.teacher_cache:
         return {}
     from llm_neo.teacher_cache.writer import cache_teacher
@@ -775,7 +779,11 @@ def _finished(config: DistillConfig) -> RunSummary | None:
         dataclasses.replace(config.resolved(), resume=False, overwrite=False)
     ):
         return None
-    return RunSummary.load(out)
+    try:
+        return RunSummary.load(out)
+    except ValueError as err:  # a damaged record: the arm is unfinished, its checkpoints resume it
+        log.warning("%s; the arm is run again", err)
+        return None
 
 
 def _rerun(config: DistillConfig) -> str:

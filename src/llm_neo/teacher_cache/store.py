@@ -117,7 +117,14 @@ def open_cache(path: str | Path) -> TeacherCache:
             else "create it with llm-neo cache-teacher --teacher T --data D --output CACHE"
         )
         raise CacheError(f"--teacher-cache {root}: not a teacher cache; {hint}")
-    manifest = json.loads(manifest_file.read_text())
+    manifest = read_record(manifest_file)
+    if isinstance(manifest, str):
+        raise CacheError(
+            f"--teacher-cache {root}: {manifest_file} is damaged ({manifest}). Rerun the llm-neo "
+            "cache-teacher command that made it (same --teacher, --data, --output and options): it "
+            "rebuilds the manifest from the intact shards without computing them again; or make the "
+            "cache again with --overwrite"
+        )
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise CacheError(
             f"{manifest_file}: format {manifest.get('format')!r} version {manifest.get('version')!r}, "
@@ -130,6 +137,45 @@ def open_cache(path: str | Path) -> TeacherCache:
         if problem:
             raise damaged_shard(root, manifest, shard["file"], problem)
     return TeacherCache(path=root, manifest=manifest)
+
+
+# What a reader indexes in a manifest without looking: a file lacking one is damaged, not a KeyError.
+MANIFEST_FIELDS: dict[str, type] = {
+    "format": str,
+    "version": int,
+    "key": dict,
+    "top_k": int,
+    "vocab_size": int,
+    "shard_size": int,
+    "num_examples": int,
+    "shards": list,
+}
+
+
+def read_record(file: Path) -> dict[str, Any] | str:
+    """The JSON object in ``manifest.json`` or ``key.json``, or what is wrong with the file (truncated,
+    not JSON, not an object, a manifest field missing or of the wrong type): a string for the message."""
+    try:
+        text = file.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        return f"unreadable: {err}"
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        # The text ends where the parser wanted more: the file was cut short (a full disk, a killed copy).
+        ended = err.pos >= len(text.rstrip()) or err.msg.startswith("Unterminated string")
+        cut = "truncated: " if ended else ""
+        return f"{cut}not valid JSON ({err.msg}: line {err.lineno} column {err.colno})"
+    if not isinstance(data, dict):
+        return f"a JSON {type(data).__name__}, not an object"
+    if file.name != MANIFEST:
+        return data if data else "an empty object"
+    for name, kind in MANIFEST_FIELDS.items():
+        if not isinstance(data.get(name), kind):
+            return f"field {name!r} is missing or not a JSON {kind.__name__}"
+    if not all(isinstance(s, dict) and isinstance(s.get("file"), str) for s in data["shards"]):
+        return "a 'shards' entry without its 'file'"
+    return data
 
 
 def damaged_shard(root: Path, manifest: dict[str, Any], name: str, problem: str) -> CacheError:

@@ -42,7 +42,7 @@ from llm_neo.runtime.atomic import (
 from llm_neo.runtime.integrity import check_file
 from llm_neo.runtime.progress import ProgressLines
 from llm_neo.teacher_cache.key import key_differences, key_digest, run_key
-from llm_neo.teacher_cache.store import FORMAT, KEY_FILE, LOGPROB_DTYPES, MANIFEST, VERSION
+from llm_neo.teacher_cache.store import FORMAT, KEY_FILE, LOGPROB_DTYPES, MANIFEST, VERSION, read_record
 
 log = logging.getLogger("llm_neo")
 
@@ -115,6 +115,7 @@ def _shard_tensors(
         row = 0
         for i, count in zip(chosen, counts, strict=True):
             per_example[i] = targets.slice(row, row + count)
+            _refuse_non_finite(per_example[i], examples[i], config.teacher)
             row += count
         on_tokens(row)
     parts = [per_example[i] for i in range(len(examples))]
@@ -127,6 +128,25 @@ def _shard_tensors(
         "log_probs": torch.cat([p.log_probs for p in parts]).to(store).contiguous(),
         "tail": torch.cat([p.tail for p in parts]).to(store).contiguous(),
     }
+
+
+def _refuse_non_finite(targets: TopKTargets, example: Example, teacher: str) -> None:
+    """CacheError at the first example whose teacher log-probs hold a NaN or infinity.
+
+    Cached, they would make every student trained from the cache fail at its first step, blamed on the
+    learning rate. The tail is -inf when k == V (nothing outside the top-k), so only NaN and +inf count
+    there."""
+    bad_top = ~torch.isfinite(targets.log_probs)
+    bad_tail = targets.tail.isnan() | (targets.tail == float("inf"))
+    if not (bool(bad_top.any()) or bool(bad_tail.any())):
+        return
+    positions = int((bad_top.any(dim=-1) | bad_tail).sum())
+    raise CacheError(
+        f"the teacher {teacher} gives non-finite log-probs (NaN or inf) on example {example.index} of "
+        f"--data (0-based, among the tokenized examples), at {positions} of its {targets.ids.shape[0]} "
+        "trained positions; nothing of this shard was written. Its weights are finite (checked at load), so "
+        "its logits overflow in this precision: run with --dtype float32, or check the teacher"
+    )
 
 
 def _trained_positions(example: Example) -> int:
@@ -170,10 +190,22 @@ def _prepare_output(out: Path, key: dict[str, Any], overwrite: bool) -> None:
     """Make ``out`` hold this key: resume a cache of the same key, refuse (or replace) another."""
     key_file = out / KEY_FILE
     if key_file.is_file():
-        old = json.loads(key_file.read_text())
-        if old == key:
+        old = read_record(key_file)
+        if isinstance(old, str):
+            if not overwrite and not _repair_key(out, key, old):
+                raise CacheError(
+                    f"--output {out}: {key_file} is damaged ({old}) and the shards there were not all "
+                    "made for these inputs, so it cannot be told what the cache is. Pass --overwrite to "
+                    "replace it, or choose another --output"
+                )
+            if not overwrite:
+                return
+            log.warning(
+                "teacher cache %s: %s is damaged (%s); --overwrite replaces the cache", out, key_file, old
+            )
+        elif old == key:
             return
-        if not overwrite:
+        elif not overwrite:
             lines = "\n".join(f"  - {line}" for line in key_differences(old, key))
             raise CacheError(
                 f"--output {out} holds a cache made for other inputs:\n{lines}\n"
@@ -190,6 +222,31 @@ def _prepare_output(out: Path, key: dict[str, Any], overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
     with writing(key_file, "the cache's key", kept="nothing yet"):
         atomic_write_json(key_file, key)
+
+
+def _repair_key(out: Path, key: dict[str, Any], problem: str) -> bool:
+    """Rewrite a damaged ``key.json`` when every shard in ``out`` carries this key's digest (each shard's
+    metadata holds the digest of the key it was made for, so they prove which key the cache had); False
+    when a shard was made for another key or cannot be read (then only --overwrite may replace it)."""
+    digest = key_digest(key)
+    for shard in sorted(out.glob("shard-*.safetensors")):
+        try:
+            with safe_open(str(shard), framework="pt") as handle:
+                made_for = json.loads((handle.metadata() or {}).get("llm_neo", "{}")).get("key")
+        except Exception:  # an unreadable shard proves nothing: it may belong to another key
+            return False
+        if made_for != digest:
+            return False
+    log.warning(
+        "teacher cache %s: %s is damaged (%s); every shard there was made for these inputs, so it is "
+        "written again",
+        out,
+        out / KEY_FILE,
+        problem,
+    )
+    with writing(out / KEY_FILE, "the cache's key", kept="every shard"):
+        atomic_write_json(out / KEY_FILE, key)
+    return True
 
 
 def _damaged_shards(out: Path, manifest: dict[str, Any]) -> list[tuple[str, str]]:
@@ -230,8 +287,18 @@ def cache_teacher(config: CacheTeacherConfig, *, on_shard: ShardCallback | None 
     _prepare_output(out, inputs.key, config.overwrite)
     clean_temporaries(out)  # what a killed run left half-written
     if (out / MANIFEST).is_file():
-        manifest = json.loads((out / MANIFEST).read_text())
-        if manifest.get("key") == inputs.key:
+        manifest = read_record(out / MANIFEST)
+        if isinstance(manifest, str):
+            # The shards carry the key's digest and their own sizes; their sha256 is computed again.
+            log.warning(
+                "teacher cache %s: %s is damaged (%s); rebuilding it from the shards made for these "
+                "inputs (only missing or unreadable ones are computed again)",
+                out,
+                out / MANIFEST,
+                manifest,
+            )
+            (out / MANIFEST).unlink()
+        elif manifest.get("key") == inputs.key:
             damaged = _damaged_shards(out, manifest)
             if not damaged:
                 log.info(
