@@ -27,8 +27,8 @@ import os
 import re
 import shutil
 import socket
-import time
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
