@@ -493,6 +493,35 @@ def save_model_dir(model: PreTrainedModel, tokenizer: Any, path: Path, dtype: to
     model.float()
 
 
+def same_weights(teacher: str, student: str) -> str | None:
+    """The one place both names lead to when ``teacher`` and ``student`` are the same weights (the same
+    hub id, or local paths that resolve to the same directory or GGUF file, through links and ``..``);
+    None otherwise. Paths only: digests of copies would read every weight twice."""
+    if teacher == student:
+        return teacher
+    places = []
+    for name in (teacher, student):
+        local = Path(name).expanduser()
+        if not local.exists():
+            return None  # a hub id (different from the other name) or a mistyped path: not the same
+        directory, gguf_file = resolve_gguf(name)
+        places.append(Path(directory) / gguf_file if gguf_file else local)
+    return str(places[0].resolve()) if places[0].resolve() == places[1].resolve() else None
+
+
+def warn_same_weights(teacher: str | None, student: str) -> None:
+    """Warn when the teacher and the student are the same weights: the student would be distilled into
+    itself (its KD term starts at zero and teaches nothing), usually a slip in a config file."""
+    if teacher and (place := same_weights(teacher, student)):
+        log.warning(
+            "the teacher (%s) and the student (%s) are the same weights (%s): KD would distill the "
+            "student into itself; check --teacher/--student (and teacher:/student: in the config file)",
+            teacher,
+            student,
+            place,
+        )
+
+
 # ------------------------------------------------------------------------------------------------
 # Damaged or wrong model paths, named before any loader reads them (headers and sizes only).
 
