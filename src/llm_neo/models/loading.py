@@ -558,7 +558,8 @@ def _refuse_llm_neo_directory(local: Path, path: str, role: str) -> None:
     """ModelError with a did-you-mean for what llm-neo itself wrote and a user passes as a model."""
     flag = f"--{role}" if role in ("teacher", "student", "model") else "the model path"
     if (local / _CACHE_KEY_FILE).is_file():
-        fix = f"pass it as --teacher-cache {path}" if role == "teacher" else "give a model directory"
+        fix = f"pass it as --teacher-cache {path}"
+        fix += " instead of --teacher" if role == "teacher" else f", and a model directory as {flag}"
         raise ModelError(
             f"{flag} {path}: this is a teacher cache (llm-neo cache-teacher's output), not a model: {fix}"
         )
