@@ -2,8 +2,9 @@
 
 Files are written next to their destination, flushed, fsynced and renamed over it (rename is atomic
 on POSIX within one filesystem). Directories are built under a temporary name, their files fsynced,
-and renamed into place. A write killed half-way leaves its temporary (``.NAME.XXXXXXXX.tmp``) behind;
-``clean_temporaries`` removes those at the next run, and no reader ever takes one for the real thing.
+and renamed into place. A write killed half-way leaves its temporary (``.NAME.PID-START@HOST.XXXXXXXX.tmp``:
+the name says which process wrote it) behind; ``clean_temporaries`` removes those whose writer is gone at
+the next run and before each write of that output, and no reader ever takes one for the real thing.
 
 Failed writes are reported, not just raised: ``writing(path, what, kept)`` turns an I/O failure of
 any library inside it (an OSError; safetensors' "os error 28"; torch.save's "unexpected pos", whose
