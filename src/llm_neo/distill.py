@@ -96,6 +96,7 @@ from llm_neo.models.loading import (
     resolve_device,
     resolve_dtype,
     save_model_dir,
+    warn_same_weights,
 )
 from llm_neo.models.lora import attach_lora, merge_verified, save_adapter, trainable_parameters
 from llm_neo.models.quant import (
@@ -369,6 +370,7 @@ def preflight(config: DistillConfig) -> torch.dtype:
     if config.teacher:
         teacher_config = load_config(config.teacher, role="teacher", trust_remote_code=trust)
         check_supported(teacher_config, role="teacher", trust_remote_code=trust)
+        warn_same_weights(config.teacher, config.student)
     if config.loss_impl == "liger" and config.uses_kd and teacher_config is not None:
         capped = [
             role

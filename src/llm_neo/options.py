@@ -341,12 +341,42 @@ def to_dict(config: Any) -> dict[str, Any]:
     }
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses a mapping key given twice, at any nesting level: PyYAML's own loader
+    keeps the last one silently (a second ``teacher:`` line once distilled the student into itself)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # ``<<: *anchor`` merges keys that the mapping's own keys may override
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, str | int | float | bool) and key in seen:
+                raise ConfigError(
+                    [
+                        f"{self.name} line {line}: duplicate key {key!r} (first given on line "
+                        f"{seen[key]}); YAML would keep only the last one: delete one of them"
+                    ]
+                )
+            if isinstance(key, str | int | float | bool):
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
+    """The mapping of a YAML config file; ConfigError naming the file (and line) when it is missing, is
+    not YAML, is not a mapping, or gives a key twice in one mapping."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError([f"--config: {str(path)!r} does not exist"])
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        loader = _UniqueKeyLoader(path.read_text())
+        loader.name = str(path)
+        try:
+            data = loader.get_single_data() or {}
+        finally:
+            loader.dispose()
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from llm_neo.errors import ConfigError
 from llm_neo.options import option_help
-from llm_neo.runtime.rundir import check_output_dir
+from llm_neo.runtime.rundir import check_output_dir, output_path_problems
 
 __all__ = ["ExportConfig", "run_export", "validate_export"]
 
@@ -70,6 +70,7 @@ def validate_export(config: ExportConfig) -> None:
         p.append("--output is required (the directory the export is written to)")
     else:
         out = Path(c.output).expanduser()
+        p += output_path_problems(out, "--output")  # a dangling link: before any model loads
         if model is not None and out.resolve() == model.resolve():
             p.append("--output must differ from --model")
         elif refused := check_output_dir(out, flag="--output", overwrite=c.overwrite, shown=c.output).message:

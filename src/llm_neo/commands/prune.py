@@ -37,7 +37,7 @@ from llm_neo.models.prune import (
 from llm_neo.options import option_help
 from llm_neo.report.tables import format_table
 from llm_neo.runtime.atomic import atomic_directory, atomic_write_json
-from llm_neo.runtime.rundir import check_output_dir
+from llm_neo.runtime.rundir import check_output_dir, output_path_problems
 
 log = logging.getLogger("llm_neo")
 
@@ -104,6 +104,7 @@ def validate_prune(config: PruneConfig) -> PretrainedConfig | None:
         p.append("--output must differ from --model: pruning never replaces the original")
     else:
         out = Path(c.output).expanduser()
+        p += output_path_problems(out, "--output")  # a dangling link: before any model loads
         if refused := check_output_dir(out, flag="--output", overwrite=c.overwrite, shown=c.output).message:
             p.append(refused)
     if c.metric not in METRICS:

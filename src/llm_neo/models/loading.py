@@ -128,6 +128,7 @@ def load_config(path: str, *, role: str = "model", trust_remote_code: bool = Fal
     copied on every later call. The returned config never carries a ``quantization_config``.
     """
     refuse_missing(path, role)
+    check_model_files(path, role)
     directory, gguf_file = resolve_gguf(path)
     try:
         if gguf_file is None:
@@ -176,6 +177,7 @@ def autocast(device: torch.device, dtype: torch.dtype) -> torch.autocast:
 def load_tokenizer(path: str, *, role: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """The tokenizer (and chat template) of a model directory, hub id or GGUF file."""
     refuse_missing(path, role)
+    check_model_files(path, role)
     directory, gguf_file = resolve_gguf(path)
     tokenizer: PreTrainedTokenizerBase
     try:
@@ -239,6 +241,7 @@ def load_model(
     from a GGUF file (see ``load_gguf_model``)."""
     hf_logging.disable_progress_bar()
     refuse_missing(path, role)
+    check_model_files(path, role)  # a short shard named here, not as a reshape error inside the loader
     if is_gguf(path):
         model = load_gguf_model(path, role=role, dtype=dtype)
         log.info(
@@ -512,3 +515,229 @@ def check_finite_weights(model: torch.nn.Module, *, role: str, source: str) -> N
                 "files are damaged (download or export them again) or the model diverged while training "
                 "(use an earlier checkpoint)"
             )
+
+
+def same_weights(teacher: str, student: str) -> str | None:
+    """The one place both names lead to when ``teacher`` and ``student`` are the same weights (the same
+    hub id, or local paths that resolve to the same directory or GGUF file, through links and ``..``);
+    None otherwise. Paths only: digests of copies would read every weight twice."""
+    if teacher == student:
+        return teacher
+    places = []
+    for name in (teacher, student):
+        local = Path(name).expanduser()
+        if not local.exists():
+            return None  # a hub id (different from the other name) or a mistyped path: not the same
+        directory, gguf_file = resolve_gguf(name)
+        places.append(Path(directory) / gguf_file if gguf_file else local)
+    return str(places[0].resolve()) if places[0].resolve() == places[1].resolve() else None
+
+
+def warn_same_weights(teacher: str | None, student: str) -> None:
+    """Warn when the teacher and the student are the same weights: the student would be distilled into
+    itself (its KD term starts at zero and teaches nothing), usually a slip in a config file."""
+    if teacher and (place := same_weights(teacher, student)):
+        log.warning(
+            "the teacher (%s) and the student (%s) are the same weights (%s): KD would distill the "
+            "student into itself; check --teacher/--student (and teacher:/student: in the config file)",
+            teacher,
+            student,
+            place,
+        )
+
+
+# ------------------------------------------------------------------------------------------------
+# Damaged or wrong model paths, named before any loader reads them (headers and sizes only).
+
+# teacher_cache.store's KEY_FILE: that package sits above this one in the import layers.
+_CACHE_KEY_FILE = "key.json"
+_DOWNLOAD_AGAIN = "download or copy it again (a cut-off transfer or a full disk leaves a short file)"
+
+
+def check_model_files(path: str, role: str) -> None:
+    """ModelError naming the file, the cause and the fix for a local model path that no loader can read:
+    an llm-neo run directory or teacher cache given as a model, a truncated or corrupt GGUF (its
+    declared tensor data end vs the file's size), a truncated or corrupt safetensors shard (its header's
+    declared data size vs the file's), a shard the index names that is missing. Reads headers only.
+    Hub ids and paths that do not exist pass (``refuse_missing`` and the loaders speak for those)."""
+    local = Path(path).expanduser()
+    if local.is_dir() and not (local / "config.json").is_file():
+        _refuse_llm_neo_directory(local, path, role)
+    directory, gguf_file = resolve_gguf(path)
+    if gguf_file is not None:
+        file = Path(directory) / gguf_file
+        stat = file.stat()
+        problem = _gguf_problem(str(file), stat.st_size, stat.st_mtime_ns)
+        if problem:
+            raise ModelError(f"the {role} GGUF file {file} is damaged: {problem}; {_DOWNLOAD_AGAIN}")
+    elif local.is_dir():
+        problems = _safetensors_problems(local)
+        if problems:
+            raise ModelError(
+                f"the {role} model {path!r} is damaged: {'; '.join(problems)}; {_DOWNLOAD_AGAIN}"
+            )
+
+
+def _refuse_llm_neo_directory(local: Path, path: str, role: str) -> None:
+    """ModelError with a did-you-mean for what llm-neo itself wrote and a user passes as a model."""
+    flag = f"--{role}" if role in ("teacher", "student", "model") else "the model path"
+    if (local / _CACHE_KEY_FILE).is_file():
+        fix = f"pass it as --teacher-cache {path}"
+        fix += " instead of --teacher" if role == "teacher" else f", and a model directory as {flag}"
+        raise ModelError(
+            f"{flag} {path}: this is a teacher cache (llm-neo cache-teacher's output), not a model: {fix}"
+        )
+    if (local / "merged" / "config.json").is_file():
+        raise ModelError(
+            f"{flag} {path}: this is an llm-neo run directory, not a model: did you mean {local / 'merged'}?"
+        )
+    if (local / "config.yaml").is_file() and (
+        (local / "checkpoints").is_dir() or (local / "summary.json").is_file()
+    ):
+        raise ModelError(
+            f"{flag} {path}: this is an llm-neo run directory with no merged/ model yet (the run has not "
+            f"finished): finish it with llm-neo distill --config {local / 'config.yaml'} --resume, then pass "
+            f"{local / 'merged'}"
+        )
+
+
+@functools.lru_cache(maxsize=8)
+def _gguf_problem(file: str, size: int, mtime_ns: int) -> str | None:
+    """What is wrong with the GGUF file ``file`` of ``size`` bytes, from its header: not a GGUF, the
+    header cut off, or tensor data declared past the file's end. None when it is whole."""
+    import gguf
+
+    with open(file, "rb") as f:
+        header = _GgufHeader(f, size)
+        try:
+            end = header.declared_end(gguf)
+        except EOFError:
+            return f"it ends after {size} bytes, inside its header (truncated)"
+        except ValueError as err:
+            return str(err)
+    if end is None or end == size:
+        return None
+    if end > size:
+        missing = end - size
+        return (
+            f"its tensors end at byte {end:,}, the file has {size:,} bytes ({missing:,} missing: truncated)"
+        )
+    return None  # trailing bytes past the tensors: llama.cpp ignores them, so does transformers
+
+
+class _GgufHeader:
+    """A reader of a GGUF header (magic, version, metadata, tensor infos) that never reads tensor data:
+    ``gguf.GGUFReader`` maps the whole file and fails on a short one with a reshape error."""
+
+    def __init__(self, f: Any, size: int):
+        self.f, self.size, self.order = f, size, "<"
+
+    def read(self, n: int) -> bytes:
+        data: bytes = self.f.read(n)
+        if len(data) < n:
+            raise EOFError
+        return data
+
+    def number(self, fmt: str) -> int:
+        import struct
+
+        return int(struct.unpack(self.order + fmt, self.read(struct.calcsize(fmt)))[0])
+
+    def string(self) -> bytes:
+        length = self.number("Q")
+        if length > self.size:
+            raise ValueError(f"a string of {length:,} bytes in a file of {self.size:,} (corrupt header)")
+        return self.read(length)
+
+    def skip_value(self, kind: int, sizes: dict[int, int]) -> Any:
+        if kind == 8:  # STRING
+            return self.string()
+        if kind == 9:  # ARRAY: element type, count, elements
+            item, count = self.number("I"), self.number("Q")
+            if item in sizes:
+                self.f.seek(sizes[item] * count, 1)
+            else:
+                for _ in range(count):
+                    self.skip_value(item, sizes)
+            return None
+        if kind not in sizes:
+            raise ValueError(f"an unknown metadata value type {kind} (corrupt header)")
+        return self.number({1: "B", 2: "H", 4: "I", 8: "Q"}[sizes[kind]])
+
+    def declared_end(self, gguf: Any) -> int | None:
+        """The byte where the last tensor's data ends; None for a tensor type this gguf does not know."""
+        magic = self.read(4)
+        if magic != b"GGUF":
+            raise ValueError(f"it does not start with GGUF but with {magic!r}: not a GGUF file")
+        if self.number("I") > 0xFFFF:
+            self.order = ">"  # a big-endian file (its version reads huge in little-endian)
+        tensors, metadata = self.number("Q"), self.number("Q")
+        sizes = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+        alignment = 32
+        for _ in range(metadata):
+            key, kind = self.string(), self.number("I")
+            value = self.skip_value(kind, sizes)
+            if key == b"general.alignment" and isinstance(value, int) and value > 0:
+                alignment = value
+        end, known = 0, True
+        for _ in range(tensors):
+            self.string()
+            dims = [self.number("Q") for _ in range(self.number("I"))]
+            kind, offset = self.number("I"), self.number("Q")
+            try:
+                block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(kind)]
+            except (KeyError, ValueError):
+                known = False
+                continue
+            elements = 1
+            for d in dims:
+                elements *= d
+            end = max(end, offset + elements // block * type_size)
+        start = -(-self.f.tell() // alignment) * alignment
+        return start + end if known else None
+
+
+def _safetensors_problems(directory: Path) -> list[str]:
+    """Each damaged or missing safetensors shard of a model directory: a header that is not one, data
+    declared past the file's end (truncated) or short of it, a shard the index names but that is not
+    there."""
+    problems = []
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            named = set(json.loads(index.read_text())["weight_map"].values())
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            problems.append(f"{index.name} is not a readable shard index ({err})")
+            named = set()
+        problems += [
+            f"{name} is missing (named in {index.name})"
+            for name in sorted(named)
+            if not (directory / name).is_file()
+        ]
+    for shard in sorted(directory.glob("*.safetensors")):
+        problem = _safetensors_problem(shard)
+        if problem:
+            problems.append(f"{shard.name}: {problem}")
+    return problems
+
+
+def _safetensors_problem(shard: Path) -> str | None:
+    size = shard.stat().st_size
+    with open(shard, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"{size} bytes, shorter than a safetensors header (truncated)"
+        length = int.from_bytes(head, "little")
+        if length > size - 8:
+            return f"its header declares {length:,} header bytes in a file of {size:,} (truncated or corrupt)"
+        try:
+            header = json.loads(f.read(length))
+            ends = [int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"]
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
+            return f"its header is not safetensors JSON ({err.__class__.__name__}: corrupt)"
+    declared = 8 + length + max(ends, default=0)
+    if declared == size:
+        return None
+    what = "missing: truncated" if declared > size else "too many: corrupt"
+    gap = abs(declared - size)
+    return f"its header declares {declared:,} bytes, the file has {size:,} bytes ({gap:,} {what})"

@@ -2,8 +2,9 @@
 
 Files are written next to their destination, flushed, fsynced and renamed over it (rename is atomic
 on POSIX within one filesystem). Directories are built under a temporary name, their files fsynced,
-and renamed into place. A write killed half-way leaves its temporary (``.NAME.XXXXXXXX.tmp``) behind;
-``clean_temporaries`` removes those at the next run, and no reader ever takes one for the real thing.
+and renamed into place. A write killed half-way leaves its temporary (``.NAME.PID-START@HOST.XXXXXXXX.tmp``:
+the name says which process wrote it) behind; ``clean_temporaries`` removes those whose writer is gone at
+the next run and before each write of that output, and no reader ever takes one for the real thing.
 
 Failed writes are reported, not just raised: ``writing(path, what, kept)`` turns an I/O failure of
 any library inside it (an OSError; safetensors' "os error 28"; torch.save's "unexpected pos", whose
@@ -22,18 +23,30 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from llm_neo.errors import OutputError
 
-# mkstemp/mkdtemp names: a prefix, eight characters of [a-z0-9_], a suffix.
-_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.[A-Za-z0-9_]{8}\.tmp$")
+log = logging.getLogger("llm_neo")
+
+# mkstemp/mkdtemp names: ``.NAME.`` and the writer (``PID-START@HOST.``: see ``temporary_prefix``),
+# eight random characters of [a-z0-9_], ``.tmp``. Names written before the writer was part of them
+# have none.
+_TEMPORARY = re.compile(
+    r"^\.(?P<name>.+?)(?:\.(?P<pid>\d+)-(?P<start>\d+)@(?P<host>[A-Za-z0-9-]+))?\.[A-Za-z0-9_]{8}\.tmp$"
+)
+# A temporary of a writer on another host is taken for abandoned only when nothing in it changed for
+# this long: its process cannot be asked, and a live export writes its file continuously.
+FOREIGN_STALE_AFTER_S = 24 * 3600
 _OLD = re.compile(r"^\.(?P<name>.+)\.old$")
 
 REASONS = {
@@ -128,7 +141,8 @@ def output_stream(path: Path) -> Iterator[Sink]:
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    clean_temporaries(path.parent, name=path.name)  # what a killed write of this file left
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temporary_prefix(path.name), suffix=".tmp")
     try:
         os.fchmod(fd, ordinary_mode())  # mkstemp's 0600 would be what the final file keeps
     finally:
@@ -173,7 +187,8 @@ def atomic_directory(path: Path) -> Iterator[Path]:
     one back if a kill lands between the two renames).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    clean_temporaries(path.parent, name=path.name)  # a killed export's partial GGUF: gigabytes
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=temporary_prefix(path.name), suffix=".tmp"))
     # mkdtemp makes the directory private (0700); a model directory should be as readable as any other.
     os.chmod(tmp, ordinary_mode(directory=True))
     try:
@@ -229,18 +244,76 @@ def _fsync_dir(directory: Path) -> None:
             os.close(fd)
 
 
-def clean_temporaries(directory: Path) -> list[str]:
+def temporary_prefix(name: str) -> str:
+    """``.NAME.PID-START@HOST.``: the start of a temporary's name for output ``name``, naming the process
+    that writes it (its pid, the pid's start time, the host), so a later run can tell a live write from
+    a killed one (``writer_alive``). The start time tells a reused pid (a container's pid 1) apart."""
+    return f".{name}.{os.getpid()}-{_process_start(os.getpid())}@{_host()}."
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname().split(".")[0]) or "host"
+
+
+def _process_start(pid: int) -> int:
+    """When process ``pid`` started (clock ticks since boot, /proc/PID/stat's 22nd field); 0 where
+    there is no /proc (the pid alone is then compared)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat[stat.rindex(")") + 2 :].split()[19])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _last_change(entry: Path) -> float:
+    """The newest modification time of ``entry`` and (a directory) anything in it."""
+    newest = entry.lstat().st_mtime
+    if entry.is_dir() and not entry.is_symlink():
+        for directory, _, names in os.walk(entry):
+            for name in names:
+                with contextlib.suppress(OSError):
+                    newest = max(newest, os.lstat(os.path.join(directory, name)).st_mtime)
+    return newest
+
+
+def writer_alive(entry: Path) -> bool:
+    """Whether a live process may still be writing the temporary ``entry``: its writer (named in the
+    name) runs on this host with the same start time; or it is on another host and something in it
+    changed within ``FOREIGN_STALE_AFTER_S``. A name without a writer (an older llm-neo's) is taken for
+    abandoned, as it always was."""
+    m = _TEMPORARY.match(entry.name)
+    if m is None or m.group("pid") is None:
+        return False
+    if m.group("host") != _host():
+        return time.time() - _last_change(entry) < FOREIGN_STALE_AFTER_S
+    pid, start = int(m.group("pid")), int(m.group("start"))
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # another user's live process
+    return start == 0 or _process_start(pid) in (0, start)
+
+
+def clean_temporaries(directory: Path, name: str | None = None) -> list[str]:
     """Remove what interrupted atomic writes left in ``directory`` (not below it): temporary files and
-    directories ``.NAME.XXXXXXXX.tmp``, and ``.NAME.old`` (moved back to ``NAME`` if that is missing: a
-    kill between atomic_directory's two renames). Returns the names it removed or restored."""
+    directories ``.NAME.*.tmp`` whose writer is gone (``writer_alive``: a live one is kept), and
+    ``.NAME.old`` (moved back to ``NAME`` if that is missing: a kill between atomic_directory's two
+    renames). With ``name``, only that output's. Returns the names it removed or restored."""
     if not directory.is_dir():
         return []
     done = []
     for entry in sorted(directory.iterdir()):
-        if _TEMPORARY.match(entry.name):
-            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        if (m := _TEMPORARY.match(entry.name)) and name in (None, m.group("name")):
+            if writer_alive(entry):
+                log.info("kept %s: a live process (pid %s on %s) is writing it", entry, m["pid"], m["host"])
+                continue
+            with contextlib.suppress(FileNotFoundError):  # removed meanwhile by another cleaner
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+            log.info("removed %s, left by an interrupted write", entry)
             done.append(entry.name)
-        elif (m := _OLD.match(entry.name)) and entry.is_dir():
+        elif (m := _OLD.match(entry.name)) and entry.is_dir() and name in (None, m.group("name")):
             final = directory / m.group("name")
             if final.exists():
                 shutil.rmtree(entry)
@@ -318,6 +391,7 @@ def check_writable(path: Path, what: str) -> None:
     """Refuse, before any work starts, an output directory that cannot be written: a file where it or
     one of its parents must be a directory, or a read-only, unwritable nearest existing directory.
     Leaves nothing behind (a probe file is created and removed there)."""
+    _refuse_dangling_link(path, what)
     existing = _nearest_existing(path)
     if not existing.is_dir():
         where = "it is a file" if existing == Path(os.path.abspath(path)) else f"{existing} is a file"
@@ -341,3 +415,20 @@ def check_writable(path: Path, what: str) -> None:
         os.unlink(probe)
     except OSError as err:
         raise output_error(path, what, err, "nothing was written") from err
+
+
+def _refuse_dangling_link(path: Path, what: str) -> None:
+    """Refuse ``path`` when it or one of its parents is a symbolic link to nothing (a moved or unmounted
+    target): ``exists()`` calls it missing, so the first ``mkdir`` would raise a bare FileExistsError."""
+    absolute = Path(os.path.abspath(path))
+    for part in (absolute, *absolute.parents):
+        if part.is_symlink() and not part.exists():
+            target = os.readlink(part)
+            where = "it" if part == absolute else str(part)
+            raise OutputError(
+                f"{what} {path}: {where} is a symbolic link to {target}, which does not exist (a moved or "
+                "unmounted target?); nothing was written. Create the target, remove the link, or choose "
+                "another path.",
+                path=str(path),
+                errno=errno.ENOENT,
+            )

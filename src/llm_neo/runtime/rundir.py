@@ -20,6 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from llm_neo.errors import OutputError
+from llm_neo.runtime.atomic import check_writable
 from llm_neo.runtime.memory import GiB
 
 log = logging.getLogger("llm_neo")
@@ -150,3 +152,17 @@ def check_space(path: Path, needs: dict[str, int]) -> None:
             needed / GiB,
             parts,
         )
+
+
+def output_path_problems(path: Path, flag: str) -> list[str]:
+    """Why ``path`` (given as ``flag``) cannot be written, in words for a ConfigError: a symbolic link
+    to nothing (itself or a parent), a parent that is a file, an unwritable or read-only directory
+    (``atomic.check_writable``); [] when it can. A path that is a file is left to ``check_output_dir``,
+    which words it. Read at validation, so it is refused before any model loads."""
+    if path.exists() and not path.is_dir():
+        return []
+    try:
+        check_writable(path, flag)
+    except OutputError as err:
+        return [str(err)]
+    return []
