@@ -375,7 +375,8 @@ def _restore_config(out: Path, saved: Path) -> bool:
     config = from_dict(DistillConfig, recorded[0].options, source=str(out / "checkpoints"), problems=problems)
     if problems:  # options of another llm-neo version: resume from the flags alone, as before
         return False
-    dump_yaml(dataclasses.replace(config, resume=False, overwrite=False), saved)
+    # Named where it is now: a run directory moved or copied is the same run.
+    dump_yaml(dataclasses.replace(config, output_dir=str(out), resume=False, overwrite=False), saved)
     logging.getLogger("llm_neo").warning(
         "--resume: %s was missing; written again from the options its newest checkpoint records", saved
     )
