@@ -83,10 +83,11 @@ def model_digests(path: str, *, role: str, allow_pickle_weights: bool = False) -
     """The sha256 of a model's config.json and of its weight files (the teacher cache key's digests, here
     for any role: what a resumed run checks its models against). None for a part that cannot be hashed
     (a hub id with no local copy): nothing to compare, rather than a run refused for it."""
+    pickle_ok = allow_pickle_weights
     digests: dict[str, str | None] = {}
     for part, digest in (
         ("config_sha256", lambda: hash_model_config(path)),
-        ("weights_sha256", lambda: hash_teacher_weights(path, allow_pickle_weights=allow_pickle_weights, role=role)),
+        ("weights_sha256", lambda: hash_teacher_weights(path, allow_pickle_weights=pickle_ok, role=role)),
     ):
         try:
             digests[part] = digest()
