@@ -88,11 +88,13 @@ def read_fingerprint(path: Path) -> Fingerprint | None:
     without a readable manifest)."""
     manifest = read_manifest(path)
     recorded = None if manifest is None else manifest.get("fingerprint")
-    if not isinstance(recorded, dict):
-        return None
+    if not isinstance(recorded, dict) or not all(
+        isinstance(recorded.get(part), dict) for part in ("options", "data", "models")
+    ):
+        return None  # a fingerprint of another shape: treated as none, which resume notes
     try:
         return Fingerprint(**recorded)
-    except TypeError:  # a fingerprint of another shape: treated as none, which resume notes
+    except TypeError:
         return None
 
 
