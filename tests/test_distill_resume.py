@@ -164,3 +164,35 @@ def test_a_kill_during_the_merge_resumes_with_the_final_losses_of_the_run(run, m
     resumed = distill(run.config(out, resume=True))  # no step left: only the merge and the export
     assert resumed.final and resumed.final == pytest.approx(run.whole.final)
     assert_same_run(out, run.whole)
+
+
+def test_fingerprint_differences_name_what_changes_results_and_only_that():
+    from llm_neo.distill_dir import fingerprint_differences
+    from llm_neo.runtime.checkpoint import Fingerprint
+
+    options = {
+        "data": "d.jsonl",
+        "student": "s",
+        "lr": 1e-4,
+        "lora": {"r": 4},
+        "save_every": 2,
+        "output_dir": "a",
+    }
+    before = Fingerprint(
+        options, {"train": "sha256:" + "a" * 64}, {"student": {"weights_sha256": "w1"}}, "k1"
+    )
+    moved = Fingerprint(options | {"save_every": 5, "output_dir": "b"}, before.data, before.models, "k1")
+    assert fingerprint_differences(before, moved) == []  # cost and place only: the same run
+    changed = Fingerprint(
+        options | {"lora": {"r": 8}},
+        {"train": "sha256:" + "b" * 64},
+        {"student": {"weights_sha256": "w2"}},
+        "k2",
+    )
+    assert fingerprint_differences(before, changed) == [
+        "option lora.r changed since the checkpoint (4 -> 8)",
+        f"the train data file d.jsonl changed since the checkpoint (sha256 sha256:{'a' * 12}… -> "
+        f"sha256:{'b' * 12}…)",
+        "the student s changed since the checkpoint (weights_sha256 w1 -> w2)",
+        "the teacher cache changed since the checkpoint (key k1 -> k2)",
+    ]

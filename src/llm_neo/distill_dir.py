@@ -197,8 +197,9 @@ def fingerprint_differences(saved: Fingerprint, now: Fingerprint) -> list[str]:
             shown = ", ".join(f"{p} {_short(before.get(p))} -> {_short(after.get(p))}" for p in parts)
             lines.append(f"the {role} {now.options.get(role)} changed since the checkpoint ({shown})")
     if saved.teacher_cache != now.teacher_cache:
+        cache = now.options.get("teacher_cache") or saved.options.get("teacher_cache")
         lines.append(
-            f"the teacher cache {now.options.get('teacher_cache')} changed since the checkpoint (key "
+            f"the teacher cache{f' {cache}' if cache else ''} changed since the checkpoint (key "
             f"{_short(saved.teacher_cache)} -> {_short(now.teacher_cache)})"
         )
     return lines
