@@ -348,7 +348,7 @@ def _resume_config_file(args: argparse.Namespace) -> str | None:
         return args.config
     out = Path(getattr(args, "output_dir", None) or f"runs/{getattr(args, 'method', DistillConfig.method)}")
     saved = out / "config.yaml"
-    if not saved.is_file():
+    if not saved.is_file() and not _restore_config(out, saved):
         return None  # distill says there is nothing to resume
     from llm_neo.options import load_yaml
 
@@ -357,6 +357,30 @@ def _resume_config_file(args: argparse.Namespace) -> str | None:
         args.output_dir = recorded  # the same directory, however it was spelled: not a changed option
     logging.getLogger("llm_neo").info("--resume: the options of %s (flags given here override them)", saved)
     return str(saved)
+
+
+def _restore_config(out: Path, saved: Path) -> bool:
+    """config.yaml lost: write it again from the options the newest checkpoint's fingerprint holds (the
+    run's own resolved options, as it first wrote them); False where no checkpoint holds them."""
+    import dataclasses
+
+    from llm_neo.config import dump_yaml
+    from llm_neo.options import from_dict
+    from llm_neo.runtime.checkpoint import list_checkpoints, read_fingerprint
+
+    recorded = [f for p in reversed(list_checkpoints(out / "checkpoints")) if (f := read_fingerprint(p))]
+    if not recorded:
+        return False
+    problems: list[str] = []
+    config = from_dict(DistillConfig, recorded[0].options, source=str(out / "checkpoints"), problems=problems)
+    if problems:  # options of another llm-neo version: resume from the flags alone, as before
+        return False
+    # Named where it is now: a run directory moved or copied is the same run.
+    dump_yaml(dataclasses.replace(config, output_dir=str(out), resume=False, overwrite=False), saved)
+    logging.getLogger("llm_neo").warning(
+        "--resume: %s was missing; written again from the options its newest checkpoint records", saved
+    )
+    return True
 
 
 def _resolve(path: str) -> Any:

@@ -44,9 +44,11 @@ from llm_neo import __version__
 from llm_neo.config import DistillConfig, validate_distill
 from llm_neo.data import Example, collate, micro_batch, read_examples, split_heldout
 from llm_neo.distill_dir import (
+    check_fingerprint,
     check_output_dir,
     check_space,
     last_good,
+    last_metrics,
     start_output_dir,
     step_number,
     truncate_metrics,
@@ -109,7 +111,7 @@ from llm_neo.models.quant import (
     weight_bytes,
 )
 from llm_neo.options import flag_name, to_dict
-from llm_neo.provenance import provenance
+from llm_neo.provenance import data_record, model_digests, provenance
 from llm_neo.runtime.atomic import (
     atomic_directory,
     atomic_write_json,
@@ -119,6 +121,7 @@ from llm_neo.runtime.atomic import (
     writing,
 )
 from llm_neo.runtime.checkpoint import (
+    Fingerprint,
     Progress,
     list_checkpoints,
     load_checkpoint,
@@ -193,6 +196,7 @@ class Run:
     step: StepSettings
     export_dtype: torch.dtype
     started: float
+    fingerprint: Fingerprint  # what the run depends on, written into every checkpoint
     trackers: Trackers = field(default_factory=Trackers)  # --report-to (rank 0); none by default
 
 
@@ -278,6 +282,9 @@ def setup(config: DistillConfig) -> Run:
         config.max_length,
     )
     cache = _open_teacher_cache(config, tokenizer, examples)
+    fingerprint = run_fingerprint(config, cache)
+    if resume_from is not None:  # before any weight loads: a changed input is refused at once
+        check_fingerprint(resume_from, fingerprint, world)
 
     hf_set_seed(config.seed)
     # The teacher first: a quantized one is quantized before the student loads, so the dense teacher
@@ -350,6 +357,24 @@ def setup(config: DistillConfig) -> Run:
         step=step,
         export_dtype=export_dtype,
         started=started,
+        fingerprint=fingerprint,
+    )
+
+
+def run_fingerprint(config: DistillConfig, cache: TeacherCache | None) -> Fingerprint:
+    """What the run depends on (its resolved options, the data's and the models' digests, the cache's
+    key), computed once here and written into every checkpoint. The weights are hashed in full, once
+    per process (memoised by path, size and mtime: a cache key that hashed the teacher pays nothing)."""
+    trust = config.allow_pickle_weights
+    models = {"student": model_digests(config.student, role="student", allow_pickle_weights=trust)}
+    if config.teacher and config.uses_kd:
+        models["teacher"] = model_digests(config.teacher, role="teacher", allow_pickle_weights=trust)
+    data = data_record(config.data)
+    return Fingerprint(
+        options=to_dict(config),
+        data={"train": None if data is None else data["sha256"]},
+        models=models,
+        teacher_cache=None if cache is None else cache.manifest.get("key_digest"),
     )
 
 
@@ -619,6 +644,8 @@ def train(run: Run, *, on_step: StepCallback | None = None) -> Trained:
             last = _steps(run, loop, until=run.total_steps) or last
         finally:
             bar.close()
+    if not last:  # resumed at the last step (killed in merge or export): how training ended, on record
+        last = run.progress.last or last_metrics(run.out / "metrics.jsonl", run.progress.step) or {}
     return Trained(
         last=last,
         train_seconds=run.progress.elapsed_s + time.perf_counter() - loop.clock.start,
@@ -726,6 +753,7 @@ def _steps(run: Run, loop: _Loop, *, until: int) -> dict[str, float]:
         if progress.tokens_processed is not None:
             progress.tokens_processed += int(result["tokens_processed"])
         last = _step_metrics(run, result, time.perf_counter() - step_start)
+        progress.last = last  # in the checkpoint: a resume at the last step still reports it
         _record(run, last, (loop.bar, loop.lines))
         saved = None
         if config.save_every and (progress.step % config.save_every == 0 or progress.step == run.total_steps):
@@ -770,6 +798,7 @@ def _save(run: Run, clock: _Clock) -> Path:
             scheduler=run.scheduler,
             progress=progress,
             world=run.world,
+            fingerprint=run.fingerprint,
         )
     except OutputError as err:
         raise OutputError(

@@ -4,7 +4,9 @@ resume, what --overwrite replaces, and the records a resume keeps.
     check_output_dir   refuse to clobber an earlier run; on --resume, the checkpoint to continue from
     start_output_dir   a new run: the earlier run's outputs removed, its config.yaml written
     check_space        warn when the filesystem holds less than the run will write
+    check_fingerprint  on resume, refuse a run whose options, data or models changed since its checkpoint
     truncate_metrics   on resume, metrics.jsonl cut back to the checkpoint's step
+    last_metrics       the metrics record of a step (how a run resumed at its last step ended)
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from llm_neo.errors import ConfigError
 from llm_neo.options import Effect, canonical_keys, load_yaml, options_with, to_dict
 from llm_neo.runtime import rundir
 from llm_neo.runtime.atomic import atomic_write_text, remove_outputs
-from llm_neo.runtime.checkpoint import list_checkpoints, resume_point
+from llm_neo.runtime.checkpoint import Fingerprint, list_checkpoints, read_fingerprint, resume_point
 from llm_neo.runtime.distributed import World
 from llm_neo.summary import SUMMARY_FILE
 
@@ -30,6 +32,9 @@ log = logging.getLogger("llm_neo")
 
 # Options that may differ between a run and its resumption without changing its result.
 RESUMABLE_CHANGES = options_with(DistillConfig, Effect.COST, Effect.RUNTIME, Effect.EXISTING, Effect.REPORT)
+# Options a checkpoint's fingerprint is not checked on: those above, and where the run is (a run directory
+# moved or copied is the same run).
+UNFINGERPRINTED = RESUMABLE_CHANGES | options_with(DistillConfig, Effect.PLACE)
 # What a run writes in its output directory (and an --overwrite run replaces).
 OUTPUTS = (
     "merged", "adapter", "export", "checkpoints", "metrics.jsonl", SUMMARY_FILE, "config.yaml",
@@ -141,6 +146,90 @@ def _diff_keys(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> set[st
         elif x != y:
             keys.add(f"{prefix}{key}")
     return keys
+
+
+def check_fingerprint(checkpoint: Path, now: Fingerprint, world: World) -> None:
+    """Refuse (ConfigError) to resume from ``checkpoint`` when what the run depends on differs from what
+    it was written with: each differing option, data file or model named, old and new, and how to go on.
+    A checkpoint written before fingerprints resumes, with a note that it could not be checked."""
+    saved = read_fingerprint(checkpoint)
+    if saved is None:
+        if world.is_main:
+            log.warning(
+                "--resume: checkpoint %s was written by an llm-neo that kept no fingerprint of its options, "
+                "data and models, so they could not be checked against this run's; resuming as given",
+                checkpoint,
+            )
+        return
+    changed = fingerprint_differences(saved, now)
+    if changed:
+        out = checkpoint.parent.parent
+        raise ConfigError(
+            [
+                f"--resume: {line}. The checkpoint {checkpoint} was trained with the earlier one, so "
+                f"resuming would mix the two: restore it, or start the run again with --overwrite "
+                f"(or choose another --output-dir than {out})"
+                for line in changed
+            ]
+        )
+
+
+def fingerprint_differences(saved: Fingerprint, now: Fingerprint) -> list[str]:
+    """One line per difference that changes the result: an option (not in RESUMABLE_CHANGES), a data
+    file's bytes, a model's config or weights, the teacher cache's key (options in UNFINGERPRINTED
+    may change)."""
+    lines = [
+        f"option {key} changed since the checkpoint ({_short(_get(saved.options, key))} -> "
+        f"{_short(_get(now.options, key))})"
+        for key in sorted(_diff_keys(saved.options, now.options) - UNFINGERPRINTED)
+    ]
+    for role in sorted(set(saved.data) | set(now.data)):
+        if saved.data.get(role) != now.data.get(role):
+            name = now.options.get("data") if role == "train" else role
+            lines.append(
+                f"the {role} data file {name} changed since the checkpoint (sha256 "
+                f"{_short(saved.data.get(role))} -> {_short(now.data.get(role))})"
+            )
+    for role in sorted(set(saved.models) | set(now.models)):
+        before, after = saved.models.get(role, {}), now.models.get(role, {})
+        parts = [p for p in sorted(set(before) | set(after)) if before.get(p) != after.get(p)]
+        if parts:
+            shown = ", ".join(f"{p} {_short(before.get(p))} -> {_short(after.get(p))}" for p in parts)
+            lines.append(f"the {role} {now.options.get(role)} changed since the checkpoint ({shown})")
+    if saved.teacher_cache != now.teacher_cache:
+        cache = now.options.get("teacher_cache") or saved.options.get("teacher_cache")
+        lines.append(
+            f"the teacher cache{f' {cache}' if cache else ''} changed since the checkpoint (key "
+            f"{_short(saved.teacher_cache)} -> {_short(now.teacher_cache)})"
+        )
+    return lines
+
+
+def _get(options: dict[str, Any], key: str) -> Any:
+    """The value of a dotted option (``lora.r``) in nested options; None where absent."""
+    node: Any = options
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def _short(value: Any) -> str:
+    """A value as a message shows it: a digest cut to its first 12 hex digits, anything long elided."""
+    text = "none" if value is None else str(value)
+    if text.startswith("sha256:"):
+        return text[:19] + "…"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def last_metrics(path: Path, step: int) -> dict[str, float] | None:
+    """The metrics.jsonl record of ``step`` (None: not there, as with --log-every skipping it)."""
+    if not path.is_file():
+        return None
+    found = None
+    for line in path.read_text().splitlines():
+        if (record := _parse_record(line)) and record["step"] == step:
+            found = record
+    return found
 
 
 def truncate_metrics(path: Path, step: int) -> None:

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from llm_neo import __version__
-from llm_neo.teacher_cache.key import hash_data, hash_model_config
+from llm_neo.errors import LlmNeoError
+from llm_neo.teacher_cache.key import hash_data, hash_model_config, hash_teacher_weights
 
 PACKAGES = ("torch", "transformers", "peft")
 
@@ -76,6 +77,23 @@ def model_record(path: str | None) -> dict[str, Any] | None:
     record: dict[str, Any] = {"path": path, "resolved": str(local.resolve()) if local.exists() else None}
     record["config_sha256"] = hash_model_config(path) if (local / "config.json").is_file() else None
     return record
+
+
+def model_digests(path: str, *, role: str, allow_pickle_weights: bool = False) -> dict[str, str | None]:
+    """The sha256 of a model's config.json and of its weight files (the teacher cache key's digests, here
+    for any role: what a resumed run checks its models against). None for a part that cannot be hashed
+    (a hub id with no local copy): nothing to compare, rather than a run refused for it."""
+    pickle_ok = allow_pickle_weights
+    digests: dict[str, str | None] = {}
+    for part, digest in (
+        ("config_sha256", lambda: hash_model_config(path)),
+        ("weights_sha256", lambda: hash_teacher_weights(path, allow_pickle_weights=pickle_ok, role=role)),
+    ):
+        try:
+            digests[part] = digest()
+        except LlmNeoError:
+            digests[part] = None
+    return digests
 
 
 def data_record(path: str | None) -> dict[str, Any] | None:

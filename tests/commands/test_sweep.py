@@ -534,3 +534,28 @@ def test_the_leaderboard_ranks_finished_trials_and_lists_the_rest():
         ("t002", None, "running"),
         ("t003", None, "pending"),
     ]
+
+
+def test_a_finished_trial_without_final_loss_is_listed_and_never_raises(tmp_path):
+    """A trial resumed at its last step by an llm-neo that wrote ``"final": {}`` finished without
+    final.loss: the leaderboard lists it as such, and the ranking neither drops it silently nor fails."""
+    from llm_neo.commands.sweep import Space, write_reports
+
+    space = Space("grid", (Dimension("lr", "grid", (1e-4, 2e-4)),), 2)
+    unscored = Trial("t001", {"lr": 2e-4}, TrialStatus.DONE, {}, None)
+    state = SweepState(1, {}, {}, 0, [unscored], "final.loss", Mode.MIN, 0.01)
+    write_reports(state, tmp_path, space)  # the only finished trial lacks the metric: no best, no KeyError
+    board = (tmp_path / "leaderboard.md").read_text()
+    assert "No finished trial reported final.loss; the trials below are not ranked." in board
+    assert "Finished without final.loss (not ranked; see its summary.json):\n\n- t001" in board
+    assert not (tmp_path / "best.yaml").exists()
+
+    (tmp_path / "trials" / "t000").mkdir(parents=True)
+    (tmp_path / "trials" / "t000" / "config.yaml").write_text("lr: 0.0001\n")
+    scored = Trial("t000", {"lr": 1e-4}, TrialStatus.DONE, {"final.loss": 1.5}, None)
+    state.trials = [scored, unscored]
+    write_reports(state, tmp_path, space)
+    board = (tmp_path / "leaderboard.md").read_text()
+    assert "**Best: t000** (lr=0.0001), final.loss = 1.5." in board
+    assert "- t001" in board and "| t001 |" in board
+    assert "t000" in (tmp_path / "best.yaml").read_text()

@@ -69,6 +69,7 @@ def test_a_checkpoint_records_the_size_and_checksum_of_each_file(tmp_path):
         "tokens": 10,
         "tokens_processed": 0,
         "elapsed_s": 0.0,
+        "last": None,
     }
     assert checkpoint_problems(tmp_path / "step-000001") == []
 

@@ -759,6 +759,12 @@ def ranked(state: SweepState) -> list[Trial]:
     return sorted(scored, key=lambda t: sign * t.metrics[state.metric]) + rest
 
 
+def unscored(state: SweepState) -> list[Trial]:
+    """The finished trials whose summary lacks the ranking metric (an older run's ``"final": {}``): listed
+    as such, never dropped silently."""
+    return [t for t in state.trials if t.status == TrialStatus.DONE and state.metric not in t.metrics]
+
+
 def _scored(state: SweepState) -> list[Trial]:
     """The finished trials that reported the ranking metric, in trial order."""
     return [t for t in state.trials if t.status == TrialStatus.DONE and state.metric in t.metrics]
@@ -827,6 +833,8 @@ def verdict(state: SweepState, out: Path) -> list[str]:
     metric, labels = state.metric, ranks(state)
     best = ranked(state)[0] if state.trials else None
     if best is None or best.id not in labels:
+        if unscored(state):
+            return [f"No finished trial reported {metric}; the trials below are not ranked."]
         return ["No trial has finished yet."]
     value = best.metrics[metric]
     firsts = [t for t, label in labels.items() if label.rstrip("=") == "1"]
@@ -874,6 +882,9 @@ def write_reports(state: SweepState, out: Path, space: Space) -> None:
         "(--tie-tolerance, relative): a difference the leaderboard does not claim. `heldout tokens`: the "
         "trained tokens of each trial's held-out split, over which its held-out metrics are means.",
     ]
+    if missing := unscored(state):
+        lines += ["", f"Finished without {state.metric} (not ranked; see its summary.json):", ""]
+        lines += [f"- {t.id}" for t in missing]
     failed = [t for t in state.trials if t.status == TrialStatus.FAILED]
     if failed:
         lines += ["", "Failed trials:", ""] + [f"- {t.id}: {t.error}" for t in failed]
@@ -889,7 +900,7 @@ def write_reports(state: SweepState, out: Path, space: Space) -> None:
 
 def _write_best(state: SweepState, out: Path) -> None:
     best = ranked(state)[0]
-    if best.status != TrialStatus.DONE:
+    if best not in _scored(state):  # none finished with the metric: there is no best to reproduce
         return
     config = load_yaml(out / "trials" / best.id / "config.yaml")  # the trial's resolved options
     config["output_dir"] = str(out / "best")

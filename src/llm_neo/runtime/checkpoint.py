@@ -5,7 +5,9 @@ A checkpoint is a directory ``checkpoints/step-000123/`` holding
   optimizer.pt            AdamW state (loaded with ``weights_only=True``: no code runs on load)
   state.pt                scheduler state and RNG states (torch CPU, CUDA)
   manifest.json           written last: step, micro-batches consumed, tokens seen, elapsed time, the
-                          size and sha256 of each file above, and a checksum of itself
+                          last step's metrics, the size and sha256 of each file above, the run's
+                          fingerprint (``Fingerprint``: what a resume must find unchanged), and a
+                          checksum of itself
 It is written under a temporary name, fsynced and renamed into place, so a kill at any moment leaves
 the previous complete checkpoint; only the newest ``keep`` are kept. Sharded weights and optimizer
 states are gathered whole (rank 0 writes), so the files are the same for any number of processes.
@@ -60,6 +62,40 @@ class Progress:
     # from a checkpoint written before it was counted, so the count would be short.
     tokens_processed: int | None = 0
     elapsed_s: float = 0.0  # training wall time before this process
+    # The last step's metrics record (None: no step yet, or a checkpoint written before it was kept), so a
+    # resume that starts at the last step still reports how training ended.
+    last: dict[str, float] | None = None
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """What a run's result depends on beyond its checkpoint, computed once at setup and written into each
+    checkpoint so that --resume can refuse a run whose inputs changed since (``distill_dir`` compares).
+
+    ``options`` are the resolved options (all of them: a resume without config.yaml takes them from
+    here); ``data`` maps each data file as given to its sha256; ``models`` maps a role (student, teacher)
+    to its ``config_sha256`` and ``weights_sha256``; ``teacher_cache`` is the key digest of the cache read.
+    """
+
+    options: dict[str, Any]
+    data: dict[str, str | None]
+    models: dict[str, dict[str, str | None]]
+    teacher_cache: str | None = None
+
+
+def read_fingerprint(path: Path) -> Fingerprint | None:
+    """The fingerprint recorded in checkpoint ``path``; None for one written before fingerprints (or
+    without a readable manifest)."""
+    manifest = read_manifest(path)
+    recorded = None if manifest is None else manifest.get("fingerprint")
+    if not isinstance(recorded, dict) or not all(
+        isinstance(recorded.get(part), dict) for part in ("options", "data", "models")
+    ):
+        return None  # a fingerprint of another shape: treated as none, which resume notes
+    try:
+        return Fingerprint(**recorded)
+    except TypeError:
+        return None
 
 
 def rng_state() -> dict[str, Any]:
@@ -84,8 +120,10 @@ def save_checkpoint(
     progress: Progress,
     world: World | None = None,
     keep: int = 2,
+    fingerprint: Fingerprint | None = None,
 ) -> Path:
-    """Write ``root/step-N`` atomically, then delete all but the newest ``keep`` checkpoints.
+    """Write ``root/step-N`` atomically (with ``fingerprint`` in its manifest), then delete all but the
+    newest ``keep`` checkpoints.
 
     Every rank must call it (gathering sharded tensors is a collective); rank 0 writes.
     """
@@ -113,6 +151,8 @@ def save_checkpoint(
                 "progress": asdict(progress),
                 "files": {name: file_record(tmp / name) for name in FILES},
             }
+            if fingerprint is not None:
+                manifest["fingerprint"] = asdict(fingerprint)
             with output_stream(tmp / MANIFEST) as sink:  # last: it vouches for the files above
                 sink.write(json.dumps(with_checksum(manifest), indent=2).encode())
         # Keep the newest ``keep`` intact ones up to this step. Past it: what is left of a stretch a

@@ -119,7 +119,7 @@ def model_dir(path: str) -> Path:
         raise CacheError(f"cannot find the files of model {path!r} to hash them: {err}") from err
 
 
-def hash_teacher_weights(path: str, *, allow_pickle_weights: bool = False) -> str:
+def hash_teacher_weights(path: str, *, allow_pickle_weights: bool = False, role: str = "teacher") -> str:
     """sha256 over the teacher's weight files (safetensors; pickle files only when allowed and alone;
     the .gguf file of a GGUF teacher)."""
     directory, gguf_file = resolve_gguf(path)
@@ -135,7 +135,7 @@ def hash_teacher_weights(path: str, *, allow_pickle_weights: bool = False) -> st
     started = time.perf_counter()
     digest = _sha256_files(files, root)
     size = sum(f.stat().st_size for f in files)
-    log.info("hashed the teacher's weights: %.2f GiB in %.1f s", size / GiB, time.perf_counter() - started)
+    log.info("hashed the %s's weights: %.2f GiB in %.1f s", role, size / GiB, time.perf_counter() - started)
     return digest
 
 
