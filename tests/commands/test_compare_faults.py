@@ -52,6 +52,7 @@ def test_a_damaged_arm_summary_is_named_and_the_arm_runs_again(tmp_path, teacher
     assert results is not None
     assert f"{damaged} is damaged (" in caplog.text and "the arm is run again" in caplog.text
     assert RunSummary.load(damaged.parent).steps == 2  # written again, whole
+    assert RunSummary.load(damaged.parent).final  # its last step's metrics, though the rerun resumed at it
     assert kept.stat().st_mtime_ns == kept_before  # the intact arm was not trained again
     neo = json.loads((tmp_path / "out" / "results.json").read_text())
     assert any(group["method"] == "neo" and group["runs"] for group in neo["groups"])
