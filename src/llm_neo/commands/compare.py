@@ -460,6 +460,7 @@ def _check_output_dir(config: CompareConfig, out: Path) -> None:
         changed=lambda _: _changed_options(config, out / "compare.yaml"),
         continues=True,
         lock="compare" if int(os.environ.get("RANK", "0")) == 0 else None,  # torchrun: rank 0's
+        known=("arms", RESULTS),
     )
     if checked.refusal is Refusal.NOT_A_RUN:
         raise ConfigError([str(checked.message)])

@@ -108,6 +108,11 @@ def hold(directory: Path, command: str, flag: str) -> None:
         _scopes[-1].append(key)
 
 
+def held_directories() -> list[Path]:
+    """The output directories whose lock this process holds."""
+    return list(_held)
+
+
 def release(directory: Path) -> None:
     """Give up the lock of ``directory`` (nothing when this process does not hold it)."""
     held = _held.pop(directory.expanduser().resolve(), None)

@@ -89,7 +89,7 @@ def check_output_dir(
     continues: bool = False,
     shown: str | None = None,
     lock: str | None = None,
-    known: tuple[str, ...] = (),
+    known: tuple[str, ...] | None = None,
 ) -> RunDir:
     """What a command may do in its output directory ``path`` (given as ``flag``, e.g. ``--output``).
 
@@ -102,7 +102,8 @@ def check_output_dir(
     ``lock``: the command, when the check should first take the directory's run lock for this process
     (ConfigError naming the holder while another process holds it).
     ``known``: glob patterns of what the command wrote before run directories had a ``.llm-neo``
-    marker; with a ``marker``, a directory holding neither is not a run and is never replaced.
+    marker; given, a directory holding neither is not a run and is never replaced (None: any files
+    there count as the command's to replace).
     """
     name = shown if shown is not None else str(path)
     if lock is not None:
@@ -134,14 +135,14 @@ def check_output_dir(
     return RunDir(path, holds, Outcome.REFUSED, refusal, differ, message)
 
 
-def _holds(path: Path, marker: str | None, known: tuple[str, ...]) -> Holds:
+def _holds(path: Path, marker: str | None, known: tuple[str, ...] | None) -> Holds:
     if path.exists() and not path.is_dir():
         return Holds.FILE
     if not path.is_dir() or not any(p.name != MARKER for p in path.iterdir()):
         return Holds.NOTHING
     if marker is not None and any(path.glob(marker)):
         return Holds.RUN
-    if marker is None or (path / MARKER).is_file() or any(any(path.glob(k)) for k in known):
+    if known is None or (path / MARKER).is_file() or any(any(path.glob(k)) for k in known):
         return Holds.FILES
     return Holds.OTHERS
 
