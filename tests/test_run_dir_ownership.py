@@ -54,7 +54,8 @@ def make_config(tmp_path, student_dir, teacher_dir, alpaca_jsonl):
 
 
 def files_of(directory: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+    files = sorted(p for p in directory.rglob("*") if p.is_file())
+    return {str(p.relative_to(directory)): p.read_bytes() for p in files}
 
 
 def test_a_second_distill_in_a_running_runs_directory_is_refused_naming_it(make_config, tmp_path, capsys):

@@ -66,7 +66,8 @@ def test_a_lock_left_by_a_killed_process_is_taken_over_with_a_note(tmp_path, cap
     with caplog.at_level(logging.WARNING, logger="llm_neo"):
         hold(out, "distill", "--output-dir")
     try:
-        assert f"taking over the lock of a run that stopped without releasing it (pid {holder.pid} " in caplog.text
+        note = f"taking over the lock of a run that stopped without releasing it (pid {holder.pid} "
+        assert note in caplog.text
         assert json.loads(lock_file(out).read_text())["pid"] == os.getpid()
     finally:
         release(out)
