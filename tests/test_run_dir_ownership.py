@@ -150,3 +150,32 @@ def test_a_run_from_before_the_marker_still_resumes_and_is_still_a_run(make_conf
     assert "a run that stopped after a checkpoint; pass --resume" in capsys.readouterr().err
     assert main(["distill", "--resume", "--output-dir", str(out), "-q"]) == 0
     assert distill(dataclasses.replace(config, overwrite=True)).steps == 4  # and --overwrite replaces it
+
+
+def test_compare_refuses_a_project_directory_and_keeps_it(tmp_path, student_dir, teacher_dir, alpaca_jsonl):
+    from llm_neo.commands.compare import CompareConfig, compare
+    from llm_neo.errors import ConfigError
+
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "compare.txt").write_text("my notes on the comparison")
+    (project / "eval").mkdir()  # a name compare writes too
+    (project / "eval" / "mine.json").write_text("{}")
+    before = files_of(project)
+    for overwrite in (False, True):
+        config = CompareConfig(
+            teacher=str(teacher_dir),
+            student=str(student_dir),
+            data=str(alpaca_jsonl),
+            heldout=str(alpaca_jsonl),
+            methods=["sft"],
+            seeds=1,
+            max_steps=1,
+            device="cpu",
+            output_dir=str(project),
+            overwrite=overwrite,
+        )
+        with pytest.raises(ConfigError, match="is not an llm-neo run directory"):
+            compare(config)
+        assert files_of(project) == before
+    assert not lock_file(project).exists()

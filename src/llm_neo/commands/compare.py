@@ -452,6 +452,8 @@ def _split(values: list[str]) -> list[str]:
 def _check_output_dir(config: CompareConfig, out: Path) -> None:
     """A rerun continues the comparison in ``out`` only if every option that shapes its results is the
     same; --overwrite starts again."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # torchrun: rank 0 alone judges and locks the directory; the others may see it writing
     checked = check_output_dir(
         out,
         flag="--output-dir",
@@ -459,7 +461,7 @@ def _check_output_dir(config: CompareConfig, out: Path) -> None:
         marker="compare.yaml",
         changed=lambda _: _changed_options(config, out / "compare.yaml"),
         continues=True,
-        lock="compare" if int(os.environ.get("RANK", "0")) == 0 else None,  # torchrun: rank 0's
+        lock="compare",
         known=("arms", RESULTS),
     )
     if checked.refusal is Refusal.NOT_A_RUN:
