@@ -82,9 +82,8 @@ def hold(directory: Path, command: str, flag: str) -> None:
     if key in _held:
         return
     path = lock_file(directory)
-    path.parent.mkdir(parents=True, exist_ok=True)
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = _open(path, directory, flag)
         try:
             previous = _lock(fd, path)
         except ConfigError as refusal:
@@ -142,6 +141,19 @@ def releases_locks(command: F) -> F:
 def _release_all() -> None:
     for directory in list(_held):
         release(directory)
+
+
+def _open(path: Path, directory: Path, flag: str) -> int:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:  # a read-only or unwritable place: nothing could be written there anyway
+        raise ConfigError(
+            [
+                f"{flag} {directory}: cannot create its lock file {path} ({err.strerror}); choose a "
+                f"writable {flag}"
+            ]
+        ) from None
 
 
 def _lock(fd: int, path: Path) -> Holder | None:
