@@ -42,7 +42,7 @@ from llm_neo.options import option_help
 from llm_neo.records.compare import CompareResults
 from llm_neo.report.compare import verdict
 from llm_neo.runtime.atomic import atomic_directory, atomic_write_json
-from llm_neo.runtime.rundir import MARKER
+from llm_neo.runtime.rundir import MARKER, write_marker
 from llm_neo.runtime.workers import Job, available_cores, load_average, run_jobs
 
 log = logging.getLogger("llm_neo")
@@ -272,6 +272,7 @@ def run_demo(config: DemoConfig) -> int:
     started = time.perf_counter()
     out = Path(config.output_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
+    write_marker(out, "demo", OUTPUTS)  # the comparison in it is llm-neo's, not a stranger's directory
     cache = Path(config.cache_dir).expanduser() if config.cache_dir else default_cache_dir()
     parallel, threads = _resources(config)
     _say(
