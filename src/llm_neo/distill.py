@@ -142,6 +142,7 @@ from llm_neo.runtime.distributed import (
     shard,
     sync_whole_grads,
 )
+from llm_neo.runtime.lock import releases_locks
 from llm_neo.runtime.memory import GiB, LiveTensorBytes, peak_memory_gb, return_free_heap
 from llm_neo.runtime.progress import ProgressLines
 from llm_neo.runtime.stop import StopRequest, agreed, graceful_stop
@@ -212,6 +213,7 @@ class Trained:
     teacher_shards: list[int]  # teacher parameters each rank held
 
 
+@releases_locks  # the output directory's run lock, taken by setup
 def distill(config: DistillConfig, *, on_step: StepCallback | None = None) -> RunSummary | None:
     """Run one arm end to end and return its summary (also written to ``output_dir/summary.json``).
 

@@ -1,8 +1,9 @@
 """A distill run's output directory: what it holds, whether a new run may start there or an earlier one
 resume, what --overwrite replaces, and the records a resume keeps.
 
-    check_output_dir   refuse to clobber an earlier run; on --resume, the checkpoint to continue from
-    start_output_dir   a new run: the earlier run's outputs removed, its config.yaml written
+    check_output_dir   take the directory's run lock; refuse to clobber an earlier run or a directory
+                       that is not a run; on --resume, the checkpoint to continue from
+    start_output_dir   a new run: the earlier run's outputs removed, its marker and config.yaml written
     check_space        warn when the filesystem holds less than the run will write
     check_fingerprint  on resume, refuse a run whose options, data or models changed since its checkpoint
     truncate_metrics   on resume, metrics.jsonl cut back to the checkpoint's step
@@ -25,7 +26,7 @@ from llm_neo.options import Effect, canonical_keys, load_yaml, options_with, to_
 from llm_neo.runtime import rundir
 from llm_neo.runtime.atomic import atomic_write_text, remove_outputs
 from llm_neo.runtime.checkpoint import Fingerprint, list_checkpoints, read_fingerprint, resume_point
-from llm_neo.runtime.distributed import World
+from llm_neo.runtime.distributed import World, all_gather
 from llm_neo.summary import SUMMARY_FILE
 
 log = logging.getLogger("llm_neo")
@@ -40,6 +41,8 @@ OUTPUTS = (
     "merged", "adapter", "export", "checkpoints", "metrics.jsonl", SUMMARY_FILE, "config.yaml",
     "tensorboard", "wandb", "mlruns",
 )  # fmt: skip
+# What marks a run directory written before the .llm-neo marker (a finished run, or one with records).
+KNOWN = ("checkpoints/step-*", SUMMARY_FILE, "metrics.jsonl")
 
 
 def check_output_dir(config: DistillConfig, out: Path, world: World) -> Path | None:
@@ -47,8 +50,10 @@ def check_output_dir(config: DistillConfig, out: Path, world: World) -> Path | N
     intact checkpoint (every file's size and sha256 checked; a damaged newer one is skipped with a
     warning naming both, CheckpointError when none is intact).
 
-    Read-only, and run by every rank, so every rank raises the same error.
+    Run by every rank, so every rank raises the same error; rank 0 first takes the directory's run
+    lock (held until ``distill`` returns), the only thing it changes.
     """
+    _hold(out, world)
     saved = out / "config.yaml"
     checked = rundir.check_output_dir(
         out,
@@ -57,7 +62,10 @@ def check_output_dir(config: DistillConfig, out: Path, world: World) -> Path | N
         resume=config.resume,
         marker="checkpoints/step-*",  # a run --resume can continue
         changed=lambda _: _changed_options(config, saved),
+        known=KNOWN,
     )
+    if checked.holds is rundir.Holds.OTHERS:
+        raise ConfigError([rundir.not_a_run("--output-dir", str(out))])
     if checked.refusal is rundir.Refusal.NOTHING_TO_RESUME:
         again = (
             f"llm-neo distill --config {saved} --overwrite"
@@ -111,6 +119,21 @@ def check_output_dir(config: DistillConfig, out: Path, world: World) -> Path | N
     return found
 
 
+def _hold(out: Path, world: World) -> None:
+    """Rank 0 takes the run lock of ``out``; every rank raises its refusal (none waits for a rank 0
+    that has stopped)."""
+    refused: list[str] = []
+    if world.is_main:
+        try:
+            rundir.hold(out, "distill", "--output-dir")
+        except ConfigError as err:
+            refused = err.problems
+    if world.enabled:
+        refused = all_gather(refused, world)[0]
+    if refused:
+        raise ConfigError(refused)
+
+
 def _changed_options(config: DistillConfig, saved: Path) -> list[str]:
     """The options that differ from the run's config.yaml and change its result (none without one)."""
     if not saved.is_file():
@@ -133,7 +156,9 @@ def check_space(
 
 
 def start_output_dir(config: DistillConfig, out: Path) -> None:
-    remove_outputs(out, OUTPUTS)
+    """Remove what the earlier run there wrote (only what its marker lists), then mark ``out``."""
+    remove_outputs(out, rundir.marked_outputs(out, OUTPUTS))
+    rundir.write_marker(out, "distill", OUTPUTS)
     dump_yaml(dataclasses.replace(config, resume=False, overwrite=False), out / "config.yaml")
 
 

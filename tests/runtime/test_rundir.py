@@ -160,3 +160,35 @@ def test_space_warns_only_when_short(tmp_path, monkeypatch, caplog):
         f"only 3.00 GiB free on the filesystem of {tmp_path}; this run writes up to about 4.00 GiB there "
         "(checkpoints 2.00 GiB, exported student 2.00 GiB)"
     ]
+
+
+def test_files_no_llm_neo_command_wrote_are_never_a_run_nor_replaced(tmp_path):
+    from llm_neo.runtime.rundir import MARKER, marked_outputs, write_marker
+
+    (tmp_path / "config.yaml").write_text("# mine\n")
+    for overwrite in (False, True):
+        checked = check_output_dir(
+            tmp_path, flag="--output-dir", overwrite=overwrite, marker="run.yaml", known=("old.json",)
+        )
+        assert (checked.holds, checked.outcome, checked.refusal) == (
+            Holds.OTHERS,
+            Outcome.REFUSED,
+            Refusal.NOT_A_RUN,
+        )
+        assert f"--output-dir: {str(tmp_path)!r} is not an llm-neo run directory" in checked.message
+    assert marked_outputs(tmp_path, ("config.yaml", "merged")) == ("config.yaml", "merged")
+    write_marker(tmp_path, "distill", ("merged",))  # a run marked here, which wrote no config.yaml
+    replaced = check_output_dir(tmp_path, flag="--output-dir", overwrite=True, marker="run.yaml", known=())
+    assert (replaced.holds, replaced.outcome) == (Holds.FILES, Outcome.OVERWRITE)
+    assert marked_outputs(tmp_path, ("config.yaml", "merged")) == ("merged",)
+    (tmp_path / MARKER).unlink()
+    (tmp_path / "old.json").write_text("{}")  # what the command wrote before markers
+    old = check_output_dir(tmp_path, flag="--output-dir", overwrite=True, marker="run.yaml", known=("old.*",))
+    assert old.holds is Holds.FILES
+    only_marker = tmp_path / "only"
+    write_marker(only_marker.mkdir() or only_marker, "distill", ())
+    assert _holds_of(only_marker) is Holds.NOTHING
+
+
+def _holds_of(path):
+    return check_output_dir(path, flag="--output-dir", overwrite=False, marker="run.yaml", known=()).holds

@@ -103,8 +103,9 @@ from llm_neo.runtime.atomic import atomic_write_json, atomic_write_text
 from llm_neo.runtime.checkpoint import list_checkpoints
 from llm_neo.runtime.distributed import barrier, close, init_world
 from llm_neo.runtime.integrity import read_checked, with_checksum
+from llm_neo.runtime.lock import releases_locks
 from llm_neo.runtime.memory import GiB
-from llm_neo.runtime.rundir import Holds, Outcome, Refusal, check_output_dir
+from llm_neo.runtime.rundir import Holds, Outcome, Refusal, check_output_dir, write_marker
 from llm_neo.runtime.workers import Job, Report, available_cores, load_average, run_jobs
 from llm_neo.summary import MemoryKind, RunSummary
 
@@ -399,6 +400,7 @@ class Plan:
 Extra = Callable[[CompareResults], None]  # adds a caller's (the demo's) facts to the results
 
 
+@releases_locks
 def compare(config: CompareConfig, *, extra: Extra | None = None) -> CompareResults | None:
     """Run (or finish) the comparison; write and return its results (results.json). None on a torchrun
     rank other than 0 (rank 0 scores and reports)."""
@@ -418,6 +420,7 @@ def compare(config: CompareConfig, *, extra: Extra | None = None) -> CompareResu
     _check_heldout(plan)
     budget = state_budget(plan_budget(plan))
     dump_yaml(config, out / "compare.yaml")
+    write_marker(out, "compare", ("compare.yaml", "arms", "eval", "cache", "splits", RESULTS))
     t0 = time.perf_counter()
     caches = _build_caches(plan)
     summaries = _train_arms(plan, caches)
@@ -453,6 +456,8 @@ def _split(values: list[str]) -> list[str]:
 def _check_output_dir(config: CompareConfig, out: Path) -> None:
     """A rerun continues the comparison in ``out`` only if every option that shapes its results is the
     same; --overwrite starts again."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # torchrun: rank 0 alone judges and locks the directory; the others may see it writing
     checked = check_output_dir(
         out,
         flag="--output-dir",
@@ -460,7 +465,11 @@ def _check_output_dir(config: CompareConfig, out: Path) -> None:
         marker="compare.yaml",
         changed=lambda _: _changed_options(config, out / "compare.yaml"),
         continues=True,
+        lock="compare",
+        known=("arms", RESULTS),
     )
+    if checked.refusal is Refusal.NOT_A_RUN:
+        raise ConfigError([str(checked.message)])
     if checked.refusal is Refusal.HOLDS_FILES:
         raise ConfigError(
             [

@@ -33,7 +33,8 @@ from llm_neo.models.loading import (
 from llm_neo.options import option_help
 from llm_neo.report.tables import format_table
 from llm_neo.runtime.atomic import atomic_directory, atomic_write_json
-from llm_neo.runtime.rundir import check_output_dir, output_path_problems
+from llm_neo.runtime.lock import releases_locks
+from llm_neo.runtime.rundir import check_output_dir, hold, output_path_problems
 
 log = logging.getLogger("llm_neo")
 
@@ -103,9 +104,12 @@ def validate_convert(config: ConvertConfig) -> tuple[str, str]:
     return gguf[0], gguf[1]
 
 
+@releases_locks
 def run_convert(config: ConvertConfig) -> dict[str, Any]:
     """`llm-neo convert`: validate, load (dequantize), save atomically, verify; print and return a report
     (also ``<output>/convert.json``)."""
+    if config.output:  # before the check: no other process writes there from now on
+        hold(Path(config.output), "convert", "--output")
     directory, name = validate_convert(config)
     source = Path(directory) / name
     out = Path(config.output).expanduser()

@@ -12,7 +12,8 @@ from typing import Any, Literal
 
 from llm_neo.errors import ConfigError
 from llm_neo.options import option_help
-from llm_neo.runtime.rundir import check_output_dir, output_path_problems
+from llm_neo.runtime.lock import releases_locks
+from llm_neo.runtime.rundir import check_output_dir, hold, output_path_problems
 
 __all__ = ["ExportConfig", "run_export", "validate_export"]
 
@@ -85,11 +86,14 @@ def validate_export(config: ExportConfig) -> None:
         raise ConfigError(p)
 
 
+@releases_locks
 def run_export(config: ExportConfig) -> dict[str, Any]:
     """Validate, export, print what was written and how close it is to the source; return export.json."""
     from llm_neo.export import export_model
     from llm_neo.report.tables import format_table
 
+    if config.output:  # before the check: no other process writes there from now on
+        hold(Path(config.output), "export", "--output")
     validate_export(config)
     record = export_model(
         config.model,

@@ -37,7 +37,8 @@ from llm_neo.models.prune import (
 from llm_neo.options import option_help
 from llm_neo.report.tables import format_table
 from llm_neo.runtime.atomic import atomic_directory, atomic_write_json
-from llm_neo.runtime.rundir import check_output_dir, output_path_problems
+from llm_neo.runtime.lock import releases_locks
+from llm_neo.runtime.rundir import check_output_dir, hold, output_path_problems
 
 log = logging.getLogger("llm_neo")
 
@@ -141,6 +142,7 @@ def validate_prune(config: PruneConfig) -> PretrainedConfig | None:
     return hf_config
 
 
+@releases_locks
 def run_prune(config: PruneConfig) -> dict[str, Any]:
     """`llm-neo prune`: validate, load, score, choose, prune, save atomically; print and return a report.
 
@@ -148,6 +150,8 @@ def run_prune(config: PruneConfig) -> dict[str, Any]:
     indices, parameter counts before and after, and the calibration sample and token counts.
     Nothing is written unless every step before the save succeeded.
     """
+    if config.output:  # before the check: no other process writes there from now on
+        hold(Path(config.output), "prune", "--output")
     hf_config = validate_prune(config)
     assert hf_config is not None
     out = Path(config.output).expanduser()

@@ -94,6 +94,7 @@ from llm_neo.runtime.atomic import (
     writing,
 )
 from llm_neo.runtime.integrity import backup_path, read_state, write_state
+from llm_neo.runtime.lock import hold, releases_locks
 from llm_neo.runtime.stop import graceful_stop
 from llm_neo.summary import RunSummary
 
@@ -624,6 +625,7 @@ def resume_command(config: SweepConfig) -> str:
 StepCallback = Callable[[int, dict[str, float]], None]
 
 
+@releases_locks
 def sweep(
     config: SweepConfig,
     *,
@@ -639,6 +641,7 @@ def sweep(
 
     validate_sweep(config)
     out = Path(config.output).expanduser()
+    hold(out, "sweep", "--output")  # the trials' directories inside it are distill's to lock
     config, space, configs, fresh = _plan(config, out)
     state = _prepare(config, out, fresh)
     # The ranking is this run's (a --resume may rank on another metric than the run it continues).

@@ -42,6 +42,7 @@ from llm_neo.options import option_help
 from llm_neo.records.compare import CompareResults
 from llm_neo.report.compare import verdict
 from llm_neo.runtime.atomic import atomic_directory, atomic_write_json
+from llm_neo.runtime.rundir import MARKER, write_marker
 from llm_neo.runtime.workers import Job, available_cores, load_average, run_jobs
 
 log = logging.getLogger("llm_neo")
@@ -49,7 +50,7 @@ log = logging.getLogger("llm_neo")
 # What a demo writes in its output directory (an earlier demo's are replaced or continued).
 OUTPUTS = (
     "data", "student", "arms", "eval", "splits", "plots", "probe", "report.md", "report.html",
-    "results.json", "compare.yaml",
+    "results.json", "compare.yaml", MARKER,
 )  # fmt: skip
 # After a stop (SIGTERM, Ctrl-C) of the teacher's training: it starts over.
 AGAIN = "the same llm-neo demo command (the teacher's training starts over)"
@@ -271,6 +272,7 @@ def run_demo(config: DemoConfig) -> int:
     started = time.perf_counter()
     out = Path(config.output_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
+    write_marker(out, "demo", OUTPUTS)  # the comparison in it is llm-neo's, not a stranger's directory
     cache = Path(config.cache_dir).expanduser() if config.cache_dir else default_cache_dir()
     parallel, threads = _resources(config)
     _say(

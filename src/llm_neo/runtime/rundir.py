@@ -4,24 +4,30 @@ directory, continue the run there, or replace it?
     check_output_dir   what the directory holds (nothing, a file, a run of this command, other files),
                        what --resume/--overwrite and the run's options make of it: a RunDir
     check_space        warn when the directory's filesystem holds less than the command will write
+    write_marker       a run's ``.llm-neo`` file: the command and the outputs it writes there
+    marked_outputs     what --overwrite may remove: the outputs a directory's marker lists
 
 A run of a command is recognised by its marker (a path pattern the command writes there: distill's
-checkpoints, compare's compare.yaml); the run lock and the llm-neo marker of "Nothing lost, nothing
-mixed" belong in ``check_output_dir``, the one place every command passes through. The check is
-read-only; each command words a refusal its own way (``RunDir.refusal``) or uses ``RunDir.message``.
+checkpoints, compare's compare.yaml). ``check_output_dir`` first takes the directory's run lock
+(runtime/lock.py) when asked, so no other process starts, resumes or cleans up there meanwhile; the
+check itself is read-only, and each command words a refusal its own way (``RunDir.refusal``) or uses
+``RunDir.message``. A command with runs never calls a directory holding neither ``.llm-neo`` nor
+its known outputs a run, and never replaces it: those files are someone else's.
 """
 
 from __future__ import annotations
 
 import enum
+import json
 import logging
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from llm_neo.errors import OutputError
-from llm_neo.runtime.atomic import check_writable
+from llm_neo.errors import ConfigError, OutputError
+from llm_neo.runtime.atomic import atomic_write_json, check_writable
+from llm_neo.runtime.lock import hold as hold  # the run lock, also taken by commands directly
 from llm_neo.runtime.memory import GiB
 
 log = logging.getLogger("llm_neo")
@@ -33,7 +39,8 @@ class Holds(enum.Enum):
     NOTHING = "nothing"  # missing or empty
     FILE = "file"  # the path is a file, not a directory
     RUN = "run"  # a run of this command (its marker is there)
-    FILES = "files"  # files, but no run of this command
+    FILES = "files"  # llm-neo's files, but no run of this command
+    OTHERS = "others"  # files no llm-neo command wrote (no .llm-neo marker, no known output)
 
 
 class Outcome(enum.Enum):
@@ -53,6 +60,10 @@ class Refusal(enum.Enum):
     HOLDS_A_RUN = "holds a run"  # --resume continues it, --overwrite replaces it
     CHANGED = "changed"  # the run there was made with other options
     NOTHING_TO_RESUME = "nothing to resume"  # --resume, but no run of this command there
+    NOT_A_RUN = "not a run"  # files no llm-neo command wrote: --overwrite does not replace them
+
+
+MARKER = ".llm-neo"  # what every run directory holds from its start: {"command", "outputs"}
 
 
 @dataclass(frozen=True)
@@ -77,6 +88,8 @@ def check_output_dir(
     changed: Callable[[Path], list[str]] | None = None,
     continues: bool = False,
     shown: str | None = None,
+    lock: str | None = None,
+    known: tuple[str, ...] | None = None,
 ) -> RunDir:
     """What a command may do in its output directory ``path`` (given as ``flag``, e.g. ``--output``).
 
@@ -86,9 +99,16 @@ def check_output_dir(
     ``continues``: a run with the same options continues without --resume (compare, cache-teacher);
     with other options, --overwrite replaces it. Otherwise a run continues only on --resume.
     ``shown``: how the directory is named in the message (default ``path``, as given).
+    ``lock``: the command, when the check should first take the directory's run lock for this process
+    (ConfigError naming the holder while another process holds it).
+    ``known``: glob patterns of what the command wrote before run directories had a ``.llm-neo``
+    marker; given, a directory holding neither is not a run and is never replaced (None: any files
+    there count as the command's to replace).
     """
     name = shown if shown is not None else str(path)
-    holds = _holds(path, marker)
+    if lock is not None:
+        hold(path, lock, flag)
+    holds = _holds(path, marker, known)
     differ = tuple(changed(path)) if changed is not None and holds is Holds.RUN else ()
     refusal: Refusal | None = None
     outcome = Outcome.NEW
@@ -103,6 +123,8 @@ def check_output_dir(
             refusal = Refusal.CHANGED
     elif resume:
         refusal = Refusal.NOTHING_TO_RESUME
+    elif holds is Holds.OTHERS:
+        refusal = Refusal.NOT_A_RUN
     elif holds is not Holds.NOTHING:
         outcome = Outcome.OVERWRITE
         if not overwrite:
@@ -113,20 +135,48 @@ def check_output_dir(
     return RunDir(path, holds, Outcome.REFUSED, refusal, differ, message)
 
 
-def _holds(path: Path, marker: str | None) -> Holds:
+def _holds(path: Path, marker: str | None, known: tuple[str, ...] | None) -> Holds:
     if path.exists() and not path.is_dir():
         return Holds.FILE
-    if not path.is_dir() or not any(path.iterdir()):
+    if not path.is_dir() or not any(p.name != MARKER for p in path.iterdir()):
         return Holds.NOTHING
     if marker is not None and any(path.glob(marker)):
         return Holds.RUN
-    return Holds.FILES
+    if known is None or (path / MARKER).is_file() or any(any(path.glob(k)) for k in known):
+        return Holds.FILES
+    return Holds.OTHERS
+
+
+def write_marker(path: Path, command: str, outputs: tuple[str, ...]) -> None:
+    """Mark ``path`` as a run directory of ``command`` that writes ``outputs`` (names in it): what
+    tells llm-neo's files from a user's there, and what --overwrite may remove."""
+    atomic_write_json(path / MARKER, {"command": command, "outputs": list(outputs)})
+
+
+def marked_outputs(path: Path, outputs: tuple[str, ...]) -> tuple[str, ...]:
+    """Of a command's ``outputs``, those that ``path``'s marker lists (all of them in a directory from
+    before markers, which ``check_output_dir`` recognised by its known outputs). ConfigError naming the
+    file when the marker is damaged."""
+    if not (path / MARKER).is_file():
+        return outputs
+    try:
+        listed = json.loads((path / MARKER).read_text())["outputs"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ConfigError(
+            [
+                f"{path / MARKER} is damaged ({err}); it lists what llm-neo wrote in {path}. Remove the "
+                "outputs you want replaced by hand, or choose another output directory"
+            ]
+        ) from None
+    return tuple(name for name in outputs if name in listed)
 
 
 def _message(refusal: Refusal, flag: str, name: str, changed: tuple[str, ...]) -> str:
     """The plain wording of a refusal (prune's, convert's and export's)."""
     if refusal is Refusal.A_FILE:
         return f"{flag}: {name!r} is a file; give a directory"
+    if refusal is Refusal.NOT_A_RUN:
+        return not_a_run(flag, name)
     if refusal is Refusal.NOTHING_TO_RESUME:
         return f"--resume: {flag} {name!r} holds no run to continue; start it without --resume"
     if refusal is Refusal.CHANGED:
@@ -135,6 +185,14 @@ def _message(refusal: Refusal, flag: str, name: str, changed: tuple[str, ...]) -
             f"options, pass --overwrite to replace it, or choose another {flag}"
         )
     return f"{flag}: {name!r} already holds files; pass --overwrite to replace it"
+
+
+def not_a_run(flag: str, name: str) -> str:
+    """The refusal of a directory holding files no llm-neo command wrote (--overwrite included)."""
+    return (
+        f"{flag}: {name!r} is not an llm-neo run directory (it holds files but no {MARKER} marker), "
+        f"and --overwrite never replaces files llm-neo did not write; choose an empty or new {flag}"
+    )
 
 
 def check_space(path: Path, needs: dict[str, int]) -> None:

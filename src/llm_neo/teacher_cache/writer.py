@@ -40,6 +40,7 @@ from llm_neo.runtime.atomic import (
     writing,
 )
 from llm_neo.runtime.integrity import check_file
+from llm_neo.runtime.lock import hold, releases_locks
 from llm_neo.runtime.progress import ProgressLines
 from llm_neo.teacher_cache.key import key_differences, key_digest, run_key
 from llm_neo.teacher_cache.store import FORMAT, KEY_FILE, LOGPROB_DTYPES, MANIFEST, VERSION, read_record
@@ -274,6 +275,7 @@ class _Inputs:
     digest: str
 
 
+@releases_locks
 def cache_teacher(config: CacheTeacherConfig, *, on_shard: ShardCallback | None = None) -> dict[str, Any]:
     """Write (or finish) the cache; return its manifest. ``on_shard(index, record)`` after each new shard."""
     validate_cache_teacher(config)
@@ -283,6 +285,7 @@ def cache_teacher(config: CacheTeacherConfig, *, on_shard: ShardCallback | None 
     check_supported(teacher_config, role="teacher", trust_remote_code=trust)  # before any weight loads
     out = Path(config.output).expanduser()
     check_writable(out, "--output")
+    hold(out, "cache-teacher", "--output")
     inputs = _inputs(config)
     _prepare_output(out, inputs.key, config.overwrite)
     clean_temporaries(out)  # what a killed run left half-written
