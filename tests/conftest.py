@@ -124,6 +124,30 @@ def tiny_run(output_dir: Path, **options):
     return DistillConfig(**(base | options))
 
 
+def tiny_comparison(teacher_dir: Path, student_dir: Path, output_dir: Path, **options):
+    """A CompareConfig on the tiny models: sft and neo, 2 seeds of 2 steps of 4 x 1, LoRA r = 4, answers of
+    4 tokens, one job on the CPU; ``options`` give the data and override the rest."""
+    from llm_neo.commands.compare import CompareConfig
+    from llm_neo.config import LoraOptions
+
+    base = dict(
+        teacher=str(teacher_dir),
+        student=str(student_dir),
+        methods=["sft", "neo"],
+        seeds=2,
+        max_steps=2,
+        batch_size=4,
+        grad_accum=1,
+        lora=LoraOptions(r=4),
+        max_length=64,
+        max_new_tokens=4,
+        jobs=1,
+        device="cpu",
+        output_dir=str(output_dir),
+    )
+    return CompareConfig(**(base | options))
+
+
 @pytest.fixture()
 def alpaca_jsonl(tmp_path) -> Path:
     """Sixteen Alpaca records (the list above twice) as JSONL."""

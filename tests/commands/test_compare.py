@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_jsonl
+from conftest import tiny_comparison, write_jsonl
 
 from llm_neo.commands.compare import CompareConfig, compare
 from llm_neo.errors import ConfigError, DataError
@@ -51,25 +51,9 @@ def data(tmp_path_factory) -> tuple[Path, Path]:
 
 def _config(teacher_dir, student_dir, data, out: Path, **overrides) -> CompareConfig:
     train, heldout = data
-    base = dict(
-        teacher=str(teacher_dir),
-        student=str(student_dir),
-        data=str(train),
-        heldout=str(heldout),
-        methods=["sft", "neo"],
-        seeds=2,
-        max_steps=2,
-        batch_size=4,
-        grad_accum=1,
-        lora=__import__("llm_neo.config", fromlist=["LoraOptions"]).LoraOptions(r=4),
-        max_length=64,
-        max_new_tokens=4,
-        jobs=1,
-        device="cpu",
-        output_dir=str(out),
+    return tiny_comparison(
+        teacher_dir, student_dir, out, **({"data": str(train), "heldout": str(heldout)} | overrides)
     )
-    base.update(overrides)
-    return CompareConfig(**base)
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import write_jsonl
+from conftest import tiny_comparison, write_jsonl
 
-from llm_neo.commands.compare import CompareConfig, compare
-from llm_neo.config import LoraOptions
+from llm_neo.commands.compare import compare
 from llm_neo.summary import RunSummary
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -22,22 +21,14 @@ def _records(n: int, start: int = 0) -> list[dict]:
 
 
 def test_a_damaged_arm_summary_is_named_and_the_arm_runs_again(tmp_path, teacher_dir, student_dir, caplog):
-    config = CompareConfig(
-        teacher=str(teacher_dir),
-        student=str(student_dir),
+    config = tiny_comparison(
+        teacher_dir,
+        student_dir,
+        tmp_path / "out",
         data=str(write_jsonl(tmp_path / "train.jsonl", _records(16))),
         heldout=str(write_jsonl(tmp_path / "heldout.jsonl", _records(4, 100))),
-        methods=["sft", "neo"],
         seeds=1,
-        max_steps=2,
-        batch_size=4,
-        grad_accum=1,
-        lora=LoraOptions(r=4),
-        max_length=64,
         max_new_tokens=2,
-        jobs=1,
-        device="cpu",
-        output_dir=str(tmp_path / "out"),
     )
     assert compare(config) is not None
     arms = tmp_path / "out" / "arms"

@@ -8,11 +8,10 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import write_jsonl
+from conftest import tiny_comparison, write_jsonl
 
 from llm_neo.cli import main
 from llm_neo.commands.compare import CompareConfig, compare, plan_only
-from llm_neo.config import LoraOptions
 from llm_neo.data import read_examples
 from llm_neo.losses import IGNORE_INDEX
 from llm_neo.models.loading import load_tokenizer
@@ -40,24 +39,9 @@ def data(tmp_path_factory) -> tuple[Path, Path]:
 
 def _config(teacher_dir, student_dir, data, out: Path, **overrides) -> CompareConfig:
     train, heldout = data
-    base = dict(
-        teacher=str(teacher_dir),
-        student=str(student_dir),
-        data=str(train),
-        heldout=str(heldout),
-        methods=["sft", "neo"],
-        seeds=2,
-        max_steps=2,
-        batch_size=4,
-        grad_accum=1,
-        lora=LoraOptions(r=4),
-        max_length=64,
-        max_new_tokens=4,
-        jobs=1,
-        device="cpu",
-        output_dir=str(out),
+    return tiny_comparison(
+        teacher_dir, student_dir, out, **({"data": str(train), "heldout": str(heldout)} | overrides)
     )
-    return CompareConfig(**(base | overrides))
 
 
 def _response_tokens(path: Path, student_dir: Path, config: CompareConfig) -> int:
