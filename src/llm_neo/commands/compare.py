@@ -411,11 +411,13 @@ def compare(config: CompareConfig, *, extra: Extra | None = None) -> CompareResu
         state_budget(plan_only(config))
         return None
     out = Path(config.output_dir).expanduser()
-    rank = int(os.environ.get("RANK", "0")) if _launched_ranks() > 1 else 0
-    if rank == 0:
-        # Under torchrun rank 0 decides for all (its refusal ends the launch): another rank checking
-        # while rank 0 writes the splits would find "files but no comparison" and refuse a run it started.
+    # Under torchrun rank 0 decides for all (its refusal ends the launch), and the others write nothing
+    # there before it has: a rank checking while another wrote the splits would find "files but no
+    # comparison" and refuse the run it is part of.
+    world = init_world(config.device)
+    if world.rank == 0:
         _check_output_dir(config, out)
+    barrier(world)
     plan = _plan(config, out)
     _check_heldout(plan)
     budget = state_budget(plan_budget(plan))
@@ -424,7 +426,8 @@ def compare(config: CompareConfig, *, extra: Extra | None = None) -> CompareResu
     t0 = time.perf_counter()
     caches = _build_caches(plan)
     summaries = _train_arms(plan, caches)
-    if rank != 0:
+    close(world)
+    if world.rank != 0:
         return None
     arms_s = time.perf_counter() - t0
     t0 = time.perf_counter()
