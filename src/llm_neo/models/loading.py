@@ -502,12 +502,15 @@ def check_finite_weights(model: torch.nn.Module, *, role: str, source: str) -> N
     GPU, a few seconds per GB on a CPU. Integer tensors (quantized weights) cannot hold a NaN.
     """
     for name, tensor in model.named_parameters():  # not buffers: a causal mask may hold -inf by design
-        if not tensor.is_floating_point() or tensor.is_meta:
+        data = tensor.detach()
+        if not data.is_floating_point() or data.is_meta or type(data) is not torch.Tensor:
+            # A tensor subclass (torchao's Int8Tensor of a QLoRA base, a DTensor) stores its values in
+            # another form and supports few ops; its integer data cannot hold a NaN.
             continue
         # In blocks of 16 M values: the boolean mask of a whole embedding table would be 0.5 GB at 8 B.
-        flat = tensor.detach().reshape(-1)
+        flat = data.reshape(-1)
         if not all(bool(torch.isfinite(block).all()) for block in flat.split(1 << 24)):
-            bad = tensor.detach().float()
+            bad = data.float()
             nans, infs = int(bad.isnan().sum()), int(bad.isinf().sum())
             raise ModelError(
                 f"the {role} {source!r} has non-finite weights: tensor {name} holds {nans} NaN and {infs} "
