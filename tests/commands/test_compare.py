@@ -446,3 +446,35 @@ def test_a_comparison_from_before_the_kd_temperature_rename_continues(
     assert _changed_options(config, saved) == []
     saved.write_text(text.replace("kd_temperature: 2.0", "temperature: 3.0"))
     assert _changed_options(config, saved) == ["kd_temperature"]
+
+
+def test_score_teacher_measures_agreement_with_the_teachers_own_answers(
+    tmp_path, teacher_dir, student_dir, data
+):
+    """--score teacher: the teacher's greedy answers are everyone's references (it scores 100%), and a
+    model's score is the share of its greedy answers equal to the teacher's after normalizing."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llm_neo.data import load_records
+    from llm_neo.eval.generate import greedy_generations
+    from llm_neo.eval.scoring import normalize
+
+    with pytest.raises(ConfigError, match=r"--score teacher scores agreement with the teacher's own answers"):
+        compare(_config(teacher_dir, student_dir, data, tmp_path / "refused", score="teacher", teacher=None))
+    out = tmp_path / "out"
+    results = compare(
+        _config(teacher_dir, student_dir, data, out, score="teacher", methods=["lora"], seeds=1)
+    )
+    assert results is not None
+    teacher, student = results.models.teacher, results.models.student
+    assert teacher is not None and teacher.accuracy == 1.0 and teacher.correct == teacher.total == 6
+    assert teacher.greedy_answers is not None and len(teacher.greedy_answers) == 6
+    # The untrained student's score, computed by hand from its own greedy answers.
+    records = load_records(str(data[1]))
+    tokenizer = AutoTokenizer.from_pretrained(student_dir)
+    model = AutoModelForCausalLM.from_pretrained(student_dir)
+    answers, _ = greedy_generations(model, tokenizer, records, device=torch.device("cpu"), max_new_tokens=4)
+    agree = sum(normalize(a) == normalize(t) for a, t in zip(answers, teacher.greedy_answers, strict=True))
+    assert student.correct == agree
+    assert [e.expected for e in student.examples] == teacher.greedy_answers[:5]  # shown against the teacher
+    assert "a fidelity score" in (out / "report.md").read_text()

@@ -174,7 +174,9 @@ class CompareConfig(TrainOptions):
     score: str = field(
         default="normalized",
         metadata=option_help(
-            "Task score of the greedy answers against the reference responses: " + ", ".join(SCORES) + ".",
+            "Task score of the greedy answers against the reference responses: "
+            + ", ".join(SCORES)
+            + " (agreement with the teacher's own greedy answers: a fidelity score).",
             group=EVAL,
             effect=Effect.SCORING,
         ),
@@ -355,6 +357,8 @@ def validate_compare(config: CompareConfig) -> None:
             check()
         except ConfigError as err:
             p += err.problems
+    if c.score == "teacher" and not c.teacher:
+        p.append("--score teacher scores agreement with the teacher's own answers: give --teacher")
     if c.project_tokens and not c.gpu:
         p.append("--project-tokens needs --gpu (the card to project to: " + ", ".join(GPUS) + ")")
     if c.gpu_price is not None and not c.project_tokens:
@@ -834,6 +838,7 @@ class EvalPayload:
     heldout: str
     scoring: dict[str, Any]
     models: dict[str, str]
+    teacher_answers: list[str] | None = None  # --score teacher: every model's references
 
 
 def _evaluate(plan: Plan, summaries: dict[str, RunSummary]) -> dict[str, ModelScores]:
@@ -845,36 +850,56 @@ def _evaluate(plan: Plan, summaries: dict[str, RunSummary]) -> dict[str, ModelSc
         models = {"teacher": config.teacher} | models
     models |= {name: str(summary.output_dir / "merged") for name, summary in summaries.items()}
     scoring = {k: getattr(config, k) for k in sorted(SCORING)} | {"heldout": plan.heldout}
+    against_teacher = parse_score(config.score).against_teacher
     results: dict[str, ModelScores] = {}
     todo = {}
     for name, path in models.items():
         cached = plan.out / "eval" / f"{name}.json"
         found = _cached_scores(cached)
-        # Scores from before answers were counted are computed again: the verdict reads the counts.
-        if found is not None and found.scoring == scoring and found.answers is not None:
+        # Scores from before answers were counted are computed again: the verdict reads the counts; so
+        # is a teacher's that kept no answers when they are the other models' references.
+        if (
+            found is not None
+            and found.scoring == scoring
+            and found.answers is not None
+            and not (against_teacher and name == "teacher" and found.greedy_answers is None)
+        ):
             results[name] = found
         else:
             todo[name] = path
     if todo:
         log.info("compare: scoring %d model(s); logs in %s", len(todo), plan.out / "eval")
-        parallel, threads = _resources(config)
-        names = list(todo)
-        shares = [names[k::parallel] for k in range(parallel) if names[k::parallel]]
-        jobs = [
-            Job(
-                f"eval{k}",
-                eval_job,
-                EvalPayload(config, plan.heldout, scoring, {n: todo[n] for n in share}),
-                len(share),
-                plan.out / "eval" / f"eval{k}.log",
-            )
-            for k, share in enumerate(shares)
-        ]
-        parts, _ = run_jobs(jobs, parallel=parallel, threads=threads, desc="scoring", preload=PRELOAD)
-        for part in parts:
-            for name, scores in part.items():
-                atomic_write_json(plan.out / "eval" / f"{name}.json", with_checksum(to_json(scores)))
-                results[name] = scores
+    if against_teacher and "teacher" in todo:  # its answers are the references: scored first, alone
+        results |= _score_models(plan, scoring, {"teacher": todo.pop("teacher")}, None)
+    teacher_answers = results["teacher"].greedy_answers if against_teacher else None
+    if todo:
+        results |= _score_models(plan, scoring, todo, teacher_answers)
+    return results
+
+
+def _score_models(
+    plan: Plan, scoring: dict[str, Any], todo: dict[str, str], teacher_answers: list[str] | None
+) -> dict[str, ModelScores]:
+    """Score the models ``todo`` (name -> path) in parallel workers; each one's scores written to eval/."""
+    parallel, threads = _resources(plan.config)
+    names = list(todo)
+    shares = [names[k::parallel] for k in range(parallel) if names[k::parallel]]
+    jobs = [
+        Job(
+            f"eval{k}",
+            eval_job,
+            EvalPayload(plan.config, plan.heldout, scoring, {n: todo[n] for n in share}, teacher_answers),
+            len(share),
+            plan.out / "eval" / f"eval{k}.log",
+        )
+        for k, share in enumerate(shares)
+    ]
+    parts, _ = run_jobs(jobs, parallel=parallel, threads=threads, desc="scoring", preload=PRELOAD)
+    results: dict[str, ModelScores] = {}
+    for part in parts:
+        for name, scores in part.items():
+            atomic_write_json(plan.out / "eval" / f"{name}.json", with_checksum(to_json(scores)))
+            results[name] = scores
     return results
 
 
@@ -924,8 +949,16 @@ def eval_job(payload: EvalPayload, report: Report) -> dict[str, ModelScores]:
             dtype=dtype,
             kd_vocab_size=kd_vocab_size(tokenizer, model, teacher) if teacher is not None else None,
         )
+        against = (
+            (answers if name == "teacher" else payload.teacher_answers) if scorer.against_teacher else None
+        )
         task = score_answers(
-            records, answers, scorer, category_field=config.category_field, source=payload.heldout
+            records,
+            answers,
+            scorer,
+            category_field=config.category_field,
+            source=payload.heldout,
+            against=against,
         )
         # The eval layer's dicts become the record here, checked key by key against its types.
         results[name] = scores = from_json(
@@ -940,12 +973,14 @@ def eval_job(payload: EvalPayload, report: Report) -> dict[str, ModelScores]:
                 "examples": [
                     {"prompt": _prompt_text(r), "expected": ref, "answer": a}
                     for r, ref, a in list(
-                        zip(records, references(records, source="heldout"), answers, strict=True)
+                        zip(records, against or references(records, source="heldout"), answers, strict=True)
                     )[:5]
                 ],
             },
         )
         scores.answers = answer_stats(answers, stopped)
+        if scorer.against_teacher and name == "teacher":
+            scores.greedy_answers = answers
         if config.lm_eval_tasks:
             from llm_neo.eval.harness import lm_eval_scores
 

@@ -7,6 +7,9 @@ A score is one of
     contains       the normalized reference occurs in the normalized answer
     regex:PATTERN  the first match of PATTERN in the answer (its first group, if it has one) equals the
                    reference (both stripped): for answers that wrap the result in text ("The answer is 42")
+    teacher        fidelity: equal after normalizing (as "normalized") to the teacher's own greedy answer to
+                   the same prompt, which replaces the record's reference (the teacher scores 100% by
+                   construction); for data the teacher itself answered, or a task without references
 
 reported overall and per category (a field of the record, ``category`` by default; records without one
 count under "other").
@@ -23,7 +26,7 @@ from typing import Any
 from llm_neo.data import detect_format
 from llm_neo.errors import ConfigError, DataError
 
-SCORES = ("exact", "normalized", "contains", "regex:PATTERN")
+SCORES = ("exact", "normalized", "contains", "regex:PATTERN", "teacher")
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
 
 
@@ -33,6 +36,7 @@ class Scorer:
 
     name: str
     matches: Callable[[str, str], bool]  # (answer, reference) -> correct
+    against_teacher: bool = False  # the references are the teacher's greedy answers, not the records'
 
 
 def normalize(text: str) -> str:
@@ -45,7 +49,9 @@ def parse_score(spec: str) -> Scorer:
     if spec == "exact":
         return Scorer(spec, lambda answer, ref: answer.strip() == ref.strip())
     if spec == "normalized":
-        return Scorer(spec, lambda answer, ref: normalize(answer) == normalize(ref))
+        return Scorer(spec, _same_normalized)
+    if spec == "teacher":
+        return Scorer(spec, _same_normalized, against_teacher=True)
     if spec == "contains":
         return Scorer(spec, lambda answer, ref: normalize(ref) in normalize(answer))
     if spec.startswith("regex:"):
@@ -55,6 +61,10 @@ def parse_score(spec: str) -> Scorer:
             raise ConfigError([f"--score {spec!r}: the regular expression does not compile ({err})"]) from err
         return Scorer(spec, lambda answer, ref: _extract(pattern, answer) == ref.strip())
     raise ConfigError([f"--score: {spec!r} is not one of {', '.join(SCORES)}"])
+
+
+def _same_normalized(answer: str, reference: str) -> bool:
+    return normalize(answer) == normalize(reference)
 
 
 def _extract(pattern: re.Pattern[str], answer: str) -> str | None:
@@ -100,15 +110,18 @@ def score_answers(
     category_field: str = "category",
     order: Sequence[str] = (),
     source: str = "heldout",
+    against: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """``{"score", "accuracy", "correct", "total", "per_category"}`` of ``answers`` against the records'
-    references; categories in ``order`` first, then the others sorted."""
-    if len(records) != len(answers):
+    references (or ``against``, one per record: the teacher's answers for ``--score teacher``);
+    categories in ``order`` first, then the others sorted."""
+    if len(records) != len(answers) or (against is not None and len(against) != len(records)):
         raise ValueError(f"{len(records)} records but {len(answers)} answers")
     if not records:
         raise DataError(f"{source}: no records to score")
+    refs = references(records, source=source) if against is None else list(against)
     totals: dict[str, list[int]] = {}
-    for record, answer, ref in zip(records, answers, references(records, source=source), strict=True):
+    for record, answer, ref in zip(records, answers, refs, strict=True):
         hit = int(scorer.matches(answer, ref))
         counts = totals.setdefault(str(record.get(category_field, "other")), [0, 0])
         counts[0] += hit

@@ -100,6 +100,8 @@ class ModelScores:
     parameters: int
     examples: list[Example]  # the first held-out records' answers
     answers: AnswerStats | None = field(default=None, metadata=OPTIONAL_KEY)  # (older files: absent)
+    # Every held-out answer, kept for the teacher under --score teacher: the other models' references.
+    greedy_answers: list[str] | None = field(default=None, metadata=OPTIONAL_KEY)
     # Task -> metric -> value
     lm_eval: dict[str, dict[str, float]] | None = field(default=None, metadata=OPTIONAL_KEY)
     extra: dict[str, Any] = field(default_factory=dict)
@@ -150,6 +152,8 @@ class ArmRun:
     # tokens trained on alone. None: a run whose summary predates the count.
     tokens_processed_per_s: float | None = field(default=None, metadata=OPTIONAL_KEY)
     answers: AnswerStats | None = field(default=None, metadata=OPTIONAL_KEY)  # (older files: absent)
+    # Every held-out answer, kept for the teacher under --score teacher: the other models' references.
+    greedy_answers: list[str] | None = field(default=None, metadata=OPTIONAL_KEY)
 
 
 @dataclass(kw_only=True)

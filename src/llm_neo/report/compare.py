@@ -129,6 +129,19 @@ def _paired_at_largest(results: CompareResults) -> list[tuple[str, PairedDiffere
 # The verdict and the conclusion, computed from the numbers
 
 
+def _score_sentence(score: str) -> str:
+    if score == "teacher":
+        return (
+            "Score: agreement of the greedy answers to the held-out prompts with the teacher's own greedy "
+            "answers (`teacher`, after normalizing: a fidelity score; the teacher scores 100% by "
+            "construction)."
+        )
+    return (
+        "Score: the task score of greedy answers to the held-out prompts against their reference "
+        f"responses (`{score}`)."
+    )
+
+
 def verdict(results: CompareResults) -> list[str]:
     """Three lines a manager can act on: scores, whether Neo's differences are real, what each cost; and
     first, when no arm learned the task, a line that says so and what to change."""
@@ -139,6 +152,7 @@ def verdict(results: CompareResults) -> list[str]:
     scores = ", ".join(f"{label(g.method)} {mean_std(g.stats.accuracy, 100)}" for g in ranked)
     refs = [
         f"the {name if name == 'teacher' else 'untrained student'} {pct(ev.accuracy)}"
+        + (" (by construction)" if name == "teacher" and score == "teacher" else "")
         for name, ev in models.items()
     ]
     seeds = results.config["seeds"]
@@ -538,8 +552,8 @@ def report_blocks(results: CompareResults) -> list[Block]:
         Table(*results_table(results)),
         Paragraph(
             _loaded_times(results)
-            + "Score: the task score of greedy answers to the held-out prompts against their reference "
-            f"responses (`{results.config['score']}`). CE, KL to the teacher and top-1 agreement are "
+            + _score_sentence(results.config["score"])
+            + " CE, KL to the teacher and top-1 agreement are "
             "per held-out response token. Memory: "
             + (
                 "CUDA's max allocated."
