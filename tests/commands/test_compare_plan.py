@@ -94,6 +94,14 @@ def test_plan_only_trains_and_writes_nothing(tmp_path, teacher_dir, student_dir,
         and "--max-steps 18 covers 3 epochs" in printed
     )
     assert "held-out: 4 records" in printed and "nothing trained" in printed
+    # Each arm timed over a warm-up run in the temporary directory, and its time said per arm
+    assert "time per arm and seed, estimated from a 3-step warm-up run of each arm" in printed
+    assert all(f"{arm} " in printed.split("time per arm")[1] for arm in ("sft", "neo"))
+    timed = plan_only(config, time_arms=True)
+    assert [t.arm for t in timed.arm_times] == ["sft", "neo"] and not out.exists()
+    for t in timed.arm_times:
+        assert t.warmup_steps == 3 and t.steps == 2 and t.seconds_per_step > 0
+        assert t.seconds == pytest.approx(t.load_seconds + 2 * t.seconds_per_step)
     # A split of --data is made as the run makes it, in a temporary directory
     split = _config(teacher_dir, student_dir, data, out, heldout=None, eval_fraction=0.25, plan_only=True)
     assert plan_only(split).heldout_records == 6 and not out.exists()

@@ -7,7 +7,7 @@ import logging
 import pytest
 
 import llm_neo.runtime.progress as progress
-from llm_neo.runtime.progress import ProgressLines, every_steps_for, format_duration
+from llm_neo.runtime.progress import ProgressLines, every_steps_for, format_clock
 
 
 def test_lines_come_every_n_steps_and_at_the_first_and_last():
@@ -53,7 +53,7 @@ def test_on_a_terminal_the_bar_alone_reports(monkeypatch):
     ("seconds", "text"), [(42.4, "42s"), (192, "3m12s"), (3900, "1h05m"), (float("inf"), "?")]
 )
 def test_durations_read_as_people_write_them(seconds, text):
-    assert format_duration(seconds) == text
+    assert format_clock(seconds) == text
 
 
 def test_about_twenty_lines_a_run():

@@ -21,6 +21,7 @@ running arm resumes from its checkpoint and only what is missing is computed.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -83,6 +84,7 @@ from llm_neo.records.compare import (
     ArmCost,
     ArmGroup,
     ArmRun,
+    ArmTime,
     Budget,
     ComparedData,
     CompareResults,
@@ -617,16 +619,64 @@ def _check_heldout(plan: Plan) -> None:
 # Can it decide? The budget, stated before the first arm trains
 
 
-def plan_only(config: CompareConfig) -> Budget:
+def plan_only(config: CompareConfig, *, time_arms: bool = False) -> Budget:
     """--plan-only: the comparison's budget, from its options and data alone; nothing trains and nothing
     is written to --output-dir (a split of --data is made in a temporary directory, as the run would
-    make it: same --seed, same --eval-fraction), so a rerun with other options is not refused."""
+    make it: same --seed, same --eval-fraction), so a rerun with other options is not refused. With
+    ``time_arms``, each arm is also timed over a few warm-up steps there (``arm_times``)."""
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="llm-neo-plan-") as tmp:
         plan = _plan(config, Path(tmp))
         _check_heldout(plan)
-        return plan_budget(plan)
+        budget = plan_budget(plan)
+        if time_arms:
+            budget.arm_times = arm_times(plan, budget.sizes[-1].steps)
+        return budget
+
+
+WARMUP_STEPS = 3  # per arm under --plan-only: the first step loads and warms up, the others are timed
+
+
+class _WarmedUp(Exception):
+    """Raised from a warm-up run's step callback: the steps are timed, the rest is not needed."""
+
+
+def arm_times(plan: Plan, steps: int) -> list[ArmTime]:
+    """Each arm's training time at the largest data size (``steps`` optimizer steps), estimated from a
+    ``WARMUP_STEPS``-step run of its first seed in the plan's temporary directory: the load and the
+    first step, then the mean of the others times ``steps``. Arms that would read --cache-teacher's cache
+    run the teacher online here (the cache is not built): theirs is the online estimate."""
+    from llm_neo.distill import distill
+
+    estimates = []
+    first = {arm.method: arm for arm in reversed(plan.arms) if arm.records == plan.sizes[-1]}
+    for method in reversed(first):
+        stamps: list[float] = []
+
+        def timed(step: int, metrics: dict[str, float], stamps: list[float] = stamps) -> None:
+            stamps.append(time.perf_counter())
+            if step >= WARMUP_STEPS:
+                raise _WarmedUp
+
+        config = dataclasses.replace(first[method].config, max_steps=WARMUP_STEPS, save_every=0, report_to=[])
+        log.info("compare: --plan-only: timing %d warm-up steps of %s", WARMUP_STEPS, method)
+        started = time.perf_counter()
+        with contextlib.suppress(_WarmedUp):
+            distill(config, on_step=timed)
+        per_step = (stamps[-1] - stamps[0]) / max(len(stamps) - 1, 1)
+        load = max(stamps[0] - started - per_step, 0.0)
+        estimates.append(
+            ArmTime(
+                arm=method,
+                warmup_steps=WARMUP_STEPS,
+                steps=steps,
+                load_seconds=load,
+                seconds_per_step=per_step,
+                seconds=load + steps * per_step,
+            )
+        )
+    return estimates
 
 
 def plan_budget(plan: Plan) -> Budget:
@@ -1305,11 +1355,10 @@ def run_compare(config: CompareConfig) -> int:
 
         config = dataclasses.replace(config, methods=_split(config.methods))
         validate_compare(config)
-        budget = plan_only(config)
+        budget = plan_only(config, time_arms=True)
         print("\n".join(budget_lines(budget) + [f"warning: {w}" for w in budget.warnings]))
         print(
-            "\n--plan-only: nothing trained, nothing written. No time per arm is estimated: the first arm's "
-            "progress line gives its ETA within a few steps."
+            "\n--plan-only: nothing trained, nothing written (the warm-ups ran in a temporary directory)."
         )
         return 0
     results = compare(config)

@@ -74,7 +74,7 @@ from llm_neo.records.probe import (
 from llm_neo.report.probe import fmt, write_report
 from llm_neo.report.tables import format_table
 from llm_neo.runtime.atomic import atomic_write_json
-from llm_neo.runtime.progress import format_duration
+from llm_neo.runtime.progress import format_clock
 
 log = logging.getLogger("llm_neo")
 
@@ -278,7 +278,7 @@ def probe_results(config: ProbeConfig) -> ProbeResults:
         left = (time.perf_counter() - began) / done * (len(specs) - done)  # at the models' average so far
         log.info(
             "probe: %s done in %.1f s%s", spec.name, measured[spec.name].seconds,
-            f"; ETA {format_duration(left)} for the other {len(specs) - done}" if done < len(specs) else "",
+            f"; ETA {format_clock(left)} for the other {len(specs) - done}" if done < len(specs) else "",
         )  # fmt: skip
 
     results = assemble(config, specs, probes, prompts, labels, scoring, measured)

@@ -308,6 +308,18 @@ class SizeBudget:
 
 
 @dataclass(kw_only=True)
+class ArmTime:
+    """--plan-only's estimate of one arm's training time, from a short warm-up run of it."""
+
+    arm: str
+    warmup_steps: int  # the steps run: the first loads and warms up, the others are timed
+    steps: int  # the optimizer steps the arm will take at the largest data size
+    load_seconds: float  # start to the end of the first warm-up step, less one step
+    seconds_per_step: float  # the mean of the warm-up steps after the first
+    seconds: float  # load_seconds + steps x seconds_per_step
+
+
+@dataclass(kw_only=True)
 class Budget:
     """Whether the comparison can decide, stated before it trains (report.power): each data size's
     budget, the held-out split's size, and the smallest task-score difference it detects."""
@@ -319,3 +331,5 @@ class Budget:
     detectable: float | None  # a fraction (0.1: 10 points); None: no interval (one seed)
     method: str  # how ``detectable`` was computed, in words
     warnings: list[str]  # each with its fix in numbers
+    # --plan-only's per-arm time estimates (empty in a run's results: its times are measured)
+    arm_times: list[ArmTime] = field(default_factory=list, metadata=OPTIONAL_KEY)

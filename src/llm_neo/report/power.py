@@ -23,6 +23,7 @@ import math
 from llm_neo.eval.metrics import small_heldout
 from llm_neo.records.compare import Budget
 from llm_neo.report.stats import t975
+from llm_neo.report.tables import format_duration
 
 # Quantiles t(0.80, df) of Student's t distribution, df = 1..30 (standard tables); the normal's beyond.
 _T80 = (
@@ -117,6 +118,19 @@ def budget_lines(budget: Budget) -> list[str]:
         f"held-out: {budget.heldout_records:,} records, {budget.heldout_tokens:,} scored tokens, "
         f"{budget.seeds} seed(s)"
     )
+    if budget.arm_times:
+        times = ", ".join(
+            f"{t.arm} {format_duration(t.seconds)} ({t.seconds_per_step:.2g} s/step x {t.steps:,} + "
+            f"{format_duration(t.load_seconds)} to load)"
+            for t in budget.arm_times
+        )
+        warmup = budget.arm_times[0].warmup_steps
+        lines.append(
+            f"time per arm and seed, estimated from a {warmup}-step warm-up run of each arm on this machine, "
+            f"one at a time: {times}; scoring not included. An upper bound: the warm-up steps count live "
+            "tensors, as a run's first 10 do (later steps are faster), and KD arms run the teacher online "
+            "(with --cache-teacher they read its cache)"
+        )
     if budget.detectable is None:
         lines.append("detectable difference: none (one seed gives no interval; --seeds 3 or more)")
     else:

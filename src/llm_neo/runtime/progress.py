@@ -91,7 +91,7 @@ class ProgressLines:
             parts.append(details)
         if tokens is not None and elapsed > 0:
             parts.append(f"{(tokens - self.initial_tokens) / elapsed:,.0f} tokens/s")
-        parts.append(f"ETA {format_duration(self.eta(done, elapsed))}" if done < self.total else "done")
+        parts.append(f"ETA {format_clock(self.eta(done, elapsed))}" if done < self.total else "done")
         line = ", ".join(parts)
         log.info("%s", line)
         return line
@@ -102,7 +102,7 @@ class ProgressLines:
         return elapsed / here * (self.total - done) if here > 0 else math.inf
 
 
-def format_duration(seconds: float) -> str:
+def format_clock(seconds: float) -> str:
     """``3m12s``, ``1h05m``, ``42s``; ``?`` when unknown."""
     if not math.isfinite(seconds):
         return "?"
