@@ -333,6 +333,13 @@ def test_quantized_arms_beside_their_method(tmp_path, teacher_dir, wide_student_
     assert caches == ["train", "train-int8-teacher"]
     manifest = json.loads((out / "cache" / "train-int8-teacher" / "manifest.json").read_text())
     assert manifest["teacher_quant"]["kind"] == "int8"
+    # What building each cost, once, is in the results (the claims read it)
+    costs = {Path(c.path).name: c for c in results.teacher_caches or []}
+    assert sorted(costs) == caches and costs["train-int8-teacher"].seconds == manifest["stats"]["wall_s"] > 0
+    assert (
+        costs["train"].examples == 24
+        and costs["train"].teacher_parameters == results.models.teacher.parameters
+    )
     summary = RunSummary.load(runs["neo+int8-teacher"].output_dir)
     assert summary.teacher_cache["path"].endswith("train-int8-teacher")
     # The teacher every model is scored against is the unquantized one.

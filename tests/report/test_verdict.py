@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from llm_neo.records import from_json, to_json
-from llm_neo.records.compare import CompareResults, Verdict
+from llm_neo.records.compare import CompareResults, TeacherCacheCost, Verdict
 from llm_neo.report.compare import claims, conclusion, interval, paired_table, report_blocks, verdict
 from llm_neo.report.document import to_markdown
 from llm_neo.report.stats import paired_difference, summarize, within_noise
@@ -128,6 +128,17 @@ def test_claims_are_judged_only_under_like_conditions(data):
         assert status.startswith("measured under other conditions: KD and Neo read a teacher cache")
         assert "teacher's own time and memory are not in their figures" in status
     assert _claim(cached, "Neo scores higher than SFT")["status"] == "not distinguishable"
+    # Both cached, with the cache's own cost reported beside them: like for like (the condition)
+    costed = _with_kd(copy.deepcopy(data), cache_teacher=64, kd_ratio=0.9, jobs=1)
+    costed.teacher_caches = [
+        TeacherCacheCost(path="cache/train", examples=24, seconds=125.0, teacher_parameters=134_515_008)
+    ]
+    for claim in ("Neo needs about 25% less memory", "Neo needs about 25% less training time"):
+        row = _claim(costed, claim)
+        assert row["status"] == "held"
+        assert "both read the teacher cache, built once in 2.1 min for every KD arm" in row["measured"]
+        assert "the teacher's 135M parameters were loaded by neither arm" in row["measured"]
+    assert from_json(CompareResults, to_json(costed)).teacher_caches == costed.teacher_caches
 
     other_ratio = _with_kd(copy.deepcopy(data), cache_teacher=0, kd_ratio=0.5, jobs=1)
     assert _claim(other_ratio, "Neo scores higher than SFT")["status"] == (

@@ -98,6 +98,7 @@ from llm_neo.records.compare import (
     ReferenceModels,
     SizeBudget,
     Stats,
+    TeacherCacheCost,
     Timing,
 )
 from llm_neo.report.stats import paired_difference, summarize
@@ -448,6 +449,11 @@ def compare(config: CompareConfig, *, extra: Extra | None = None) -> CompareResu
     timing = Timing(arms_s=arms_s, eval_s=eval_s, probe_s=probe_s, total_s=time.perf_counter() - started)
     results = _results(plan, evaluations, groups, probe, timing)
     results.budget = budget
+    if caches:
+        teacher = evaluations.get("teacher")
+        results.teacher_caches = [
+            _cache_cost(path, None if teacher is None else teacher.parameters) for path in caches.values()
+        ]
     if extra is not None:
         extra(results)
     from llm_neo.report.compare import write_report
@@ -773,6 +779,19 @@ def _build_caches(plan: Plan) -> dict[tuple[str, str, str], str]:
         )
         caches[key] = str(target.resolve())
     return caches
+
+
+def _cache_cost(path: str, teacher_parameters: int | None) -> TeacherCacheCost:
+    """What building the cache at ``path`` cost, from its manifest (its examples and wall time)."""
+    from llm_neo.teacher_cache.store import open_cache
+
+    manifest = open_cache(path).manifest
+    return TeacherCacheCost(
+        path=path,
+        examples=int(manifest.get("num_examples") or 0),
+        seconds=float((manifest.get("stats") or {}).get("wall_s") or 0.0),
+        teacher_parameters=teacher_parameters,
+    )
 
 
 def _cache_key(config: DistillConfig) -> tuple[str, str, str]:
@@ -1357,9 +1376,7 @@ def run_compare(config: CompareConfig) -> int:
         validate_compare(config)
         budget = plan_only(config, time_arms=True)
         print("\n".join(budget_lines(budget) + [f"warning: {w}" for w in budget.warnings]))
-        print(
-            "\n--plan-only: nothing trained, nothing written (the warm-ups ran in a temporary directory)."
-        )
+        print("\n--plan-only: nothing trained, nothing written (the warm-ups ran in a temporary directory).")
         return 0
     results = compare(config)
     if results is None:  # a rank other than 0 of a torchrun launch: rank 0 reports

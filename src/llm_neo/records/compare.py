@@ -261,6 +261,16 @@ class Timing:
 
 
 @dataclass(kw_only=True)
+class TeacherCacheCost:
+    """A teacher cache the KD arms read instead of running the teacher: its cost, from its manifest."""
+
+    path: str
+    examples: int
+    seconds: float  # its build's wall time, load to manifest (when it was built, not on a rerun)
+    teacher_parameters: int | None  # the weights neither KD arm loaded (None: not known)
+
+
+@dataclass(kw_only=True)
 class CompareResults:
     """A comparison's results (results.json), everything its report is rendered from."""
 
@@ -286,6 +296,8 @@ class CompareResults:
     demo: dict[str, Any] | None = field(default=None, metadata=OPTIONAL_KEY)
     # Whether it can decide, stated before training (results.json written before it existed lack it)
     budget: Budget | None = field(default=None, metadata=OPTIONAL_KEY)
+    # --cache-teacher: what building each teacher cache cost, once, for every KD arm that read it
+    teacher_caches: list[TeacherCacheCost] | None = field(default=None, metadata=OPTIONAL_KEY)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

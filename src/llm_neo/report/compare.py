@@ -36,6 +36,7 @@ from llm_neo.report.conditions import (
     no_learning,
     settings,
     share,
+    teacher_cost_note,
 )
 from llm_neo.report.document import Block, Bullets, Heading, Image, Paragraph, Table, to_html, to_markdown
 from llm_neo.report.power import budget_lines
@@ -230,6 +231,8 @@ def claims(results: CompareResults) -> list[dict[str, str]]:
             text = f"{ratio:.2f}x KD's" + (f" {name}" if claim.metric == "memory" else "")
             if claim.metric == "memory" and (rss := _rss_ratio(groups)) and name != "peak memory":
                 text += f" (process peak RSS: {rss:.2f}x)"
+            if note := teacher_cost_note(results):
+                text += f"; {note}"
             measured = [(claim.text, text, "held" if ratio <= 0.8 else "not held")]
         else:
             continue
