@@ -167,6 +167,12 @@ def test_report_files(finished):
     # Each arm's rerun command points at its own config.yaml with an absolute path.
     for group in results.groups:
         assert str(group.runs[0].output_dir.resolve() / "config.yaml") in md
+    # The load the arms trained under: sampled while they trained, its mean and highest in the header
+    assert results.load_average is not None and results.load_max is not None
+    assert results.load_average <= results.load_max
+    assert (
+        f"load average {results.load_average:g} while the arms trained (highest {results.load_max:g})" in md
+    )
 
 
 @pytest.mark.skipif(

@@ -109,7 +109,7 @@ from llm_neo.runtime.integrity import read_checked, with_checksum
 from llm_neo.runtime.lock import releases_locks
 from llm_neo.runtime.memory import GiB
 from llm_neo.runtime.rundir import Holds, Outcome, Refusal, check_output_dir, write_marker
-from llm_neo.runtime.workers import Job, Report, available_cores, load_average, run_jobs
+from llm_neo.runtime.workers import Job, Report, available_cores, load_average, run_jobs, sampled_load
 from llm_neo.summary import MemoryKind, RunSummary
 
 log = logging.getLogger("llm_neo")
@@ -431,8 +431,9 @@ def compare(config: CompareConfig, *, extra: Extra | None = None) -> CompareResu
     dump_yaml(config, out / "compare.yaml")
     write_marker(out, "compare", ("compare.yaml", "arms", "eval", "cache", "splits", RESULTS))
     t0 = time.perf_counter()
-    caches = _build_caches(plan)
-    summaries = _train_arms(plan, caches)
+    with sampled_load() as loads:  # what the arms' times were measured under
+        caches = _build_caches(plan)
+        summaries = _train_arms(plan, caches)
     close(world)
     if world.rank != 0:
         return None
@@ -449,6 +450,8 @@ def compare(config: CompareConfig, *, extra: Extra | None = None) -> CompareResu
     timing = Timing(arms_s=arms_s, eval_s=eval_s, probe_s=probe_s, total_s=time.perf_counter() - started)
     results = _results(plan, evaluations, groups, probe, timing)
     results.budget = budget
+    if loads:
+        results.load_average, results.load_max = round(sum(loads) / len(loads), 2), max(loads)
     if caches:
         teacher = evaluations.get("teacher")
         results.teacher_caches = [

@@ -281,7 +281,8 @@ class CompareResults:
     data: ComparedData
     device: str  # where it was measured (torch's name for a GPU)
     device_type: str
-    load_average: float | None
+    load_average: float | None  # the mean 1-minute load while the arms trained (older files: at the end)
+    load_max: float | None = field(default=None, metadata=OPTIONAL_KEY)  # its highest sample then
     cpus: int | None = field(default=None, metadata=OPTIONAL_KEY)  # cores the run could use (older: absent)
     models: ReferenceModels
     groups: list[ArmGroup]

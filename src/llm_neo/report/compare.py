@@ -688,7 +688,11 @@ def _budget(results: CompareResults) -> str:
     text = f" Machine: {results.device}"
     if results.cpus is not None:
         text += f", {results.cpus} CPUs usable"
-    if results.load_average is not None:
+    if results.load_average is not None and results.load_max is not None:
+        text += (
+            f", load average {results.load_average:g} while the arms trained (highest {results.load_max:g})"
+        )
+    elif results.load_average is not None:
         text += f", load average {results.load_average:g} at the end of the run"
     text += f" ({note})." if (note := load_note(results)) else "."
     groups = _main_groups(results)

@@ -29,7 +29,7 @@ import resource
 import signal
 import sys
 import traceback
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -263,6 +263,34 @@ def load_average() -> float | None:
         return round(os.getloadavg()[0], 2)
     except (AttributeError, OSError):  # not available on this platform
         return None
+
+
+@contextlib.contextmanager
+def sampled_load(every_s: float = 15.0) -> Iterator[list[float]]:
+    """The 1-minute load average sampled every ``every_s`` seconds while the block runs, at its start
+    and at its end (a thread that only reads /proc/loadavg): the load the block's timings were taken
+    under, not the load at one moment after it."""
+    import threading
+
+    samples: list[float] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        while True:
+            if (load := load_average()) is not None:
+                samples.append(load)
+            if stop.wait(every_s):
+                return
+
+    thread = threading.Thread(target=sample, name="llm-neo-load", daemon=True)
+    thread.start()
+    try:
+        yield samples
+    finally:
+        stop.set()
+        thread.join()
+        if (load := load_average()) is not None:
+            samples.append(load)
 
 
 def available_cores() -> int:
