@@ -38,7 +38,7 @@ def test_a_line_says_step_loss_tokens_per_second_and_eta(monkeypatch, caplog):
     now["t"] = 110.0  # 10 s for 10 steps of 500 tokens
     with caplog.at_level(logging.INFO, logger="llm_neo"):
         line = lines.update(30, tokens=7000, details="loss 2.3456")
-    assert line == "neo: step 30/200 (15%), loss 2.3456, 500 tokens/s, ETA 2m50s"
+    assert line == "neo: step 30/200 (15%), loss 2.3456, 500 response tokens/s, ETA 2m50s"
     assert line in caplog.text
 
 

@@ -90,7 +90,7 @@ class ProgressLines:
         if details:
             parts.append(details)
         if tokens is not None and elapsed > 0:
-            parts.append(f"{(tokens - self.initial_tokens) / elapsed:,.0f} tokens/s")
+            parts.append(f"{(tokens - self.initial_tokens) / elapsed:,.0f} response tokens/s")
         parts.append(f"ETA {format_clock(self.eta(done, elapsed))}" if done < self.total else "done")
         line = ", ".join(parts)
         log.info("%s", line)
