@@ -115,7 +115,6 @@ from llm_neo.provenance import data_record, model_digests, provenance
 from llm_neo.runtime.atomic import (
     atomic_directory,
     atomic_write_json,
-    check_writable,
     clean_temporaries,
     output_error,
     writing,
@@ -267,7 +266,8 @@ def setup(config: DistillConfig) -> Run:
     device = rank_device(world, resolve_device(config.device))
     dtype = resolve_dtype(config.dtype, device)
     out = Path(str(config.output_dir))
-    check_writable(out, "--output-dir")  # before anything loads: a read-only disk is not found at step 1000
+    # Before anything loads, the run lock refuses a path that cannot be written (a read-only disk is not
+    # found at step 1000), then the directory is checked.
     resume_from = check_output_dir(config, out, world)
     export_dtype = preflight(config)
 
