@@ -320,3 +320,36 @@ def test_a_killed_prune_leaves_no_marked_partial_output_and_keeps_the_earlier_on
     assert main(args) == 0  # the rerun replaces the earlier output and removes the partial one
     assert json.loads((out / "pruning.json").read_text())["num_layers_after"] == 2
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")] == []
+
+
+# ----------------------------------------------------------------------------------------------------
+# A damaged marker: named before any model loads
+
+
+@pytest.mark.parametrize("command", ["distill", "compare", "prune"])
+@pytest.mark.parametrize("damage", ["torn", "no outputs", "alone"])
+def test_a_damaged_marker_is_named_before_any_model_loads(
+    command, damage, make_config, tmp_path, teacher_dir, student_dir, alpaca_jsonl, monkeypatch, capsys
+):
+    from transformers import PreTrainedModel
+
+    monkeypatch.setattr(
+        PreTrainedModel, "from_pretrained", classmethod(lambda *a, **k: pytest.fail("a model was loaded"))
+    )
+    out = tmp_path / "out"
+    out.mkdir()
+    if damage != "alone":
+        (out / "metrics.jsonl" if command == "distill" else out / "model.safetensors").write_text("")
+    (out / MARKER).write_text('{"command": "dist' if damage == "torn" else '{"command": "distill"}')
+    before = files_of(out)
+    models = ["--teacher", str(teacher_dir), "--student", str(student_dir), "--data", str(alpaca_jsonl)]
+    args = {
+        "distill": ["distill", *models, "--output-dir", str(out)],
+        "compare": ["compare", *models, "--output-dir", str(out)],
+        "prune": replacing_args("prune", out, teacher_dir, alpaca_jsonl),
+    }[command]
+    assert main([*args, "--overwrite", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert f"{out / MARKER} is damaged (" in err and f"it lists what llm-neo wrote in {out}" in err
+    assert "Remove the outputs you want replaced and then" in err and "Traceback" not in err
+    assert files_of(out) == before

@@ -124,6 +124,8 @@ def check_output_dir(
     ``known``: glob patterns of what the command wrote before run directories had a ``.llm-neo``
     marker; given, a directory holding neither is not a run and is never replaced (None: any files
     there count as the command's to replace).
+    A damaged ``.llm-neo`` there is a ConfigError naming it (``read_marker``): the check runs before any
+    model loads, and nothing there can be told apart without it.
     """
     name = shown if shown is not None else str(path)
     if lock is not None:
@@ -158,9 +160,10 @@ def check_output_dir(
 def _holds(path: Path, marker: str | None, known: tuple[str, ...] | None) -> Holds:
     if path.exists() and not path.is_dir():
         return Holds.FILE
+    # A damaged marker is refused here, before any model loads (even alone: --overwrite reads it later).
+    marked = path.is_dir() and read_marker(path) is not None
     if not path.is_dir() or not any(p.name != MARKER for p in path.iterdir()):
         return Holds.NOTHING
-    marked = read_marker(path) is not None  # a damaged marker is refused here, before any model loads
     if marker is not None and any(path.glob(marker)):
         return Holds.RUN
     if known is None or marked or any(any(path.glob(k)) for k in known):
@@ -217,13 +220,15 @@ def check_replaced_dir(
             f"{flag}: {shown!r} is a file; llm-neo writes a directory there and never replaces a file it "
             f"did not write, --overwrite included: choose another {flag}, or remove the file yourself"
         )
-    held = sorted(p.name for p in path.iterdir() if p.name != MARKER) if path.is_dir() else []
-    if not held:
+    if not path.is_dir():
         return None
     try:
         marker = read_marker(path)
     except ConfigError as err:
         return err.problems[0]
+    held = sorted(p.name for p in path.iterdir() if p.name != MARKER)
+    if not held:
+        return None
     if marker is None:
         older = (
             f"; its {record} says an llm-neo from before output markers wrote it, but not which files "
