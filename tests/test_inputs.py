@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -124,6 +125,30 @@ def test_the_teacher_given_as_the_student_is_warned_about(
         assert main(["distill", *_distill_args(alias, student_dir, alpaca_jsonl, tmp_path / "run")]) == 1
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any(f"are the same weights ({student_dir.resolve()})" in w for w in warned), warned
+
+
+def test_a_copy_of_the_student_given_as_the_teacher_is_warned_about_by_its_digest(
+    tmp_path, student_dir, teacher_dir, alpaca_jsonl, monkeypatch, caplog
+):
+    """The same weights copied to another path: the paths differ, the weights' sha256 (hashed for the
+    run's fingerprint anyway) does not. Warned once, before any model loads; a re-saved copy with other
+    bytes is not the same weights and is not warned about."""
+    monkeypatch.setattr(recipe, "load_model", lambda *a, **k: (_ for _ in ()).throw(ModelError("stop")))
+    monkeypatch.setattr(recipe, "load_teacher", lambda *a, **k: (_ for _ in ()).throw(ModelError("stop")))
+    copy = tmp_path / "copy"
+    shutil.copytree(student_dir, copy)
+    with caplog.at_level(logging.WARNING, logger="llm_neo"):
+        assert main(["distill", *_distill_args(copy, student_dir, alpaca_jsonl, tmp_path / "run")]) == 1
+    warned = [r.getMessage() for r in caplog.records if "same weights" in r.getMessage()]
+    assert (
+        len(warned) == 1 and f"the teacher ({copy}) and the student ({student_dir}) are copies" in warned[0]
+    )
+    assert "(both sha256:" in warned[0]
+    caplog.clear()
+    (copy / "model.safetensors").write_bytes((teacher_dir / "model.safetensors").read_bytes())
+    with caplog.at_level(logging.WARNING, logger="llm_neo"):
+        main(["distill", *_distill_args(copy, student_dir, alpaca_jsonl, tmp_path / "run2")])
+    assert not [r for r in caplog.records if "same weights" in r.getMessage()]
 
 
 def test_a_different_teacher_is_not_warned_about(

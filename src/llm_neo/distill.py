@@ -366,11 +366,15 @@ def setup(config: DistillConfig) -> Run:
 def run_fingerprint(config: DistillConfig, cache: TeacherCache | None) -> Fingerprint:
     """What the run depends on (its resolved options, the data's and the models' digests, the cache's
     key), computed once here and written into every checkpoint. The weights are hashed in full, once
-    per process (memoised by path, size and mtime: a cache key that hashed the teacher pays nothing)."""
+    per process (memoised by path, size and mtime: a cache key that hashed the teacher pays nothing).
+    Warns when the teacher's weights are the student's under another path (``warn_same_weights``)."""
     trust = config.allow_pickle_weights
     models = {"student": model_digests(config.student, role="student", allow_pickle_weights=trust)}
     if config.teacher and config.uses_kd:
         models["teacher"] = model_digests(config.teacher, role="teacher", allow_pickle_weights=trust)
+        # Both hashed now: a copy of the student given as the teacher is told by its bytes.
+        weights = models["teacher"]["weights_sha256"], models["student"]["weights_sha256"]
+        warn_same_weights(config.teacher, config.student, digests=weights)
     data = data_record(config.data)
     return Fingerprint(
         options=to_dict(config),
