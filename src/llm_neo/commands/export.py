@@ -75,6 +75,13 @@ def validate_export(config: ExportConfig) -> None:
         p += output_path_problems(out, "--output")  # a dangling link: before any model loads
         if model is not None and out.resolve() == model.resolve():
             p.append("--output must differ from --model")
+        elif out.suffix == ".gguf" and not out.is_dir():
+            # A user naming a file expects a file; a directory called x.gguf would surprise llama.cpp too.
+            p.append(
+                f"--output: {c.output!r} names a .gguf file, but an export is a directory (the "
+                f"<model>-<TYPE>.gguf file, {EXPORT_FILE} and an llm-neo marker in it): give a directory, "
+                f"e.g. {str(Path(c.output).with_suffix(''))!r}"
+            )
         elif refused := check_replaced_dir(
             out, "export", flag="--output", overwrite=c.overwrite, shown=c.output, record=EXPORT_FILE
         ):
