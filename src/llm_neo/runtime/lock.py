@@ -12,8 +12,10 @@ when its process dies, however it dies, so a lock left by a killed run is simply
 record in the file (pid, host, start time, command line) names the holder in a refusal, and a record
 found in a free lock file is the note that a run died holding the directory. On NFS, Linux implements
 flock with POSIX byte-range locks that the server arbitrates (NFSv4, or v3 with lockd), so two nodes
-exclude each other; a filesystem that offers no locks at all (flock fails) falls back to the record:
-refused while it names a live process on this host, taken over otherwise.
+exclude each other (not under the ``nolock`` or ``local_lock`` mount options, which keep locks on the
+node); Lustre does so when mounted with ``flock`` (``localflock``: per node only). A filesystem that
+offers no locks at all (flock fails: Lustre's ``noflock``) falls back to the record: refused while it
+names a live process on this host, taken over otherwise; nodes are then not kept apart.
 """
 
 from __future__ import annotations
