@@ -641,21 +641,21 @@ def test_an_unwritable_output_directory_is_refused_before_any_model_loads(faults
     # Root writes whatever the mode bits say (chmod 0555 does not stop it): fake the permission check.
     real = os.access
     monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == parent else real(p, mode))
-    with pytest.raises(OutputError, match=r"is not writable \(permission denied\); nothing was written"):
+    with pytest.raises(ConfigError, match=r"is not writable \(permission denied\); nothing was written"):
         distill(faults.config(parent / "run"))
     assert list(parent.iterdir()) == []
     a_file = faults.root / "a-file"
     a_file.write_text("x")
-    with pytest.raises(OutputError, match="it is a file, not a directory"):
+    with pytest.raises(ConfigError, match="it is a file, not a directory"):
         distill(faults.config(a_file))
-    with pytest.raises(OutputError, match="a-file is a file, not a directory"):
+    with pytest.raises(ConfigError, match="a-file is a file, not a directory"):
         distill(faults.config(a_file / "run"))
 
 
 def test_a_read_only_filesystem_is_refused_before_any_model_loads(faults, monkeypatch, tmpfs):
     read_only = tmpfs("1m", read_only=True)  # a real read-only mount (needs root; skips otherwise)
     monkeypatch.setattr(recipe, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
-    with pytest.raises(OutputError, match=f"{read_only} is on a read-only filesystem; nothing was written"):
+    with pytest.raises(ConfigError, match=f"{read_only} is on a read-only filesystem; nothing was written"):
         distill(faults.config(read_only / "run"))
 
 

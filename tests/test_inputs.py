@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -101,21 +102,11 @@ def test_a_dangling_output_dir_link_is_refused_before_any_model_loads(
     link = tmp_path / "runs"
     link.symlink_to(target)
     for out, where in ((link, "it"), (link / "neo", str(link))):
-        assert main(["distill", *_distill_args(teacher_dir, student_dir, alpaca_jsonl, out)]) == 1
+        assert main(["distill", *_distill_args(teacher_dir, student_dir, alpaca_jsonl, out)]) == 2
         err = capsys.readouterr().err
         assert f"--output-dir {out}: {where} is a symbolic link to {target}, which does not exist" in err
         assert "nothing was written" in err and "Traceback" not in err
     assert link.is_symlink() and not target.exists() and not (tmp_path / "mnt").exists()
-
-
-def test_export_refuses_a_dangling_output_link_before_reading_the_model(tmp_path, student_dir, capsys):
-    link = tmp_path / "export"
-    link.symlink_to(tmp_path / "gone")
-    args = ["export", "--model", str(student_dir), "--output", str(link), "--format", "gguf"]
-    assert main(args) == 2
-    err = capsys.readouterr().err
-    assert f"--output {link}: it is a symbolic link to {tmp_path / 'gone'}, which does not exist" in err
-    assert link.is_symlink() and not (tmp_path / "gone").exists()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -134,6 +125,30 @@ def test_the_teacher_given_as_the_student_is_warned_about(
         assert main(["distill", *_distill_args(alias, student_dir, alpaca_jsonl, tmp_path / "run")]) == 1
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any(f"are the same weights ({student_dir.resolve()})" in w for w in warned), warned
+
+
+def test_a_copy_of_the_student_given_as_the_teacher_is_warned_about_by_its_digest(
+    tmp_path, student_dir, teacher_dir, alpaca_jsonl, monkeypatch, caplog
+):
+    """The same weights copied to another path: the paths differ, the weights' sha256 (hashed for the
+    run's fingerprint anyway) does not. Warned once, before any model loads; a re-saved copy with other
+    bytes is not the same weights and is not warned about."""
+    monkeypatch.setattr(recipe, "load_model", lambda *a, **k: (_ for _ in ()).throw(ModelError("stop")))
+    monkeypatch.setattr(recipe, "load_teacher", lambda *a, **k: (_ for _ in ()).throw(ModelError("stop")))
+    copy = tmp_path / "copy"
+    shutil.copytree(student_dir, copy)
+    with caplog.at_level(logging.WARNING, logger="llm_neo"):
+        assert main(["distill", *_distill_args(copy, student_dir, alpaca_jsonl, tmp_path / "run")]) == 1
+    warned = [r.getMessage() for r in caplog.records if "same weights" in r.getMessage()]
+    assert (
+        len(warned) == 1 and f"the teacher ({copy}) and the student ({student_dir}) are copies" in warned[0]
+    )
+    assert "(both sha256:" in warned[0]
+    caplog.clear()
+    (copy / "model.safetensors").write_bytes((teacher_dir / "model.safetensors").read_bytes())
+    with caplog.at_level(logging.WARNING, logger="llm_neo"):
+        main(["distill", *_distill_args(copy, student_dir, alpaca_jsonl, tmp_path / "run2")])
+    assert not [r for r in caplog.records if "same weights" in r.getMessage()]
 
 
 def test_a_different_teacher_is_not_warned_about(
@@ -210,3 +225,67 @@ def test_another_hosts_temporary_is_kept_until_it_has_not_changed_for_a_day(tmp_
     for path in (partial / "RUN-Q8_0.gguf", partial):
         os.utime(path, (old, old))
     assert clean_temporaries(tmp_path) == [partial.name]
+
+
+# ----------------------------------------------------------------------------------------------------
+# An output path that cannot be written: one answer from every command that writes
+
+
+def _command_args(
+    command: str, tmp_path: Path, teacher: Path, student: Path, data: Path, out: Path
+) -> list[str]:
+    """The shortest command line of ``command`` that writes to ``out``."""
+    models = ["--teacher", str(teacher), "--student", str(student), "--data", str(data)]
+    if command == "sweep":
+        base = tmp_path / "base.yaml"
+        base.write_text(yaml.safe_dump({"teacher": str(teacher), "student": str(student), "data": str(data)}))
+        return ["sweep", "--base", str(base), "--output", str(out)]
+    if command == "convert":
+        gguf = tmp_path / "model.gguf"
+        gguf.write_bytes(b"GGUF")  # never read: the output is refused first
+        return ["convert", str(gguf), str(out)]
+    return {
+        "distill": ["distill", *models, "--output-dir", str(out)],
+        "compare": ["compare", *models, "--output-dir", str(out)],
+        "cache-teacher": ["cache-teacher", *models[:2], *models[4:], "--output", str(out)],
+        "export": ["export", "--model", str(student), "--output", str(out)],
+        "prune": ["prune", "--model", str(teacher), *models[4:], "--output", str(out), "--keep-layers", "2"],
+    }[command]
+
+
+@pytest.mark.parametrize("how", ["dangling link", "below a file", "not writable"])
+@pytest.mark.parametrize(
+    "command", ["distill", "compare", "sweep", "cache-teacher", "export", "convert", "prune"]
+)
+def test_an_output_path_that_cannot_be_written_is_a_config_error_in_every_command(
+    command, how, tmp_path, teacher_dir, student_dir, alpaca_jsonl, monkeypatch, capsys
+):
+    """Exit 2 (a configuration problem: the path given is wrong), the path and the fix named, before any
+    model loads, and nothing created there."""
+    from transformers import PreTrainedModel
+
+    monkeypatch.setattr(
+        PreTrainedModel, "from_pretrained", classmethod(lambda *a, **k: pytest.fail("loaded"))
+    )
+    if how == "dangling link":
+        out = tmp_path / "runs"
+        out.symlink_to(tmp_path / "gone")
+        expected = f"it is a symbolic link to {tmp_path / 'gone'}, which does not exist"
+    elif how == "below a file":
+        (tmp_path / "a-file").write_text("mine")
+        out = tmp_path / "a-file" / "run"
+        expected = f"{tmp_path / 'a-file'} is a file, not a directory. Remove or rename it"
+    else:
+        parent = tmp_path / "readonly"
+        parent.mkdir()
+        out = parent / "run"
+        real = os.access  # root writes whatever the mode bits say: fake the permission check
+        monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == parent else real(p, mode))
+        expected = f"{parent} is not writable (permission denied); nothing was written"
+    args = _command_args(command, tmp_path, teacher_dir, student_dir, alpaca_jsonl, out)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert expected in err and f" {out}: " in err and "Traceback" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert not (tmp_path / "gone").exists()

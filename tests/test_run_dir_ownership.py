@@ -4,6 +4,7 @@ removed: the user's paths of issue 21, through the command line."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import signal
 import socket
@@ -179,3 +180,176 @@ def test_compare_refuses_a_project_directory_and_keeps_it(tmp_path, student_dir,
             compare(config)
         assert files_of(project) == before
     assert not lock_file(project).exists()
+
+
+# ----------------------------------------------------------------------------------------------------
+# export, convert and prune: an output replaced whole, so replaced only when all of it is llm-neo's
+
+
+@pytest.fixture(scope="module")
+def gguf_file(tmp_path_factory, teacher_dir) -> Path:
+    """The teacher as an F32 GGUF: what convert reads."""
+    pytest.importorskip("gguf", reason="the gguf extra is not installed: pip install 'llm-neo[gguf]'")
+    from llm_neo.export import export_model
+
+    out = tmp_path_factory.mktemp("gguf") / "teacher"
+    return out / export_model(teacher_dir, "gguf", "f32", out)["file"]
+
+
+def replacing_args(command: str, out: Path, source: Path, data: Path, second: bool = False) -> list[str]:
+    """``command`` writing ``out`` from ``source``; ``second``: another option, so its output differs."""
+    return {
+        "export": ["export", "--model", str(source), "--gguf-type", "f16" if second else "f32"],
+        "convert": ["convert", str(source), "--dtype", "float16" if second else "float32"],
+        "prune": [
+            "prune",
+            "--model",
+            str(source),
+            "--data",
+            str(data),
+            "--keep-layers",
+            "2" if second else "3",
+        ],
+    }[command] + ["--output", str(out), "-q"]
+
+
+RECORD = {"export": "export.json", "convert": "convert.json", "prune": "pruning.json"}
+
+
+def source_of(command: str, request: pytest.FixtureRequest) -> Path:
+    if command == "export":
+        pytest.importorskip("gguf", reason="the gguf extra is not installed: pip install 'llm-neo[gguf]'")
+    return request.getfixturevalue("gguf_file" if command == "convert" else "teacher_dir")
+
+
+@pytest.mark.parametrize("command", ["export", "convert", "prune"])
+def test_a_directory_llm_neo_did_not_write_is_never_replaced(
+    command, tmp_path, alpaca_jsonl, request, capsys
+):
+    """A project directory given as --output: refused with and without --overwrite (exit 2, the path and
+    the fix named), before any model loads; every file of it kept."""
+    from transformers import PreTrainedModel
+
+    source = source_of(command, request)
+    request.getfixturevalue("monkeypatch").setattr(
+        PreTrainedModel, "from_pretrained", classmethod(lambda *a, **k: pytest.fail("a model was loaded"))
+    )
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "notes.md").write_text("mine")
+    (project / RECORD[command]).write_text("{}")  # a name the command writes, too
+    before = files_of(project)
+    for flags in ([], ["--overwrite"]):
+        assert main(replacing_args(command, project, source, alpaca_jsonl) + flags) == 2
+        err = capsys.readouterr().err
+        assert f"--output: {str(project)!r} is not an llm-neo output (it holds files but no {MARKER}" in err
+        assert "never replaces files llm-neo did not write: choose another --output, or remove it" in err
+        assert files_of(project) == before
+    assert not lock_file(project).exists()
+    a_file = tmp_path / "model.gguf"  # a file the user wrote where the output directory would go
+    a_file.write_bytes(b"GGUF mine")
+    assert main([*replacing_args(command, a_file, source, alpaca_jsonl), "--overwrite"]) == 2
+    assert "it is a file, not a directory" in capsys.readouterr().err
+    assert a_file.read_bytes() == b"GGUF mine"
+
+
+@pytest.mark.parametrize("command", ["export", "convert", "prune"])
+def test_an_earlier_output_is_replaced_only_with_overwrite_and_only_while_it_is_all_llm_neos(
+    command, tmp_path, alpaca_jsonl, request, capsys
+):
+    source = source_of(command, request)
+    out = tmp_path / "out"
+    assert main(replacing_args(command, out, source, alpaca_jsonl)) == 0
+    first = files_of(out)
+    marker = json.loads((out / MARKER).read_text())
+    assert marker == {
+        "command": command,
+        "outputs": sorted(p.name for p in out.iterdir() if p.name != MARKER),
+    }
+    assert RECORD[command] in marker["outputs"]
+
+    assert main(replacing_args(command, out, source, alpaca_jsonl, second=True)) == 2
+    assert (
+        f"--output: {str(out)!r} already holds a {command} output; pass --overwrite"
+        in capsys.readouterr().err
+    )
+    (out / "notes.md").write_text("the user's, beside the output")
+    assert main([*replacing_args(command, out, source, alpaca_jsonl, second=True), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert f"--output: {str(out)!r} holds files llm-neo did not write (notes.md)" in err
+    assert "move them out, or choose another --output" in err
+    assert files_of(out) == first | {"notes.md": b"the user's, beside the output"}
+
+    (out / "notes.md").unlink()  # the user moves it out
+    assert main([*replacing_args(command, out, source, alpaca_jsonl, second=True), "--overwrite"]) == 0
+    second = json.loads((out / RECORD[command]).read_text())
+    assert second != json.loads(first[RECORD[command]])
+    assert json.loads((out / MARKER).read_text())["outputs"] == sorted(
+        p.name for p in out.iterdir() if p.name != MARKER
+    )
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out")) == []  # no temporary
+
+
+# `llm-neo prune ARGS` in a second process that kill -9s itself while its output is half written (the
+# model saved into the temporary directory, pruning.json not yet).
+KILLED_PRUNE = textwrap.dedent(
+    """
+    import os, signal, sys
+    import llm_neo.commands.prune as prune
+    from llm_neo.cli import main
+    prune.atomic_write_json = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
+    sys.exit(main(sys.argv[1:]))
+    """
+)
+
+
+def test_a_killed_prune_leaves_no_marked_partial_output_and_keeps_the_earlier_one(
+    tmp_path, teacher_dir, alpaca_jsonl
+):
+    out = tmp_path / "out"
+    assert main(replacing_args("prune", out, teacher_dir, alpaca_jsonl)) == 0
+    earlier = files_of(out)
+    args = [*replacing_args("prune", out, teacher_dir, alpaca_jsonl, second=True), "--overwrite"]
+    killed = subprocess.run([sys.executable, "-c", KILLED_PRUNE, *args], capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert files_of(out) == earlier  # the earlier output, whole and still marked
+    (partial,) = [p for p in tmp_path.iterdir() if p.name.startswith(".out.") and p.name.endswith(".tmp")]
+    assert (partial / "model.safetensors").is_file() and not (partial / MARKER).exists()
+    assert not (partial / "pruning.json").exists()
+    assert lock_file(out).is_file()  # what kill -9 leaves beside it: the next run takes it over
+    assert main(args) == 0  # the rerun replaces the earlier output and removes the partial one
+    assert json.loads((out / "pruning.json").read_text())["num_layers_after"] == 2
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")] == []
+
+
+# ----------------------------------------------------------------------------------------------------
+# A damaged marker: named before any model loads
+
+
+@pytest.mark.parametrize("command", ["distill", "compare", "prune"])
+@pytest.mark.parametrize("damage", ["torn", "no outputs", "alone"])
+def test_a_damaged_marker_is_named_before_any_model_loads(
+    command, damage, make_config, tmp_path, teacher_dir, student_dir, alpaca_jsonl, monkeypatch, capsys
+):
+    from transformers import PreTrainedModel
+
+    monkeypatch.setattr(
+        PreTrainedModel, "from_pretrained", classmethod(lambda *a, **k: pytest.fail("a model was loaded"))
+    )
+    out = tmp_path / "out"
+    out.mkdir()
+    if damage != "alone":
+        (out / "metrics.jsonl" if command == "distill" else out / "model.safetensors").write_text("")
+    (out / MARKER).write_text('{"command": "dist' if damage == "torn" else '{"command": "distill"}')
+    before = files_of(out)
+    models = ["--teacher", str(teacher_dir), "--student", str(student_dir), "--data", str(alpaca_jsonl)]
+    args = {
+        "distill": ["distill", *models, "--output-dir", str(out)],
+        "compare": ["compare", *models, "--output-dir", str(out)],
+        "prune": replacing_args("prune", out, teacher_dir, alpaca_jsonl),
+    }[command]
+    assert main([*args, "--overwrite", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert f"{out / MARKER} is damaged (" in err and f"it lists what llm-neo wrote in {out}" in err
+    assert "Remove the outputs you want replaced and then" in err and "Traceback" not in err
+    assert files_of(out) == before

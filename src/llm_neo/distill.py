@@ -115,7 +115,6 @@ from llm_neo.provenance import data_record, model_digests, provenance
 from llm_neo.runtime.atomic import (
     atomic_directory,
     atomic_write_json,
-    check_writable,
     clean_temporaries,
     output_error,
     writing,
@@ -267,7 +266,8 @@ def setup(config: DistillConfig) -> Run:
     device = rank_device(world, resolve_device(config.device))
     dtype = resolve_dtype(config.dtype, device)
     out = Path(str(config.output_dir))
-    check_writable(out, "--output-dir")  # before anything loads: a read-only disk is not found at step 1000
+    # Before anything loads, the run lock refuses a path that cannot be written (a read-only disk is not
+    # found at step 1000), then the directory is checked.
     resume_from = check_output_dir(config, out, world)
     export_dtype = preflight(config)
 
@@ -366,11 +366,15 @@ def setup(config: DistillConfig) -> Run:
 def run_fingerprint(config: DistillConfig, cache: TeacherCache | None) -> Fingerprint:
     """What the run depends on (its resolved options, the data's and the models' digests, the cache's
     key), computed once here and written into every checkpoint. The weights are hashed in full, once
-    per process (memoised by path, size and mtime: a cache key that hashed the teacher pays nothing)."""
+    per process (memoised by path, size and mtime: a cache key that hashed the teacher pays nothing).
+    Warns when the teacher's weights are the student's under another path (``warn_same_weights``)."""
     trust = config.allow_pickle_weights
     models = {"student": model_digests(config.student, role="student", allow_pickle_weights=trust)}
     if config.teacher and config.uses_kd:
         models["teacher"] = model_digests(config.teacher, role="teacher", allow_pickle_weights=trust)
+        # Both hashed now: a copy of the student given as the teacher is told by its bytes.
+        weights = models["teacher"]["weights_sha256"], models["student"]["weights_sha256"]
+        warn_same_weights(config.teacher, config.student, digests=weights)
     data = data_record(config.data)
     return Fingerprint(
         options=to_dict(config),

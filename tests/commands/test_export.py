@@ -88,3 +88,13 @@ def test_a_failed_verification_leaves_nothing(teacher_dir, tmp_path, monkeypatch
         export_model(teacher_dir, "gguf", "f32", tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no temporary left either
+
+
+def test_an_output_named_like_a_gguf_file_is_refused_before_reading_the_model(teacher_dir, tmp_path, capsys):
+    """``--output tiny.gguf``: the user expects a file there, not a directory of that name."""
+    out = tmp_path / "tiny.gguf"
+    assert main(["export", "--model", str(teacher_dir), "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"--output: {str(out)!r} names a .gguf file, but an export is a directory" in err
+    assert f"give a directory, e.g. {str(tmp_path / 'tiny')!r}" in err
+    assert list(tmp_path.iterdir()) == []

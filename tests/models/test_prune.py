@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -172,15 +173,14 @@ def test_saved_weights_keep_the_published_dtype(tmp_path, tokenizer, alpaca_json
 
 
 def test_overwrite_replaces_the_output(tmp_path, teacher_dir, alpaca_jsonl):
+    """An earlier prune's output (its .llm-neo marker lists its files) is replaced whole."""
     out = tmp_path / "pruned"
-    out.mkdir()
-    (out / "stale.txt").write_text("from an earlier run")
-    config = PruneConfig(
-        model=str(teacher_dir), data=str(alpaca_jsonl), output=str(out), keep_layers=2, overwrite=True
-    )
+    config = PruneConfig(model=str(teacher_dir), data=str(alpaca_jsonl), output=str(out), keep_layers=3)
     run_prune(config)
-    assert not (out / "stale.txt").exists()
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 3
+    run_prune(dataclasses.replace(config, keep_layers=2, overwrite=True))
     assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 2
+    assert json.loads((out / "pruning.json").read_text())["num_layers_after"] == 2
 
 
 # ------------------------------------------------------------------------------------------------
@@ -304,11 +304,17 @@ def test_config_errors(tmp_path, teacher_dir, alpaca_jsonl, change, expected):
 
 def test_existing_output_is_kept_without_overwrite(tmp_path, teacher_dir, alpaca_jsonl):
     out = tmp_path / "pruned"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
-    config = PruneConfig(model=str(teacher_dir), data=str(alpaca_jsonl), output=str(out), keep_layers=2)
-    with pytest.raises(ConfigError, match=r"--output: .* already holds files; pass --overwrite"):
-        run_prune(config)
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    config = PruneConfig(model=str(teacher_dir), data=str(alpaca_jsonl), output=str(out), keep_layers=3)
+    run_prune(config)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(ConfigError, match=r"--output: .* already holds a prune output; pass --overwrite"):
+        run_prune(dataclasses.replace(config, keep_layers=2))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    (out / "keep.txt").write_text("mine")  # a user's file beside it: kept, --overwrite included
+    with pytest.raises(ConfigError, match=r"holds files llm-neo did not write \(keep.txt\)"):
+        run_prune(dataclasses.replace(config, keep_layers=2, overwrite=True))
+    assert (out / "keep.txt").read_text() == "mine" and json.loads((out / "pruning.json").read_text())[
+        "num_layers_after"
+    ] == 3
     with pytest.raises(ConfigError, match="--output must differ from --model"):
         run_prune(PruneConfig(model=str(teacher_dir), data=str(alpaca_jsonl), output=str(teacher_dir)))

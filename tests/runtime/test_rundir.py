@@ -1,5 +1,6 @@
 """The one output-directory check: every outcome, and refusals that name the directory and the flag."""
 
+import json
 import logging
 import shutil
 from collections import namedtuple
@@ -192,3 +193,45 @@ def test_files_no_llm_neo_command_wrote_are_never_a_run_nor_replaced(tmp_path):
 
 def _holds_of(path):
     return check_output_dir(path, flag="--output-dir", overwrite=False, marker="run.yaml", known=()).holds
+
+
+def test_a_replaced_output_is_only_ever_one_its_command_wrote_whole(tmp_path):
+    """check_replaced_dir (export, convert, prune): every answer, each naming the path and the fix."""
+    from llm_neo.runtime.rundir import MARKER, check_replaced_dir, marked_directory
+
+    def check(path, overwrite=True):
+        return check_replaced_dir(
+            path, "prune", flag="--output", overwrite=overwrite, shown="o", record="pruning.json"
+        )
+
+    out = tmp_path / "o"
+    assert check(out) is None  # nothing there
+    with marked_directory(out, "prune") as tmp:
+        (tmp / "model.safetensors").write_text("w")
+        (tmp / "pruning.json").write_text("{}")
+    assert json.loads((out / MARKER).read_text()) == {
+        "command": "prune",
+        "outputs": ["model.safetensors", "pruning.json"],
+    }
+    assert check(out) is None
+    assert (
+        check(out, overwrite=False)
+        == "--output: 'o' already holds a prune output; pass --overwrite to replace it"
+    )
+    (out / MARKER).write_text(
+        json.dumps({"command": "distill", "outputs": ["model.safetensors", "pruning.json"]})
+    )
+    assert "holds the outputs of llm-neo distill, not of prune; --overwrite does not replace them" in check(
+        out
+    )
+    (out / MARKER).unlink()  # an output of an llm-neo from before markers
+    refused = check(out)
+    assert refused.startswith(
+        "--output: 'o' is not an llm-neo output (it holds files but no .llm-neo marker; its"
+    )
+    assert "pruning.json says an llm-neo from before output markers wrote it" in refused
+    (out / "pruning.json").unlink()
+    assert "pruning.json says" not in check(out)
+    assert "'o' is a file; llm-neo writes a directory there and never replaces" in check(
+        out / "model.safetensors"
+    )

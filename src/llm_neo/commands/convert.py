@@ -32,9 +32,9 @@ from llm_neo.models.loading import (
 )
 from llm_neo.options import option_help
 from llm_neo.report.tables import format_table
-from llm_neo.runtime.atomic import atomic_directory, atomic_write_json
+from llm_neo.runtime.atomic import atomic_write_json
 from llm_neo.runtime.lock import releases_locks
-from llm_neo.runtime.rundir import check_output_dir, hold, output_path_problems
+from llm_neo.runtime.rundir import check_replaced_dir, hold, marked_directory, output_path_problems
 
 log = logging.getLogger("llm_neo")
 
@@ -94,7 +94,9 @@ def validate_convert(config: ConvertConfig) -> tuple[str, str]:
     else:
         out = Path(c.output).expanduser()
         p += output_path_problems(out, "--output")  # a dangling link: before any model loads
-        if refused := check_output_dir(out, flag="--output", overwrite=c.overwrite, shown=c.output).message:
+        if refused := check_replaced_dir(
+            out, "convert", flag="--output", overwrite=c.overwrite, shown=c.output, record="convert.json"
+        ):
             p.append(refused)
     if c.dtype not in DTYPES:
         p.append(f"--dtype: {c.dtype!r} is not one of {', '.join(DTYPES)}")
@@ -134,7 +136,7 @@ def run_convert(config: ConvertConfig) -> dict[str, Any]:
         "output": str(out),
         "config": dataclasses.asdict(config),
     }
-    with atomic_directory(out) as tmp:
+    with marked_directory(out, "convert") as tmp:
         model.config.dtype = dtype  # what published_dtype reads back: the student is saved in this dtype
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

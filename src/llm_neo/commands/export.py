@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from llm_neo.errors import ConfigError
+from llm_neo.export import EXPORT_FILE
 from llm_neo.options import option_help
 from llm_neo.runtime.lock import releases_locks
-from llm_neo.runtime.rundir import check_output_dir, hold, output_path_problems
+from llm_neo.runtime.rundir import check_replaced_dir, hold, output_path_problems
 
 __all__ = ["ExportConfig", "run_export", "validate_export"]
 
@@ -74,7 +75,16 @@ def validate_export(config: ExportConfig) -> None:
         p += output_path_problems(out, "--output")  # a dangling link: before any model loads
         if model is not None and out.resolve() == model.resolve():
             p.append("--output must differ from --model")
-        elif refused := check_output_dir(out, flag="--output", overwrite=c.overwrite, shown=c.output).message:
+        elif out.suffix == ".gguf" and not out.is_dir():
+            # A user naming a file expects a file; a directory called x.gguf would surprise llama.cpp too.
+            p.append(
+                f"--output: {c.output!r} names a .gguf file, but an export is a directory (the "
+                f"<model>-<TYPE>.gguf file, {EXPORT_FILE} and an llm-neo marker in it): give a directory, "
+                f"e.g. {str(Path(c.output).with_suffix(''))!r}"
+            )
+        elif refused := check_replaced_dir(
+            out, "export", flag="--output", overwrite=c.overwrite, shown=c.output, record=EXPORT_FILE
+        ):
             p.append(refused)
     if c.format not in ("gguf", "int8"):
         p.append(f"--format: {c.format!r} is not one of gguf, int8")

@@ -36,9 +36,9 @@ from llm_neo.models.prune import (
 )
 from llm_neo.options import option_help
 from llm_neo.report.tables import format_table
-from llm_neo.runtime.atomic import atomic_directory, atomic_write_json
+from llm_neo.runtime.atomic import atomic_write_json
 from llm_neo.runtime.lock import releases_locks
-from llm_neo.runtime.rundir import check_output_dir, hold, output_path_problems
+from llm_neo.runtime.rundir import check_replaced_dir, hold, marked_directory, output_path_problems
 
 log = logging.getLogger("llm_neo")
 
@@ -106,7 +106,9 @@ def validate_prune(config: PruneConfig) -> PretrainedConfig | None:
     else:
         out = Path(c.output).expanduser()
         p += output_path_problems(out, "--output")  # a dangling link: before any model loads
-        if refused := check_output_dir(out, flag="--output", overwrite=c.overwrite, shown=c.output).message:
+        if refused := check_replaced_dir(
+            out, "prune", flag="--output", overwrite=c.overwrite, shown=c.output, record="pruning.json"
+        ):
             p.append(refused)
     if c.metric not in METRICS:
         p.append(f"--metric: {c.metric!r} is not one of {', '.join(METRICS)}")
@@ -210,7 +212,7 @@ def run_prune(config: PruneConfig) -> dict[str, Any]:
         "output": str(out),
         "config": dataclasses.asdict(config),
     }
-    with atomic_directory(out) as tmp:
+    with marked_directory(out, "prune") as tmp:
         torch.nn.Module.to(model, published)  # the plain cast; HF's typed wrapper of .to confuses mypy
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

@@ -11,6 +11,7 @@ raises ``ModelError`` listing what differed, and leaves nothing behind.
       <name>-<TYPE>.gguf     (gguf)  loads with from_pretrained(output, gguf_file=...) and llama.cpp
       config.json, model.safetensors, tokenizer files   (int8)  loads with from_pretrained(output)
       export.json            what was written, from what, and the verification's numbers
+      .llm-neo               the marker: the command and every file above (what --overwrite replaces)
 """
 
 from __future__ import annotations
@@ -79,7 +80,8 @@ def export_model(
     """
     from llm_neo import __version__
     from llm_neo.export.gguf import GGUF_TYPES, check_gguf_family, gguf_metadata, verify_gguf, write_gguf
-    from llm_neo.runtime.atomic import atomic_directory, atomic_write_json
+    from llm_neo.runtime.atomic import atomic_write_json
+    from llm_neo.runtime.rundir import marked_directory
 
     model_dir, output = Path(model_dir), Path(output)
     if fmt not in EXPORT_FORMATS:
@@ -103,7 +105,7 @@ def export_model(
         "gguf_type": gguf_type,
         "source": str(model_dir.resolve()),
     }
-    with atomic_directory(output) as tmp:
+    with marked_directory(output, "export") as tmp:
         if fmt == "gguf":
             assert gguf_type is not None
             file = f"{name or model_dir.name}-{gguf_type.upper()}.gguf"

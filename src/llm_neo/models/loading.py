@@ -536,16 +536,35 @@ def same_weights(teacher: str, student: str) -> str | None:
     return str(places[0].resolve()) if places[0].resolve() == places[1].resolve() else None
 
 
-def warn_same_weights(teacher: str | None, student: str) -> None:
+def warn_same_weights(
+    teacher: str | None, student: str, digests: tuple[str | None, str | None] | None = None
+) -> None:
     """Warn when the teacher and the student are the same weights: the student would be distilled into
-    itself (its KD term starts at zero and teaches nothing), usually a slip in a config file."""
-    if teacher and (place := same_weights(teacher, student)):
+    itself (its KD term starts at zero and teaches nothing), usually a slip in a config file.
+
+    Without ``digests``: the same place (``same_weights``), before anything is read. With them (the
+    teacher's and the student's weight sha256, where a run computes them anyway): a copy of the same
+    weights under another path, which the paths cannot tell; a pair the paths already told is not
+    warned about twice."""
+    if not teacher:
+        return
+    place = same_weights(teacher, student)
+    if digests is None and place:
         log.warning(
             "the teacher (%s) and the student (%s) are the same weights (%s): KD would distill the "
             "student into itself; check --teacher/--student (and teacher:/student: in the config file)",
             teacher,
             student,
             place,
+        )
+    elif digests is not None and place is None and digests[0] is not None and digests[0] == digests[1]:
+        log.warning(
+            "the teacher (%s) and the student (%s) are copies of the same weights (both %s): KD would "
+            "distill the student into itself; check --teacher/--student (and teacher:/student: in the "
+            "config file)",
+            teacher,
+            student,
+            digests[0],
         )
 
 

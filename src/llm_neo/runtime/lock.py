@@ -12,8 +12,10 @@ when its process dies, however it dies, so a lock left by a killed run is simply
 record in the file (pid, host, start time, command line) names the holder in a refusal, and a record
 found in a free lock file is the note that a run died holding the directory. On NFS, Linux implements
 flock with POSIX byte-range locks that the server arbitrates (NFSv4, or v3 with lockd), so two nodes
-exclude each other; a filesystem that offers no locks at all (flock fails) falls back to the record:
-refused while it names a live process on this host, taken over otherwise.
+exclude each other (not under the ``nolock`` or ``local_lock`` mount options, which keep locks on the
+node); Lustre does so when mounted with ``flock`` (``localflock``: per node only). A filesystem that
+offers no locks at all (flock fails: Lustre's ``noflock``) falls back to the record: refused while it
+names a live process on this host, taken over otherwise; nodes are then not kept apart.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from llm_neo.errors import ConfigError
+from llm_neo.errors import ConfigError, OutputError
+from llm_neo.runtime.atomic import check_writable
 
 log = logging.getLogger("llm_neo")
 
@@ -76,11 +79,18 @@ def hold(directory: Path, command: str, flag: str) -> None:
 
     ConfigError at once when another live process holds it, naming that process. Taking a lock this
     process already holds is a no-op (a sweep's trials, a comparison's arms). A lock left by a dead run
-    is taken over with a warning naming it.
+    is taken over with a warning naming it. A path that cannot be written (a dangling link, a file
+    where a directory must be, a read-only or unwritable place: ``atomic.check_writable``) is a
+    ConfigError too, raised before anything is created beside it: every command that writes takes its
+    lock before any model loads, so this is where each refuses such a path, all with exit 2.
     """
     key = directory.expanduser().resolve()
     if key in _held:
         return
+    try:
+        check_writable(directory, flag)
+    except OutputError as err:  # the path given is wrong: a configuration problem, as validation's are
+        raise ConfigError([str(err)]) from None
     path = lock_file(directory)
     while True:
         fd = _open(path, directory, flag)

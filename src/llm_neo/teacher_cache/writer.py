@@ -35,7 +35,6 @@ from llm_neo.models.quant import load_teacher
 from llm_neo.runtime.atomic import (
     atomic_write_bytes,
     atomic_write_json,
-    check_writable,
     clean_temporaries,
     writing,
 )
@@ -284,8 +283,7 @@ def cache_teacher(config: CacheTeacherConfig, *, on_shard: ShardCallback | None 
     teacher_config = load_config(config.teacher, role="teacher", trust_remote_code=trust)
     check_supported(teacher_config, role="teacher", trust_remote_code=trust)  # before any weight loads
     out = Path(config.output).expanduser()
-    check_writable(out, "--output")
-    hold(out, "cache-teacher", "--output")
+    hold(out, "cache-teacher", "--output")  # refuses a path that cannot be written, too
     inputs = _inputs(config)
     _prepare_output(out, inputs.key, config.overwrite)
     clean_temporaries(out)  # what a killed run left half-written
