@@ -22,15 +22,89 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from llm_neo.eval.generate import greedy_generations
 
 SYSTEM = "You are a travel-support assistant. Answer in one short sentence."
-COUNTRIES = (
-    "Albania Argentina Australia Austria Bangladesh Belgium Bolivia Brazil Bulgaria Cambodia Canada Chile "
-    "China Colombia Croatia Cuba Czechia Denmark Ecuador Egypt Estonia Ethiopia Finland France Georgia "
-    "Germany Ghana Greece Hungary Iceland India Indonesia Iran Ireland Israel Italy Jamaica Japan Jordan "
-    "Kenya Laos Latvia Lebanon Lithuania Luxembourg Malaysia Mexico Mongolia Morocco Nepal Netherlands "
-    "Nigeria Norway Pakistan Panama Peru Philippines Poland Portugal Qatar Romania Russia Senegal Serbia "
-    "Singapore Slovakia Slovenia Spain Sweden Switzerland Taiwan Tanzania Thailand Tunisia Turkey Uganda "
-    "Ukraine Uruguay Venezuela Vietnam Zambia"
-).split()
+COUNTRIES = [
+    "Albania",
+    "Argentina",
+    "Australia",
+    "Austria",
+    "Bangladesh",
+    "Belgium",
+    "Bolivia",
+    "Brazil",
+    "Bulgaria",
+    "Cambodia",
+    "Canada",
+    "Chile",
+    "China",
+    "Colombia",
+    "Croatia",
+    "Cuba",
+    "Czechia",
+    "Denmark",
+    "Ecuador",
+    "Egypt",
+    "Estonia",
+    "Ethiopia",
+    "Finland",
+    "France",
+    "Georgia",
+    "Germany",
+    "Ghana",
+    "Greece",
+    "Hungary",
+    "Iceland",
+    "India",
+    "Indonesia",
+    "Iran",
+    "Ireland",
+    "Israel",
+    "Italy",
+    "Jamaica",
+    "Japan",
+    "Jordan",
+    "Kenya",
+    "Laos",
+    "Latvia",
+    "Lebanon",
+    "Lithuania",
+    "Luxembourg",
+    "Malaysia",
+    "Mexico",
+    "Mongolia",
+    "Morocco",
+    "Nepal",
+    "Netherlands",
+    "Nigeria",
+    "Norway",
+    "Pakistan",
+    "Panama",
+    "Peru",
+    "Philippines",
+    "Poland",
+    "Portugal",
+    "Qatar",
+    "Romania",
+    "Russia",
+    "Senegal",
+    "Serbia",
+    "Singapore",
+    "Slovakia",
+    "Slovenia",
+    "Spain",
+    "Sweden",
+    "Switzerland",
+    "Taiwan",
+    "Tanzania",
+    "Thailand",
+    "Tunisia",
+    "Turkey",
+    "Uganda",
+    "Ukraine",
+    "Uruguay",
+    "Venezuela",
+    "Vietnam",
+    "Zambia",
+]
 QUESTIONS = {
     "capital": ("What is the capital of {c}?", "Which city is the capital of {c}?"),
     "currency": ("Which currency do they use in {c}?", "What money should I bring to {c}?"),
@@ -60,7 +134,9 @@ def prompts(seed: int) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--teacher", required=True, help="the teacher's model directory")
     parser.add_argument("--out", required=True, type=Path, help="where train.jsonl and heldout.jsonl go")
     parser.add_argument("--train", type=int, default=300)
@@ -80,7 +156,9 @@ def main() -> None:
         for r, a, done in zip(records, answers, stopped, strict=True)
         if done and a
     ]
-    print(f"{len(kept)} of {len(records)} answers ended within {args.max_new_tokens} tokens (the rest dropped)")
+    print(
+        f"{len(kept)} of {len(records)} answers ended within {args.max_new_tokens} tokens (the rest dropped)"
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     cut = round(len(kept) * args.train / (args.train + args.heldout))
     for name, part in (("train", kept[:cut]), ("heldout", kept[cut:])):
