@@ -80,13 +80,13 @@ def main(argv: list[str]) -> int:
     losses: list[float] = []
     step_times: list[float] = []
 
-    class Trainer(GKDTrainer):  # type: ignore[misc]
+    class Trainer(GKDTrainer):
         def compute_loss(self, model: Any, inputs: Any, *rest: Any, **kwargs: Any) -> Any:
             loss = super().compute_loss(model, inputs, *rest, **kwargs)
             losses.append(float(loss.detach()))  # the exact value: TRL's log rounds it to 4 digits
             return loss
 
-    class Clock(TrainerCallback):  # type: ignore[misc]
+    class Clock(TrainerCallback):
         def on_step_begin(self, *_: Any, **__: Any) -> None:
             self.start = time.perf_counter()
 
@@ -103,7 +103,7 @@ def main(argv: list[str]) -> int:
             gradient_accumulation_steps=1,
             learning_rate=args.lr,
             max_grad_norm=1.0,
-            bf16=False,  # TRL defaults to bf16 autocast; llm-neo trains fp32 on a CPU (its loss check needs it)
+            bf16=False,  # TRL's default is bf16 autocast; llm-neo trains fp32 on a CPU (the loss check)
             max_length=args.max_length,
             seed=args.seed,
             logging_steps=1,
