@@ -4,7 +4,8 @@ On the whole runs' saved inputs (the same random models, data, batches and order
 in a process of its own, started from the same minimal launcher as the whole runs (``whole.launch``), so
 its peak RSS and CPU seconds are measured exactly as theirs are. TRL's rows come from ``peer_trl``
 (``GKDTrainer``, ``lmbda=0``, ``beta=0``: forward KL, no CE term, full logits) with a PEFT LoRA branch like
-the neo arm's and without one (the full student), set against llm-neo's ``neo`` and ``kd`` whole runs.
+the neo arm's and without one (the full student), set against llm-neo's ``neo`` and ``kd`` whole runs at
+distill's default loss (chunked).
 
 The loss check: step 1's loss depends only on the weights and the first batch, so TRL's must equal the
 step-1 loss of ``llm-neo distill --method kd --kd-ratio 1`` (forward KL alone) on the same inputs, to
@@ -55,9 +56,10 @@ def require_peers(peers: list[str]) -> None:
 
 
 def peer_keys(config: BenchConfig) -> list[RunKey]:
-    """The llm-neo whole runs the peers are set against: plain full KD and chunked Neo."""
+    """The llm-neo whole runs the peers are set against: full KD and Neo as `llm-neo distill` runs them
+    by default (the chunked loss)."""
     return [
-        RunKey("kd", "none", "none", "plain", config.loss_chunk_size),
+        RunKey("kd", "none", "none", "chunked", config.loss_chunk_size),
         RunKey("neo", "none", "none", "chunked", config.loss_chunk_size),
     ]
 
@@ -185,7 +187,7 @@ def run_peers(
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Every peer row and the loss check, the ratios of llm-neo's whole runs to each row filled in."""
     by_key = {(s.method, s.impl): s for s in specs}
-    kd_spec, neo_spec = by_key[("kd", "plain")], by_key[("neo", "chunked")]
+    kd_spec, neo_spec = by_key[("kd", "chunked")], by_key[("neo", "chunked")]
     kd_key, neo_key = peer_keys(config)
     kd_name = row_name(kd_spec, config.loss_chunk_size)
     neo_name = row_name(neo_spec, config.loss_chunk_size)

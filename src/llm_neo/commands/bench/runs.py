@@ -52,7 +52,7 @@ class BenchConfig(DeviceOptions):
         metadata=option_help(
             "Peers run side by side with the whole runs, on the same inputs, batches and order "
             f"({', '.join(PEER_NAMES)}: TRL's GKDTrainer with and without a LoRA branch, forward KL, "
-            "no CE term); adds the whole runs kd:plain and neo:chunked they are set against. Needs "
+            "no CE term); adds the whole runs kd:chunked and neo:chunked they are set against. Needs "
             "pip install 'llm-neo[peers]'."
         ),
     )
@@ -234,7 +234,8 @@ def validate(config: BenchConfig) -> tuple[list[RunKey], list[RunKey]]:
     if config.shape not in SHAPES:
         p.append(f"--shape: {config.shape!r} is not one of {', '.join(SHAPES)}")
     runs = parse_runs(config.runs, config.loss_chunk_size, "--runs", p)
-    peer_runs = ["kd:plain", f"neo:chunked:{config.loss_chunk_size}"] if config.peers else []
+    chunk = config.loss_chunk_size
+    peer_runs = [f"kd:chunked:{chunk}", f"neo:chunked:{chunk}"] if config.peers else []
     wanted = [*config.whole_runs, *(r for r in peer_runs if r not in config.whole_runs)]
     whole = parse_runs(wanted, config.loss_chunk_size, "--whole-runs", p) if wanted else []
     p += [
