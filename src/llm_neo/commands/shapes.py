@@ -7,11 +7,14 @@ the benchmark uses by default.
     name               teacher                   student                  vocab    default batch  r
     llama3-8b-to-1b    Llama-3.1-8B              Llama-3.2-1B (tied)      128,256  8 × 2048       128
     llama2-7b-to-1.1b  Llama-2-7B                TinyLlama-1.1B           32,000   2 × 2048       128
+    smollm2-135m-20    SmolLM2-135M (tied)       its first 20 blocks      49,152   4 × 256        16
     cpu-wide           hidden 256, 4 layers      hidden 128, 2 layers     32,000   8 × 256        16
     tiny               hidden 64, 2 layers       hidden 32, 2 layers      512      2 × 32         4
 
 ``cpu-wide`` is small enough for a CPU but has a real vocabulary, so, as in the real pairs, the
-[tokens × vocab] logits dominate the memory of a plain implementation. ``tiny`` is for tests.
+[tokens × vocab] logits dominate the memory of a plain implementation. ``smollm2-135m-20`` is a real
+small model's shape (a user's depth-pruned pair) that a CPU can still train: there the blocks, not the
+logits alone, cost time. ``tiny`` is for tests.
 """
 
 from __future__ import annotations
@@ -142,6 +145,22 @@ def tinyllama_1b() -> LlamaConfig:
     )
 
 
+def smollm2_135m(num_layers: int = 30) -> LlamaConfig:
+    """HuggingFaceTB/SmolLM2-135M: 30 blocks of hidden 576 (9 heads, 3 KV heads, MLP 1536), tied
+    embeddings, vocabulary 49,152; ``num_layers`` fewer blocks give its depth-pruned student."""
+    return _llama(
+        vocab_size=49152,
+        hidden_size=576,
+        num_layers=num_layers,
+        num_heads=9,
+        num_kv_heads=3,
+        intermediate_size=1536,
+        tie_word_embeddings=True,
+        rope_theta=100000.0,
+        max_position_embeddings=8192,
+    )
+
+
 def _small(vocab_size: int, hidden_size: int, num_layers: int, num_heads: int) -> LlamaConfig:
     return _llama(
         vocab_size=vocab_size,
@@ -172,6 +191,15 @@ SHAPES: dict[str, Shape] = {
         seq_len=2048,
         lora_r=128,
         description="Llama-2-7B -> TinyLlama-1.1B (vocab 32,000)",
+    ),
+    "smollm2-135m-20": Shape(
+        name="smollm2-135m-20",
+        teacher=smollm2_135m(),
+        student=smollm2_135m(num_layers=20),
+        batch_size=4,
+        seq_len=256,
+        lora_r=16,
+        description="SmolLM2-135M -> its 20-block pruned shape (vocab 49,152, tied; random weights)",
     ),
     "cpu-wide": Shape(
         name="cpu-wide",

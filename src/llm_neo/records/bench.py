@@ -1,5 +1,6 @@
 """The records of `llm-neo bench`: ``BenchReport`` is what ``LABEL.json`` holds, one ``StepRun`` per step
-run, one ``WholeRun`` (or ``FailedWholeRun``) per whole run, one ``TargetResult`` per acceptance target.
+run, one ``WholeRun`` (or ``FailedWholeRun``) per whole run, one ``TargetResult`` per acceptance target,
+and with ``--peers`` one ``PeerRun`` per peer setting beside the whole runs and the ``PeerLossCheck``.
 
 ``llm_neo.commands.bench`` computes its rows as dicts (each measurement adds its keys as it is taken) and
 turns the finished report into these records; its Markdown report reads them by attribute. The JSON keys
@@ -23,6 +24,7 @@ from llm_neo.summary import MemoryKind
 Status = Literal["ok", "oom", "error", "timeout"]
 Failure = Literal["oom", "error", "timeout"]
 Rows = Literal["step", "whole"]
+PeerStatus = Literal["ok", "oom", "error", "timeout", "unsupported"]  # unsupported: the peer cannot run it
 
 
 class PeakKind(enum.Enum):
@@ -123,6 +125,11 @@ class WholeRun:
     teacher_saved_bytes: int | None = field(default=None, metadata=OPTIONAL_KEY)
     student_saved_bytes: int | None = field(default=None, metadata=OPTIONAL_KEY)
     peak_cut_bytes: int | None = field(default=None, metadata=OPTIONAL_KEY)
+    # Since --peers (2026-12): the process's CPU seconds (os.wait4's ru_utime, ru_stime) and the median
+    # seconds of its timed steps (metrics.jsonl, the warm-up steps left out).
+    cpu_user_s: float | None = field(default=None, metadata=OPTIONAL_KEY)
+    cpu_system_s: float | None = field(default=None, metadata=OPTIONAL_KEY)
+    step_s: float | None = field(default=None, metadata=OPTIONAL_KEY)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -139,6 +146,50 @@ class FailedWholeRun:
     name: str
     memory_vs_kd: float | None
     step_peak_bytes: int | None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(kw_only=True)
+class PeerRun:
+    """A peer's process on the whole runs' inputs (``--peers``), set against the llm-neo whole run it is
+    compared with (``versus``): each ratio is llm-neo's value ÷ the peer's (below 1: llm-neo uses less).
+    A setting the peer cannot run has its status and error, and no measurements."""
+
+    peer: str  # a name of --peers
+    name: str  # "TRL GKD+LoRA", "TRL GKD full"
+    lora_r: int  # 0: the full student
+    versus: str  # the llm-neo whole run's name
+    command: str  # the peer process's command line, paths relative to the whole runs' directory
+    status: PeerStatus
+    error: str | None
+    process_peak_bytes: int | None = None
+    cpu_user_s: float | None = None
+    cpu_system_s: float | None = None
+    wall_s: float | None = None
+    train_time_s: float | None = None
+    step_s: float | None = None  # median of the timed steps (the warm-up steps left out)
+    losses: list[float]  # every step's loss as the peer computed it
+    trainable_parameters: int | None = None
+    versions: dict[str, str]  # the peer's packages
+    memory_ratio: float | None  # llm-neo's process peak ÷ this one's
+    cpu_ratio: float | None  # llm-neo's CPU seconds (user + system) ÷ this one's
+    step_ratio: float | None  # llm-neo's s/step ÷ this one's
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(kw_only=True)
+class PeerLossCheck:
+    """Step 1's loss of each peer row against an llm-neo run of the same objective (``distill --method kd
+    --kd-ratio 1``: forward KL, no CE term, one step on the same first batch): before any update the loss
+    depends only on the weights and the batch, so the two must agree to ``rtol`` (relative)."""
+
+    llm_neo_loss: float | None
+    peer_losses: dict[str, float]  # peer row name -> its step-1 loss
+    max_rel_diff: float | None
+    rtol: float
+    passed: bool | None  # None: a side did not run
+    command: str
+    error: str | None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -188,6 +239,7 @@ class Versions:
     peft: str
     llm_neo: str
     python: str
+    trl: str | None = field(default=None, metadata=OPTIONAL_KEY)  # with --peers trl
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -228,4 +280,6 @@ class BenchReport:
     whole_runs: list[WholeRun | FailedWholeRun] = field(default_factory=list)
     whole_inputs: WholeRunInputs | None = None
     targets: list[TargetResult]
+    peers: list[PeerRun] | None = field(default=None, metadata=OPTIONAL_KEY)  # --peers
+    peer_loss_check: PeerLossCheck | None = field(default=None, metadata=OPTIONAL_KEY)
     extra: dict[str, Any] = field(default_factory=dict)

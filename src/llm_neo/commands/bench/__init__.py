@@ -28,6 +28,10 @@ process so that nothing of this process's size is inherited; it is set against t
 training-step peak (summary.json's ``peak_memory_gb``), and the launcher's sampling of the process's
 VmRSS/VmHWM says which phase set it.
 
+With ``--peers trl`` (``commands.bench.peers``), TRL's ``GKDTrainer`` runs on the same saved inputs and
+batches, with and without a LoRA branch, each in its own process measured as the whole runs are; the
+report sets them beside llm-neo's ``neo`` and ``kd`` whole runs and checks that step 1's losses agree.
+
 The report (Markdown and JSON, printed and written to ``--output``) gives each run's peak, tokens/s and the
 ratios to plain full-parameter KD, the planner's estimate (``llm_neo.commands.plan``) next to each
 measurement, the whole runs, and the acceptance targets (benchmarks/targets.yaml) with PASS/FAIL.

@@ -16,6 +16,7 @@ import torch
 
 from llm_neo.commands.bench.isolate import run_isolated
 from llm_neo.commands.bench.output import format_report
+from llm_neo.commands.bench.peers import require_peers, run_peers
 from llm_neo.commands.bench.runs import (
     BenchConfig,
     RunKey,
@@ -28,13 +29,15 @@ from llm_neo.commands.bench.runs import (
 )
 from llm_neo.commands.bench.step import device_name, run_here
 from llm_neo.commands.bench.targets import check_targets, quantization_cuts
-from llm_neo.commands.bench.whole import run_whole_runs
+from llm_neo.commands.bench.whole import WholeInputs, run_whole_runs
 from llm_neo.records import dumps, from_json
 from llm_neo.records.bench import (
     BenchReport,
     FailedWholeRun,
     LoadAverage,
     PeakKind,
+    PeerLossCheck,
+    PeerRun,
     Settings,
     StepRun,
     Versions,
@@ -188,6 +191,8 @@ def bench(config: BenchConfig, *, progress: bool = True) -> BenchReport:
     from llm_neo.models.loading import resolve_device, resolve_dtype
 
     runs, whole_runs = validate(config)
+    if config.peers:
+        require_peers(config.peers)
     shape = get_shape(config.shape)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
@@ -231,8 +236,19 @@ def bench(config: BenchConfig, *, progress: bool = True) -> BenchReport:
     results = _step_runs(config, specs, progress=progress, partial=partial)
     whole: list[dict[str, Any]] = []
     whole_inputs: dict[str, Any] | None = None
+    peers: list[tuple[list[dict[str, Any]], dict[str, Any]]] = []  # the rows and the loss check
+
+    def run_the_peers(inputs: WholeInputs, directory: Path, done: list[dict[str, Any]]) -> None:
+        peers.append(run_peers(config, whole_specs, inputs, directory, done))
+
     if whole_specs:
-        whole, whole_inputs = run_whole_runs(config, whole_specs, progress=progress, partial=partial)
+        whole, whole_inputs = run_whole_runs(
+            config,
+            whole_specs,
+            progress=progress,
+            partial=partial,
+            also=run_the_peers if config.peers else None,
+        )
 
     settings = {
         "shape": config.shape,
@@ -257,11 +273,14 @@ def bench(config: BenchConfig, *, progress: bool = True) -> BenchReport:
     add_plan(results, config, settings)
     _add_ratios(results, whole, config.loss_chunk_size)
     device_names = [x["device"] for x in results if x.get("device")]
+    peer_rows, check = peers[0] if peers else (None, None)
+    versions = _versions()
+    versions.trl = next((p["versions"]["trl"] for p in peer_rows or [] if p["versions"].get("trl")), None)
     return BenchReport(
         label=label,
         date=date,
         device=device_names[0] if device_names else device_name(device),
-        versions=_versions(),
+        versions=versions,
         git_commit=_git_commit(),
         settings=from_json(Settings, settings),
         load_average=LoadAverage(start=load_start, end=load_average(), cpus=os.cpu_count()),
@@ -270,6 +289,10 @@ def bench(config: BenchConfig, *, progress: bool = True) -> BenchReport:
         whole_runs=[_whole_row(x, f"whole_runs[{i}]") for i, x in enumerate(whole)],
         whole_inputs=from_json(WholeRunInputs, whole_inputs) if whole_inputs is not None else None,
         targets=check_targets(results, settings, whole),
+        peers=[from_json(PeerRun, x, f"peers[{i}]") for i, x in enumerate(peer_rows)]
+        if peer_rows is not None
+        else None,
+        peer_loss_check=from_json(PeerLossCheck, check) if check is not None else None,
     )
 
 
@@ -300,4 +323,5 @@ def run_bench(config: BenchConfig) -> int:
         # The per-run progress file only matters when a bench is killed; the JSON now holds every run.
         (out / f"{label}.runs.jsonl").unlink(missing_ok=True)
         print(f"written: {out / label}.md, {out / label}.json")
-    return 0 if all(r.status == "ok" for r in [*report.results, *report.whole_runs]) else 1
+    peers_ok = all(p.status in ("ok", "unsupported") for p in report.peers or [])
+    return 0 if peers_ok and all(r.status == "ok" for r in [*report.results, *report.whole_runs]) else 1

@@ -5,8 +5,8 @@ each whole run. Any process started from the bench itself (fork, or vfork + exec
 the bench's peak RSS as its ru_maxrss: the kernel keeps the larger of the old and new address spaces'
 peaks across exec. Started from this launcher, the run inherits the launcher's few MiB. The launcher
 samples the run's VmRSS and VmHWM (KiB) every INTERVAL seconds, timestamps its log lines, reaps it with
-os.wait4 and writes what it saw to RESULT as JSON: start, end, returncode, ru_maxrss_kib,
-launcher_hwm_kib, samples ``[[t, VmRSS, VmHWM]]`` and lines ``[[t, text]]``.
+os.wait4 and writes what it saw to RESULT as JSON: start, end, returncode, ru_maxrss_kib, ru_utime_s,
+ru_stime_s, launcher_hwm_kib, samples ``[[t, VmRSS, VmHWM]]`` and lines ``[[t, text]]``.
 
 Standard library only, and no import of llm_neo: ``python -m llm_neo.commands.bench.launcher`` would work
 but import the bench (torch and all) into the launcher first, which is what it exists to avoid.
@@ -67,6 +67,8 @@ def main(argv: list[str]) -> int:
         "end": now,
         "returncode": os.waitstatus_to_exitcode(status),
         "ru_maxrss_kib": usage.ru_maxrss,
+        "ru_utime_s": usage.ru_utime,
+        "ru_stime_s": usage.ru_stime,
         "launcher_hwm_kib": launcher_hwm,
         "samples": samples,
         "lines": lines,

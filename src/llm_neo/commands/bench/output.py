@@ -101,6 +101,7 @@ def format_report(report: BenchReport) -> str:
         )
     blocks += _quantization_blocks(report.results, "step peak")
     blocks += _whole_run_blocks(report)
+    blocks += _peer_blocks(report)
     blocks += [Heading(2, "Targets"), Bullets(tuple(_target_line(t) for t in report.targets))]
     return to_markdown(blocks, {})
 
@@ -243,6 +244,65 @@ def _phase_cells(r: WholeRun) -> list[str]:
         value = _gib(ph.max_rss_bytes) if ph else "–"
         cells.append(f"**{value}**" if ph and name == r.peak_phase else value)
     return cells
+
+
+def _peer_blocks(report: BenchReport) -> list[Block]:
+    """The peers beside llm-neo's whole runs, the ratios (llm-neo ÷ peer) and the step-1 loss check."""
+    from llm_neo.commands.bench.peers import SETTINGS_NOTE
+
+    if report.peers is None:
+        return []
+    whole = {r.name: r for r in report.whole_runs if isinstance(r, WholeRun)}
+    columns = ["process peak GiB", "CPU s (user + sys)", "s/step", "wall s", "step-1 loss", "vs",
+               "peak: llm-neo ÷ peer", "CPU s: llm-neo ÷ peer", "s/step: llm-neo ÷ peer",
+               "status"]  # fmt: skip
+    rows: list[tuple[str, list[str]]] = []
+    for name in dict.fromkeys(p.versus for p in report.peers):
+        ours = whole.get(name)
+        if ours is not None:
+            rows.append(
+                (f"llm-neo {name}", [_gib(ours.process_peak_bytes), _cpu(ours.cpu_user_s, ours.cpu_system_s),
+                 _fmt(ours.step_s), _fmt(ours.wall_s, 1), "", "", "", "", "", ours.status])
+            )  # fmt: skip
+    for p in report.peers:
+        status = p.status if p.status == "ok" else f"{p.status}: {p.error}"
+        rows.append(
+            (p.name, [_gib(p.process_peak_bytes), _cpu(p.cpu_user_s, p.cpu_system_s), _fmt(p.step_s),
+             _fmt(p.wall_s, 1), _fmt(p.losses[0], 6) if p.losses else "", p.versus, _fmt(p.memory_ratio),
+             _fmt(p.cpu_ratio), _fmt(p.step_ratio), status])
+        )  # fmt: skip
+    blocks: list[Block] = [
+        Heading(2, "Peers, side by side"),
+        Paragraph(
+            SETTINGS_NOTE
+            + " Same saved models, data, micro-batches and order as the whole runs; each row one process "
+            "from the same launcher (peak RSS and CPU seconds from `os.wait4`); s/step: the median of the "
+            "timed steps. Ratios below 1: llm-neo uses less. On a shared machine the ratios within one run "
+            "are what count, not the absolute seconds."
+        ),
+        _table(rows, columns),
+    ]
+    check = report.peer_loss_check
+    if check is not None:
+        verdict = {True: "PASS", False: "FAIL", None: "n/a"}[check.passed]
+        worst = _fmt(check.max_rel_diff, 9) if check.max_rel_diff is not None else "n/a"
+        losses = ", ".join(f"{name} {loss:.8g}" for name, loss in check.peer_losses.items())
+        blocks.append(
+            Paragraph(
+                f"Loss check (step 1, before any update: the weights and the first batch alone): "
+                f"`llm-neo distill --method kd --kd-ratio 1` {_fmt(check.llm_neo_loss, 8)}; {losses}; "
+                f"largest relative difference {worst} against a tolerance of {check.rtol:g}: **{verdict}**"
+                + (f" ({check.error})" if check.error else "")
+                + "."
+            )
+        )
+    return blocks
+
+
+def _cpu(user: float | None, system: float | None) -> str:
+    if user is None or system is None:
+        return ""
+    return f"{user + system:.1f} ({user:.1f} + {system:.1f})"
 
 
 def _short(commit: str) -> str:

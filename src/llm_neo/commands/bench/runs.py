@@ -11,6 +11,8 @@ from llm_neo.choices import ARM_VARIANTS, METHOD_NAMES, METHODS
 from llm_neo.config import MLP_CHUNKS_HELP, DeviceOptions, arm_name, parse_arm
 from llm_neo.options import option_help
 
+PEER_NAMES = ("trl",)  # --peers: the tools run side by side (commands.bench.peers)
+
 
 @dataclass
 class BenchConfig(DeviceOptions):
@@ -43,6 +45,15 @@ class BenchConfig(DeviceOptions):
             "Whole `llm-neo distill` processes (load, steps, merge check, save, held-out eval) on the same "
             "shape, spelled as --runs; their peak RSS against their own training-step peak. Recommended: "
             "kd:plain neo:chunked neo+int8-teacher:chunked (kd:plain is always run when any is given)."
+        ),
+    )
+    peers: list[str] = field(
+        default_factory=list,
+        metadata=option_help(
+            "Peers run side by side with the whole runs, on the same inputs, batches and order "
+            f"({', '.join(PEER_NAMES)}: TRL's GKDTrainer with and without a LoRA branch, forward KL, "
+            "no CE term); adds the whole runs kd:chunked and neo:chunked they are set against. Needs "
+            "pip install 'llm-neo[peers]'."
         ),
     )
     whole_run_dir: str | None = field(
@@ -223,9 +234,15 @@ def validate(config: BenchConfig) -> tuple[list[RunKey], list[RunKey]]:
     if config.shape not in SHAPES:
         p.append(f"--shape: {config.shape!r} is not one of {', '.join(SHAPES)}")
     runs = parse_runs(config.runs, config.loss_chunk_size, "--runs", p)
-    whole = (
-        parse_runs(config.whole_runs, config.loss_chunk_size, "--whole-runs", p) if config.whole_runs else []
-    )
+    chunk = config.loss_chunk_size
+    peer_runs = [f"kd:chunked:{chunk}", f"neo:chunked:{chunk}"] if config.peers else []
+    wanted = [*config.whole_runs, *(r for r in peer_runs if r not in config.whole_runs)]
+    whole = parse_runs(wanted, config.loss_chunk_size, "--whole-runs", p) if wanted else []
+    p += [
+        f"--peers: {peer!r} is not one of {', '.join(PEER_NAMES)}"
+        for peer in config.peers
+        if peer not in PEER_NAMES
+    ]
     for name, value, ok in (
         ("steps", config.steps, config.steps >= 1),
         ("warmup-steps", config.warmup_steps, config.warmup_steps >= 0),

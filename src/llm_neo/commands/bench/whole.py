@@ -10,10 +10,11 @@ import random
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -186,31 +187,19 @@ def whole_run_phases(
     return phases, peak_phase
 
 
-def run_whole(
-    spec: RunSpec,
-    inputs: WholeInputs,
+def launch(
+    command: list[str],
     directory: Path,
+    env: dict[str, str],
     *,
     timeout: float,
-    malloc_mmap_threshold: int = 0,
     sample_interval: float = SAMPLE_INTERVAL_S,
 ) -> dict[str, Any]:
-    """One whole `llm-neo distill` run of ``spec`` in ``directory`` (its output and log): its process's
-    peak RSS (``os.wait4``'s ru_maxrss), its summary.json and the phases; any failure becomes a result
-    with a status, never a raise."""
+    """Run ``command`` from the minimal launcher, its log in ``directory/distill.log``: what the launcher
+    saw (``launcher.py``'s RESULT, plus ``tail``: the log's last lines), or ``{"status", "error"}`` when it
+    timed out, could not start or exited with an error (``oom`` when killed or out of memory)."""
     directory.mkdir(parents=True, exist_ok=True)
-    output_dir, log_path, seen_path = (
-        directory / "out",
-        directory / "distill.log",
-        directory / "launcher.json",
-    )
-    command = distill_command(spec, inputs, output_dir)
-    base: dict[str, Any] = {
-        "run": spec.name,
-        "spec": dataclasses.asdict(spec),
-        "kind": "whole",
-        "command": " ".join(command[1:]).replace(f"{directory.parent}{os.sep}", ""),
-    }
+    log_path, seen_path = directory / "distill.log", directory / "launcher.json"
     # By path, -S -I: no site-packages and not this package (see launcher.py: its few MiB is the point).
     launch = [
         sys.executable,
@@ -221,7 +210,6 @@ def run_whole(
         str(log_path),
         str(sample_interval),
     ]
-    env = child_env(malloc_mmap_threshold, spec.num_threads)
     # A session of its own: on a timeout the launcher and the run are killed together, by group id.
     proc = subprocess.Popen(
         [*launch, "--", *command],
@@ -235,24 +223,61 @@ def run_whole(
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        return base | {"status": "timeout", "error": f"killed after {timeout:.0f} s"}
+        return {"status": "timeout", "error": f"killed after {timeout:.0f} s"}
     tail = (
         " | ".join(log_path.read_text(errors="replace").strip().splitlines()[-3:])
         if log_path.exists()
         else ""
     )
     if not seen_path.exists():
-        return base | {
-            "status": "error",
-            "error": f"launcher exit {proc.returncode}: {launcher_err[-300:]!r}",
-        }
-    seen = json.loads(seen_path.read_text())
+        return {"status": "error", "error": f"launcher exit {proc.returncode}: {launcher_err[-300:]!r}"}
+    seen: dict[str, Any] = json.loads(seen_path.read_text())
     if seen["returncode"] != 0:
         oom = seen["returncode"] == -9 or "out of memory" in tail.lower()
-        return base | {
-            "status": "oom" if oom else "error",
-            "error": f"exit {seen['returncode']}: {tail[-500:]}",
-        }
+        return {"status": "oom" if oom else "error", "error": f"exit {seen['returncode']}: {tail[-500:]}"}
+    return seen | {"tail": tail}
+
+
+def timed_step_s(metrics: Path, warmup_steps: int) -> float | None:
+    """The median seconds of a distill run's timed steps from its metrics.jsonl (a step's trained tokens,
+    the growth of ``tokens``, over its ``tokens_per_s``; the first ``warmup_steps`` left out); None
+    without the file."""
+    if not metrics.exists():
+        return None
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    seconds, before = [], 0
+    for row in rows:
+        if row["tokens_per_s"] > 0:
+            seconds.append((row["tokens"] - before) / row["tokens_per_s"])
+        before = row["tokens"]
+    timed = seconds[warmup_steps:] or seconds
+    return statistics.median(timed) if timed else None
+
+
+def run_whole(
+    spec: RunSpec,
+    inputs: WholeInputs,
+    directory: Path,
+    *,
+    timeout: float,
+    malloc_mmap_threshold: int = 0,
+    sample_interval: float = SAMPLE_INTERVAL_S,
+) -> dict[str, Any]:
+    """One whole `llm-neo distill` run of ``spec`` in ``directory`` (its output and log): its process's
+    peak RSS (``os.wait4``'s ru_maxrss), its summary.json and the phases; any failure becomes a result
+    with a status, never a raise."""
+    output_dir = directory / "out"
+    command = distill_command(spec, inputs, output_dir)
+    base: dict[str, Any] = {
+        "run": spec.name,
+        "spec": dataclasses.asdict(spec),
+        "kind": "whole",
+        "command": " ".join(command[1:]).replace(f"{directory.parent}{os.sep}", ""),
+    }
+    env = child_env(malloc_mmap_threshold, spec.num_threads)
+    seen = launch(command, directory, env, timeout=timeout, sample_interval=sample_interval)
+    if "status" in seen:
+        return base | seen
     summary = json.loads((output_dir / "summary.json").read_text())
 
     def mtime(path: Path) -> float | None:
@@ -291,13 +316,22 @@ def run_whole(
         "heldout": summary.get("heldout"),
         "merge_check": summary.get("merge_check"),
         "device": summary.get("device"),
+        "cpu_user_s": seen.get("ru_utime_s"),
+        "cpu_system_s": seen.get("ru_stime_s"),
+        "step_s": timed_step_s(output_dir / "metrics.jsonl", spec.warmup_steps),
     }
 
 
 def run_whole_runs(
-    config: BenchConfig, specs: list[RunSpec], *, progress: bool, partial: Path | None
+    config: BenchConfig,
+    specs: list[RunSpec],
+    *,
+    progress: bool,
+    partial: Path | None,
+    also: Callable[[WholeInputs, Path, list[dict[str, Any]]], None] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Every whole run of ``specs`` on one set of saved inputs; their results and the inputs' description."""
+    """Every whole run of ``specs`` on one set of saved inputs; their results and the inputs' description.
+    ``also(inputs, directory, results)`` runs next, while the inputs exist (the peers' runs)."""
     from tqdm.auto import tqdm
 
     kept = config.whole_run_dir is not None
@@ -327,6 +361,8 @@ def run_whole_runs(
                 with partial.open("a") as handle:
                     handle.write(json.dumps(res) + "\n")
         bar.close()
+        if also is not None:
+            also(inputs, directory, results)
     finally:
         if not kept:
             shutil.rmtree(directory, ignore_errors=True)
