@@ -36,13 +36,14 @@ OPTIONS = {"shard_size": 3, "batch_size": 2}
 POISON = "~"  # the one byte the poisoned teacher's logits overflow on
 
 
-def _torchrun(*args: str, nproc: int = 2, log_dir: Path | None = None) -> subprocess.Popen:
+def _torchrun(*args: str, log_dir: Path | None = None) -> subprocess.Popen:
+    """``llm-neo ARGS`` in 2 processes under torchrun (gloo on CPU), each with one intra-op thread."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     logs = ["--redirects", "3", "--log-dir", str(log_dir)] if log_dir else []
-    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
-    cmd = [*launcher, f"--master-port={port}", *logs, "-m", "llm_neo", "cache-teacher", *args]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={port}"]
+    cmd = [*launcher, *logs, "-m", "llm_neo", *args]
     return subprocess.Popen(
         cmd,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
@@ -77,7 +78,7 @@ def _wait_gone(pid: int, deadline: float) -> None:
 
 def _cli(teacher: Path, data: Path, out: Path, **options: Any) -> list[str]:
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in (OPTIONS | options).items()]
-    return ["--teacher", str(teacher), "--data", str(data), "--output", str(out), *flags]
+    return ["cache-teacher", "--teacher", str(teacher), "--data", str(data), "--output", str(out), *flags]
 
 
 def _config(teacher: Path, data: Path, out: Path, **options: Any) -> CacheTeacherConfig:
@@ -212,3 +213,19 @@ def test_a_failure_on_one_rank_stops_both_naming_the_record(tmp_path, poisoned_t
     assert named in said[1], said[1]
     assert "rank 1 of 2 failed, so every rank stopped and no manifest was written" in said[0], said[0]
     assert named in said[0] and "Traceback" not in said[0] + said[1]
+
+
+def test_compare_under_torchrun_builds_its_cache_across_the_ranks(tmp_path, teacher_dir, student_dir):
+    data = write_jsonl(tmp_path / "train.jsonl", ALPACA * 4)
+    out = tmp_path / "cmp"
+    proc = _torchrun("compare", "--teacher", str(teacher_dir), "--student", str(student_dir), "--data",
+                     str(data), "--methods", "neo", "--seeds", "1", "--max-steps", "1", "--batch-size", "2",
+                     "--lora.r", "4", "--max-length", "64", "--max-new-tokens", "2", "--device", "cpu",
+                     "--cache-teacher", "8", "--output-dir", str(out))  # fmt: skip
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, output
+    manifest = _manifest(out / "cache" / "train")
+    assert manifest["world_size"] == 2 and [share["rank"] for share in manifest["ranks"]] == [0, 1]
+    assert sum(share["examples"] for share in manifest["ranks"]) == manifest["num_examples"]
+    summary = json.loads(next((out / "arms").rglob("summary.json")).read_text())
+    assert summary["teacher_cache"]["key_digest"] == manifest["key_digest"]
