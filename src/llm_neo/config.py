@@ -488,8 +488,8 @@ class CacheTeacherConfig(TeacherQuantOptions, TokenizeOptions, LoadOptions):
         default="auto",
         metadata=option_help(
             "Under torchrun: the teacher whole on every rank (replicate) or FSDP2-sharded across them "
-            "(fsdp, for a teacher too big for one device). auto: fsdp when its weights exceed 80 percent of the "
-            "GPU's memory; replicate on CPU.",
+            "(fsdp, for a teacher too big for one device). auto: fsdp when its weights exceed 80 percent "
+            "of the GPU's memory; replicate on CPU.",
             choices=TEACHER_SHARDS,
             effect=Effect.RUNTIME,
             group=RUN,
