@@ -129,7 +129,11 @@ def test_two_ranks_write_the_one_process_cache(
     shares = manifest["ranks"]
     assert [(s["rank"], s["shards"], s["examples"]) for s in shares] == [(0, 2, 5), (1, 1, 3)]
     assert sum(s["tokens"] for s in shares) == manifest["num_positions"]
-    assert all(s["seconds"] > 0 for s in shares)
+    assert all(s["seconds"] > 0 and s["peak_memory_gb"] > 0 for s in shares)
+    one_rank = _manifest(one_process_cache)["ranks"][0]["teacher_parameters"]
+    for share in shares:  # replicated: the whole teacher; sharded: half its blocks, the whole lm_head
+        held = share["teacher_parameters"] / one_rank
+        assert held == 1 if placement == "replicate" else 0.45 < held < 0.65
     for rank, examples in ((0, 5), (1, 3)):  # each rank says its share as it starts
         assert f"rank {rank} of 2: " in output and f"{examples} examples" in output
     # Finished: the same launch again computes nothing, at any world size.

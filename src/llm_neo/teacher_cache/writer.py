@@ -46,6 +46,7 @@ from llm_neo.runtime.distributed import (
     close,
     first_failure,
     init_world,
+    local_numel,
     rank_device,
 )
 from llm_neo.runtime.distributed import (
@@ -53,6 +54,7 @@ from llm_neo.runtime.distributed import (
 )
 from llm_neo.runtime.integrity import check_file
 from llm_neo.runtime.lock import hold, releases_locks
+from llm_neo.runtime.memory import peak_memory_gb
 from llm_neo.runtime.progress import ProgressLines
 from llm_neo.teacher_cache.key import key_differences, key_digest, run_key
 from llm_neo.teacher_cache.store import FORMAT, KEY_FILE, LOGPROB_DTYPES, MANIFEST, VERSION, read_record
@@ -516,7 +518,8 @@ def _write_shards(
     on_shard: ShardCallback | None,
 ) -> dict[str, Any]:
     """Compute and write this rank's share of the shards not in ``records`` (adding them there);
-    returns the share: its shards' records, examples, tokens and seconds.
+    returns the share: its shards' records, examples, tokens, seconds, peak memory and the teacher
+    parameters it held.
 
     Every rank runs the same number of steps, one micro-batch each: a rank whose share is done idles
     (a sharded teacher: a discarded one-token forward instead), and after each step the ranks learn
@@ -593,6 +596,8 @@ def _write_shards(
         "examples": examples,
         "tokens": tokens,
         "seconds": time.perf_counter() - loop_start,
+        "peak_memory_gb": peak_memory_gb(device),  # CUDA: max allocated; CPU: the process's peak RSS
+        "teacher_parameters": local_numel(teacher),  # held by this rank: 1/world of the blocks when sharded
         "records": written,
     }
 
