@@ -19,13 +19,12 @@ import torch
 from conftest import ALPACA, write_jsonl
 from safetensors.torch import load_file, save_file
 
+from llm_neo.cli import main
 from llm_neo.config import CacheTeacherConfig
 from llm_neo.models.loading import load_tokenizer
 from llm_neo.teacher_cache.writer import cache_teacher
 
-# Each torchrun launch starts two Python processes that import torch: 15-20 s on CPU.
 pytestmark = [
-    pytest.mark.slow,
     pytest.mark.usefixtures("one_thread"),
     pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available"),
 ]
@@ -115,6 +114,24 @@ def one_process_cache(tmp_path_factory, teacher_dir, data_file) -> Path:
     return out
 
 
+def test_one_process_records_itself_as_the_only_rank(one_process_cache):
+    manifest = _manifest(one_process_cache)
+    assert manifest["world_size"] == 1 and manifest["teacher_shard"] == "replicate"
+    [share] = manifest["ranks"]
+    assert (share["rank"], share["shards"], share["examples"]) == (0, 3, 8)
+    assert share["tokens"] == manifest["num_positions"] == manifest["stats"]["positions_computed_now"]
+    assert share["teacher_parameters"] > 0 and share["peak_memory_gb"] > 0
+
+
+def test_a_sharded_quantized_teacher_is_refused(tmp_path, teacher_dir, data_file, capsys):
+    command = _cli(teacher_dir, data_file, tmp_path / "cache", teacher_shard="fsdp", teacher_quant="int8")
+    assert main(command) == 2
+    err = capsys.readouterr().err
+    assert "--teacher-shard fsdp shards dense weights only: pass --teacher-quant none" in err
+    assert "Traceback" not in err and not (tmp_path / "cache").exists()
+
+
+@pytest.mark.slow  # each torchrun launch: two processes that import torch, 15-20 s on CPU
 @pytest.mark.parametrize("placement", ["replicate", "fsdp"])
 def test_two_ranks_write_the_one_process_cache(
     tmp_path, teacher_dir, data_file, one_process_cache, placement
@@ -142,6 +159,7 @@ def test_two_ranks_write_the_one_process_cache(
     assert _manifest(out) == manifest
 
 
+@pytest.mark.slow  # each torchrun launch: two processes that import torch, 15-20 s on CPU
 def test_a_killed_two_rank_cache_is_finished_by_one_process(tmp_path, teacher_dir):
     # Enough shards (64 of 4 examples, one forward each) that the kill lands mid-cache.
     data = write_jsonl(tmp_path / "train.jsonl", ALPACA * 32)
@@ -202,6 +220,7 @@ def poisoned_teacher(tmp_path_factory, teacher_dir) -> Path:
     return out
 
 
+@pytest.mark.slow  # each torchrun launch: two processes that import torch, 15-20 s on CPU
 @pytest.mark.parametrize("placement", ["replicate", "fsdp"])
 def test_a_failure_on_one_rank_stops_both_naming_the_record(tmp_path, poisoned_teacher, placement):
     records = [dict(r) for r in ALPACA]
@@ -219,6 +238,7 @@ def test_a_failure_on_one_rank_stops_both_naming_the_record(tmp_path, poisoned_t
     assert named in said[0] and "Traceback" not in said[0] + said[1]
 
 
+@pytest.mark.slow  # each torchrun launch: two processes that import torch, 15-20 s on CPU
 def test_compare_under_torchrun_builds_its_cache_across_the_ranks(tmp_path, teacher_dir, student_dir):
     data = write_jsonl(tmp_path / "train.jsonl", ALPACA * 4)
     out = tmp_path / "cmp"
@@ -229,6 +249,7 @@ def test_compare_under_torchrun_builds_its_cache_across_the_ranks(tmp_path, teac
     output, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, output
     manifest = _manifest(out / "cache" / "train")
+    assert manifest["teacher_shard"] == "replicate"  # auto, on CPU
     assert manifest["world_size"] == 2 and [share["rank"] for share in manifest["ranks"]] == [0, 1]
     assert sum(share["examples"] for share in manifest["ranks"]) == manifest["num_examples"]
     summary = json.loads(next((out / "arms").rglob("summary.json")).read_text())

@@ -330,6 +330,9 @@ def cache_teacher(config: CacheTeacherConfig, *, on_shard: ShardCallback | None 
     if done is not None:
         close(world)
         return done
+    if world.enabled:  # a node that does not share --output would fail at its first shard, less clearly
+        unseen = not (out / KEY_FILE).is_file()
+        _stop_together(CacheError(_not_shared(out, world.rank)) if unseen else None, world, device)
     dtype = resolve_dtype(config.dtype, device)
     placement = _teacher_placement(config, teacher_config, world, device, dtype)
     teacher, quantization = _load_cache_teacher(config, inputs, placement, device=device, dtype=dtype)
@@ -441,6 +444,13 @@ def _open_output(
     if records:
         log.info("resuming: %d shards are complete (whichever ranks wrote them)", len(records))
     return None, records
+
+
+def _not_shared(out: Path, rank: int) -> str:
+    return (
+        f"rank {rank} does not see {out / KEY_FILE}, which rank 0 wrote: --output must be the same "
+        "directory on every node (a filesystem they all share, at the same path)"
+    )
 
 
 def _teacher_placement(
