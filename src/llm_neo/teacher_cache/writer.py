@@ -353,21 +353,21 @@ def cache_teacher(config: CacheTeacherConfig, *, on_shard: ShardCallback | None 
     )
     del teacher
     shares = all_gather(share, world)
-    problem = None
-    if world.is_main:
+
+    def finish() -> dict[str, Any]:  # rank 0, once every rank is done
         problem = _collect_records(out, inputs.digest, shards, shard_size, records, shares)
-    _stop_together(None if problem is None else CacheError(problem), world, device)
-    manifest = None
-    if world.is_main:
+        if problem is not None:
+            raise CacheError(problem)
         manifest = _manifest(config, inputs, shards, records, teacher_dtype=dtype)
         if quantization is not None:
             manifest["teacher_quant"] = quantization  # distill records it as its run's teacher_quant
         manifest |= _world_record(shares, placement, wall_s=time.perf_counter() - started)
-        with writing(
-            out / MANIFEST, "the cache's manifest", kept=f"all {len(shards)} shards; run the command again"
-        ):
+        kept = f"all {len(shards)} shards; run the command again"
+        with writing(out / MANIFEST, "the cache's manifest", kept=kept):
             atomic_write_json(out / MANIFEST, manifest)  # last: its presence means the cache is complete
-    manifest = broadcast(manifest, world)
+        return manifest
+
+    manifest = _on_main(world, device, finish)
     close(world)
     return dict(manifest)
 
@@ -639,10 +639,13 @@ def _collect_records(
     records: dict[int, dict[str, Any]],
     shares: list[dict[str, Any]],
 ) -> str | None:
-    """Rank 0: add every rank's new shards to ``records``, each checked as a resumed one is (the file in
-    ``out`` read back: its key digest, first example, size and sha256 against what its rank wrote);
-    what is wrong, or None."""
+    """Rank 0: add every rank's new shards to ``records``, another rank's checked as a resumed one is
+    (the file in ``out`` read back: its key digest, first example, size and sha256 against what its rank
+    wrote); what is wrong, or None."""
     for share in shares:
+        if share["rank"] == 0:  # its own, just written
+            records |= share["records"]
+            continue
         for s, record in share["records"].items():
             found = _complete_shard(out / record["file"], digest, s * shard_size)
             if found is None or found["sha256"] != record["sha256"]:
