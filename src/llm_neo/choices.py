@@ -60,6 +60,8 @@ LOGPROB_DTYPES = ("float16", "bfloat16", "float32")
 TEACHER_QUANT = ("none", "int8", "nf4")
 TEACHER_QUANT_BACKENDS = ("auto", "torchao", "bitsandbytes")
 STUDENT_QUANT = ("none", "nf4", "int8")
+# How cache-teacher holds its teacher under torchrun: whole on every rank, or FSDP2-sharded across them.
+TEACHER_SHARDS = ("auto", "replicate", "fsdp")
 # The LoRA variants that merge exactly onto a quantized base (DoRA and PiSSA do not: models.quant).
 QLORA_VARIANTS = ("lora", "rslora", "moslora")
 # Exports of a merged student (llm_neo.export): the formats, and the GGUF tensor types gguf-py writes.

@@ -39,6 +39,7 @@ from llm_neo.choices import (
     STUDENT_QUANT,
     TEACHER_QUANT,
     TEACHER_QUANT_BACKENDS,
+    TEACHER_SHARDS,
 )
 from llm_neo.errors import ConfigError
 from llm_neo.options import (
@@ -483,6 +484,17 @@ class CacheTeacherConfig(TeacherQuantOptions, TokenizeOptions, LoadOptions):
             "Replace a cache in --output made for other inputs (same inputs: it is resumed).", group=RUN
         ),
     )
+    teacher_shard: str = field(
+        default="auto",
+        metadata=option_help(
+            "Under torchrun: the teacher whole on every rank (replicate) or FSDP2-sharded across them "
+            "(fsdp, for a teacher too big for one device). auto: fsdp when its weights exceed 80 percent "
+            "of the GPU's memory; replicate on CPU.",
+            choices=TEACHER_SHARDS,
+            effect=Effect.RUNTIME,
+            group=RUN,
+        ),
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -809,6 +821,12 @@ def validate_cache_teacher(config: CacheTeacherConfig) -> None:
     if not c.output:
         p.append("--output is required (the cache directory to write)")
     check_teacher_quant(p, c)
+    if c.teacher_shard == "fsdp" and c.teacher_quant != "none":
+        # FSDP2's DTensors do not wrap torchao's or bitsandbytes' tensors (as in distill).
+        p.append(
+            "--teacher-shard fsdp shards dense weights only: pass --teacher-quant none, or "
+            "--teacher-shard replicate to quantize a whole teacher on every rank"
+        )
     _check_tokenize(p, c)
     check_ranges(
         p,

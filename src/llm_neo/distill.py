@@ -77,13 +77,12 @@ from llm_neo.losses import (
     next_token_targets,
 )
 from llm_neo.models.anatomy import (
-    decoder_blocks,
     final_hidden_states,
     final_logit_softcap,
+    fsdp_parts,
     lm_head,
     logit_softcap,
     logit_width,
-    output_head,
 )
 from llm_neo.models.checkpointing import enable_checkpointing
 from llm_neo.models.loading import (
@@ -305,9 +304,9 @@ def setup(config: DistillConfig) -> Run:
     if config.gradient_checkpointing:
         enable_checkpointing(student, mlp_chunks=config.mlp_chunks)
     if world.enabled:  # FSDP2: each rank keeps 1/world of both models (see runtime/distributed.py)
-        shard(*_fsdp_parts(student), param_dtype=dtype if dtype != torch.float32 else None)
+        shard(*fsdp_parts(student), param_dtype=dtype if dtype != torch.float32 else None)
         if teacher is not None:
-            shard(*_fsdp_parts(teacher))
+            shard(*fsdp_parts(teacher))
     trainable = trainable_parameters(student)
     n_trainable = sum(p.numel() for p in trainable.values())  # a sharded DTensor reports its whole size
     log.info(
@@ -421,12 +420,6 @@ def preflight(config: DistillConfig) -> torch.dtype:
         except ModelError as err:
             raise ConfigError([f"--export {config.export}: {err}"]) from err
     return published_dtype(student_config)
-
-
-def _fsdp_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.ModuleList, torch.nn.Module]:
-    """The base decoder and its list of blocks, which FSDP2 shards, and the lm_head it keeps whole."""
-    decoder, _, layers = decoder_blocks(model)
-    return decoder, layers, output_head(model)
 
 
 def _read_data(config: DistillConfig, world: World) -> tuple[Any, list[Example], dict[str, int]]:

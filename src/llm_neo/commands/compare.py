@@ -748,7 +748,8 @@ def state_budget(budget: Budget) -> Budget:
 
 def _build_caches(plan: Plan) -> dict[tuple[str, str, str], str]:
     """--cache-teacher K: one teacher cache per training data file and teacher quantization; returns
-    ``_cache_key`` -> cache dir."""
+    ``_cache_key`` -> cache dir. Under torchrun every rank calls this: each computes its share of each
+    cache's shards, and rank 0 writes its manifest (``cache_teacher``)."""
     config = plan.config
     if config.teacher_cache:  # a damaged or incomplete one is refused here, not by each arm's worker
         from llm_neo.teacher_cache.store import open_cache

@@ -127,6 +127,13 @@ def output_head(model: nn.Module) -> nn.Module:
     return head
 
 
+def fsdp_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.ModuleList, torch.nn.Module]:
+    """The base decoder and its list of blocks, which FSDP2 shards, and the lm_head it keeps whole
+    (``runtime.distributed.shard``'s arguments; distill and cache-teacher shard their models so)."""
+    decoder, _, layers = decoder_blocks(model)
+    return decoder, layers, output_head(model)
+
+
 def model_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """The model's lm_head on ``hidden`` [n, H] -> [n, V], with Gemma-style soft-capping where configured."""
     return softcap(output_head(model)(hidden), logit_softcap(model))

@@ -431,7 +431,7 @@ def load_teacher(
     if kind == "none":
         return load_frozen(options, path, role="teacher", dtype=dtype, device=device), None
     backend = resolve_teacher_backend(kind, backend)
-    dense = _dense_bytes(load_config(path, role="teacher"), dtype)
+    dense = dense_weight_bytes(load_config(path, role="teacher"), dtype)
     free = _free_bytes(device)
     if free is not None and dense > free and not is_gguf(path):
         why = (
@@ -489,7 +489,7 @@ def resolve_teacher_backend(kind: str, backend: str) -> str:
     return "torchao" if kind == "int8" else "bitsandbytes"
 
 
-def _dense_bytes(hf_config: Any, dtype: torch.dtype) -> int:
+def dense_weight_bytes(hf_config: Any, dtype: torch.dtype) -> int:
     """Bytes of a model's weights at ``dtype``, from its config alone (a meta-device skeleton)."""
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(hf_config)

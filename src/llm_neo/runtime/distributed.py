@@ -238,3 +238,26 @@ def local_numel(model: torch.nn.Module | None) -> int:
         return 0
     local = [p.to_local() if is_sharded(p) else p for p in model.parameters()]  # type: ignore[attr-defined]
     return sum(int(p.numel()) for p in local)
+
+
+def broadcast(value: Any, world: World) -> Any:
+    """Rank 0's ``value`` on every rank (``value`` itself in one process)."""
+    if not world.enabled:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def first_failure(failed: str | None, world: World, device: torch.device) -> tuple[int, str] | None:
+    """(rank, message) of the lowest rank whose ``failed`` is a message, or None when no rank failed.
+
+    Every rank must call it at the same point: a rank that failed calls it instead of its next
+    collective, so the others learn of the failure there rather than wait for it until the timeout.
+    The flag is summed first (one scalar); the messages are gathered only when one is set."""
+    if not world.enabled:
+        return None if failed is None else (0, failed)
+    if all_reduce_sum(float(failed is not None), world, device) == 0:
+        return None
+    messages = all_gather(failed, world)
+    return next((rank, m) for rank, m in enumerate(messages) if m is not None)

@@ -39,4 +39,8 @@ Writing is atomic and resumable: the key goes to ``key.json`` first, each shard 
 temporary name and renamed, and ``manifest.json`` comes last. Running the same command again after a
 kill skips the complete shards (checked against the key) and computes the rest; the result is
 byte-identical to an uninterrupted run.
+
+Under torchrun the ranks split the missing shards (the i-th to rank i mod world size), with the teacher
+replicated or FSDP2-sharded (``--teacher-shard``); rank 0 verifies them all and writes the manifest. The
+layout depends on ``--shard-size`` only, so any number of ranks writes (and resumes) the same cache.
 """

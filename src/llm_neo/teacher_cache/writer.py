@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import torch
 from safetensors import safe_open
@@ -22,7 +22,7 @@ from llm_neo.config import CacheTeacherConfig, validate_cache_teacher
 from llm_neo.data import Example, collate, read_examples
 from llm_neo.errors import CacheError, ConfigError
 from llm_neo.losses import IGNORE_INDEX, TopKTargets, next_token_targets
-from llm_neo.models.anatomy import final_hidden_states, logit_width, model_logits
+from llm_neo.models.anatomy import final_hidden_states, fsdp_parts, logit_width, model_logits
 from llm_neo.models.loading import (
     autocast,
     check_supported,
@@ -31,20 +31,35 @@ from llm_neo.models.loading import (
     resolve_device,
     resolve_dtype,
 )
-from llm_neo.models.quant import load_teacher
+from llm_neo.models.quant import dense_weight_bytes, load_teacher
 from llm_neo.runtime.atomic import (
     atomic_write_bytes,
     atomic_write_json,
     clean_temporaries,
     writing,
 )
+from llm_neo.runtime.distributed import (
+    World,
+    all_gather,
+    broadcast,
+    close,
+    first_failure,
+    init_world,
+    local_numel,
+    rank_device,
+)
+from llm_neo.runtime.distributed import (
+    shard as fsdp_shard,
+)
 from llm_neo.runtime.integrity import check_file
 from llm_neo.runtime.lock import hold, releases_locks
+from llm_neo.runtime.memory import peak_memory_gb
 from llm_neo.runtime.progress import ProgressLines
 from llm_neo.teacher_cache.key import key_differences, key_digest, run_key
 from llm_neo.teacher_cache.store import FORMAT, KEY_FILE, LOGPROB_DTYPES, MANIFEST, VERSION, read_record
 
 log = logging.getLogger("llm_neo")
+T = TypeVar("T")
 
 
 def teacher_topk(
@@ -83,42 +98,60 @@ def teacher_topk(
     return TopKTargets(torch.cat(ids).cpu(), torch.cat(log_probs).cpu(), torch.cat(tails).cpu())
 
 
-def _shard_tensors(
+def _batches(examples: Sequence[Example], batch_size: int) -> list[list[int]]:
+    """The teacher's micro-batches of a shard: indices into ``examples``, longest first, so a batch pads
+    little (the results go back to example order when the shard is assembled)."""
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def _batch_targets(
     teacher: torch.nn.Module,
     examples: Sequence[Example],
+    chosen: list[int],
     *,
     config: CacheTeacherConfig,
     pad_token_id: int,
     vocab_size: int,
     device: torch.device,
     dtype: torch.dtype,
-    on_tokens: Callable[[int], None],
+) -> dict[int, TopKTargets]:
+    """The targets of examples ``chosen`` (indices into ``examples``), from one teacher forward."""
+    batch = collate([examples[i] for i in chosen], pad_token_id)
+    targets = teacher_topk(
+        teacher,
+        batch,
+        vocab_size=vocab_size,
+        top_k=config.top_k,
+        temperature=config.kd_temperature,
+        device=device,
+        dtype=dtype,
+        chunk_size=config.chunk_size,
+    )
+    counts = (next_token_targets(batch["labels"]) != IGNORE_INDEX).sum(dim=1).tolist()
+    found: dict[int, TopKTargets] = {}
+    row = 0
+    for i, count in zip(chosen, counts, strict=True):
+        found[i] = targets.slice(row, row + count)
+        _refuse_non_finite(found[i], examples[i], config.teacher)
+        row += count
+    return found
+
+
+def _idle_forward(teacher: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """A one-token forward whose output is discarded: a rank whose share of a sharded teacher's forwards
+    is done runs these, so that every rank joins each forward's parameter all-gathers (one that skipped
+    them would leave the others waiting)."""
+    ids = torch.zeros(1, 1, dtype=torch.long, device=device)
+    with torch.inference_mode(), autocast(device, dtype):
+        final_hidden_states(teacher, ids, torch.ones_like(ids))
+
+
+def _shard_tensors(
+    per_example: dict[int, TopKTargets], config: CacheTeacherConfig
 ) -> dict[str, torch.Tensor]:
-    """The tensors of one shard: the examples' targets, concatenated in example order."""
-    # Longest first, so a batch pads little; the results go back to example order.
-    order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
-    per_example: dict[int, TopKTargets] = {}
-    for start in range(0, len(order), config.batch_size):
-        chosen = order[start : start + config.batch_size]
-        batch = collate([examples[i] for i in chosen], pad_token_id)
-        targets = teacher_topk(
-            teacher,
-            batch,
-            vocab_size=vocab_size,
-            top_k=config.top_k,
-            temperature=config.kd_temperature,
-            device=device,
-            dtype=dtype,
-            chunk_size=config.chunk_size,
-        )
-        counts = (next_token_targets(batch["labels"]) != IGNORE_INDEX).sum(dim=1).tolist()
-        row = 0
-        for i, count in zip(chosen, counts, strict=True):
-            per_example[i] = targets.slice(row, row + count)
-            _refuse_non_finite(per_example[i], examples[i], config.teacher)
-            row += count
-        on_tokens(row)
-    parts = [per_example[i] for i in range(len(examples))]
+    """The tensors of one shard: its examples' targets, concatenated in example order."""
+    parts = [per_example[i] for i in range(len(per_example))]
     lengths = [p.ids.shape[0] for p in parts]
     offsets = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int64)
     store = LOGPROB_DTYPES[config.logprob_dtype]
@@ -276,15 +309,102 @@ class _Inputs:
 
 @releases_locks
 def cache_teacher(config: CacheTeacherConfig, *, on_shard: ShardCallback | None = None) -> dict[str, Any]:
-    """Write (or finish) the cache; return its manifest. ``on_shard(index, record)`` after each new shard."""
+    """Write (or finish) the cache; return its manifest. ``on_shard(index, record)`` after each new shard.
+
+    Under torchrun (or accelerate launch) every rank computes its share of the missing shards (the
+    i-th missing shard goes to rank i mod world size), and rank 0 alone locks ``--output``, prepares it,
+    verifies every rank's shards and writes the manifest. The shard layout depends on ``--shard-size``
+    only, so N ranks write the cache one process writes, and a killed cache resumes at any world size.
+    A failure on any rank stops every rank at the same micro-batch, naming it, with no manifest."""
     validate_cache_teacher(config)
     started = time.perf_counter()
+    world = init_world(config.device)
     trust = config.trust_remote_code
     teacher_config = load_config(config.teacher, role="teacher", trust_remote_code=trust)
     check_supported(teacher_config, role="teacher", trust_remote_code=trust)  # before any weight loads
     out = Path(config.output).expanduser()
+    device = rank_device(world, resolve_device(config.device))
+    inputs = _inputs(config, progress=world.is_main)  # every rank: its examples and the key's digest
+    done, records = _on_main(world, device, lambda: _open_output(config, out, inputs))
+    if done is not None:
+        close(world)
+        return done
+    if world.enabled:  # a node that does not share --output would fail at its first shard, less clearly
+        unseen = not (out / KEY_FILE).is_file()
+        _stop_together(CacheError(_not_shared(out, world.rank)) if unseen else None, world, device)
+    dtype = resolve_dtype(config.dtype, device)
+    placement = _teacher_placement(config, teacher_config, world, device, dtype)
+    teacher, quantization = _load_cache_teacher(config, inputs, placement, device=device, dtype=dtype)
+    shard_size = config.shard_size
+    shards = [inputs.examples[i : i + shard_size] for i in range(0, len(inputs.examples), shard_size)]
+    share = _write_shards(
+        config,
+        teacher,
+        inputs,
+        shards,
+        records,
+        out,
+        world=world,
+        placement=placement,
+        device=device,
+        dtype=dtype,
+        on_shard=on_shard,
+    )
+    del teacher
+    shares = all_gather(share, world)
+
+    def finish() -> dict[str, Any]:  # rank 0, once every rank is done
+        problem = _collect_records(out, inputs.digest, shards, shard_size, records, shares)
+        if problem is not None:
+            raise CacheError(problem)
+        manifest = _manifest(config, inputs, shards, records, teacher_dtype=dtype)
+        if quantization is not None:
+            manifest["teacher_quant"] = quantization  # distill records it as its run's teacher_quant
+        manifest |= _world_record(shares, placement, wall_s=time.perf_counter() - started)
+        kept = f"all {len(shards)} shards; run the command again"
+        with writing(out / MANIFEST, "the cache's manifest", kept=kept):
+            atomic_write_json(out / MANIFEST, manifest)  # last: its presence means the cache is complete
+        return manifest
+
+    manifest = _on_main(world, device, finish)
+    close(world)
+    return dict(manifest)
+
+
+def _on_main(world: World, device: torch.device, step: Callable[[], T]) -> T:
+    """``step()`` run by rank 0 alone, its result on every rank; a failure there stops every rank."""
+    if not world.enabled:
+        return step()
+    result, error = None, None
+    if world.is_main:
+        try:
+            result = step()
+        except Exception as err:  # the others must learn of it, not wait for rank 0 until the timeout
+            error = err
+    _stop_together(error, world, device)
+    return cast(T, broadcast(result, world))
+
+
+def _stop_together(error: BaseException | None, world: World, device: torch.device) -> None:
+    """Raise on every rank when any rank failed (each rank calls this at the same point): the failed
+    rank its own error, the others a CacheError with its message and rank."""
+    failure = first_failure(None if error is None else str(error), world, device)
+    if failure is None:
+        return
+    if error is not None:
+        raise error
+    rank, message = failure
+    raise CacheError(
+        f"rank {rank} of {world.size} failed, so every rank stopped and no manifest was written: {message}"
+    )
+
+
+def _open_output(
+    config: CacheTeacherConfig, out: Path, inputs: _Inputs
+) -> tuple[dict[str, Any] | None, dict[int, dict[str, Any]]]:
+    """Lock and prepare ``--output`` for this key (rank 0's part): the manifest of a complete, intact
+    cache (then nothing is left to do), else None and the records of the shards already complete."""
     hold(out, "cache-teacher", "--output")  # refuses a path that cannot be written, too
-    inputs = _inputs(config)
     _prepare_output(out, inputs.key, config.overwrite)
     clean_temporaries(out)  # what a killed run left half-written
     if (out / MANIFEST).is_file():
@@ -305,7 +425,7 @@ def cache_teacher(config: CacheTeacherConfig, *, on_shard: ShardCallback | None 
                 log.info(
                     "teacher cache %s is complete, matches and every shard is intact; nothing to do", out
                 )
-                return dict(manifest)
+                return dict(manifest), {}
             for name, problem in damaged:
                 log.warning(
                     "teacher cache %s: shard %s is damaged (%s); computing it again", out, name, problem
@@ -313,43 +433,64 @@ def cache_teacher(config: CacheTeacherConfig, *, on_shard: ShardCallback | None 
             (out / MANIFEST).unlink()  # incomplete again until the damaged shards are rewritten
             for name, _ in damaged:
                 (out / name).unlink(missing_ok=True)
-
     shard_size = config.shard_size
-    shards = [inputs.examples[i : i + shard_size] for i in range(0, len(inputs.examples), shard_size)]
     records: dict[int, dict[str, Any]] = {}
-    for s in range(len(shards)):
+    for s in range(-(-len(inputs.examples) // shard_size)):
         found = _complete_shard(out / _shard_name(s), inputs.digest, s * shard_size)
         if found is not None:
             records[s] = found
     if records:
-        log.info("resuming: %d of %d shards are complete", len(records), len(shards))
-    device = resolve_device(config.device)
-    dtype = resolve_dtype(config.dtype, device)
+        log.info("resuming: %d shards are complete (whichever ranks wrote them)", len(records))
+    return None, records
+
+
+def _not_shared(out: Path, rank: int) -> str:
+    return (
+        f"rank {rank} does not see {out / KEY_FILE}, which rank 0 wrote: --output must be the same "
+        "directory on every node (a filesystem they all share, at the same path)"
+    )
+
+
+def _teacher_placement(
+    config: CacheTeacherConfig, teacher_config: Any, world: World, device: torch.device, dtype: torch.dtype
+) -> str:
+    """``replicate`` or ``fsdp``: what ``--teacher-shard`` means for this launch. auto shards a teacher
+    whose dense weights exceed 80% of the GPU's memory (the rest is for the activations and the lm_head's
+    logit chunks); on a CPU, or quantized (FSDP2 cannot shard quantized tensors), it is replicated."""
+    if not world.enabled:
+        return "replicate"  # one process: nothing to shard over
+    if config.teacher_shard != "auto":
+        return config.teacher_shard
+    if device.type != "cuda" or config.teacher_quant != "none":
+        return "replicate"
+    weights = dense_weight_bytes(teacher_config, dtype)
+    memory = torch.cuda.get_device_properties(device).total_memory
+    return "fsdp" if weights > 0.8 * memory else "replicate"
+
+
+def _load_cache_teacher(
+    config: CacheTeacherConfig, inputs: _Inputs, placement: str, *, device: torch.device, dtype: torch.dtype
+) -> tuple[torch.nn.Module, dict[str, Any] | None]:
+    """The teacher, whole on ``device`` or (``fsdp``) loaded on the host and sharded across the ranks,
+    each rank's blocks on ``device`` and its lm_head whole there (see ``runtime.distributed``)."""
     # A quantized teacher's drift from its unquantized self, on the first batch of the data.
     drift_batch = collate(inputs.examples[: config.batch_size], inputs.tokenizer.pad_token_id)
+    load_on = torch.device("cpu") if placement == "fsdp" else device
     teacher, quantization = load_teacher(
-        config, config.teacher, dtype=dtype, device=device, drift_batch=drift_batch
+        config, config.teacher, dtype=dtype, device=load_on, drift_batch=drift_batch
     )
+    if placement == "fsdp":
+        fsdp_shard(*fsdp_parts(teacher))  # FSDP2 moves each rank's shards to the mesh's device
+        torch.nn.Module.to(teacher, device)  # the parts it keeps whole (the lm_head; a tied embedding)
     vocab_size = len(inputs.tokenizer)
     if logit_width(teacher) < vocab_size:
         raise CacheError(
             f"the teacher has {logit_width(teacher)} logit columns but the tokenizer {vocab_size} tokens"
         )
-    stats = _write_shards(
-        config, teacher, inputs, shards, records, out, device=device, dtype=dtype, on_shard=on_shard
-    )
-    manifest = _manifest(config, inputs, shards, records, teacher_dtype=dtype)
-    if quantization is not None:
-        manifest["teacher_quant"] = quantization  # distill records it as its run's teacher_quant
-    manifest["stats"] = {**stats, "wall_s": time.perf_counter() - started}
-    with writing(
-        out / MANIFEST, "the cache's manifest", kept=f"all {len(shards)} shards; run the command again"
-    ):
-        atomic_write_json(out / MANIFEST, manifest)  # last: its presence means the cache is complete
-    return manifest
+    return teacher, quantization
 
 
-def _inputs(config: CacheTeacherConfig) -> _Inputs:
+def _inputs(config: CacheTeacherConfig, *, progress: bool = True) -> _Inputs:
     """The data tokenized as the student's distill run will tokenize it, and the cache's key."""
     # Another tokenizer (the student's) is checked against the teacher's; the teacher's own needs no check.
     tokenizer, teacher_tokenizer = load_tokenizers(
@@ -362,7 +503,7 @@ def _inputs(config: CacheTeacherConfig) -> _Inputs:
         vocabulary = f"the vocabulary ({len(tokenizer)} tokens)"
         raise ConfigError([f"--top-k: {config.top_k} is larger than {vocabulary}"])
     _, examples, dropped = read_examples(
-        config.data, tokenizer, config, teacher_tokenizer=teacher_tokenizer, progress=True
+        config.data, tokenizer, config, teacher_tokenizer=teacher_tokenizer, progress=progress
     )
     key = run_key(config, tokenizer=tokenizer, examples=examples)
     # The layout is part of what a resumed cache must share with its first half (distill needs any k).
@@ -378,59 +519,163 @@ def _write_shards(
     records: dict[int, dict[str, Any]],
     out: Path,
     *,
+    world: World,
+    placement: str,
     device: torch.device,
     dtype: torch.dtype,
     on_shard: ShardCallback | None,
 ) -> dict[str, Any]:
-    """Compute and write every shard not in ``records`` (adding it there); returns the throughput."""
-    total = sum(_trained_positions(ex) for ex in inputs.examples)
-    done = sum(r["num_positions"] for r in records.values())
-    written_bytes = sum(r["bytes"] for r in records.values())
-    new_positions = 0
+    """Compute and write this rank's share of the shards not in ``records`` (adding them there);
+    returns the share: its shards' records, examples, tokens, seconds, peak memory and the teacher
+    parameters it held.
+
+    Every rank runs the same number of steps, one micro-batch each: a rank whose share is done idles
+    (a sharded teacher: a discarded one-token forward instead), and after each step the ranks learn
+    whether one failed, so a failure stops them all there instead of leaving the others waiting."""
+    missing = [s for s in range(len(shards)) if s not in records]
+    plan = {
+        r: [
+            (s, chosen) for s in missing[r :: world.size] for chosen in _batches(shards[s], config.batch_size)
+        ]
+        for r in range(world.size)
+    }
+    work, steps = plan[world.rank], max(len(items) for items in plan.values())
+    mine = missing[world.rank :: world.size]
+    tokens = sum(_trained_positions(ex) for s in mine for ex in shards[s])
+    examples = sum(len(shards[s]) for s in mine)
+    log.info(
+        "rank %d of %d: %d of the %d missing shards, %d examples, %d tokens (teacher %s)",
+        world.rank,
+        world.size,
+        len(mine),
+        len(missing),
+        examples,
+        tokens,
+        placement,
+    )
+    bar = tqdm(
+        total=tokens,
+        desc="cache-teacher",
+        unit="tok",
+        unit_scale=True,
+        disable=None if world.is_main else True,
+    )
+    # Without a terminal, plain lines instead of the bar (runtime/progress.py); rank 0's share only.
+    lines = ProgressLines("cache-teacher", tokens, unit="tokens", enabled=None if world.is_main else False)
+    written: dict[int, dict[str, Any]] = {}
+    per_example: dict[int, dict[int, TopKTargets]] = {s: {} for s in mine}
+    done = 0
     loop_start = time.perf_counter()
-    bar = tqdm(total=total, initial=done, desc="cache-teacher", unit="tok", unit_scale=True, disable=None)
-    # Without a terminal, plain lines instead of the bar (runtime/progress.py).
-    lines = ProgressLines("cache-teacher", total, initial=done, initial_tokens=done, unit="tokens")
-
-    def on_tokens(n: int) -> None:
-        nonlocal new_positions
-        new_positions += n
-        bar.update(n)
-        lines.update(done + new_positions, tokens=done + new_positions)
-
-    for s, examples in enumerate(shards):
-        if s in records:
-            continue
-        tensors = _shard_tensors(
-            teacher,
-            examples,
-            config=config,
-            pad_token_id=inputs.tokenizer.pad_token_id,
-            vocab_size=len(inputs.tokenizer),
-            device=device,
-            dtype=dtype,
-            on_tokens=on_tokens,
-        )
-        data = save_safetensors(tensors, metadata=_shard_metadata(inputs.digest, s * config.shard_size))
-        kept = f"{len(records)} complete shards of {len(shards)}: the same command computes only the rest"
-        with writing(out / _shard_name(s), f"teacher-cache shard {_shard_name(s)}", kept=kept):
-            atomic_write_bytes(out / _shard_name(s), data)
-        records[s] = _shard_record(_shard_name(s), int(tensors["ids"].shape[0]), data)
-        written_bytes += len(data)
+    for step in range(steps):
+        error = None
+        if step < len(work):
+            s, chosen = work[step]
+            try:
+                per_example[s] |= _batch_targets(
+                    teacher,
+                    shards[s],
+                    chosen,
+                    config=config,
+                    pad_token_id=inputs.tokenizer.pad_token_id,
+                    vocab_size=len(inputs.tokenizer),
+                    device=device,
+                    dtype=dtype,
+                )
+                done += sum(p.ids.shape[0] for i, p in per_example[s].items() if i in chosen)
+                if len(per_example[s]) == len(shards[s]):
+                    tensors = _shard_tensors(per_example.pop(s), config)
+                    kept = len(records) + len(written)
+                    written[s] = _write_shard(out, s, tensors, inputs, config, kept=kept, total=len(shards))
+                    if on_shard is not None:
+                        on_shard(s, written[s])
+            except Exception as err:  # stops every rank, below; a kill or ^C is the launcher's to spread
+                error = err
+        elif placement == "fsdp":
+            _idle_forward(teacher, device, dtype)
+        _stop_together(error, world, device)
+        bar.update(done - bar.n)
+        lines.update(done, tokens=done)
         elapsed = time.perf_counter() - loop_start
-        bar.set_postfix(
-            tok_s=f"{new_positions / max(elapsed, 1e-9):.0f}",
-            B_tok=f"{written_bytes / max(bar.n, 1):.0f}",
-            refresh=False,
-        )
-        if on_shard is not None:
-            on_shard(s, records[s])
+        bar.set_postfix(tok_s=f"{done / max(elapsed, 1e-9):.0f}", refresh=False)
     bar.close()
-    compute_s = time.perf_counter() - loop_start
     return {
-        "tokens_per_s": new_positions / max(compute_s, 1e-9),
-        "compute_s": compute_s,
-        "positions_computed_now": new_positions,
+        "rank": world.rank,
+        "shards": len(mine),
+        "examples": examples,
+        "tokens": tokens,
+        "seconds": time.perf_counter() - loop_start,
+        "peak_memory_gb": peak_memory_gb(device),  # CUDA: max allocated; CPU: the process's peak RSS
+        "teacher_parameters": local_numel(teacher),  # held by this rank: 1/world of the blocks when sharded
+        "records": written,
+    }
+
+
+def _write_shard(
+    out: Path,
+    s: int,
+    tensors: dict[str, torch.Tensor],
+    inputs: _Inputs,
+    config: CacheTeacherConfig,
+    *,
+    kept: int,
+    total: int,
+) -> dict[str, Any]:
+    """Write shard ``s`` atomically; its manifest record."""
+    data = save_safetensors(tensors, metadata=_shard_metadata(inputs.digest, s * config.shard_size))
+    name = _shard_name(s)
+    rest = f"{kept} complete shards of {total}: the same command computes only the rest"
+    with writing(out / name, f"teacher-cache shard {name}", kept=rest):
+        atomic_write_bytes(out / name, data)
+    return _shard_record(name, int(tensors["ids"].shape[0]), data)
+
+
+def _collect_records(
+    out: Path,
+    digest: str,
+    shards: list[list[Example]],
+    shard_size: int,
+    records: dict[int, dict[str, Any]],
+    shares: list[dict[str, Any]],
+) -> str | None:
+    """Rank 0: add every rank's new shards to ``records``, another rank's checked as a resumed one is
+    (the file in ``out`` read back: its key digest, first example, size and sha256 against what its rank
+    wrote); what is wrong, or None."""
+    for share in shares:
+        if share["rank"] == 0:  # its own, just written
+            records |= share["records"]
+            continue
+        for s, record in share["records"].items():
+            found = _complete_shard(out / record["file"], digest, s * shard_size)
+            if found is None or found["sha256"] != record["sha256"]:
+                return (
+                    f"shard {record['file']}, written by rank {share['rank']}, is "
+                    f"{'missing or unreadable' if found is None else 'not the file it wrote'} in {out} as "
+                    "rank 0 sees it: every rank must write the same --output directory (on several "
+                    "nodes, a filesystem they all share, at the same path). Run the command again: "
+                    "the complete shards are kept"
+                )
+            records[s] = found
+    if len(records) != len(shards):
+        absent = sorted(set(range(len(shards))) - set(records))
+        return f"shards {absent} were not written by any rank; run the command again"
+    return None
+
+
+def _world_record(shares: list[dict[str, Any]], placement: str, *, wall_s: float) -> dict[str, Any]:
+    """What the manifest records of the launch that finished the cache: its world size, the teacher's
+    placement, each rank's share of the shards it computed, and the throughput of all of them."""
+    tokens = sum(share["tokens"] for share in shares)
+    compute_s = max(share["seconds"] for share in shares)  # the ranks run side by side
+    return {
+        "world_size": len(shares),
+        "teacher_shard": placement,
+        "ranks": [{k: v for k, v in share.items() if k != "records"} for share in shares],
+        "stats": {
+            "tokens_per_s": tokens / max(compute_s, 1e-9),
+            "compute_s": compute_s,
+            "positions_computed_now": tokens,
+            "wall_s": wall_s,
+        },
     }
 
 
