@@ -332,12 +332,16 @@ def run_demo(config: DemoConfig) -> int:
     print()
     print("\n".join(verdict(results)))
     print(
-        f"\nllm-neo demo: teacher ({'reused from cache' if teacher['cached'] else 'trained'}) -> pruned "
+        f"\nllm-neo demo: teacher ({_teacher_source(teacher)}) -> pruned "
         f"student -> compare in {(time.perf_counter() - started) / 60:.1f} min; report: "
         f"{out / 'report.html'} "
         "(and report.md)"
     )
     return 0
+
+
+def _teacher_source(teacher: dict[str, Any]) -> str:
+    return "shipped" if teacher.get("shipped") else "reused from cache" if teacher["cached"] else "trained"
 
 
 def comparison(
