@@ -83,6 +83,14 @@ class DemoConfig:
     teacher_steps: int | None = field(
         default=None, metadata=option_help("Optimizer steps of the teacher's training. Default 3000.")
     )
+    train_teacher: bool = field(
+        default=False,
+        metadata=option_help(
+            "Train the teacher (about 6 minutes on 2 cores, then cached) instead of using the one shipped "
+            "with llm-neo, which was trained by this same code (its recipe, checksums and held-out score: "
+            "llm_neo/demo/teacher/teacher.json). A --seed or --teacher-steps of your own always trains."
+        ),
+    )
     seed: int = field(
         default=0,
         metadata=option_help(
@@ -290,7 +298,8 @@ def run_demo(config: DemoConfig) -> int:
     # was not trained on its distillation data either).
     train_path, distill_path, heldout_path = write_task_data(out / "data", settings, config.seed)
 
-    # --- 2. The teacher: trained once per key, then reused from the cache.
+    # --- 2. The teacher: the one shipped with llm-neo for the default demo; else (--train-teacher, or
+    # settings of the user's own) trained once per key, then reused from the cache.
     t0 = time.perf_counter()
     teacher = ensure_teacher(
         settings,
@@ -299,6 +308,7 @@ def run_demo(config: DemoConfig) -> int:
         cache=cache,
         device=config.device,
         threads=parallel * threads,
+        train=config.train_teacher,
     )
     timing["teacher_s"] = time.perf_counter() - t0
 
@@ -322,12 +332,16 @@ def run_demo(config: DemoConfig) -> int:
     print()
     print("\n".join(verdict(results)))
     print(
-        f"\nllm-neo demo: teacher ({'reused from cache' if teacher['cached'] else 'trained'}) -> pruned "
+        f"\nllm-neo demo: teacher ({_teacher_source(teacher)}) -> pruned "
         f"student -> compare in {(time.perf_counter() - started) / 60:.1f} min; report: "
         f"{out / 'report.html'} "
         "(and report.md)"
     )
     return 0
+
+
+def _teacher_source(teacher: dict[str, Any]) -> str:
+    return "shipped" if teacher.get("shipped") else "reused from cache" if teacher["cached"] else "trained"
 
 
 def comparison(
@@ -435,11 +449,15 @@ def _add_demo_facts(
     assert results.models.teacher is not None  # the demo's comparison always has its teacher
     teacher_score = results.models.teacher.accuracy
     student_score = results.models.student.accuracy
-    source = (
-        "reused from the cache"
-        if teacher["cached"]
-        else f"trained in this run in {teacher['train_time_s']:.0f} s"
-    )
+    if teacher.get("shipped"):
+        source = (
+            f"shipped with llm-neo, trained by the same code in {teacher['train_time_s']:.0f} s; "
+            "--train-teacher trains it again"
+        )
+    elif teacher["cached"]:
+        source = "reused from the cache"
+    else:
+        source = f"trained in this run in {teacher['train_time_s']:.0f} s"
     context = [
         f"The teacher: a {settings.num_layers}-block Llama (hidden {settings.hidden_size}, "
         f"{teacher['parameters']:,} parameters) trained from scratch on the task for {teacher['steps']} "
@@ -524,25 +542,32 @@ def teacher_key(settings: DemoSettings, seed: int) -> str:
 
 
 def ensure_teacher(
-    settings: DemoSettings, *, seed: int, data: Path, cache: Path, device: str, threads: int
+    settings: DemoSettings, *, seed: int, data: Path, cache: Path, device: str, threads: int, train: bool
 ) -> dict[str, Any]:
-    """The cached teacher for these settings, training (and caching) it first if there is none.
+    """The teacher for these settings: the shipped one when its key matches and ``train`` is False;
+    else the cached one, training (and caching) it first if there is none.
 
-    Returns ``{"path", "key", "cached", "parameters", "train_time_s", "steps", "curve"}``. The cache
-    entry is a standard HF model dir plus ``teacher.json``; it is written atomically, so a killed
-    first run leaves no half-written teacher for the next one to trust.
+    Returns ``{"path", "key", "cached", "shipped", "parameters", "train_time_s", "steps", "curve"}``.
+    The cache entry is a standard HF model dir plus ``teacher.json``; it is written atomically, so a
+    killed first run leaves no half-written teacher for the next one to trust.
     """
     from llm_neo.demo.task import task_corpus
     from llm_neo.models.tiny import SPECIAL_TOKENS, build_llama, build_tokenizer, save_model
 
     key = teacher_key(settings, seed)
+    if not train and (shipped := shipped_teacher(key)) is not None:
+        _say(
+            f"teacher: shipped with llm-neo ({shipped['steps']} steps, held-out exact match "
+            f"{100 * shipped['heldout']['accuracy']:.1f}%; --train-teacher trains it again)"
+        )
+        return {**shipped, "path": str(SHIPPED_TEACHER), "cached": False, "shipped": True}
     path = cache / f"teacher-{key}"
     meta_path = path / "teacher.json"
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
         trained = f"{meta['steps']} steps, trained in {meta['train_time_s']:.0f} s"
         _say(f"teacher: reused from cache {path} ({trained})")
-        return {**meta, "path": str(path), "cached": True}
+        return {**meta, "path": str(path), "cached": True, "shipped": False}
 
     _say(
         f"teacher: training a {settings.num_layers}-block Llama (hidden {settings.hidden_size}) from scratch "
@@ -566,7 +591,7 @@ def ensure_teacher(
         tokenizer,
         work / "init",
     )
-    train = DistillConfig(
+    recipe = DistillConfig(
         student=str(init),
         data=str(data),
         method="sft",
@@ -582,7 +607,7 @@ def ensure_teacher(
         device=device,
     )
     rerun = f"llm-neo distill --config {work / 'run' / 'config.yaml'} --overwrite"
-    job = Job("teacher", distill_job, train, settings.teacher_steps, work / "teacher.log", rerun)
+    job = Job("teacher", distill_job, recipe, settings.teacher_steps, work / "teacher.log", rerun)
     _say(f"teacher: its training log is {work / 'teacher.log'}")
     (summary,), cpu = run_jobs(
         [job],
@@ -612,7 +637,74 @@ def ensure_teacher(
             shutil.copy2(item, tmp / item.name)
         atomic_write_json(tmp / "teacher.json", meta)
     shutil.rmtree(work, ignore_errors=True)
-    return {**meta, "path": str(path), "cached": False}
+    return {**meta, "path": str(path), "cached": False, "shipped": False}
+
+
+# The default demo's teacher, trained by ``python -m llm_neo.demo.ship_teacher`` (ensure_teacher's own
+# training) and shipped as package data: a first demo spends no time training it.
+SHIPPED_TEACHER = Path(__file__).parent / "teacher"
+
+
+def shipped_teacher(key: str) -> dict[str, Any] | None:
+    """The shipped teacher's ``teacher.json`` when it was trained for ``key``; None otherwise (other
+    settings, or none shipped). A shipped file that does not match its recorded sha256 is a ConfigError
+    naming it: the installation is damaged."""
+    meta_path = SHIPPED_TEACHER / "teacher.json"
+    if not meta_path.is_file():
+        return None
+    meta: dict[str, Any] = json.loads(meta_path.read_text())
+    if meta.get("key") != key:
+        return None
+    for name, digest in meta["sha256"].items():
+        if _sha256(SHIPPED_TEACHER / name) != digest:
+            raise ConfigError(
+                [
+                    f"the demo's shipped teacher is damaged: {SHIPPED_TEACHER / name} does not match its "
+                    "sha256 in teacher.json; reinstall llm-neo, or pass --train-teacher to train it"
+                ]
+            )
+    return meta
+
+
+def _sha256(path: Path) -> str | None:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+
+
+def heldout_score(model_dir: Path, heldout: Path) -> dict[str, Any]:
+    """A model's exact-match score on a demo held-out split, per skill: the score the demo's comparison
+    gives it (the same greedy answers, the same answer length)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from llm_neo.eval.generate import greedy_answers
+    from llm_neo.eval.scoring import parse_score, score_answers
+    from llm_neo.models.loading import load_tokenizer
+
+    records = [json.loads(line) for line in heldout.read_text().splitlines() if line.strip()]
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tokenizer = load_tokenizer(str(model_dir), role="teacher")
+    answers = greedy_answers(
+        model, tokenizer, records, device=torch.device("cpu"), max_new_tokens=_answer_tokens(heldout)
+    )
+    return score_answers(records, answers, parse_score("exact"), category_field="skill", order=SKILLS)
+
+
+def ship(entry: Path, dest: Path, *, heldout: dict[str, Any]) -> None:
+    """Write the cache entry ``entry`` (a trained teacher) to ``dest`` as the shipped teacher: its model
+    files (every file of the model directory) and its ``teacher.json`` with the sha256 of each file and
+    its held-out score added."""
+    meta = json.loads((entry / "teacher.json").read_text())
+    meta |= {
+        "sha256": {
+            p.name: _sha256(p) for p in sorted(entry.iterdir()) if p.is_file() and p.name != "teacher.json"
+        },
+        "heldout": heldout,
+        "recipe": "python -m llm_neo.demo.ship_teacher (ensure_teacher's training, demo.run.DEFAULT, seed 0)",
+    }
+    with atomic_directory(dest) as tmp:
+        for name in meta["sha256"]:
+            shutil.copy2(entry / name, tmp / name)
+        atomic_write_json(tmp / "teacher.json", meta)
 
 
 def _loss_curve(metrics: Path) -> list[dict[str, float]]:
