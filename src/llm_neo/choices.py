@@ -42,6 +42,9 @@ COMPARISON_ORDER = ("sft", "lora", "kd", "neo")
 
 # D(teacher || student); see llm_neo.losses.divergences for the formulas.
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
+# D on the student's own samples (--on-policy): reverse KL, as MiniLLM and the Qwen3 / Thinking Machines
+# recipes use (docs/on-policy.md says why; GKD defaults to its generalized JSD).
+ON_POLICY_DIVERGENCE = "reverse_kl"
 # Liger-Kernel's fused distillation loss is a generalized JSD: beta 0 and 1 are forward and reverse KL.
 LIGER_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 
