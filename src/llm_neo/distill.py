@@ -1185,19 +1185,14 @@ def train_step(
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     kd_ratio = settings.loss.kd_ratio
-    if settings.on_policy is None:
-        ce, kd = ce_sum / max(num_tokens, 1), kd_sum / max(num_tokens, 1)
-        losses = {"loss": (1 - kd_ratio) * ce + kd_ratio * kd, "ce_loss": ce, "kd_loss": kd}
-    else:  # CE and KD per token of the data, the on-policy divergence per sampled token
-        kd_sum -= on_sum
-        off_tokens = num_tokens - on_tokens
-        losses = {
-            "loss": ((1 - kd_ratio) * ce_sum + kd_ratio * kd_sum + on_sum) / max(num_tokens, 1),
-            "ce_loss": ce_sum / max(off_tokens, 1),
-            "kd_loss": kd_sum / max(off_tokens, 1),
-            "on_policy_kd_loss": on_sum / max(on_tokens, 1),
-            "on_policy_tokens": on_tokens,
-        }
+    # CE and KD per token of the data; the on-policy divergence per sampled token
+    kd_sum -= on_sum
+    ce, kd = ce_sum / max(num_tokens - on_tokens, 1), kd_sum / max(num_tokens - on_tokens, 1)
+    losses = {"loss": (1 - kd_ratio) * ce + kd_ratio * kd, "ce_loss": ce, "kd_loss": kd}
+    if on_tokens:
+        losses["loss"] = ((1 - kd_ratio) * ce_sum + kd_ratio * kd_sum + on_sum) / num_tokens
+    if settings.on_policy is not None:
+        losses |= {"on_policy_kd_loss": on_sum / max(on_tokens, 1), "on_policy_tokens": on_tokens}
     return losses | {
         "num_tokens": num_tokens,
         "tokens_processed": processed,
