@@ -285,3 +285,62 @@ def test_text_records_have_no_prompt_to_answer(make_config, tmp_path):
     with pytest.raises(ConfigError, match=r"have no prompt \(text records"):
         distill(config)
     assert not Path(config.output_dir).exists()
+
+
+# ----------------------------------------------------------------------------------------------------
+# compare's +on-policy arms
+
+
+def test_compare_runs_on_policy_arms_beside_their_method(tmp_path, teacher_dir, student_dir):
+    from conftest import tiny_comparison
+
+    from llm_neo.commands.compare import compare
+    from llm_neo.summary import RunSummary
+
+    records = [{"instruction": f"Add {i} and 1.", "input": "", "output": str(i + 1)} for i in range(30)]
+    train = write_jsonl(tmp_path / "train.jsonl", records[:24])
+    heldout = write_jsonl(tmp_path / "heldout.jsonl", records[24:])
+    arms = ["neo", "neo+on-policy", "kd+on-policy"]
+    out = tmp_path / "out"
+    config = tiny_comparison(
+        teacher_dir,
+        student_dir,
+        out,
+        data=str(train),
+        heldout=str(heldout),
+        methods=arms,
+        seeds=1,
+        on_policy=0.5,
+        sample_temperature=0.7,
+        cache_teacher=8,  # the off-policy arm reads it; the on-policy arms run the teacher online
+    )
+    results = compare(config)
+    assert results is not None
+    groups = {g.method: g for g in results.groups}
+    assert list(groups) == arms
+    runs = {name: RunSummary.load(g.runs[0].output_dir) for name, g in groups.items()}
+    assert runs["neo"].on_policy is None and runs["neo"].teacher_cache is not None
+    for arm in ("neo+on-policy", "kd+on-policy"):
+        assert runs[arm].on_policy is not None and runs[arm].teacher_cache is None
+        assert runs[arm].on_policy.share == 0.5 and runs[arm].on_policy.sample_temperature == 0.7
+    assert runs["neo"].config["sample_temperature"] == 1.0  # the off-policy arm keeps the defaults
+    assert [p.against for p in results.paired] == ["neo+on-policy", "kd+on-policy"]
+    report = (out / "report.md").read_text()
+    assert "## On-policy arms" in report
+    assert "λ = 0.5" in report and "sampling temperature 0.7" in report and "reverse_kl" in report
+
+
+def test_compare_refuses_on_policy_options_without_an_on_policy_arm(tmp_path, teacher_dir, student_dir):
+    from conftest import tiny_comparison
+
+    from llm_neo.commands.compare import compare
+
+    train = write_jsonl(tmp_path / "train.jsonl", ALPACA * 2)
+    config = tiny_comparison(teacher_dir, student_dir, tmp_path / "out", data=str(train), sample_top_p=0.9)
+    with pytest.raises(ConfigError, match=r"--sample-top-p: the on-policy options apply to the \+on-policy"):
+        compare(config)
+    refused = tiny_comparison(
+        teacher_dir, student_dir, tmp_path / "out2", data=str(train), methods=["sft+on-policy"]
+    )
+    with pytest.raises(ConfigError, match=r"sft\+on-policy: --on-policy 1: .* not --method sft"):
+        compare(refused)

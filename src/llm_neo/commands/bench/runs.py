@@ -168,6 +168,10 @@ def parse_run(text: str, default_chunk: int, option: str = "--runs") -> RunKey:
         method, quant = parse_arm(parts[0], option=option)
     except ConfigError as err:
         raise ConfigError([f"{problem} (in {text!r})" for problem in err.problems]) from None
+    if "on_policy" in quant:  # its rows (generation's cost beside the step's) are not measured yet
+        raise ConfigError(
+            [f"{option}: {text!r}: bench has no on-policy runs yet; use compare's +on-policy arms"]
+        )
     impl = parts[1]
     try:
         chunk = int(parts[2]) if len(parts) == 3 else default_chunk
