@@ -344,3 +344,28 @@ def test_compare_refuses_on_policy_options_without_an_on_policy_arm(tmp_path, te
     )
     with pytest.raises(ConfigError, match=r"sft\+on-policy: --on-policy 1: .* not --method sft"):
         compare(refused)
+
+
+# ----------------------------------------------------------------------------------------------------
+# plan: the KV cache of the student's sampling
+
+
+def test_plan_counts_the_students_kv_cache():
+    import dataclasses
+
+    from llm_neo.commands.plan import ModelDims, RunShape, StepShape, estimate_arm
+
+    # An MHA student (kv_dim = hidden) with checkpointing: its KV cache outweighs the saved block inputs.
+    student = ModelDims(
+        parameters=10**6, linear_weights=10**6, hidden_size=64, intermediate_size=64, num_layers=64,
+        num_heads=4, kv_dim=64, vocab_size=100, lora_parameters=1000, lora_linears_per_layer=7,
+    )  # fmt: skip
+    run = RunShape(batch_size=8, seq_len=4096, compute_bytes=2, lora_r=4, gradient_checkpointing=True)
+    off = estimate_arm("neo", "chunked", StepShape(student, student, run))
+    on = estimate_arm("neo", "chunked", StepShape(student, student, dataclasses.replace(run, on_policy=True)))
+    assert on.phase == "generate" and off.phase != "generate"
+    assert on.components["activations"] == 2 * 64 * 8 * 4096 * 64 * 2  # k, v · layers · B·T · kv_dim · c
+    assert on.total > off.total
+    # The CE-only arms sample nothing.
+    sft = estimate_arm("sft", "chunked", StepShape(student, None, dataclasses.replace(run, on_policy=True)))
+    assert sft.phase != "generate"

@@ -796,9 +796,10 @@ def _sampled_batch(
     prompts = [ex.input_ids[: response_start(ex)] for ex in examples]
     # A response fits into --max-length with its prompt, as a training example is truncated to it.
     caps = [min(on_policy.max_new_tokens, run.config.max_length - len(p)) for p in prompts]
-    responses = sample_responses(
-        run.student, prompts, caps, on_policy.sampling, seed=seed, device=run.step.device
-    )
+    with autocast(run.step.device, run.step.dtype):  # the compute dtype, as the training forward
+        responses = sample_responses(
+            run.student, prompts, caps, on_policy.sampling, seed=seed, device=run.step.device
+        )
     batch = collate(
         [response_example(p, r, ex.index) for p, r, ex in zip(prompts, responses, examples, strict=True)],
         pad_token_id=on_policy.sampling.pad_id,
