@@ -762,10 +762,11 @@ def on_policy_batches(run: Run, on_policy: OnPolicySampling) -> StepBatches:
     prompts (GKD draws per batch too: a micro-batch is all samples or all data, so its loss is one
     objective).
 
-    The draw of micro-batch ``j`` of step ``s`` is Bernoulli(λ) seeded by (seed, s, j): the same on every
-    rank, since under FSDP2 every rank must join every generation; its sampling is seeded by (seed, s,
-    j, rank), so ranks answer their own prompts with their own draws. Both are pure functions of the
-    position: a resumed run draws and samples what the uninterrupted run did.
+    The draw of this rank's micro-batch ``j`` of step ``s`` is Bernoulli(λ) seeded by (seed, s, j): the
+    same on every rank, since under FSDP2 every rank must join every generation; its sampling is seeded
+    by (seed, s, k), k its global micro-batch index (which encodes j and the rank), so ranks answer their
+    own prompts with their own draws, and at λ = 1 two processes sample what one process does. Both are
+    pure functions of the position: a resumed run draws and samples what the uninterrupted run did.
     """
     config, world = run.config, run.world
     per_step = config.grad_accum * world.size
@@ -779,9 +780,8 @@ def on_policy_batches(run: Run, on_policy: OnPolicySampling) -> StepBatches:
             if float(draw) >= on_policy.share:  # share 1: every draw in [0, 1) is below it
                 out.append(_collate(examples, pad, None))
             else:
-                out.append(
-                    _sampled_batch(run, on_policy, examples, seed_of(config.seed, step, j, world.rank))
-                )
+                k = first + world.rank + j * world.size  # as _step_examples numbers them
+                out.append(_sampled_batch(run, on_policy, examples, seed_of(config.seed, step, k)))
         return out
 
     return batches

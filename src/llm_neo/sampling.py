@@ -89,8 +89,8 @@ def sample_responses(
     """One response of ``model`` per prompt, at most ``caps[i]`` (>= 1) tokens long, drawn with torch's
     RNG seeded with ``seed`` (forked: the caller's RNG state is left as it was).
 
-    The prompts are left-padded into one batch and decoded by ``model.generate`` with the KV cache, in
-    eval mode (no dropout: the policy sampled is the one that will be deployed; the mode is restored
+    The prompts are left-padded into one batch and decoded by ``model.generate`` with the KV cache, under
+    ``torch.inference_mode()`` (``no_grad`` when ``sampling.synced``: FSDP2), in eval mode (no dropout: the policy sampled is the one that will be deployed; the mode is restored
     after). Each row is cut after its first stop token or at its own cap.
     """
     width = max(len(p) for p in prompts)
@@ -114,7 +114,10 @@ def sample_responses(
     model.eval()
     devices = [device] if device.type == "cuda" else []
     try:
-        with torch.random.fork_rng(devices=devices), torch.inference_mode():
+        # Under FSDP2 no_grad, not inference mode: the all-gathered weight buffers FSDP2 reuses in the
+        # training forward must not become inference tensors (an in-place update of one is refused).
+        grad_off = torch.no_grad() if sampling.synced else torch.inference_mode()
+        with torch.random.fork_rng(devices=devices), grad_off:
             torch.manual_seed(seed)
             out = model.generate(
                 input_ids=input_ids.to(device),
