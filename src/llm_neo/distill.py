@@ -1096,7 +1096,12 @@ def _record(run: Run, last: dict[str, float], progress: tuple[Any, ProgressLines
     bar.update(1)
     loss = f"loss {last['loss']:.4f}"
     if run.step.loss.kd_ratio > 0:
-        loss += f" (ce {last['ce_loss']:.4f}, kd {last['kd_loss']:.4f})"
+        loss += f" (ce {last['ce_loss']:.4f}, kd {last['kd_loss']:.4f}"
+        if "on_policy_kd_loss" in last:  # per sampled token; ce and kd are per data token
+            loss += (
+                f", on-policy kd {last['on_policy_kd_loss']:.4f}, generating {last['generation_share']:.0%}"
+            )
+        loss += ")"
     lines.update(step, tokens=int(last["tokens"]), details=loss)
 
 

@@ -89,9 +89,10 @@ def sample_responses(
     """One response of ``model`` per prompt, at most ``caps[i]`` (>= 1) tokens long, drawn with torch's
     RNG seeded with ``seed`` (forked: the caller's RNG state is left as it was).
 
-    The prompts are left-padded into one batch and decoded by ``model.generate`` with the KV cache, under
-    ``torch.inference_mode()`` (``no_grad`` when ``sampling.synced``: FSDP2), in eval mode (no dropout: the policy sampled is the one that will be deployed; the mode is restored
-    after). Each row is cut after its first stop token or at its own cap.
+    The prompts are left-padded into one batch and decoded by ``model.generate`` with the KV cache,
+    under ``torch.inference_mode()`` (``no_grad`` when ``sampling.synced``: FSDP2), in eval mode (no
+    dropout: the policy sampled is the one that will be deployed; the mode is restored after). Each row
+    is cut after its first stop token or at its own cap.
     """
     width = max(len(p) for p in prompts)
     input_ids = torch.full((len(prompts), width), sampling.pad_id, dtype=torch.long)  # [B, T], left-padded
