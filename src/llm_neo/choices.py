@@ -77,9 +77,9 @@ TRACKERS = ("tensorboard", "wandb", "mlflow")
 # Variants of an arm, joined to its method with "+": neo+int8-teacher, lora+nf4-student,
 # neo+int8-teacher+nf4-student (compare's --methods, bench's --runs). Each sets one quantization option,
 # or (neo+on-policy, kd+on-policy; compare only) turns on-policy distillation on: compare sets its λ.
-ON_POLICY_VARIANT = "on-policy"
-ARM_VARIANTS: dict[str, tuple[str, str]] = {
+QUANT_VARIANTS: dict[str, tuple[str, str]] = {
     **{f"{kind}-teacher": ("teacher_quant", kind) for kind in TEACHER_QUANT if kind != "none"},
     **{f"{kind}-student": ("student_quant", kind) for kind in STUDENT_QUANT if kind != "none"},
-    ON_POLICY_VARIANT: ("on_policy", "on"),
 }
+ON_POLICY_VARIANT = "on-policy"
+ARM_VARIANTS: dict[str, tuple[str, str]] = {**QUANT_VARIANTS, ON_POLICY_VARIANT: ("on_policy", "on")}

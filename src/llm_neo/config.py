@@ -698,7 +698,7 @@ def arm_name(method: str, teacher_quant: str = "none", student_quant: str = "non
     """The arm as ``--methods`` spells it: ``neo``, ``neo+int8-teacher``, ``neo+int8-teacher+nf4-student``
     (``parse_arm``'s inverse)."""
     options = {"teacher_quant": teacher_quant, "student_quant": student_quant}
-    return "+".join([method, *(v for v, (key, kind) in ARM_VARIANTS.items() if options[key] == kind)])
+    return "+".join([method, *(v for v, (key, kind) in ARM_VARIANTS.items() if options.get(key) == kind)])
 
 
 def check_quantization(problems: list[str], config: TrainOptions) -> None:

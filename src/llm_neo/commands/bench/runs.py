@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from llm_neo.choices import ARM_VARIANTS, METHOD_NAMES, METHODS
+from llm_neo.choices import METHOD_NAMES, METHODS, QUANT_VARIANTS
 from llm_neo.config import MLP_CHUNKS_HELP, DeviceOptions, arm_name, parse_arm
 from llm_neo.options import option_help
 
@@ -33,7 +33,7 @@ class BenchConfig(DeviceOptions):
         metadata=option_help(
             "Step runs as ARM:IMPL[:CHUNK]: ARM a method (kd, neo, sft, lora) or a quantized variant as "
             "llm-neo compare spells it (neo+int8-teacher, neo+nf4-student, neo+int8-teacher+nf4-student; "
-            f"variants {', '.join(ARM_VARIANTS)}), IMPL plain or chunked. kd:plain, the baseline of every "
+            f"variants {', '.join(QUANT_VARIANTS)}), IMPL plain or chunked. kd:plain, the baseline of every "
             "ratio, is always run."
         ),
     )
