@@ -908,6 +908,8 @@ def _step_metrics(run: Run, result: dict[str, float], seconds: float) -> dict[st
     } | {k: result[k] for k in ("on_policy_kd_loss", "on_policy_tokens") if k in result}
 
 
+# The last step's losses summary.json keeps (on_policy_kd_loss: on-policy runs).
+FINAL_LOSSES = ("loss", "ce_loss", "kd_loss", "on_policy_kd_loss")
 # What the on-policy micro-batches of a run cost, summed over its steps (Progress.on_policy's keys).
 GENERATION_TOTALS = ("seconds", "step_seconds", "samples", "tokens", "capped", "micro_batches", "sampled")
 
@@ -1308,7 +1310,7 @@ def finish(run: Run, trained: Trained) -> RunSummary:
         tokens_trained=run.progress.tokens,
         tokens_processed=run.progress.tokens_processed,
         samples={k: run.samples[k] for k in ("train", "heldout", "dropped")},
-        final={k: trained.last[k] for k in ("loss", "ce_loss", "kd_loss")} if trained.last else {},
+        final={k: trained.last[k] for k in FINAL_LOSSES if k in trained.last} if trained.last else {},
         heldout=metrics,
         heldout_reference=reference,
         teacher_cache=None

@@ -51,7 +51,7 @@ class RunSummary:
     steps: int  # optimizer steps done
     tokens_trained: int
     samples: dict[str, int]  # train, heldout, dropped
-    final: dict[str, float]  # the last step's loss, ce_loss, kd_loss
+    final: dict[str, float]  # the last step's loss, ce_loss, kd_loss (and on_policy_kd_loss: --on-policy)
     heldout: dict[str, float]  # ce, perplexity, kl_to_teacher, top1_agreement, tokens (empty: no split)
     # What kl_to_teacher / top1_agreement were measured against: "teacher", "teacher_cache" (the cache's
     # top-k + tail buckets, a lower bound of the dense KL) or None.
