@@ -845,8 +845,9 @@ def _steps(run: Run, loop: _Loop, *, until: int) -> dict[str, float]:
     last: dict[str, float] = {}
     while progress.step < min(until, run.total_steps):
         step_start = time.perf_counter()
-        micro = loop.batches(progress.micro_batches)
+        micro: list[dict[str, torch.Tensor]] = []
         try:
+            micro = loop.batches(progress.micro_batches)  # on-policy: the student generates here
             result = train_step(
                 run.student,
                 run.teacher,
@@ -872,7 +873,9 @@ def _steps(run: Run, loop: _Loop, *, until: int) -> dict[str, float]:
             lengths = [int(b["input_ids"].shape[1]) for b in micro]
             del micro
             _release_memory(run)
-            raise out_of_memory(run, progress.step + 1, max(lengths, default=0), err) from err
+            # No batch yet: the student ran out while generating, up to --max-length tokens.
+            length = max(lengths, default=config.max_length)
+            raise out_of_memory(run, progress.step + 1, length, err) from err
         progress.step += 1
         progress.micro_batches += per_step
         progress.tokens += int(result["num_tokens"])

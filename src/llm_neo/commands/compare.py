@@ -551,7 +551,7 @@ def _arm_config(config: CompareConfig, arm: str, seed: int, data: str, output_di
     """One arm: the shared training options, with the arm's method, quantization, seed, learning rate
     (its method's) and output."""
     method, variants = parse_arm(arm)
-    quantization = {k: v for k, v in variants.items() if k in ("teacher_quant", "student_quant")}
+    quantization = _quantization(variants)
     shared = {f.name: getattr(config, f.name) for f in dataclasses.fields(TrainOptions)}
     shared |= _on_policy_options(config, "on_policy" in variants)
     # Local paths absolute: the arm's config.yaml, and the command that reruns it, work from anywhere.
@@ -571,6 +571,11 @@ def _arm_config(config: CompareConfig, arm: str, seed: int, data: str, output_di
         seed=seed,
         output_dir=str(output_dir.expanduser().resolve()),
     )
+
+
+def _quantization(variants: dict[str, str]) -> dict[str, str]:
+    """The quantization options among an arm's variants (``parse_arm``'s): +on-policy is not one."""
+    return {k: v for k, v in variants.items() if k in ("teacher_quant", "student_quant")}
 
 
 def _differs(config: CompareConfig, name: str) -> bool:
@@ -1044,7 +1049,8 @@ def _groups(
                 for arm in plan.arms
                 if arm.method == method and arm.records == records
             ]
-            base, quantization = parse_arm(method)
+            base, variants = parse_arm(method)
+            quantization = _quantization(variants)
             group = ArmGroup(method, base, quantization, records, runs, _group_stats(runs))
             groups.append(group)
     return groups
