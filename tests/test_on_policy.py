@@ -369,3 +369,15 @@ def test_plan_counts_the_students_kv_cache():
     # The CE-only arms sample nothing.
     sft = estimate_arm("sft", "chunked", StepShape(student, None, dataclasses.replace(run, on_policy=True)))
     assert sft.phase != "generate"
+
+
+def test_running_out_of_memory_while_generating_is_the_steps_out_of_memory(make_config, monkeypatch):
+    from llm_neo.errors import OutOfMemory
+
+    def runs_out(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(recipe, "sample_responses", runs_out)
+    config = make_config(name="oom", on_policy=1.0, max_length=64)
+    with pytest.raises(OutOfMemory, match=r"step 1 ran out of host memory .* sequences up to 64 tokens"):
+        distill(config)
