@@ -36,9 +36,19 @@ def written(record: dict, prefix: str = "") -> set[str]:
 
 def test_every_key_of_summary_and_eval_json_is_documented(tmp_path, student_dir, teacher_dir, alpaca_jsonl):
     common = ["--teacher", str(teacher_dir), "--data", str(alpaca_jsonl), "-q"]
-    for method in ("neo", "sft"):  # a merge check that applies, and one that does not
-        out = tmp_path / method
-        args = ["distill", "--student", str(student_dir), "--method", method, "--output-dir", str(out)]
+    # A merge check that applies, one that does not, and an on-policy run (its generation cost).
+    for method, extra in (("neo", []), ("sft", []), ("neo", ["--on-policy", "1"])):
+        out = tmp_path / (f"{method}-on-policy" if extra else method)
+        args = [
+            "distill",
+            "--student",
+            str(student_dir),
+            "--method",
+            method,
+            "--output-dir",
+            str(out),
+            *extra,
+        ]
         assert main([*args, *common, "--max-steps", "1", "--lora.r", "4", "--eval-fraction", "0.25"]) == 0
         summary = json.loads((out / "summary.json").read_text())
         missing = written(summary) - documented("summary.json")

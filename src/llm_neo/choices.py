@@ -42,6 +42,9 @@ COMPARISON_ORDER = ("sft", "lora", "kd", "neo")
 
 # D(teacher || student); see llm_neo.losses.divergences for the formulas.
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
+# D on the student's own samples (--on-policy): reverse KL, as MiniLLM and the Qwen3 / Thinking Machines
+# recipes use (docs/on-policy.md says why; GKD defaults to its generalized JSD).
+ON_POLICY_DIVERGENCE = "reverse_kl"
 # Liger-Kernel's fused distillation loss is a generalized JSD: beta 0 and 1 are forward and reverse KL.
 LIGER_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 
@@ -73,9 +76,12 @@ EXPORT_SPECS = (*(f"gguf:{t}" for t in GGUF_TYPES), "int8")
 # Experiment trackers of --report-to (llm_neo.runtime.tracking), beside metrics.jsonl.
 TRACKERS = ("tensorboard", "wandb", "mlflow")
 
-# Quantized variants of an arm, joined to its method with "+": neo+int8-teacher, lora+nf4-student,
-# neo+int8-teacher+nf4-student (compare's --methods, bench's --runs). Each sets one quantization option.
-ARM_VARIANTS: dict[str, tuple[str, str]] = {
+# Variants of an arm, joined to its method with "+": neo+int8-teacher, lora+nf4-student,
+# neo+int8-teacher+nf4-student (compare's --methods, bench's --runs). Each sets one quantization option,
+# or (neo+on-policy, kd+on-policy; compare only) turns on-policy distillation on: compare sets its λ.
+QUANT_VARIANTS: dict[str, tuple[str, str]] = {
     **{f"{kind}-teacher": ("teacher_quant", kind) for kind in TEACHER_QUANT if kind != "none"},
     **{f"{kind}-student": ("student_quant", kind) for kind in STUDENT_QUANT if kind != "none"},
 }
+ON_POLICY_VARIANT = "on-policy"
+ARM_VARIANTS: dict[str, tuple[str, str]] = {**QUANT_VARIANTS, ON_POLICY_VARIANT: ("on_policy", "on")}

@@ -28,6 +28,7 @@ from llm_neo.choices import (
     DTYPES,
     EXPORT_SPECS,
     FULL_PARAMETER_LR,
+    KD_METHODS,
     LIGER_DIVERGENCES,
     LOGPROB_DTYPES,
     LORA_LR,
@@ -35,6 +36,7 @@ from llm_neo.choices import (
     LOSS_IMPLS,
     METHOD_NAMES,
     METHODS,
+    ON_POLICY_DIVERGENCE,
     QLORA_VARIANTS,
     STUDENT_QUANT,
     TEACHER_QUANT,
@@ -277,6 +279,43 @@ class TrainOptions(TeacherQuantOptions, TokenizeOptions, LoadOptions):
     )
     skew_alpha: float = field(
         default=0.1, metadata=option_help("α of the skew KL divergences, in [0, 1).", group=LOSS)
+    )
+    # --- on-policy (docs/on-policy.md) ---------------------------------------------------------------
+    on_policy: float = field(
+        default=0.0,
+        metadata=option_help(
+            "On-policy share λ in [0, 1] (kd, neo): each micro-batch is, with probability λ, the "
+            "student's own responses to its prompts, trained on --on-policy-divergence alone (no CE: "
+            "a sample has no label); the others train on the data as usual. 0: off.",
+            group=LOSS,
+        ),
+    )
+    on_policy_divergence: str = field(
+        default=ON_POLICY_DIVERGENCE,
+        metadata=option_help(
+            "D(teacher||student) on the student's samples. Default reverse_kl, as MiniLLM and the "
+            "Qwen3 / Thinking Machines recipes use: mode-seeking, and on the student's own samples the "
+            "per-token part of the sequence-level reverse KL (GKD's default is jsd).",
+            choices=DIVERGENCES,
+            group=LOSS,
+        ),
+    )
+    sample_temperature: float = field(
+        default=1.0,
+        metadata=option_help(
+            "On-policy sampling temperature (0: greedy); not the KD term's --kd-temperature.", group=LOSS
+        ),
+    )
+    sample_top_p: float = field(
+        default=1.0, metadata=option_help("On-policy nucleus sampling: top-p in (0, 1].", group=LOSS)
+    )
+    sample_max_new_tokens: int | None = field(
+        default=None,
+        metadata=option_help(
+            "Cap of an on-policy response in tokens (also capped by --max-length minus its prompt). "
+            "Default: the longest training response.",
+            group=LOSS,
+        ),
     )
     # --- run --------------------------------------------------------------------------------------
     save_every: int = field(
@@ -671,7 +710,7 @@ def arm_name(method: str, teacher_quant: str = "none", student_quant: str = "non
     """The arm as ``--methods`` spells it: ``neo``, ``neo+int8-teacher``, ``neo+int8-teacher+nf4-student``
     (``parse_arm``'s inverse)."""
     options = {"teacher_quant": teacher_quant, "student_quant": student_quant}
-    return "+".join([method, *(v for v, (key, kind) in ARM_VARIANTS.items() if options[key] == kind)])
+    return "+".join([method, *(v for v, (key, kind) in ARM_VARIANTS.items() if options.get(key) == kind)])
 
 
 def check_quantization(problems: list[str], config: TrainOptions) -> None:
@@ -773,8 +812,65 @@ def validate_distill(config: DistillConfig) -> None:
         )
     if c.lora.target_modules is not None and not c.lora.target_modules:
         p.append("--lora.target-modules: give at least one module name, or omit it for the default")
+    check_on_policy(p, c)
     if p:
         raise ConfigError(p)
+
+
+# The sampling options, which mean something only with --on-policy.
+ON_POLICY_OPTIONS = ("on_policy_divergence", "sample_temperature", "sample_top_p", "sample_max_new_tokens")
+
+
+def check_on_policy(p: list[str], c: DistillConfig) -> None:
+    """The on-policy options' ranges, and what on-policy distillation cannot be combined with."""
+    top_p, cap = c.sample_top_p, c.sample_max_new_tokens
+    check_ranges(
+        p,
+        [
+            (
+                "on-policy",
+                c.on_policy,
+                0 <= c.on_policy <= 1,
+                "in [0, 1] (the share of on-policy micro-batches)",
+            ),
+            ("sample-temperature", c.sample_temperature, c.sample_temperature >= 0, ">= 0 (0: greedy)"),
+            ("sample-top-p", top_p, 0 < top_p <= 1, "in (0, 1]"),
+            ("sample-max-new-tokens", cap, cap is None or cap >= 1, ">= 1"),
+        ],
+    )
+    if c.on_policy == 0:
+        given = [
+            flag_name(f.name)
+            for f in dataclasses.fields(c)
+            if f.name in ON_POLICY_OPTIONS and getattr(c, f.name) != f.default
+        ]
+        if given:
+            verb = "sets" if len(given) == 1 else "set"
+            p.append(f"{', '.join(given)} {verb} the on-policy sampling: add --on-policy λ (> 0), or drop it")
+        return
+    on = f"--on-policy {c.on_policy:g}"
+    if c.method not in KD_METHODS:
+        p.append(
+            f"{on}: the teacher scores the student's samples, so it applies to the KD methods "
+            f"({', '.join(KD_METHODS)}), not --method {c.method}; use --method neo or kd, or drop it"
+        )
+    elif c.kd_ratio == 0:
+        p.append(f"{on}: --kd-ratio 0 turns the teacher off; give --kd-ratio > 0 or drop --on-policy")
+    if c.teacher_cache:
+        p.append(
+            f"{on}: --teacher-cache holds the teacher's targets on the data's responses and cannot score "
+            "the student's new samples; give --teacher instead of --teacher-cache"
+        )
+    if c.train_on_prompt:
+        p.append(
+            f"{on}: the student answers each record's prompt, which --train-on-prompt trains on as well; "
+            "drop --train-on-prompt"
+        )
+    if c.loss_impl == "liger" and c.on_policy_divergence not in LIGER_DIVERGENCES:
+        p.append(
+            f"--loss-impl liger computes {', '.join(LIGER_DIVERGENCES)}, not --on-policy-divergence "
+            f"{c.on_policy_divergence}; use --loss-impl chunked for it"
+        )
 
 
 def _check_liger(p: list[str], c: DistillConfig) -> None:

@@ -20,6 +20,7 @@ so SFT, LoRA, KD and Neo differ only where the table says and are comparable on 
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import functools
 import json
@@ -28,7 +29,7 @@ import math
 import os
 import shlex
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,7 +146,16 @@ from llm_neo.runtime.memory import GiB, LiveTensorBytes, peak_memory_gb, return_
 from llm_neo.runtime.progress import ProgressLines
 from llm_neo.runtime.stop import StopRequest, agreed, graceful_stop
 from llm_neo.runtime.tracking import Trackers, open_trackers
-from llm_neo.summary import SUMMARY_FILE, RunSummary
+from llm_neo.sampling import (
+    Sampling,
+    longest_response,
+    response_example,
+    response_start,
+    sample_responses,
+    seed_of,
+    stop_token_ids,
+)
+from llm_neo.summary import SUMMARY_FILE, OnPolicySummary, RunSummary
 from llm_neo.teacher_cache.key import check_key, run_key
 from llm_neo.teacher_cache.store import TeacherCache, batch_targets, open_cache, unpack_targets
 
@@ -167,6 +177,9 @@ class StepSettings:
     impl: str = "chunked"  # chunked | plain | liger
     max_grad_norm: float = 1.0
     world: World = field(default_factory=World)
+    # The loss of an on-policy micro-batch: the on-policy divergence alone (kd_ratio 1: a sample has no
+    # label to take CE against); None off-policy.
+    on_policy: LossOptions | None = None
 
 
 @dataclass
@@ -197,6 +210,16 @@ class Run:
     started: float
     fingerprint: Fingerprint  # what the run depends on, written into every checkpoint
     trackers: Trackers = field(default_factory=Trackers)  # --report-to (rank 0); none by default
+    sampling: OnPolicySampling | None = None  # --on-policy: how the student's responses are drawn
+
+
+@dataclass(frozen=True)
+class OnPolicySampling:
+    """--on-policy's resolved sampling: the share λ, how responses are drawn, their cap."""
+
+    share: float
+    sampling: Sampling
+    max_new_tokens: int  # --sample-max-new-tokens, or the longest training response
 
 
 @dataclass
@@ -283,6 +306,7 @@ def setup(config: DistillConfig) -> Run:
         config.max_length,
     )
     cache = _open_teacher_cache(config, tokenizer, examples)
+    sampling = on_policy_sampling(config, tokenizer, train_split, world)
     fingerprint = run_fingerprint(config, cache)
     if resume_from is not None:  # before any weight loads: a changed input is refused at once
         check_fingerprint(resume_from, fingerprint, world)
@@ -359,7 +383,45 @@ def setup(config: DistillConfig) -> Run:
         export_dtype=export_dtype,
         started=started,
         fingerprint=fingerprint,
+        sampling=sampling,
     )
+
+
+def on_policy_sampling(
+    config: DistillConfig, tokenizer: Any, train: list[Example], world: World
+) -> OnPolicySampling | None:
+    """--on-policy's sampling, resolved from the options and the training split (the stop tokens, the
+    default cap); ConfigError when a training example has no prompt to answer (text records)."""
+    if config.on_policy == 0:
+        return None
+    promptless = sum(1 for ex in train if response_start(ex) == 0)
+    if promptless:
+        raise ConfigError(
+            [
+                f"--on-policy {config.on_policy:g}: {promptless} of {len(train)} training examples have no "
+                "prompt (text records train on every token), so the student has nothing to answer; use "
+                "records with a response (alpaca, chat, prompt/completion) or drop --on-policy"
+            ]
+        )
+    sampling = Sampling(
+        temperature=config.sample_temperature,
+        top_p=config.sample_top_p,
+        stop_ids=tuple(stop_token_ids(tokenizer, train)),
+        pad_id=int(tokenizer.pad_token_id),
+        synced=world.enabled,  # FSDP2 all-gathers in every forward: the ranks decode in lockstep
+    )
+    cap = config.sample_max_new_tokens or longest_response(train)
+    log.info(
+        "on-policy: a %g share of micro-batches sampled from the student (T %g, top-p %g, up to %d new "
+        "tokens, stop at %s), trained on %s",
+        config.on_policy,
+        sampling.temperature,
+        sampling.top_p,
+        cap,
+        ", ".join(tokenizer.convert_ids_to_tokens(list(sampling.stop_ids))),
+        config.on_policy_divergence,
+    )
+    return OnPolicySampling(config.on_policy, sampling, cap)
 
 
 def run_fingerprint(config: DistillConfig, cache: TeacherCache | None) -> Fingerprint:
@@ -597,7 +659,10 @@ def step_settings(
         kd_vocab_size=kd_vocab,
         chunk_size=config.loss_chunk_size,
     )
-    return StepSettings(device, dtype, options, config.loss_impl, config.max_grad_norm, world)
+    on_policy = None
+    if config.on_policy > 0:
+        on_policy = dataclasses.replace(options, kd_ratio=1.0, divergence=config.on_policy_divergence)
+    return StepSettings(device, dtype, options, config.loss_impl, config.max_grad_norm, world, on_policy)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -635,7 +700,8 @@ def train(run: Run, *, on_step: StepCallback | None = None) -> Trained:
     run.student.train()
     plan = "finishing the current optimizer step, then writing a checkpoint and stopping"
     with graceful_stop(plan) as stop:
-        loop = _Loop(data_batches(run), bar, lines, _Clock(time.perf_counter()), stop, on_step)
+        batches = data_batches(run) if run.sampling is None else on_policy_batches(run, run.sampling)
+        loop = _Loop(batches, bar, lines, _Clock(time.perf_counter()), stop, on_step)
         try:
             # The first steps under the live-tensor counter (CPU, one process), the rest without its overhead.
             with tracker or nullcontext():
@@ -661,28 +727,86 @@ class _Clock:
 
 
 # The micro-batches of one optimizer step, this rank's share, given the global index of the step's first
-# micro-batch. A pure function of that position (with the run's data and seed), so a resumed run trains
-# on what the uninterrupted one would have by construction. Today the data's examples, collated
-# (``data_batches``); on-policy distillation's producer will sample the student's own completions.
+# micro-batch. A pure function of that position (with the run's data and seed, and for on-policy
+# micro-batches the student's weights at that step), so a resumed run trains on what the uninterrupted
+# one would have by construction: the data's examples, collated (``data_batches``), or on a λ share of
+# micro-batches the student's own responses to their prompts (``on_policy_batches``).
 StepBatches = Callable[[int], list[dict[str, torch.Tensor]]]
 
 
-def data_batches(run: Run) -> StepBatches:
-    """The run's training examples in the seeded epoch order (``data.micro_batch``), collated with
-    their cached teacher targets when the run reads a cache."""
+def _step_examples(run: Run, first: int) -> list[list[Example]]:
+    """This rank's micro-batches of the step whose first micro-batch is ``first``, as examples in the
+    seeded epoch order (``data.micro_batch``)."""
     config, world = run.config, run.world
     per_step = config.grad_accum * world.size  # micro-batches of one optimizer step, all ranks together
+    # Every rank walks the same global sequence of micro-batches and trains on its own share of it.
+    return [
+        micro_batch(run.train, config.batch_size, config.seed, k)
+        for k in range(first + world.rank, first + per_step, world.size)
+    ]
+
+
+def data_batches(run: Run) -> StepBatches:
+    """The run's training examples in the seeded epoch order, collated with their cached teacher targets
+    when the run reads a cache."""
     cache = run.cache if run.step.loss.kd_ratio > 0 else None
+    pad = run.tokenizer.pad_token_id
+    return lambda first: [_collate(examples, pad, cache) for examples in _step_examples(run, first)]
+
+
+def on_policy_batches(run: Run, on_policy: OnPolicySampling) -> StepBatches:
+    """The data's micro-batches, of which a λ share is replaced by the student's responses to the same
+    prompts (GKD draws per batch too: a micro-batch is all samples or all data, so its loss is one
+    objective).
+
+    The draw of this rank's micro-batch ``j`` of step ``s`` is Bernoulli(λ) seeded by (seed, s, j): the
+    same on every rank, since under FSDP2 every rank must join every generation; its sampling is seeded
+    by (seed, s, k), k its global micro-batch index (which encodes j and the rank), so ranks answer their
+    own prompts with their own draws, and at λ = 1 two processes sample what one process does. Both are
+    pure functions of the position: a resumed run draws and samples what the uninterrupted run did.
+    """
+    config, world = run.config, run.world
+    per_step = config.grad_accum * world.size
     pad = run.tokenizer.pad_token_id
 
     def batches(first: int) -> list[dict[str, torch.Tensor]]:
-        # Every rank walks the same global sequence of micro-batches and trains on its own share of it.
-        return [
-            _collate(micro_batch(run.train, config.batch_size, config.seed, k), pad, cache)
-            for k in range(first + world.rank, first + per_step, world.size)
-        ]
+        step = first // per_step
+        out = []
+        for j, examples in enumerate(_step_examples(run, first)):
+            draw = torch.rand((), generator=torch.Generator().manual_seed(seed_of(config.seed, step, j)))
+            if float(draw) >= on_policy.share:  # share 1: every draw in [0, 1) is below it
+                out.append(_collate(examples, pad, None))
+            else:
+                k = first + world.rank + j * world.size  # as _step_examples numbers them
+                out.append(_sampled_batch(run, on_policy, examples, seed_of(config.seed, step, k)))
+        return out
 
     return batches
+
+
+def _sampled_batch(
+    run: Run, on_policy: OnPolicySampling, examples: Sequence[Example], seed: int
+) -> dict[str, torch.Tensor]:
+    """The micro-batch of the student's responses to ``examples``' prompts: prompt + response (right-
+    padded), labels on the response alone, and what the generation cost (``on_policy_*`` entries)."""
+    started = time.perf_counter()
+    prompts = [ex.input_ids[: response_start(ex)] for ex in examples]
+    # A response fits into --max-length with its prompt, as a training example is truncated to it.
+    caps = [min(on_policy.max_new_tokens, run.config.max_length - len(p)) for p in prompts]
+    with autocast(run.step.device, run.step.dtype):  # the compute dtype, as the training forward
+        responses = sample_responses(
+            run.student, prompts, caps, on_policy.sampling, seed=seed, device=run.step.device
+        )
+    batch = collate(
+        [response_example(p, r, ex.index) for p, r, ex in zip(prompts, responses, examples, strict=True)],
+        pad_token_id=on_policy.sampling.pad_id,
+    )
+    return batch | {
+        "on_policy": torch.tensor(True),
+        "on_policy_tokens": torch.tensor(sum(len(r.tokens) for r in responses)),
+        "on_policy_capped": torch.tensor(sum(not r.ended for r in responses)),
+        "on_policy_seconds": torch.tensor(time.perf_counter() - started, dtype=torch.float64),
+    }
 
 
 @dataclass
@@ -718,8 +842,9 @@ def _steps(run: Run, loop: _Loop, *, until: int) -> dict[str, float]:
     last: dict[str, float] = {}
     while progress.step < min(until, run.total_steps):
         step_start = time.perf_counter()
-        micro = loop.batches(progress.micro_batches)
+        micro: list[dict[str, torch.Tensor]] = []
         try:
+            micro = loop.batches(progress.micro_batches)  # on-policy: the student generates here
             result = train_step(
                 run.student,
                 run.teacher,
@@ -745,13 +870,17 @@ def _steps(run: Run, loop: _Loop, *, until: int) -> dict[str, float]:
             lengths = [int(b["input_ids"].shape[1]) for b in micro]
             del micro
             _release_memory(run)
-            raise out_of_memory(run, progress.step + 1, max(lengths, default=0), err) from err
+            # No batch yet: the student ran out while generating, up to --max-length tokens.
+            length = max(lengths, default=config.max_length)
+            raise out_of_memory(run, progress.step + 1, length, err) from err
         progress.step += 1
         progress.micro_batches += per_step
         progress.tokens += int(result["num_tokens"])
         if progress.tokens_processed is not None:
             progress.tokens_processed += int(result["tokens_processed"])
         last = _step_metrics(run, result, time.perf_counter() - step_start)
+        if run.sampling is not None:
+            last |= generation_cost(run, micro, time.perf_counter() - step_start)
         progress.last = last  # in the checkpoint: a resume at the last step still reports it
         _record(run, last, (loop.bar, loop.lines))
         saved = None
@@ -776,7 +905,51 @@ def _step_metrics(run: Run, result: dict[str, float], seconds: float) -> dict[st
         "tokens": run.progress.tokens,
         "tokens_per_s": result["num_tokens"] / seconds,
         "peak_memory_gb": peak_memory_gb(run.step.device),
+    } | {k: result[k] for k in ("on_policy_kd_loss", "on_policy_tokens") if k in result}
+
+
+# The last step's losses summary.json keeps (on_policy_kd_loss: on-policy runs).
+FINAL_LOSSES = ("loss", "ce_loss", "kd_loss", "on_policy_kd_loss")
+# What the on-policy micro-batches of a run cost, summed over its steps (Progress.on_policy's keys).
+GENERATION_TOTALS = ("seconds", "step_seconds", "samples", "tokens", "capped", "micro_batches", "sampled")
+
+
+def generation_cost(run: Run, micro: list[dict[str, torch.Tensor]], seconds: float) -> dict[str, float]:
+    """The step's generation cost (metrics.jsonl keys), all ranks together; adds it to the run's totals.
+
+    ``generation_share``: the share of the step's wall time spent generating (the ranks' mean);
+    ``generated_tokens_per_s``; ``mean_generated_length``; ``capped_share``: the share of samples that
+    hit their cap without an end-of-turn token; ``on_policy_micro_batches``: sampled micro-batches.
+    """
+    world, device = run.world, run.step.device
+    sampled = [b for b in micro if "on_policy" in b]
+    step = {
+        "seconds": all_reduce_sum(sum(float(b["on_policy_seconds"]) for b in sampled), world, device)
+        / world.size,
+        "step_seconds": seconds,
+        "samples": all_reduce_sum(sum(int(b["input_ids"].shape[0]) for b in sampled), world, device),
+        "tokens": all_reduce_sum(sum(int(b["on_policy_tokens"]) for b in sampled), world, device),
+        "capped": all_reduce_sum(sum(int(b["on_policy_capped"]) for b in sampled), world, device),
+        "micro_batches": float(len(micro) * world.size),
+        "sampled": all_reduce_sum(float(len(sampled)), world, device),
     }
+    totals = run.progress.on_policy or dict.fromkeys(GENERATION_TOTALS, 0.0)
+    run.progress.on_policy = {k: totals.get(k, 0.0) + step[k] for k in GENERATION_TOTALS}
+    return cost_record(step)
+
+
+def cost_record(totals: dict[str, float]) -> dict[str, float]:
+    """The generation cost of ``totals`` (a step's, or a run's) as metrics.jsonl and summary.json show
+    it; the per-sample figures only where there were samples."""
+    record = {
+        "on_policy_micro_batches": totals["sampled"],
+        "generation_share": totals["seconds"] / totals["step_seconds"] if totals["step_seconds"] else 0.0,
+        "generated_tokens_per_s": totals["tokens"] / totals["seconds"] if totals["seconds"] else 0.0,
+    }
+    if totals["samples"]:
+        record["mean_generated_length"] = totals["tokens"] / totals["samples"]
+        record["capped_share"] = totals["capped"] / totals["samples"]
+    return record
 
 
 def _save(run: Run, clock: _Clock) -> Path:
@@ -925,7 +1098,12 @@ def _record(run: Run, last: dict[str, float], progress: tuple[Any, ProgressLines
     bar.update(1)
     loss = f"loss {last['loss']:.4f}"
     if run.step.loss.kd_ratio > 0:
-        loss += f" (ce {last['ce_loss']:.4f}, kd {last['kd_loss']:.4f})"
+        loss += f" (ce {last['ce_loss']:.4f}, kd {last['kd_loss']:.4f}"
+        if "on_policy_kd_loss" in last:  # per sampled token; ce and kd are per data token
+            loss += (
+                f", on-policy kd {last['on_policy_kd_loss']:.4f}, generating {last['generation_share']:.0%}"
+            )
+        loss += ")"
     lines.update(step, tokens=int(last["tokens"]), details=loss)
 
 
@@ -967,23 +1145,38 @@ def train_step(
     """One optimizer step over the micro-batches ``micro`` (gradient accumulation); returns its metrics.
 
     The loss is a mean over the step's trained tokens (over all ranks), not a mean of micro-batch means,
-    so splitting a batch into micro-batches or over processes does not change the update.
+    so splitting a batch into micro-batches or over processes does not change the update. An on-policy
+    micro-batch (the student's samples) adds its divergence alone to that sum (``StepSettings.on_policy``).
     """
     world, device = settings.world, settings.device
     local_tokens = sum(int((next_token_targets(b["labels"]) != IGNORE_INDEX).sum()) for b in micro)
     num_tokens = int(all_reduce_sum(local_tokens, world, device))
     # Every real token the student ran through (prompt + response), what a throughput of the step is.
     processed = int(all_reduce_sum(sum(int(b["attention_mask"].sum()) for b in micro), world, device))
-    ce_sum = kd_sum = 0.0
+    ce_sum = kd_sum = on_sum = 0.0
+    on_tokens = 0
     finite = True
     for batch in micro:
-        parts = micro_batch_loss(student, teacher, batch, settings=settings, num_tokens=num_tokens)
+        sampled = "on_policy" in batch
+        batch_settings = settings
+        if sampled:
+            assert settings.on_policy is not None
+            batch_settings = dataclasses.replace(settings, loss=settings.on_policy)
+        parts = micro_batch_loss(student, teacher, batch, settings=batch_settings, num_tokens=num_tokens)
         finite &= bool(torch.isfinite(parts.loss))
         # Backward even when not finite: under FSDP every rank must take part in every reduce-scatter.
         parts.loss.backward()
-        ce_sum += float(parts.ce_sum)
-        kd_sum += float(parts.kd_sum)
+        if sampled:  # its CE is the student's log-likelihood of its own samples: no loss term, not shown
+            on_sum += float(parts.kd_sum)
+            on_tokens += parts.num_tokens
+        else:
+            ce_sum += float(parts.ce_sum)
+            kd_sum += float(parts.kd_sum)
     ce_sum, kd_sum = all_reduce_sum(ce_sum, world, device), all_reduce_sum(kd_sum, world, device)
+    if settings.on_policy is not None:
+        on_sum = all_reduce_sum(on_sum, world, device)
+        on_tokens = int(all_reduce_sum(on_tokens, world, device))
+        kd_sum += on_sum  # for the finiteness check below; the record splits them again
     params = list(trainable.values())
     sync_whole_grads(params, world)
     grad_norm = clip_grad_norm(params, settings.max_grad_norm, world)
@@ -999,12 +1192,16 @@ def train_step(
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    ce, kd = ce_sum / max(num_tokens, 1), kd_sum / max(num_tokens, 1)
     kd_ratio = settings.loss.kd_ratio
-    return {
-        "loss": (1 - kd_ratio) * ce + kd_ratio * kd,
-        "ce_loss": ce,
-        "kd_loss": kd,
+    # CE and KD per token of the data; the on-policy divergence per sampled token
+    kd_sum -= on_sum
+    ce, kd = ce_sum / max(num_tokens - on_tokens, 1), kd_sum / max(num_tokens - on_tokens, 1)
+    losses = {"loss": (1 - kd_ratio) * ce + kd_ratio * kd, "ce_loss": ce, "kd_loss": kd}
+    if on_tokens:
+        losses["loss"] = ((1 - kd_ratio) * ce_sum + kd_ratio * kd_sum + on_sum) / num_tokens
+    if settings.on_policy is not None:
+        losses |= {"on_policy_kd_loss": on_sum / max(on_tokens, 1), "on_policy_tokens": on_tokens}
+    return losses | {
         "num_tokens": num_tokens,
         "tokens_processed": processed,
         "grad_norm": float(grad_norm),
@@ -1113,7 +1310,7 @@ def finish(run: Run, trained: Trained) -> RunSummary:
         tokens_trained=run.progress.tokens,
         tokens_processed=run.progress.tokens_processed,
         samples={k: run.samples[k] for k in ("train", "heldout", "dropped")},
-        final={k: trained.last[k] for k in ("loss", "ce_loss", "kd_loss")} if trained.last else {},
+        final={k: trained.last[k] for k in FINAL_LOSSES if k in trained.last} if trained.last else {},
         heldout=metrics,
         heldout_reference=reference,
         teacher_cache=None
@@ -1143,6 +1340,7 @@ def finish(run: Run, trained: Trained) -> RunSummary:
         teacher_quant=run.teacher_quant,
         student_quant=run.student_quant,
         export=exported,
+        on_policy=_on_policy_summary(run),
         provenance=provenance(
             models={"student": config.student, "teacher": config.teacher},
             data={"train": config.data},
@@ -1152,6 +1350,28 @@ def finish(run: Run, trained: Trained) -> RunSummary:
     with writing(run.out / SUMMARY_FILE, "the run's summary", kept=lambda: _kept_outputs(run)):
         atomic_write_json(run.out / SUMMARY_FILE, summary.to_json())
     return summary
+
+
+def _on_policy_summary(run: Run) -> OnPolicySummary | None:
+    """summary.json's ``on_policy``: the sampling used, and the generation cost over every step (the
+    totals travel in the checkpoints, so a resumed run counts the steps before it too)."""
+    if run.sampling is None:
+        return None
+    totals = run.progress.on_policy or dict.fromkeys(GENERATION_TOTALS, 0.0)
+    cost = cost_record(totals)
+    return OnPolicySummary(
+        share=run.sampling.share,
+        divergence=run.config.on_policy_divergence,
+        sample_temperature=run.sampling.sampling.temperature,
+        sample_top_p=run.sampling.sampling.top_p,
+        max_new_tokens=run.sampling.max_new_tokens,
+        micro_batches=int(totals["micro_batches"]),
+        on_policy_micro_batches=int(totals["sampled"]),
+        generation_share=cost["generation_share"],
+        generated_tokens_per_s=cost["generated_tokens_per_s"],
+        mean_generated_length=cost.get("mean_generated_length"),
+        capped_share=cost.get("capped_share"),
+    )
 
 
 def _merge_record(config: DistillConfig, merge_diff: float) -> dict[str, Any]:

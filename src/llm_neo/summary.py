@@ -24,6 +24,24 @@ class MemoryKind(enum.Enum):
 
 
 @dataclass
+class OnPolicySummary:
+    """What an on-policy run (``--on-policy λ``) sampled and what its generation cost, over all its steps
+    (docs/on-policy.md)."""
+
+    share: float  # λ: the probability of a micro-batch being the student's samples
+    divergence: str  # D on the samples (--on-policy-divergence)
+    sample_temperature: float
+    sample_top_p: float
+    max_new_tokens: int  # the cap used (--sample-max-new-tokens, or the longest training response)
+    micro_batches: int  # all the run's micro-batches, all ranks together
+    on_policy_micro_batches: int  # those sampled
+    generation_share: float  # of the training wall time, spent generating
+    generated_tokens_per_s: float
+    mean_generated_length: float | None  # None: nothing was sampled
+    capped_share: float | None  # samples that hit the cap without an end-of-turn token
+
+
+@dataclass
 class RunSummary:
     """The outcome of one ``llm-neo distill`` run (the fields of summary.json, in its order)."""
 
@@ -33,7 +51,7 @@ class RunSummary:
     steps: int  # optimizer steps done
     tokens_trained: int
     samples: dict[str, int]  # train, heldout, dropped
-    final: dict[str, float]  # the last step's loss, ce_loss, kd_loss
+    final: dict[str, float]  # the last step's loss, ce_loss, kd_loss (and on_policy_kd_loss: --on-policy)
     heldout: dict[str, float]  # ce, perplexity, kl_to_teacher, top1_agreement, tokens (empty: no split)
     # What kl_to_teacher / top1_agreement were measured against: "teacher", "teacher_cache" (the cache's
     # top-k + tail buckets, a lower bound of the dense KL) or None.
@@ -68,6 +86,7 @@ class RunSummary:
     # Where the result came from (llm_neo.provenance): models, data (path, sha256), versions, the llm-neo
     # checkout's commit, the command, start and end. None in summaries written before it existed.
     provenance: dict[str, Any] | None = None
+    on_policy: OnPolicySummary | None = None  # --on-policy runs: what was sampled, what it cost
     extra: dict[str, Any] = field(default_factory=dict)  # fields a newer llm-neo wrote, kept on re-save
 
     @property
@@ -76,12 +95,16 @@ class RunSummary:
 
     def to_json(self) -> dict[str, Any]:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        if self.on_policy is not None:
+            data["on_policy"] = dataclasses.asdict(self.on_policy)
         return {**data, **self.extra}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RunSummary:
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         known = {k: v for k, v in data.items() if k in names}
+        if isinstance(known.get("on_policy"), dict):
+            known["on_policy"] = OnPolicySummary(**known["on_policy"])
         return cls(**known, extra={k: v for k, v in data.items() if k not in names})
 
     @classmethod

@@ -215,3 +215,33 @@ def test_compare_under_torchrun_shards_every_arm(tmp_path, student_dir, teacher_
         assert summary["world_size"] == 2 and merged
         assert summary["merge_check"]["applicable"] == (group["method"] == "neo")
     assert (out / "report.html").is_file()
+
+
+@pytest.mark.slow
+def test_two_processes_follow_one_on_policy(tmp_path, student_dir, teacher_dir):
+    """--on-policy 1 under FSDP2: each rank generates on sharded modules in lockstep (synced decoding
+    steps, or a rank whose samples end first would hang the other) and trains what one process does."""
+    data = write_jsonl(tmp_path / "train.jsonl", ALPACA * 4)
+    extra = (
+        "--max-steps",
+        "2",
+        "--on-policy",
+        "1",
+        "--sample-temperature",
+        "0",
+        "--sample-max-new-tokens",
+        "6",
+    )
+    proc = _torchrun(_args(student_dir, teacher_dir, data, tmp_path / "two", "neo", 2, *extra))
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, output
+    assert main(_args(student_dir, teacher_dir, data, tmp_path / "one", "neo", 4, *extra)) == 0
+    one, two = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], atol=1e-5, rtol=1e-4)
+    s1 = json.loads((tmp_path / "one" / "summary.json").read_text())
+    s2 = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert s2["world_size"] == 2
+    assert s2["on_policy"]["on_policy_micro_batches"] == s1["on_policy"]["on_policy_micro_batches"] == 8
+    assert s2["on_policy"]["mean_generated_length"] == s1["on_policy"]["mean_generated_length"]
+    assert s2["final"] == pytest.approx(s1["final"], rel=1e-4)

@@ -39,6 +39,7 @@ from llm_neo import __version__
 from llm_neo.choices import ARM_VARIANTS, COMPARISON_ORDER, METHOD_NAMES, METHODS
 from llm_neo.commands.cost import GPUS, flops_per_token, gpu, parse_tokens, project
 from llm_neo.config import (
+    ON_POLICY_OPTIONS,
     CacheTeacherConfig,
     DistillConfig,
     TrainOptions,
@@ -366,6 +367,13 @@ def validate_compare(config: CompareConfig) -> None:
         p.append("--project-tokens needs --gpu (the card to project to: " + ", ".join(GPUS) + ")")
     if c.gpu_price is not None and not c.project_tokens:
         p.append("--gpu-price prices the projection: give --project-tokens (and --gpu) too, e.g. 50M")
+    sampled = [arm for arm, (_, variants) in arms.items() if "on_policy" in variants]
+    given = [f"--{n.replace('_', '-')}" for n in ("on_policy", *ON_POLICY_OPTIONS) if _differs(c, n)]
+    if given and not sampled:
+        p.append(
+            f"{', '.join(given)}: the on-policy options apply to the +on-policy arms: add neo+on-policy or "
+            "kd+on-policy to --methods, or drop them"
+        )
     # The arms' own checks (ranges, LoRA, loss, quantization): every arm's config, all problems at once.
     for arm in arms if not p else ():
         try:
@@ -557,8 +565,10 @@ def _arm_name(method: str, seed: int, records: int | None) -> str:
 def _arm_config(config: CompareConfig, arm: str, seed: int, data: str, output_dir: Path) -> DistillConfig:
     """One arm: the shared training options, with the arm's method, quantization, seed, learning rate
     (its method's) and output."""
-    method, quantization = parse_arm(arm)
+    method, variants = parse_arm(arm)
+    quantization = _quantization(variants)
     shared = {f.name: getattr(config, f.name) for f in dataclasses.fields(TrainOptions)}
+    shared |= _on_policy_options(config, "on_policy" in variants)
     # Local paths absolute: the arm's config.yaml, and the command that reruns it, work from anywhere.
     shared |= {name: _absolute(shared[name]) for name in ("student", "teacher", "teacher_cache")}
     steps = config.max_steps
@@ -576,6 +586,26 @@ def _arm_config(config: CompareConfig, arm: str, seed: int, data: str, output_di
         seed=seed,
         output_dir=str(output_dir.expanduser().resolve()),
     )
+
+
+def _quantization(variants: dict[str, str]) -> dict[str, str]:
+    """The quantization options among an arm's variants (``parse_arm``'s): +on-policy is not one."""
+    return {k: v for k, v in variants.items() if k in ("teacher_quant", "student_quant")}
+
+
+def _differs(config: CompareConfig, name: str) -> bool:
+    """Whether option ``name`` of ``config`` was set to other than its default."""
+    default = next(f.default for f in dataclasses.fields(TrainOptions) if f.name == name)
+    return bool(getattr(config, name) != default)
+
+
+def _on_policy_options(config: CompareConfig, on_policy: bool) -> dict[str, Any]:
+    """The on-policy options of an arm: a +on-policy arm samples at --on-policy λ (1 when not given) with
+    the comparison's sampling options; every other arm trains off-policy (the options' defaults)."""
+    names = ("on_policy", *ON_POLICY_OPTIONS)
+    if not on_policy:
+        return {f.name: f.default for f in dataclasses.fields(TrainOptions) if f.name in names}
+    return {name: getattr(config, name) for name in names} | {"on_policy": config.on_policy or 1.0}
 
 
 def _absolute(path: str | None) -> str | None:
@@ -760,7 +790,7 @@ def _build_caches(plan: Plan) -> dict[tuple[str, str, str], str]:
     from llm_neo.teacher_cache.writer import cache_teacher
 
     caches = {}
-    for key in sorted({_cache_key(arm.config) for arm in plan.arms if arm.config.uses_kd}):
+    for key in sorted({_cache_key(arm.config) for arm in plan.arms if _reads_cache(arm.config)}):
         data, quant, backend = key
         target = plan.out / "cache" / (Path(data).stem + ("" if quant == "none" else f"-{quant}-teacher"))
         cache_teacher(
@@ -798,6 +828,12 @@ def _cache_cost(path: str, teacher_parameters: int | None) -> TeacherCacheCost:
     )
 
 
+def _reads_cache(config: DistillConfig) -> bool:
+    """Whether an arm trains on a --cache-teacher cache: the KD arms, except the +on-policy ones, whose
+    teacher scores the student's new samples online (a cache of the data's responses cannot)."""
+    return config.uses_kd and config.on_policy == 0
+
+
 def _cache_key(config: DistillConfig) -> tuple[str, str, str]:
     """What an arm's teacher cache depends on beyond the shared options: its data and its teacher's
     quantization (a neo+int8-teacher arm trains on an int8 teacher's targets)."""
@@ -810,7 +846,7 @@ def _train_arms(plan: Plan, caches: dict[tuple[str, str, str], str]) -> dict[str
     todo: list[Job] = []
     for arm in plan.arms:
         config = arm.config
-        if config.uses_kd and _cache_key(config) in caches:
+        if _reads_cache(config) and _cache_key(config) in caches:
             config = dataclasses.replace(config, teacher_cache=caches[_cache_key(config)])
         finished = _finished(config)
         if finished is not None:
@@ -1121,7 +1157,8 @@ def _groups(
                 for arm in plan.arms
                 if arm.method == method and arm.records == records
             ]
-            base, quantization = parse_arm(method)
+            base, variants = parse_arm(method)
+            quantization = _quantization(variants)
             group = ArmGroup(method, base, quantization, records, runs, _group_stats(runs))
             groups.append(group)
     return groups

@@ -226,6 +226,7 @@ class RunShape:
     world_size: int = 1
     teacher_quant: str = "none"
     student_quant: str = "none"
+    on_policy: bool = False  # the student also generates (distill --on-policy): its KV cache's phase
 
 
 @dataclass(frozen=True)
@@ -378,6 +379,15 @@ def estimate_arm(method: str, impl: str, shape: StepShape) -> ArmEstimate:
             "activations": saved_inputs + recompute + outside,
             "logits": 0,
         }
+    if run.on_policy and kd:
+        # The student's sampling, before the step's forwards: its KV cache, k and v of every layer for the
+        # whole sequence (prompt + response, at most T), and one position's fp32 logits per sequence.
+        phases["generate"] = common | {
+            "trainable states": wt.lora + wt.adam,
+            "weight copies": wt.copies,
+            "activations": 2 * student.num_layers * tokens * student.kv_dim * c,
+            "logits": 4 * run.batch_size * student.vocab_size,
+        }
     if run.device_type == "cpu":
         for parts in phases.values():
             parts["process baseline"] = run.baseline
@@ -462,6 +472,13 @@ class PlanConfig(DeviceOptions):
         metadata=option_help(
             "The LoRA arms' frozen student base quantized (QLoRA, distill --student-quant).",
             choices=STUDENT_QUANT,
+        ),
+    )
+    on_policy: bool = field(
+        default=False,
+        metadata=option_help(
+            "The kd/neo arms also sample from the student (distill --on-policy): count its KV cache "
+            "(a phase of its own: the sampling comes before the step's forwards)."
         ),
     )
     json: str | None = field(
@@ -583,6 +600,7 @@ def plan_rows(config: PlanConfig, *, baseline: int | None = None) -> tuple[list[
             world_size=config.world_size,
             teacher_quant=config.teacher_quant,
             student_quant=config.student_quant,
+            on_policy=config.on_policy,
         ),
     )
     rows = [estimate_arm(method, impl, step_shape) for method in config.methods for impl in config.loss_impls]
@@ -604,6 +622,7 @@ def plan_rows(config: PlanConfig, *, baseline: int | None = None) -> tuple[list[
         "lora_parameters": student.lora_parameters,
         "teacher_quant": config.teacher_quant,
         "student_quant": config.student_quant,
+        "on_policy": config.on_policy,
     }
     return rows, settings
 

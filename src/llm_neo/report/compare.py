@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from llm_neo.choices import ON_POLICY_DIVERGENCE, ON_POLICY_VARIANT
 from llm_neo.eval.metrics import small_heldout
 from llm_neo.records.compare import (
     ArmGroup,
@@ -613,6 +614,8 @@ def report_blocks(results: CompareResults) -> list[Block]:
                 "table above has their intervals where Neo is one of the two."
             ),
         ]
+    if note := on_policy_note(results):
+        blocks += [Heading(2, "On-policy arms"), Paragraph(note)]
     if sizes := sizes_table(results):
         blocks += [
             Heading(2, "Score against training records"),
@@ -664,6 +667,23 @@ def small_heldout_blocks(results: CompareResults) -> list[Block]:
     scored = results.models.student
     warning = small_heldout(scored.total, scored.heldout_tokens)
     return [] if warning is None else [Paragraph(f"**Small held-out split**: {warning}.")]
+
+
+def on_policy_note(results: CompareResults) -> str | None:
+    """What the +on-policy arms sampled and trained on (None: no such arm)."""
+    c = results.config
+    arms = [m for m in c["methods"] if ON_POLICY_VARIANT in m.split("+")[1:]]
+    if not arms:
+        return None
+    cap = c.get("sample_max_new_tokens") or "the longest training response"
+    return (
+        f"{', '.join(label(a) for a in arms)}: on a λ = {c.get('on_policy') or 1.0:g} share of micro-batches "
+        f"the student answers the prompts itself (sampling temperature {c.get('sample_temperature', 1.0):g}, "
+        f"top-p {c.get('sample_top_p', 1.0):g}, up to {cap} tokens) and is trained on "
+        f"{c.get('on_policy_divergence', ON_POLICY_DIVERGENCE)} to the teacher on its samples alone, no CE; "
+        "the other micro-batches train as the arm without +on-policy does. Each run's summary.json has what "
+        "generation cost (docs/on-policy.md)."
+    )
 
 
 def _setting(results: CompareResults) -> str:

@@ -65,6 +65,9 @@ class Progress:
     # The last step's metrics record (None: no step yet, or a checkpoint written before it was kept), so a
     # resume that starts at the last step still reports how training ended.
     last: dict[str, float] | None = None
+    # On-policy runs: the generation totals so far (distill's ``OnPolicyTotals`` keys), so that a resumed
+    # run's summary measures every step; None off-policy.
+    on_policy: dict[str, float] | None = None
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from llm_neo.choices import ARM_VARIANTS, METHOD_NAMES, METHODS
+from llm_neo.choices import METHOD_NAMES, METHODS, QUANT_VARIANTS
 from llm_neo.config import MLP_CHUNKS_HELP, DeviceOptions, arm_name, parse_arm
 from llm_neo.options import option_help
 
@@ -35,7 +35,7 @@ class BenchConfig(DeviceOptions):
         metadata=option_help(
             "Step runs as ARM:IMPL[:CHUNK]: ARM a method (kd, neo, sft, lora) or a quantized variant as "
             "llm-neo compare spells it (neo+int8-teacher, neo+nf4-student, neo+int8-teacher+nf4-student; "
-            f"variants {', '.join(ARM_VARIANTS)}), IMPL plain or chunked. kd:plain, the baseline of every "
+            f"variants {', '.join(QUANT_VARIANTS)}), IMPL plain or chunked. kd:plain, the baseline of every "
             "ratio, is always run."
         ),
     )
@@ -179,6 +179,10 @@ def parse_run(text: str, default_chunk: int, option: str = "--runs") -> RunKey:
         method, quant = parse_arm(parts[0], option=option)
     except ConfigError as err:
         raise ConfigError([f"{problem} (in {text!r})" for problem in err.problems]) from None
+    if "on_policy" in quant:  # its rows (generation's cost beside the step's) are not measured yet
+        raise ConfigError(
+            [f"{option}: {text!r}: bench has no on-policy runs yet; use compare's +on-policy arms"]
+        )
     impl = parts[1]
     try:
         chunk = int(parts[2]) if len(parts) == 3 else default_chunk
