@@ -70,6 +70,7 @@ def test_a_checkpoint_records_the_size_and_checksum_of_each_file(tmp_path):
         "tokens_processed": 0,
         "elapsed_s": 0.0,
         "last": None,
+        "on_policy": None,  # an off-policy run keeps no on-policy totals
     }
     assert checkpoint_problems(tmp_path / "step-000001") == []
 
