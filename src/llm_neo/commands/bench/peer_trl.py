@@ -126,7 +126,9 @@ def main(argv: list[str]) -> int:
             peft_config=peft_config,
             callbacks=[Clock()],
         )
-        trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+        wrapped: torch.nn.Module | None = trainer.model  # the PEFT-wrapped student, with a LoRA config
+        assert wrapped is not None
+        trainable = sum(int(p.numel()) for p in wrapped.parameters() if p.requires_grad)
         started = time.perf_counter()
         trainer.train()
         train_s = time.perf_counter() - started
