@@ -689,8 +689,11 @@ def arm_times(plan: Plan, steps: int) -> list[ArmTime]:
     from llm_neo.distill import distill
 
     estimates = []
-    first = {arm.method: arm for arm in reversed(plan.arms) if arm.records == plan.sizes[-1]}
-    for method in reversed(first):
+    first: dict[str, Arm] = {}  # each method's first arm (its first seed) at the largest size
+    for arm in plan.arms:
+        if arm.records == plan.sizes[-1]:
+            first.setdefault(arm.method, arm)
+    for method in first:
         stamps: list[float] = []
 
         def timed(step: int, metrics: dict[str, float], stamps: list[float] = stamps) -> None:
