@@ -106,6 +106,17 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
+def interrupt_at(at: int):
+    """A ``distill`` step callback that stops the run with KeyboardInterrupt once step ``at`` is logged,
+    as a kill at that point would (the last checkpoint before it is what a resume starts from)."""
+
+    def interrupt(step: int, metrics: dict) -> None:
+        if step == at:
+            raise KeyboardInterrupt
+
+    return interrupt
+
+
 def tiny_run(output_dir: Path, **options):
     """A DistillConfig for a few-step run on the tiny models: neo, 3 steps of 2 x 2, a quarter held out,
     seed 0, LoRA r = 4; ``options`` give the models and data and override the rest."""

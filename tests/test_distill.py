@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
-from conftest import ALPACA, damage, fill_disk, tiny_run, write_jsonl
+from conftest import ALPACA, damage, fill_disk, interrupt_at, tiny_run, write_jsonl
 from peft import PeftModel
 from safetensors import SafetensorError
 from safetensors.torch import load_file
@@ -157,13 +157,9 @@ def test_merged_equals_adapter_model(make_config, student_dir):
 def test_resume_ends_where_an_uninterrupted_run_ends(make_config, method):
     whole = distill(make_config(method, name="whole", max_steps=6, save_every=2))
 
-    def crash(step, metrics):
-        if step == 3:
-            raise KeyboardInterrupt
-
     killed = make_config(method, name="killed", max_steps=6, save_every=2)
     with pytest.raises(KeyboardInterrupt):
-        distill(killed, on_step=crash)
+        distill(killed, on_step=interrupt_at(3))
     out = Path(str(killed.output_dir))
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002"]
     assert not (out / "merged").exists()
@@ -265,12 +261,8 @@ def test_a_run_that_died_before_its_first_checkpoint_says_overwrite(make_config,
 def test_resume_with_only_the_output_dir_reads_its_config(make_config, capsys):
     config = make_config("lora", max_steps=4, save_every=2)
 
-    def stop_after_two(step: int, metrics: dict) -> None:
-        if step == 2:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        distill(config, on_step=stop_after_two)
+        distill(config, on_step=interrupt_at(2))
     out = Path(str(config.output_dir))
     # A flag that changes the result is still checked against the saved config...
     assert main(["distill", "--resume", "--output-dir", str(out), "--lr", "1e-3", "-q"]) == 2
@@ -284,12 +276,8 @@ def test_resume_with_only_the_output_dir_reads_its_config(make_config, capsys):
 def test_a_run_from_before_the_kd_temperature_rename_resumes(make_config):
     config = make_config("lora", max_steps=4, save_every=2, kd_temperature=2.0)
 
-    def stop_after_two(step: int, metrics: dict) -> None:
-        if step == 2:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        distill(config, on_step=stop_after_two)
+        distill(config, on_step=interrupt_at(2))
     out = Path(str(config.output_dir))
     saved = (out / "config.yaml").read_text()
     assert "\nkd_temperature: 2.0\n" in saved
@@ -452,12 +440,8 @@ def faults(tmp_path_factory, student_dir, teacher_dir, one_thread):
 
     whole = distill(config(root / "whole"))
 
-    def crash(step, metrics):
-        if step == 5:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        distill(config(root / "killed"), on_step=crash)
+        distill(config(root / "killed"), on_step=interrupt_at(5))
     return SimpleNamespace(config=config, whole=whole, killed=root / "killed", root=root)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_run
+from conftest import interrupt_at, tiny_run
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -89,13 +89,9 @@ def test_a_resumed_qlora_run_ends_where_an_uninterrupted_one_ends(make):
     settings = dict(max_steps=6, save_every=2, student_quant="nf4", teacher_quant="int8")
     whole = distill(make("whole", **settings))
 
-    def crash(step, metrics):
-        if step == 3:
-            raise KeyboardInterrupt
-
     killed = make("killed", **settings)
     with pytest.raises(KeyboardInterrupt):
-        distill(killed, on_step=crash)
+        distill(killed, on_step=interrupt_at(3))
     resumed = distill(dataclasses.replace(killed, resume=True))
 
     a = load_file(whole.output_dir / "merged" / "model.safetensors")

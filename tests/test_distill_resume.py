@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
-from conftest import ALPACA, tiny_run, write_jsonl
+from conftest import ALPACA, interrupt_at, tiny_run, write_jsonl
 from safetensors.torch import load_file, save_file
 
 import llm_neo.distill as recipe
@@ -39,12 +39,8 @@ def run(tmp_path_factory, student_dir, teacher_dir, one_thread):
 
     whole = distill(config(root / "whole"))
 
-    def crash(step, metrics):
-        if step == 3:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        distill(config(root / "killed"), on_step=crash)
+        distill(config(root / "killed"), on_step=interrupt_at(3))
     killed = root / "killed"
     return SimpleNamespace(config=config, whole=whole, killed=killed, root=root, data=data, student=student)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ALPACA, tiny_run, write_jsonl
+from conftest import ALPACA, interrupt_at, tiny_run, write_jsonl
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -220,12 +220,8 @@ def test_a_killed_on_policy_run_resumes_to_the_uninterrupted_one(tmp_path, stude
 
     whole = distill(config("whole"))
 
-    def crash(step, _metrics):
-        if step == 3:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        distill(config("killed"), on_step=crash)
+        distill(config("killed"), on_step=interrupt_at(3))
     resumed = distill(config("killed", resume=True))
     a, b = merged(whole), merged(resumed)
     for name in a:

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import tiny_run
+from conftest import interrupt_at, tiny_run
 
 from llm_neo.cli import main
 from llm_neo.config import dump_yaml
@@ -139,12 +139,8 @@ def test_overwrite_removes_only_what_the_run_wrote(make_config):
 def test_a_run_from_before_the_marker_still_resumes_and_is_still_a_run(make_config, capsys):
     config = make_config(max_steps=4, save_every=2)
 
-    def stop_after_two(step: int, metrics: dict) -> None:
-        if step == 2:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        distill(config, on_step=stop_after_two)
+        distill(config, on_step=interrupt_at(2))
     out = Path(str(config.output_dir))
     (out / MARKER).unlink()  # as runs were written before it
     assert main(["distill", "--output-dir", str(out), "--config", str(out / "config.yaml"), "-q"]) == 2

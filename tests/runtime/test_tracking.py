@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import tiny_run
+from conftest import interrupt_at, tiny_run
 
 from llm_neo.config import DistillConfig
 from llm_neo.distill import distill
@@ -72,13 +72,10 @@ def test_every_tracker_logs_what_metrics_jsonl_holds(make):
 def test_a_resumed_run_continues_the_same_tensorboard_log(make):
     whole = distill(make("whole", max_steps=6, save_every=2, report_to=["tensorboard"]))
 
-    def crash(step, _metrics):
-        if step == 3:  # the checkpoint is step 2: step 3 is logged, then redone by the resumed run
-            raise KeyboardInterrupt
-
     killed = make("killed", max_steps=6, save_every=2, report_to=["tensorboard"])
     with pytest.raises(KeyboardInterrupt):
-        distill(killed, on_step=crash)
+        # the checkpoint is step 2: step 3 is logged, then redone by the resumed run
+        distill(killed, on_step=interrupt_at(3))
     resumed = distill(dataclasses.replace(killed, resume=True))
 
     logged = tensorboard_scalars(resumed.output_dir, "train/loss")
