@@ -45,6 +45,16 @@ SLOW_DISTILL = textwrap.dedent(
 )
 
 
+def start_slow_distill(gate: Path, args: list[str]) -> subprocess.Popen:
+    """``llm-neo ARGS`` in a second process (SLOW_DISTILL), returned once it waits at step 2."""
+    process = subprocess.Popen([sys.executable, "-c", SLOW_DISTILL, str(gate), *args])
+    deadline = time.monotonic() + 300
+    while not (gate / "at-step-2").exists():
+        assert process.poll() is None and time.monotonic() < deadline, "the first run did not reach step 2"
+        time.sleep(0.1)
+    return process
+
+
 @pytest.fixture()
 def make_config(tmp_path, student_dir, teacher_dir, alpaca_jsonl):
     def make(name: str = "run", **overrides):
@@ -64,12 +74,8 @@ def test_a_second_distill_in_a_running_runs_directory_is_refused_naming_it(make_
     out = Path(str(config.output_dir))
     dump_yaml(config, tmp_path / "run.yaml")
     args = ["distill", "--config", str(tmp_path / "run.yaml"), "-q"]
-    first = subprocess.Popen([sys.executable, "-c", SLOW_DISTILL, str(tmp_path), *args])
+    first = start_slow_distill(tmp_path, args)
     try:
-        deadline = time.monotonic() + 300
-        while not (tmp_path / "at-step-2").exists():
-            assert first.poll() is None and time.monotonic() < deadline, "the first run did not reach step 2"
-            time.sleep(0.1)
         before = files_of(out)
         # The printed --resume command, a rerun and an --overwrite, all while the first run is alive:
         for again in (["--resume", "--output-dir", str(out)], ["--config", str(tmp_path / "run.yaml")]):
@@ -91,11 +97,7 @@ def test_a_lock_left_by_a_killed_run_is_taken_over_with_a_note(make_config, tmp_
     out = Path(str(config.output_dir))
     dump_yaml(config, tmp_path / "run.yaml")
     args = ["distill", "--config", str(tmp_path / "run.yaml"), "-q"]
-    first = subprocess.Popen([sys.executable, "-c", SLOW_DISTILL, str(tmp_path), *args])
-    deadline = time.monotonic() + 300
-    while not (tmp_path / "at-step-2").exists():
-        assert first.poll() is None and time.monotonic() < deadline, "the first run did not reach step 2"
-        time.sleep(0.1)
+    first = start_slow_distill(tmp_path, args)
     first.send_signal(signal.SIGKILL)  # kill -9: nothing released, the holder record stays
     first.wait(timeout=60)
     assert lock_file(out).is_file()
