@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_jsonl
+from conftest import tiny_comparison, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llm_neo.errors import ConfigError
@@ -79,29 +79,20 @@ def test_a_local_task_scores_what_a_hand_computation_gives(teacher_dir, task_dir
 
 @pytest.mark.slow
 def test_compare_records_lm_evals_scores_for_every_model(tmp_path, teacher_dir, student_dir, task_dir):
-    from llm_neo.commands.compare import CompareConfig, compare
-    from llm_neo.config import LoraOptions
+    from llm_neo.commands.compare import compare
 
     records = [{"instruction": f"Add {i} and 1.", "output": str(i + 1)} for i in range(12)]
     results = compare(
-        CompareConfig(
-            teacher=str(teacher_dir),
-            student=str(student_dir),
+        tiny_comparison(
+            teacher_dir,
+            student_dir,
+            tmp_path / "out",
             data=str(write_jsonl(tmp_path / "train.jsonl", records)),
             methods=["neo"],
             seeds=1,
-            max_steps=2,
-            batch_size=4,
-            grad_accum=1,
-            lora=LoraOptions(r=4),
-            max_length=64,
-            max_new_tokens=4,
             eval_fraction=0.25,
             lm_eval_tasks=["tiny_choice"],
             lm_eval_include=str(task_dir),
-            jobs=1,
-            device="cpu",
-            output_dir=str(tmp_path / "out"),
         )
     )
     assert results is not None and results.models.teacher is not None
