@@ -68,7 +68,8 @@ class BenchConfig(DeviceOptions):
         metadata=option_help(
             "Also the multi-rank cache row: `llm-neo cache-teacher` of the shape's teacher in one process "
             "and on this many ranks (torchrun; gloo on a CPU), the teacher replicated and FSDP2-sharded: "
-            "tokens/s per rank and in all, peak per rank, ratios to the one process. 0: no such row."
+            "tokens/s per rank and in all, peak per rank, ratios to the one process; its files kept in "
+            "--whole-run-dir/cache-ranks when that is given. 0: no such row."
         ),
     )
     warmup_steps: int = field(default=1, metadata=option_help("Untimed steps first (AdamW states, kernels)."))
