@@ -33,6 +33,10 @@ of three phases of a step: the loss (activations and logits alive), the backward
 (one block recomputed, gradients accumulating) and the optimizer step (gradients, states and AdamW's
 temporary). Coefficients are for Llama-style decoders (RMSNorm, RoPE, SDPA, SwiGLU MLP) and the forward-KL
 divergence; other architectures and divergences get the same formula as an approximation.
+
+With ``--gpu CARD`` the plan is for that card, and adds the teacher cache's (``estimate_cache``): the ranks
+that hold the teacher replicated or FSDP2-sharded, and the time of ``--cache-tokens`` at a stated
+utilisation of the card's bf16 peak (an estimate from FLOPs, not a measurement).
 """
 
 from __future__ import annotations
