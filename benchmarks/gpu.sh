@@ -4,6 +4,7 @@
 # plain full KD (the baseline), Neo plain, Neo chunked (llm-neo distill's default chunk, and chunk 256),
 # and at 8 x 2048 Neo chunked with an int8 teacher and with an int8 teacher and an nf4 (QLoRA) student
 # base. Each run is its own process, so an out-of-memory error ends that run only and is recorded in its row.
+# On a node of several GPUs, also the teacher cache on one GPU and on all of them (bench --cache-ranks).
 #
 #   bash benchmarks/gpu.sh [OUTPUT_DIR]        # default: $OUT if set, else benchmarks/results
 #
@@ -75,6 +76,18 @@ bench 120 "$SHAPE-8x2048-ckpt-mlp4-$DATE" --batch-size 8 --seq-len 2048 --gradie
 # the other anchor of benchmarks/results/h200-anchors.md.
 bench 150 "$SHAPE-2x2048-$DATE" --batch-size 2 --seq-len 2048 \
   --runs kd:plain neo:plain neo:chunked
+
+# Issue 24's multi-GPU row: cache-teacher of the random teacher (the real shape, nothing downloaded) on one
+# GPU and on every GPU of the node (torchrun, NCCL), the teacher replicated and FSDP2-sharded: teacher
+# tokens/s per rank and in all, the peak per rank. Only with more than one GPU (CACHE_RANKS=N overrides
+# the count: CACHE_RANKS=2 SHAPE=tiny DEVICE=cpu rehearses it on gloo). At 2 x 2048, where the always-run
+# kd:plain step fits an 80 GB card; last, so it gets what is left of BUDGET_S (raise it for this row).
+RANKS="${CACHE_RANKS:-$(nvidia-smi -L 2>/dev/null | wc -l)}"
+if [ "$RANKS" -gt 1 ]; then
+  bench 300 "$SHAPE-cache-ranks-$DATE" --batch-size 2 --seq-len 2048 --runs kd:plain --cache-ranks "$RANKS"
+else
+  echo "== $(date -Is) cache-ranks row skipped: ${RANKS} GPU(s), it needs more than one" | tee -a "$LOG"
+fi
 
 echo "== $(date -Is) done (status $status)" | tee -a "$LOG"
 exit $status

@@ -1,5 +1,6 @@
 """`cache-teacher` under torchrun, 2 CPU processes (gloo): the examples split across ranks, the teacher
-replicated or FSDP2-sharded, the cache equal to the one-process cache; a killed 2-rank cache finished by
+replicated or FSDP2-sharded, the cache equal to the one-process cache and a student trained from it equal
+to one trained from the one-process cache; a killed 2-rank cache finished by
 1 process; a failure on one rank stopping both, naming the record, with no manifest."""
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import ALPACA, write_jsonl
+from conftest import ALPACA, tiny_run, write_jsonl
 from safetensors.torch import load_file, save_file
 
 from llm_neo.cli import main
 from llm_neo.config import CacheTeacherConfig
+from llm_neo.distill import distill
 from llm_neo.models.loading import load_tokenizer
 from llm_neo.teacher_cache.writer import cache_teacher
 
@@ -131,15 +133,21 @@ def test_a_sharded_quantized_teacher_is_refused(tmp_path, teacher_dir, data_file
     assert "Traceback" not in err and not (tmp_path / "cache").exists()
 
 
-@pytest.mark.slow  # each torchrun launch: two processes that import torch, 15-20 s on CPU
-@pytest.mark.parametrize("placement", ["replicate", "fsdp"])
-def test_two_ranks_write_the_one_process_cache(
-    tmp_path, teacher_dir, data_file, one_process_cache, placement
-):
-    out = tmp_path / "two"
+@pytest.fixture(scope="module", params=["replicate", "fsdp"])
+def two_rank_cache(request, tmp_path_factory, teacher_dir, data_file) -> tuple[Path, str, str]:
+    """The cache written by 2 ranks with the teacher replicated or FSDP2-sharded: its directory, the
+    placement and the launch's output. Each launch: two processes that import torch, 15-20 s on CPU."""
+    placement = request.param
+    out = tmp_path_factory.mktemp("caches") / f"two-{placement}"
     proc = _torchrun(*_cli(teacher_dir, data_file, out, teacher_shard=placement))
     output, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, output
+    return out, placement, output
+
+
+@pytest.mark.slow  # the 2-rank launches (two_rank_cache)
+def test_two_ranks_write_the_one_process_cache(teacher_dir, data_file, one_process_cache, two_rank_cache):
+    out, placement, output = two_rank_cache
     _assert_same_cache(out, one_process_cache)
     manifest = _manifest(out)
     assert manifest["world_size"] == 2 and manifest["teacher_shard"] == placement
@@ -157,6 +165,39 @@ def test_two_ranks_write_the_one_process_cache(
     proc = _torchrun(*_cli(teacher_dir, data_file, out, teacher_shard=placement))
     assert proc.communicate(timeout=600)[0] and proc.returncode == 0
     assert _manifest(out) == manifest
+
+
+def _train_from(cache: Path, out: Path, student_dir: Path, data: Path) -> tuple[dict[str, torch.Tensor], Any]:
+    """A neo student trained 3 steps from ``cache`` (the teacher never loaded), at a learning rate that
+    moves it well beyond the comparison's tolerance: its merged weights and its summary."""
+    config = tiny_run(
+        out, student=str(student_dir), data=str(data), teacher_cache=str(cache), kd_ratio=0.9, lr=1e-2
+    )
+    summary = distill(config)
+    return load_file(out / "merged" / "model.safetensors"), summary
+
+
+@pytest.fixture(scope="module")
+def one_process_student(tmp_path_factory, one_process_cache, student_dir, data_file):
+    return _train_from(one_process_cache, tmp_path_factory.mktemp("runs") / "one", student_dir, data_file)
+
+
+@pytest.mark.slow  # the 2-rank launches (two_rank_cache)
+def test_a_student_trained_from_two_ranks_cache_equals_one_from_one_process(
+    tmp_path, student_dir, data_file, one_process_student, two_rank_cache
+):
+    cache, placement, _ = two_rank_cache
+    got, summary = _train_from(cache, tmp_path / "run", student_dir, data_file)
+    want, reference = one_process_student
+    assert summary.teacher_cache["key_digest"] == reference.teacher_cache["key_digest"]
+    assert summary.final["kd_loss"] == pytest.approx(reference.final["kd_loss"], rel=1e-4)
+    assert got.keys() == want.keys()
+    for name in want:  # the caches agree to float tolerance, so do the students trained from them
+        torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-4, msg=f"{placement}: {name}")
+    # Not vacuous: the training moved the student by far more than that tolerance.
+    untrained = load_file(student_dir / "model.safetensors")
+    moved = max((want[n] - untrained[n]).abs().max().item() for n in want if n in untrained)
+    assert moved > 1e-3, moved
 
 
 @pytest.mark.slow  # each torchrun launch: two processes that import torch, 15-20 s on CPU

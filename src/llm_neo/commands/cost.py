@@ -43,11 +43,11 @@ GPUS: dict[str, Gpu] = {
 _SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
 
 
-def parse_tokens(text: str) -> int:
-    """``50M``, ``2B``, ``1.5e9``, ``300000`` → a token count; ConfigError naming the option otherwise."""
+def parse_tokens(text: str, *, option: str = "--project-tokens") -> int:
+    """``50M``, ``2B``, ``1.5e9``, ``300000`` → a token count; ConfigError naming ``option`` otherwise."""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmbgt]?)\s*", text.lower())
     if match is None:
-        raise ConfigError([f"--project-tokens: {text!r} is not a token count (e.g. 50M, 2B, 300000)"])
+        raise ConfigError([f"{option}: {text!r} is not a token count (e.g. 50M, 2B, 300000)"])
     return int(float(match.group(1)) * _SUFFIX[match.group(2)])
 
 

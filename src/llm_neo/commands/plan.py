@@ -33,6 +33,10 @@ of three phases of a step: the loss (activations and logits alive), the backward
 (one block recomputed, gradients accumulating) and the optimizer step (gradients, states and AdamW's
 temporary). Coefficients are for Llama-style decoders (RMSNorm, RoPE, SDPA, SwiGLU MLP) and the forward-KL
 divergence; other architectures and divergences get the same formula as an approximation.
+
+With ``--gpu CARD`` the plan is for that card, and adds the teacher cache's (``estimate_cache``): the ranks
+that hold the teacher replicated or FSDP2-sharded, and the time of ``--cache-tokens`` at a stated
+utilisation of the card's bf16 peak (an estimate from FLOPs, not a measurement).
 """
 
 from __future__ import annotations
@@ -48,17 +52,20 @@ from typing import Any
 import torch
 
 from llm_neo.choices import KD_METHODS, METHOD_NAMES, METHODS, STUDENT_QUANT, TEACHER_QUANT
+from llm_neo.commands.cost import GPUS, Gpu, parse_tokens
 from llm_neo.config import DeviceOptions
-from llm_neo.options import option_help
+from llm_neo.options import Effect, option_help
 from llm_neo.runtime.memory import GiB, rss_bytes
 
 __all__ = [
     "ArmEstimate",
+    "CacheEstimate",
     "ModelDims",
     "PlanConfig",
     "RunShape",
     "StepShape",
     "estimate_arm",
+    "estimate_cache",
     "model_dims",
     "plan_rows",
     "run_plan",
@@ -173,6 +180,13 @@ def weight_bytes_at(dims: ModelDims, kind: str, c: int) -> int:
     raise ValueError(f"unknown quantization {kind!r}; one of {QUANT_KINDS}")
 
 
+def fsdp_rank_share(total: int, whole: int, world_size: int) -> int:
+    """One rank's share of ``total`` (bytes or a count) under llm-neo's FSDP2 sharding over
+    ``world_size`` ranks: everything but ``whole``, the lm_head (a tied head: the embeddings), which every
+    rank keeps whole, split evenly."""
+    return total if world_size <= 1 else (total - whole) // world_size + whole
+
+
 def activation_bytes_per_token_layer(dims: ModelDims, *, lora: bool, c: int, lora_r: int) -> int:
     """Bytes autograd saves per token per decoder block (no checkpointing).
 
@@ -259,27 +273,20 @@ def _weight_bytes(shape: StepShape, *, lora: bool, kd: bool) -> _Weights:
     c = run.compute_bytes
     w = max(run.world_size, 1)
 
-    def sharded(count: int, head: int) -> int:
-        # FSDP2 shards everything but the lm_head (a tied head: the embeddings), which stays whole
-        return count if w == 1 else (count - head) // w + head
-
-    def sharded_bytes(total: int, head_bytes: int) -> int:
-        return total if w == 1 else (total - head_bytes) // w + head_bytes
-
     teacher_w = (
-        sharded_bytes(
-            weight_bytes_at(teacher, run.teacher_quant, c), c * teacher.vocab_size * teacher.hidden_size
+        fsdp_rank_share(
+            weight_bytes_at(teacher, run.teacher_quant, c), c * teacher.vocab_size * teacher.hidden_size, w
         )
         if (kd and teacher is not None)
         else 0
     )
     head = student.vocab_size * student.hidden_size
-    trainable = student.lora_parameters // w if lora else sharded(student.parameters, head)
+    trainable = student.lora_parameters // w if lora else fsdp_rank_share(student.parameters, head, w)
     base_quant = run.student_quant if lora else "none"
     student_w = (
-        sharded_bytes(weight_bytes_at(student, base_quant, c), c * head)
+        fsdp_rank_share(weight_bytes_at(student, base_quant, c), c * head, w)
         if lora
-        else 4 * sharded(student.parameters, head)
+        else 4 * fsdp_rank_share(student.parameters, head, w)
     )
     # Autocast casts each weight it multiplies once per forward; the copies live until the backward.
     copies = c * (student.lora_parameters if lora else student.linear_weights) // w if c < 4 else 0
@@ -399,6 +406,141 @@ def estimate_arm(method: str, impl: str, shape: StepShape) -> ArmEstimate:
 
 
 # ----------------------------------------------------------------------------------------------------
+# The teacher cache on a card (``cache-teacher``): the ranks that hold the teacher, the time N tokens take
+
+# The cache's forward runs in inference mode, so nothing is saved for a backward: its largest moments are
+# one block's (the [tokens, H] residual, normed input, attention output and q; k and v; the MLP's gate, up
+# and act(gate)·up, all in the compute dtype) and one lm_head chunk's ([C, V] logits in the compute dtype,
+# their fp32 copy, log-softmax and the top-k's scattered rest: teacher_cache.writer.teacher_topk).
+CACHE_ACT_H = 4
+CACHE_ACT_I = 3
+CACHE_LOGITS_FP32 = 12
+# FSDP2 gathers a block's whole weights for its forward and prefetches the next block's meanwhile.
+FSDP_GATHERED_BLOCKS = 2
+
+
+@dataclass(frozen=True)
+class CacheEstimate:
+    """``cache-teacher`` of one teacher on one card: what a rank holds replicated and FSDP2-sharded, the
+    fewest ranks that hold it each way, and the time a cache of ``tokens`` takes (all bytes, seconds).
+
+    ``ranks_replicated`` is 1 when the whole teacher and a micro-batch's forward fit one card, else None
+    (no number of ranks helps); ``ranks_sharded`` the fewest ranks (>= 2) whose shards fit, None when even
+    the parts every rank keeps whole do not. The time is teacher forward FLOPs, ``2 · parameters`` per
+    token, at ``utilization`` of the card's dense bf16 peak, on ``ranks`` cards: 1 when replicated fits,
+    else ``ranks_sharded`` (None: no time)."""
+
+    card: str
+    capacity: int
+    compute_bytes: int
+    weights: int
+    activations: int
+    replicated: int
+    ranks_replicated: int | None
+    sharded: int | None  # per rank at ranks_sharded
+    ranks_sharded: int | None
+    utilization: float
+    peak_tflops: float
+    flops_per_token: int
+    seconds_per_token: float  # on one card
+    tokens: int | None
+    ranks: int | None
+    seconds: float | None  # tokens on ``ranks`` cards
+
+
+def cache_activation_bytes(teacher: ModelDims, *, tokens: int, chunk_size: int, c: int) -> int:
+    """Bytes of one micro-batch's cache forward of ``tokens`` tokens at its largest moment (see
+    ``CACHE_ACT_H``): a block's, or the lm_head chunk's beside the selected final hidden states."""
+    block = (
+        c
+        * tokens
+        * (CACHE_ACT_H * teacher.hidden_size + 2 * teacher.kv_dim + CACHE_ACT_I * teacher.intermediate_size)
+    )
+    head = min(chunk_size, tokens) * teacher.vocab_size * (c + CACHE_LOGITS_FP32)
+    return max(block, head + c * tokens * teacher.hidden_size)
+
+
+def estimate_cache(
+    teacher: ModelDims,
+    card: Gpu,
+    *,
+    batch_size: int,
+    seq_len: int,
+    compute_bytes: int,
+    utilization: float,
+    tokens: int | None = None,
+    chunk_size: int = 1024,
+    capacity: int | None = None,
+) -> CacheEstimate:
+    """The teacher cache of ``teacher`` on ``card`` (its memory, or ``capacity`` bytes) with micro-batches
+    of ``batch_size × seq_len`` (see ``CacheEstimate``). Sharded, a rank holds its share of the weights
+    (``fsdp_rank_share``: the lm_head whole), FSDP_GATHERED_BLOCKS gathered blocks and the forward."""
+    c = compute_bytes
+    capacity = capacity if capacity is not None else int(card.memory_gib * GiB)
+    weights = c * teacher.parameters
+    head = c * teacher.vocab_size * teacher.hidden_size
+    gathered = FSDP_GATHERED_BLOCKS * c * teacher.block_linear_weights // max(teacher.num_layers, 1)
+    acts = cache_activation_bytes(teacher, tokens=batch_size * seq_len, chunk_size=chunk_size, c=c)
+    replicated = weights + acts
+    room = capacity - head - gathered - acts  # what the split part of the weights may take per rank
+    ranks_sharded = max(2, math.ceil((weights - head) / room)) if room > 0 else None
+    ranks_replicated = 1 if replicated <= capacity else None
+    ranks = ranks_replicated or ranks_sharded
+    flops = 2 * teacher.parameters
+    per_token = flops / (card.bf16_tflops * 1e12 * utilization)
+    return CacheEstimate(
+        card=card.name,
+        capacity=capacity,
+        compute_bytes=c,
+        weights=weights,
+        activations=acts,
+        replicated=replicated,
+        ranks_replicated=ranks_replicated,
+        sharded=fsdp_rank_share(weights, head, ranks_sharded) + gathered + acts if ranks_sharded else None,
+        ranks_sharded=ranks_sharded,
+        utilization=utilization,
+        peak_tflops=card.bf16_tflops,
+        flops_per_token=flops,
+        seconds_per_token=per_token,
+        tokens=tokens,
+        ranks=ranks,
+        seconds=tokens * per_token / ranks if tokens is not None and ranks else None,
+    )
+
+
+def format_cache(est: CacheEstimate, *, gpu: str, batch_size: int, seq_len: int) -> str:
+    """The cache estimate as the few lines ``llm-neo plan --gpu`` prints under its table."""
+    from llm_neo.report.tables import format_duration, format_sig
+
+    dtype = {2: "bf16", 4: "fp32"}[est.compute_bytes]
+    lines = [
+        f"teacher cache (cache-teacher) on {gpu} ({est.capacity / GiB:.1f} GiB per card), micro-batch "
+        f"{batch_size} × {seq_len}, {dtype}:",
+        f"  replicated: {est.weights / GiB:.2f} GiB weights + {est.activations / GiB:.2f} GiB forward = "
+        f"{est.replicated / GiB:.2f} GiB per rank: "
+        + ("fits one card" if est.ranks_replicated else "does not fit one card; shard it"),
+        (
+            f"  FSDP2-sharded (--teacher-shard fsdp): {est.ranks_sharded} ranks at least, "
+            f"{(est.sharded or 0) / GiB:.2f} GiB per rank"
+            if est.ranks_sharded
+            else "  FSDP2-sharded: does not fit at any number of ranks (the lm_head and a micro-batch's "
+            "forward alone exceed a card); a smaller --batch-size or --seq-len"
+        ),
+        f"  time (an estimate): 2 × {format_sig(est.flops_per_token / 2e9)} B parameters = "
+        f"{format_sig(est.flops_per_token / 1e9)} GFLOP per token at {est.utilization:.0%} of "
+        f"{est.peak_tflops:g} TFLOP/s (dense bf16 peak): {format_sig(est.seconds_per_token * 1e6)} µs per "
+        "token per card",
+    ]
+    if est.tokens is not None and est.seconds is not None:
+        lines.append(
+            f"  {format_sig(est.tokens)} tokens: {format_duration(est.seconds)} on {est.ranks} "
+            f"card{'s' if est.ranks != 1 else ''} ({format_sig(est.seconds * (est.ranks or 1) / 3600)} "
+            "GPU-hours; more ranks divide the time)"
+        )
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------
 # The command
 
 
@@ -481,6 +623,30 @@ class PlanConfig(DeviceOptions):
             "(a phase of its own: the sampling comes before the step's forwards)."
         ),
     )
+    gpu: str | None = field(
+        default=None,
+        metadata=option_help(
+            f"The card to plan for ({', '.join(GPUS)}): its memory is the one to fit in, and the plan "
+            "adds the teacher cache's: the ranks that hold the teacher replicated and FSDP2-sharded, and "
+            "the time per token at --utilization of its bf16 peak.",
+            choices=tuple(GPUS),
+            effect=Effect.REPORT,
+        ),
+    )
+    utilization: float = field(
+        default=0.4,
+        metadata=option_help(
+            "With --gpu: the fraction of the card's bf16 peak the teacher cache's time assumes.",
+            effect=Effect.REPORT,
+        ),
+    )
+    cache_tokens: str | None = field(
+        default=None,
+        metadata=option_help(
+            "With --gpu: the time a teacher cache of this many tokens takes (e.g. 50M, 2B).",
+            effect=Effect.REPORT,
+        ),
+    )
     json: str | None = field(
         default=None, metadata=option_help("Also write the estimates to this JSON file.")
     )
@@ -554,32 +720,71 @@ def _validate(config: PlanConfig) -> None:
             p.append(f"--{who}-quant: {kind!r} is not one of {', '.join(QUANT_KINDS)}")
     if config.device_memory_gb is not None and config.device_memory_gb <= 0:
         p.append(f"--device-memory-gb: {config.device_memory_gb} must be > 0")
+    if config.gpu is not None and config.gpu not in GPUS:
+        p.append(f"--gpu: {config.gpu!r} is not one of {', '.join(GPUS)}")
+    if not 0 < config.utilization <= 1:
+        p.append(f"--utilization: {config.utilization} is out of range; it must be in (0, 1], e.g. 0.4")
+    if config.cache_tokens is not None:
+        if config.gpu is None:
+            p.append(f"--cache-tokens needs --gpu (the card the cache is built on: {', '.join(GPUS)})")
+        try:
+            parse_tokens(config.cache_tokens, option="--cache-tokens")
+        except ConfigError as err:
+            p += err.problems
+    if config.gpu is not None and config.shape is None and not config.teacher:
+        p.append("--gpu plans the teacher cache too: give --teacher (or --shape)")
     if p:
         raise ConfigError(p)
 
 
-def plan_rows(config: PlanConfig, *, baseline: int | None = None) -> tuple[list[ArmEstimate], dict[str, Any]]:
-    """The estimates for every (method, impl) of ``config``, and the resolved settings they assume."""
+def _configs(config: PlanConfig) -> tuple[Any, Any, int, int, int]:
+    """The teacher's config (None: none given), the student's, and the batch, length and LoRA rank."""
     from llm_neo.commands.shapes import get_shape
 
-    _validate(config)
-    t_config: Any
-    s_config: Any
     if config.shape is not None:
         shape = get_shape(config.shape)
-        t_config, s_config = shape.teacher, shape.student
-        batch = config.batch_size or shape.batch_size
-        seq = config.seq_len or shape.seq_len
-        r = config.lora_r or shape.lora_r
-    else:
-        from llm_neo.models.loading import load_config  # a model dir, hub id or GGUF file
+        return (
+            shape.teacher,
+            shape.student,
+            config.batch_size or shape.batch_size,
+            config.seq_len or shape.seq_len,
+            config.lora_r or shape.lora_r,
+        )
+    from llm_neo.models.loading import load_config  # a model dir, hub id or GGUF file
 
-        assert config.student is not None  # _validate
-        trust = config.trust_remote_code
-        s_config = load_config(config.student, trust_remote_code=trust)
-        t_config = load_config(config.teacher, trust_remote_code=trust) if config.teacher else None
-        batch, seq, r = config.batch_size or 1, config.seq_len or 2048, config.lora_r or 64
-    device_type = _device_type(config.device)
+    assert config.student is not None  # _validate
+    trust = config.trust_remote_code
+    s_config = load_config(config.student, trust_remote_code=trust)
+    t_config = load_config(config.teacher, trust_remote_code=trust) if config.teacher else None
+    return t_config, s_config, config.batch_size or 1, config.seq_len or 2048, config.lora_r or 64
+
+
+def plan_cache(config: PlanConfig) -> CacheEstimate | None:
+    """The teacher cache's estimate on ``config.gpu`` (None without --gpu): micro-batches of the plan's
+    batch and length, in the compute dtype a card uses (bf16 unless --dtype says otherwise)."""
+    _validate(config)
+    if config.gpu is None:
+        return None
+    t_config, _, batch, seq, _ = _configs(config)
+    card = GPUS[config.gpu]
+    return estimate_cache(
+        model_dims(t_config),
+        card,
+        batch_size=batch,
+        seq_len=seq,
+        compute_bytes=_compute_bytes(config.dtype, "cuda"),
+        utilization=config.utilization,
+        tokens=parse_tokens(config.cache_tokens, option="--cache-tokens") if config.cache_tokens else None,
+        chunk_size=config.loss_chunk_size,
+        capacity=int(config.device_memory_gb * GiB) if config.device_memory_gb is not None else None,
+    )
+
+
+def plan_rows(config: PlanConfig, *, baseline: int | None = None) -> tuple[list[ArmEstimate], dict[str, Any]]:
+    """The estimates for every (method, impl) of ``config``, and the resolved settings they assume."""
+    _validate(config)
+    t_config, s_config, batch, seq, r = _configs(config)
+    device_type = "cuda" if config.gpu else _device_type(config.device)  # --gpu: planned for that card
     c = _compute_bytes(config.dtype, device_type)
     student = model_dims(s_config, lora_r=r, lora_target_modules=config.lora_target_modules)
     teacher = model_dims(t_config) if t_config is not None else None
@@ -623,6 +828,7 @@ def plan_rows(config: PlanConfig, *, baseline: int | None = None) -> tuple[list[
         "teacher_quant": config.teacher_quant,
         "student_quant": config.student_quant,
         "on_policy": config.on_policy,
+        "gpu": config.gpu,
     }
     return rows, settings
 
@@ -660,11 +866,12 @@ def format_plan(rows: list[ArmEstimate], capacity: int | None) -> str:
 def run_plan(config: PlanConfig) -> int:
     """Print the estimates (and a warning per arm that will not fit); 0, or 3 with --strict and a misfit."""
     rows, settings = plan_rows(config)
-    capacity = (
-        int(config.device_memory_gb * GiB)
-        if config.device_memory_gb is not None
-        else device_memory_bytes(config.device)
-    )
+    if config.device_memory_gb is not None:
+        capacity: int | None = int(config.device_memory_gb * GiB)
+    elif config.gpu is not None:
+        capacity = int(GPUS[config.gpu].memory_gib * GiB)
+    else:
+        capacity = device_memory_bytes(config.device)
     where = f"{settings['shape']}" if settings["shape"] else f"{settings['teacher']} -> {settings['student']}"
     dtype = {2: "bf16", 4: "fp32"}[settings["compute_dtype_bytes"]]
     print(
@@ -694,6 +901,14 @@ def run_plan(config: PlanConfig) -> int:
             f"{capacity / GiB:.1f} GiB available; try {', '.join(remedies)}",
             file=sys.stderr,
         )
+    cache = plan_cache(config)
+    if cache is not None and config.gpu is not None:
+        print()
+        print(
+            format_cache(
+                cache, gpu=config.gpu, batch_size=settings["batch_size"], seq_len=settings["seq_len"]
+            )
+        )
     if config.json:
         from llm_neo.runtime.atomic import atomic_write_json
 
@@ -701,6 +916,7 @@ def run_plan(config: PlanConfig) -> int:
             "settings": settings,
             "device_memory_gib": capacity / GiB if capacity else None,
             "arms": [asdict(r) | {"total_gib": r.total / GiB} for r in rows],
+            "teacher_cache": asdict(cache) if cache is not None else None,
         }
         atomic_write_json(Path(config.json), payload)
     return 3 if (config.strict and misfits) else 0

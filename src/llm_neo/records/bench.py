@@ -1,6 +1,7 @@
 """The records of `llm-neo bench`: ``BenchReport`` is what ``LABEL.json`` holds, one ``StepRun`` per step
 run, one ``WholeRun`` (or ``FailedWholeRun``) per whole run, one ``TargetResult`` per acceptance target,
-and with ``--peers`` one ``PeerRun`` per peer setting beside the whole runs and the ``PeerLossCheck``.
+with ``--peers`` one ``PeerRun`` per peer setting beside the whole runs and the ``PeerLossCheck``, and with
+``--cache-ranks`` the multi-rank cache row, ``CacheRanks``.
 
 ``llm_neo.commands.bench`` computes its rows as dicts (each measurement adds its keys as it is taken) and
 turns the finished report into these records; its Markdown report reads them by attribute. The JSON keys
@@ -264,6 +265,49 @@ class WholeRunInputs:
 
 
 @dataclass(kw_only=True)
+class CacheRankShare:
+    """One rank's share of a cache launch, as its manifest records it."""
+
+    rank: int
+    tokens: int  # the trained positions it computed
+    seconds: float
+    tokens_per_s: float
+    peak_bytes: int  # the process's peak RSS (CPU) or the tensors' peak (GPU)
+    teacher_parameters: int  # the teacher parameters it held (sharded: its shards and the whole lm_head)
+
+
+@dataclass(kw_only=True)
+class CacheLaunch:
+    """One ``cache-teacher`` launch of the multi-rank cache row (``--cache-ranks``)."""
+
+    name: str  # "1 process", "2 ranks, replicated", "2 ranks, FSDP2-sharded"
+    ranks: int
+    teacher_shard: str  # the placement the manifest records (replicate, fsdp)
+    command: str  # paths relative to the row's directory
+    status: Literal["ok", "error"]
+    error: str | None
+    wall_s: float  # the launch's wall time, process starts and teacher loading included
+    tokens_per_s_total: float | None = None  # all ranks side by side
+    shares: list[CacheRankShare] = field(default_factory=list)
+    speed_vs_one: float | None = None  # tokens_per_s_total ÷ the one process's
+    peak_vs_one: float | None = None  # the largest rank's peak ÷ the one process's
+    same_cache: bool | None = None  # same key and top-k ids as the one process's cache
+
+
+@dataclass(kw_only=True)
+class CacheRanks:
+    """The multi-rank cache row: its inputs and its launches (the one process first)."""
+
+    ranks: int
+    records: int
+    seq_len: int
+    batch_size: int
+    top_k: int
+    threads_per_process: int | None  # CPU intra-op threads of each process (None on a GPU)
+    launches: list[CacheLaunch]
+
+
+@dataclass(kw_only=True)
 class BenchReport:
     """``LABEL.json``: the bench's settings, where it ran, every run and the targets."""
 
@@ -282,4 +326,5 @@ class BenchReport:
     targets: list[TargetResult]
     peers: list[PeerRun] | None = field(default=None, metadata=OPTIONAL_KEY)  # --peers
     peer_loss_check: PeerLossCheck | None = field(default=None, metadata=OPTIONAL_KEY)
+    cache_ranks: CacheRanks | None = field(default=None, metadata=OPTIONAL_KEY)  # --cache-ranks
     extra: dict[str, Any] = field(default_factory=dict)

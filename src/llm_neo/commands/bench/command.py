@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from llm_neo.commands.bench.cache_ranks import cache_ranks_row
 from llm_neo.commands.bench.isolate import run_isolated
 from llm_neo.commands.bench.output import format_report
 from llm_neo.commands.bench.peers import require_peers, run_peers
@@ -270,6 +271,9 @@ def bench(config: BenchConfig, *, progress: bool = True) -> BenchReport:
         "num_threads": config.num_threads or torch.get_num_threads(),
         "malloc_mmap_threshold": config.malloc_mmap_threshold or None,
     }
+    cache_ranks = cache_ranks_row(
+        config, Path(config.whole_run_dir) / "cache-ranks" if config.whole_run_dir else None
+    )
     add_plan(results, config, settings)
     _add_ratios(results, whole, config.loss_chunk_size)
     device_names = [x["device"] for x in results if x.get("device")]
@@ -293,6 +297,7 @@ def bench(config: BenchConfig, *, progress: bool = True) -> BenchReport:
         if peer_rows is not None
         else None,
         peer_loss_check=from_json(PeerLossCheck, check) if check is not None else None,
+        cache_ranks=cache_ranks,
     )
 
 
@@ -306,7 +311,8 @@ def _whole_row(row: dict[str, Any], where: str) -> WholeRun | FailedWholeRun:
 def run_bench(config: BenchConfig) -> int:
     """Run the benchmark, print the Markdown report and write LABEL.md/LABEL.json to --output.
 
-    Returns 0 when every run finished (an OOM or crash of a run is reported in its row and gives 1);
+    Returns 0 when every run (and cache launch) finished (an OOM or crash of a run is reported in its row
+    and gives 1);
     targets that fail do not change the exit code: they are figures, not tests.
     """
     report = bench(config)
@@ -324,4 +330,6 @@ def run_bench(config: BenchConfig) -> int:
         (out / f"{label}.runs.jsonl").unlink(missing_ok=True)
         print(f"written: {out / label}.md, {out / label}.json")
     peers_ok = all(p.status in ("ok", "unsupported") for p in report.peers or [])
-    return 0 if peers_ok and all(r.status == "ok" for r in [*report.results, *report.whole_runs]) else 1
+    cache_ok = all(c.status == "ok" for c in (report.cache_ranks.launches if report.cache_ranks else []))
+    runs_ok = all(r.status == "ok" for r in [*report.results, *report.whole_runs])
+    return 0 if peers_ok and cache_ok and runs_ok else 1

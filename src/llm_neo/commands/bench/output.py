@@ -102,6 +102,7 @@ def format_report(report: BenchReport) -> str:
     blocks += _quantization_blocks(report.results, "step peak")
     blocks += _whole_run_blocks(report)
     blocks += _peer_blocks(report)
+    blocks += _cache_rank_blocks(report)
     blocks += [Heading(2, "Targets"), Bullets(tuple(_target_line(t) for t in report.targets))]
     return to_markdown(blocks, {})
 
@@ -297,6 +298,41 @@ def _peer_blocks(report: BenchReport) -> list[Block]:
             )
         )
     return blocks
+
+
+def _cache_rank_blocks(report: BenchReport) -> list[Block]:
+    """The multi-rank cache row (--cache-ranks): per launch and rank, tokens/s and peak, and the ratios."""
+    c = report.cache_ranks
+    if c is None:
+        return []
+    columns = ["tokens", "tokens/s (rank)", "tokens/s (all ranks)", "peak GiB", "teacher params held",
+               "tokens/s vs 1 process", "peak vs 1 process", "same cache", "status"]  # fmt: skip
+    rows: list[tuple[str, list[str]]] = []
+    for launch in c.launches:
+        same = {True: "yes", False: "NO", None: ""}[launch.same_cache]
+        if launch.status != "ok":
+            rows.append(
+                (launch.name, ["", "", "", "", "", "", "", "", "", f"{launch.status}: {launch.error}"])
+            )
+        for share in launch.shares:
+            rows.append(
+                (f"{launch.name}, rank {share.rank}", [str(share.tokens),
+                 _fmt(share.tokens_per_s, 1), _fmt(launch.tokens_per_s_total, 1), _gib(share.peak_bytes),
+                 f"{share.teacher_parameters:,}", _fmt(launch.speed_vs_one), _fmt(launch.peak_vs_one), same,
+                 launch.status])
+            )  # fmt: skip
+    threads = f"{c.threads_per_process} intra-op thread(s) per process; " if c.threads_per_process else ""
+    return [
+        Heading(2, f"Teacher cache on 1 process and on {c.ranks} ranks"),
+        Paragraph(
+            f"`llm-neo cache-teacher` of the shape's random teacher over {c.records} records of {c.seq_len} "
+            f"tokens, top-{c.top_k}, micro-batches of {c.batch_size}: one process, then {c.ranks} ranks "
+            f"under torchrun with the teacher replicated and FSDP2-sharded; {threads}figures from each "
+            "launch's manifest (a rank's seconds are its teacher work; all ranks' tokens/s: their tokens "
+            "over the slowest rank's seconds). Same cache: the same key and top-k ids as the one process's."
+        ),
+        _table(rows, columns),
+    ]
 
 
 def _cpu(user: float | None, system: float | None) -> str:

@@ -63,6 +63,15 @@ class BenchConfig(DeviceOptions):
             "temporary directory, removed at the end."
         ),
     )
+    cache_ranks: int = field(
+        default=0,
+        metadata=option_help(
+            "Also the multi-rank cache row: `llm-neo cache-teacher` of the shape's teacher in one process "
+            "and on this many ranks (torchrun; gloo on a CPU), the teacher replicated and FSDP2-sharded: "
+            "tokens/s per rank and in all, peak per rank, ratios to the one process; its files kept in "
+            "--whole-run-dir/cache-ranks when that is given. 0: no such row."
+        ),
+    )
     warmup_steps: int = field(default=1, metadata=option_help("Untimed steps first (AdamW states, kernels)."))
     steps: int = field(default=3, metadata=option_help("Timed optimizer steps per run."))
     gradient_checkpointing: bool = field(
@@ -257,6 +266,7 @@ def validate(config: BenchConfig) -> tuple[list[RunKey], list[RunKey]]:
         ("kd-ratio", config.kd_ratio, 0 <= config.kd_ratio <= 1),
         ("run-timeout-s", config.run_timeout_s, config.run_timeout_s > 0),
         ("mlp-chunks", config.mlp_chunks, config.mlp_chunks >= 1),
+        ("cache-ranks", config.cache_ranks, config.cache_ranks == 0 or config.cache_ranks >= 2),
     ):
         if not ok:
             p.append(f"--{name}: {value} is out of range")
