@@ -95,7 +95,7 @@ def one_thread_here() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory) -> dict[str, Path]:
-    """Both models fetched and converted once: {"gemma": dir, "smollm2": dir}."""
+    """Both models fetched and converted once: {"gemma": dir, "smollm2": dir, "gemma_gguf": the file}."""
     root = tmp_path_factory.mktemp("real-pair")
     with timed("gemma_fetch"):
         gemma_gguf = fetch(GEMMA3)
