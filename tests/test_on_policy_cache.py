@@ -163,6 +163,22 @@ def test_cache_teacher_refusals(tmp_path, models, data_file, overrides, expected
     assert not (tmp_path / "refused").exists()
 
 
+def test_the_command_says_the_condition_and_how_to_train_from_it(tmp_path, models, data_file, capsys):
+    from llm_neo.cli import main
+
+    out = tmp_path / "cli"
+    args = ["cache-teacher", "--teacher", str(models["teacher"]), "--data", str(data_file),
+            "--output", str(out), "--student-samples", str(models["student"]),
+            "--sample-temperature", "0.5", "--top-k", "4", "-q"]  # fmt: skip
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "8 samples of" in printed and "on-policy to this initial student" in printed
+    assert (
+        f"--teacher-cache {out} --student {models['student']} --on-policy 1 --sample-temperature 0.5"
+        in printed
+    )
+
+
 # ----------------------------------------------------------------------------------------------------
 # Training on it
 
