@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from llm_neo.commands.bench.isolate import run_isolated
+from llm_neo.commands.bench.on_policy import run_on_policy
 from llm_neo.commands.bench.output import format_report
 from llm_neo.commands.bench.peers import require_peers, run_peers
 from llm_neo.commands.bench.runs import (
@@ -35,6 +36,7 @@ from llm_neo.records.bench import (
     BenchReport,
     FailedWholeRun,
     LoadAverage,
+    OnPolicyRun,
     PeakKind,
     PeerLossCheck,
     PeerRun,
@@ -237,9 +239,15 @@ def bench(config: BenchConfig, *, progress: bool = True) -> BenchReport:
     whole: list[dict[str, Any]] = []
     whole_inputs: dict[str, Any] | None = None
     peers: list[tuple[list[dict[str, Any]], dict[str, Any]]] = []  # the rows and the loss check
+    on_policy: list[dict[str, Any]] | None = None
 
-    def run_the_peers(inputs: WholeInputs, directory: Path, done: list[dict[str, Any]]) -> None:
-        peers.append(run_peers(config, whole_specs, inputs, directory, done))
+    def run_the_others(inputs: WholeInputs, directory: Path, done: list[dict[str, Any]]) -> None:
+        nonlocal on_policy
+        if config.peers:
+            peers.append(run_peers(config, whole_specs, inputs, directory, done))
+        if config.on_policy:
+            neo = next(s for s in whole_specs if (s.arm, s.impl) == ("neo", "chunked"))
+            on_policy = run_on_policy(config, neo, inputs, directory)
 
     if whole_specs:
         whole, whole_inputs = run_whole_runs(
@@ -247,7 +255,7 @@ def bench(config: BenchConfig, *, progress: bool = True) -> BenchReport:
             whole_specs,
             progress=progress,
             partial=partial,
-            also=run_the_peers if config.peers else None,
+            also=run_the_others if config.peers or config.on_policy else None,
         )
 
     settings = {
@@ -293,6 +301,9 @@ def bench(config: BenchConfig, *, progress: bool = True) -> BenchReport:
         if peer_rows is not None
         else None,
         peer_loss_check=from_json(PeerLossCheck, check) if check is not None else None,
+        on_policy=None
+        if on_policy is None
+        else [from_json(OnPolicyRun, x, f"on_policy[{i}]") for i, x in enumerate(on_policy)],
     )
 
 
