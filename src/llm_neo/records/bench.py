@@ -194,7 +194,7 @@ class OnPolicyRun:
     train_time_s: float | None
     process_peak_bytes: int | None
     generation_share: float | None  # of the training time, spent generating (0: cached)
-    generated_tokens_per_s: float | None
+    generated_tokens_per_s: float | None  # cached: while cache-teacher generated the samples
     mean_generated_length: float | None
     capped_share: float | None  # samples that hit the cap without an end-of-turn token
     max_new_tokens: int | None  # the cap

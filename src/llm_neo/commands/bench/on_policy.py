@@ -102,14 +102,14 @@ def run_on_policy(
     if "status" in seen:
         cached = {"run": ROWS[2], "status": seen["status"], "error": f"cache-teacher: {seen['error']}"}
     else:
-        stats = json.loads((cache / "manifest.json").read_text())["stats"]
+        manifest = json.loads((cache / "manifest.json").read_text())
+        generating = manifest["stats"].get("generation_s")
         found = run_whole(spec, prompts, root / "cached", timeout=timeout, malloc_mmap_threshold=threshold,
                           on_policy=cache)  # fmt: skip
         cached = found | _cost(found)
-        cached |= {
-            "cache_wall_s": seen["end"] - seen["start"],
-            "cache_generation_s": stats.get("generation_s"),
-        }
+        # Generated once, by cache-teacher: its rate there (the samples' tokens are the cached positions).
+        cached["generated_tokens_per_s"] = ratio(manifest["num_positions"], generating)
+        cached |= {"cache_wall_s": seen["end"] - seen["start"], "cache_generation_s": generating}
     rows.append(cached | {"name": ROWS[2]})
     base = rows[0].get("step_s") if rows[0].get("status") == "ok" else None
     for row in rows:
