@@ -386,6 +386,12 @@ def cache_teacher(config: CacheTeacherConfig, *, on_shard: ShardCallback | None 
             trust_remote_code=config.trust_remote_code,
             allow_pickle_weights=config.allow_pickle_weights,
         )
+        if logit_width(student) < len(inputs.tokenizer):  # its samples must be ids of the cached tokenizer
+            raise CacheError(
+                f"--student-samples {config.student_samples} has {logit_width(student)} logit columns, "
+                f"the tokenizer {len(inputs.tokenizer)} tokens: pass its tokenizer with --tokenizer, or a "
+                "student of the teacher's vocabulary"
+            )
     share = _write_shards(
         config,
         teacher,

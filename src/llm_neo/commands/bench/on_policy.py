@@ -14,8 +14,8 @@ one `llm-neo cache-teacher`, each measured as a whole run is (``whole.launch``):
 
 Each row gives the median seconds of the timed steps, their ratio to off-policy Neo's in this bench, and
 from summary.json the share of step time spent generating, the generated tokens/s, the mean generated
-length and the share of samples that hit the cap (a random student never says end of turn, so its samples
-are all capped: the worst case of the cost).
+length and the share of samples that hit the cap (a random student seldom says end of turn, so most of its
+samples are capped: near the worst case of the cost).
 """
 
 from __future__ import annotations

@@ -326,8 +326,9 @@ def _on_policy_blocks(report: BenchReport) -> list[Block]:
             "(the student samples every micro-batch as it trains), and cached (`cache-teacher "
             "--student-samples` first, timed on its row; training reads the samples and the teacher's top-k, "
             "on-policy to the initial student). s/step: the median of the timed steps; generating: the "
-            "share of the training time spent sampling. A random student never says end of turn, so every "
-            "sample runs to the cap: the cost's worst case."
+            "share of the training time spent sampling (the cached row's generated tokens/s: "
+            "cache-teacher's, while it sampled). A random student seldom says end of turn, so most samples "
+            "run to the cap: near the cost's worst case."
         ),
         _table(rows, columns),
     ]
