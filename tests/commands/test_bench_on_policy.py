@@ -46,7 +46,7 @@ def test_on_policy_rows_beside_off_policy_neo(tmp_path):
                    lora_r=4, kd_ratio=0.5, warmup_steps=1, steps=1, gradient_checkpointing=False,
                    device="cpu", dtype="float32", seed=0, memory="rss", num_threads=1)  # fmt: skip
     inputs = prepare_whole_runs(spec, tmp_path / "inputs", with_teacher=True)
-    rows = run_on_policy(BenchConfig(shape="tiny", run_timeout_s=600), spec, inputs, tmp_path)
+    rows = run_on_policy(BenchConfig(shape="tiny", run_timeout_s=600), [spec], inputs, tmp_path)
     assert [r["name"] for r in rows] == list(ROWS)
     assert all(r["status"] == "ok" for r in rows), rows
     off, online, cached = (from_json(OnPolicyRun, r) for r in rows)

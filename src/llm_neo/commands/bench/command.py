@@ -239,15 +239,13 @@ def bench(config: BenchConfig, *, progress: bool = True) -> BenchReport:
     whole: list[dict[str, Any]] = []
     whole_inputs: dict[str, Any] | None = None
     peers: list[tuple[list[dict[str, Any]], dict[str, Any]]] = []  # the rows and the loss check
-    on_policy: list[dict[str, Any]] | None = None
+    on_policy: list[list[dict[str, Any]]] = []  # its rows, when asked for
 
     def run_the_others(inputs: WholeInputs, directory: Path, done: list[dict[str, Any]]) -> None:
-        nonlocal on_policy
         if config.peers:
             peers.append(run_peers(config, whole_specs, inputs, directory, done))
         if config.on_policy:
-            neo = next(s for s in whole_specs if (s.arm, s.impl) == ("neo", "chunked"))
-            on_policy = run_on_policy(config, neo, inputs, directory)
+            on_policy.append(run_on_policy(config, whole_specs, inputs, directory))
 
     if whole_specs:
         whole, whole_inputs = run_whole_runs(
@@ -301,9 +299,9 @@ def bench(config: BenchConfig, *, progress: bool = True) -> BenchReport:
         if peer_rows is not None
         else None,
         peer_loss_check=from_json(PeerLossCheck, check) if check is not None else None,
-        on_policy=None
-        if on_policy is None
-        else [from_json(OnPolicyRun, x, f"on_policy[{i}]") for i, x in enumerate(on_policy)],
+        on_policy=[from_json(OnPolicyRun, x, f"on_policy[{i}]") for i, x in enumerate(on_policy[0])]
+        if on_policy
+        else None,
     )
 
 

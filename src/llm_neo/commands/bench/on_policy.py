@@ -76,10 +76,11 @@ def _cost(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_on_policy(
-    config: BenchConfig, spec: RunSpec, inputs: WholeInputs, directory: Path
+    config: BenchConfig, specs: list[RunSpec], inputs: WholeInputs, directory: Path
 ) -> list[dict[str, Any]]:
-    """The three rows (``ROWS``) on ``spec`` (the whole run neo:chunked), with the saved models of
+    """The three rows (``ROWS``) on the whole run neo:chunked of ``specs``, with the saved models of
     ``inputs`` and prompt records of their own in ``directory``; each row's ratio to off-policy Neo."""
+    spec = next(s for s in specs if (s.arm, s.impl) == ("neo", "chunked"))
     root = directory / "on-policy"
     if root.exists():
         shutil.rmtree(root)  # an earlier bench's: distill and cache-teacher refuse a used output
