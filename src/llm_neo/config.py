@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import functools
 import importlib.util
+import json
 import math
 import os
 import socket
@@ -176,9 +177,32 @@ class LoraOptions:
 
 
 @dataclass
-class TrainOptions(TeacherQuantOptions, TokenizeOptions, LoadOptions):
-    """How a student is trained, whatever the arm: the options `llm-neo distill` and `llm-neo compare`
-    share (an arm adds its method, learning rate, seed and output directory)."""
+class SamplingOptions:
+    """How the student's responses are drawn for on-policy distillation: distill's --on-policy draws
+    them as it trains, cache-teacher's --student-samples once, into a teacher cache."""
+
+    sample_temperature: float = field(
+        default=1.0,
+        metadata=option_help(
+            "On-policy sampling temperature (0: greedy); not the KD term's --kd-temperature.", group=LOSS
+        ),
+    )
+    sample_top_p: float = field(
+        default=1.0, metadata=option_help("On-policy nucleus sampling: top-p in (0, 1].", group=LOSS)
+    )
+    sample_max_new_tokens: int | None = field(
+        default=None,
+        metadata=option_help(
+            "Cap of an on-policy response in tokens (also capped by --max-length minus its prompt). "
+            "Default: the longest training response.",
+            group=LOSS,
+        ),
+    )
+
+
+@dataclass
+class _TrainFields(TeacherQuantOptions, TokenizeOptions, LoadOptions):
+    """TrainOptions but its sampling options (see TrainOptions)."""
 
     # --- models -----------------------------------------------------------------------------------
     student: str = field(
@@ -300,23 +324,6 @@ class TrainOptions(TeacherQuantOptions, TokenizeOptions, LoadOptions):
             group=LOSS,
         ),
     )
-    sample_temperature: float = field(
-        default=1.0,
-        metadata=option_help(
-            "On-policy sampling temperature (0: greedy); not the KD term's --kd-temperature.", group=LOSS
-        ),
-    )
-    sample_top_p: float = field(
-        default=1.0, metadata=option_help("On-policy nucleus sampling: top-p in (0, 1].", group=LOSS)
-    )
-    sample_max_new_tokens: int | None = field(
-        default=None,
-        metadata=option_help(
-            "Cap of an on-policy response in tokens (also capped by --max-length minus its prompt). "
-            "Default: the longest training response.",
-            group=LOSS,
-        ),
-    )
     # --- run --------------------------------------------------------------------------------------
     save_every: int = field(
         default=0,
@@ -360,6 +367,16 @@ class TrainOptions(TeacherQuantOptions, TokenizeOptions, LoadOptions):
             group=QUANT,
         ),
     )
+
+
+@dataclass
+class TrainOptions(SamplingOptions, _TrainFields):
+    """How a student is trained, whatever the arm: the options `llm-neo distill` and `llm-neo compare`
+    share (an arm adds its method, learning rate, seed and output directory).
+
+    SamplingOptions comes before _TrainFields among the bases so that its fields come after theirs
+    (dataclasses collect fields from the last base first): --help, config.yaml and summary.json list the
+    sampling options after --on-policy-divergence, where they always were."""
 
 
 @dataclass
@@ -463,8 +480,9 @@ class EvalConfig(TokenizeOptions, LoadOptions):
 
 
 @dataclass
-class CacheTeacherConfig(TeacherQuantOptions, TokenizeOptions, LoadOptions):
-    """`llm-neo cache-teacher`: run the teacher once over the data and store its top-k log-probs."""
+class CacheTeacherConfig(SamplingOptions, TeacherQuantOptions, TokenizeOptions, LoadOptions):
+    """`llm-neo cache-teacher`: run the teacher once over the data and store its top-k log-probs (on the
+    data's responses, or with --student-samples on a student's own responses to the data's prompts)."""
 
     teacher: str = field(
         default="", metadata=option_help("Teacher model: a local HF model dir or a hub id.", group=MODELS)
@@ -533,6 +551,20 @@ class CacheTeacherConfig(TeacherQuantOptions, TokenizeOptions, LoadOptions):
             effect=Effect.RUNTIME,
             group=RUN,
         ),
+    )
+    # --- offline on-policy (docs/on-policy.md) ------------------------------------------------------
+    student_samples: str | None = field(
+        default=None,
+        metadata=option_help(
+            "A student model dir (its initial weights, or a warm-up run's merged/): cache the teacher on "
+            "this student's own responses to the data's prompts instead of the data's responses, for "
+            "distill --on-policy 1 --teacher-cache (on-policy to this student, not to the one training).",
+            group=MODELS,
+        ),
+    )
+    samples_per_prompt: int = field(
+        default=1,
+        metadata=option_help("With --student-samples: responses drawn per record's prompt.", group=DATA),
     )
 
 
@@ -817,13 +849,50 @@ def validate_distill(config: DistillConfig) -> None:
         raise ConfigError(p)
 
 
-# The sampling options, which mean something only with --on-policy.
-ON_POLICY_OPTIONS = ("on_policy_divergence", "sample_temperature", "sample_top_p", "sample_max_new_tokens")
+# The options of SamplingOptions; with on_policy_divergence, the options that mean something only with
+# --on-policy.
+SAMPLING_OPTIONS = ("sample_temperature", "sample_top_p", "sample_max_new_tokens")
+ON_POLICY_OPTIONS = ("on_policy_divergence", *SAMPLING_OPTIONS)
+
+
+def given_options(c: Any, names: tuple[str, ...]) -> list[str]:
+    """The flags of the options ``names`` of ``c`` that differ from their defaults."""
+    return [
+        flag_name(f.name)
+        for f in dataclasses.fields(c)
+        if f.name in names and getattr(c, f.name) != f.default
+    ]
+
+
+def check_sampling(p: list[str], c: SamplingOptions) -> None:
+    """The sampling options' ranges (distill's --on-policy, cache-teacher's --student-samples)."""
+    top_p, cap = c.sample_top_p, c.sample_max_new_tokens
+    check_ranges(
+        p,
+        [
+            ("sample-temperature", c.sample_temperature, c.sample_temperature >= 0, ">= 0 (0: greedy)"),
+            ("sample-top-p", top_p, 0 < top_p <= 1, "in (0, 1]"),
+            ("sample-max-new-tokens", cap, cap is None or cap >= 1, ">= 1"),
+        ],
+    )
+
+
+def cached_sampling(cache: str | None) -> dict[str, Any] | None:
+    """The sampling key part of a teacher cache of student samples (cache-teacher --student-samples), or
+    None for a cache of the data's responses (or one whose manifest cannot be read: opening it says why).
+    Read here, from the manifest's JSON, so that its refusals come before anything loads."""
+    if not cache:
+        return None
+    try:
+        manifest = json.loads((Path(cache).expanduser() / "manifest.json").read_text())
+        found = manifest["key"].get("sampling")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return found if isinstance(found, dict) else None
 
 
 def check_on_policy(p: list[str], c: DistillConfig) -> None:
     """The on-policy options' ranges, and what on-policy distillation cannot be combined with."""
-    top_p, cap = c.sample_top_p, c.sample_max_new_tokens
     check_ranges(
         p,
         [
@@ -832,19 +901,16 @@ def check_on_policy(p: list[str], c: DistillConfig) -> None:
                 c.on_policy,
                 0 <= c.on_policy <= 1,
                 "in [0, 1] (the share of on-policy micro-batches)",
-            ),
-            ("sample-temperature", c.sample_temperature, c.sample_temperature >= 0, ">= 0 (0: greedy)"),
-            ("sample-top-p", top_p, 0 < top_p <= 1, "in (0, 1]"),
-            ("sample-max-new-tokens", cap, cap is None or cap >= 1, ">= 1"),
+            )
         ],
     )
+    check_sampling(p, c)
+    cached = cached_sampling(c.teacher_cache)
+    if cached is not None:
+        _check_cached_samples(p, c, cached)
     if c.on_policy == 0:
-        given = [
-            flag_name(f.name)
-            for f in dataclasses.fields(c)
-            if f.name in ON_POLICY_OPTIONS and getattr(c, f.name) != f.default
-        ]
-        if given:
+        given = given_options(c, ON_POLICY_OPTIONS)
+        if given and cached is None:
             verb = "sets" if len(given) == 1 else "set"
             p.append(f"{', '.join(given)} {verb} the on-policy sampling: add --on-policy λ (> 0), or drop it")
         return
@@ -856,10 +922,11 @@ def check_on_policy(p: list[str], c: DistillConfig) -> None:
         )
     elif c.kd_ratio == 0:
         p.append(f"{on}: --kd-ratio 0 turns the teacher off; give --kd-ratio > 0 or drop --on-policy")
-    if c.teacher_cache:
+    if c.teacher_cache and cached is None:
         p.append(
             f"{on}: --teacher-cache holds the teacher's targets on the data's responses and cannot score "
-            "the student's new samples; give --teacher instead of --teacher-cache"
+            "the student's new samples; give --teacher instead of --teacher-cache (or cache the teacher on "
+            "the student's samples: llm-neo cache-teacher --student-samples STUDENT)"
         )
     if c.train_on_prompt:
         p.append(
@@ -871,6 +938,28 @@ def check_on_policy(p: list[str], c: DistillConfig) -> None:
             f"--loss-impl liger computes {', '.join(LIGER_DIVERGENCES)}, not --on-policy-divergence "
             f"{c.on_policy_divergence}; use --loss-impl chunked for it"
         )
+
+
+def _check_cached_samples(p: list[str], c: DistillConfig, cached: dict[str, Any]) -> None:
+    """A teacher cache of student samples: the run trains on those samples alone (λ = 1) and draws
+    nothing itself, so its sampling options must say how they were drawn (a run that asks for other
+    samples would otherwise silently get the cached ones)."""
+    cache = c.teacher_cache
+    if c.on_policy != 1:
+        p.append(
+            f"--teacher-cache {cache} holds the teacher's targets on a student's own samples, not on the "
+            f"data's responses: train on them with --on-policy 1 (--on-policy {c.on_policy:g} would need "
+            "targets on the data's responses too), or use a cache of the data (cache-teacher without "
+            "--student-samples)"
+        )
+    for name in SAMPLING_OPTIONS:
+        if name in cached and getattr(c, name) != cached[name]:
+            flag = flag_name(name)
+            p.append(
+                f"{flag}: the teacher cache {cache} holds samples drawn with {flag} {cached[name]}, this run "
+                f"asks for {getattr(c, name)}; run with {flag} {cached[name]}, or cache the student's "
+                f"samples again with {flag} {getattr(c, name)} (llm-neo cache-teacher --student-samples)"
+            )
 
 
 def _check_liger(p: list[str], c: DistillConfig) -> None:
@@ -924,6 +1013,7 @@ def validate_cache_teacher(config: CacheTeacherConfig) -> None:
             "--teacher-shard replicate to quantize a whole teacher on every rank"
         )
     _check_tokenize(p, c)
+    _check_student_samples(p, c)
     check_ranges(
         p,
         [
@@ -936,6 +1026,27 @@ def validate_cache_teacher(config: CacheTeacherConfig) -> None:
     )
     if p:
         raise ConfigError(p)
+
+
+def _check_student_samples(p: list[str], c: CacheTeacherConfig) -> None:
+    """cache-teacher's --student-samples and the sampling options, which mean something only with it."""
+    check_sampling(p, c)
+    check_ranges(p, [("samples-per-prompt", c.samples_per_prompt, c.samples_per_prompt >= 1, ">= 1")])
+    if not c.student_samples:
+        given = given_options(c, (*SAMPLING_OPTIONS, "samples_per_prompt"))
+        if given:
+            verb = "sets" if len(given) == 1 else "set"
+            p.append(
+                f"{', '.join(given)} {verb} how the student's responses are drawn: add --student-samples "
+                "STUDENT, or drop it"
+            )
+        return
+    check_model_path(p, "student-samples", c.student_samples)
+    if c.train_on_prompt:
+        p.append(
+            "--student-samples: the student answers each record's prompt, which --train-on-prompt would "
+            "cache as well; drop --train-on-prompt"
+        )
 
 
 # ------------------------------------------------------------------------------------------------

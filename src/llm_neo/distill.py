@@ -156,7 +156,7 @@ from llm_neo.sampling import (
     stop_token_ids,
 )
 from llm_neo.summary import SUMMARY_FILE, OnPolicySummary, RunSummary
-from llm_neo.teacher_cache.key import check_key, run_key
+from llm_neo.teacher_cache.key import check_key, hash_teacher_weights, run_key
 from llm_neo.teacher_cache.store import TeacherCache, batch_targets, open_cache, unpack_targets
 
 log = logging.getLogger("llm_neo")
@@ -220,6 +220,9 @@ class OnPolicySampling:
     share: float
     sampling: Sampling
     max_new_tokens: int  # --sample-max-new-tokens, or the longest training response
+    # The student whose samples a teacher cache holds (cache-teacher --student-samples): the run trains
+    # on those and draws none itself. None: sampled online, by the student as it trains.
+    cached_student: str | None = None
 
 
 @dataclass
@@ -306,7 +309,10 @@ def setup(config: DistillConfig) -> Run:
         config.max_length,
     )
     cache = _open_teacher_cache(config, tokenizer, examples)
-    sampling = on_policy_sampling(config, tokenizer, train_split, world)
+    if cache is not None and cache.sampling is not None:
+        train_split = cached_samples(cache, train_split)
+        samples["train"] = len(train_split)
+    sampling = on_policy_sampling(config, tokenizer, train_split, world, cache)
     fingerprint = run_fingerprint(config, cache)
     if resume_from is not None:  # before any weight loads: a changed input is refused at once
         check_fingerprint(resume_from, fingerprint, world)
@@ -387,13 +393,44 @@ def setup(config: DistillConfig) -> Run:
     )
 
 
+def cached_samples(cache: TeacherCache, train: list[Example]) -> list[Example]:
+    """The training split of a run on a cache of student samples: each training example's samples
+    (their cache rows), in its order; the held-out split keeps the data's responses."""
+    n = cache.samples_per_prompt
+    return [cache.sample(ex.index * n + j) for ex in train for j in range(n)]
+
+
 def on_policy_sampling(
-    config: DistillConfig, tokenizer: Any, train: list[Example], world: World
+    config: DistillConfig,
+    tokenizer: Any,
+    train: list[Example],
+    world: World,
+    cache: TeacherCache | None = None,
 ) -> OnPolicySampling | None:
     """--on-policy's sampling, resolved from the options and the training split (the stop tokens, the
-    default cap); ConfigError when a training example has no prompt to answer (text records)."""
+    default cap); ConfigError when a training example has no prompt to answer (text records). From a
+    cache of student samples: how the cache drew them (validate_distill checked the options match)."""
     if config.on_policy == 0:
         return None
+    if cache is not None and cache.sampling is not None:
+        drawn = cache.manifest["student_samples"]
+        sampling = Sampling(
+            temperature=config.sample_temperature,
+            top_p=config.sample_top_p,
+            stop_ids=tuple(drawn["stop_ids"]),
+            pad_id=int(tokenizer.pad_token_id),
+        )
+        log.info(
+            "on-policy to the initial student: training on the %d samples (%d per prompt) that %s drew "
+            "before training, cached with the teacher's targets in %s; they do not follow the student as "
+            "it trains. Trained on %s alone (no CE)",
+            len(train),
+            cache.samples_per_prompt,
+            drawn["student"],
+            cache.path,
+            config.on_policy_divergence,
+        )
+        return OnPolicySampling(1.0, sampling, int(drawn["max_new_tokens"]), cached_student=drawn["student"])
     promptless = sum(1 for ex in train if response_start(ex) == 0)
     if promptless:
         raise ConfigError(
@@ -600,6 +637,8 @@ def _open_teacher_cache(
     if not config.uses_kd:
         del key["temperature"]  # no KD term: the cache only scores the held-out split, at its own T
     check_key(cache, key)
+    if cache.sampling is not None:
+        _check_cached_student(config, cache)
     log.info(
         "teacher cache %s: %d examples, top-%d, T = %g (the teacher is not loaded for training)",
         cache.path,
@@ -608,6 +647,26 @@ def _open_teacher_cache(
         cache.temperature,
     )
     return cache
+
+
+def _check_cached_student(config: DistillConfig, cache: TeacherCache) -> None:
+    """ConfigError unless --student is the student whose samples the cache holds (its weights' sha256):
+    the samples are on-policy to that student only."""
+    cached = cache.manifest["key"]["student_weights"]
+    weights = hash_teacher_weights(
+        config.student, allow_pickle_weights=config.allow_pickle_weights, role="student"
+    )
+    if weights == cached:
+        return
+    drew = cache.manifest.get("student_samples", {}).get("student", "another student")
+    raise ConfigError(
+        [
+            f"--student {config.student} is not the student whose samples the teacher cache {cache.path} "
+            f"holds ({drew}): its weights are {weights[:19]}…, the cache's student's {cached[:19]}…. Train "
+            f"that student (--student {drew}), or cache this one's samples: llm-neo cache-teacher "
+            f"--student-samples {config.student} --teacher T --data D --output NEW_CACHE"
+        ]
+    )
 
 
 def _cache_vocab_size(cache: TeacherCache, student: torch.nn.Module) -> int:
@@ -700,7 +759,12 @@ def train(run: Run, *, on_step: StepCallback | None = None) -> Trained:
     run.student.train()
     plan = "finishing the current optimizer step, then writing a checkpoint and stopping"
     with graceful_stop(plan) as stop:
-        batches = data_batches(run) if run.sampling is None else on_policy_batches(run, run.sampling)
+        if run.sampling is None:
+            batches = data_batches(run)
+        elif run.sampling.cached_student is not None:
+            batches = cached_sample_batches(run, run.sampling)
+        else:
+            batches = on_policy_batches(run, run.sampling)
         loop = _Loop(batches, bar, lines, _Clock(time.perf_counter()), stop, on_step)
         try:
             # The first steps under the live-tensor counter (CPU, one process), the rest without its overhead.
@@ -752,6 +816,31 @@ def data_batches(run: Run) -> StepBatches:
     cache = run.cache if run.step.loss.kd_ratio > 0 else None
     pad = run.tokenizer.pad_token_id
     return lambda first: [_collate(examples, pad, cache) for examples in _step_examples(run, first)]
+
+
+def cached_sample_batches(run: Run, on_policy: OnPolicySampling) -> StepBatches:
+    """The micro-batches of a run on a cache of student samples: its training examples are the cached
+    samples (``cached_samples``), every micro-batch on-policy (λ = 1), trained as an online sampled one
+    is (the on-policy divergence alone); they cost no generation, and their lengths and capped share are
+    recorded as an online run's are."""
+    pad, stops = run.tokenizer.pad_token_id, set(on_policy.sampling.stop_ids)
+
+    def batches(first: int) -> list[dict[str, torch.Tensor]]:
+        out = []
+        for examples in _step_examples(run, first):
+            responses = [ex.input_ids[response_start(ex) :] for ex in examples]
+            out.append(
+                _collate(examples, pad, run.cache)
+                | {
+                    "on_policy": torch.tensor(True),
+                    "on_policy_tokens": torch.tensor(sum(len(r) for r in responses)),
+                    "on_policy_capped": torch.tensor(sum(r[-1] not in stops for r in responses)),
+                    "on_policy_seconds": torch.tensor(0.0, dtype=torch.float64),
+                }
+            )
+        return out
+
+    return batches
 
 
 def on_policy_batches(run: Run, on_policy: OnPolicySampling) -> StepBatches:
@@ -1371,6 +1460,7 @@ def _on_policy_summary(run: Run) -> OnPolicySummary | None:
         generated_tokens_per_s=cost["generated_tokens_per_s"],
         mean_generated_length=cost.get("mean_generated_length"),
         capped_share=cost.get("capped_share"),
+        cached_student=run.sampling.cached_student,
     )
 
 
@@ -1485,7 +1575,8 @@ def _heldout(run: Run, merged: PreTrainedModel) -> tuple[dict[str, float], str |
     """Held-out metrics of the deployed (merged) student against the teacher where there is one (the
     cache's top-k buckets when only a cache is given), and what they were measured against."""
     if not run.heldout:
-        return {}, "teacher" if run.teacher is not None else "teacher_cache" if run.cache else None
+        cached = "teacher_cache" if run.cache and run.cache.sampling is None else None
+        return {}, "teacher" if run.teacher is not None else cached
     config, device, dtype = run.config, run.step.device, run.step.dtype
     teacher = run.teacher
     if teacher is None and config.teacher:
@@ -1497,9 +1588,13 @@ def _heldout(run: Run, merged: PreTrainedModel) -> tuple[dict[str, float], str |
         "dtype": dtype,
         "chunk_size": config.loss_chunk_size,  # the training chunk: evaluation needs no more memory
     }
-    if teacher is None and run.cache is not None:  # no --teacher: score against the cached teacher
+    if teacher is None and run.cache is not None and run.cache.sampling is not None:
+        # The cache holds the teacher on student samples, not on the held-out responses: no reference.
+        metrics = heldout_metrics(merged, run.heldout, None, **common)
+        reference: str | None = None
+    elif teacher is None and run.cache is not None:  # no --teacher: score against the cached teacher
         metrics = heldout_metrics(merged, run.heldout, run.cache, **common)
-        reference: str | None = "teacher_cache"
+        reference = "teacher_cache"
     else:
         kd_vocab = kd_vocab_size(run.tokenizer, merged, teacher) if teacher is not None else None
         metrics = heldout_metrics(merged, run.heldout, teacher, kd_vocab_size=kd_vocab, **common)

@@ -39,6 +39,9 @@ class OnPolicySummary:
     generated_tokens_per_s: float
     mean_generated_length: float | None  # None: nothing was sampled
     capped_share: float | None  # samples that hit the cap without an end-of-turn token
+    # A run on a teacher cache of student samples: the student that drew them before training (the run
+    # is "on-policy to the initial student": the samples do not follow it as it trains). None: online.
+    cached_student: str | None = None
 
 
 @dataclass

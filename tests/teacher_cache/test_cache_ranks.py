@@ -295,3 +295,31 @@ def test_compare_under_torchrun_builds_its_cache_across_the_ranks(tmp_path, teac
     assert sum(share["examples"] for share in manifest["ranks"]) == manifest["num_examples"]
     summary = json.loads(next((out / "arms").rglob("summary.json")).read_text())
     assert summary["teacher_cache"]["key_digest"] == manifest["key_digest"]
+
+
+@pytest.mark.slow  # one torchrun launch: two processes that import torch, 15-20 s on CPU
+def test_two_ranks_write_the_one_process_cache_of_student_samples(
+    tmp_path, teacher_dir, student_dir, data_file
+):
+    """--student-samples: each rank draws its own shards' samples (seeded by data example and sample
+    index), so 2 ranks write the samples and the targets 1 process writes."""
+    samples = {
+        "student_samples": student_dir,
+        "samples_per_prompt": 2,
+        "sample_max_new_tokens": 6,
+        "top_k": 8,
+    }
+    one = tmp_path / "one"
+    cache_teacher(_config(teacher_dir, data_file, one, **samples))
+    out = tmp_path / "two"
+    proc = _torchrun(*_cli(teacher_dir, data_file, out, **samples))
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, output
+    _assert_same_cache(out, one)
+    manifest = _manifest(out)
+    assert manifest["world_size"] == 2 and manifest["num_examples"] == 16
+    for shard in manifest["shards"]:  # the samples' tokens too, not only the targets
+        a, b = load_file(out / shard["file"]), load_file(one / shard["file"])
+        for name in ("input_ids", "input_offsets", "response_starts"):
+            assert torch.equal(a[name], b[name])
+    assert all(share["generation_s"] > 0 for share in manifest["ranks"])

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from llm_neo.config import CacheTeacherConfig
+from llm_neo.config import SAMPLING_OPTIONS, CacheTeacherConfig, SamplingOptions
 from llm_neo.models.quant import describe_teacher_quant
+from llm_neo.options import flag_name
 from llm_neo.report.tables import format_table
 from llm_neo.teacher_cache.writer import cache_teacher
 
@@ -29,8 +30,27 @@ def run_cache_teacher(config: CacheTeacherConfig) -> int:
         quant = f" --teacher-quant {config.teacher_quant}"
         if config.teacher_quant_backend != "auto":
             quant += f" --teacher-quant-backend {config.teacher_quant_backend}"
+    samples = ""
+    if config.student_samples:
+        samples = f" --student {config.student_samples} --on-policy 1{sampling_flags(config)}"
+        print(
+            f"{manifest['num_examples']} samples of {config.student_samples} "
+            f"({config.samples_per_prompt} per prompt): training on them is on-policy to this initial "
+            "student, not to the student as it trains"
+        )
     print(
-        f"\ntrain from it: llm-neo distill --teacher-cache {config.output} --kd-temperature "
+        f"\ntrain from it: llm-neo distill --teacher-cache {config.output}{samples} --kd-temperature "
         f"{config.kd_temperature:g} --max-length {config.max_length}{quant} --data {config.data} ..."
     )
     return 0
+
+
+def sampling_flags(config: SamplingOptions) -> str:
+    """The sampling options that differ from their defaults, as flags (distill must repeat them)."""
+    defaults = SamplingOptions()
+    flags = ""
+    for name in SAMPLING_OPTIONS:
+        value = getattr(config, name)
+        if value != getattr(defaults, name):
+            flags += f" {flag_name(name)} {value:g}"
+    return flags

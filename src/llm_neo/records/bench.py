@@ -1,7 +1,8 @@
 """The records of `llm-neo bench`: ``BenchReport`` is what ``LABEL.json`` holds, one ``StepRun`` per step
 run, one ``WholeRun`` (or ``FailedWholeRun``) per whole run, one ``TargetResult`` per acceptance target,
-with ``--peers`` one ``PeerRun`` per peer setting beside the whole runs and the ``PeerLossCheck``, and with
-``--cache-ranks`` the multi-rank cache row, ``CacheRanks``.
+with ``--peers`` one ``PeerRun`` per peer setting beside the whole runs and the ``PeerLossCheck``,
+with ``--cache-ranks`` the multi-rank cache row, ``CacheRanks``, and with ``--on-policy`` one
+``OnPolicyRun`` per on-policy Neo row and its off-policy baseline.
 
 ``llm_neo.commands.bench`` computes its rows as dicts (each measurement adds its keys as it is taken) and
 turns the finished report into these records; its Markdown report reads them by attribute. The JSON keys
@@ -179,6 +180,31 @@ class PeerRun:
 
 
 @dataclass(kw_only=True)
+class OnPolicyRun:
+    """An on-policy Neo row (``--on-policy``, ``commands.bench.on_policy``): a whole `llm-neo distill`
+    process on the bench's prompt records, its step time against off-policy Neo's on the same records
+    and what generating cost it. A failed row has its status and error, and no measurements."""
+
+    name: str  # "neo" (off-policy, the baseline), "neo+on-policy", "neo+on-policy (cached)"
+    status: Status
+    error: str | None
+    command: str | None
+    step_s: float | None  # median of the timed steps (the warm-up steps left out)
+    step_ratio: float | None  # step_s ÷ off-policy Neo's in this bench
+    wall_s: float | None  # the distill process's
+    train_time_s: float | None
+    process_peak_bytes: int | None
+    generation_share: float | None  # of the training time, spent generating (0: cached)
+    generated_tokens_per_s: float | None  # cached: while cache-teacher generated the samples
+    mean_generated_length: float | None
+    capped_share: float | None  # samples that hit the cap without an end-of-turn token
+    max_new_tokens: int | None  # the cap
+    cache_wall_s: float | None  # the cached row's cache-teacher --student-samples process
+    cache_generation_s: float | None  # of which generating the samples
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(kw_only=True)
 class PeerLossCheck:
     """Step 1's loss of each peer row against an llm-neo run of the same objective (``distill --method kd
     --kd-ratio 1``: forward KL, no CE term, one step on the same first batch): before any update the loss
@@ -327,4 +353,5 @@ class BenchReport:
     peers: list[PeerRun] | None = field(default=None, metadata=OPTIONAL_KEY)  # --peers
     peer_loss_check: PeerLossCheck | None = field(default=None, metadata=OPTIONAL_KEY)
     cache_ranks: CacheRanks | None = field(default=None, metadata=OPTIONAL_KEY)  # --cache-ranks
+    on_policy: list[OnPolicyRun] | None = field(default=None, metadata=OPTIONAL_KEY)  # --on-policy
     extra: dict[str, Any] = field(default_factory=dict)

@@ -31,6 +31,13 @@ numbers or their alignment with the examples:
     max_length, train_on_prompt, temperature    the values
     tokens            sha256 of the tokenized examples (input ids and trained positions): catches
                       anything else that changes them, such as another llm-neo rendering of records
+    student_weights   with --student-samples: sha256 of the sampling student's weight files
+    sampling          with --student-samples: --samples-per-prompt and the --sample-* options as given
+
+With ``--student-samples S`` the cache holds the teacher's targets on S's own responses to the data's
+prompts (n per prompt; row r is sample r mod n of data example r // n), and each shard also holds the
+samples' tokens (``input_ids``, ``input_offsets``, ``response_starts``): ``distill --on-policy 1`` trains on
+those, on-policy to the initial student S (docs/on-policy.md).
 
 ``distill --teacher-cache`` recomputes every part it can (the teacher's only when ``--teacher`` is
 also given) and refuses a cache that differs, naming each part that differs and how to fix it.

@@ -78,6 +78,15 @@ KEY_PARTS: dict[str, tuple[str, str]] = {
         "--shard-size",
         "pass --shard-size {cache} to resume the cache in --output, or --overwrite it",
     ),
+    "student_weights": (
+        "the student whose samples the cache holds (--student-samples)",
+        "the cache in --output holds another student's samples: choose another --output, or pass "
+        "--overwrite to cache this student's",
+    ),
+    "sampling": (
+        "how the student's responses were drawn (--samples-per-prompt, --sample-*)",
+        "run with the cache's sampling options ({cache}) to resume it, or --overwrite it",
+    ),
     "tokens": (
         "the tokenized examples",
         "the examples tokenize differently although the parts above match (another llm-neo version "
@@ -228,6 +237,24 @@ def run_key(config: Any, *, tokenizer: Any, examples: Sequence[Example]) -> dict
         "tokens": hash_examples(examples),
     }
     return key
+
+
+def samples_key(config: Any) -> dict[str, Any]:
+    """The key parts of a cache of student samples (cache-teacher --student-samples): the student's
+    weights and the sampling options as given (``sample_max_new_tokens`` None: the longest response),
+    which ``distill`` checks against its own before anything loads (config.cached_sampling)."""
+    weights = hash_teacher_weights(
+        config.student_samples, allow_pickle_weights=config.allow_pickle_weights, role="student"
+    )
+    return {
+        "student_weights": weights,
+        "sampling": {
+            "samples_per_prompt": int(config.samples_per_prompt),
+            "sample_temperature": float(config.sample_temperature),
+            "sample_top_p": float(config.sample_top_p),
+            "sample_max_new_tokens": config.sample_max_new_tokens,
+        },
+    }
 
 
 def key_digest(key: dict[str, Any]) -> str:

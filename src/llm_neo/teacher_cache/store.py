@@ -19,8 +19,9 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from llm_neo.data import Example
 from llm_neo.errors import CacheError
-from llm_neo.losses import TopKTargets
+from llm_neo.losses import IGNORE_INDEX, TopKTargets
 from llm_neo.runtime.integrity import check_file
 
 FORMAT = "llm-neo-teacher-cache"
@@ -58,6 +59,34 @@ class TeacherCache:
     @property
     def num_examples(self) -> int:
         return int(self.manifest["num_examples"])
+
+    @property
+    def sampling(self) -> dict[str, Any] | None:
+        """How a cache of student samples drew them (its key's ``sampling`` part); None for a cache of
+        the data's responses."""
+        found = self.manifest["key"].get("sampling")
+        return found if isinstance(found, dict) else None
+
+    @property
+    def samples_per_prompt(self) -> int:
+        return 1 if self.sampling is None else int(self.sampling["samples_per_prompt"])
+
+    def sample(self, row: int) -> Example:
+        """Example ``row`` of a cache of student samples: the prompt (not trained) and the student's
+        response (trained), as cache-teacher --student-samples drew it; index ``row``, its cache row."""
+        if self.sampling is None:
+            raise CacheError(
+                f"teacher cache {self.path} holds no student samples (cache-teacher --student-samples)"
+            )
+        if not 0 <= row < self.num_examples:
+            raise IndexError(f"example {row} is not in the cache ({self.num_examples} examples)")
+        shard_size = int(self.manifest["shard_size"])
+        handle, _ = self._shard(row // shard_size)
+        i = row % shard_size
+        a, b = handle.get_slice("input_offsets")[i : i + 2].tolist()
+        ids = handle.get_slice("input_ids")[a:b].tolist()
+        start = int(handle.get_slice("response_starts")[i : i + 1][0])
+        return Example(input_ids=ids, labels=[IGNORE_INDEX] * start + ids[start:], index=row)
 
     def _shard(self, index: int) -> tuple[Any, list[int]]:
         if index not in self._handles:

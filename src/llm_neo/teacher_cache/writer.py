@@ -27,6 +27,7 @@ from llm_neo.models.loading import (
     autocast,
     check_supported,
     load_config,
+    load_model,
     load_tokenizers,
     resolve_device,
     resolve_dtype,
@@ -55,7 +56,16 @@ from llm_neo.runtime.integrity import check_file
 from llm_neo.runtime.lock import hold, releases_locks
 from llm_neo.runtime.memory import peak_memory_gb
 from llm_neo.runtime.progress import ProgressLines
-from llm_neo.teacher_cache.key import key_differences, key_digest, run_key
+from llm_neo.sampling import (
+    Sampling,
+    longest_response,
+    response_example,
+    response_start,
+    sample_responses,
+    seed_of,
+    stop_token_ids,
+)
+from llm_neo.teacher_cache.key import key_differences, key_digest, run_key, samples_key
 from llm_neo.teacher_cache.store import FORMAT, KEY_FILE, LOGPROB_DTYPES, MANIFEST, VERSION, read_record
 
 log = logging.getLogger("llm_neo")
@@ -148,19 +158,33 @@ def _idle_forward(teacher: torch.nn.Module, device: torch.device, dtype: torch.d
 
 
 def _shard_tensors(
-    per_example: dict[int, TopKTargets], config: CacheTeacherConfig
+    per_example: dict[int, TopKTargets], config: CacheTeacherConfig, samples: Sequence[Example] | None
 ) -> dict[str, torch.Tensor]:
-    """The tensors of one shard: its examples' targets, concatenated in example order."""
+    """The tensors of one shard: its examples' targets, concatenated in example order; with ``samples``
+    (a cache of student samples) also their tokens, which distill trains on instead of the data's:
+
+        input_ids        [L]    int32  prompt + response of every sample, concatenated
+        input_offsets    [n+1]  int64  sample i is input_ids[input_offsets[i]:input_offsets[i+1]]
+        response_starts  [n]    int64  where its response starts (its prompt is not trained)
+    """
     parts = [per_example[i] for i in range(len(per_example))]
     lengths = [p.ids.shape[0] for p in parts]
     offsets = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int64)
     store = LOGPROB_DTYPES[config.logprob_dtype]
-    return {
+    tensors = {
         "offsets": offsets,
         "ids": torch.cat([p.ids for p in parts]).contiguous(),
         "log_probs": torch.cat([p.log_probs for p in parts]).to(store).contiguous(),
         "tail": torch.cat([p.tail for p in parts]).to(store).contiguous(),
     }
+    if samples is not None:
+        sizes = [len(ex.input_ids) for ex in samples]
+        tensors |= {
+            "input_ids": torch.tensor([t for ex in samples for t in ex.input_ids], dtype=torch.int32),
+            "input_offsets": torch.tensor([0, *itertools.accumulate(sizes)], dtype=torch.int64),
+            "response_starts": torch.tensor([response_start(ex) for ex in samples], dtype=torch.int64),
+        }
+    return tensors
 
 
 def _refuse_non_finite(targets: TopKTargets, example: Example, teacher: str) -> None:
@@ -298,13 +322,26 @@ ShardCallback = Callable[[int, dict[str, Any]], None]
 
 @dataclass
 class _Inputs:
-    """What the cache is made of: the tokenized data and its key."""
+    """What the cache is made of: the tokenized data and its key; with --student-samples, how the
+    student's responses are drawn (``sampling``) and their cap."""
 
     tokenizer: Any
     examples: list[Example]
     dropped: int
     key: dict[str, Any]
     digest: str
+    sampling: Sampling | None = None
+    max_new_tokens: int = 0
+
+    @property
+    def rows(self) -> int:
+        """The cache's examples: one per data example, or with --student-samples one per sample
+        (row r: the (r mod n)-th sample of data example r // n, n = --samples-per-prompt)."""
+        return len(self.examples) * (1 if self.sampling is None else self.per_prompt)
+
+    @property
+    def per_prompt(self) -> int:
+        return int(self.key["sampling"]["samples_per_prompt"]) if self.sampling is not None else 1
 
 
 @releases_locks
@@ -336,7 +373,25 @@ def cache_teacher(config: CacheTeacherConfig, *, on_shard: ShardCallback | None 
     placement = _teacher_placement(config, teacher_config, world, device, dtype)
     teacher, quantization = _load_cache_teacher(config, inputs, placement, device=device, dtype=dtype)
     shard_size = config.shard_size
-    shards = [inputs.examples[i : i + shard_size] for i in range(0, len(inputs.examples), shard_size)]
+    # Each row as its data example; a cache of samples draws a shard's samples when it computes it.
+    rows = [inputs.examples[r // inputs.per_prompt] for r in range(inputs.rows)]
+    shards = [rows[i : i + shard_size] for i in range(0, len(rows), shard_size)]
+    student = None
+    if config.student_samples:
+        student = load_model(
+            config.student_samples,
+            role="student",
+            dtype=dtype,
+            device=device,
+            trust_remote_code=config.trust_remote_code,
+            allow_pickle_weights=config.allow_pickle_weights,
+        )
+        if logit_width(student) < len(inputs.tokenizer):  # its samples must be ids of the cached tokenizer
+            raise CacheError(
+                f"--student-samples {config.student_samples} has {logit_width(student)} logit columns, "
+                f"the tokenizer {len(inputs.tokenizer)} tokens: pass its tokenizer with --tokenizer, or a "
+                "student of the teacher's vocabulary"
+            )
     share = _write_shards(
         config,
         teacher,
@@ -344,13 +399,14 @@ def cache_teacher(config: CacheTeacherConfig, *, on_shard: ShardCallback | None 
         shards,
         records,
         out,
+        student=student,
         world=world,
         placement=placement,
         device=device,
         dtype=dtype,
         on_shard=on_shard,
     )
-    del teacher
+    del teacher, student
     shares = all_gather(share, world)
 
     def finish() -> dict[str, Any]:  # rank 0, once every rank is done
@@ -508,7 +564,56 @@ def _inputs(config: CacheTeacherConfig, *, progress: bool = True) -> _Inputs:
     key = run_key(config, tokenizer=tokenizer, examples=examples)
     # The layout is part of what a resumed cache must share with its first half (distill needs any k).
     key |= {"top_k": config.top_k, "logprob_dtype": config.logprob_dtype, "shard_size": config.shard_size}
-    return _Inputs(tokenizer, examples, dropped, key, key_digest(key))
+    if not config.student_samples:
+        return _Inputs(tokenizer, examples, dropped, key, key_digest(key))
+    promptless = sum(1 for ex in examples if response_start(ex) == 0)
+    if promptless:
+        raise ConfigError(
+            [
+                f"--student-samples: {promptless} of {len(examples)} examples have no prompt (text records "
+                "train on every token), so the student has nothing to answer; use records with a response "
+                "(alpaca, chat, prompt/completion)"
+            ]
+        )
+    key |= samples_key(config)
+    # As distill's --on-policy resolves them (stop tokens, the default cap), from all the data's examples.
+    sampling = Sampling(
+        temperature=config.sample_temperature,
+        top_p=config.sample_top_p,
+        stop_ids=tuple(stop_token_ids(tokenizer, examples)),
+        pad_id=int(tokenizer.pad_token_id),
+    )
+    cap = config.sample_max_new_tokens or longest_response(examples)
+    return _Inputs(tokenizer, examples, dropped, key, key_digest(key), sampling, cap)
+
+
+def _draw_samples(
+    student: Any,
+    inputs: _Inputs,
+    first: int,
+    count: int,
+    config: CacheTeacherConfig,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> list[Example]:
+    """Rows ``first`` .. ``first + count`` of a cache of student samples: each data example's prompt,
+    rendered as training renders it, answered by the student (``sampling.sample_responses``, as
+    distill's --on-policy answers it), one sample at a time seeded by (data example, sample index):
+    what a row holds depends on nothing else (not the shard, the batch or the number of ranks)."""
+    assert inputs.sampling is not None
+    rows = []
+    for row in range(first, first + count):
+        record, j = divmod(row, inputs.per_prompt)
+        example = inputs.examples[record]
+        prompt = example.input_ids[: response_start(example)]
+        cap = min(inputs.max_new_tokens, config.max_length - len(prompt))  # as a training example fits
+        with autocast(device, dtype):
+            (response,) = sample_responses(
+                student, [prompt], [cap], inputs.sampling, seed=seed_of(record, j), device=device
+            )
+        rows.append(response_example(prompt, response, index=row))
+    return rows
 
 
 def _write_shards(
@@ -519,6 +624,7 @@ def _write_shards(
     records: dict[int, dict[str, Any]],
     out: Path,
     *,
+    student: Any = None,
     world: World,
     placement: str,
     device: torch.device,
@@ -531,17 +637,24 @@ def _write_shards(
 
     Every rank runs the same number of steps, one micro-batch each: a rank whose share is done idles
     (a sharded teacher: a discarded one-token forward instead), and after each step the ranks learn
-    whether one failed, so a failure stops them all there instead of leaving the others waiting."""
+    whether one failed, so a failure stops them all there instead of leaving the others waiting.
+
+    A cache of student samples draws a shard's samples (``student``) when it starts the shard, before
+    its first teacher forward; ``tokens`` is then an upper bound (every sample at its cap)."""
     missing = [s for s in range(len(shards)) if s not in records]
-    plan = {
-        r: [
-            (s, chosen) for s in missing[r :: world.size] for chosen in _batches(shards[s], config.batch_size)
-        ]
+    plan = {  # (s, b): the b-th micro-batch of shard s (``_batches``)
+        r: [(s, b) for s in missing[r :: world.size] for b in range(-(-len(shards[s]) // config.batch_size))]
         for r in range(world.size)
     }
     work, steps = plan[world.rank], max(len(items) for items in plan.values())
     mine = missing[world.rank :: world.size]
     tokens = sum(_trained_positions(ex) for s in mine for ex in shards[s])
+    if inputs.sampling is not None:
+        tokens = sum(
+            min(inputs.max_new_tokens, config.max_length - response_start(ex))
+            for s in mine
+            for ex in shards[s]
+        )
     examples = sum(len(shards[s]) for s in mine)
     log.info(
         "rank %d of %d: %d of the %d missing shards, %d examples, %d tokens (teacher %s)",
@@ -564,13 +677,21 @@ def _write_shards(
     lines = ProgressLines("cache-teacher", tokens, unit="tokens", enabled=None if world.is_main else False)
     written: dict[int, dict[str, Any]] = {}
     per_example: dict[int, dict[int, TopKTargets]] = {s: {} for s in mine}
-    done = 0
+    done, generating = 0, 0.0
     loop_start = time.perf_counter()
     for step in range(steps):
         error = None
         if step < len(work):
-            s, chosen = work[step]
+            s, b = work[step]
             try:
+                if b == 0 and student is not None:  # the shard's samples, before its first teacher forward
+                    drawn = time.perf_counter()
+                    first = s * config.shard_size
+                    shards[s] = _draw_samples(
+                        student, inputs, first, len(shards[s]), config, device=device, dtype=dtype
+                    )
+                    generating += time.perf_counter() - drawn
+                chosen = _batches(shards[s], config.batch_size)[b]
                 per_example[s] |= _batch_targets(
                     teacher,
                     shards[s],
@@ -583,7 +704,8 @@ def _write_shards(
                 )
                 done += sum(p.ids.shape[0] for i, p in per_example[s].items() if i in chosen)
                 if len(per_example[s]) == len(shards[s]):
-                    tensors = _shard_tensors(per_example.pop(s), config)
+                    samples = shards[s] if student is not None else None
+                    tensors = _shard_tensors(per_example.pop(s), config, samples)
                     kept = len(records) + len(written)
                     written[s] = _write_shard(out, s, tensors, inputs, config, kept=kept, total=len(shards))
                     if on_shard is not None:
@@ -602,12 +724,12 @@ def _write_shards(
         "rank": world.rank,
         "shards": len(mine),
         "examples": examples,
-        "tokens": tokens,
+        "tokens": done,
         "seconds": time.perf_counter() - loop_start,
         "peak_memory_gb": peak_memory_gb(device),  # CUDA: max allocated; CPU: the process's peak RSS
         "teacher_parameters": local_numel(teacher),  # held by this rank: 1/world of the blocks when sharded
         "records": written,
-    }
+    } | ({} if student is None else {"generation_s": generating})
 
 
 def _write_shard(
@@ -666,6 +788,7 @@ def _world_record(shares: list[dict[str, Any]], placement: str, *, wall_s: float
     placement, each rank's share of the shards it computed, and the throughput of all of them."""
     tokens = sum(share["tokens"] for share in shares)
     compute_s = max(share["seconds"] for share in shares)  # the ranks run side by side
+    generation = [share["generation_s"] for share in shares if "generation_s" in share]
     return {
         "world_size": len(shares),
         "teacher_shard": placement,
@@ -675,7 +798,8 @@ def _world_record(shares: list[dict[str, Any]], placement: str, *, wall_s: float
             "compute_s": compute_s,
             "positions_computed_now": tokens,
             "wall_s": wall_s,
-        },
+        }
+        | ({"generation_s": max(generation)} if generation else {}),
     }
 
 
@@ -692,7 +816,16 @@ def _manifest(
         for s, examples in enumerate(shards)
     ]
     total_bytes = sum(e["bytes"] for e in entries)
-    positions = sum(_trained_positions(ex) for ex in inputs.examples)
+    positions = sum(e["num_positions"] for e in entries)  # of the samples, in a cache of student samples
+    samples: dict[str, Any] = {}
+    if inputs.sampling is not None:
+        samples["student_samples"] = {
+            "student": config.student_samples,
+            "condition": "on-policy to the initial student",
+            "samples_per_prompt": inputs.per_prompt,
+            "max_new_tokens": inputs.max_new_tokens,
+            "stop_ids": list(inputs.sampling.stop_ids),
+        }
     return {
         "format": FORMAT,
         "version": VERSION,
@@ -702,7 +835,7 @@ def _manifest(
         "vocab_size": len(inputs.tokenizer),
         "logprob_dtype": config.logprob_dtype,
         "shard_size": config.shard_size,
-        "num_examples": len(inputs.examples),
+        "num_examples": inputs.rows,
         "num_positions": positions,
         "dropped_examples": inputs.dropped,
         "bytes": total_bytes,
@@ -715,4 +848,4 @@ def _manifest(
         },
         "teacher_dtype": str(teacher_dtype).removeprefix("torch."),
         "llm_neo_version": __version__,
-    }
+    } | samples

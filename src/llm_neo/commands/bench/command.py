@@ -16,6 +16,7 @@ import torch
 
 from llm_neo.commands.bench.cache_ranks import cache_ranks_row
 from llm_neo.commands.bench.isolate import run_isolated
+from llm_neo.commands.bench.on_policy import run_on_policy
 from llm_neo.commands.bench.output import format_report
 from llm_neo.commands.bench.peers import require_peers, run_peers
 from llm_neo.commands.bench.runs import (
@@ -36,6 +37,7 @@ from llm_neo.records.bench import (
     BenchReport,
     FailedWholeRun,
     LoadAverage,
+    OnPolicyRun,
     PeakKind,
     PeerLossCheck,
     PeerRun,
@@ -238,9 +240,13 @@ def bench(config: BenchConfig, *, progress: bool = True) -> BenchReport:
     whole: list[dict[str, Any]] = []
     whole_inputs: dict[str, Any] | None = None
     peers: list[tuple[list[dict[str, Any]], dict[str, Any]]] = []  # the rows and the loss check
+    on_policy: list[list[dict[str, Any]]] = []  # its rows, when asked for
 
-    def run_the_peers(inputs: WholeInputs, directory: Path, done: list[dict[str, Any]]) -> None:
-        peers.append(run_peers(config, whole_specs, inputs, directory, done))
+    def run_the_others(inputs: WholeInputs, directory: Path, done: list[dict[str, Any]]) -> None:
+        if config.peers:
+            peers.append(run_peers(config, whole_specs, inputs, directory, done))
+        if config.on_policy:
+            on_policy.append(run_on_policy(config, whole_specs, inputs, directory))
 
     if whole_specs:
         whole, whole_inputs = run_whole_runs(
@@ -248,29 +254,10 @@ def bench(config: BenchConfig, *, progress: bool = True) -> BenchReport:
             whole_specs,
             progress=progress,
             partial=partial,
-            also=run_the_peers if config.peers else None,
+            also=run_the_others if config.peers or config.on_policy else None,
         )
 
-    settings = {
-        "shape": config.shape,
-        "description": shape.description,
-        "batch_size": batch,
-        "seq_len": seq,
-        "lora_r": r,
-        "kd_ratio": config.kd_ratio,
-        "dtype": str(dtype).removeprefix("torch."),
-        "compute_dtype_bytes": 4 if dtype == torch.float32 else 2,
-        "device_type": device.type,
-        "gradient_checkpointing": config.gradient_checkpointing,
-        "mlp_chunks": config.mlp_chunks,
-        "loss_chunk_size": config.loss_chunk_size,
-        "warmup_steps": config.warmup_steps,
-        "steps": config.steps,
-        "isolate": config.isolate,
-        "seed": config.seed,
-        "num_threads": config.num_threads or torch.get_num_threads(),
-        "malloc_mmap_threshold": config.malloc_mmap_threshold or None,
-    }
+    settings = _settings(config, shape.description, dtype, device, (batch, seq, r))
     cache_ranks = cache_ranks_row(
         config, Path(config.whole_run_dir) / "cache-ranks" if config.whole_run_dir else None
     )
@@ -298,7 +285,41 @@ def bench(config: BenchConfig, *, progress: bool = True) -> BenchReport:
         else None,
         peer_loss_check=from_json(PeerLossCheck, check) if check is not None else None,
         cache_ranks=cache_ranks,
+        on_policy=[from_json(OnPolicyRun, x, f"on_policy[{i}]") for i, x in enumerate(on_policy[0])]
+        if on_policy
+        else None,
     )
+
+
+def _settings(
+    config: BenchConfig,
+    description: str,
+    dtype: torch.dtype,
+    device: torch.device,
+    size: tuple[int, int, int],
+) -> dict[str, Any]:
+    """The report's settings record: what every row ran with (``size``: batch, sequence length, LoRA r)."""
+    batch, seq, r = size
+    return {
+        "shape": config.shape,
+        "description": description,
+        "batch_size": batch,
+        "seq_len": seq,
+        "lora_r": r,
+        "kd_ratio": config.kd_ratio,
+        "dtype": str(dtype).removeprefix("torch."),
+        "compute_dtype_bytes": 4 if dtype == torch.float32 else 2,
+        "device_type": device.type,
+        "gradient_checkpointing": config.gradient_checkpointing,
+        "mlp_chunks": config.mlp_chunks,
+        "loss_chunk_size": config.loss_chunk_size,
+        "warmup_steps": config.warmup_steps,
+        "steps": config.steps,
+        "isolate": config.isolate,
+        "seed": config.seed,
+        "num_threads": config.num_threads or torch.get_num_threads(),
+        "malloc_mmap_threshold": config.malloc_mmap_threshold or None,
+    }
 
 
 def _whole_row(row: dict[str, Any], where: str) -> WholeRun | FailedWholeRun:

@@ -103,6 +103,7 @@ def format_report(report: BenchReport) -> str:
     blocks += _whole_run_blocks(report)
     blocks += _peer_blocks(report)
     blocks += _cache_rank_blocks(report)
+    blocks += _on_policy_blocks(report)
     blocks += [Heading(2, "Targets"), Bullets(tuple(_target_line(t) for t in report.targets))]
     return to_markdown(blocks, {})
 
@@ -333,6 +334,44 @@ def _cache_rank_blocks(report: BenchReport) -> list[Block]:
         ),
         _table(rows, columns),
     ]
+
+
+def _on_policy_blocks(report: BenchReport) -> list[Block]:
+    """On-policy Neo's rows beside off-policy Neo on the same prompt records (``--on-policy``)."""
+    if report.on_policy is None:
+        return []
+    columns = ["s/step", "vs off-policy Neo", "generating", "generated tokens/s", "mean length (cap)",
+               "capped", "cache-teacher s (generating)", "process peak GiB", "status"]  # fmt: skip
+    rows: list[tuple[str, list[str]]] = []
+    for r in report.on_policy:
+        length = f"{r.mean_generated_length:.1f} ({r.max_new_tokens})" if r.mean_generated_length else ""
+        cache = (
+            f"{r.cache_wall_s:.1f} ({_fmt(r.cache_generation_s, 1)})" if r.cache_wall_s is not None else ""
+        )
+        rows.append(
+            (r.name, [_fmt(r.step_s), _fmt(r.step_ratio), _share(r.generation_share),
+             _fmt(r.generated_tokens_per_s, 1), length, _share(r.capped_share), cache,
+             _gib(r.process_peak_bytes), r.status if r.status == "ok" else f"{r.status}: {r.error}"])
+        )  # fmt: skip
+    return [
+        Heading(2, "On-policy Neo (λ = 1), beside off-policy Neo"),
+        Paragraph(
+            "Whole `llm-neo distill` runs of neo:chunked on prompt/completion records of the same shape "
+            "(the completion, about half the tokens, is trained and is what the student answers, capped at "
+            "its length), the same saved models: off-policy (the baseline of the ratio), online on-policy "
+            "(the student samples every micro-batch as it trains), and cached (`cache-teacher "
+            "--student-samples` first, timed on its row; training reads the samples and the teacher's top-k, "
+            "on-policy to the initial student). s/step: the median of the timed steps; generating: the "
+            "share of the training time spent sampling (the cached row's generated tokens/s: "
+            "cache-teacher's, while it sampled). A random student seldom says end of turn, so most samples "
+            "run to the cap: near the cost's worst case."
+        ),
+        _table(rows, columns),
+    ]
+
+
+def _share(value: float | None) -> str:
+    return f"{value:.0%}" if value is not None else ""
 
 
 def _cpu(user: float | None, system: float | None) -> str:

@@ -56,6 +56,15 @@ class BenchConfig(DeviceOptions):
             "pip install 'llm-neo[peers]'."
         ),
     )
+    on_policy: bool = field(
+        default=False,
+        metadata=option_help(
+            "Also on-policy Neo's whole runs (λ = 1): online, and from a cache of the initial student's "
+            "samples (cache-teacher --student-samples, timed on its row), beside off-policy Neo on the same "
+            "prompt/completion records; their step time against off-policy Neo's and what generating "
+            "costs. Adds the whole run neo:chunked whose models they use."
+        ),
+    )
     whole_run_dir: str | None = field(
         default=None,
         metadata=option_help(
@@ -188,9 +197,9 @@ def parse_run(text: str, default_chunk: int, option: str = "--runs") -> RunKey:
         method, quant = parse_arm(parts[0], option=option)
     except ConfigError as err:
         raise ConfigError([f"{problem} (in {text!r})" for problem in err.problems]) from None
-    if "on_policy" in quant:  # its rows (generation's cost beside the step's) are not measured yet
+    if "on_policy" in quant:  # on-policy needs prompts, which the random-token rows have none of
         raise ConfigError(
-            [f"{option}: {text!r}: bench has no on-policy runs yet; use compare's +on-policy arms"]
+            [f"{option}: {text!r}: bench's on-policy rows are whole runs of their own: use --on-policy"]
         )
     impl = parts[1]
     try:
@@ -249,6 +258,8 @@ def validate(config: BenchConfig) -> tuple[list[RunKey], list[RunKey]]:
     runs = parse_runs(config.runs, config.loss_chunk_size, "--runs", p)
     chunk = config.loss_chunk_size
     peer_runs = [f"kd:chunked:{chunk}", f"neo:chunked:{chunk}"] if config.peers else []
+    if config.on_policy and f"neo:chunked:{chunk}" not in peer_runs:
+        peer_runs.append(f"neo:chunked:{chunk}")
     wanted = [*config.whole_runs, *(r for r in peer_runs if r not in config.whole_runs)]
     whole = parse_runs(wanted, config.loss_chunk_size, "--whole-runs", p) if wanted else []
     p += [
@@ -272,6 +283,8 @@ def validate(config: BenchConfig) -> tuple[list[RunKey], list[RunKey]]:
             p.append(f"--{name}: {value} is out of range")
     if config.mlp_chunks > 1 and not config.gradient_checkpointing:
         p.append(f"--mlp-chunks {config.mlp_chunks} needs --gradient-checkpointing")
+    if config.on_policy and config.kd_ratio == 0:
+        p.append("--on-policy: the teacher scores the student's samples; give --kd-ratio > 0")
     if whole and config.seq_len is not None and config.seq_len < 3:
         p.append(
             f"--seq-len {config.seq_len}: a whole run's records are <s>, a token or more, </s>: use >= 3"

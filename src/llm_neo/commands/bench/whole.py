@@ -109,14 +109,21 @@ def prepare_whole_runs(spec: RunSpec, directory: Path, *, with_teacher: bool) ->
     )
 
 
-def distill_command(spec: RunSpec, inputs: WholeInputs, output_dir: Path) -> list[str]:
+def distill_command(
+    spec: RunSpec, inputs: WholeInputs, output_dir: Path, *, on_policy: Path | bool = False
+) -> list[str]:
     """The `llm-neo distill` command of one whole run: ``warmup_steps + steps`` optimizer steps of one
-    micro-batch of ``batch_size`` × ``seq_len`` tokens each, the held-out split one evaluation batch."""
+    micro-batch of ``batch_size`` × ``seq_len`` tokens each, the held-out split one evaluation batch.
+    ``on_policy``: True for ``--on-policy 1`` (online), a cache of student samples to train from it."""
     kd = METHODS[spec.method].kd
     command = [sys.executable, "-m", "llm_neo", "distill", "--student", str(inputs.student)]
-    if kd:
+    if isinstance(on_policy, Path):
+        command += ["--teacher-cache", str(on_policy), "--kd-ratio", f"{spec.kd_ratio:g}"]
+    elif kd:
         assert inputs.teacher is not None
         command += ["--teacher", str(inputs.teacher), "--kd-ratio", f"{spec.kd_ratio:g}"]
+    if on_policy is not False:
+        command += ["--on-policy", "1"]
     command += ["--data", str(inputs.data), "--method", spec.method]
     if spec.teacher_quant != "none":
         command += ["--teacher-quant", spec.teacher_quant]
@@ -262,12 +269,14 @@ def run_whole(
     timeout: float,
     malloc_mmap_threshold: int = 0,
     sample_interval: float = SAMPLE_INTERVAL_S,
+    on_policy: Path | bool = False,
 ) -> dict[str, Any]:
     """One whole `llm-neo distill` run of ``spec`` in ``directory`` (its output and log): its process's
     peak RSS (``os.wait4``'s ru_maxrss), its summary.json and the phases; any failure becomes a result
-    with a status, never a raise."""
+    with a status, never a raise. ``on_policy`` as ``distill_command``'s (then the result also holds
+    summary.json's ``on_policy``)."""
     output_dir = directory / "out"
-    command = distill_command(spec, inputs, output_dir)
+    command = distill_command(spec, inputs, output_dir, on_policy=on_policy)
     base: dict[str, Any] = {
         "run": spec.name,
         "spec": dataclasses.asdict(spec),
@@ -295,31 +304,35 @@ def run_whole(
     training_peak = round(summary["peak_memory_gb"] * GiB)
     same_kind = summary.get("peak_memory_kind") == "process_max_rss"
     tensor_gb = summary.get("peak_tensor_memory_gb")
-    return base | {
-        "status": "ok",
-        "process_peak_bytes": process_peak,
-        "training_peak_bytes": training_peak,
-        "training_peak_kind": summary.get("peak_memory_kind"),
-        "process_to_training": ratio(process_peak, training_peak) if same_kind else None,
-        "tensor_peak_bytes": round(tensor_gb * GiB) if tensor_gb is not None else None,
-        "sampled_peak_bytes": 1024 * max((s[2] for s in seen["samples"]), default=0),
-        "launcher_peak_bytes": 1024 * int(seen["launcher_hwm_kib"]),
-        "peak_phase": peak_phase,
-        "phases": phases,
-        "wall_s": wall,
-        "train_time_s": summary.get("train_time_s"),
-        "summary_wall_time_s": summary.get("wall_time_s"),
-        "steps": summary.get("steps"),
-        "tokens_trained": summary.get("tokens_trained"),
-        "teacher_quant": summary.get("teacher_quant"),
-        "student_quant": summary.get("student_quant"),
-        "heldout": summary.get("heldout"),
-        "merge_check": summary.get("merge_check"),
-        "device": summary.get("device"),
-        "cpu_user_s": seen.get("ru_utime_s"),
-        "cpu_system_s": seen.get("ru_stime_s"),
-        "step_s": timed_step_s(output_dir / "metrics.jsonl", spec.warmup_steps),
-    }
+    return (
+        base
+        | {
+            "status": "ok",
+            "process_peak_bytes": process_peak,
+            "training_peak_bytes": training_peak,
+            "training_peak_kind": summary.get("peak_memory_kind"),
+            "process_to_training": ratio(process_peak, training_peak) if same_kind else None,
+            "tensor_peak_bytes": round(tensor_gb * GiB) if tensor_gb is not None else None,
+            "sampled_peak_bytes": 1024 * max((s[2] for s in seen["samples"]), default=0),
+            "launcher_peak_bytes": 1024 * int(seen["launcher_hwm_kib"]),
+            "peak_phase": peak_phase,
+            "phases": phases,
+            "wall_s": wall,
+            "train_time_s": summary.get("train_time_s"),
+            "summary_wall_time_s": summary.get("wall_time_s"),
+            "steps": summary.get("steps"),
+            "tokens_trained": summary.get("tokens_trained"),
+            "teacher_quant": summary.get("teacher_quant"),
+            "student_quant": summary.get("student_quant"),
+            "heldout": summary.get("heldout"),
+            "merge_check": summary.get("merge_check"),
+            "device": summary.get("device"),
+            "cpu_user_s": seen.get("ru_utime_s"),
+            "cpu_system_s": seen.get("ru_stime_s"),
+            "step_s": timed_step_s(output_dir / "metrics.jsonl", spec.warmup_steps),
+        }
+        | ({"on_policy": summary.get("on_policy")} if on_policy is not False else {})
+    )
 
 
 def run_whole_runs(
