@@ -25,6 +25,7 @@ import json
 import math
 import os
 import random
+import resource
 import subprocess
 import sys
 import tempfile
@@ -196,6 +197,13 @@ def pruned_kl(smollm2) -> dict[str, float]:
     return heldout_kl(smollm2, smollm2.pruned)
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process and its finished children (compare's arms): on a shared machine it
+    says what a run would take on idle cores better than its wall time does."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def heldout_kl(pair: RealPair, model: Path) -> dict[str, float]:
     """``llm-neo eval`` of ``model`` on the held-out chats against the teacher."""
     config = EvalConfig(model=str(model), teacher=str(pair.teacher), data=str(pair.heldout), max_length=96)
@@ -327,7 +335,7 @@ def test_smollm2_on_policy_neo(smollm2, pruned_kl, tmp_path, monkeypatch, record
 
     monkeypatch.setattr(recipe, "train", train)
     run = tmp_path / "neo-on-policy"
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), cpu_seconds()
     summary = distill(
         DistillConfig(
             teacher=str(smollm2.teacher),
@@ -369,6 +377,8 @@ def test_smollm2_on_policy_neo(smollm2, pruned_kl, tmp_path, monkeypatch, record
 
     numbers = {
         "wall_s": finished - started,
+        "cpu_s": cpu_seconds() - cpu,
+        "load_average": os.getloadavg()[0],
         "train_s": summary.train_time_s,
         "steps": summary.steps,
         "batch_size": 2,
@@ -391,7 +401,7 @@ def test_smollm2_compare_neo_against_neo_on_policy(smollm2, tmp_path, record_pro
     """``compare --methods neo,neo+on-policy`` at 1 seed: both arms scored and paired, and the results
     and the report state the on-policy arm's λ, sampling and divergence."""
     out = tmp_path / "compare"
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), cpu_seconds()
     results = compare(
         CompareConfig(
             teacher=str(smollm2.teacher),
@@ -441,6 +451,8 @@ def test_smollm2_compare_neo_against_neo_on_policy(smollm2, tmp_path, record_pro
 
     numbers = {
         "wall_s": finished - started,
+        "cpu_s": cpu_seconds() - cpu,
+        "load_average": os.getloadavg()[0],
         **{f"train_s_{name}": run.train_time_s for name, run in runs.items()},
         **{f"accuracy_{name}": g.stats.accuracy.mean for name, g in groups.items()},
         "generated_tokens_per_s": op.generated_tokens_per_s,
