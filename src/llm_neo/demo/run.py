@@ -212,7 +212,7 @@ DEFAULT = DemoSettings(
     few_records=(320,),  # about 64 per skill: 21 epochs of the same 210-step budget
     planted_per_group=(1500, 80),
     exposure_records=6720,  # one epoch of the 210 steps x 32, as the main arms have
-    exposure_heldout=100,  # 50 per length
+    exposure_heldout=480,  # 240 per length: what detects 10 points at 3 seeds (compare's budget line)
 )
 
 # A smoke test of every stage (the test suite runs it): tiny models, a few steps. Its teacher is not
