@@ -11,7 +11,9 @@ Top to bottom, every stage through the same code a user's run takes:
     4. compare   ``llm-neo compare`` on them: sft, lora, kd and neo on the same data, seeds and step
                  budget, on all of the arms' records and on a few of them (the data-size axis), every
                  model scored on the held-out split (exact match per skill, CE, KL to the teacher, top-1
-                 agreement), the paired statistics, the cost, and the comparison's report
+                 agreement), the paired statistics, the cost, and the comparison's report;
+                 with --exposure-bias first a comparison of neo against neo+on-policy on the longest
+                 answers the teacher does (run_exposure_regime), stated in the report and verdict
 
 The settings are the paper's where they apply (kd_ratio 0.5, forward KL, LoRA on every linear layer of
 every block with alpha = 2r, cosine schedule with 10% warm-up, LoRA lr = 10x the full-parameter lr) and
