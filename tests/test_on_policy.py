@@ -102,14 +102,17 @@ def test_sampling_is_seeded_and_leaves_the_global_rng_alone(student_dir):
 
 
 def test_stop_tokens_are_eos_and_the_templates_end_of_turn(tokenizer):
-    ids = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], tokenize=True
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], tokenize=False
     )
-    ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tokenizer.convert_ids_to_tokens(ids[-3:]) == ["y", "o", "<|end|>"]  # the response, ended
     ex = Example(input_ids=ids, labels=[IGNORE_INDEX] * (len(ids) - 3) + ids[-3:])
     stops = stop_token_ids(tokenizer, [ex])
-    assert tokenizer.eos_token_id in stops
-    assert all(s in tokenizer.all_special_ids for s in stops)
+    # <|end|> is an added special token, not one of the named ones (eos, pad, ...): it must count too.
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|end|>")
+    assert end_of_turn not in tokenizer.all_special_ids
+    assert stops == sorted({tokenizer.eos_token_id, end_of_turn})
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -39,8 +39,13 @@ def longest_response(examples: Sequence[Example]) -> int:
 
 def stop_token_ids(tokenizer: Any, examples: Sequence[Example]) -> list[int]:
     """The tokens that end a response: the tokenizer's eos, and the last special token of each final
-    response in the data (the chat template's end of turn, ``<|im_end|>``, which is not always eos)."""
-    special = set(tokenizer.all_special_ids)
+    response in the data (the chat template's end of turn, ``<|im_end|>``, which is not always eos).
+
+    Special means either of the tokenizer's two registers: its named special tokens (eos, pad, ...) and
+    the added tokens flagged special, where a template's end of turn can sit without being named (the
+    demo's ``<|end|>``); missing it, every sample ran to its cap."""
+    added = getattr(tokenizer, "added_tokens_decoder", {})
+    special = set(tokenizer.all_special_ids) | {int(i) for i, token in added.items() if token.special}
     stops = {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
     for ex in examples:
         response = ex.input_ids[response_start(ex) :]

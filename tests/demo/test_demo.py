@@ -16,28 +16,33 @@ from llm_neo.config import DistillConfig
 from llm_neo.demo.run import (
     DEFAULT,
     OUTPUTS,
+    QUICK,
     DemoConfig,
     resolve_settings,
     run_demo,
     teacher_key,
     validate_demo,
 )
-from llm_neo.demo.task import SKILLS
+from llm_neo.demo.task import EXPOSURE_LENGTHS, SKILLS, expected_output
 from llm_neo.errors import ConfigError, WorkerError
 from llm_neo.records import load
 from llm_neo.records.compare import CompareResults
 from llm_neo.runtime.workers import Job, run_jobs
+from llm_neo.summary import RunSummary
 
 LABELS = {"sft": "SFT", "lora": "LoRA", "kd": "KD", "neo": "Neo"}
 
 
 @pytest.fixture(scope="module")
 def quick_runs(tmp_path_factory):
-    """Two quick demos sharing one teacher cache: the first trains the teacher, the second reuses it."""
+    """Two quick demos sharing one teacher cache: the first trains the teacher, the second reuses it and
+    also runs the exposure-bias regime (which must leave the main comparison as it was)."""
     root = tmp_path_factory.mktemp("demo")
     cache = root / "cache"
     first = run_demo(DemoConfig(output_dir=str(root / "first"), quick=True, cache_dir=str(cache)))
-    second = run_demo(DemoConfig(output_dir=str(root / "second"), quick=True, cache_dir=str(cache)))
+    second = run_demo(
+        DemoConfig(output_dir=str(root / "second"), quick=True, cache_dir=str(cache), exposure_bias=True)
+    )
     assert first == 0 and second == 0
     return root, cache
 
@@ -119,6 +124,54 @@ def test_second_run_reuses_the_cached_teacher(quick_runs):
     for a, b in zip(*groups, strict=True):
         assert a.runs[0].curve == b.runs[0].curve
         assert a.runs[0].accuracy == b.runs[0].accuracy
+
+
+def test_exposure_bias_regime_pairs_neo_with_on_policy_neo_on_longer_answers(quick_runs):
+    root, _ = quick_runs
+    out = root / "second"
+
+    def records(name: str) -> list[dict]:
+        return [json.loads(line) for line in (out / "data" / name).read_text().splitlines()]
+
+    regime, regime_heldout = records("exposure-distill.jsonl"), records("exposure-heldout.jsonl")
+    base = records("distill.jsonl")
+    assert len(regime) == QUICK.exposure_records and len(regime_heldout) == QUICK.exposure_heldout
+
+    def mean_answer(rs: list[dict]) -> float:
+        return sum(len(r["output"]) for r in rs) / len(rs)
+
+    # Longer answers than the base regime's, every one of the lengths the teacher does, sorted right.
+    assert mean_answer(regime) > mean_answer(base) and mean_answer(regime_heldout) > mean_answer(base)
+    for r in regime + regime_heldout:
+        assert len(r["output"]) in EXPOSURE_LENGTHS and r["output"] == expected_output(r["instruction"])
+    main = {r["instruction"] for name in ("train", "distill", "heldout") for r in records(f"{name}.jsonl")}
+    instructions = [r["instruction"] for r in regime + regime_heldout]
+    assert len(set(instructions)) == len(instructions) and not set(instructions) & main
+
+    # Both arms: the same records, seeds, steps and batch; only the on-policy options differ.
+    results = load(CompareResults, out / "exposure-bias" / "results.json")
+    assert [g.method for g in results.groups] == ["neo", "neo+on-policy"]
+    configs = {g.method: RunSummary.load(g.runs[0].output_dir).config for g in results.groups}
+    neo, sampled = configs["neo"], configs["neo+on-policy"]
+    for name in ("data", "seed", "max_steps", "batch_size", "lr", "kd_ratio", "student", "teacher"):
+        assert neo[name] == sampled[name], name
+    assert Path(neo["data"]).name == "exposure-distill.jsonl"
+    assert neo["on_policy"] == 0 and sampled["on_policy"] == 1.0
+    assert [p.against for p in results.paired] == ["neo+on-policy"]
+
+    # What it showed, stated in the demo's results, on its page and in its verdict, λ and sampling named.
+    demo = load(CompareResults, out / "results.json").demo
+    assert demo is not None
+    shown = demo["exposure_bias"]
+    assert shown["paired_accuracy"]["n"] == 1 and set(shown["accuracy"]) == {"neo", "neo+on-policy"}
+    for stated in ("λ = 1", "sampling temperature 1", "top-p 1", "reverse_kl", "paired by seed"):
+        assert stated in shown["verdict"], stated
+    assert shown["verdict"] in (out / "report.md").read_text()
+    assert "## On-policy arms" in (out / "exposure-bias" / "report.md").read_text()
+    # The first demo ran without it: no regime, nothing said.
+    first = load(CompareResults, root / "first" / "results.json").demo
+    assert first is not None and "exposure_bias" not in first
+    assert not (root / "first" / "exposure-bias").exists()
 
 
 def test_a_rerun_in_place_keeps_the_finished_arms(quick_runs):

@@ -12,11 +12,13 @@ from llm_neo.demo.task import (
     ASSOCIATION,
     ATTRIBUTES,
     CAPITALS,
+    EXPOSURE_LENGTHS,
     GROUPS,
     PLANTED,
     SKILLS,
     TASK_VERSION,
     expected_output,
+    exposure_splits,
     generate_splits,
     generate_task,
     planted_pairs,
@@ -114,6 +116,31 @@ def _independent_answer(instruction: str) -> str:
     countries = [c for c in CAPITALS if re.search(rf"\b{re.escape(c)}\b", instruction)]
     assert len(countries) == 1, instruction
     return CAPITALS[countries[0]]
+
+
+def test_exposure_splits_are_long_sorts_disjoint_from_the_task_and_balanced_by_length():
+    main = generate_splits(0, train_per_skill=200, heldout_per_skill=20, distill_per_skill=100)
+    seen = {r["instruction"] for records in main.values() for r in records}
+    regime = exposure_splits(0, distill=101, heldout=40, exclude=seen)
+    assert exposure_splits(0, distill=101, heldout=40, exclude=seen) == regime  # a pure function
+    assert exposure_splits(1, distill=101, heldout=40, exclude=seen) != regime
+    both = regime["distill"] + regime["heldout"]
+    instructions = [r["instruction"] for r in both]
+    assert len(set(instructions)) == len(instructions) and not set(instructions) & seen
+    # What it would draw is skipped when excluded (random words seldom collide, so exclude them on purpose).
+    drawn = {r["instruction"] for r in regime["heldout"][:5]}
+    again = exposure_splits(0, distill=101, heldout=40, exclude=seen | drawn)
+    assert not drawn & {r["instruction"] for rs in again.values() for r in rs}
+    for r in both:
+        assert r["skill"] == "sort" and r["output"] == expected_output(r["instruction"])
+        assert len(r["output"]) == int(r["letters"]) and int(r["letters"]) in EXPOSURE_LENGTHS
+    # Equal shares per length (the odd record to the shortest), in both splits.
+    assert [sum(r["letters"] == str(n) for r in regime["heldout"]) for n in EXPOSURE_LENGTHS] == [20, 20]
+    assert [sum(r["letters"] == str(n) for r in regime["distill"]) for n in EXPOSURE_LENGTHS] == [51, 50]
+    # Its answers are longer than the task's: the mean sort answer of the main splits is 4.5 letters.
+    mean = sum(len(r["output"]) for r in both) / len(both)
+    task_sorts = [r for r in main["distill"] if r["skill"] == "sort"]
+    assert mean > sum(len(r["output"]) for r in task_sorts) / len(task_sorts) + 0.5
 
 
 def test_expected_answers_are_correct():

@@ -11,7 +11,9 @@ Top to bottom, every stage through the same code a user's run takes:
     4. compare   ``llm-neo compare`` on them: sft, lora, kd and neo on the same data, seeds and step
                  budget, on all of the arms' records and on a few of them (the data-size axis), every
                  model scored on the held-out split (exact match per skill, CE, KL to the teacher, top-1
-                 agreement), the paired statistics, the cost, and the comparison's report
+                 agreement), the paired statistics, the cost, and the comparison's report;
+                 with --exposure-bias first a comparison of neo against neo+on-policy on the longest
+                 answers the teacher does (run_exposure_regime), stated in the report and verdict
 
 The settings are the paper's where they apply (kd_ratio 0.5, forward KL, LoRA on every linear layer of
 every block with alpha = 2r, cosine schedule with 10% warm-up, LoRA lr = 10x the full-parameter lr) and
@@ -50,8 +52,10 @@ log = logging.getLogger("llm_neo")
 # What a demo writes in its output directory (an earlier demo's are replaced or continued).
 OUTPUTS = (
     "data", "student", "arms", "eval", "splits", "plots", "probe", "report.md", "report.html",
-    "results.json", "compare.yaml", MARKER,
+    "results.json", "compare.yaml", "exposure-bias", MARKER,
 )  # fmt: skip
+EXPOSURE_DIR = "exposure-bias"  # the exposure-bias regime's comparison, under the demo's output directory
+EXPOSURE_ARMS = ["neo", "neo+on-policy"]
 # After a stop (SIGTERM, Ctrl-C) of the teacher's training: it starts over.
 AGAIN = "the same llm-neo demo command (the teacher's training starts over)"
 
@@ -127,6 +131,14 @@ class DemoConfig:
         ),
     )
     device: str = field(default="cpu", metadata=option_help("cpu (the demo's target), auto, cuda or cuda:N."))
+    exposure_bias: bool = field(
+        default=False,
+        metadata=option_help(
+            "Also run the exposure-bias regime: Neo against on-policy Neo (--on-policy 1) on the longest "
+            "answers the teacher does (sort, 5 and 6 letters), paired by seed; its report is "
+            "exposure-bias/report.html, its verdict joins the demo's (docs/demo.md)."
+        ),
+    )
 
 
 @dataclass(frozen=True)
@@ -158,6 +170,10 @@ class DemoSettings:
     few_records: tuple[int, ...] = ()
     # Describe records per group in the teacher's split (associated) and the arms' (not): demo.task.GROUPS.
     planted_per_group: tuple[int, int] = (0, 0)
+    # The exposure-bias regime (--exposure-bias): its arms' records and held-out records (demo.task,
+    # exposure_splits); its arms take arm_steps steps and seeds seeds, like the main ones.
+    exposure_records: int = 0
+    exposure_heldout: int = 0
 
     @property
     def lora_lr(self) -> float:
@@ -197,6 +213,8 @@ DEFAULT = DemoSettings(
     prune_samples=256,
     few_records=(320,),  # about 64 per skill: 21 epochs of the same 210-step budget
     planted_per_group=(1500, 80),
+    exposure_records=6720,  # one epoch of the 210 steps x 32, as the main arms have
+    exposure_heldout=480,  # 240 per length: what detects 10 points at 3 seeds (compare's budget line)
 )
 
 # A smoke test of every stage (the test suite runs it): tiny models, a few steps. Its teacher is not
@@ -220,6 +238,8 @@ QUICK = DemoSettings(
     seeds=1,
     prune_samples=16,
     planted_per_group=(10, 5),
+    exposure_records=24,
+    exposure_heldout=8,
 )
 
 
@@ -322,15 +342,23 @@ def run_demo(config: DemoConfig) -> int:
     # --- 4. The comparison, on all of the arms' records and on the first few of them, and the probe of
     # what each arm inherited: the teacher's planted association, which the arms' data does not carry.
     probes = write_planted_probes(out / "data" / "probes.jsonl", teacher["path"])
+    exposure = None
+    if config.exposure_bias:  # first, so that the demo's report can state what it showed
+        t0 = time.perf_counter()
+        splits = (train_path, distill_path, heldout_path)
+        exposure = run_exposure_regime(config, settings, teacher["path"], student["path"], splits)
+        timing["exposure_bias_s"] = time.perf_counter() - t0
     _say(f"compare: {len(COMPARISON_ORDER)} arms x {settings.seeds} seed(s); logs in {out / 'arms'}")
     results = compare(
         comparison(config, settings, teacher=teacher["path"], student=student["path"], data=distill_path,
                    heldout=heldout_path, probes=probes),
-        extra=lambda r: _add_demo_facts(r, config, settings, teacher, student, timing, started),
+        extra=lambda r: _add_demo_facts(r, config, settings, teacher, student, timing, started, exposure),
     )  # fmt: skip
     assert results is not None  # the demo runs in one process, not as a torchrun rank
     print()
     print("\n".join(verdict(results)))
+    if exposure is not None:
+        print(exposure["verdict"])
     print(
         f"\nllm-neo demo: teacher ({_teacher_source(teacher)}) -> pruned "
         f"student -> compare in {(time.perf_counter() - started) / 60:.1f} min; report: "
@@ -433,8 +461,10 @@ def _add_demo_facts(
     student: dict[str, Any],
     timing: dict[str, float],
     started: float,
+    exposure: dict[str, Any] | None = None,
 ) -> None:
-    """What the demo adds to the comparison's results: how the teacher and the student were made."""
+    """What the demo adds to the comparison's results: how the teacher and the student were made, and
+    what the exposure-bias regime showed (``run_exposure_regime``; None: not run)."""
     results.demo = {
         "quick": config.quick,
         "task_version": TASK_VERSION,
@@ -446,6 +476,8 @@ def _add_demo_facts(
         "cores": available_cores(),
         "load_average": load_average(),
     }
+    if exposure is not None:
+        results.demo["exposure_bias"] = exposure
     assert results.models.teacher is not None  # the demo's comparison always has its teacher
     teacher_score = results.models.teacher.accuracy
     student_score = results.models.student.accuracy
@@ -480,6 +512,8 @@ def _add_demo_facts(
             "KD and Neo also on that distribution). The probe section says how much of it each arm kept: "
             "its mean gap and the share of pairs preferring the planted attribute, against the teacher's."
         )
+    if exposure is not None:
+        context.append(exposure["verdict"])
     if config.quick:
         context.append(
             "Quick mode: tiny models and a few steps, to exercise every stage; the numbers mean nothing."
@@ -512,6 +546,92 @@ def write_task_data(data_dir: Path, settings: DemoSettings, seed: int) -> tuple[
     names = ("train", "distill", "heldout")
     train, distill, heldout = (write_jsonl(data_dir / f"{name}.jsonl", splits[name]) for name in names)
     return train, distill, heldout
+
+
+# ------------------------------------------------------------------------------------------------
+# The exposure-bias regime (--exposure-bias): on-policy Neo against Neo where answers are longest
+
+
+def run_exposure_regime(
+    config: DemoConfig, settings: DemoSettings, teacher: str, student: str, splits: tuple[Path, ...]
+) -> dict[str, Any]:
+    """Neo and on-policy Neo (λ = 1, the sampling defaults, reverse KL) on the regime's records (sort
+    words of ``EXPOSURE_LENGTHS`` letters, none in ``splits``, the main splits), same teacher, student,
+    seeds, steps and batch as the main arms; a comparison of its own under ``EXPOSURE_DIR``.
+
+    Returns what the demo's results and report state: the scores, Neo's paired difference against
+    on-policy Neo, the on-policy options and cost, and ``verdict``, the line printed and put on the page.
+    """
+    from llm_neo.demo.task import EXPOSURE_LENGTHS, EXPOSURE_SKILL, exposure_splits, write_jsonl
+
+    out = Path(config.output_dir).expanduser()
+    seen = [json.loads(line)["instruction"] for path in splits for line in path.read_text().splitlines()]
+    regime = exposure_splits(
+        config.seed, distill=settings.exposure_records, heldout=settings.exposure_heldout, exclude=seen
+    )
+    data = write_jsonl(out / "data" / "exposure-distill.jsonl", regime["distill"])
+    heldout = write_jsonl(out / "data" / "exposure-heldout.jsonl", regime["heldout"])
+    base = comparison(config, settings, teacher=teacher, student=student, data=data, heldout=heldout)
+    arms = dataclasses.replace(
+        base,
+        methods=list(EXPOSURE_ARMS),
+        train_records=None,  # all of the regime's records: it has no data-size axis
+        category_field="letters",
+        output_dir=str(out / EXPOSURE_DIR),
+    )
+    _say(
+        f"exposure bias: {' vs '.join(EXPOSURE_ARMS)} on {EXPOSURE_SKILL} at {EXPOSURE_LENGTHS} letters, "
+        f"{settings.seeds} seed(s); logs in {out / EXPOSURE_DIR / 'arms'}"
+    )
+    results = compare(arms)
+    assert results is not None  # one process
+    return exposure_summary(results, settings)
+
+
+def exposure_summary(results: CompareResults, settings: DemoSettings) -> dict[str, Any]:
+    """What the regime's comparison showed, for the demo's results.json (``demo.exposure_bias``) and its
+    report's and printed verdict (``verdict``), numbers as measured."""
+    from llm_neo.demo.task import EXPOSURE_LENGTHS, EXPOSURE_SKILL
+    from llm_neo.report.compare import interval, mean_std
+    from llm_neo.report.stats import in_words
+    from llm_neo.report.style import label
+    from llm_neo.summary import RunSummary
+
+    groups = {g.method: g for g in results.groups}
+    (paired,) = [p for p in results.paired if p.against == "neo+on-policy"]
+    sampled = RunSummary.load(groups["neo+on-policy"].runs[0].output_dir).on_policy
+    assert sampled is not None  # the +on-policy arm always samples
+    teacher = results.models.teacher
+    assert teacher is not None
+    scores = ", ".join(f"{label(m)} {mean_std(groups[m].stats.accuracy, 100)}" for m in EXPOSURE_ARMS)
+    diff = paired.accuracy
+    said = f"{interval(diff, 100)} points, {in_words(diff)}" if diff else "not measured"
+    lengths = " and ".join(str(n) for n in EXPOSURE_LENGTHS)
+    heldout = results.models.student.total
+    line = (
+        f"Exposure-bias regime ({EXPOSURE_SKILL} at {lengths} letters, {heldout} held-out records,"
+        f" {settings.seeds} seed(s); teacher {100 * teacher.accuracy:.1f}%, untrained student "
+        f"{100 * results.models.student.accuracy:.1f}%): {scores}. Neo minus on-policy Neo, paired by seed: "
+        f"{said}. On-policy: λ = {sampled.share:g}, sampling temperature {sampled.sample_temperature:g}, "
+        f"top-p {sampled.sample_top_p:g}, up to {sampled.max_new_tokens} tokens, {sampled.divergence} on "
+        f"the samples; {sampled.mean_generated_length or 0:.1f} tokens per sample, "
+        f"{100 * (sampled.capped_share or 0):.0f}% at the cap. Its report: {EXPOSURE_DIR}/report.html."
+    )
+    return {
+        "skill": EXPOSURE_SKILL,
+        "letters": list(EXPOSURE_LENGTHS),
+        "records": settings.exposure_records,
+        "heldout": heldout,
+        "teacher_accuracy": teacher.accuracy,
+        "student_accuracy": results.models.student.accuracy,
+        "accuracy": {m: groups[m].stats.accuracy.mean for m in EXPOSURE_ARMS},
+        "paired_accuracy": dataclasses.asdict(diff) if diff else None,
+        "on_policy": dataclasses.asdict(sampled),
+        "train_time_s": {
+            m: results.cost.arms[m].train_time_s for m in EXPOSURE_ARMS if m in results.cost.arms
+        },
+        "verdict": line,
+    }
 
 
 # ------------------------------------------------------------------------------------------------

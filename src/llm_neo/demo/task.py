@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -268,6 +268,48 @@ def generate_splits(
     shuffle = random.Random(f"llm-neo-task-v{TASK_VERSION}:{seed}:order")
     for name in ("train", "heldout", "distill"):  # this order keeps train and heldout independent of distill
         shuffle.shuffle(splits[name])
+    return splits
+
+
+# The exposure-bias regime (``llm-neo demo --exposure-bias``, docs/demo.md): the longest answers of the task
+# that the shipped teacher does, where an early mistake of a generated answer carries into the rest. Sort
+# at 5 and 6 letters: the teacher scores 87% and 85% there (60 random words each; 87.5% and 75.4% on the
+# regime's 480 held-out words); reverse only 30% and 28%; at 7 letters or more both score 0% (the teacher
+# was trained on 3 to 6).
+EXPOSURE_SKILL = "sort"
+EXPOSURE_LENGTHS = (5, 6)
+
+
+def exposure_splits(
+    seed: int, *, distill: int, heldout: int, exclude: Collection[str] = ()
+) -> dict[str, list[dict[str, str]]]:
+    """The exposure-bias regime's ``distill`` and ``heldout`` records: sort words of each of
+    ``EXPOSURE_LENGTHS`` letters in equal shares (a ``letters`` field names the length), all instructions
+    distinct and none in ``exclude`` (the main splits' instructions). A pure function of the arguments,
+    from its own random stream, so the main splits are unchanged by it. Records are shuffled."""
+    skip = set(exclude)
+    rng = _rng(seed, "exposure")
+    splits: dict[str, list[dict[str, str]]] = {"heldout": [], "distill": []}
+    for i, letters in enumerate(EXPOSURE_LENGTHS):
+        parts = len(EXPOSURE_LENGTHS)
+        for name, total in (("heldout", heldout), ("distill", distill)):
+            size = total // parts + (i < total % parts)  # equal shares, the remainder to the shortest
+            drawn = 0
+            for _ in range(1000 * max(1, size)):
+                if drawn == size:
+                    break
+                word = _word(rng, LETTERS, letters, letters)
+                instruction = f"Sort: {word}"
+                if instruction not in skip:
+                    skip.add(instruction)
+                    record = _record(EXPOSURE_SKILL, instruction, "".join(sorted(word)))
+                    splits[name].append(record | {"letters": str(letters)})
+                    drawn += 1
+            else:
+                raise ValueError(f"could not draw {size} distinct {letters}-letter sort records")
+    order = random.Random(f"llm-neo-task-v{TASK_VERSION}:{seed}:exposure-order")
+    for records in splits.values():
+        order.shuffle(records)
     return splits
 
 
