@@ -28,13 +28,19 @@ string, special tokens by their content.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Sequence
+import functools
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from llm_neo.data import Example, detect_format, render_segments
 from llm_neo.errors import DataError
+from llm_neo.losses.divergences import TopKTargets
 from llm_neo.losses.objective import IGNORE_INDEX
+from llm_neo.records.pair import PAIR_VERSION, PairReport, TokenizerSide
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -289,3 +295,212 @@ def vocab_map(teacher: Sequence[str], student: Sequence[str]) -> list[int]:
         taken.add(j)
         out.append(j)
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Batches and teacher targets
+
+
+@dataclass(frozen=True)
+class CrossPair:
+    """What a cross-tokenizer run knows of its pair, built once (``cross_pair``)."""
+
+    method: str  # one of CROSS_TOKENIZER_METHODS
+    to_student: torch.Tensor  # [V_t] int64: teacher id -> student id of the same text, -1 for none
+    teacher_vocab: int  # the teacher tokenizer's length: logit columns past it are padding
+    student_vocab: int
+    teacher_pad_id: int
+    top_k: int  # teacher tokens kept per aligned position (at most both vocabularies)
+
+    @property
+    def mapped(self) -> int:
+        return int((self.to_student >= 0).sum())
+
+
+def cross_pair(
+    method: str, student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase, *, top_k: int
+) -> CrossPair:
+    """The pair's vocabulary map and sizes for ``method``."""
+    to_student = torch.tensor(vocab_map(token_texts(teacher), token_texts(student)), dtype=torch.long)
+    pad = teacher.pad_token_id if teacher.pad_token_id is not None else teacher.eos_token_id
+    return CrossPair(
+        method=method,
+        to_student=to_student,
+        teacher_vocab=len(teacher),
+        student_vocab=len(student),
+        teacher_pad_id=int(pad if pad is not None else 0),
+        top_k=max(1, min(top_k, len(teacher), len(student))),
+    )
+
+
+def collate_aligned(
+    examples: Sequence[Example], aligned: Sequence[Aligned], pair: CrossPair
+) -> dict[str, torch.Tensor]:
+    """The teacher's side of a student batch (``data.collate`` of ``examples``) and where it aligns.
+
+    teacher_input_ids, teacher_attention_mask  [B, T_t], right-padded like the student's
+    xt_rows     [M] the aligned rows among the student's trained rows (row-major ``targets != -100``)
+    xt_teacher  [M] the aligned teacher positions, flat in [B * T_t]
+    xt_t_eot, xt_s_eot  [M] the teacher's / student's end-of-turn token id at an end-of-turn row, else -1
+
+    ``shared-vocab`` keeps the exactly aligned rows, ``uld`` every boundary-aligned one.
+    """
+    width = max(len(a.teacher_ids) for a in aligned)
+    ids = torch.full((len(aligned), width), pair.teacher_pad_id, dtype=torch.long)
+    mask = torch.zeros((len(aligned), width), dtype=torch.long)
+    rows: list[int] = []
+    flat: list[int] = []
+    t_eot: list[int] = []
+    s_eot: list[int] = []
+    first_row = 0  # this example's first row among the batch's trained rows
+    for b, (ex, al) in enumerate(zip(examples, aligned, strict=True)):
+        ids[b, : len(al.teacher_ids)] = torch.tensor(al.teacher_ids, dtype=torch.long)
+        mask[b, : len(al.teacher_ids)] = 1
+        # trained rows: positions j whose target labels[j + 1] is trained; rank[j] counts those before j
+        trained = [label != IGNORE_INDEX for label in ex.labels[1:]]
+        rank = [0] * len(ex.labels)
+        for j in range(1, len(ex.labels)):
+            rank[j] = rank[j - 1] + int(trained[j - 1])
+        for j, n, exact, eot in zip(al.student_rows, al.teacher_rows, al.exact, al.end_of_turn, strict=True):
+            if pair.method == "shared-vocab" and not exact:
+                continue
+            rows.append(first_row + rank[j])
+            flat.append(b * width + n)
+            t_eot.append(al.teacher_ids[n + 1] if eot else -1)
+            s_eot.append(ex.input_ids[j + 1] if eot else -1)
+        first_row += sum(trained)
+    as_long = functools.partial(torch.tensor, dtype=torch.long)
+    return {
+        "teacher_input_ids": ids,
+        "teacher_attention_mask": mask,
+        "xt_rows": as_long(rows),
+        "xt_teacher": as_long(flat),
+        "xt_t_eot": as_long(t_eot),
+        "xt_s_eot": as_long(s_eot),
+    }
+
+
+@torch.no_grad()
+def aligned_targets(
+    logits_of: Callable[[torch.Tensor], torch.Tensor],
+    hidden: torch.Tensor,
+    pair: CrossPair,
+    t_eot: torch.Tensor,
+    s_eot: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+) -> TopKTargets:
+    """The teacher's top-k + tail at the aligned positions, chunk by chunk (no [M, V_t] logits).
+
+    ``hidden [M, H_t]`` the teacher's final hidden states there, ``logits_of`` its lm_head (soft-capping
+    included). ``uld``: the plain top-k in the teacher's ids (ULD ignores them). ``shared-vocab``: the
+    top-k among the teacher tokens that have a student token of the same text (and, at an end-of-turn
+    row, the teacher's end marker, which stands for the student's), their ids mapped into the student's
+    vocabulary; everything else, the unmapped tokens' mass included, is the tail bucket. fp32 (fp64 in).
+    """
+    dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    to_student = pair.to_student.to(hidden.device)
+    k = pair.top_k if pair.method == "uld" else min(pair.top_k, max(pair.mapped, 1))
+    ids_out, lp_out, tails = [], [], []
+    for start in range(0, hidden.shape[0], chunk_size):
+        stop = min(start + chunk_size, hidden.shape[0])
+        logits = logits_of(hidden[start:stop]).to(dtype)[:, : pair.teacher_vocab]  # [C, V_t]
+        log_p = torch.log_softmax(logits / temperature, dim=-1)
+        if pair.method == "uld":
+            values, ids = log_p.topk(k, dim=-1)  # [C, k]
+        else:
+            eot_t, eot_s = t_eot[start:stop].to(hidden.device), s_eot[start:stop].to(hidden.device)
+            allowed = (to_student >= 0).expand_as(log_p).clone()  # [C, V_t]
+            at_eot = eot_t >= 0
+            # the student's end marker is the teacher's end marker there, whatever else maps to it
+            allowed[at_eot] &= to_student[None, :] != eot_s[at_eot, None]
+            allowed[at_eot.nonzero().squeeze(-1), eot_t[at_eot]] = True
+            values, ids = log_p.masked_fill(~allowed, float("-inf")).topk(k, dim=-1)
+        tails.append(torch.logsumexp(log_p.scatter(-1, ids, float("-inf")), dim=-1))  # [C]
+        if pair.method == "shared-vocab":
+            mapped = to_student[ids]
+            is_eot = (ids == eot_t[:, None]) & (eot_t[:, None] >= 0)
+            ids = torch.where(is_eot, eot_s[:, None].expand_as(ids), mapped)
+        ids_out.append(ids)
+        lp_out.append(values)
+    if not ids_out:
+        empty = hidden.new_zeros((0, k), dtype=dtype)
+        return TopKTargets(torch.zeros((0, k), dtype=torch.long, device=hidden.device), empty, empty[:, 0])
+    return TopKTargets(torch.cat(ids_out), torch.cat(lp_out), torch.cat(tails))
+
+
+def spread_targets(targets: TopKTargets, rows: torch.Tensor, n: int) -> tuple[TopKTargets, torch.Tensor]:
+    """Targets at ``rows`` of ``n`` trained rows -> ([n, k] targets, kd_rows [n] bool): the other rows get
+    a placeholder (ids 0..k-1, uniform buckets) that the loss never reads (kd_rows excludes them)."""
+    k = targets.k
+    device = targets.ids.device
+    ids = torch.arange(k, device=device).expand(n, k).clone()
+    log_probs = torch.full((n, k), -math.log(k + 1), dtype=targets.log_probs.dtype, device=device)
+    tail = torch.full((n,), -math.log(k + 1), dtype=targets.tail.dtype, device=device)
+    ids[rows], log_probs[rows], tail[rows] = targets.ids.to(ids.dtype), targets.log_probs, targets.tail
+    kd_rows = torch.zeros(n, dtype=torch.bool, device=device)
+    kd_rows[rows] = True
+    return TopKTargets(ids, log_probs, tail), kd_rows
+
+
+# --------------------------------------------------------------------------------------------------
+# The pair report
+
+
+def same_tokenizer(student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase) -> bool:
+    """Both map every id to the same token (what today's exact path needs; padding is in the logits)."""
+    return bool(student.get_vocab() == teacher.get_vocab())
+
+
+def pair_report(
+    student: PreTrainedTokenizerBase,
+    teacher: PreTrainedTokenizerBase,
+    *,
+    names: tuple[str, str],
+    records: Sequence[dict[str, Any]] | None = None,
+    data: str | None = None,
+    max_length: int = 2048,
+) -> PairReport:
+    """The pair report of (student, teacher), named ``names`` = (student, teacher); with ``records``, how
+    their responses tokenize on each side and the aligned coverage (records without a response token in
+    ``max_length`` are skipped, as distill drops them)."""
+    s_texts, t_texts = token_texts(student), token_texts(teacher)
+    shared = sum(1 for j in vocab_map(s_texts, t_texts) if j >= 0)
+    per_char: dict[str, float | None] = {"student": None, "teacher": None}
+    cov: Coverage | None = None
+    n = 0
+    if records is not None:
+        counts = {"student": 0, "teacher": 0}
+        found: list[Aligned] = []
+        for k, record in enumerate(records, start=1):
+            where = f"{data or 'data'} record {k}"
+            for role, tok in (("student", student), ("teacher", teacher)):
+                placed = encode_side(record, tok, max_length=max_length, where=where)
+                counts[role] += sum(1 for key in placed.keys.values() if key[1] != END_OF_TURN)
+            found.append(align_record(record, student, teacher, max_length=max_length, where=where)[1])
+        cov, n = coverage(found), len(found)
+        per_char = {r: c / cov.response_chars if cov.response_chars else None for r, c in counts.items()}
+
+    def describe(tok: PreTrainedTokenizerBase, model: str, role: str) -> TokenizerSide:
+        return TokenizerSide(
+            model=model,
+            vocab_size=len(tok),
+            special_tokens=[str(t) for t in tok.all_special_tokens],
+            chat_template=bool(getattr(tok, "chat_template", None)),
+            tokens_per_char=per_char[role],
+        )
+
+    return PairReport(
+        schema_version=PAIR_VERSION,
+        teacher=describe(teacher, names[1], "teacher"),
+        student=describe(student, names[0], "student"),
+        exact_path=same_tokenizer(student, teacher),
+        shared_tokens=shared,
+        shared_share=shared / max(len(s_texts), 1),
+        data=data,
+        examples=None if cov is None else n,
+        response_chars=None if cov is None else cov.response_chars,
+        coverage_exact=None if cov is None else cov.share("shared-vocab"),
+        coverage_boundary=None if cov is None else cov.share("uld"),
+    )
