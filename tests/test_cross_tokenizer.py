@@ -208,3 +208,17 @@ def test_refusals_come_before_anything_loads(
     # and a differing pair without the option names it
     with pytest.raises(Exception, match="--cross-tokenizer shared-vocab \\(or uld\\)"):
         distill(run(tmp_path, student_dir, xt_teacher_dir, data, "plain"))
+
+
+def test_compare_refuses_cross_tokenizer_until_it_scores_such_a_teacher(
+    tmp_path, student_dir, xt_teacher_dir, data
+):
+    from conftest import tiny_comparison
+
+    from llm_neo.commands.compare import validate_compare
+
+    config = tiny_comparison(
+        xt_teacher_dir, student_dir, tmp_path / "cmp", data=str(data), cross_tokenizer="uld"
+    )
+    with pytest.raises(ConfigError, match="--cross-tokenizer uld: compare does not score"):
+        validate_compare(config)

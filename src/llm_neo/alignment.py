@@ -486,7 +486,12 @@ def pair_report(
         return TokenizerSide(
             model=model,
             vocab_size=len(tok),
-            special_tokens=[str(t) for t in tok.all_special_tokens],
+            # the named ones (BOS, EOS, pad ...) and every added token (end-of-turn markers and the like)
+            special_tokens=list(
+                dict.fromkeys(
+                    [*map(str, tok.all_special_tokens), *map(str, tok.added_tokens_decoder.values())]
+                )
+            ),
             chat_template=bool(getattr(tok, "chat_template", None)),
             tokens_per_char=per_char[role],
         )

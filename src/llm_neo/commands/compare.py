@@ -367,6 +367,12 @@ def validate_compare(config: CompareConfig) -> None:
         p.append("--project-tokens needs --gpu (the card to project to: " + ", ".join(GPUS) + ")")
     if c.gpu_price is not None and not c.project_tokens:
         p.append("--gpu-price prices the projection: give --project-tokens (and --gpu) too, e.g. 50M")
+    if c.cross_tokenizer is not None:
+        # Its scoring gives the teacher the student's tokens (greedy answers, kl_to_teacher): not yet.
+        p.append(
+            f"--cross-tokenizer {c.cross_tokenizer}: compare does not score a teacher of another tokenizer "
+            "yet; run `llm-neo distill --cross-tokenizer` per arm (docs/cross-tokenizer.md)"
+        )
     sampled = [arm for arm, (_, variants) in arms.items() if "on_policy" in variants]
     given = [f"--{n.replace('_', '-')}" for n in ("on_policy", *ON_POLICY_OPTIONS) if _differs(c, n)]
     if given and not sampled:
