@@ -210,15 +210,44 @@ def test_refusals_come_before_anything_loads(
         distill(run(tmp_path, student_dir, xt_teacher_dir, data, "plain"))
 
 
-def test_compare_refuses_cross_tokenizer_until_it_scores_such_a_teacher(
+def test_compare_across_tokenizers_scores_aligned_kl_and_shows_the_pair(
     tmp_path, student_dir, xt_teacher_dir, data
 ):
     from conftest import tiny_comparison
 
-    from llm_neo.commands.compare import validate_compare
+    from llm_neo.commands.compare import compare, validate_compare
 
+    heldout = write_jsonl(tmp_path / "heldout.jsonl", ALPACA[:4])
     config = tiny_comparison(
-        xt_teacher_dir, student_dir, tmp_path / "cmp", data=str(data), cross_tokenizer="uld"
+        xt_teacher_dir,
+        student_dir,
+        tmp_path / "cmp",
+        data=str(data),
+        heldout=str(heldout),
+        cross_tokenizer="uld",
     )
-    with pytest.raises(ConfigError, match="--cross-tokenizer uld: compare does not score"):
-        validate_compare(config)
+    with pytest.raises(ConfigError, match="--cache-teacher and --probes do not work across tokenizers"):
+        validate_compare(
+            tiny_comparison(
+                xt_teacher_dir,
+                student_dir,
+                tmp_path / "c2",
+                data=str(data),
+                cross_tokenizer="uld",
+                cache_teacher=1,
+            )
+        )
+    results = compare(config)
+    assert results is not None and results.pair is not None and results.pair.exact_path is False
+    neo, sft = (next(g for g in results.groups if g.method == m) for m in ("neo", "sft"))
+    for group in (neo, sft):  # every arm is scored on aligned positions, none on kl_to_teacher
+        assert all(r.aligned_kl_to_teacher is not None and r.kl_to_teacher is None for r in group.runs)
+    summary_neo = json.loads((Path(neo.runs[0].output_dir) / "summary.json").read_text())
+    summary_sft = json.loads((Path(sft.runs[0].output_dir) / "summary.json").read_text())
+    assert (
+        summary_neo["config"]["cross_tokenizer"] == "uld" and summary_sft["config"]["cross_tokenizer"] is None
+    )
+    teacher = results.models.teacher
+    assert teacher is not None and teacher.aligned_kl_to_teacher is None and teacher.kl_to_teacher is None
+    report = (tmp_path / "cmp" / "report.md").read_text()
+    assert "aligned KL to teacher" in report and "The tokenizer pair" in report

@@ -193,6 +193,7 @@ def align_examples(
     *,
     max_length: int,
     source: str = "data",
+    train_on_prompt: bool = False,
 ) -> list[Aligned]:
     """The alignment of every example ``data.tokenize_records`` made from ``records`` (in its order: a
     record without a trained token made none). DataError if the student's tokens differ from the
@@ -202,7 +203,8 @@ def align_examples(
         side, aligned = align_record(
             record, student, teacher, max_length=max_length, where=f"{source} record {k}"
         )
-        if all(label == IGNORE_INDEX for label in side.labels):
+        # as tokenize_records drops it: no trained token (with train_on_prompt: no token at all)
+        if (not side.ids) if train_on_prompt else all(label == IGNORE_INDEX for label in side.labels):
             continue
         if len(out) >= len(examples) or examples[len(out)].input_ids != side.ids:
             raise DataError(

@@ -85,33 +85,60 @@ def read_cross_data(
         source=config.data,
         progress=progress,
     )
-    aligned = align_examples(
-        records, examples, tokenizer, teacher_tokenizer, max_length=config.max_length, source=config.data
-    )
-    pair = cross_pair(
-        config.cross_tokenizer, tokenizer, teacher_tokenizer, top_k=config.cross_tokenizer_top_k
-    )
-    report = pair_report(
+    cross = align_data(
+        records,
+        examples,
         tokenizer,
         teacher_tokenizer,
-        names=(config.student, config.teacher),
-        records=records,
-        data=config.data,
+        method=config.cross_tokenizer,
+        top_k=config.cross_tokenizer_top_k,
         max_length=config.max_length,
+        names=(config.student, config.teacher),
+        source=config.data,
+        train_on_prompt=config.train_on_prompt,
+    )
+    return tokenizer, examples, len(records), dropped, cross
+
+
+def align_data(
+    records: Sequence[dict[str, Any]],
+    examples: Sequence[Example],
+    tokenizer: Any,
+    teacher_tokenizer: Any,
+    *,
+    method: str,
+    top_k: int,
+    max_length: int,
+    names: tuple[str, str],
+    source: str,
+    train_on_prompt: bool = False,
+) -> CrossRun:
+    """The CrossRun of ``examples`` (the student's tokenization of ``records``): their alignment with the
+    teacher's, the pair's vocabulary map and its report, logged."""
+    aligned = align_examples(
+        records,
+        examples,
+        tokenizer,
+        teacher_tokenizer,
+        max_length=max_length,
+        source=source,
+        train_on_prompt=train_on_prompt,
+    )
+    pair = cross_pair(method, tokenizer, teacher_tokenizer, top_k=top_k)
+    report = pair_report(
+        tokenizer, teacher_tokenizer, names=names, records=records, data=source, max_length=max_length
     )
     for line in pair_lines(report):
         log.info("pair: %s", line)
-    share = coverage(aligned).share(config.cross_tokenizer)
     log.info(
         "cross-tokenizer %s: %d teacher ids map to student tokens of the same text; %.1f%% of the response "
         "characters are trained by KD (top-%d teacher tokens per aligned position)",
-        config.cross_tokenizer,
+        method,
         pair.mapped,
-        100 * share,
+        100 * coverage(aligned).share(method),
         pair.top_k,
     )
-    cross = CrossRun(pair, {ex.index: al for ex, al in zip(examples, aligned, strict=True)}, report)
-    return tokenizer, examples, len(records), dropped, cross
+    return CrossRun(pair, {ex.index: al for ex, al in zip(examples, aligned, strict=True)}, report)
 
 
 def student_kd_vocab(tokenizer: Any, student: torch.nn.Module) -> int:
