@@ -251,3 +251,16 @@ def test_compare_across_tokenizers_scores_aligned_kl_and_shows_the_pair(
     assert teacher is not None and teacher.aligned_kl_to_teacher is None and teacher.kl_to_teacher is None
     report = (tmp_path / "cmp" / "report.md").read_text()
     assert "aligned KL to teacher" in report and "The tokenizer pair" in report
+
+
+def test_sweep_ranks_cross_tokenizer_trials_on_the_aligned_kl(tmp_path, student_dir, xt_teacher_dir, data):
+    from llm_neo.commands.sweep import SweepConfig, effective_metric, objective
+
+    trials = {
+        f"t{i}": run(tmp_path, student_dir, xt_teacher_dir, data, f"t{i}", cross_tokenizer=m)
+        for i, m in enumerate(("shared-vocab", "uld"))
+    }
+    default = SweepConfig.metric
+    assert effective_metric(trials, default, default) == "heldout.aligned_kl_to_teacher"
+    # the two methods minimise different objectives: their final.loss is not one number
+    assert objective(trials["t0"]) != objective(trials["t1"])
