@@ -58,6 +58,8 @@ def test_neo_across_tokenizers_trains_lora_only_and_merges_to_the_original_stude
         on_step=lambda step, m: seen.append(m),
     )
     assert all(m["kd_loss"] > 0 for m in seen)  # the teacher's signal arrived at aligned positions
+    trained = [b["tokens"] - a["tokens"] for a, b in zip([{"tokens": 0}, *seen[:-1]], seen, strict=True)]
+    assert all(0 < m["kd_positions"] < n for m, n in zip(seen, trained, strict=True))  # some, not all
     out = Path(summary.config["output_dir"])
     before = load_file(student_dir / "model.safetensors")
     after = load_file(out / "merged" / "model.safetensors")

@@ -936,7 +936,7 @@ def _step_metrics(run: Run, result: dict[str, float], seconds: float) -> dict[st
         "tokens": run.progress.tokens,
         "tokens_per_s": result["num_tokens"] / seconds,
         "peak_memory_gb": peak_memory_gb(run.step.device),
-    } | {k: result[k] for k in ("on_policy_kd_loss", "on_policy_tokens") if k in result}
+    } | {k: result[k] for k in ("on_policy_kd_loss", "on_policy_tokens", "kd_positions") if k in result}
 
 
 # The last step's losses summary.json keeps (on_policy_kd_loss: on-policy runs).
@@ -1237,6 +1237,9 @@ def train_step(
         losses["loss"] = ((1 - kd_ratio) * ce_sum + kd_ratio * kd_sum + on_sum) / num_tokens
     if settings.on_policy is not None:
         losses |= {"on_policy_kd_loss": on_sum / max(on_tokens, 1), "on_policy_tokens": on_tokens}
+    if settings.cross is not None and settings.loss.kd_ratio > 0:  # the aligned positions KD was taken on
+        aligned = sum(int(b["xt_rows"].numel()) for b in micro if "xt_rows" in b)
+        losses["kd_positions"] = int(all_reduce_sum(aligned, world, device))
     return losses | {
         "num_tokens": num_tokens,
         "tokens_processed": processed,
