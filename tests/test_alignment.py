@@ -149,3 +149,10 @@ def test_space_markers_read_alike():
     assert token_texts(sp_tok)[2] == " the"
     mapping = vocab_map(token_texts(sp_tok), token_texts(byte_tok))
     assert byte_tok.convert_ids_to_tokens(mapping[2]) == "\u0120the"  # "Ġthe"
+
+
+def test_a_teacher_without_a_chat_template_is_named_for_chat_records(student_tok):
+    plain = build_tokenizer(chat_template=None)
+    record = {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "ok"}]}
+    with pytest.raises(DataError, match=r"the teacher's rendering.*chat template"):
+        align_record(record, build_tokenizer(), plain, max_length=64)

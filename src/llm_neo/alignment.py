@@ -92,6 +92,11 @@ def encode_side(
 ) -> _Side:
     """Render and tokenize ``record`` as ``data.tokenize_records`` does (its labels included), and place
     every response token: its turn, its span in the response, whether its offsets are clean."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise DataError(
+            f"{where}: aligning tokens by characters needs a fast (Rust) tokenizer's offsets; got "
+            f"{type(tokenizer).__name__}. Load it with AutoTokenizer(..., use_fast=True)."
+        )
     segments = render_segments(record, tokenizer, where=where)
     text = "".join(t for t, _ in segments)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, return_attention_mask=False)
@@ -156,8 +161,8 @@ def align_record(
     where: str = "record",
 ) -> tuple[_Side, Aligned]:
     """The student's tokenization of ``record`` and its alignment with the teacher's (see the module)."""
-    s = encode_side(record, student, max_length=max_length, where=where)
-    t = encode_side(record, teacher, max_length=max_length, where=where)
+    s = encode_side(record, student, max_length=max_length, where=f"{where} (the student's rendering)")
+    t = encode_side(record, teacher, max_length=max_length, where=f"{where} (the teacher's rendering)")
     teacher_at = {(k[0], k[1]): (m, k[2], k[3]) for m, k in t.keys.items() if m >= 1}
     rows: list[tuple[int, int, bool, bool]] = []
     exact_chars = boundary_chars = 0
