@@ -412,19 +412,24 @@ def aligned_targets(
     ids_out, lp_out, tails = [], [], []
     for start in range(0, hidden.shape[0], chunk_size):
         stop = min(start + chunk_size, hidden.shape[0])
-        logits = logits_of(hidden[start:stop]).to(dtype)[:, : pair.teacher_vocab]  # [C, V_t]
-        log_p = torch.log_softmax(logits / temperature, dim=-1)
+        # [C, V_t] in the loss dtype, a copy edited in place (logits_of may hand back a view of its input):
+        # the chunk holds this, one mask and one masked copy, never more [C, V_t] tensors.
+        log_p = logits_of(hidden[start:stop])[:, : pair.teacher_vocab].to(dtype, copy=True)
+        if temperature != 1.0:
+            log_p /= temperature
+        log_p -= torch.logsumexp(log_p, dim=-1, keepdim=True)
         if pair.method == "uld":
             values, ids = log_p.topk(k, dim=-1)  # [C, k]
         else:
             eot_t, eot_s = t_eot[start:stop].to(hidden.device), s_eot[start:stop].to(hidden.device)
-            allowed = (to_student >= 0).expand_as(log_p).clone()  # [C, V_t]
+            blocked = (to_student < 0).expand_as(log_p).clone()  # [C, V_t]
             at_eot = eot_t >= 0
             # the student's end marker is the teacher's end marker there, whatever else maps to it
-            allowed[at_eot] &= to_student[None, :] != eot_s[at_eot, None]
-            allowed[at_eot.nonzero().squeeze(-1), eot_t[at_eot]] = True
-            values, ids = log_p.masked_fill(~allowed, float("-inf")).topk(k, dim=-1)
-        tails.append(torch.logsumexp(log_p.scatter(-1, ids, float("-inf")), dim=-1))  # [C]
+            blocked[at_eot] |= to_student[None, :] == eot_s[at_eot, None]
+            blocked[at_eot.nonzero().squeeze(-1), eot_t[at_eot]] = False
+            values, ids = log_p.masked_fill(blocked, float("-inf")).topk(k, dim=-1)
+            del blocked
+        tails.append(torch.logsumexp(log_p.scatter_(-1, ids, float("-inf")), dim=-1))  # [C]
         if pair.method == "shared-vocab":
             mapped = to_student[ids]
             is_eot = (ids == eot_t[:, None]) & (eot_t[:, None] >= 0)
