@@ -48,6 +48,10 @@ ON_POLICY_DIVERGENCE = "reverse_kl"
 # Liger-Kernel's fused distillation loss is a generalized JSD: beta 0 and 1 are forward and reverse KL.
 LIGER_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 
+# --cross-tokenizer: distilling a teacher whose tokenizer differs from the student's (llm_neo.alignment,
+# docs/cross-tokenizer.md): the teacher's mass on tokens of the same text, or ULD's sorted probabilities.
+CROSS_TOKENIZER_METHODS = ("shared-vocab", "uld")
+
 # PEFT's variants plus MoSLoRA (llm_neo.models.lora).
 LORA_VARIANTS = ("lora", "dora", "rslora", "pissa", "moslora")
 

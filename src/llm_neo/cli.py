@@ -101,6 +101,16 @@ config.yaml reproduces it), eval/. Killed, the same command continues where it s
         """examples:
   llm-neo eval --model runs/neo/merged --teacher T_DIR --data heldout.jsonl --json eval.json""",
     ),
+    "check-pair": Command(
+        "llm_neo.commands.check_pair:CheckPairConfig",
+        "llm_neo.commands.check_pair:run_check_pair",
+        "What a teacher and a student tokenizer share, and what cross-tokenizer distillation would train.",
+        """examples:
+  llm-neo check-pair --teacher T_DIR --student S_DIR --data train.jsonl --output pair.json
+  llm-neo distill --teacher T_DIR --student S_DIR --data train.jsonl --cross-tokenizer shared-vocab
+
+Only the tokenizers load. See docs/cross-tokenizer.md for what each method trains and loses.""",
+    ),
     "cache-teacher": Command(
         "llm_neo.config:CacheTeacherConfig",
         "llm_neo.commands.cache_teacher:run_cache_teacher",

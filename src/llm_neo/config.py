@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 from llm_neo.choices import (
     ARM_VARIANTS,
+    CROSS_TOKENIZER_METHODS,
     DIVERGENCES,
     DTYPES,
     EXPORT_SPECS,
@@ -303,6 +304,27 @@ class _TrainFields(TeacherQuantOptions, TokenizeOptions, LoadOptions):
     )
     skew_alpha: float = field(
         default=0.1, metadata=option_help("α of the skew KL divergences, in [0, 1).", group=LOSS)
+    )
+    # --- cross-tokenizer (docs/cross-tokenizer.md) ------------------------------------------------
+    cross_tokenizer: str | None = field(
+        default=None,
+        metadata=option_help(
+            "Distill a teacher whose tokenizer differs from the student's (kd, neo): positions are aligned "
+            "by the response characters both read; shared-vocab trains the divergence on the teacher's "
+            "tokens of the same text where both predict the same span, uld the sorted-probability L1 "
+            "(Boizard et al. 2024) wherever a token boundary is shared. `llm-neo check-pair` reports a "
+            "pair first.",
+            choices=CROSS_TOKENIZER_METHODS,
+            group=LOSS,
+        ),
+    )
+    cross_tokenizer_top_k: int = field(
+        default=64,
+        metadata=option_help(
+            "Teacher tokens kept at each aligned position with --cross-tokenizer; the rest of its mass "
+            "is one tail bucket (a teacher cache's format).",
+            group=LOSS,
+        ),
     )
     # --- on-policy (docs/on-policy.md) ---------------------------------------------------------------
     on_policy: float = field(
@@ -845,6 +867,7 @@ def validate_distill(config: DistillConfig) -> None:
     if c.lora.target_modules is not None and not c.lora.target_modules:
         p.append("--lora.target-modules: give at least one module name, or omit it for the default")
     check_on_policy(p, c)
+    check_cross_tokenizer(p, c)
     if p:
         raise ConfigError(p)
 
@@ -889,6 +912,30 @@ def cached_sampling(cache: str | None) -> dict[str, Any] | None:
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
     return found if isinstance(found, dict) else None
+
+
+def check_cross_tokenizer(p: list[str], c: DistillConfig) -> None:
+    """What --cross-tokenizer needs and cannot be combined with (yet)."""
+    if c.cross_tokenizer is None:
+        return
+    flag = f"--cross-tokenizer {c.cross_tokenizer}"
+    if c.method not in KD_METHODS:
+        p.append(
+            f"{flag} distills a teacher: it applies to --method {' or '.join(KD_METHODS)}, not {c.method}"
+        )
+    check_ranges(
+        p, [("cross-tokenizer-top-k", c.cross_tokenizer_top_k, c.cross_tokenizer_top_k >= 1, ">= 1")]
+    )
+    if not c.teacher:
+        p.append(
+            f"{flag} aligns a live teacher's tokens: give --teacher (a teacher cache is not supported yet)"
+        )
+    if c.teacher_cache:
+        p.append(f"{flag}: --teacher-cache is not supported across tokenizers yet; drop one of the two")
+    if c.loss_impl != "chunked":
+        p.append(f"{flag} runs on --loss-impl chunked only (got {c.loss_impl}); drop --loss-impl")
+    if c.on_policy:
+        p.append(f"{flag}: --on-policy is not supported across tokenizers yet; drop one of the two")
 
 
 def check_on_policy(p: list[str], c: DistillConfig) -> None:

@@ -42,7 +42,17 @@ from transformers import PreTrainedModel, get_scheduler
 from transformers import set_seed as hf_set_seed
 
 from llm_neo import __version__
+from llm_neo.alignment import CrossPair
 from llm_neo.config import DistillConfig, validate_distill
+from llm_neo.cross_tokenizer import (
+    PAIR_FILE,
+    CrossRun,
+    aligned_heldout,
+    cross_batch,
+    cross_targets,
+    read_cross_data,
+    student_kd_vocab,
+)
 from llm_neo.data import Example, collate, micro_batch, read_examples, split_heldout
 from llm_neo.distill_dir import (
     check_fingerprint,
@@ -112,6 +122,7 @@ from llm_neo.models.quant import (
 )
 from llm_neo.options import flag_name, to_dict
 from llm_neo.provenance import data_record, model_digests, provenance
+from llm_neo.records import to_json
 from llm_neo.runtime.atomic import (
     atomic_directory,
     atomic_write_json,
@@ -180,6 +191,8 @@ class StepSettings:
     # The loss of an on-policy micro-batch: the on-policy divergence alone (kd_ratio 1: a sample has no
     # label to take CE against); None off-policy.
     on_policy: LossOptions | None = None
+    # --cross-tokenizer: the teacher reads its own tokens and KD is taken at the aligned positions.
+    cross: CrossPair | None = None
 
 
 @dataclass
@@ -211,6 +224,7 @@ class Run:
     fingerprint: Fingerprint  # what the run depends on, written into every checkpoint
     trackers: Trackers = field(default_factory=Trackers)  # --report-to (rank 0); none by default
     sampling: OnPolicySampling | None = None  # --on-policy: how the student's responses are drawn
+    cross: CrossRun | None = None  # --cross-tokenizer: the pair and the data's alignment
 
 
 @dataclass(frozen=True)
@@ -296,7 +310,7 @@ def setup(config: DistillConfig) -> Run:
     resume_from = check_output_dir(config, out, world)
     export_dtype = preflight(config)
 
-    tokenizer, examples, samples = _read_data(config, world)
+    tokenizer, examples, samples, cross = _read_data(config, world)
     train_split, heldout = split_heldout(examples, config.eval_fraction, config.seed)
     samples |= {"train": len(train_split), "heldout": len(heldout)}
     log.info(
@@ -322,13 +336,17 @@ def setup(config: DistillConfig) -> Run:
     # never shares memory with the rest of the run. Its drift is measured on the merge check's batch.
     teacher, teacher_quant = None, _cache_quantization(cache)
     if config.uses_kd and cache is None:
-        drift_batch = _check_batch(config, train_split, heldout, tokenizer)
+        # A quantized teacher's drift is measured on student tokens, which a cross-tokenizer teacher
+        # cannot read: it is skipped there.
+        drift_batch = None if cross else _check_batch(config, train_split, heldout, tokenizer)
         teacher, teacher_quant = _load_teacher(config, dtype, device, drift_batch)
     student, base_parameters = _build_student(config, dtype, device)
     student_quant = None
     if config.student_quant != "none":
         student_quant = {"kind": config.student_quant, "weight_bytes": weight_bytes(student)}
-    kd_vocab = kd_vocab_size(tokenizer, student, teacher) if teacher is not None else None
+    kd_vocab = kd_vocab_size(tokenizer, student, teacher) if teacher is not None and not cross else None
+    if cross is not None:
+        kd_vocab = student_kd_vocab(tokenizer, student)
     if cache is not None and config.uses_kd:
         kd_vocab = _cache_vocab_size(cache, student)
     if config.gradient_checkpointing:
@@ -351,6 +369,8 @@ def setup(config: DistillConfig) -> Run:
             clean_temporaries(directory)
         if resume_from is None:
             start_output_dir(config, out)  # only now: a run that fails to start leaves nothing behind
+        if cross is not None:
+            atomic_write_json(out / PAIR_FILE, to_json(cross.report))
         check_space(config, out, n_trainable, base_parameters, export_dtype)
     barrier(world)
 
@@ -365,6 +385,8 @@ def setup(config: DistillConfig) -> Run:
     if world.is_main:
         truncate_metrics(out / "metrics.jsonl", progress.step)
     step = step_settings(config, kd_vocab, device=device, dtype=dtype, world=world)
+    if cross is not None:
+        step = dataclasses.replace(step, cross=cross.pair)
     return Run(
         config=config,
         out=out,
@@ -390,6 +412,7 @@ def setup(config: DistillConfig) -> Run:
         started=started,
         fingerprint=fingerprint,
         sampling=sampling,
+        cross=cross,
     )
 
 
@@ -521,8 +544,14 @@ def preflight(config: DistillConfig) -> torch.dtype:
     return published_dtype(student_config)
 
 
-def _read_data(config: DistillConfig, world: World) -> tuple[Any, list[Example], dict[str, int]]:
-    """The student's tokenizer (checked against the teacher's), and the data as token examples."""
+def _read_data(
+    config: DistillConfig, world: World
+) -> tuple[Any, list[Example], dict[str, int], CrossRun | None]:
+    """The student's tokenizer (checked against the teacher's), the data as token examples, and with
+    --cross-tokenizer the pair and the data's alignment (the teacher's tokenizer may then differ)."""
+    if config.cross_tokenizer and config.uses_kd:
+        tokenizer, examples, n_records, dropped, cross = read_cross_data(config, progress=world.is_main)
+        return tokenizer, examples, {"records": n_records, "dropped": dropped}, cross
     trust = config.trust_remote_code
     tokenizer, teacher_tokenizer = load_tokenizers(
         config.student, config.teacher, role="student", trust_remote_code=trust
@@ -530,7 +559,7 @@ def _read_data(config: DistillConfig, world: World) -> tuple[Any, list[Example],
     records, examples, dropped = read_examples(
         config.data, tokenizer, config, teacher_tokenizer=teacher_tokenizer, progress=world.is_main
     )
-    return tokenizer, examples, {"records": len(records), "dropped": dropped}
+    return tokenizer, examples, {"records": len(records), "dropped": dropped}, None
 
 
 def _check_quantized_world(config: DistillConfig, world: World) -> None:
@@ -717,6 +746,7 @@ def step_settings(
         skew_alpha=config.skew_alpha,
         kd_vocab_size=kd_vocab,
         chunk_size=config.loss_chunk_size,
+        uld=config.cross_tokenizer == "uld" and config.uses_kd,
     )
     on_policy = None
     if config.on_policy > 0:
@@ -814,8 +844,9 @@ def data_batches(run: Run) -> StepBatches:
     """The run's training examples in the seeded epoch order, collated with their cached teacher targets
     when the run reads a cache."""
     cache = run.cache if run.step.loss.kd_ratio > 0 else None
+    cross = run.cross if run.step.loss.kd_ratio > 0 else None
     pad = run.tokenizer.pad_token_id
-    return lambda first: [_collate(examples, pad, cache) for examples in _step_examples(run, first)]
+    return lambda first: [_collate(examples, pad, cache, cross) for examples in _step_examples(run, first)]
 
 
 def cached_sample_batches(run: Run, on_policy: OnPolicySampling) -> StepBatches:
@@ -994,7 +1025,7 @@ def _step_metrics(run: Run, result: dict[str, float], seconds: float) -> dict[st
         "tokens": run.progress.tokens,
         "tokens_per_s": result["num_tokens"] / seconds,
         "peak_memory_gb": peak_memory_gb(run.step.device),
-    } | {k: result[k] for k in ("on_policy_kd_loss", "on_policy_tokens") if k in result}
+    } | {k: result[k] for k in ("on_policy_kd_loss", "on_policy_tokens", "kd_positions") if k in result}
 
 
 # The last step's losses summary.json keeps (on_policy_kd_loss: on-policy runs).
@@ -1212,12 +1243,17 @@ def _teacher_blamed(config: DistillConfig) -> str:
     )
 
 
-def _collate(batch: list[Example], pad_token_id: int, cache: TeacherCache | None) -> dict[str, torch.Tensor]:
+def _collate(
+    batch: list[Example], pad_token_id: int, cache: TeacherCache | None, cross: CrossRun | None = None
+) -> dict[str, torch.Tensor]:
     """``collate``, plus the batch's cached teacher targets (rows in ``targets[trained]`` order): each
-    example's cache row is its index among the data's tokenized examples."""
+    example's cache row is its index among the data's tokenized examples; or, across tokenizers, the
+    teacher's own tokens and where they align."""
     out = collate(batch, pad_token_id)
     if cache is not None:
         out |= batch_targets(cache, [ex.index for ex in batch])
+    if cross is not None:
+        out |= cross_batch(batch, cross)
     return out
 
 
@@ -1290,6 +1326,9 @@ def train_step(
         losses["loss"] = ((1 - kd_ratio) * ce_sum + kd_ratio * kd_sum + on_sum) / num_tokens
     if settings.on_policy is not None:
         losses |= {"on_policy_kd_loss": on_sum / max(on_tokens, 1), "on_policy_tokens": on_tokens}
+    if settings.cross is not None and settings.loss.kd_ratio > 0:  # the aligned positions KD was taken on
+        aligned = sum(int(b["xt_rows"].numel()) for b in micro if "xt_rows" in b)
+        losses["kd_positions"] = int(all_reduce_sum(aligned, world, device))
     return losses | {
         "num_tokens": num_tokens,
         "tokens_processed": processed,
@@ -1320,6 +1359,9 @@ def micro_batch_loss(
     trained = targets != IGNORE_INDEX  # [B, T]
     cached = unpack_targets(batch, device) if options.kd_ratio > 0 else None  # [N, k] ids/log-probs, [N]
     use_teacher = cached is None and teacher is not None and options.kd_ratio > 0
+    if use_teacher and settings.cross is not None:
+        assert teacher is not None
+        return _cross_loss(student, teacher, batch, settings=settings, num_tokens=num_tokens)
     if settings.impl == "plain":
         with autocast(device, dtype):
             student_logits = student(input_ids=input_ids, attention_mask=attention_mask).logits  # [B, T, V_s]
@@ -1359,6 +1401,46 @@ def micro_batch_loss(
             cached if cached is not None else teacher_head,
             options=options,
             num_tokens=num_tokens,
+        )
+
+
+def _cross_loss(
+    student: torch.nn.Module,
+    teacher: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    *,
+    settings: StepSettings,
+    num_tokens: int,
+) -> LossParts:
+    """``micro_batch_loss`` across tokenizers: CE on every trained student position, KD (the divergence
+    on the mapped top-k, or ULD) on the aligned ones, against one teacher forward on its own tokens."""
+    device, dtype, options = settings.device, settings.dtype, settings.loss
+    assert settings.cross is not None
+    targets = next_token_targets(batch["labels"]).to(device)  # [B, T]
+    trained = targets != IGNORE_INDEX  # [B, T]
+    with autocast(device, dtype):
+        hidden = final_hidden_states(
+            student, batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        )[trained]  # [N, H_s]
+    teacher_targets, kd_rows = cross_targets(
+        teacher,
+        batch,
+        settings.cross,
+        hidden.shape[0],
+        device=device,
+        dtype=dtype,
+        temperature=options.temperature,
+        chunk_size=options.chunk_size,
+    )
+    student_head = HeadInput(hidden, *lm_head(student), logit_softcap(student))
+    with autocast(device, dtype):
+        return chunked_distill_loss(
+            student_head,
+            targets[trained],
+            teacher_targets,
+            options=options,
+            num_tokens=num_tokens,
+            kd_rows=kd_rows,
         )
 
 
@@ -1430,6 +1512,7 @@ def finish(run: Run, trained: Trained) -> RunSummary:
         student_quant=run.student_quant,
         export=exported,
         on_policy=_on_policy_summary(run),
+        pair=None if run.cross is None else to_json(run.cross.report),
         provenance=provenance(
             models={"student": config.student, "teacher": config.teacher},
             data={"train": config.data},
@@ -1592,6 +1675,11 @@ def _heldout(run: Run, merged: PreTrainedModel) -> tuple[dict[str, float], str |
         # The cache holds the teacher on student samples, not on the held-out responses: no reference.
         metrics = heldout_metrics(merged, run.heldout, None, **common)
         reference: str | None = None
+    elif run.cross is not None and teacher is not None:
+        # Across vocabularies kl_to_teacher has no meaning: CE here, the divergence on aligned positions.
+        metrics = heldout_metrics(merged, run.heldout, None, **common)
+        metrics |= aligned_heldout(merged, teacher, run.heldout, run.cross, **common)
+        reference = "teacher_aligned"
     elif teacher is None and run.cache is not None:  # no --teacher: score against the cached teacher
         metrics = heldout_metrics(merged, run.heldout, run.cache, **common)
         reference = "teacher_cache"

@@ -90,6 +90,9 @@ class RunSummary:
     # checkout's commit, the command, start and end. None in summaries written before it existed.
     provenance: dict[str, Any] | None = None
     on_policy: OnPolicySummary | None = None  # --on-policy runs: what was sampled, what it cost
+    # --cross-tokenizer runs: the pair report (records.pair.PairReport as JSON, also pair.json); their
+    # held-out divergence is heldout's aligned_kl_to_teacher (heldout_reference "teacher_aligned").
+    pair: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # fields a newer llm-neo wrote, kept on re-save
 
     @property

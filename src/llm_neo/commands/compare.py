@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from llm_neo import __version__
+from llm_neo.alignment import pair_report
 from llm_neo.choices import ARM_VARIANTS, COMPARISON_ORDER, METHOD_NAMES, METHODS
 from llm_neo.commands.cost import GPUS, flops_per_token, gpu, parse_tokens, project
 from llm_neo.config import (
@@ -51,6 +52,7 @@ from llm_neo.config import (
     parse_arm,
     validate_distill,
 )
+from llm_neo.cross_tokenizer import CrossRun, align_data, aligned_heldout
 from llm_neo.data import Example, load_records, read_examples
 from llm_neo.errors import ConfigError
 from llm_neo.eval.answers import answer_stats
@@ -102,6 +104,7 @@ from llm_neo.records.compare import (
     TeacherCacheCost,
     Timing,
 )
+from llm_neo.records.pair import PairReport
 from llm_neo.report.stats import paired_difference, summarize
 from llm_neo.runtime.atomic import atomic_write_json, atomic_write_text
 from llm_neo.runtime.checkpoint import list_checkpoints
@@ -367,6 +370,11 @@ def validate_compare(config: CompareConfig) -> None:
         p.append("--project-tokens needs --gpu (the card to project to: " + ", ".join(GPUS) + ")")
     if c.gpu_price is not None and not c.project_tokens:
         p.append("--gpu-price prices the projection: give --project-tokens (and --gpu) too, e.g. 50M")
+    if c.cross_tokenizer is not None and (c.cache_teacher or c.probes):
+        p.append(
+            f"--cross-tokenizer {c.cross_tokenizer}: --cache-teacher and --probes do not work across "
+            "tokenizers yet; drop them"
+        )
     sampled = [arm for arm, (_, variants) in arms.items() if "on_policy" in variants]
     given = [f"--{n.replace('_', '-')}" for n in ("on_policy", *ON_POLICY_OPTIONS) if _differs(c, n)]
     if given and not sampled:
@@ -569,6 +577,14 @@ def _arm_config(config: CompareConfig, arm: str, seed: int, data: str, output_di
     quantization = _quantization(variants)
     shared = {f.name: getattr(config, f.name) for f in dataclasses.fields(TrainOptions)}
     shared |= _on_policy_options(config, "on_policy" in variants)
+    if config.cross_tokenizer and not METHODS[method].kd:
+        # A CE arm never reads the teacher, which cannot read its tokens: the comparison scores it instead.
+        shared |= {
+            "cross_tokenizer": None,
+            "teacher": None,
+            "teacher_quant": "none",
+            "teacher_quant_backend": "auto",
+        }
     # Local paths absolute: the arm's config.yaml, and the command that reruns it, work from anywhere.
     shared |= {name: _absolute(shared[name]) for name in ("student", "teacher", "teacher_cache")}
     steps = config.max_steps
@@ -1026,6 +1042,67 @@ def _cached_scores(path: Path) -> ModelScores | None:
         return None
 
 
+@dataclass(frozen=True)
+class _CrossHeldout:
+    """The held-out records across tokenizers: the student's examples, the teacher's, their alignment."""
+
+    records: list[dict[str, Any]]
+    examples: list[Example]
+    teacher_tokenizer: Any
+    teacher_examples: list[Example]
+    run: CrossRun
+
+
+def _cross_heldout(config: CompareConfig, heldout: str, tokenizer: Any) -> _CrossHeldout:
+    assert config.teacher and config.cross_tokenizer
+    trust = config.trust_remote_code
+    teacher_tokenizer = load_tokenizer(config.teacher, role="teacher", trust_remote_code=trust)
+    records, examples, _ = read_examples(heldout, tokenizer, config)
+    _, teacher_examples, _ = read_examples(heldout, teacher_tokenizer, config)
+    run = align_data(
+        records,
+        examples,
+        tokenizer,
+        teacher_tokenizer,
+        method=config.cross_tokenizer,
+        top_k=config.cross_tokenizer_top_k,
+        max_length=config.max_length,
+        names=(config.student, config.teacher),
+        source=heldout,
+        train_on_prompt=config.train_on_prompt,
+    )
+    return _CrossHeldout(records, examples, teacher_tokenizer, teacher_examples, run)
+
+
+def _heldout_scores(
+    model: torch.nn.Module,
+    name: str,
+    teacher: torch.nn.Module | None,
+    tokenizer: Any,
+    examples: list[Example],
+    cross: _CrossHeldout | None,
+    config: CompareConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> dict[str, float]:
+    """A model's held-out metrics against the teacher; across tokenizers its CE and, for the students, the
+    divergence on aligned positions (the teacher: its CE on its own tokens)."""
+    common: dict[str, Any] = {"batch_size": config.eval_batch_size, "device": device, "dtype": dtype}
+    if cross is None or teacher is None:
+        kd_vocab = kd_vocab_size(tokenizer, model, teacher) if teacher is not None else None
+        return heldout_metrics(
+            model, examples, teacher, pad_token_id=tokenizer.pad_token_id, kd_vocab_size=kd_vocab, **common
+        )
+    if name == "teacher":
+        pad = cross.run.pair.teacher_pad_id
+        return heldout_metrics(model, cross.teacher_examples, None, pad_token_id=pad, **common)
+    metrics = heldout_metrics(model, examples, None, pad_token_id=tokenizer.pad_token_id, **common)
+    aligned = aligned_heldout(
+        model, teacher, examples, cross.run, pad_token_id=tokenizer.pad_token_id, chunk_size=1024, **common
+    )
+    return metrics | {k: aligned[k] for k in ("aligned_kl_to_teacher", "aligned_coverage")}
+
+
 def eval_job(payload: EvalPayload, report: Report) -> dict[str, ModelScores]:
     """A worker's scoring of some models: held-out metrics against the teacher, the task score of greedy
     answers, lm-eval tasks."""
@@ -1033,7 +1110,12 @@ def eval_job(payload: EvalPayload, report: Report) -> dict[str, ModelScores]:
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     tokenizer = load_tokenizer(config.student, role="student", trust_remote_code=config.trust_remote_code)
-    records, examples, _ = read_examples(payload.heldout, tokenizer, config)
+    cross = None
+    if config.cross_tokenizer and config.teacher:
+        cross = _cross_heldout(config, payload.heldout, tokenizer)
+        records, examples = cross.records, cross.examples
+    else:
+        records, examples, _ = read_examples(payload.heldout, tokenizer, config)
     scorer = parse_score(config.score)
     teacher = None
     if config.teacher:  # quantized only as --teacher-quant says for all arms (not an arm's variant)
@@ -1048,19 +1130,16 @@ def eval_job(payload: EvalPayload, report: Report) -> dict[str, ModelScores]:
             teacher if name == "teacher" else load_frozen(config, path, role=name, dtype=dtype, device=device)
         )
         assert model is not None
+        own = cross is not None and name == "teacher"  # a teacher of another tokenizer reads its own
         answers, stopped = greedy_generations(
-            model, tokenizer, records, device=device, max_new_tokens=max_new, progress=False
-        )
-        metrics = heldout_metrics(
             model,
-            examples,
-            teacher,
-            pad_token_id=tokenizer.pad_token_id,
-            batch_size=config.eval_batch_size,
+            cross.teacher_tokenizer if own and cross else tokenizer,
+            records,
             device=device,
-            dtype=dtype,
-            kd_vocab_size=kd_vocab_size(tokenizer, model, teacher) if teacher is not None else None,
+            max_new_tokens=max_new,
+            progress=False,
         )
+        metrics = _heldout_scores(model, name, teacher, tokenizer, examples, cross, config, device, dtype)
         against = (
             (answers if name == "teacher" else payload.teacher_answers) if scorer.against_teacher else None
         )
@@ -1179,6 +1258,7 @@ def _group_stats(runs: list[ArmRun]) -> GroupStats:
         ce=summarize([r.ce for r in runs]),
         kl_to_teacher=over([r.kl_to_teacher for r in runs]),
         top1_agreement=over([r.top1_agreement for r in runs]),
+        aligned_kl_to_teacher=over([r.aligned_kl_to_teacher for r in runs]),
         train_time_s=summarize([r.train_time_s for r in runs]),
         wall_time_s=summarize([r.wall_time_s for r in runs]),
         tokens_per_s=over([r.tokens_per_s for r in runs]),
@@ -1220,6 +1300,21 @@ def _results(
         cost=_cost(plan, groups, measured_on),
         probe=probe,
         timing=timing,
+        pair=_pair(config, plan.heldout),
+    )
+
+
+def _pair(config: CompareConfig, heldout: str) -> PairReport | None:
+    """--cross-tokenizer: the pair report on the held-out records, for the report."""
+    if not (config.cross_tokenizer and config.teacher):
+        return None
+    trust = config.trust_remote_code
+    student = load_tokenizer(config.student, role="student", trust_remote_code=trust)
+    teacher = load_tokenizer(config.teacher, role="teacher", trust_remote_code=trust)
+    records = load_records(heldout)
+    names = (config.student, config.teacher)
+    return pair_report(
+        student, teacher, names=names, records=records, data=heldout, max_length=config.max_length
     )
 
 
@@ -1254,6 +1349,7 @@ def _run_row(arm: Arm, summary: RunSummary, scores: ModelScores) -> ArmRun:
         if summary.tokens_processed is not None and summary.train_time_s
         else None,
         answers=scores.answers,
+        aligned_kl_to_teacher=scores.aligned_kl_to_teacher,
     )
 
 
@@ -1264,7 +1360,13 @@ def _curve(metrics: Path) -> list[CurvePoint]:
 
 
 # (metric, higher is better) of the paired comparisons.
-PAIRED = (("accuracy", True), ("kl_to_teacher", False), ("ce", False), ("train_time_s", False))
+PAIRED = (
+    ("accuracy", True),
+    ("kl_to_teacher", False),
+    ("aligned_kl_to_teacher", False),
+    ("ce", False),
+    ("train_time_s", False),
+)
 
 
 def _paired(config: CompareConfig, groups: list[ArmGroup]) -> list[PairedRow]:

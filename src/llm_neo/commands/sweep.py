@@ -108,6 +108,7 @@ NOT_SWEEPABLE = options_with(DistillConfig, Effect.PLACE, Effect.EXISTING)
 METRICS = {
     "heldout.kl_to_teacher": "min",
     "heldout.kl_to_teacher_topk": "min",  # trials scored against a teacher cache alone
+    "heldout.aligned_kl_to_teacher": "min",  # --cross-tokenizer trials (docs/cross-tokenizer.md)
     "heldout.ce": "min",
     "heldout.perplexity": "min",
     "heldout.top1_agreement": "max",
@@ -120,6 +121,7 @@ METRICS = {
 REPORTED = (
     "heldout.kl_to_teacher",
     "heldout.kl_to_teacher_topk",
+    "heldout.aligned_kl_to_teacher",
     "heldout.ce",
     "heldout.top1_agreement",
     "final.loss",
@@ -428,6 +430,17 @@ def _check_trials(configs: dict[str, DistillConfig], metric: str) -> None:
             problems.append(f"trial {trial}: --metric {metric} needs a held-out split (eval_fraction > 0)")
         if metric == "heldout.top1_agreement" and not (config.teacher or config.teacher_cache):
             problems.append(f"trial {trial}: --metric {metric} needs a teacher or teacher_cache in the base")
+        cross = config.cross_tokenizer is not None and config.uses_kd
+        if metric in ("heldout.kl_to_teacher", "heldout.top1_agreement") and cross:
+            problems.append(
+                f"trial {trial}: --metric {metric} needs one tokenizer; a --cross-tokenizer trial reports "
+                "heldout.aligned_kl_to_teacher"
+            )
+        if metric == "heldout.aligned_kl_to_teacher" and not cross:
+            problems.append(
+                f"trial {trial}: --metric {metric} is reported by cross_tokenizer trials (kd, neo) only; "
+                "rank on heldout.kl_to_teacher"
+            )
         if metric == "heldout.kl_to_teacher" and not config.teacher:
             problems.append(
                 f"trial {trial}: --metric {metric} (the dense KL) needs a teacher in the base; trials scored "
@@ -453,6 +466,7 @@ def objective(config: DistillConfig) -> dict[str, Any]:
     keys = ["kd_ratio", "divergence", "kd_temperature"]
     keys += ["jsd_beta"] if config.divergence == "jsd" else []
     keys += ["skew_alpha"] if config.divergence.startswith("skew_") else []
+    keys += ["cross_tokenizer"] if config.cross_tokenizer else []  # uld is not the divergence
     return {"loss": "ce+kd"} | {k: getattr(config, k) for k in keys}
 
 
@@ -484,7 +498,10 @@ def _split_differences(configs: dict[str, DistillConfig]) -> list[str]:
 
 def effective_metric(configs: dict[str, DistillConfig], metric: str, default: str) -> str:
     """The default metric (dense KL) for trials that can only report the cache's top-k KL: no teacher,
-    a teacher_cache. Any other metric stays as asked."""
+    a teacher_cache; the aligned KL for cross-tokenizer trials. Any other metric stays as asked."""
+    if metric == default and all(c.cross_tokenizer and c.uses_kd for c in configs.values()):
+        log.warning("sweep: the trials distill across tokenizers: ranking on heldout.aligned_kl_to_teacher")
+        return "heldout.aligned_kl_to_teacher"
     if metric == default and all(not c.teacher and c.teacher_cache for c in configs.values()):
         log.warning(
             "sweep: the trials have a teacher_cache and no teacher, so they report the KL to the cache's "

@@ -30,6 +30,7 @@ from llm_neo.losses.divergences import (
     skew_forward_kl,
     skew_reverse_kl,
     tvd,
+    uld,
 )
 from llm_neo.losses.liger import liger_distill_loss
 from llm_neo.losses.objective import (
@@ -40,7 +41,7 @@ from llm_neo.losses.objective import (
     next_token_targets,
     softcap,
 )
-from llm_neo.losses.reference import reference_divergence
+from llm_neo.losses.reference import reference_divergence, reference_uld
 
 __all__ = [
     "DIVERGENCES",
@@ -58,9 +59,11 @@ __all__ = [
     "liger_distill_loss",
     "next_token_targets",
     "reference_divergence",
+    "reference_uld",
     "reverse_kl",
     "skew_forward_kl",
     "skew_reverse_kl",
     "softcap",
     "tvd",
+    "uld",
 ]

@@ -29,11 +29,13 @@ from llm_neo.losses.divergences import TopKTargets, check_topk
 from llm_neo.losses.objective import (
     LossOptions,
     LossParts,
+    check_kd_rows,
     check_num_tokens,
     check_teacher_given,
     check_vocab_widths,
     kd_per_token,
     objective,
+    select_rows,
     softcap,
 )
 
@@ -81,6 +83,7 @@ class _ChunkPlan:
     student_dtype: torch.dtype  # matmul dtype of the student head
     student_softcap: float | None
     teacher: _DenseTeacher | TopKTargets | None  # None when the KD term is skipped
+    kd_rows: Tensor | None = None  # [N] bool: the rows the KD term is taken on; None: every row
 
 
 def chunked_distill_loss(
@@ -90,6 +93,7 @@ def chunked_distill_loss(
     *,
     options: LossOptions,
     num_tokens: int | Tensor,
+    kd_rows: Tensor | None = None,
 ) -> LossParts:
     """``distill_loss`` fused with the lm_heads, computed in token chunks: no [N, V] logits ever exist.
 
@@ -114,7 +118,8 @@ def chunked_distill_loss(
     logits are kept for the backward; the backward only scales them by the incoming gradient. So call
     it under ``torch.no_grad()`` when no backward will follow (evaluation): then nothing extra is
     computed. The backward is not differentiable again (no double backward). With ``kd_ratio == 0`` or
-    no teacher the teacher is never run (``kd_sum = 0``).
+    no teacher the teacher is never run (``kd_sum = 0``). ``kd_rows`` as in ``distill_loss`` (these
+    calls go through autograd per chunk, never the analytic path).
     """
     check_num_tokens(num_tokens)
     check_head("student", student)
@@ -124,6 +129,8 @@ def chunked_distill_loss(
             f"and {tuple(targets.shape)}"
         )
     check_teacher_given(teacher, options.kd_ratio)
+    if kd_rows is not None:
+        check_kd_rows(kd_rows, student.hidden.shape[0])
     kd_teacher: _DenseTeacher | TopKTargets | None = None
     if isinstance(teacher, TopKTargets):
         width = options.kd_vocab_size or student.weight.shape[0]
@@ -141,6 +148,7 @@ def chunked_distill_loss(
         student_dtype=_matmul_dtype(student.hidden),
         student_softcap=student.softcap,
         teacher=kd_teacher,
+        kd_rows=kd_rows,
     )
     return _run_chunks(plan, student.hidden, student.weight, student.bias)
 
@@ -285,6 +293,7 @@ def _chunk_loop(
     # divergences, soft-capped students and cached teachers go through autograd per chunk.
     analytic = (
         not isinstance(plan.teacher, TopKTargets)
+        and plan.kd_rows is None
         and plan.student_softcap is None
         and (plan.teacher is None or plan.options.divergence == "forward_kl")
     )
@@ -332,6 +341,9 @@ def _autograd_chunk(loop: _Loop, start: int, stop: int) -> tuple[Tensor, Tensor]
                 teacher: Tensor | TopKTargets = plan.teacher.slice(start, stop)
             else:
                 teacher = _teacher_chunk_logits(plan.teacher, start, stop, loss_dtype)  # [C, V_kd]
+            if plan.kd_rows is not None:  # KD on the chunk's selected rows only (CE stays on all)
+                rows = plan.kd_rows[start:stop]
+                student_kd, teacher = student_kd[rows], select_rows(teacher, rows)
             kd = kd_per_token(student_kd, teacher, o).sum()
             del student_kd, teacher
         loss = objective(ce, kd, o.kd_ratio, _detached(plan.num_tokens))

@@ -242,15 +242,52 @@ def topk_bucket_log_probs(
     ids = teacher.ids.long()  # [N, k]
     log_q = torch.log_softmax(student_logits.to(dtype) / temperature, dim=-1)  # [N, V]
     q_top = log_q.gather(-1, ids)  # [N, k]
-    rest = log_q.scatter(-1, ids, NEG_INF)  # [N, V]: the columns outside the teacher's top-k
+    log_q_buckets = torch.cat([q_top, _tail_log_mass(log_q, ids)], dim=-1)  # [N, k + 1]
+    return log_q_buckets, _teacher_buckets(teacher, dtype)
+
+
+def _tail_log_mass(log_q: Tensor, ids: Tensor) -> Tensor:
+    """log of the mass of ``log_q [N, V]`` outside the columns ``ids [N, k]``: [N, 1]; -inf (zero
+    gradient) when nothing is left."""
+    rest = log_q.scatter(-1, ids, NEG_INF)  # [N, V]: the columns outside the top-k
     empty = (rest == NEG_INF).all(dim=-1, keepdim=True)  # [N, 1]
     # logsumexp of an all -inf row is -inf in value but NaN in gradient: feed it zeros there instead.
-    q_tail = torch.where(empty, NEG_INF, torch.logsumexp(torch.where(empty, 0.0, rest), -1, keepdim=True))
-    log_q_buckets = torch.cat([q_top, q_tail], dim=-1)  # [N, k + 1]
+    return torch.where(empty, NEG_INF, torch.logsumexp(torch.where(empty, 0.0, rest), -1, keepdim=True))
 
+
+def _teacher_buckets(teacher: TopKTargets, dtype: torch.dtype) -> Tensor:
+    """The teacher's k + 1 bucket log-probs [N, k + 1], renormalised (see ``topk_bucket_log_probs``)."""
     p = torch.cat([teacher.log_probs.to(dtype), teacher.tail.to(dtype).unsqueeze(-1)], dim=-1)  # [N, k+1]
-    log_p_buckets = p - torch.logsumexp(p, dim=-1, keepdim=True)
-    return log_q_buckets, log_p_buckets.detach()
+    return (p - torch.logsumexp(p, dim=-1, keepdim=True)).detach()
+
+
+def uld(student_logits: Tensor, teacher: TopKTargets, *, temperature: float = 1.0) -> Tensor:
+    """Universal Logit Distillation (Boizard et al. 2024) per position: [N, V_s], top-k [N, k] -> [N]
+    (times T², as the divergences).
+
+    ULD is the Wasserstein-1 distance between the two next-token distributions under a cost that ignores
+    token identity, which is the L1 distance between the probability vectors each sorted in descending
+    order (zero-padded to a common length). The teacher is known by its top-k + tail (a teacher cache's
+    format; its ids are not used, so they may be the teacher's own), so the sorted vectors are compared
+    on k + 1 entries:
+
+        ULD = sum_{j <= k} |q_(j) - p_(j)| + |q_tail - p_tail|
+
+    with q_(j) the student's j-th largest probability, q_tail the student mass outside its own top-k,
+    p_(j) the teacher's sorted top-k and p_tail its tail (buckets renormalised as in
+    ``topk_bucket_log_probs``). Merging the entries past k into one is a coarse-graining, so this is <=
+    the full sorted L1 and equal to it when the teacher's top-k holds its whole support (k = V_t: the
+    zero padding of the shorter vector is then the student's tail). Needs k <= V_s.
+    """
+    check_topk(student_logits, teacher)
+    check_temperature(temperature)
+    dtype = compute_dtype(student_logits)
+    log_q = torch.log_softmax(student_logits.to(dtype) / temperature, dim=-1)  # [N, V_s]
+    q_top, ids = log_q.topk(teacher.k, dim=-1)  # [N, k], descending
+    log_q_sorted = torch.cat([q_top, _tail_log_mass(log_q, ids)], dim=-1)  # [N, k + 1]
+    log_p = _teacher_buckets(teacher, dtype)
+    p_sorted = torch.cat([log_p[:, :-1].sort(dim=-1, descending=True).values, log_p[:, -1:]], dim=-1)
+    return (log_q_sorted.exp() - p_sorted.exp()).abs().sum(dim=-1) * temperature**2
 
 
 # --------------------------------------------------------------------------------------------------

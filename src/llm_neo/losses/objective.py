@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from llm_neo.losses.divergences import TopKTargets, check_divergence, divergence
+from llm_neo.losses.divergences import TopKTargets, check_divergence, divergence, uld
 
 # Hugging Face's label value for "not trained" (also F.cross_entropy's default ignore_index).
 IGNORE_INDEX = -100
@@ -43,6 +43,8 @@ class LossOptions:
                    columns is the same as giving them -inf logits (zero probability) in both models.
                    None: the widths must be equal.
     chunk_size     tokens per chunk of the chunked paths (the plain path ignores it), >= 1
+    uld            the KD term is ULD (``divergences.uld``: sorted probabilities, token identity ignored)
+                   against a top-k teacher, instead of ``divergence`` (cross-tokenizer ``uld``)
     """
 
     kd_ratio: float
@@ -52,6 +54,7 @@ class LossOptions:
     skew_alpha: float = 0.1
     kd_vocab_size: int | None = None
     chunk_size: int = 1024
+    uld: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.kd_ratio <= 1.0:
@@ -139,6 +142,7 @@ def distill_loss(
     *,
     options: LossOptions,
     num_tokens: int | Tensor,
+    kd_rows: Tensor | None = None,
 ) -> LossParts:
     """The LLM-Neo loss ``((1 - kd_ratio) CE + kd_ratio D(teacher || student)) / num_tokens``.
 
@@ -153,6 +157,9 @@ def distill_loss(
     gradient-accumulation micro-batches then gives the per-token mean of the whole step, instead of a
     mean of micro-batch means that over-weights tokens of short micro-batches. It may be an all-reduced
     tensor (no host sync is needed).
+
+    ``kd_rows`` (bool [N], optional) keeps the KD term to those rows (cross-tokenizer: the aligned
+    positions); CE stays on every row and ``num_tokens`` is unchanged, so a row outside it adds CE only.
 
     CE is computed on the student's full width, without temperature, in float32. With
     ``kd_ratio == 0`` or no teacher the KD term is skipped (``kd_sum = 0``); a missing teacher with
@@ -181,6 +188,9 @@ def distill_loss(
     kd_sum = ce_sum.new_zeros(())
     if teacher is not None and options.kd_ratio > 0:
         student_kd = student_logits if kvs is None else student_logits[:, :kvs]  # a view, no copy
+        if kd_rows is not None:
+            check_kd_rows(kd_rows, student_logits.shape[0])
+            student_kd, teacher = student_kd[kd_rows], select_rows(teacher, kd_rows)
         kd_sum = kd_per_token(student_kd, teacher, options).sum()
     loss = objective(ce_sum, kd_sum, options.kd_ratio, num_tokens)
     n = student_logits.shape[0]
@@ -189,11 +199,30 @@ def distill_loss(
 
 def kd_per_token(student_kd: Tensor, teacher: Tensor | TopKTargets, options: LossOptions) -> Tensor:
     """The divergence per position [N] of student logits already sliced to the KD vocabulary, against
-    teacher logits (sliced here the same way; never back-propagated into) or cached top-k targets."""
+    teacher logits (sliced here the same way; never back-propagated into) or cached top-k targets; ULD
+    (``options.uld``) against top-k targets."""
     o = options
+    if o.uld:
+        if not isinstance(teacher, TopKTargets):
+            raise ValueError("uld compares a teacher's top-k + tail (TopKTargets), not dense teacher logits")
+        return uld(student_kd, teacher, temperature=o.temperature)
     if isinstance(teacher, Tensor):
         # The teacher is frozen: never backprop into its graph.
         teacher = (teacher if o.kd_vocab_size is None else teacher[:, : o.kd_vocab_size]).detach()
     return divergence(
         o.divergence, student_kd, teacher, temperature=o.temperature, beta=o.beta, skew_alpha=o.skew_alpha
     )
+
+
+def check_kd_rows(kd_rows: Tensor, n: int) -> None:
+    if kd_rows.dtype != torch.bool or kd_rows.shape != (n,):
+        raise ValueError(
+            f"kd_rows must be a bool [N] mask with N = {n}, got {kd_rows.dtype} {tuple(kd_rows.shape)}"
+        )
+
+
+def select_rows(teacher: Tensor | TopKTargets, rows: Tensor) -> Tensor | TopKTargets:
+    """The teacher's rows ``rows`` (a bool mask or indices): dense logits or top-k targets alike."""
+    if isinstance(teacher, TopKTargets):
+        return TopKTargets(teacher.ids[rows], teacher.log_probs[rows], teacher.tail[rows])
+    return teacher[rows]

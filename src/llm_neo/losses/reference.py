@@ -63,3 +63,15 @@ def reference_divergence(
         check_logits(student_logits, teacher)
         p = torch.softmax(teacher.double() / temperature, dim=-1)
     return _FORMULAS[name](q, p, beta, skew_alpha) * temperature**2
+
+
+def reference_uld(student_logits: Tensor, teacher: TopKTargets, *, temperature: float = 1.0) -> Tensor:
+    """Ground truth for ``divergences.uld``, in float64: the student's probabilities sorted (all of them),
+    its first k against the teacher's sorted top-k, the sum of the rest against the teacher's tail."""
+    check_topk(student_logits, teacher)
+    q = torch.softmax(student_logits.double() / temperature, dim=-1).sort(dim=-1, descending=True).values
+    p = torch.cat([teacher.log_probs.double().exp(), teacher.tail.double().exp().unsqueeze(-1)], dim=-1)
+    p = p / p.sum(-1, keepdim=True)
+    p_top = p[..., :-1].sort(dim=-1, descending=True).values
+    k = teacher.k
+    return ((q[..., :k] - p_top).abs().sum(-1) + (q[..., k:].sum(-1) - p[..., -1]).abs()) * temperature**2

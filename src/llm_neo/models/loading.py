@@ -443,7 +443,8 @@ def check_same_vocabulary(student: PreTrainedTokenizerBase, teacher: PreTrainedT
         f"teacher and student tokenizers differ: the teacher has {len(t_vocab)} tokens, the student "
         f"{len(s_vocab)}; id {first} is {t_ids.get(first)!r} in the teacher and {s_ids.get(first)!r} in "
         "the student. Token-level distillation needs a shared tokenizer: pick a student of the teacher's "
-        "family (e.g. Llama-3.1-8B -> Llama-3.2-1B)."
+        "family (e.g. Llama-3.1-8B -> Llama-3.2-1B), or pass --cross-tokenizer shared-vocab (or uld) to "
+        "distill across tokenizers; `llm-neo check-pair` reports the pair first."
     )
 
 

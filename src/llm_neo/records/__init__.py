@@ -17,8 +17,8 @@ A key a file holds only sometimes (``probe`` when there were probes) is a field 
 key is missing, so re-saving a file keeps its shape.
 
 The engine is this package's ``__init__``; the records themselves live beside it, one module a producer
-(``records.compare``, ``records.probe``, ``records.sweep``, ``records.bench``), so every layer above can
-read them and none of them imports a report or a command.
+(``records.compare``, ``records.probe``, ``records.sweep``, ``records.bench``, ``records.pair``), so every
+layer above can read them and none of them imports a report or a command.
 """
 
 from __future__ import annotations

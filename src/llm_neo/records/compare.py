@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from llm_neo.records import OPTIONAL_KEY
+from llm_neo.records.pair import PairReport
 from llm_neo.summary import MemoryKind
 
 SCHEMA_VERSION = 1
@@ -96,6 +97,9 @@ class ModelScores:
     perplexity: float
     kl_to_teacher: float | None = field(default=None, metadata=OPTIONAL_KEY)  # with a teacher only
     top1_agreement: float | None = field(default=None, metadata=OPTIONAL_KEY)
+    # --cross-tokenizer (docs/cross-tokenizer.md): the divergence on aligned positions, never kl_to_teacher
+    aligned_kl_to_teacher: float | None = field(default=None, metadata=OPTIONAL_KEY)
+    aligned_coverage: float | None = field(default=None, metadata=OPTIONAL_KEY)
     heldout_tokens: int
     parameters: int
     examples: list[Example]  # the first held-out records' answers
@@ -154,6 +158,7 @@ class ArmRun:
     answers: AnswerStats | None = field(default=None, metadata=OPTIONAL_KEY)  # (older files: absent)
     # Every held-out answer, kept for the teacher under --score teacher: the other models' references.
     greedy_answers: list[str] | None = field(default=None, metadata=OPTIONAL_KEY)
+    aligned_kl_to_teacher: float | None = field(default=None, metadata=OPTIONAL_KEY)  # --cross-tokenizer
 
 
 @dataclass(kw_only=True)
@@ -164,6 +169,7 @@ class GroupStats:
     ce: Stats
     kl_to_teacher: Stats | None = field(default=None, metadata=OPTIONAL_KEY)
     top1_agreement: Stats | None = field(default=None, metadata=OPTIONAL_KEY)
+    aligned_kl_to_teacher: Stats | None = field(default=None, metadata=OPTIONAL_KEY)
     train_time_s: Stats
     wall_time_s: Stats
     tokens_per_s: Stats | None = field(default=None, metadata=OPTIONAL_KEY)
@@ -194,6 +200,7 @@ class PairedRow:
     records: int | None
     accuracy: PairedDifference | None = field(default=None, metadata=OPTIONAL_KEY)
     kl_to_teacher: PairedDifference | None = field(default=None, metadata=OPTIONAL_KEY)
+    aligned_kl_to_teacher: PairedDifference | None = field(default=None, metadata=OPTIONAL_KEY)
     ce: PairedDifference | None = field(default=None, metadata=OPTIONAL_KEY)
     train_time_s: PairedDifference | None = field(default=None, metadata=OPTIONAL_KEY)
 
@@ -299,6 +306,8 @@ class CompareResults:
     budget: Budget | None = field(default=None, metadata=OPTIONAL_KEY)
     # --cache-teacher: what building each teacher cache cost, once, for every KD arm that read it
     teacher_caches: list[TeacherCacheCost] | None = field(default=None, metadata=OPTIONAL_KEY)
+    # --cross-tokenizer: the pair report on the held-out records (records.pair)
+    pair: PairReport | None = field(default=None, metadata=OPTIONAL_KEY)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -26,6 +26,7 @@ from llm_neo.records.compare import (
     Stats,
     Verdict,
 )
+from llm_neo.records.pair import pair_lines
 from llm_neo.report.conditions import (
     CLAIMS,
     PAPER_ARMS,
@@ -329,6 +330,9 @@ def results_table(results: CompareResults) -> tuple[dict[str, dict[str, Any]], l
             "CE": f"{ev.ce:.3f}",
             "KL to teacher": f"{ev.kl_to_teacher:.3f}" if ev.kl_to_teacher is not None else "",
             "top-1 agree %": pct(ev.top1_agreement),
+            "aligned KL to teacher": ""
+            if ev.aligned_kl_to_teacher is None
+            else f"{ev.aligned_kl_to_teacher:.3f}",
         }
     for g in _main_groups(results):
         s = g.stats
@@ -337,6 +341,7 @@ def results_table(results: CompareResults) -> tuple[dict[str, dict[str, Any]], l
             "CE": mean_std(s.ce, digits=3),
             "KL to teacher": mean_std(s.kl_to_teacher, digits=3),
             "top-1 agree %": mean_std(s.top1_agreement, 100),
+            "aligned KL to teacher": mean_std(s.aligned_kl_to_teacher, digits=3),
             "train s": mean_std(s.train_time_s, digits=0),
             "tokens/s": mean_std(s.tokens_processed_per_s, digits=0),
             "response tokens/s": mean_std(s.tokens_per_s, digits=0),
@@ -344,11 +349,12 @@ def results_table(results: CompareResults) -> tuple[dict[str, dict[str, Any]], l
             "peak tensors GiB": mean_std(s.peak_tensor_memory_gb, digits=3),
             "trainable": f"{g.runs[0].trainable_parameters:,}",
         }
+    # Across tokenizers the divergence is taken on aligned positions (docs/cross-tokenizer.md).
+    kl = ["aligned KL to teacher"] if results.pair is not None else ["KL to teacher", "top-1 agree %"]
     columns = [
         "score %",
         "CE",
-        "KL to teacher",
-        "top-1 agree %",
+        *kl,
         "train s",
         "tokens/s",
         "response tokens/s",
@@ -369,10 +375,12 @@ def paired_table(results: CompareResults) -> tuple[dict[str, dict[str, Any]], li
             "Δ score, points [95% CI]": interval(p.accuracy, 100),
             "verdict": in_words(p.accuracy) if p.accuracy else "",
             "Δ KL to teacher": interval(p.kl_to_teacher, digits=3),
+            "Δ aligned KL to teacher": interval(p.aligned_kl_to_teacher, digits=3),
             "Δ CE": interval(p.ce, digits=3),
             "Δ train s": interval(p.train_time_s, digits=1),
         }
-    return rows, ["Δ score, points [95% CI]", "verdict", "Δ KL to teacher", "Δ CE", "Δ train s"]
+    kl = "Δ aligned KL to teacher" if results.pair is not None else "Δ KL to teacher"
+    return rows, ["Δ score, points [95% CI]", "verdict", kl, "Δ CE", "Δ train s"]
 
 
 THROUGHPUT = (
@@ -570,6 +578,16 @@ def report_blocks(results: CompareResults) -> list[Block]:
         *small_heldout_blocks(results),
         Image("scores", "task score of every model"),
     ]
+    if results.pair is not None:  # --cross-tokenizer
+        blocks += [
+            Heading(3, "The tokenizer pair (llm-neo check-pair)"),
+            Bullets(tuple(pair_lines(results.pair))),
+            Paragraph(
+                "Across tokenizers the divergence is taken where both models predict the same response text: "
+                "aligned KL to teacher is the forward KL on the teacher's top-k + tail mapped into the "
+                "student's tokens, per exactly aligned held-out position (docs/cross-tokenizer.md)."
+            ),
+        ]
     if ended := answers_table(results):
         blocks += [
             Heading(3, "How the answers ended"),
