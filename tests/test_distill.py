@@ -106,7 +106,11 @@ def test_each_arm_exports_a_plain_student(make_config, student_dir, teacher_dir,
     import argparse
 
     again = build_config(DistillConfig, argparse.Namespace(), str(out / "config.yaml"))
-    assert again == dataclasses.replace(make_config(method).resolved(), resume=False, overwrite=False)
+    # The device's default loss chunk is written out: the run is reproduced on another device too.
+    chunk = summary.config["loss_chunk_size"]
+    assert again == dataclasses.replace(
+        make_config(method).resolved(), resume=False, overwrite=False, loss_chunk_size=chunk
+    )
 
 
 def test_neo_trains_only_lora_branches(make_config, student_dir):

@@ -296,10 +296,10 @@ def setup(config: DistillConfig) -> Run:
     dtype = resolve_dtype(config.dtype, device)
     out = Path(str(config.output_dir))
     # Before anything loads, the run lock refuses a path that cannot be written (a read-only disk is not
-    # found at step 1000), then the directory is checked.
+    # found at step 1000), then the directory is checked (against the options as the run will use them).
+    config = _with_memory_defaults(config, device)
     resume_from = check_output_dir(config, out, world)
     export_dtype = preflight(config)
-    config = _with_memory_defaults(config, device)
 
     tokenizer, examples, samples = _read_data(config, world)
     train_split, heldout = split_heldout(examples, config.eval_fraction, config.seed)
