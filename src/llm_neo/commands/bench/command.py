@@ -45,7 +45,7 @@ from llm_neo.records.bench import (
     WholeRun,
     WholeRunInputs,
 )
-from llm_neo.runtime.memory import GiB
+from llm_neo.runtime.memory import CPU_MMAP_THRESHOLD, GiB
 from llm_neo.runtime.workers import load_average
 
 
@@ -271,6 +271,9 @@ def bench(config: BenchConfig, *, progress: bool = True) -> BenchReport:
         "seed": config.seed,
         "num_threads": config.num_threads or torch.get_num_threads(),
         "malloc_mmap_threshold": config.malloc_mmap_threshold or None,
+        "cpu_mmap_threshold": CPU_MMAP_THRESHOLD
+        if device.type == "cpu" and not config.malloc_mmap_threshold
+        else None,
     }
     add_plan(results, config, settings)
     _add_ratios(results, whole, config.loss_chunk_size)

@@ -17,7 +17,7 @@ from llm_neo.records.bench import (
 )
 from llm_neo.report.document import Block, Bullets, Heading, Paragraph, Table, to_markdown
 from llm_neo.report.tables import format_gib
-from llm_neo.runtime.memory import CPU_MMAP_THRESHOLD, GiB
+from llm_neo.runtime.memory import GiB
 
 
 def _gib(nbytes: int | None) -> str:
@@ -71,8 +71,8 @@ def format_report(report: BenchReport) -> str:
         + (
             f" with MALLOC_MMAP_THRESHOLD_={s.malloc_mmap_threshold}"
             if s.malloc_mmap_threshold and s.device_type == "cpu"
-            else f" with llm-neo's CPU allocator policy ({CPU_MMAP_THRESHOLD // 2**20} MiB mmap threshold)"
-            if s.device_type == "cpu" and s.isolate
+            else f" with llm-neo's CPU allocator policy ({s.cpu_mmap_threshold // 2**20} MiB mmap threshold)"
+            if s.cpu_mmap_threshold and s.isolate
             else ""
         ),
         f"peak memory: {kind}; plan: `llm-neo plan`'s estimate for the same settings",
@@ -92,13 +92,22 @@ def format_report(report: BenchReport) -> str:
         )
     )  # fmt: skip
     rss = s.device_type == "cpu" and report.peak_kind == PeakKind.PROCESS_MAX_RSS
-    if rss and not s.malloc_mmap_threshold:
+    if rss and s.cpu_mmap_threshold:
         blocks.append(
             Paragraph(
                 "On a CPU, each run's process (as llm-neo distill) serves blocks of "
-                f"{CPU_MMAP_THRESHOLD // 2**20} MiB or more with mmap, so the chunked loss's freed "
+                f"{s.cpu_mmap_threshold // 2**20} MiB or more with mmap, so the chunked loss's freed "
                 "chunks go back to the system; smaller freed blocks stay in glibc's heap and count in the "
                 "RSS. `--malloc-mmap-threshold 1048576` measures nearer the live tensors (docs/memory.md)."
+            )
+        )
+    elif rss and not s.malloc_mmap_threshold:  # results from before the allocator policy
+        blocks.append(
+            Paragraph(
+                "On a CPU, glibc keeps freed blocks below its adaptive mmap threshold (up to 32 MiB) "
+                "mapped, so a run whose large tensors are under 32 MiB (e.g. chunks of 256 tokens × "
+                "32,000 fp32 = 31 MiB) shows more RSS than the tensors it holds; "
+                "`--malloc-mmap-threshold 1048576` measures without that effect (docs/memory.md)."
             )
         )
     blocks += _quantization_blocks(report.results, "step peak")
@@ -202,7 +211,9 @@ def _whole_run_blocks(report: BenchReport) -> list[Block]:
         + (
             f"MALLOC_MMAP_THRESHOLD_={mmap}"
             if mmap
-            else f"malloc with llm-neo's CPU policy (mmap threshold {CPU_MMAP_THRESHOLD // 2**20} MiB)"
+            else f"malloc with llm-neo's CPU policy (mmap threshold {s.cpu_mmap_threshold // 2**20} MiB)"
+            if s.cpu_mmap_threshold
+            else "default malloc (adaptive mmap threshold)"
         )
         + (f", {s.num_threads} thread(s)" if s.num_threads else "")
         + "."
