@@ -5,13 +5,17 @@
 # and at 8 x 2048 Neo chunked with an int8 teacher and with an int8 teacher and an nf4 (QLoRA) student
 # base. Each run is its own process, so an out-of-memory error ends that run only and is recorded in its row.
 # On a node of several GPUs, also the teacher cache on one GPU and on all of them (bench --cache-ranks).
+# Where `import trl` works (the `peers` extra), last: TRL's GKDTrainer side by side with llm-neo's whole
+# runs (`--peers trl`) on the SmolLM2-135M -> 20-block shape at 4 x 256 (PEER_SHAPE; an 8B teacher in fp32
+# in TRL's process would not fit). TRL trains that in fp32 (the bench turns its bf16 autocast off for the
+# step-1 loss check), llm-neo in bf16: side by side, not like for like.
 #
 #   bash benchmarks/gpu.sh [OUTPUT_DIR]        # default: $OUT if set, else benchmarks/results
 #
 # Needs one GPU with >= 110 GiB (H100 80 GB: plain full KD at 8 x 2048 will be recorded as OOM) and the
 # project's dependencies installed (the quantized rows: torchao and bitsandbytes, the `quant` extra;
-# without them those rows record the error). About 5-6 minutes on an H200, and at most about
-# BUDGET_S (default 450 s) in all: each bench gets what is left of it, the most important first, and a
+# without them those rows record the error). About 5-6 minutes on an H200 (plus the TRL rows), and at most
+# about BUDGET_S (default 570 s) in all: each bench gets what is left of it, the most important first, and a
 # bench cut short keeps its finished runs in LABEL.runs.jsonl. Writes, per batch shape, LABEL.md /
 # LABEL.json (the report, targets with PASS/FAIL) and LABEL.runs.jsonl (each run as it finishes), plus
 # gpu-bench.log. SHAPE=tiny DEVICE=cpu bash benchmarks/gpu.sh /tmp/x rehearses the script on a CPU (about
@@ -43,7 +47,7 @@ if [ "$DEVICE" = cuda ] && ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cu
 fi
 
 status=0
-BUDGET_S="${BUDGET_S:-450}"
+BUDGET_S="${BUDGET_S:-570}"
 START_S=$SECONDS
 bench() {  # bench LIMIT_S LABEL [flags...]: at most LIMIT_S, and at most what is left of BUDGET_S
   local limit=$1 label=$2
@@ -76,6 +80,14 @@ bench 120 "$SHAPE-8x2048-ckpt-mlp4-$DATE" --batch-size 8 --seq-len 2048 --gradie
 # the other anchor of benchmarks/results/h200-anchors.md.
 bench 150 "$SHAPE-2x2048-$DATE" --batch-size 2 --seq-len 2048 \
   --runs kd:plain neo:plain neo:chunked
+
+# Side by side with TRL (issue 25), when it is installed: the same inputs, batches and order.
+PEER_SHAPE="${PEER_SHAPE:-$([ "$SHAPE" = tiny ] && echo tiny || echo smollm2-135m-20)}"
+if "$PY" -c "import trl" 2>/dev/null; then
+  SHAPE="$PEER_SHAPE" bench 150 "$PEER_SHAPE-peers-$DATE" --runs kd:plain --peers trl
+else
+  echo "== $(date -Is) no TRL rows: \`import trl\` fails (pip install 'llm-neo[peers]')" | tee -a "$LOG"
+fi
 
 # Issue 24's multi-GPU row: cache-teacher of the random teacher (the real shape, nothing downloaded) on one
 # GPU and on every GPU of the node (torchrun, NCCL), the teacher replicated and FSDP2-sharded: teacher

@@ -106,7 +106,11 @@ def test_each_arm_exports_a_plain_student(make_config, student_dir, teacher_dir,
     import argparse
 
     again = build_config(DistillConfig, argparse.Namespace(), str(out / "config.yaml"))
-    assert again == dataclasses.replace(make_config(method).resolved(), resume=False, overwrite=False)
+    # The device's default loss chunk is written out: the run is reproduced on another device too.
+    chunk = summary.config["loss_chunk_size"]
+    assert again == dataclasses.replace(
+        make_config(method).resolved(), resume=False, overwrite=False, loss_chunk_size=chunk
+    )
 
 
 def test_neo_trains_only_lora_branches(make_config, student_dir):
@@ -123,6 +127,19 @@ def test_neo_trains_only_lora_branches(make_config, student_dir):
     adapter = load_file(out / "adapter" / "adapter_model.safetensors")
     assert adapter and all("lora_" in k for k in adapter)
     assert summary.trainable_parameters == sum(t.numel() for t in adapter.values())
+
+
+def test_an_unset_loss_chunk_is_the_devices_default_and_recorded(make_config, student_dir, monkeypatch):
+    # On a CPU the chunk is sized by the bytes of its [C, V] logits; a budget of 64 tokens' logits at
+    # the tiny student's width makes that default differ from the GPU's 1024 (and from any vocabulary).
+    import llm_neo.runtime.memory as memory
+
+    vocab = AutoModelForCausalLM.from_pretrained(student_dir).config.vocab_size
+    monkeypatch.setattr(memory, "CPU_CHUNK_BYTES", 4 * vocab * 64)
+    summary = distill(make_config("neo", device="cpu", max_steps=1))
+    assert summary.config["loss_chunk_size"] == 64  # what the run used, for a resume and a reader
+    given = distill(make_config("neo", name="given", device="cpu", max_steps=1, loss_chunk_size=5))
+    assert given.config["loss_chunk_size"] == 5
 
 
 def test_teacher_is_frozen_and_unchanged(make_config, teacher_dir, monkeypatch):

@@ -60,6 +60,7 @@ from llm_neo.options import (
     option_help,
     yaml_text,
 )
+from llm_neo.runtime.memory import CPU_CHUNK_BYTES, GPU_CHUNK_TOKENS, default_chunk_size
 from llm_neo.runtime.tracking import check_trackers
 
 MLP_CHUNKS_HELP = (
@@ -296,8 +297,14 @@ class _TrainFields(TeacherQuantOptions, TokenizeOptions, LoadOptions):
             group=LOSS,
         ),
     )
-    loss_chunk_size: int = field(
-        default=1024, metadata=option_help("Tokens per chunk of the chunked loss.", group=LOSS)
+    loss_chunk_size: int | None = field(
+        default=None,
+        metadata=option_help(
+            f"Tokens per chunk of the chunked loss. Default: {GPU_CHUNK_TOKENS} on a GPU; on a CPU the "
+            f"tokens whose [tokens × vocab] fp32 logits fit {CPU_CHUNK_BYTES // 2**20} MiB "
+            f"({default_chunk_size('cpu', 32000)} at a vocabulary of 32,000).",
+            group=LOSS,
+        ),
     )
     jsd_beta: float = field(
         default=0.5, metadata=option_help("β of the generalized JSD, in (0, 1).", group=LOSS)
@@ -848,7 +855,12 @@ def validate_distill(config: DistillConfig) -> None:
             ("eval-fraction", c.eval_fraction, 0 <= c.eval_fraction < 1, "in [0, 1)"),
             ("save-every", c.save_every, c.save_every >= 0, ">= 0"),
             ("log-every", c.log_every, c.log_every >= 1, ">= 1"),
-            ("loss-chunk-size", c.loss_chunk_size, c.loss_chunk_size >= 1, ">= 1"),
+            (
+                "loss-chunk-size",
+                c.loss_chunk_size,
+                c.loss_chunk_size is None or c.loss_chunk_size >= 1,
+                ">= 1",
+            ),
             ("mlp-chunks", c.mlp_chunks, c.mlp_chunks >= 1, ">= 1"),
             ("eval-batch-size", c.eval_batch_size, c.eval_batch_size >= 1, ">= 1"),
             ("merge-tolerance", c.merge_tolerance, c.merge_tolerance > 0, "> 0"),

@@ -153,7 +153,14 @@ from llm_neo.runtime.distributed import (
     sync_whole_grads,
 )
 from llm_neo.runtime.lock import releases_locks
-from llm_neo.runtime.memory import GiB, LiveTensorBytes, peak_memory_gb, return_free_heap
+from llm_neo.runtime.memory import (
+    GiB,
+    LiveTensorBytes,
+    cpu_allocator_policy,
+    default_chunk_size,
+    peak_memory_gb,
+    return_free_heap,
+)
 from llm_neo.runtime.progress import ProgressLines
 from llm_neo.runtime.stop import StopRequest, agreed, graceful_stop
 from llm_neo.runtime.tracking import Trackers, open_trackers
@@ -306,7 +313,8 @@ def setup(config: DistillConfig) -> Run:
     dtype = resolve_dtype(config.dtype, device)
     out = Path(str(config.output_dir))
     # Before anything loads, the run lock refuses a path that cannot be written (a read-only disk is not
-    # found at step 1000), then the directory is checked.
+    # found at step 1000), then the directory is checked (against the options as the run will use them).
+    config = _with_memory_defaults(config, device)
     resume_from = check_output_dir(config, out, world)
     export_dtype = preflight(config)
 
@@ -544,6 +552,20 @@ def preflight(config: DistillConfig) -> torch.dtype:
     return published_dtype(student_config)
 
 
+def _with_memory_defaults(config: DistillConfig, device: torch.device) -> DistillConfig:
+    """The device's memory defaults: on a CPU the allocator policy (once per process), and the loss chunk
+    when the user gave none (``runtime.memory.default_chunk_size`` for the student's logit width); the
+    returned config carries the chunk, so summary.json and a resume see the one the run used."""
+    if device.type == "cpu":
+        log.info("allocator: %s", cpu_allocator_policy())
+    if config.loss_chunk_size is not None:
+        return config
+    student = load_config(config.student, role="student", trust_remote_code=config.trust_remote_code)
+    text = student.get_text_config() if hasattr(student, "get_text_config") else student
+    chunk = default_chunk_size(device.type, int(text.vocab_size))
+    return dataclasses.replace(config, loss_chunk_size=chunk)
+
+
 def _read_data(
     config: DistillConfig, world: World
 ) -> tuple[Any, list[Example], dict[str, int], CrossRun | None]:
@@ -737,7 +759,10 @@ def _optimizer(
 def step_settings(
     config: DistillConfig, kd_vocab: int | None, *, device: torch.device, dtype: torch.dtype, world: World
 ) -> StepSettings:
-    """The loss and update of this arm's optimizer steps (kd_ratio is 0 for the CE-only arms)."""
+    """The loss and update of this arm's optimizer steps (kd_ratio is 0 for the CE-only arms); the config's
+    loss chunk is set (``setup`` fills in the device's default)."""
+    if config.loss_chunk_size is None:
+        raise ValueError("step_settings needs a config whose loss_chunk_size is set")
     options = LossOptions(
         kd_ratio=config.kd_ratio if config.uses_kd else 0.0,
         divergence=config.divergence,
@@ -1165,8 +1190,8 @@ def out_of_memory(run: Run, step: int, length: int, err: BaseException) -> OutOf
         advice.append("--mlp-chunks 4 (with --gradient-checkpointing)")
     if c.loss_impl == "plain":
         advice.append("--loss-impl chunked (no [tokens x vocab] logits)")
-    elif c.loss_chunk_size > 128:
-        advice.append(f"--loss-chunk-size {c.loss_chunk_size // 2}")
+    elif run.step.loss.chunk_size > 128:
+        advice.append(f"--loss-chunk-size {run.step.loss.chunk_size // 2}")
     if run.teacher is not None and not c.teacher_cache:
         advice.append("a teacher cache (llm-neo cache-teacher, then --teacher-cache: no teacher in memory)")
     if length > 256:
@@ -1599,7 +1624,7 @@ def _merge_and_export(run: Run) -> tuple[PreTrainedModel, float, dict[str, Any] 
             student.eval()
             student.float()  # merge and verify in fp32: the check must measure the merge, not rounding
             merged, merge_diff = merge_verified(
-                student, verify_batch, run.step.device, chunk_size=config.loss_chunk_size
+                student, verify_batch, run.step.device, chunk_size=run.step.loss.chunk_size
             )
         if merge_diff > config.merge_tolerance:
             raise TrainingError(
@@ -1648,7 +1673,7 @@ def _merge_quantized(run: Run, batch: dict[str, torch.Tensor]) -> tuple[PreTrain
         student,
         batch,
         device,
-        chunk_size=config.loss_chunk_size,
+        chunk_size=run.step.loss.chunk_size,
         merge=functools.partial(merge_quantized, load_base=load_base, dtype=torch.float32),
         forward_mode=train_mode_without_dropout,
     )

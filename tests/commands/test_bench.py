@@ -26,6 +26,7 @@ from llm_neo.commands.bench import (
     whole_run_phases,
     write_token_records,
 )
+from llm_neo.commands.bench.runs import with_default_chunk
 from llm_neo.commands.plan import model_dims, weight_bytes_at
 from llm_neo.commands.shapes import get_shape
 from llm_neo.config import DistillConfig
@@ -157,7 +158,12 @@ def test_cli_flags_derive_from_the_config():
     config = build_config(BenchConfig, args)
     assert config.runs == ["neo:chunked:256", "sft:plain"]
     assert config.isolate is False and config.gradient_checkpointing is True
-    assert BenchConfig().loss_chunk_size == DistillConfig().loss_chunk_size  # what users run
+    # Unset, the chunk is what users run: llm-neo distill's default for the device and the vocabulary.
+    assert BenchConfig().loss_chunk_size == 0 and DistillConfig().loss_chunk_size is None
+    assert with_default_chunk(BenchConfig(shape="cpu-wide"), "cpu").loss_chunk_size == 256
+    assert with_default_chunk(BenchConfig(shape="cpu-wide"), "cuda").loss_chunk_size == 1024
+    given = BenchConfig(shape="cpu-wide", loss_chunk_size=512)
+    assert with_default_chunk(given, "cpu").loss_chunk_size == 512
 
 
 def test_validation_lists_every_problem():

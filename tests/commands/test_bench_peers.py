@@ -11,7 +11,7 @@ import pytest
 from llm_neo.commands.bench import BenchConfig, RunSpec, bench, prepare_whole_runs
 from llm_neo.commands.bench import peers as peers_module
 from llm_neo.commands.bench.peers import LOSS_CHECK_RTOL, run_peers
-from llm_neo.commands.bench.runs import validate
+from llm_neo.commands.bench.runs import validate, with_default_chunk
 from llm_neo.errors import ConfigError
 
 HAS_TRL = importlib.util.find_spec("trl") is not None
@@ -63,7 +63,10 @@ def test_trl_rows_ratios_and_the_step_one_loss_check(tmp_path):
         "neo": {"process_peak_bytes": 2**30, "cpu_user_s": 3.0, "cpu_system_s": 1.0, "step_s": 0.25},
     }
     whole = [{"spec": dataclasses.asdict(s), "status": "ok", **mine[s.method]} for s in specs]
-    config = BenchConfig(shape="tiny", device="cpu", num_threads=1, run_timeout_s=600)
+    # As bench() passes it: the chunk resolved for the device (the tiny vocabulary: 1024, the specs').
+    config = with_default_chunk(
+        BenchConfig(shape="tiny", device="cpu", num_threads=1, run_timeout_s=600), "cpu"
+    )
     rows, check = run_peers(config, specs, inputs, tmp_path, whole)
 
     by_name = {r["name"]: r for r in rows}

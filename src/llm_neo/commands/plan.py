@@ -55,7 +55,7 @@ from llm_neo.choices import KD_METHODS, METHOD_NAMES, METHODS, STUDENT_QUANT, TE
 from llm_neo.commands.cost import GPUS, Gpu, parse_tokens
 from llm_neo.config import DeviceOptions
 from llm_neo.options import Effect, option_help
-from llm_neo.runtime.memory import GiB, rss_bytes
+from llm_neo.runtime.memory import GiB, default_chunk_size, rss_bytes
 
 __all__ = [
     "ArmEstimate",
@@ -574,7 +574,12 @@ class PlanConfig(DeviceOptions):
         default_factory=lambda: ["plain", "chunked"],
         metadata=option_help("Loss implementations: plain, chunked."),
     )
-    loss_chunk_size: int = field(default=1024, metadata=option_help("Tokens per chunk of the chunked loss."))
+    loss_chunk_size: int | None = field(
+        default=None,
+        metadata=option_help(
+            "Tokens per chunk of the chunked loss. Default: llm-neo distill's for the device."
+        ),
+    )
     lora_r: int | None = field(
         default=None, metadata=option_help("LoRA rank. Default: the shape's, else 64.")
     )
@@ -775,7 +780,7 @@ def plan_cache(config: PlanConfig) -> CacheEstimate | None:
         compute_bytes=_compute_bytes(config.dtype, "cuda"),
         utilization=config.utilization,
         tokens=parse_tokens(config.cache_tokens, option="--cache-tokens") if config.cache_tokens else None,
-        chunk_size=config.loss_chunk_size,
+        chunk_size=config.loss_chunk_size or default_chunk_size("cuda", int(t_config.vocab_size)),
         capacity=int(config.device_memory_gb * GiB) if config.device_memory_gb is not None else None,
     )
 
@@ -789,6 +794,7 @@ def plan_rows(config: PlanConfig, *, baseline: int | None = None) -> tuple[list[
     student = model_dims(s_config, lora_r=r, lora_target_modules=config.lora_target_modules)
     teacher = model_dims(t_config) if t_config is not None else None
     base = (rss_bytes() if baseline is None else baseline) if device_type == "cpu" else 0
+    chunk = config.loss_chunk_size or default_chunk_size(device_type, student.vocab_size)
     step_shape = StepShape(
         student,
         teacher,
@@ -799,7 +805,7 @@ def plan_rows(config: PlanConfig, *, baseline: int | None = None) -> tuple[list[
             lora_r=r,
             gradient_checkpointing=config.gradient_checkpointing,
             mlp_chunks=config.mlp_chunks if config.gradient_checkpointing else 1,
-            chunk_size=config.loss_chunk_size,
+            chunk_size=chunk,
             device_type=device_type,
             baseline=base,
             world_size=config.world_size,
@@ -821,7 +827,7 @@ def plan_rows(config: PlanConfig, *, baseline: int | None = None) -> tuple[list[
         "gradient_checkpointing": config.gradient_checkpointing,
         "mlp_chunks": config.mlp_chunks,
         "world_size": config.world_size,
-        "loss_chunk_size": config.loss_chunk_size,
+        "loss_chunk_size": chunk,
         "teacher_parameters": teacher.parameters if teacher else None,
         "student_parameters": student.parameters,
         "lora_parameters": student.lora_parameters,

@@ -256,6 +256,9 @@ class Settings:
     seed: int
     num_threads: int
     malloc_mmap_threshold: int | None
+    # The CPU allocator policy's mmap threshold in the runs' own processes (runtime.memory), since
+    # 2026-12-07; None: glibc's default (earlier results), a --malloc-mmap-threshold, or a GPU.
+    cpu_mmap_threshold: int | None = field(default=None, metadata=OPTIONAL_KEY)
     extra: dict[str, Any] = field(default_factory=dict)
 
 

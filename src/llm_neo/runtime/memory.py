@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import resource
 import sys
 import weakref
@@ -25,7 +26,17 @@ from torch.utils.weak import WeakIdKeyDictionary
 # Bytes per GiB: every memory number llm-neo reports is in GiB (2**30 bytes), fields named *_gb included.
 GiB = 2**30
 
-__all__ = ["GiB", "LiveTensorBytes", "peak_memory_gb", "peak_rss_bytes", "rss_bytes", "set_mmap_threshold"]
+__all__ = [
+    "GiB",
+    "LiveTensorBytes",
+    "cpu_allocator_policy",
+    "default_chunk_size",
+    "peak_memory_gb",
+    "peak_rss_bytes",
+    "return_free_heap",
+    "rss_bytes",
+    "set_mmap_threshold",
+]
 
 
 class LiveTensorBytes(TorchDispatchMode):
@@ -94,6 +105,38 @@ def peak_memory_gb(device: torch.device) -> float:
     return peak_rss_bytes() / GiB
 
 
+# glibc's mallopt parameter (malloc.h) and the environment variable through which glibc itself reads it.
+_M_MMAP_THRESHOLD = -3
+_GLIBC_THRESHOLD_ENV = "MALLOC_MMAP_THRESHOLD_"
+# The CPU allocator policy's threshold: blocks this size or larger are mmapped and unmapped when freed.
+# The chunked loss's [C, V] fp32 tensors (31 MiB at C = 256, V = 32,000) are above it; a block's
+# activations and gradients at the CPU shapes (1-9 MiB) stay below it, in the heap that reuses them
+# step after step without a system call. docs/memory.md has the measurements.
+CPU_MMAP_THRESHOLD = 16 * 2**20
+# The chunked loss's chunk when none is given. On a GPU, 1024 tokens. On a CPU, the most tokens (a
+# multiple of 64, at most 1024) whose [C, V] fp32 tensor fits CPU_CHUNK_BYTES: above the mmap threshold,
+# so each chunk's tensors go back to the system when freed, and a quarter of a 1024-token chunk's
+# memory at V = 32,000 (256 tokens) for a few percent of step time (docs/memory.md).
+GPU_CHUNK_TOKENS = 1024
+CPU_CHUNK_BYTES = 32 * 2**20
+
+
+def default_chunk_size(device_type: str, vocab_size: int) -> int:
+    """Tokens per chunk of the chunked loss when the user sets none, for a device type ("cpu", "cuda",
+    ...) and the KD vocabulary: 1024 off the CPU; on it, 64 to 1024 tokens, [C, V] fp32 within
+    ``CPU_CHUNK_BYTES`` (256 at V = 32,000, 128 at 49,152, 64 at 128,256)."""
+    if device_type != "cpu":
+        return GPU_CHUNK_TOKENS
+    fits = CPU_CHUNK_BYTES // (4 * max(1, vocab_size)) // 64 * 64
+    return max(64, min(GPU_CHUNK_TOKENS, fits))
+
+
+# Set to "default" (or "0", "off"), the run keeps glibc's own allocator policy.
+ALLOCATOR_ENV = "LLM_NEO_MALLOC"
+# What the process's allocator policy has been, once decided: the first decision stands.
+_allocator: dict[str, str] = {}
+
+
 def set_mmap_threshold(nbytes: int) -> None:
     """glibc: serve blocks of ``nbytes`` or more with mmap, so that freeing them returns the memory.
 
@@ -101,15 +144,46 @@ def set_mmap_threshold(nbytes: int) -> None:
     differently sized tensors (the LoRA arms' small adapter products among them) fragments it: its peak
     resident set then exceeds its peak live memory by tens of MB, more than the methods differ by at
     the demo's scale. Every such allocation then costs a system call and fresh page faults, hence slower.
+    A threshold set here is the process's allocator policy: ``cpu_allocator_policy`` keeps it.
     """
-    try:
-        ok = _libc().mallopt(-3, nbytes)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):  # not glibc (macOS, musl): keep the default allocator
-        ok = 0
+    ok = _mallopt(_M_MMAP_THRESHOLD, nbytes)
+    _allocator["policy"] = f"mmap threshold {nbytes} bytes (set by the caller)"
     if not ok:
         logging.getLogger("llm_neo").warning(
             "not a glibc system: the mmap threshold is unchanged, peak RSS is as measured"
         )
+
+
+def cpu_allocator_policy() -> str:
+    """The allocator policy of a run on a CPU, applied once per process; returns it, in words.
+
+    glibc's default mmap threshold adapts upwards (to 32 MiB) each time an mmapped block is freed, so the
+    chunked loss's [C, V] chunks soon land in the heap, where freed blocks stay resident: a whole
+    ``distill`` process then peaks 0.1-0.4 GiB above its live tensors (docs/memory.md). A fixed
+    threshold (``CPU_MMAP_THRESHOLD``) returns them to the system when freed. Kept as is: a threshold
+    the user gave glibc (``MALLOC_MMAP_THRESHOLD_``), one this process already set, a non-glibc libc,
+    and ``LLM_NEO_MALLOC=default``.
+    """
+    if "policy" in _allocator:
+        return _allocator["policy"]
+    if os.environ.get(ALLOCATOR_ENV, "").strip().lower() in ("default", "0", "off", "glibc"):
+        policy = f"the C library's default ({ALLOCATOR_ENV}={os.environ[ALLOCATOR_ENV]})"
+    elif given := os.environ.get(_GLIBC_THRESHOLD_ENV):
+        policy = f"glibc's, as the environment sets it ({_GLIBC_THRESHOLD_ENV}={given})"
+    elif _mallopt(_M_MMAP_THRESHOLD, CPU_MMAP_THRESHOLD):
+        policy = f"mmap threshold {CPU_MMAP_THRESHOLD // 2**20} MiB"
+    else:
+        policy = "the C library's default (not glibc)"
+    _allocator["policy"] = policy
+    return policy
+
+
+def _mallopt(param: int, value: int) -> bool:
+    """glibc's ``mallopt``; False where there is none (macOS, musl) or it refuses."""
+    try:
+        return bool(_libc().mallopt(param, value))
+    except (OSError, AttributeError):  # not glibc: keep the default allocator
+        return False
 
 
 def _libc() -> Any:

@@ -28,6 +28,7 @@ from llm_neo.commands.bench.runs import (
     result_key,
     row_name,
     validate,
+    with_default_chunk,
 )
 from llm_neo.commands.bench.step import device_name, run_here
 from llm_neo.commands.bench.targets import check_targets, quantization_cuts
@@ -47,7 +48,7 @@ from llm_neo.records.bench import (
     WholeRun,
     WholeRunInputs,
 )
-from llm_neo.runtime.memory import GiB
+from llm_neo.runtime.memory import CPU_MMAP_THRESHOLD, GiB
 from llm_neo.runtime.workers import load_average
 
 
@@ -193,11 +194,12 @@ def bench(config: BenchConfig, *, progress: bool = True) -> BenchReport:
     from llm_neo.commands.shapes import get_shape
     from llm_neo.models.loading import resolve_device, resolve_dtype
 
+    device = resolve_device(config.device)
+    config = with_default_chunk(config, device.type)
     runs, whole_runs = validate(config)
     if config.peers:
         require_peers(config.peers)
     shape = get_shape(config.shape)
-    device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     batch = config.batch_size or shape.batch_size
     seq = config.seq_len or shape.seq_len
@@ -319,6 +321,9 @@ def _settings(
         "seed": config.seed,
         "num_threads": config.num_threads or torch.get_num_threads(),
         "malloc_mmap_threshold": config.malloc_mmap_threshold or None,
+        "cpu_mmap_threshold": CPU_MMAP_THRESHOLD
+        if device.type == "cpu" and not config.malloc_mmap_threshold
+        else None,
     }
 
 

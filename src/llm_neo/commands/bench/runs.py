@@ -3,6 +3,7 @@ parsed and validated, and the lookups every part of the bench shares."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -10,6 +11,7 @@ from typing import Any, NamedTuple
 from llm_neo.choices import METHOD_NAMES, METHODS, QUANT_VARIANTS
 from llm_neo.config import MLP_CHUNKS_HELP, DeviceOptions, arm_name, parse_arm
 from llm_neo.options import option_help
+from llm_neo.runtime.memory import GPU_CHUNK_TOKENS
 
 PEER_NAMES = ("trl",)  # --peers: the tools run side by side (commands.bench.peers)
 
@@ -88,8 +90,11 @@ class BenchConfig(DeviceOptions):
     )
     mlp_chunks: int = field(default=1, metadata=option_help(MLP_CHUNKS_HELP))
     loss_chunk_size: int = field(
-        default=1024,
-        metadata=option_help("Tokens per chunk of the chunked loss (llm-neo distill's default)."),
+        default=0,
+        metadata=option_help(
+            "Tokens per chunk of the chunked loss. 0: llm-neo distill's default for the device and the "
+            "shape's vocabulary (1024 on a GPU; 256 for cpu-wide on a CPU)."
+        ),
     )
     lora_r: int | None = field(
         default=None, metadata=option_help("LoRA rank of neo/lora. Default: the shape's.")
@@ -246,6 +251,19 @@ def parse_runs(texts: list[str], default_chunk: int, option: str, problems: list
     return keys
 
 
+def with_default_chunk(config: BenchConfig, device_type: str) -> BenchConfig:
+    """``config`` with ``--loss-chunk-size 0`` replaced by llm-neo distill's default for the device type
+    and the shape's vocabulary (``runtime.memory.default_chunk_size``); an unknown shape is left to
+    ``validate``."""
+    from llm_neo.commands.shapes import SHAPES
+    from llm_neo.runtime.memory import default_chunk_size
+
+    if config.loss_chunk_size != 0 or config.shape not in SHAPES:
+        return config
+    vocab = SHAPES[config.shape].student.vocab_size
+    return dataclasses.replace(config, loss_chunk_size=default_chunk_size(device_type, vocab))
+
+
 def validate(config: BenchConfig) -> tuple[list[RunKey], list[RunKey]]:
     """The step runs and the whole runs (kd:plain added to each list: the baseline of the ratios; no
     whole runs when none are asked for); ConfigError listing every problem."""
@@ -255,13 +273,14 @@ def validate(config: BenchConfig) -> tuple[list[RunKey], list[RunKey]]:
     p: list[str] = []
     if config.shape not in SHAPES:
         p.append(f"--shape: {config.shape!r} is not one of {', '.join(SHAPES)}")
-    runs = parse_runs(config.runs, config.loss_chunk_size, "--runs", p)
-    chunk = config.loss_chunk_size
+    # 0 is left only where the shape is unknown (reported above): any chunk then parses the runs.
+    chunk = config.loss_chunk_size or GPU_CHUNK_TOKENS
+    runs = parse_runs(config.runs, chunk, "--runs", p)
     peer_runs = [f"kd:chunked:{chunk}", f"neo:chunked:{chunk}"] if config.peers else []
     if config.on_policy and f"neo:chunked:{chunk}" not in peer_runs:
         peer_runs.append(f"neo:chunked:{chunk}")
     wanted = [*config.whole_runs, *(r for r in peer_runs if r not in config.whole_runs)]
-    whole = parse_runs(wanted, config.loss_chunk_size, "--whole-runs", p) if wanted else []
+    whole = parse_runs(wanted, chunk, "--whole-runs", p) if wanted else []
     p += [
         f"--peers: {peer!r} is not one of {', '.join(PEER_NAMES)}"
         for peer in config.peers
@@ -273,7 +292,7 @@ def validate(config: BenchConfig) -> tuple[list[RunKey], list[RunKey]]:
         ("batch-size", config.batch_size, config.batch_size is None or config.batch_size >= 1),
         ("seq-len", config.seq_len, config.seq_len is None or config.seq_len >= 2),
         ("lora-r", config.lora_r, config.lora_r is None or config.lora_r >= 1),
-        ("loss-chunk-size", config.loss_chunk_size, config.loss_chunk_size >= 1),
+        ("loss-chunk-size", config.loss_chunk_size, config.loss_chunk_size >= 0),
         ("kd-ratio", config.kd_ratio, 0 <= config.kd_ratio <= 1),
         ("run-timeout-s", config.run_timeout_s, config.run_timeout_s > 0),
         ("mlp-chunks", config.mlp_chunks, config.mlp_chunks >= 1),

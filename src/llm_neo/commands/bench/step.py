@@ -15,7 +15,7 @@ import torch
 
 from llm_neo.choices import METHODS
 from llm_neo.commands.bench.runs import RunSpec
-from llm_neo.runtime.memory import LiveTensorBytes, peak_rss_bytes, rss_bytes
+from llm_neo.runtime.memory import LiveTensorBytes, cpu_allocator_policy, peak_rss_bytes, rss_bytes
 
 # ----------------------------------------------------------------------------------------------------
 # Measuring one run
@@ -62,6 +62,8 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
 
     baseline_rss = rss_bytes()
     device = resolve_device(spec.device)
+    if device.type == "cpu" and spec.memory == "rss":  # a run's own process: as llm-neo distill runs
+        cpu_allocator_policy()
     dtype = resolve_dtype(spec.dtype, device)
     shape = get_shape(spec.shape)
     lora = METHODS[spec.method].lora
