@@ -11,11 +11,11 @@ as the student. Both are GGUF files the package registry serves (tests/models/re
     pair      llm-neo check-pair: both vocabulary sizes, a shared share strictly between 0 and 1, the
               exact (same-tokenizer) path does not apply, aligned coverage over half the responses
     distill   a few Neo steps --cross-tokenizer shared-vocab from Gemma into SmolLM2 (LoRA, merged): the
-              aligned held-out divergence goes down, the merged student reloads with
-              AutoModelForCausalLM with exactly its original parameter count
+              aligned held-out divergence (llm-neo eval --cross-tokenizer, before and after) goes down,
+              the merged student reloads with AutoModelForCausalLM with exactly its original parameter count
 
-Times and throughput are printed
-(pytest -s) and recorded as junit properties; docs/models.md states the measured numbers.
+Times (wall and CPU seconds) and throughput are printed (pytest -s) and recorded as junit properties;
+docs/models.md states the measured numbers.
 """
 
 from __future__ import annotations
@@ -213,7 +213,7 @@ def test_neo_from_gemma3_into_smollm2_across_tokenizers(converted, records, tmp_
                 teacher=str(teacher),
                 data=str(heldout),
                 max_length=MAX_LENGTH,
-                cross_tokenizer="shared-vocab",  # the core's option
+                cross_tokenizer="shared-vocab",
             )
         )
         return float(metrics[ALIGNED_KL])
@@ -228,7 +228,7 @@ def test_neo_from_gemma3_into_smollm2_across_tokenizers(converted, records, tmp_
                 student=str(student),
                 data=str(DATA / "train.jsonl"),
                 method="neo",
-                cross_tokenizer="shared-vocab",  # the core's option
+                cross_tokenizer="shared-vocab",
                 output_dir=str(run),
                 max_steps=steps,
                 batch_size=batch,
