@@ -15,9 +15,11 @@ from transformers import AutoModelForCausalLM
 from llm_neo import cross_tokenizer
 from llm_neo.alignment import CrossPair, aligned_targets, spread_targets
 from llm_neo.cli import main
+from llm_neo.data import load_records, split_heldout, tokenize_records
 from llm_neo.distill import distill
 from llm_neo.errors import ConfigError
 from llm_neo.losses import HeadInput, LossOptions, chunked_distill_loss
+from llm_neo.models.loading import load_tokenizer
 from llm_neo.models.tiny import build_llama, build_tokenizer, save_model
 
 # Another corpus and size: words, digits and spaces merge differently from the student's tokenizer.
@@ -157,6 +159,42 @@ def test_unmapped_teacher_mass_goes_to_the_tail_and_end_markers_map_to_each_othe
     eot = aligned_targets(lambda x: x, logits, pair, torch.tensor([0]), torch.tensor([8]))
     assert eot.ids.tolist() == [[8, 7]]
     torch.testing.assert_close(eot.tail.exp()[0], p[[2, 3, 4]].sum())
+
+
+def test_eval_across_tokenizers_gives_the_runs_heldout_aligned_kl(
+    tmp_path, student_dir, xt_teacher_dir, data, capsys
+):
+    """`llm-neo eval --cross-tokenizer` on a run's merged student and its held-out records measures what
+    the run's summary.json measured (the untrained student's "before" of a real pair is taken this way)."""
+    summary = distill(run(tmp_path, student_dir, xt_teacher_dir, data, "uld", cross_tokenizer="uld"))
+    # The run's held-out records, drawn as distill draws them (every ALPACA record tokenizes: index = row).
+    records = load_records(data)
+    examples, _ = tokenize_records(records, load_tokenizer(str(student_dir), role="student"), max_length=2048)
+    _, heldout = split_heldout(examples, 0.25, seed=0)
+    heldout_file = write_jsonl(tmp_path / "heldout.jsonl", [records[ex.index] for ex in heldout])
+    merged = Path(summary.config["output_dir"]) / "merged"
+    argv = ["eval", "--model", str(merged), "--teacher", str(xt_teacher_dir), "--data", str(heldout_file)]
+    out = tmp_path / "eval.json"
+    # uld trained it; the held-out divergence is on exactly aligned positions for either method.
+    assert main([*argv, "--cross-tokenizer", "uld", "--json", str(out)]) == 0
+    got = json.loads(out.read_text())
+    assert "kl_to_teacher" not in got and "top1_agreement" not in got
+    for key in ("aligned_kl_to_teacher", "aligned_coverage", "aligned_positions", "ce", "tokens"):
+        assert got[key] == pytest.approx(summary.heldout[key], rel=1e-5), key
+    assert got["aligned_positions"] > 0
+    # The untrained student scores differently: eval reads the model it is given.
+    before = tmp_path / "before.json"
+    argv[2] = str(student_dir)
+    assert main([*argv, "--cross-tokenizer", "shared-vocab", "--json", str(before)]) == 0
+    assert json.loads(before.read_text())["aligned_kl_to_teacher"] != got["aligned_kl_to_teacher"]
+    # Refused as distill refuses, exit 2 and the option named: no teacher, a bad k, the same tokenizer.
+    capsys.readouterr()
+    assert main(argv[:3] + argv[5:] + ["--cross-tokenizer", "uld"]) == 2
+    assert main([*argv, "--cross-tokenizer", "uld", "--cross-tokenizer-top-k", "0"]) == 2
+    same = ["eval", "--model", str(student_dir), "--teacher", str(student_dir), "--data", str(heldout_file)]
+    assert main([*same, "--cross-tokenizer", "uld"]) == 2
+    err = capsys.readouterr().err
+    assert "give --teacher" in err and "cross-tokenizer-top-k" in err and "drop --cross-tokenizer" in err
 
 
 def test_check_pair_prints_the_report_and_writes_its_json(

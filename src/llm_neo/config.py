@@ -70,6 +70,29 @@ MLP_CHUNKS_HELP = (
 )
 
 # ------------------------------------------------------------------------------------------------
+# Shared options: one definition for the commands that have them (each in its own place in --help)
+
+
+def cross_tokenizer_option(text: str, *, group: str) -> Any:
+    """The ``--cross-tokenizer METHOD`` field (distill, compare, sweep, eval): its choices and default
+    here, its help text the command's (what the method does there)."""
+    return field(default=None, metadata=option_help(text, choices=CROSS_TOKENIZER_METHODS, group=group))
+
+
+def cross_tokenizer_top_k_option(*, group: str) -> Any:
+    """The ``--cross-tokenizer-top-k`` field: the k of the teacher's top-k + tail at an aligned position,
+    which ``aligned_kl_to_teacher`` is measured on too (so eval takes the run's value)."""
+    return field(
+        default=64,
+        metadata=option_help(
+            "Teacher tokens kept at each aligned position with --cross-tokenizer; the rest of its mass "
+            "is one tail bucket (a teacher cache's format).",
+            group=group,
+        ),
+    )
+
+
+# ------------------------------------------------------------------------------------------------
 # Shared option groups
 
 
@@ -313,26 +336,15 @@ class _TrainFields(TeacherQuantOptions, TokenizeOptions, LoadOptions):
         default=0.1, metadata=option_help("α of the skew KL divergences, in [0, 1).", group=LOSS)
     )
     # --- cross-tokenizer (docs/cross-tokenizer.md) ------------------------------------------------
-    cross_tokenizer: str | None = field(
-        default=None,
-        metadata=option_help(
-            "Distill a teacher whose tokenizer differs from the student's (kd, neo): positions are aligned "
-            "by the response characters both read; shared-vocab trains the divergence on the teacher's "
-            "tokens of the same text where both predict the same span, uld the sorted-probability L1 "
-            "(Boizard et al. 2024) wherever a token boundary is shared. `llm-neo check-pair` reports a "
-            "pair first.",
-            choices=CROSS_TOKENIZER_METHODS,
-            group=LOSS,
-        ),
+    cross_tokenizer: str | None = cross_tokenizer_option(
+        "Distill a teacher whose tokenizer differs from the student's (kd, neo): positions are aligned "
+        "by the response characters both read; shared-vocab trains the divergence on the teacher's "
+        "tokens of the same text where both predict the same span, uld the sorted-probability L1 "
+        "(Boizard et al. 2024) wherever a token boundary is shared. `llm-neo check-pair` reports a "
+        "pair first.",
+        group=LOSS,
     )
-    cross_tokenizer_top_k: int = field(
-        default=64,
-        metadata=option_help(
-            "Teacher tokens kept at each aligned position with --cross-tokenizer; the rest of its mass "
-            "is one tail bucket (a teacher cache's format).",
-            group=LOSS,
-        ),
-    )
+    cross_tokenizer_top_k: int = cross_tokenizer_top_k_option(group=LOSS)
     # --- on-policy (docs/on-policy.md) ---------------------------------------------------------------
     on_policy: float = field(
         default=0.0,
@@ -502,6 +514,13 @@ class EvalConfig(TokenizeOptions, LoadOptions):
         default=None,
         metadata=option_help("Teacher for kl_to_teacher and top1_agreement (optional).", group=MODELS),
     )
+    cross_tokenizer: str | None = cross_tokenizer_option(
+        "A teacher whose tokenizer differs from the model's: score aligned_kl_to_teacher (the divergence "
+        "on exactly aligned response positions, as a --cross-tokenizer run's summary.json does; the same "
+        "for either method) instead of kl_to_teacher and top1_agreement. Give the run's method.",
+        group=MODELS,
+    )
+    cross_tokenizer_top_k: int = cross_tokenizer_top_k_option(group=MODELS)
     batch_size: int = field(default=8, metadata=option_help("Evaluation batch size.", group=RUN))
     json: str | None = field(
         default=None, metadata=option_help("Also write the metrics to this JSON file.", group=RUN)
@@ -935,9 +954,7 @@ def check_cross_tokenizer(p: list[str], c: DistillConfig) -> None:
         p.append(
             f"{flag} distills a teacher: it applies to --method {' or '.join(KD_METHODS)}, not {c.method}"
         )
-    check_ranges(
-        p, [("cross-tokenizer-top-k", c.cross_tokenizer_top_k, c.cross_tokenizer_top_k >= 1, ">= 1")]
-    )
+    check_cross_top_k(p, c.cross_tokenizer_top_k)
     if not c.teacher:
         p.append(
             f"{flag} aligns a live teacher's tokens: give --teacher (a teacher cache is not supported yet)"
@@ -948,6 +965,10 @@ def check_cross_tokenizer(p: list[str], c: DistillConfig) -> None:
         p.append(f"{flag} runs on --loss-impl chunked only (got {c.loss_impl}); drop --loss-impl")
     if c.on_policy:
         p.append(f"{flag}: --on-policy is not supported across tokenizers yet; drop one of the two")
+
+
+def check_cross_top_k(p: list[str], top_k: int) -> None:
+    check_ranges(p, [("cross-tokenizer-top-k", top_k, top_k >= 1, ">= 1")])
 
 
 def check_on_policy(p: list[str], c: DistillConfig) -> None:
@@ -1049,6 +1070,13 @@ def validate_eval(config: EvalConfig) -> None:
     check_data_path(p, config.data)
     _check_tokenize(p, config)
     check_ranges(p, [("batch-size", config.batch_size, config.batch_size >= 1, ">= 1")])
+    if config.cross_tokenizer is not None:
+        check_cross_top_k(p, config.cross_tokenizer_top_k)
+        if not config.teacher:
+            p.append(
+                f"--cross-tokenizer {config.cross_tokenizer} scores the model against a teacher of another "
+                "tokenizer: give --teacher, or drop --cross-tokenizer"
+            )
     if p:
         raise ConfigError(p)
 

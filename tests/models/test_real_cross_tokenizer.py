@@ -11,17 +11,15 @@ as the student. Both are GGUF files the package registry serves (tests/models/re
     pair      llm-neo check-pair: both vocabulary sizes, a shared share strictly between 0 and 1, the
               exact (same-tokenizer) path does not apply, aligned coverage over half the responses
     distill   a few Neo steps --cross-tokenizer shared-vocab from Gemma into SmolLM2 (LoRA, merged): the
-              aligned held-out divergence goes down, the merged student reloads with
-              AutoModelForCausalLM with exactly its original parameter count
+              aligned held-out divergence (llm-neo eval --cross-tokenizer, before and after) goes down,
+              the merged student reloads with AutoModelForCausalLM with exactly its original parameter count
 
-The pair and distill tests need the cross-tokenizer core (``--cross-tokenizer``, ``check-pair``); until a
-branch has it they are reported as expected failures without running. Times and throughput are printed
-(pytest -s) and recorded as junit properties; docs/models.md states the measured numbers.
+Times (wall and CPU seconds) and throughput are printed (pytest -s) and recorded as junit properties;
+docs/models.md states the measured numbers.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from collections.abc import Iterator
@@ -51,22 +49,7 @@ CPU = torch.device("cpu")
 MAX_NEW_TOKENS = 24  # what the committed completions were written with
 MAX_LENGTH = 64  # prompt (~15 tokens) + completion (<= 24) + bos/eos on either side, with room
 
-# The cross-tokenizer core lands in another branch; these name its interface in one place.
-CORE = "cross_tokenizer" in {f.name for f in dataclasses.fields(DistillConfig)}
-needs_core = pytest.mark.xfail(
-    not CORE,
-    reason="the cross-tokenizer core (--cross-tokenizer, llm-neo check-pair) is not in this branch yet",
-    run=False,
-    strict=True,
-)
-# check-pair --output's JSON: the fields asserted below.
-PAIR_FIELDS = {
-    "teacher_vocab": "teacher_vocab_size",
-    "student_vocab": "student_vocab_size",
-    "shared": "shared_vocab_share",  # share of the student's vocabulary whose strings the teacher has
-    "exact": "exact_path_applies",
-    "coverage": "aligned_coverage",  # share of response characters at aligned positions, over --data
-}
+ROLES = ("teacher", "student")
 ALIGNED_KL = "aligned_kl_to_teacher"  # the aligned held-out divergence, in eval's metrics and the summary
 
 NUMBERS: dict[str, Any] = {}  # printed and recorded by each test: one table for docs/models.md
@@ -203,23 +186,22 @@ def _differing_tensors(gguf_file: Path, safetensors_file: Path, *, blocks: int) 
     return differing + sorted(f"{name} (unused)" for name in set(tensors) - used)
 
 
-@needs_core
 def test_check_pair_reports_the_gemma3_smollm2_pair(converted, tmp_path, record_property):
     out = tmp_path / "pair.json"
     argv = ["check-pair", "--teacher", str(converted["gemma"]), "--student", str(converted["smollm2"])]
     with timed("check_pair"):
         assert main([*argv, "--data", str(DATA / "train.jsonl"), "--output", str(out)]) == 0
-    pair = json.loads(out.read_text())
-    got = {name: pair[key] for name, key in PAIR_FIELDS.items()}
-    NUMBERS.update({f"pair_{name}": value for name, value in got.items()})
-    assert got["teacher_vocab"] == 262_144 and got["student_vocab"] == 49_152
-    assert 0.0 < got["shared"] < 1.0
-    assert got["exact"] is False
-    assert got["coverage"] > 0.5
+    pair = json.loads(out.read_text())  # records.pair.PairReport
+    keys = ("shared_share", "coverage_exact", "coverage_boundary")
+    NUMBERS.update({f"pair_{key}": pair[key] for key in keys})
+    NUMBERS.update({f"pair_{role}_tokens_per_char": pair[role]["tokens_per_char"] for role in ROLES})
+    assert pair["teacher"]["vocab_size"] == 262_144 and pair["student"]["vocab_size"] == 49_152
+    assert 0.0 < pair["shared_share"] < 1.0
+    assert pair["exact_path"] is False
+    assert pair["examples"] == 60 and 0.5 < pair["coverage_exact"] <= pair["coverage_boundary"] <= 1.0
     _report(record_property, "check-pair Gemma-3-270M -> SmolLM2-135M")
 
 
-@needs_core
 def test_neo_from_gemma3_into_smollm2_across_tokenizers(converted, records, tmp_path, record_property):
     teacher, student, run = converted["gemma"], converted["smollm2"], tmp_path / "neo"
     heldout = DATA / "heldout.jsonl"
@@ -231,7 +213,7 @@ def test_neo_from_gemma3_into_smollm2_across_tokenizers(converted, records, tmp_
                 teacher=str(teacher),
                 data=str(heldout),
                 max_length=MAX_LENGTH,
-                cross_tokenizer="shared-vocab",  # the core's option
+                cross_tokenizer="shared-vocab",
             )
         )
         return float(metrics[ALIGNED_KL])
@@ -246,7 +228,7 @@ def test_neo_from_gemma3_into_smollm2_across_tokenizers(converted, records, tmp_
                 student=str(student),
                 data=str(DATA / "train.jsonl"),
                 method="neo",
-                cross_tokenizer="shared-vocab",  # the core's option
+                cross_tokenizer="shared-vocab",
                 output_dir=str(run),
                 max_steps=steps,
                 batch_size=batch,

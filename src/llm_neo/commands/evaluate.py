@@ -1,11 +1,16 @@
-"""`llm-neo eval`: held-out CE, perplexity, KL to the teacher and top-1 agreement of a model."""
+"""`llm-neo eval`: held-out CE, perplexity, KL to the teacher and top-1 agreement of a model (across
+tokenizers, --cross-tokenizer: the divergence on aligned positions instead)."""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from llm_neo.config import EvalConfig, validate_eval
+from llm_neo.cross_tokenizer import align_data, aligned_heldout, refuse_same_tokenizer
 from llm_neo.data import read_examples
 from llm_neo.eval.metrics import heldout_metrics
 from llm_neo.models.loading import (
@@ -13,6 +18,7 @@ from llm_neo.models.loading import (
     kd_vocab_size,
     load_config,
     load_frozen,
+    load_tokenizer,
     load_tokenizers,
     resolve_device,
     resolve_dtype,
@@ -41,7 +47,8 @@ def run_evaluation(config: EvalConfig) -> int:
 
 
 def run_eval(config: EvalConfig) -> dict[str, float]:
-    """`llm-neo eval`: load model (and teacher), read the data as `distill` does, compute the metrics."""
+    """`llm-neo eval`: load model (and teacher), read the data as `distill` does, compute the metrics;
+    with --cross-tokenizer, the model's own CE and the divergence on aligned positions."""
     validate_eval(config)
     trust = config.trust_remote_code
     for role, path in (("model", config.model), ("teacher", config.teacher)):
@@ -49,6 +56,8 @@ def run_eval(config: EvalConfig) -> dict[str, float]:
             check_supported(load_config(path, trust_remote_code=trust), role=role, trust_remote_code=trust)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
+    if config.cross_tokenizer:
+        return _cross_eval(config, device, dtype)
     tokenizer, teacher_tokenizer = load_tokenizers(
         config.model, config.teacher, role="model", trust_remote_code=trust
     )
@@ -67,3 +76,38 @@ def run_eval(config: EvalConfig) -> dict[str, float]:
         teacher=teacher,
         kd_vocab_size=kd_vocab_size(tokenizer, model, teacher) if teacher else None,
     )
+
+
+def _cross_eval(config: EvalConfig, device: torch.device, dtype: torch.dtype) -> dict[str, float]:
+    """A teacher of another tokenizer: the model's CE and perplexity on its own tokens, and
+    ``aligned_kl_to_teacher`` / ``aligned_coverage`` / ``aligned_positions`` computed as a cross-tokenizer
+    run's summary.json computes them (cross_tokenizer.aligned_heldout), so the two compare."""
+    assert config.teacher and config.cross_tokenizer
+    trust = config.trust_remote_code
+    tokenizer = load_tokenizer(config.model, role="model", trust_remote_code=trust)
+    teacher_tokenizer = load_tokenizer(config.teacher, role="teacher", trust_remote_code=trust)
+    refuse_same_tokenizer(tokenizer, teacher_tokenizer, config.cross_tokenizer)
+    records, examples, _ = read_examples(config.data, tokenizer, config)
+    cross = align_data(
+        records,
+        examples,
+        tokenizer,
+        teacher_tokenizer,
+        method=config.cross_tokenizer,
+        top_k=config.cross_tokenizer_top_k,
+        max_length=config.max_length,
+        names=(config.model, config.teacher),
+        source=config.data,
+        train_on_prompt=config.train_on_prompt,
+    )
+    model = load_frozen(config, config.model, role="model", dtype=dtype, device=device)
+    teacher = load_frozen(config, config.teacher, role="teacher", dtype=dtype, device=device)
+    common: dict[str, Any] = {
+        "pad_token_id": tokenizer.pad_token_id,
+        "batch_size": config.batch_size,
+        "device": device,
+        "dtype": dtype,
+    }
+    metrics = heldout_metrics(model, examples, None, **common)
+    # distill's default --loss-chunk-size: the chunking changes memory, not the value.
+    return metrics | aligned_heldout(model, teacher, examples, cross, chunk_size=1024, **common)
