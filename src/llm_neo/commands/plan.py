@@ -95,9 +95,10 @@ CHUNK_CE = 4
 # the student's chunk goes through autograd against the teacher's top-k (CE, log-softmax and their
 # gradients: 16 bytes per [chunk, V_s] element, + 8 for the KD rows' copy, all rows aligned at most);
 # the teacher's top-k chunk, in inference mode before it, holds a fp32 [chunk, V_t] log-softmax edited in
-# place and logsumexp's two temporaries (the mask and its masked copy, 5 bytes, come after those died).
+# place and then either logsumexp's temporary (uld: 8) or a bool mask and one masked fp32 copy
+# (shared-vocab: 9); the lm_head's compute-dtype logits and their copy (c + 4) die before those.
 XT_STUDENT_CHUNK = 24
-XT_TEACHER_CHUNK = 12
+XT_TEACHER_CHUNK = {"shared-vocab": 9, "uld": 8}
 XT_TARGET_BYTES = 12  # per [N, k] target: an int64 id and a fp32 log-probability
 # Activations per token per layer (bytes), as a_H·H + a_kv·H_kv + a_I·I + a_r·r·(adapted linears) + heads.
 ACT_KV_PER_C = 2  # k and v projections (saved for the rotary/attention backward)
@@ -366,7 +367,7 @@ def cross_logit_bytes(student: ModelDims, teacher: ModelDims, run: RunShape) -> 
     teacher_side = (
         c * run.batch_size * teacher_seq_len(run) * teacher.hidden_size
         + c * trained * teacher.hidden_size
-        + XT_TEACHER_CHUNK * chunk * teacher.vocab_size
+        + XT_TEACHER_CHUNK[run.cross_tokenizer or "shared-vocab"] * chunk * teacher.vocab_size
     )
     student_side = XT_TARGET_BYTES * trained * run.cross_top_k + XT_STUDENT_CHUNK * chunk * student.vocab_size
     return 2 * c * trained * student.hidden_size + max(teacher_side, student_side)
@@ -772,7 +773,13 @@ def _validate(config: PlanConfig) -> None:
     for i in config.loss_impls:
         if i not in IMPLS:
             p.append(f"--loss-impls: {i!r} is not one of {', '.join(IMPLS)}")
-    if config.shape is None and any(m in KD_METHODS for m in config.methods) and not config.teacher:
+    kd_arms = any(m in KD_METHODS for m in config.methods)
+    if config.shape in SHAPES and SHAPES[config.shape].cross and kd_arms and config.cross_tokenizer is None:
+        p.append(
+            f"--shape {config.shape}: its teacher and student tokenizers differ; the kd/neo arms need "
+            f"--cross-tokenizer ({', '.join(CROSS_TOKENIZER_METHODS)}), or --methods sft lora"
+        )
+    if config.shape is None and kd_arms and not config.teacher:
         p.append("--teacher is required to estimate kd/neo (or use --methods sft lora)")
     for name, value in (
         ("batch-size", config.batch_size),
