@@ -13,6 +13,8 @@ the benchmark uses by default.
                        (tied, as a Llama)        (tied)                   / 49,152
     cpu-wide           hidden 256, 4 layers      hidden 128, 2 layers     32,000   8 × 256        16
     tiny               hidden 64, 2 layers       hidden 32, 2 layers      512      2 × 32         4
+    tiny-cross         hidden 64, 2 layers       hidden 32, 2 layers      1,024    2 × 32         4
+                                                                          / 512
 
 ``cpu-wide`` is small enough for a CPU but has a real vocabulary, so, as in the real pairs, the
 [tokens × vocab] logits dominate the memory of a plain implementation. ``smollm2-135m-20`` is a real
@@ -247,6 +249,16 @@ SHAPES: dict[str, Shape] = {
         seq_len=256,
         lora_r=16,
         description="CPU-sized models with a real vocabulary (32,000): the logits dominate",
+    ),
+    "tiny-cross": Shape(
+        name="tiny-cross",
+        teacher=_small(1024, 64, 2, 4),
+        student=_small(512, 32, 2, 2),
+        batch_size=2,
+        seq_len=32,
+        lora_r=4,
+        description="test-sized models of two tokenizers (vocab 1,024 / 512)",
+        cross=True,
     ),
     "tiny": Shape(
         name="tiny",

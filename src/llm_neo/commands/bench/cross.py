@@ -44,7 +44,8 @@ def cross_batch_of(spec: RunSpec, student_vocab: int, teacher_vocab: int) -> Cro
 
     assert spec.cross_tokenizer is not None
     student = build_word_tokenizer(student_vocab)
-    teacher = build_split_word_tokenizer(teacher_vocab)
+    # the teacher keeps whole the words one digit shorter than the student's longest
+    teacher = build_split_word_tokenizer(teacher_vocab, whole_digits=len(str(student_vocab - 1)) - 1)
     rng = random.Random(spec.seed)
     first = len(WORD_SPECIAL_TOKENS)
     records = [
