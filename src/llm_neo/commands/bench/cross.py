@@ -11,6 +11,7 @@ tokens per student token.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,15 @@ class CrossBatch:
     pair: Any  # alignment.CrossPair
     teacher_seq_len: int  # the teacher's longest sequence (its padded width)
     kd_positions: int  # the aligned rows the KD term is taken on (of B·(T − 1))
+
+
+def distill_top_k() -> int:
+    """``distill --cross-tokenizer-top-k``'s default: the teacher tokens a run keeps per aligned position."""
+    from llm_neo.config import DistillConfig
+
+    default = next(f.default for f in dataclasses.fields(DistillConfig) if f.name == "cross_tokenizer_top_k")
+    assert isinstance(default, int)
+    return default
 
 
 def cross_batch_of(spec: RunSpec, student_vocab: int, teacher_vocab: int) -> CrossBatch:
@@ -56,7 +66,7 @@ def cross_batch_of(spec: RunSpec, student_vocab: int, teacher_vocab: int) -> Cro
     examples, dropped = tokenize_records(records, student, max_length=room, source="bench")
     assert not dropped and all(len(ex.input_ids) == spec.seq_len for ex in examples)
     aligned = align_examples(records, examples, student, teacher, max_length=room, source="bench")
-    pair = cross_pair(spec.cross_tokenizer, student, teacher, top_k=64)
+    pair = cross_pair(spec.cross_tokenizer, student, teacher, top_k=distill_top_k())
     batch = collate(examples, student.pad_token_id) | collate_aligned(examples, aligned, pair)
     return CrossBatch(
         batch=batch,
