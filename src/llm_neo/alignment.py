@@ -430,6 +430,7 @@ def aligned_targets(
             values, ids = log_p.masked_fill(blocked, float("-inf")).topk(k, dim=-1)
             del blocked
         tails.append(torch.logsumexp(log_p.scatter_(-1, ids, float("-inf")), dim=-1))  # [C]
+        del log_p  # else it lives on beside the next chunk's logits and their copy
         if pair.method == "shared-vocab":
             mapped = to_student[ids]
             is_eot = (ids == eot_t[:, None]) & (eot_t[:, None] >= 0)

@@ -20,6 +20,8 @@ the real Llama shapes (see ``docs/memory.md``, which derives each one):
                        input, plus one block recomputed in the backward
     logits             plain: [B, T, V] logits of both models, fp32 log-softmaxes  k · B·T·V
                        and their gradients; chunked: the same per chunk of tokens   k · min(C, N)·V + …
+                       (--cross-tokenizer: the teacher's top-k chunk or the         (cross_logit_bytes)
+                       student's, the larger; the teacher at its own length)
     process baseline   CPU only: Python, torch, transformers (measured here)       RSS after imports
 
 c is the compute dtype's size (2 for bf16 autocast on GPUs, 4 for fp32 on CPUs). q, the bytes per quantized
@@ -51,7 +53,14 @@ from typing import Any
 
 import torch
 
-from llm_neo.choices import KD_METHODS, METHOD_NAMES, METHODS, STUDENT_QUANT, TEACHER_QUANT
+from llm_neo.choices import (
+    CROSS_TOKENIZER_METHODS,
+    KD_METHODS,
+    METHOD_NAMES,
+    METHODS,
+    STUDENT_QUANT,
+    TEACHER_QUANT,
+)
 from llm_neo.commands.cost import GPUS, Gpu, parse_tokens
 from llm_neo.config import DeviceOptions
 from llm_neo.options import Effect, option_help
@@ -82,6 +91,15 @@ PLAIN_CE = 12  # CE only (sft, lora): fp32 copy, log-softmax and its gradient
 # (student logits turned gradient, teacher log-ratio, teacher probabilities); CE alone holds one.
 CHUNK_KD = 12
 CHUNK_CE = 4
+# Across tokenizers (--cross-tokenizer, docs/cross-tokenizer.md), measured by live bytes like the rest:
+# the student's chunk goes through autograd against the teacher's top-k (CE, log-softmax and their
+# gradients: 16 bytes per [chunk, V_s] element, + 8 for the KD rows' copy, all rows aligned at most);
+# the teacher's top-k chunk, in inference mode before it, holds a fp32 [chunk, V_t] log-softmax edited in
+# place and then either logsumexp's temporary (uld: 8) or a bool mask and one masked fp32 copy
+# (shared-vocab: 9); the lm_head's compute-dtype logits and their copy (c + 4) die before those.
+XT_STUDENT_CHUNK = 24
+XT_TEACHER_CHUNK = {"shared-vocab": 9, "uld": 8}
+XT_TARGET_BYTES = 12  # per [N, k] target: an int64 id and a fp32 log-probability
 # Activations per token per layer (bytes), as a_H·H + a_kv·H_kv + a_I·I + a_r·r·(adapted linears) + heads.
 ACT_KV_PER_C = 2  # k and v projections (saved for the rotary/attention backward)
 ACT_I_PER_C = 4  # gate, act(gate), up, act·up of the SwiGLU MLP
@@ -241,6 +259,9 @@ class RunShape:
     teacher_quant: str = "none"
     student_quant: str = "none"
     on_policy: bool = False  # the student also generates (distill --on-policy): its KV cache's phase
+    cross_tokenizer: str | None = None  # distill --cross-tokenizer: the teacher reads its own tokens
+    teacher_length_ratio: float = 1.0  # teacher tokens per student token on the same text
+    cross_top_k: int = 64  # teacher tokens kept per aligned position
 
 
 @dataclass(frozen=True)
@@ -314,6 +335,8 @@ def _logit_bytes(shape: StepShape, impl: str, *, lora: bool, kd: bool) -> int:
     if impl == "plain":
         k = (PLAIN_KD_BASE + PLAIN_KD_PER_C * c) if kd else PLAIN_CE
         return k * tokens * vocab
+    if kd and teacher is not None and run.cross_tokenizer is not None:
+        return cross_logit_bytes(student, teacher, run) + (0 if lora else 4 * vocab * h)
     k = CHUNK_KD if kd else CHUNK_CE
     logits = k * min(run.chunk_size, trained) * vocab
     # final hidden states, their [N, H] selection and its gradient; the teacher's in the compute dtype
@@ -321,6 +344,33 @@ def _logit_bytes(shape: StepShape, impl: str, *, lora: bool, kd: bool) -> int:
     if not lora:
         logits += 4 * vocab * h  # the lm_head gradient, accumulated over chunks in fp32
     return logits
+
+
+def teacher_seq_len(run: RunShape) -> int:
+    """The teacher's tokens per sequence: the student's T across tokenizers scaled by the length ratio."""
+    if run.cross_tokenizer is None:
+        return run.seq_len
+    return max(math.ceil(run.teacher_length_ratio * run.seq_len), 2)
+
+
+def cross_logit_bytes(student: ModelDims, teacher: ModelDims, run: RunShape) -> int:
+    """The chunked loss's bytes across tokenizers (``llm_neo.cross_tokenizer.cross_targets``, then the
+    chunked loss against its targets): never [tokens × V] for either model.
+
+    Alive throughout: the student's [N, H_s] final hidden states and their gradient (2c·N·H_s). Then the
+    larger of two moments. The teacher's: its [B, T_t, H_t] final hidden states, their [M, H_t] aligned
+    rows (M ≤ N), one [C, V_t] top-k chunk. The student's: the [N, k] targets and one [C, V_s] autograd
+    chunk. N = B·(T − 1), T_t = ``teacher_seq_len``, C = min(chunk, N)."""
+    c = run.compute_bytes
+    trained = run.batch_size * max(run.seq_len - 1, 1)
+    chunk = min(run.chunk_size, trained)
+    teacher_side = (
+        c * run.batch_size * teacher_seq_len(run) * teacher.hidden_size
+        + c * trained * teacher.hidden_size
+        + XT_TEACHER_CHUNK[run.cross_tokenizer or "shared-vocab"] * chunk * teacher.vocab_size
+    )
+    student_side = XT_TARGET_BYTES * trained * run.cross_top_k + XT_STUDENT_CHUNK * chunk * student.vocab_size
+    return 2 * c * trained * student.hidden_size + max(teacher_side, student_side)
 
 
 def estimate_arm(method: str, impl: str, shape: StepShape) -> ArmEstimate:
@@ -338,6 +388,8 @@ def estimate_arm(method: str, impl: str, shape: StepShape) -> ArmEstimate:
     student, run = shape.student, shape.run
     c = run.compute_bytes
     lora, kd = METHODS[method].lora, METHODS[method].kd
+    if kd and run.cross_tokenizer is not None and impl != "chunked":
+        raise ValueError(f"{method}:{impl}: the cross-tokenizer step has the chunked loss only")
     tokens = run.batch_size * run.seq_len
     h = student.hidden_size
     wt = _weight_bytes(shape, lora=lora, kd=kd)
@@ -628,6 +680,26 @@ class PlanConfig(DeviceOptions):
             "(a phase of its own: the sampling comes before the step's forwards)."
         ),
     )
+    cross_tokenizer: str | None = field(
+        default=None,
+        metadata=option_help(
+            "The kd/neo arms distill across tokenizers (distill --cross-tokenizer): the teacher reads its "
+            "own tokens (--teacher-length-ratio) and its top-k is taken chunk by chunk over its "
+            "vocabulary. The chunked loss only: their plain rows are not estimated.",
+            choices=CROSS_TOKENIZER_METHODS,
+        ),
+    )
+    teacher_length_ratio: float = field(
+        default=1.0,
+        metadata=option_help(
+            "With --cross-tokenizer: teacher tokens per student token on the same text, check-pair's "
+            "teacher tokens/char over the student's (Gemma-3 -> SmolLM2: 0.448 / 0.495 = 0.91)."
+        ),
+    )
+    cross_tokenizer_top_k: int = field(
+        default=64,
+        metadata=option_help("With --cross-tokenizer: teacher tokens kept per aligned position."),
+    )
     gpu: str | None = field(
         default=None,
         metadata=option_help(
@@ -706,7 +778,13 @@ def _validate(config: PlanConfig) -> None:
     for i in config.loss_impls:
         if i not in IMPLS:
             p.append(f"--loss-impls: {i!r} is not one of {', '.join(IMPLS)}")
-    if config.shape is None and any(m in KD_METHODS for m in config.methods) and not config.teacher:
+    kd_arms = any(m in KD_METHODS for m in config.methods)
+    if config.shape in SHAPES and SHAPES[config.shape].cross and kd_arms and config.cross_tokenizer is None:
+        p.append(
+            f"--shape {config.shape}: its teacher and student tokenizers differ; the kd/neo arms need "
+            f"--cross-tokenizer ({', '.join(CROSS_TOKENIZER_METHODS)}), or --methods sft lora"
+        )
+    if config.shape is None and kd_arms and not config.teacher:
         p.append("--teacher is required to estimate kd/neo (or use --methods sft lora)")
     for name, value in (
         ("batch-size", config.batch_size),
@@ -715,6 +793,7 @@ def _validate(config: PlanConfig) -> None:
         ("loss-chunk-size", config.loss_chunk_size),
         ("world-size", config.world_size),
         ("mlp-chunks", config.mlp_chunks),
+        ("cross-tokenizer-top-k", config.cross_tokenizer_top_k),
     ):
         if value is not None and value < 1:
             p.append(f"--{name}: {value} is out of range; it must be >= 1")
@@ -723,6 +802,18 @@ def _validate(config: PlanConfig) -> None:
     for who, kind in (("teacher", config.teacher_quant), ("student", config.student_quant)):
         if kind not in QUANT_KINDS:
             p.append(f"--{who}-quant: {kind!r} is not one of {', '.join(QUANT_KINDS)}")
+    if config.cross_tokenizer is not None and config.cross_tokenizer not in CROSS_TOKENIZER_METHODS:
+        p.append(
+            f"--cross-tokenizer: {config.cross_tokenizer!r} is not one of "
+            + ", ".join(CROSS_TOKENIZER_METHODS)
+        )
+    if config.cross_tokenizer is not None and "chunked" not in config.loss_impls:
+        p.append(
+            "--cross-tokenizer: the cross-tokenizer step has the chunked loss only; "
+            "add chunked to --loss-impls"
+        )
+    if not config.teacher_length_ratio > 0:
+        p.append(f"--teacher-length-ratio: {config.teacher_length_ratio} must be > 0 (e.g. 0.91)")
     if config.device_memory_gb is not None and config.device_memory_gb <= 0:
         p.append(f"--device-memory-gb: {config.device_memory_gb} must be > 0")
     if config.gpu is not None and config.gpu not in GPUS:
@@ -812,9 +903,18 @@ def plan_rows(config: PlanConfig, *, baseline: int | None = None) -> tuple[list[
             teacher_quant=config.teacher_quant,
             student_quant=config.student_quant,
             on_policy=config.on_policy,
+            cross_tokenizer=config.cross_tokenizer,
+            teacher_length_ratio=config.teacher_length_ratio,
+            cross_top_k=config.cross_tokenizer_top_k,
         ),
     )
-    rows = [estimate_arm(method, impl, step_shape) for method in config.methods for impl in config.loss_impls]
+    rows = [
+        estimate_arm(method, impl, step_shape)
+        for method in config.methods
+        for impl in config.loss_impls
+        # across tokenizers the kd/neo arms have the chunked loss only (distill refuses the others)
+        if impl == "chunked" or config.cross_tokenizer is None or method not in KD_METHODS
+    ]
     settings = {
         "shape": config.shape,
         "teacher": config.teacher,
@@ -834,6 +934,9 @@ def plan_rows(config: PlanConfig, *, baseline: int | None = None) -> tuple[list[
         "teacher_quant": config.teacher_quant,
         "student_quant": config.student_quant,
         "on_policy": config.on_policy,
+        "cross_tokenizer": config.cross_tokenizer,
+        "teacher_seq_len": teacher_seq_len(step_shape.run) if config.cross_tokenizer else None,
+        "cross_tokenizer_top_k": config.cross_tokenizer_top_k if config.cross_tokenizer else None,
         "gpu": config.gpu,
     }
     return rows, settings
@@ -890,6 +993,12 @@ def run_plan(config: PlanConfig) -> int:
             f", {who} {settings[f'{who}_quant']}"
             for who in ("teacher", "student")
             if settings[f"{who}_quant"] != "none"
+        )
+        + (
+            f", cross-tokenizer {settings['cross_tokenizer']} (teacher {settings['teacher_seq_len']} tokens "
+            f"per sequence, top-{settings['cross_tokenizer_top_k']})"
+            if settings["cross_tokenizer"]
+            else ""
         )
     )
     print()

@@ -8,13 +8,21 @@ the benchmark uses by default.
     llama3-8b-to-1b    Llama-3.1-8B              Llama-3.2-1B (tied)      128,256  8 × 2048       128
     llama2-7b-to-1.1b  Llama-2-7B                TinyLlama-1.1B           32,000   2 × 2048       128
     smollm2-135m-20    SmolLM2-135M (tied)       its first 20 blocks      49,152   4 × 256        16
+    gemma3-270m-to-smollm2-20
+                       Gemma-3-270M's sizes      SmolLM2-135M, 20 blocks  262,144  2 × 128        16
+                       (tied, as a Llama)        (tied)                   / 49,152
     cpu-wide           hidden 256, 4 layers      hidden 128, 2 layers     32,000   8 × 256        16
     tiny               hidden 64, 2 layers       hidden 32, 2 layers      512      2 × 32         4
+    tiny-cross         hidden 64, 2 layers       hidden 32, 2 layers      1,024    2 × 32         4
+                                                                          / 512
 
 ``cpu-wide`` is small enough for a CPU but has a real vocabulary, so, as in the real pairs, the
 [tokens × vocab] logits dominate the memory of a plain implementation. ``smollm2-135m-20`` is a real
 small model's shape (a user's depth-pruned pair) that a CPU can still train: there the blocks, not the
-logits alone, cost time. ``tiny`` is for tests.
+logits alone, cost time. ``gemma3-270m-to-smollm2-20`` is a cross-tokenizer pair (``cross``: the two
+vocabularies differ; the bench gives each model a tokenizer of its own, ``bench.cross``): Gemma-3-270M's
+sizes written as a Llama (its sliding-window attention, extra norms and embedding scale change no tensor
+size the plan or the step holds), into SmolLM2-135M's 20-block student. ``tiny`` is for tests.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ class Shape:
     seq_len: int
     lora_r: int
     description: str
+    cross: bool = False  # the two vocabularies differ: kd/neo need --cross-tokenizer
 
 
 def _llama(
@@ -52,6 +61,7 @@ def _llama(
     max_position_embeddings: int = 4096,
     rope_scaling: dict[str, float | str] | None = None,
     rms_norm_eps: float = 1e-5,
+    head_dim: int | None = None,
 ) -> LlamaConfig:
     rope: dict[str, float | str] = {"rope_type": "default", "rope_theta": rope_theta}
     if rope_scaling is not None:
@@ -67,6 +77,7 @@ def _llama(
         tie_word_embeddings=tie_word_embeddings,
         rope_parameters=rope,
         rms_norm_eps=rms_norm_eps,
+        head_dim=head_dim or hidden_size // num_heads,
         hidden_act="silu",
         attention_bias=False,
         mlp_bias=False,
@@ -161,6 +172,24 @@ def smollm2_135m(num_layers: int = 30) -> LlamaConfig:
     )
 
 
+def gemma3_270m() -> LlamaConfig:
+    """google/gemma-3-270m's sizes: 18 blocks of hidden 640 (4 heads of 256, 1 KV head, MLP 2048), tied
+    embeddings, vocabulary 262,144; as a Llama (same tensors, the step's memory and FLOPs alike)."""
+    return _llama(
+        vocab_size=262144,
+        hidden_size=640,
+        num_layers=18,
+        num_heads=4,
+        num_kv_heads=1,
+        head_dim=256,
+        intermediate_size=2048,
+        tie_word_embeddings=True,
+        rope_theta=1000000.0,
+        max_position_embeddings=32768,
+        rms_norm_eps=1e-6,
+    )
+
+
 def _small(vocab_size: int, hidden_size: int, num_layers: int, num_heads: int) -> LlamaConfig:
     return _llama(
         vocab_size=vocab_size,
@@ -201,6 +230,17 @@ SHAPES: dict[str, Shape] = {
         lora_r=16,
         description="SmolLM2-135M -> its 20-block pruned shape (vocab 49,152, tied; random weights)",
     ),
+    "gemma3-270m-to-smollm2-20": Shape(
+        name="gemma3-270m-to-smollm2-20",
+        teacher=gemma3_270m(),
+        student=smollm2_135m(num_layers=20),
+        batch_size=2,
+        seq_len=128,
+        lora_r=16,
+        description="Gemma-3-270M's sizes (vocab 262,144) -> SmolLM2-135M's 20 blocks (vocab 49,152), "
+        "tokenizers of their own: the cross-tokenizer step (random weights)",
+        cross=True,
+    ),
     "cpu-wide": Shape(
         name="cpu-wide",
         teacher=_small(32000, 256, 4, 4),
@@ -209,6 +249,16 @@ SHAPES: dict[str, Shape] = {
         seq_len=256,
         lora_r=16,
         description="CPU-sized models with a real vocabulary (32,000): the logits dominate",
+    ),
+    "tiny-cross": Shape(
+        name="tiny-cross",
+        teacher=_small(1024, 64, 2, 4),
+        student=_small(512, 32, 2, 2),
+        batch_size=2,
+        seq_len=32,
+        lora_r=4,
+        description="test-sized models of two tokenizers (vocab 1,024 / 512)",
+        cross=True,
     ),
     "tiny": Shape(
         name="tiny",

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 import transformers
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
     LlamaConfig,
@@ -100,6 +100,37 @@ def build_word_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     words.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
     return PreTrainedTokenizerFast(
         tokenizer_object=words, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def build_split_word_tokenizer(vocab_size: int, *, whole_digits: int = 4) -> PreTrainedTokenizerFast:
+    """A tokenizer that reads ``build_word_tokenizer``'s text differently, with exactly ``vocab_size``
+    tokens: the same 4 special ones, the words ``w0`` ... ``w{10**whole_digits - 1}`` whole, the digits
+    ``0``-``9`` alone, then unreachable fillers (``<f{i}>``) up to the size.
+
+    A word of more digits splits after ``whole_digits`` of them (``w12345`` -> ``w1234``, ``5``), so against
+    ``build_word_tokenizer`` the short words align exactly (same text, same span) and the long ones share
+    only their start: a cross-tokenizer pair whose alignment is neither all nor nothing, at any pair of
+    vocabulary sizes (a BPE of 262,144 merges would need a corpus that large).
+    """
+    words = [f"w{i}" for i in range(10**whole_digits)]
+    digits = [str(d) for d in range(10)]
+    fixed = len(WORD_SPECIAL_TOKENS) + len(words) + len(digits)
+    if vocab_size < fixed:
+        raise ValueError(
+            f"vocab_size must be at least {fixed} with whole_digits={whole_digits}, got {vocab_size}"
+        )
+    tokens = [*WORD_SPECIAL_TOKENS, *words, *digits, *(f"<f{i}>" for i in range(vocab_size - fixed))]
+    split = Tokenizer(models.WordLevel({t: i for i, t in enumerate(tokens)}, unk_token="<unk>"))
+    split.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.WhitespaceSplit(),
+            pre_tokenizers.Split(Regex(rf"w\d{{1,{whole_digits}}}"), behavior="isolated"),
+        ]
+    )
+    split.decoder = decoders.WordPiece(prefix="##")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=split, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
     )
 
 

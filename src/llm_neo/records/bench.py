@@ -79,6 +79,12 @@ class StepRun:
     teacher_saved_bytes: int | None = field(default=None, metadata=OPTIONAL_KEY)
     student_saved_bytes: int | None = field(default=None, metadata=OPTIONAL_KEY)
     peak_cut_bytes: int | None = field(default=None, metadata=OPTIONAL_KEY)
+    # a cross-tokenizer run (spec's cross_tokenizer): the teacher's padded length, the aligned rows KD is
+    # taken on, and the run against the same arm with one tokenizer (the teacher at the student's vocabulary)
+    teacher_seq_len: int | None = field(default=None, metadata=OPTIONAL_KEY)
+    kd_positions: int | None = field(default=None, metadata=OPTIONAL_KEY)
+    memory_vs_same_tokenizer: float | None = field(default=None, metadata=OPTIONAL_KEY)
+    speed_vs_same_tokenizer: float | None = field(default=None, metadata=OPTIONAL_KEY)
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -54,14 +54,19 @@ from llm_neo.runtime.workers import load_average
 
 def add_plan(results: list[dict[str, Any]], config: BenchConfig, settings: dict[str, Any]) -> None:
     """The planner's estimate next to each measurement (on CPU with this run's measured process baseline)."""
+    from llm_neo.commands.bench.step import teacher_config
     from llm_neo.commands.plan import RunShape, StepShape, estimate_arm, model_dims
     from llm_neo.commands.shapes import get_shape
 
     shape = get_shape(config.shape)
     student = model_dims(shape.student, lora_r=settings["lora_r"])
-    teacher = model_dims(shape.teacher)
+    # on a shape of two tokenizers a same-tokenizer run's teacher has the student's vocabulary (step.py)
+    teachers = {
+        x: model_dims(teacher_config(shape, x)) for x in {r["spec"].get("cross_tokenizer") for r in results}
+    }
     for res in results:
         spec = res["spec"]
+        across = spec.get("cross_tokenizer")
         device_type = settings["device_type"]
         if res.get("peak_kind") == "live_tensor_bytes":
             device_type, baseline = "cuda", 0  # tensor bytes only, like CUDA's allocated memory
@@ -79,8 +84,11 @@ def add_plan(results: list[dict[str, Any]], config: BenchConfig, settings: dict[
             baseline=baseline,
             teacher_quant=spec.get("teacher_quant", "none"),
             student_quant=spec.get("student_quant", "none"),
+            cross_tokenizer=across,
+            # the teacher's length as this batch measured it (the plan's --teacher-length-ratio)
+            teacher_length_ratio=(res.get("teacher_seq_len") or spec["seq_len"]) / spec["seq_len"],
         )
-        est = estimate_arm(spec["method"], spec["impl"], StepShape(student, teacher, run))
+        est = estimate_arm(spec["method"], spec["impl"], StepShape(student, teachers[across], run))
         res["plan_bytes"] = est.total
         res["plan_phase"] = est.phase
         res["plan_components_gib"] = {k: round(v / GiB, 4) for k, v in est.components.items()}
@@ -170,6 +178,12 @@ def _add_ratios(results: list[dict[str, Any]], whole: list[dict[str, Any]], chun
         res["memory_vs_kd"] = ratio(res.get("peak_bytes"), base.get("peak_bytes")) if ok else None
         res["speed_vs_kd"] = ratio(res.get("tokens_per_s"), base.get("tokens_per_s")) if ok else None
     quantization_cuts(results, "peak_bytes")
+    for res in results:  # a cross-tokenizer run against the same arm with one tokenizer
+        key = result_key(res["spec"])
+        same = find_row(results, key._replace(cross=None)) if key.cross else None
+        if same is not None and res.get("status") == "ok":
+            res["memory_vs_same_tokenizer"] = ratio(res.get("peak_bytes"), same.get("peak_bytes"))
+            res["speed_vs_same_tokenizer"] = ratio(res.get("tokens_per_s"), same.get("tokens_per_s"))
     if whole:
         whole_base = find_row(whole, RunKey("kd", "none", "none", "plain", chunk))
         for res in whole:
@@ -227,6 +241,7 @@ def bench(config: BenchConfig, *, progress: bool = True) -> BenchReport:
             seed=config.seed,
             memory=memory,
             num_threads=config.num_threads,
+            cross_tokenizer=key.cross,
         )
 
     specs = [spec(key, memory) for key in runs]

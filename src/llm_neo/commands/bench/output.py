@@ -110,6 +110,7 @@ def format_report(report: BenchReport) -> str:
                 "`--malloc-mmap-threshold 1048576` measures without that effect (docs/memory.md)."
             )
         )
+    blocks += _cross_blocks(report.results)
     blocks += _quantization_blocks(report.results, "step peak")
     blocks += _whole_run_blocks(report)
     blocks += _peer_blocks(report)
@@ -130,6 +131,44 @@ def _step_cells(r: StepRun) -> list[str]:
         _fmt(r.memory_vs_kd),
         _fmt(r.speed_vs_kd),
         r.status + (f": {r.error}" if r.error else ""),
+    ]
+
+
+def _cross_blocks(rows: Sequence[StepRun]) -> list[Block]:
+    """The cross-tokenizer rows against the same arm with one tokenizer (the teacher at the student's
+    vocabulary), with the teacher's length and the positions KD was taken on."""
+    cross = [r for r in rows if r.spec.get("cross_tokenizer")]
+    if not cross:
+        return []
+    return [
+        Heading(2, "Across tokenizers"),
+        Paragraph(
+            "Each row against the same arm with one tokenizer in this bench (the teacher at the student's "
+            "vocabulary, random tokens): the teacher reads its own tokens of the same text and its top-k "
+            "is taken chunk by chunk over its whole vocabulary."
+        ),
+        _table(
+            [
+                (
+                    r.name,
+                    [
+                        str(r.teacher_seq_len or ""),
+                        f"{r.kd_positions} / {r.spec['batch_size'] * (r.spec['seq_len'] - 1)}"
+                        if r.kd_positions is not None
+                        else "",
+                        _fmt(r.memory_vs_same_tokenizer),
+                        _fmt(r.speed_vs_same_tokenizer),
+                    ],
+                )
+                for r in cross
+            ],
+            [
+                "teacher tokens per sequence",
+                "KD positions",
+                "memory vs one tokenizer",
+                "speed vs one tokenizer",
+            ],
+        ),
     ]
 
 

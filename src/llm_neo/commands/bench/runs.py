@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from llm_neo.choices import METHOD_NAMES, METHODS, QUANT_VARIANTS
+from llm_neo.choices import CROSS_TOKENIZER_METHODS, METHOD_NAMES, METHODS, QUANT_VARIANTS
 from llm_neo.config import MLP_CHUNKS_HELP, DeviceOptions, arm_name, parse_arm
 from llm_neo.options import option_help
 from llm_neo.runtime.memory import GPU_CHUNK_TOKENS
@@ -81,6 +81,15 @@ class BenchConfig(DeviceOptions):
             "and on this many ranks (torchrun; gloo on a CPU), the teacher replicated and FSDP2-sharded: "
             "tokens/s per rank and in all, peak per rank, ratios to the one process; its files kept in "
             "--whole-run-dir/cache-ranks when that is given. 0: no such row."
+        ),
+    )
+    cross_tokenizer: list[str] = field(
+        default_factory=list,
+        metadata=option_help(
+            "On a shape whose tokenizers differ (gemma3-270m-to-smollm2-20): each kd/neo chunked step run "
+            "is also measured across tokenizers with each method given (distill --cross-tokenizer: "
+            f"{', '.join(CROSS_TOKENIZER_METHODS)}), on text both models read in their own tokens; the "
+            "same-tokenizer runs there give the teacher the student's vocabulary."
         ),
     )
     warmup_steps: int = field(default=1, metadata=option_help("Untimed steps first (AdamW states, kernels)."))
@@ -157,6 +166,7 @@ class RunSpec:
     mlp_chunks: int = 1
     teacher_quant: str = "none"  # none, int8, nf4: the teacher's block linears (kd, neo)
     student_quant: str = "none"  # none, nf4, int8: the frozen student base's block linears (neo, lora)
+    cross_tokenizer: str | None = None  # shared-vocab, uld: the step across tokenizers (kd, neo chunked)
 
     @property
     def arm(self) -> str:
@@ -164,7 +174,8 @@ class RunSpec:
 
     @property
     def name(self) -> str:
-        return f"{self.arm}:{self.impl}"
+        across = f" --cross-tokenizer {self.cross_tokenizer}" if self.cross_tokenizer else ""
+        return f"{self.arm}:{self.impl}{across}"
 
 
 class RunKey(NamedTuple):
@@ -175,6 +186,7 @@ class RunKey(NamedTuple):
     student_quant: str
     impl: str
     chunk: int
+    cross: str | None = None  # the cross-tokenizer method; None: one tokenizer
 
 
 def result_key(spec: dict[str, Any]) -> RunKey:
@@ -185,6 +197,7 @@ def result_key(spec: dict[str, Any]) -> RunKey:
         spec.get("student_quant", "none"),
         spec["impl"],
         spec["chunk_size"],
+        spec.get("cross_tokenizer"),
     )
 
 
@@ -300,6 +313,7 @@ def validate(config: BenchConfig) -> tuple[list[RunKey], list[RunKey]]:
     ):
         if not ok:
             p.append(f"--{name}: {value} is out of range")
+    p += cross_problems(config, runs, whole)
     if config.mlp_chunks > 1 and not config.gradient_checkpointing:
         p.append(f"--mlp-chunks {config.mlp_chunks} needs --gradient-checkpointing")
     if config.on_policy and config.kd_ratio == 0:
@@ -310,11 +324,49 @@ def validate(config: BenchConfig) -> tuple[list[RunKey], list[RunKey]]:
         )
     if p:
         raise ConfigError(p)
-    return runs, whole
+    across = [
+        key._replace(cross=method)
+        for key in runs
+        if METHODS[key.method].kd and key.impl == "chunked"
+        for method in config.cross_tokenizer
+    ]
+    return runs + across, whole
+
+
+def cross_problems(config: BenchConfig, runs: list[RunKey], whole: list[RunKey]) -> list[str]:
+    """What --cross-tokenizer and a cross-tokenizer shape refuse: unknown methods, a shape of one
+    vocabulary, no kd/neo chunked run to measure, whole runs (their data is one tokenizer's)."""
+    from llm_neo.commands.shapes import SHAPES
+
+    p = [
+        f"--cross-tokenizer: {m!r} is not one of {', '.join(CROSS_TOKENIZER_METHODS)}"
+        for m in config.cross_tokenizer
+        if m not in CROSS_TOKENIZER_METHODS
+    ]
+    cross_shape = config.shape in SHAPES and SHAPES[config.shape].cross
+    if config.cross_tokenizer and config.shape in SHAPES and not cross_shape:
+        cross = [n for n, s in SHAPES.items() if s.cross]
+        p.append(
+            f"--cross-tokenizer: shape {config.shape} has one tokenizer; use a shape of two "
+            f"({', '.join(cross)})"
+        )
+    if config.cross_tokenizer and not any(METHODS[k.method].kd and k.impl == "chunked" for k in runs):
+        p.append(
+            "--cross-tokenizer: no kd/neo chunked run in --runs to measure across tokenizers "
+            "(e.g. neo:chunked)"
+        )
+    if cross_shape and whole:
+        p.append(
+            f"--shape {config.shape}: whole runs, peers and --on-policy are not measured across tokenizers "
+            "yet (their data has one tokenizer); step runs only"
+        )
+    return p
 
 
 def row_name(spec: RunSpec, default_chunk: int) -> str:
     name = f"{spec.arm} {spec.impl}"
+    if spec.cross_tokenizer:
+        name += f" across tokenizers ({spec.cross_tokenizer})"
     return (
         name
         if spec.impl == "plain" or spec.chunk_size == default_chunk

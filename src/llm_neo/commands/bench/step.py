@@ -47,6 +47,35 @@ def build_model(config: Any, dtype: torch.dtype, device: torch.device) -> Any:
     return model
 
 
+def teacher_config(shape: Any, cross_tokenizer: str | None) -> Any:
+    """The teacher's config: the shape's, or, for a same-tokenizer run on a shape of two tokenizers, the
+    same model at the student's vocabulary (the run the cross-tokenizer ones are set against)."""
+    if not shape.cross or cross_tokenizer:
+        return shape.teacher
+    config = copy.deepcopy(shape.teacher)
+    config.vocab_size = shape.student.vocab_size
+    return config
+
+
+def step_batch(
+    spec: RunSpec, shape: Any, device: torch.device
+) -> tuple[dict[str, torch.Tensor], Any, dict[str, Any]]:
+    """The step's micro-batch on ``device``, its CrossPair (None: one tokenizer) and what the result
+    records of it: random student tokens, or (``spec.cross_tokenizer``) text both tokenizers read
+    (``bench.cross``) with the teacher's length and the aligned positions."""
+    if spec.cross_tokenizer:
+        from llm_neo.commands.bench.cross import cross_batch_of
+
+        found = cross_batch_of(spec, shape.student.vocab_size, shape.teacher.vocab_size)
+        info = {"teacher_seq_len": found.teacher_seq_len, "kd_positions": found.kd_positions}
+        # the teacher's side stays where the loss moves it (cross_tokenizer.cross_targets)
+        return {k: v.to(device) for k, v in found.batch.items()}, found.pair, info
+    generator = torch.Generator().manual_seed(spec.seed)
+    ids = torch.randint(0, shape.student.vocab_size, (spec.batch_size, spec.seq_len), generator=generator)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    return {k: v.to(device) for k, v in batch.items()}, None, {}
+
+
 def run_one(spec: RunSpec) -> dict[str, Any]:
     """Build the models of ``spec``, run its steps through ``train_step``, measure; returns a result dict.
 
@@ -76,7 +105,9 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
         torch.set_num_threads(spec.num_threads)
     try:
         torch.manual_seed(spec.seed)
-        teacher = freeze(build_model(shape.teacher, dtype, device)) if kd else None
+        teacher = (
+            freeze(build_model(teacher_config(shape, spec.cross_tokenizer), dtype, device)) if kd else None
+        )
         if teacher is not None and spec.teacher_quant != "none":
             # In place, right after it is built: as llm-neo distill quantizes the dense teacher it loads.
             teacher, result["teacher_quant"] = quantize_teacher(teacher, spec.teacher_quant)
@@ -97,12 +128,14 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
         lr = METHODS[spec.method].default_lr
         optimizer = torch.optim.AdamW(list(trainable.values()), lr=lr, weight_decay=0.0)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-        generator = torch.Generator().manual_seed(spec.seed)
-        ids = torch.randint(0, shape.student.vocab_size, (spec.batch_size, spec.seq_len), generator=generator)
-        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
-        batch = {k: v.to(device) for k, v in batch.items()}
-        options = LossOptions(kd_ratio=spec.kd_ratio if kd else 0.0, chunk_size=spec.chunk_size)
-        settings = StepSettings(device, dtype, options, impl=spec.impl)
+        batch, pair, across = step_batch(spec, shape, device)
+        result.update(across)
+        options = LossOptions(
+            kd_ratio=spec.kd_ratio if kd else 0.0,
+            chunk_size=spec.chunk_size,
+            uld=spec.cross_tokenizer == "uld",
+        )
+        settings = StepSettings(device, dtype, options, impl=spec.impl, cross=pair)
         result["trainable_parameters"] = sum(p.numel() for p in trainable.values())
 
         def step() -> dict[str, float]:
