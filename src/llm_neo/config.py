@@ -201,6 +201,15 @@ class SamplingOptions:
     )
 
 
+def cross_tokenizer_field(help_text: str, *, group: str) -> Any:
+    """The --cross-tokenizer option, one definition for distill (and the commands built on its options)
+    and cache-teacher, whose caches distill must match: its choices, its default (off)."""
+    return field(
+        default=None,
+        metadata=option_help(help_text, choices=CROSS_TOKENIZER_METHODS, group=group),
+    )
+
+
 @dataclass
 class _TrainFields(TeacherQuantOptions, TokenizeOptions, LoadOptions):
     """TrainOptions but its sampling options (see TrainOptions)."""
@@ -306,17 +315,13 @@ class _TrainFields(TeacherQuantOptions, TokenizeOptions, LoadOptions):
         default=0.1, metadata=option_help("α of the skew KL divergences, in [0, 1).", group=LOSS)
     )
     # --- cross-tokenizer (docs/cross-tokenizer.md) ------------------------------------------------
-    cross_tokenizer: str | None = field(
-        default=None,
-        metadata=option_help(
-            "Distill a teacher whose tokenizer differs from the student's (kd, neo): positions are aligned "
-            "by the response characters both read; shared-vocab trains the divergence on the teacher's "
-            "tokens of the same text where both predict the same span, uld the sorted-probability L1 "
-            "(Boizard et al. 2024) wherever a token boundary is shared. `llm-neo check-pair` reports a "
-            "pair first.",
-            choices=CROSS_TOKENIZER_METHODS,
-            group=LOSS,
-        ),
+    cross_tokenizer: str | None = cross_tokenizer_field(
+        "Distill a teacher whose tokenizer differs from the student's (kd, neo): positions are aligned "
+        "by the response characters both read; shared-vocab trains the divergence on the teacher's "
+        "tokens of the same text where both predict the same span, uld the sorted-probability L1 "
+        "(Boizard et al. 2024) wherever a token boundary is shared. `llm-neo check-pair` reports a "
+        "pair first.",
+        group=LOSS,
     )
     cross_tokenizer_top_k: int = field(
         default=64,
@@ -532,6 +537,12 @@ class CacheTeacherConfig(SamplingOptions, TeacherQuantOptions, TokenizeOptions, 
         metadata=option_help(
             "Teacher tokens kept per position (the rest is one tail bucket); ~6·k+2 bytes/token.", group=RUN
         ),
+    )
+    cross_tokenizer: str | None = cross_tokenizer_field(
+        "Cache a teacher whose tokenizer differs from --tokenizer's (the student's, then required): the "
+        "targets distill --cross-tokenizer METHOD computes online, at the student's positions, aligned "
+        "as docs/cross-tokenizer.md says; --top-k is its --cross-tokenizer-top-k.",
+        group=RUN,
     )
     kd_temperature: float = field(
         default=1.0,
@@ -926,12 +937,11 @@ def check_cross_tokenizer(p: list[str], c: DistillConfig) -> None:
     check_ranges(
         p, [("cross-tokenizer-top-k", c.cross_tokenizer_top_k, c.cross_tokenizer_top_k >= 1, ">= 1")]
     )
-    if not c.teacher:
+    if not c.teacher and not c.teacher_cache:
         p.append(
-            f"{flag} aligns a live teacher's tokens: give --teacher (a teacher cache is not supported yet)"
+            f"{flag} aligns a teacher's tokens: give --teacher, or --teacher-cache of a cache written by "
+            f"llm-neo cache-teacher --cross-tokenizer {c.cross_tokenizer}"
         )
-    if c.teacher_cache:
-        p.append(f"{flag}: --teacher-cache is not supported across tokenizers yet; drop one of the two")
     if c.loss_impl != "chunked":
         p.append(f"{flag} runs on --loss-impl chunked only (got {c.loss_impl}); drop --loss-impl")
     if c.on_policy:
@@ -1061,6 +1071,16 @@ def validate_cache_teacher(config: CacheTeacherConfig) -> None:
         )
     _check_tokenize(p, c)
     _check_student_samples(p, c)
+    if c.cross_tokenizer and not c.tokenizer:
+        p.append(
+            f"--cross-tokenizer {c.cross_tokenizer} aligns the teacher's tokens with the student's: give the "
+            "student with --tokenizer STUDENT (its tokenizer and chat template tokenize the data)"
+        )
+    if c.cross_tokenizer and c.student_samples:
+        p.append(
+            f"--cross-tokenizer {c.cross_tokenizer}: --student-samples is not supported across tokenizers; "
+            "drop one of the two"
+        )
     check_ranges(
         p,
         [
