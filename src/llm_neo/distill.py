@@ -347,11 +347,7 @@ def setup(config: DistillConfig) -> Run:
     student_quant = None
     if config.student_quant != "none":
         student_quant = {"kind": config.student_quant, "weight_bytes": weight_bytes(student)}
-    kd_vocab = kd_vocab_size(tokenizer, student, teacher) if teacher is not None and not cross else None
-    if cross is not None:
-        kd_vocab = student_kd_vocab(tokenizer, student)
-    if cache is not None and config.uses_kd:
-        kd_vocab = _cache_vocab_size(cache, student)
+    kd_vocab = _kd_vocab(config, tokenizer, student, teacher, cache, cross)
     if config.gradient_checkpointing:
         enable_checkpointing(student, mlp_chunks=config.mlp_chunks)
     if world.enabled:  # FSDP2: each rank keeps 1/world of both models (see runtime/distributed.py)
@@ -763,6 +759,23 @@ def _check_cached_student(config: DistillConfig, cache: TeacherCache) -> None:
             f"--student-samples {config.student} --teacher T --data D --output NEW_CACHE"
         ]
     )
+
+
+def _kd_vocab(
+    config: DistillConfig,
+    tokenizer: Any,
+    student: torch.nn.Module,
+    teacher: torch.nn.Module | None,
+    cache: TeacherCache | None,
+    cross: CrossRun | None,
+) -> int | None:
+    """The logit columns the KD term compares: the cache's, the student tokenizer's across tokenizers,
+    or the pair's shared vocabulary; None without KD."""
+    if cache is not None and config.uses_kd:
+        return _cache_vocab_size(cache, student)
+    if cross is not None:
+        return student_kd_vocab(tokenizer, student)
+    return kd_vocab_size(tokenizer, student, teacher) if teacher is not None else None
 
 
 def _cache_vocab_size(cache: TeacherCache, student: torch.nn.Module) -> int:
