@@ -205,3 +205,17 @@ def test_cache_teacher_across_tokenizers_needs_the_student_and_no_samples(tmp_pa
     with pytest.raises(ConfigError, match="--student-samples is not supported across tokenizers"):
         write_cache(student_dir, student_dir, data, tmp_path / "c", student_samples=str(student_dir))
     assert not (tmp_path / "c").exists()
+
+
+def test_the_command_prints_the_distill_flags_that_read_the_cache(
+    tmp_path, student_dir, data, cross_cache, capsys
+):
+    teacher, _ = cross_cache
+    args = ["--teacher", str(teacher), "--tokenizer", str(student_dir), "--data", str(data)]
+    out = tmp_path / "c"
+    assert (
+        main(["cache-teacher", *args, "--output", str(out), "--cross-tokenizer", "uld", "--top-k", "4"]) == 0
+    )
+    printed = capsys.readouterr().out
+    assert f"--student {student_dir} --cross-tokenizer uld --cross-tokenizer-top-k 4" in printed
+    assert open_cache(out).cross_tokenizer == "uld"
