@@ -559,6 +559,12 @@ class CacheTeacherConfig(SamplingOptions, TeacherQuantOptions, TokenizeOptions, 
             "Teacher tokens kept per position (the rest is one tail bucket); ~6·k+2 bytes/token.", group=RUN
         ),
     )
+    cross_tokenizer: str | None = cross_tokenizer_option(
+        "Cache a teacher whose tokenizer differs from --tokenizer's (the student's, then required): the "
+        "targets distill --cross-tokenizer METHOD computes online, at the student's positions, aligned "
+        "as docs/cross-tokenizer.md says; --top-k is its --cross-tokenizer-top-k.",
+        group=RUN,
+    )
     kd_temperature: float = field(
         default=1.0,
         metadata=option_help(
@@ -955,12 +961,11 @@ def check_cross_tokenizer(p: list[str], c: DistillConfig) -> None:
             f"{flag} distills a teacher: it applies to --method {' or '.join(KD_METHODS)}, not {c.method}"
         )
     check_cross_top_k(p, c.cross_tokenizer_top_k)
-    if not c.teacher:
+    if not c.teacher and not c.teacher_cache:
         p.append(
-            f"{flag} aligns a live teacher's tokens: give --teacher (a teacher cache is not supported yet)"
+            f"{flag} aligns a teacher's tokens: give --teacher, or --teacher-cache of a cache written by "
+            f"llm-neo cache-teacher --cross-tokenizer {c.cross_tokenizer}"
         )
-    if c.teacher_cache:
-        p.append(f"{flag}: --teacher-cache is not supported across tokenizers yet; drop one of the two")
     if c.loss_impl != "chunked":
         p.append(f"{flag} runs on --loss-impl chunked only (got {c.loss_impl}); drop --loss-impl")
     if c.on_policy:
@@ -1101,6 +1106,16 @@ def validate_cache_teacher(config: CacheTeacherConfig) -> None:
         )
     _check_tokenize(p, c)
     _check_student_samples(p, c)
+    if c.cross_tokenizer and not c.tokenizer:
+        p.append(
+            f"--cross-tokenizer {c.cross_tokenizer} aligns the teacher's tokens with the student's: give the "
+            "student with --tokenizer STUDENT (its tokenizer and chat template tokenize the data)"
+        )
+    if c.cross_tokenizer and c.student_samples:
+        p.append(
+            f"--cross-tokenizer {c.cross_tokenizer}: --student-samples is not supported across tokenizers; "
+            "drop one of the two"
+        )
     check_ranges(
         p,
         [

@@ -11,7 +11,7 @@ over the aligned positions only, so an unaligned position adds CE alone.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +29,6 @@ from llm_neo.alignment import (
     same_tokenizer,
     spread_targets,
 )
-from llm_neo.config import DistillConfig
 from llm_neo.data import Example, collate, load_records, tokenize_records
 from llm_neo.errors import ConfigError, ModelError
 from llm_neo.losses import IGNORE_INDEX, TopKTargets, divergence, next_token_targets
@@ -67,15 +66,15 @@ def refuse_same_tokenizer(student: Any, teacher: Any, method: str) -> None:
 
 
 def read_cross_data(
-    config: DistillConfig, *, progress: bool
+    config: Any, *, student: str, teacher: str, method: str, top_k: int, progress: bool
 ) -> tuple[Any, list[Example], int, int, CrossRun]:
     """(student tokenizer, examples, records, dropped, CrossRun): the data tokenized for the student as
-    distill tokenizes it, aligned with the teacher's tokenization; the pair report logged."""
-    assert config.teacher and config.cross_tokenizer
+    distill tokenizes it, aligned with the teacher's tokenization; the pair report logged. ``config``:
+    distill's or cache-teacher's (data, max_length, train_on_prompt, trust_remote_code)."""
     trust = config.trust_remote_code
-    tokenizer = load_tokenizer(config.student, role="student", trust_remote_code=trust)
-    teacher_tokenizer = load_tokenizer(config.teacher, role="teacher", trust_remote_code=trust)
-    refuse_same_tokenizer(tokenizer, teacher_tokenizer, config.cross_tokenizer)
+    tokenizer = load_tokenizer(student, role="student", trust_remote_code=trust)
+    teacher_tokenizer = load_tokenizer(teacher, role="teacher", trust_remote_code=trust)
+    refuse_same_tokenizer(tokenizer, teacher_tokenizer, method)
     records = load_records(config.data)
     examples, dropped = tokenize_records(
         records,
@@ -90,10 +89,10 @@ def read_cross_data(
         examples,
         tokenizer,
         teacher_tokenizer,
-        method=config.cross_tokenizer,
-        top_k=config.cross_tokenizer_top_k,
+        method=method,
+        top_k=top_k,
         max_length=config.max_length,
-        names=(config.student, config.teacher),
+        names=(student, teacher),
         source=config.data,
         train_on_prompt=config.train_on_prompt,
     )
@@ -220,11 +219,7 @@ def aligned_heldout(
     for start in range(0, len(examples), batch_size):
         part = list(examples[start : start + batch_size])
         batch = collate(part, pad_token_id) | cross_batch(part, exact)
-        trained = next_token_targets(batch["labels"]) != IGNORE_INDEX  # [B, T]
-        with autocast(device, dtype):
-            hidden = final_hidden_states(
-                student, batch["input_ids"].to(device), batch["attention_mask"].to(device)
-            )[trained.to(device)]  # [N, H_s]
+        hidden = _trained_hidden(student, batch, device, dtype)  # [N, H_s]
         targets, rows = cross_targets(
             teacher,
             batch,
@@ -235,18 +230,83 @@ def aligned_heldout(
             temperature=1.0,
             chunk_size=chunk_size,
         )
-        picked = rows.nonzero().squeeze(-1)
-        for c in range(0, picked.shape[0], chunk_size):
-            idx = picked[c : c + chunk_size]
-            with autocast(device, dtype):
-                logits = model_logits(student, hidden[idx]).float()[:, : pair.student_vocab]  # [n, V_s]
-            top = TopKTargets(targets.ids[idx], targets.log_probs[idx], targets.tail[idx])
-            kl_sum += float(divergence("forward_kl", logits, top).sum())
-        positions += int(picked.shape[0])
+        kl, n = _kl_on_rows(student, hidden, targets, rows, pair.student_vocab, device, dtype, chunk_size)
+        kl_sum, positions = kl_sum + kl, positions + n
     student.train(was_training)
     share = coverage([cross.aligned[ex.index] for ex in examples]).share("shared-vocab")
     return {
         "aligned_kl_to_teacher": kl_sum / positions if positions else float("nan"),
         "aligned_coverage": share,
+        "aligned_positions": float(positions),
+    }
+
+
+def _trained_hidden(
+    student: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """[N, H_s]: the student's final hidden states at the batch's trained rows (row-major)."""
+    trained = next_token_targets(batch["labels"]) != IGNORE_INDEX  # [B, T]
+    ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    with autocast(device, dtype):
+        return final_hidden_states(student, ids, mask)[trained.to(device)]
+
+
+def _kl_on_rows(
+    student: torch.nn.Module,
+    hidden: torch.Tensor,
+    targets: TopKTargets,
+    rows: torch.Tensor,
+    student_vocab: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    chunk_size: int,
+) -> tuple[float, int]:
+    """(summed forward KL, rows) over the ``rows [N] bool`` of ``hidden [N, H_s]`` against ``targets``
+    ([N, k] buckets in the student's ids), chunk by chunk of rows."""
+    picked = rows.nonzero().squeeze(-1)
+    kl_sum = 0.0
+    for c in range(0, picked.shape[0], chunk_size):
+        idx = picked[c : c + chunk_size]
+        with autocast(device, dtype):
+            logits = model_logits(student, hidden[idx]).float()[:, :student_vocab]  # [n, V_s]
+        top = TopKTargets(targets.ids[idx], targets.log_probs[idx].float(), targets.tail[idx].float())
+        kl_sum += float(divergence("forward_kl", logits, top).sum())
+    return kl_sum, int(picked.shape[0])
+
+
+CachedRows = Callable[[Sequence[Example]], tuple[TopKTargets, torch.Tensor]]
+
+
+@torch.no_grad()
+def cached_aligned_heldout(
+    student: torch.nn.Module,
+    examples: Sequence[Example],
+    cached: CachedRows,
+    *,
+    student_vocab: int,
+    pad_token_id: int,
+    batch_size: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    chunk_size: int,
+) -> dict[str, float]:
+    """``aligned_kl_to_teacher`` and ``aligned_positions`` (as ``aligned_heldout``) from a teacher cache
+    alone: ``cached(examples)`` gives their cached [N, k] targets and kd rows [N]. Meaningful only for a
+    shared-vocab cache at T = 1, which holds exactly what ``aligned_heldout`` computes from the teacher;
+    ``aligned_coverage`` needs the alignment (the tokenizers), so it is not reported here."""
+    was_training = student.training
+    student.eval()
+    kl_sum, positions = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        part = list(examples[start : start + batch_size])
+        hidden = _trained_hidden(student, collate(part, pad_token_id), device, dtype)  # [N, H_s]
+        targets, rows = cached(part)
+        kl, n = _kl_on_rows(
+            student, hidden, targets.to(device), rows.to(device), student_vocab, device, dtype, chunk_size
+        )
+        kl_sum, positions = kl_sum + kl, positions + n
+    student.train(was_training)
+    return {
+        "aligned_kl_to_teacher": kl_sum / positions if positions else float("nan"),
         "aligned_positions": float(positions),
     }

@@ -48,6 +48,7 @@ from llm_neo.cross_tokenizer import (
     PAIR_FILE,
     CrossRun,
     aligned_heldout,
+    cached_aligned_heldout,
     cross_batch,
     cross_targets,
     read_cross_data,
@@ -82,6 +83,7 @@ from llm_neo.losses import (
     HeadInput,
     LossOptions,
     LossParts,
+    TopKTargets,
     chunked_distill_loss,
     distill_loss,
     liger_distill_loss,
@@ -103,6 +105,7 @@ from llm_neo.models.loading import (
     kd_vocab_size,
     load_config,
     load_model,
+    load_tokenizer,
     load_tokenizers,
     published_dtype,
     resolve_device,
@@ -174,7 +177,7 @@ from llm_neo.sampling import (
     stop_token_ids,
 )
 from llm_neo.summary import SUMMARY_FILE, OnPolicySummary, RunSummary
-from llm_neo.teacher_cache.key import check_key, hash_teacher_weights, run_key
+from llm_neo.teacher_cache.key import check_key, cross_key, hash_teacher_weights, key_differences, run_key
 from llm_neo.teacher_cache.store import TeacherCache, batch_targets, open_cache, unpack_targets
 
 log = logging.getLogger("llm_neo")
@@ -352,11 +355,7 @@ def setup(config: DistillConfig) -> Run:
     student_quant = None
     if config.student_quant != "none":
         student_quant = {"kind": config.student_quant, "weight_bytes": weight_bytes(student)}
-    kd_vocab = kd_vocab_size(tokenizer, student, teacher) if teacher is not None and not cross else None
-    if cross is not None:
-        kd_vocab = student_kd_vocab(tokenizer, student)
-    if cache is not None and config.uses_kd:
-        kd_vocab = _cache_vocab_size(cache, student)
+    kd_vocab = _kd_vocab(config, tokenizer, student, teacher, cache, cross)
     if config.gradient_checkpointing:
         enable_checkpointing(student, mlp_chunks=config.mlp_chunks)
     if world.enabled:  # FSDP2: each rank keeps 1/world of both models (see runtime/distributed.py)
@@ -377,8 +376,8 @@ def setup(config: DistillConfig) -> Run:
             clean_temporaries(directory)
         if resume_from is None:
             start_output_dir(config, out)  # only now: a run that fails to start leaves nothing behind
-        if cross is not None:
-            atomic_write_json(out / PAIR_FILE, to_json(cross.report))
+        if (pair := _pair_record(cross, cache)) is not None:
+            atomic_write_json(out / PAIR_FILE, pair)
         check_space(config, out, n_trainable, base_parameters, export_dtype)
     barrier(world)
 
@@ -571,8 +570,17 @@ def _read_data(
 ) -> tuple[Any, list[Example], dict[str, int], CrossRun | None]:
     """The student's tokenizer (checked against the teacher's), the data as token examples, and with
     --cross-tokenizer the pair and the data's alignment (the teacher's tokenizer may then differ)."""
-    if config.cross_tokenizer and config.uses_kd:
-        tokenizer, examples, n_records, dropped, cross = read_cross_data(config, progress=world.is_main)
+    # From a cross-tokenizer cache alone the student's tokenization is all a run needs (the cache holds
+    # the aligned targets at its positions); with --teacher too, the alignment scores the held-out split.
+    if config.cross_tokenizer and config.uses_kd and config.teacher:
+        tokenizer, examples, n_records, dropped, cross = read_cross_data(
+            config,
+            student=config.student,
+            teacher=config.teacher,
+            method=config.cross_tokenizer,
+            top_k=config.cross_tokenizer_top_k,
+            progress=world.is_main,
+        )
         return tokenizer, examples, {"records": n_records, "dropped": dropped}, cross
     trust = config.trust_remote_code
     tokenizer, teacher_tokenizer = load_tokenizers(
@@ -620,6 +628,14 @@ def _load_teacher(
     quantized as --teacher-quant says, and what the quantization did (None: not quantized)."""
     assert config.teacher
     return load_teacher(config, config.teacher, dtype=dtype, device=device, drift_batch=drift_batch)
+
+
+def _pair_record(cross: CrossRun | None, cache: TeacherCache | None) -> Any:
+    """The pair report of a cross-tokenizer run as JSON: its own, or the one its cache was written with
+    (a run from the cache alone has no teacher tokenizer to make one)."""
+    if cross is not None:
+        return to_json(cross.report)
+    return None if cache is None else cache.manifest.get("pair")
 
 
 def _cache_quantization(cache: TeacherCache | None) -> dict[str, Any] | None:
@@ -687,6 +703,11 @@ def _open_teacher_cache(
     key = run_key(config, tokenizer=tokenizer, examples=examples)
     if not config.uses_kd:
         del key["temperature"]  # no KD term: the cache only scores the held-out split, at its own T
+    if config.cross_tokenizer and config.teacher:  # the teacher's tokenizer, when a teacher is given
+        trust = config.trust_remote_code
+        teacher_tokenizer = load_tokenizer(config.teacher, role="teacher", trust_remote_code=trust)
+        key |= cross_key(config.cross_tokenizer, teacher_tokenizer)
+    check_cross_cache(config, cache, key)
     check_key(cache, key)
     if cache.sampling is not None:
         _check_cached_student(config, cache)
@@ -698,6 +719,48 @@ def _open_teacher_cache(
         cache.temperature,
     )
     return cache
+
+
+def check_cross_cache(config: DistillConfig, cache: TeacherCache, key: dict[str, Any]) -> None:
+    """ConfigError unless the cache was aligned as this run aligns: the same --cross-tokenizer method (or
+    none on either side), its --top-k this run's --cross-tokenizer-top-k, the same tokenizers (the
+    teacher's checked only when --teacher is given)."""
+    method, cached = config.cross_tokenizer, cache.cross_tokenizer
+    where = f"--teacher-cache {cache.path}"
+    if cached != method:
+        if cached is None:
+            problem = (
+                f"--cross-tokenizer {method}: {where} holds a same-tokenizer cache (made without "
+                f"--cross-tokenizer). Drop --cross-tokenizer if the student reads the teacher's tokens, or "
+                f"cache across tokenizers: llm-neo cache-teacher --cross-tokenizer {method} --tokenizer "
+                f"{config.student} --teacher T --data {config.data} --output NEW_CACHE"
+            )
+        elif method is None:
+            problem = (
+                f"{where} holds targets aligned across tokenizers (--cross-tokenizer {cached}), this run "
+                f"has no --cross-tokenizer: add --cross-tokenizer {cached}, or use a cache made without it"
+            )
+        else:
+            problem = (
+                f"--cross-tokenizer {method}: {where} was aligned for --cross-tokenizer {cached}. Run with "
+                f"--cross-tokenizer {cached}, or cache again with llm-neo cache-teacher --cross-tokenizer "
+                f"{method}"
+            )
+        raise ConfigError([problem])
+    if method is None:
+        return
+    problems = []
+    top_k = int(cache.manifest["key"]["top_k"])
+    if top_k != config.cross_tokenizer_top_k:
+        problems.append(
+            f"--cross-tokenizer-top-k {config.cross_tokenizer_top_k}: {where} holds the teacher's "
+            f"top-{top_k} at each aligned position. Run with --cross-tokenizer-top-k {top_k}, or cache "
+            f"again with llm-neo cache-teacher --top-k {config.cross_tokenizer_top_k}"
+        )
+    parts = ("tokenizer", "chat_template", "teacher_tokenizer", "teacher_chat_template")
+    problems += key_differences(cache.manifest["key"], {p: key[p] for p in parts if p in key})
+    if problems:
+        raise ConfigError(problems)
 
 
 def _check_cached_student(config: DistillConfig, cache: TeacherCache) -> None:
@@ -718,6 +781,23 @@ def _check_cached_student(config: DistillConfig, cache: TeacherCache) -> None:
             f"--student-samples {config.student} --teacher T --data D --output NEW_CACHE"
         ]
     )
+
+
+def _kd_vocab(
+    config: DistillConfig,
+    tokenizer: Any,
+    student: torch.nn.Module,
+    teacher: torch.nn.Module | None,
+    cache: TeacherCache | None,
+    cross: CrossRun | None,
+) -> int | None:
+    """The logit columns the KD term compares: the cache's, the student tokenizer's across tokenizers,
+    or the pair's shared vocabulary; None without KD."""
+    if cache is not None and config.uses_kd:
+        return _cache_vocab_size(cache, student)
+    if cross is not None:
+        return student_kd_vocab(tokenizer, student)
+    return kd_vocab_size(tokenizer, student, teacher) if teacher is not None else None
 
 
 def _cache_vocab_size(cache: TeacherCache, student: torch.nn.Module) -> int:
@@ -1351,8 +1431,9 @@ def train_step(
         losses["loss"] = ((1 - kd_ratio) * ce_sum + kd_ratio * kd_sum + on_sum) / num_tokens
     if settings.on_policy is not None:
         losses |= {"on_policy_kd_loss": on_sum / max(on_tokens, 1), "on_policy_tokens": on_tokens}
-    if settings.cross is not None and settings.loss.kd_ratio > 0:  # the aligned positions KD was taken on
-        aligned = sum(int(b["xt_rows"].numel()) for b in micro if "xt_rows" in b)
+    if any("xt_rows" in b or "teacher_kd_rows" in b for b in micro) and settings.loss.kd_ratio > 0:
+        # the aligned positions KD was taken on (online, or the cross-tokenizer cache's rows)
+        aligned = sum(aligned_rows(b) for b in micro)
         losses["kd_positions"] = int(all_reduce_sum(aligned, world, device))
     return losses | {
         "num_tokens": num_tokens,
@@ -1360,6 +1441,13 @@ def train_step(
         "grad_norm": float(grad_norm),
         "lr": float(lr),
     }
+
+
+def aligned_rows(batch: dict[str, torch.Tensor]) -> int:
+    """The trained rows of a micro-batch that have a cross-tokenizer KD target (0 for any other batch)."""
+    if "teacher_kd_rows" in batch:
+        return int(batch["teacher_kd_rows"].sum())
+    return int(batch["xt_rows"].numel()) if "xt_rows" in batch else 0
 
 
 def micro_batch_loss(
@@ -1414,6 +1502,9 @@ def micro_batch_loss(
         with torch.inference_mode(), autocast(device, dtype):
             teacher_hidden = final_hidden_states(teacher, input_ids, attention_mask)[trained]  # [N, H_t]
         teacher_head = HeadInput(teacher_hidden, *lm_head(teacher), logit_softcap(teacher))
+    # A cross-tokenizer cache: KD on the rows that have a target, as _cross_loss takes it.
+    kd_rows = batch.get("teacher_kd_rows") if cached is not None else None
+    kd_rows = None if kd_rows is None else kd_rows.to(device)
     # The lm_head matmuls run in the compute dtype, as the plain path's do.
     with autocast(device, dtype):
         if settings.impl == "liger" and teacher_head is not None:
@@ -1426,6 +1517,7 @@ def micro_batch_loss(
             cached if cached is not None else teacher_head,
             options=options,
             num_tokens=num_tokens,
+            kd_rows=kd_rows,
         )
 
 
@@ -1471,6 +1563,33 @@ def _cross_loss(
 
 # ----------------------------------------------------------------------------------------------------
 # finish
+
+
+def _cross_cache_heldout(
+    run: Run, merged: PreTrainedModel, common: dict[str, Any]
+) -> tuple[dict[str, float], str | None]:
+    """Held-out metrics of a run from a cross-tokenizer cache alone: CE, and ``aligned_kl_to_teacher``
+    from the cache's held-out rows where they hold what the online metric computes (shared-vocab at
+    T = 1: the teacher's top-k + tail in the student's ids at the exactly aligned positions); else no
+    divergence, said in the log."""
+    cache = run.cache
+    assert cache is not None
+    metrics = heldout_metrics(merged, run.heldout, None, **common)
+    if cache.cross_tokenizer != "shared-vocab" or cache.temperature != 1.0:
+        log.info(
+            "held-out: no aligned_kl_to_teacher: the cache holds %s targets at T = %g, not the shared-vocab "
+            "ones at T = 1 the metric compares; give --teacher too to score it",
+            cache.cross_tokenizer,
+            cache.temperature,
+        )
+        return metrics, None
+
+    def cached(examples: Sequence[Example]) -> tuple[TopKTargets, torch.Tensor]:
+        rows = [ex.index for ex in examples]
+        return cache.targets(rows), cache.kd_rows(rows)
+
+    metrics |= cached_aligned_heldout(merged, run.heldout, cached, student_vocab=cache.vocab_size, **common)
+    return metrics, "teacher_cache_aligned"
 
 
 def _gather_to_rank0(run: Run) -> bool:
@@ -1537,7 +1656,7 @@ def finish(run: Run, trained: Trained) -> RunSummary:
         student_quant=run.student_quant,
         export=exported,
         on_policy=_on_policy_summary(run),
-        pair=None if run.cross is None else to_json(run.cross.report),
+        pair=_pair_record(run.cross, run.cache),
         provenance=provenance(
             models={"student": config.student, "teacher": config.teacher},
             data={"train": config.data},
@@ -1705,6 +1824,8 @@ def _heldout(run: Run, merged: PreTrainedModel) -> tuple[dict[str, float], str |
         metrics = heldout_metrics(merged, run.heldout, None, **common)
         metrics |= aligned_heldout(merged, teacher, run.heldout, run.cross, **common)
         reference = "teacher_aligned"
+    elif teacher is None and run.cache is not None and run.cache.cross_tokenizer is not None:
+        metrics, reference = _cross_cache_heldout(run, merged, common)
     elif teacher is None and run.cache is not None:  # no --teacher: score against the cached teacher
         metrics = heldout_metrics(merged, run.heldout, run.cache, **common)
         reference = "teacher_cache"

@@ -38,6 +38,9 @@ def run_cache_teacher(config: CacheTeacherConfig) -> int:
             f"({config.samples_per_prompt} per prompt): training on them is on-policy to this initial "
             "student, not to the student as it trains"
         )
+    if config.cross_tokenizer:  # distill needs the method and k to take the cached targets as aligned
+        samples = f" --student {config.tokenizer} --cross-tokenizer {config.cross_tokenizer} "
+        samples += f"--cross-tokenizer-top-k {config.top_k}"
     print(
         f"\ntrain from it: llm-neo distill --teacher-cache {config.output}{samples} --kd-temperature "
         f"{config.kd_temperature:g} --max-length {config.max_length}{quant} --data {config.data} ..."

@@ -39,6 +39,11 @@ prompts (n per prompt; row r is sample r mod n of data example r // n), and each
 samples' tokens (``input_ids``, ``input_offsets``, ``response_starts``): ``distill --on-policy 1`` trains on
 those, on-policy to the initial student S (docs/on-policy.md).
 
+With ``--cross-tokenizer METHOD`` (and the student as ``--tokenizer``) the teacher reads its own tokens and
+each row holds the aligned target the online cross-tokenizer path computes at that student position; a
+shard adds ``kd_rows [P] bool`` (the rows that have one) and the key the method and the teacher's
+tokenizer and chat template (docs/teacher-cache.md).
+
 ``distill --teacher-cache`` recomputes every part it can (the teacher's only when ``--teacher`` is
 also given) and refuses a cache that differs, naming each part that differs and how to fix it.
 

@@ -87,6 +87,19 @@ KEY_PARTS: dict[str, tuple[str, str]] = {
         "how the student's responses were drawn (--samples-per-prompt, --sample-*)",
         "run with the cache's sampling options ({cache}) to resume it, or --overwrite it",
     ),
+    "cross_tokenizer": (
+        "--cross-tokenizer",
+        "the cache holds targets aligned for --cross-tokenizer {cache}: run with it, or cache again with "
+        "llm-neo cache-teacher --cross-tokenizer {run}",
+    ),
+    "teacher_tokenizer": (
+        "the teacher's tokenizer (--cross-tokenizer)",
+        "the cache was aligned with another teacher tokenizer: cache this --teacher again",
+    ),
+    "teacher_chat_template": (
+        "the teacher's chat template (--cross-tokenizer)",
+        "the teacher renders the data differently from the cached alignment: cache this --teacher again",
+    ),
     "tokens": (
         "the tokenized examples",
         "the examples tokenize differently although the parts above match (another llm-neo version "
@@ -254,6 +267,17 @@ def samples_key(config: Any) -> dict[str, Any]:
             "sample_top_p": float(config.sample_top_p),
             "sample_max_new_tokens": config.sample_max_new_tokens,
         },
+    }
+
+
+def cross_key(method: str, teacher_tokenizer: Any) -> dict[str, Any]:
+    """The key parts a cross-tokenizer cache adds (cache-teacher --cross-tokenizer): the method and the
+    teacher's tokenizer and chat template, which decide its tokens and so the alignment (the student's
+    are the ``tokenizer`` and ``chat_template`` parts, as in any cache)."""
+    return {
+        "cross_tokenizer": method,
+        "teacher_tokenizer": hash_tokenizer(teacher_tokenizer),
+        "teacher_chat_template": hash_chat_template(teacher_tokenizer),
     }
 
 

@@ -68,6 +68,12 @@ class TeacherCache:
         return found if isinstance(found, dict) else None
 
     @property
+    def cross_tokenizer(self) -> str | None:
+        """The --cross-tokenizer method a cross-tokenizer cache was aligned for; None: same tokenizer."""
+        found = self.manifest["key"].get("cross_tokenizer")
+        return str(found) if found else None
+
+    @property
     def samples_per_prompt(self) -> int:
         return 1 if self.sampling is None else int(self.sampling["samples_per_prompt"])
 
@@ -122,6 +128,17 @@ class TeacherCache:
             handle.get_slice("log_probs")[a:b],
             handle.get_slice("tail")[a:b],
         )
+
+    def kd_rows(self, rows: Sequence[int]) -> torch.Tensor:
+        """[P] bool over the trained positions of examples ``rows`` (in ``targets``' order): those with a
+        target in a cross-tokenizer cache (the others hold a placeholder)."""
+        shard_size = int(self.manifest["shard_size"])
+        parts = []
+        for row in rows:
+            handle, offsets = self._shard(row // shard_size)
+            i = row % shard_size
+            parts.append(handle.get_slice("kd_rows")[offsets[i] : offsets[i + 1]])
+        return torch.cat(parts)
 
     def targets(self, rows: Sequence[int]) -> TopKTargets:
         """The targets of examples ``rows``, concatenated in that order: the order of ``targets[trained]``
@@ -223,7 +240,10 @@ def damaged_shard(root: Path, manifest: dict[str, Any], name: str, problem: str)
 def batch_targets(cache: TeacherCache, rows: Sequence[int]) -> dict[str, torch.Tensor]:
     """The cached targets of a collated batch, as extra entries of its dict (see ``unpack_targets``)."""
     t = cache.targets(rows)
-    return {"teacher_ids": t.ids, "teacher_log_probs": t.log_probs, "teacher_tail": t.tail}
+    out = {"teacher_ids": t.ids, "teacher_log_probs": t.log_probs, "teacher_tail": t.tail}
+    if cache.cross_tokenizer is not None:
+        out["teacher_kd_rows"] = cache.kd_rows(rows)
+    return out
 
 
 def unpack_targets(batch: dict[str, torch.Tensor], device: torch.device) -> TopKTargets | None:

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from llm_neo import __version__
 from llm_neo.config import CacheTeacherConfig, validate_cache_teacher
+from llm_neo.cross_tokenizer import CrossRun, cross_batch, cross_targets, read_cross_data
 from llm_neo.data import Example, collate, read_examples
 from llm_neo.errors import CacheError, ConfigError
 from llm_neo.losses import IGNORE_INDEX, TopKTargets, next_token_targets
@@ -28,11 +29,13 @@ from llm_neo.models.loading import (
     check_supported,
     load_config,
     load_model,
+    load_tokenizer,
     load_tokenizers,
     resolve_device,
     resolve_dtype,
 )
 from llm_neo.models.quant import dense_weight_bytes, load_teacher
+from llm_neo.records import to_json
 from llm_neo.runtime.atomic import (
     atomic_write_bytes,
     atomic_write_json,
@@ -65,7 +68,7 @@ from llm_neo.sampling import (
     seed_of,
     stop_token_ids,
 )
-from llm_neo.teacher_cache.key import key_differences, key_digest, run_key, samples_key
+from llm_neo.teacher_cache.key import cross_key, key_differences, key_digest, run_key, samples_key
 from llm_neo.teacher_cache.store import FORMAT, KEY_FILE, LOGPROB_DTYPES, MANIFEST, VERSION, read_record
 
 log = logging.getLogger("llm_neo")
@@ -115,35 +118,58 @@ def _batches(examples: Sequence[Example], batch_size: int) -> list[list[int]]:
     return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 
 
+# An example's cached rows: its targets at its trained positions, and with --cross-tokenizer which of
+# them have one (the KD row mask; None: every row).
+Rows = tuple[TopKTargets, torch.Tensor | None]
+
+
 def _batch_targets(
     teacher: torch.nn.Module,
     examples: Sequence[Example],
     chosen: list[int],
     *,
     config: CacheTeacherConfig,
-    pad_token_id: int,
-    vocab_size: int,
+    inputs: _Inputs,
     device: torch.device,
     dtype: torch.dtype,
-) -> dict[int, TopKTargets]:
-    """The targets of examples ``chosen`` (indices into ``examples``), from one teacher forward."""
-    batch = collate([examples[i] for i in chosen], pad_token_id)
-    targets = teacher_topk(
-        teacher,
-        batch,
-        vocab_size=vocab_size,
-        top_k=config.top_k,
-        temperature=config.kd_temperature,
-        device=device,
-        dtype=dtype,
-        chunk_size=config.chunk_size,
-    )
+) -> dict[int, Rows]:
+    """The rows of examples ``chosen`` (indices into ``examples``), from one teacher forward; across
+    tokenizers the teacher reads its own tokens and its targets are those distill's online
+    ``cross_tokenizer.cross_targets`` computes, at the student's trained positions."""
+    picked = [examples[i] for i in chosen]
+    batch = collate(picked, inputs.tokenizer.pad_token_id)
     counts = (next_token_targets(batch["labels"]) != IGNORE_INDEX).sum(dim=1).tolist()
-    found: dict[int, TopKTargets] = {}
+    kd_rows: torch.Tensor | None = None
+    if inputs.cross is not None:
+        batch |= cross_batch(picked, inputs.cross)
+        found_all, kd_rows = cross_targets(
+            teacher,
+            batch,
+            inputs.cross.pair,
+            sum(counts),
+            device=device,
+            dtype=dtype,
+            temperature=config.kd_temperature,
+            chunk_size=config.chunk_size,
+        )
+        targets = TopKTargets(found_all.ids.to(torch.int32), found_all.log_probs, found_all.tail).to("cpu")
+        kd_rows = kd_rows.cpu()
+    else:
+        targets = teacher_topk(
+            teacher,
+            batch,
+            vocab_size=len(inputs.tokenizer),
+            top_k=config.top_k,
+            temperature=config.kd_temperature,
+            device=device,
+            dtype=dtype,
+            chunk_size=config.chunk_size,
+        )
+    found: dict[int, Rows] = {}
     row = 0
     for i, count in zip(chosen, counts, strict=True):
-        found[i] = targets.slice(row, row + count)
-        _refuse_non_finite(found[i], examples[i], config.teacher)
+        found[i] = (targets.slice(row, row + count), None if kd_rows is None else kd_rows[row : row + count])
+        _refuse_non_finite(found[i][0], examples[i], config.teacher)
         row += count
     return found
 
@@ -158,7 +184,7 @@ def _idle_forward(teacher: torch.nn.Module, device: torch.device, dtype: torch.d
 
 
 def _shard_tensors(
-    per_example: dict[int, TopKTargets], config: CacheTeacherConfig, samples: Sequence[Example] | None
+    per_example: dict[int, Rows], config: CacheTeacherConfig, samples: Sequence[Example] | None
 ) -> dict[str, torch.Tensor]:
     """The tensors of one shard: its examples' targets, concatenated in example order; with ``samples``
     (a cache of student samples) also their tokens, which distill trains on instead of the data's:
@@ -166,8 +192,11 @@ def _shard_tensors(
         input_ids        [L]    int32  prompt + response of every sample, concatenated
         input_offsets    [n+1]  int64  sample i is input_ids[input_offsets[i]:input_offsets[i+1]]
         response_starts  [n]    int64  where its response starts (its prompt is not trained)
+
+    and with --cross-tokenizer ``kd_rows [P] bool``: the rows that have a target (the others hold a
+    placeholder the loss never reads).
     """
-    parts = [per_example[i] for i in range(len(per_example))]
+    parts = [per_example[i][0] for i in range(len(per_example))]
     lengths = [p.ids.shape[0] for p in parts]
     offsets = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int64)
     store = LOGPROB_DTYPES[config.logprob_dtype]
@@ -177,6 +206,9 @@ def _shard_tensors(
         "log_probs": torch.cat([p.log_probs for p in parts]).to(store).contiguous(),
         "tail": torch.cat([p.tail for p in parts]).to(store).contiguous(),
     }
+    masks = [per_example[i][1] for i in range(len(per_example))]
+    if masks and masks[0] is not None:
+        tensors["kd_rows"] = torch.cat([m for m in masks if m is not None]).to(torch.bool).contiguous()
     if samples is not None:
         sizes = [len(ex.input_ids) for ex in samples]
         tensors |= {
@@ -332,6 +364,7 @@ class _Inputs:
     digest: str
     sampling: Sampling | None = None
     max_new_tokens: int = 0
+    cross: CrossRun | None = None  # --cross-tokenizer: the pair and the data's alignment
 
     @property
     def rows(self) -> int:
@@ -538,7 +571,7 @@ def _load_cache_teacher(
     if placement == "fsdp":
         fsdp_shard(*fsdp_parts(teacher))  # FSDP2 moves each rank's shards to the mesh's device
         torch.nn.Module.to(teacher, device)  # the parts it keeps whole (the lm_head; a tied embedding)
-    vocab_size = len(inputs.tokenizer)
+    vocab_size = len(inputs.tokenizer) if inputs.cross is None else inputs.cross.pair.teacher_vocab
     if logit_width(teacher) < vocab_size:
         raise CacheError(
             f"the teacher has {logit_width(teacher)} logit columns but the tokenizer {vocab_size} tokens"
@@ -548,6 +581,8 @@ def _load_cache_teacher(
 
 def _inputs(config: CacheTeacherConfig, *, progress: bool = True) -> _Inputs:
     """The data tokenized as the student's distill run will tokenize it, and the cache's key."""
+    if config.cross_tokenizer:
+        return _cross_inputs(config, progress=progress)
     # Another tokenizer (the student's) is checked against the teacher's; the teacher's own needs no check.
     tokenizer, teacher_tokenizer = load_tokenizers(
         config.tokenizer or config.teacher,
@@ -585,6 +620,26 @@ def _inputs(config: CacheTeacherConfig, *, progress: bool = True) -> _Inputs:
     )
     cap = config.sample_max_new_tokens or longest_response(examples)
     return _Inputs(tokenizer, examples, dropped, key, key_digest(key), sampling, cap)
+
+
+def _cross_inputs(config: CacheTeacherConfig, *, progress: bool) -> _Inputs:
+    """The data tokenized for the student (--tokenizer) and aligned with the teacher's tokenization, as
+    distill --cross-tokenizer aligns it; the key adds the method and the teacher's tokenizer."""
+    assert config.cross_tokenizer and config.tokenizer
+    tokenizer, examples, _, dropped, cross = read_cross_data(
+        config,
+        student=config.tokenizer,
+        teacher=config.teacher,
+        method=config.cross_tokenizer,
+        top_k=config.top_k,
+        progress=progress,
+    )
+    trust = config.trust_remote_code
+    teacher_tokenizer = load_tokenizer(config.teacher, role="teacher", trust_remote_code=trust)
+    key = run_key(config, tokenizer=tokenizer, examples=examples)
+    key |= {"top_k": config.top_k, "logprob_dtype": config.logprob_dtype, "shard_size": config.shard_size}
+    key |= cross_key(config.cross_tokenizer, teacher_tokenizer)
+    return _Inputs(tokenizer, examples, dropped, key, key_digest(key), cross=cross)
 
 
 def _draw_samples(
@@ -676,7 +731,7 @@ def _write_shards(
     # Without a terminal, plain lines instead of the bar (runtime/progress.py); rank 0's share only.
     lines = ProgressLines("cache-teacher", tokens, unit="tokens", enabled=None if world.is_main else False)
     written: dict[int, dict[str, Any]] = {}
-    per_example: dict[int, dict[int, TopKTargets]] = {s: {} for s in mine}
+    per_example: dict[int, dict[int, Rows]] = {s: {} for s in mine}
     done, generating = 0, 0.0
     loop_start = time.perf_counter()
     for step in range(steps):
@@ -693,16 +748,9 @@ def _write_shards(
                     generating += time.perf_counter() - drawn
                 chosen = _batches(shards[s], config.batch_size)[b]
                 per_example[s] |= _batch_targets(
-                    teacher,
-                    shards[s],
-                    chosen,
-                    config=config,
-                    pad_token_id=inputs.tokenizer.pad_token_id,
-                    vocab_size=len(inputs.tokenizer),
-                    device=device,
-                    dtype=dtype,
+                    teacher, shards[s], chosen, config=config, inputs=inputs, device=device, dtype=dtype
                 )
-                done += sum(p.ids.shape[0] for i, p in per_example[s].items() if i in chosen)
+                done += sum(p[0].ids.shape[0] for i, p in per_example[s].items() if i in chosen)
                 if len(per_example[s]) == len(shards[s]):
                     samples = shards[s] if student is not None else None
                     tensors = _shard_tensors(per_example.pop(s), config, samples)
@@ -846,6 +894,8 @@ def _manifest(
             "tokenizer": config.tokenizer or config.teacher,
             "data": config.data,
         },
+        # across tokenizers: the pair report a run from the cache alone writes as its pair.json
+        **({} if inputs.cross is None else {"pair": to_json(inputs.cross.report)}),
         "teacher_dtype": str(teacher_dtype).removeprefix("torch."),
         "llm_neo_version": __version__,
     } | samples
