@@ -132,7 +132,7 @@ def test_neo_trains_only_lora_branches(make_config, student_dir):
 def test_an_unset_loss_chunk_is_the_devices_default_and_recorded(make_config, student_dir, monkeypatch):
     # On a CPU the chunk is sized by the bytes of its [C, V] logits; a budget of 64 tokens' logits at
     # the tiny student's width makes that default differ from the GPU's 1024 (and from any vocabulary).
-    import llm_neo.runtime.memory as memory
+    import llm_neo.config as memory  # where the CPU chunk budget lives
 
     vocab = AutoModelForCausalLM.from_pretrained(student_dir).config.vocab_size
     monkeypatch.setattr(memory, "CPU_CHUNK_BYTES", 4 * vocab * 64)

@@ -60,7 +60,6 @@ from llm_neo.options import (
     option_help,
     yaml_text,
 )
-from llm_neo.runtime.memory import CPU_CHUNK_BYTES, GPU_CHUNK_TOKENS, default_chunk_size
 from llm_neo.runtime.tracking import check_trackers
 
 MLP_CHUNKS_HELP = (
@@ -71,6 +70,25 @@ MLP_CHUNKS_HELP = (
 
 # ------------------------------------------------------------------------------------------------
 # Shared options: one definition for the commands that have them (each in its own place in --help)
+
+
+# The chunked loss's chunk when none is given (--loss-chunk-size), here beside the option and free of torch
+# (the command list imports this module). On a GPU, 1024 tokens. On a CPU, the most tokens (a multiple of
+# 64, at most 1024) whose [C, V] fp32 tensor fits CPU_CHUNK_BYTES: above runtime.memory's mmap threshold,
+# so each chunk's tensors go back to the system when freed, and a quarter of a 1024-token chunk's
+# memory at V = 32,000 (256 tokens) for a few percent of step time (docs/memory.md).
+GPU_CHUNK_TOKENS = 1024
+CPU_CHUNK_BYTES = 32 * 2**20
+
+
+def default_chunk_size(device_type: str, vocab_size: int) -> int:
+    """Tokens per chunk of the chunked loss when the user sets none, for a device type ("cpu", "cuda",
+    ...) and the KD vocabulary: 1024 off the CPU; on it, 64 to 1024 tokens, [C, V] fp32 within
+    ``CPU_CHUNK_BYTES`` (256 at V = 32,000, 128 at 49,152, 64 at 128,256)."""
+    if device_type != "cpu":
+        return GPU_CHUNK_TOKENS
+    fits = CPU_CHUNK_BYTES // (4 * max(1, vocab_size)) // 64 * 64
+    return max(64, min(GPU_CHUNK_TOKENS, fits))
 
 
 def cross_tokenizer_option(text: str, *, group: str) -> Any:

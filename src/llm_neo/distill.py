@@ -43,7 +43,7 @@ from transformers import set_seed as hf_set_seed
 
 from llm_neo import __version__
 from llm_neo.alignment import CrossPair
-from llm_neo.config import DistillConfig, validate_distill
+from llm_neo.config import DistillConfig, default_chunk_size, validate_distill
 from llm_neo.cross_tokenizer import (
     PAIR_FILE,
     CrossRun,
@@ -160,7 +160,6 @@ from llm_neo.runtime.memory import (
     GiB,
     LiveTensorBytes,
     cpu_allocator_policy,
-    default_chunk_size,
     peak_memory_gb,
     return_free_heap,
 )
@@ -553,10 +552,16 @@ def preflight(config: DistillConfig) -> torch.dtype:
 
 def _with_memory_defaults(config: DistillConfig, device: torch.device) -> DistillConfig:
     """The device's memory defaults: on a CPU the allocator policy (once per process), and the loss chunk
-    when the user gave none (``runtime.memory.default_chunk_size`` for the student's logit width); the
-    returned config carries the chunk, so summary.json and a resume see the one the run used."""
+    (``with_default_chunk``)."""
     if device.type == "cpu":
         log.info("allocator: %s", cpu_allocator_policy())
+    return with_default_chunk(config, device)
+
+
+def with_default_chunk(config: DistillConfig, device: torch.device) -> DistillConfig:
+    """``config`` with the loss chunk it runs with: the one given, else ``config.default_chunk_size``
+    for the device and the student's logit width. The returned config carries the chunk, so summary.json,
+    a resume and compare's finished-arm check all see the one the run used."""
     if config.loss_chunk_size is not None:
         return config
     student = load_config(config.student, role="student", trust_remote_code=config.trust_remote_code)

@@ -138,12 +138,8 @@ print((rss_bytes() - before) / 2**20)
 def test_the_cpu_chunk_is_above_the_mmap_threshold_and_within_its_budget():
     # The two CPU defaults work together: a chunk's [C, V] fp32 tensors must be mmapped (above the
     # threshold) to go back to the system when freed, and stay within the budget the chunk is sized by.
-    from llm_neo.runtime.memory import (
-        CPU_CHUNK_BYTES,
-        CPU_MMAP_THRESHOLD,
-        GPU_CHUNK_TOKENS,
-        default_chunk_size,
-    )
+    from llm_neo.config import CPU_CHUNK_BYTES, GPU_CHUNK_TOKENS, default_chunk_size
+    from llm_neo.runtime.memory import CPU_MMAP_THRESHOLD
 
     for vocab in (32_000, 49_152, 128_256):  # Llama-2, SmolLM2, Llama-3
         chunk = default_chunk_size("cpu", vocab)

@@ -919,8 +919,12 @@ def _finished(config: DistillConfig) -> RunSummary | None:
     out = Path(str(config.output_dir))
     if not (out / "summary.json").is_file() or not (out / "config.yaml").is_file():
         return None
+    from llm_neo.distill import with_default_chunk
+
+    # The saved config carries the loss chunk the arm ran with (distill resolves an unset one).
+    expected = with_default_chunk(config.resolved(), resolve_device(config.device))
     if canonical_keys(DistillConfig, load_yaml(out / "config.yaml")) != to_dict(
-        dataclasses.replace(config.resolved(), resume=False, overwrite=False)
+        dataclasses.replace(expected, resume=False, overwrite=False)
     ):
         return None
     try:

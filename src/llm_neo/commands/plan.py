@@ -62,9 +62,9 @@ from llm_neo.choices import (
     TEACHER_QUANT,
 )
 from llm_neo.commands.cost import GPUS, Gpu, parse_tokens
-from llm_neo.config import DeviceOptions
+from llm_neo.config import DeviceOptions, default_chunk_size
 from llm_neo.options import Effect, option_help
-from llm_neo.runtime.memory import GiB, default_chunk_size, rss_bytes
+from llm_neo.runtime.memory import GiB, rss_bytes
 
 __all__ = [
     "ArmEstimate",

@@ -30,7 +30,6 @@ __all__ = [
     "GiB",
     "LiveTensorBytes",
     "cpu_allocator_policy",
-    "default_chunk_size",
     "peak_memory_gb",
     "peak_rss_bytes",
     "return_free_heap",
@@ -113,24 +112,6 @@ _GLIBC_THRESHOLD_ENV = "MALLOC_MMAP_THRESHOLD_"
 # activations and gradients at the CPU shapes (1-9 MiB) stay below it, in the heap that reuses them
 # step after step without a system call. docs/memory.md has the measurements.
 CPU_MMAP_THRESHOLD = 16 * 2**20
-# The chunked loss's chunk when none is given. On a GPU, 1024 tokens. On a CPU, the most tokens (a
-# multiple of 64, at most 1024) whose [C, V] fp32 tensor fits CPU_CHUNK_BYTES: above the mmap threshold,
-# so each chunk's tensors go back to the system when freed, and a quarter of a 1024-token chunk's
-# memory at V = 32,000 (256 tokens) for a few percent of step time (docs/memory.md).
-GPU_CHUNK_TOKENS = 1024
-CPU_CHUNK_BYTES = 32 * 2**20
-
-
-def default_chunk_size(device_type: str, vocab_size: int) -> int:
-    """Tokens per chunk of the chunked loss when the user sets none, for a device type ("cpu", "cuda",
-    ...) and the KD vocabulary: 1024 off the CPU; on it, 64 to 1024 tokens, [C, V] fp32 within
-    ``CPU_CHUNK_BYTES`` (256 at V = 32,000, 128 at 49,152, 64 at 128,256)."""
-    if device_type != "cpu":
-        return GPU_CHUNK_TOKENS
-    fits = CPU_CHUNK_BYTES // (4 * max(1, vocab_size)) // 64 * 64
-    return max(64, min(GPU_CHUNK_TOKENS, fits))
-
-
 # Set to "default" (or "0", "off"), the run keeps glibc's own allocator policy.
 ALLOCATOR_ENV = "LLM_NEO_MALLOC"
 # What the process's allocator policy has been, once decided: the first decision stands.

@@ -9,9 +9,8 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from llm_neo.choices import CROSS_TOKENIZER_METHODS, METHOD_NAMES, METHODS, QUANT_VARIANTS
-from llm_neo.config import MLP_CHUNKS_HELP, DeviceOptions, arm_name, parse_arm
+from llm_neo.config import GPU_CHUNK_TOKENS, MLP_CHUNKS_HELP, DeviceOptions, arm_name, parse_arm
 from llm_neo.options import option_help
-from llm_neo.runtime.memory import GPU_CHUNK_TOKENS
 
 PEER_NAMES = ("trl",)  # --peers: the tools run side by side (commands.bench.peers)
 
@@ -266,10 +265,10 @@ def parse_runs(texts: list[str], default_chunk: int, option: str, problems: list
 
 def with_default_chunk(config: BenchConfig, device_type: str) -> BenchConfig:
     """``config`` with ``--loss-chunk-size 0`` replaced by llm-neo distill's default for the device type
-    and the shape's vocabulary (``runtime.memory.default_chunk_size``); an unknown shape is left to
+    and the shape's vocabulary (``config.default_chunk_size``); an unknown shape is left to
     ``validate``."""
     from llm_neo.commands.shapes import SHAPES
-    from llm_neo.runtime.memory import default_chunk_size
+    from llm_neo.config import default_chunk_size
 
     if config.loss_chunk_size != 0 or config.shape not in SHAPES:
         return config
