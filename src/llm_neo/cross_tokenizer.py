@@ -29,7 +29,8 @@ from llm_neo.alignment import (
     same_tokenizer,
     spread_targets,
 )
-from llm_neo.data import Example, collate, load_records, tokenize_records
+from llm_neo.config import TokenizeOptions
+from llm_neo.data import Example, collate, load_records, read_examples, tokenize_records
 from llm_neo.errors import ConfigError, ModelError
 from llm_neo.losses import IGNORE_INDEX, TopKTargets, divergence, next_token_targets
 from llm_neo.models.anatomy import final_hidden_states, logit_width, model_logits
@@ -138,6 +139,34 @@ def align_data(
         pair.top_k,
     )
     return CrossRun(pair, {ex.index: al for ex, al in zip(examples, aligned, strict=True)}, report)
+
+
+def read_aligned(
+    path: str,
+    tokenizer: Any,
+    teacher_tokenizer: Any,
+    options: TokenizeOptions,
+    *,
+    method: str,
+    top_k: int,
+    names: tuple[str, str],
+) -> tuple[list[dict[str, Any]], list[Example], CrossRun]:
+    """A data file to score (eval's data, compare's held-out split): its records, the student's examples
+    of them and their alignment with the teacher's tokenization (``align_data``)."""
+    records, examples, _ = read_examples(path, tokenizer, options)
+    run = align_data(
+        records,
+        examples,
+        tokenizer,
+        teacher_tokenizer,
+        method=method,
+        top_k=top_k,
+        max_length=options.max_length,
+        names=names,
+        source=path,
+        train_on_prompt=options.train_on_prompt,
+    )
+    return records, examples, run
 
 
 def student_kd_vocab(tokenizer: Any, student: torch.nn.Module) -> int:

@@ -52,7 +52,7 @@ from llm_neo.config import (
     parse_arm,
     validate_distill,
 )
-from llm_neo.cross_tokenizer import CrossRun, align_data, aligned_heldout
+from llm_neo.cross_tokenizer import CrossRun, aligned_heldout, read_aligned
 from llm_neo.data import Example, load_records, read_examples
 from llm_neo.errors import ConfigError
 from llm_neo.eval.answers import answer_stats
@@ -1061,20 +1061,16 @@ def _cross_heldout(config: CompareConfig, heldout: str, tokenizer: Any) -> _Cros
     assert config.teacher and config.cross_tokenizer
     trust = config.trust_remote_code
     teacher_tokenizer = load_tokenizer(config.teacher, role="teacher", trust_remote_code=trust)
-    records, examples, _ = read_examples(heldout, tokenizer, config)
-    _, teacher_examples, _ = read_examples(heldout, teacher_tokenizer, config)
-    run = align_data(
-        records,
-        examples,
+    records, examples, run = read_aligned(
+        heldout,
         tokenizer,
         teacher_tokenizer,
+        config,
         method=config.cross_tokenizer,
         top_k=config.cross_tokenizer_top_k,
-        max_length=config.max_length,
         names=(config.student, config.teacher),
-        source=heldout,
-        train_on_prompt=config.train_on_prompt,
     )
+    _, teacher_examples, _ = read_examples(heldout, teacher_tokenizer, config)
     return _CrossHeldout(records, examples, teacher_tokenizer, teacher_examples, run)
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from llm_neo.config import EvalConfig, validate_eval
-from llm_neo.cross_tokenizer import align_data, aligned_heldout, refuse_same_tokenizer
+from llm_neo.cross_tokenizer import aligned_heldout, read_aligned, refuse_same_tokenizer
 from llm_neo.data import read_examples
 from llm_neo.eval.metrics import heldout_metrics
 from llm_neo.models.loading import (
@@ -87,18 +87,14 @@ def _cross_eval(config: EvalConfig, device: torch.device, dtype: torch.dtype) ->
     tokenizer = load_tokenizer(config.model, role="model", trust_remote_code=trust)
     teacher_tokenizer = load_tokenizer(config.teacher, role="teacher", trust_remote_code=trust)
     refuse_same_tokenizer(tokenizer, teacher_tokenizer, config.cross_tokenizer)
-    records, examples, _ = read_examples(config.data, tokenizer, config)
-    cross = align_data(
-        records,
-        examples,
+    _, examples, cross = read_aligned(
+        config.data,
         tokenizer,
         teacher_tokenizer,
+        config,
         method=config.cross_tokenizer,
         top_k=config.cross_tokenizer_top_k,
-        max_length=config.max_length,
         names=(config.model, config.teacher),
-        source=config.data,
-        train_on_prompt=config.train_on_prompt,
     )
     model = load_frozen(config, config.model, role="model", dtype=dtype, device=device)
     teacher = load_frozen(config, config.teacher, role="teacher", dtype=dtype, device=device)
