@@ -30,7 +30,7 @@ from llm_neo.alignment import (
     spread_targets,
 )
 from llm_neo.config import TokenizeOptions
-from llm_neo.data import Example, collate, load_records, read_examples, tokenize_records
+from llm_neo.data import Example, collate, read_examples
 from llm_neo.errors import ConfigError, ModelError
 from llm_neo.losses import IGNORE_INDEX, TopKTargets, divergence, next_token_targets
 from llm_neo.models.anatomy import final_hidden_states, logit_width, model_logits
@@ -76,26 +76,15 @@ def read_cross_data(
     tokenizer = load_tokenizer(student, role="student", trust_remote_code=trust)
     teacher_tokenizer = load_tokenizer(teacher, role="teacher", trust_remote_code=trust)
     refuse_same_tokenizer(tokenizer, teacher_tokenizer, method)
-    records = load_records(config.data)
-    examples, dropped = tokenize_records(
-        records,
-        tokenizer,
-        max_length=config.max_length,
-        train_on_prompt=config.train_on_prompt,
-        source=config.data,
-        progress=progress,
-    )
-    cross = align_data(
-        records,
-        examples,
+    records, examples, dropped, cross = read_aligned(
+        config.data,
         tokenizer,
         teacher_tokenizer,
+        config,
         method=method,
         top_k=top_k,
-        max_length=config.max_length,
         names=(student, teacher),
-        source=config.data,
-        train_on_prompt=config.train_on_prompt,
+        progress=progress,
     )
     return tokenizer, examples, len(records), dropped, cross
 
@@ -150,10 +139,12 @@ def read_aligned(
     method: str,
     top_k: int,
     names: tuple[str, str],
-) -> tuple[list[dict[str, Any]], list[Example], CrossRun]:
-    """A data file to score (eval's data, compare's held-out split): its records, the student's examples
-    of them and their alignment with the teacher's tokenization (``align_data``)."""
-    records, examples, _ = read_examples(path, tokenizer, options)
+    progress: bool = False,
+) -> tuple[list[dict[str, Any]], list[Example], int, CrossRun]:
+    """A data file read across tokenizers (distill's and cache-teacher's data, eval's, compare's held-out
+    split): its records, the student's examples of them as ``data.read_examples`` tokenizes them, how many
+    records were dropped, and their alignment with the teacher's tokenization (``align_data``)."""
+    records, examples, dropped = read_examples(path, tokenizer, options, progress=progress)
     run = align_data(
         records,
         examples,
@@ -166,7 +157,7 @@ def read_aligned(
         source=path,
         train_on_prompt=options.train_on_prompt,
     )
-    return records, examples, run
+    return records, examples, dropped, run
 
 
 def student_kd_vocab(tokenizer: Any, student: torch.nn.Module) -> int:

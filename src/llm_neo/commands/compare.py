@@ -1061,7 +1061,7 @@ def _cross_heldout(config: CompareConfig, heldout: str, tokenizer: Any) -> _Cros
     assert config.teacher and config.cross_tokenizer
     trust = config.trust_remote_code
     teacher_tokenizer = load_tokenizer(config.teacher, role="teacher", trust_remote_code=trust)
-    records, examples, run = read_aligned(
+    records, examples, _, run = read_aligned(
         heldout,
         tokenizer,
         teacher_tokenizer,

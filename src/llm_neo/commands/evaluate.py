@@ -87,7 +87,7 @@ def _cross_eval(config: EvalConfig, device: torch.device, dtype: torch.dtype) ->
     tokenizer = load_tokenizer(config.model, role="model", trust_remote_code=trust)
     teacher_tokenizer = load_tokenizer(config.teacher, role="teacher", trust_remote_code=trust)
     refuse_same_tokenizer(tokenizer, teacher_tokenizer, config.cross_tokenizer)
-    _, examples, cross = read_aligned(
+    _, examples, _, cross = read_aligned(
         config.data,
         tokenizer,
         teacher_tokenizer,
