@@ -10,8 +10,9 @@ freed before the next chunk, so the peak logits memory is ``chunk_size x V`` per
 
 For CE + forward KL (LLM-Neo's default) and CE alone, the gradient with respect to each chunk's
 logits is written out in closed form, in place (``_analytic_chunk``): three fp32 [C, V] tensors per
-chunk instead of the eight autograd keeps. The other divergences, soft-capped students and cached
-teachers go through autograd per chunk.
+chunk instead of the eight autograd keeps, and the same three for every chunk of a loop
+(``_Scratch``), so that a loop allocates them once rather than once per chunk. The other divergences,
+soft-capped students and cached teachers go through autograd per chunk.
 """
 
 from __future__ import annotations
@@ -262,6 +263,40 @@ class _Loop:
     bias: Tensor | None  # [V_s]
     loss_dtype: torch.dtype
     grads: _Grads
+    scratch: _Scratch | None = None  # the analytic path's [C, V] buffers
+
+
+@dataclass
+class _Scratch:
+    """The analytic chunk's [C, V] buffers, allocated once per loop and reused by every chunk.
+
+    Why: on a CPU each fresh ``[C, V]`` tensor at or above glibc's mmap threshold (llm-neo's CPU policy,
+    ``runtime.memory``) is mapped, page-faulted in and unmapped again. For every chunk, in fp32, that was
+    about a third of the loss's CPU time. Reused buffers pay that once per loop.
+
+    logits   [C, V_s] the student's logits, then its softmax, then the gradient w.r.t. its logits
+    teacher  [C, V_kd] the teacher's logits, then log p, then log p - log q, then (for T != 1 or fewer
+             KD columns) q = softmax(s / T)
+    work     [C, V_s] exp(x - max) of each logsumexp; then the teacher's p on the first V_kd columns
+
+    CE alone needs only ``logits`` (its logsumexp runs in place there).
+    """
+
+    logits: Tensor
+    teacher: Tensor | None  # None for CE alone
+    work: Tensor | None  # likewise
+
+    @staticmethod
+    def for_loop(
+        rows: int, student_width: int, plan: _ChunkPlan, dtype: torch.dtype, device: torch.device
+    ) -> _Scratch:
+        kd_width = plan.options.kd_vocab_size or student_width
+        dense = isinstance(plan.teacher, _DenseTeacher)
+        return _Scratch(
+            logits=torch.empty((rows, student_width), dtype=dtype, device=device),
+            teacher=torch.empty((rows, kd_width), dtype=dtype, device=device) if dense else None,
+            work=torch.empty((rows, student_width), dtype=dtype, device=device) if dense else None,
+        )
 
 
 def _chunk_loop(
@@ -298,7 +333,9 @@ def _chunk_loop(
         and (plan.teacher is None or plan.options.divergence == "forward_kl")
     )
     chunk = _analytic_chunk if analytic else _autograd_chunk
-    loop = _Loop(plan, student_hidden, head, bias, loss_dtype, grads)
+    rows = min(plan.options.chunk_size, student_hidden.shape[0])
+    scratch = _Scratch.for_loop(rows, head.shape[0], plan, loss_dtype, device) if analytic else None
+    loop = _Loop(plan, student_hidden, head, bias, loss_dtype, grads, scratch)
     with _autocast_off(device):
         for start in range(0, student_hidden.shape[0], plan.options.chunk_size):
             ce, kd = chunk(loop, start, min(start + plan.options.chunk_size, student_hidden.shape[0]))
@@ -364,9 +401,10 @@ def _analytic_chunk(loop: _Loop, start: int, stop: int) -> tuple[Tensor, Tensor]
     chunk's student logits written out instead of taken by autograd.
 
     Why: autograd through log_softmax / exp / where keeps about eight fp32 [C, V] tensors alive at
-    once (33 bytes per logit measured); this keeps at most three (the student logits, which become the
-    gradient in place, the teacher log-ratio and the teacher probabilities), so the chunk's memory is
-    about 12 bytes per logit and a step's peak is set by the models rather than by the loss.
+    once (33 bytes per logit measured); this keeps three (the student logits, which become the gradient
+    in place, the teacher log-ratio and the teacher probabilities, the latter in the logsumexp's
+    workspace), so the chunk's memory is about 12 bytes per logit and a step's peak is set by the models
+    rather than by the loss. The three are ``loop.scratch``'s, the same for every chunk.
 
     With s the student logits [C, V_s], p = softmax(t / T) the teacher over the first V_kd columns,
     q = softmax(s[:, :V_kd] / T), r = kd_ratio and N = num_tokens:
@@ -378,54 +416,93 @@ def _analytic_chunk(loop: _Loop, start: int, stop: int) -> tuple[Tensor, Tensor]
     ``loop.grads``.
     """
     plan, head, bias, loss_dtype, grads = loop.plan, loop.head, loop.bias, loop.loss_dtype, loop.grads
+    buffers = loop.scratch
+    assert buffers is not None, "the analytic chunk runs on the loop's scratch buffers"
+    n = stop - start
     h = loop.hidden[start:stop].detach()  # [C, H_s]
     want_grad = grads.hidden is not None or grads.head is not None or grads.bias is not None
     r, temp, kvs = plan.options.kd_ratio, plan.options.temperature, plan.options.kd_vocab_size
     targets = plan.targets[start:stop]  # [C]
-    s = F.linear(h.to(plan.student_dtype), head).to(loss_dtype)  # [C, V_s], a fresh tensor: edited in place
+    s = _linear_into(buffers.logits[:n], h.to(plan.student_dtype), head)  # [C, V_s], edited in place
     if bias is not None:
         s += bias.to(loss_dtype)
-    lse_s = torch.logsumexp(s, dim=-1)  # [C]
-    ce = (lse_s - s.gather(1, targets[:, None]).squeeze(1)).sum()
-    kd = ce.new_zeros(())
-    p = None
+    picked = s.gather(1, targets[:, None]).squeeze(1)  # [C] the targets' logits
+    if not isinstance(plan.teacher, _DenseTeacher):
+        # CE alone (r = 0): the logsumexp runs in place of the logits, whose softmax is then one division
+        # away, so the chunk needs no other [C, V] buffer.
+        lse_s, total = _logsumexp_(s)
+        ce = (lse_s - picked).sum()
+        if want_grad:
+            _add_logit_grads(loop, start, stop, s.div_(total[:, None]), h)
+        return ce, ce.new_zeros(())
+
+    assert buffers.work is not None and buffers.teacher is not None
+    work = buffers.work[:n]  # [C, V_s]
+    lse_s, _ = _logsumexp_(work.copy_(s))  # [C]
+    ce = (lse_s - picked).sum()
     s_kd = s if kvs is None else s[:, :kvs]  # [C, V_kd] view
     lse_q = lse_s
-    if isinstance(plan.teacher, _DenseTeacher):
-        if temp != 1.0 or kvs is not None:
-            lse_q = torch.logsumexp(s_kd / temp, dim=-1)  # [C]
-        log_ratio = _teacher_chunk_logits(plan.teacher, start, stop, loss_dtype)  # [C, V_kd], fresh
-        if temp != 1.0:
-            log_ratio /= temp
-        log_ratio -= torch.logsumexp(log_ratio, dim=-1, keepdim=True)  # log p
-        p = log_ratio.exp()
-        # log p - log q in place. A -inf log p (p = 0) is clamped first so that its term is 0 * finite.
-        log_ratio.clamp_(min=torch.finfo(loss_dtype).min)
-        log_ratio.sub_(s_kd, alpha=1.0 / temp).add_(lse_q[:, None])
-        # Row-wise dot products through bmm: (p * log_ratio).sum(-1) would allocate another [C, V_kd].
-        kd = torch.bmm(p[:, None, :], log_ratio[:, :, None]).sum() * temp**2
-        del log_ratio
+    if temp != 1.0 or kvs is not None:
+        lse_q, _ = _logsumexp_(torch.div(s_kd, temp, out=work[:, : s_kd.shape[1]]))  # [C]
+    log_ratio = _teacher_chunk_logits(plan.teacher, start, stop, loss_dtype, out=buffers.teacher[:n])
+    if temp != 1.0:
+        log_ratio /= temp
+    p = work[:, : log_ratio.shape[1]].copy_(log_ratio)  # [C, V_kd], in the workspace
+    lse_t, total = _logsumexp_(p)
+    p.div_(total[:, None])  # softmax(t / T)
+    log_ratio -= lse_t[:, None]  # log p
+    # log p - log q in place. A -inf log p (p = 0) is clamped first so that its term is 0 * finite.
+    log_ratio.clamp_(min=torch.finfo(loss_dtype).min)
+    log_ratio.sub_(s_kd, alpha=1.0 / temp).add_(lse_q[:, None])
+    # Row-wise dot products through bmm: (p * log_ratio).sum(-1) would allocate another [C, V_kd].
+    kd = torch.bmm(p[:, None, :], log_ratio[:, :, None]).sum() * temp**2
     if not want_grad:
         return ce, kd
 
-    q = None
-    if p is not None and (temp != 1.0 or kvs is not None):
-        q = (s_kd / temp).sub_(lse_q[:, None]).exp_()  # [C, V_kd], before s is overwritten
-    g = s.sub_(lse_s[:, None]).exp_()  # softmax(s), in place of the logits
-    if p is not None and q is None:
-        g.add_(p, alpha=-r)  # T = 1 over the full width: (1 - r) softmax + r (softmax - p) = softmax - r p
+    if temp == 1.0 and kvs is None:
+        # (1 - r) softmax + r (softmax - p) = softmax - r p
+        g = s.sub_(lse_s[:, None]).exp_().add_(p, alpha=-r)
     else:
+        # q = softmax(s_kd / T) in the teacher's buffer (its log-ratio is spent), before s is overwritten
+        q = torch.div(s_kd, temp, out=log_ratio).sub_(lse_q[:, None]).exp_()  # [C, V_kd]
+        g = s.sub_(lse_s[:, None]).exp_()  # softmax(s), in place of the logits
         if r != 0.0:
             g.mul_(1.0 - r)
-        if p is not None and q is not None:
-            g_kd = g if kvs is None else g[:, :kvs]
-            g_kd.add_(q, alpha=r * temp).add_(p, alpha=-r * temp)
-    del p, q
-    rows = torch.arange(g.shape[0], device=g.device)
-    g[rows, targets] -= 1.0 - r
-    g /= _detached(plan.num_tokens)
-    _add_linear_grads(grads, start, stop, g, h, head, plan.student_dtype)
+        g_kd = g if kvs is None else g[:, :kvs]
+        g_kd.add_(q, alpha=r * temp).add_(p, alpha=-r * temp)
+    _add_logit_grads(loop, start, stop, g, h)
     return ce, kd
+
+
+def _add_logit_grads(loop: _Loop, start: int, stop: int, g: Tensor, h: Tensor) -> None:
+    """Finish the chunk's logit gradient ``g`` [C, V_s] (consumed; all but the one-hot term and the 1/N)
+    and back-propagate it through the lm_head into ``loop.grads``."""
+    plan = loop.plan
+    targets = plan.targets[start:stop]
+    rows = torch.arange(g.shape[0], device=g.device)
+    g[rows, targets] -= 1.0 - plan.options.kd_ratio
+    g /= _detached(plan.num_tokens)
+    _add_linear_grads(loop.grads, start, stop, g, h, loop.head, plan.student_dtype)
+
+
+def _linear_into(out: Tensor, x: Tensor, weight: Tensor) -> Tensor:
+    """``F.linear(x, weight)`` [C, V] written into ``out`` (``out``'s dtype) and returned: computed there
+    when the dtypes agree (the same matmul ``F.linear`` runs), else cast into it."""
+    if x.dtype == out.dtype:
+        return torch.mm(x, weight.t(), out=out)
+    return out.copy_(F.linear(x, weight))
+
+
+def _logsumexp_(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``torch.logsumexp(x, -1)`` of x [C, V] and ``sum(exp(x - max))`` [C], overwriting x with
+    ``exp(x - max)`` (so softmax is one division away) instead of allocating a [C, V] temporary.
+
+    Rows whose max is infinite are shifted by 0, as torch.logsumexp does: all -inf gives -inf, +inf
+    gives inf."""
+    top = x.amax(dim=-1, keepdim=True)  # [C, 1]
+    top.masked_fill_(top.isinf(), 0.0)
+    total = x.sub_(top).exp_().sum(dim=-1)  # [C]
+    return total.log() + top.squeeze(-1), total
 
 
 def _add_linear_grads(
@@ -445,15 +522,24 @@ def _add_linear_grads(
         grads.head += g_mm.T @ h.to(dtype)
 
 
-def _teacher_chunk_logits(teacher: _DenseTeacher, start: int, stop: int, loss_dtype: torch.dtype) -> Tensor:
-    """The teacher's logits for tokens [start, stop), [C, V_kd] in the loss dtype; never in a graph."""
+def _teacher_chunk_logits(
+    teacher: _DenseTeacher, start: int, stop: int, loss_dtype: torch.dtype, out: Tensor | None = None
+) -> Tensor:
+    """The teacher's logits for tokens [start, stop), [C, V_kd] in the loss dtype; never in a graph.
+    Written into ``out`` (a [C, V_kd] buffer of the loss dtype) when one is given."""
     with torch.no_grad():
         # Slicing/reading an inference-mode tensor is allowed here; the result is a normal tensor.
         th = teacher.hidden[start:stop].to(teacher.dtype)  # [C, H_t]
-        logits = F.linear(th, teacher.head).to(loss_dtype)  # [C, V_kd]
+        if out is None:
+            logits = F.linear(th, teacher.head).to(loss_dtype)  # [C, V_kd]
+        else:
+            logits = _linear_into(out, th, teacher.head)
         if teacher.bias is not None:
-            logits = logits + teacher.bias.to(loss_dtype)
-        return softcap(logits, teacher.softcap)
+            logits += teacher.bias.to(loss_dtype)
+        if teacher.softcap is None:
+            return logits
+        capped = softcap(logits, teacher.softcap)
+        return capped if out is None else out.copy_(capped)
 
 
 class _ChunkedDistill(torch.autograd.Function):
