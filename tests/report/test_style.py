@@ -6,6 +6,7 @@ from __future__ import annotations
 import colorsys
 import io
 from dataclasses import replace
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -69,8 +70,8 @@ def test_two_variants_of_a_method_alternate_lighter_and_darker():
     colors = arm_colors(["neo", "neo+int8-teacher", "neo+on-policy", "kd", "mine"])
     assert "mine" not in colors  # not an arm: the caller colours it
     light, dark = colors["neo+int8-teacher"], colors["neo+on-policy"]
-    assert light == shade(ARM_COLORS["neo"], 0.6) and dark == shade(ARM_COLORS["neo"], -0.5)
-    assert shade("#2ca02c", 0.6) == "#abd9ab" and shade("#2ca02c", -0.5) == "#165016"
+    assert light == shade(ARM_COLORS["neo"], 0.5) and dark == shade(ARM_COLORS["neo"], -0.5)
+    assert shade("#2ca02c", 0.5) == "#96d096" and shade("#2ca02c", -0.5) == "#165016"
     # The colour is the report's, not the order a plot meets the arms in: repeats change nothing.
     assert arm_colors(["neo", "neo+int8-teacher", "neo", "neo+on-policy", "neo+int8-teacher"]) == {
         k: colors[k] for k in ("neo", "neo+int8-teacher", "neo+on-policy")
@@ -107,3 +108,29 @@ def test_an_arm_has_the_same_colour_in_every_plot_and_in_the_probe():
     assert results.probe is not None
     probed = probe_colors(from_json(ProbeResults, results.probe))
     assert {arm: probed[arm] for arm in arms} == colors
+
+
+def test_the_names_under_the_bars_do_not_run_into_each_other():
+    # Seven arms, three of them variants: at the default width "+ int8 teacher" overlapped its neighbours.
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from llm_neo.report.compare import _fit_ticks, _tick_label
+
+    arms = ["sft", "lora", "kd", "neo", "neo+on-policy", "neo+int8-teacher", "kd+on-policy"]
+
+    def overlaps(fit: bool) -> bool:
+        fig, ax = plt.subplots(figsize=(7, 3.8))
+        ax.bar(range(len(arms)), [1] * len(arms))
+        ax.set_xticks(range(len(arms)), [_tick_label(a) for a in arms])
+        if fit:
+            _fit_ticks(fig, ax, len(arms))
+        renderer = fig.canvas.get_renderer()
+        boxes = [t.get_window_extent(renderer) for t in ax.get_xticklabels()]
+        plt.close(fig)
+        return any(a.x1 > b.x0 for a, b in pairwise(boxes))
+
+    assert overlaps(fit=False)  # the check sees the overlap
+    assert not overlaps(fit=True)

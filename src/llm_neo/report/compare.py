@@ -850,6 +850,17 @@ def _tick_label(arm: str) -> str:
     return label(arm).replace(" + ", "\n+ ")
 
 
+def _fit_ticks(fig: Any, ax: Any, n: int) -> None:
+    """Widen ``fig`` until each of the ``n`` bars' names fits its slot under the axes (at 7 arms, names
+    like "+ int8 teacher" ran into each other at the default width)."""
+    renderer = fig.canvas.get_renderer()
+    widest = max((t.get_window_extent(renderer).width for t in ax.get_xticklabels()), default=0.0)
+    needed = n * (widest / fig.dpi + 0.15)  # inches, with a gap between neighbours
+    have = ax.get_position().width * fig.get_figwidth()
+    if needed > have:
+        fig.set_size_inches(fig.get_figwidth() + needed - have, fig.get_figheight())
+
+
 def _scores_plot(results: CompareResults, colors: dict[str, str]) -> bytes:
     import matplotlib.pyplot as plt
 
@@ -868,6 +879,7 @@ def _scores_plot(results: CompareResults, colors: dict[str, str]) -> bytes:
         ax.text(i, 100 * (s.mean + s.std) + 1.5, f"{100 * s.mean:.1f}", ha="center", fontsize=8)
     _reference_lines(ax, results)
     ax.set_xticks(range(len(groups)), [_tick_label(g.method) for g in groups])
+    _fit_ticks(fig, ax, len(groups))
     ax.set_ylabel(f"task score, % ({results.config['score']})")
     ax.set_ylim(*SCORE_LIMITS)
     _legend(ax)

@@ -19,7 +19,7 @@ VARIANT_MARKERS = {"teacher": "P", "student": "X", "both": "*", "on-policy": "p"
 # (darker). Lightness is the cue every kind of colour vision keeps, so a variant differs from its method
 # in lightness, not hue: it still reads as that method's. The bounds keep a light shade visible on the
 # white page and a dark one apart from the teacher's black line.
-LIGHTEST, DARKEST = 0.6, 0.5
+LIGHTEST, DARKEST = 0.5, 0.5
 
 
 def label(arm: str) -> str:
