@@ -784,8 +784,9 @@ def plots(results: CompareResults) -> dict[str, bytes]:
 
     matplotlib.use("Agg")
     # One colour per arm for every plot (a variant in a shade of its method's): the probe's plots, which
-    # name their models after the same arms in the same order, draw them alike.
-    colors = arm_colors(g.method for g in results.groups)
+    # name their models after the same arms in the same order, draw them alike. A name no method owns
+    # (a hand-edited results.json) is drawn grey rather than failing the report.
+    colors = {g.method: "#555555" for g in results.groups} | arm_colors(g.method for g in results.groups)
     out = {
         "scores": _scores_plot(results, colors),
         "memory": _cost_plot(results, "memory", colors),
