@@ -4,6 +4,8 @@ the identity through the cross path, a permuted vocabulary, check-pair, and the 
 from __future__ import annotations
 
 import json
+import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,7 @@ from llm_neo.errors import ConfigError
 from llm_neo.losses import HeadInput, LossOptions, chunked_distill_loss
 from llm_neo.models.loading import load_tokenizer
 from llm_neo.models.tiny import build_llama, build_tokenizer, save_model
+from llm_neo.records.pair import PAIR_VERSION, PairReport, TokenizerSide, pair_lines
 
 # Another corpus and size: words, digits and spaces merge differently from the student's tokenizer.
 TEACHER_CORPUS = (
@@ -223,6 +226,19 @@ def test_check_pair_prints_the_report_and_writes_its_json(
     assert report["examples"] == len(ALPACA) * 2 and report["exact_path"] is False
     main(["check-pair", "--teacher", str(student_dir), "--student", str(student_dir)])
     assert "exact path: yes" in capsys.readouterr().out
+
+
+def test_every_count_check_pair_prints_has_a_thousands_separator():
+    side = TokenizerSide("teacher-model", 151_665, [f"<|extra_{i}|>" for i in range(6384)], True, 0.287)
+    report = PairReport(
+        schema_version=PAIR_VERSION, teacher=side, student=replace(side, model="student-model"),
+        exact_path=False, shared_tokens=48_000, shared_share=0.5, data="data.jsonl", examples=12_345,
+        response_chars=1_234_567, coverage_exact=0.9, coverage_boundary=0.95,
+    )  # fmt: skip
+    text = "\n".join(pair_lines(report))
+    assert "151,665 tokens, 6,384 special" in text and "12,345 examples" in text
+    # No count of four or more digits left without its separator (the shares have at most 3 decimals).
+    assert not re.search(r"\d{4,}", text), text
 
 
 def test_refusals_come_before_anything_loads(

@@ -134,17 +134,19 @@ def test_a_model_named_after_a_method_is_drawn_in_its_comparison_colour():
     # compare's probe names its models sft, lora, kd, neo: the probe's plots draw them as the comparison
     # does; the teacher and the baseline keep their role's colour, other names get one no arm uses.
     from llm_neo.report.probe import _colors
-    from llm_neo.report.style import ARM_COLORS, color
+    from llm_neo.report.style import ARM_COLORS, arm_colors
 
     roles = {
         "teacher": "teacher",
         "student": "baseline",
         "neo": "student",
+        "neo+on-policy": "student",
         "kd": "student",
         "mine": "student",
     }
     colors = _colors(probe_record(roles))
-    assert colors["neo"] == color("neo") and colors["kd"] == color("kd")
+    arms = arm_colors(["neo", "neo+on-policy", "kd"])
+    assert {n: colors[n] for n in arms} == arms and colors["neo+on-policy"] != colors["neo"]
     assert colors["teacher"] == "black" and colors["student"] != colors["neo"]
     assert colors["mine"] not in ARM_COLORS.values()
 

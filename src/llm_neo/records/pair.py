@@ -52,7 +52,7 @@ def pair_lines(report: PairReport) -> list[str]:
     for role, side in (("teacher", report.teacher), ("student", report.student)):
         per = "" if side.tokens_per_char is None else f", {side.tokens_per_char:.3f} response tokens/char"
         lines.append(
-            f"{role}: {side.model}: {side.vocab_size:,} tokens, {len(side.special_tokens)} special "
+            f"{role}: {side.model}: {side.vocab_size:,} tokens, {len(side.special_tokens):,} special "
             f"({' '.join(side.special_tokens[:8])}{' ...' if len(side.special_tokens) > 8 else ''}), "
             f"chat template {'yes' if side.chat_template else 'no'}{per}"
         )
@@ -62,7 +62,7 @@ def pair_lines(report: PairReport) -> list[str]:
     )
     if report.coverage_exact is not None and report.coverage_boundary is not None:
         lines.append(
-            f"data: {report.examples} examples, {report.response_chars:,} response characters; aligned "
+            f"data: {report.examples:,} examples, {report.response_chars:,} response characters; aligned "
             f"coverage {100 * report.coverage_exact:.1f}% exact (shared-vocab), "
             f"{100 * report.coverage_boundary:.1f}% at shared boundaries (uld)"
         )

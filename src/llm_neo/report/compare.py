@@ -45,7 +45,7 @@ from llm_neo.report.power import budget_lines
 from llm_neo.report.probe import plots as probe_plots
 from llm_neo.report.probe import section_blocks
 from llm_neo.report.stats import identical, in_words
-from llm_neo.report.style import REFERENCE_COLORS, color, label, marker
+from llm_neo.report.style import ARM_COLORS, REFERENCE_COLORS, arm_colors, label, marker
 from llm_neo.report.tables import format_duration, format_gib, format_sig
 from llm_neo.runtime.atomic import atomic_write_bytes, atomic_write_text
 from llm_neo.summary import MemoryKind
@@ -783,14 +783,18 @@ def plots(results: CompareResults) -> dict[str, bytes]:
     import matplotlib
 
     matplotlib.use("Agg")
+    # One colour per arm for every plot (a variant in a shade of its method's): the probe's plots, which
+    # name their models after the same arms in the same order, draw them alike. A name no method owns
+    # (a hand-edited results.json) is drawn grey rather than failing the report.
+    colors = {g.method: "#555555" for g in results.groups} | arm_colors(g.method for g in results.groups)
     out = {
-        "scores": _scores_plot(results),
-        "memory": _cost_plot(results, "memory"),
-        "time": _cost_plot(results, "time"),
-        "loss": _loss_plot(results),
+        "scores": _scores_plot(results, colors),
+        "memory": _cost_plot(results, "memory", colors),
+        "time": _cost_plot(results, "time", colors),
+        "loss": _loss_plot(results, colors),
     }
     if len(results.data.sizes) > 1:
-        out["sizes"] = _sizes_plot(results)
+        out["sizes"] = _sizes_plot(results, colors)
     if results.probe:
         out |= probe_plots(results.probe)  # movement, inheritance, bias: names the above do not use
     return out
@@ -847,14 +851,27 @@ def _tick_label(arm: str) -> str:
     return label(arm).replace(" + ", "\n+ ")
 
 
-def _scores_plot(results: CompareResults) -> bytes:
+def _fit_ticks(fig: Any, ax: Any, n: int) -> None:
+    """Widen ``fig`` until each of the ``n`` bars' names fits its slot under the axes (at 7 arms, names
+    like "+ int8 teacher" ran into each other at the default width)."""
+    renderer = fig.canvas.get_renderer()
+    widest = max((t.get_window_extent(renderer).width for t in ax.get_xticklabels()), default=0.0)
+    needed = n * (widest / fig.dpi + 0.15)  # inches, with a gap between neighbours
+    have = ax.get_position().width * fig.get_figwidth()
+    if needed > have:
+        fig.set_size_inches(fig.get_figwidth() + needed - have, fig.get_figheight())
+
+
+def _scores_plot(results: CompareResults, colors: dict[str, str]) -> bytes:
     import matplotlib.pyplot as plt
 
     groups = _main_groups(results)
     fig, ax = plt.subplots(figsize=(7, 3.8))
     for i, g in enumerate(groups):
         s = g.stats.accuracy
-        ax.bar(i, 100 * s.mean, yerr=100 * s.std, capsize=4, color=color(g.method))
+        # Edged in its method's colour: a variant's lighter or darker bar reads as that method's.
+        edge = ARM_COLORS.get(g.method.split("+")[0], colors[g.method])
+        ax.bar(i, 100 * s.mean, yerr=100 * s.std, capsize=4, color=colors[g.method], edgecolor=edge, lw=1.5)
         # The seeds spread across the bar, so equal scores are as many dots as there are seeds.
         n = len(g.runs)
         xs = [i + 0.3 * (k - (n - 1) / 2) / max(n - 1, 1) for k in range(n)]  # within ±0.15 of the bar
@@ -863,6 +880,7 @@ def _scores_plot(results: CompareResults) -> bytes:
         ax.text(i, 100 * (s.mean + s.std) + 1.5, f"{100 * s.mean:.1f}", ha="center", fontsize=8)
     _reference_lines(ax, results)
     ax.set_xticks(range(len(groups)), [_tick_label(g.method) for g in groups])
+    _fit_ticks(fig, ax, len(groups))
     ax.set_ylabel(f"task score, % ({results.config['score']})")
     ax.set_ylim(*SCORE_LIMITS)
     _legend(ax)
@@ -871,7 +889,7 @@ def _scores_plot(results: CompareResults) -> bytes:
     return _png(fig)
 
 
-def _cost_plot(results: CompareResults, kind: str) -> bytes:
+def _cost_plot(results: CompareResults, kind: str, colors: dict[str, str]) -> bytes:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
@@ -893,7 +911,7 @@ def _cost_plot(results: CompareResults, kind: str) -> bytes:
                 fmt=marker(method),
                 ms=max(11 - 3 * k, 4),
                 capsize=3,
-                color=color(method),
+                color=colors[method],
                 label=label(method),
                 zorder=3 + k,
             )
@@ -911,7 +929,7 @@ def _cost_plot(results: CompareResults, kind: str) -> bytes:
     return _png(fig)
 
 
-def _loss_plot(results: CompareResults) -> bytes:
+def _loss_plot(results: CompareResults, colors: dict[str, str]) -> bytes:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharex=True)
@@ -919,7 +937,7 @@ def _loss_plot(results: CompareResults) -> bytes:
         curve = g.runs[0].curve
         steps = [p.step for p in curve]
         style = {
-            "color": color(g.method),
+            "color": colors[g.method],
             "label": label(g.method),
             "linestyle": _line(g.method),
             # Markers every few steps, each arm its shape: a curve on top of another still shows.
@@ -942,7 +960,7 @@ def _loss_plot(results: CompareResults) -> bytes:
     return _png(fig)
 
 
-def _sizes_plot(results: CompareResults) -> bytes:
+def _sizes_plot(results: CompareResults, colors: dict[str, str]) -> bytes:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import NullFormatter
 
@@ -965,7 +983,7 @@ def _sizes_plot(results: CompareResults) -> bytes:
             yerr=[100 * s.std for _, s in points],
             marker=marker(method),
             capsize=3,
-            color=color(method),
+            color=colors[method],
             linestyle=_line(method),
             label=label(method),
         )

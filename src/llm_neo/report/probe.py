@@ -21,7 +21,7 @@ from llm_neo.records.probe import (
     Stat,
 )
 from llm_neo.report.document import Block, Bullets, Heading, Image, Paragraph, Table, to_html, to_markdown
-from llm_neo.report.style import ARM_COLORS
+from llm_neo.report.style import ARM_COLORS, arm_colors
 from llm_neo.runtime.atomic import atomic_write_bytes, atomic_write_text
 
 PLOTS = {
@@ -76,13 +76,11 @@ def _roles(results: ProbeResults) -> dict[str, Role]:
 
 
 def _colors(results: ProbeResults) -> dict[str, str]:
-    """The teacher and baseline in their role's colour, a model named after a method (compare's arms)
-    in that method's, as the comparison draws it; any other model in the next colour left."""
+    """The teacher and baseline in their role's colour, a model named after an arm (compare's arms) in
+    that arm's colour, as the comparison draws it; any other model in the next colour left."""
     students = iter([c for c in _STUDENT_COLORS if c not in ARM_COLORS.values()] * 4)
-    return {
-        m.name: _ROLE_COLORS.get(m.role) or ARM_COLORS.get(m.name.split("+")[0]) or next(students)
-        for m in results.models
-    }
+    arms = arm_colors(m.name for m in results.models if m.role not in _ROLE_COLORS)
+    return {m.name: _ROLE_COLORS.get(m.role) or arms.get(m.name) or next(students) for m in results.models}
 
 
 def _stereo_fraction(scores: BiasScores) -> Stat:
