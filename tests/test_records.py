@@ -138,3 +138,18 @@ def test_an_optional_key_is_absent_while_none_and_a_plain_optional_stays_null():
     assert to_json(NullOrAbsent(None, 2.0)) == {"always": None, "sometimes": 2.0}
     assert from_json(NullOrAbsent, {"always": 1.0}) == NullOrAbsent(1.0, None)
     assert from_json(NullOrAbsent, {"always": None, "sometimes": 3.0}).sometimes == 3.0
+
+
+def test_an_on_policy_curve_draws_kd_on_its_samples_and_no_ce_where_a_step_had_no_data():
+    from llm_neo.records.compare import CurvePoint
+
+    # A metrics.jsonl line of an on-policy step at λ = 1 (every batch sampled) and of an off-policy one.
+    sampled = from_json(CurvePoint, {"step": 1, "loss": 0.4, "ce_loss": 0.0, "kd_loss": 0.0,
+                                     "on_policy_kd_loss": 0.8, "lr": 1e-4})  # fmt: skip
+    mixed = from_json(CurvePoint, {"step": 2, "loss": 1.0, "ce_loss": 2.0, "kd_loss": 0.5,
+                                   "on_policy_kd_loss": 0.7})  # fmt: skip
+    plain = from_json(CurvePoint, {"step": 1, "loss": 1.0, "ce_loss": 2.0, "kd_loss": 0.5})
+    assert sampled.curves(on_policy=True) == (None, 0.8)
+    assert mixed.curves(on_policy=True) == (2.0, 0.7)
+    assert plain.curves(on_policy=False) == (2.0, 0.5)
+    assert "on_policy_kd_loss" not in to_json(plain)  # off-policy results.json keep their shape

@@ -77,8 +77,18 @@ class CurvePoint:
 
     step: int
     loss: float
-    ce_loss: float
-    kd_loss: float
+    ce_loss: float  # per data token (0 in a step that had none: an on-policy step at λ = 1)
+    kd_loss: float  # likewise
+    # on-policy runs: the divergence to the teacher per token the student sampled
+    on_policy_kd_loss: float | None = field(default=None, metadata=OPTIONAL_KEY)
+
+    def curves(self, on_policy: bool) -> tuple[float | None, float | None]:
+        """(CE, KD) as a run's training curves draw this step: an on-policy run's KD is the divergence on
+        its samples, and a step with no data tokens (both per-data-token losses exactly 0) has no CE."""
+        if not on_policy:
+            return self.ce_loss, self.kd_loss
+        no_data = self.ce_loss == 0.0 and self.kd_loss == 0.0
+        return (None if no_data else self.ce_loss), self.on_policy_kd_loss
 
 
 @dataclass(kw_only=True)

@@ -10,6 +10,7 @@ be not held), the cost projection with its assumptions, and the plots.
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -945,11 +946,14 @@ def _loss_plot(results: CompareResults, colors: dict[str, str]) -> bytes:
             "markevery": max(len(steps) // 8, 1),
             "ms": 5,
         }
-        axes[0].plot(steps, [p.ce_loss for p in curve], **style)
-        if any(p.kd_loss for p in curve):
-            axes[1].plot(steps, [p.kd_loss for p in curve], **style)
+        on_policy = any(p.on_policy_kd_loss is not None for p in curve)
+        ce, kd = zip(*(p.curves(on_policy) for p in curve), strict=True) if curve else ((), ())
+        # None (no CE that step) is a gap in the line: matplotlib draws NaN as one
+        axes[0].plot(steps, [math.nan if v is None else v for v in ce], **style)
+        if any(kd):
+            axes[1].plot(steps, [math.nan if v is None else v for v in kd], **style)
     axes[0].set_title("training CE (every arm), first seed")
-    axes[1].set_title("training KD divergence (kd, neo), first seed")
+    axes[1].set_title("training KD divergence (kd, neo; on-policy: on its samples), first seed")
     for ax in axes:
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("per response token, nats")
