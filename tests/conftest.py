@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -104,6 +106,27 @@ ALPACA = [
 def write_jsonl(path: Path, records: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
+
+
+class NewTensors(TorchDispatchMode):
+    """Counts the tensors that ops allocate (an output sharing no input's storage: not a view, not an
+    in-place or ``out=`` result) with exactly ``numel`` elements, or at least ``at_least``."""
+
+    def __init__(self, *, numel: int | None = None, at_least: int | None = None) -> None:
+        super().__init__()
+        self.numel, self.at_least, self.count = numel, at_least, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        inputs = {
+            t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if torch.is_tensor(t)
+        }
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if not torch.is_tensor(t) or t.untyped_storage().data_ptr() in inputs:
+                continue
+            if t.numel() == self.numel or (self.at_least is not None and t.numel() >= self.at_least):
+                self.count += 1
+        return out
 
 
 def interrupt_at(at: int):

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import loss_kwargs
+from conftest import NewTensors, loss_kwargs
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from llm_neo.losses import (
@@ -454,21 +454,6 @@ def test_live_chunk_buffers(name, temperature, kvs, kd_ratio, most):
         assert buffers > 4.0  # the autograd path really holds more: the recorder is not blind
 
 
-class _NewChunkTensors(TorchDispatchMode):
-    """Counts the distinct storages of at least ``size`` elements that ops create."""
-
-    def __init__(self, size: int) -> None:
-        super().__init__()
-        self.size, self.seen = size, set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor) and t.numel() >= self.size:
-                self.seen.add(t.untyped_storage().data_ptr())
-        return out
-
-
 @pytest.mark.parametrize(
     ("temperature", "kvs", "kd_ratio", "allocated"),
     [(1.0, None, 0.5, 3), (2.0, None, 0.5, 3), (0.5, 2000, 1.0, 3), (1.0, None, 0.0, 1)],
@@ -481,9 +466,9 @@ def test_analytic_chunks_reuse_their_buffers(temperature, kvs, kd_ratio, allocat
     p = _problem(case, seed=22)
     leaves = _leaves(p)
     kw = {"kd_ratio": kd_ratio, "num_tokens": n, "temperature": temperature}
-    with _NewChunkTensors(c * min(v, kvs or v)) as mode:
+    with NewTensors(at_least=c * min(v, kvs or v)) as mode:
         _chunked(p, leaves, case["caps"], chunk_size=c, kd_vocab_size=kvs, **kw).loss.backward()
-    assert len(mode.seen) == allocated
+    assert mode.count == allocated
 
 
 # --------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from conftest import NewTensors
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
@@ -269,3 +270,62 @@ def test_optimizer_step_changes_only_lora(student_dir, variant):
             assert not torch.equal(param, original_state[base_name(name)]), name
         else:
             assert torch.equal(param, original_state[base_name(name)]), name
+
+
+# ---------------------------------------------------------------------------------------- in-place add
+
+
+def _peft_forward_everywhere(model) -> None:
+    """Undo llm-neo's in-place forward: every LoRA layer runs PEFT's class forward again."""
+    for module in model.modules():
+        module.__dict__.pop("forward", None)
+
+
+@pytest.mark.parametrize("variant", LORA_VARIANTS)
+def test_in_place_forward_equals_pefts_to_the_bit(student_dir, variant):
+    # The same values and gradients as PEFT's own out-of-place forward, on every variant (DoRA keeps
+    # PEFT's forward: its branch is not a plain add).
+    ids = batch(64)
+    runs = []
+    for in_place in (True, False):
+        model = attach_lora(load_student(student_dir), r=R, variant=variant).train()
+        perturb(model)
+        if not in_place:
+            _peft_forward_everywhere(model)
+        out = model(input_ids=ids).logits
+        out.float().pow(2).mean().backward()
+        grads = {n: p.grad for n, p in trainable_parameters(model).items()}
+        runs.append((out.detach(), grads))
+    (out_a, grads_a), (out_b, grads_b) = runs
+    assert torch.equal(out_a, out_b)
+    assert grads_a.keys() == grads_b.keys() and all(torch.equal(grads_a[n], grads_b[n]) for n in grads_a)
+
+
+def test_in_place_forward_makes_two_output_sized_tensors_where_pefts_makes_four(student_dir):
+    model = attach_lora(load_student(student_dir), r=R).train()
+    layer = model.base_model.model.model.layers[0].mlp.up_proj
+    x = torch.randn(2, 12, layer.in_features, requires_grad=True)
+    counts = []
+    for in_place in (True, False):
+        if not in_place:
+            _peft_forward_everywhere(model)
+        with NewTensors(numel=2 * 12 * layer.out_features) as mode:
+            out = layer(x)
+        counts.append(mode.count)
+        del out
+    assert counts == [2, 4]  # base output and branch, kept as one; PEFT adds the scaled branch and the sum
+
+
+def test_in_place_forward_leaves_merged_disabled_and_dora_layers_to_peft(student_dir):
+    from peft.tuners.lora import Linear as LoraLinear
+
+    dora = attach_lora(load_student(student_dir), r=R, variant="dora")
+    assert not any("forward" in m.__dict__ for m in dora.modules() if isinstance(m, LoraLinear))
+    model = attach_lora(load_student(student_dir), r=R).eval()
+    perturb(model)
+    ids = batch(64)
+    with model.disable_adapter():  # disabled adapters: the base model's logits, as PEFT gives them
+        disabled = logits(model, ids)
+    _peft_forward_everywhere(model)
+    with model.disable_adapter():
+        assert torch.equal(disabled, logits(model, ids))
