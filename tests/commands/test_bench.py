@@ -375,17 +375,18 @@ def test_a_whole_run_reads_its_summary_and_its_own_peak(tmp_path):
     assert summary["steps"] == 3 and summary["samples"] == {"train": 6, "heldout": 2, "dropped": 0}
     assert result["training_peak_bytes"] == round(summary["peak_memory_gb"] * GiB)
     assert result["training_peak_kind"] == "process_max_rss"
-    # The whole process holds everything its training steps did, and then some: a superset.
-    assert result["process_peak_bytes"] >= result["training_peak_bytes"] > 0
-    assert result["process_to_training"] >= 1.0
+    # The whole process holds everything its training steps did, and then some: a superset. The training
+    # peak is /proc's VmHWM read in the run, which reads the kernel's per-CPU RSS counters without
+    # folding them (an approximation of up to a batch of pages per CPU), wait4's ru_maxrss the exact
+    # count at exit: a few hundred KiB either way (128 KiB below, once, on a loaded machine).
+    slack = 2 * 2**20
+    assert result["process_peak_bytes"] + slack >= result["training_peak_bytes"] > 0
+    assert result["process_to_training"] >= 1.0 - slack / result["training_peak_bytes"]
     # Its own peak, not this process's: the launcher it was started from is a few MiB.
     assert result["process_peak_bytes"] < ours - 0.5 * GiB
     assert result["launcher_peak_bytes"] < 64 * 2**20
-    # The sampled high-water mark agrees with the kernel's, and the phases cover the run in order.
-    # /proc's VmHWM reads the kernel's per-CPU RSS counters without folding them (an approximation of
-    # up to a batch of pages per CPU), wait4's ru_maxrss the exact count at exit: a few hundred KiB
-    # either way, so equality is not an invariant here.
-    slack = 2 * 2**20
+    # The sampled high-water mark agrees with the kernel's (within the same slack), and the phases cover
+    # the run in order.
     assert 0 < result["sampled_peak_bytes"] <= result["process_peak_bytes"] + slack
     assert [p["phase"] for p in result["phases"]] == list(WHOLE_PHASES)
     ends = [p["end_s"] for p in result["phases"]]
