@@ -9,7 +9,10 @@ import errno
 import json
 import os
 import shutil
+import signal
 import subprocess
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -34,6 +37,59 @@ def pytest_runtest_makereport(item, call):
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         report.outcome = "failed"
         report.longrepr = f"skipped where no test may skip (LLM_NEO_NO_SKIPS=1): {reason}"
+
+
+@dataclass(frozen=True)
+class Early:
+    """A test's work started in a subprocess as collection ended (``@pytest.mark.early(command=...)``)."""
+
+    process: subprocess.Popen
+    directory: Path  # where it writes (its output in output.log); removed when the session ends
+
+
+EARLY = pytest.StashKey[Early]()
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start the work of every selected test marked ``early(command=...)``: ``command(directory)`` is the
+    argv of a subprocess that does it, writing into ``directory``. Most tests keep to one core (one
+    intra-op thread), so on CI's 2 cores a long test's work started now runs beside them on the other;
+    the test's ``early`` fixture waits for what is left of it."""
+    if session.config.option.collectonly:
+        return
+    for item in session.items:
+        marker = item.get_closest_marker("early")
+        if marker is not None:
+            directory = Path(tempfile.mkdtemp(prefix="llm-neo-early-"))
+            command = marker.kwargs["command"](directory)
+            with (directory / "output.log").open("wb") as log:  # a pipe nobody reads would fill and block it
+                process = subprocess.Popen(
+                    command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                )
+            item.stash[EARLY] = Early(process, directory)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """An early test's subprocess never outlives the session (-x, Ctrl-C, a failure before its test)."""
+    for item in session.items:
+        early = item.stash.get(EARLY, None)
+        if early is None:
+            continue
+        if early.process.poll() is None:
+            os.killpg(early.process.pid, signal.SIGKILL)  # its session: the workers it started too
+            early.process.wait()
+        shutil.rmtree(early.directory, ignore_errors=True)
+
+
+@pytest.fixture()
+def early(request) -> Early:
+    """The test's early work (pytest_collection_finish), waited for; it must have exited with 0."""
+    started = request.node.stash.get(EARLY, None)
+    assert started is not None, "the test is not marked @pytest.mark.early(command=...)"
+    started.process.wait()
+    output = (started.directory / "output.log").read_text(errors="replace")
+    assert started.process.returncode == 0, output[-3000:]
+    return started
 
 
 @pytest.fixture(scope="session")

