@@ -85,6 +85,18 @@ def test_qlora_with_an_int8_teacher_merges_to_a_dense_student_equal_to_the_adapt
     assert float((expected - base).abs().max()) > 1e-4
 
 
+def test_an_int8_teachers_saved_bytes_show_in_the_runs_peak_of_live_tensors(make):
+    # On a CPU the summary's peak of live tensors (what compare reports for each arm) counts a quantized
+    # weight by its int8 components, not by the dense size its torchao wrapper's storage reads as.
+    dense = distill(make("dense"))
+    int8 = distill(make("int8", teacher_quant="int8"))
+    saved = int8.teacher_quant["weight_bytes_before"] - int8.teacher_quant["weight_bytes_after"]
+    assert saved > 0
+    gib = 2**30
+    # less by most of the saved bytes (a dequantized layer's transient may take some of it back)
+    assert int8.peak_tensor_memory_gb * gib <= dense.peak_tensor_memory_gb * gib - 0.5 * saved
+
+
 def test_a_resumed_qlora_run_ends_where_an_uninterrupted_one_ends(make):
     settings = dict(max_steps=6, save_every=2, student_quant="nf4", teacher_quant="int8")
     whole = distill(make("whole", **settings))
