@@ -73,8 +73,8 @@ def train_teacher(directory: Path) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.early(command=train_teacher)
 def test_train_teacher_trains_one_within_the_margin(early, heldout):
-    """--train-teacher trains a teacher of the shipped one's score. Its 3000 steps (3-6 minutes on one
-    core) start as collection ends and train beside the other tests; this waits for them."""
+    """--train-teacher trains a teacher of the shipped one's score. Its 3000 steps (about 6 minutes on 2
+    cores) start as collection ends and train beside the other tests; this waits for them."""
     meta = json.loads((early.directory / "meta.json").read_text())
     assert not meta["shipped"] and meta["path"] != str(SHIPPED_TEACHER)
     assert meta["path"] == str(early.directory / "cache" / f"teacher-{META['key']}")
@@ -85,8 +85,10 @@ def test_train_teacher_trains_one_within_the_margin(early, heldout):
 if __name__ == "__main__":  # train_teacher's subprocess (the guard: the forkserver reimports this file)
     root = Path(sys.argv[1])
     train, _, _ = write_task_data(root / "data", DEFAULT, 0)
-    # One thread: the other core is the test session's.
+    # Two threads, as the shipped teacher was trained: on one thread the same recipe computes in another
+    # order and lands elsewhere (92.5% held-out once, outside the margin), which says nothing about
+    # --train-teacher. The test session's other tests share the cores meanwhile.
     record = ensure_teacher(
-        DEFAULT, seed=0, data=train, cache=root / "cache", device="cpu", threads=1, train=True
+        DEFAULT, seed=0, data=train, cache=root / "cache", device="cpu", threads=2, train=True
     )
     (root / "meta.json").write_text(json.dumps(record))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import sys
 import warnings
+from typing import Any
 
 FORMAT = "[llm-neo] %(message)s"
 # huggingface_hub logs every retry of a hub request twice (its own handler and ours); a load that fails
@@ -27,6 +28,21 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """A handler that writes to whatever ``sys.stderr`` is when a line is logged. A plain StreamHandler
+    keeps the stream of the call that set it up: once that stream is replaced and closed (pytest's
+    per-test capture, an application redirecting stderr), every later line fails with "I/O operation on
+    closed file"."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass  # StreamHandler.__init__ and setStream assign one; the current sys.stderr is always used
+
+
 def setup_logging(level: int = logging.INFO) -> None:
     """llm-neo's lines on stderr as ``[llm-neo] message``; the noisy libraries at ERROR only."""
     quiet_libraries()
@@ -35,7 +51,7 @@ def setup_logging(level: int = logging.INFO) -> None:
     # would also drop handlers others installed (pytest's capture, an embedding application's).
     for handler in [h for h in root.handlers if getattr(h, "llm_neo", False)]:
         root.removeHandler(handler)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _CurrentStderr()
     handler.setFormatter(logging.Formatter(FORMAT))
     handler.llm_neo = True  # type: ignore[attr-defined]
     root.addHandler(handler)
