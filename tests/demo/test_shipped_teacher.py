@@ -24,9 +24,12 @@ from llm_neo.demo.run import (
 from llm_neo.errors import ConfigError
 
 META = json.loads((SHIPPED_TEACHER / "teacher.json").read_text())
-# A teacher trained again on another CPU is not bit-identical (float summation order); its held-out exact
-# match stays within this many points of the shipped one's.
-RETRAIN_MARGIN = 0.05
+# A teacher trained again is not bit-identical to the shipped one (another CPU's float summation order,
+# or llm-neo's own: the chunked loss's in-place logsumexp, 7 December), and 3000 steps from a random
+# initialisation carry a last-bit difference far: measured 86.0% shipped, 92.5% retrained after that
+# change (on 1 and on 2 threads). A broken training path lands far below; a teacher a little better than
+# the shipped one is no failure of --train-teacher.
+RETRAIN_BELOW, RETRAIN_ABOVE = 0.05, 0.10
 
 
 def test_the_shipped_files_match_their_checksums_and_the_default_demos_key():
@@ -73,22 +76,20 @@ def train_teacher(directory: Path) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.early(command=train_teacher)
 def test_train_teacher_trains_one_within_the_margin(early, heldout):
-    """--train-teacher trains a teacher of the shipped one's score. Its 3000 steps (about 6 minutes on 2
-    cores) start as collection ends and train beside the other tests; this waits for them."""
+    """--train-teacher trains a teacher of the shipped one's score. Its 3000 steps (about 6 minutes on one
+    core) start as collection ends and train beside the other tests; this waits for them."""
     meta = json.loads((early.directory / "meta.json").read_text())
     assert not meta["shipped"] and meta["path"] != str(SHIPPED_TEACHER)
     assert meta["path"] == str(early.directory / "cache" / f"teacher-{META['key']}")
     score = heldout_score(Path(meta["path"]), heldout)
-    assert abs(score["accuracy"] - META["heldout"]["accuracy"]) <= RETRAIN_MARGIN
+    assert -RETRAIN_BELOW <= score["accuracy"] - META["heldout"]["accuracy"] <= RETRAIN_ABOVE
 
 
 if __name__ == "__main__":  # train_teacher's subprocess (the guard: the forkserver reimports this file)
     root = Path(sys.argv[1])
     train, _, _ = write_task_data(root / "data", DEFAULT, 0)
-    # Two threads, as the shipped teacher was trained: on one thread the same recipe computes in another
-    # order and lands elsewhere (92.5% held-out once, outside the margin), which says nothing about
-    # --train-teacher. The test session's other tests share the cores meanwhile.
+    # One thread: the other core is the test session's.
     record = ensure_teacher(
-        DEFAULT, seed=0, data=train, cache=root / "cache", device="cpu", threads=2, train=True
+        DEFAULT, seed=0, data=train, cache=root / "cache", device="cpu", threads=1, train=True
     )
     (root / "meta.json").write_text(json.dumps(record))
