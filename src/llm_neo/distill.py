@@ -120,9 +120,9 @@ from llm_neo.models.quant import (
     load_teacher,
     merge_quantized,
     parameter_count,
-    storage_tensors,
     train_mode_without_dropout,
     weight_bytes,
+    weight_storages,
 )
 from llm_neo.options import flag_name, to_dict
 from llm_neo.provenance import data_record, model_digests, provenance
@@ -1061,9 +1061,7 @@ def _tensor_tracker(run: Run) -> LiveTensorBytes | None:
         return None
     models = [m for m in (run.student, run.teacher) if m is not None]
     states = [t for s in run.optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
-    # A quantized weight's bytes are its components' (a torchao tensor's storage reads at its dense size)
-    weights = (part for m in models for t in [*m.parameters(), *m.buffers()] for part in storage_tensors(t))
-    return LiveTensorBytes(*weights, *states)
+    return LiveTensorBytes(*weight_storages(*models), *states)
 
 
 def _steps(run: Run, loop: _Loop, *, until: int) -> dict[str, float]:

@@ -87,6 +87,7 @@ __all__ = [
     "teacher_drift",
     "train_mode_without_dropout",
     "weight_bytes",
+    "weight_storages",
 ]
 
 
@@ -158,21 +159,28 @@ def storage_tensors(t: torch.Tensor) -> Iterator[torch.Tensor]:
         yield scales
 
 
+def weight_storages(*models: nn.Module) -> Iterator[torch.Tensor]:
+    """The plain tensors that hold ``models``' parameters and buffers (``storage_tensors`` of each): what
+    their weights occupy, quantized ones by their components, not the dense size a wrapper reads as."""
+    for model in models:
+        for tensor in [*model.parameters(), *model.buffers()]:
+            yield from storage_tensors(tensor)
+
+
 def weight_bytes(model: nn.Module) -> int:
     """Bytes held by ``model``'s parameters and buffers, quantized storage included; each storage once
     (tied weights count once)."""
     seen: set[tuple[str, int]] = set()
     total = 0
-    for tensor in [*model.parameters(), *model.buffers()]:
-        for part in storage_tensors(tensor):
-            if part.device.type == "meta":
-                continue
-            storage = part.untyped_storage()
-            key = (str(part.device), storage.data_ptr())
-            if key in seen:
-                continue
-            seen.add(key)
-            total += storage.nbytes()
+    for part in weight_storages(model):
+        if part.device.type == "meta":
+            continue
+        storage = part.untyped_storage()
+        key = (str(part.device), storage.data_ptr())
+        if key in seen:
+            continue
+        seen.add(key)
+        total += storage.nbytes()
     return total
 
 

@@ -87,7 +87,7 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
     from llm_neo.models.checkpointing import enable_checkpointing
     from llm_neo.models.loading import freeze, resolve_device, resolve_dtype
     from llm_neo.models.lora import attach_lora, trainable_parameters
-    from llm_neo.models.quant import quantize_teacher, storage_tensors
+    from llm_neo.models.quant import quantize_teacher, weight_storages
 
     baseline_rss = rss_bytes()
     device = resolve_device(spec.device)
@@ -153,9 +153,7 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
         if spec.memory == "tracked":
-            models = [m for m in (student, teacher) if m is not None]
-            tensors = (t for m in models for t in [*m.parameters(), *m.buffers()])
-            tracker = LiveTensorBytes(*(part for t in tensors for part in storage_tensors(t)))
+            tracker = LiveTensorBytes(*weight_storages(*(m for m in (student, teacher) if m is not None)))
             tracker.__enter__()
         for _ in range(spec.warmup_steps):
             step()
